@@ -1,0 +1,1 @@
+"""cache_align plugin (being written)."""

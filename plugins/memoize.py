@@ -1,0 +1,1 @@
+"""memoize plugin (being written)."""

@@ -1,0 +1,75 @@
+"""What a plugin gets with each call: its settings, model facts, shared services and state."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .pricing import ModelInfo, PriceTable
+from .tokens import TokenCounter, content_hash
+
+
+def conversation_id(body: dict[str, Any]) -> str:
+    """A stable id for the conversation a request belongs to.
+
+    Hash of the model, system prompt and the first user message (the task): every turn of one
+    agent conversation shares it, whatever was appended or cut later.
+    """
+    msgs = body.get("messages") or []
+    first = msgs[0].get("content") if msgs and isinstance(msgs[0], dict) else None
+    system = body.get("system")
+    return content_hash([_strip_cc(system), _strip_cc(first)])[:16]
+
+
+def _strip_cc(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_strip_cc(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _strip_cc(v) for k, v in value.items() if k != "cache_control"}
+    return value
+
+
+@dataclass
+class CallContext:
+    """Per-call context handed to hooks. One instance per call; ``settings``/``plugin`` per stage."""
+
+    model: ModelInfo
+    counter: TokenCounter
+    prices: PriceTable
+    conversation: str
+    key_hash: str
+    call_id: str
+    stream: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    now: float = field(default_factory=time.time)
+    # set by the core before each plugin's hook runs
+    plugin: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    # billed usage, normalized (set before tokensaver_observe_response)
+    usage: dict[str, int] = field(default_factory=dict)
+    # per-plugin state that lives as long as the wrapped client (keyed by plugin name)
+    _states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # per-plugin notes for this call's record (keyed by plugin name)
+    notes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # response headers the core adds (e.g. x-tokensaver-cache)
+    response_headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """This plugin's state across calls, for the life of the wrapped client (or proxy)."""
+        return self._states.setdefault(self.plugin, {})
+
+    def record(self, **fields: Any) -> None:
+        """Store JSON-serializable facts about this call in the run record, under this plugin."""
+        self.notes.setdefault(self.plugin, {}).update(fields)
+
+    def count(self, obj: Any) -> int:
+        """Tokens in a request body, message, content list, block or string (cached per block)."""
+        if isinstance(obj, dict) and "messages" in obj:
+            return self.counter.request(obj)
+        if isinstance(obj, dict) and "role" in obj:
+            return self.counter.message(obj)
+        if isinstance(obj, list):
+            return self.counter.content(obj)
+        return self.counter.block(obj)

