@@ -73,3 +73,32 @@ class CallContext:
         if isinstance(obj, list):
             return self.counter.content(obj)
         return self.counter.block(obj)
+
+
+def make_context(
+    body: dict[str, Any],
+    *,
+    plugin: str = "",
+    settings: dict[str, Any] | None = None,
+    now: float | None = None,
+    states: dict[str, dict[str, Any]] | None = None,
+    key_hash: str = "test",
+    prices: PriceTable | None = None,
+) -> CallContext:
+    """A context for calling a hook directly (tests, replay tools), as the core would build it."""
+    from .tokens import default_counter
+
+    table = prices or PriceTable()
+    return CallContext(
+        model=table.get(str(body.get("model", ""))),
+        counter=default_counter(),
+        prices=table,
+        conversation=conversation_id(body),
+        key_hash=key_hash,
+        call_id="c-test",
+        stream=bool(body.get("stream")),
+        now=time.time() if now is None else now,
+        plugin=plugin,
+        settings=dict(settings or {}),
+        _states=states if states is not None else {},
+    )
