@@ -1,0 +1,283 @@
+"""Messages API server-sent events: a complete Message to its event stream, and back.
+
+``message_to_sse(message)`` renders the exact event sequence the Messages API streams for a finished
+Message (``message_start``, ``ping``, per block ``content_block_start`` / deltas / ``content_block_stop``,
+``message_delta``, ``message_stop``). ``SSEAccumulator`` does the reverse: fed raw bytes with any
+chunk boundaries, it assembles the final Message JSON, merging ``usage`` the way the anthropic SDK does
+(``message_delta`` usage counts are cumulative totals and overwrite the ``message_start`` ones).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+__all__ = ["SSEAccumulator", "message_to_sse", "sse_event", "sse_error"]
+
+# Block types whose ``input`` streams as ``input_json_delta`` (the start event carries ``input: {}``).
+TOOL_INPUT_BLOCKS = ("tool_use", "server_tool_use", "mcp_tool_use")
+# Usage fields a ``message_delta`` repeats as cumulative totals (omitted there when null).
+DELTA_USAGE_FIELDS = (
+    "input_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "server_tool_use",
+    "output_tokens_details",
+)
+TEXT_CHUNK = 24  # characters per text/thinking delta
+JSON_CHUNK = 16  # characters per input_json_delta
+
+
+def sse_event(event: str, data: dict[str, Any]) -> bytes:
+    """One ``event: X`` / ``data: {json}`` frame, blank-line terminated."""
+    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"event: {event}\ndata: {payload}\n\n".encode()
+
+
+def sse_error(error_type: str, message: str) -> bytes:
+    """An ``event: error`` frame as the API sends mid-stream (e.g. ``overloaded_error``)."""
+    return sse_event("error", {"type": "error", "error": {"type": error_type, "message": message}})
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def _block_events(index: int, block: dict[str, Any]) -> list[bytes]:
+    kind = block.get("type")
+    out: list[bytes] = []
+
+    def delta(d: dict[str, Any]) -> None:
+        out.append(
+            sse_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
+        )
+
+    if kind == "text":
+        start = {k: v for k, v in block.items() if k not in ("text", "citations")}
+        start["text"] = ""
+        citations = block.get("citations")
+        if isinstance(citations, list):
+            start["citations"] = []
+        elif "citations" in block:
+            start["citations"] = citations
+        out.append(
+            sse_event(
+                "content_block_start", {"type": "content_block_start", "index": index, "content_block": start}
+            )
+        )
+        for c in citations if isinstance(citations, list) else []:
+            delta({"type": "citations_delta", "citation": c})
+        for piece in _chunks(block.get("text", ""), TEXT_CHUNK):
+            delta({"type": "text_delta", "text": piece})
+    elif kind in TOOL_INPUT_BLOCKS:
+        start = dict(block)
+        start["input"] = {}
+        out.append(
+            sse_event(
+                "content_block_start", {"type": "content_block_start", "index": index, "content_block": start}
+            )
+        )
+        raw = block.get("input")
+        if raw:
+            for piece in _chunks(json.dumps(raw, separators=(",", ":"), ensure_ascii=False), JSON_CHUNK):
+                delta({"type": "input_json_delta", "partial_json": piece})
+        else:
+            delta({"type": "input_json_delta", "partial_json": ""})
+    elif kind == "thinking":
+        start = {k: v for k, v in block.items() if k not in ("thinking", "signature")}
+        start["thinking"] = ""
+        start["signature"] = ""
+        out.append(
+            sse_event(
+                "content_block_start", {"type": "content_block_start", "index": index, "content_block": start}
+            )
+        )
+        for piece in _chunks(block.get("thinking", ""), TEXT_CHUNK):
+            delta({"type": "thinking_delta", "thinking": piece})
+        if block.get("signature"):
+            delta({"type": "signature_delta", "signature": block["signature"]})
+    else:  # redacted_thinking, server tool results, ...: whole in the start event
+        out.append(
+            sse_event(
+                "content_block_start", {"type": "content_block_start", "index": index, "content_block": block}
+            )
+        )
+    out.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+    return out
+
+
+def message_to_sse(message: dict[str, Any]) -> bytes:
+    """The byte stream the Messages API sends for ``message`` when ``stream: true``."""
+    usage = dict(message.get("usage") or {})
+    start_msg = {
+        k: copy.deepcopy(v) for k, v in message.items() if k not in ("content", "usage", "context_management")
+    }
+    start_msg["content"] = []
+    start_msg["stop_reason"] = None
+    start_msg["stop_sequence"] = None
+    if "stop_details" in start_msg:
+        start_msg["stop_details"] = None
+    start_usage = dict(usage)
+    start_usage["output_tokens"] = min(1, int(usage.get("output_tokens") or 0))
+    start_msg["usage"] = start_usage
+    frames = [
+        sse_event("message_start", {"type": "message_start", "message": start_msg}),
+        sse_event("ping", {"type": "ping"}),
+    ]
+    for i, block in enumerate(message.get("content") or []):
+        frames.extend(_block_events(i, block))
+    d: dict[str, Any] = {
+        "stop_reason": message.get("stop_reason"),
+        "stop_sequence": message.get("stop_sequence"),
+    }
+    if "stop_details" in message:
+        d["stop_details"] = message["stop_details"]
+    if message.get("container") is not None:
+        d["container"] = message["container"]
+    delta_usage: dict[str, Any] = {"output_tokens": int(usage.get("output_tokens") or 0)}
+    for field in DELTA_USAGE_FIELDS:
+        if usage.get(field) is not None:
+            delta_usage[field] = usage[field]
+    md: dict[str, Any] = {"type": "message_delta", "delta": d, "usage": delta_usage}
+    if message.get("context_management") is not None:
+        md["context_management"] = message["context_management"]
+    frames.append(sse_event("message_delta", md))
+    frames.append(sse_event("message_stop", {"type": "message_stop"}))
+    return b"".join(frames)
+
+
+class SSEAccumulator:
+    """Assembles the final Message JSON from a Messages SSE byte stream fed in arbitrary chunks."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._event: str | None = None
+        self._data: list[str] = []
+        self._msg: dict[str, Any] | None = None
+        self._json_bufs: dict[int, str] = {}
+        self.complete = False
+        self.error: dict[str, Any] | None = None
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    @property
+    def message(self) -> dict[str, Any] | None:
+        """The assembled Message once ``message_stop`` arrived, else ``None``."""
+        return self._msg if self.complete else None
+
+    @property
+    def snapshot(self) -> dict[str, Any] | None:
+        """The message assembled so far (even before ``message_stop``)."""
+        return self._msg
+
+    def feed(self, chunk: bytes) -> None:
+        """Consume raw bytes; any boundary (mid-line, mid-UTF-8, between ``\\r`` and ``\\n``) is fine."""
+        self._buf += chunk
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl < 0:
+                return
+            line = self._buf[:nl]
+            self._buf = self._buf[nl + 1 :]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            self._line(line.decode("utf-8", errors="replace"))
+
+    def close(self) -> None:
+        """End of stream: dispatch a final event not followed by a blank line."""
+        if self._buf:
+            rest, self._buf = self._buf, b""
+            self._line(rest.rstrip(b"\r").decode("utf-8", errors="replace"))
+        self._line("")
+
+    def _line(self, line: str) -> None:
+        if not line:
+            if self._data or self._event:
+                self._dispatch(self._event or "message", "\n".join(self._data))
+            self._event, self._data = None, []
+            return
+        if line.startswith(":"):
+            return
+        field, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "event":
+            self._event = value
+        elif field == "data":
+            self._data.append(value)
+
+    def _dispatch(self, event: str, raw: str) -> None:
+        try:
+            data = json.loads(raw) if raw else {}
+        except json.JSONDecodeError:
+            return
+        if not isinstance(data, dict):
+            return
+        kind = data.get("type", event)
+        self.events.append((kind, data))
+        if kind == "error":
+            self.error = data.get("error") if isinstance(data.get("error"), dict) else data
+            return
+        if kind == "message_start":
+            self._msg = copy.deepcopy(data.get("message") or {})
+            self._msg.setdefault("content", [])
+            self._json_bufs = {}
+            return
+        msg = self._msg
+        if msg is None:
+            return
+        if kind == "content_block_start":
+            block = copy.deepcopy(data.get("content_block") or {})
+            content = msg.setdefault("content", [])
+            idx = int(data.get("index", len(content)))
+            while len(content) < idx:
+                content.append({})
+            if idx < len(content):
+                content[idx] = block
+            else:
+                content.append(block)
+        elif kind == "content_block_delta":
+            self._delta(msg, int(data.get("index", 0)), data.get("delta") or {})
+        elif kind == "content_block_stop":
+            idx = int(data.get("index", 0))
+            buf = self._json_bufs.pop(idx, "")
+            if buf and idx < len(msg["content"]):
+                msg["content"][idx]["input"] = json.loads(buf)
+        elif kind == "message_delta":
+            d = data.get("delta") or {}
+            msg["stop_reason"] = d.get("stop_reason")
+            msg["stop_sequence"] = d.get("stop_sequence")
+            if "stop_details" in d or "stop_details" in msg:
+                msg["stop_details"] = d.get("stop_details")
+            if d.get("container") is not None:
+                msg["container"] = d["container"]
+            if data.get("context_management") is not None:
+                msg["context_management"] = data["context_management"]
+            u = data.get("usage") or {}
+            usage = msg.setdefault("usage", {})
+            if "output_tokens" in u:
+                usage["output_tokens"] = u["output_tokens"]
+            for field in DELTA_USAGE_FIELDS:
+                if u.get(field) is not None:
+                    usage[field] = u[field]
+        elif kind == "message_stop":
+            self.complete = True
+
+    def _delta(self, msg: dict[str, Any], idx: int, d: dict[str, Any]) -> None:
+        if idx >= len(msg["content"]):
+            return
+        block = msg["content"][idx]
+        dt = d.get("type")
+        if dt == "text_delta":
+            block["text"] = block.get("text", "") + d.get("text", "")
+        elif dt == "input_json_delta":
+            self._json_bufs[idx] = self._json_bufs.get(idx, "") + d.get("partial_json", "")
+        elif dt == "thinking_delta":
+            block["thinking"] = block.get("thinking", "") + d.get("thinking", "")
+        elif dt == "signature_delta":
+            block["signature"] = d.get("signature", "")
+        elif dt == "citations_delta":
+            if block.get("citations"):
+                block["citations"].append(d.get("citation"))
+            else:
+                block["citations"] = [d.get("citation")]
