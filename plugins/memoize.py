@@ -1,1 +1,524 @@
-"""memoize plugin (being written)."""
+"""memoize: answer an identical request from a local store instead of paying for it again.
+
+Saves the whole cost of a call whose request (model, system, messages, tools, every sampling and
+output setting, beta flags) is byte-for-byte identical, after canonicalization, to one answered
+within ``ttl``: re-run evaluations, retried pipelines, replayed agent loops, test suites.
+
+Unsafe when the caller *wants* a fresh sample for an identical request (temperature > 0 used for
+diversity, or answers that depend on the time of day): identical requests get the identical stored
+answer for ``ttl`` seconds. A request opts out with the header ``x-tokensaver-memoize: off``
+(``refresh`` skips the lookup but stores the new answer). Answers are namespaced by a hash of the
+API key (``ctx.key_hash``): one key's answers never reach another, and the key itself is never
+stored.
+
+What is in the key and why:
+
+- every body field except ``stream`` (a streamed and a non-streamed request share the answer: the
+  core replays a stored Message as a stream when asked) and ``cache_control`` markers (they change
+  what the call is billed, never what the model answers; a caching plugin that moves a breakpoint
+  must not turn every call into a miss);
+- the ``anthropic-beta`` and ``anthropic-version`` request headers (betas change behaviour and
+  response shape); no other header (``x-stainless-*`` retry counters differ per attempt).
+
+What is stored: only complete messages (``type: message``, ``stop_reason`` set, content a list),
+never errors or cut-off streams, and never ``stop_reason: "refusal"`` (a refusal pinned for a day
+would outlive whatever caused it; asking again is the caller's usual remedy). Each entry carries a
+sha256 of its payload and the key it was stored under; an entry that fails either check is a miss
+with a warning, and is deleted.
+
+Concurrency: identical requests in flight in one wrapped client make one upstream call. The later
+ones wait (``wait`` seconds at most) for the first to finish, then read its answer; if the first
+fails they go to the network. A waiter never waits on an event loop thread or on its own thread, so
+an asyncio caller cannot deadlock itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+from tokensaver.errors import ConfigError
+from tokensaver.hookspecs import hookimpl
+from tokensaver.tokens import canonical_json
+
+log = logging.getLogger("tokensaver.plugins.memoize")
+
+PLUGIN = "memoize"
+OPT_OUT_HEADER = "x-tokensaver-memoize"
+CACHE_HEADER = "x-tokensaver-cache"
+KEY_HEADERS = ("anthropic-beta", "anthropic-version")
+ENTRY_MAGIC = b"tsmemo1\n"
+KEY_VERSION = "memoize-key/1"
+
+DEFAULTS: dict[str, Any] = {
+    "dir": None,  # filled in by default_dir()
+    "size_limit": 512 * 1024**2,
+    "ttl": 86_400.0,
+    "wait": 120.0,
+    "store_refusals": False,
+}
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1024,
+    "MB": 1024**2,
+    "GB": 1024**3,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+}
+_state_lock = threading.Lock()
+
+
+def default_dir() -> str:
+    """``$TOKENSAVER_CACHE_DIR/memo``, else ``$XDG_CACHE_HOME/tokensaver/memo``, else ``~/.cache/tokensaver/memo``."""
+    env = os.environ.get("TOKENSAVER_CACHE_DIR")
+    if env:
+        return str(Path(env).expanduser() / "memo")
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return str(base / "tokensaver" / "memo")
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def _size(value: Any, source: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(
+            "memoize.size_limit must be bytes (int) or a string like '512MB'", key="size_limit", source=source
+        )
+    if isinstance(value, int) and value > 0:
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", value.upper())
+        if m:
+            n = int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+            if n > 0:
+                return n
+    raise ConfigError(
+        f"memoize.size_limit must be a positive number of bytes or a string like '512MB' (B, KB, MB, GB); got {value!r}",
+        key="size_limit",
+        source=source,
+    )
+
+
+def _seconds(name: str, value: Any, source: str, *, allow_none: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    accepted = "a positive number of seconds" + (" or none (never expire)" if allow_none else "")
+    raise ConfigError(f"memoize.{name} must be {accepted}; got {value!r}", key=name, source=source)
+
+
+@hookimpl
+def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """Validate ``[memoize]``: dir, size_limit, ttl, wait, store_refusals."""
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(DEFAULTS) - {"enabled"})
+    if unknown:
+        raise ConfigError(
+            f"unknown memoize setting {unknown[0]!r}; accepted: {', '.join(sorted(DEFAULTS))}",
+            key=unknown[0],
+            source=source,
+        )
+    out = {**DEFAULTS, **settings}
+    d = out["dir"]
+    if d is None:
+        out["dir"] = default_dir()
+    elif isinstance(d, (str, os.PathLike)) and str(d):
+        out["dir"] = str(Path(d).expanduser())
+    else:
+        raise ConfigError(f"memoize.dir must be a directory path; got {d!r}", key="dir", source=source)
+    out["size_limit"] = _size(out["size_limit"], source)
+    out["ttl"] = _seconds("ttl", out["ttl"], source, allow_none=True)
+    out["wait"] = _seconds("wait", out["wait"], source, allow_none=False)
+    if not isinstance(out["store_refusals"], bool):
+        raise ConfigError("memoize.store_refusals must be true or false", key="store_refusals", source=source)
+    return out
+
+
+# -- the key ----------------------------------------------------------------------------------
+
+
+def _strip_cc(value: Any) -> Any:
+    """Drop ``cache_control`` from content blocks and tool definitions (not from tool inputs)."""
+    if isinstance(value, list):
+        return [_strip_cc(v) for v in value]
+    if isinstance(value, dict):
+        return {k: (v if k == "input" else _strip_cc(v)) for k, v in value.items() if k != "cache_control"}
+    return value
+
+
+def canonical_request(body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """What determines the answer: the body without ``stream``/``cache_control``, plus beta/version headers."""
+    b = {k: v for k, v in body.items() if k not in ("stream", "cache_control")}
+    for field in ("system", "messages", "tools"):
+        if field in b:
+            b[field] = _strip_cc(b[field])
+    # a string system prompt and one text block say the same; keep them distinct (the API may not)
+    hdrs = {k.lower(): v for k, v in (headers or {}).items()}
+    h: dict[str, Any] = {}
+    if hdrs.get("anthropic-beta"):
+        h["anthropic-beta"] = sorted({p.strip() for p in hdrs["anthropic-beta"].split(",") if p.strip()})
+    if hdrs.get("anthropic-version"):
+        h["anthropic-version"] = hdrs["anthropic-version"].strip()
+    return {"v": KEY_VERSION, "body": b, "headers": h}
+
+
+def cache_key(body: dict[str, Any], headers: dict[str, str] | None, key_hash: str) -> str:
+    """The store key: sha256 of the API-key namespace and the canonical request."""
+    payload = canonical_json(canonical_request(body, headers))
+    h = hashlib.sha256()
+    h.update(f"ns:{key_hash}\n".encode())
+    h.update(payload.encode())
+    return f"{key_hash[:16]}:{h.hexdigest()}"
+
+
+# -- entries ----------------------------------------------------------------------------------
+
+
+def encode_entry(key: str, message: dict[str, Any], stored_at: float) -> bytes:
+    """Entry bytes: magic, sha256 of the payload, then JSON of {key, stored_at, message}."""
+    payload = canonical_json({"key": key, "stored_at": stored_at, "message": message}).encode()
+    return ENTRY_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+
+
+class CorruptEntry(ValueError):
+    """A stored entry that fails its checksum, its key check or its shape."""
+
+
+def decode_entry(key: str, raw: Any) -> tuple[dict[str, Any], float]:
+    """The stored message and its store time; raise CorruptEntry on any mismatch."""
+    if isinstance(raw, str):
+        raw = raw.encode()
+    if not isinstance(raw, (bytes, bytearray)) or not raw.startswith(ENTRY_MAGIC):
+        raise CorruptEntry("not a memoize entry")
+    rest = bytes(raw[len(ENTRY_MAGIC) :])
+    digest, sep, payload = rest.partition(b"\n")
+    if not sep or hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CorruptEntry("checksum mismatch")
+    try:
+        doc = json.loads(payload)
+    except ValueError as e:
+        raise CorruptEntry(f"bad JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("key") != key:
+        raise CorruptEntry("entry stored under another key")
+    msg = doc.get("message")
+    if not isinstance(msg, dict) or not storable(msg, store_refusals=True):
+        raise CorruptEntry("stored message is incomplete")
+    return msg, float(doc.get("stored_at") or 0.0)
+
+
+def storable(message: Any, *, store_refusals: bool = False) -> bool:
+    """A complete assistant Message worth keeping (not an error, not cut off, not a refusal)."""
+    if not isinstance(message, dict) or message.get("type") != "message":
+        return False
+    if message.get("role") != "assistant" or not isinstance(message.get("content"), list):
+        return False
+    reason = message.get("stop_reason")
+    if reason is None:
+        return False
+    if reason == "refusal" and not store_refusals:
+        return False
+    return all(isinstance(b, dict) and b.get("type") for b in message["content"])
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+def _private_dir(path: str) -> None:
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = p.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise PermissionError(f"memoize dir {path} is owned by another user")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(p, 0o700)
+
+
+def _private_files(path: str) -> None:
+    for child in Path(path).rglob("*"):
+        try:
+            want = 0o700 if child.is_dir() else 0o600
+            if stat.S_IMODE(child.stat().st_mode) != want:
+                os.chmod(child, want)
+        except OSError:
+            pass
+
+
+class Store:
+    """A diskcache directory private to the user, holding checksummed JSON entries (never pickles)."""
+
+    def __init__(self, directory: str, size_limit: int) -> None:
+        import diskcache
+
+        _private_dir(directory)
+        # values up to 8 MiB stay in SQLite; whatever diskcache writes is made 0600 below
+        self.cache = diskcache.Cache(directory, size_limit=size_limit, disk_min_file_size=8 * 1024**2)
+        self.directory = directory
+        _private_files(directory)
+
+    def get(self, key: str) -> Any:
+        return self.cache.get(key, default=None, retry=True)
+
+    def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        self.cache.set(key, value, expire=ttl, retry=True)
+        if len(value) >= 8 * 1024**2:
+            _private_files(self.directory)
+
+    def delete(self, key: str) -> None:
+        self.cache.delete(key, retry=True)
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+class _Flight:
+    __slots__ = ("event", "thread", "started")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.thread = threading.get_ident()
+        self.started = time.monotonic()
+
+
+def _shared(ctx: Any) -> dict[str, Any]:
+    """This plugin's state: the open store and the in-flight table (created once, under a lock)."""
+    state = ctx.state
+    if "lock" not in state:
+        with _state_lock:
+            state.setdefault("lock", threading.Lock())
+            state.setdefault("inflight", {})
+            state.setdefault("stores", {})
+    return state
+
+
+def _store(ctx: Any) -> Store | None:
+    state = _shared(ctx)
+    s = _settings(ctx)
+    d = s["dir"]
+    with state["lock"]:
+        st = state["stores"].get(d)
+        if st is None:
+            try:
+                st = Store(d, s["size_limit"])
+            except Exception as e:  # an unusable cache dir disables memoize, it never breaks the call
+                log.warning("memoize disabled: cannot open %s: %s", d, e)
+                ctx.record(error=f"cannot open store: {type(e).__name__}: {e}")
+                state["stores"][d] = False
+                return None
+            state["stores"][d] = st
+        return st or None
+
+
+def _settings(ctx: Any) -> dict[str, Any]:
+    s = ctx.settings
+    if not s or "dir" not in s:
+        s = tokensaver_configure(dict(s or {}), "defaults")
+    return s
+
+
+def _mode(ctx: Any) -> str:
+    v = (ctx.headers or {}).get(OPT_OUT_HEADER, "").strip().lower()
+    if v in ("off", "0", "false", "no", "bypass"):
+        return "off"
+    if v == "refresh":
+        return "refresh"
+    return "on"
+
+
+def _on_loop_thread() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _release(inflight: dict[str, _Flight], lock: threading.Lock, key: str, flight: _Flight) -> None:
+    with lock:
+        if inflight.get(key) is flight:
+            del inflight[key]
+    flight.event.set()
+
+
+def _read(ctx: Any, store: Store, key: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        raw = store.get(key)
+    except Exception as e:
+        log.warning("memoize entry unreadable (%s): %s: %s", key[:24], type(e).__name__, e)
+        ctx.record(warning=f"unreadable entry: {type(e).__name__}")
+        return None
+    if raw is None:
+        return None
+    try:
+        msg, stored_at = decode_entry(key, raw)
+    except CorruptEntry as e:
+        log.warning("memoize entry corrupt, ignored and deleted (%s): %s", key[:24], e)
+        ctx.record(warning=f"corrupt entry: {e}")
+        try:
+            store.delete(key)
+        except Exception:
+            pass
+        return None
+    ttl = settings["ttl"]
+    if ttl is not None and ctx.now - stored_at > ttl:
+        return None
+    return msg
+
+
+# -- hooks ------------------------------------------------------------------------------------
+
+
+@hookimpl
+def tokensaver_lookup_response(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
+    """Return the stored answer to an identical request, waiting on an identical one in flight."""
+    mode = _mode(ctx)
+    if mode == "off":
+        ctx.response_headers[CACHE_HEADER] = "off"
+        ctx.record(mode="off")
+        return None
+    settings = _settings(ctx)
+    store = _store(ctx)
+    if store is None:
+        return None
+    key = cache_key(body, ctx.headers, ctx.key_hash)
+    state = _shared(ctx)
+    if mode == "on":
+        hit = _read(ctx, store, key, settings)
+        if hit is None:
+            hit = _single_flight(ctx, state, store, key, settings)
+        if hit is not None:
+            return _serve(ctx, hit)
+    else:
+        _claim(ctx, state, key)
+    ctx.response_headers[CACHE_HEADER] = "refresh" if mode == "refresh" else "miss"
+    ctx.record(hit=False, mode=mode)
+    return None
+
+
+def _claim(ctx: Any, state: dict[str, Any], key: str) -> _Flight | None:
+    """Become the one call for ``key`` in flight; return the flight already there otherwise."""
+    with state["lock"]:
+        current = state["inflight"].get(key)
+        if current is not None and time.monotonic() - current.started < _settings(ctx)["wait"]:
+            return current
+        flight = _Flight()
+        state["inflight"][key] = flight
+    _remember_claim(ctx, key, flight)
+    # if the call fails observe never runs; release when this call's context is collected
+    try:
+        weakref.finalize(ctx, _release, state["inflight"], state["lock"], key, flight)
+    except TypeError:  # a context that cannot be weak-referenced: waiters rely on the timeout
+        pass
+    return None
+
+
+def _remember_claim(ctx: Any, key: str, flight: _Flight) -> None:
+    # kept on the call's own context so observe releases exactly the claim this call made
+    if hasattr(ctx, "__dict__"):
+        ctx.__dict__.setdefault("_memoize_claims", {})[key] = flight
+
+
+def _single_flight(
+    ctx: Any, state: dict[str, Any], store: Store, key: str, settings: dict[str, Any]
+) -> dict[str, Any] | None:
+    other = _claim(ctx, state, key)
+    if other is None:
+        return None
+    if other.thread == threading.get_ident() or _on_loop_thread():
+        # blocking here would stall the very thread or loop that must finish the first call
+        ctx.record(single_flight="skipped: same thread or event loop")
+        return None
+    remaining = settings["wait"] - (time.monotonic() - other.started)
+    finished = other.event.wait(max(0.0, remaining))
+    hit = _read(ctx, store, key, settings)
+    ctx.record(single_flight="waited" if finished else "timed out")
+    return hit
+
+
+def _serve(ctx: Any, message: dict[str, Any]) -> dict[str, Any]:
+    ctx.response_headers[CACHE_HEADER] = "hit"
+    ctx.record(
+        hit=True,
+        model=message.get("model"),
+        usage=message.get("usage") or {},
+        stop_reason=message.get("stop_reason"),
+    )
+    return json.loads(json.dumps(message))  # a fresh copy: the caller may mutate what it gets
+
+
+@hookimpl
+def tokensaver_observe_response(body: dict[str, Any], response: dict[str, Any], ctx: Any) -> None:
+    """Store a complete answer under its request's key and wake identical calls waiting on it."""
+    if _mode(ctx) == "off":
+        return
+    settings = _settings(ctx)
+    key = cache_key(body, ctx.headers, ctx.key_hash)
+    try:
+        if not storable(response, store_refusals=settings["store_refusals"]):
+            ctx.record(stored=False, reason=f"not storable (stop_reason={response.get('stop_reason')!r})")
+            return
+        store = _store(ctx)
+        if store is None:
+            return
+        try:
+            store.set(key, encode_entry(key, response, ctx.now), settings["ttl"])
+            ctx.record(stored=True)
+        except Exception as e:
+            log.warning("memoize could not store an answer: %s: %s", type(e).__name__, e)
+            ctx.record(stored=False, reason=f"store failed: {type(e).__name__}")
+    finally:
+        state = _shared(ctx)
+        claims = getattr(ctx, "__dict__", {}).get("_memoize_claims", {})
+        flight = claims.pop(key, None)
+        if flight is not None:
+            _release(state["inflight"], state["lock"], key, flight)
+
+
+@hookimpl
+def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Hits, misses, stores and the dollars the hits avoided."""
+    notes: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for c in calls:
+        n = (c.get("plugins") or {}).get(plugin)
+        if isinstance(n, dict) and n:
+            notes.append((c, n))
+    if not notes:
+        return None
+    hits = [(c, n) for c, n in notes if n.get("hit")]
+    misses = sum(1 for _, n in notes if n.get("hit") is False)
+    stored = sum(1 for _, n in notes if n.get("stored"))
+    warnings = sum(1 for _, n in notes if n.get("warning") or n.get("error"))
+    saved = sum(float(c.get("saved_usd") or 0.0) for c, _ in hits)
+    rows = [
+        {
+            "call": c.get("id"),
+            "model": n.get("model") or c.get("model"),
+            "input_tokens": (n.get("usage") or {}).get("input_tokens", 0),
+            "output_tokens": (n.get("usage") or {}).get("output_tokens", 0),
+            "saved_usd": round(float(c.get("saved_usd") or 0.0), 6),
+        }
+        for c, n in hits
+    ]
+    summary = f"{len(hits)} hit(s), {misses} miss(es), {stored} answer(s) stored; hits avoided ${saved:.4f}"
+    if warnings:
+        summary += f"; {warnings} unreadable/corrupt entr(y/ies) treated as misses"
+    return {
+        "title": "memoize: identical requests answered from the local store",
+        "summary": summary,
+        "rows": rows,
+    }
