@@ -1,0 +1,296 @@
+"""The anthropic SDK middleware that runs every Messages call through the pipeline, and ``wrap()``.
+
+Built on the SDK's own client middleware (``client.with_middleware``): the caller's client is never
+mutated, every surface that goes through ``POST /v1/messages`` is covered (create, stream, beta,
+raw and streaming responses, sync and async, ``with_options`` copies), other endpoints pass
+through untouched. API errors pass through untouched too, so the SDK's retries keep working; the
+middleware runs once per attempt and the pipeline records each attempt once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, TypeVar
+
+import httpx2
+
+from . import _sdk
+from .pipeline import Call, Pipeline, key_hash
+from .sse import SSEAccumulator, message_to_sse
+
+log = logging.getLogger("tokensaver")
+C = TypeVar("C")
+
+MESSAGES_PATH = "/v1/messages"
+CONTROL_PREFIX = "x-tokensaver-"
+
+
+def _messages_body(request: _sdk.APIRequest) -> dict[str, Any] | None:
+    if request.method.lower() != "post":
+        return None
+    path = httpx2.URL(request.url).path
+    if not path.endswith(MESSAGES_PATH):
+        return None
+    body = request.json
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        return None
+    return body
+
+
+def _surface(request: _sdk.APIRequest) -> str:
+    qualifiers = getattr(request.options, "qualifiers", None) or {}
+    return "beta" if qualifiers.get("beta") == "true" else "messages"
+
+
+class TokensaverMiddleware(_sdk.Middleware):
+    """SDK middleware: transforms, short-circuits, observes and records Messages calls."""
+
+    def __init__(self, pipeline: Pipeline, *, asynchronous: bool) -> None:
+        self.pipeline = pipeline
+        self.asynchronous = asynchronous
+        self.client: Any = None
+        self.secret_hash = key_hash("")
+
+    def bind(self, client: Any) -> None:
+        """Attach to the client this middleware serves (needed to build short-circuit responses)."""
+        self.client = client
+        self.secret_hash = key_hash(_sdk.client_secret(client))
+
+    def copy_for(self) -> TokensaverMiddleware:
+        """A middleware sharing this pipeline, to be bound to a copy of the client."""
+        return TokensaverMiddleware(self.pipeline, asynchronous=self.asynchronous)
+
+    # -- helpers shared by sync and async ------------------------------------------------------
+
+    def _prepare(self, request: _sdk.APIRequest, body: dict[str, Any]) -> tuple[dict[str, Any], str, bool]:
+        headers = {str(k).lower(): v for k, v in dict(request.headers).items()}
+        secret = headers.get("x-api-key") or headers.get("authorization")
+        key = key_hash(secret) if isinstance(secret, str) and secret else self.secret_hash
+        stream = bool(request.stream or body.get("stream"))
+        return headers, key, stream
+
+    def _outgoing(self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any]) -> _sdk.APIRequest:
+        control = [k for k in headers if k.startswith(CONTROL_PREFIX)]
+        if call.body is call.original and not control:
+            return request
+        kept = {
+            k: v for k, v in dict(request.headers).items() if not str(k).lower().startswith(CONTROL_PREFIX)
+        }
+        return request.copy(body=call.body, headers=kept)
+
+    def _serve(self, request: _sdk.APIRequest, call: Call) -> Any:
+        message = call.response or {}
+        headers = {
+            "request-id": f"tokensaver-{call.ctx.call_id}",
+            "x-tokensaver-short-circuit": str(call.short_circuit),
+            **call.ctx.response_headers,
+        }
+        if request.stream:
+            content, ctype = message_to_sse(message), "text/event-stream; charset=utf-8"
+        else:
+            content, ctype = json.dumps(message).encode(), "application/json"
+        return _sdk.synthetic_response(
+            self.client,
+            request,
+            content=content,
+            content_type=ctype,
+            headers=headers,
+            asynchronous=self.asynchronous,
+        )
+
+    def _add_headers(self, response: Any, call: Call) -> None:
+        for name, value in call.ctx.response_headers.items():
+            response.http_response.headers[name] = value
+
+    def _finish_json(self, call: Call, response: Any, raw: bytes) -> None:
+        try:
+            message = json.loads(raw)
+        except ValueError as exc:
+            self.pipeline.finish(call, None, status="unparsed", error=str(exc))
+            return
+        self.pipeline.finish(call, message if isinstance(message, dict) else None)
+
+    # -- sync ------------------------------------------------------------------------------------
+
+    def handle(self, request: _sdk.APIRequest, call_next: Any) -> Any:
+        body = _messages_body(request)
+        if body is None:
+            return call_next(request)
+        headers, key, stream = self._prepare(request, body)
+        call = self.pipeline.begin(
+            body,
+            headers=headers,
+            key=key,
+            stream=stream,
+            surface=_surface(request),
+            attempt=request.retries_taken,
+        )
+        if call.short_circuit:
+            self.pipeline.finish(call, None)
+            return self._serve(request, call)
+        response = call_next(self._outgoing(request, call, headers))
+        http = response.http_response
+        if not http.is_success:
+            self.pipeline.finish(call, None, status=http.status_code, error=f"HTTP {http.status_code}")
+            return response
+        self._add_headers(response, call)
+        if "text/event-stream" in http.headers.get("content-type", ""):
+            return _sdk.replace_body_stream(response, _ObservedStream(self.pipeline, call, http))
+        t0 = time.perf_counter()
+        raw = http.read()
+        call.overhead_ms -= (time.perf_counter() - t0) * 1000  # reading the body is not our overhead
+        self._finish_json(call, response, raw)
+        return response
+
+    # -- async -----------------------------------------------------------------------------------
+
+    async def handle_async(self, request: _sdk.APIRequest, call_next: Any) -> Any:
+        body = _messages_body(request)
+        if body is None:
+            return await call_next(request)
+        headers, key, stream = self._prepare(request, body)
+        # plugins are sync (and may wait, e.g. memoize's single-flight): keep the event loop free
+        call = await asyncio.to_thread(
+            self.pipeline.begin,
+            body,
+            headers=headers,
+            key=key,
+            stream=stream,
+            surface=_surface(request),
+            attempt=request.retries_taken,
+        )
+        if call.short_circuit:
+            self.pipeline.finish(call, None)
+            return self._serve(request, call)
+        response = await call_next(self._outgoing(request, call, headers))
+        http = response.http_response
+        if not http.is_success:
+            self.pipeline.finish(call, None, status=http.status_code, error=f"HTTP {http.status_code}")
+            return response
+        self._add_headers(response, call)
+        if "text/event-stream" in http.headers.get("content-type", ""):
+            return _sdk.replace_body_stream(response, _AsyncObservedStream(self.pipeline, call, http))
+        raw = await http.aread()
+        await asyncio.to_thread(self._finish_json, call, response, raw)
+        return response
+
+
+class _ObservedStream(httpx2.SyncByteStream):
+    """Passes SSE bytes through as they arrive while assembling the final message."""
+
+    def __init__(self, pipeline: Pipeline, call: Call, http: httpx2.Response) -> None:
+        self.pipeline, self.call, self.http = pipeline, call, http
+        self.acc = SSEAccumulator()
+        self.done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for chunk in self.http.iter_bytes():
+                self.acc.feed(chunk)
+                yield chunk
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.acc.complete and self.acc.message is not None:
+            self.pipeline.finish(self.call, self.acc.message)
+        else:
+            error = "stream error event" if self.acc.error else "stream ended before message_stop"
+            self.pipeline.finish(self.call, None, status="incomplete", error=error)
+
+    def close(self) -> None:
+        try:
+            self.http.close()
+        finally:
+            self._done()
+
+
+class _AsyncObservedStream(httpx2.AsyncByteStream):
+    """Async twin of ``_ObservedStream``."""
+
+    def __init__(self, pipeline: Pipeline, call: Call, http: httpx2.Response) -> None:
+        self.pipeline, self.call, self.http = pipeline, call, http
+        self.acc = SSEAccumulator()
+        self.done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.http.aiter_bytes():
+                self.acc.feed(chunk)
+                yield chunk
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.acc.complete and self.acc.message is not None:
+            self.pipeline.finish(self.call, self.acc.message)
+        else:
+            error = "stream error event" if self.acc.error else "stream ended before message_stop"
+            self.pipeline.finish(self.call, None, status="incomplete", error=error)
+
+    async def aclose(self) -> None:
+        try:
+            await self.http.aclose()
+        finally:
+            self._done()
+
+
+def _install_copy_hook(client: Any, mw: TokensaverMiddleware) -> None:
+    """Make ``with_options()``/``copy()`` copies carry a middleware bound to the copy itself.
+
+    A copy may use another API key: memoized answers must be namespaced by the copy's key, and
+    short-circuit responses built with the copy's settings. Only this instance is touched.
+    """
+    cls_copy = type(client).copy
+
+    def copy(*args: Any, **kwargs: Any) -> Any:
+        new = cls_copy(client, *args, **kwargs)
+        if not any(m is mw for m in _sdk.client_middleware(new)):
+            return new  # the caller replaced the middleware list explicitly
+        mw2 = mw.copy_for()
+        new = cls_copy(new, middleware=[mw2 if m is mw else m for m in _sdk.client_middleware(new)])
+        mw2.bind(new)
+        _install_copy_hook(new, mw2)
+        new.tokensaver = mw2.pipeline
+        return new
+
+    client.copy = copy
+    client.with_options = copy
+
+
+def wrap(
+    client: C,
+    config: dict[str, Any] | str | None = None,
+    *,
+    run: Any = None,
+    plugin_manager: Any = None,
+    pipeline: Pipeline | None = None,
+    clock: Any = None,
+) -> C:
+    """Return a copy of ``client`` (same class) whose Messages calls go through the tokensaver pipeline.
+
+    :param config: a dict, or a TOML file path, merged over the config files and environment.
+    :param run: a run name or :class:`tokensaver.Run` to record into (default: a new named run).
+    :param plugin_manager: a prepared plugin manager (tests); default: discovered entry points.
+    :param pipeline: share one pipeline between several clients (bench, proxy).
+    :param clock: a callable returning epoch seconds, for replays that follow recorded call times.
+    """
+    if not _sdk.is_client(client):
+        raise TypeError(f"tokensaver.wrap() expects an anthropic client, got {type(client).__name__}")
+    pipe = pipeline or Pipeline(config, plugin_manager=plugin_manager, run=run, clock=clock)
+    mw = TokensaverMiddleware(pipe, asynchronous=_sdk.is_async_client(client))
+    wrapped = client.with_middleware(mw)  # type: ignore[attr-defined]
+    mw.bind(wrapped)
+    _install_copy_hook(wrapped, mw)
+    wrapped.tokensaver = pipe  # type: ignore[attr-defined]
+    return wrapped

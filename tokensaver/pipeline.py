@@ -1,0 +1,345 @@
+"""The pipeline one wrap() (or proxy, replay, bench) runs for every Messages call.
+
+Phases: transform stages (measured before/after, fail open), short-circuit lookup, the network call
+(done by the caller of this module: SDK middleware or proxy), response observers, then one record
+in the run ledger. The pipeline, not the plugins, measures tokens and dollars.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from .config import Config, load_config
+from .context import CallContext, conversation_id
+from .plugins import call_one, get_plugin_manager, impl_for, ordered, strict_error
+from .pricing import PriceTable, normalize_usage
+from .run import Run
+from .tokens import default_counter
+
+SECRET_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "cookie", "x-goog-api-key")
+log = logging.getLogger("tokensaver")
+
+
+def key_hash(secret: str | None) -> str:
+    """Namespace for per-key state (memoized answers): a sha256 prefix, never the secret itself."""
+    return hashlib.sha256(("tokensaver:" + (secret or "")).encode()).hexdigest()[:24]
+
+
+def public_headers(headers: dict[str, Any] | None) -> dict[str, str]:
+    """Request headers with names lowercased and credentials removed."""
+    out: dict[str, str] = {}
+    for k, v in (headers or {}).items():
+        name = str(k).lower()
+        if name in SECRET_HEADERS or not isinstance(v, str):
+            continue
+        out[name] = v
+    return out
+
+
+def _structural_copy(body: dict[str, Any]) -> dict[str, Any]:
+    """Copy the containers a transform may replace (body, message list, messages, content lists).
+
+    Blocks themselves are shared: plugins treat them as immutable and build new ones.
+    """
+    out = dict(body)
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        out["messages"] = [
+            {**m, "content": list(m["content"])}
+            if isinstance(m, dict) and isinstance(m.get("content"), list)
+            else m
+            for m in msgs
+        ]
+    for key in ("system", "tools"):
+        if isinstance(body.get(key), list):
+            out[key] = list(body[key])
+    return out
+
+
+@dataclass
+class Call:
+    """One call in flight: its context, bodies and measurements, until it is recorded."""
+
+    ctx: CallContext
+    original: dict[str, Any]
+    body: dict[str, Any]
+    tokens_original: int
+    tokens_sent: int
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    short_circuit: str | None = None
+    response: dict[str, Any] | None = None
+    overhead_ms: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    surface: str = "messages"
+    attempt: int = 0
+    recorded: bool = False
+
+
+class Pipeline:
+    """Built per wrap() from config: a plugin manager, the enabled stages, state, the run."""
+
+    def __init__(
+        self,
+        config: Config | dict[str, Any] | str | None = None,
+        *,
+        plugin_manager: pluggy.PluginManager | None = None,
+        run: Run | str | None = None,
+        clock: Any = None,
+    ) -> None:
+        self.pm = plugin_manager or get_plugin_manager()
+        self.config = config if isinstance(config, Config) else load_config(config, pm=self.pm)
+        self.prices = PriceTable(self.config.prices)
+        self.counter = default_counter()
+        self.states: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self.clock = clock  # callable returning epoch seconds (trace replays drive it); None = time.time
+        if isinstance(run, Run):
+            self.run: Run | None = run
+        elif self.config.record or run is not None:
+            self.run = Run(run, runs_dir=self.config.runs_dir, config=self.config.as_dict())
+        else:
+            self.run = None
+        self.records: list[dict[str, Any]] = []  # this process's records, also when not persisted
+
+    # -- request phase -----------------------------------------------------------------------
+
+    def begin(
+        self,
+        body: dict[str, Any],
+        *,
+        headers: dict[str, Any] | None = None,
+        key: str = "",
+        stream: bool = False,
+        surface: str = "messages",
+        attempt: int = 0,
+    ) -> Call:
+        """Run the transform stages and the short-circuit lookup for one call attempt."""
+        t0 = time.perf_counter()
+        now = self.clock() if self.clock else time.time()
+        ctx = CallContext(
+            model=self.prices.get(str(body.get("model", ""))),
+            counter=self.counter,
+            prices=self.prices,
+            conversation=conversation_id(body),
+            key_hash=key,
+            call_id="c-" + uuid.uuid4().hex[:12],
+            stream=stream,
+            headers=public_headers(headers),
+            now=now,
+            _states=self.states,
+        )
+        original = body
+        tokens_original = self.counter.request(body)
+        call = Call(
+            ctx=ctx,
+            original=original,
+            body=body,
+            tokens_original=tokens_original,
+            tokens_sent=tokens_original,
+            surface=surface,
+            attempt=attempt,
+        )
+        current, before = body, tokens_original
+        for name, impl in ordered(self.pm, "tokensaver_transform_request", self.config.plugins):
+            self._enter(ctx, name)
+            s0 = time.perf_counter()
+            error = None
+            try:
+                result = call_one(impl, body=_structural_copy(current), ctx=ctx)
+                if result is not None and not isinstance(result, dict):
+                    raise TypeError(
+                        f"tokensaver_transform_request returned {type(result).__name__}, not dict"
+                    )
+            except Exception as exc:
+                if self.config.strict:
+                    raise strict_error(name, "tokensaver_transform_request", exc) from exc
+                result, error = None, f"{type(exc).__name__}: {exc}"
+                self._plugin_error(call, name, "tokensaver_transform_request", exc)
+            after = before if result is None else self.counter.request(result)
+            call.stages.append(
+                {
+                    "plugin": name,
+                    "before": before,
+                    "after": after,
+                    "ms": round((time.perf_counter() - s0) * 1000, 3),
+                    "error": error,
+                    "changed": result is not None and result != current,
+                }
+            )
+            if result is not None:
+                current, before = result, after
+        call.body = current
+        call.tokens_sent = before
+        for name, impl in ordered(self.pm, "tokensaver_lookup_response", self.config.plugins):
+            self._enter(ctx, name)
+            try:
+                hit = call_one(impl, body=current, ctx=ctx)
+            except Exception as exc:
+                if self.config.strict:
+                    raise strict_error(name, "tokensaver_lookup_response", exc) from exc
+                self._plugin_error(call, name, "tokensaver_lookup_response", exc)
+                continue
+            if hit is not None:
+                call.short_circuit = name
+                call.response = hit
+                break
+        call.overhead_ms = (time.perf_counter() - t0) * 1000
+        return call
+
+    def _enter(self, ctx: CallContext, name: str) -> None:
+        ctx.plugin = name
+        ctx.settings = self.config.plugin_settings.get(name, {})
+
+    def _plugin_error(self, call: Call, name: str, hook: str, exc: BaseException) -> None:
+        logging.getLogger(f"tokensaver.plugins.{name}").warning(
+            "plugin %r failed in %s (skipped, fail open): %s: %s", name, hook, type(exc).__name__, exc
+        )
+        call.errors.append({"plugin": name, "hook": hook, "error": f"{type(exc).__name__}: {exc}"})
+
+    # -- response phase ----------------------------------------------------------------------
+
+    def finish(
+        self,
+        call: Call,
+        response: dict[str, Any] | None,
+        *,
+        status: int | str = 200,
+        error: str | None = None,
+    ) -> dict[str, Any]:
+        """Observe a completed response (or record a failure) and write the call's record once."""
+        t0 = time.perf_counter()
+        ctx = call.ctx
+        if call.short_circuit:
+            response = call.response
+        elif response is not None and status == 200:
+            ctx.usage = normalize_usage(response.get("usage"))
+            for name, impl in ordered(self.pm, "tokensaver_observe_response", self.config.plugins):
+                self._enter(ctx, name)
+                try:
+                    call_one(impl, body=call.body, response=response, ctx=ctx)
+                except Exception as exc:
+                    if self.config.strict:
+                        raise strict_error(name, "tokensaver_observe_response", exc) from exc
+                    self._plugin_error(call, name, "tokensaver_observe_response", exc)
+        call.overhead_ms += (time.perf_counter() - t0) * 1000
+        record = self._record(call, response, status, error)
+        return record
+
+    def _record(
+        self, call: Call, response: dict[str, Any] | None, status: int | str, error: str | None
+    ) -> dict[str, Any]:
+        ctx, model = call.ctx, call.ctx.model
+        usage = normalize_usage((response or {}).get("usage")) if response else None
+        ok = status == 200 and response is not None
+        billed_in = 0
+        cost = baseline = saved = 0.0
+        if ok and usage is not None:
+            billed_in = (
+                usage["input_tokens"]
+                + usage["cache_creation_input_tokens"]
+                + usage["cache_read_input_tokens"]
+            )
+            out_cost = usage["output_tokens"] * model.output / 1e6
+            # estimated tokens -> billed tokens (our tokenizer is not Claude's)
+            scale = billed_in / call.tokens_sent if call.tokens_sent and billed_in else 1.0
+            baseline = call.tokens_original * scale * model.input / 1e6 + out_cost
+            if call.short_circuit:
+                cost = 0.0
+                baseline = model.cost(usage) if billed_in else baseline
+            else:
+                cost = model.cost(usage)
+            saved = baseline - cost
+            in_cost = model.input_cost(usage)
+            per_token = (in_cost / call.tokens_sent) if call.tokens_sent and not call.short_circuit else 0.0
+            uncached_in = billed_in * model.input / 1e6
+            cache_credit = max(0.0, uncached_in - in_cost) if not call.short_circuit else 0.0
+            placer = self._cache_placer(call)
+            for stage in call.stages:
+                removed = stage["before"] - stage["after"]
+                stage["saved_tokens"] = removed
+                stage["saved_usd"] = round(removed * per_token, 8)
+                if placer is not None and stage["plugin"] == placer:
+                    stage["saved_usd"] = round(stage["saved_usd"] + cache_credit, 8)
+                    stage["cache_credit_usd"] = round(cache_credit, 8)
+        else:
+            for stage in call.stages:
+                stage["saved_tokens"] = 0
+                stage["saved_usd"] = 0.0
+        record = {
+            "type": "call",
+            "id": ctx.call_id,
+            "t": ctx.now,
+            "conversation": ctx.conversation,
+            "model": str(call.original.get("model", "")),
+            "priced_as": model.name,
+            "price_warning": (
+                f"unknown model {model.fallback_from!r} priced as {model.name}"
+                if model.fallback_from
+                else None
+            ),
+            "surface": call.surface,
+            "stream": ctx.stream,
+            "attempt": call.attempt,
+            "status": status,
+            "error": error,
+            "tokens_original": call.tokens_original,
+            "tokens_sent": call.tokens_sent,
+            "stages": call.stages,
+            "short_circuit": call.short_circuit,
+            "usage": usage,
+            "cost_usd": round(cost, 8),
+            "baseline_usd": round(baseline, 8),
+            "saved_usd": round(saved, 8),
+            "overhead_ms": round(call.overhead_ms, 3),
+            "errors": call.errors,
+            "plugins": copy.deepcopy(ctx.notes),
+        }
+        if response and isinstance(response.get("context_management"), dict):
+            edits = response["context_management"].get("applied_edits") or []
+            record["server_cleared_tokens"] = sum(int(e.get("cleared_input_tokens") or 0) for e in edits)
+        if not call.recorded:
+            call.recorded = True
+            with self._lock:
+                self.records.append(record)
+            if self.run is not None:
+                self.run.append(record)
+        return record
+
+    def _cache_placer(self, call: Call) -> str | None:
+        """The stage that added cache breakpoints the caller did not have: it gets the caching credit.
+
+        Only the final body is kept, so the credit goes to the last changing stage that runs
+        ``trylast`` (where breakpoints belong), else the last changing stage.
+        """
+        if _breakpoints(call.original) or not _breakpoints(call.body):
+            return None
+        changed = [s["plugin"] for s in call.stages if s.get("changed")]
+        trylast = [
+            n
+            for n in changed
+            if getattr(impl_for(self.pm, "tokensaver_transform_request", n), "trylast", False)
+        ]
+        return (trylast or changed or [None])[-1]
+
+
+def _breakpoints(body: dict[str, Any]) -> int:
+    n = 1 if body.get("cache_control") else 0
+    for key in ("tools", "system"):
+        seq = body.get(key)
+        if isinstance(seq, list):
+            n += sum(1 for b in seq if isinstance(b, dict) and b.get("cache_control"))
+    for m in body.get("messages") or []:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):
+            n += sum(1 for b in content if isinstance(b, dict) and b.get("cache_control"))
+    return n

@@ -1,0 +1,210 @@
+"""The plugin manager: discovery through the ``tokensaver`` entry-point group, one manager per wrap().
+
+Built-in plugins are registered by our own ``[project.entry-points.tokensaver]`` exactly like a
+third-party distribution's; this module imports none of them. The entry-point name is the name used
+in config. Two distributions claiming the same name: the first wins and a warning names both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import warnings
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import ConfigError, TransformError
+
+log = logging.getLogger("tokensaver.plugins")
+
+GROUP = "tokensaver"
+
+
+def get_plugin_manager(
+    extra: dict[str, object] | None = None, *, load_entrypoints: bool = True
+) -> pluggy.PluginManager:
+    """A fresh plugin manager with every installed plugin (and ``extra`` name -> plugin) registered."""
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    if load_entrypoints:
+        _load_entrypoints(pm)
+    for name, plugin in (extra or {}).items():
+        if pm.has_plugin(name):
+            pm.unregister(name=name)
+        pm.register(plugin, name=name)
+    pm.check_pending()
+    return pm
+
+
+def _load_entrypoints(pm: pluggy.PluginManager) -> None:
+    seen: dict[str, str] = {}
+    for ep in sorted(importlib.metadata.entry_points(group=GROUP), key=lambda e: e.name):
+        dist = getattr(ep.dist, "name", "?")
+        if ep.name in seen:
+            warnings.warn(
+                f"tokensaver plugin name {ep.name!r} is registered by both {seen[ep.name]} and {dist}; "
+                f"using the one from {seen[ep.name]}",
+                stacklevel=3,
+            )
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # a broken plugin must not break the others: it is reported by name
+            log.warning("tokensaver plugin %r (%s) failed to load: %s", ep.name, ep.value, exc)
+            pm.register(_BrokenPlugin(ep.name, exc), name=ep.name)
+            seen[ep.name] = dist
+            continue
+        if pm.is_registered(plugin):  # same module under two names
+            continue
+        pm.register(plugin, name=ep.name)
+        seen[ep.name] = dist
+
+
+class _BrokenPlugin:
+    """Stands in for a plugin whose import failed; enabling it raises a ConfigError naming it."""
+
+    def __init__(self, name: str, error: BaseException) -> None:
+        self.name = name
+        self.error = error
+
+
+def installed(pm: pluggy.PluginManager) -> list[str]:
+    """Names of the registered plugins (broken ones included)."""
+    return sorted(name for name, _ in pm.list_name_plugin())
+
+
+def check_enabled(pm: pluggy.PluginManager, names: list[str], source: str) -> None:
+    """Raise a ConfigError for any name that is not installed (or failed to import)."""
+    known = installed(pm)
+    for name in names:
+        plugin = pm.get_plugin(name)
+        if plugin is None:
+            from .errors import UnknownPluginError
+
+            raise UnknownPluginError(
+                f"unknown plugin {name!r}; installed plugins: {', '.join(known) or '(none)'}",
+                key="plugins",
+                source=source,
+            )
+        if isinstance(plugin, _BrokenPlugin):
+            raise ConfigError(
+                f"plugin {name!r} is installed but failed to import: {plugin.error}",
+                key="plugins",
+                source=source,
+            )
+
+
+def impl_for(pm: pluggy.PluginManager, hook: str, plugin_name: str) -> Any | None:
+    """The HookImpl of one plugin for one hook, or None when the plugin does not implement it."""
+    plugin = pm.get_plugin(plugin_name)
+    if plugin is None:
+        return None
+    for impl in getattr(pm.hook, hook).get_hookimpls():
+        if impl.plugin is plugin:
+            return impl
+    return None
+
+
+def call_one(impl: Any, **kwargs: Any) -> Any:
+    """Call a single hook implementation with the arguments it declares."""
+    return impl.function(
+        *[kwargs[a] for a in impl.argnames], **{k: kwargs[k] for k in impl.kwargnames if k in kwargs}
+    )
+
+
+def ordered(pm: pluggy.PluginManager, hook: str, names: list[str]) -> list[tuple[str, Any]]:
+    """``(name, impl)`` for the enabled plugins implementing ``hook``: config order, then tryfirst/trylast."""
+    found = [(n, impl_for(pm, hook, n)) for n in names]
+    present = [(n, i) for n, i in found if i is not None]
+    rank = {id(i): (0 if i.tryfirst else 2 if i.trylast else 1) for _, i in present}
+    return sorted(present, key=lambda p: rank[id(p[1])])  # sorted() is stable: config order kept
+
+
+def configure(pm: pluggy.PluginManager, name: str, settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """Run one plugin's ``tokensaver_configure`` and return its normalized settings."""
+    impl = impl_for(pm, "tokensaver_configure", name)
+    if impl is None:
+        return dict(settings)
+    try:
+        result = call_one(impl, settings=dict(settings), source=source)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"plugin {name!r} rejected its settings: {exc}", key=name, source=source) from exc
+    return dict(settings) if result is None else dict(result)
+
+
+def report_sections(
+    pm: pluggy.PluginManager, plugin_names: list[str], records: list[dict[str, Any]]
+) -> list[dict]:
+    """Each named plugin's report section (errors become a section saying so, never an exception)."""
+    sections: list[dict[str, Any]] = []
+    for name in plugin_names:
+        impl = impl_for(pm, "tokensaver_report_section", name)
+        if impl is None:
+            continue
+        try:
+            section = call_one(impl, plugin=name, calls=records)
+        except Exception as exc:
+            section = {
+                "title": name,
+                "summary": f"report section failed: {type(exc).__name__}: {exc}",
+                "rows": [],
+            }
+        if section:
+            sections.append({"plugin": name, "rows": [], "summary": "", **section})
+    return sections
+
+
+def strict_error(name: str, hook: str, exc: BaseException) -> TransformError:
+    """The error strict mode raises for a failing plugin."""
+    return TransformError(name, hook, exc)
+
+
+# -- `tokensaver plugins` ----------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``tokensaver plugins``."""
+    parser.add_argument("--config", help="config file (TOML) to read on top of the usual sources")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``tokensaver plugins``: what is installed, what is enabled, and each plugin's settings."""
+    from .config import load_config
+
+    pm = get_plugin_manager()
+    cfg = load_config(args.config, pm=pm)
+    rows = []
+    for name in installed(pm):
+        plugin = pm.get_plugin(name)
+        module = getattr(plugin, "__name__", type(plugin).__name__)
+        enabled = name in cfg.plugins
+        rows.append(
+            {
+                "name": name,
+                "enabled": enabled,
+                "position": cfg.plugins.index(name) + 1 if enabled else None,
+                "module": module,
+                "settings": cfg.plugin_settings.get(name, {}),
+                "error": str(plugin.error) if isinstance(plugin, _BrokenPlugin) else None,
+            }
+        )
+    if args.json:
+        print(json.dumps({"sources": cfg.sources, "plugins": rows}, indent=2, default=str))
+        return 0
+    print(f"config sources: {', '.join(cfg.sources) or 'defaults only'}")
+    print(f"pipeline order: {' -> '.join(cfg.plugins) or '(no plugins enabled)'}")
+    for row in rows:
+        mark = f"[{row['position']}]" if row["enabled"] else "[ ]"
+        print(f"{mark:5} {row['name']:14} {row['module']}")
+        if row["error"]:
+            print(f"      failed to import: {row['error']}")
+        for key, value in sorted(row["settings"].items()):
+            print(f"      {key} = {json.dumps(value, default=str)}")
+    return 0
