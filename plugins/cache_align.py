@@ -1,1 +1,597 @@
-"""cache_align plugin (being written)."""
+"""cache_align: place prompt-cache breakpoints where they pay, and keep the cached prefix byte-stable.
+
+What it saves: every call of a conversation re-sends the history; with breakpoints in the right
+places the API bills that history as cache reads (0.1x the input price) instead of fresh input.
+It places at most 4 breakpoints (the caller's own and the automatic mode counted):
+
+- on the last cacheable block of the final message (what the next turn will read);
+- on the last block of the message that ended the previous request (the previous turn's final
+  breakpoint, so this turn reads it exactly), first of all when more than 20 blocks came after it
+  (parallel tool results): the API's 20-block lookback would miss it otherwise;
+- at the end of tools + system (survives a prune cut and is shared by conversations);
+- never where the prefix is shorter than the model's minimum cacheable length, never on thinking
+  or empty blocks; the caller's breakpoints stay where they are.
+
+It also keeps the prefix stable: tools in name order with schema keys sorted, and volatile lines of
+the system prompt (dates, times, UUIDs, request ids, counters; ``volatile_patterns``) moved out of
+the system prompt into the user message where they first appeared, remembered per conversation so
+later turns reproduce the same bytes. TTL: 1h when the gaps between a conversation's calls make the
+dearer 1h write pay for itself, 5m otherwise, switched with hysteresis. Busts (a request that stops
+sharing the previous request's prefix) are diagnosed in the report: first differing block and what
+changed.
+
+Unsafe when: the model must see volatile system content *in the system prompt* (set
+``move_volatile = false``); tool order carries meaning to the caller (``sort_tools = false``). The
+moved-lines memory is per wrapped client: a new client mid-conversation re-anchors them once (one
+cache write).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from typing import Any
+
+from tokensaver.errors import ConfigError
+from tokensaver.hookspecs import hookimpl
+from tokensaver.pricing import normalize_usage
+from tokensaver.tokens import content_hash
+
+from ._blocks import (
+    LOOKBACK_BLOCKS,
+    MAX_BREAKPOINTS,
+    Slot,
+    as_blocks,
+    block_hash,
+    cacheable,
+    cc_ttl,
+    cumulative_tokens,
+    normalized,
+    prefix_slots,
+    strip_cc,
+    with_cc,
+)
+
+PLUGIN = "cache_align"
+
+DEFAULT_VOLATILE_PATTERNS = [
+    # ISO dates and datetimes: 2024-05-15, 2024-05-15T15:00:00Z, 2024-05-15 15:00:00
+    r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?\b",
+    # clock times 15:00:00
+    r"\b\d{1,2}:\d{2}:\d{2}\b",
+    # written dates: May 15, 2024 / 15 May 2024
+    r"\b(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.? \d{1,2}(?:st|nd|rd|th)?,? \d{4}\b",
+    r"\b\d{1,2} (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]* \d{4}\b",
+    # UUIDs
+    r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b",
+    # epoch seconds / milliseconds (2001..2286)
+    r"\b1\d{9}(?:\d{3})?(?:\.\d+)?\b",
+    # request / trace / session ids
+    r"\b(?:req|request|trace|session|run|msg)[_-]?id\s*[:=]\s*\S+",
+    r"\breq_[A-Za-z0-9]{8,}\b",
+    # counters: "turn count: 7", "iteration #3", "request number 12"
+    r"\b(?:turn|iteration|request|call|step)[ _-]?(?:count|number|no\.?|#|index)\s*[:=#]?\s*\d+\b",
+]
+MAX_MOVED_CHARS = 400  # a longer line is not moved (it is instructions, not a stamp)
+
+DEFAULTS: dict[str, Any] = {
+    "ttl": "auto",  # "auto" | "5m" | "1h"
+    "sort_tools": True,
+    "move_volatile": True,
+    "volatile_patterns": None,  # None = the built-in list; a list replaces it
+    "extra_volatile_patterns": [],  # added to the list in use
+    "diagnose": True,
+    "max_conversations": 512,  # per-conversation state kept (LRU)
+}
+
+# TTL decision (see _choose_ttl): a gap in [FIVE_MIN, ONE_HOUR) is one the 5m entry misses and a
+# 1h entry survives; UP/DOWN give hysteresis so the TTL does not flip-flop.
+FIVE_MIN = 300.0
+ONE_HOUR = 3600.0
+GAP_WINDOW = 20
+TTL_UP = 1.0
+TTL_DOWN = 0.4
+
+
+@hookimpl
+def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """Validate the ``cache_align`` table and fill in defaults."""
+    unknown = set(settings) - set(DEFAULTS)
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(
+            f"cache_align: unknown key {key!r}; accepted: {', '.join(sorted(DEFAULTS))}",
+            key=key,
+            source=source,
+        )
+    out = {**DEFAULTS, **settings}
+    if out["ttl"] not in ("auto", "5m", "1h"):
+        raise ConfigError("cache_align.ttl must be 'auto', '5m' or '1h'", key="ttl", source=source)
+    for key in ("sort_tools", "move_volatile", "diagnose"):
+        if not isinstance(out[key], bool):
+            raise ConfigError(f"cache_align.{key} must be true or false", key=key, source=source)
+    if not isinstance(out["max_conversations"], int) or out["max_conversations"] < 1:
+        raise ConfigError(
+            "cache_align.max_conversations must be a positive integer", key="max_conversations", source=source
+        )
+    for key in ("volatile_patterns", "extra_volatile_patterns"):
+        val = out[key]
+        if val is None and key == "volatile_patterns":
+            continue
+        if not isinstance(val, list) or not all(isinstance(p, str) for p in val):
+            raise ConfigError(
+                f"cache_align.{key} must be a list of regular expressions", key=key, source=source
+            )
+        for p in val:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ConfigError(
+                    f"cache_align.{key}: invalid regular expression {p!r}: {exc}", key=key, source=source
+                ) from exc
+    return out
+
+
+def _settings(ctx: Any) -> dict[str, Any]:
+    s = ctx.settings or {}
+    return {**DEFAULTS, **s}
+
+
+# -- stable tools ----------------------------------------------------------------------------
+
+
+def sort_keys_deep(value: Any) -> Any:
+    """The value with every dict's keys in sorted order (lists keep their order)."""
+    if isinstance(value, dict):
+        return {k: sort_keys_deep(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [sort_keys_deep(v) for v in value]
+    return value
+
+
+def stable_tools(tools: list[Any]) -> list[Any]:
+    """Tools in name order, keys sorted; the caller's breakpoints stay at the same positions."""
+    ccs = [t.get("cache_control") if isinstance(t, dict) else None for t in tools]
+    bare = [sort_keys_deep(strip_cc(t)) if isinstance(t, dict) else t for t in tools]
+    order = sorted(
+        range(len(bare)), key=lambda i: (str(bare[i].get("name", "")) if isinstance(bare[i], dict) else "", i)
+    )
+    out = []
+    for pos, i in enumerate(order):
+        t = bare[i]
+        if ccs[pos] is not None and isinstance(t, dict):
+            t = {**t, "cache_control": ccs[pos]}
+        out.append(t)
+    return out
+
+
+# -- volatile system content -----------------------------------------------------------------
+
+
+def _patterns(settings: dict[str, Any]) -> list[re.Pattern[str]]:
+    pats = settings.get("volatile_patterns")
+    if pats is None:
+        pats = DEFAULT_VOLATILE_PATTERNS
+    return [re.compile(p) for p in [*pats, *(settings.get("extra_volatile_patterns") or [])]]
+
+
+def split_volatile(text: str, patterns: list[re.Pattern[str]]) -> tuple[str, list[str]]:
+    """(text without its volatile lines, the lines moved). A line is cut at sentences when long."""
+    kept: list[str] = []
+    moved: list[str] = []
+    for line in text.split("\n"):
+        if not any(p.search(line) for p in patterns):
+            kept.append(line)
+            continue
+        if len(line) <= MAX_MOVED_CHARS:
+            moved.append(line.strip())
+            continue
+        # a long line: move only its volatile sentences, if they are short
+        parts = re.split(r"(?<=[.!?])\s+", line)
+        keep_parts = []
+        for part in parts:
+            if any(p.search(part) for p in patterns) and len(part) <= MAX_MOVED_CHARS:
+                moved.append(part.strip())
+            else:
+                keep_parts.append(part)
+        kept.append(" ".join(keep_parts))
+    return "\n".join(kept), [m for m in moved if m]
+
+
+def _stable_system(system: list[Any], patterns: list[re.Pattern[str]]) -> tuple[list[Any], list[str]]:
+    out: list[Any] = []
+    moved: list[str] = []
+    for b in system:
+        if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str):
+            text, lines = split_volatile(b["text"], patterns)
+            if lines:
+                moved.extend(lines)
+                if not text.strip():
+                    continue  # the whole block was volatile
+                b = {**b, "text": text}
+        out.append(b)
+    return out, moved
+
+
+def moved_block(lines: list[str]) -> dict[str, Any]:
+    """The text block that carries volatile system lines, appended to a user message."""
+    return {"type": "text", "text": "<system-context>\n" + "\n".join(lines) + "\n</system-context>"}
+
+
+# -- per-conversation state ------------------------------------------------------------------
+
+
+def _conversation(state: dict[str, Any], key: str, limit: int) -> dict[str, Any]:
+    convs: OrderedDict[str, dict[str, Any]] = state.setdefault("conversations", OrderedDict())
+    conv = convs.get(key)
+    if conv is None:
+        conv = convs[key] = {"attach": {}, "gaps": [], "ttl": "5m"}
+    convs.move_to_end(key)
+    while len(convs) > limit:
+        convs.popitem(last=False)
+    return conv
+
+
+def _message_key(i: int, message: dict[str, Any]) -> str:
+    return content_hash([i, message.get("role"), strip_cc(as_blocks(message.get("content")))])[:24]
+
+
+def _attach_volatile(
+    body: dict[str, Any], lines: list[str], conv: dict[str, Any]
+) -> tuple[dict[str, Any], str | None]:
+    """Re-attach remembered volatile lines to their messages; attach new ones to the last user message."""
+    msgs = list(body["messages"])
+    attach: dict[str, list[str]] = conv["attach"]
+    keys = [_message_key(i, m) for i, m in enumerate(msgs)]
+    present = {k for k in keys if k in attach}
+    where = None
+    if lines and not any(attach[k] == lines for k in present):
+        target = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].get("role") == "user"), None)
+        if target is not None:
+            attach[keys[target]] = list(lines)
+            present.add(keys[target])
+            where = f"messages[{target}]"
+            while len(attach) > 256:
+                attach.pop(next(iter(attach)))
+    for i, k in enumerate(keys):
+        if k in present:
+            m = msgs[i]
+            msgs[i] = {**m, "content": [*as_blocks(m.get("content")), moved_block(attach[k])]}
+    return {**body, "messages": msgs}, where
+
+
+# -- TTL -------------------------------------------------------------------------------------
+
+
+def _choose_ttl(
+    conv: dict[str, Any], now: float, prefix_tokens: int, model: Any
+) -> tuple[str, dict[str, Any]]:
+    """5m or 1h for this conversation, from its call gaps, with hysteresis.
+
+    Per call, 5m risks re-writing the whole prefix when the next gap is between 5 minutes and an
+    hour: p * S * (w5m - read). 1h costs more on every write: new_tokens * (w1h - w5m). Switch up
+    when the expected loss exceeds the extra cost, back down only below TTL_DOWN of it.
+    """
+    last = conv.get("t_last")
+    if last is not None and now - last > 0.5:
+        conv["gaps"] = [*conv["gaps"], now - last][-GAP_WINDOW:]
+    conv["t_last"] = now
+    gaps = conv["gaps"]
+    prev_prefix = conv.get("prefix_tokens", 0)
+    growth = max(prefix_tokens - prev_prefix, 0) if prev_prefix else prefix_tokens
+    conv["growth"] = growth = (0.5 * conv.get("growth", growth) + 0.5 * growth) if prev_prefix else growth
+    conv["prefix_tokens"] = prefix_tokens
+    n_long = sum(1 for g in gaps if FIVE_MIN <= g < ONE_HOUR)
+    p = n_long / (len(gaps) + 1)  # +1: one unseen gap of prior, so a single call does not decide
+    loss_5m = p * prefix_tokens * (model.cache_write_5m - model.cache_read)
+    cost_1h = max(growth, 1.0) * (model.cache_write_1h - model.cache_write_5m)
+    ttl = conv.get("ttl", "5m")
+    if ttl == "5m" and loss_5m > TTL_UP * cost_1h:
+        ttl = "1h"
+    elif ttl == "1h" and loss_5m < TTL_DOWN * cost_1h:
+        ttl = "5m"
+    switched = ttl != conv.get("ttl", "5m")
+    conv["ttl"] = ttl
+    return ttl, {"p_long_gap": round(p, 3), "switched": switched}
+
+
+# -- breakpoints -----------------------------------------------------------------------------
+
+
+def _prev_end(messages: list[Any]) -> int | None:
+    """Index of the message that ended the previous request: the last user message followed by an
+    assistant message, other than the final message."""
+    last = len(messages) - 1
+    for i in range(last - 1, -1, -1):
+        if messages[i].get("role") == "user" and i + 1 < last and messages[i + 1].get("role") == "assistant":
+            return i
+    return None
+
+
+def _last_cacheable(
+    slots: list[Slot], cum: list[int], min_cache: int, msg: int | None, upto: int
+) -> int | None:
+    """The last slot index < upto (within message ``msg`` if given) that may carry a breakpoint."""
+    for k in range(upto - 1, -1, -1):
+        s = slots[k]
+        if msg is not None and (s.section != "messages" or s.i != msg):
+            if s.section != "messages" or s.i < msg:
+                break
+            continue
+        if cacheable(s.block) and cum[k] >= min_cache:
+            return k
+    return None
+
+
+def plan_breakpoints(
+    slots: list[Slot], cum: list[int], messages: list[Any], min_cache: int, slots_free: int
+) -> list[tuple[int, str]]:
+    """Where to put new breakpoints: [(slot index, reason)], by priority, at most ``slots_free``."""
+    taken = {k for k, s in enumerate(slots) if isinstance(s.block, dict) and s.block.get("cache_control")}
+    chosen: list[tuple[int, str]] = []
+    n = len(slots)
+
+    def add(k: int | None, why: str) -> None:
+        if k is None or k in taken or len(chosen) >= slots_free:
+            return
+        taken.add(k)
+        chosen.append((k, why))
+
+    def covered(p: int) -> bool:
+        return any(0 <= b - p < LOOKBACK_BLOCKS for b in taken)
+
+    first_msg = next((k for k, s in enumerate(slots) if s.section == "messages"), n)
+    last = None
+    if messages:
+        last = _last_cacheable(slots, cum, min_cache, None, n)
+    prev_i = _prev_end(messages)
+    prev = _last_cacheable(slots, cum, min_cache, prev_i, n) if prev_i is not None else None
+    sys_end = _last_cacheable(slots, cum, min_cache, None, first_msg) if first_msg else None
+    add(last, "final")
+    if prev is not None and not covered(prev):
+        add(prev, "lookback")  # more than 20 blocks since the previous request's end
+    add(sys_end, "tools+system")
+    add(prev, "previous")
+    return chosen
+
+
+def _assign_ttls(slots: list[Slot], chosen: dict[int, str], want: str) -> dict[int, str]:
+    """TTL per new breakpoint: ``want``, bent so 1h breakpoints never follow 5m ones."""
+    caller = {
+        k: cc_ttl(s.block["cache_control"])
+        for k, s in enumerate(slots)
+        if isinstance(s.block, dict) and s.block.get("cache_control")
+    }
+    out = {}
+    for k in chosen:
+        ttl = want
+        if any(t == "5m" and c < k for c, t in caller.items()):
+            ttl = "5m"
+        if any(t == "1h" and c > k for c, t in caller.items()):
+            ttl = "1h"
+        out[k] = ttl
+    return out
+
+
+def _apply(body: dict[str, Any], slots: list[Slot], ttls: dict[int, str]) -> dict[str, Any]:
+    tools = list(body.get("tools") or [])
+    system = list(body.get("system") or []) if isinstance(body.get("system"), list) else body.get("system")
+    msgs = list(body["messages"])
+    for k, ttl in ttls.items():
+        s = slots[k]
+        cc: dict[str, Any] = {"type": "ephemeral"}
+        if ttl == "1h":
+            cc["ttl"] = "1h"
+        if s.section == "tools":
+            tools[s.i] = with_cc(tools[s.i], cc)
+        elif s.section == "system":
+            assert isinstance(system, list)
+            system[s.i] = with_cc(system[s.i], cc)
+        else:
+            m = msgs[s.i]
+            content = list(m["content"])
+            content[s.j] = with_cc(content[s.j], cc)
+            msgs[s.i] = {**m, "content": content}
+    out = {**body, "messages": msgs}
+    if "tools" in body:
+        out["tools"] = tools
+    if "system" in body:
+        out["system"] = system
+    return out
+
+
+# -- bust diagnosis --------------------------------------------------------------------------
+
+
+def diagnose(prev: list[Slot], cur: list[Slot]) -> dict[str, Any] | None:
+    """Where ``cur`` stops sharing ``prev``'s prefix, and what changed (None: cur extends prev)."""
+    n = min(len(prev), len(cur))
+    k = 0
+    while k < n and block_hash(prev[k].block) == block_hash(cur[k].block):
+        k += 1
+    if k == len(prev):
+        return None
+    if k == len(cur):
+        return {"at": prev[k].loc, "index": k, "change": "blocks removed from the end"}
+    a, b = prev[k], cur[k]
+    if a.section != b.section or (a.section == "messages" and (a.i, a.j) != (b.i, b.j)):
+        what = "block added" if len(cur) > len(prev) else "block removed"
+        return {"at": b.loc, "index": k, "change": f"{what} ({a.loc} became {b.loc})"}
+    if a.section == "tools":
+        prev_names = [s.block.get("name") for s in prev if s.section == "tools" and isinstance(s.block, dict)]
+        cur_names = [s.block.get("name") for s in cur if s.section == "tools" and isinstance(s.block, dict)]
+        if sorted(map(str, prev_names)) == sorted(map(str, cur_names)) and prev_names != cur_names:
+            return {"at": b.loc, "index": k, "change": "tool order changed"}
+        if a.block.get("name") != b.block.get("name"):
+            return {
+                "at": b.loc,
+                "index": k,
+                "change": f"tool {a.block.get('name')!r} became {b.block.get('name')!r}",
+            }
+    ta = a.block.get("type") if isinstance(a.block, dict) else "str"
+    tb = b.block.get("type") if isinstance(b.block, dict) else "str"
+    if ta != tb:
+        return {"at": b.loc, "index": k, "change": f"block type {ta} became {tb}"}
+    sa = json.dumps(strip_cc(a.block), sort_keys=True, ensure_ascii=False)
+    sb = json.dumps(strip_cc(b.block), sort_keys=True, ensure_ascii=False)
+    field = "text" if ta == "text" else "content"
+    if ta == "text" and isinstance(a.block, dict) and isinstance(b.block, dict):
+        sa, sb = str(a.block.get("text", "")), str(b.block.get("text", ""))
+    c = 0
+    while c < min(len(sa), len(sb)) and sa[c] == sb[c]:
+        c += 1
+    return {
+        "at": b.loc,
+        "index": k,
+        "change": f"{field} differs at char {c}",
+        "was": sa[c : c + 40],
+        "now": sb[c : c + 40],
+    }
+
+
+# -- the hooks -------------------------------------------------------------------------------
+
+
+def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """The aligned request: stable tools and system, breakpoints placed (pure apart from ctx.state)."""
+    settings = _settings(ctx)
+    notes: dict[str, Any] = {}
+    out = normalized(body)
+    if settings["sort_tools"] and isinstance(out.get("tools"), list) and out["tools"]:
+        tools = stable_tools(out["tools"])
+        if [t.get("name") for t in tools if isinstance(t, dict)] != [
+            t.get("name") for t in out["tools"] if isinstance(t, dict)
+        ]:
+            notes["tools_sorted"] = True
+        out["tools"] = tools
+    patterns = _patterns(settings)
+    moved: list[str] = []
+    if isinstance(out.get("system"), list):
+        stable_sys, moved = _stable_system(out["system"], patterns)
+        if settings["move_volatile"] and moved:
+            out["system"] = stable_sys
+        else:
+            moved = []
+    else:
+        stable_sys = []
+    msgs = out["messages"]
+    first = strip_cc(as_blocks(msgs[0].get("content"))) if msgs and isinstance(msgs[0], dict) else None
+    conv_key = content_hash([str(out.get("model", "")), strip_cc(stable_sys), first])[:16]
+    conv = _conversation(ctx.state, conv_key, settings["max_conversations"])
+    if settings["move_volatile"] and msgs:
+        out, where = _attach_volatile(out, moved, conv)
+        if where:
+            notes["moved"] = {"lines": moved, "to": where}
+    # automatic mode counts as a breakpoint; convert it to explicit placement at the same spot
+    auto = out.pop("cache_control", None)
+    want_ttl = settings["ttl"]
+    if auto is not None:
+        notes["automatic_converted"] = True
+        if settings["ttl"] == "auto" and cc_ttl(auto) == "1h":
+            want_ttl = "1h"
+    slots = prefix_slots(out)
+    cum = cumulative_tokens(slots, ctx.count)
+    caller = sum(1 for s in slots if isinstance(s.block, dict) and s.block.get("cache_control"))
+    free = max(0, MAX_BREAKPOINTS - caller)
+    min_cache = int(getattr(ctx.model, "min_cache", 1024))
+    chosen = plan_breakpoints(slots, cum, out["messages"], min_cache, free)
+    total = cum[-1] if cum else 0
+    if want_ttl == "auto":
+        want_ttl, ttl_notes = _choose_ttl(conv, float(ctx.now), total, ctx.model)
+        if ttl_notes["switched"]:
+            notes["ttl_switched"] = want_ttl
+        notes["p_long_gap"] = ttl_notes["p_long_gap"]
+    reasons = dict(chosen)
+    ttls = _assign_ttls(slots, reasons, want_ttl)
+    if auto is not None and not chosen:
+        out["cache_control"] = auto  # nothing of ours to place: leave the caller's automatic mode
+        notes.pop("automatic_converted", None)
+    out = _apply(out, slots, ttls)
+    notes["breakpoints"] = [
+        {"at": slots[k].loc, "why": why, "ttl": ttls[k], "prefix_tokens": cum[k]} for k, why in sorted(chosen)
+    ]
+    notes["caller_breakpoints"] = caller + (
+        1 if auto is not None and "automatic_converted" not in notes else 0
+    )
+    notes["ttl"] = want_ttl
+    notes["prefix_tokens"] = total
+    if settings["diagnose"]:
+        prev = conv.get("prev_slots")
+        if prev is not None:
+            bust = diagnose(prev, slots)
+            if bust is not None:
+                k = bust.pop("index")
+                prev_cum = conv.get("prev_cum") or []
+                bust["kept_tokens"] = prev_cum[k - 1] if 0 < k <= len(prev_cum) else 0
+                bust["invalidated_tokens"] = (prev_cum[-1] if prev_cum else 0) - bust["kept_tokens"]
+                notes["bust"] = bust
+        conv["prev_slots"] = slots
+        conv["prev_cum"] = cum
+    ctx.record(**notes)
+    return out
+
+
+@hookimpl(trylast=True)
+def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
+    """Place breakpoints on the final prefix and keep it byte-stable."""
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
+        return None
+    return align(body, ctx)
+
+
+@hookimpl
+def tokensaver_observe_response(body: dict[str, Any], response: dict[str, Any], ctx: Any) -> None:
+    """Record the billed cache reads and writes against the same tokens billed uncached."""
+    u = normalize_usage(ctx.usage or response.get("usage"))
+    m = ctx.model
+    billed_in = u["input_tokens"] + u["cache_creation_input_tokens"] + u["cache_read_input_tokens"]
+    ctx.record(
+        billed={
+            "input": u["input_tokens"],
+            "write_5m": u["cache_creation_5m"],
+            "write_1h": u["cache_creation_1h"],
+            "read": u["cache_read_input_tokens"],
+        },
+        input_usd=round(m.input_cost(u), 8),
+        uncached_usd=round(billed_in * m.input / 1e6, 8),
+    )
+
+
+@hookimpl
+def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Cache reads/writes, input cost vs uncached, busts and what moved."""
+    if plugin != PLUGIN:
+        return None
+    notes = [(c, (c.get("plugins") or {}).get(PLUGIN)) for c in calls]
+    notes = [(c, n) for c, n in notes if n]
+    if not notes:
+        return None
+    read = sum(n.get("billed", {}).get("read", 0) for _, n in notes)
+    w5 = sum(n.get("billed", {}).get("write_5m", 0) for _, n in notes)
+    w1 = sum(n.get("billed", {}).get("write_1h", 0) for _, n in notes)
+    in_usd = sum(n.get("input_usd", 0.0) for _, n in notes)
+    unc_usd = sum(n.get("uncached_usd", 0.0) for _, n in notes)
+    busts = [(c, n) for c, n in notes if n.get("bust")]
+    moved = [(c, n) for c, n in notes if n.get("moved")]
+    rows = []
+    for c, n in notes:
+        if n.get("bust") or n.get("moved") or n.get("ttl_switched"):
+            b = n.get("bust") or {}
+            rows.append(
+                {
+                    "call": c.get("id"),
+                    "conversation": c.get("conversation"),
+                    "bust_at": b.get("at", ""),
+                    "change": b.get("change", ""),
+                    "invalidated_tokens": b.get("invalidated_tokens", 0),
+                    "moved": " | ".join(n.get("moved", {}).get("lines", [])),
+                    "ttl": n.get("ttl_switched", ""),
+                }
+            )
+    summary = (
+        f"{len(notes)} calls: cache reads {read:,} tokens, writes {w5:,} (5m) + {w1:,} (1h); "
+        f"input side ${in_usd:.4f} billed vs ${unc_usd:.4f} uncached; "
+        f"{len(busts)} prefix busts, volatile system lines moved on {len(moved)} calls."
+    )
+    return {"title": "Cache alignment", "summary": summary, "rows": rows[:200]}

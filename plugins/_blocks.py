@@ -1,0 +1,227 @@
+"""Shared helpers for walking Messages API bodies (used by cache_align and prune; read-only for others).
+
+Nothing here saves tokens by itself. Every helper treats its input as immutable and returns new
+objects, so a plugin can build its new body from them without touching the caller's dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from tokensaver.tokens import MESSAGE_OVERHEAD, content_hash
+
+THINKING_TYPES = ("thinking", "redacted_thinking")
+LOOKBACK_BLOCKS = 20
+MAX_BREAKPOINTS = 4
+
+
+def strip_cc(value: Any) -> Any:
+    """The value with every ``cache_control`` key removed, at any depth (for hashing and diffing)."""
+    if isinstance(value, list):
+        return [strip_cc(v) for v in value]
+    if isinstance(value, dict):
+        return {k: strip_cc(v) for k, v in value.items() if k != "cache_control"}
+    return value
+
+
+def block_hash(block: Any) -> str:
+    """A stable hash of a block's content, breakpoints excluded."""
+    return content_hash(strip_cc(block))
+
+
+def as_blocks(content: Any) -> list[Any]:
+    """A message's (or system prompt's) content as a list of blocks; a string becomes one text block."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if isinstance(content, list):
+        return list(content)
+    return []
+
+
+def normalized(body: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy with ``system`` and every message's ``content`` as block lists.
+
+    The same conversion every turn, so the bytes stay stable; it lets a breakpoint go on any block.
+    """
+    out = dict(body)
+    if isinstance(body.get("system"), str):
+        out["system"] = as_blocks(body["system"])
+    msgs = []
+    for m in body.get("messages") or []:
+        if isinstance(m, dict) and isinstance(m.get("content"), str):
+            m = {**m, "content": as_blocks(m["content"])}
+        msgs.append(m)
+    out["messages"] = msgs
+    return out
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One block of the cacheable prefix, in the API's prefix order (tools, system, messages)."""
+
+    loc: str  # "tools[i]", "system[i]" or "messages[i].content[j]"
+    section: str  # "tools" | "system" | "messages"
+    i: int  # index in tools/system, or message index
+    j: int  # block index within the message (-1 outside messages)
+    block: Any
+
+
+def prefix_slots(body: dict[str, Any]) -> list[Slot]:
+    """Every block of the request's prefix, in order, with its location."""
+    out: list[Slot] = []
+    for i, t in enumerate(body.get("tools") or []):
+        out.append(Slot(f"tools[{i}]", "tools", i, -1, t))
+    system = body.get("system")
+    for i, b in enumerate(as_blocks(system) if system is not None else []):
+        out.append(Slot(f"system[{i}]", "system", i, -1, b))
+    for i, m in enumerate(body.get("messages") or []):
+        if not isinstance(m, dict):
+            continue
+        for j, b in enumerate(as_blocks(m.get("content"))):
+            out.append(Slot(f"messages[{i}].content[{j}]", "messages", i, j, b))
+    return out
+
+
+def cumulative_tokens(slots: list[Slot], count: Any) -> list[int]:
+    """Tokens of the prefix up to and including each slot (message framing counted at its first block)."""
+    total = 0
+    out = []
+    last_msg = -1
+    for s in slots:
+        if s.section == "messages" and s.i != last_msg:
+            total += MESSAGE_OVERHEAD
+            last_msg = s.i
+        total += count(s.block)
+        out.append(total)
+    return out
+
+
+def cacheable(block: Any) -> bool:
+    """Whether a block may carry ``cache_control`` (not thinking, not an empty text block)."""
+    if not isinstance(block, dict):
+        return False
+    if block.get("type") in THINKING_TYPES:
+        return False
+    if block.get("type") == "text" and not block.get("text"):
+        return False
+    return True
+
+
+def with_cc(block: dict[str, Any], cc: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``block`` with ``cache_control`` set (or removed when cc is None)."""
+    out = {k: v for k, v in block.items() if k != "cache_control"}
+    if cc is not None:
+        out["cache_control"] = cc
+    return out
+
+
+def cc_ttl(cc: Any) -> str:
+    """The TTL of a ``cache_control`` value ("5m" when not given)."""
+    if isinstance(cc, dict) and cc.get("ttl") == "1h":
+        return "1h"
+    return "5m"
+
+
+def tool_uses(messages: list[Any]) -> dict[str, tuple[int, int, str]]:
+    """``tool_use`` id -> (message index, block index, tool name)."""
+    out: dict[str, tuple[int, int, str]] = {}
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") != "assistant":
+            continue
+        for j, b in enumerate(as_blocks(m.get("content"))):
+            if isinstance(b, dict) and b.get("type") in ("tool_use", "server_tool_use"):
+                out[str(b.get("id"))] = (i, j, str(b.get("name", "")))
+    return out
+
+
+def iter_tool_results(messages: list[Any]) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """(message index, block index, block) of every ``tool_result`` block, oldest first."""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") != "user":
+            continue
+        for j, b in enumerate(as_blocks(m.get("content"))):
+            if isinstance(b, dict) and b.get("type") == "tool_result":
+                yield i, j, b
+
+
+def request_problems(body: dict[str, Any]) -> list[str]:
+    """Why the API would reject this request's structure (empty list when it looks valid).
+
+    Checks what transforms can break: role order, tool_use/tool_result pairing, empty content,
+    duplicate tool ids, and the prompt-caching rules (at most 4 breakpoints, 1h before 5m, none on
+    thinking or empty blocks).
+    """
+    problems: list[str] = []
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        return ["messages: missing or empty"]
+    if msgs[0].get("role") != "user":
+        problems.append("messages[0]: first message is not from the user")
+    seen_ids: set[str] = set()
+    for i, m in enumerate(msgs):
+        role = m.get("role")
+        if role not in ("user", "assistant"):
+            problems.append(f"messages[{i}]: bad role {role!r}")
+        if i and msgs[i - 1].get("role") == role:
+            problems.append(f"messages[{i}]: role {role!r} twice in a row")
+        blocks = as_blocks(m.get("content"))
+        if not blocks:
+            problems.append(f"messages[{i}]: empty content")
+        for j, b in enumerate(blocks):
+            if isinstance(b, dict) and b.get("type") == "text" and not b.get("text"):
+                problems.append(f"messages[{i}].content[{j}]: empty text block")
+        # tool_use must be answered at the start of the next user message
+        uses = [b for b in blocks if isinstance(b, dict) and b.get("type") == "tool_use"]
+        for b in uses:
+            if b.get("id") in seen_ids:
+                problems.append(f"messages[{i}]: duplicate tool_use id {b.get('id')}")
+            seen_ids.add(b.get("id"))
+        if role == "assistant" and uses and i + 1 < len(msgs):
+            nxt = as_blocks(msgs[i + 1].get("content"))
+            answered = {
+                b.get("tool_use_id") for b in nxt if isinstance(b, dict) and b.get("type") == "tool_result"
+            }
+            for b in uses:
+                if b.get("id") not in answered:
+                    problems.append(f"messages[{i}]: tool_use {b.get('id')} has no tool_result after it")
+        if role == "user":
+            prev_ids = set()
+            if i:
+                prev_ids = {
+                    b.get("id")
+                    for b in as_blocks(msgs[i - 1].get("content"))
+                    if isinstance(b, dict) and b.get("type") == "tool_use"
+                }
+            seen_other = False
+            for j, b in enumerate(blocks):
+                if isinstance(b, dict) and b.get("type") == "tool_result":
+                    if seen_other:
+                        problems.append(f"messages[{i}].content[{j}]: tool_result after other content")
+                    if b.get("tool_use_id") not in prev_ids:
+                        problems.append(f"messages[{i}].content[{j}]: tool_result without its tool_use")
+                else:
+                    seen_other = True
+    problems.extend(cache_control_problems(body))
+    return problems
+
+
+def cache_control_problems(body: dict[str, Any]) -> list[str]:
+    """Breakpoint rules: at most 4 (top-level automatic mode counts), 1h before 5m, cacheable blocks."""
+    problems = []
+    ttls = []
+    for s in prefix_slots(body):
+        cc = s.block.get("cache_control") if isinstance(s.block, dict) else None
+        if cc is None:
+            continue
+        if s.section == "messages" and not cacheable(s.block):
+            problems.append(f"{s.loc}: cache_control on a block that cannot carry one")
+        ttls.append(cc_ttl(cc))
+    if body.get("cache_control") is not None:
+        ttls.append(cc_ttl(body["cache_control"]))
+    if len(ttls) > MAX_BREAKPOINTS:
+        problems.append(f"{len(ttls)} cache breakpoints (at most {MAX_BREAKPOINTS})")
+    if "1h" in ttls and "5m" in ttls and ttls.index("5m") < len(ttls) - 1 - ttls[::-1].index("1h"):
+        problems.append("a 1h cache breakpoint comes after a 5m one")
+    return problems
