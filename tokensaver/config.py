@@ -165,10 +165,11 @@ def load_config(
         if not isinstance(table, dict):
             raise ConfigError("config must be a table/dict", source=source)
         cfg.sources.append(source)
-        for key, value in table.items():
+        for key, raw_value in table.items():
+            value: Any = raw_value
             if key in CORE_KEYS:
                 types, accepted = CORE_KEYS[key]
-                if not isinstance(value, types):
+                if not isinstance(raw_value, types):
                     raise ConfigError(
                         f"wrong type for {key!r}: got {type(value).__name__}, expected {accepted}",
                         key=key,
@@ -204,9 +205,9 @@ def load_config(
                 raw_plugin_tables.setdefault(key, {}).update(value)
                 cfg.origin[key] = source
             else:
-                accepted = sorted(CORE_KEYS) + sorted(known_plugins)
+                names = sorted(CORE_KEYS) + sorted(known_plugins)
                 raise ConfigError(
-                    f"unknown config key {key!r}; accepted keys: {', '.join(accepted)}",
+                    f"unknown config key {key!r}; accepted keys: {', '.join(names)}",
                     key=key,
                     source=source,
                 )

@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
 
     pm = get_plugin_manager()
     cfg = load_config(args.config, pm=pm)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in installed(pm):
         plugin = pm.get_plugin(name)
         module = getattr(plugin, "__name__", type(plugin).__name__)
