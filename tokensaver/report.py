@@ -509,7 +509,7 @@ def _environment() -> jinja2.Environment:
     if _env is None:
         env = jinja2.Environment(
             loader=jinja2.PackageLoader("tokensaver", "templates"),
-            autoescape=lambda name: bool(name) and ".html" in name,
+            autoescape=lambda name: ".html" in (name or ""),
             trim_blocks=True,
             lstrip_blocks=True,
             keep_trailing_newline=True,
@@ -528,7 +528,7 @@ def _environment() -> jinja2.Environment:
     return _env
 
 
-def _grid(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> list[str]:
+def text_table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> list[str]:
     """Plain-text table lines with aligned columns (``right``: right-aligned column indexes)."""
     right = right or set()
     widths = [len(h) for h in headers]
@@ -687,7 +687,7 @@ class Report:
                 "errors",
                 "ms",
             ]
-            out += ["  " + x for x in _grid(head, rows, right=set(range(1, 8)))]
+            out += ["  " + x for x in text_table(head, rows, right=set(range(1, 8)))]
         else:
             out.append("  (no stages ran)")
 
@@ -704,16 +704,17 @@ class Report:
                 for s in d["short_circuits"]
             ]
             out += [
-                "  " + x for x in _grid(["call", "plugin", "model", "tokens [est.]", "$ saved"], rows, {3, 4})
+                "  " + x
+                for x in text_table(["call", "plugin", "model", "tokens [est.]", "$ saved"], rows, {3, 4})
             ]
         if d["errors"]:
             out += ["", "Plugin errors (the call went on without the plugin)"]
             rows = [[e["call"], e["plugin"], e["hook"], e["error"]] for e in d["errors"]]
-            out += ["  " + x for x in _grid(["call", "plugin", "hook", "error"], rows)]
+            out += ["  " + x for x in text_table(["call", "plugin", "hook", "error"], rows)]
         if d["api_errors"]:
             out += ["", "API errors"]
             rows = [[e["call"], str(e["status"]), str(e["error"] or "")] for e in d["api_errors"]]
-            out += ["  " + x for x in _grid(["call", "status", "error"], rows)]
+            out += ["  " + x for x in text_table(["call", "status", "error"], rows)]
         if d["price_warnings"]:
             out += ["", "Price warnings"]
             out += [f"  {w['warning']} ({w['calls']} calls)" for w in d["price_warnings"]]
@@ -740,7 +741,7 @@ class Report:
                 "baseline [est.]",
                 "saved",
             ]
-            out += ["  " + x for x in _grid(head, rows, set(range(1, 7)))]
+            out += ["  " + x for x in text_table(head, rows, set(range(1, 7)))]
         for sec in d["sections"]:
             out += ["", f"{sec['title']}  [{sec['plugin']}]"]
             if sec["error"]:
@@ -749,5 +750,5 @@ class Report:
                 out.append(f"  {sec['summary']}")
             if sec["rows"]:
                 rows = [[fmt_value(r.get(col)) for col in sec["columns"]] for r in sec["rows"]]
-                out += ["  " + x for x in _grid(sec["columns"], rows)]
+                out += ["  " + x for x in text_table(sec["columns"], rows)]
         return "\n".join(out) + "\n"

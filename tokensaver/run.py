@@ -55,7 +55,8 @@ def new_run_name(now: float | None = None) -> str:
     return f"run-{stamp}-{secrets.token_hex(2)}"
 
 
-def _resolve_dir(runs_dir: str | Path | None) -> Path:
+def resolve_runs_dir(runs_dir: str | Path | None) -> Path:
+    """``runs_dir`` as a ``Path``, or the configured default when it is None."""
     return Path(runs_dir) if runs_dir is not None else default_runs_dir()
 
 
@@ -146,7 +147,7 @@ class Run:
         runs_dir: str | Path | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
-        self.runs_dir = _resolve_dir(runs_dir)
+        self.runs_dir = resolve_runs_dir(runs_dir)
         if name is None:
             name = new_run_name()
             while (self.runs_dir / f"{name}{SUFFIX}").exists():
@@ -242,7 +243,7 @@ def _run_files(runs_dir: Path) -> list[Path]:
 def list_runs(runs_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """Runs under ``runs_dir`` as ``{name, created, calls, saved_usd, path}``, newest first."""
     rows = []
-    for path in _run_files(_resolve_dir(runs_dir)):
+    for path in _run_files(resolve_runs_dir(runs_dir)):
         try:
             header, calls = _read_lines(path)
         except OSError as exc:
@@ -275,7 +276,7 @@ def load_run(name: str, runs_dir: str | Path | None = None) -> Run:
     as_path = Path(name)
     if name.endswith(SUFFIX) and as_path.is_file():
         return Run(as_path.stem, runs_dir=as_path.parent)
-    directory = _resolve_dir(runs_dir)
+    directory = resolve_runs_dir(runs_dir)
     stem = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
     if _NAME_RE.match(stem) and (directory / f"{stem}{SUFFIX}").is_file():
         return Run(stem, runs_dir=directory)
@@ -288,7 +289,7 @@ def load_run(name: str, runs_dir: str | Path | None = None) -> Run:
 
 def latest_run(runs_dir: str | Path | None = None) -> Run:
     """The newest run under ``runs_dir``; raises ``TokensaverError`` when there is none."""
-    directory = _resolve_dir(runs_dir)
+    directory = resolve_runs_dir(runs_dir)
     runs = list_runs(directory)
     if not runs:
         raise TokensaverError(f"there are no runs in {directory}")

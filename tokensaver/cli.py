@@ -1,0 +1,157 @@
+"""The ``tokensaver`` command: list runs, render reports, and dispatch to the other tools.
+
+``runs`` and ``report`` live here. Every other subcommand lives in its own module, imported when
+the parser is built; a module that fails to import only disables its own subcommand, which then
+says why instead of running. Errors tokensaver raises itself print as one line (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import TokensaverError
+
+# subcommand -> (module, function adding its arguments, function running it, help)
+SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "emulator": ("tokensaver.emulator_cli", "add_arguments", "run", "run the offline Messages API emulator"),
+    "replay": ("tokensaver.replay", "add_replay_arguments", "run_replay", "replay traces through tokensaver"),
+    "demo": (
+        "tokensaver.replay",
+        "add_demo_arguments",
+        "run_demo",
+        "replay a bundled demo and show the report",
+    ),
+    "plugins": ("tokensaver.plugins", "add_arguments", "run", "list installed and enabled plugins"),
+    "bench": ("tokensaver.bench", "add_arguments", "run", "measure savings and overhead over traces"),
+}
+FORMATS = ("table", "md", "html", "json")
+
+
+def _add_runs(sub: Any) -> None:
+    p = sub.add_parser(
+        "runs", help="list recorded runs, newest first", description="List recorded runs, newest first."
+    )
+    p.add_argument("--runs-dir", help="directory of run ledgers (default: config runs_dir)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_runs)
+
+
+def _add_report(sub: Any) -> None:
+    p = sub.add_parser("report", help="render the report of a run", description="Render the report of a run.")
+    p.add_argument("run", nargs="?", help="run name or path to its .jsonl (default: the newest run)")
+    p.add_argument("--format", "-f", choices=FORMATS, default="table", help="output format (default: table)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    p.add_argument("--runs-dir", help="directory of run ledgers (default: config runs_dir)")
+    p.set_defaults(func=cmd_report)
+
+
+def _unavailable(cmd: str, error: str) -> Callable[[argparse.Namespace], int]:
+    def stub(args: argparse.Namespace) -> int:
+        print(f"tokensaver {cmd} is unavailable: {error}", file=sys.stderr)
+        return 2
+
+    return stub
+
+
+def _add_delegated(sub: Any, cmd: str, spec: tuple[str, str, str, str]) -> None:
+    module_name, add_name, run_name, help_text = spec
+    try:
+        import importlib
+
+        module = importlib.import_module(module_name)
+        add_arguments = getattr(module, add_name)
+        run = getattr(module, run_name)
+    except Exception as exc:  # any failure only disables this subcommand
+        p = sub.add_parser(cmd, help=f"{help_text} (unavailable)", description=help_text)
+        # swallow the subcommand's own arguments so the stub can say why it cannot run
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=_unavailable(cmd, f"{type(exc).__name__}: {exc}"), unavailable=True)
+        return
+    p = sub.add_parser(cmd, help=help_text, description=help_text)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tokensaver`` argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="tokensaver",
+        description="Cut what Claude calls cost, and prove it in dollars.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_runs(sub)
+    _add_report(sub)
+    for cmd, spec in SUBCOMMANDS.items():
+        _add_delegated(sub, cmd, spec)
+    return parser
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """``tokensaver runs``: the recorded runs, newest first."""
+    from .report import fmt_time, fmt_usd, text_table
+    from .run import list_runs, resolve_runs_dir
+
+    directory = resolve_runs_dir(args.runs_dir)
+    runs = list_runs(directory)
+    if getattr(args, "json", False):
+        print(json.dumps(runs, indent=2))
+        return 0
+    if not runs:
+        print(f"no runs in {directory}")
+        return 0
+    rows = [[r["name"], fmt_time(r["created"]), f"{r['calls']:,}", fmt_usd(r["saved_usd"])] for r in runs]
+    print("\n".join(text_table(["run", "created", "calls", "saved"], rows, right={2, 3})))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``tokensaver report``: a run's report as a table, Markdown, HTML or JSON."""
+    from .run import latest_run, load_run
+
+    run = load_run(args.run, args.runs_dir) if args.run else latest_run(args.runs_dir)
+    report = run.report()
+    text = {
+        "table": report.to_table,
+        "md": report.to_markdown,
+        "html": report.to_html,
+        "json": report.to_json,
+    }[args.format]()
+    if not text.endswith("\n"):
+        text += "\n"
+    if args.output:
+        out = Path(args.output)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise TokensaverError(f"cannot write {out}: {exc.strerror or exc}") from exc
+        print(f"wrote {args.format} report of {run.name} to {out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tokensaver`` command; returns the exit code."""
+    parser = build_parser()
+    # a disabled subcommand accepts anything, so that it can say why it is disabled
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "unavailable", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(func(args) or 0)
+    except TokensaverError as exc:
+        print(f"tokensaver: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tokensaver: interrupted", file=sys.stderr)
+        return 130
