@@ -77,6 +77,13 @@ ALLOWED_FIELDS = frozenset(
         "cache_control",
         "speed",
         "inference_geo",
+        # sent by SDK 2.14 clients (some on the beta surface only)
+        "diagnostics",
+        "billing_policy",
+        "compaction",
+        "fallbacks",
+        "fallback_credit_token",
+        "thread",
     }
 )
 COUNT_TOKENS_FIELDS = frozenset(
@@ -717,8 +724,7 @@ class Emulator:
     def url(self) -> str:
         if self._server is None:
             raise RuntimeError("Emulator is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{self.host}:{self._server.server_port}"
 
     def start(self) -> Emulator:
         if self._server is not None:
@@ -853,13 +859,13 @@ class Emulator:
             "stop_sequence": None,
             "usage": billing.usage(output),
         }
-        for k, v in given.items():
-            if k == "content":
+        for key, v in given.items():
+            if key == "content":
                 continue
-            if k == "usage" and isinstance(v, dict):
+            if key == "usage" and isinstance(v, dict):
                 msg["usage"] = {**msg["usage"], **v}
             else:
-                msg[k] = v
+                msg[key] = v
         return msg
 
     def handle(

@@ -1,0 +1,315 @@
+"""Every request the emulator refuses, sent with the real anthropic SDK over HTTP."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import anthropic
+import pytest
+
+from tokensaver.emulator import Emulator
+
+U = {"role": "user", "content": "hello"}
+A = {"role": "assistant", "content": "hi there"}
+CC = {"type": "ephemeral"}
+TOOL = {"name": "get_weather", "description": "w", "input_schema": {"type": "object", "properties": {}}}
+
+
+def base(**over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": [U]}
+    body.update(over)
+    return body
+
+
+def tool_turn(tid: str = "toolu_1") -> list[dict[str, Any]]:
+    return [
+        U,
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": tid, "name": "get_weather", "input": {}}],
+        },
+    ]
+
+
+def result(tid: str, text: str = "sunny") -> dict[str, Any]:
+    return {"type": "tool_result", "tool_use_id": tid, "content": text}
+
+
+def drop(key: str) -> dict[str, Any]:
+    b = base()
+    del b[key]
+    return b
+
+
+REJECTED: list[tuple[str, dict[str, Any], str]] = [
+    ("missing model", drop("model"), "model: Field required"),
+    ("missing max_tokens", drop("max_tokens"), "max_tokens: Field required"),
+    ("missing messages", drop("messages"), "messages: Field required"),
+    ("unknown field", base(frobnicate=1), "frobnicate: Extra inputs are not permitted"),
+    ("empty messages", base(messages=[]), "at least one message"),
+    ("first not user", base(messages=[A, U]), 'first message must use the "user" role'),
+    ("two users", base(messages=[U, U]), 'multiple "user" roles in a row'),
+    ("two assistants", base(messages=[U, A, A, U]), 'multiple "assistant" roles in a row'),
+    ("bad role", base(messages=[{"role": "tool", "content": "x"}]), "messages.0.role"),
+    ("empty string content", base(messages=[{"role": "user", "content": ""}]), "non-empty content"),
+    ("empty list content", base(messages=[{"role": "user", "content": []}]), "non-empty content"),
+    (
+        "empty text block",
+        base(messages=[{"role": "user", "content": [{"type": "text", "text": ""}]}]),
+        "text content blocks must be non-empty",
+    ),
+    (
+        "whitespace text block",
+        base(messages=[{"role": "user", "content": [{"type": "text", "text": "  \n"}]}]),
+        "non-whitespace text",
+    ),
+    (
+        "tool_use unanswered",
+        base(tools=[TOOL], messages=[*tool_turn(), U]),
+        "`tool_use` ids were found without `tool_result` blocks immediately after: toolu_1",
+    ),
+    (
+        "tool_result not first",
+        base(
+            tools=[TOOL],
+            messages=[
+                *tool_turn(),
+                {"role": "user", "content": [{"type": "text", "text": "x"}, result("toolu_1")]},
+            ],
+        ),
+        "`tool_result` blocks must come first",
+    ),
+    (
+        "tool_result with unknown id",
+        base(
+            tools=[TOOL],
+            messages=[*tool_turn(), {"role": "user", "content": [result("toolu_1"), result("toolu_zzz")]}],
+        ),
+        "unexpected `tool_use_id` found in `tool_result` blocks: toolu_zzz",
+    ),
+    (
+        "tool_result without any tool_use",
+        base(messages=[U, A, {"role": "user", "content": [result("toolu_9")]}]),
+        "unexpected `tool_use_id`",
+    ),
+    (
+        "duplicate tool_use ids",
+        base(
+            tools=[TOOL],
+            messages=[
+                *tool_turn("toolu_d"),
+                {"role": "user", "content": [result("toolu_d")]},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": "toolu_d", "name": "get_weather", "input": {}}],
+                },
+                {"role": "user", "content": [result("toolu_d")]},
+            ],
+        ),
+        "ids must be unique",
+    ),
+    (
+        "five breakpoints",
+        base(
+            system=[{"type": "text", "text": f"part {i}", "cache_control": CC} for i in range(3)],
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": f"q{i}", "cache_control": CC} for i in range(2)],
+                }
+            ],
+        ),
+        "A maximum of 4 blocks with cache_control may be provided. Found 5.",
+    ),
+    (
+        "four breakpoints plus automatic",
+        base(
+            cache_control=CC,
+            system=[{"type": "text", "text": f"part {i}", "cache_control": CC} for i in range(4)],
+        ),
+        "Found 5",
+    ),
+    (
+        "cache_control on thinking",
+        base(
+            messages=[
+                U,
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "hmm", "signature": "s", "cache_control": CC},
+                        {"type": "text", "text": "ok"},
+                    ],
+                },
+                U,
+            ]
+        ),
+        "cache_control cannot be set on thinking blocks",
+    ),
+    (
+        "cache_control on empty text",
+        base(messages=[{"role": "user", "content": [{"type": "text", "text": "", "cache_control": CC}]}]),
+        "cache_control cannot be set for empty text blocks",
+    ),
+    (
+        "1h after 5m",
+        base(
+            system=[{"type": "text", "text": "sys", "cache_control": CC}],
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "q", "cache_control": {**CC, "ttl": "1h"}}],
+                }
+            ],
+        ),
+        "a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block",
+    ),
+    (
+        "bad ttl",
+        base(system=[{"type": "text", "text": "sys", "cache_control": {**CC, "ttl": "10m"}}]),
+        "cache_control.ttl",
+    ),
+    (
+        "prefill on opus 4.6",
+        base(model="claude-opus-4-6", messages=[U, A]),
+        "does not support assistant message prefill",
+    ),
+    (
+        "prefill on 5.x",
+        base(model="claude-sonnet-5", messages=[U, A]),
+        "does not support assistant message prefill",
+    ),
+    (
+        "prefill with thinking",
+        base(max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000}, messages=[U, A]),
+        "prefill is not supported when thinking is enabled",
+    ),
+    (
+        "temperature on opus 4.7",
+        base(model="claude-opus-4-7", temperature=0.5),
+        "`temperature` is not supported",
+    ),
+    ("top_k on 5.x", base(model="claude-opus-5-5", top_k=5), "`top_k` is not supported"),
+    ("top_p on 5.x", base(model="claude-haiku-5-5", top_p=0.9), "`top_p` is not supported"),
+    (
+        "temperature and top_p on 4.5",
+        base(model="claude-sonnet-4-5-20250929", temperature=0.5, top_p=0.9),
+        "`temperature` and `top_p` cannot both be specified",
+    ),
+    (
+        "budget >= max_tokens",
+        base(max_tokens=2000, thinking={"type": "enabled", "budget_tokens": 2000}),
+        "`max_tokens` must be greater than `thinking.budget_tokens`",
+    ),
+    (
+        "budget < 1024",
+        base(max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 1000}),
+        "greater than or equal to 1024",
+    ),
+    ("duplicate tool names", base(tools=[TOOL, TOOL]), "Tool names must be unique"),
+    ("invalid tool name", base(tools=[{**TOOL, "name": "get weather!"}]), "String should match pattern"),
+    (
+        "tool_choice unknown tool",
+        base(tools=[TOOL], tool_choice={"type": "tool", "name": "nope"}),
+        "Tool 'nope' not found",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "needle"), [(b, n) for _, b, n in REJECTED], ids=[r[0] for r in REJECTED])
+def test_rejected(
+    emulator: Emulator, emulator_client: anthropic.Anthropic, body: dict[str, Any], needle: str
+) -> None:
+    with pytest.raises(anthropic.BadRequestError) as info:
+        emulator_client.post("/v1/messages", body=copy.deepcopy(body), cast_to=object)
+    err = info.value
+    assert err.status_code == 400
+    assert isinstance(err.body, dict)
+    assert err.body["type"] == "error"
+    assert err.body["error"]["type"] == "invalid_request_error"
+    assert needle in err.body["error"]["message"]
+    assert err.body["request_id"] == err.response.headers["request-id"]
+    assert emulator.last.status == 400
+    assert emulator.last.usage is None  # nothing billed
+    assert emulator.cache_size() == 0
+
+
+ACCEPTED: list[tuple[str, dict[str, Any]]] = [
+    ("plain", base()),
+    ("prefill on sonnet 4.6", base(messages=[U, A])),
+    ("prefill on opus 4.5", base(model="claude-opus-4-5", messages=[U, A])),
+    ("temperature alone on 4.5", base(model="claude-sonnet-4-5", temperature=0.2)),
+    ("temperature and top_p on sonnet 4", base(model="claude-sonnet-4", temperature=0.2, top_p=0.9)),
+    ("adaptive thinking", base(model="claude-opus-5-5", thinking={"type": "adaptive"})),
+    (
+        "four breakpoints",
+        base(system=[{"type": "text", "text": f"p{i}", "cache_control": CC} for i in range(4)]),
+    ),
+    (
+        "1h before 5m",
+        base(
+            system=[{"type": "text", "text": "sys", "cache_control": {**CC, "ttl": "1h"}}],
+            messages=[{"role": "user", "content": [{"type": "text", "text": "q", "cache_control": CC}]}],
+        ),
+    ),
+    (
+        "parallel tool calls answered",
+        base(
+            tools=[TOOL],
+            messages=[
+                U,
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": "checking"},
+                        {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"c": "Paris"}},
+                        {"type": "tool_use", "id": "t2", "name": "get_weather", "input": {"c": "Rome"}},
+                    ],
+                },
+                {"role": "user", "content": [result("t2"), result("t1"), {"type": "text", "text": "thanks"}]},
+            ],
+        ),
+    ),
+    (
+        "thinking in history",
+        base(
+            model="claude-opus-5-5",
+            max_tokens=8000,
+            thinking={"type": "enabled", "budget_tokens": 2000},
+            messages=[
+                U,
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "let me see", "signature": "EqQBCkYIBx=="},
+                        {"type": "redacted_thinking", "data": "abc"},
+                        {"type": "text", "text": "answer"},
+                    ],
+                },
+                U,
+            ],
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("body", [b for _, b in ACCEPTED], ids=[a[0] for a in ACCEPTED])
+def test_accepted(emulator_client: anthropic.Anthropic, body: dict[str, Any]) -> None:
+    out = emulator_client.post("/v1/messages", body=copy.deepcopy(body), cast_to=object)
+    assert isinstance(out, dict)
+    assert out["type"] == "message"
+
+
+def test_consecutive_roles_allowed_when_not_strict() -> None:
+    with Emulator(strict_roles=False) as emu:
+        client = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        out = client.post("/v1/messages", body=base(messages=[U, U]), cast_to=object)
+        assert isinstance(out, dict) and out["type"] == "message"
+
+
+def test_unknown_path_is_json_404(emulator_client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.NotFoundError) as info:
+        emulator_client.models.list()
+    assert isinstance(info.value.body, dict)
+    assert info.value.body["error"]["type"] == "not_found_error"
