@@ -1,1 +1,396 @@
-"""prune plugin (being written)."""
+"""prune: keep a conversation under a token budget with rare, deep cuts that the prompt cache survives.
+
+What it saves: every later call re-reads the history; old tool results (file reads, command
+output) are most of it. Nothing changes until the request passes the *trigger* (``trigger`` x the
+budget); then one cut brings it to the *target* (``target`` x the budget): stale tool results (all
+but the last ``keep_tool_uses`` tool uses, ``exclude_tools`` never) are replaced by a short marker,
+oldest first; if that is not enough, whole old turns after the task are dropped. The cut is kept
+per conversation (which tool results are cleared, where turns were dropped), so between cuts every
+older message gets exactly the same bytes and the cached prefix stays valid. Repeated identical
+tool outputs (``dedupe``) are replaced in the *newer* copy by a pointer to the earlier one, which
+never rewrites history.
+
+Never breaks a request: system, tools and the first user message (the task) are kept, the last
+``keep_last_messages`` messages are untouched, tool_use/tool_result pairs stay together (the result
+content becomes a marker), thinking blocks are never edited, roles stay alternating; a result that
+fails the structural check is dropped (the request goes out unpruned, and the report says so).
+
+A cut invalidates the cached prefix after its first change: each cut records the tokens removed,
+the prefix tokens invalidated and the number of later calls it needs to pay back, so a prune that
+costs more in cache writes than it saves in reads shows in the report.
+
+Unsafe when the model needs the exact text of an old tool result that it cannot fetch again. When
+the request uses the API's server-side ``context_management``, prune stands aside.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from tokensaver.errors import ConfigError
+from tokensaver.hookspecs import hookimpl
+from tokensaver.tokens import content_hash
+
+from ._blocks import as_blocks, normalized, request_problems, strip_cc, tool_uses
+
+PLUGIN = "prune"
+MIN_CUT_FRACTION = 0.1  # a cut must remove at least this share of the request
+
+DEFAULTS: dict[str, Any] = {
+    "max_tokens_budget": None,  # absolute budget in tokens; None: budget_fraction x context window
+    "budget_fraction": 0.5,
+    "trigger": 1.0,  # cut when the request exceeds trigger x budget ...
+    "target": 0.6,  # ... down to target x budget
+    "keep_tool_uses": 6,  # results of the last K tool uses are never cleared
+    "keep_last_messages": 6,  # the last N messages are never touched
+    "exclude_tools": [],  # tool names whose results are never cleared
+    "min_result_tokens": 100,  # smaller tool results are not worth a marker
+    "dedupe": True,  # newer identical tool output -> pointer to the earlier one
+    "max_conversations": 512,
+}
+
+
+def _fail(msg: str, key: str, source: str) -> ConfigError:
+    return ConfigError(f"prune.{key} {msg}", key=key, source=source)
+
+
+@hookimpl
+def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """Validate the ``prune`` table and fill in defaults."""
+    unknown = set(settings) - set(DEFAULTS)
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(
+            f"prune: unknown key {key!r}; accepted: {', '.join(sorted(DEFAULTS))}", key=key, source=source
+        )
+    out = {**DEFAULTS, **settings}
+    b = out["max_tokens_budget"]
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1000):
+        raise _fail("must be an integer >= 1000 (tokens) or absent", "max_tokens_budget", source)
+    for key, lo, hi in (("budget_fraction", 0.05, 1.0), ("trigger", 0.1, 1.0), ("target", 0.05, 1.0)):
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+            raise _fail(f"must be a number between {lo} and {hi}", key, source)
+        out[key] = float(v)
+    if out["target"] >= out["trigger"]:
+        raise _fail("must be below prune.trigger (cut deep: trigger high, target lower)", "target", source)
+    for key in ("keep_tool_uses", "keep_last_messages", "min_result_tokens", "max_conversations"):
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise _fail("must be a non-negative integer", key, source)
+    if out["keep_last_messages"] < 2:
+        raise _fail("must be at least 2 (the latest turn is always kept)", "keep_last_messages", source)
+    if not isinstance(out["exclude_tools"], list) or not all(
+        isinstance(t, str) for t in out["exclude_tools"]
+    ):
+        raise _fail("must be a list of tool names", "exclude_tools", source)
+    if not isinstance(out["dedupe"], bool):
+        raise _fail("must be true or false", "dedupe", source)
+    return out
+
+
+def budget(settings: dict[str, Any], model: Any) -> int:
+    """The token budget for this model."""
+    if settings.get("max_tokens_budget"):
+        return int(settings["max_tokens_budget"])
+    return int(settings["budget_fraction"] * int(getattr(model, "context_window", 200_000)))
+
+
+# -- markers (fixed text: the same cut gives the same bytes) -----------------------------------
+
+
+def cleared_marker(tokens: int) -> str:
+    """What a cleared tool result says."""
+    return f"[tokensaver: this tool result ({tokens} tokens) was cleared to save context; run the tool again if you need it]"
+
+
+def pointer_marker(tool_use_id: str) -> str:
+    """What a repeated tool result says instead of its content."""
+    return f"[tokensaver: identical to the earlier result of tool_use {tool_use_id}; see that result above]"
+
+
+def dropped_marker(n_messages: int, tokens: int) -> dict[str, Any]:
+    """The text block appended to the task message when earlier turns are dropped."""
+    return {
+        "type": "text",
+        "text": f"[tokensaver: {n_messages} earlier messages ({tokens} tokens) after this one were removed to fit the context budget]",
+    }
+
+
+def _replace_result(block: dict[str, Any], text: str) -> dict[str, Any]:
+    out = {k: v for k, v in block.items() if k not in ("content", "cache_control")}
+    out["content"] = text
+    if "cache_control" in block:
+        out["cache_control"] = block["cache_control"]
+    return out
+
+
+# -- applying a cut spec (pure) ----------------------------------------------------------------
+
+
+def _prefix_hash(messages: list[Any], d: int) -> str:
+    return content_hash([strip_cc(m) for m in messages[:d]])[:24]
+
+
+def apply_spec(messages: list[Any], spec: dict[str, Any], settings: dict[str, Any], count: Any) -> list[Any]:
+    """The messages as the cut spec says: dropped turns, cleared results, deduped repeats.
+
+    A pure function of (messages, spec, settings): between cuts it gives every older message the
+    same bytes on every call.
+    """
+    msgs = list(messages)
+    drop = spec.get("drop")
+    if drop and len(msgs) > drop["d"] and _prefix_hash(msgs, drop["d"]) == drop["h"]:
+        first = msgs[0]
+        marker = dropped_marker(drop["d"] - 1, drop["tokens"])
+        msgs = [{**first, "content": [*as_blocks(first.get("content")), marker]}, *msgs[drop["d"] :]]
+    cleared = set(spec.get("cleared") or ())
+    dedupe = settings.get("dedupe", True)
+    min_tokens = int(settings.get("min_result_tokens", 100))
+    seen: dict[str, str] = {}  # content hash -> id of the first result kept in full
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") != "user" or not isinstance(m.get("content"), list):
+            out.append(m)
+            continue
+        content = list(m["content"])
+        changed = False
+        for j, b in enumerate(content):
+            if not isinstance(b, dict) or b.get("type") != "tool_result":
+                continue
+            tid = str(b.get("tool_use_id"))
+            if tid in cleared:
+                content[j] = _replace_result(b, cleared_marker(count(strip_cc(b))))
+                changed = True
+                continue
+            if not dedupe:
+                continue
+            inner = b.get("content")
+            if not inner or b.get("is_error"):
+                continue
+            h = content_hash(strip_cc(inner))
+            if h in seen:
+                if count(strip_cc(b)) >= min_tokens:
+                    content[j] = _replace_result(b, pointer_marker(seen[h]))
+                    changed = True
+            else:
+                seen[h] = tid
+        out.append({**m, "content": content} if changed else m)
+    return out
+
+
+def _tokens(messages: list[Any], count: Any) -> int:
+    return sum(count(m) for m in messages)
+
+
+# -- deciding a cut ----------------------------------------------------------------------------
+
+
+def plan_cut(
+    messages: list[Any], spec: dict[str, Any], settings: dict[str, Any], count: Any, fixed: int, target: int
+) -> dict[str, Any]:
+    """A deeper spec that brings the request to ``target`` tokens (``fixed``: system + tools)."""
+    new = {"cleared": list(spec.get("cleared") or ()), "drop": spec.get("drop")}
+    cur = apply_spec(messages, new, settings, count)
+    total = fixed + _tokens(cur, count)
+    if total <= target:
+        return new
+    n = len(messages)
+    protect_from = n - int(settings["keep_last_messages"])
+    uses = tool_uses(messages)
+    order = sorted(uses, key=lambda t: (uses[t][0], uses[t][1]))
+    keep_ids = set(order[-int(settings["keep_tool_uses"]) :]) if int(settings["keep_tool_uses"]) else set()
+    excluded = set(settings.get("exclude_tools") or ())
+    cleared = set(new["cleared"])
+    min_tokens = int(settings["min_result_tokens"])
+    drop_d = new["drop"]["d"] if new["drop"] else 0
+    # stale tool results, oldest first (positions in the original messages)
+    for i, m in enumerate(messages):
+        if total <= target:
+            break
+        if i == 0 or i >= protect_from or i < drop_d or m.get("role") != "user":
+            continue
+        for b in as_blocks(m.get("content")):
+            if total <= target:
+                break
+            if not isinstance(b, dict) or b.get("type") != "tool_result":
+                continue
+            tid = str(b.get("tool_use_id"))
+            if tid in cleared or tid in keep_ids or uses.get(tid, (0, 0, ""))[2] in excluded:
+                continue
+            size = count(strip_cc(b))
+            if size < min_tokens:
+                continue
+            gain = size - count(_replace_result(b, cleared_marker(size)))
+            if gain <= 0:
+                continue
+            cleared.add(tid)
+            total -= gain
+    new["cleared"] = sorted(cleared)
+    cur = apply_spec(messages, new, settings, count)
+    total = fixed + _tokens(cur, count)
+    if total <= target:
+        return new
+    # not enough: drop whole old turns after the task; the kept part starts with an assistant turn
+    base = 0 if not new["drop"] else new["drop"]["d"] - 1  # messages already dropped
+    cur_protect = len(cur) - int(settings["keep_last_messages"])
+    best = None
+    running = 0
+    for k in range(1, max(cur_protect, 1) + 1):
+        if k >= len(cur):
+            break
+        if k > 1:
+            running += count(cur[k - 1])
+        if k >= 2 and cur[k].get("role") == "assistant":
+            best = k
+            if total - running <= target:
+                break
+    if best is None:
+        return new
+    d = best + base  # index in the original messages
+    removed = _tokens(cur[1:best], count) + (new["drop"]["tokens"] if new["drop"] else 0)
+    new["drop"] = {"d": d, "h": _prefix_hash(messages, d), "tokens": removed}
+    return new
+
+
+def _first_diff(a: list[Any], b: list[Any]) -> int:
+    k = 0
+    while k < min(len(a), len(b)) and strip_cc(a[k]) == strip_cc(b[k]):
+        k += 1
+    return k
+
+
+# -- the hooks ---------------------------------------------------------------------------------
+
+
+def _conversation(state: dict[str, Any], body: dict[str, Any], limit: int) -> dict[str, Any]:
+    msgs = body.get("messages") or []
+    key = content_hash([str(body.get("model", "")), strip_cc(msgs[0]) if msgs else None])[:16]
+    convs: OrderedDict[str, dict[str, Any]] = state.setdefault("conversations", OrderedDict())
+    conv = convs.get(key)
+    if conv is None:
+        conv = convs[key] = {"spec": {"cleared": [], "drop": None}, "cuts": 0}
+    convs.move_to_end(key)
+    while len(convs) > limit:
+        convs.popitem(last=False)
+    return conv
+
+
+def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
+    """The pruned request, or None when nothing changes."""
+    settings = {**DEFAULTS, **(ctx.settings or {})}
+    if body.get("context_management"):
+        ctx.record(stood_aside="context_management")
+        return None
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        return None
+    count = ctx.count
+    norm = normalized(body)
+    messages = norm["messages"]
+    conv = _conversation(ctx.state, norm, int(settings["max_conversations"]))
+    spec = conv["spec"]
+    fixed = count({**norm, "messages": []})
+    limit = budget(settings, ctx.model)
+    trigger, target = int(settings["trigger"] * limit), int(settings["target"] * limit)
+    cur = apply_spec(messages, spec, settings, count)
+    total = fixed + _tokens(cur, count)
+    notes: dict[str, Any] = {"budget": limit, "tokens": total}
+    if total > trigger:
+        new_spec = plan_cut(messages, spec, settings, count, fixed, target)
+        after_msgs = apply_spec(messages, new_spec, settings, count)
+        after = fixed + _tokens(after_msgs, count)
+    if total > trigger and total - after < MIN_CUT_FRACTION * total:
+        # a cut that removes little still re-writes the cache after it: not worth it
+        notes["over_trigger_no_cut"] = {"could_remove": total - after}
+    elif total > trigger:
+        k = _first_diff(cur, after_msgs)
+        kept = fixed + _tokens(cur[:k], count)
+        cut = {
+            "tokens_before": total,
+            "tokens_after": after,
+            "removed_tokens": total - after,
+            "prefix_invalidated_tokens": total - kept,
+            "first_changed": f"messages[{k}]",
+            "cleared_results": len(new_spec["cleared"]) - len(spec.get("cleared") or ()),
+            "dropped_messages": (new_spec["drop"]["d"] - 1) if new_spec["drop"] else 0,
+        }
+        m = ctx.model
+        removed = max(total - after, 1)
+        # one-off extra cost of re-writing the changed part vs the reads it saves per later call
+        extra = (after - kept) * m.cache_write_5m - (total - kept) * m.cache_read
+        cut["break_even_calls"] = (
+            round(max(extra, 0.0) / (removed * m.cache_read), 1) if m.cache_read else 0.0
+        )
+        if after > target:
+            cut["over_target"] = True
+        conv["spec"] = spec = new_spec
+        conv["cuts"] += 1
+        notes["cut"] = cut
+        cur, total = after_msgs, after
+    notes["tokens_sent"] = total
+    notes["cleared_results"] = len(spec.get("cleared") or ())
+    if cur == messages:
+        ctx.record(**notes)
+        return None
+    out = {**norm, "messages": cur}
+    problems = request_problems(out)
+    if problems:
+        notes["invalid_skipped"] = problems[:3]
+        ctx.record(**notes)
+        return None
+    ctx.record(**notes)
+    return out
+
+
+@hookimpl
+def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
+    """Apply this conversation's cut; make a new, deeper one when the trigger is passed."""
+    return prune(body, ctx)
+
+
+@hookimpl
+def tokensaver_observe_response(body: dict[str, Any], response: dict[str, Any], ctx: Any) -> None:
+    """With server-side context management, record what the server cleared."""
+    cm = response.get("context_management") if isinstance(response, dict) else None
+    if isinstance(cm, dict):
+        edits = cm.get("applied_edits") or []
+        ctx.record(server_cleared_tokens=sum(int(e.get("cleared_input_tokens") or 0) for e in edits))
+
+
+@hookimpl
+def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Cuts (tokens removed vs prefix invalidated), calls over budget, server-side clearing."""
+    if plugin != PLUGIN:
+        return None
+    notes = [(c, (c.get("plugins") or {}).get(PLUGIN)) for c in calls]
+    notes = [(c, n) for c, n in notes if n]
+    if not notes:
+        return None
+    cuts = [(c, n["cut"]) for c, n in notes if n.get("cut")]
+    aside = sum(1 for _, n in notes if n.get("stood_aside"))
+    server = sum(int(n.get("server_cleared_tokens") or 0) for _, n in notes)
+    removed = sum(cut["removed_tokens"] for _, cut in cuts)
+    invalid = sum(cut["prefix_invalidated_tokens"] for _, cut in cuts)
+    rows = [
+        {
+            "call": c.get("id"),
+            "conversation": c.get("conversation"),
+            "before": cut["tokens_before"],
+            "after": cut["tokens_after"],
+            "removed": cut["removed_tokens"],
+            "prefix_invalidated": cut["prefix_invalidated_tokens"],
+            "first_changed": cut["first_changed"],
+            "break_even_calls": cut.get("break_even_calls"),
+        }
+        for c, cut in cuts
+    ]
+    summary = (
+        f"{len(notes)} calls, {len(cuts)} cuts: {removed:,} tokens removed, "
+        f"{invalid:,} cached prefix tokens invalidated by the cuts."
+    )
+    if aside:
+        summary += f" Stood aside on {aside} calls using server-side context_management"
+        summary += f" (server cleared {server:,} tokens)." if server else "."
+    return {"title": "Pruning", "summary": summary, "rows": rows}
