@@ -1,0 +1,280 @@
+"""wrap() on every Messages surface, sync and async, streamed and not, against the emulator over HTTP.
+
+Assertions are on what reached the wire (the emulator's recorded bodies) and what the caller got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import anthropic
+import pytest
+
+import tokensaver
+from tokensaver.emulator import Emulator
+
+MODEL = "claude-sonnet-4-6"
+MSGS = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class Tagger:
+    """A third-party-style plugin: appends a marker to the system prompt."""
+
+    @tokensaver.hookimpl
+    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        return {**body, "system": (body.get("system") or "") + " [tagged]"}
+
+    @tokensaver.hookimpl
+    def tokensaver_report_section(self, plugin: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"title": "Tagger", "summary": f"tagged {len(calls)} calls"}
+
+
+class Canned:
+    """Short-circuits every call whose last user text is 'canned?'."""
+
+    def __init__(self) -> None:
+        self.lookups = 0
+
+    @tokensaver.hookimpl
+    def tokensaver_lookup_response(self, body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
+        self.lookups += 1
+        if body["messages"][-1]["content"] != "canned?":
+            return None
+        ctx.response_headers["x-canned"] = "yes"
+        return {
+            "id": "msg_canned",
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": [
+                {"type": "text", "text": "from the can"},
+                {"type": "tool_use", "id": "toolu_1", "name": "t", "input": {"a": [1, 2]}},
+            ],
+            "stop_reason": "tool_use",
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": 100,
+                "output_tokens": 20,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            },
+        }
+
+
+def _wrap(client: Any, tmp_path: Any, plugins: dict[str, Any], run: str = "t") -> Any:
+    pm = tokensaver.get_plugin_manager(plugins, load_entrypoints=False)
+    return tokensaver.wrap(
+        client, config={"plugins": list(plugins), "runs_dir": str(tmp_path)}, plugin_manager=pm, run=run
+    )
+
+
+@pytest.fixture
+def emu() -> Any:
+    with Emulator(virtual_clock=True) as e:
+        yield e
+
+
+def _clients(emu: Emulator, **kw: Any) -> tuple[anthropic.Anthropic, anthropic.AsyncAnthropic]:
+    opts = {"base_url": emu.url, "api_key": "sk-test-key", "max_retries": 0, **kw}
+    return anthropic.Anthropic(**opts), anthropic.AsyncAnthropic(**opts)
+
+
+class TestSync:
+    def test_same_class_and_caller_client_untouched(self, emu: Emulator, tmp_path: Any) -> None:
+        base, _ = _clients(emu)
+        wrapped = _wrap(base, tmp_path, {"tagger": Tagger()})
+        assert isinstance(wrapped, anthropic.Anthropic) and wrapped is not base
+        base.messages.create(model=MODEL, max_tokens=50, messages=MSGS)
+        assert "system" not in emu.last.body  # the caller's own client is not wrapped
+
+    @pytest.mark.parametrize(
+        "mode", ["create", "create_stream", "stream_helper", "raw", "streaming_response", "beta"]
+    )
+    def test_surfaces_transform_and_record(self, emu: Emulator, tmp_path: Any, mode: str) -> None:
+        base, _ = _clients(emu)
+        client = _wrap(base, tmp_path, {"tagger": Tagger()})
+        emu.reply("Paris.")
+        kw: dict[str, Any] = {"model": MODEL, "max_tokens": 50, "messages": MSGS}
+        if mode == "create":
+            text = client.messages.create(**kw).content[0].text
+        elif mode == "create_stream":
+            events = list(client.messages.create(**kw, stream=True))
+            text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
+        elif mode == "stream_helper":
+            with client.messages.stream(**kw) as s:
+                text = s.get_final_message().content[0].text
+        elif mode == "raw":
+            raw = client.messages.with_raw_response.create(**kw)
+            assert raw.http_response.status_code == 200
+            text = raw.parse().content[0].text
+        elif mode == "streaming_response":
+            with client.messages.with_streaming_response.create(**kw) as resp:
+                text = resp.parse().content[0].text
+        else:
+            text = client.beta.messages.create(**kw).content[0].text
+        assert text == "Paris."
+        assert emu.last.body["system"] == " [tagged]"  # the transformed body reached the wire
+        records = client.tokensaver.records
+        assert len(records) == 1 and records[0]["status"] == 200
+        assert records[0]["usage"]["input_tokens"] == emu.last["usage"]["input_tokens"]
+        assert records[0]["stages"][0]["plugin"] == "tagger"
+        assert records[0]["surface"] == ("beta" if mode == "beta" else "messages")
+
+    @pytest.mark.parametrize(
+        "mode", ["create", "create_stream", "stream_helper", "raw", "streaming_response"]
+    )
+    def test_short_circuit_never_reaches_network(self, emu: Emulator, tmp_path: Any, mode: str) -> None:
+        base, _ = _clients(emu)
+        client = _wrap(base, tmp_path, {"canned": Canned()})
+        kw: dict[str, Any] = {
+            "model": MODEL,
+            "max_tokens": 50,
+            "messages": [{"role": "user", "content": "canned?"}],
+        }
+        if mode == "create":
+            msg = client.messages.create(**kw)
+        elif mode == "create_stream":
+            stream = client.messages.create(**kw, stream=True)
+            types = [e.type for e in stream]
+            assert types[0] == "message_start" and types[-1] == "message_stop"
+            with client.messages.stream(**kw) as s:
+                msg = s.get_final_message()
+        elif mode == "stream_helper":
+            with client.messages.stream(**kw) as s:
+                msg = s.get_final_message()
+        elif mode == "raw":
+            raw = client.messages.with_raw_response.create(**kw)
+            assert raw.headers["x-canned"] == "yes"
+            assert raw.headers["x-tokensaver-short-circuit"] == "canned"
+            msg = raw.parse()
+        else:
+            with client.messages.with_streaming_response.create(**kw) as resp:
+                msg = resp.parse()
+        assert emu.requests == []  # no network call at all
+        assert msg.content[0].text == "from the can"
+        assert msg.content[1].input == {"a": [1, 2]}
+        assert msg.usage.input_tokens == 100
+        rec = client.tokensaver.records[-1]
+        assert rec["short_circuit"] == "canned" and rec["cost_usd"] == 0 and rec["saved_usd"] > 0
+
+    def test_with_options_copy_keeps_pipeline(self, emu: Emulator, tmp_path: Any) -> None:
+        base, _ = _clients(emu)
+        client = _wrap(base, tmp_path, {"tagger": Tagger()})
+        copy = client.with_options(timeout=30, api_key="sk-other-key")
+        copy.messages.create(model=MODEL, max_tokens=50, messages=MSGS)
+        assert emu.last.body["system"] == " [tagged]"
+        assert copy.tokensaver is client.tokensaver
+        # the copy's middleware is bound to the copy's own key
+        mw_copy = [m for m in copy.middleware if isinstance(m, tokensaver.middleware.TokensaverMiddleware)]
+        mw_orig = [m for m in client.middleware if isinstance(m, tokensaver.middleware.TokensaverMiddleware)]
+        assert len(mw_copy) == 1 and mw_copy[0].secret_hash != mw_orig[0].secret_hash
+
+    def test_other_endpoints_pass_through(self, emu: Emulator, tmp_path: Any) -> None:
+        base, _ = _clients(emu)
+        client = _wrap(base, tmp_path, {"tagger": Tagger()})
+        n = client.messages.count_tokens(model=MODEL, messages=MSGS)
+        assert n.input_tokens > 0
+        assert "system" not in emu.last.body
+        assert client.tokensaver.records == []
+
+    def test_api_errors_pass_through_and_are_recorded(self, emu: Emulator, tmp_path: Any) -> None:
+        from tokensaver.emulator import EmulatorError
+
+        base, _ = _clients(emu)
+        client = _wrap(base, tmp_path, {"tagger": Tagger()})
+        emu.reply(EmulatorError.overloaded(retry_after=0))
+        with pytest.raises(anthropic.APIStatusError) as info:
+            client.messages.create(model=MODEL, max_tokens=50, messages=MSGS)
+        assert info.value.status_code == 529
+        rec = client.tokensaver.records[-1]
+        assert rec["status"] == 529 and rec["saved_usd"] == 0
+
+    def test_retry_runs_pipeline_per_attempt_records_each_once(self, emu: Emulator, tmp_path: Any) -> None:
+        from tokensaver.emulator import EmulatorError
+
+        base, _ = _clients(emu, max_retries=1)
+        client = _wrap(base, tmp_path, {"tagger": Tagger()})
+        emu.reply(EmulatorError.overloaded(retry_after=0), "ok")
+        msg = client.messages.create(model=MODEL, max_tokens=50, messages=MSGS)
+        assert msg.content[0].text == "ok"
+        # the same transformed bytes were sent on both attempts (idempotent transforms)
+        assert emu.requests[0].body == emu.requests[1].body
+        statuses = [(r["attempt"], r["status"]) for r in client.tokensaver.records]
+        assert statuses == [(0, 529), (1, 200)]
+
+    def test_run_persisted_and_loadable(self, emu: Emulator, tmp_path: Any) -> None:
+        base, _ = _clients(emu)
+        client = _wrap(base, tmp_path, {"tagger": Tagger()}, run="nightly")
+        client.messages.create(model=MODEL, max_tokens=50, messages=MSGS)
+        run = tokensaver.load_run("nightly", runs_dir=tmp_path)
+        assert len(run.records()) == 1
+        text = (tmp_path / "nightly.jsonl").read_text()
+        assert "sk-test-key" not in text
+        md = run.report(
+            tokensaver.get_plugin_manager({"tagger": Tagger()}, load_entrypoints=False)
+        ).to_markdown()
+        assert "tagger" in md and "tagged 1 calls" in md
+
+
+class TestAsync:
+    @pytest.mark.parametrize("mode", ["create", "create_stream", "stream_helper", "raw", "beta"])
+    def test_surfaces(self, emu: Emulator, tmp_path: Any, mode: str) -> None:
+        async def main() -> str:
+            _, base = _clients(emu)
+            client = _wrap(base, tmp_path, {"tagger": Tagger()})
+            emu.reply("Paris.")
+            kw: dict[str, Any] = {"model": MODEL, "max_tokens": 50, "messages": MSGS}
+            if mode == "create":
+                return (await client.messages.create(**kw)).content[0].text
+            if mode == "create_stream":
+                stream = await client.messages.create(**kw, stream=True)
+                return "".join([e.delta.text async for e in stream if e.type == "content_block_delta"])
+            if mode == "stream_helper":
+                async with client.messages.stream(**kw) as s:
+                    return (await s.get_final_message()).content[0].text
+            if mode == "raw":
+                raw = await client.messages.with_raw_response.create(**kw)
+                return (await raw.parse()).content[0].text
+            return (await client.beta.messages.create(**kw)).content[0].text
+
+        assert asyncio.run(main()) == "Paris."
+        assert emu.last.body["system"] == " [tagged]"
+
+    @pytest.mark.parametrize("stream", [False, True])
+    def test_short_circuit(self, emu: Emulator, tmp_path: Any, stream: bool) -> None:
+        async def main() -> Any:
+            _, base = _clients(emu)
+            client = _wrap(base, tmp_path, {"canned": Canned()})
+            kw: dict[str, Any] = {
+                "model": MODEL,
+                "max_tokens": 50,
+                "messages": [{"role": "user", "content": "canned?"}],
+            }
+            if stream:
+                async with client.messages.stream(**kw) as s:
+                    return await s.get_final_message()
+            return await client.messages.create(**kw)
+
+        msg = asyncio.run(main())
+        assert emu.requests == []
+        assert msg.content[0].text == "from the can"
+
+
+def test_stream_record_has_billed_usage_from_events(emu: Emulator, tmp_path: Any) -> None:
+    base, _ = _clients(emu)
+    client = _wrap(base, tmp_path, {"tagger": Tagger()})
+    big = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "word " * 3000, "cache_control": {"type": "ephemeral"}}],
+        }
+    ]
+    for _ in range(2):
+        with client.messages.stream(model=MODEL, max_tokens=50, messages=big) as s:
+            s.get_final_message()
+    first, second = client.tokensaver.records
+    assert first["usage"]["cache_creation_input_tokens"] > 0
+    assert second["usage"]["cache_read_input_tokens"] == first["usage"]["cache_creation_input_tokens"]
+    assert json.dumps(second)  # JSON-serializable
