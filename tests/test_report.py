@@ -311,6 +311,9 @@ def test_html_is_self_contained_escaped_and_charted(report: Report) -> None:
     assert "<b>bad</b>" not in html and "&lt;b&gt;bad&lt;/b&gt;" in html
     assert html.count('<rect class="before"') == 4 and html.count('<rect class="after"') == 4
     assert '<rect class="read"' in html  # billed cache reads per call
+    # bars are labelled by call id; the short-circuited call has no billed bar
+    assert "call c-3: cache read (billed) 1,500" in html
+    assert "call c-2: cache read" not in html
     assert "billed" in html and "estimated" in html
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -152,6 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TokensaverError as exc:
         print(f"tokensaver: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (``tokensaver report | head``): not an error worth a traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("tokensaver: interrupted", file=sys.stderr)
         return 130

@@ -438,7 +438,8 @@ def _buckets(calls: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[st
     out = []
     for start in range(0, n, size):
         chunk = calls[start : start + size]
-        label = f"call {start + 1}" if len(chunk) == 1 else f"calls {start + 1}-{start + len(chunk)}"
+        first, last = chunk[0].get("id") or f"#{start + 1}", chunk[-1].get("id") or f"#{start + len(chunk)}"
+        label = f"call {first}" if len(chunk) == 1 else f"calls {first} to {last}"
         out.append({"label": label, **{k: sum(int(c.get(k) or 0) for c in chunk) for k in keys}})
     return out
 
