@@ -1,1 +1,230 @@
-"""summarize plugin (being written)."""
+"""summarize: shrink large tool results by what they are (JSON, logs, grep, listings, HTML, blobs).
+
+Saves the tokens of bulky tool output that agents resend on every later turn. Results under
+``min_chars`` are left alone. Lossless rewrites come first (ANSI codes, progress redraws, trailing
+whitespace, compact JSON and record tables, grep hits grouped by file, repeated ls -l columns);
+lossy ones only for clearly repetitive logs (runs differing only in numbers, very long logs cut to
+head + tail + every error/warning/trace line and every line with a path not shown elsewhere), long
+base64 blobs, binary output and fetched web pages (to text). Source code and numbered file
+contents are never elided.
+
+Unsafe when the model needs bytes that a lossy rewrite dropped (a number in the middle of a long
+repetitive log, an HTML attribute of a fetched page): set ``lossy = false`` to keep only the
+lossless rewrites. Every rewrite is a pure function of the block's text and the settings, so the
+same tool result gives the same bytes on every turn and prompt-cache prefixes stay valid.
+
+Options ``model_summaries`` (a cheaper model condensing long prose) and ``retrieval`` (a tool the
+model calls to get an elided original back) are not implemented here: the first needs an upstream
+client, the second needs the core to answer a tool call itself. ``keep_originals = true`` already
+keeps each elided original in memory, keyed by its content hash, for that future tool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, fields
+from typing import Any
+
+from tokensaver.errors import ConfigError
+from tokensaver.hookspecs import hookimpl
+from tokensaver.tokens import canonical_json
+
+from ._summarize_text import Options, Result, shrink
+
+log = logging.getLogger("tokensaver.plugins.summarize")
+
+DEFAULTS: dict[str, Any] = {**asdict(Options()), "keep_originals": False, "memo_entries": 20_000}
+_INTS = {f.name for f in fields(Options) if f.type in ("int", int)} | {"memo_entries"}
+_BOOLS = {f.name for f in fields(Options) if f.type in ("bool", bool)} | {"keep_originals"}
+_lock = threading.Lock()
+
+
+@hookimpl
+def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """Validate ``[summarize]``: thresholds (ints > 0), ``lossy``/``html``/``keep_originals`` (booleans)."""
+    settings = dict(settings or {})
+    for k in sorted(settings):
+        if k == "enabled":
+            continue
+        if k not in DEFAULTS:
+            raise ConfigError(
+                f"unknown summarize setting {k!r}; accepted: {', '.join(sorted(DEFAULTS))}",
+                key=k,
+                source=source,
+            )
+        v = settings[k]
+        if k in _BOOLS and not isinstance(v, bool):
+            raise ConfigError(f"summarize.{k} must be true or false; got {v!r}", key=k, source=source)
+        if k in _INTS and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ConfigError(f"summarize.{k} must be a positive integer; got {v!r}", key=k, source=source)
+    out = {**DEFAULTS, **settings}
+    if out["min_run"] < 3:
+        raise ConfigError("summarize.min_run must be at least 3", key="min_run", source=source)
+    if out["head_lines"] + out["tail_lines"] > out["max_lines"]:
+        raise ConfigError(
+            "summarize.head_lines + tail_lines must not exceed max_lines", key="max_lines", source=source
+        )
+    return out
+
+
+def options(settings: dict[str, Any] | None) -> Options:
+    """The text-transform options from a (normalized or partial) settings table."""
+    s = {**DEFAULTS, **(settings or {})}
+    return Options(**{f.name: s[f.name] for f in fields(Options)})
+
+
+def _memo(ctx: Any) -> OrderedDict[str, Result]:
+    state = ctx.state
+    if "memo" not in state:
+        with _lock:
+            state.setdefault("memo", OrderedDict())
+            state.setdefault("originals", {})
+            state.setdefault("lock", threading.Lock())
+    return state["memo"]  # type: ignore[no-any-return]
+
+
+def shrink_cached(text: str, opts: Options, ctx: Any, limit: int) -> Result:
+    """``shrink`` memoized per content hash and options in the plugin state (same input, same bytes)."""
+    if len(text) < opts.min_chars:
+        return Result(text, "small", False)
+    memo = _memo(ctx)
+    key = hashlib.sha256((canonical_json(asdict(opts)) + "\0" + text).encode()).hexdigest()
+    lock = ctx.state["lock"]
+    with lock:
+        hit = memo.get(key)
+        if hit is not None:
+            memo.move_to_end(key)
+            return hit
+    res = shrink(text, opts)
+    with lock:
+        memo[key] = res
+        while len(memo) > limit:
+            memo.popitem(last=False)
+    return res
+
+
+def _shrink_content(
+    content: Any, opts: Options, ctx: Any, settings: dict[str, Any], stats: dict[str, Any]
+) -> Any:
+    """The tool_result's content with its text shrunk, or the same object when nothing changed."""
+    limit = settings.get("memo_entries", DEFAULTS["memo_entries"])
+    if isinstance(content, str):
+        res = shrink_cached(content, opts, ctx, limit)
+        _tally(stats, content, res, ctx, settings)
+        return res.text if res.text != content else content
+    if isinstance(content, list):
+        new: list[Any] = []
+        changed = False
+        for b in content:
+            if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str):
+                res = shrink_cached(b["text"], opts, ctx, limit)
+                _tally(stats, b["text"], res, ctx, settings)
+                if res.text != b["text"]:
+                    b = {**b, "text": res.text}
+                    changed = True
+            new.append(b)
+        return new if changed else content
+    return content
+
+
+def _tally(stats: dict[str, Any], original: str, res: Result, ctx: Any, settings: dict[str, Any]) -> None:
+    if res.text == original:
+        return
+    kinds = stats.setdefault("kinds", {})
+    k = kinds.setdefault(res.kind, {"blocks": 0, "chars_before": 0, "chars_after": 0})
+    k["blocks"] += 1
+    k["chars_before"] += len(original)
+    k["chars_after"] += len(res.text)
+    if res.lossy:
+        stats["lossy_blocks"] = stats.get("lossy_blocks", 0) + 1
+        if settings.get("keep_originals"):
+            h = hashlib.sha256(original.encode()).hexdigest()
+            ctx.state["originals"][h] = original
+
+
+@hookimpl
+def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
+    """Shrink every large tool_result in the conversation (the same block always to the same bytes)."""
+    settings = (
+        ctx.settings
+        if ctx.settings and "min_chars" in ctx.settings
+        else tokensaver_configure(ctx.settings, "defaults")
+    )
+    opts = options(settings)
+    stats: dict[str, Any] = {}
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    new_messages: list[Any] = []
+    changed = False
+    for m in messages:
+        if not (isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), list)):
+            new_messages.append(m)
+            continue
+        blocks: list[Any] = []
+        mchanged = False
+        for b in m["content"]:
+            if isinstance(b, dict) and b.get("type") == "tool_result" and "content" in b:
+                c = _shrink_content(b["content"], opts, ctx, settings, stats)
+                if c is not b["content"]:
+                    b = {**b, "content": c}
+                    mchanged = True
+            blocks.append(b)
+        if mchanged:
+            m = {**m, "content": blocks}
+            changed = True
+        new_messages.append(m)
+    if stats:
+        ctx.record(**stats)
+    if not changed:
+        return None
+    return {**body, "messages": new_messages}
+
+
+@hookimpl
+def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per content kind: blocks rewritten and characters before/after, over the last call of each conversation."""
+    # every turn resends earlier tool results; count each conversation once, at its largest call
+    last: dict[str, dict[str, Any]] = {}
+    for c in calls:
+        n = (c.get("plugins") or {}).get(plugin)
+        if not isinstance(n, dict) or not n.get("kinds"):
+            continue
+        conv = str(c.get("conversation") or c.get("id"))
+        prev = last.get(conv)
+        total = sum(k["chars_before"] for k in n["kinds"].values())
+        if prev is None or total >= sum(k["chars_before"] for k in prev["kinds"].values()):
+            last[conv] = n
+    if not last:
+        return None
+    agg: dict[str, dict[str, int]] = {}
+    lossy = 0
+    for n in last.values():
+        lossy += int(n.get("lossy_blocks", 0))
+        for kind, k in n["kinds"].items():
+            a = agg.setdefault(kind, {"blocks": 0, "chars_before": 0, "chars_after": 0})
+            for f in a:
+                a[f] += int(k.get(f, 0))
+    rows = [
+        {
+            "kind": kind,
+            "blocks": a["blocks"],
+            "chars_before": a["chars_before"],
+            "chars_after": a["chars_after"],
+            "saved_pct": round(100 * (1 - a["chars_after"] / a["chars_before"]), 1)
+            if a["chars_before"]
+            else 0.0,
+        }
+        for kind, a in sorted(agg.items())
+    ]
+    before = sum(r["chars_before"] for r in rows)
+    after = sum(r["chars_after"] for r in rows)
+    return {
+        "title": "summarize: large tool results rewritten by content type",
+        "summary": f"{sum(r['blocks'] for r in rows)} tool results in {len(last)} conversation(s): "
+        f"{before} → {after} chars ({lossy} with lossy elisions)",
+        "rows": rows,
+    }

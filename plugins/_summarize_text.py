@@ -1,0 +1,519 @@
+"""Pure text transforms behind the summarize plugin: classify a tool output, then shrink it.
+
+Every function here is a pure function of its arguments (no clock, no state, no randomness), so the
+same tool output always gives the same bytes and prompt-cache prefixes stay stable turn after turn.
+
+Order of preference: lossless rewrites first (ANSI codes, carriage-return progress, trailing
+whitespace, JSON re-encoded compactly or as a table, grep output grouped by file, ls -l columns that
+are the same on every line); lossy only for clearly repetitive logs (runs of lines that differ only
+in numbers) and very long logs (head + tail + every line with an error, warning, trace frame or a
+path not shown elsewhere). Source code and numbered file contents (``cat -n``, ``12:``) are never
+elided: the model quotes them back when it edits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# -- classification ---------------------------------------------------------------------------
+
+ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+NUMBERED_RE = re.compile(r"^\s*\d+(?:[\t:│|]|\s{2,}|→)")
+CODE_LINE_RE = re.compile(
+    r"^\s*(?:def |class |import |from \S+ import |return\b|if .*:$|for .*:$|elif |else:|try:|except\b|"
+    r"function\b|const |let |var |public |private |#include|package |func |fn |impl |@\w+|"
+    r"[}\])];?$|.*[{;]$)"
+)
+IMPORTANT_RE = re.compile(
+    r"error|exception|traceback|warn|fail|fatal|panic|critical|denied|refused|timeout|timed out|"
+    r"not found|no such|cannot|can't|unable|invalid|undefined|assert|abort|segfault|killed|"
+    r"^\s+File \"|^\s+at \S|^\s*\w*Error\b|^E\s",
+    re.IGNORECASE,
+)
+PATH_RE = re.compile(
+    r"(?:[\w.@~-]+)?(?:/[\w.@+-]+)+/?|\b[\w-]+\.(?:py|js|ts|tsx|jsx|go|rs|rb|java|c|h|cpp|ex|exs|json|ya?ml|toml|md|txt|html|css|sh|sql)\b"
+)
+# path:line:text (grep -n) or path:text (grep -r); the path needs a slash or a file extension
+GREP_RE = re.compile(
+    r"^((?:\.{0,2}/)?(?:[\w.@+-]+/)*[\w@+-][\w.@+-]*\.[A-Za-z]\w{0,5}|(?:\.{0,2}/)?(?:[\w.@+-]+/)+[\w.@+-]+)"
+    r":(?:(\d+)([:-]))?(.*)$"
+)
+LS_RE = re.compile(
+    r"^([-dlcbps][-rwxsStT]{9}[.+@]?)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\d+|\d+,\s*\d+)\s+"
+    r"(\w{3}\s+\d{1,2}\s+(?:\d{1,2}:\d{2}|\d{4})|\d{4}-\d{2}-\d{2}\s+\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:\s+[+-]\d{4})?)\s+(.+)$"
+)
+B64_RE = re.compile(r"(?:data:[\w/+.-]+;base64,)?[A-Za-z0-9+/]{240,}={0,2}")
+WORD_RE = re.compile(r"[A-Za-z]{3,}")
+
+
+def strip_ansi(text: str) -> str:
+    """Remove terminal escape sequences (colours, cursor moves, OSC titles/links)."""
+    return ANSI_RE.sub("", text) if "\x1b" in text else text
+
+
+def resolve_cr(text: str) -> str:
+    """CRLF to LF, and for progress lines redrawn with a bare CR keep only what was finally shown."""
+    if "\r" not in text:
+        return text
+    text = text.replace("\r\n", "\n")
+    if "\r" not in text:
+        return text
+    return "\n".join(
+        line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line.rstrip("\r")
+        for line in text.split("\n")
+    )
+
+
+def is_code(lines: list[str]) -> bool:
+    """Numbered file contents or source code: shown exactly, never elided."""
+    nonblank = [ln for ln in lines if ln.strip()]
+    if not nonblank:
+        return False
+    numbered = sum(1 for ln in nonblank if NUMBERED_RE.match(ln))
+    if numbered >= 0.5 * len(nonblank):
+        return True
+    code = sum(1 for ln in nonblank if CODE_LINE_RE.match(ln))
+    return code >= 0.2 * len(nonblank)
+
+
+def is_binary(text: str) -> bool:
+    """Mostly control characters or replacement characters: not text meant for a reader."""
+    if not text:
+        return False
+    sample = text[:4096]
+    bad = sum(1 for ch in sample if (ord(ch) < 32 and ch not in "\n\r\t\x1b") or ch == "\ufffd")
+    return bad > 0.1 * len(sample)
+
+
+# -- JSON -------------------------------------------------------------------------------------
+
+
+class _RawNumber(str):
+    """A JSON number kept as written (1.50 stays 1.50, 1e3 stays 1e3)."""
+
+
+def _num(s: str) -> _RawNumber:
+    return _RawNumber(s)
+
+
+def parse_json(text: str) -> Any:
+    """JSON or JSON Lines (one object per line, returned as a list); raise ValueError if neither."""
+    s = text.strip()
+    if not s or s[0] not in "[{":
+        raise ValueError("not JSON")
+    try:
+        return json.loads(s, parse_float=_num, parse_int=_num, parse_constant=_num)
+    except ValueError:
+        rows = [ln for ln in s.split("\n") if ln.strip()]
+        if len(rows) < 2 or not all(r.lstrip().startswith("{") for r in rows):
+            raise
+        return [json.loads(r, parse_float=_num, parse_int=_num, parse_constant=_num) for r in rows]
+
+
+def dump(value: Any) -> str:
+    """Compact JSON, key order kept, numbers as written, UTF-8 kept."""
+    if isinstance(value, _RawNumber):
+        return str(value)
+    if isinstance(value, _Ref):
+        return f"<{value}>"
+    if isinstance(value, dict):
+        return (
+            "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + dump(v) for k, v in value.items()) + "}"
+        )
+    if isinstance(value, list):
+        return "[" + ",".join(dump(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+_BARE_UNSAFE = re.compile(r"^$|^\s|\s$|[|\n\r\t\\\"]|^(?:null|true|false|-?\d[\d.eE+-]*)$|^[\[{<]")
+
+
+def cell(value: Any) -> str:
+    """One table cell: strings bare when unambiguous, everything else as compact JSON."""
+    if (
+        isinstance(value, str)
+        and not isinstance(value, (_RawNumber, _Ref))
+        and not _BARE_UNSAFE.search(value)
+    ):
+        return value
+    return dump(value)
+
+
+def _flatten(rec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in rec.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v) and "." not in k:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _records(value: Any) -> list[dict[str, Any]] | None:
+    if isinstance(value, list) and len(value) >= 3 and all(isinstance(x, dict) for x in value):
+        if all(not any("." in k for k in x) for x in value):
+            return value
+    return None
+
+
+def table(rows: list[dict[str, Any]], name: str) -> str:
+    """A list of records as ``col|col`` rows under one schema line; nested objects become dotted columns."""
+    flat = [_flatten(r) for r in rows]
+    cols: list[str] = []
+    seen: set[str] = set()
+    for r in flat:
+        for k in r:
+            if k not in seen:
+                seen.add(k)
+                cols.append(k)
+    # a missing key is an empty cell; an empty string is "" (so the table stays lossless)
+    lines = [f"{name}: {len(rows)} records; columns: " + "|".join(cols)]
+    for r in flat:
+        lines.append("|".join(cell(r[c]) if c in r else "" for c in cols))
+    return "\n".join(lines)
+
+
+def json_compact(value: Any, *, max_rows: int) -> tuple[str, bool]:
+    """Record lists as tables (a placeholder in the compact JSON points at each), else compact JSON.
+
+    Tables longer than ``max_rows`` keep the first and last rows, every row that mentions an error,
+    warning or failure, and the number elided: the only lossy case (returns lossy=True).
+    """
+    tables: list[str] = []
+    lossy = False
+
+    def walk(v: Any) -> Any:
+        nonlocal lossy
+        recs = _records(v)
+        if recs is not None:
+            slot = len(tables)
+            name = f"table{slot + 1}"
+            tables.append("")  # reserved, so nested tables number after their parent
+            rows = [{k: walk(x) for k, x in r.items()} for r in recs]
+            t, cut = _cap_rows(rows, name, max_rows)
+            lossy = lossy or cut
+            tables[slot] = t
+            return _Ref(name)
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            # lists of record lists (e.g. itineraries of flights) become one table with a group column
+            if len(v) >= 2 and all(
+                isinstance(x, list) and x and all(isinstance(y, dict) for y in x) for x in v
+            ):
+                flat = [{"#": _RawNumber(str(i)), **y} for i, x in enumerate(v) for y in x]
+                if len(flat) >= 3 and all("#" not in y for x in v for y in x):
+                    return walk(flat)
+            return [walk(x) for x in v]
+        return v
+
+    top = walk(value)
+    if isinstance(top, _Ref):
+        return "\n".join(tables), lossy
+    head = dump(top)
+    return "\n".join([head, *tables]) if tables else head, lossy
+
+
+class _Ref(str):
+    """A placeholder for a table, dumped as <tableN>."""
+
+
+def _cap_rows(rows: list[dict[str, Any]], name: str, max_rows: int) -> tuple[str, bool]:
+    if len(rows) <= max_rows:
+        return table(rows, name), False
+    head, tail = max_rows * 2 // 3, max_rows // 3
+    keep = set(range(head)) | set(range(len(rows) - tail, len(rows)))
+    for i, r in enumerate(rows):
+        if IMPORTANT_RE.search(dump(r)):
+            keep.add(i)
+    kept = [rows[i] for i in sorted(keep)]
+    t = table(kept, name)
+    return (
+        t
+        + f"\n[{name}: {len(rows) - len(kept)} of {len(rows)} records elided; kept first, last and any with errors]",
+        True,
+    )
+
+
+# -- lines: logs, listings, grep --------------------------------------------------------------
+
+
+def _mask(line: str) -> str:
+    # only free-standing numbers (counters, times, sizes), never digits inside a name like fixture1.json
+    return re.sub(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])", "0", re.sub(r"\b[0-9a-f]{7,}\b", "H", line))
+
+
+def collapse_repeats(lines: list[str], min_run: int) -> tuple[list[str], bool]:
+    """Exact repeats become one line plus a count; runs of >= min_run lines differing only in numbers
+    keep first and last (lossy). Lines with errors or warnings are always kept."""
+    out: list[str] = []
+    lossy = False
+    i = 0
+    n = len(lines)
+    while i < n:
+        j = i + 1
+        while j < n and lines[j] == lines[i]:
+            j += 1
+        if j - i >= 3 and lines[i].strip():
+            out.append(lines[i])
+            out.append(f"[previous line repeated {j - i - 1} more times]")
+            i = j
+            continue
+        m = _mask(lines[i])
+        j = i + 1
+        while j < n and lines[j].strip() and _mask(lines[j]) == m and not IMPORTANT_RE.search(lines[j]):
+            j += 1
+        if j - i >= min_run and lines[i].strip() and not IMPORTANT_RE.search(lines[i]) and m != lines[i]:
+            out.append(lines[i])
+            out.append(f"[… {j - i - 2} similar lines (differing only in numbers) …]")
+            out.append(lines[j - 1])
+            lossy = True
+            i = j
+            continue
+        out.append(lines[i])
+        i += 1
+    return out, lossy
+
+
+def is_prose(lines: list[str]) -> bool:
+    """Documents and reports (long lines of words, Markdown): never cut, whatever their length."""
+    nonblank = [ln for ln in lines if ln.strip()]
+    if not nonblank:
+        return False
+    prose = 0
+    for ln in nonblank:
+        words = ln.split()
+        if len(words) >= 8 and sum(1 for w in words if WORD_RE.match(w)) >= 0.6 * len(words):
+            prose += 1
+    if prose >= 0.2 * len(nonblank):
+        return True
+    headings = sum(1 for ln in nonblank if re.match(r"#{1,6} \S", ln))
+    tables = any(re.match(r"\|?\s*:?-{3,}:?\s*\|", ln) for ln in nonblank)
+    return headings >= 3 or (tables and headings >= 1)
+
+
+def cap_lines(lines: list[str], max_lines: int, head: int, tail: int) -> tuple[list[str], bool]:
+    """Keep head, tail and every middle line that has an error/warning/trace frame or a path not
+    already shown; mark each elided stretch with its line count."""
+    if len(lines) <= max_lines:
+        return lines, False
+    keep = [False] * len(lines)
+    for i in range(min(head, len(lines))):
+        keep[i] = True
+    for i in range(max(0, len(lines) - tail), len(lines)):
+        keep[i] = True
+    shown: set[str] = set()
+    for i, ln in enumerate(lines):
+        if keep[i]:
+            shown.update(PATH_RE.findall(ln))
+    for i, ln in enumerate(lines):
+        if keep[i]:
+            continue
+        if IMPORTANT_RE.search(ln):
+            keep[i] = True
+        else:
+            paths = set(PATH_RE.findall(ln)) - shown
+            if paths:
+                keep[i] = True
+                shown |= paths
+    out: list[str] = []
+    gap = 0
+    for i, ln in enumerate(lines):
+        if keep[i]:
+            if gap:
+                out.append(f"[… {gap} lines elided …]")
+                gap = 0
+            out.append(ln)
+        else:
+            gap += 1
+    if gap:
+        out.append(f"[… {gap} lines elided …]")
+    return out, any(not k for k in keep)
+
+
+def group_grep(lines: list[str]) -> list[str] | None:
+    """``path:line:text`` hits grouped under each path (lossless); None if this is not grep output."""
+    parsed = [GREP_RE.match(ln) for ln in lines if ln.strip()]
+    if sum(1 for p in parsed if p) < max(4, 0.7 * len(parsed)):
+        return None
+    out: list[str] = []
+    current = None
+    for ln in lines:
+        m = GREP_RE.match(ln)
+        if not m:
+            if ln.strip():
+                out.append(ln)
+                current = None
+            continue
+        path, num, sep, rest = m.groups()
+        if path != current:
+            out.append(f"{path}:")
+            current = path
+        out.append(f"  {num}{sep}{rest}" if num else f"  {rest}")
+    return out
+
+
+def compact_ls(lines: list[str]) -> list[str] | None:
+    """``ls -l`` listings without the owner/group/link columns when they are the same everywhere."""
+    rows = [(ln, LS_RE.match(ln)) for ln in lines]
+    matched = [m for _, m in rows if m]
+    if len(matched) < 4 or len(matched) < 0.8 * len([ln for ln in lines if ln.strip()]):
+        return None
+    owners = {(m.group(3), m.group(4)) for m in matched}
+    if len(owners) != 1:
+        return None
+    owner, group = owners.pop()
+    out = [f"[ls -l; owner {owner}, group {group} on every entry; columns: mode links size date name]"]
+    for ln, m in rows:
+        if m:
+            mode, links, _, _, size, date, name = m.groups()
+            out.append(f"{mode} {links} {size} {' '.join(date.split())} {name}")
+        else:
+            out.append(ln)
+    return out
+
+
+# -- HTML, blobs ------------------------------------------------------------------------------
+
+_HTML_DROP = re.compile(r"<(script|style|noscript|svg|head)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_HTML_BREAK = re.compile(
+    r"<\s*(?:br|/p|/div|/li|/h[1-6]|/tr|/table|/section|/article|p|div|li|h[1-6]|tr)\b[^>]*>", re.IGNORECASE
+)
+_HTML_LINK = re.compile(
+    r"<a\b[^>]*?href\s*=\s*[\"']([^\"']+)[\"'][^>]*>(.*?)</a\s*>", re.IGNORECASE | re.DOTALL
+)
+_HTML_TAG = re.compile(r"<[^>]+>")
+
+
+def is_web_page(text: str) -> bool:
+    """A fetched HTML page (doctype or <html> root plus head/script/style), not a snippet being edited."""
+    head = text.lstrip()[:512].lower()
+    if not (head.startswith("<!doctype html") or head.startswith("<html")):
+        return False
+    low = text.lower()
+    return "<head" in low and ("<script" in low or "<style" in low or "<meta" in low)
+
+
+def html_to_text(text: str) -> str:
+    """Visible text of a page, links kept as ``text (url)``, title kept."""
+    title = re.search(r"<title[^>]*>(.*?)</title\s*>", text, re.IGNORECASE | re.DOTALL)
+    body = _HTML_DROP.sub(" ", text)
+    body = re.sub(r"<!--.*?-->", " ", body, flags=re.DOTALL)
+    body = _HTML_LINK.sub(lambda m: f"{m.group(2)} ({m.group(1)})", body)
+    body = _HTML_BREAK.sub("\n", body)
+    body = html.unescape(_HTML_TAG.sub(" ", body))
+    lines = [re.sub(r"[ \t\u00a0]+", " ", ln).strip() for ln in body.split("\n")]
+    out = [ln for ln in lines if ln]
+    if title:
+        out.insert(0, "Title: " + " ".join(html.unescape(title.group(1)).split()))
+    return "\n".join(out)
+
+
+def elide_blobs(text: str) -> tuple[str, bool]:
+    """Long base64 runs (and data: URIs) replaced by their length and a short sha256."""
+    changed = False
+
+    def sub(m: re.Match[str]) -> str:
+        nonlocal changed
+        s = m.group(0)
+        if not re.search(r"\d", s) or not re.search(r"[A-Z]", s) or not re.search(r"[a-z]", s):
+            return s  # long words of one kind are not base64 data
+        changed = True
+        h = hashlib.sha256(s.encode()).hexdigest()[:12]
+        return f"[base64 data: {len(s)} chars, sha256 {h}]"
+
+    return B64_RE.sub(sub, text), changed
+
+
+def describe_binary(text: str) -> str:
+    """A short description of binary output: size, hash and its printable strings."""
+    h = hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:12]
+    strings = re.findall(r"[\x20-\x7e]{6,}", text)
+    shown = " ".join(strings)[:400]
+    return f"[binary output: {len(text)} chars, sha256 {h}; printable strings: {shown}]"
+
+
+# -- the entry point --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    """Knobs for :func:`shrink` (from the plugin's settings)."""
+
+    min_chars: int = 2000
+    max_lines: int = 400
+    head_lines: int = 120
+    tail_lines: int = 80
+    min_run: int = 5
+    max_rows: int = 400
+    html: bool = True
+    lossy: bool = True
+
+
+@dataclass(frozen=True)
+class Result:
+    """The shrunk text, what it was taken for and whether anything was dropped."""
+
+    text: str
+    kind: str
+    lossy: bool
+
+
+def shrink(text: str, opts: Options) -> Result:
+    """Shrink one tool output by what it is; the input unchanged (kind ``small``/``kept``) when nothing helps."""
+    if len(text) < opts.min_chars:
+        return Result(text, "small", False)
+    t = resolve_cr(strip_ansi(text))
+    if is_binary(t):
+        return _best(text, describe_binary(t), "binary", True)
+    try:
+        value = parse_json(t)
+    except (ValueError, RecursionError):
+        value = None
+    if value is not None:
+        out, lossy = json_compact(value, max_rows=opts.max_rows if opts.lossy else 10**9)
+        return _best(text, out, "json", lossy)
+    if opts.html and is_web_page(t):
+        return _best(text, html_to_text(t), "html", True)
+    lines = t.split("\n")
+    if is_code(lines):
+        # exact contents: only escape codes and CRs are removed
+        return _best(text, t, "code", False)
+    lines = [ln.rstrip() for ln in lines]
+    kind = "text"
+    lossy = False
+    grouped = group_grep(lines)
+    if grouped is not None:
+        lines, kind = grouped, "grep"
+    else:
+        ls = compact_ls(lines)
+        if ls is not None:
+            lines, kind = ls, "listing"
+    if opts.lossy and kind != "grep":
+        lines, cut = collapse_repeats(lines, opts.min_run)
+        lossy = lossy or cut
+        if not is_prose(lines):
+            lines, cut = cap_lines(lines, opts.max_lines, opts.head_lines, opts.tail_lines)
+            lossy = lossy or cut
+        if cut or lossy:
+            kind = "log" if kind == "text" else kind
+    out = "\n".join(lines)
+    if opts.lossy:
+        out, blobs = elide_blobs(out)
+        if blobs:
+            lossy = True
+            kind = "blob" if kind == "text" else kind
+    return _best(text, out, kind, lossy)
+
+
+def _best(original: str, new: str, kind: str, lossy: bool) -> Result:
+    # a rewrite that saves under 2% is not worth changing what the model is used to reading
+    if len(new) >= 0.98 * len(original):
+        return Result(original, kind if new == original else f"{kind}:kept", False)
+    return Result(new, kind, lossy)

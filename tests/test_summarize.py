@@ -1,0 +1,440 @@
+"""summarize: per content type on real tool outputs (size before/after, facts kept), determinism, hooks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokensaver_plugins import summarize
+from tokensaver_plugins._summarize_text import Options, parse_json, shrink
+
+from tokensaver.context import make_context
+from tokensaver.errors import ConfigError
+from tokensaver.tokens import count_text
+
+DATA = Path(__file__).parent / "data" / "summarize"
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+if not TRACES.exists():
+    TRACES = Path("/work/shared/traces")
+
+# identifiers, numbers, paths and quoted strings (the "facts" an agent quotes back)
+FACT_RE = re.compile(
+    r"\"([^\"\n]{2,80})\"|'([^'\n]{2,80})'|`([^`\n]{2,80})`|"
+    r"([A-Za-z_][\w.]*(?:/[\w.-]+)+|(?:[\w.-]*/)+[\w.-]+|[A-Za-z_]\w*(?:\.\w+)+|[A-Za-z_]*\d[\w.:-]*|"
+    r"[A-Za-z]+_\w+|[a-z]+[A-Z]\w*|[A-Z][a-z]+[A-Z]\w*|\d+(?:\.\d+)?)"
+)
+
+
+def facts(text: str) -> set[str]:
+    out = set()
+    for m in FACT_RE.finditer(text):
+        f = next(g for g in m.groups() if g).strip(".:,")
+        if len(f) >= 2:
+            out.add(f)
+    return out
+
+
+def used_facts(text: str, next_reply: str) -> set[str]:
+    """Facts in the tool output that the agent's next reply used."""
+    return facts(text) & facts(next_reply)
+
+
+def sample(name: str) -> dict:
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+# -- per content type, on real outputs (tests/data, copied from shared/traces) ----------------
+
+CASES = [
+    # name, expected kind, lossless?, minimum token saving
+    ("json_tau_flights", "json", True, 0.40),
+    ("grep_django", "grep", True, 0.15),
+    ("log_mix_compile", "log", False, 0.25),
+    ("log_repetitive_django", "log", False, 0.30),
+    ("blob_exunit_session", "blob", False, 0.03),
+]
+
+
+@pytest.mark.parametrize("name, kind, lossless, min_saving", CASES)
+def test_real_outputs_shrink_and_keep_the_facts_the_agent_used(name, kind, lossless, min_saving):
+    s = sample(name)
+    res = shrink(s["text"], Options())
+    before, after = count_text(s["text"]), count_text(res.text)
+    print(f"{name}: {len(s['text'])} -> {len(res.text)} chars, {before} -> {after} tokens ({res.kind})")
+    assert res.kind == kind
+    assert res.lossy is (not lossless)
+    assert after <= (1 - min_saving) * before
+    needed = used_facts(s["text"], s["next"])
+    assert all(f in res.text for f in needed), needed - {f for f in needed if f in res.text}
+
+
+def test_numbered_source_is_never_changed():
+    s = sample("code_numbered_django")
+    res = shrink(s["text"] * 3, Options())
+    assert res.kind == "code" and res.text == s["text"] * 3
+
+
+def test_pip_log_keeps_its_facts():
+    s = sample("log_pip_install")
+    res = shrink(s["text"], Options())
+    assert used_facts(s["text"], s["next"]) <= {f for f in facts(s["text"]) if f in res.text}
+    assert len(res.text) <= len(s["text"])
+
+
+def test_json_table_is_lossless():
+    s = sample("json_tau_flights")
+    res = shrink(s["text"], Options())
+    value = json.loads(s["text"])
+    # every scalar of the original is in the table, exactly as written
+    scalars: list[str] = []
+
+    def walk(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        else:
+            scalars.append(v if isinstance(v, str) else json.dumps(v))
+
+    walk(value)
+    assert all(x in res.text for x in scalars)
+    header = res.text.split("\n")[0]
+    assert (
+        header.startswith("table1: ") and "columns: #|flight_number|" in header and "prices.economy" in header
+    )
+
+
+# -- synthetic content types ------------------------------------------------------------------
+
+
+def test_json_numbers_are_kept_as_written_and_ambiguous_strings_quoted():
+    rows = [
+        {"id": i, "price": "1.50" if i == 0 else 2.50, "note": None if i else "", "ok": True}
+        for i in range(40)
+    ]
+    text = json.dumps(rows, indent=2).replace("2.5", "2.50")
+    res = shrink(text, Options())
+    assert res.kind == "json" and not res.lossy
+    lines = res.text.split("\n")
+    assert lines[0] == "table1: 40 records; columns: id|price|note|ok"
+    assert lines[1] == '0|"1.50"|""|true'
+    assert lines[2] == "1|2.50|null|true"
+
+
+def test_non_tabular_json_is_compacted_with_key_order_kept():
+    doc = {"z": 1, "a": {"nested": [1, 2, {"k": "v"}]}, "text": "x" * 3000}
+    res = shrink(json.dumps(doc, indent=4), Options())
+    assert res.kind == "json" and res.text == json.dumps(doc, separators=(",", ":"))
+
+
+def test_nested_record_lists_become_referenced_tables():
+    doc = {"total": 3, "results": [{"id": f"r{i}", "tags": ["a", "b"], "err": None} for i in range(60)]}
+    res = shrink(json.dumps(doc, indent=2), Options())
+    assert res.text.startswith('{"total":3,"results":<table1>}\ntable1: 60 records; columns: id|tags|err')
+
+
+def test_huge_record_lists_keep_head_tail_and_error_rows():
+    rows = [{"i": i, "status": "ok"} for i in range(2000)]
+    rows[1000]["status"] = "ERROR: disk full"
+    res = shrink(json.dumps(rows), Options(max_rows=100))
+    assert res.lossy and "ERROR: disk full" in res.text and "1999|ok" in res.text
+    assert "records elided" in res.text
+    assert not shrink(json.dumps(rows), Options(max_rows=100, lossy=False)).lossy
+
+
+def test_jsonl_is_tabled():
+    text = "\n".join(json.dumps({"ts": i, "level": "info", "msg": f"event {i}"}) for i in range(80))
+    res = shrink(text, Options())
+    assert res.kind == "json" and res.text.startswith("table1: 80 records; columns: ts|level|msg")
+
+
+def test_ansi_and_progress_redraws_are_removed():
+    text = (
+        "".join(f"\x1b[32mDownloading\x1b[0m {i}%\r" for i in range(100))
+        + "done\n"
+        + "\x1b[1mok\x1b[0m line\n" * 2
+    )
+    res = shrink(text * 3, Options(min_chars=10))
+    assert "\x1b" not in res.text and "\r" not in res.text and "done" in res.text
+
+
+def test_repetitive_log_keeps_errors_head_tail_and_counts():
+    lines = [f"2024-01-01 10:00:{i % 60:02d} INFO processed batch {i} in {i * 3} ms" for i in range(500)]
+    lines[250] = "2024-01-01 10:04:10 ERROR batch 250 failed: /srv/app/worker.py line 88"
+    lines += [
+        "Traceback (most recent call last):",
+        '  File "/srv/app/main.py", line 12, in <module>',
+        "ValueError: bad",
+    ]
+    res = shrink("\n".join(lines), Options())
+    assert res.kind == "log" and res.lossy
+    for must in (
+        lines[0],
+        lines[249],
+        lines[250],
+        lines[251],
+        lines[499],
+        "ValueError: bad",
+        '"/srv/app/main.py", line 12',
+    ):
+        assert must in res.text
+    assert "similar lines (differing only in numbers)" in res.text
+    assert len(res.text) < 0.1 * len("\n".join(lines))
+
+
+def test_exact_repeats_collapse_with_a_count():
+    text = "start\n" + "same warning-free line\n" * 200 + "end\n"
+    res = shrink(text, Options())
+    assert res.text == "start\nsame warning-free line\n[previous line repeated 199 more times]\nend\n"
+
+
+def test_long_log_is_capped_but_keeps_unseen_paths_and_errors():
+    lines = [f"step {chr(97 + i % 26)}{chr(97 + i // 26 % 26)} compiled" for i in range(1200)]
+    lines[600] = "compiling lib/app/special_module.ex"
+    lines[700] = "warning: variable x is unused"
+    res = shrink("\n".join(lines), Options())
+    assert "lib/app/special_module.ex" in res.text and "warning: variable x is unused" in res.text
+    assert "lines elided" in res.text and res.lossy
+
+
+def test_markdown_documents_are_not_cut():
+    doc = "\n".join(["# Title", "## Section", "### Sub"] + [f"- item {i}: see `cfg_{i}`" for i in range(900)])
+    res = shrink(doc, Options())
+    assert all(f"cfg_{i}" in res.text for i in range(900))
+
+
+def test_ls_listing_drops_repeated_owner_columns():
+    rows = [f"-rw-r--r--  1 alice staff  {100 + i:5d} Mar  3 12:{i % 60:02d} file_{i}.py" for i in range(60)]
+    res = shrink("total 240\n" + "\n".join(rows), Options())
+    assert res.kind == "listing" and "alice" in res.text.split("\n")[0] and res.text.count("alice") == 1
+    assert all(f"file_{i}.py" in res.text for i in range(60))
+
+
+def test_web_page_becomes_text_with_links():
+    page = (
+        "<!DOCTYPE html><html><head><title>Docs &amp; API</title><style>body{color:red}</style>"
+        "<script>var x = 1;</script></head><body><h1>Install</h1><p>Run <code>pip install foo</code>.</p>"
+        '<a href="https://example.com/guide">the guide</a>'
+        + "<div class='pad'>&nbsp;</div>" * 300
+        + "</body></html>"
+    )
+    res = shrink(page, Options())
+    assert res.kind == "html"
+    assert res.text.startswith("Title: Docs & API\nInstall")
+    assert "pip install foo" in res.text and "the guide (https://example.com/guide)" in res.text
+    assert "color:red" not in res.text and "var x" not in res.text
+    assert shrink(page, Options(html=False)).kind != "html"
+
+
+def test_base64_blob_elided_binary_described():
+    blob = "aGVsbG8gd29ybGQ" * 100 + "Zm9vYmFy1234=="
+    res = shrink(
+        f"Uploaded image:\ndata:image/png;base64,{blob}\nsaved as out.png\n" + "x " * 1000, Options()
+    )
+    assert "[base64 data:" in res.text and "saved as out.png" in res.text and blob not in res.text
+    binary = "".join(chr(i % 32) for i in range(3000)) + "ELF-header-string"
+    res = shrink(binary, Options())
+    assert res.kind == "binary" and "ELF-header-string" in res.text
+
+
+def test_source_code_is_not_elided_even_when_long_and_repetitive():
+    code = "\n".join(f"def handler_{i}(x):\n    return x + {i}\n" for i in range(400))
+    res = shrink(code, Options())
+    assert res.text == code
+
+
+def test_small_results_are_left_alone():
+    text = "ERROR " * 100
+    assert shrink(text, Options()).text == text
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(min_size=0, max_size=5000))
+def test_shrink_is_a_pure_function_and_never_grows(text):
+    a = shrink(text, Options(min_chars=50))
+    b = shrink(text, Options(min_chars=50))
+    assert a == b and len(a.text) <= len(text)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda c: st.lists(c, max_size=6) | st.dictionaries(st.text(max_size=8), c, max_size=6),
+        max_leaves=60,
+    )
+)
+def test_compact_json_round_trips(value):
+    text = json.dumps(value, indent=3)
+    res = shrink(text, Options(min_chars=1))
+    if res.kind == "json" and not res.text.startswith("table1:") and "\ntable" not in res.text:
+        assert json.loads(res.text) == json.loads(text)
+    if isinstance(value, (list, dict)):
+        assert parse_json(text) is not None
+
+
+# -- hooks ------------------------------------------------------------------------------------
+
+
+def conversation(tool_text: str) -> dict:
+    return {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1000,
+        "messages": [
+            {"role": "user", "content": "find flights"},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": "t1", "name": "search", "input": {}}],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "t1",
+                        "content": tool_text,
+                        "cache_control": {"type": "ephemeral"},
+                    },
+                    {"type": "text", "text": tool_text},
+                ],
+            },
+        ],
+    }
+
+
+def run_hook(body, states=None, **settings_):
+    ctx = make_context(
+        body,
+        plugin="summarize",
+        settings=summarize.tokensaver_configure(settings_, "test"),
+        states=states if states is not None else {},
+    )
+    return summarize.tokensaver_transform_request(body, ctx), ctx
+
+
+def test_transform_rewrites_only_tool_results_and_never_mutates():
+    text = sample("json_tau_flights")["text"]
+    body = conversation(text)
+    frozen = copy.deepcopy(body)
+    out, ctx = run_hook(body)
+    assert body == frozen
+    block = out["messages"][2]["content"][0]
+    assert block["content"].startswith("table1:") and block["cache_control"] == {"type": "ephemeral"}
+    assert out["messages"][2]["content"][1]["text"] == text  # a user's own text is not a tool result
+    assert out["messages"][:2] == body["messages"][:2]
+    kinds = ctx.notes["summarize"]["kinds"]
+    assert kinds["json"]["blocks"] == 1 and kinds["json"]["chars_after"] < kinds["json"]["chars_before"]
+
+
+def test_list_content_text_blocks_are_rewritten_images_kept():
+    text = sample("grep_django")["text"]
+    img = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+    body = conversation("x")
+    body["messages"][2]["content"][0]["content"] = [{"type": "text", "text": text}, img]
+    out, _ = run_hook(body)
+    inner = out["messages"][2]["content"][0]["content"]
+    assert inner[1] == img and inner[0]["text"] != text and len(inner[0]["text"]) < len(text)
+
+
+def test_same_block_gives_same_bytes_on_every_turn_and_across_clients():
+    text = sample("log_mix_compile")["text"]
+    states: dict = {}
+    first, _ = run_hook(conversation(text), states)
+    # later turn: the same result, now deeper in a longer conversation, same client state
+    later = conversation(text)
+    later["messages"] += [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t2", "name": "search", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t2", "content": "short"}]},
+    ]
+    second, _ = run_hook(later, states)
+    fresh, _ = run_hook(conversation(text), {})
+    assert first["messages"][2] == second["messages"][2] == fresh["messages"][2]
+    assert json.dumps(first["messages"][2]).encode() == json.dumps(fresh["messages"][2]).encode()
+
+
+def test_nothing_to_do_returns_none():
+    out, ctx = run_hook(conversation("short result"))
+    assert out is None and "summarize" not in ctx.notes
+
+
+def test_lossless_only_setting_and_keep_originals():
+    text = sample("log_repetitive_django")["text"]
+    out, _ = run_hook(conversation(text), lossy=False)
+    assert out is None or "elided" not in json.dumps(out)
+    states: dict = {}
+    out, ctx = run_hook(conversation(text), states, keep_originals=True)
+    assert text in states["summarize"]["originals"].values() and ctx.notes["summarize"]["lossy_blocks"] == 1
+
+
+@pytest.mark.parametrize(
+    "table, key",
+    [
+        ({"min_chars": 0}, "min_chars"),
+        ({"lossy": "no"}, "lossy"),
+        ({"foo": 1}, "foo"),
+        ({"min_run": 2}, "min_run"),
+        ({"head_lines": 500}, "max_lines"),
+    ],
+)
+def test_configure_rejects_bad_values(table, key):
+    with pytest.raises(ConfigError) as e:
+        summarize.tokensaver_configure(table, "tokensaver.toml")
+    assert e.value.key == key and "tokensaver.toml" in str(e.value)
+
+
+def test_report_section_counts_each_conversation_once():
+    note = {"kinds": {"json": {"blocks": 1, "chars_before": 1000, "chars_after": 300}}}
+    bigger = {"kinds": {"json": {"blocks": 2, "chars_before": 2000, "chars_after": 600}}, "lossy_blocks": 1}
+    calls = [
+        {"id": "c1", "conversation": "a", "plugins": {"summarize": note}},
+        {"id": "c2", "conversation": "a", "plugins": {"summarize": bigger}},
+        {"id": "c3", "conversation": "b", "plugins": {}},
+    ]
+    sec = summarize.tokensaver_report_section("summarize", calls)
+    assert sec["rows"] == [
+        {"kind": "json", "blocks": 2, "chars_before": 2000, "chars_after": 600, "saved_pct": 70.0}
+    ]
+    assert "1 with lossy" in sec["summary"]
+
+
+# -- the whole corpus (slow; skipped without /work/shared/traces) -----------------------------
+
+
+def _tool_results(path: Path):
+    conv = json.loads(path.read_text())
+    for seg in conv["segments"]:
+        msgs = seg["request"]["messages"]
+        for i, m in enumerate(msgs[:-1]):
+            if m["role"] != "user" or isinstance(m["content"], str):
+                continue
+            nxt = msgs[i + 1]["content"]
+            reply = nxt if isinstance(nxt, str) else json.dumps(nxt, ensure_ascii=False)
+            for b in m["content"]:
+                if b.get("type") == "tool_result" and isinstance(b.get("content"), str):
+                    yield b["content"], reply
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TRACES.exists(), reason="shared traces not present")
+def test_default_settings_keep_995_percent_of_used_facts_over_the_traces():
+    total = kept = before = after = 0
+    for folder in ("tau-bench", "swe-agent", "mini-swe-agent-gemini3", "claude-code-spotter"):
+        for path in sorted((TRACES / folder).glob("*.json")):
+            for text, reply in _tool_results(path):
+                res = shrink(text, Options())
+                needed = used_facts(text, reply)
+                total += len(needed)
+                kept += sum(1 for f in needed if f in res.text)
+                before += len(text)
+                after += len(res.text)
+    print(f"facts kept {kept}/{total}; chars {before} -> {after}")
+    assert total > 1000
+    assert kept >= 0.995 * total
+    assert after < 0.99 * before
