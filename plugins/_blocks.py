@@ -104,7 +104,7 @@ def cacheable(block: Any) -> bool:
         return False
     if block.get("type") in THINKING_TYPES:
         return False
-    if block.get("type") == "text" and not block.get("text"):
+    if block.get("type") == "text" and not str(block.get("text", "")).strip():
         return False
     return True
 
