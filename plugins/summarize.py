@@ -208,7 +208,7 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
             a = agg.setdefault(kind, {"blocks": 0, "chars_before": 0, "chars_after": 0})
             for f in a:
                 a[f] += int(k.get(f, 0))
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "kind": kind,
             "blocks": a["blocks"],

@@ -413,3 +413,116 @@ def test_report_section_counts_hits_and_avoided_cost():
         {"call": "c2", "model": "m", "input_tokens": 20, "output_tokens": 2, "saved_usd": 0.25}
     ]
     assert memoize.tokensaver_report_section("memoize", [calls[2]]) is None
+
+
+# -- end to end: wrap() against the emulator --------------------------------------------------
+
+
+def _e2e_clients(emu, tmp_path, key="sk-test-key"):
+    import anthropic
+
+    import tokensaver
+
+    opts = {"base_url": emu.url, "api_key": key, "max_retries": 0}
+    config = {
+        "plugins": ["memoize"],
+        "memoize": {"dir": str(tmp_path / "memo")},
+        "runs_dir": str(tmp_path / "runs"),
+    }
+    return (
+        tokensaver.wrap(anthropic.Anthropic(**opts), config=config),
+        tokensaver.wrap(anthropic.AsyncAnthropic(**opts), config=config),
+    )
+
+
+@pytest.fixture
+def emu():
+    emulator = pytest.importorskip("tokensaver.emulator")
+    with emulator.Emulator(virtual_clock=True) as e:
+        yield e
+
+
+KW = {
+    "model": "claude-sonnet-4-6",
+    "max_tokens": 50,
+    "messages": [{"role": "user", "content": "Capital of France?"}],
+}
+
+
+def _answer(client, mode):
+    if mode == "create":
+        return client.messages.create(**KW).model_dump()
+    if mode == "create_stream":
+        events = list(client.messages.create(**KW, stream=True))
+        return "".join(e.delta.text for e in events if e.type == "content_block_delta")
+    if mode == "stream_helper":
+        with client.messages.stream(**KW) as s:
+            return s.get_final_message().model_dump()
+    raw = client.messages.with_raw_response.create(**KW)
+    return raw.headers.get("x-tokensaver-cache"), raw.parse().model_dump()
+
+
+def test_e2e_second_identical_request_never_reaches_the_network_in_any_mode(emu, tmp_path):
+    sync, _ = _e2e_clients(emu, tmp_path)
+    emu.reply("Paris.")
+    first = sync.messages.create(**KW).model_dump()
+    assert len(emu.requests) == 1
+    assert _answer(sync, "create") == first
+    assert _answer(sync, "create_stream") == "Paris."
+    assert _answer(sync, "stream_helper") == first
+    header, parsed = _answer(sync, "raw")
+    assert header == "hit" and parsed == first
+    assert len(emu.requests) == 1
+    rec = sync.tokensaver.records[-1]
+    assert rec["short_circuit"] == "memoize" and rec["cost_usd"] == 0
+    assert rec["plugins"]["memoize"]["usage"]["input_tokens"] == first["usage"]["input_tokens"]
+
+
+def test_e2e_streamed_first_call_is_stored_for_a_plain_one(emu, tmp_path):
+    sync, _ = _e2e_clients(emu, tmp_path)
+    emu.reply("Paris.")
+    with sync.messages.stream(**KW) as s:
+        first = s.get_final_message().model_dump()
+    assert sync.messages.create(**KW).model_dump() == first
+    assert len(emu.requests) == 1
+
+
+def test_e2e_async_client_hits(emu, tmp_path):
+    import asyncio
+
+    _, aclient = _e2e_clients(emu, tmp_path)
+    emu.reply("Paris.")
+
+    async def main():
+        a = (await aclient.messages.create(**KW)).model_dump()
+        b = (await aclient.messages.create(**KW)).model_dump()
+        return a, b
+
+    a, b = asyncio.run(main())
+    assert a == b and len(emu.requests) == 1
+
+
+def test_e2e_other_key_model_or_parameter_is_a_miss_and_opt_out_works(emu, tmp_path):
+    sync, _ = _e2e_clients(emu, tmp_path)
+    other_key, _ = _e2e_clients(emu, tmp_path, key="sk-other-key")
+    emu.reply("Paris.")
+    sync.messages.create(**KW)
+    other_key.messages.create(**KW)
+    sync.messages.create(**{**KW, "model": "claude-haiku-4-5"})
+    sync.messages.create(**{**KW, "max_tokens": 51})
+    sync.messages.create(**KW, extra_headers={"x-tokensaver-memoize": "off"})
+    assert len(emu.requests) == 5
+    assert "x-tokensaver-memoize" not in {k.lower() for k in emu.last.headers}
+    sync.messages.create(**KW)
+    assert len(emu.requests) == 5
+
+
+def test_e2e_concurrent_identical_requests_make_one_upstream_call(emu, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    sync, _ = _e2e_clients(emu, tmp_path)
+    emu.reply("Paris.")
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: sync.messages.create(**KW).content[0].text, range(6)))
+    assert answers == ["Paris."] * 6
+    assert len(emu.requests) == 1
