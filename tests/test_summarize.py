@@ -438,3 +438,38 @@ def test_default_settings_keep_995_percent_of_used_facts_over_the_traces():
     assert total > 1000
     assert kept >= 0.995 * total
     assert after < 0.99 * before
+
+
+# -- end to end: wrap() against the emulator --------------------------------------------------
+
+
+def test_e2e_turn_k_plus_1_starts_with_the_bytes_of_turn_k(tmp_path):
+    anthropic = pytest.importorskip("anthropic")
+    emulator = pytest.importorskip("tokensaver.emulator")
+    import tokensaver
+
+    text = sample("json_tau_flights")["text"]
+    turn1 = conversation(text)["messages"][:2] + [
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": text}]}
+    ]
+    turn2 = turn1 + [
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "t2", "name": "search", "input": {"d": 2}}],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "t2", "content": text.replace("HAT", "HAX")}],
+        },
+    ]
+    with emulator.Emulator(virtual_clock=True) as emu:
+        client = tokensaver.wrap(
+            anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0),
+            config={"plugins": ["summarize"], "runs_dir": str(tmp_path)},
+        )
+        for msgs in (turn1, turn2):
+            client.messages.create(model="claude-sonnet-4-6", max_tokens=20, messages=msgs)
+        sent = [r.body["messages"] for r in emu.requests]
+    assert sent[0][2]["content"][0]["content"].startswith("table1:")
+    assert json.dumps(sent[1][: len(sent[0])]) == json.dumps(sent[0])
+    assert len(json.dumps(sent[1])) < 0.5 * len(json.dumps(turn2))
