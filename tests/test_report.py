@@ -64,6 +64,16 @@ def records() -> list[dict[str, Any]]:
                     "saved_tokens": 0,
                     "saved_usd": 0.0,
                 },
+                {
+                    "plugin": "cache_align",
+                    "before": 9000,
+                    "after": 9000,
+                    "ms": 0.25,
+                    "error": None,
+                    "changed": True,
+                    "saved_tokens": 0,
+                    "saved_usd": 0.0,
+                },
             ],
             "short_circuit": None,
             "usage": {
@@ -209,6 +219,7 @@ def test_stage_rows(report: Report) -> None:
     # the stage error also listed in "errors" is counted once
     assert stages["prune"]["errors"] == 1 and stages["prune"]["touched"] == 0
     assert stages["cache_align"]["errors"] == 1
+    assert stages["cache_align"]["touched"] == 1  # changed the body without changing its size
     assert stages["memoize"]["short_circuits"] == 1
     assert stages["memoize"]["short_circuit_usd"] == pytest.approx(0.05)
 

@@ -210,7 +210,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
             before, after = _num(st.get("before")), _num(st.get("after"))
             st_saved = _num(st["saved_tokens"]) if "saved_tokens" in st else before - after
             row["calls"] += 1
-            row["touched"] += 1 if (st_saved or before != after) else 0
+            # "changed" (when recorded) also counts rewrites that keep the token count, e.g. cache_control
+            row["touched"] += 1 if (st.get("changed") or st_saved or before != after) else 0
             row["saved_tokens"] += int(st_saved)
             row["saved_usd"] += _num(st.get("saved_usd"))
             row["ms"] += _num(st.get("ms"))
