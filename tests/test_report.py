@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokensaver.hookspecs import hookimpl
 from tokensaver.report import (
@@ -400,3 +402,59 @@ def test_missing_plugin_module_is_shown_not_raised(monkeypatch: pytest.MonkeyPat
     sections = collect_sections(None, META, records())
     assert len(sections) == 1 and "tokensaver.plugins" in sections[0]["error"]
     assert "Plugin sections unavailable" in Report(META, records(), sections).to_table()
+
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True), st.text(max_size=8)
+)
+_stage = st.fixed_dictionaries(
+    {},
+    optional={
+        "plugin": st.one_of(st.sampled_from(["prune", "summarize", "<x>"]), _scalars),
+        "before": _scalars,
+        "after": _scalars,
+        "ms": _scalars,
+        "error": _scalars,
+        "saved_tokens": _scalars,
+        "saved_usd": _scalars,
+    },
+)
+_record = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": _scalars,
+        "conversation": _scalars,
+        "model": _scalars,
+        "price_warning": _scalars,
+        "status": _scalars,
+        "error": _scalars,
+        "tokens_original": _scalars,
+        "tokens_sent": _scalars,
+        "stages": st.one_of(st.none(), st.lists(st.one_of(_stage, _scalars), max_size=3)),
+        "short_circuit": _scalars,
+        "usage": st.one_of(
+            _scalars,
+            st.dictionaries(st.sampled_from(["input_tokens", "output_tokens", "cache_creation"]), _scalars),
+        ),
+        "cost_usd": _scalars,
+        "baseline_usd": _scalars,
+        "saved_usd": _scalars,
+        "overhead_ms": _scalars,
+        "errors": st.one_of(
+            st.none(),
+            st.lists(
+                st.one_of(_scalars, st.dictionaries(st.sampled_from(["plugin", "hook", "error"]), _scalars)),
+                max_size=2,
+            ),
+        ),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_record, max_size=6))
+def test_odd_records_never_break_a_report(recs: list[dict[str, Any]]) -> None:
+    report = Report(META, recs)
+    assert json.loads(report.to_json())["totals"]["calls"] == len(recs)
+    assert report.to_markdown() and report.to_table()
+    assert "<script" not in report.to_html()

@@ -126,6 +126,14 @@ def _percentile(values: list[float], p: float) -> float | None:
     return ordered[rank - 1]
 
 
+def _usage(value: Any) -> dict[str, int]:
+    try:
+        return normalize_usage(value if isinstance(value, dict) else None)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        # a record someone edited by hand: show zeros rather than no report at all
+        return normalize_usage(None)
+
+
 def _short_circuit(rec: dict[str, Any]) -> str | None:
     sc = rec.get("short_circuit")
     if not sc:
@@ -187,7 +195,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     for i, rec in enumerate(records):
         cid = str(rec.get("id") or f"#{i + 1}")
         sc = _short_circuit(rec)
-        usage = normalize_usage(rec.get("usage") if isinstance(rec.get("usage"), dict) else None)
+        usage = _usage(rec.get("usage"))
         billed = dict.fromkeys(USAGE_KEYS, 0) if sc else usage
         for k in USAGE_KEYS:
             usage_tot[k] += billed[k]
