@@ -142,3 +142,47 @@ def test_core_sources_never_import_plugins() -> None:
     for path in root.rglob("*.py"):
         text = path.read_text()
         assert "import tokensaver_plugins" not in text and "from tokensaver_plugins" not in text, path
+
+
+class Configurable:
+    """A plugin validating its own table: fills a default, rejects an unknown key naming the file."""
+
+    @tokensaver.hookimpl
+    def tokensaver_configure(self, settings: dict[str, Any], source: str) -> dict[str, Any]:
+        unknown = set(settings) - {"level"}
+        if unknown:
+            raise tokensaver.ConfigError(
+                f"unknown key {sorted(unknown)[0]!r}; accepted: level", key="conf", source=source
+            )
+        return {"level": 3, **settings}
+
+    @tokensaver.hookimpl
+    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        return {**body, "system": f"level {ctx.settings['level']}"}
+
+
+def test_plugin_configure_normalizes_and_rejects(emu: Emulator, tmp_path: Path) -> None:
+    client = _client(emu, tmp_path, {"conf": Configurable()}, ["conf"])
+    client.messages.create(model=MODEL, max_tokens=10, messages=MSGS)
+    assert emu.last.body["system"] == "level 3"
+    client = _client(emu, tmp_path, {"conf": Configurable()}, ["conf"], conf={"level": 5})
+    client.messages.create(model=MODEL, max_tokens=10, messages=MSGS)
+    assert emu.last.body["system"] == "level 5"
+    cfg_file = tmp_path / "ts.toml"
+    cfg_file.write_text('plugins = ["conf"]\n[conf]\nlevle = 1\n')
+    pm = get_plugin_manager({"conf": Configurable()}, load_entrypoints=False)
+    with pytest.raises(tokensaver.ConfigError, match=r"levle.*ts\.toml"):
+        tokensaver.wrap(anthropic.Anthropic(api_key="k"), config=str(cfg_file), plugin_manager=pm)
+
+
+def test_plugins_command_lists_installed_enabled_and_settings(
+    capsys: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    from tokensaver.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tokensaver.toml").write_text('plugins = ["prune", "cache_align"]\n')
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "prune -> cache_align" in out
+    assert "memoize" in out and "[1]" in out and "[ ]" in out

@@ -278,3 +278,45 @@ def test_stream_record_has_billed_usage_from_events(emu: Emulator, tmp_path: Any
     assert first["usage"]["cache_creation_input_tokens"] > 0
     assert second["usage"]["cache_read_input_tokens"] == first["usage"]["cache_creation_input_tokens"]
     assert json.dumps(second)  # JSON-serializable
+
+
+def test_exact_token_count_mode_uses_count_tokens_endpoint(emu: Emulator, tmp_path: Any) -> None:
+    base, _ = _clients(emu)
+    pm = tokensaver.get_plugin_manager({"tagger": Tagger()}, load_entrypoints=False)
+    client = tokensaver.wrap(
+        base,
+        config={"plugins": ["tagger"], "runs_dir": str(tmp_path), "token_count": "exact"},
+        plugin_manager=pm,
+    )
+    client.messages.create(model=MODEL, max_tokens=50, messages=MSGS)
+    paths = [r["path"] for r in emu.requests]
+    assert paths.count("/v1/messages/count_tokens") == 2 and paths[-1] == "/v1/messages"
+    rec = client.tokensaver.records[-1]
+    assert rec["tokens_sent_exact"] == emu.last["usage"]["input_tokens"]
+    assert rec["tokens_original_exact"] < rec["tokens_sent_exact"]  # the tagger added a system prompt
+
+
+def test_stream_closed_early_is_recorded_incomplete_not_observed(emu: Emulator, tmp_path: Any) -> None:
+    observed: list[dict[str, Any]] = []
+
+    class Observer:
+        @tokensaver.hookimpl
+        def tokensaver_observe_response(
+            self, body: dict[str, Any], response: dict[str, Any], ctx: Any
+        ) -> None:
+            observed.append(response)
+
+    base, _ = _clients(emu)
+    client = _wrap(base, tmp_path, {"observer": Observer()})
+    emu.reply("a long answer " * 200)
+    stream = client.messages.create(model=MODEL, max_tokens=50, messages=MSGS, stream=True)
+    for event in stream:
+        if event.type == "content_block_start":
+            break
+    stream.close()
+    assert observed == []
+    assert client.tokensaver.records[-1]["status"] == "incomplete"
+    # a complete stream is observed with the assembled message
+    emu.reply("short")
+    list(client.messages.create(model=MODEL, max_tokens=50, messages=MSGS, stream=True))
+    assert observed[-1]["content"][0]["text"] == "short" and observed[-1]["usage"]["output_tokens"] > 0

@@ -10,6 +10,7 @@ middleware runs once per attempt and the pipeline records each attempt once.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
@@ -102,6 +103,38 @@ class TokensaverMiddleware(_sdk.Middleware):
             asynchronous=self.asynchronous,
         )
 
+    def _count_params(self, body: dict[str, Any]) -> dict[str, Any]:
+        accepted = set(inspect.signature(self.client.messages.count_tokens).parameters)
+        return {k: v for k, v in body.items() if k in accepted}
+
+    def _count_exact(self, call: Call) -> None:
+        """Exact mode: count the original and the sent request with the free count_tokens endpoint."""
+        try:
+            original = self.client.messages.count_tokens(**self._count_params(call.original)).input_tokens
+            sent = original
+            if call.body is not call.original:
+                sent = self.client.messages.count_tokens(**self._count_params(call.body)).input_tokens
+            call.exact = {"tokens_original": original, "tokens_sent": sent}
+        except Exception as exc:  # counting is best effort: the call itself must go through
+            call.errors.append(
+                {"plugin": "(core)", "hook": "count_tokens", "error": f"{type(exc).__name__}: {exc}"}
+            )
+
+    async def _count_exact_async(self, call: Call) -> None:
+        """Async twin of ``_count_exact``."""
+        try:
+            original = (
+                await self.client.messages.count_tokens(**self._count_params(call.original))
+            ).input_tokens
+            sent = original
+            if call.body is not call.original:
+                sent = (await self.client.messages.count_tokens(**self._count_params(call.body))).input_tokens
+            call.exact = {"tokens_original": original, "tokens_sent": sent}
+        except Exception as exc:
+            call.errors.append(
+                {"plugin": "(core)", "hook": "count_tokens", "error": f"{type(exc).__name__}: {exc}"}
+            )
+
     def _add_headers(self, response: Any, call: Call) -> None:
         for name, value in call.ctx.response_headers.items():
             response.http_response.headers[name] = value
@@ -129,6 +162,8 @@ class TokensaverMiddleware(_sdk.Middleware):
             surface=_surface(request),
             attempt=request.retries_taken,
         )
+        if self.pipeline.config.token_count == "exact":
+            self._count_exact(call)
         if call.short_circuit:
             self.pipeline.finish(call, None)
             return self._serve(request, call)
@@ -163,6 +198,8 @@ class TokensaverMiddleware(_sdk.Middleware):
             surface=_surface(request),
             attempt=request.retries_taken,
         )
+        if self.pipeline.config.token_count == "exact":
+            await self._count_exact_async(call)
         if call.short_circuit:
             self.pipeline.finish(call, None)
             return self._serve(request, call)

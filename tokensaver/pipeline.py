@@ -83,6 +83,7 @@ class Call:
     surface: str = "messages"
     attempt: int = 0
     recorded: bool = False
+    exact: dict[str, int] | None = None  # count_tokens figures in exact mode
 
 
 class Pipeline:
@@ -304,6 +305,9 @@ class Pipeline:
             "errors": call.errors,
             "plugins": copy.deepcopy(ctx.notes),
         }
+        if call.exact:
+            record["tokens_original_exact"] = call.exact["tokens_original"]
+            record["tokens_sent_exact"] = call.exact["tokens_sent"]
         if response and isinstance(response.get("context_management"), dict):
             edits = response["context_management"].get("applied_edits") or []
             record["server_cleared_tokens"] = sum(int(e.get("cleared_input_tokens") or 0) for e in edits)
