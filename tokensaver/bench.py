@@ -1,0 +1,769 @@
+"""``tokensaver bench``: savings, fact retention and overhead, side by side, over recorded conversations.
+
+Every conversation is replayed through the offline emulator (:func:`tokensaver.replay.replay`,
+one conversation at a time from a cold prompt cache, on the trace's own clock) under several
+configurations:
+
+* ``none``: no tokensaver, no caching (the bodies as recorded);
+* ``auto``: the API's automatic caching alone (top-level ``cache_control``), the baseline to beat;
+* one per installed plugin, alone (``summarize``, ``prune``, ``cache_align``, ``memoize``);
+* ``defaults``: what ``wrap()`` does with no config; ``all``: every built-in plugin;
+* any config file given (``--configs my.toml``);
+* ``headroom``: ``headroom.compress()`` then automatic caching, when ``headroom-ai`` is importable.
+
+For each configuration and conversation it keeps the billed usage and dollars (from the
+emulator's ``usage``), the per-stage savings from the pipeline's records, the requests the emulator
+rejected, and fact retention (see :mod:`tokensaver.bench_facts`). Overhead (pipeline time per call
+at ~10k/50k/200k tokens, and the peak memory of a replay) is in :mod:`tokensaver.bench_overhead`.
+Renderings (table, Markdown, self-contained HTML with inline SVG, JSON) are in
+:mod:`tokensaver.bench_render`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .emulator import Emulator, _Handler, _Server
+from .errors import TokensaverError
+from .traces import Conversation, fixtures_dir, iter_trace_files, load_conversation, shared_traces_dir
+
+SCHEMA = "tokensaver-bench/1"
+BUILTIN_PLUGINS = ("summarize", "prune", "memoize", "cache_align")
+DEFAULT_CONFIGS = (
+    "none",
+    "auto",
+    "summarize",
+    "prune",
+    "cache_align",
+    "memoize",
+    "defaults",
+    "all",
+    "headroom",
+)
+QUICK_LIMIT_CALLS = 6
+QUICK_SIZES = (10_000, 50_000)
+USAGE_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
+
+
+# -- the emulator, without Nagle's delay --------------------------------------------------------
+
+
+class _NoDelayHandler(_Handler):
+    # The emulator writes headers and body in two sends; with Nagle's algorithm on, each response
+    # then waits for the client's delayed ACK (~40 ms per call on Linux), which would dominate a
+    # replay of thousands of calls. Billing and validation are the emulator's, unchanged.
+    disable_nagle_algorithm = True
+
+
+class BenchEmulator(Emulator):
+    """:class:`Emulator` whose HTTP handler sets TCP_NODELAY (same behaviour, ~2x faster replays)."""
+
+    def start(self) -> BenchEmulator:
+        if self._server is not None:
+            return self
+        self._server = _Server((self.host, self.port), _NoDelayHandler)
+        self._server.emulator = self
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="tokensaver-bench-emulator", daemon=True
+        )
+        self._thread.start()
+        return self
+
+
+# -- configurations -------------------------------------------------------------------------------
+
+
+@dataclass
+class ConfigSpec:
+    """One configuration of the bench (picklable: sent to worker processes)."""
+
+    name: str
+    label: str
+    kind: str  # "baseline" | "tokensaver" | "headroom"
+    auto_cache: bool = False
+    config: dict[str, Any] | None = None
+    memo: bool = False
+    note: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "label": self.label,
+            "kind": self.kind,
+            "auto_cache": self.auto_cache,
+            "config": self.config,
+            "note": self.note,
+        }
+
+
+def installed_plugins() -> list[str]:
+    from .plugins import get_plugin_manager, installed
+
+    return list(installed(get_plugin_manager()))
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    from .config import _unwrap
+
+    try:
+        with path.open("rb") as fh:
+            table = _unwrap(tomllib.load(fh))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise TokensaverError(f"cannot read config file {path}: {exc}") from exc
+    return dict(table)
+
+
+def build_specs(names: list[str], plugins: list[str]) -> list[ConfigSpec]:
+    """ConfigSpecs for configuration names (see module doc) and TOML config file paths."""
+    specs: list[ConfigSpec] = []
+    for name in names:
+        if name == "none":
+            specs.append(ConfigSpec("none", "no tokensaver, no caching", "baseline"))
+        elif name == "auto":
+            specs.append(ConfigSpec("auto", "API automatic caching alone", "baseline", auto_cache=True))
+        elif name in BUILTIN_PLUGINS:
+            if name not in plugins:
+                continue
+            specs.append(
+                ConfigSpec(
+                    name,
+                    f"{name} alone",
+                    "tokensaver",
+                    config={"plugins": [name], "record": False},
+                    memo=name == "memoize",
+                    note=None if name == "cache_align" else "no cache_control at all (plugin alone)",
+                )
+            )
+        elif name == "defaults":
+            specs.append(
+                ConfigSpec("defaults", "tokensaver defaults", "tokensaver", config={"record": False})
+            )
+        elif name == "all":
+            enabled = [p for p in BUILTIN_PLUGINS if p in plugins]
+            specs.append(
+                ConfigSpec(
+                    "all",
+                    "all plugins (" + ", ".join(enabled) + ")",
+                    "tokensaver",
+                    config={"plugins": enabled, "record": False},
+                    memo="memoize" in enabled,
+                )
+            )
+        elif name == "headroom":
+            specs.append(ConfigSpec("headroom", "headroom-ai compress + automatic caching", "headroom"))
+        elif name.endswith(".toml") or Path(name).is_file():
+            path = Path(name)
+            if not path.is_file():
+                raise TokensaverError(f"config file does not exist: {path}")
+            table = _read_config_file(path)
+            table["record"] = False
+            wanted = table.get("plugins")
+            memo = "memoize" in (wanted if isinstance(wanted, list) else [])
+            specs.append(ConfigSpec(path.stem, f"config {path.name}", "tokensaver", config=table, memo=memo))
+        else:
+            raise TokensaverError(
+                f"unknown configuration {name!r}; accepted: {', '.join(DEFAULT_CONFIGS)} or a TOML file"
+            )
+    seen: set[str] = set()
+    for s in specs:
+        if s.name in seen:
+            raise TokensaverError(f"configuration {s.name!r} given twice")
+        seen.add(s.name)
+    return specs
+
+
+# -- conversations --------------------------------------------------------------------------------
+
+
+@dataclass
+class TraceRef:
+    """A trace file to replay (the conversation is loaded in the process that replays it)."""
+
+    path: str
+    source: str
+    size: int
+
+
+def source_name(path: Path) -> str:
+    """The source of a trace: its folder's name (claude-code-spotter, tau-bench, ...)."""
+    return path.parent.name or "traces"
+
+
+def default_trace_dirs() -> list[Path]:
+    dirs = [d for d in (fixtures_dir(), shared_traces_dir()) if d is not None]
+    if not dirs:
+        raise TokensaverError("no traces given and no fixtures/ or ../shared/traces folder found")
+    return dirs
+
+
+def find_traces(paths: list[str | Path], sources: list[str] | None = None) -> tuple[list[TraceRef], int]:
+    """Trace files under ``paths``, identical files once (fixtures are copies of shared traces)."""
+    seen: set[str] = set()
+    refs: list[TraceRef] = []
+    dupes = 0
+    for f in iter_trace_files(list(paths)):
+        if f.name.lower().startswith("readme"):
+            continue
+        data = f.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in seen:
+            dupes += 1
+            continue
+        seen.add(digest)
+        src = source_name(f)
+        if sources and src not in sources:
+            continue
+        refs.append(TraceRef(str(f), src, len(data)))
+    return refs, dupes
+
+
+def load_ref(ref: TraceRef, limit_calls: int | None = None) -> Conversation:
+    conv = load_conversation(ref.path)
+    conv.source = ref.source
+    if limit_calls:
+        conv.calls = conv.calls[:limit_calls]
+    return conv
+
+
+# -- replaying one conversation under every configuration ---------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _emulator() -> Emulator:
+    emu = _WORKER.get("emulator")
+    if emu is None:
+        emu = _WORKER["emulator"] = BenchEmulator(virtual_clock=True).start()
+    return emu
+
+
+def _headroom() -> tuple[Any, str | None]:
+    if "headroom" not in _WORKER:
+        from .bench_headroom import make_prepare
+
+        _WORKER["headroom"] = make_prepare()
+    prep, why = _WORKER["headroom"]
+    return prep, why
+
+
+def close_worker() -> None:
+    emu = _WORKER.pop("emulator", None)
+    if emu is not None:
+        emu.stop()
+
+
+def _pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(round(p / 100 * len(s) + 0.5)) - 1))
+    return round(s[k], 3)
+
+
+def replay_conversation(
+    conv: Conversation,
+    specs: list[ConfigSpec],
+    tick: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Replay ``conv`` under each spec; one result dict per spec (schema: see ``bench_render``)."""
+    from .bench_facts import FactTracker, kept
+    from .pricing import PriceTable
+    from .replay import auto_cache, replay
+
+    emu = _emulator()
+    prices = PriceTable()
+    tracker = FactTracker()
+    used = [tracker.used(c.body, c.reply) for c in conv.calls]
+    out: list[dict[str, Any]] = []
+    for spec in specs:
+        res: dict[str, Any] = {
+            "config": spec.name,
+            "conversation": conv.id,
+            "source": conv.source,
+            "calls": len(conv.calls),
+            "facts_used": 0,
+            "facts_kept": 0,
+            "short_circuited": 0,
+            "turn_cost_usd": [None] * len(conv.calls),
+            "turn_hit_rate": [None] * len(conv.calls),
+        }
+        state = {"seen": 0}
+
+        def progress(
+            done: int, total: int, _res: dict[str, Any] = res, _state: dict[str, int] = state
+        ) -> None:
+            k = done - 1
+            n = len(emu.requests)
+            if n > _state["seen"]:
+                rec = emu.requests[-1]
+                if rec.status == 200 and isinstance(rec.body, dict):
+                    _res["facts_used"] += len(used[k])
+                    _res["facts_kept"] += kept(used[k], rec.body)
+                    usage = rec.usage or {}
+                    _res["turn_cost_usd"][k] = round(
+                        prices.get(str(rec.body.get("model", ""))).cost(usage), 8
+                    )
+                    billed_in = sum(int(usage.get(x) or 0) for x in USAGE_KEYS[:3])
+                    if billed_in:
+                        _res["turn_hit_rate"][k] = round(
+                            int(usage.get("cache_read_input_tokens") or 0) / billed_in, 4
+                        )
+                for r in emu.requests[_state["seen"] :]:
+                    r.body = None  # free memory: a long replay would otherwise keep every body
+                    r.response = None
+            else:
+                _res["short_circuited"] += 1
+                _res["turn_cost_usd"][k] = 0.0
+            _state["seen"] = n
+            if tick:
+                tick(1)
+
+        prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = auto_cache if spec.auto_cache else None
+        config = dict(spec.config) if spec.config is not None else None
+        memo_dir = tempfile.TemporaryDirectory(prefix="tokensaver-bench-memo-") if spec.memo else None
+        if memo_dir is not None and config is not None:
+            config["memoize"] = {**(config.get("memoize") or {}), "dir": memo_dir.name}
+        hr = None
+        if spec.kind == "headroom":
+            hr, why = _headroom()
+            if hr is None:
+                res["skipped"] = why
+                out.append(res)
+                if tick:
+                    tick(len(conv.calls))
+                continue
+            hr.ms.clear()
+            hr.errors.clear()
+            prepare = hr
+        t0 = time.perf_counter()
+        try:
+            result = replay(
+                [conv],
+                config=config,
+                wrap_client=spec.kind == "tokensaver",
+                prepare=prepare,
+                emulator=emu,
+                label=spec.name,
+                progress=progress,
+            )
+        finally:
+            if memo_dir is not None:
+                memo_dir.cleanup()
+        res["seconds"] = round(time.perf_counter() - t0, 3)
+        totals = result.totals()
+        for k in USAGE_KEYS:
+            res[k] = int(totals[k])
+        res["cost_usd"] = round(totals["cost_usd"], 8)
+        res["input_cost_usd"] = round(totals["input_cost_usd"], 8)
+        res["rejected"] = len(result.rejected)
+        res["rejected_errors"] = [r["error"][:300] for r in result.rejected[:3]]
+        if tick and result.rejected:
+            tick(len(result.rejected))
+        stages: dict[str, dict[str, Any]] = {}
+        overhead: list[float] = []
+        plugin_errors: list[str] = []
+        tokens_original = tokens_sent = 0
+        for rec in result.records:
+            overhead.append(float(rec.get("overhead_ms") or 0.0))
+            tokens_original += int(rec.get("tokens_original") or 0)
+            tokens_sent += int(rec.get("tokens_sent") or 0)
+            for s in rec.get("stages") or []:
+                row = stages.setdefault(
+                    s["plugin"], {"saved_tokens": 0, "saved_usd": 0.0, "changed": 0, "errors": 0, "ms": 0.0}
+                )
+                row["saved_tokens"] += int(s.get("saved_tokens") or 0)
+                row["saved_usd"] = round(row["saved_usd"] + float(s.get("saved_usd") or 0.0), 8)
+                row["changed"] += 1 if s.get("changed") else 0
+                row["errors"] += 1 if s.get("error") else 0
+                row["ms"] = round(row["ms"] + float(s.get("ms") or 0.0), 3)
+            plugin_errors.extend(
+                f"{e.get('plugin')}: {e.get('error')}"[:300] for e in rec.get("errors") or []
+            )
+        if hr is not None:
+            overhead = list(hr.ms)
+            plugin_errors = list(hr.errors)
+            res["headroom_tokens_saved"] = hr.tokens_saved
+        res["stages"] = stages
+        res["plugin_errors"] = len(plugin_errors)
+        res["plugin_error_samples"] = plugin_errors[:3]
+        res["tokens_original"] = tokens_original
+        res["tokens_sent"] = tokens_sent
+        res["overhead_ms"] = [round(x, 3) for x in overhead]
+        out.append(res)
+    return out
+
+
+def _worker_task(ref: TraceRef, limit_calls: int | None, specs: list[ConfigSpec]) -> list[dict[str, Any]]:
+    return replay_conversation(load_ref(ref, limit_calls), specs)
+
+
+def _worker_init(env: dict[str, str]) -> None:
+    os.environ.update(env)
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on stderr (a line per 10% when stderr is not a terminal)."""
+
+    def __init__(self, total: int, label: str = "bench", enabled: bool = True, stream: Any = None) -> None:
+        self.total = max(1, total)
+        self.done = 0
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.t0 = time.monotonic()
+        self._last_decile = -1
+        self._last_draw = 0.0
+        self._lock = threading.Lock()
+
+    def update(self, n: int = 1) -> None:
+        with self._lock:
+            self.done = min(self.total, self.done + n)
+            self._draw()
+
+    def _draw(self, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        frac = self.done / self.total
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed / frac - elapsed if frac > 0 else 0.0
+        text = f"{self.label} [{'#' * int(frac * 30):<30}] {frac:4.0%} {self.done:,}/{self.total:,} calls"
+        text += f"  {_dur(elapsed)} elapsed" + ("" if final else f", ~{_dur(eta)} left")
+        if self.tty:
+            now = time.monotonic()
+            if final or now - self._last_draw > 0.2:
+                self._last_draw = now
+                self.stream.write("\r" + text + ("\n" if final else ""))
+                self.stream.flush()
+        else:
+            decile = int(frac * 10)
+            if decile != self._last_decile or final:
+                self._last_decile = decile
+                self.stream.write(text + "\n")
+                self.stream.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._draw(final=True)
+
+
+def _dur(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+# -- the whole bench ------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        mem_gb = round(pages / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    commit = None
+    try:
+        import subprocess
+
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=Path(__file__).resolve().parent.parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
+    except Exception:
+        pass
+    from . import __version__ as ts_version
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": mem_gb,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "tokensaver": ts_version,
+        "commit": commit,
+    }
+
+
+@dataclass
+class BenchOptions:
+    traces: list[str] = field(default_factory=list)
+    configs: list[str] = field(default_factory=lambda: list(DEFAULT_CONFIGS))
+    sources: list[str] | None = None
+    limit_calls: int | None = None
+    limit_conversations: int | None = None
+    jobs: int = 1
+    quick: bool = False
+    overhead: bool = True
+    overhead_reps: int = 20
+    memory: bool = True
+    progress: bool = True
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    """Run the bench; the JSON-able result every rendering is made from."""
+    from .bench_headroom import available as headroom_available
+    from .bench_headroom import offline_env
+    from .bench_headroom import version as headroom_version
+    from .bench_render import aggregate
+
+    started = time.time()
+    t0 = time.perf_counter()
+    if opts.quick:
+        if opts.limit_calls is None:
+            opts.limit_calls = QUICK_LIMIT_CALLS
+        opts.overhead_reps = min(opts.overhead_reps, 5)
+    paths: list[str | Path] = list(opts.traces) if opts.traces else []
+    if not paths:
+        fx = fixtures_dir()
+        paths = [fx] if opts.quick and fx is not None else list(default_trace_dirs())
+    refs, dupes = find_traces(paths, opts.sources)
+    refs.sort(key=lambda r: (r.source, r.path))
+    if opts.limit_conversations:
+        refs = refs[: opts.limit_conversations]
+    if not refs:
+        raise TokensaverError("no conversations to replay (check the paths and --sources)")
+    plugins = installed_plugins()
+    names = list(opts.configs)
+    headroom_note = None
+    if "headroom" in names and not headroom_available():
+        headroom_note = "headroom-ai is not installed: pip install 'tokensaver[bench]' to compare with it"
+        names.remove("headroom")
+    specs = build_specs(names, plugins)
+
+    # headroom reads its environment when it runs: set it for this process and the workers
+    env = offline_env() if any(s.kind == "headroom" for s in specs) else {}
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        convs_meta: list[dict[str, Any]] = []
+        results: list[dict[str, Any]] = []
+        if opts.jobs > 1 and len(refs) > 1:
+            # calls are unknown until a file is read: count them here (cheap next to a replay)
+            counts = {r.path: len(load_ref(r, opts.limit_calls).calls) for r in refs}
+            bar = Progress(sum(counts.values()) * len(specs), enabled=opts.progress)
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(
+                opts.jobs, mp_context=ctx, initializer=_worker_init, initargs=(env,)
+            ) as pool:
+                futures = {
+                    pool.submit(_worker_task, r, opts.limit_calls, specs): r
+                    for r in sorted(refs, key=lambda r: -r.size)
+                }
+                for fut in as_completed(futures):
+                    ref = futures[fut]
+                    rows = fut.result()
+                    results.extend(rows)
+                    bar.update(counts[ref.path] * len(specs))
+            bar.close()
+            for r in refs:
+                convs_meta.append(
+                    {"id": Path(r.path).stem, "source": r.source, "path": r.path, "calls": counts[r.path]}
+                )
+        else:
+            convs = [load_ref(r, opts.limit_calls) for r in refs]
+            bar = Progress(sum(len(c.calls) for c in convs) * len(specs), enabled=opts.progress)
+            try:
+                for conv, ref in zip(convs, refs, strict=True):
+                    results.extend(replay_conversation(conv, specs, tick=bar.update))
+                    convs_meta.append(
+                        {"id": conv.id, "source": conv.source, "path": ref.path, "calls": len(conv.calls)}
+                    )
+            finally:
+                bar.close()
+        replay_seconds = time.perf_counter() - t0
+
+        overhead: list[dict[str, Any]] = []
+        memory: dict[str, Any] = {}
+        if opts.overhead or opts.memory:
+            sample = [load_ref(r, None) for r in refs[:50]]
+            if opts.overhead:
+                from .bench_overhead import SIZES, measure_overhead
+
+                sizes = QUICK_SIZES if opts.quick else SIZES
+                try:
+                    overhead = measure_overhead(sample, sizes=sizes, reps=opts.overhead_reps)
+                except ValueError as exc:
+                    overhead = [{"error": str(exc)}]
+            if opts.memory:
+                memory = measure_memory(sample, opts.limit_calls)
+        headroom: dict[str, Any] = {"available": headroom_available(), "version": headroom_version()}
+        hr_rows = [r for r in results if r["config"] == "headroom"]
+        if headroom_note:
+            headroom["note"] = headroom_note
+        elif hr_rows and all(r.get("skipped") for r in hr_rows):
+            headroom["note"] = hr_rows[0]["skipped"]
+        elif hr_rows:
+            headroom["note"] = "ran offline: HEADROOM_OFFLINE=1, HEADROOM_BEACON=off, temporary workspace"
+            headroom["env"] = sorted(env)
+    finally:
+        close_worker()
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    data: dict[str, Any] = {
+        "schema": SCHEMA,
+        "started": started,
+        "duration_s": round(time.perf_counter() - t0, 1),
+        "replay_s": round(replay_seconds, 1),
+        "machine": machine_info(),
+        "options": {
+            "traces": [str(p) for p in paths],
+            "configs": [s.name for s in specs],
+            "sources": opts.sources,
+            "limit_calls": opts.limit_calls,
+            "limit_conversations": opts.limit_conversations,
+            "jobs": opts.jobs,
+            "quick": opts.quick,
+            "duplicates_skipped": dupes,
+        },
+        "configs": [s.as_dict() for s in specs],
+        "conversations": convs_meta,
+        "results": results,
+        "overhead": overhead,
+        "memory": memory,
+        "headroom": headroom,
+    }
+    data.update(aggregate(data))
+    return data
+
+
+def measure_memory(conversations: list[Conversation], limit_calls: int | None) -> dict[str, Any]:
+    """Peak Python heap of replaying the longest conversation, with and without the default plugins."""
+    from .bench_overhead import peak_memory
+    from .replay import auto_cache, replay
+
+    if not conversations:
+        return {}
+    conv = max(conversations, key=lambda c: len(c.calls))
+    if limit_calls:
+        conv = Conversation(conv.id, conv.source, conv.calls[:limit_calls], conv.info)
+    emu = _emulator()
+    base = peak_memory(lambda: replay([conv], wrap_client=False, prepare=auto_cache, emulator=emu))
+    emu.reset()
+    ours = peak_memory(lambda: replay([conv], config={"record": False}, emulator=emu))
+    emu.reset()
+    return {
+        "conversation": conv.id,
+        "source": conv.source,
+        "calls": len(conv.calls),
+        "peak_mb_defaults": ours["peak_mb"],
+        "peak_mb_auto": base["peak_mb"],
+        "peak_mb_tokensaver": round(ours["peak_mb"] - base["peak_mb"], 1),
+        "note": "tracemalloc peak of the whole replay in one process (SDK, emulator and its recorded "
+        "requests included); peak_mb_tokensaver = defaults minus automatic caching alone",
+    }
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``tokensaver bench``."""
+    parser.add_argument(
+        "traces", nargs="*", help="trace files or folders (default: fixtures/ and ../shared/traces)"
+    )
+    parser.add_argument(
+        "--configs",
+        help="comma-separated configurations: none, auto, summarize, prune, cache_align, memoize, "
+        "defaults, all, headroom, or TOML config files (default: all of them)",
+    )
+    parser.add_argument("--format", "-f", choices=["table", "md", "html", "json"], default="table")
+    parser.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small subset in well under a minute (CI smoke)"
+    )
+    parser.add_argument("--jobs", "-j", type=int, default=1, help="replay conversations in N processes")
+    parser.add_argument("--sources", help="comma-separated trace folders to keep (e.g. tau-bench,swe-agent)")
+    parser.add_argument("--limit-calls", type=int, help="replay at most N calls of each conversation")
+    parser.add_argument("--limit-conversations", type=int, help="replay at most N conversations")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the pipeline timing")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory replay")
+    parser.add_argument("--reps", type=int, default=20, help="timed calls per request size (default 20)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def _split(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    """``tokensaver bench``: exit 0, or 1 when the emulator rejected a request."""
+    from .bench_render import render
+
+    if args.jobs < 1:
+        raise TokensaverError("--jobs must be at least 1")
+    opts = BenchOptions(
+        traces=list(args.traces or []),
+        configs=_split(args.configs) or list(DEFAULT_CONFIGS),
+        sources=_split(args.sources),
+        limit_calls=args.limit_calls,
+        limit_conversations=args.limit_conversations,
+        jobs=args.jobs,
+        quick=args.quick,
+        overhead=not args.no_overhead,
+        overhead_reps=max(1, args.reps),
+        memory=not args.no_memory,
+        progress=not args.quiet,
+    )
+    data = run_bench(opts)
+    text = render(data, args.format)
+    if not text.endswith("\n"):
+        text += "\n"
+    if args.output:
+        out = Path(args.output)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise TokensaverError(f"cannot write {out}: {exc.strerror or exc}") from exc
+        print(f"wrote {args.format} bench report to {out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    rejected = sum(int(r.get("rejected") or 0) for r in data["results"])
+    if rejected:
+        print(f"tokensaver bench: the emulator rejected {rejected} request(s)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None

@@ -1,0 +1,511 @@
+"""Aggregation and renderings of a ``tokensaver bench`` result: table, Markdown, HTML, JSON.
+
+The JSON (``schema: tokensaver-bench/1``) holds everything: ``machine``, ``options``, ``configs``,
+``conversations``, ``results`` (one per configuration and conversation: billed ``input_tokens``,
+``cache_creation_input_tokens``, ``cache_read_input_tokens``, ``output_tokens``, ``cost_usd``,
+``input_cost_usd``, ``rejected`` (+ samples), ``stages`` (per plugin: ``saved_tokens``, ``saved_usd``,
+``changed``, ``errors``, ``ms``), ``plugin_errors``, ``facts_used``, ``facts_kept``,
+``short_circuited``, ``turn_cost_usd`` and ``turn_hit_rate`` per call, ``overhead_ms`` per call),
+then ``totals`` (per configuration), ``by_source`` (source -> per configuration), ``turns`` (mean
+billed $ per call at each turn, per configuration), ``overhead`` and ``memory``.
+Percentages ``vs_auto_pct`` / ``vs_none_pct`` are the saving on total billed dollars against the
+``auto`` / ``none`` configurations over the same conversations (positive = cheaper).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from collections import defaultdict
+from typing import Any
+
+from .report import fmt_int, fmt_pct, fmt_usd, text_table
+
+SUM_KEYS = (
+    "calls",
+    "rejected",
+    "input_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "input_cost_usd",
+    "facts_used",
+    "facts_kept",
+    "short_circuited",
+    "plugin_errors",
+    "tokens_original",
+    "tokens_sent",
+    "seconds",
+)
+PALETTE = (
+    "#9aa5b1",
+    "#4a4a4a",
+    "#e0a030",
+    "#8e5fb8",
+    "#4f9d58",
+    "#c9507a",
+    "#2f6db0",
+    "#17a2b8",
+    "#d2691e",
+    "#7a8b2f",
+    "#5b6673",
+)
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile, None without values."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[max(1, math.ceil(p / 100 * len(s))) - 1]
+
+
+def _sum(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: 0 for k in SUM_KEYS}
+    out["cost_usd"] = out["input_cost_usd"] = out["seconds"] = 0.0
+    stages: dict[str, dict[str, Any]] = {}
+    overhead: list[float] = []
+    skipped = None
+    for r in rows:
+        if r.get("skipped"):
+            skipped = r["skipped"]
+            continue
+        for k in SUM_KEYS:
+            out[k] += r.get(k) or 0
+        for plugin, s in (r.get("stages") or {}).items():
+            row = stages.setdefault(plugin, {"saved_tokens": 0, "saved_usd": 0.0, "changed": 0, "errors": 0})
+            for k in row:
+                row[k] += s.get(k) or 0
+        overhead.extend(r.get("overhead_ms") or [])
+    out["conversations"] = len({r["conversation"] for r in rows if not r.get("skipped")})
+    out["cost_usd"] = round(out["cost_usd"], 6)
+    out["input_cost_usd"] = round(out["input_cost_usd"], 6)
+    out["seconds"] = round(out["seconds"], 1)
+    for row in stages.values():
+        row["saved_usd"] = round(row["saved_usd"], 6)
+    out["stages"] = stages
+    billed_in = sum(
+        out[k] for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    )
+    out["hit_rate"] = round(out["cache_read_input_tokens"] / billed_in, 4) if billed_in else None
+    out["facts_kept_pct"] = (
+        round(100 * out["facts_kept"] / out["facts_used"], 2) if out["facts_used"] else None
+    )
+    out["overhead_p50_ms"] = percentile(overhead, 50)
+    out["overhead_p95_ms"] = percentile(overhead, 95)
+    if skipped and not out["conversations"]:
+        out["skipped"] = skipped
+    return out
+
+
+def _compare(group: dict[str, dict[str, Any]]) -> None:
+    for ref, key in (("auto", "vs_auto_pct"), ("none", "vs_none_pct")):
+        base = group.get(ref)
+        for row in group.values():
+            b = base["cost_usd"] if base else 0
+            row[key] = round(100 * (b - row["cost_usd"]) / b, 2) if b and not row.get("skipped") else None
+
+
+def aggregate(data: dict[str, Any]) -> dict[str, Any]:
+    """``totals``, ``by_source`` and ``turns`` from ``data["results"]``."""
+    order = [c["name"] for c in data["configs"]]
+    results = data["results"]
+    # only conversations every configuration replayed are compared
+    by_cfg: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        by_cfg[r["config"]].append(r)
+    totals = {name: _sum(by_cfg.get(name, [])) for name in order}
+    _compare(totals)
+    sources = sorted({r["source"] for r in results})
+    by_source: dict[str, dict[str, dict[str, Any]]] = {}
+    for src in sources:
+        group = {name: _sum([r for r in by_cfg.get(name, []) if r["source"] == src]) for name in order}
+        _compare(group)
+        by_source[src] = group
+    turns: dict[str, list[float | None]] = {}
+    n_conv = len({r["conversation"] for r in results})
+    need = max(1, min(3, n_conv))
+    for name in order:
+        sums: dict[int, list[float]] = defaultdict(list)
+        for r in by_cfg.get(name, []):
+            for k, c in enumerate(r.get("turn_cost_usd") or []):
+                if c is not None:
+                    sums[k].append(c)
+        last = max((k for k, v in sums.items() if len(v) >= need), default=-1)
+        turns[name] = [
+            round(sum(sums[k]) / len(sums[k]), 8) if sums.get(k) else None for k in range(last + 1)
+        ]
+    return {"totals": totals, "by_source": by_source, "turns": turns}
+
+
+# -- rows shared by every rendering ---------------------------------------------------------------
+
+MAIN_HEADERS = [
+    "configuration",
+    "calls",
+    "input",
+    "cache write",
+    "cache read",
+    "output",
+    "hit rate",
+    "$ input side",
+    "$ total",
+    "vs auto",
+    "rejected",
+    "facts kept",
+    "p50 ms",
+]
+SOURCE_HEADERS = [
+    "source",
+    "configuration",
+    "conv",
+    "calls",
+    "$ total",
+    "vs auto",
+    "hit rate",
+    "rejected",
+    "facts kept",
+]
+STAGE_HEADERS = ["configuration", "stage", "changed calls", "tokens saved", "$ saved", "errors"]
+OVERHEAD_HEADERS = [
+    "request",
+    "tokens",
+    "messages",
+    "first call (cold)",
+    "p50",
+    "p95",
+    "max",
+    "per stage p50",
+]
+
+
+def _rate(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def _signed(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.1f}%"
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def main_rows(data: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for c in data["configs"]:
+        t = data["totals"][c["name"]]
+        if t.get("skipped"):
+            rows.append([c["name"], "skipped: " + str(t["skipped"])] + [""] * (len(MAIN_HEADERS) - 2))
+            continue
+        rows.append(
+            [
+                c["name"],
+                fmt_int(t["calls"]),
+                fmt_int(t["input_tokens"]),
+                fmt_int(t["cache_creation_input_tokens"]),
+                fmt_int(t["cache_read_input_tokens"]),
+                fmt_int(t["output_tokens"]),
+                _rate(t["hit_rate"]),
+                fmt_usd(t["input_cost_usd"]),
+                fmt_usd(t["cost_usd"]),
+                _signed(t["vs_auto_pct"]),
+                fmt_int(t["rejected"]),
+                fmt_pct(t["facts_kept_pct"]),
+                _ms(t["overhead_p50_ms"]),
+            ]
+        )
+    return rows
+
+
+def source_rows(data: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for src, group in data["by_source"].items():
+        for c in data["configs"]:
+            t = group[c["name"]]
+            if t.get("skipped") or not t["calls"]:
+                continue
+            rows.append(
+                [
+                    src,
+                    c["name"],
+                    fmt_int(t["conversations"]),
+                    fmt_int(t["calls"]),
+                    fmt_usd(t["cost_usd"]),
+                    _signed(t["vs_auto_pct"]),
+                    _rate(t["hit_rate"]),
+                    fmt_int(t["rejected"]),
+                    fmt_pct(t["facts_kept_pct"]),
+                ]
+            )
+    return rows
+
+
+def stage_rows(data: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for c in data["configs"]:
+        for plugin, s in data["totals"][c["name"]].get("stages", {}).items():
+            rows.append(
+                [
+                    c["name"],
+                    plugin,
+                    fmt_int(s["changed"]),
+                    fmt_int(s["saved_tokens"]),
+                    fmt_usd(s["saved_usd"]),
+                    fmt_int(s["errors"]),
+                ]
+            )
+    return rows
+
+
+def overhead_rows(data: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for o in data.get("overhead") or []:
+        if "error" in o:
+            rows.append([o["error"]] + [""] * (len(OVERHEAD_HEADERS) - 1))
+            continue
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in o["stages_p50_ms"].items())
+        rows.append(
+            [
+                f"~{o['target_tokens'] // 1000}k tokens",
+                fmt_int(o["tokens"]),
+                fmt_int(o["messages"]),
+                f"{o['cold_ms']:.1f} ms",
+                f"{o['p50_ms']:.1f} ms",
+                f"{o['p95_ms']:.1f} ms",
+                f"{o['max_ms']:.1f} ms",
+                stages + " ms",
+            ]
+        )
+    return rows
+
+
+def machine_line(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    mem = f", {m['memory_gb']} GB RAM" if m.get("memory_gb") else ""
+    commit = f" @ {m['commit']}" if m.get("commit") else ""
+    return (
+        f"{m['cpu']} ({m['cores']} cores{mem}), {m['os']}, Python {m['python']}, "
+        f"tokensaver {m['tokensaver']}{commit}"
+    )
+
+
+def summary_lines(data: dict[str, Any]) -> list[str]:
+    n_conv = len(data["conversations"])
+    n_calls = sum(c["calls"] for c in data["conversations"])
+    o = data["options"]
+    lines = [
+        f"{n_conv} conversations, {n_calls:,} calls per configuration, {len(data['configs'])} configurations"
+        + (f" (at most {o['limit_calls']} calls each)" if o.get("limit_calls") else "")
+        + (" [--quick]" if o.get("quick") else "")
+        + f"; ran {time.strftime('%Y-%m-%d %H:%M', time.localtime(data['started']))}"
+        + f" in {data['duration_s']:.0f} s (replays {data['replay_s']:.0f} s, {o['jobs']} job(s)).",
+        "Machine: " + machine_line(data) + ".",
+        "Billed figures: the emulator's usage for each request (API prompt-cache rules; Claude prices). "
+        "Each conversation is replayed alone from a cold cache. 'vs auto' = saving on total billed $ "
+        "against the API's automatic caching alone. Plugins run alone send no cache_control unless "
+        "they add it (only cache_align does).",
+    ]
+    mem = data.get("memory") or {}
+    if mem:
+        lines.append(
+            f"Peak memory of a replay ({mem['calls']} calls of {mem['conversation']}): "
+            f"{mem['peak_mb_defaults']} MB with the default plugins, {mem['peak_mb_auto']} MB without "
+            f"tokensaver (tracemalloc, emulator included): tokensaver adds {mem['peak_mb_tokensaver']} MB."
+        )
+    hr = data.get("headroom") or {}
+    if hr.get("note"):
+        ver = f" {hr['version']}" if hr.get("version") else ""
+        lines.append(f"headroom-ai{ver}: {hr['note']}.")
+    return lines
+
+
+def _problems(data: dict[str, Any]) -> list[str]:
+    out = []
+    for r in data["results"]:
+        for e in r.get("rejected_errors") or []:
+            out.append(f"REJECTED {r['config']} / {r['conversation']}: {e}")
+        for e in r.get("plugin_error_samples") or []:
+            out.append(f"plugin error {r['config']} / {r['conversation']}: {e}")
+    return out[:20]
+
+
+# -- renderings -----------------------------------------------------------------------------------
+
+
+def to_table(data: dict[str, Any]) -> str:
+    out = ["tokensaver bench", ""]
+    out += summary_lines(data)
+    out += ["", "Totals per configuration"]
+    out += text_table(MAIN_HEADERS, main_rows(data), right=set(range(1, 13)))
+    out += ["", "Per source"]
+    out += text_table(SOURCE_HEADERS, source_rows(data), right=set(range(2, 9)))
+    stages = stage_rows(data)
+    if stages:
+        out += ["", "Per stage (estimated tokens removed; $ cache-weighted, as in run reports)"]
+        out += text_table(STAGE_HEADERS, stages, right={2, 3, 4, 5})
+    if data.get("overhead"):
+        out += ["", "Pipeline overhead per call (default plugins, synthetic agent requests)"]
+        out += text_table(OVERHEAD_HEADERS, overhead_rows(data), right={1, 2, 3, 4, 5, 6})
+    problems = _problems(data)
+    if problems:
+        out += ["", "Problems"] + problems
+    return "\n".join(out) + "\n"
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    def esc(c: str) -> str:
+        return c.replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    out = ["## tokensaver bench", ""]
+    out += summary_lines(data)
+    out += ["", "### Totals per configuration", ""]
+    out += _md_table(MAIN_HEADERS, main_rows(data))
+    out += ["", "### Per source", ""]
+    out += _md_table(SOURCE_HEADERS, source_rows(data))
+    stages = stage_rows(data)
+    if stages:
+        out += ["", "### Per stage", ""]
+        out += _md_table(STAGE_HEADERS, stages)
+    if data.get("overhead"):
+        out += ["", "### Pipeline overhead per call (default plugins)", ""]
+        out += _md_table(OVERHEAD_HEADERS, overhead_rows(data))
+    problems = _problems(data)
+    if problems:
+        out += ["", "### Problems", ""] + [f"- {p}" for p in problems]
+    return "\n".join(out) + "\n"
+
+
+def _color(i: int) -> str:
+    return PALETTE[i % len(PALETTE)]
+
+
+def svg_lines(series: list[tuple[str, list[float | None]]], title: str, y_fmt: str = "${:.3f}") -> str:
+    """A line chart (one polyline per series) as inline SVG."""
+    width, height, left, right, top, bottom = 760, 300, 64, 150, 16, 36
+    n = max((len(v) for _, v in series), default=0)
+    ymax = max((x for _, v in series for x in v if x is not None), default=0.0) or 1.0
+    pw, ph = width - left - right, height - top - bottom
+
+    def xy(k: int, y: float) -> tuple[float, float]:
+        x = left + (pw * k / max(1, n - 1))
+        return round(x, 1), round(top + ph * (1 - y / ymax), 1)
+
+    parts = [
+        f'<svg role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'xmlns="http://www.w3.org/2000/svg"><title>{html.escape(title)}</title>'
+    ]
+    for i in range(5):
+        yv = ymax * i / 4
+        _, y = xy(0, yv)
+        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y}" y2="{y}" stroke="#e6e9ee"/>')
+        parts.append(
+            f'<text x="{left - 6}" y="{y + 4}" text-anchor="end" font-size="10" fill="#5b6673">'
+            f"{html.escape(y_fmt.format(yv))}</text>"
+        )
+    for k in sorted({0, n - 1, *range(0, n, max(1, n // 8))}):
+        if k < 0:
+            continue
+        x, _ = xy(k, 0)
+        parts.append(
+            f'<text x="{x}" y="{height - bottom + 16}" text-anchor="middle" font-size="10" fill="#5b6673">{k + 1}</text>'
+        )
+    parts.append(
+        f'<text x="{left + pw / 2}" y="{height - 4}" text-anchor="middle" font-size="11" fill="#5b6673">turn (call number in its conversation)</text>'
+    )
+    for i, (name, values) in enumerate(series):
+        pts = " ".join(f"{x},{y}" for k, v in enumerate(values) if v is not None for x, y in [xy(k, v)])
+        if not pts:
+            continue
+        parts.append(
+            f'<polyline fill="none" stroke="{_color(i)}" stroke-width="1.6" points="{pts}">'
+            f"<title>{html.escape(name)}</title></polyline>"
+        )
+        ly = top + 14 * i + 8
+        parts.append(f'<rect x="{left + pw + 10}" y="{ly - 8}" width="10" height="10" fill="{_color(i)}"/>')
+        parts.append(f'<text x="{left + pw + 24}" y="{ly + 1}" font-size="11">{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_bars(items: list[tuple[str, float | None]], title: str) -> str:
+    """Horizontal bars of fractions (0..1) as inline SVG."""
+    width, left, bar, gap = 760, 130, 16, 6
+    height = 20 + len(items) * (bar + gap)
+    pw = width - left - 70
+    parts = [
+        f'<svg role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'xmlns="http://www.w3.org/2000/svg"><title>{html.escape(title)}</title>'
+    ]
+    for i, (name, v) in enumerate(items):
+        y = 10 + i * (bar + gap)
+        w = round(pw * (v or 0.0), 1)
+        parts.append(
+            f'<text x="{left - 6}" y="{y + 12}" text-anchor="end" font-size="11">{html.escape(name)}</text>'
+        )
+        parts.append(
+            f'<rect x="{left}" y="{y}" width="{w}" height="{bar}" fill="{_color(i)}">'
+            f"<title>{html.escape(name)}: {_rate(v)}</title></rect>"
+        )
+        parts.append(f'<text x="{left + w + 6}" y="{y + 12}" font-size="11">{_rate(v)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def to_html(data: dict[str, Any]) -> str:
+    import jinja2
+    from markupsafe import Markup
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("tokensaver", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    names = [c["name"] for c in data["configs"] if not data["totals"][c["name"]].get("skipped")]
+    cost_chart = svg_lines(
+        [(n, data["turns"].get(n, [])) for n in names], "mean billed $ per call, by turn, per configuration"
+    )
+    hit_chart = svg_bars(
+        [(n, data["totals"][n]["hit_rate"]) for n in names], "cache hit rate per configuration"
+    )
+    source_charts = []
+    for src, group in data["by_source"].items():
+        live = [n for n in names if group[n]["calls"]]
+        source_charts.append(
+            (src, Markup(svg_bars([(n, group[n]["hit_rate"]) for n in live], f"cache hit rate, {src}")))
+        )
+    return env.get_template("bench.html.j2").render(
+        summary=summary_lines(data),
+        main=(MAIN_HEADERS, main_rows(data)),
+        sources=(SOURCE_HEADERS, source_rows(data)),
+        stages=(STAGE_HEADERS, stage_rows(data)),
+        overhead=(OVERHEAD_HEADERS, overhead_rows(data)),
+        problems=_problems(data),
+        configs=data["configs"],
+        cost_chart=Markup(cost_chart),
+        hit_chart=Markup(hit_chart),
+        source_charts=source_charts,
+    )
+
+
+def to_json(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=1, default=str)
+
+
+def render(data: dict[str, Any], fmt: str) -> str:
+    """``data`` (from :func:`tokensaver.bench.run_bench`) as ``table``, ``md``, ``html`` or ``json``."""
+    renderers = {"table": to_table, "md": to_markdown, "html": to_html, "json": to_json}
+    if fmt not in renderers:
+        raise ValueError(f"unknown format {fmt!r}")
+    return renderers[fmt](data)
