@@ -268,7 +268,7 @@ def test_generated_conversations_accepted_and_add_up() -> None:
     with Emulator(virtual_clock=True) as emu:
         client = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
 
-        @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
         @given(conversations(), st.booleans())
         def check(body: dict[str, Any], auto: bool) -> None:
             if auto and sum("cache_control" in b for m in body["messages"] for b in m["content"]) < 3:

@@ -172,7 +172,7 @@ messages = st.builds(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(messages, st.lists(st.integers(0, 5000), max_size=30), st.booleans())
 def test_property_roundtrip(msg: dict[str, Any], cuts: list[int], crlf: bool) -> None:
     raw = message_to_sse(msg)

@@ -732,7 +732,10 @@ class Emulator:
         self._server = _Server((self.host, self.port), _Handler)
         self._server.emulator = self
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="tokensaver-emulator", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.02},
+            name="tokensaver-emulator",
+            daemon=True,
         )
         self._thread.start()
         return self
