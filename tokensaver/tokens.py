@@ -61,7 +61,9 @@ class TokenCounter:
         if isinstance(block, str):
             key = "s:" + hashlib.sha256(block.encode()).hexdigest()
         else:
-            key = "b:" + content_hash(_strip_cache_control(block))
+            # cache_control changes billing, not tokens: count and cache the block without it
+            block = _strip_cache_control(block)
+            key = "b:" + content_hash(block)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
