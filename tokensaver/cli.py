@@ -29,6 +29,12 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     ),
     "plugins": ("tokensaver.plugins", "add_arguments", "run", "list installed and enabled plugins"),
     "bench": ("tokensaver.bench", "add_arguments", "run", "measure savings and overhead over traces"),
+    "proxy": (
+        "tokensaver.proxy",
+        "add_arguments",
+        "run",
+        "serve the Messages API through tokensaver over HTTP",
+    ),
 }
 FORMATS = ("table", "md", "html", "json")
 
