@@ -455,7 +455,7 @@ class Progress:
                 self.stream.flush()
         else:
             decile = int(frac * 10)
-            if decile != self._last_decile or final:
+            if decile != self._last_decile or (final and self._last_decile != 10):
                 self._last_decile = decile
                 self.stream.write(text + "\n")
                 self.stream.flush()

@@ -1,0 +1,284 @@
+"""tokensaver bench: fact extraction and retention, configurations, aggregation, renderings, --quick CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tokensaver import bench, bench_headroom
+from tokensaver.bench_facts import FactTracker, extract_facts, kept
+from tokensaver.bench_render import aggregate, render, svg_lines
+from tokensaver.cli import main
+from tokensaver.errors import TokensaverError
+from tokensaver.traces import fixtures_dir, load_conversations
+
+pytestmark = pytest.mark.skipif(fixtures_dir() is None, reason="needs the fixtures/ folder")
+
+
+# -- facts ----------------------------------------------------------------------------------
+
+
+def test_extract_facts_kinds() -> None:
+    text = (
+        'Traceback: File "/src/app/models.py", line 1234, in get_user_name\n'
+        "getUserName failed for order ZFA04Y (version 3.2.1); see django/db/models/query.py and setup.cfg\n"
+        "This Django thing is fine and the word Error alone is not a fact."
+    )
+    facts = extract_facts(text)
+    for fact in (
+        "/src/app/models.py",
+        "1234",
+        "get_user_name",
+        "getUserName",
+        "ZFA04Y",
+        "3.2.1",
+        "django/db/models/query.py",
+        "setup.cfg",
+    ):
+        assert fact in facts, fact
+    for noise in ("This", "Django", "Error", "line", "thing"):
+        assert noise not in facts, noise
+
+
+def _body(tool_text: str) -> dict:
+    return {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 100,
+        "messages": [
+            {"role": "user", "content": "fix it"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "bash", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": tool_text}]},
+        ],
+    }
+
+
+def test_facts_used_and_kept() -> None:
+    original = _body("FAILED tests/test_api.py::test_login_ok - assert 401 == 200; user_id=98765 elsewhere")
+    reply = [
+        {"type": "text", "text": "The test test_login_ok fails with 401."},
+        {"type": "tool_use", "id": "t2", "name": "bash", "input": {"cmd": "pytest tests/test_api.py"}},
+    ]
+    used = FactTracker().used(original, reply)
+    # in the reply and in a tool output; 98765 / user_id were not used by the model
+    assert {"test_login_ok", "401", "tests/test_api.py"} <= used
+    assert "98765" not in used and "user_id" not in used
+    assert kept(used, original) == len(used)
+    cut = _body("[tool output summarized: 1 test failed]")
+    assert kept(used, cut) == 0
+    partial = _body("FAILED test_login_ok (401)")
+    assert kept(used, partial) == 2  # the path was lost
+    # a fact inside a longer token does not count as kept
+    assert kept({"401"}, _body("code 4012")) == 0
+
+
+# -- configurations ---------------------------------------------------------------------------------
+
+
+def test_build_specs(tmp_path: Path) -> None:
+    plugins = ["summarize", "prune", "cache_align", "memoize"]
+    cfg = tmp_path / "mine.toml"
+    cfg.write_text('plugins = ["prune", "cache_align"]\n[prune]\n', encoding="utf-8")
+    specs = bench.build_specs(["none", "auto", "memoize", "all", "defaults", str(cfg)], plugins)
+    by = {s.name: s for s in specs}
+    assert [s.name for s in specs] == ["none", "auto", "memoize", "all", "defaults", "mine"]
+    assert by["none"].kind == "baseline" and not by["none"].auto_cache
+    assert by["auto"].auto_cache
+    assert by["memoize"].config == {"plugins": ["memoize"], "record": False} and by["memoize"].memo
+    assert by["all"].config is not None and by["all"].config["plugins"][-1] == "cache_align"
+    assert by["defaults"].config == {"record": False}
+    assert by["mine"].config is not None
+    assert by["mine"].config["record"] is False and by["mine"].config["plugins"] == ["prune", "cache_align"]
+    # a plugin that is not installed is left out; unknown names and duplicates are errors
+    assert [s.name for s in bench.build_specs(["summarize"], ["prune"])] == []
+    with pytest.raises(TokensaverError, match="unknown configuration"):
+        bench.build_specs(["nope"], plugins)
+    with pytest.raises(TokensaverError, match="twice"):
+        bench.build_specs(["auto", "auto"], plugins)
+
+
+def test_find_traces_dedupes_and_filters(tmp_path: Path) -> None:
+    fx = fixtures_dir()
+    assert fx is not None
+    refs, dupes = bench.find_traces([fx, fx])
+    assert dupes == len(refs) and refs
+    assert {r.source for r in refs} >= {"tau-bench", "swe-agent"}
+    only, _ = bench.find_traces([fx], ["tau-bench"])
+    assert only and {r.source for r in only} == {"tau-bench"}
+
+
+# -- aggregation --------------------------------------------------------------------------------------
+
+
+def _res(config: str, conv: str, source: str, cost: float, **kw: object) -> dict:
+    base = {
+        "config": config,
+        "conversation": conv,
+        "source": source,
+        "calls": 2,
+        "rejected": 0,
+        "input_tokens": 100,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 10,
+        "cost_usd": cost,
+        "input_cost_usd": cost,
+        "facts_used": 4,
+        "facts_kept": 4,
+        "short_circuited": 0,
+        "plugin_errors": 0,
+        "tokens_original": 0,
+        "tokens_sent": 0,
+        "seconds": 0.1,
+        "stages": {},
+        "overhead_ms": [],
+        "turn_cost_usd": [cost / 2, cost / 2],
+    }
+    base.update(kw)
+    return base
+
+
+def test_aggregate_compares_with_auto_per_source() -> None:
+    data = {
+        "configs": [{"name": "auto"}, {"name": "defaults"}],
+        "results": [
+            _res("auto", "a", "s1", 1.0),
+            _res("auto", "b", "s2", 3.0),
+            _res("defaults", "a", "s1", 0.5, facts_kept=2, cache_read_input_tokens=300),
+            _res("defaults", "b", "s2", 3.0, overhead_ms=[1.0, 2.0, 9.0]),
+        ],
+    }
+    agg = aggregate(data)
+    t = agg["totals"]
+    assert t["auto"]["vs_auto_pct"] == 0.0
+    assert t["defaults"]["cost_usd"] == 3.5
+    assert t["defaults"]["vs_auto_pct"] == pytest.approx(12.5)
+    assert t["defaults"]["facts_kept_pct"] == pytest.approx(75.0)
+    assert t["defaults"]["hit_rate"] == pytest.approx(300 / 500)
+    assert t["defaults"]["overhead_p50_ms"] == 2.0 and t["defaults"]["overhead_p95_ms"] == 9.0
+    assert agg["by_source"]["s1"]["defaults"]["vs_auto_pct"] == pytest.approx(50.0)
+    assert agg["by_source"]["s2"]["defaults"]["vs_auto_pct"] == pytest.approx(0.0)
+    assert agg["turns"]["defaults"] == [pytest.approx(0.875), pytest.approx(0.875)]
+
+
+def test_svg_lines_scale() -> None:
+    svg = svg_lines([("x", [0.0, 1.0, None, 2.0])], "t")
+    pts = re.search(r'points="([^"]+)"', svg)
+    assert pts is not None
+    ys = [float(p.split(",")[1]) for p in pts.group(1).split()]
+    assert len(ys) == 3 and ys[0] > ys[1] > ys[2]  # higher cost is drawn higher
+
+
+def test_progress_without_a_terminal() -> None:
+    out = io.StringIO()
+    bar = bench.Progress(20, stream=out)
+    for _ in range(20):
+        bar.update()
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert 10 <= len(lines) <= 12 and "20/20 calls" in lines[-1]
+
+
+# -- a real --quick run ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick() -> dict:
+    opts = bench.BenchOptions(quick=True, progress=False, overhead_reps=3)
+    return bench.run_bench(opts)
+
+
+def test_quick_run_figures(quick: dict) -> None:
+    names = [c["name"] for c in quick["configs"]]
+    assert names[:2] == ["none", "auto"] and "defaults" in names and "all" in names
+    n_conv = len(quick["conversations"])
+    assert n_conv >= 4 and len(quick["results"]) == n_conv * len(names)
+    t = quick["totals"]
+    for name in names:
+        if t[name].get("skipped"):
+            continue
+        assert t[name]["rejected"] == 0, quick["results"]
+        assert t[name]["calls"] == sum(c["calls"] for c in quick["conversations"])
+    # the same replies everywhere: output is identical; caching makes auto cheaper than none
+    assert len({t[n]["output_tokens"] for n in names if not t[n].get("skipped")}) == 1
+    assert t["auto"]["cost_usd"] < t["none"]["cost_usd"]
+    assert t["none"]["cache_read_input_tokens"] == 0 and t["auto"]["cache_read_input_tokens"] > 0
+    # bodies sent unchanged keep every fact; some facts are used at all
+    assert t["none"]["facts_used"] > 0 and t["none"]["facts_kept"] == t["none"]["facts_used"]
+    assert t["auto"]["facts_kept_pct"] == 100.0
+    # per-stage savings come from the pipeline's records
+    assert set(t["defaults"]["stages"]) >= {"cache_align"}
+    assert t["defaults"]["overhead_p50_ms"] is not None
+    assert sum(r["cost_usd"] for r in quick["results"] if r["config"] == "auto") == pytest.approx(
+        t["auto"]["cost_usd"], abs=1e-5
+    )
+    assert quick["overhead"] and quick["overhead"][0]["tokens"] >= 10_000
+    assert quick["overhead"][0]["p95_ms"] >= quick["overhead"][0]["p50_ms"] > 0
+    assert quick["memory"]["peak_mb_defaults"] > 0
+
+
+def test_quick_renderings(quick: dict) -> None:
+    table = render(quick, "table")
+    md = render(quick, "md")
+    page = render(quick, "html")
+    again = json.loads(render(quick, "json"))
+    assert again["schema"] == "tokensaver-bench/1" and again["totals"].keys() == quick["totals"].keys()
+    for name in quick["totals"]:
+        assert re.search(rf"^{name}\s", table, re.M), name
+        assert f"| {name} |" in md
+    assert "Machine:" in table and "| configuration | calls |" in md
+    assert page.count("<svg") >= 2 and "<polyline" in page
+    # self-contained: no scripts and nothing loaded from the network
+    assert "<script" not in page
+    assert not re.search(r'(src|href)="https?:', page)
+
+
+def test_cli_quick_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(bench_headroom, "available", lambda: False)
+    out = tmp_path / "b.json"
+    rc = main(
+        [
+            "bench",
+            "--quick",
+            "--configs",
+            "none,auto,headroom",
+            "--sources",
+            "tau-bench,swe-agent",
+            "--limit-calls",
+            "3",
+            "--no-overhead",
+            "--no-memory",
+            "-f",
+            "json",
+            "-o",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [c["name"] for c in data["configs"]] == ["none", "auto"]  # headroom not installed: left out
+    assert "not installed" in data["headroom"]["note"]
+    assert {c["source"] for c in data["conversations"]} == {"tau-bench", "swe-agent"}
+    assert all(c["calls"] <= 3 for c in data["conversations"])
+    assert data["overhead"] == [] and data["memory"] == {}
+    err = capsys.readouterr().err
+    assert "calls" in err and "wrote json bench report" in err
+
+
+def test_cli_rejects_bad_input(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--quick", "--configs", "bogus", "--quiet"]) == 2
+    assert "unknown configuration" in capsys.readouterr().err
+
+
+def test_load_ref_limits_calls() -> None:
+    fx = fixtures_dir()
+    assert fx is not None
+    refs, _ = bench.find_traces([fx])
+    conv = bench.load_ref(refs[0], 2)
+    assert len(conv.calls) == 2 and conv.source == refs[0].source
+    assert len(load_conversations([refs[0].path])[0].calls) >= 2
