@@ -184,3 +184,12 @@ def test_python_dash_m(runs: Path, tmp_path: Path) -> None:
     )
     assert missing.returncode == 2
     assert "Traceback" not in missing.stderr and "no run named 'nope'" in missing.stderr
+
+
+def test_emulator_subcommand_is_available() -> None:
+    import tokensaver.cli as cli_module
+
+    parser = cli_module.build_parser()
+    args = parser.parse_args(["emulator", "--port", "0", "--loose-roles"])
+    assert args.port == 0 and args.loose_roles is True
+    assert "unavailable" not in repr(args)
