@@ -331,9 +331,10 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
         cur, total = after_msgs, after
     notes["tokens_sent"] = total
     notes["cleared_results"] = len(spec.get("cleared") or ())
-    if cur == messages:
+    if cur == messages and norm["messages"] == body["messages"]:
         ctx.record(**notes)
         return None
+    # string contents go out as block lists on every call, changed or not: the same bytes each turn
     out = {**norm, "messages": cur}
     problems = request_problems(out)
     if problems:

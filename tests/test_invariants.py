@@ -114,7 +114,7 @@ def test_prune_valid_and_stable_between_cuts(conv: dict[str, Any]) -> None:
         assert sent["messages"][0]["content"][: len(as_list(body["messages"][0]))] == as_list(
             body["messages"][0]
         )
-        last_sent, last_body = sent["messages"][-1]["content"], as_list(body["messages"][-1])
+        last_sent, last_body = as_list(sent["messages"][-1]), as_list(body["messages"][-1])
         assert len(last_sent) == len(last_body)
         for a, b in zip(last_sent, last_body, strict=True):
             assert a == b or "identical to the earlier result" in str(a.get("content"))
