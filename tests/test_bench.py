@@ -248,9 +248,11 @@ def test_cli_quick_json(
             "--configs",
             "none,auto,headroom",
             "--sources",
-            "tau-bench,swe-agent",
+            "tau-bench,claude-code-spotter",
             "--limit-calls",
             "3",
+            "--per-source",
+            "1",
             "--no-overhead",
             "--no-memory",
             "-f",
@@ -263,7 +265,7 @@ def test_cli_quick_json(
     data = json.loads(out.read_text())
     assert [c["name"] for c in data["configs"]] == ["none", "auto"]  # headroom not installed: left out
     assert "not installed" in data["headroom"]["note"]
-    assert {c["source"] for c in data["conversations"]} == {"tau-bench", "swe-agent"}
+    assert sorted(c["source"] for c in data["conversations"]) == ["claude-code-spotter", "tau-bench"]
     assert all(c["calls"] <= 3 for c in data["conversations"])
     assert data["overhead"] == [] and data["memory"] == {}
     err = capsys.readouterr().err

@@ -524,6 +524,7 @@ class BenchOptions:
     sources: list[str] | None = None
     limit_calls: int | None = None
     limit_conversations: int | None = None
+    per_source: int | None = None
     jobs: int = 1
     quick: bool = False
     overhead: bool = True
@@ -551,6 +552,14 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         paths = [fx] if opts.quick and fx is not None else list(default_trace_dirs())
     refs, dupes = find_traces(paths, opts.sources)
     refs.sort(key=lambda r: (r.source, r.path))
+    if opts.per_source:
+        taken: dict[str, int] = {}
+        keep = []
+        for r in refs:
+            taken[r.source] = taken.get(r.source, 0) + 1
+            if taken[r.source] <= opts.per_source:
+                keep.append(r)
+        refs = keep
     if opts.limit_conversations:
         refs = refs[: opts.limit_conversations]
     if not refs:
@@ -649,6 +658,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             "sources": opts.sources,
             "limit_calls": opts.limit_calls,
             "limit_conversations": opts.limit_conversations,
+            "per_source": opts.per_source,
             "jobs": opts.jobs,
             "quick": opts.quick,
             "duplicates_skipped": dupes,
@@ -713,6 +723,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sources", help="comma-separated trace folders to keep (e.g. tau-bench,swe-agent)")
     parser.add_argument("--limit-calls", type=int, help="replay at most N calls of each conversation")
     parser.add_argument("--limit-conversations", type=int, help="replay at most N conversations")
+    parser.add_argument("--per-source", type=int, help="replay the first N conversations of each source")
     parser.add_argument("--no-overhead", action="store_true", help="skip the pipeline timing")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory replay")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per request size (default 20)")
@@ -737,6 +748,7 @@ def run(args: argparse.Namespace) -> int:
         sources=_split(args.sources),
         limit_calls=args.limit_calls,
         limit_conversations=args.limit_conversations,
+        per_source=args.per_source,
         jobs=args.jobs,
         quick=args.quick,
         overhead=not args.no_overhead,

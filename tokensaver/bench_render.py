@@ -300,6 +300,7 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     lines = [
         f"{n_conv} conversations, {n_calls:,} calls per configuration, {len(data['configs'])} configurations"
         + (f" (at most {o['limit_calls']} calls each)" if o.get("limit_calls") else "")
+        + (f" (first {o['per_source']} conversations of each source)" if o.get("per_source") else "")
         + (" [--quick]" if o.get("quick") else "")
         + f"; ran {time.strftime('%Y-%m-%d %H:%M', time.localtime(data['started']))}"
         + f" in {data['duration_s']:.0f} s (replays {data['replay_s']:.0f} s, {o['jobs']} job(s)).",
