@@ -1,0 +1,363 @@
+"""cache_align: each placement rule (lookback, minimum length, caller's breakpoints, TTL), stability, busts.
+
+Unit tests call the hook with ``make_context``; integration tests go through ``tokensaver.wrap`` to the
+emulator, which bills prompt caching like the API, and compare with the API's automatic caching.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import pytest
+from strategies import words
+from tokensaver_plugins import cache_align
+from tokensaver_plugins._blocks import prefix_slots, request_problems
+
+import tokensaver
+from tokensaver.context import make_context
+from tokensaver.emulator import Emulator
+from tokensaver.errors import ConfigError
+
+MODEL = "claude-sonnet-4-6"  # min cacheable length 1024
+T0 = 1_700_000_000.0
+
+
+def align(
+    body: dict[str, Any], states: dict[str, Any], now: float = T0, **conf: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    ctx = make_context(
+        body, plugin="cache_align", settings={**cache_align.DEFAULTS, **conf}, now=now, states=states
+    )
+    out = cache_align.tokensaver_transform_request(body, ctx)
+    assert out is not None
+    assert request_problems(out) == []
+    return out, ctx.notes["cache_align"]
+
+
+def breakpoints(body: dict[str, Any]) -> dict[str, str]:
+    return {
+        s.loc: s.block["cache_control"].get("ttl", "5m")
+        for s in prefix_slots(body)
+        if isinstance(s.block, dict) and s.block.get("cache_control")
+    }
+
+
+def parallel_turn(k: int, n: int) -> list[dict[str, Any]]:
+    """An assistant turn with ``n`` parallel tool calls and the user turn answering them."""
+    uses = [{"type": "tool_use", "id": f"toolu_{k}_{i}", "name": "read", "input": {"i": i}} for i in range(n)]
+    results = [
+        {"type": "tool_result", "tool_use_id": f"toolu_{k}_{i}", "content": words(k * 100 + i, 40)}
+        for i in range(n)
+    ]
+    return [{"role": "assistant", "content": uses}, {"role": "user", "content": results}]
+
+
+TOOLS = [
+    {
+        "name": "read",
+        "description": "read",
+        "input_schema": {"type": "object", "properties": {"i": {"type": "integer"}}},
+    }
+]
+
+
+def body_of(messages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "max_tokens": 64,
+        "tools": TOOLS,
+        "system": words(1, 1500),
+        "messages": messages,
+        **extra,
+    }
+
+
+# -- placement rules ---------------------------------------------------------------------------
+
+
+def test_places_final_previous_and_system_breakpoints() -> None:
+    msgs = [{"role": "user", "content": words(2, 50)}, *parallel_turn(1, 2)]
+    out, notes = align(body_of(msgs), {})
+    bps = breakpoints(out)
+    assert set(bps) == {"system[0]", "messages[0].content[0]", "messages[2].content[1]"}
+    assert {b["why"] for b in notes["breakpoints"]} == {"tools+system", "previous", "final"}
+
+
+def test_lookback_rule_breakpoint_at_previous_end_when_turn_adds_over_20_blocks() -> None:
+    msgs = [{"role": "user", "content": words(2, 50)}, *parallel_turn(1, 15)]
+    out, notes = align(body_of(msgs), {})
+    why = {b["at"]: b["why"] for b in notes["breakpoints"]}
+    assert why["messages[0].content[0]"] == "lookback"  # 30 blocks after the previous request's end
+    # with few new blocks the same breakpoint is only insurance
+    out2, notes2 = align(body_of([{"role": "user", "content": words(2, 50)}, *parallel_turn(1, 2)]), {})
+    assert {b["at"]: b["why"] for b in notes2["breakpoints"]}["messages[0].content[0]"] == "previous"
+
+
+def test_lookback_priority_when_caller_leaves_one_slot_free() -> None:
+    msgs = [{"role": "user", "content": words(2, 50)}, *parallel_turn(1, 15)]
+    system = [{"type": "text", "text": words(1, 500), "cache_control": {"type": "ephemeral"}}]
+    tools = [
+        {**TOOLS[0], "name": f"t{i}", "cache_control": {"type": "ephemeral"}}
+        if i < 2
+        else {**TOOLS[0], "name": f"t{i}"}
+        for i in range(3)
+    ]
+    out, notes = align({**body_of(msgs), "system": system, "tools": tools}, {})
+    assert len(breakpoints(out)) == 4
+    assert [b["why"] for b in notes["breakpoints"]] == ["final"]
+    # free slots: the previous request's end is 30 blocks before the final one, so it comes next
+    out, notes = align({**body_of(msgs), "system": system}, {})
+    assert sorted(b["why"] for b in notes["breakpoints"]) == ["final", "lookback"]
+
+
+def test_minimum_cacheable_length_respected() -> None:
+    short = {
+        "model": MODEL,
+        "max_tokens": 64,
+        "system": "be brief",
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    out, notes = align(short, {})
+    assert breakpoints(out) == {}
+    assert notes["breakpoints"] == []
+    # a short system prompt gets no breakpoint of its own, the long final message does
+    long_msg = {**short, "messages": [{"role": "user", "content": words(3, 1500)}]}
+    out, notes = align(long_msg, {})
+    assert list(breakpoints(out)) == ["messages[0].content[0]"]
+    assert all(b["prefix_tokens"] >= 1024 for b in notes["breakpoints"])
+
+
+def test_callers_breakpoints_kept_and_counted() -> None:
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": words(2, 300), "cache_control": {"type": "ephemeral"}}],
+        },
+        *parallel_turn(1, 2),
+    ]
+    system = [
+        {"type": "text", "text": words(1, 600), "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": words(4, 600), "cache_control": {"type": "ephemeral"}},
+    ]
+    out, notes = align(body_of(msgs, system=system), {})
+    bps = breakpoints(out)
+    assert len(bps) == 4
+    assert {"system[0]", "system[1]", "messages[0].content[0]"} <= set(bps)
+    assert notes["caller_breakpoints"] == 3
+    # four of the caller's own: nothing added
+    msgs[2] = {
+        "role": "user",
+        "content": [
+            {**msgs[2]["content"][0]},
+            {**msgs[2]["content"][1], "cache_control": {"type": "ephemeral"}},
+        ],
+    }
+    out, notes = align(body_of(msgs, system=system), {})
+    assert notes["breakpoints"] == []
+    assert len(breakpoints(out)) == 4
+
+
+def test_automatic_mode_counted_and_converted() -> None:
+    msgs = [{"role": "user", "content": words(2, 50)}, *parallel_turn(1, 2)]
+    out, notes = align(body_of(msgs, cache_control={"type": "ephemeral", "ttl": "1h"}), {})
+    assert "cache_control" not in out
+    assert notes["automatic_converted"] is True
+    assert breakpoints(out)["messages[2].content[1]"] == "1h"  # the caller's TTL kept
+
+
+def test_ttl_switches_to_1h_after_long_gaps_and_back_with_hysteresis() -> None:
+    states: dict[str, Any] = {}
+    msgs = [{"role": "user", "content": words(2, 3000)}]
+    t = T0
+    ttls = []
+    for k in range(1, 12):
+        gap = 900 if k in (2, 3) else 20  # two coffee breaks, then a busy agent loop
+        t += gap
+        msgs = [
+            *msgs,
+            {"role": "assistant", "content": f"answer {k}"},
+            {"role": "user", "content": f"next {k}"},
+        ]
+        out, notes = align(body_of(msgs), states, now=t)
+        ttls.append(notes["ttl"])
+        assert set(breakpoints(out).values()) == {notes["ttl"]}
+    assert ttls[0] == "5m"
+    assert "1h" in ttls
+    first_1h = ttls.index("1h")
+    assert all(x == "1h" for x in ttls[first_1h : first_1h + 4])  # hysteresis: no flip back at once
+
+
+def test_1h_never_after_callers_5m() -> None:
+    msgs = [{"role": "user", "content": words(2, 50)}, *parallel_turn(1, 2)]
+    system = [{"type": "text", "text": words(1, 1500), "cache_control": {"type": "ephemeral"}}]
+    out, _ = align(body_of(msgs, system=system), {}, ttl="1h")
+    assert set(breakpoints(out).values()) == {"5m"}
+    system = [{"type": "text", "text": words(1, 1500), "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+    out, _ = align(body_of(msgs, system=system), {}, ttl="5m")
+    assert breakpoints(out)["system[0]"] == "1h"
+    assert request_problems(out) == []
+
+
+# -- stability ---------------------------------------------------------------------------------
+
+
+def test_tools_sorted_and_schema_keys_sorted() -> None:
+    a = {
+        "name": "b",
+        "input_schema": {"type": "object", "properties": {"y": {}, "x": {}}},
+        "description": "B",
+    }
+    b = {"description": "A", "name": "a", "input_schema": {"properties": {"x": {}}, "type": "object"}}
+    out1, _ = align(body_of([{"role": "user", "content": "hi"}], tools=[a, b]), {})
+    out2, _ = align(body_of([{"role": "user", "content": "hi"}], tools=[b, a]), {})
+    assert out1["tools"] == out2["tools"]
+    assert [t["name"] for t in out1["tools"]] == ["a", "b"]
+    assert list(out1["tools"][1]["input_schema"]["properties"]) == ["x", "y"]
+
+
+def test_volatile_system_lines_moved_and_reproduced_on_later_turns() -> None:
+    states: dict[str, Any] = {}
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": "Task: " + words(2, 50)}]
+    sent = []
+    for k in range(3):
+        system = f"You are an agent.\nCurrent time: 2025-01-0{k + 1}T10:00:0{k}Z\n" + words(1, 1500)
+        out, notes = align(body_of(msgs, system=system), states, now=T0 + 10 * k)
+        assert "2025-01-0" not in str(out["system"])
+        assert notes["moved"]["lines"] == [f"Current time: 2025-01-0{k + 1}T10:00:0{k}Z"]
+        sent.append(out)
+        msgs = [*msgs, {"role": "assistant", "content": f"ok {k}"}, {"role": "user", "content": f"go {k}"}]
+    for prev, cur in zip(sent, sent[1:], strict=False):
+        p = [cache_align.strip_cc(s.block) for s in prefix_slots(prev)]
+        c = [cache_align.strip_cc(s.block) for s in prefix_slots(cur)]
+        assert c[: len(p)] == p
+    assert "2025-01-01" in str(sent[2]["messages"][0]) and "2025-01-03" in str(sent[2]["messages"][4])
+
+
+def test_bust_diagnosis_names_block_and_char() -> None:
+    states: dict[str, Any] = {}
+    msgs = [
+        {"role": "user", "content": words(2, 50)},
+        {"role": "assistant", "content": "hello world"},
+        {"role": "user", "content": "x"},
+    ]
+    align(body_of(msgs), states)
+    edited = [msgs[0], {"role": "assistant", "content": "hello there"}, msgs[2]]
+    _, notes = align(body_of(edited), states)
+    assert notes["bust"]["at"] == "messages[1].content[0]"
+    assert notes["bust"]["change"] == "text differs at char 6"
+    assert notes["bust"]["invalidated_tokens"] > 0
+    # appending is not a bust
+    _, notes = align(
+        body_of([*edited, {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]), states
+    )
+    assert "bust" not in notes
+
+
+def test_configure_rejects_bad_values_and_fills_defaults() -> None:
+    assert cache_align.tokensaver_configure({}, "t")["ttl"] == "auto"
+    with pytest.raises(ConfigError, match="'auto', '5m' or '1h'"):
+        cache_align.tokensaver_configure({"ttl": "2h"}, "t")
+    with pytest.raises(ConfigError, match="unknown key"):
+        cache_align.tokensaver_configure({"ttll": "5m"}, "t")
+    with pytest.raises(ConfigError, match="regular expression"):
+        cache_align.tokensaver_configure({"extra_volatile_patterns": ["("]}, "t")
+
+
+def test_report_section_counts_busts_and_moves() -> None:
+    calls = [
+        {
+            "id": "c1",
+            "plugins": {
+                "cache_align": {
+                    "billed": {"read": 0, "write_5m": 2000, "write_1h": 0},
+                    "input_usd": 0.01,
+                    "uncached_usd": 0.006,
+                }
+            },
+        },
+        {
+            "id": "c2",
+            "plugins": {
+                "cache_align": {
+                    "billed": {"read": 2000, "write_5m": 100, "write_1h": 0},
+                    "bust": {"at": "system[0]", "change": "text differs at char 3"},
+                    "input_usd": 0.001,
+                    "uncached_usd": 0.0063,
+                }
+            },
+        },
+    ]
+    sec = cache_align.tokensaver_report_section("cache_align", calls)
+    assert sec is not None
+    assert "1 prefix busts" in sec["summary"] and "2,000" in sec["summary"]
+    assert sec["rows"][0]["bust_at"] == "system[0]"
+    assert cache_align.tokensaver_report_section("prune", calls) is None
+
+
+# -- through wrap() against the emulator --------------------------------------------------------
+
+
+def converse(
+    client: Any, emu: Emulator, turns: list[list[dict[str, Any]]], gaps: list[float], **extra: Any
+) -> list[dict[str, Any]]:
+    """Send a growing conversation; return the billed usage of every call."""
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": "Task: " + words(2, 100)}]
+    usages = []
+    for turn, gap in zip([[], *turns], gaps, strict=True):
+        msgs = [*msgs, *turn]
+        emu.clock.advance(gap)
+        resp = client.post("/v1/messages", body=body_of(msgs, **extra), cast_to=object)
+        usages.append(resp["usage"])
+    return usages
+
+
+@pytest.fixture
+def emu() -> Any:
+    with Emulator(virtual_clock=True, start_time=T0) as e:
+        yield e
+
+
+def wrapped(emu: Emulator, tmp_path: Any) -> Any:
+    base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+    return tokensaver.wrap(
+        base,
+        config={"plugins": ["cache_align"], "record": False, "runs_dir": str(tmp_path)},
+        clock=emu.clock.now,
+    )
+
+
+def test_emulator_parallel_tool_turn_reads_previous_prefix_where_automatic_mode_misses(
+    emu: Emulator, tmp_path: Any
+) -> None:
+    turns = [parallel_turn(1, 15), parallel_turn(2, 15)]
+    ours = converse(wrapped(emu, tmp_path), emu, turns, [1, 5, 5])
+    emu.reset()
+    plain = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+    auto = converse(plain, emu, turns, [1, 5, 5], cache_control={"type": "ephemeral"})
+    # automatic mode: the 30 new blocks put the last write out of the 20-block lookback
+    assert auto[2]["cache_read_input_tokens"] < ours[2]["cache_read_input_tokens"]
+    assert (
+        ours[2]["cache_read_input_tokens"]
+        >= ours[1]["cache_read_input_tokens"] + ours[1]["cache_creation_input_tokens"]
+    )
+    assert emu.requests and request_problems(emu.requests[-1]["body"]) == []
+
+
+def test_emulator_1h_ttl_survives_coffee_breaks(emu: Emulator, tmp_path: Any) -> None:
+    turns = [
+        [{"role": "assistant", "content": f"a{k}"}, {"role": "user", "content": words(10 + k, 200)}]
+        for k in range(8)
+    ]
+    gaps = [1, 20, 600, 20, 600, 20, 600, 20, 600]
+    ours = converse(wrapped(emu, tmp_path), emu, turns, gaps)
+    emu.reset()
+    plain = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+    auto = converse(plain, emu, turns, gaps, cache_control={"type": "ephemeral"})
+    # after the first coffee break, the 1h entries let the later breaks read instead of re-writing
+    assert ours[6]["cache_read_input_tokens"] > 0
+    assert auto[6]["cache_read_input_tokens"] == 0
+    from tokensaver.pricing import PriceTable
+
+    m = PriceTable().get(MODEL)
+    assert sum(m.input_cost(u) for u in ours) < sum(m.input_cost(u) for u in auto)
