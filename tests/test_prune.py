@@ -1,0 +1,239 @@
+"""prune: trigger/target cuts, pairs kept, stability between cuts, dedupe, server-side context management."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+import pytest
+from strategies import words
+from tokensaver_plugins import prune
+from tokensaver_plugins._blocks import request_problems, strip_cc
+
+import tokensaver
+from tokensaver.context import make_context
+from tokensaver.emulator import Emulator
+from tokensaver.errors import ConfigError
+from tokensaver.pricing import PriceTable
+
+MODEL = "claude-sonnet-4-6"
+T0 = 1_700_000_000.0
+
+
+def conversation(n_turns: int, size: int = 400, names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Task, then ``n_turns`` tool calls each answered with a ``size``-token result."""
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": "Task: fix the bug"}]
+    for k in range(n_turns):
+        name = (names or ["read"])[k % len(names or ["read"])]
+        msgs.append(
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": f"step {k}", "signature": "s"},
+                    {"type": "tool_use", "id": f"toolu_{k:03d}", "name": name, "input": {"k": k}},
+                ],
+            }
+        )
+        msgs.append(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": f"toolu_{k:03d}", "content": words(k, size)}
+                ],
+            }
+        )
+    return msgs
+
+
+def body_of(messages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "max_tokens": 64, "system": "You fix bugs.", "messages": messages, **extra}
+
+
+def run(body: dict[str, Any], states: dict[str, Any], **conf: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    ctx = make_context(body, plugin="prune", settings={**prune.DEFAULTS, **conf}, now=T0, states=states)
+    out = prune.tokensaver_transform_request(body, ctx)
+    sent = out if out is not None else body
+    assert request_problems(sent) == []
+    return sent, ctx.notes.get("prune", {})
+
+
+def result_text(body: dict[str, Any], tid: str) -> str:
+    for m in body["messages"]:
+        for b in m["content"] if isinstance(m["content"], list) else []:
+            if b.get("type") == "tool_result" and b["tool_use_id"] == tid:
+                return str(b["content"])
+    raise KeyError(tid)
+
+
+TIGHT = {
+    "max_tokens_budget": 10_000,
+    "trigger": 1.0,
+    "target": 0.5,
+    "keep_tool_uses": 3,
+    "keep_last_messages": 4,
+}
+
+
+def test_nothing_changes_below_trigger() -> None:
+    body = body_of(conversation(5))
+    sent, notes = run(body, {}, **TIGHT)
+    # only the string contents become block lists (the same every call)
+    assert [strip_cc(m) for m in sent["messages"][1:]] == body["messages"][1:]
+    assert "cut" not in notes and notes["tokens"] < 10_000
+
+
+def test_one_deep_cut_to_target_then_stable_until_next_trigger() -> None:
+    states: dict[str, Any] = {}
+    msgs = conversation(40, size=100)  # ~400 tokens a turn
+    sent_by_turn = []
+    cuts = []
+    for n in range(3, len(msgs) + 1, 2):
+        sent, notes = run(body_of(msgs[:n]), states, **TIGHT)
+        sent_by_turn.append(sent)
+        if "cut" in notes:
+            cuts.append((n, notes["cut"]))
+            assert notes["cut"]["tokens_after"] <= 5_000  # down to the target
+            assert notes["cut"]["tokens_before"] > 10_000  # only past the trigger
+            assert notes["cut"]["prefix_invalidated_tokens"] >= notes["cut"]["removed_tokens"]
+        else:
+            assert notes["tokens_sent"] <= 10_000
+    assert 1 <= len(cuts) <= 4  # rare steps, not a little every turn
+    cut_turns = {(n - 3) // 2 for n, _ in cuts}
+    for k in range(1, len(sent_by_turn)):
+        if k in cut_turns:
+            continue
+        prev, cur = sent_by_turn[k - 1]["messages"], sent_by_turn[k]["messages"]
+        assert [strip_cc(m) for m in cur[: len(prev)]] == [strip_cc(m) for m in prev]
+
+
+def test_cut_keeps_task_pairs_thinking_and_recent_tool_uses() -> None:
+    msgs = conversation(30, size=100)
+    sent, notes = run(body_of(msgs), {}, **TIGHT)
+    assert "cut" in notes and notes["cut"]["dropped_messages"] == 0
+    assert sent["messages"][0]["content"][0] == {"type": "text", "text": "Task: fix the bug"}
+    for k in range(27, 30):  # the last 3 tool uses
+        assert result_text(sent, f"toolu_{k:03d}") == words(k, 100)
+    assert "cleared to save context" in result_text(sent, "toolu_000")
+    # every assistant message that is still there is untouched (thinking blocks included)
+    originals = [json.dumps(m, sort_keys=True) for m in msgs if m["role"] == "assistant"]
+    assert all(
+        json.dumps(m, sort_keys=True) in originals for m in sent["messages"] if m["role"] == "assistant"
+    )
+    assert sent["system"] == [{"type": "text", "text": "You fix bugs."}] or sent["system"] == "You fix bugs."
+
+
+def test_excluded_tools_never_cleared() -> None:
+    msgs = conversation(30, size=100, names=["read", "memory"])
+    sent, notes = run(body_of(msgs), {}, **{**TIGHT, "target": 0.85, "exclude_tools": ["memory"]})
+    assert "cut" in notes and notes["cut"]["dropped_messages"] == 0
+    for k in range(1, 30, 2):
+        assert result_text(sent, f"toolu_{k:03d}") == words(k, 100)
+    assert "cleared to save context" in result_text(sent, "toolu_000")
+
+
+def test_drops_old_turns_when_clearing_is_not_enough() -> None:
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": "Task"}]
+    for k in range(30):  # no tool results at all: only whole turns can go
+        msgs += [
+            {"role": "assistant", "content": words(k, 300)},
+            {"role": "user", "content": words(100 + k, 300)},
+        ]
+    sent, notes = run(body_of(msgs), {}, **TIGHT)
+    cut = notes["cut"]
+    assert cut["dropped_messages"] > 0 and cut["tokens_after"] <= 5_000
+    assert sent["messages"][1]["role"] == "assistant"
+    assert "earlier messages" in sent["messages"][0]["content"][-1]["text"]
+    assert sent["messages"][-4:] == [
+        {**m, "content": [{"type": "text", "text": m["content"]}]} for m in msgs[-4:]
+    ]
+
+
+def test_dedupe_replaces_the_newer_copy_and_never_rewrites_history() -> None:
+    same = words(7, 300)
+    msgs = conversation(2)
+    msgs[2]["content"][0]["content"] = same
+    before, _ = run(body_of(msgs), {})
+    msgs += [
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_again", "name": "read", "input": {}}],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_again", "content": same}]},
+    ]
+    after, _ = run(body_of(msgs), {})
+    assert result_text(after, "toolu_000") == same  # the earlier copy stays
+    assert "identical to the earlier result of tool_use toolu_000" in result_text(after, "toolu_again")
+    assert [strip_cc(m) for m in after["messages"][: len(before["messages"])]] == [
+        strip_cc(m) for m in before["messages"]
+    ]
+    off, _ = run(body_of(msgs), {}, dedupe=False)
+    assert result_text(off, "toolu_again") == same
+
+
+def test_stands_aside_for_server_side_context_management() -> None:
+    cm = {"edits": [{"type": "clear_tool_uses_20250919"}]}
+    body = body_of(conversation(40), context_management=cm)
+    sent, notes = run(body, {}, **TIGHT)
+    assert sent is body and notes["stood_aside"] == "context_management"
+    ctx = make_context(body, plugin="prune", now=T0)
+    prune.tokensaver_observe_response(
+        body, {"context_management": {"applied_edits": [{"cleared_input_tokens": 1234}]}}, ctx
+    )
+    assert ctx.notes["prune"]["server_cleared_tokens"] == 1234
+    sec = prune.tokensaver_report_section(
+        "prune", [{"id": "c", "plugins": {"prune": {**notes, **ctx.notes["prune"]}}}]
+    )
+    assert sec is not None and "server cleared 1,234 tokens" in sec["summary"]
+
+
+def test_budget_from_context_window_fraction() -> None:
+    model = PriceTable().get(MODEL)
+    assert prune.budget({**prune.DEFAULTS}, model) == int(0.5 * model.context_window)
+    assert prune.budget({**prune.DEFAULTS, "max_tokens_budget": 50_000}, model) == 50_000
+
+
+def test_configure_validates() -> None:
+    assert prune.tokensaver_configure({}, "t")["target"] == 0.6
+    with pytest.raises(ConfigError, match="below prune.trigger"):
+        prune.tokensaver_configure({"trigger": 0.5, "target": 0.6}, "t")
+    with pytest.raises(ConfigError, match="unknown key"):
+        prune.tokensaver_configure({"budget": 3}, "t")
+    with pytest.raises(ConfigError, match="list of tool names"):
+        prune.tokensaver_configure({"exclude_tools": "read"}, "t")
+
+
+def test_report_rows_show_removed_vs_invalidated() -> None:
+    states: dict[str, Any] = {}
+    _, notes = run(body_of(conversation(30)), states, **TIGHT)
+    sec = prune.tokensaver_report_section("prune", [{"id": "c1", "plugins": {"prune": notes}}])
+    assert sec is not None and len(sec["rows"]) == 1
+    row = sec["rows"][0]
+    assert row["removed"] > 0 and row["prefix_invalidated"] >= row["removed"] and row["break_even_calls"] > 0
+
+
+def test_with_cache_align_through_emulator_costs_less_than_cache_align_alone(tmp_path: Any) -> None:
+    msgs = conversation(60, size=500)
+    costs = {}
+    m = PriceTable().get(MODEL)
+    for plugins in (["cache_align"], ["prune", "cache_align"]):
+        with Emulator(virtual_clock=True, start_time=T0) as emu:
+            base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+            client = tokensaver.wrap(
+                base,
+                config={
+                    "plugins": plugins,
+                    "record": False,
+                    "runs_dir": str(tmp_path),
+                    "prune": {"max_tokens_budget": 16_000},
+                },
+                clock=emu.clock.now,
+            )
+            total = 0.0
+            for n in range(3, len(msgs) + 1, 2):
+                emu.clock.advance(10)
+                resp = client.post("/v1/messages", body=body_of(msgs[:n]), cast_to=object)
+                total += m.input_cost(resp["usage"])
+                assert request_problems(emu.last["body"]) == []
+            costs[tuple(plugins)] = total
+    assert costs[("prune", "cache_align")] < costs[("cache_align",)]
