@@ -159,7 +159,7 @@ def request_problems(body: dict[str, Any]) -> list[str]:
         return ["messages: missing or empty"]
     if msgs[0].get("role") != "user":
         problems.append("messages[0]: first message is not from the user")
-    seen_ids: set[str] = set()
+    seen_ids: set[Any] = set()
     for i, m in enumerate(msgs):
         role = m.get("role")
         if role not in ("user", "assistant"):

@@ -563,8 +563,9 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
     """Cache reads/writes, input cost vs uncached, busts and what moved."""
     if plugin != PLUGIN:
         return None
-    notes = [(c, (c.get("plugins") or {}).get(PLUGIN)) for c in calls]
-    notes = [(c, n) for c, n in notes if n]
+    notes: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        (c, n) for c in calls if isinstance(n := (c.get("plugins") or {}).get(PLUGIN), dict) and n
+    ]
     if not notes:
         return None
     read = sum(n.get("billed", {}).get("read", 0) for _, n in notes)

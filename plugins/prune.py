@@ -191,7 +191,7 @@ def plan_cut(
     messages: list[Any], spec: dict[str, Any], settings: dict[str, Any], count: Any, fixed: int, target: int
 ) -> dict[str, Any]:
     """A deeper spec that brings the request to ``target`` tokens (``fixed``: system + tools)."""
-    new = {"cleared": list(spec.get("cleared") or ()), "drop": spec.get("drop")}
+    new: dict[str, Any] = {"cleared": list(spec.get("cleared") or ()), "drop": spec.get("drop")}
     cur = apply_spec(messages, new, settings, count)
     total = fixed + _tokens(cur, count)
     if total <= target:
@@ -365,8 +365,9 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
     """Cuts (tokens removed vs prefix invalidated), calls over budget, server-side clearing."""
     if plugin != PLUGIN:
         return None
-    notes = [(c, (c.get("plugins") or {}).get(PLUGIN)) for c in calls]
-    notes = [(c, n) for c, n in notes if n]
+    notes: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        (c, n) for c in calls if isinstance(n := (c.get("plugins") or {}).get(PLUGIN), dict) and n
+    ]
     if not notes:
         return None
     cuts = [(c, n["cut"]) for c, n in notes if n.get("cut")]
