@@ -20,8 +20,12 @@ dearer 1h write pay for itself, 5m otherwise, switched with hysteresis. Busts (a
 sharing the previous request's prefix) are diagnosed in the report: first differing block and what
 changed.
 
+By default (``move_volatile = "changed"``) lines move only once they change within a conversation
+(a stamp that stays the same costs nothing where it is); ``"always"`` also moves fixed ones, which
+lets conversations that differ only by the stamp share the system prefix.
+
 Unsafe when: the model must see volatile system content *in the system prompt* (set
-``move_volatile = false``); tool order carries meaning to the caller (``sort_tools = false``). The
+``move_volatile = "never"``); tool order carries meaning to the caller (``sort_tools = false``). The
 moved-lines memory is per wrapped client: a new client mid-conversation re-anchors them once (one
 cache write).
 """
@@ -78,7 +82,7 @@ MAX_MOVED_CHARS = 400  # a longer line is not moved (it is instructions, not a s
 DEFAULTS: dict[str, Any] = {
     "ttl": "auto",  # "auto" | "5m" | "1h"
     "sort_tools": True,
-    "move_volatile": True,
+    "move_volatile": "changed",  # "changed": once a volatile line changes in a conversation; "always"; "never"
     "volatile_patterns": None,  # None = the built-in list; a list replaces it
     "extra_volatile_patterns": [],  # added to the list in use
     "diagnose": True,
@@ -108,7 +112,15 @@ def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any
     out = {**DEFAULTS, **settings}
     if out["ttl"] not in ("auto", "5m", "1h"):
         raise ConfigError("cache_align.ttl must be 'auto', '5m' or '1h'", key="ttl", source=source)
-    for key in ("sort_tools", "move_volatile", "diagnose"):
+    mv = out["move_volatile"]
+    out["move_volatile"] = {True: "always", False: "never"}.get(mv, mv) if isinstance(mv, bool) else mv
+    if out["move_volatile"] not in ("changed", "always", "never"):
+        raise ConfigError(
+            "cache_align.move_volatile must be 'changed', 'always' or 'never'",
+            key="move_volatile",
+            source=source,
+        )
+    for key in ("sort_tools", "diagnose"):
         if not isinstance(out[key], bool):
             raise ConfigError(f"cache_align.{key} must be true or false", key=key, source=source)
     if not isinstance(out["max_conversations"], int) or out["max_conversations"] < 1:
@@ -467,19 +479,24 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
         out["tools"] = tools
     patterns = _patterns(settings)
     moved: list[str] = []
+    mode = {True: "always", False: "never"}.get(settings["move_volatile"], settings["move_volatile"])
+    stable_sys: list[Any] = []
     if isinstance(out.get("system"), list):
         stable_sys, moved = _stable_system(out["system"], patterns)
-        if settings["move_volatile"] and moved:
-            out["system"] = stable_sys
-        else:
-            moved = []
-    else:
-        stable_sys = []
     msgs = out["messages"]
     first = strip_cc(as_blocks(msgs[0].get("content"))) if msgs and isinstance(msgs[0], dict) else None
     conv_key = content_hash([str(out.get("model", "")), strip_cc(stable_sys), first])[:16]
     conv = _conversation(ctx.state, conv_key, settings["max_conversations"])
-    if settings["move_volatile"] and msgs:
+    if mode == "changed" and moved:
+        # moving costs a few tokens on every call: only worth it once the lines actually change
+        seen = conv.setdefault("volatile_first", moved)
+        conv["volatile_active"] = conv.get("volatile_active") or seen != moved
+    active = mode == "always" or (mode == "changed" and conv.get("volatile_active"))
+    if active and moved:
+        out["system"] = stable_sys
+    else:
+        moved = []
+    if active and msgs:
         out, where = _attach_volatile(out, moved, conv)
         if where:
             notes["moved"] = {"lines": moved, "to": where}

@@ -222,7 +222,7 @@ def test_volatile_system_lines_moved_and_reproduced_on_later_turns() -> None:
     sent = []
     for k in range(3):
         system = f"You are an agent.\nCurrent time: 2025-01-0{k + 1}T10:00:0{k}Z\n" + words(1, 1500)
-        out, notes = align(body_of(msgs, system=system), states, now=T0 + 10 * k)
+        out, notes = align(body_of(msgs, system=system), states, now=T0 + 10 * k, move_volatile="always")
         assert "2025-01-0" not in str(out["system"])
         assert notes["moved"]["lines"] == [f"Current time: 2025-01-0{k + 1}T10:00:0{k}Z"]
         sent.append(out)
@@ -232,6 +232,19 @@ def test_volatile_system_lines_moved_and_reproduced_on_later_turns() -> None:
         c = [cache_align.strip_cc(s.block) for s in prefix_slots(cur)]
         assert c[: len(p)] == p
     assert "2025-01-01" in str(sent[2]["messages"][0]) and "2025-01-03" in str(sent[2]["messages"][4])
+
+
+def test_volatile_lines_move_only_once_they_change_by_default() -> None:
+    states: dict[str, Any] = {}
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": "Task: " + words(2, 50)}]
+    stamps = ["2025-01-01", "2025-01-01", "2025-01-02", "2025-01-03"]
+    moved = []
+    for k, stamp in enumerate(stamps):
+        out, notes = align(body_of(msgs, system=f"Today is {stamp}.\n" + words(1, 1500)), states)
+        moved.append("moved" in notes)
+        assert (stamp in str(out["system"])) == (k < 2)
+        msgs = [*msgs, {"role": "assistant", "content": f"ok {k}"}, {"role": "user", "content": f"go {k}"}]
+    assert moved == [False, False, True, True]
 
 
 def test_bust_diagnosis_names_block_and_char() -> None:
