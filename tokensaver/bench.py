@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .emulator import Emulator, _Handler, _Server
+from .emulator import Emulator
 from .errors import TokensaverError
 from .traces import Conversation, fixtures_dir, iter_trace_files, load_conversation, shared_traces_dir
 
@@ -56,31 +56,6 @@ DEFAULT_CONFIGS = (
 QUICK_LIMIT_CALLS = 6
 QUICK_SIZES = (10_000, 50_000)
 USAGE_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
-
-
-# -- the emulator, without Nagle's delay --------------------------------------------------------
-
-
-class _NoDelayHandler(_Handler):
-    # The emulator writes headers and body in two sends; with Nagle's algorithm on, each response
-    # then waits for the client's delayed ACK (~40 ms per call on Linux), which would dominate a
-    # replay of thousands of calls. Billing and validation are the emulator's, unchanged.
-    disable_nagle_algorithm = True
-
-
-class BenchEmulator(Emulator):
-    """:class:`Emulator` whose HTTP handler sets TCP_NODELAY (same behaviour, ~2x faster replays)."""
-
-    def start(self) -> BenchEmulator:
-        if self._server is not None:
-            return self
-        self._server = _Server((self.host, self.port), _NoDelayHandler)
-        self._server.emulator = self
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="tokensaver-bench-emulator", daemon=True
-        )
-        self._thread.start()
-        return self
 
 
 # -- configurations -------------------------------------------------------------------------------
@@ -248,7 +223,7 @@ _WORKER: dict[str, Any] = {}
 def _emulator() -> Emulator:
     emu = _WORKER.get("emulator")
     if emu is None:
-        emu = _WORKER["emulator"] = BenchEmulator(virtual_clock=True).start()
+        emu = _WORKER["emulator"] = Emulator(virtual_clock=True).start()
     return emu
 
 

@@ -960,6 +960,8 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # small responses would otherwise wait ~40 ms each for Nagle + delayed ACK
+    disable_nagle_algorithm = True
     server: _Server
 
     def _serve(self) -> None:
