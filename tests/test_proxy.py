@@ -323,6 +323,41 @@ def test_client_disconnect_cancels_the_upstream_request(tmp_path: Path) -> None:
     assert rec["error"] == "client disconnected"
 
 
+def test_upstream_cut_mid_stream_ends_with_an_error_event(tmp_path: Path) -> None:
+    async def messages(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        full = message_to_sse(
+            {
+                "id": "msg_cut",
+                "type": "message",
+                "role": "assistant",
+                "model": MODEL,
+                "content": [{"type": "text", "text": "cut short"}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": 5, "output_tokens": 3},
+            }
+        )
+        await response.write(full[: len(full) // 2])
+        assert request.transport is not None
+        request.transport.abort()  # the upstream connection dies mid-stream
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    with BackgroundApp(app) as up, make_proxy(up.url, tmp_path) as p, httpx2.Client() as http:
+        with http.stream("POST", f"{p.url}/v1/messages", json={**BODY, "stream": True}, headers=HEADERS) as s:
+            acc = SSEAccumulator()
+            for chunk in s.iter_raw():
+                acc.feed(chunk)
+        assert acc.message is None  # never completed
+        assert acc.error is not None and "upstream stream broke" in acc.error["message"]
+        (rec,) = p.records()
+    assert rec["status"] == "incomplete" and rec["error"].startswith("upstream stream broke")
+
+
 def test_concurrent_clients_are_served_at_once(emu: Emulator, proxy: ProxyServer) -> None:
     n = 6
     # every reply waits until all n requests are at the emulator: only concurrent serving passes
