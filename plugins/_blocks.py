@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from tokensaver.context import strip_cache_control
 from tokensaver.tokens import MESSAGE_OVERHEAD, content_hash
 
 THINKING_TYPES = ("thinking", "redacted_thinking")
@@ -17,13 +18,7 @@ LOOKBACK_BLOCKS = 20
 MAX_BREAKPOINTS = 4
 
 
-def strip_cc(value: Any) -> Any:
-    """The value with every ``cache_control`` key removed, at any depth (for hashing and diffing)."""
-    if isinstance(value, list):
-        return [strip_cc(v) for v in value]
-    if isinstance(value, dict):
-        return {k: strip_cc(v) for k, v in value.items() if k != "cache_control"}
-    return value
+strip_cc = strip_cache_control
 
 
 def block_hash(block: Any) -> str:

@@ -37,6 +37,7 @@ import re
 from collections import OrderedDict
 from typing import Any
 
+from tokensaver.context import plugin_notes
 from tokensaver.errors import ConfigError
 from tokensaver.hookspecs import hookimpl
 from tokensaver.pricing import normalize_usage
@@ -580,9 +581,7 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
     """Cache reads/writes, input cost vs uncached, busts and what moved."""
     if plugin != PLUGIN:
         return None
-    notes: list[tuple[dict[str, Any], dict[str, Any]]] = [
-        (c, n) for c in calls if isinstance(n := (c.get("plugins") or {}).get(PLUGIN), dict) and n
-    ]
+    notes = plugin_notes(calls, PLUGIN)
     if not notes:
         return None
     read = sum(n.get("billed", {}).get("read", 0) for _, n in notes)

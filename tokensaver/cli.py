@@ -128,18 +128,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         "html": report.to_html,
         "json": report.to_json,
     }[args.format]()
-    if not text.endswith("\n"):
-        text += "\n"
-    if args.output:
-        out = Path(args.output)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise TokensaverError(f"cannot write {out}: {exc.strerror or exc}") from exc
-        print(f"wrote {args.format} report of {run.name} to {out}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
+    write_output(text, args.output, f"{args.format} report of {run.name}")
     return 0
 
 
@@ -167,3 +156,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tokensaver: interrupted", file=sys.stderr)
         return 130
+
+
+def write_output(text: str, output: str | None, what: str) -> None:
+    """Print ``text``, or write it to ``output`` (creating folders) and say so on stderr."""
+    if not text.endswith("\n"):
+        text += "\n"
+    if not output:
+        sys.stdout.write(text)
+        return
+    out = Path(output)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise TokensaverError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    print(f"wrote {what} to {out}", file=sys.stderr)

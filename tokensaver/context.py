@@ -22,6 +22,21 @@ def conversation_id(body: dict[str, Any]) -> str:
     return content_hash([_strip_cc(system), _strip_cc(first)])[:16]
 
 
+def plugin_notes(calls: list[dict[str, Any]], plugin: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(record, notes)`` for the call records where ``plugin`` stored notes with ``ctx.record()``."""
+    out = []
+    for call in calls:
+        notes = (call.get("plugins") or {}).get(plugin)
+        if isinstance(notes, dict) and notes:
+            out.append((call, notes))
+    return out
+
+
+def strip_cache_control(value: Any) -> Any:
+    """The value with every ``cache_control`` key removed, at any depth (for hashing and diffing)."""
+    return _strip_cc(value)
+
+
 def _strip_cc(value: Any) -> Any:
     if isinstance(value, list):
         return [_strip_cc(v) for v in value]

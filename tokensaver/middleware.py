@@ -216,13 +216,27 @@ class TokensaverMiddleware(_sdk.Middleware):
         return response
 
 
-class _ObservedStream(httpx2.SyncByteStream):
-    """Passes SSE bytes through as they arrive while assembling the final message."""
+class _StreamObserver:
+    """Assembles the final message from SSE bytes passing through, and records the call once."""
 
     def __init__(self, pipeline: Pipeline, call: Call, http: httpx2.Response) -> None:
         self.pipeline, self.call, self.http = pipeline, call, http
         self.acc = SSEAccumulator()
         self.done = False
+
+    def _done(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.acc.complete and self.acc.message is not None:
+            self.pipeline.finish(self.call, self.acc.message)
+        else:
+            error = "stream error event" if self.acc.error else "stream ended before message_stop"
+            self.pipeline.finish(self.call, None, status="incomplete", error=error)
+
+
+class _ObservedStream(_StreamObserver, httpx2.SyncByteStream):
+    """Passes SSE bytes through as they arrive while assembling the final message."""
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -232,16 +246,6 @@ class _ObservedStream(httpx2.SyncByteStream):
         finally:
             self._done()
 
-    def _done(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        if self.acc.complete and self.acc.message is not None:
-            self.pipeline.finish(self.call, self.acc.message)
-        else:
-            error = "stream error event" if self.acc.error else "stream ended before message_stop"
-            self.pipeline.finish(self.call, None, status="incomplete", error=error)
-
     def close(self) -> None:
         try:
             self.http.close()
@@ -249,13 +253,8 @@ class _ObservedStream(httpx2.SyncByteStream):
             self._done()
 
 
-class _AsyncObservedStream(httpx2.AsyncByteStream):
+class _AsyncObservedStream(_StreamObserver, httpx2.AsyncByteStream):
     """Async twin of ``_ObservedStream``."""
-
-    def __init__(self, pipeline: Pipeline, call: Call, http: httpx2.Response) -> None:
-        self.pipeline, self.call, self.http = pipeline, call, http
-        self.acc = SSEAccumulator()
-        self.done = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -264,16 +263,6 @@ class _AsyncObservedStream(httpx2.AsyncByteStream):
                 yield chunk
         finally:
             self._done()
-
-    def _done(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        if self.acc.complete and self.acc.message is not None:
-            self.pipeline.finish(self.call, self.acc.message)
-        else:
-            error = "stream error event" if self.acc.error else "stream ended before message_stop"
-            self.pipeline.finish(self.call, None, status="incomplete", error=error)
 
     async def aclose(self) -> None:
         try:

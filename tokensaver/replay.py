@@ -13,7 +13,6 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import TokensaverError
@@ -253,11 +252,9 @@ def _emit(result: ReplayResult, fmt: str, output: str | None) -> None:
         "html": report.to_html,
         "json": report.to_json,
     }[fmt]()
-    if output:
-        Path(output).write_text(text, encoding="utf-8")
-        print(f"report written to {output} (run {result.run.name})")
-    else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    from .cli import write_output
+
+    write_output(text, output, f"{fmt} report of run {result.run.name}")
     if result.rejected:
         print(f"WARNING: the API rejected {len(result.rejected)} request(s):", file=sys.stderr)
         for r in result.rejected[:5]:
