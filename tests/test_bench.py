@@ -284,3 +284,126 @@ def test_load_ref_limits_calls() -> None:
     conv = bench.load_ref(refs[0], 2)
     assert len(conv.calls) == 2 and conv.source == refs[0].source
     assert len(load_conversations([refs[0].path])[0].calls) >= 2
+
+
+# -- cache scope -------------------------------------------------------------------------------------
+
+_SYSTEM = " ".join(
+    f"Rule {i}: when a customer asks about order {1000 + i}, check the ledger entry {i * 7} first."
+    for i in range(250)
+)  # several thousand tokens: cacheable on every model
+
+
+def _conv_file(folder: Path, name: str, question: str, start: float | None) -> Path:
+    """A two-call conversation (tokensaver-conversation/1) sharing ``_SYSTEM`` and the tools."""
+    call_times = [None, None] if start is None else [start, start + 20]
+    data = {
+        "format": "tokensaver-conversation/1",
+        "id": name,
+        "segments": [
+            {
+                "request": {
+                    "model": "claude-sonnet-4-5",
+                    "max_tokens": 256,
+                    "system": _SYSTEM,
+                    "tools": [
+                        {
+                            "name": "lookup",
+                            "description": "Look an order up.",
+                            "input_schema": {"type": "object", "properties": {"id": {"type": "string"}}},
+                        }
+                    ],
+                    "messages": [
+                        {"role": "user", "content": question},
+                        {"role": "assistant", "content": f"Looking into it ({name})."},
+                        {"role": "user", "content": "Thanks, anything else?"},
+                        {"role": "assistant", "content": "No, that is all."},
+                    ],
+                },
+                "calls": [
+                    {"n_messages": 1, **({"t": call_times[0]} if start is not None else {})},
+                    {"n_messages": 3, **({"t": call_times[1]} if start is not None else {})},
+                ],
+            }
+        ],
+    }
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def _scope_run(tmp_path: Path, scope: str) -> dict:
+    opts = bench.BenchOptions(
+        traces=[str(tmp_path)],
+        configs=["auto", "cache_align"],
+        scope=scope,
+        overhead=False,
+        memory=False,
+        progress=False,
+    )
+    return bench.run_bench(opts)
+
+
+def test_source_scope_shares_the_system_prefix(tmp_path: Path) -> None:
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    # b was recorded before a: in source scope it is shifted to start after a's last call
+    _conv_file(folder, "a", "Where is order 1001?", 1_750_000_000.0)
+    _conv_file(folder, "b", "Can I return order 1042?", 1_749_000_000.0)
+    shared = _scope_run(tmp_path, "source")
+    alone = _scope_run(tmp_path, "conversation")
+
+    def first_call(data: dict, config: str, conv: str) -> tuple[float | None, dict]:
+        (row,) = [r for r in data["results"] if r["config"] == config and r["conversation"] == conv]
+        assert row["rejected"] == 0, row
+        return row["turn_hit_rate"][0], row
+
+    # cache_align's breakpoint after tools + system: the second conversation reads it at once
+    hit, row = first_call(shared, "cache_align", "b")
+    assert hit is not None and hit > 0.5
+    assert row["start_t"] == 1_750_000_020.0  # shifted: times never go backwards
+    hit, _ = first_call(alone, "cache_align", "b")
+    assert not hit
+    # the API's automatic caching alone (last block only) cannot share it
+    hit, _ = first_call(shared, "auto", "b")
+    assert not hit
+    # the first conversation is billed alike in both scopes; sharing makes cache_align cheaper
+    a_shared = first_call(shared, "cache_align", "a")[1]
+    a_alone = first_call(alone, "cache_align", "a")[1]
+    assert a_shared["cost_usd"] == a_alone["cost_usd"]
+    assert shared["totals"]["cache_align"]["cost_usd"] < alone["totals"]["cache_align"]["cost_usd"]
+    assert shared["scope"] == "source" and alone["scope"] == "conversation"
+    for fmt in ("table", "md", "html"):
+        assert "cache scope: source" in render(shared, fmt)
+        assert "cache scope: conversation" in render(alone, fmt)
+    assert json.loads(render(shared, "json"))["scope"] == "source"
+
+
+def test_sequence_conversations_clock() -> None:
+    from tokensaver.replay import DEFAULT_GAP
+    from tokensaver.traces import Conversation, TraceCall
+
+    def conv(name: str, times: list[float | None]) -> Conversation:
+        return Conversation(name, "s", [TraceCall(body={"n": k}, t=t) for k, t in enumerate(times)])
+
+    seq = bench.sequence_conversations(
+        [
+            conv("untimed", [None, None]),
+            conv("later", [2e9, 2e9 + 5]),
+            conv("earlier", [1e9, 1e9 + 100]),
+            conv("untimed2", [None]),
+        ],
+        gap_seconds=30,
+    )
+    times = [[c.t for c in s.calls] for s in seq]
+    start = 1_700_000_000.0 + DEFAULT_GAP
+    assert times[0] == [start, start + DEFAULT_GAP]  # as replay() alone would place it
+    assert times[1] == [2e9, 2e9 + 5]  # recorded times kept
+    assert times[2] == [2e9 + 5, 2e9 + 105]  # shifted forward, its gap kept
+    assert times[3] == [2e9 + 135]  # previous last call + gap
+    assert seq[1].calls[0].body is not None and [c.id for c in seq] == [
+        "untimed",
+        "later",
+        "earlier",
+        "untimed2",
+    ]

@@ -1,8 +1,16 @@
 """``tokensaver bench``: savings, fact retention and overhead, side by side, over recorded conversations.
 
 Every conversation is replayed through the offline emulator (:func:`tokensaver.replay.replay`,
-one conversation at a time from a cold prompt cache, on the trace's own clock) under several
-configurations:
+on the trace's own clock) under several configurations. The cache scope says what the prompt
+cache is shared by:
+
+* ``source`` (default): the conversations of one source (trace folder) are replayed back to back,
+  per configuration, on one emulator whose prompt cache is not reset between them (and one memoize
+  store), on a continuous clock (see :func:`sequence_conversations`): what a deployment sending
+  them one after another is billed, where a breakpoint at the end of tools + system is shared;
+* ``conversation``: each conversation alone from a cold prompt cache.
+
+The configurations:
 
 * ``none``: no tokensaver, no caching (the bodies as recorded);
 * ``auto``: the API's automatic caching alone (top-level ``cache_control``), the baseline to beat;
@@ -38,7 +46,14 @@ from typing import Any
 
 from .emulator import Emulator
 from .errors import TokensaverError
-from .traces import Conversation, fixtures_dir, iter_trace_files, load_conversation, shared_traces_dir
+from .traces import (
+    Conversation,
+    TraceCall,
+    fixtures_dir,
+    iter_trace_files,
+    load_conversation,
+    shared_traces_dir,
+)
 
 SCHEMA = "tokensaver-bench/1"
 BUILTIN_PLUGINS = ("summarize", "prune", "memoize", "cache_align")
@@ -55,6 +70,8 @@ DEFAULT_CONFIGS = (
 )
 QUICK_LIMIT_CALLS = 6
 QUICK_SIZES = (10_000, 50_000)
+SCOPES = ("source", "conversation")
+DEFAULT_GAP_SECONDS = 30.0
 USAGE_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
 
 
@@ -215,15 +232,35 @@ def load_ref(ref: TraceRef, limit_calls: int | None = None) -> Conversation:
     return conv
 
 
-# -- replaying one conversation under every configuration ---------------------------------------
+# -- replaying conversations under every configuration ------------------------------------------
 
 _WORKER: dict[str, Any] = {}
 
 
-def _emulator() -> Emulator:
-    emu = _WORKER.get("emulator")
+class BenchEmulator(Emulator):
+    """The emulator the bench replays on: ``keep_cache`` makes :meth:`reset` keep the prompt cache.
+
+    :func:`tokensaver.replay.replay` resets the emulator it is given; in ``source`` scope the bench
+    replays the conversations of a source one by one and must keep the cache between them (the
+    requests and queued replies are still forgotten).
+    """
+
+    keep_cache = False
+
+    def reset(self) -> None:
+        if not self.keep_cache:
+            super().reset()
+            return
+        with self._lock:
+            self.requests.clear()
+            self.replies.clear()
+
+
+def _emulator() -> BenchEmulator:
+    emu: BenchEmulator | None = _WORKER.get("emulator")
     if emu is None:
-        emu = _WORKER["emulator"] = Emulator(virtual_clock=True).start()
+        emu = _WORKER["emulator"] = BenchEmulator(virtual_clock=True)
+        emu.start()
     return emu
 
 
@@ -250,141 +287,240 @@ def _pct(values: list[float], p: float) -> float | None:
     return round(s[k], 3)
 
 
+def sequence_conversations(
+    convs: list[Conversation], gap_seconds: float = DEFAULT_GAP_SECONDS
+) -> list[Conversation]:
+    """Copies of ``convs`` on one continuous clock, every call with an explicit time (``TraceCall.t``).
+
+    A conversation with recorded times keeps them, unless it would start before the clock (the
+    previous conversation's last call): then it is shifted forward to start there, its internal
+    gaps preserved. A conversation without times starts ``gap_seconds`` after the previous one's
+    last call (the first one where :func:`tokensaver.replay.replay` would start it) and spaces its
+    calls like ``replay`` does. Calls without a time inside a timed conversation follow the call
+    before them as in ``replay``. Bodies and replies are shared with the originals, not copied.
+    """
+    from .replay import DEFAULT_GAP
+
+    start_untimed = 1_700_000_000.0 + DEFAULT_GAP  # where replay() puts an untimed first call
+    clock: float | None = None
+    out: list[Conversation] = []
+    for conv in convs:
+        recorded = [c.t for c in conv.calls]
+        first = next((k for k, t in enumerate(recorded) if t is not None), None)
+        local: list[float] = []
+        if first is None:
+            t0 = start_untimed if clock is None else clock + gap_seconds
+            local = [t0 + DEFAULT_GAP * k for k in range(len(conv.calls))]
+        else:
+            anchor = recorded[first]
+            assert anchor is not None
+            prev = anchor - DEFAULT_GAP * (first + 1)  # calls before the first timed one: DEFAULT_GAP apart
+            for t in recorded:
+                prev = t if t is not None else prev + DEFAULT_GAP
+                local.append(prev)
+            if clock is not None and local and local[0] < clock:
+                shift = clock - local[0]
+                local = [t + shift for t in local]
+        calls = [
+            TraceCall(body=c.body, t=t, usage=c.usage, reply=c.reply)
+            for c, t in zip(conv.calls, local, strict=True)
+        ]
+        out.append(Conversation(conv.id, conv.source, calls, conv.info))
+        if local:
+            clock = max(local) if clock is None else max(clock, max(local))
+    return out
+
+
+def _replay_one(
+    conv: Conversation,
+    spec: ConfigSpec,
+    emu: BenchEmulator,
+    used: list[frozenset[str]],
+    memo_dir: str | None,
+    tick: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    """Replay ``conv`` under ``spec`` on ``emu`` (reset by ``replay`` unless ``emu.keep_cache``)."""
+    from .bench_facts import kept
+    from .pricing import PriceTable
+    from .replay import auto_cache, replay
+
+    prices = PriceTable()
+    res: dict[str, Any] = {
+        "config": spec.name,
+        "conversation": conv.id,
+        "source": conv.source,
+        "calls": len(conv.calls),
+        "facts_used": 0,
+        "facts_kept": 0,
+        "short_circuited": 0,
+        "turn_cost_usd": [None] * len(conv.calls),
+        "turn_hit_rate": [None] * len(conv.calls),
+        "start_t": conv.calls[0].t if conv.calls else None,
+    }
+    state = {"seen": 0}
+
+    def progress(done: int, total: int) -> None:
+        k = done - 1
+        n = len(emu.requests)
+        if n > state["seen"]:
+            rec = emu.requests[-1]
+            if rec.status == 200 and isinstance(rec.body, dict):
+                res["facts_used"] += len(used[k])
+                res["facts_kept"] += kept(used[k], rec.body)
+                usage = rec.usage or {}
+                res["turn_cost_usd"][k] = round(prices.get(str(rec.body.get("model", ""))).cost(usage), 8)
+                billed_in = sum(int(usage.get(x) or 0) for x in USAGE_KEYS[:3])
+                if billed_in:
+                    res["turn_hit_rate"][k] = round(
+                        int(usage.get("cache_read_input_tokens") or 0) / billed_in, 4
+                    )
+            for r in emu.requests[state["seen"] :]:
+                r.body = None  # free memory: a long replay would otherwise keep every body
+                r.response = None
+        else:
+            res["short_circuited"] += 1
+            res["turn_cost_usd"][k] = 0.0
+        state["seen"] = n
+        if tick:
+            tick(1)
+
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = auto_cache if spec.auto_cache else None
+    config = dict(spec.config) if spec.config is not None else None
+    if memo_dir is not None and config is not None:
+        config["memoize"] = {**(config.get("memoize") or {}), "dir": memo_dir}
+    hr = None
+    if spec.kind == "headroom":
+        hr, why = _headroom()
+        if hr is None:
+            res["skipped"] = why
+            if tick:
+                tick(len(conv.calls))
+            return res
+        hr.ms.clear()
+        hr.errors.clear()
+        prepare = hr
+    t0 = time.perf_counter()
+    result = replay(
+        [conv],
+        config=config,
+        wrap_client=spec.kind == "tokensaver",
+        prepare=prepare,
+        emulator=emu,
+        label=spec.name,
+        progress=progress,
+    )
+    res["seconds"] = round(time.perf_counter() - t0, 3)
+    totals = result.totals()
+    for k in USAGE_KEYS:
+        res[k] = int(totals[k])
+    res["cost_usd"] = round(totals["cost_usd"], 8)
+    res["input_cost_usd"] = round(totals["input_cost_usd"], 8)
+    res["rejected"] = len(result.rejected)
+    res["rejected_errors"] = [r["error"][:300] for r in result.rejected[:3]]
+    if tick and result.rejected:
+        tick(len(result.rejected))
+    stages: dict[str, dict[str, Any]] = {}
+    overhead: list[float] = []
+    plugin_errors: list[str] = []
+    tokens_original = tokens_sent = 0
+    for rec in result.records:
+        overhead.append(float(rec.get("overhead_ms") or 0.0))
+        tokens_original += int(rec.get("tokens_original") or 0)
+        tokens_sent += int(rec.get("tokens_sent") or 0)
+        for s in rec.get("stages") or []:
+            row = stages.setdefault(
+                s["plugin"], {"saved_tokens": 0, "saved_usd": 0.0, "changed": 0, "errors": 0, "ms": 0.0}
+            )
+            row["saved_tokens"] += int(s.get("saved_tokens") or 0)
+            row["saved_usd"] = round(row["saved_usd"] + float(s.get("saved_usd") or 0.0), 8)
+            row["changed"] += 1 if s.get("changed") else 0
+            row["errors"] += 1 if s.get("error") else 0
+            row["ms"] = round(row["ms"] + float(s.get("ms") or 0.0), 3)
+        plugin_errors.extend(f"{e.get('plugin')}: {e.get('error')}"[:300] for e in rec.get("errors") or [])
+    if hr is not None:
+        overhead = list(hr.ms)
+        plugin_errors = list(hr.errors)
+        res["headroom_tokens_saved"] = hr.tokens_saved
+    res["stages"] = stages
+    res["plugin_errors"] = len(plugin_errors)
+    res["plugin_error_samples"] = plugin_errors[:3]
+    res["tokens_original"] = tokens_original
+    res["tokens_sent"] = tokens_sent
+    res["overhead_ms"] = [round(x, 3) for x in overhead]
+    return res
+
+
+def _facts_used(conv: Conversation) -> list[frozenset[str]]:
+    from .bench_facts import FactTracker
+
+    tracker = FactTracker()
+    return [tracker.used(c.body, c.reply) for c in conv.calls]
+
+
 def replay_conversation(
     conv: Conversation,
     specs: list[ConfigSpec],
     tick: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Replay ``conv`` under each spec; one result dict per spec (schema: see ``bench_render``)."""
-    from .bench_facts import FactTracker, kept
-    from .pricing import PriceTable
-    from .replay import auto_cache, replay
+    """``conversation`` scope: replay ``conv`` alone (cold cache, empty memo) under each spec.
 
+    One result dict per spec (schema: see ``bench_render``).
+    """
     emu = _emulator()
-    prices = PriceTable()
-    tracker = FactTracker()
-    used = [tracker.used(c.body, c.reply) for c in conv.calls]
+    emu.keep_cache = False
+    used = _facts_used(conv)
     out: list[dict[str, Any]] = []
     for spec in specs:
-        res: dict[str, Any] = {
-            "config": spec.name,
-            "conversation": conv.id,
-            "source": conv.source,
-            "calls": len(conv.calls),
-            "facts_used": 0,
-            "facts_kept": 0,
-            "short_circuited": 0,
-            "turn_cost_usd": [None] * len(conv.calls),
-            "turn_hit_rate": [None] * len(conv.calls),
-        }
-        state = {"seen": 0}
-
-        def progress(
-            done: int, total: int, _res: dict[str, Any] = res, _state: dict[str, int] = state
-        ) -> None:
-            k = done - 1
-            n = len(emu.requests)
-            if n > _state["seen"]:
-                rec = emu.requests[-1]
-                if rec.status == 200 and isinstance(rec.body, dict):
-                    _res["facts_used"] += len(used[k])
-                    _res["facts_kept"] += kept(used[k], rec.body)
-                    usage = rec.usage or {}
-                    _res["turn_cost_usd"][k] = round(
-                        prices.get(str(rec.body.get("model", ""))).cost(usage), 8
-                    )
-                    billed_in = sum(int(usage.get(x) or 0) for x in USAGE_KEYS[:3])
-                    if billed_in:
-                        _res["turn_hit_rate"][k] = round(
-                            int(usage.get("cache_read_input_tokens") or 0) / billed_in, 4
-                        )
-                for r in emu.requests[_state["seen"] :]:
-                    r.body = None  # free memory: a long replay would otherwise keep every body
-                    r.response = None
-            else:
-                _res["short_circuited"] += 1
-                _res["turn_cost_usd"][k] = 0.0
-            _state["seen"] = n
-            if tick:
-                tick(1)
-
-        prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = auto_cache if spec.auto_cache else None
-        config = dict(spec.config) if spec.config is not None else None
-        memo_dir = tempfile.TemporaryDirectory(prefix="tokensaver-bench-memo-") if spec.memo else None
-        if memo_dir is not None and config is not None:
-            config["memoize"] = {**(config.get("memoize") or {}), "dir": memo_dir.name}
-        hr = None
-        if spec.kind == "headroom":
-            hr, why = _headroom()
-            if hr is None:
-                res["skipped"] = why
-                out.append(res)
-                if tick:
-                    tick(len(conv.calls))
-                continue
-            hr.ms.clear()
-            hr.errors.clear()
-            prepare = hr
-        t0 = time.perf_counter()
+        memo = tempfile.TemporaryDirectory(prefix="tokensaver-bench-memo-") if spec.memo else None
         try:
-            result = replay(
-                [conv],
-                config=config,
-                wrap_client=spec.kind == "tokensaver",
-                prepare=prepare,
-                emulator=emu,
-                label=spec.name,
-                progress=progress,
-            )
+            out.append(_replay_one(conv, spec, emu, used, memo.name if memo else None, tick))
         finally:
-            if memo_dir is not None:
-                memo_dir.cleanup()
-        res["seconds"] = round(time.perf_counter() - t0, 3)
-        totals = result.totals()
-        for k in USAGE_KEYS:
-            res[k] = int(totals[k])
-        res["cost_usd"] = round(totals["cost_usd"], 8)
-        res["input_cost_usd"] = round(totals["input_cost_usd"], 8)
-        res["rejected"] = len(result.rejected)
-        res["rejected_errors"] = [r["error"][:300] for r in result.rejected[:3]]
-        if tick and result.rejected:
-            tick(len(result.rejected))
-        stages: dict[str, dict[str, Any]] = {}
-        overhead: list[float] = []
-        plugin_errors: list[str] = []
-        tokens_original = tokens_sent = 0
-        for rec in result.records:
-            overhead.append(float(rec.get("overhead_ms") or 0.0))
-            tokens_original += int(rec.get("tokens_original") or 0)
-            tokens_sent += int(rec.get("tokens_sent") or 0)
-            for s in rec.get("stages") or []:
-                row = stages.setdefault(
-                    s["plugin"], {"saved_tokens": 0, "saved_usd": 0.0, "changed": 0, "errors": 0, "ms": 0.0}
-                )
-                row["saved_tokens"] += int(s.get("saved_tokens") or 0)
-                row["saved_usd"] = round(row["saved_usd"] + float(s.get("saved_usd") or 0.0), 8)
-                row["changed"] += 1 if s.get("changed") else 0
-                row["errors"] += 1 if s.get("error") else 0
-                row["ms"] = round(row["ms"] + float(s.get("ms") or 0.0), 3)
-            plugin_errors.extend(
-                f"{e.get('plugin')}: {e.get('error')}"[:300] for e in rec.get("errors") or []
-            )
-        if hr is not None:
-            overhead = list(hr.ms)
-            plugin_errors = list(hr.errors)
-            res["headroom_tokens_saved"] = hr.tokens_saved
-        res["stages"] = stages
-        res["plugin_errors"] = len(plugin_errors)
-        res["plugin_error_samples"] = plugin_errors[:3]
-        res["tokens_original"] = tokens_original
-        res["tokens_sent"] = tokens_sent
-        res["overhead_ms"] = [round(x, 3) for x in overhead]
-        out.append(res)
+            if memo is not None:
+                memo.cleanup()
+    return out
+
+
+def replay_source(
+    convs: list[Conversation],
+    specs: list[ConfigSpec],
+    gap_seconds: float = DEFAULT_GAP_SECONDS,
+    tick: Callable[[int], None] | None = None,
+    used: list[list[frozenset[str]]] | None = None,
+) -> list[dict[str, Any]]:
+    """``source`` scope: per spec, replay ``convs`` back to back on one prompt cache and one memo store.
+
+    The cache is reset once per spec, before the first conversation; the conversations run on one
+    continuous clock (:func:`sequence_conversations`); each gets its own wrapped client (a new
+    session of the same agent). One result dict per spec and conversation.
+    """
+    emu = _emulator()
+    seq = sequence_conversations(convs, gap_seconds)
+    if used is None:
+        used = [_facts_used(c) for c in convs]
+    out: list[dict[str, Any]] = []
+    for spec in specs:
+        memo = tempfile.TemporaryDirectory(prefix="tokensaver-bench-memo-") if spec.memo else None
+        emu.keep_cache = False
+        emu.reset()
+        emu.keep_cache = True
+        try:
+            for conv, u in zip(seq, used, strict=True):
+                out.append(_replay_one(conv, spec, emu, u, memo.name if memo else None, tick))
+        finally:
+            emu.keep_cache = False
+            if memo is not None:
+                memo.cleanup()
     return out
 
 
 def _worker_task(ref: TraceRef, limit_calls: int | None, specs: list[ConfigSpec]) -> list[dict[str, Any]]:
     return replay_conversation(load_ref(ref, limit_calls), specs)
+
+
+def _worker_source_task(
+    refs: list[TraceRef], limit_calls: int | None, spec: ConfigSpec, gap_seconds: float
+) -> list[dict[str, Any]]:
+    return replay_source([load_ref(r, limit_calls) for r in refs], [spec], gap_seconds)
 
 
 def _worker_init(env: dict[str, str]) -> None:
@@ -506,6 +642,8 @@ class BenchOptions:
     overhead_reps: int = 20
     memory: bool = True
     progress: bool = True
+    scope: str = "source"
+    gap_seconds: float = DEFAULT_GAP_SECONDS
 
 
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
@@ -539,6 +677,13 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         refs = refs[: opts.limit_conversations]
     if not refs:
         raise TokensaverError("no conversations to replay (check the paths and --sources)")
+    if opts.scope not in SCOPES:
+        raise TokensaverError(f"unknown cache scope {opts.scope!r}; accepted: {', '.join(SCOPES)}")
+    if opts.gap_seconds < 0:
+        raise TokensaverError("--gap-seconds must not be negative")
+    by_source: dict[str, list[TraceRef]] = {}
+    for r in refs:
+        by_source.setdefault(r.source, []).append(r)
     plugins = installed_plugins()
     names = list(opts.configs)
     headroom_note = None
@@ -554,7 +699,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     try:
         convs_meta: list[dict[str, Any]] = []
         results: list[dict[str, Any]] = []
-        if opts.jobs > 1 and len(refs) > 1:
+        order = {r.path: i for i, r in enumerate(refs)}
+        if opts.jobs > 1 and (len(refs) > 1 or (opts.scope == "source" and len(specs) > 1)):
             # calls are unknown until a file is read: count them here (cheap next to a replay)
             counts = {r.path: len(load_ref(r, opts.limit_calls).calls) for r in refs}
             bar = Progress(sum(counts.values()) * len(specs), enabled=opts.progress)
@@ -564,15 +710,26 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             with ProcessPoolExecutor(
                 opts.jobs, mp_context=ctx, initializer=_worker_init, initargs=(env,)
             ) as pool:
-                futures = {
-                    pool.submit(_worker_task, r, opts.limit_calls, specs): r
-                    for r in sorted(refs, key=lambda r: -r.size)
-                }
+                futures: dict[Any, int] = {}
+                if opts.scope == "source":
+                    # units of work: (source x configuration), the biggest first
+                    units = sorted(
+                        ((group, spec) for group in by_source.values() for spec in specs),
+                        key=lambda u: -sum(r.size for r in u[0]),
+                    )
+                    for group, spec in units:
+                        fut = pool.submit(
+                            _worker_source_task, group, opts.limit_calls, spec, opts.gap_seconds
+                        )
+                        futures[fut] = sum(counts[r.path] for r in group)
+                else:
+                    for r in sorted(refs, key=lambda r: -r.size):
+                        futures[pool.submit(_worker_task, r, opts.limit_calls, specs)] = counts[r.path] * len(
+                            specs
+                        )
                 for fut in as_completed(futures):
-                    ref = futures[fut]
-                    rows = fut.result()
-                    results.extend(rows)
-                    bar.update(counts[ref.path] * len(specs))
+                    results.extend(fut.result())
+                    bar.update(futures[fut])
             bar.close()
             for r in refs:
                 convs_meta.append(
@@ -582,13 +739,28 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             convs = [load_ref(r, opts.limit_calls) for r in refs]
             bar = Progress(sum(len(c.calls) for c in convs) * len(specs), enabled=opts.progress)
             try:
-                for conv, ref in zip(convs, refs, strict=True):
-                    results.extend(replay_conversation(conv, specs, tick=bar.update))
-                    convs_meta.append(
-                        {"id": conv.id, "source": conv.source, "path": ref.path, "calls": len(conv.calls)}
-                    )
+                if opts.scope == "source":
+                    for group in by_source.values():
+                        group_convs = [convs[order[r.path]] for r in group]
+                        results.extend(replay_source(group_convs, specs, opts.gap_seconds, tick=bar.update))
+                else:
+                    for conv in convs:
+                        results.extend(replay_conversation(conv, specs, tick=bar.update))
             finally:
                 bar.close()
+            for conv, ref in zip(convs, refs, strict=True):
+                convs_meta.append(
+                    {"id": conv.id, "source": conv.source, "path": ref.path, "calls": len(conv.calls)}
+                )
+        # one order whatever the jobs: by configuration, then conversation as listed
+        spec_order = {s.name: i for i, s in enumerate(specs)}
+        conv_order = {(m["source"], m["id"]): i for i, m in enumerate(convs_meta)}
+        results.sort(
+            key=lambda r: (
+                spec_order.get(r["config"], 0),
+                conv_order.get((r["source"], r["conversation"]), 0),
+            )
+        )
         replay_seconds = time.perf_counter() - t0
 
         overhead: list[dict[str, Any]] = []
@@ -626,6 +798,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "started": started,
         "duration_s": round(time.perf_counter() - t0, 1),
         "replay_s": round(replay_seconds, 1),
+        "scope": opts.scope,
+        "scope_note": scope_note(opts.scope, opts.gap_seconds),
         "machine": machine_info(),
         "options": {
             "traces": [str(p) for p in paths],
@@ -636,6 +810,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             "per_source": opts.per_source,
             "jobs": opts.jobs,
             "quick": opts.quick,
+            "cache_scope": opts.scope,
+            "gap_seconds": opts.gap_seconds,
             "duplicates_skipped": dupes,
         },
         "configs": [s.as_dict() for s in specs],
@@ -647,6 +823,23 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     }
     data.update(aggregate(data))
     return data
+
+
+def scope_note(scope: str, gap_seconds: float = DEFAULT_GAP_SECONDS) -> str:
+    """One sentence on what the cache scope means (said in every rendering)."""
+    if scope == "source":
+        return (
+            "Cache scope 'source': the conversations of each source are replayed back to back, per "
+            "configuration, on one prompt cache that is not reset between them (and one memoize store), on "
+            "a continuous clock (recorded times kept, shifted forward only where they would go back; "
+            f"conversations without times start {gap_seconds:g} s after the previous one's last call), as a "
+            "deployment sending them one after another is billed: a breakpoint at the end of tools + system "
+            "lets a new conversation read that prefix."
+        )
+    return (
+        "Cache scope 'conversation': each conversation is replayed alone from a cold prompt cache (and an "
+        "empty memoize store), so nothing is shared between conversations."
+    )
 
 
 def measure_memory(conversations: list[Conversation], limit_calls: int | None) -> dict[str, Any]:
@@ -699,7 +892,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a small subset in well under a minute (CI smoke)"
     )
-    parser.add_argument("--jobs", "-j", type=int, default=1, help="replay conversations in N processes")
+    parser.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        default=1,
+        help="replay in N processes (units: conversations; in source scope, source x configuration)",
+    )
     parser.add_argument("--sources", help="comma-separated trace folders to keep (e.g. tau-bench,swe-agent)")
     parser.add_argument("--limit-calls", type=int, help="replay at most N calls of each conversation")
     parser.add_argument("--limit-conversations", type=int, help="replay at most N conversations")
@@ -708,6 +907,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory replay")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per request size (default 20)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--cache-scope",
+        choices=list(SCOPES),
+        default="source",
+        help="source (default): the conversations of a source share one prompt cache, replayed back to "
+        "back per configuration; conversation: each conversation alone from a cold cache",
+    )
+    parser.add_argument(
+        "--gap-seconds",
+        type=float,
+        default=DEFAULT_GAP_SECONDS,
+        help="source scope: seconds between a conversation without recorded times and the previous "
+        f"one's last call (default {DEFAULT_GAP_SECONDS:g})",
+    )
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -735,21 +948,14 @@ def run(args: argparse.Namespace) -> int:
         overhead_reps=max(1, args.reps),
         memory=not args.no_memory,
         progress=not args.quiet,
+        scope=args.cache_scope,
+        gap_seconds=args.gap_seconds,
     )
     data = run_bench(opts)
     text = render(data, args.format)
-    if not text.endswith("\n"):
-        text += "\n"
-    if args.output:
-        out = Path(args.output)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise TokensaverError(f"cannot write {out}: {exc.strerror or exc}") from exc
-        print(f"wrote {args.format} bench report to {out}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
+    from .cli import write_output
+
+    write_output(text, args.output, f"{args.format} bench report")
     rejected = sum(int(r.get("rejected") or 0) for r in data["results"])
     if rejected:
         print(f"tokensaver bench: the emulator rejected {rejected} request(s)", file=sys.stderr)

@@ -1,9 +1,11 @@
 """Aggregation and renderings of a ``tokensaver bench`` result: table, Markdown, HTML, JSON.
 
 The JSON (``schema: tokensaver-bench/1``) holds everything: ``machine``, ``options``, ``configs``,
-``conversations``, ``results`` (one per configuration and conversation: billed ``input_tokens``,
-``cache_creation_input_tokens``, ``cache_read_input_tokens``, ``output_tokens``, ``cost_usd``,
-``input_cost_usd``, ``rejected`` (+ samples), ``stages`` (per plugin: ``saved_tokens``, ``saved_usd``,
+``conversations``, ``scope`` (``source`` or ``conversation``: what the prompt cache is shared by),
+``scope_note`` (one sentence on it), ``results`` (one per configuration and conversation: billed
+``input_tokens``, ``cache_creation_input_tokens``, ``cache_read_input_tokens``, ``output_tokens``,
+``cost_usd``, ``input_cost_usd``, ``rejected`` (+ samples), ``start_t`` (the first call's time on the
+replay clock), ``stages`` (per plugin: ``saved_tokens``, ``saved_usd``,
 ``changed``, ``errors``, ``ms``), ``plugin_errors``, ``facts_used``, ``facts_kept``,
 ``short_circuited``, ``turn_cost_usd`` and ``turn_hit_rate`` per call, ``overhead_ms`` per call),
 then ``totals`` (per configuration), ``by_source`` (source -> per configuration), ``turns`` (mean
@@ -293,6 +295,24 @@ def machine_line(data: dict[str, Any]) -> str:
     )
 
 
+def scope_of(data: dict[str, Any]) -> str:
+    """The cache scope of a result (results from before scopes existed were ``conversation``)."""
+    return str(data.get("scope") or "conversation")
+
+
+def scope_sentence(data: dict[str, Any]) -> str:
+    if data.get("scope_note"):
+        return str(data["scope_note"])
+    from .bench import scope_note
+
+    return scope_note(scope_of(data))
+
+
+def title(data: dict[str, Any]) -> str:
+    """The header line of every rendering, with the cache scope."""
+    return f"tokensaver bench (cache scope: {scope_of(data)})"
+
+
 def summary_lines(data: dict[str, Any]) -> list[str]:
     n_conv = len(data["conversations"])
     n_calls = sum(c["calls"] for c in data["conversations"])
@@ -305,8 +325,9 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         + f"; ran {time.strftime('%Y-%m-%d %H:%M', time.localtime(data['started']))}"
         + f" in {data['duration_s']:.0f} s (replays {data['replay_s']:.0f} s, {o['jobs']} job(s)).",
         "Machine: " + machine_line(data) + ".",
+        scope_sentence(data),
         "Billed figures: the emulator's usage for each request (API prompt-cache rules; Claude prices). "
-        "Each conversation is replayed alone from a cold cache. 'vs auto' = saving on total billed $ "
+        "'vs auto' = saving on total billed $ "
         "against the API's automatic caching alone. Plugins run alone send no cache_control unless "
         "they add it (only cache_align does).",
     ]
@@ -338,7 +359,7 @@ def _problems(data: dict[str, Any]) -> list[str]:
 
 
 def to_table(data: dict[str, Any]) -> str:
-    out = ["tokensaver bench", ""]
+    out = [title(data), ""]
     out += summary_lines(data)
     out += ["", "Totals per configuration"]
     out += text_table(MAIN_HEADERS, main_rows(data), right=set(range(1, 13)))
@@ -367,7 +388,7 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def to_markdown(data: dict[str, Any]) -> str:
-    out = ["## tokensaver bench", ""]
+    out = ["## " + title(data), ""]
     out += summary_lines(data)
     out += ["", "### Totals per configuration", ""]
     out += _md_table(MAIN_HEADERS, main_rows(data))
@@ -487,6 +508,7 @@ def to_html(data: dict[str, Any]) -> str:
             (src, Markup(svg_bars([(n, group[n]["hit_rate"]) for n in live], f"cache hit rate, {src}")))
         )
     return env.get_template("bench.html.j2").render(
+        title=title(data),
         summary=summary_lines(data),
         main=(MAIN_HEADERS, main_rows(data)),
         sources=(SOURCE_HEADERS, source_rows(data)),
