@@ -400,7 +400,7 @@ class TokensaverProxy:
         finally:
             if not outcome.finishing:
                 # cancelled (the client went away) or failed before an answer: record it once
-                pipe.finish(call, None, status="incomplete", error=outcome.error or "client disconnected")
+                pipe.finish(call, None, status="incomplete", error="client disconnected")
         log.info(
             "%s %s -> %s %.1fms",
             request.method,
@@ -451,7 +451,9 @@ class TokensaverProxy:
                 auto_decompress=True,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            outcome.error = f"upstream unreachable: {type(exc).__name__}"
+            # recorded before the client hears of it: whoever reads the run next sees this call
+            outcome.finishing = True
+            pipe.finish(call, None, status="incomplete", error=f"upstream unreachable: {type(exc).__name__}")
             return self._unreachable(exc)
         try:
             out_headers = _response_headers(up.headers, decoded=True)
@@ -500,8 +502,10 @@ class TokensaverProxy:
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             if isinstance(exc, ConnectionResetError):  # our client went away, not the upstream
                 raise
-            outcome.error = f"upstream stream broke: {type(exc).__name__}"
-            await response.write(sse_error("api_error", f"tokensaver proxy: {outcome.error}"))
+            error = f"upstream stream broke: {type(exc).__name__}"
+            outcome.finishing = True
+            pipe.finish(call, None, status="incomplete", error=error)
+            await response.write(sse_error("api_error", f"tokensaver proxy: {error}"))
             await response.write_eof()
             return response
         acc.close()
@@ -518,11 +522,10 @@ class TokensaverProxy:
 class _Outcome:
     """What happened to one upstream call, for the record written when the handler unwinds."""
 
-    __slots__ = ("finishing", "error")
+    __slots__ = ("finishing",)
 
     def __init__(self) -> None:
         self.finishing = False  # a finish() is under way or done: never record twice
-        self.error: str | None = None
 
 
 # -- serving -----------------------------------------------------------------------------------
