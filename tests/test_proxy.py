@@ -510,15 +510,20 @@ def test_access_token_is_checked_and_never_forwarded(emu: Emulator, tmp_path: Pa
 
 
 def test_command_serves_until_sigterm(emu: Emulator, tmp_path: Path) -> None:
-    code = (
-        "import argparse, sys\n"
-        "from tokensaver import proxy\n"
-        "p = argparse.ArgumentParser(); proxy.add_arguments(p)\n"
-        "sys.exit(proxy.run(p.parse_args(sys.argv[1:])))\n"
-    )
     env = {**os.environ, "TOKENSAVER_RUNS_DIR": str(tmp_path / "runs"), "TOKENSAVER_PLUGINS": "summarize"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "--port", "0", "--upstream", emu.url, "--run", "cmd-run"],
+        [
+            sys.executable,
+            "-m",
+            "tokensaver",
+            "proxy",
+            "--port",
+            "0",
+            "--upstream",
+            emu.url,
+            "--run",
+            "cmd-run",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -539,30 +544,22 @@ def test_command_serves_until_sigterm(emu: Emulator, tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-    assert len(load_run("cmd-run", tmp_path / "runs").records()) == 1
+    (rec,) = load_run("cmd-run", tmp_path / "runs").records()
+    assert [s["plugin"] for s in rec["stages"]] == ["summarize"]
 
 
 def test_command_refuses_a_public_bind_without_token(tmp_path: Path) -> None:
-    from tokensaver.cli import main  # noqa: F401  (the proxy subcommand may not be wired yet)
-
-    code = (
-        "import argparse, sys\n"
-        "from tokensaver import proxy\n"
-        "from tokensaver.errors import TokensaverError\n"
-        "p = argparse.ArgumentParser(); proxy.add_arguments(p)\n"
-        "try:\n    proxy.run(p.parse_args(sys.argv[1:]))\n"
-        "except TokensaverError as e:\n    print(e); sys.exit(2)\n"
-    )
     env = {k: v for k, v in os.environ.items() if k != "TOKENSAVER_PROXY_TOKEN"}
     out = subprocess.run(
-        [sys.executable, "-c", code, "--host", "0.0.0.0", "--port", "0"],
+        [sys.executable, "-m", "tokensaver", "proxy", "--host", "0.0.0.0", "--port", "0"],
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
         cwd=tmp_path,
     )
-    assert out.returncode == 2 and "refusing to bind 0.0.0.0" in out.stdout
+    assert out.returncode == 2
+    assert "refusing to bind 0.0.0.0" in out.stderr
 
 
 # -- overhead ---------------------------------------------------------------------------------------
