@@ -155,8 +155,8 @@ def _npm_install(prefix: Path, spec: str, env: dict[str, str]) -> None:
     except subprocess.TimeoutExpired as exc:
         raise Skip(f"npm install {spec} timed out after {INSTALL_TIMEOUT}s") from exc
     if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise Skip(f"npm install {spec} failed: {last}")
+        lines = [ln for ln in out.stderr.splitlines() if ln.strip() and "complete log of this run" not in ln]
+        raise Skip(f"npm install {spec} failed: {'; '.join(lines[:2]) or f'exit {out.returncode}'}")
 
 
 def node24_bin(cache: Path, env: dict[str, str]) -> Path:
