@@ -15,9 +15,37 @@ Never breaks a request: system, tools and the first user message (the task) are 
 content becomes a marker), thinking blocks are never edited, roles stay alternating; a result that
 fails the structural check is dropped (the request goes out unpruned, and the report says so).
 
-A cut invalidates the cached prefix after its first change: each cut records the tokens removed,
-the prefix tokens invalidated and the number of later calls it needs to pay back, so a prune that
-costs more in cache writes than it saves in reads shows in the report.
+Below the budget, an *economic* cut (``clear_stale``) clears stale tool results when that pays
+for itself in cache prices. With prompt caching every call re-reads the whole history (cache read
+price per token), so an old 10k-token file read costs 10k reads on every later call. Clearing
+changes the prefix from the first cleared result on, so everything after it is written to the
+cache once more: cost ~ (``cache_write_5m`` - ``cache_read``) x the tokens after the first change
+(after the cut); benefit ~ ``cache_read`` x the tokens cleared x the calls still to come. The calls
+to come are unknown: like a Lindy estimate, they are taken to be as many as the calls so far (the
+assistant turns in the request, so a retry decides the same way), at most
+``clear_max_future_calls``. The cut is made, clearing *every* stale result at once (cut deep, then
+leave the prefix alone), when
+
+* benefit >= ``clear_payback`` x cost, and
+* the stale tokens are at least ``clear_min_tokens`` and ``clear_min_fraction`` of the request
+  (hysteresis: no small cut every few turns).
+
+Stale: the result of a tool use older than the last ``clear_keep_tool_uses`` ones (more than the
+budget cut's ``keep_tool_uses``: an economic cut is optional, so it only clears what the model is
+unlikely to quote again; on Claude Code traces agents quote file reads 20-50 tool uses later), not
+in the last ``keep_last_messages`` messages, at least ``min_result_tokens``, tool not in
+``exclude_tools``.
+
+A cut invalidates the cached prefix after its first change: each cut records why it was made
+(``trigger``: ``budget`` or ``economic``), the tokens removed, the prefix tokens invalidated and the
+number of later calls it needs to pay back (economic cuts also the future calls estimated), so a
+prune that costs more in cache writes than it saves in reads shows in the report.
+
+Settings: ``clear_stale`` (true/false, default true), ``clear_keep_tool_uses`` (non-negative
+integer, default 30), ``clear_payback`` (number between 0.1 and 100, default 2.0),
+``clear_max_future_calls`` (integer between 1 and 10000, default 20), ``clear_min_tokens``
+(non-negative integer, default 4000), ``clear_min_fraction`` (number between 0.0 and 1.0, default
+0.15); the budget settings as above.
 
 Unsafe when the model needs the exact text of an old tool result that it cannot fetch again. When
 the request uses the API's server-side ``context_management``, prune stands aside.
@@ -28,6 +56,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+from tokensaver.context import plugin_notes
 from tokensaver.errors import ConfigError
 from tokensaver.hookspecs import hookimpl
 from tokensaver.tokens import content_hash
@@ -48,6 +77,14 @@ DEFAULTS: dict[str, Any] = {
     "min_result_tokens": 100,  # smaller tool results are not worth a marker
     "dedupe": True,  # newer identical tool output -> pointer to the earlier one
     "max_conversations": 512,
+    # economic cuts below the budget: clear all stale tool results when the cache reads it saves
+    # pay back the cache writes it causes
+    "clear_stale": True,
+    "clear_keep_tool_uses": 30,  # economic cuts keep the results of the last K tool uses
+    "clear_payback": 2.0,  # estimated saving must be >= this x the one-off re-write cost
+    "clear_max_future_calls": 20,  # cap on the calls still to come (estimated: the calls so far)
+    "clear_min_tokens": 4000,  # stale tokens needed for a cut ...
+    "clear_min_fraction": 0.15,  # ... and this share of the request
 }
 
 
@@ -75,7 +112,13 @@ def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any
         out[key] = float(v)
     if out["target"] >= out["trigger"]:
         raise _fail("must be below prune.trigger (cut deep: trigger high, target lower)", "target", source)
-    for key in ("keep_tool_uses", "keep_last_messages", "min_result_tokens", "max_conversations"):
+    for key in (
+        "keep_tool_uses",
+        "keep_last_messages",
+        "min_result_tokens",
+        "max_conversations",
+        "clear_keep_tool_uses",
+    ):
         v = out[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise _fail("must be a non-negative integer", key, source)
@@ -85,8 +128,25 @@ def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any
         isinstance(t, str) for t in out["exclude_tools"]
     ):
         raise _fail("must be a list of tool names", "exclude_tools", source)
-    if not isinstance(out["dedupe"], bool):
-        raise _fail("must be true or false", "dedupe", source)
+    for key in ("dedupe", "clear_stale"):
+        if not isinstance(out[key], bool):
+            raise _fail("must be true or false", key, source)
+    v = out["clear_payback"]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.1 <= v <= 100:
+        raise _fail("must be a number between 0.1 and 100 (saving / cost)", "clear_payback", source)
+    out["clear_payback"] = float(v)
+    v = out["clear_max_future_calls"]
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 10_000:
+        raise _fail("must be an integer between 1 and 10000 (calls)", "clear_max_future_calls", source)
+    v = out["clear_min_tokens"]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise _fail("must be a non-negative integer (tokens)", "clear_min_tokens", source)
+    v = out["clear_min_fraction"]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+        raise _fail(
+            "must be a number between 0.0 and 1.0 (share of the request)", "clear_min_fraction", source
+        )
+    out["clear_min_fraction"] = float(v)
     return out
 
 
@@ -101,8 +161,8 @@ def budget(settings: dict[str, Any], model: Any) -> int:
 
 
 def cleared_marker(tokens: int) -> str:
-    """What a cleared tool result says."""
-    return f"[tokensaver: this tool result ({tokens} tokens) was cleared to save context; run the tool again if you need it]"
+    """What a cleared tool result says (``tokens``: the original result's size, so the same bytes)."""
+    return f"[tokensaver: earlier tool output cleared ({tokens} tokens); re-run the tool if you need it]"
 
 
 def pointer_marker(tool_use_id: str) -> str:
@@ -261,6 +321,84 @@ def _first_diff(a: list[Any], b: list[Any]) -> int:
     return k
 
 
+def stale_results(
+    messages: list[Any], cur: list[Any], spec: dict[str, Any], settings: dict[str, Any], count: Any
+) -> dict[str, int]:
+    """Stale tool results as sent now (``cur``): tool_use id -> tokens, oldest first.
+
+    Older than the last ``clear_keep_tool_uses`` tool uses, outside the last ``keep_last_messages``
+    messages, not cleared yet, at least ``min_result_tokens`` as sent (a dedupe pointer is not),
+    tool not excluded. Tool use order and names come from the original ``messages``.
+    """
+    uses = tool_uses(messages)
+    order = sorted(uses, key=lambda t: (uses[t][0], uses[t][1]))
+    n_keep = int(settings["clear_keep_tool_uses"])
+    keep_ids = set(order[-n_keep:]) if n_keep else set()
+    excluded = set(settings.get("exclude_tools") or ())
+    cleared = set(spec.get("cleared") or ())
+    min_tokens = int(settings["min_result_tokens"])
+    protect_from = len(cur) - int(settings["keep_last_messages"])
+    out: dict[str, int] = {}
+    for i, m in enumerate(cur):
+        if i == 0 or i >= protect_from or not isinstance(m, dict) or m.get("role") != "user":
+            continue
+        for b in as_blocks(m.get("content")):
+            if not isinstance(b, dict) or b.get("type") != "tool_result":
+                continue
+            tid = str(b.get("tool_use_id"))
+            if tid in cleared or tid in keep_ids or tid not in uses or uses[tid][2] in excluded:
+                continue
+            size = count(strip_cc(b))
+            if size >= min_tokens:
+                out[tid] = size
+    return out
+
+
+def plan_economic(
+    messages: list[Any],
+    cur: list[Any],
+    spec: dict[str, Any],
+    settings: dict[str, Any],
+    count: Any,
+    fixed: int,
+    total: int,
+    model: Any,
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The spec that clears every stale result when that pays back in cache prices (else None).
+
+    Also returns the figures of the decision: stale tokens, tokens cleared, tokens re-written,
+    estimated future calls and the calls needed to pay back.
+    """
+    stale = stale_results(messages, cur, spec, settings, count)
+    info: dict[str, Any] = {"stale_tokens": sum(stale.values())}
+    need = max(int(settings["clear_min_tokens"]), int(settings["clear_min_fraction"] * total))
+    read, write = float(model.cache_read), float(model.cache_write_5m)
+    if not stale or info["stale_tokens"] < need or read <= 0 or write <= read:
+        return None, info
+    new = {"cleared": sorted({*(spec.get("cleared") or ()), *stale}), "drop": spec.get("drop")}
+    after_msgs = apply_spec(messages, new, settings, count)
+    after = fixed + _tokens(after_msgs, count)
+    removed = total - after
+    if removed < need:
+        return None, info
+    k = _first_diff(cur, after_msgs)
+    rewritten = after - fixed - _tokens(after_msgs[:k], count)  # written again instead of read
+    future = min(
+        sum(1 for m in messages if m.get("role") == "assistant"), int(settings["clear_max_future_calls"])
+    )
+    cost = (write - read) * rewritten
+    benefit = read * removed * future
+    info.update(
+        cleared_tokens=removed,
+        rewritten_tokens=rewritten,
+        estimated_future_calls=future,
+        payback_calls=round(cost / (read * removed), 1),
+    )
+    if benefit < float(settings["clear_payback"]) * cost:
+        return None, info
+    return new, info
+
+
 # -- the hooks ---------------------------------------------------------------------------------
 
 
@@ -297,17 +435,29 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
     cur = apply_spec(messages, spec, settings, count)
     total = fixed + _tokens(cur, count)
     notes: dict[str, Any] = {"budget": limit, "tokens": total}
+    new_spec: dict[str, Any] | None = None
+    reason = "budget"
+    econ: dict[str, Any] = {}
     if total > trigger:
         new_spec = plan_cut(messages, spec, settings, count, fixed, target)
         after_msgs = apply_spec(messages, new_spec, settings, count)
         after = fixed + _tokens(after_msgs, count)
-    if total > trigger and total - after < MIN_CUT_FRACTION * total:
-        # a cut that removes little still re-writes the cache after it: not worth it
-        notes["over_trigger_no_cut"] = {"could_remove": total - after}
-    elif total > trigger:
+        if total - after < MIN_CUT_FRACTION * total:
+            # a cut that removes little still re-writes the cache after it: not worth it
+            notes["over_trigger_no_cut"] = {"could_remove": total - after}
+            new_spec = None
+    elif settings["clear_stale"]:
+        new_spec, econ = plan_economic(messages, cur, spec, settings, count, fixed, total, ctx.model)
+        notes["stale_tokens"] = econ["stale_tokens"]
+        if new_spec is not None:
+            reason = "economic"
+            after_msgs = apply_spec(messages, new_spec, settings, count)
+            after = fixed + _tokens(after_msgs, count)
+    if new_spec is not None:
         k = _first_diff(cur, after_msgs)
         kept = fixed + _tokens(cur[:k], count)
         cut = {
+            "trigger": reason,
             "tokens_before": total,
             "tokens_after": after,
             "removed_tokens": total - after,
@@ -323,7 +473,9 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
         cut["break_even_calls"] = (
             round(max(extra, 0.0) / (removed * m.cache_read), 1) if m.cache_read else 0.0
         )
-        if after > target:
+        if reason == "economic":
+            cut["estimated_future_calls"] = econ["estimated_future_calls"]
+        elif after > target:
             cut["over_target"] = True
         conv["spec"] = spec = new_spec
         conv["cuts"] += 1
@@ -362,12 +514,10 @@ def tokensaver_observe_response(body: dict[str, Any], response: dict[str, Any], 
 
 @hookimpl
 def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Cuts (tokens removed vs prefix invalidated), calls over budget, server-side clearing."""
+    """Cuts (why, tokens removed vs prefix invalidated), calls over budget, server-side clearing."""
     if plugin != PLUGIN:
         return None
-    notes: list[tuple[dict[str, Any], dict[str, Any]]] = [
-        (c, n) for c in calls if isinstance(n := (c.get("plugins") or {}).get(PLUGIN), dict) and n
-    ]
+    notes = plugin_notes(calls, PLUGIN)
     if not notes:
         return None
     cuts = [(c, n["cut"]) for c, n in notes if n.get("cut")]
@@ -379,6 +529,7 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
         {
             "call": c.get("id"),
             "conversation": c.get("conversation"),
+            "trigger": cut.get("trigger", "budget"),
             "before": cut["tokens_before"],
             "after": cut["tokens_after"],
             "removed": cut["removed_tokens"],
@@ -388,8 +539,10 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
         }
         for c, cut in cuts
     ]
+    economic = sum(1 for _, cut in cuts if cut.get("trigger") == "economic")
     summary = (
-        f"{len(notes)} calls, {len(cuts)} cuts: {removed:,} tokens removed, "
+        f"{len(notes)} calls, {len(cuts)} cuts ({economic} economic, {len(cuts) - economic} over budget): "
+        f"{removed:,} tokens removed, "
         f"{invalid:,} cached prefix tokens invalidated by the cuts."
     )
     if aside:

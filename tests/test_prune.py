@@ -72,6 +72,7 @@ TIGHT = {
     "target": 0.5,
     "keep_tool_uses": 3,
     "keep_last_messages": 4,
+    "clear_stale": False,  # the budget cuts alone (economic cuts have their own tests)
 }
 
 
@@ -114,7 +115,7 @@ def test_cut_keeps_task_pairs_thinking_and_recent_tool_uses() -> None:
     assert sent["messages"][0]["content"][0] == {"type": "text", "text": "Task: fix the bug"}
     for k in range(27, 30):  # the last 3 tool uses
         assert result_text(sent, f"toolu_{k:03d}") == words(k, 100)
-    assert "cleared to save context" in result_text(sent, "toolu_000")
+    assert "earlier tool output cleared" in result_text(sent, "toolu_000")
     # every assistant message that is still there is untouched (thinking blocks included)
     originals = [json.dumps(m, sort_keys=True) for m in msgs if m["role"] == "assistant"]
     assert all(
@@ -129,7 +130,7 @@ def test_excluded_tools_never_cleared() -> None:
     assert "cut" in notes and notes["cut"]["dropped_messages"] == 0
     for k in range(1, 30, 2):
         assert result_text(sent, f"toolu_{k:03d}") == words(k, 100)
-    assert "cleared to save context" in result_text(sent, "toolu_000")
+    assert "earlier tool output cleared" in result_text(sent, "toolu_000")
 
 
 def test_drops_old_turns_when_clearing_is_not_enough() -> None:
@@ -237,3 +238,141 @@ def test_with_cache_align_through_emulator_costs_less_than_cache_align_alone(tmp
                 assert request_problems(emu.last["body"]) == []
             costs[tuple(plugins)] = total
     assert costs[("prune", "cache_align")] < costs[("cache_align",)]
+
+
+# -- economic cuts (below the budget) ---------------------------------------------------------
+
+
+def turns_of(
+    msgs: list[dict[str, Any]], states: dict[str, Any], **conf: Any
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Every call of the conversation through prune with one shared state: (sent, notes) per call."""
+    return [run(body_of(msgs[:n]), states, **conf) for n in range(3, len(msgs) + 1, 2)]
+
+
+def test_economic_cut_fires_on_a_long_conversation_with_big_stale_results() -> None:
+    results = turns_of(conversation(90, size=200), {})
+    cuts = [notes["cut"] for _, notes in results if "cut" in notes]
+    assert cuts and all(c["trigger"] == "economic" for c in cuts)
+    limit = prune.budget(prune.DEFAULTS, PriceTable().get(MODEL))
+    for c in cuts:
+        assert c["tokens_before"] < limit  # far below the budget trigger
+        assert c["removed_tokens"] >= prune.DEFAULTS["clear_min_tokens"]
+        assert c["removed_tokens"] >= prune.DEFAULTS["clear_min_fraction"] * c["tokens_before"]
+        # it pays back within the calls expected to come
+        assert c["break_even_calls"] <= c["estimated_future_calls"]
+        assert c["prefix_invalidated_tokens"] >= c["removed_tokens"]
+    assert len(cuts) <= 6  # deep and rare, not a little every turn
+    sent, notes = results[-1]
+    keep = prune.DEFAULTS["clear_keep_tool_uses"]
+    for k in range(90 - keep, 90):  # the last tool uses are kept in full
+        assert result_text(sent, f"toolu_{k:03d}") == words(k, 200)
+    marker = result_text(sent, "toolu_000")
+    assert marker.startswith("[tokensaver: earlier tool output cleared (") and "re-run the tool" in marker
+    assert len(marker) < 120
+    # thinking and tool_use blocks untouched, the task kept
+    originals = [
+        json.dumps(m, sort_keys=True) for m in conversation(90, size=200) if m["role"] == "assistant"
+    ]
+    assert all(
+        json.dumps(m, sort_keys=True) in originals for m in sent["messages"] if m["role"] == "assistant"
+    )
+    assert sent["messages"][0]["content"] == [{"type": "text", "text": "Task: fix the bug"}]
+
+
+def test_no_economic_cut_on_a_short_conversation() -> None:
+    for _, notes in turns_of(conversation(25, size=500), {}):
+        assert "cut" not in notes
+    # nor when switched off, however long
+    for _, notes in turns_of(conversation(90, size=200), {}, clear_stale=False):
+        assert "cut" not in notes
+
+
+def test_economic_cut_waits_until_it_pays_back() -> None:
+    # big recent results after the first stale one: clearing it re-writes them all, which the
+    # reads saved pay back only once more results are stale and more calls are expected
+    msgs = conversation(20, size=800)
+    results = turns_of(msgs, {}, clear_keep_tool_uses=6, clear_min_tokens=1000, clear_min_fraction=0.0)
+    first = next(k for k, (_, notes) in enumerate(results) if notes.get("stale_tokens"))
+    _, notes = results[first]
+    assert "cut" not in notes  # stale, but too few calls so far to expect the saving back
+    cuts = [n["cut"] for _, n in results if "cut" in n]  # later, with more history, it cuts
+    assert cuts and cuts[0]["break_even_calls"] <= cuts[0]["estimated_future_calls"]
+
+
+def test_prefix_byte_identical_between_economic_cuts_and_same_marker_bytes() -> None:
+    msgs = conversation(100, size=200, names=["read", "bash"])
+    states: dict[str, Any] = {}
+    conf = {"clear_keep_tool_uses": 10}
+    results = turns_of(msgs, states, **conf)
+    assert sum("cut" in n for _, n in results) >= 2
+    for (prev, _), (cur, notes) in zip(results, results[1:], strict=False):
+        if "cut" in notes:
+            continue
+        a = json.dumps([strip_cc(m) for m in prev["messages"]], sort_keys=True)
+        b = json.dumps([strip_cc(m) for m in cur["messages"][: len(prev["messages"])]], sort_keys=True)
+        assert a == b
+    # a retry of the last call (same state) and a fresh replay give the same bytes
+    again, notes = run(body_of(msgs), states, **conf)
+    assert "cut" not in notes and json.dumps(again) == json.dumps(results[-1][0])
+    fresh = turns_of(msgs, {}, **conf)
+    assert json.dumps(fresh[-1][0]) == json.dumps(results[-1][0])
+
+
+def test_economic_cut_respects_exclude_tools_and_context_management() -> None:
+    msgs = conversation(90, size=200, names=["read", "memory"])
+    results = turns_of(
+        msgs, {}, exclude_tools=["memory"], clear_keep_tool_uses=10, clear_max_future_calls=100
+    )
+    sent, _ = results[-1]
+    assert any("cut" in n for _, n in results)
+    for k in range(1, 90, 2):
+        assert result_text(sent, f"toolu_{k:03d}") == words(k, 200)
+    cm = {"edits": [{"type": "clear_tool_uses_20250919"}]}
+    sent, notes = run(body_of(msgs, context_management=cm), {})
+    assert notes == {"stood_aside": "context_management"}
+
+
+def test_configure_validates_economic_settings() -> None:
+    out = prune.tokensaver_configure({"clear_payback": 2, "clear_min_fraction": 0}, "t")
+    assert out["clear_payback"] == 2.0 and out["clear_min_fraction"] == 0.0 and out["clear_stale"] is True
+    for key, bad, msg in (
+        ("clear_stale", "yes", "true or false"),
+        ("clear_payback", 0, "between 0.1 and 100"),
+        ("clear_max_future_calls", 0, "between 1 and 10000"),
+        ("clear_min_tokens", -1, "non-negative integer"),
+        ("clear_min_fraction", 1.5, "between 0.0 and 1.0"),
+    ):
+        with pytest.raises(ConfigError, match=f"prune.{key} must be .*{msg}"):
+            prune.tokensaver_configure({key: bad}, "t")
+
+
+def test_report_tells_economic_cuts_apart() -> None:
+    results = turns_of(conversation(90, size=200), {})
+    calls = [{"id": f"c{k}", "plugins": {"prune": n}} for k, (_, n) in enumerate(results)]
+    sec = prune.tokensaver_report_section("prune", calls)
+    assert sec is not None and sec["rows"] and all(r["trigger"] == "economic" for r in sec["rows"])
+    assert f"({len(sec['rows'])} economic, 0 over budget)" in sec["summary"]
+
+
+def test_defaults_with_cache_align_through_emulator_cost_less_than_cache_align_alone(tmp_path: Any) -> None:
+    """No budget set: the economic trigger alone makes prune pay on a long agent conversation."""
+    msgs = conversation(100, size=200)
+    costs = {}
+    m = PriceTable().get(MODEL)
+    for plugins in (["cache_align"], ["prune", "cache_align"]):
+        with Emulator(virtual_clock=True, start_time=T0) as emu:
+            base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+            client = tokensaver.wrap(
+                base,
+                config={"plugins": plugins, "record": False, "runs_dir": str(tmp_path)},
+                clock=emu.clock.now,
+            )
+            total = 0.0
+            for n in range(3, len(msgs) + 1, 2):
+                emu.clock.advance(10)
+                resp = client.post("/v1/messages", body=body_of(msgs[:n]), cast_to=object)
+                total += m.input_cost(resp["usage"])
+                assert request_problems(emu.last["body"]) == []
+            costs[tuple(plugins)] = total
+    assert costs[("prune", "cache_align")] < 0.95 * costs[("cache_align",)]
