@@ -613,6 +613,15 @@ def machine_info() -> dict[str, Any]:
             ).stdout.strip()
             or None
         )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        if commit and dirty:
+            commit += " + uncommitted changes"
     except Exception:
         pass
     from . import __version__ as ts_version
@@ -655,6 +664,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 
     started = time.time()
     t0 = time.perf_counter()
+    machine = machine_info()  # before the replays: the commit measured is the one at the start
     if opts.quick:
         if opts.limit_calls is None:
             opts.limit_calls = QUICK_LIMIT_CALLS
@@ -800,7 +810,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "replay_s": round(replay_seconds, 1),
         "scope": opts.scope,
         "scope_note": scope_note(opts.scope, opts.gap_seconds),
-        "machine": machine_info(),
+        "machine": machine,
         "options": {
             "traces": [str(p) for p in paths],
             "configs": [s.name for s in specs],
