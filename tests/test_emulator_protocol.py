@@ -141,6 +141,7 @@ def claude_code_body(n_tools: int = 12) -> dict[str, Any]:
                 "content": [
                     {"type": "text", "text": "reminder: be brief", "cache_control": {"type": "ephemeral"}}
                 ],
+                "output_config": {"effort": "medium"},  # Claude Code 2.1.33x sends this
             },
         ],
         "thinking": {"type": "adaptive"},

@@ -431,7 +431,9 @@ def _validate_messages(body: dict[str, Any], messages: list[Any], model: str, st
             raise _invalid(f"messages.{mi}.role: Input should be 'user', 'assistant' or 'system'")
         if "content" not in msg:
             raise _invalid(f"messages.{mi}.content: Field required")
-        extra = set(msg) - {"role", "content"}
+        # a mid-conversation system message may carry its own output settings (Claude Code 2.1.33x)
+        allowed = {"role", "content", "output_config"} if role == "system" else {"role", "content"}
+        extra = set(msg) - allowed
         if extra:
             raise _invalid(f"messages.{mi}.{sorted(extra)[0]}: Extra inputs are not permitted")
         content = msg["content"]
