@@ -446,7 +446,7 @@ def describe_binary(text: str) -> str:
 class Options:
     """Knobs for :func:`shrink` (from the plugin's settings)."""
 
-    min_chars: int = 2000
+    min_chars: int = 400
     max_lines: int = 400
     head_lines: int = 120
     tail_lines: int = 80

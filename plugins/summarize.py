@@ -1,7 +1,7 @@
 """summarize: shrink large tool results by what they are (JSON, logs, grep, listings, HTML, blobs).
 
 Saves the tokens of bulky tool output that agents resend on every later turn. Results under
-``min_chars`` are left alone. Lossless rewrites come first (ANSI codes, progress redraws, trailing
+``min_chars`` (default 400) are left alone. Lossless rewrites come first (ANSI codes, progress redraws, trailing
 whitespace, compact JSON and record tables, grep hits grouped by file, repeated ls -l columns);
 lossy ones only for clearly repetitive logs (runs differing only in numbers, very long logs cut to
 head + tail + every error/warning/trace line and every line with a path not shown elsewhere), long
