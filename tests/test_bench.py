@@ -217,6 +217,10 @@ def test_quick_run_figures(quick: dict) -> None:
     )
     assert quick["overhead"] and quick["overhead"][0]["tokens"] >= 10_000
     assert quick["overhead"][0]["p95_ms"] >= quick["overhead"][0]["p50_ms"] > 0
+    # the proxy's added time, JSON and streamed, next to the library pipeline's
+    proxy = quick["proxy_overhead"]
+    assert [p["stream"] for p in proxy] == [False, True]
+    assert all(p["added_p95_ms"] >= p["added_p50_ms"] and p["pipeline_p50_ms"] > 0 for p in proxy)
     assert quick["memory"]["peak_mb_defaults"] > 0
 
 

@@ -513,6 +513,28 @@ def replay_source(
     return out
 
 
+def measure_proxy(opts: BenchOptions) -> list[dict[str, Any]]:
+    """The time ``tokensaver proxy`` adds per call, JSON and streamed, next to the pipeline's own."""
+    try:
+        from .proxy import measure_proxy_overhead
+    except ImportError as exc:  # the proxy's server stack is missing
+        return [{"error": f"proxy unavailable: {exc}"}]
+    sizes = (2_000,) if opts.quick else (2_000, 10_000)
+    out = []
+    for size in sizes:
+        for stream in (False, True):
+            try:
+                row = measure_proxy_overhead(
+                    n_calls=max(5, opts.overhead_reps), size_tokens=size, stream=stream
+                )
+            except Exception as exc:  # a measurement must not sink the whole bench
+                row = {
+                    "error": f"proxy overhead ({size} tokens, stream={stream}): {type(exc).__name__}: {exc}"
+                }
+            out.append(row)
+    return out
+
+
 def _worker_task(ref: TraceRef, limit_calls: int | None, specs: list[ConfigSpec]) -> list[dict[str, Any]]:
     return replay_conversation(load_ref(ref, limit_calls), specs)
 
@@ -774,6 +796,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         replay_seconds = time.perf_counter() - t0
 
         overhead: list[dict[str, Any]] = []
+        proxy_overhead: list[dict[str, Any]] = []
         memory: dict[str, Any] = {}
         if opts.overhead or opts.memory:
             sample = [load_ref(r, None) for r in refs[:50]]
@@ -785,6 +808,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                     overhead = measure_overhead(sample, sizes=sizes, reps=opts.overhead_reps)
                 except ValueError as exc:
                     overhead = [{"error": str(exc)}]
+                proxy_overhead = measure_proxy(opts)
             if opts.memory:
                 memory = measure_memory(sample, opts.limit_calls)
         headroom: dict[str, Any] = {"available": headroom_available(), "version": headroom_version()}
@@ -828,6 +852,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "conversations": convs_meta,
         "results": results,
         "overhead": overhead,
+        "proxy_overhead": proxy_overhead,
         "memory": memory,
         "headroom": headroom,
     }

@@ -285,6 +285,34 @@ def overhead_rows(data: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+PROXY_HEADERS = ["request", "stream", "added p50", "added p95", "pipeline p50", "pipeline p95", "calls"]
+
+
+def proxy_rows(data: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for o in data.get("proxy_overhead") or []:
+        if "error" in o:
+            rows.append([o["error"]] + [""] * (len(PROXY_HEADERS) - 1))
+            continue
+        rows.append(
+            [
+                f"~{fmt_int(o['size_tokens'])} tokens",
+                "SSE" if o["stream"] else "JSON",
+                f"{o['added_p50_ms']:.1f} ms",
+                f"{o['added_p95_ms']:.1f} ms",
+                f"{o['pipeline_p50_ms']:.1f} ms",
+                f"{o['pipeline_p95_ms']:.1f} ms",
+                fmt_int(o["n_calls"]),
+            ]
+        )
+    return rows
+
+
+PROXY_TITLE = (
+    "tokensaver proxy: time added per call vs calling the upstream directly (pipeline = what wrap() adds)"
+)
+
+
 def machine_line(data: dict[str, Any]) -> str:
     m = data["machine"]
     mem = f", {m['memory_gb']} GB RAM" if m.get("memory_gb") else ""
@@ -372,6 +400,9 @@ def to_table(data: dict[str, Any]) -> str:
     if data.get("overhead"):
         out += ["", "Pipeline overhead per call (default plugins, synthetic agent requests)"]
         out += text_table(OVERHEAD_HEADERS, overhead_rows(data), right={1, 2, 3, 4, 5, 6})
+    if data.get("proxy_overhead"):
+        out += ["", PROXY_TITLE]
+        out += text_table(PROXY_HEADERS, proxy_rows(data), right={2, 3, 4, 5, 6})
     problems = _problems(data)
     if problems:
         out += ["", "Problems"] + problems
@@ -401,6 +432,9 @@ def to_markdown(data: dict[str, Any]) -> str:
     if data.get("overhead"):
         out += ["", "### Pipeline overhead per call (default plugins)", ""]
         out += _md_table(OVERHEAD_HEADERS, overhead_rows(data))
+    if data.get("proxy_overhead"):
+        out += ["", f"### {PROXY_TITLE}", ""]
+        out += _md_table(PROXY_HEADERS, proxy_rows(data))
     problems = _problems(data)
     if problems:
         out += ["", "### Problems", ""] + [f"- {p}" for p in problems]
@@ -514,6 +548,8 @@ def to_html(data: dict[str, Any]) -> str:
         sources=(SOURCE_HEADERS, source_rows(data)),
         stages=(STAGE_HEADERS, stage_rows(data)),
         overhead=(OVERHEAD_HEADERS, overhead_rows(data)),
+        proxy=(PROXY_HEADERS, proxy_rows(data)),
+        proxy_title=PROXY_TITLE,
         problems=_problems(data),
         configs=data["configs"],
         cost_chart=Markup(cost_chart),
