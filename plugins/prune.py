@@ -36,16 +36,30 @@ unlikely to quote again; on Claude Code traces agents quote file reads 20-50 too
 in the last ``keep_last_messages`` messages, at least ``min_result_tokens``, tool not in
 ``exclude_tools``.
 
+Superseded (``clear_superseded``): a result is stale at any age (in both cuts; still never in the
+last ``keep_last_messages`` messages, never an excluded tool) when a later tool use, whose result
+is not an error, supersedes it: the same call again (same tool, identical input: a re-run shell
+command, a re-read file range), or a whole read of the same resource after a read or write of it
+(the same value under an input key named like a path or url: ``file_path``, ``path``,
+``notebook_path``, ``filename``, ``url``, with no other input but a range), or, with
+``superseded_by_write``, a write of a file (input with ``content``/``new_string``/...) after a read
+of it: the read content is out of date and the agent quotes the newer state. Its marker names the
+later use (fixed in the cut, so the same bytes on every call). On the claude-code-spotter traces
+(whole sessions) superseding on writes too, with ``clear_keep_tool_uses`` 32, saved 17.9% vs the
+API's automatic caching (15.9% before) with 99.56% of used facts kept (99.50% before); reads only
+changed nothing; K=30 with writes saved 20.1% but kept 99.47%.
+
 A cut invalidates the cached prefix after its first change: each cut records why it was made
 (``trigger``: ``budget`` or ``economic``), the tokens removed, the prefix tokens invalidated and the
 number of later calls it needs to pay back (economic cuts also the future calls estimated), so a
 prune that costs more in cache writes than it saves in reads shows in the report.
 
 Settings: ``clear_stale`` (true/false, default true), ``clear_keep_tool_uses`` (non-negative
-integer, default 30), ``clear_payback`` (number between 0.1 and 100, default 2.0),
+integer, default 32), ``clear_payback`` (number between 0.1 and 100, default 2.0),
 ``clear_max_future_calls`` (integer between 1 and 10000, default 20), ``clear_min_tokens``
 (non-negative integer, default 4000), ``clear_min_fraction`` (number between 0.0 and 1.0, default
-0.15); the budget settings as above.
+0.15), ``clear_superseded`` (true/false, default true), ``superseded_by_write`` (true/false,
+default true); the budget settings as above.
 
 Unsafe when the model needs the exact text of an old tool result that it cannot fetch again. When
 the request uses the API's server-side ``context_management``, prune stands aside.
@@ -53,6 +67,8 @@ the request uses the API's server-side ``context_management``, prune stands asid
 
 from __future__ import annotations
 
+import json
+import re
 from collections import OrderedDict
 from typing import Any
 
@@ -80,11 +96,14 @@ DEFAULTS: dict[str, Any] = {
     # economic cuts below the budget: clear all stale tool results when the cache reads it saves
     # pay back the cache writes it causes
     "clear_stale": True,
-    "clear_keep_tool_uses": 30,  # economic cuts keep the results of the last K tool uses
+    "clear_keep_tool_uses": 32,  # economic cuts keep the results of the last K tool uses
     "clear_payback": 2.0,  # estimated saving must be >= this x the one-off re-write cost
     "clear_max_future_calls": 20,  # cap on the calls still to come (estimated: the calls so far)
     "clear_min_tokens": 4000,  # stale tokens needed for a cut ...
     "clear_min_fraction": 0.15,  # ... and this share of the request
+    # a result superseded by a later use of the same resource counts as stale at any age
+    "clear_superseded": True,
+    "superseded_by_write": True,  # a later Edit/Write of a file also supersedes an earlier Read
 }
 
 
@@ -128,7 +147,7 @@ def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any
         isinstance(t, str) for t in out["exclude_tools"]
     ):
         raise _fail("must be a list of tool names", "exclude_tools", source)
-    for key in ("dedupe", "clear_stale"):
+    for key in ("dedupe", "clear_stale", "clear_superseded", "superseded_by_write"):
         if not isinstance(out[key], bool):
             raise _fail("must be true or false", key, source)
     v = out["clear_payback"]
@@ -163,6 +182,11 @@ def budget(settings: dict[str, Any], model: Any) -> int:
 def cleared_marker(tokens: int) -> str:
     """What a cleared tool result says (``tokens``: the original result's size, so the same bytes)."""
     return f"[tokensaver: earlier tool output cleared ({tokens} tokens); re-run the tool if you need it]"
+
+
+def superseded_marker(by: str, tokens: int) -> str:
+    """What a superseded tool result says (``by``: the later use, fixed when the cut is made)."""
+    return f"[tokensaver: superseded by {by}; {tokens} tokens cleared]"
 
 
 def pointer_marker(tool_use_id: str) -> str:
@@ -206,6 +230,7 @@ def apply_spec(messages: list[Any], spec: dict[str, Any], settings: dict[str, An
         marker = dropped_marker(drop["d"] - 1, drop["tokens"])
         msgs = [{**first, "content": [*as_blocks(first.get("content")), marker]}, *msgs[drop["d"] :]]
     cleared = set(spec.get("cleared") or ())
+    sup = spec.get("superseded") or {}
     dedupe = settings.get("dedupe", True)
     min_tokens = int(settings.get("min_result_tokens", 100))
     seen: dict[str, str] = {}  # content hash -> id of the first result kept in full
@@ -221,7 +246,9 @@ def apply_spec(messages: list[Any], spec: dict[str, Any], settings: dict[str, An
                 continue
             tid = str(b.get("tool_use_id"))
             if tid in cleared:
-                content[j] = _replace_result(b, cleared_marker(count(strip_cc(b))))
+                size = count(strip_cc(b))
+                text = superseded_marker(sup[tid], size) if tid in sup else cleared_marker(size)
+                content[j] = _replace_result(b, text)
                 changed = True
                 continue
             if not dedupe:
@@ -240,6 +267,92 @@ def apply_spec(messages: list[Any], spec: dict[str, Any], settings: dict[str, An
     return out
 
 
+# -- superseded results ------------------------------------------------------------------------
+
+# an input key that names the resource a tool reads or writes: file_path, path, notebook_path,
+# filename, url, ...
+_TARGET_KEY = re.compile(r"(?:^|_)(?:path|file|filename|url|uri)$", re.IGNORECASE)
+# input keys that only narrow a read to a part of the resource
+_RANGE_KEYS = frozenset(
+    {"offset", "limit", "line_number", "start_line", "end_line", "view_range", "lines", "pages"}
+)
+# input keys that carry new content for the resource (Edit, Write, NotebookEdit, str_replace, ...)
+_WRITE_KEYS = frozenset(
+    {"content", "new_string", "old_string", "edits", "new_source", "file_text", "new_str", "old_str"}
+)
+_MAX_TARGET_CHARS = 200
+
+
+def _access(inp: Any) -> tuple[str, str] | None:
+    """(kind, resource) of a tool use: kind "read" (whole), "part" (a range) or "write"; None when
+    the input names no single resource or also searches, prompts, ... (only identical calls then)."""
+    if not isinstance(inp, dict):
+        return None
+    targets = [k for k, v in inp.items() if isinstance(v, str) and v and _TARGET_KEY.search(k)]
+    if len(targets) != 1:
+        return None
+    key = targets[0]
+    others = {k for k, v in inp.items() if k != key and v not in (None, "", False)}
+    if others & _WRITE_KEYS:
+        return "write", str(inp[key])
+    if others <= _RANGE_KEYS:
+        return ("part" if others else "read"), str(inp[key])
+    return None
+
+
+def superseded(messages: list[Any], settings: dict[str, Any]) -> dict[str, str]:
+    """Tool results superseded by a later use of the same resource: tool_use id -> the later use.
+
+    A result is superseded by the first later use (whose result is not an error) that repeats the
+    same call (same tool, identical input; not for writes), or that reads the whole of the same
+    resource (same path or url) after a read or a write of it; with ``superseded_by_write``, also
+    by a later write of a resource it read. The later use's facts are the newer ones.
+    """
+    if not settings.get("clear_superseded", True):
+        return {}
+    errors = {
+        str(b.get("tool_use_id"))
+        for m in messages
+        if isinstance(m, dict) and m.get("role") == "user"
+        for b in as_blocks(m.get("content"))
+        if isinstance(b, dict) and b.get("type") == "tool_result" and b.get("is_error")
+    }
+    by_write = bool(settings.get("superseded_by_write", False))
+    calls: dict[str, list[str]] = {}  # (tool, input) -> earlier uses not yet superseded
+    reads: dict[str, list[tuple[str, str]]] = {}  # resource -> earlier (id, kind) not yet superseded
+    out: dict[str, str] = {}
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") != "assistant":
+            continue
+        for b in as_blocks(m.get("content")):
+            if not isinstance(b, dict) or b.get("type") != "tool_use":
+                continue
+            tid, name, inp = str(b.get("id")), str(b.get("name", "")), b.get("input")
+            acc = _access(inp)
+            call = json.dumps([name, inp], sort_keys=True, default=str)
+            if tid not in errors:
+                if acc is None or acc[0] != "write":
+                    for old in calls.pop(call, []):
+                        out.setdefault(old, f"a later identical {name} call")
+                if acc is not None and (acc[0] == "read" or (acc[0] == "write" and by_write)):
+                    target = acc[1][:_MAX_TARGET_CHARS]
+                    keep = []
+                    for old, kind in reads.pop(acc[1], []):
+                        if acc[0] == "read" or kind != "write":
+                            out.setdefault(old, f"a later {name} of {target}")
+                        else:
+                            keep.append((old, kind))
+                    if keep:
+                        reads[acc[1]] = keep
+            if tid in out:
+                continue
+            if acc is None or acc[0] != "write":
+                calls.setdefault(call, []).append(tid)
+            if acc is not None:
+                reads.setdefault(acc[1], []).append((tid, acc[0]))
+    return out
+
+
 def _tokens(messages: list[Any], count: Any) -> int:
     return sum(count(m) for m in messages)
 
@@ -248,10 +361,24 @@ def _tokens(messages: list[Any], count: Any) -> int:
 
 
 def plan_cut(
-    messages: list[Any], spec: dict[str, Any], settings: dict[str, Any], count: Any, fixed: int, target: int
+    messages: list[Any],
+    spec: dict[str, Any],
+    settings: dict[str, Any],
+    count: Any,
+    fixed: int,
+    target: int,
+    sup: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A deeper spec that brings the request to ``target`` tokens (``fixed``: system + tools)."""
-    new: dict[str, Any] = {"cleared": list(spec.get("cleared") or ()), "drop": spec.get("drop")}
+    """A deeper spec that brings the request to ``target`` tokens (``fixed``: system + tools).
+
+    ``sup``: superseded results (see ``superseded``), stale whatever their age.
+    """
+    sup = sup or {}
+    new: dict[str, Any] = {
+        "cleared": list(spec.get("cleared") or ()),
+        "drop": spec.get("drop"),
+        "superseded": dict(spec.get("superseded") or {}),
+    }
     cur = apply_spec(messages, new, settings, count)
     total = fixed + _tokens(cur, count)
     if total <= target:
@@ -277,15 +404,20 @@ def plan_cut(
             if not isinstance(b, dict) or b.get("type") != "tool_result":
                 continue
             tid = str(b.get("tool_use_id"))
-            if tid in cleared or tid in keep_ids or uses.get(tid, (0, 0, ""))[2] in excluded:
+            if tid in cleared or (tid in keep_ids and tid not in sup):
+                continue
+            if uses.get(tid, (0, 0, ""))[2] in excluded:
                 continue
             size = count(strip_cc(b))
             if size < min_tokens:
                 continue
-            gain = size - count(_replace_result(b, cleared_marker(size)))
+            marker = superseded_marker(sup[tid], size) if tid in sup else cleared_marker(size)
+            gain = size - count(_replace_result(b, marker))
             if gain <= 0:
                 continue
             cleared.add(tid)
+            if tid in sup:
+                new["superseded"][tid] = sup[tid]
             total -= gain
     new["cleared"] = sorted(cleared)
     cur = apply_spec(messages, new, settings, count)
@@ -322,14 +454,21 @@ def _first_diff(a: list[Any], b: list[Any]) -> int:
 
 
 def stale_results(
-    messages: list[Any], cur: list[Any], spec: dict[str, Any], settings: dict[str, Any], count: Any
+    messages: list[Any],
+    cur: list[Any],
+    spec: dict[str, Any],
+    settings: dict[str, Any],
+    count: Any,
+    sup: dict[str, str] | None = None,
 ) -> dict[str, int]:
     """Stale tool results as sent now (``cur``): tool_use id -> tokens, oldest first.
 
     Older than the last ``clear_keep_tool_uses`` tool uses, outside the last ``keep_last_messages``
     messages, not cleared yet, at least ``min_result_tokens`` as sent (a dedupe pointer is not),
-    tool not excluded. Tool use order and names come from the original ``messages``.
+    tool not excluded. A superseded result (``sup``) is stale whatever its age. Tool use order and
+    names come from the original ``messages``.
     """
+    sup = sup or {}
     uses = tool_uses(messages)
     order = sorted(uses, key=lambda t: (uses[t][0], uses[t][1]))
     n_keep = int(settings["clear_keep_tool_uses"])
@@ -346,7 +485,9 @@ def stale_results(
             if not isinstance(b, dict) or b.get("type") != "tool_result":
                 continue
             tid = str(b.get("tool_use_id"))
-            if tid in cleared or tid in keep_ids or tid not in uses or uses[tid][2] in excluded:
+            if tid in cleared or (tid in keep_ids and tid not in sup):
+                continue
+            if tid not in uses or uses[tid][2] in excluded:
                 continue
             size = count(strip_cc(b))
             if size >= min_tokens:
@@ -363,19 +504,25 @@ def plan_economic(
     fixed: int,
     total: int,
     model: Any,
+    sup: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The spec that clears every stale result when that pays back in cache prices (else None).
 
     Also returns the figures of the decision: stale tokens, tokens cleared, tokens re-written,
     estimated future calls and the calls needed to pay back.
     """
-    stale = stale_results(messages, cur, spec, settings, count)
+    sup = sup or {}
+    stale = stale_results(messages, cur, spec, settings, count, sup)
     info: dict[str, Any] = {"stale_tokens": sum(stale.values())}
     need = max(int(settings["clear_min_tokens"]), int(settings["clear_min_fraction"] * total))
     read, write = float(model.cache_read), float(model.cache_write_5m)
     if not stale or info["stale_tokens"] < need or read <= 0 or write <= read:
         return None, info
-    new = {"cleared": sorted({*(spec.get("cleared") or ()), *stale}), "drop": spec.get("drop")}
+    new = {
+        "cleared": sorted({*(spec.get("cleared") or ()), *stale}),
+        "drop": spec.get("drop"),
+        "superseded": {**(spec.get("superseded") or {}), **{t: sup[t] for t in stale if t in sup}},
+    }
     after_msgs = apply_spec(messages, new, settings, count)
     after = fixed + _tokens(after_msgs, count)
     removed = total - after
@@ -438,8 +585,9 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
     new_spec: dict[str, Any] | None = None
     reason = "budget"
     econ: dict[str, Any] = {}
+    sup = superseded(messages, settings) if total > trigger or settings["clear_stale"] else {}
     if total > trigger:
-        new_spec = plan_cut(messages, spec, settings, count, fixed, target)
+        new_spec = plan_cut(messages, spec, settings, count, fixed, target, sup)
         after_msgs = apply_spec(messages, new_spec, settings, count)
         after = fixed + _tokens(after_msgs, count)
         if total - after < MIN_CUT_FRACTION * total:
@@ -447,7 +595,7 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
             notes["over_trigger_no_cut"] = {"could_remove": total - after}
             new_spec = None
     elif settings["clear_stale"]:
-        new_spec, econ = plan_economic(messages, cur, spec, settings, count, fixed, total, ctx.model)
+        new_spec, econ = plan_economic(messages, cur, spec, settings, count, fixed, total, ctx.model, sup)
         notes["stale_tokens"] = econ["stale_tokens"]
         if new_spec is not None:
             reason = "economic"

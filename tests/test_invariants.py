@@ -105,9 +105,27 @@ def test_cache_align_is_deterministic_for_retries(conv: dict[str, Any]) -> None:
         assert json.dumps(a) == json.dumps(b)
 
 
+def colliding(conv: dict[str, Any]) -> dict[str, Any]:
+    """The conversation with its tool uses on three paths, some re-run and some writes: superseded results."""
+    out = copy.deepcopy(conv)
+    k = 0
+    for m in out["messages"]:
+        if m["role"] != "assistant" or not isinstance(m["content"], list):
+            continue
+        for b in m["content"]:
+            if b.get("type") == "tool_use":
+                b["input"] = {"path": f"/src/{k % 3}.py"}
+                if k % 4 == 3:
+                    b["input"]["new_string"] = f"v{k}"
+                k += 1
+    return out
+
+
 @SETTINGS
-@given(conversations(max_turns=10), st.sampled_from(["tight", "economic"]))
+@given(conversations(max_turns=10), st.sampled_from(["tight", "economic", "superseded"]))
 def test_prune_valid_and_stable_between_cuts(conv: dict[str, Any], mode: str) -> None:
+    if mode == "superseded":
+        conv = colliding(conv)
     bodies = turns(conv)
     results = run(prune, "prune", bodies, PRUNE_TIGHT if mode == "tight" else PRUNE_ECON)
     prev: dict[str, Any] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import anthropic
@@ -376,3 +377,102 @@ def test_defaults_with_cache_align_through_emulator_cost_less_than_cache_align_a
                 assert request_problems(emu.last["body"]) == []
             costs[tuple(plugins)] = total
     assert costs[("prune", "cache_align")] < 0.95 * costs[("cache_align",)]
+
+
+def reads_of(paths: list[str], size: int = 300, writes: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
+    """Task, then one Read (or, at the indexes in ``writes``, an Edit) of each path in turn."""
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": "Task: fix the bug"}]
+    for k, path in enumerate(paths):
+        inp: dict[str, Any] = {"file_path": path}
+        name = "Read"
+        if k in writes:
+            name, inp = (
+                "Edit",
+                {"file_path": path, "old_string": "a", "new_string": "b", "replace_all": False},
+            )
+        tid = f"toolu_{k:03d}"
+        msgs.append(
+            {"role": "assistant", "content": [{"type": "tool_use", "id": tid, "name": name, "input": inp}]}
+        )
+        msgs.append(
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": tid, "content": words(k, size)}],
+            }
+        )
+    return msgs
+
+
+ECON_EASY = {"clear_min_tokens": 0, "clear_min_fraction": 0.0, "clear_payback": 0.1, "keep_last_messages": 2}
+
+
+def test_superseded_result_cleared_while_one_of_the_same_age_is_kept() -> None:
+    # /a.py and /b.py read first, then /a.py again at the end; all within clear_keep_tool_uses
+    msgs = reads_of(["/a.py", "/b.py", "/c.py", "/d.py", "/a.py", "/e.py"])
+    sent, notes = run(body_of(msgs), {}, **ECON_EASY)
+    assert notes["cut"]["trigger"] == "economic"
+    marker = result_text(sent, "toolu_000")
+    assert re.fullmatch(
+        r"\[tokensaver: superseded by a later identical Read call; \d+ tokens cleared\]", marker
+    )
+    for k in range(1, 6):  # same age or newer, not superseded: kept in full
+        assert result_text(sent, f"toolu_{k:03d}") == words(k, 300)
+    # switched off: nothing is stale at this age
+    _, notes = run(body_of(msgs), {}, clear_superseded=False, **ECON_EASY)
+    assert "cut" not in notes
+
+
+def test_superseded_by_identical_call_partial_read_and_write() -> None:
+    def use(tid: str, name: str, inp: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "tool_use", "id": tid, "name": name, "input": inp}
+
+    msgs: list[dict[str, Any]] = [
+        {"role": "assistant", "content": [use("t1", "Bash", {"command": "pytest -q"})]},
+        {
+            "role": "assistant",
+            "content": [use("t2", "Read", {"file_path": "/x.py", "offset": 10, "limit": 5})],
+        },
+        {"role": "assistant", "content": [use("t3", "Grep", {"pattern": "foo", "path": "/x.py"})]},
+        {"role": "assistant", "content": [use("t4", "Read", {"file_path": "/y.py"})]},
+        {"role": "assistant", "content": [use("t5", "Bash", {"command": "pytest -q"})]},
+        {"role": "assistant", "content": [use("t6", "Read", {"file_path": "/x.py"})]},
+        {"role": "assistant", "content": [use("t7", "Grep", {"pattern": "bar", "path": "/x.py"})]},
+        {"role": "assistant", "content": [use("t8", "Edit", {"file_path": "/y.py", "new_string": "b"})]},
+        {"role": "assistant", "content": [use("t9", "Edit", {"file_path": "/y.py", "new_string": "b"})]},
+    ]
+    sup = prune.superseded(msgs, prune.DEFAULTS)
+    assert sup == {
+        "t1": "a later identical Bash call",
+        "t2": "a later Read of /x.py",
+        "t4": "a later Edit of /y.py",
+    }  # a search of the same path supersedes nothing, nor is it superseded; an Edit is never repeated
+    assert prune.superseded(msgs, {**prune.DEFAULTS, "superseded_by_write": False}) == {
+        "t1": "a later identical Bash call",
+        "t2": "a later Read of /x.py",
+    }
+    # a later call that failed supersedes nothing
+    errs = [
+        *msgs[:5],
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "t5", "is_error": True, "content": "x"}],
+        },
+    ]
+    assert "t1" not in prune.superseded(errs, prune.DEFAULTS)
+
+
+def test_superseded_results_stable_between_cuts_and_never_in_the_last_messages() -> None:
+    paths = [f"/f{k % 7}.py" for k in range(60)]
+    msgs = reads_of(paths, size=200, writes=frozenset(range(3, 60, 11)))
+    results = turns_of(msgs, {}, clear_keep_tool_uses=40)
+    assert any("cut" in n for _, n in results)
+    for (prev, _), (cur, notes) in zip(results, results[1:], strict=False):
+        if "cut" in notes:
+            continue
+        a = json.dumps([strip_cc(m) for m in prev["messages"]], sort_keys=True)
+        b = json.dumps([strip_cc(m) for m in cur["messages"][: len(prev["messages"])]], sort_keys=True)
+        assert a == b
+    sent, _ = results[-1]
+    texts = [result_text(sent, f"toolu_{k:03d}") for k in range(60)]
+    assert any(t.startswith("[tokensaver: superseded by a later ") for t in texts)
+    assert texts[-3:] == [words(k, 200) for k in range(57, 60)]  # the last messages untouched
