@@ -135,9 +135,22 @@ class TokensaverMiddleware(_sdk.Middleware):
                 {"plugin": "(core)", "hook": "count_tokens", "error": f"{type(exc).__name__}: {exc}"}
             )
 
-    def _add_headers(self, response: Any, call: Call) -> None:
+    def _pass_through(
+        self, call: Call, response: Any, observer: type[_ObservedStream] | type[_AsyncObservedStream]
+    ) -> Any | None:
+        """The response to hand back as it is (an API error, or a stream observed on the way), else None.
+
+        API errors pass through untouched (the SDK raises and retries them); the attempt is recorded.
+        """
+        http = response.http_response
+        if not http.is_success:
+            self.pipeline.finish(call, None, status=http.status_code, error=f"HTTP {http.status_code}")
+            return response
         for name, value in call.ctx.response_headers.items():
-            response.http_response.headers[name] = value
+            http.headers[name] = value
+        if "text/event-stream" in http.headers.get("content-type", ""):
+            return _sdk.replace_body_stream(response, observer(self.pipeline, call, http))
+        return None
 
     def _finish_json(self, call: Call, response: Any, raw: bytes) -> None:
         try:
@@ -168,13 +181,10 @@ class TokensaverMiddleware(_sdk.Middleware):
             self.pipeline.finish(call, None)
             return self._serve(request, call)
         response = call_next(self._outgoing(request, call, headers))
+        passed = self._pass_through(call, response, _ObservedStream)
+        if passed is not None:
+            return passed
         http = response.http_response
-        if not http.is_success:
-            self.pipeline.finish(call, None, status=http.status_code, error=f"HTTP {http.status_code}")
-            return response
-        self._add_headers(response, call)
-        if "text/event-stream" in http.headers.get("content-type", ""):
-            return _sdk.replace_body_stream(response, _ObservedStream(self.pipeline, call, http))
         t0 = time.perf_counter()
         raw = http.read()
         call.overhead_ms -= (time.perf_counter() - t0) * 1000  # reading the body is not our overhead
@@ -204,14 +214,10 @@ class TokensaverMiddleware(_sdk.Middleware):
             self.pipeline.finish(call, None)
             return self._serve(request, call)
         response = await call_next(self._outgoing(request, call, headers))
-        http = response.http_response
-        if not http.is_success:
-            self.pipeline.finish(call, None, status=http.status_code, error=f"HTTP {http.status_code}")
-            return response
-        self._add_headers(response, call)
-        if "text/event-stream" in http.headers.get("content-type", ""):
-            return _sdk.replace_body_stream(response, _AsyncObservedStream(self.pipeline, call, http))
-        raw = await http.aread()
+        passed = self._pass_through(call, response, _AsyncObservedStream)
+        if passed is not None:
+            return passed
+        raw = await response.http_response.aread()
         await asyncio.to_thread(self._finish_json, call, response, raw)
         return response
 
