@@ -186,3 +186,25 @@ def test_plugins_command_lists_installed_enabled_and_settings(
     out = capsys.readouterr().out
     assert "prune -> cache_align" in out
     assert "memoize" in out and "[1]" in out and "[ ]" in out
+
+
+class BrokenLookupAndObserver:
+    @tokensaver.hookimpl
+    def tokensaver_lookup_response(self, body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
+        raise KeyError("index gone")
+
+    @tokensaver.hookimpl
+    def tokensaver_observe_response(self, body: dict[str, Any], response: dict[str, Any], ctx: Any) -> None:
+        raise OSError("disk full")
+
+
+def test_failing_lookup_and_observer_fail_open(emu: Emulator, tmp_path: Path) -> None:
+    client = _client(emu, tmp_path, {"broken": BrokenLookupAndObserver()}, ["broken"])
+    emu.reply("still answered")
+    msg = client.messages.create(model=MODEL, max_tokens=10, messages=MSGS)
+    assert msg.content[0].text == "still answered" and len(emu.requests) == 1
+    hooks = [e["hook"] for e in client.tokensaver.records[0]["errors"]]
+    assert hooks == ["tokensaver_lookup_response", "tokensaver_observe_response"]
+    strict = _client(emu, tmp_path, {"broken": BrokenLookupAndObserver()}, ["broken"], strict=True)
+    with pytest.raises(tokensaver.TransformError, match="broken.*tokensaver_lookup_response"):
+        strict.messages.create(model=MODEL, max_tokens=10, messages=MSGS)
