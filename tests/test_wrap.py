@@ -177,7 +177,7 @@ class TestSync:
         n = client.messages.count_tokens(model=MODEL, messages=MSGS)
         assert n.input_tokens > 0
         assert "system" not in emu.last.body
-        assert client.tokensaver.records == []
+        assert list(client.tokensaver.records) == []
 
     def test_api_errors_pass_through_and_are_recorded(self, emu: Emulator, tmp_path: Any) -> None:
         from tokensaver.emulator import EmulatorError
@@ -320,3 +320,17 @@ def test_stream_closed_early_is_recorded_incomplete_not_observed(emu: Emulator, 
     emu.reply("short")
     list(client.messages.create(model=MODEL, max_tokens=50, messages=MSGS, stream=True))
     assert observed[-1]["content"][0]["text"] == "short" and observed[-1]["usage"]["output_tokens"] > 0
+
+
+def test_in_memory_records_are_bounded_but_the_ledger_keeps_every_call(
+    emu: Emulator, tmp_path: Any, monkeypatch: Any
+) -> None:
+    import tokensaver.pipeline
+
+    monkeypatch.setattr(tokensaver.pipeline, "MEMORY_RECORDS", 3)
+    base, _ = _clients(emu)
+    client = _wrap(base, tmp_path, {"tagger": Tagger()}, run="bounded")
+    for _ in range(5):
+        client.messages.create(model=MODEL, max_tokens=10, messages=MSGS)
+    assert len(client.tokensaver.records) == 3
+    assert len(tokensaver.load_run("bounded", runs_dir=tmp_path).records()) == 5

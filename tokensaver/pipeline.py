@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from .pricing import PriceTable, normalize_usage
 from .run import Run
 from .tokens import default_counter
 
+MEMORY_RECORDS = 10_000
 SECRET_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "cookie", "x-goog-api-key")
 log = logging.getLogger("tokensaver")
 
@@ -110,7 +112,9 @@ class Pipeline:
             self.run = Run(run, runs_dir=self.config.runs_dir, config=self.config.as_dict())
         else:
             self.run = None
-        self.records: list[dict[str, Any]] = []  # this process's records, also when not persisted
+        # this process's latest records, also when not persisted; bounded so a long-lived service does
+        # not grow without limit (the run ledger on disk keeps every call)
+        self.records: deque[dict[str, Any]] = deque(maxlen=MEMORY_RECORDS)
 
     # -- request phase -----------------------------------------------------------------------
 
