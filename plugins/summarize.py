@@ -13,10 +13,11 @@ repetitive log, an HTML attribute of a fetched page): set ``lossy = false`` to k
 lossless rewrites. Every rewrite is a pure function of the block's text and the settings, so the
 same tool result gives the same bytes on every turn and prompt-cache prefixes stay valid.
 
-Options ``model_summaries`` (a cheaper model condensing long prose) and ``retrieval`` (a tool the
-model calls to get an elided original back) are not implemented here: the first needs an upstream
-client, the second needs the core to answer a tool call itself. ``keep_originals = true`` already
-keeps each elided original in memory, keyed by its content hash, for that future tool.
+``retrieval = true`` (opt-in) keeps each original that a lossy rewrite shortened, ends the rewrite
+with a line naming its ``ref``, and adds a ``tokensaver_retrieve`` tool (always, so the tool list
+stays byte-stable); when the model calls it, the middleware answers with the original itself and
+the caller's agent only sees the final answer. Originals live in memory for the life of the wrapped
+client (or proxy). ``model_summaries`` (a cheaper model condensing long prose) is not implemented.
 """
 
 from __future__ import annotations
@@ -36,9 +37,27 @@ from ._summarize_text import Options, Result, shrink
 
 log = logging.getLogger("tokensaver.plugins.summarize")
 
-DEFAULTS: dict[str, Any] = {**asdict(Options()), "keep_originals": False, "memo_entries": 20_000}
+DEFAULTS: dict[str, Any] = {
+    **asdict(Options()),
+    "keep_originals": False,
+    "retrieval": False,
+    "memo_entries": 20_000,
+}
+RETRIEVE_TOOL = "tokensaver_retrieve"
+RETRIEVE_DEFINITION: dict[str, Any] = {
+    "name": RETRIEVE_TOOL,
+    "description": (
+        "Return the full original of a tool output that tokensaver shortened. Call it only when the "
+        "shortened output lacks something you need; pass the ref shown at the end of that output."
+    ),
+    "input_schema": {
+        "type": "object",
+        "properties": {"ref": {"type": "string", "description": "the ref named in the shortened output"}},
+        "required": ["ref"],
+    },
+}
 _INTS = {f.name for f in fields(Options) if f.type in ("int", int)} | {"memo_entries"}
-_BOOLS = {f.name for f in fields(Options) if f.type in ("bool", bool)} | {"keep_originals"}
+_BOOLS = {f.name for f in fields(Options) if f.type in ("bool", bool)} | {"keep_originals", "retrieval"}
 _lock = threading.Lock()
 
 
@@ -114,7 +133,7 @@ def _shrink_content(
     if isinstance(content, str):
         res = shrink_cached(content, opts, ctx, limit)
         _tally(stats, content, res, ctx, settings)
-        return res.text if res.text != content else content
+        return _with_ref(res, content, ctx, settings) if res.text != content else content
     if isinstance(content, list):
         new: list[Any] = []
         changed = False
@@ -123,11 +142,25 @@ def _shrink_content(
                 res = shrink_cached(b["text"], opts, ctx, limit)
                 _tally(stats, b["text"], res, ctx, settings)
                 if res.text != b["text"]:
-                    b = {**b, "text": res.text}
+                    b = {**b, "text": _with_ref(res, b["text"], ctx, settings)}
                     changed = True
             new.append(b)
         return new if changed else content
     return content
+
+
+def original_ref(original: str) -> str:
+    """The ref under which a shortened output's original is kept (a content hash prefix)."""
+    return hashlib.sha256(original.encode()).hexdigest()[:16]
+
+
+def _with_ref(res: Result, original: str, ctx: Any, settings: dict[str, Any]) -> str:
+    """The rewritten text, with the ref line when retrieval is on and the rewrite dropped something."""
+    if not (settings.get("retrieval") and res.lossy):
+        return res.text
+    ref = original_ref(original)
+    ctx.state["originals"][ref] = original
+    return f"{res.text}\n[tokensaver: shortened; call {RETRIEVE_TOOL} with ref {ref} for the full output]"
 
 
 def _tally(stats: dict[str, Any], original: str, res: Result, ctx: Any, settings: dict[str, Any]) -> None:
@@ -158,6 +191,13 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
     messages = body.get("messages")
     if not isinstance(messages, list):
         return None
+    answered_by_us = {
+        b.get("id")
+        for m in messages
+        if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), list)
+        for b in m["content"]
+        if isinstance(b, dict) and b.get("type") == "tool_use" and b.get("name") == RETRIEVE_TOOL
+    }
     new_messages: list[Any] = []
     changed = False
     for m in messages:
@@ -167,6 +207,9 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
         blocks: list[Any] = []
         mchanged = False
         for b in m["content"]:
+            if isinstance(b, dict) and b.get("tool_use_id") in answered_by_us:
+                blocks.append(b)  # an original we handed back on request: never shorten it again
+                continue
             if isinstance(b, dict) and b.get("type") == "tool_result" and "content" in b:
                 c = _shrink_content(b["content"], opts, ctx, settings, stats)
                 if c is not b["content"]:
@@ -179,9 +222,24 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
         new_messages.append(m)
     if stats:
         ctx.record(**stats)
-    if not changed:
+    out = {**body, "messages": new_messages} if changed else body
+    if settings.get("retrieval"):
+        tools: list[Any] = out["tools"] if isinstance(out.get("tools"), list) else []
+        if not any(isinstance(t, dict) and t.get("name") == RETRIEVE_TOOL for t in tools):
+            out = {**out, "tools": [*tools, RETRIEVE_DEFINITION]}
+    return out if out is not body else None
+
+
+@hookimpl
+def tokensaver_answer_tool_use(tool_use: dict[str, Any], ctx: Any) -> str | None:
+    """The original output behind a ref, when the model calls ``tokensaver_retrieve``."""
+    if tool_use.get("name") != RETRIEVE_TOOL:
         return None
-    return {**body, "messages": new_messages}
+    ref = str((tool_use.get("input") or {}).get("ref", ""))
+    _memo(ctx)  # the originals store lives beside the memo
+    original = ctx.state["originals"].get(ref)
+    ctx.record(retrieved=ref, found=original is not None)
+    return original if original is not None else f"no original is kept under ref {ref!r}"
 
 
 @hookimpl

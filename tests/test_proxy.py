@@ -572,3 +572,27 @@ def test_measure_proxy_overhead_shape() -> None:
         assert isinstance(result[f"{name}_p50_ms"], float)
         assert result[f"{name}_p95_ms"] >= result[f"{name}_p50_ms"]
     assert result["proxy_p50_ms"] > 0 and result["pipeline_p50_ms"] >= 0
+
+
+def test_plugin_tools_never_reach_the_client_through_the_proxy(emu: Emulator, tmp_path: Path) -> None:
+    class Clock:
+        @tokensaver.hookimpl
+        def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any]:
+            return {
+                **body,
+                "tools": [
+                    *(body.get("tools") or []),
+                    {"name": "tokensaver_clock", "input_schema": {"type": "object"}},
+                ],
+            }
+
+    with make_proxy(emu.url, tmp_path, {"clock": Clock()}) as p:
+        client = anthropic.Anthropic(base_url=p.url, api_key="k", max_retries=0)
+        client.messages.create(
+            model="claude-sonnet-4-6", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
+        )
+        records = p.records()
+    assert "tools" not in emu.last.body or all(
+        t["name"] != "tokensaver_clock" for t in emu.last.body["tools"]
+    )
+    assert any(e["hook"] == "proxy" for r in records for e in r["errors"])

@@ -10,6 +10,8 @@ For every call the core runs the phases in this order:
 2. ``tokensaver_lookup_response``: a stored answer short-circuits the network call.
 3. The network call (upstream API or emulator). Not a hook.
 4. ``tokensaver_observe_response``: every enabled plugin sees the final response and its usage.
+   When the response asks only for tools named ``tokensaver_*``, ``tokensaver_answer_tool_use``
+   answers them and the exchange continues (back to 1) until the model answers the caller.
 
 ``tokensaver_configure`` runs once per ``wrap()``; ``tokensaver_report_section`` when a report is
 rendered (possibly in another process, from the persisted run).
@@ -82,6 +84,22 @@ def tokensaver_lookup_response(body: dict[str, Any], ctx: CallContext) -> dict[s
 
 
 # -- response phase --------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def tokensaver_answer_tool_use(tool_use: dict[str, Any], ctx: CallContext) -> str | list[Any] | None:
+    """Answer a tool call the model addressed to a plugin, inside the middleware.
+
+    Tools whose names start with ``tokensaver_`` belong to plugins (a plugin adds its definition in
+    ``tokensaver_transform_request``). When a response asks only for such tools, the core calls this
+    hook for each ``tool_use`` block, sends the answers back to the model as ``tool_result`` blocks
+    (the follow-up goes through the whole pipeline again) and hands the caller the final answer: the
+    caller's agent never sees a tool it did not define. Stops at first non-None result.
+
+    :param tool_use: the ``tool_use`` content block (``id``, ``name``, ``input``).
+    :param ctx: the call context.
+    :return: the ``tool_result`` content (a string or content blocks), or None if not yours.
+    """
 
 
 @hookspec

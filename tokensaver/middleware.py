@@ -83,13 +83,22 @@ class TokensaverMiddleware(_sdk.Middleware):
         }
         return request.copy(body=call.body, headers=kept)
 
-    def _serve(self, request: _sdk.APIRequest, call: Call) -> Any:
-        message = call.response or {}
+    def _serve(
+        self,
+        request: _sdk.APIRequest,
+        call: Call,
+        message: dict[str, Any] | None = None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> Any:
+        """An SDK response for an answer built here: a short-circuit, or the end of a plugin-tool exchange."""
+        message = message if message is not None else (call.response or {})
         headers = {
             "request-id": f"tokensaver-{call.ctx.call_id}",
-            "x-tokensaver-short-circuit": str(call.short_circuit),
             **call.ctx.response_headers,
+            **(extra_headers or {}),
         }
+        if call.short_circuit:
+            headers["x-tokensaver-short-circuit"] = call.short_circuit
         if request.stream:
             content, ctype = message_to_sse(message), "text/event-stream; charset=utf-8"
         else:
@@ -160,6 +169,63 @@ class TokensaverMiddleware(_sdk.Middleware):
             return
         self.pipeline.finish(call, message if isinstance(message, dict) else None)
 
+    def _handle_plugin_tools(
+        self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any], call_next: Any
+    ) -> Any:
+        """Send the call; answer tool calls addressed to plugins until the model answers the caller."""
+        for rounds in range(MAX_PLUGIN_TOOL_ROUNDS + 1):
+            response = call_next(self._outgoing(request, call, headers))
+            http = response.http_response
+            if not http.is_success:
+                self.pipeline.finish(call, None, status=http.status_code, error=f"HTTP {http.status_code}")
+                return response
+            message = _read_message(http, http.read())
+            if message is None:
+                self.pipeline.finish(call, None, status="incomplete", error="unreadable response")
+                return response
+            results, reply = _plan_round(self.pipeline, call, message)  # answers' notes go in this record
+            self.pipeline.finish(call, message)
+            if results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS:
+                return self._serve(request, call, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
+            key, stream = call.ctx.key_hash, call.ctx.stream
+            call = self.pipeline.begin(
+                _follow_up(call, reply, results),
+                headers=headers,
+                key=key,
+                stream=stream,
+                surface=call.surface,
+            )
+        raise AssertionError("unreachable")
+
+    async def _handle_plugin_tools_async(
+        self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any], call_next: Any
+    ) -> Any:
+        """Async twin of ``_handle_plugin_tools``."""
+        for rounds in range(MAX_PLUGIN_TOOL_ROUNDS + 1):
+            response = await call_next(self._outgoing(request, call, headers))
+            http = response.http_response
+            if not http.is_success:
+                self.pipeline.finish(call, None, status=http.status_code, error=f"HTTP {http.status_code}")
+                return response
+            message = _read_message(http, await http.aread())
+            if message is None:
+                self.pipeline.finish(call, None, status="incomplete", error="unreadable response")
+                return response
+            results, reply = await asyncio.to_thread(_plan_round, self.pipeline, call, message)
+            self.pipeline.finish(call, message)
+            if results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS:
+                return self._serve(request, call, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
+            key, stream = call.ctx.key_hash, call.ctx.stream
+            call = await asyncio.to_thread(
+                self.pipeline.begin,
+                _follow_up(call, reply, results),
+                headers=headers,
+                key=key,
+                stream=stream,
+                surface=call.surface,
+            )
+        raise AssertionError("unreachable")
+
     # -- sync ------------------------------------------------------------------------------------
 
     def handle(self, request: _sdk.APIRequest, call_next: Any) -> Any:
@@ -180,6 +246,8 @@ class TokensaverMiddleware(_sdk.Middleware):
         if call.short_circuit:
             self.pipeline.finish(call, None)
             return self._serve(request, call)
+        if plugin_tools(call.body):
+            return self._handle_plugin_tools(request, call, headers, call_next)
         response = call_next(self._outgoing(request, call, headers))
         passed = self._pass_through(call, response, _ObservedStream)
         if passed is not None:
@@ -213,6 +281,8 @@ class TokensaverMiddleware(_sdk.Middleware):
         if call.short_circuit:
             self.pipeline.finish(call, None)
             return self._serve(request, call)
+        if plugin_tools(call.body):
+            return await self._handle_plugin_tools_async(request, call, headers, call_next)
         response = await call_next(self._outgoing(request, call, headers))
         passed = self._pass_through(call, response, _AsyncObservedStream)
         if passed is not None:
@@ -220,6 +290,79 @@ class TokensaverMiddleware(_sdk.Middleware):
         raw = await response.http_response.aread()
         await asyncio.to_thread(self._finish_json, call, response, raw)
         return response
+
+
+# -- tools that plugins answer themselves -----------------------------------------------------
+
+PLUGIN_TOOL_PREFIX = "tokensaver_"
+MAX_PLUGIN_TOOL_ROUNDS = 3
+
+
+def plugin_tools(body: dict[str, Any]) -> set[str]:
+    """Names of the tools in a request that plugins answer themselves (``tokensaver_*``)."""
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return set()
+    return {
+        t["name"]
+        for t in tools
+        if isinstance(t, dict) and isinstance(t.get("name"), str) and t["name"].startswith(PLUGIN_TOOL_PREFIX)
+    }
+
+
+def _read_message(http: httpx2.Response, raw: bytes) -> dict[str, Any] | None:
+    """The Message in a complete response body, JSON or SSE."""
+    if "text/event-stream" in http.headers.get("content-type", ""):
+        acc = SSEAccumulator()
+        acc.feed(raw)
+        return acc.message if acc.complete else None
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _plan_round(
+    pipeline: Pipeline, call: Call, message: dict[str, Any]
+) -> tuple[list[dict[str, Any]] | None, dict[str, Any]]:
+    """Answers for a response that asks only for plugin tools, else None and the message to hand back.
+
+    A response that mixes plugin tools with the caller's own is handed back without the plugin's
+    tool_use blocks: the caller answers its own tools and never sees ours.
+    """
+    if message.get("stop_reason") != "tool_use":
+        return None, message
+    content = [b for b in message.get("content") or [] if isinstance(b, dict)]
+    ours = [
+        b
+        for b in content
+        if b.get("type") == "tool_use" and str(b.get("name", "")).startswith(PLUGIN_TOOL_PREFIX)
+    ]
+    if not ours:
+        return None, message
+    if any(b.get("type") == "tool_use" and b not in ours for b in content):
+        return None, {**message, "content": [b for b in content if b not in ours]}
+    results = []
+    for block in ours:
+        answer = pipeline.answer_tool_use(call, block)
+        result: dict[str, Any] = {"type": "tool_result", "tool_use_id": block.get("id")}
+        if answer is None:
+            result.update(content=f"no plugin answers {block.get('name')}", is_error=True)
+        else:
+            result["content"] = answer
+        results.append(result)
+    return results, message
+
+
+def _follow_up(call: Call, message: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The caller's request continued with the model's plugin-tool call and the plugins' answers."""
+    body = call.original
+    turn = [
+        {"role": "assistant", "content": message.get("content") or []},
+        {"role": "user", "content": results},
+    ]
+    return {**body, "messages": [*body["messages"], *turn]}
 
 
 class _StreamObserver:

@@ -211,6 +211,22 @@ class Pipeline:
         )
         call.errors.append({"plugin": name, "hook": hook, "error": f"{type(exc).__name__}: {exc}"})
 
+    def answer_tool_use(self, call: Call, tool_use: dict[str, Any]) -> Any | None:
+        """A plugin's answer to a tool call addressed to it (``tokensaver_*`` tools), or None."""
+        ctx = call.ctx
+        for name, impl in ordered(self.pm, "tokensaver_answer_tool_use", self.config.plugins):
+            self._enter(ctx, name)
+            try:
+                answer = call_one(impl, tool_use=tool_use, ctx=ctx)
+            except Exception as exc:
+                if self.config.strict:
+                    raise strict_error(name, "tokensaver_answer_tool_use", exc) from exc
+                self._plugin_error(call, name, "tokensaver_answer_tool_use", exc)
+                continue
+            if answer is not None:
+                return answer
+        return None
+
     # -- response phase ----------------------------------------------------------------------
 
     def finish(

@@ -50,6 +50,7 @@ from yarl import URL
 
 from .config import Config, load_config
 from .errors import TokensaverError
+from .middleware import plugin_tools
 from .pipeline import Call, Pipeline, key_hash
 from .plugins import get_plugin_manager
 from .run import Run
@@ -433,6 +434,20 @@ class TokensaverProxy:
         self, request: web.Request, pipe: Pipeline, call: Call, raw: bytes, outcome: _Outcome
     ) -> web.StreamResponse:
         assert self.client is not None
+        if plugin_tools(call.body):
+            # the proxy streams answers through and cannot hold a response back to answer a
+            # plugin's own tool (as wrap() does): the caller's agent must never see such a tool
+            call.body = {
+                **call.body,
+                "tools": [t for t in call.body["tools"] if t.get("name") not in plugin_tools(call.body)],
+            }
+            call.errors.append(
+                {
+                    "plugin": "(core)",
+                    "hook": "proxy",
+                    "error": "plugin tools are not answered through the proxy; removed",
+                }
+            )
         if call.body is call.original:
             data = raw  # unchanged: the caller's bytes, exactly
         else:

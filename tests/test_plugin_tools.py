@@ -1,0 +1,131 @@
+"""Tools that plugins answer themselves (``tokensaver_*``): the caller's agent only sees the final answer."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import anthropic
+import pytest
+
+import tokensaver
+from tokensaver.emulator import Emulator
+
+MODEL = "claude-sonnet-4-6"
+USER_TOOL = {
+    "name": "read_file",
+    "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}},
+}
+
+
+class Clock:
+    """A plugin with its own tool: adds it to every request and answers it."""
+
+    @tokensaver.hookimpl
+    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        tool = {"name": "tokensaver_clock", "input_schema": {"type": "object", "properties": {}}}
+        tools = [t for t in body.get("tools") or [] if t.get("name") != "tokensaver_clock"]
+        return {**body, "tools": [*tools, tool]}
+
+    @tokensaver.hookimpl
+    def tokensaver_answer_tool_use(self, tool_use: dict[str, Any], ctx: Any) -> str | None:
+        return "12:00" if tool_use["name"] == "tokensaver_clock" else None
+
+
+def _use(name: str, tid: str, **inp: Any) -> dict[str, Any]:
+    return {"type": "tool_use", "id": tid, "name": name, "input": inp}
+
+
+@pytest.fixture
+def emu() -> Any:
+    with Emulator(virtual_clock=True) as e:
+        yield e
+
+
+def _client(
+    emu: Emulator, tmp_path: Any, plugins: dict[str, Any], asynchronous: bool = False, **cfg: Any
+) -> Any:
+    cls = anthropic.AsyncAnthropic if asynchronous else anthropic.Anthropic
+    base = cls(base_url=emu.url, api_key="k", max_retries=0)
+    pm = tokensaver.get_plugin_manager(plugins, load_entrypoints=False) if plugins else None
+    config = {"plugins": list(plugins) or ["summarize"], "runs_dir": str(tmp_path), **cfg}
+    return tokensaver.wrap(base, config=config, plugin_manager=pm)
+
+
+@pytest.mark.parametrize("mode", ["create", "stream", "async"])
+def test_plugin_tool_is_answered_inside_the_middleware(emu: Emulator, tmp_path: Any, mode: str) -> None:
+    emu.reply([_use("tokensaver_clock", "toolu_c1")], "It is noon.")
+    kw: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "time?"}],
+    }
+    if mode == "async":
+
+        async def go() -> Any:
+            client = _client(emu, tmp_path, {"clock": Clock()}, asynchronous=True)
+            return await client.messages.create(**kw), client
+
+        msg, client = asyncio.run(go())
+    else:
+        client = _client(emu, tmp_path, {"clock": Clock()})
+        if mode == "stream":
+            with client.messages.stream(**kw) as s:
+                msg = s.get_final_message()
+        else:
+            msg = client.messages.create(**kw)
+    assert [b.type for b in msg.content] == ["text"] and msg.content[0].text == "It is noon."
+    assert len(emu.requests) == 2
+    follow_up = emu.requests[1].body["messages"]
+    assert follow_up[-2]["content"][0]["name"] == "tokensaver_clock"
+    assert follow_up[-1]["content"][0] == {
+        "type": "tool_result",
+        "tool_use_id": "toolu_c1",
+        "content": "12:00",
+    }
+    assert [r["status"] for r in client.tokensaver.records] == [200, 200]  # both rounds billed and recorded
+
+
+def test_mixed_tool_calls_hand_back_only_the_callers_tools(emu: Emulator, tmp_path: Any) -> None:
+    emu.reply([_use("tokensaver_clock", "toolu_c1"), _use("read_file", "toolu_r1", path="a.py")])
+    client = _client(emu, tmp_path, {"clock": Clock()})
+    msg = client.messages.create(
+        model=MODEL, max_tokens=100, tools=[USER_TOOL], messages=[{"role": "user", "content": "read a.py"}]
+    )
+    assert [(b.type, b.name) for b in msg.content] == [("tool_use", "read_file")]
+    assert len(emu.requests) == 1
+
+
+def test_summarize_retrieval_hands_back_the_original(emu: Emulator, tmp_path: Any) -> None:
+    log = "".join(
+        f"2026-01-01 12:00:{i % 60:02d} INFO worker {i} processed batch {i * 7}\n" for i in range(900)
+    )
+    messages = [
+        {"role": "user", "content": "run the job"},
+        {"role": "assistant", "content": [_use("bash", "toolu_b1", command="./job")]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_b1", "content": log}]},
+    ]
+    refs: list[str] = []
+
+    def ask_for_original(body: dict[str, Any]) -> list[dict[str, Any]]:
+        sent = body["messages"][2]["content"][0]["content"]
+        ref = re.search(r"with ref ([0-9a-f]+)", sent)
+        assert ref is not None and len(sent) < len(log)  # shortened, with its ref
+        refs.append(ref.group(1))
+        return [_use("tokensaver_retrieve", "toolu_t1", ref=ref.group(1))]
+
+    emu.reply(ask_for_original, "Batch 6293 was processed by worker 899.")
+    client = _client(emu, tmp_path, {}, summarize={"retrieval": True})
+    tools = [
+        {"name": "bash", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}
+    ]
+    msg = client.messages.create(model=MODEL, max_tokens=100, tools=tools, messages=messages)
+    assert msg.content[0].text.startswith("Batch 6293")
+    assert [t["name"] for t in emu.requests[0].body["tools"]] == ["bash", "tokensaver_retrieve"]
+    answer = emu.requests[1].body["messages"][-1]["content"][0]
+    assert (
+        answer["tool_use_id"] == "toolu_t1" and answer["content"] == log
+    )  # the original, not shortened again
+    # the round that asked records what was handed back
+    assert client.tokensaver.records[0]["plugins"]["summarize"]["found"] is True
