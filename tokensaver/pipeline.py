@@ -185,19 +185,10 @@ class Pipeline:
                 current, before = result, after
         call.body = current
         call.tokens_sent = before
-        for name, impl in ordered(self.pm, "tokensaver_lookup_response", self.config.plugins):
-            self._enter(ctx, name)
-            try:
-                hit = call_one(impl, body=current, ctx=ctx)
-            except Exception as exc:
-                if self.config.strict:
-                    raise strict_error(name, "tokensaver_lookup_response", exc) from exc
-                self._plugin_error(call, name, "tokensaver_lookup_response", exc)
-                continue
-            if hit is not None:
-                call.short_circuit = name
-                call.response = hit
-                break
+        hit_by, hit = self._run_hook(call, "tokensaver_lookup_response", first=True, body=current)
+        if hit is not None:
+            call.short_circuit = hit_by
+            call.response = hit
         call.overhead_ms = (time.perf_counter() - t0) * 1000
         return call
 
@@ -213,19 +204,25 @@ class Pipeline:
 
     def answer_tool_use(self, call: Call, tool_use: dict[str, Any]) -> Any | None:
         """A plugin's answer to a tool call addressed to it (``tokensaver_*`` tools), or None."""
-        ctx = call.ctx
-        for name, impl in ordered(self.pm, "tokensaver_answer_tool_use", self.config.plugins):
-            self._enter(ctx, name)
+        return self._run_hook(call, "tokensaver_answer_tool_use", first=True, tool_use=tool_use)[1]
+
+    def _run_hook(self, call: Call, hook: str, *, first: bool, **kwargs: Any) -> tuple[str | None, Any]:
+        """Call ``hook`` on each enabled plugin in order, failing open (strict: raising).
+
+        With ``first``, stop at the first non-None result and return it with its plugin's name.
+        """
+        for name, impl in ordered(self.pm, hook, self.config.plugins):
+            self._enter(call.ctx, name)
             try:
-                answer = call_one(impl, tool_use=tool_use, ctx=ctx)
+                result = call_one(impl, ctx=call.ctx, **kwargs)
             except Exception as exc:
                 if self.config.strict:
-                    raise strict_error(name, "tokensaver_answer_tool_use", exc) from exc
-                self._plugin_error(call, name, "tokensaver_answer_tool_use", exc)
+                    raise strict_error(name, hook, exc) from exc
+                self._plugin_error(call, name, hook, exc)
                 continue
-            if answer is not None:
-                return answer
-        return None
+            if first and result is not None:
+                return name, result
+        return None, None
 
     # -- response phase ----------------------------------------------------------------------
 
@@ -244,14 +241,9 @@ class Pipeline:
             response = call.response
         elif response is not None and status == 200:
             ctx.usage = normalize_usage(response.get("usage"))
-            for name, impl in ordered(self.pm, "tokensaver_observe_response", self.config.plugins):
-                self._enter(ctx, name)
-                try:
-                    call_one(impl, body=call.body, response=response, ctx=ctx)
-                except Exception as exc:
-                    if self.config.strict:
-                        raise strict_error(name, "tokensaver_observe_response", exc) from exc
-                    self._plugin_error(call, name, "tokensaver_observe_response", exc)
+            self._run_hook(
+                call, "tokensaver_observe_response", first=False, body=call.body, response=response
+            )
         call.overhead_ms += (time.perf_counter() - t0) * 1000
         record = self._record(call, response, status, error)
         return record
