@@ -19,7 +19,7 @@ def conversation_id(body: dict[str, Any]) -> str:
     msgs = body.get("messages") or []
     first = msgs[0].get("content") if msgs and isinstance(msgs[0], dict) else None
     system = body.get("system")
-    return content_hash([_strip_cc(system), _strip_cc(first)])[:16]
+    return content_hash([strip_cache_control(system), strip_cache_control(first)])[:16]
 
 
 def plugin_notes(calls: list[dict[str, Any]], plugin: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -34,14 +34,10 @@ def plugin_notes(calls: list[dict[str, Any]], plugin: str) -> list[tuple[dict[st
 
 def strip_cache_control(value: Any) -> Any:
     """The value with every ``cache_control`` key removed, at any depth (for hashing and diffing)."""
-    return _strip_cc(value)
-
-
-def _strip_cc(value: Any) -> Any:
     if isinstance(value, list):
-        return [_strip_cc(v) for v in value]
+        return [strip_cache_control(v) for v in value]
     if isinstance(value, dict):
-        return {k: _strip_cc(v) for k, v in value.items() if k != "cache_control"}
+        return {k: strip_cache_control(v) for k, v in value.items() if k != "cache_control"}
     return value
 
 

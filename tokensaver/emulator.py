@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from tokensaver.pricing import PriceTable
 from tokensaver.sse import message_to_sse
-from tokensaver.tokens import MESSAGE_OVERHEAD, canonical_json, default_counter
+from tokensaver.tokens import MESSAGE_OVERHEAD, canonical_json, default_counter, strip_block_cache_control
 
 __all__ = [
     "Emulator",
@@ -238,12 +238,6 @@ class PromptBlock:
     cache_control: dict[str, Any] | None
 
 
-def _strip_cc(block: Any) -> Any:
-    if isinstance(block, dict) and "cache_control" in block:
-        return {k: v for k, v in block.items() if k != "cache_control"}
-    return block
-
-
 def prompt_blocks(body: dict[str, Any]) -> list[PromptBlock]:
     """The request as the ordered block sequence the prompt cache sees."""
     counter = default_counter()
@@ -256,7 +250,7 @@ def prompt_blocks(body: dict[str, Any]) -> list[PromptBlock]:
         cacheable = (
             kind not in THINKING_TYPES and not empty_text and not (isinstance(block, str) and not block)
         )
-        out.append(PromptBlock(where, block, counter.block(_strip_cc(block)) + extra, tag, cacheable, cc))
+        out.append(PromptBlock(where, block, counter.block(block) + extra, tag, cacheable, cc))
 
     for i, tool in enumerate(body.get("tools") or []):
         add(f"tools.{i}", tool, "tools")
@@ -283,7 +277,7 @@ def _prefix_hashes(blocks: list[PromptBlock]) -> list[str]:
     for b in blocks:
         h.update(b.tag.encode())
         h.update(b"\0")
-        h.update(canonical_json(_strip_cc(b.block)).encode())
+        h.update(canonical_json(strip_block_cache_control(b.block)).encode())
         h.update(b"\1")
         hashes.append(h.copy().hexdigest())
     return hashes

@@ -9,6 +9,7 @@ times where the trace has them, so the billed usage is what the API would have b
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -117,6 +118,7 @@ def replay(
         client = wrap(base, config=config, run=run, clock=lambda: clock_now[0])
         result.run = client.tokensaver.run
     total = sum(len(c.calls) for c in conversations)
+    accepted = set(inspect.signature(client.messages.create).parameters)
     done = 0
     try:
         t_virtual = 1_700_000_000.0
@@ -130,7 +132,7 @@ def replay(
                 if not live:
                     emulator.clock.set(t_virtual)
                     emulator.reply(call.reply or [{"type": "text", "text": "OK."}])
-                params = _create_params(client, body)
+                params = _create_params(accepted, body)
                 try:
                     if stream:
                         with client.messages.stream(**params) as s:
@@ -168,11 +170,8 @@ def replay(
     return result
 
 
-def _create_params(client: Any, body: dict[str, Any]) -> dict[str, Any]:
+def _create_params(accepted: set[str], body: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``messages.create``; body fields the SDK has no parameter for go in extra_body."""
-    import inspect
-
-    accepted = set(inspect.signature(client.messages.create).parameters)
     params = {k: v for k, v in body.items() if k in accepted and k != "stream"}
     extra = {k: v for k, v in body.items() if k not in accepted and k != "stream"}
     if extra:

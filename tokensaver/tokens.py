@@ -62,7 +62,7 @@ class TokenCounter:
             key = "s:" + hashlib.sha256(block.encode()).hexdigest()
         else:
             # cache_control changes billing, not tokens: count and cache the block without it
-            block = _strip_cache_control(block)
+            block = strip_block_cache_control(block)
             key = "b:" + content_hash(block)
         with self._lock:
             hit = self._cache.get(key)
@@ -109,7 +109,8 @@ class TokenCounter:
         return total
 
 
-def _strip_cache_control(block: Any) -> Any:
+def strip_block_cache_control(block: Any) -> Any:
+    """The block without its own ``cache_control`` (the marker changes billing, not content)."""
     if isinstance(block, dict) and "cache_control" in block:
         return {k: v for k, v in block.items() if k != "cache_control"}
     return block
