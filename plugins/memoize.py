@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import re
-import stat
 import threading
 import time
 import weakref
@@ -50,6 +49,9 @@ from typing import Any
 from tokensaver.errors import ConfigError
 from tokensaver.hookspecs import hookimpl
 from tokensaver.tokens import canonical_json
+
+from . import _store as stores
+from ._store import CorruptEntry, Store
 
 log = logging.getLogger("tokensaver.plugins.memoize")
 
@@ -83,12 +85,7 @@ _state_lock = threading.Lock()
 
 def default_dir() -> str:
     """``$TOKENSAVER_CACHE_DIR/memo``, else ``$XDG_CACHE_HOME/tokensaver/memo``, else ``~/.cache/tokensaver/memo``."""
-    env = os.environ.get("TOKENSAVER_CACHE_DIR")
-    if env:
-        return str(Path(env).expanduser() / "memo")
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return str(base / "tokensaver" / "memo")
+    return stores.cache_dir("memo")
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -192,34 +189,15 @@ def cache_key(body: dict[str, Any], headers: dict[str, str] | None, key_hash: st
 
 def encode_entry(key: str, message: dict[str, Any], stored_at: float) -> bytes:
     """Entry bytes: magic, sha256 of the payload, then JSON of {key, stored_at, message}."""
-    payload = canonical_json({"key": key, "stored_at": stored_at, "message": message}).encode()
-    return ENTRY_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
-
-
-class CorruptEntry(ValueError):
-    """A stored entry that fails its checksum, its key check or its shape."""
+    return stores.encode_entry(ENTRY_MAGIC, key, message, stored_at)
 
 
 def decode_entry(key: str, raw: Any) -> tuple[dict[str, Any], float]:
     """The stored message and its store time; raise CorruptEntry on any mismatch."""
-    if isinstance(raw, str):
-        raw = raw.encode()
-    if not isinstance(raw, (bytes, bytearray)) or not raw.startswith(ENTRY_MAGIC):
-        raise CorruptEntry("not a memoize entry")
-    rest = bytes(raw[len(ENTRY_MAGIC) :])
-    digest, sep, payload = rest.partition(b"\n")
-    if not sep or hashlib.sha256(payload).hexdigest().encode() != digest:
-        raise CorruptEntry("checksum mismatch")
-    try:
-        doc = json.loads(payload)
-    except ValueError as e:
-        raise CorruptEntry(f"bad JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("key") != key:
-        raise CorruptEntry("entry stored under another key")
-    msg = doc.get("message")
-    if not isinstance(msg, dict) or not storable(msg, store_refusals=True):
+    msg, stored_at = stores.decode_entry(ENTRY_MAGIC, key, raw)
+    if not storable(msg, store_refusals=True):
         raise CorruptEntry("stored message is incomplete")
-    return msg, float(doc.get("stored_at") or 0.0)
+    return msg, stored_at
 
 
 def storable(message: Any, *, store_refusals: bool = False) -> bool:
@@ -237,53 +215,6 @@ def storable(message: Any, *, store_refusals: bool = False) -> bool:
 
 
 # -- the store --------------------------------------------------------------------------------
-
-
-def _private_dir(path: str) -> None:
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = p.stat()
-    if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        raise PermissionError(f"memoize dir {path} is owned by another user")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(p, 0o700)
-
-
-def _private_files(path: str) -> None:
-    for child in Path(path).rglob("*"):
-        try:
-            want = 0o700 if child.is_dir() else 0o600
-            if stat.S_IMODE(child.stat().st_mode) != want:
-                os.chmod(child, want)
-        except OSError:
-            pass
-
-
-class Store:
-    """A diskcache directory private to the user, holding checksummed JSON entries (never pickles)."""
-
-    def __init__(self, directory: str, size_limit: int) -> None:
-        import diskcache
-
-        _private_dir(directory)
-        # values up to 8 MiB stay in SQLite; whatever diskcache writes is made 0600 below
-        self.cache = diskcache.Cache(directory, size_limit=size_limit, disk_min_file_size=8 * 1024**2)
-        self.directory = directory
-        _private_files(directory)
-
-    def get(self, key: str) -> Any:
-        return self.cache.get(key, default=None, retry=True)
-
-    def set(self, key: str, value: bytes, ttl: float | None) -> None:
-        self.cache.set(key, value, expire=ttl, retry=True)
-        if len(value) >= 8 * 1024**2:
-            _private_files(self.directory)
-
-    def delete(self, key: str) -> None:
-        self.cache.delete(key, retry=True)
-
-    def close(self) -> None:
-        self.cache.close()
 
 
 class _Flight:
