@@ -17,7 +17,13 @@ same tool result gives the same bytes on every turn and prompt-cache prefixes st
 with a line naming its ``ref``, and adds a ``tokensaver_retrieve`` tool (always, so the tool list
 stays byte-stable); when the model calls it, the middleware answers with the original itself and
 the caller's agent only sees the final answer. Originals live in memory for the life of the wrapped
-client (or proxy). ``model_summaries`` (a cheaper model condensing long prose) is not implemented.
+client (or proxy).
+
+``model_summaries = true`` (opt-in) condenses long prose (``summary_min_tokens``, default 2000)
+with a cheaper model (``summary_model``, default ``claude-haiku-5-5``) through ``ctx.call_model``,
+when it pays ``summary_payback`` times for itself; the summary's cost is charged to this stage. Each
+output is decided once, when it is new, and the decision is kept (memory and ``summary_dir``), so
+later turns give the same bytes; see ``_model_summary``.
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Any
 
 from tokensaver.errors import ConfigError
 from tokensaver.hookspecs import hookimpl
 from tokensaver.tokens import canonical_json
 
-from ._summarize_text import Options, Result, shrink
+from . import _model_summary
+from ._summarize_text import Options, Result, is_prose, shrink
 
 log = logging.getLogger("tokensaver.plugins.summarize")
 
@@ -42,6 +50,13 @@ DEFAULTS: dict[str, Any] = {
     "keep_originals": False,
     "retrieval": False,
     "memo_entries": 20_000,
+    # opt-in: long prose condensed by a cheaper model (see _model_summary)
+    "model_summaries": False,
+    "summary_model": "claude-haiku-5-5",
+    "summary_min_tokens": 2000,
+    "summary_words": 400,
+    "summary_payback": 2.0,
+    "summary_dir": None,  # None: $TOKENSAVER_CACHE_DIR/summaries or ~/.cache/tokensaver/summaries
 }
 RETRIEVE_TOOL = "tokensaver_retrieve"
 RETRIEVE_DEFINITION: dict[str, Any] = {
@@ -56,8 +71,16 @@ RETRIEVE_DEFINITION: dict[str, Any] = {
         "required": ["ref"],
     },
 }
-_INTS = {f.name for f in fields(Options) if f.type in ("int", int)} | {"memo_entries"}
-_BOOLS = {f.name for f in fields(Options) if f.type in ("bool", bool)} | {"keep_originals", "retrieval"}
+_INTS = {f.name for f in fields(Options) if f.type in ("int", int)} | {
+    "memo_entries",
+    "summary_min_tokens",
+    "summary_words",
+}
+_BOOLS = {f.name for f in fields(Options) if f.type in ("bool", bool)} | {
+    "keep_originals",
+    "retrieval",
+    "model_summaries",
+}
 _lock = threading.Lock()
 
 
@@ -79,7 +102,25 @@ def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any
             raise ConfigError(f"summarize.{k} must be true or false; got {v!r}", key=k, source=source)
         if k in _INTS and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             raise ConfigError(f"summarize.{k} must be a positive integer; got {v!r}", key=k, source=source)
+        if k == "summary_model" and not (isinstance(v, str) and v.strip()):
+            raise ConfigError(
+                f"summarize.summary_model must be a model name; got {v!r}", key=k, source=source
+            )
+        if k == "summary_payback" and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.1 <= v <= 100
+        ):
+            raise ConfigError(
+                f"summarize.summary_payback must be a number between 0.1 and 100; got {v!r}",
+                key=k,
+                source=source,
+            )
+        if k == "summary_dir" and v is not None and not (isinstance(v, str) and v.strip()):
+            raise ConfigError(
+                f"summarize.summary_dir must be a directory path; got {v!r}", key=k, source=source
+            )
     out = {**DEFAULTS, **settings}
+    if out["summary_dir"]:
+        out["summary_dir"] = str(Path(out["summary_dir"]).expanduser())
     if out["min_run"] < 3:
         raise ConfigError("summarize.min_run must be at least 3", key="min_run", source=source)
     if out["head_lines"] + out["tail_lines"] > out["max_lines"]:
@@ -125,24 +166,59 @@ def shrink_cached(text: str, opts: Options, ctx: Any, limit: int) -> Result:
     return res
 
 
+def _rewrite(
+    text: str, opts: Options, ctx: Any, settings: dict[str, Any], stats: dict[str, Any], newest: bool
+) -> str:
+    """One tool-output text as it is sent: shrunk by content type, then perhaps condensed by a model."""
+    res = shrink_cached(text, opts, ctx, settings.get("memo_entries", DEFAULTS["memo_entries"]))
+    # about 2 characters a token at the least: a cheap test before counting
+    if settings.get("model_summaries") and len(res.text) >= 2 * settings["summary_min_tokens"]:
+        condensed = _condensed(res, ctx, settings, stats, newest)
+        if condensed is not None:
+            res = Result(condensed, "model_summary", True)
+    _tally(stats, text, res, ctx, settings)
+    return _with_ref(res, text, ctx, settings) if res.text != text else text
+
+
+def _condensed(
+    res: Result, ctx: Any, settings: dict[str, Any], stats: dict[str, Any], newest: bool
+) -> str | None:
+    """The model summary for prose (decided once per content, see ``_model_summary``), else None."""
+    if res.kind.split(":")[0] not in ("text", "html") or not is_prose(res.text.split("\n")):
+        return None
+    decision = _model_summary.known(res.text, ctx, settings)
+    if decision is not None:
+        return decision.get("summary")  # type: ignore[no-any-return]
+    if not newest:
+        _model_summary.keep(res.text, ctx, settings)  # already sent as it is: it stays so
+        return None
+    if ctx.model.name == ctx.prices.get(settings["summary_model"]).name:
+        return None
+    tokens = ctx.count(res.text)
+    if tokens < settings["summary_min_tokens"]:
+        return None
+    if not _model_summary.worth_it(tokens, ctx, settings, stats.get("calls_so_far", 0)):
+        stats["summaries_not_worth_it"] = stats.get("summaries_not_worth_it", 0) + 1
+        return None
+    summary = _model_summary.summarize_text(res.text, tokens, ctx, settings)
+    stats["model_summaries"] = stats.get("model_summaries", 0) + (summary is not None)
+    return summary
+
+
 def _shrink_content(
-    content: Any, opts: Options, ctx: Any, settings: dict[str, Any], stats: dict[str, Any]
+    content: Any, opts: Options, ctx: Any, settings: dict[str, Any], stats: dict[str, Any], newest: bool
 ) -> Any:
     """The tool_result's content with its text shrunk, or the same object when nothing changed."""
-    limit = settings.get("memo_entries", DEFAULTS["memo_entries"])
     if isinstance(content, str):
-        res = shrink_cached(content, opts, ctx, limit)
-        _tally(stats, content, res, ctx, settings)
-        return _with_ref(res, content, ctx, settings) if res.text != content else content
+        return _rewrite(content, opts, ctx, settings, stats, newest)
     if isinstance(content, list):
         new: list[Any] = []
         changed = False
         for b in content:
             if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str):
-                res = shrink_cached(b["text"], opts, ctx, limit)
-                _tally(stats, b["text"], res, ctx, settings)
-                if res.text != b["text"]:
-                    b = {**b, "text": _with_ref(res, b["text"], ctx, settings)}
+                text = _rewrite(b["text"], opts, ctx, settings, stats, newest)
+                if text is not b["text"]:
+                    b = {**b, "text": text}
                     changed = True
             new.append(b)
         return new if changed else content
@@ -198,9 +274,10 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
         for b in m["content"]
         if isinstance(b, dict) and b.get("type") == "tool_use" and b.get("name") == RETRIEVE_TOOL
     }
+    stats["calls_so_far"] = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
     new_messages: list[Any] = []
     changed = False
-    for m in messages:
+    for i, m in enumerate(messages):
         if not (isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), list)):
             new_messages.append(m)
             continue
@@ -211,7 +288,7 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
                 blocks.append(b)  # an original we handed back on request: never shorten it again
                 continue
             if isinstance(b, dict) and b.get("type") == "tool_result" and "content" in b:
-                c = _shrink_content(b["content"], opts, ctx, settings, stats)
+                c = _shrink_content(b["content"], opts, ctx, settings, stats, i == len(messages) - 1)
                 if c is not b["content"]:
                     b = {**b, "content": c}
                     mchanged = True
@@ -220,6 +297,7 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
             m = {**m, "content": blocks}
             changed = True
         new_messages.append(m)
+    stats.pop("calls_so_far")
     if stats:
         ctx.record(**stats)
     out = {**body, "messages": new_messages} if changed else body

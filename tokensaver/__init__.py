@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, TokensaverError, TransformError, UnknownPluginError
+from .errors import ConfigError, ModelCallError, TokensaverError, TransformError, UnknownPluginError
 from .hookspecs import hookimpl, hookspec
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ _LAZY = {
 __all__ = [
     "Config",
     "ConfigError",
+    "ModelCallError",
     "Pipeline",
     "Run",
     "TokensaverError",

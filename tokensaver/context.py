@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .pricing import ModelInfo, PriceTable
+from .errors import ModelCallError
+from .pricing import ModelInfo, PriceTable, normalize_usage
 from .tokens import TokenCounter, content_hash
 
 
@@ -65,6 +67,10 @@ class CallContext:
     notes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # response headers the core adds (e.g. x-tokensaver-cache)
     response_headers: dict[str, str] = field(default_factory=dict)
+    # the Messages calls plugins made themselves through call_model(), billed to this call
+    side_calls: list[dict[str, Any]] = field(default_factory=list)
+    # set by whoever runs the pipeline (wrap(), the proxy): sends a body upstream, returns the Message
+    upstream: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     @property
     def state(self) -> dict[str, Any]:
@@ -74,6 +80,32 @@ class CallContext:
     def record(self, **fields: Any) -> None:
         """Store JSON-serializable facts about this call in the run record, under this plugin."""
         self.notes.setdefault(self.plugin, {}).update(fields)
+
+    def call_model(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Make a Messages call of this plugin's own (e.g. a summary by a cheaper model).
+
+        The call goes to the API the caller chose, with the caller's credentials, outside the
+        pipeline (no plugin sees it), never streamed. Its billed cost is charged to this plugin's
+        stage: the run report shows it as a cost paid out of the savings.
+
+        :param body: a complete Messages request body (``model``, ``max_tokens``, ``messages``...).
+        :return: the Message (``content``, ``usage``...).
+        :raises ModelCallError: when this pipeline has no upstream (a hook called directly, a
+            test) or the call failed; the plugin decides what to do without it.
+        """
+        if self.upstream is None:
+            raise ModelCallError("no upstream for plugin model calls in this pipeline")
+        entry: dict[str, Any] = {"plugin": self.plugin, "model": str(body.get("model", ""))}
+        self.side_calls.append(entry)
+        try:
+            message = self.upstream(body)
+        except Exception as exc:
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            raise ModelCallError(f"model call by {self.plugin!r} failed: {entry['error']}") from exc
+        usage = message.get("usage") if isinstance(message, dict) else None
+        entry["usage"] = normalize_usage(usage)
+        entry["cost_usd"] = round(self.prices.get(entry["model"]).cost(entry["usage"]), 8)
+        return message
 
     def count(self, obj: Any) -> int:
         """Tokens in a request body, message, content list, block or string (cached per block)."""

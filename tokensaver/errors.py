@@ -31,5 +31,9 @@ class TransformError(TokensaverError):
         self.__cause__ = cause
 
 
+class ModelCallError(TokensaverError):
+    """A plugin's own model call (``ctx.call_model()``) could not be made, or the API refused it."""
+
+
 class TraceFormatError(TokensaverError, ValueError):
     """A trace file is not in a format tokensaver can replay."""

@@ -55,11 +55,37 @@ class TokensaverMiddleware(_sdk.Middleware):
         self.asynchronous = asynchronous
         self.client: Any = None
         self.secret_hash = key_hash("")
+        self._side: Any = None
 
     def bind(self, client: Any) -> None:
         """Attach to the client this middleware serves (needed to build short-circuit responses)."""
         self.client = client
         self.secret_hash = key_hash(_sdk.client_secret(client))
+
+    def _side_client(self) -> Any:
+        """The bound client minus this middleware: plugins' own calls skip the pipeline."""
+        if self._side is None:
+            others = [m for m in _sdk.client_middleware(self.client) if m is not self]
+            self._side = self.client.with_options(middleware=others)
+        return self._side
+
+    def call_model(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``ctx.call_model`` for sync clients: the call is made with the caller's client and key."""
+        body = {k: v for k, v in body.items() if k != "stream"}
+        return self._side_client().messages.create(**body).to_dict()  # type: ignore[no-any-return]
+
+    def upstream_async(self, loop: asyncio.AbstractEventLoop) -> Any:
+        """``ctx.call_model`` for async clients: plugins run in a worker thread; the call runs on ``loop``."""
+
+        async def create(body: dict[str, Any]) -> dict[str, Any]:
+            message = await self._side_client().messages.create(**body)
+            return message.to_dict()  # type: ignore[no-any-return]
+
+        def call(body: dict[str, Any]) -> dict[str, Any]:
+            body = {k: v for k, v in body.items() if k != "stream"}
+            return asyncio.run_coroutine_threadsafe(create(body), loop).result()
+
+        return call
 
     def copy_for(self) -> TokensaverMiddleware:
         """A middleware sharing this pipeline, to be bound to a copy of the client."""
@@ -194,6 +220,7 @@ class TokensaverMiddleware(_sdk.Middleware):
                 key=key,
                 stream=stream,
                 surface=call.surface,
+                upstream=call.ctx.upstream,
             )
         raise AssertionError("unreachable")
 
@@ -223,6 +250,7 @@ class TokensaverMiddleware(_sdk.Middleware):
                 key=key,
                 stream=stream,
                 surface=call.surface,
+                upstream=call.ctx.upstream,
             )
         raise AssertionError("unreachable")
 
@@ -240,6 +268,7 @@ class TokensaverMiddleware(_sdk.Middleware):
             stream=stream,
             surface=_surface(request),
             attempt=request.retries_taken,
+            upstream=self.call_model,
         )
         if self.pipeline.config.token_count == "exact":
             self._count_exact(call)
@@ -275,6 +304,7 @@ class TokensaverMiddleware(_sdk.Middleware):
             stream=stream,
             surface=_surface(request),
             attempt=request.retries_taken,
+            upstream=self.upstream_async(asyncio.get_running_loop()),
         )
         if self.pipeline.config.token_count == "exact":
             await self._count_exact_async(call)

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,8 +128,13 @@ class Pipeline:
         stream: bool = False,
         surface: str = "messages",
         attempt: int = 0,
+        upstream: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> Call:
-        """Run the transform stages and the short-circuit lookup for one call attempt."""
+        """Run the transform stages and the short-circuit lookup for one call attempt.
+
+        :param upstream: sends a plugin's own Messages body to the caller's API and returns the
+            Message (``ctx.call_model()``); None where there is none.
+        """
         t0 = time.perf_counter()
         now = self.clock() if self.clock else time.time()
         ctx = CallContext(
@@ -142,6 +148,7 @@ class Pipeline:
             headers=public_headers(headers),
             now=now,
             _states=self.states,
+            upstream=upstream,
         )
         original = body
         tokens_original = self.counter.request(body)
@@ -254,6 +261,9 @@ class Pipeline:
         ctx, model = call.ctx, call.ctx.model
         usage = normalize_usage((response or {}).get("usage")) if response else None
         ok = status == 200 and response is not None
+        # plugins' own model calls (summaries...) are paid whatever became of the call itself
+        side = [dict(e) for e in ctx.side_calls]
+        side_cost = sum(float(e.get("cost_usd") or 0.0) for e in side)
         billed_in = 0
         cost = baseline = saved = 0.0
         if ok and usage is not None:
@@ -271,7 +281,7 @@ class Pipeline:
                 baseline = model.cost(usage) if billed_in else baseline
             else:
                 cost = model.cost(usage)
-            saved = baseline - cost
+            saved = baseline - cost - side_cost
             in_cost = model.input_cost(usage)
             per_token = (in_cost / call.tokens_sent) if call.tokens_sent and not call.short_circuit else 0.0
             uncached_in = billed_in * model.input / 1e6
@@ -285,9 +295,15 @@ class Pipeline:
                     stage["saved_usd"] = round(stage["saved_usd"] + cache_credit, 8)
                     stage["cache_credit_usd"] = round(cache_credit, 8)
         else:
+            saved = -side_cost
             for stage in call.stages:
                 stage["saved_tokens"] = 0
                 stage["saved_usd"] = 0.0
+        for stage in call.stages:
+            paid = sum(float(e.get("cost_usd") or 0.0) for e in side if e["plugin"] == stage["plugin"])
+            if paid:
+                stage["model_calls_usd"] = round(paid, 8)
+                stage["saved_usd"] = round(stage["saved_usd"] - paid, 8)
         record = {
             "type": "call",
             "id": ctx.call_id,
@@ -310,13 +326,15 @@ class Pipeline:
             "stages": call.stages,
             "short_circuit": call.short_circuit,
             "usage": usage,
-            "cost_usd": round(cost, 8),
+            "cost_usd": round(cost + side_cost, 8),
             "baseline_usd": round(baseline, 8),
             "saved_usd": round(saved, 8),
             "overhead_ms": round(call.overhead_ms, 3),
             "errors": call.errors,
             "plugins": copy.deepcopy(ctx.notes),
         }
+        if side:
+            record["model_calls"] = side
         if call.exact:
             record["tokens_original_exact"] = call.exact["tokens_original"]
             record["tokens_sent_exact"] = call.exact["tokens_sent"]

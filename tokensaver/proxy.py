@@ -291,6 +291,39 @@ class TokensaverProxy:
         query = request.rel_url.raw_query_string
         return URL(f"{self.upstream.origin()}{path}" + (f"?{query}" if query else ""), encoded=True)
 
+    def _model_caller(self, request: web.Request, loop: asyncio.AbstractEventLoop) -> Any:
+        """``ctx.call_model`` for this request: plugins run in a worker thread, the call on ``loop``.
+
+        Sent to the same upstream path with the caller's headers (credentials included), not streamed.
+        """
+        headers = _forward_headers(request.headers, drop=frozenset({"accept-encoding", "accept"}))
+        headers["Content-Type"] = "application/json"
+        url = self._url(request)
+
+        async def post(body: dict[str, Any]) -> dict[str, Any]:
+            assert self.client is not None
+            data = json.dumps({**body, "stream": False}).encode()
+            async with self.client.request(
+                "POST",
+                url,
+                headers=headers,
+                data=data,
+                skip_auto_headers=SKIP_AUTO_HEADERS,
+                auto_decompress=True,
+            ) as up:
+                payload = await up.read()
+                if not 200 <= up.status < 300:
+                    raise TokensaverError(f"upstream answered HTTP {up.status}: {payload[:200]!r}")
+                message = json.loads(payload)
+                if not isinstance(message, dict):
+                    raise TokensaverError("upstream answer is not a Message")
+                return message
+
+        def call(body: dict[str, Any]) -> dict[str, Any]:
+            return asyncio.run_coroutine_threadsafe(post(body), loop).result()
+
+        return call
+
     def _authorized(self, request: web.Request) -> bool:
         if self.token is None:
             return True
@@ -381,6 +414,7 @@ class TokensaverProxy:
                 stream=stream,
                 surface="beta" if request.query.get("beta") == "true" else "messages",
                 attempt=_int(headers.get("x-stainless-retry-count")),
+                upstream=self._model_caller(request, asyncio.get_running_loop()),
             )
         except TokensaverError as exc:  # strict mode: a plugin failed and the config says to stop
             return _error(500, "api_error", f"tokensaver: {exc}", {"x-should-retry": "false"})

@@ -18,7 +18,8 @@ Short-circuited calls never reached the API, so their usage is not counted as bi
   (``hit_rate`` = cache reads / all billed input-side tokens, null without any)
 - ``latency``: ``{samples, overhead_p50_ms, overhead_p95_ms, overhead_max_ms}`` (nearest rank)
 - ``stages``: ``[{plugin, calls, touched, short_circuits, saved_tokens, saved_usd,
-  short_circuit_usd, errors, ms}]`` (``saved_usd`` includes ``short_circuit_usd``)
+  short_circuit_usd, model_calls_usd, errors, ms}]`` (``saved_usd`` includes ``short_circuit_usd``
+  and is net of ``model_calls_usd``, what the plugin's own model calls cost)
 - ``short_circuits``: ``[{id, conversation, plugin, model, tokens_sent, saved_usd}]``
 - ``errors``: ``[{call, plugin, hook, error}]`` (plugin errors; the call went on without the plugin)
 - ``api_errors``: ``[{call, status, error}]``
@@ -187,6 +188,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
                 "saved_tokens": 0,
                 "saved_usd": 0.0,
                 "short_circuit_usd": 0.0,
+                "model_calls_usd": 0.0,
                 "errors": 0,
                 "ms": 0.0,
             },
@@ -222,6 +224,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
             row["touched"] += 1 if (st.get("changed") or st_saved or before != after) else 0
             row["saved_tokens"] += int(st_saved)
             row["saved_usd"] += _num(st.get("saved_usd"))
+            row["model_calls_usd"] += _num(st.get("model_calls_usd"))
             row["ms"] += _num(st.get("ms"))
         if sc:
             row = stage_row(sc)
@@ -682,6 +685,7 @@ class Report:
                     fmt_int(s["short_circuits"]),
                     fmt_int(s["saved_tokens"]),
                     fmt_usd(s["saved_usd"]),
+                    fmt_usd(s["model_calls_usd"]),
                     fmt_int(s["errors"]),
                     f"{s['ms']:.1f}",
                 ]
@@ -693,11 +697,12 @@ class Report:
                 "touched",
                 "short-circ.",
                 "tokens saved [est.]",
-                "$ saved",
+                "$ saved (net)",
+                "$ model calls",
                 "errors",
                 "ms",
             ]
-            out += ["  " + x for x in text_table(head, rows, right=set(range(1, 8)))]
+            out += ["  " + x for x in text_table(head, rows, right=set(range(1, 9)))]
         else:
             out.append("  (no stages ran)")
 
