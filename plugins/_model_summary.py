@@ -41,17 +41,10 @@ SYSTEM = (
 )
 SUMMARY_HEADER = "[tokensaver: condensed by {model} from {tokens} tokens; details may be missing]\n"
 MAX_FUTURE_CALLS = 20  # the calls still to come are estimated as the calls so far, capped (Lindy)
-_lock = threading.Lock()
 
 
 def _state(ctx: Any) -> dict[str, Any]:
-    state = ctx.state
-    if "summaries" not in state:
-        with _lock:
-            state.setdefault("summaries", OrderedDict())
-            state.setdefault("summary_stores", {})
-            state.setdefault("summary_lock", threading.Lock())
-    return state
+    return ctx.shared_state(summaries=OrderedDict, summary_stores=dict, summary_lock=threading.Lock)  # type: ignore[no-any-return]
 
 
 def entry_key(text: str, ctx: Any, settings: dict[str, Any]) -> str:
@@ -76,7 +69,7 @@ def _store(ctx: Any, settings: dict[str, Any]) -> stores.Store | None:
         st = state["summary_stores"].get(directory)
         if st is None:
             try:
-                st = stores.Store(directory, 256 * 1024**2)
+                st = stores.Store(directory, 256 * 1024**2, "summarize")
             except Exception as e:  # no disk store: decisions live in memory only
                 log.warning("summarize: cannot open summary store %s: %s", directory, e)
                 ctx.record(summary_store_error=f"{type(e).__name__}: {e}")
@@ -113,18 +106,10 @@ def known(text: str, ctx: Any, settings: dict[str, Any]) -> dict[str, Any] | Non
     store = _store(ctx, settings)
     if store is None:
         return None
-    try:
-        raw = store.get(key)
-        if raw is None:
-            return None
-        decision, _ = stores.decode_entry(ENTRY_MAGIC, key, raw)
-    except Exception as e:  # corrupt or unreadable: a miss, and the entry goes
-        log.warning("summarize: summary entry %s unusable, ignored: %s", key[:16], e)
-        ctx.record(summary_warning=f"unusable entry: {e}")
-        try:
-            store.delete(key)
-        except Exception:
-            pass
+    decision, _, problem = store.read(ENTRY_MAGIC, key)
+    if problem:
+        ctx.record(summary_warning=problem)
+    if decision is None:
         return None
     with state["summary_lock"]:
         state["summaries"][key] = decision

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tokensaver.tokens import canonical_json
+
+log = logging.getLogger("tokensaver.plugins")
 
 
 def cache_dir(name: str) -> str:
@@ -82,14 +86,43 @@ def _private_files(path: str) -> None:
 class Store:
     """A diskcache directory private to the user, holding checksummed JSON entries (never pickles)."""
 
-    def __init__(self, directory: str, size_limit: int) -> None:
+    def __init__(self, directory: str, size_limit: int, label: str = "store") -> None:
         import diskcache
 
         _private_dir(directory)
         # values up to 8 MiB stay in SQLite; whatever diskcache writes is made 0600 below
         self.cache = diskcache.Cache(directory, size_limit=size_limit, disk_min_file_size=8 * 1024**2)
         self.directory = directory
+        self.label = label
         _private_files(directory)
+
+    def read(
+        self, magic: bytes, key: str, check: Callable[[dict[str, Any]], None] | None = None
+    ) -> tuple[dict[str, Any] | None, float, str | None]:
+        """``(value, stored_at, problem)``: value None when absent, unreadable or corrupt.
+
+        A corrupt entry (checksum, key, shape, or ``check`` raising :class:`CorruptEntry`) is
+        deleted; unreadable and corrupt entries are logged, and ``problem`` says what happened.
+        """
+        try:
+            raw = self.get(key)
+        except Exception as e:
+            log.warning("%s entry unreadable (%s): %s: %s", self.label, key[:24], type(e).__name__, e)
+            return None, 0.0, f"unreadable entry: {type(e).__name__}"
+        if raw is None:
+            return None, 0.0, None
+        try:
+            value, stored_at = decode_entry(magic, key, raw)
+            if check is not None:
+                check(value)
+        except CorruptEntry as e:
+            log.warning("%s entry corrupt, ignored and deleted (%s): %s", self.label, key[:24], e)
+            try:
+                self.delete(key)
+            except Exception:
+                pass
+            return None, 0.0, f"corrupt entry: {e}"
+        return value, stored_at, None
 
     def get(self, key: str) -> Any:
         return self.cache.get(key, default=None, retry=True)

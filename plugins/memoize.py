@@ -80,7 +80,6 @@ _UNITS = {
     "MIB": 1024**2,
     "GIB": 1024**3,
 }
-_state_lock = threading.Lock()
 
 
 def default_dir() -> str:
@@ -195,9 +194,13 @@ def encode_entry(key: str, message: dict[str, Any], stored_at: float) -> bytes:
 def decode_entry(key: str, raw: Any) -> tuple[dict[str, Any], float]:
     """The stored message and its store time; raise CorruptEntry on any mismatch."""
     msg, stored_at = stores.decode_entry(ENTRY_MAGIC, key, raw)
+    _check_complete(msg)
+    return msg, stored_at
+
+
+def _check_complete(msg: dict[str, Any]) -> None:
     if not storable(msg, store_refusals=True):
         raise CorruptEntry("stored message is incomplete")
-    return msg, stored_at
 
 
 def storable(message: Any, *, store_refusals: bool = False) -> bool:
@@ -228,13 +231,7 @@ class _Flight:
 
 def _shared(ctx: Any) -> dict[str, Any]:
     """This plugin's state: the open store and the in-flight table (created once, under a lock)."""
-    state = ctx.state
-    if "lock" not in state:
-        with _state_lock:
-            state.setdefault("lock", threading.Lock())
-            state.setdefault("inflight", {})
-            state.setdefault("stores", {})
-    return state
+    return ctx.shared_state(lock=threading.Lock, inflight=dict, stores=dict)  # type: ignore[no-any-return]
 
 
 def _store(ctx: Any) -> Store | None:
@@ -245,7 +242,7 @@ def _store(ctx: Any) -> Store | None:
         st = state["stores"].get(d)
         if st is None:
             try:
-                st = Store(d, s["size_limit"])
+                st = Store(d, s["size_limit"], "memoize")
             except Exception as e:  # an unusable cache dir disables memoize, it never breaks the call
                 log.warning("memoize disabled: cannot open %s: %s", d, e)
                 ctx.record(error=f"cannot open store: {type(e).__name__}: {e}")
@@ -287,23 +284,10 @@ def _release(inflight: dict[str, _Flight], lock: threading.Lock, key: str, fligh
 
 
 def _read(ctx: Any, store: Store, key: str, settings: dict[str, Any]) -> dict[str, Any] | None:
-    try:
-        raw = store.get(key)
-    except Exception as e:
-        log.warning("memoize entry unreadable (%s): %s: %s", key[:24], type(e).__name__, e)
-        ctx.record(warning=f"unreadable entry: {type(e).__name__}")
-        return None
-    if raw is None:
-        return None
-    try:
-        msg, stored_at = decode_entry(key, raw)
-    except CorruptEntry as e:
-        log.warning("memoize entry corrupt, ignored and deleted (%s): %s", key[:24], e)
-        ctx.record(warning=f"corrupt entry: {e}")
-        try:
-            store.delete(key)
-        except Exception:
-            pass
+    msg, stored_at, problem = store.read(ENTRY_MAGIC, key, _check_complete)
+    if problem:
+        ctx.record(warning=problem)
+    if msg is None:
         return None
     ttl = settings["ttl"]
     if ttl is not None and ctx.now - stored_at > ttl:

@@ -81,7 +81,6 @@ _BOOLS = {f.name for f in fields(Options) if f.type in ("bool", bool)} | {
     "retrieval",
     "model_summaries",
 }
-_lock = threading.Lock()
 
 
 @hookimpl
@@ -137,12 +136,7 @@ def options(settings: dict[str, Any] | None) -> Options:
 
 
 def _memo(ctx: Any) -> OrderedDict[str, Result]:
-    state = ctx.state
-    if "memo" not in state:
-        with _lock:
-            state.setdefault("memo", OrderedDict())
-            state.setdefault("originals", {})
-            state.setdefault("lock", threading.Lock())
+    state = ctx.shared_state(memo=OrderedDict, originals=dict, lock=threading.Lock)
     return state["memo"]  # type: ignore[no-any-return]
 
 

@@ -208,3 +208,28 @@ def test_failing_lookup_and_observer_fail_open(emu: Emulator, tmp_path: Path) ->
     strict = _client(emu, tmp_path, {"broken": BrokenLookupAndObserver()}, ["broken"], strict=True)
     with pytest.raises(tokensaver.TransformError, match="broken.*tokensaver_lookup_response"):
         strict.messages.create(model=MODEL, max_tokens=10, messages=MSGS)
+
+
+def test_shared_state_is_made_once_even_with_calls_in_parallel() -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tokensaver.context import make_context
+
+    made: list[int] = []
+    barrier = threading.Barrier(8)
+    states: dict[str, dict] = {}
+
+    def table() -> dict:
+        made.append(1)
+        return {}
+
+    def get(_: int) -> int:
+        ctx = make_context({"model": "claude-sonnet-4-6", "messages": []}, plugin="p", states=states)
+        barrier.wait()
+        return id(ctx.shared_state(table=table, lock=threading.Lock)["table"])
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = set(pool.map(get, range(8)))
+    assert len(ids) == 1 and made == [1]
+    assert set(states["p"]) == {"table", "lock"}

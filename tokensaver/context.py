@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,6 +11,8 @@ from typing import Any
 from .errors import ModelCallError
 from .pricing import ModelInfo, PriceTable, normalize_usage
 from .tokens import TokenCounter, content_hash
+
+_STATE_LOCK = threading.Lock()
 
 
 def conversation_id(body: dict[str, Any]) -> str:
@@ -76,6 +79,21 @@ class CallContext:
     def state(self) -> dict[str, Any]:
         """This plugin's state across calls, for the life of the wrapped client (or proxy)."""
         return self._states.setdefault(self.plugin, {})
+
+    def shared_state(self, **factories: Callable[[], Any]) -> dict[str, Any]:
+        """This plugin's state, each missing entry made by its factory once, also with calls in parallel.
+
+        ``ctx.shared_state(lock=threading.Lock, memo=dict)["memo"]``: hooks run in several threads
+        (async clients and the proxy run plugins in worker threads), so a plugin's shared objects
+        (locks, tables, open stores) are created under one lock.
+        """
+        state = self.state
+        if any(name not in state for name in factories):
+            with _STATE_LOCK:
+                for name, make in factories.items():
+                    if name not in state:
+                        state[name] = make()
+        return state
 
     def record(self, **fields: Any) -> None:
         """Store JSON-serializable facts about this call in the run record, under this plugin."""
