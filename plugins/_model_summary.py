@@ -40,6 +40,7 @@ SYSTEM = (
     "{words} words. Answer with the condensed text only: no preamble, no comment on the task."
 )
 SUMMARY_HEADER = "[tokensaver: condensed by {model} from {tokens} tokens; details may be missing]\n"
+REFUSED = (400, 401, 403, 404)  # answers that will not change on a retry
 MAX_FUTURE_CALLS = 20  # the calls still to come are estimated as the calls so far, capped (Lindy)
 
 
@@ -116,6 +117,11 @@ def known(text: str, ctx: Any, settings: dict[str, Any]) -> dict[str, Any] | Non
     return decision
 
 
+def off(ctx: Any) -> str | None:
+    """Why model summaries are off for this client (the API refused a summary request), else None."""
+    return _state(ctx).get("summaries_off")  # type: ignore[no-any-return]
+
+
 def keep(text: str, ctx: Any, settings: dict[str, Any]) -> None:
     """Remember (in memory) that this text is sent as it is: a block already sent is never condensed."""
     _remember(ctx, settings, entry_key(text, ctx, settings), {"summary": None}, persist=False)
@@ -154,6 +160,9 @@ def summarize_text(text: str, tokens: int, ctx: Any, settings: dict[str, Any]) -
     except ModelCallError as e:
         # not stored: the block is sent as it is now, and later turns keep it (it is no longer new)
         ctx.record(summary_error=str(e))
+        if e.status in REFUSED:  # the request itself is wrong (model name, key, settings): stop asking
+            _state(ctx)["summaries_off"] = f"HTTP {e.status}: {e}"
+            log.warning("summarize: model summaries off for this client: %s", e)
         return None
     summary = "".join(
         b.get("text", "")

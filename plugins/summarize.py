@@ -186,7 +186,7 @@ def _condensed(
     if not newest:
         _model_summary.keep(res.text, ctx, settings)  # already sent as it is: it stays so
         return None
-    if ctx.model.name == ctx.prices.get(settings["summary_model"]).name:
+    if ctx.model.name == ctx.prices.get(settings["summary_model"]).name or _model_summary.off(ctx):
         return None
     tokens = ctx.count(res.text)
     if tokens < settings["summary_min_tokens"]:

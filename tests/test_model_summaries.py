@@ -298,3 +298,13 @@ def test_no_upstream_means_no_summary_and_no_error(tmp_path: Any) -> None:
     assert out is None or _sent_result(out) == _page()
     assert "no upstream" in ctx.notes["summarize"]["summary_error"]
     assert os.path.isdir(tmp_path / "s")
+
+
+def test_a_refused_summary_request_turns_summaries_off_for_the_client(emu: Emulator, tmp_path: Any) -> None:
+    emu.reply(EmulatorError(400, "invalid_request_error", "thinking cannot be disabled"), "One.", "Two.")
+    client = _client(emu, tmp_path)
+    client.messages.create(model=MODEL, max_tokens=200, tools=TOOLS, messages=_conv(_page("a")))
+    # a new prose output in a later call: no second summary request, the API said no for good
+    client.messages.create(model=MODEL, max_tokens=200, tools=TOOLS, messages=_conv(_page("b")))
+    assert [r.body["model"] for r in emu.requests] == [SMALL, MODEL, MODEL]
+    assert _sent_result(emu.requests[-1].body) == _page("b")

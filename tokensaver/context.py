@@ -119,7 +119,11 @@ class CallContext:
             message = self.upstream(body)
         except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"
-            raise ModelCallError(f"model call by {self.plugin!r} failed: {entry['error']}") from exc
+            status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+            raise ModelCallError(
+                f"model call by {self.plugin!r} failed: {entry['error']}",
+                status=status if isinstance(status, int) else None,
+            ) from exc
         usage = message.get("usage") if isinstance(message, dict) else None
         entry["usage"] = normalize_usage(usage)
         entry["cost_usd"] = round(self.prices.get(entry["model"]).cost(entry["usage"]), 8)

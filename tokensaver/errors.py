@@ -32,7 +32,14 @@ class TransformError(TokensaverError):
 
 
 class ModelCallError(TokensaverError):
-    """A plugin's own model call (``ctx.call_model()``) could not be made, or the API refused it."""
+    """A plugin's own model call (``ctx.call_model()``) could not be made, or the API refused it.
+
+    ``status`` is the API's HTTP status when it answered with an error (None otherwise).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class TraceFormatError(TokensaverError, ValueError):

@@ -49,7 +49,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .config import Config, load_config
-from .errors import TokensaverError
+from .errors import ModelCallError, TokensaverError
 from .middleware import plugin_tools
 from .pipeline import Call, Pipeline, key_hash
 from .plugins import get_plugin_manager
@@ -313,10 +313,12 @@ class TokensaverProxy:
             ) as up:
                 payload = await up.read()
                 if not 200 <= up.status < 300:
-                    raise TokensaverError(f"upstream answered HTTP {up.status}: {payload[:200]!r}")
+                    raise ModelCallError(
+                        f"upstream answered HTTP {up.status}: {payload[:200]!r}", status=up.status
+                    )
                 message = json.loads(payload)
                 if not isinstance(message, dict):
-                    raise TokensaverError("upstream answer is not a Message")
+                    raise ModelCallError("upstream answer is not a Message")
                 return message
 
         def call(body: dict[str, Any]) -> dict[str, Any]:
