@@ -233,3 +233,97 @@ def test_count_tokens_matches_billed_total(emulator_client: anthropic.Anthropic)
     msgs = [{"role": "user", "content": "How many?"}]
     n = emulator_client.messages.count_tokens(model=MODEL, system=SYSTEM, messages=msgs)  # type: ignore[arg-type]
     assert n.input_tokens == split(usage(emulator_client, system=SYSTEM, messages=msgs))[4]
+
+
+# --- settings that invalidate a cache level without changing any block ------------------------------
+# Per the "What invalidates the cache" table of the prompt-caching docs: tool_choice, the thinking
+# settings (enable/disable, budget) and images anywhere in the prompt invalidate the messages cache
+# only; speed invalidates the system and messages caches; the tools cache survives all of them.
+
+LEVEL_TOOLS = [{"name": "lookup", "description": para(20, 40), "input_schema": {"type": "object"}}]
+LEVEL_TOOLS_T = C.block(LEVEL_TOOLS[0])
+LEVEL_MSG = {"role": "user", "content": [text(para(21), CC)]}
+LEVEL_MSG_T = sum(msg_tokens(LEVEL_MSG))
+
+
+def test_changed_tool_choice_misses_messages_only(emulator_client: anthropic.Anthropic) -> None:
+    head = LEVEL_TOOLS_T + SYS_T  # the system breakpoint covers tools + system
+    total = head + LEVEL_MSG_T
+
+    def call(tool_choice: dict[str, Any]) -> tuple[int, int, int, int, int]:
+        return split(
+            usage(
+                emulator_client,
+                tools=LEVEL_TOOLS,
+                tool_choice=tool_choice,
+                system=SYSTEM,
+                messages=[LEVEL_MSG],
+            )
+        )
+
+    assert call({"type": "auto"}) == (0, total, 0, 0, total)
+    # unchanged tool_choice: everything is read
+    assert call({"type": "auto"}) == (0, 0, 0, total, total)
+    # changed tool_choice: tools + system still read, the message block is written again
+    assert call({"type": "any"}) == (0, LEVEL_MSG_T, 0, head, total)
+    assert call({"type": "tool", "name": "lookup"}) == (0, LEVEL_MSG_T, 0, head, total)
+    # back to the first setting: its entry is still alive
+    assert call({"type": "auto"}) == (0, 0, 0, total, total)
+
+
+def test_changed_thinking_misses_messages_only(emulator_client: anthropic.Anthropic) -> None:
+    total = SYS_T + LEVEL_MSG_T
+
+    def call(thinking: dict[str, Any] | None) -> tuple[int, int, int, int, int]:
+        body: dict[str, Any] = {"max_tokens": 8000, "system": SYSTEM, "messages": [LEVEL_MSG]}
+        if thinking is not None:
+            body["thinking"] = thinking
+        return split(usage(emulator_client, **body))
+
+    enabled = {"type": "enabled", "budget_tokens": 2000}
+    assert call(enabled) == (0, total, 0, 0, total)
+    # unchanged thinking settings: everything is read
+    assert call(dict(enabled)) == (0, 0, 0, total, total)
+    # changed budget: system still read, the message block is written again
+    assert call({"type": "enabled", "budget_tokens": 4000}) == (0, LEVEL_MSG_T, 0, SYS_T, total)
+    # thinking switched off (field absent), then explicitly disabled: each is a new messages entry
+    assert call(None) == (0, LEVEL_MSG_T, 0, SYS_T, total)
+    assert call({"type": "disabled"}) == (0, LEVEL_MSG_T, 0, SYS_T, total)
+    assert call(None) == (0, 0, 0, total, total)
+    assert call(enabled) == (0, 0, 0, total, total)
+
+
+def test_image_anywhere_misses_messages_only(emulator_client: anthropic.Anthropic) -> None:
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    later = {"role": "user", "content": [image, text("and this?", CC)]}
+    reply = {"role": "assistant", "content": "Noted."}
+    assert split(usage(emulator_client, system=SYSTEM, messages=[LEVEL_MSG]))[1] == SYS_T + LEVEL_MSG_T
+    # an image added in a later turn: the earlier message entry is not reused, the system one is
+    msgs = [{"role": "user", "content": [text(para(21))]}, reply, later]
+    rest = sum(msg_tokens(reply)) + sum(msg_tokens(later))
+    total = SYS_T + LEVEL_MSG_T + rest
+    assert split(usage(emulator_client, system=SYSTEM, messages=msgs)) == (
+        0,
+        LEVEL_MSG_T + rest,
+        0,
+        SYS_T,
+        total,
+    )
+
+
+def test_changed_speed_misses_system_and_messages(emulator_client: anthropic.Anthropic) -> None:
+    big_tools = [
+        {"name": "lookup", "description": para(22), "input_schema": {"type": "object"}, "cache_control": CC}
+    ]
+    tools_t = C.block(strip(big_tools[0]))
+    assert tools_t > MIN
+    total = tools_t + SYS_T + LEVEL_MSG_T
+
+    def call(**extra: Any) -> tuple[int, int, int, int, int]:
+        return split(usage(emulator_client, tools=big_tools, system=SYSTEM, messages=[LEVEL_MSG], **extra))
+
+    assert call() == (0, total, 0, 0, total)
+    assert call() == (0, 0, 0, total, total)
+    # switching speed: the tools entry is still read, system and messages are written again
+    assert call(speed="fast") == (0, SYS_T + LEVEL_MSG_T, 0, tools_t, total)
+    assert call(speed="fast") == (0, 0, 0, total, total)

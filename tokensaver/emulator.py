@@ -7,6 +7,10 @@ its savings against the usage this server bills, so the prompt-cache model follo
   message's content blocks (a string is one block). The first block of a message also carries the
   per-message framing tokens, so the billed total equals ``TokenCounter.request(body)`` for bodies
   whose tool definitions carry no ``cache_control``.
+* Some request settings change no block but still invalidate cache levels, per the docs' "What
+  invalidates the cache" table: ``speed`` invalidates the system and messages levels; ``tool_choice``,
+  the thinking settings (enable/disable, budget) and whether the prompt contains any image invalidate
+  the messages level only. They are mixed into the prefix hash where their level starts.
 * Breakpoints are blocks with ``cache_control`` plus, in automatic mode (top-level ``cache_control``),
   the last cacheable block; at most 4. Entries are keyed by (model, hash of the prefix up to the block).
 * A request reads the longest cached prefix found at a breakpoint or up to 20 blocks before one
@@ -271,10 +275,59 @@ def prompt_blocks(body: dict[str, Any]) -> list[PromptBlock]:
     return out
 
 
-def _prefix_hashes(blocks: list[PromptBlock]) -> list[str]:
+def _has_image(node: Any) -> bool:
+    if isinstance(node, dict):
+        return node.get("type") == "image" or any(_has_image(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_image(v) for v in node)
+    return False
+
+
+def _level_salts(body: dict[str, Any] | None) -> tuple[bytes, bytes]:
+    """Request settings that invalidate the system / messages cache levels without changing any block.
+
+    Per the "What invalidates the cache" table of the prompt-caching docs: the speed setting
+    invalidates the system and messages caches; ``tool_choice``, the thinking settings
+    (enable/disable, budget) and the presence of images anywhere in the prompt invalidate only the
+    messages cache. Values are taken as sent (an absent field and its default are not equated).
+    Empty when nothing is set, so such requests hash exactly as before.
+    """
+    if not body:
+        return b"", b""
+    system: dict[str, Any] = {}
+    if body.get("speed") is not None:
+        system["speed"] = body["speed"]
+    messages: dict[str, Any] = {}
+    if body.get("tool_choice") is not None:
+        messages["tool_choice"] = body["tool_choice"]
+    th = body.get("thinking")
+    if isinstance(th, dict):
+        messages["thinking"] = [th.get("type"), th.get("budget_tokens")]
+    if _has_image([body.get("system"), body.get("messages")]):
+        messages["images"] = True
+    return (
+        canonical_json(system).encode() if system else b"",
+        canonical_json(messages).encode() if messages else b"",
+    )
+
+
+def _prefix_hashes(blocks: list[PromptBlock], body: dict[str, Any] | None = None) -> list[str]:
+    """Running hash of the prefix ending at each block; ``body`` supplies the level settings.
+
+    The system-level settings are mixed in before the first non-tool block and the messages-level
+    settings before the first message block, so a change in them misses at that level and after it
+    while the levels before it still hit.
+    """
+    salts = _level_salts(body)
     hashes: list[str] = []
     h = hashlib.sha256()
+    level = 0  # 0 tools, 1 system, 2 messages: how far the settings have been mixed in
     for b in blocks:
+        at = 0 if b.tag == "tools" else 1 if b.tag == "system" else 2
+        while level < at:
+            level += 1
+            if salts[level - 1]:
+                h.update(b"\2" + salts[level - 1] + b"\3")
         h.update(b.tag.encode())
         h.update(b"\0")
         h.update(canonical_json(strip_block_cache_control(b.block)).encode())
@@ -786,7 +839,7 @@ class Emulator:
         now = self.clock.now() if now is None else now
         model = str(body["model"])
         blocks = prompt_blocks(body)
-        hashes = _prefix_hashes(blocks)
+        hashes = _prefix_hashes(blocks, body)
         prefix = list(itertools.accumulate(b.tokens for b in blocks))
         total = prefix[-1] if prefix else 0
         bps = _breakpoints(body, blocks)
