@@ -63,7 +63,8 @@ def entry_key(text: str, ctx: Any, settings: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def _store(ctx: Any, settings: dict[str, Any]) -> stores.Store | None:
+def disk_store(ctx: Any, settings: dict[str, Any]) -> stores.Store | None:
+    """summarize's private disk store (``summary_dir``): model summaries and kept originals; None if unusable."""
     directory = settings.get("summary_dir") or stores.cache_dir("summaries")
     state = _state(ctx)
     with state["summary_lock"]:
@@ -88,7 +89,7 @@ def _remember(
         memo[key] = decision
         while len(memo) > settings["memo_entries"]:
             memo.popitem(last=False)
-    store = _store(ctx, settings) if persist else None
+    store = disk_store(ctx, settings) if persist else None
     if store is not None:
         try:
             store.set(key, stores.encode_entry(ENTRY_MAGIC, key, decision, time.time()), None)
@@ -104,7 +105,7 @@ def known(text: str, ctx: Any, settings: dict[str, Any]) -> dict[str, Any] | Non
         hit = state["summaries"].get(key)
     if hit is not None:
         return hit  # type: ignore[no-any-return]
-    store = _store(ctx, settings)
+    store = disk_store(ctx, settings)
     if store is None:
         return None
     decision, _, problem = store.read(ENTRY_MAGIC, key)

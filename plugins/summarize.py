@@ -16,8 +16,9 @@ same tool result gives the same bytes on every turn and prompt-cache prefixes st
 ``retrieval = true`` (opt-in) keeps each original that a lossy rewrite shortened, ends the rewrite
 with a line naming its ``ref``, and adds a ``tokensaver_retrieve`` tool (always, so the tool list
 stays byte-stable); when the model calls it, the middleware answers with the original itself and
-the caller's agent only sees the final answer. Originals live in memory for the life of the wrapped
-client (or proxy).
+the caller's agent only sees the final answer. Originals are kept per API key: the newest 256 in
+memory, all of them in the plugin's private disk store (``summary_dir``), so a restarted process
+still answers a ref and a long-lived one does not grow without bound.
 
 ``model_summaries = true`` (opt-in) condenses long prose (``summary_min_tokens``, default 2000)
 with a cheaper model (``summary_model``, default ``claude-haiku-5-5``) through ``ctx.call_model``,
@@ -41,6 +42,7 @@ from tokensaver.hookspecs import hookimpl
 from tokensaver.tokens import canonical_json
 
 from . import _model_summary
+from ._store import encode_entry
 from ._summarize_text import Options, Result, is_prose, shrink
 
 log = logging.getLogger("tokensaver.plugins.summarize")
@@ -58,6 +60,8 @@ DEFAULTS: dict[str, Any] = {
     "summary_payback": 2.0,
     "summary_dir": None,  # None: $TOKENSAVER_CACHE_DIR/summaries or ~/.cache/tokensaver/summaries
 }
+ORIGINAL_MAGIC = b"tsorig1\n"
+MEMORY_ORIGINALS = 256  # the newest kept originals also stay in memory (all of them go to disk)
 RETRIEVE_TOOL = "tokensaver_retrieve"
 RETRIEVE_DEFINITION: dict[str, Any] = {
     "name": RETRIEVE_TOOL,
@@ -129,6 +133,12 @@ def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any
     return out
 
 
+def _settings(ctx: Any) -> dict[str, Any]:
+    """This stage's settings, normalized (defaults when a hook is called directly)."""
+    s = ctx.settings
+    return s if s and "min_chars" in s else tokensaver_configure(s, "defaults")
+
+
 def options(settings: dict[str, Any] | None) -> Options:
     """The text-transform options from a (normalized or partial) settings table."""
     s = {**DEFAULTS, **(settings or {})}
@@ -136,7 +146,7 @@ def options(settings: dict[str, Any] | None) -> Options:
 
 
 def _memo(ctx: Any) -> OrderedDict[str, Result]:
-    state = ctx.shared_state(memo=OrderedDict, originals=dict, lock=threading.Lock)
+    state = ctx.shared_state(memo=OrderedDict, lock=threading.Lock)
     return state["memo"]  # type: ignore[no-any-return]
 
 
@@ -224,12 +234,63 @@ def original_ref(original: str) -> str:
     return hashlib.sha256(original.encode()).hexdigest()[:16]
 
 
+def _original_key(ctx: Any, ref: str) -> str:
+    # per API key: a ref never hands one key's tool output to another
+    return hashlib.sha256(f"original\0{ctx.key_hash}\0{ref}".encode()).hexdigest()
+
+
+def keep_original(original: str, ctx: Any, settings: dict[str, Any]) -> str:
+    """Keep an original that a lossy rewrite shortened; return its ref.
+
+    The newest ``MEMORY_ORIGINALS`` stay in memory; every one goes to the plugin's private disk
+    store (``summary_dir``), written once, so memory stays bounded in a long-lived process and a
+    restarted one still answers a ref.
+    """
+    ref = original_ref(original)
+    state = ctx.shared_state(originals=OrderedDict, stored_refs=OrderedDict, lock=threading.Lock)
+    with state["lock"]:
+        originals, stored = state["originals"], state["stored_refs"]
+        originals[ref] = original
+        originals.move_to_end(ref)
+        while len(originals) > MEMORY_ORIGINALS:
+            originals.popitem(last=False)
+        fresh = ref not in stored
+        stored[ref] = None
+        while len(stored) > settings.get("memo_entries", DEFAULTS["memo_entries"]):
+            stored.popitem(last=False)
+    store = _model_summary.disk_store(ctx, settings) if fresh else None
+    if store is not None:
+        key = _original_key(ctx, ref)
+        try:
+            if store.get(key) is None:
+                store.set(key, encode_entry(ORIGINAL_MAGIC, key, {"text": original}, ctx.now), None)
+        except Exception as e:  # memory still has it; the disk copy is a convenience
+            log.warning("summarize: cannot store an original: %s: %s", type(e).__name__, e)
+    return ref
+
+
+def find_original(ref: str, ctx: Any, settings: dict[str, Any]) -> str | None:
+    """The original kept under ``ref`` for this API key (memory, then disk), else None."""
+    state = ctx.shared_state(originals=OrderedDict, stored_refs=OrderedDict, lock=threading.Lock)
+    with state["lock"]:
+        hit = state["originals"].get(ref)
+    if hit is not None:
+        return hit  # type: ignore[no-any-return]
+    store = _model_summary.disk_store(ctx, settings)
+    if store is None:
+        return None
+    value, _, problem = store.read(ORIGINAL_MAGIC, _original_key(ctx, ref))
+    if problem:
+        ctx.record(warning=problem)
+    text = (value or {}).get("text")
+    return text if isinstance(text, str) else None
+
+
 def _with_ref(res: Result, original: str, ctx: Any, settings: dict[str, Any]) -> str:
     """The rewritten text, with the ref line when retrieval is on and the rewrite dropped something."""
     if not (settings.get("retrieval") and res.lossy):
         return res.text
-    ref = original_ref(original)
-    ctx.state["originals"][ref] = original
+    ref = keep_original(original, ctx, settings)
     return f"{res.text}\n[tokensaver: shortened; call {RETRIEVE_TOOL} with ref {ref} for the full output]"
 
 
@@ -244,18 +305,13 @@ def _tally(stats: dict[str, Any], original: str, res: Result, ctx: Any, settings
     if res.lossy:
         stats["lossy_blocks"] = stats.get("lossy_blocks", 0) + 1
         if settings.get("keep_originals"):
-            h = hashlib.sha256(original.encode()).hexdigest()
-            ctx.state["originals"][h] = original
+            keep_original(original, ctx, settings)
 
 
 @hookimpl
 def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
     """Shrink every large tool_result in the conversation (the same block always to the same bytes)."""
-    settings = (
-        ctx.settings
-        if ctx.settings and "min_chars" in ctx.settings
-        else tokensaver_configure(ctx.settings, "defaults")
-    )
+    settings = _settings(ctx)
     opts = options(settings)
     stats: dict[str, Any] = {}
     messages = body.get("messages")
@@ -308,8 +364,7 @@ def tokensaver_answer_tool_use(tool_use: dict[str, Any], ctx: Any) -> str | None
     if tool_use.get("name") != RETRIEVE_TOOL:
         return None
     ref = str((tool_use.get("input") or {}).get("ref", ""))
-    _memo(ctx)  # the originals store lives beside the memo
-    original = ctx.state["originals"].get(ref)
+    original = find_original(ref, ctx, _settings(ctx))
     ctx.record(retrieved=ref, found=original is not None)
     return original if original is not None else f"no original is kept under ref {ref!r}"
 

@@ -129,3 +129,47 @@ def test_summarize_retrieval_hands_back_the_original(emu: Emulator, tmp_path: An
     )  # the original, not shortened again
     # the round that asked records what was handed back
     assert client.tokensaver.records[0]["plugins"]["summarize"]["found"] is True
+
+
+def test_retrieval_originals_survive_a_restart_and_stay_per_key(emu: Emulator, tmp_path: Any) -> None:
+    """Originals go to summarize's private disk store: a new process answers the ref, another key does not."""
+    log = "".join(
+        f"2026-01-01 12:00:{i % 60:02d} INFO worker {i} processed batch {i * 7}\n" for i in range(900)
+    )
+    messages = [
+        {"role": "user", "content": "run the job"},
+        {"role": "assistant", "content": [_use("bash", "toolu_b1", command="./job")]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_b1", "content": log}]},
+    ]
+    tools = [
+        {"name": "bash", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}
+    ]
+    cfg = {"retrieval": True, "summary_dir": str(tmp_path / "store")}
+    emu.reply("ok")
+    _client(emu, tmp_path, {}, summarize=cfg).messages.create(
+        model=MODEL, max_tokens=100, tools=tools, messages=messages
+    )
+    ref = re.search(r"with ref ([0-9a-f]+)", emu.requests[0].body["messages"][2]["content"][0]["content"])
+    assert ref is not None
+
+    def ask(body: dict[str, Any]) -> list[dict[str, Any]]:
+        return [_use("tokensaver_retrieve", "toolu_t9", ref=ref.group(1))]
+
+    later = [
+        *messages,
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "which batch was last?"},
+    ]
+    # the other key's conversation does not hold the log: only the ref could hand it over
+    guess = [{"role": "user", "content": f"fetch ref {ref.group(1)}"}]
+    for key, conv, expected in (
+        ("k", later, log),
+        ("other-key", guess, f"no original is kept under ref {ref.group(1)!r}"),
+    ):
+        emu.reply(ask, "done")
+        base = anthropic.Anthropic(base_url=emu.url, api_key=key, max_retries=0)
+        fresh = tokensaver.wrap(  # a new wrap: nothing in memory, only the disk store
+            base, config={"plugins": ["summarize"], "runs_dir": str(tmp_path), "summarize": cfg}
+        )
+        fresh.messages.create(model=MODEL, max_tokens=100, tools=tools, messages=conv)
+        assert emu.requests[-1].body["messages"][-1]["content"][0]["content"] == expected

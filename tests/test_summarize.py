@@ -473,3 +473,20 @@ def test_e2e_turn_k_plus_1_starts_with_the_bytes_of_turn_k(tmp_path):
     assert sent[0][2]["content"][0]["content"].startswith("table1:")
     assert json.dumps(sent[1][: len(sent[0])]) == json.dumps(sent[0])
     assert len(json.dumps(sent[1])) < 0.5 * len(json.dumps(turn2))
+
+
+def test_kept_originals_are_bounded_in_memory_and_all_on_disk(tmp_path):
+    from tokensaver.context import make_context
+
+    settings = summarize.tokensaver_configure(
+        {"keep_originals": True, "summary_dir": str(tmp_path / "s")}, "t"
+    )
+    states: dict = {}
+    ctx = make_context({"model": "claude-sonnet-4-6", "messages": []}, plugin="summarize", states=states)
+    texts = [f"original output number {i}" for i in range(summarize.MEMORY_ORIGINALS + 44)]
+    refs = [summarize.keep_original(t, ctx, settings) for t in texts]
+    assert len(states["summarize"]["originals"]) == summarize.MEMORY_ORIGINALS
+    assert refs[0] not in states["summarize"]["originals"]  # the oldest left memory ...
+    assert [summarize.find_original(r, ctx, settings) for r in refs] == texts  # ... not the disk
+    other = make_context({"model": "claude-sonnet-4-6", "messages": []}, plugin="summarize", key_hash="other")
+    assert summarize.find_original(refs[0], other, settings) is None  # per API key
