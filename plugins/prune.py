@@ -51,8 +51,10 @@ changed nothing; K=30 with writes saved 20.1% but kept 99.47%.
 
 A cut invalidates the cached prefix after its first change: each cut records why it was made
 (``trigger``: ``budget`` or ``economic``), the tokens removed, the prefix tokens invalidated and the
-number of later calls it needs to pay back (economic cuts also the future calls estimated), so a
-prune that costs more in cache writes than it saves in reads shows in the report.
+number of later calls it needs to pay back (economic cuts also the future calls estimated); the
+report then measures each cut from the billed usage of the run (:func:`measured_cut`: the extra
+cache writes it caused vs the cache reads it saved on that and every later call), so a prune that
+costs more in cache writes than it saves in reads shows as a negative net in the report.
 
 Settings: ``clear_stale`` (true/false, default true), ``clear_keep_tool_uses`` (non-negative
 integer, default 32), ``clear_payback`` (number between 0.1 and 100, default 2.0),
@@ -660,6 +662,56 @@ def tokensaver_observe_response(body: dict[str, Any], response: dict[str, Any], 
         ctx.record(server_cleared_tokens=sum(int(e.get("cleared_input_tokens") or 0) for e in edits))
 
 
+def measured_cut(calls: list[dict[str, Any]], rec: dict[str, Any], cut: dict[str, Any]) -> dict[str, Any]:
+    """What a cut cost and saved, from the billed usage of the run's calls (not prune's estimate).
+
+    Cost: the cache writes billed on the cut call beyond the tokens the conversation added since its
+    previous call (those would have been written anyway), priced as a write instead of a read.
+    Saved: the removed tokens, read from the cache on the cut call and on every later call of the
+    conversation in the run. Estimated tokens are scaled to billed ones by the cut call's ratio.
+    Empty when the run lacks what this needs (usage, the previous call).
+    """
+    from tokensaver.pricing import PriceTable, normalize_usage
+
+    conv = rec.get("conversation")
+    same = [c for c in calls if c.get("conversation") == conv and c.get("status") == 200 and c.get("usage")]
+    if rec not in same:
+        return {}
+    i = same.index(rec)
+    if i == 0:
+        return {}
+    usage = normalize_usage(rec["usage"])
+    billed_in = (
+        usage["input_tokens"] + usage["cache_creation_input_tokens"] + usage["cache_read_input_tokens"]
+    )
+    sent = int(rec.get("tokens_sent") or 0)
+    if not billed_in or not sent:
+        return {}
+    scale = billed_in / sent
+    model = PriceTable().get(str(rec.get("priced_as") or rec.get("model") or ""))
+    added = max(0, int(rec.get("tokens_original") or 0) - int(same[i - 1].get("tokens_original") or 0))
+    written = usage["cache_creation_input_tokens"]
+    extra = max(0.0, written - added * scale)
+    write_price = (
+        (
+            usage["cache_creation_5m"] * model.cache_write_5m
+            + usage["cache_creation_1h"] * model.cache_write_1h
+        )
+        / written
+        if written
+        else model.cache_write_5m
+    )
+    cost = extra * (write_price - model.cache_read) / 1e6
+    later = len(same) - i - 1
+    saved = cut["removed_tokens"] * scale * model.cache_read * (later + 1) / 1e6
+    return {
+        "calls_after": later,
+        "cost_usd": round(cost, 6),
+        "saved_usd": round(saved, 6),
+        "net_usd": round(saved - cost, 6),
+    }
+
+
 @hookimpl
 def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Cuts (why, tokens removed vs prefix invalidated), calls over budget, server-side clearing."""
@@ -673,8 +725,9 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
     server = sum(int(n.get("server_cleared_tokens") or 0) for _, n in notes)
     removed = sum(cut["removed_tokens"] for _, cut in cuts)
     invalid = sum(cut["prefix_invalidated_tokens"] for _, cut in cuts)
-    rows = [
-        {
+    rows = []
+    for c, cut in cuts:
+        row: dict[str, Any] = {
             "call": c.get("id"),
             "conversation": c.get("conversation"),
             "trigger": cut.get("trigger", "budget"),
@@ -685,14 +738,22 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
             "first_changed": cut["first_changed"],
             "break_even_calls": cut.get("break_even_calls"),
         }
-        for c, cut in cuts
-    ]
+        row.update(measured_cut(calls, c, cut))
+        rows.append(row)
     economic = sum(1 for _, cut in cuts if cut.get("trigger") == "economic")
     summary = (
         f"{len(notes)} calls, {len(cuts)} cuts ({economic} economic, {len(cuts) - economic} over budget): "
         f"{removed:,} tokens removed, "
         f"{invalid:,} cached prefix tokens invalidated by the cuts."
     )
+    measured = [r for r in rows if r.get("net_usd") is not None]
+    if measured:
+        paid = sum(1 for r in measured if r["net_usd"] >= 0)
+        net = sum(r["net_usd"] for r in measured)
+        summary += (
+            f" Measured from billed usage: {paid} of {len(measured)} cuts paid back so far, "
+            f"net {'+' if net >= 0 else '-'}${abs(net):.4f} (the re-written cache vs the reads saved)."
+        )
     if aside:
         summary += f" Stood aside on {aside} calls using server-side context_management"
         summary += f" (server cleared {server:,} tokens)." if server else "."

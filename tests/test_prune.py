@@ -476,3 +476,50 @@ def test_superseded_results_stable_between_cuts_and_never_in_the_last_messages()
     texts = [result_text(sent, f"toolu_{k:03d}") for k in range(60)]
     assert any(t.startswith("[tokensaver: superseded by a later ") for t in texts)
     assert texts[-3:] == [words(k, 200) for k in range(57, 60)]  # the last messages untouched
+
+
+def _call(
+    cid: str, original: int, sent: int, written: int, read: int, cut: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "conversation": "v",
+        "status": 200,
+        "priced_as": "claude-sonnet-4-6",
+        "tokens_original": original,
+        "tokens_sent": sent,
+        "usage": {
+            "input_tokens": 0,
+            "cache_creation_input_tokens": written,
+            "cache_read_input_tokens": read,
+            "output_tokens": 5,
+        },
+        "plugins": {"prune": {"cut": cut} if cut else {"tokens": sent}},
+    }
+
+
+@pytest.mark.parametrize(("later_calls", "paid"), [(2, False), (40, True)])
+def test_report_measures_each_cut_from_billed_usage(later_calls: int, paid: bool) -> None:
+    """Hand-computed at Sonnet 4.6 prices (write $3.75, read $0.30 per million tokens)."""
+    cut = {
+        "tokens_before": 12_000,
+        "tokens_after": 7_000,
+        "removed_tokens": 5_000,
+        "prefix_invalidated_tokens": 6_000,
+        "first_changed": "messages[2]",
+        "trigger": "economic",
+    }
+    calls = [
+        _call("c0", 10_000, 10_000, 10_000, 0),
+        # the cut call wrote its whole 7,000-token prefix; 2,000 tokens were new since c0 anyway
+        _call("c1", 12_000, 7_000, 7_000, 0, cut),
+        *[_call(f"c{k}", 12_000 + 100 * k, 7_000 + 100 * k, 100, 7_000) for k in range(2, 2 + later_calls)],
+    ]
+    sec = prune.tokensaver_report_section("prune", calls)
+    assert sec is not None
+    (row,) = sec["rows"]
+    assert row["calls_after"] == later_calls
+    assert row["cost_usd"] == pytest.approx(5_000 * (3.75 - 0.30) / 1e6)
+    assert row["saved_usd"] == pytest.approx(5_000 * 0.30 * (later_calls + 1) / 1e6)
+    assert (row["net_usd"] >= 0) is paid
+    assert f"{int(paid)} of 1 cuts paid back" in sec["summary"]
