@@ -173,3 +173,81 @@ def test_retrieval_originals_survive_a_restart_and_stay_per_key(emu: Emulator, t
         )
         fresh.messages.create(model=MODEL, max_tokens=100, tools=tools, messages=conv)
         assert emu.requests[-1].body["messages"][-1]["content"][0]["content"] == expected
+
+
+# -- streamed exchanges go on streaming ------------------------------------------------------
+
+
+def _stream_kw(**extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "max_tokens": 100, "messages": [{"role": "user", "content": "time?"}], **extra}
+
+
+def test_a_streamed_exchange_streams_the_first_round_before_the_second_is_asked(
+    emu: Emulator, tmp_path: Any
+) -> None:
+    seen: list[str] = []
+    at_follow_up: list[list[str]] = []
+
+    def second(body: dict[str, Any]) -> str:
+        at_follow_up.append(list(seen))  # what the caller had read when the follow-up went out
+        return "It is noon."
+
+    emu.reply([{"type": "text", "text": "Let me look."}, _use("tokensaver_clock", "toolu_c1")], second)
+    client = _client(emu, tmp_path, {"clock": Clock()})
+    with client.messages.stream(**_stream_kw()) as s:
+        for event in s:
+            if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                seen.append(event.delta.text)
+            if event.type == "content_block_start":
+                seen.append(f"start:{event.index}:{event.content_block.type}")
+        msg = s.get_final_message()
+    assert "".join(x for x in at_follow_up[0] if not x.startswith("start:")) == "Let me look."
+    assert [(b.type, b.text) for b in msg.content] == [("text", "Let me look."), ("text", "It is noon.")]
+    assert msg.stop_reason == "end_turn"
+    assert [x for x in seen if x.startswith("start:")] == ["start:0:text", "start:1:text"]  # ours held back
+    assert [r["status"] for r in client.tokensaver.records] == [200, 200]
+    assert emu.requests[1].body["messages"][-1]["content"][0]["content"] == "12:00"
+
+
+def test_a_streamed_mixed_answer_hands_back_only_the_callers_tool(emu: Emulator, tmp_path: Any) -> None:
+    emu.reply([_use("tokensaver_clock", "toolu_c1"), _use("read_file", "toolu_r1", path="a.py")])
+    client = _client(emu, tmp_path, {"clock": Clock()})
+    with client.messages.stream(**_stream_kw(tools=[USER_TOOL])) as s:
+        msg = s.get_final_message()
+    assert [(b.type, b.name) for b in msg.content] == [("tool_use", "read_file")]
+    assert msg.stop_reason == "tool_use" and len(emu.requests) == 1
+
+
+def test_an_async_streamed_exchange_is_joined_too(emu: Emulator, tmp_path: Any) -> None:
+    emu.reply([{"type": "text", "text": "One moment."}, _use("tokensaver_clock", "toolu_c1")], "Noon.")
+
+    async def go() -> Any:
+        client = _client(emu, tmp_path, {"clock": Clock()}, asynchronous=True)
+        async with client.messages.stream(**_stream_kw()) as s:
+            return await s.get_final_message(), client
+
+    msg, client = asyncio.run(go())
+    assert [b.text for b in msg.content] == ["One moment.", "Noon."]
+    assert [r["status"] for r in client.tokensaver.records] == [200, 200]
+
+
+def test_a_refused_follow_up_reaches_the_streaming_caller_as_an_error(emu: Emulator, tmp_path: Any) -> None:
+    from tokensaver.emulator import EmulatorError
+
+    emu.reply([_use("tokensaver_clock", "toolu_c1")], EmulatorError(529, "overloaded_error", "Overloaded"))
+    client = _client(emu, tmp_path, {"clock": Clock()})
+    with pytest.raises(anthropic.APIStatusError, match="Overloaded"):
+        with client.messages.stream(**_stream_kw()) as s:
+            s.get_final_message()
+    assert [r["status"] for r in client.tokensaver.records] == [200, 529]
+
+
+def test_with_thinking_on_the_exchange_is_buffered_and_only_the_last_round_handed_back(
+    emu: Emulator, tmp_path: Any
+) -> None:
+    emu.reply([{"type": "text", "text": "Checking."}, _use("tokensaver_clock", "toolu_c1")], "Noon.")
+    client = _client(emu, tmp_path, {"clock": Clock()})
+    kw = _stream_kw(max_tokens=3000, thinking={"type": "enabled", "budget_tokens": 1024})
+    with client.messages.stream(**kw) as s:
+        msg = s.get_final_message()
+    assert [b.text for b in msg.content if b.type == "text"] == ["Noon."]

@@ -21,7 +21,7 @@ import httpx2
 
 from . import _sdk
 from .pipeline import Call, Pipeline, key_hash
-from .sse import SSEAccumulator, message_to_sse
+from .sse import SSEAccumulator, message_to_sse, sse_error, sse_event
 
 log = logging.getLogger("tokensaver")
 C = TypeVar("C")
@@ -171,7 +171,12 @@ class TokensaverMiddleware(_sdk.Middleware):
             )
 
     def _pass_through(
-        self, call: Call, response: Any, observer: type[_ObservedStream] | type[_AsyncObservedStream]
+        self,
+        call: Call,
+        response: Any,
+        observer: type[_ObservedStream] | type[_AsyncObservedStream],
+        *,
+        spliced: bool = False,
     ) -> Any | None:
         """The response to hand back as it is (an API error, or a stream observed on the way), else None.
 
@@ -183,6 +188,8 @@ class TokensaverMiddleware(_sdk.Middleware):
             return response
         for name, value in call.ctx.response_headers.items():
             http.headers[name] = value
+        if spliced:
+            return None
         if "text/event-stream" in http.headers.get("content-type", ""):
             return _sdk.replace_body_stream(response, observer(self.pipeline, call, http))
         return None
@@ -254,6 +261,38 @@ class TokensaverMiddleware(_sdk.Middleware):
             )
         raise AssertionError("unreachable")
 
+    def _stream_plugin_tools(
+        self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any], call_next: Any
+    ) -> Any:
+        """A streamed call whose answer may ask for plugin tools: streamed on as it comes (see ``_Splice``)."""
+        response = call_next(self._outgoing(request, call, headers))
+        passed = self._pass_through(call, response, _ObservedStream, spliced=True)
+        if passed is not None:
+            return passed
+        http = response.http_response
+        if "text/event-stream" not in http.headers.get("content-type", ""):
+            self._finish_json(call, response, http.read())  # a JSON answer to a streamed request
+            return response
+        return _sdk.replace_body_stream(
+            response, _SplicedStream(self, request, call, headers, call_next, http)
+        )
+
+    async def _stream_plugin_tools_async(
+        self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any], call_next: Any
+    ) -> Any:
+        """Async twin of ``_stream_plugin_tools``."""
+        response = await call_next(self._outgoing(request, call, headers))
+        passed = self._pass_through(call, response, _AsyncObservedStream, spliced=True)
+        if passed is not None:
+            return passed
+        http = response.http_response
+        if "text/event-stream" not in http.headers.get("content-type", ""):
+            raw = await http.aread()
+            await asyncio.to_thread(self._finish_json, call, response, raw)
+            return response
+        stream = _AsyncSplicedStream(self, request, call, headers, call_next, http)
+        return _sdk.replace_body_stream(response, stream)
+
     # -- sync ------------------------------------------------------------------------------------
 
     def handle(self, request: _sdk.APIRequest, call_next: Any) -> Any:
@@ -276,6 +315,8 @@ class TokensaverMiddleware(_sdk.Middleware):
             self.pipeline.finish(call, None)
             return self._serve(request, call)
         if plugin_tools(call.body):
+            if _splice_stream(request, call):
+                return self._stream_plugin_tools(request, call, headers, call_next)
             return self._handle_plugin_tools(request, call, headers, call_next)
         response = call_next(self._outgoing(request, call, headers))
         passed = self._pass_through(call, response, _ObservedStream)
@@ -312,6 +353,8 @@ class TokensaverMiddleware(_sdk.Middleware):
             self.pipeline.finish(call, None)
             return self._serve(request, call)
         if plugin_tools(call.body):
+            if _splice_stream(request, call):
+                return await self._stream_plugin_tools_async(request, call, headers, call_next)
             return await self._handle_plugin_tools_async(request, call, headers, call_next)
         response = await call_next(self._outgoing(request, call, headers))
         passed = self._pass_through(call, response, _AsyncObservedStream)
@@ -393,6 +436,215 @@ def _follow_up(call: Call, message: dict[str, Any], results: list[dict[str, Any]
         {"role": "user", "content": results},
     ]
     return {**body, "messages": [*body["messages"], *turn]}
+
+
+def _splice_stream(request: _sdk.APIRequest, call: Call) -> bool:
+    """Stream a plugin-tool exchange on as it comes, rather than buffer it: streamed, without thinking.
+
+    With thinking on, the answer is buffered and only the final round handed back: a message that
+    joined several rounds would carry thinking blocks the API did not produce in that order.
+    """
+    thinking = call.body.get("thinking")
+    return bool(request.stream) and not (isinstance(thinking, dict) and thinking.get("type") != "disabled")
+
+
+class _Splice:
+    """Joins the SSE rounds of a plugin-tool exchange into the one message the caller streams.
+
+    Events pass on as they arrive, except: the ``tool_use`` blocks addressed to plugins (held back:
+    the caller never sees a tool it did not define), later rounds' ``message_start`` (one message),
+    and each round's ``message_delta``/``message_stop`` (held until the exchange ends). Block indices
+    are renumbered so the caller sees 0, 1, 2... across rounds.
+    """
+
+    def __init__(self) -> None:
+        self.rounds = 0
+        self.next_index = 0
+        self.acc = SSEAccumulator()
+        self._seen = 0
+        self._map: dict[int, int | None] = {}
+        self._held: list[tuple[str, dict[str, Any]]] = []
+        self._dropped = False
+        self._callers_tools = False
+
+    def new_round(self) -> None:
+        self.rounds += 1
+        self.acc = SSEAccumulator()
+        self._seen, self._map, self._held = 0, {}, []
+        self._dropped = self._callers_tools = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to hand the caller now, for a chunk of this round's stream."""
+        self.acc.feed(chunk)
+        out: list[bytes] = []
+        for kind, data in self.acc.events[self._seen :]:
+            out.extend(self._event(kind, data))
+        self._seen = len(self.acc.events)
+        return b"".join(out)
+
+    def _event(self, kind: str, data: dict[str, Any]) -> list[bytes]:
+        if kind == "message_start":
+            return [sse_event(kind, data)] if self.rounds == 0 else []
+        if kind in ("message_delta", "message_stop"):
+            self._held.append((kind, data))
+            return []
+        if kind.startswith("content_block_"):
+            idx = int(data.get("index", 0))
+            if kind == "content_block_start":
+                block = data.get("content_block") or {}
+                ours = block.get("type") == "tool_use" and str(block.get("name", "")).startswith(
+                    PLUGIN_TOOL_PREFIX
+                )
+                self._dropped |= ours
+                self._callers_tools |= block.get("type") == "tool_use" and not ours
+                self._map[idx] = None if ours else self.next_index
+                if not ours:
+                    self.next_index += 1
+            to = self._map.get(idx)
+            return [] if to is None else [sse_event(kind, {**data, "index": to})]
+        return [sse_event(kind, data)]  # ping, error
+
+    def end(self) -> bytes:
+        """The held ``message_delta``/``message_stop`` of the last round, closing the caller's message."""
+        out = []
+        for kind, data in self._held:
+            delta = data.get("delta")
+            if (
+                kind == "message_delta"
+                and isinstance(delta, dict)
+                and delta.get("stop_reason") == "tool_use"
+                and self._dropped
+                and not self._callers_tools
+            ):
+                data = {**data, "delta": {**delta, "stop_reason": "end_turn"}}  # no tool left to call
+            out.append(sse_event(kind, data))
+        return b"".join(out)
+
+
+class _SplicedStream(httpx2.SyncByteStream):
+    """Streams a plugin-tool exchange on: answers plugin tools and continues with the next round."""
+
+    def __init__(
+        self,
+        mw: TokensaverMiddleware,
+        request: _sdk.APIRequest,
+        call: Call,
+        headers: dict[str, Any],
+        call_next: Any,
+        http: httpx2.Response,
+    ) -> None:
+        self.mw, self.request, self.call, self.headers, self.call_next = mw, request, call, headers, call_next
+        self.http: httpx2.Response | None = http
+
+    def __iter__(self) -> Iterator[bytes]:
+        pipeline, splice = self.mw.pipeline, _Splice()
+        try:
+            while self.http is not None:
+                for chunk in self.http.iter_bytes():
+                    out = splice.feed(chunk)
+                    if out:
+                        yield out
+                self.http.close()
+                self.http = None
+                message = splice.acc.message
+                if message is None:
+                    self._incomplete(splice)
+                    return
+                results, reply = _plan_round(pipeline, self.call, message)
+                pipeline.finish(self.call, message)
+                if results is None or splice.rounds == MAX_PLUGIN_TOOL_ROUNDS:
+                    yield splice.end()
+                    return
+                self.call = pipeline.begin(
+                    _follow_up(self.call, reply, results),
+                    headers=self.headers,
+                    key=self.call.ctx.key_hash,
+                    stream=True,
+                    surface=self.call.surface,
+                    upstream=self.call.ctx.upstream,
+                )
+                response = self.call_next(self.mw._outgoing(self.request, self.call, self.headers))
+                http = response.http_response
+                if not http.is_success:
+                    http.read()
+                    yield self._failed(http)
+                    return
+                splice.new_round()
+                self.http = http
+        finally:
+            self.close()
+
+    def _incomplete(self, splice: _Splice) -> None:
+        error = "stream error event" if splice.acc.error else "stream ended before message_stop"
+        self.mw.pipeline.finish(self.call, None, status="incomplete", error=error)
+
+    def _failed(self, http: httpx2.Response) -> bytes:
+        """A follow-up round the API refused: recorded, and told to the caller as a stream error."""
+        self.mw.pipeline.finish(self.call, None, status=http.status_code, error=f"HTTP {http.status_code}")
+        try:
+            error = json.loads(http.content).get("error") or {}
+        except (ValueError, AttributeError):
+            error = {}
+        return sse_error(
+            str(error.get("type") or "api_error"), str(error.get("message") or f"HTTP {http.status_code}")
+        )
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
+            self.http = None
+            if not self.call.recorded:  # the caller stopped reading mid-round
+                self.mw.pipeline.finish(self.call, None, status="incomplete", error="stream closed early")
+
+
+class _AsyncSplicedStream(_SplicedStream, httpx2.AsyncByteStream):  # type: ignore[misc]
+    """Async twin of ``_SplicedStream``."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        pipeline, splice = self.mw.pipeline, _Splice()
+        try:
+            while self.http is not None:
+                async for chunk in self.http.aiter_bytes():
+                    out = splice.feed(chunk)
+                    if out:
+                        yield out
+                await self.http.aclose()
+                self.http = None
+                message = splice.acc.message
+                if message is None:
+                    await asyncio.to_thread(self._incomplete, splice)
+                    return
+                results, reply = await asyncio.to_thread(_plan_round, pipeline, self.call, message)
+                await asyncio.to_thread(pipeline.finish, self.call, message)
+                if results is None or splice.rounds == MAX_PLUGIN_TOOL_ROUNDS:
+                    yield splice.end()
+                    return
+                self.call = await asyncio.to_thread(
+                    pipeline.begin,
+                    _follow_up(self.call, reply, results),
+                    headers=self.headers,
+                    key=self.call.ctx.key_hash,
+                    stream=True,
+                    surface=self.call.surface,
+                    upstream=self.call.ctx.upstream,
+                )
+                response = await self.call_next(self.mw._outgoing(self.request, self.call, self.headers))
+                http = response.http_response
+                if not http.is_success:
+                    await http.aread()
+                    yield self._failed(http)
+                    return
+                splice.new_round()
+                self.http = http
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
+            if not self.call.recorded:
+                self.mw.pipeline.finish(self.call, None, status="incomplete", error="stream closed early")
 
 
 class _StreamObserver:
