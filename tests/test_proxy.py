@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -574,25 +575,81 @@ def test_measure_proxy_overhead_shape() -> None:
     assert result["proxy_p50_ms"] > 0 and result["pipeline_p50_ms"] >= 0
 
 
-def test_plugin_tools_never_reach_the_client_through_the_proxy(emu: Emulator, tmp_path: Path) -> None:
-    class Clock:
-        @tokensaver.hookimpl
-        def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any]:
-            return {
-                **body,
-                "tools": [
-                    *(body.get("tools") or []),
-                    {"name": "tokensaver_clock", "input_schema": {"type": "object"}},
-                ],
-            }
+class _Clock:
+    """A plugin with its own tool, answered by the proxy as wrap() does."""
 
-    with make_proxy(emu.url, tmp_path, {"clock": Clock()}) as p:
+    @tokensaver.hookimpl
+    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        tool = {"name": "tokensaver_clock", "input_schema": {"type": "object"}}
+        return {**body, "tools": [*(t for t in body.get("tools") or [] if t["name"] != tool["name"]), tool]}
+
+    @tokensaver.hookimpl
+    def tokensaver_answer_tool_use(self, tool_use: dict[str, Any], ctx: Any) -> str | None:
+        return "12:00" if tool_use["name"] == "tokensaver_clock" else None
+
+
+def _clock_use(tid: str = "toolu_c1") -> dict[str, Any]:
+    return {"type": "tool_use", "id": tid, "name": "tokensaver_clock", "input": {}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_proxy_answers_plugin_tools_and_the_client_sees_only_the_answer(
+    emu: Emulator, tmp_path: Path, stream: bool
+) -> None:
+    seen: list[str] = []
+    at_follow_up: list[str] = []
+
+    def second(body: dict[str, Any]) -> str:
+        # the client reads on its own thread: give it time to parse what it has (a buffering proxy
+        # would have sent nothing yet, and this waits in vain)
+        deadline = time.monotonic() + (5 if stream else 0)
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        at_follow_up.append("".join(seen))
+        return "It is noon."
+
+    emu.reply([{"type": "text", "text": "Let me look."}, _clock_use()], second)
+    kw: dict[str, Any] = {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 20,
+        "messages": [{"role": "user", "content": "time?"}],
+    }
+    with make_proxy(emu.url, tmp_path, {"clock": _Clock()}) as p:
         client = anthropic.Anthropic(base_url=p.url, api_key="k", max_retries=0)
-        client.messages.create(
-            model="claude-sonnet-4-6", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
-        )
+        if stream:
+            with client.messages.stream(**kw) as s:
+                for event in s:
+                    if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                        seen.append(event.delta.text)
+                msg = s.get_final_message()
+        else:
+            msg = client.messages.create(**kw)
         records = p.records()
-    assert "tools" not in emu.last.body or all(
-        t["name"] != "tokensaver_clock" for t in emu.last.body["tools"]
-    )
-    assert any(e["hook"] == "proxy" for r in records for e in r["errors"])
+    texts = [b.text for b in msg.content if b.type == "text"]
+    assert all(b.type == "text" for b in msg.content)  # the client never sees our tool
+    assert len(emu.requests) == 2 and emu.requests[1].body["messages"][-1]["content"][0]["content"] == "12:00"
+    # the tool stays in every request, so the cached prefix does too
+    assert all(r.body["tools"][-1]["name"] == "tokensaver_clock" for r in emu.requests)
+    if stream:  # streamed on as it came: the first round reached the client before the second was asked
+        assert at_follow_up == ["Let me look."] and texts == ["Let me look.", "It is noon."]
+    else:
+        assert texts == ["It is noon."]
+    assert [r["status"] for r in records] == [200, 200] and not any(r["errors"] for r in records)
+
+
+def test_a_streamed_mixed_answer_through_the_proxy_keeps_only_the_clients_tool(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    user_tool = {"name": "read_file", "input_schema": {"type": "object", "properties": {}}}
+    emu.reply([_clock_use(), {"type": "tool_use", "id": "toolu_r1", "name": "read_file", "input": {}}])
+    with make_proxy(emu.url, tmp_path, {"clock": _Clock()}) as p:
+        client = anthropic.Anthropic(base_url=p.url, api_key="k", max_retries=0)
+        with client.messages.stream(
+            model="claude-sonnet-4-6",
+            max_tokens=20,
+            tools=[user_tool],
+            messages=[{"role": "user", "content": "read it"}],
+        ) as s:
+            msg = s.get_final_message()
+    assert [(b.type, b.name) for b in msg.content] == [("tool_use", "read_file")]
+    assert msg.stop_reason == "tool_use" and len(emu.requests) == 1

@@ -21,7 +21,7 @@ import httpx2
 
 from . import _sdk
 from .pipeline import Call, Pipeline, key_hash
-from .sse import SSEAccumulator, message_to_sse, sse_error, sse_event
+from .sse import SSEAccumulator, message_to_sse, sse_error_answer, sse_event
 
 log = logging.getLogger("tokensaver")
 C = TypeVar("C")
@@ -212,17 +212,17 @@ class TokensaverMiddleware(_sdk.Middleware):
             if not http.is_success:
                 self.pipeline.finish(call, None, status=http.status_code, error=f"HTTP {http.status_code}")
                 return response
-            message = _read_message(http, http.read())
+            message = read_message(http.headers.get("content-type", ""), http.read())
             if message is None:
                 self.pipeline.finish(call, None, status="incomplete", error="unreadable response")
                 return response
-            results, reply = _plan_round(self.pipeline, call, message)  # answers' notes go in this record
+            results, reply = plan_round(self.pipeline, call, message)  # answers' notes go in this record
             self.pipeline.finish(call, message)
             if results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS:
                 return self._serve(request, call, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
             key, stream = call.ctx.key_hash, call.ctx.stream
             call = self.pipeline.begin(
-                _follow_up(call, reply, results),
+                follow_up(call, reply, results),
                 headers=headers,
                 key=key,
                 stream=stream,
@@ -241,18 +241,18 @@ class TokensaverMiddleware(_sdk.Middleware):
             if not http.is_success:
                 self.pipeline.finish(call, None, status=http.status_code, error=f"HTTP {http.status_code}")
                 return response
-            message = _read_message(http, await http.aread())
+            message = read_message(http.headers.get("content-type", ""), await http.aread())
             if message is None:
                 self.pipeline.finish(call, None, status="incomplete", error="unreadable response")
                 return response
-            results, reply = await asyncio.to_thread(_plan_round, self.pipeline, call, message)
+            results, reply = await asyncio.to_thread(plan_round, self.pipeline, call, message)
             self.pipeline.finish(call, message)
             if results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS:
                 return self._serve(request, call, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
             key, stream = call.ctx.key_hash, call.ctx.stream
             call = await asyncio.to_thread(
                 self.pipeline.begin,
-                _follow_up(call, reply, results),
+                follow_up(call, reply, results),
                 headers=headers,
                 key=key,
                 stream=stream,
@@ -264,7 +264,7 @@ class TokensaverMiddleware(_sdk.Middleware):
     def _stream_plugin_tools(
         self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any], call_next: Any
     ) -> Any:
-        """A streamed call whose answer may ask for plugin tools: streamed on as it comes (see ``_Splice``)."""
+        """A streamed call whose answer may ask for plugin tools: streamed on as it comes (see ``Splice``)."""
         response = call_next(self._outgoing(request, call, headers))
         passed = self._pass_through(call, response, _ObservedStream, spliced=True)
         if passed is not None:
@@ -383,12 +383,13 @@ def plugin_tools(body: dict[str, Any]) -> set[str]:
     }
 
 
-def _read_message(http: httpx2.Response, raw: bytes) -> dict[str, Any] | None:
-    """The Message in a complete response body, JSON or SSE."""
-    if "text/event-stream" in http.headers.get("content-type", ""):
+def read_message(content_type: str, raw: bytes) -> dict[str, Any] | None:
+    """The Message in a whole answer body, JSON or SSE (None when cut off or unreadable)."""
+    if "text/event-stream" in content_type:
         acc = SSEAccumulator()
         acc.feed(raw)
-        return acc.message if acc.complete else None
+        acc.close()
+        return acc.message
     try:
         message = json.loads(raw)
     except ValueError:
@@ -396,7 +397,7 @@ def _read_message(http: httpx2.Response, raw: bytes) -> dict[str, Any] | None:
     return message if isinstance(message, dict) else None
 
 
-def _plan_round(
+def plan_round(
     pipeline: Pipeline, call: Call, message: dict[str, Any]
 ) -> tuple[list[dict[str, Any]] | None, dict[str, Any]]:
     """Answers for a response that asks only for plugin tools, else None and the message to hand back.
@@ -428,7 +429,7 @@ def _plan_round(
     return results, message
 
 
-def _follow_up(call: Call, message: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+def follow_up(call: Call, message: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     """The caller's request continued with the model's plugin-tool call and the plugins' answers."""
     body = call.original
     turn = [
@@ -444,11 +445,16 @@ def _splice_stream(request: _sdk.APIRequest, call: Call) -> bool:
     With thinking on, the answer is buffered and only the final round handed back: a message that
     joined several rounds would carry thinking blocks the API did not produce in that order.
     """
-    thinking = call.body.get("thinking")
-    return bool(request.stream) and not (isinstance(thinking, dict) and thinking.get("type") != "disabled")
+    return bool(request.stream) and not thinking_on(call.body)
 
 
-class _Splice:
+def thinking_on(body: dict[str, Any]) -> bool:
+    """Whether a request asks for thinking (enabled or adaptive)."""
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") != "disabled"
+
+
+class Splice:
     """Joins the SSE rounds of a plugin-tool exchange into the one message the caller streams.
 
     Events pass on as they arrive, except: the ``tool_use`` blocks addressed to plugins (held back:
@@ -537,7 +543,7 @@ class _SplicedStream(httpx2.SyncByteStream):
         self.http: httpx2.Response | None = http
 
     def __iter__(self) -> Iterator[bytes]:
-        pipeline, splice = self.mw.pipeline, _Splice()
+        pipeline, splice = self.mw.pipeline, Splice()
         try:
             while self.http is not None:
                 for chunk in self.http.iter_bytes():
@@ -550,13 +556,13 @@ class _SplicedStream(httpx2.SyncByteStream):
                 if message is None:
                     self._incomplete(splice)
                     return
-                results, reply = _plan_round(pipeline, self.call, message)
+                results, reply = plan_round(pipeline, self.call, message)
                 pipeline.finish(self.call, message)
                 if results is None or splice.rounds == MAX_PLUGIN_TOOL_ROUNDS:
                     yield splice.end()
                     return
                 self.call = pipeline.begin(
-                    _follow_up(self.call, reply, results),
+                    follow_up(self.call, reply, results),
                     headers=self.headers,
                     key=self.call.ctx.key_hash,
                     stream=True,
@@ -574,20 +580,14 @@ class _SplicedStream(httpx2.SyncByteStream):
         finally:
             self.close()
 
-    def _incomplete(self, splice: _Splice) -> None:
+    def _incomplete(self, splice: Splice) -> None:
         error = "stream error event" if splice.acc.error else "stream ended before message_stop"
         self.mw.pipeline.finish(self.call, None, status="incomplete", error=error)
 
     def _failed(self, http: httpx2.Response) -> bytes:
         """A follow-up round the API refused: recorded, and told to the caller as a stream error."""
         self.mw.pipeline.finish(self.call, None, status=http.status_code, error=f"HTTP {http.status_code}")
-        try:
-            error = json.loads(http.content).get("error") or {}
-        except (ValueError, AttributeError):
-            error = {}
-        return sse_error(
-            str(error.get("type") or "api_error"), str(error.get("message") or f"HTTP {http.status_code}")
-        )
+        return sse_error_answer(http.content, http.status_code)
 
     def close(self) -> None:
         if self.http is not None:
@@ -601,7 +601,7 @@ class _AsyncSplicedStream(_SplicedStream, httpx2.AsyncByteStream):  # type: igno
     """Async twin of ``_SplicedStream``."""
 
     async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
-        pipeline, splice = self.mw.pipeline, _Splice()
+        pipeline, splice = self.mw.pipeline, Splice()
         try:
             while self.http is not None:
                 async for chunk in self.http.aiter_bytes():
@@ -614,14 +614,14 @@ class _AsyncSplicedStream(_SplicedStream, httpx2.AsyncByteStream):  # type: igno
                 if message is None:
                     await asyncio.to_thread(self._incomplete, splice)
                     return
-                results, reply = await asyncio.to_thread(_plan_round, pipeline, self.call, message)
+                results, reply = await asyncio.to_thread(plan_round, pipeline, self.call, message)
                 await asyncio.to_thread(pipeline.finish, self.call, message)
                 if results is None or splice.rounds == MAX_PLUGIN_TOOL_ROUNDS:
                     yield splice.end()
                     return
                 self.call = await asyncio.to_thread(
                     pipeline.begin,
-                    _follow_up(self.call, reply, results),
+                    follow_up(self.call, reply, results),
                     headers=self.headers,
                     key=self.call.ctx.key_hash,
                     stream=True,

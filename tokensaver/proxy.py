@@ -11,6 +11,8 @@ path. Every other path (``count_tokens``, models, batches, files, ...) is forwar
   client's own retries keep working, and each attempt is recorded once.
 * Streams pass through chunk by chunk while usage is read on the way; a client that disconnects
   closes its upstream request.
+* Tools that plugins add (``tokensaver_*``) are answered here, as ``wrap()`` does: the agent never
+  sees them, and a streamed answer keeps streaming across the rounds.
 * Calls are grouped into one run per agent session (``X-Claude-Code-Session-Id``, or the session
   in ``metadata.user_id``); calls without one go to the proxy's default run.
 
@@ -50,11 +52,19 @@ from yarl import URL
 
 from .config import Config, load_config
 from .errors import ModelCallError, TokensaverError
-from .middleware import plugin_tools
+from .middleware import (
+    MAX_PLUGIN_TOOL_ROUNDS,
+    Splice,
+    follow_up,
+    plan_round,
+    plugin_tools,
+    read_message,
+    thinking_on,
+)
 from .pipeline import Call, Pipeline, key_hash
 from .plugins import get_plugin_manager
 from .run import Run
-from .sse import SSEAccumulator, message_to_sse, sse_error
+from .sse import SSEAccumulator, message_to_sse, sse_error, sse_error_answer
 
 __all__ = [
     "DEFAULT_UPSTREAM",
@@ -447,13 +457,22 @@ class TokensaverProxy:
         )
         return response
 
-    def _serve(self, call: Call, stream: bool) -> web.Response:
-        message = call.response or {}
+    def _serve(
+        self,
+        call: Call,
+        stream: bool,
+        message: dict[str, Any] | None = None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        """An answer made here: a short-circuit, or the end of a plugin-tool exchange."""
+        message = message if message is not None else (call.response or {})
         headers = {
             "request-id": f"tokensaver-{call.ctx.call_id}",
-            "x-tokensaver-short-circuit": str(call.short_circuit),
             **call.ctx.response_headers,
+            **(extra_headers or {}),
         }
+        if call.short_circuit:
+            headers["x-tokensaver-short-circuit"] = call.short_circuit
         if stream:
             headers["cache-control"] = "no-cache"
             return web.Response(
@@ -471,19 +490,7 @@ class TokensaverProxy:
     ) -> web.StreamResponse:
         assert self.client is not None
         if plugin_tools(call.body):
-            # the proxy streams answers through and cannot hold a response back to answer a
-            # plugin's own tool (as wrap() does): the caller's agent must never see such a tool
-            call.body = {
-                **call.body,
-                "tools": [t for t in call.body["tools"] if t.get("name") not in plugin_tools(call.body)],
-            }
-            call.errors.append(
-                {
-                    "plugin": "(core)",
-                    "hook": "proxy",
-                    "error": "plugin tools are not answered through the proxy; removed",
-                }
-            )
+            return await self._plugin_tool_exchange(request, pipe, call, outcome)
         if call.body is call.original:
             data = raw  # unchanged: the caller's bytes, exactly
         else:
@@ -531,6 +538,108 @@ class TokensaverProxy:
         finally:
             # not read to the end (client gone, upstream cut): closing aborts the upstream request
             up.close()
+
+    async def _post(self, request: web.Request, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """One transformed body upstream, with the caller's headers (we read it: any encoding we decode)."""
+        assert self.client is not None
+        headers = _forward_headers(request.headers, drop=frozenset({"accept-encoding"}))
+        headers["Content-Type"] = "application/json"
+        return await self.client.request(
+            "POST",
+            self._url(request),
+            headers=headers,
+            data=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+            allow_redirects=False,
+            auto_decompress=True,
+        )
+
+    async def _plugin_tool_exchange(
+        self, request: web.Request, pipe: Pipeline, call: Call, outcome: _Outcome
+    ) -> web.StreamResponse:
+        """Answer the tools plugins added (``tokensaver_*``) here, as ``wrap()`` does: the agent sees none.
+
+        Streamed requests (without thinking) stream on as they come, joined into one message by
+        :class:`~tokensaver.middleware.Splice`; other requests are read whole and the last round's
+        answer is served (JSON, or replayed SSE).
+        """
+        stream = call.ctx.stream
+        splice = Splice() if stream and not thinking_on(call.body) else None
+        out: web.StreamResponse | None = None  # the caller's streamed response, once started
+        for rounds in range(MAX_PLUGIN_TOOL_ROUNDS + 1):
+            outcome.finishing = False
+            try:
+                up = await self._post(request, call.body)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                outcome.finishing = True
+                pipe.finish(
+                    call, None, status="incomplete", error=f"upstream unreachable: {type(exc).__name__}"
+                )
+                if out is None:
+                    return self._unreachable(exc)
+                await out.write(
+                    sse_error("api_error", f"tokensaver proxy: upstream unreachable ({type(exc).__name__})")
+                )
+                await out.write_eof()
+                return out
+            try:
+                if not 200 <= up.status < 300:
+                    payload = await up.read()
+                    outcome.finishing = True
+                    pipe.finish(call, None, status=up.status, error=f"HTTP {up.status}")
+                    if out is None:
+                        return web.Response(
+                            status=up.status,
+                            reason=up.reason,
+                            body=payload,
+                            headers=_response_headers(up.headers, decoded=True),
+                        )
+                    await out.write(sse_error_answer(payload, up.status))
+                    await out.write_eof()
+                    return out
+                sse = "text/event-stream" in up.headers.get("content-type", "")
+                if splice is not None and sse:
+                    if out is None:
+                        out = web.StreamResponse(status=up.status, reason=up.reason)
+                        out.headers.extend(_response_headers(up.headers, decoded=True))
+                        out.headers.update(call.ctx.response_headers)
+                        await out.prepare(request)
+                    async for chunk in up.content.iter_any():
+                        data = splice.feed(chunk)
+                        if data:
+                            await out.write(data)
+                    message = splice.acc.message
+                else:
+                    message = read_message(up.headers.get("content-type", ""), await up.read())
+            finally:
+                up.close()
+            outcome.finishing = True
+            if message is None:
+                pipe.finish(call, None, status="incomplete", error="unreadable or cut-off answer")
+                if out is None:
+                    return _error(502, "api_error", "tokensaver proxy: the upstream answer was cut off")
+                await out.write_eof()
+                return out
+            results, reply = await asyncio.to_thread(plan_round, pipe, call, message)
+            await asyncio.to_thread(pipe.finish, call, message)
+            if results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS:
+                if out is not None and splice is not None:
+                    await out.write(splice.end())
+                    await out.write_eof()
+                    return out
+                return self._serve(call, stream, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
+            call = await asyncio.to_thread(
+                pipe.begin,
+                follow_up(call, reply, results),
+                headers={k.lower(): v for k, v in request.headers.items()},
+                key=call.ctx.key_hash,
+                stream=stream,
+                surface=call.surface,
+                upstream=call.ctx.upstream,
+            )
+            if splice is not None:
+                splice.new_round()
+        raise AssertionError("unreachable")
 
     async def _stream(
         self,

@@ -13,7 +13,7 @@ import copy
 import json
 from typing import Any
 
-__all__ = ["SSEAccumulator", "message_to_sse", "sse_event", "sse_error"]
+__all__ = ["SSEAccumulator", "message_to_sse", "sse_event", "sse_error", "sse_error_answer"]
 
 # Block types whose ``input`` streams as ``input_json_delta`` (the start event carries ``input: {}``).
 TOOL_INPUT_BLOCKS = ("tool_use", "server_tool_use", "mcp_tool_use")
@@ -38,6 +38,15 @@ def sse_event(event: str, data: dict[str, Any]) -> bytes:
 def sse_error(error_type: str, message: str) -> bytes:
     """An ``event: error`` frame as the API sends mid-stream (e.g. ``overloaded_error``)."""
     return sse_event("error", {"type": "error", "error": {"type": error_type, "message": message}})
+
+
+def sse_error_answer(payload: bytes, status: int) -> bytes:
+    """An API error answer (JSON ``{"error": {type, message}}``), told to a caller already streaming."""
+    try:
+        error = json.loads(payload).get("error") or {}
+    except (ValueError, AttributeError):
+        error = {}
+    return sse_error(str(error.get("type") or "api_error"), str(error.get("message") or f"HTTP {status}"))
 
 
 def _chunks(text: str, size: int) -> list[str]:
