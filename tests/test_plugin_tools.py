@@ -97,7 +97,8 @@ def test_mixed_tool_calls_hand_back_only_the_callers_tools(emu: Emulator, tmp_pa
     assert len(emu.requests) == 1
 
 
-def test_summarize_retrieval_hands_back_the_original(emu: Emulator, tmp_path: Any) -> None:
+def _job() -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """A long repetitive log from a bash tool (summarize shortens it, lossy), the messages, the tools."""
     log = "".join(
         f"2026-01-01 12:00:{i % 60:02d} INFO worker {i} processed batch {i * 7}\n" for i in range(900)
     )
@@ -106,6 +107,12 @@ def test_summarize_retrieval_hands_back_the_original(emu: Emulator, tmp_path: An
         {"role": "assistant", "content": [_use("bash", "toolu_b1", command="./job")]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_b1", "content": log}]},
     ]
+    schema = {"type": "object", "properties": {"command": {"type": "string"}}}
+    return log, messages, [{"name": "bash", "input_schema": schema}]
+
+
+def test_summarize_retrieval_hands_back_the_original(emu: Emulator, tmp_path: Any) -> None:
+    log, messages, tools = _job()
     refs: list[str] = []
 
     def ask_for_original(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -117,9 +124,6 @@ def test_summarize_retrieval_hands_back_the_original(emu: Emulator, tmp_path: An
 
     emu.reply(ask_for_original, "Batch 6293 was processed by worker 899.")
     client = _client(emu, tmp_path, {}, summarize={"retrieval": True})
-    tools = [
-        {"name": "bash", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}
-    ]
     msg = client.messages.create(model=MODEL, max_tokens=100, tools=tools, messages=messages)
     assert msg.content[0].text.startswith("Batch 6293")
     assert [t["name"] for t in emu.requests[0].body["tools"]] == ["bash", "tokensaver_retrieve"]
@@ -133,17 +137,7 @@ def test_summarize_retrieval_hands_back_the_original(emu: Emulator, tmp_path: An
 
 def test_retrieval_originals_survive_a_restart_and_stay_per_key(emu: Emulator, tmp_path: Any) -> None:
     """Originals go to summarize's private disk store: a new process answers the ref, another key does not."""
-    log = "".join(
-        f"2026-01-01 12:00:{i % 60:02d} INFO worker {i} processed batch {i * 7}\n" for i in range(900)
-    )
-    messages = [
-        {"role": "user", "content": "run the job"},
-        {"role": "assistant", "content": [_use("bash", "toolu_b1", command="./job")]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_b1", "content": log}]},
-    ]
-    tools = [
-        {"name": "bash", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}
-    ]
+    log, messages, tools = _job()
     cfg = {"retrieval": True, "summary_dir": str(tmp_path / "store")}
     emu.reply("ok")
     _client(emu, tmp_path, {}, summarize=cfg).messages.create(

@@ -220,15 +220,7 @@ class TokensaverMiddleware(_sdk.Middleware):
             self.pipeline.finish(call, message)
             if results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS:
                 return self._serve(request, call, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
-            key, stream = call.ctx.key_hash, call.ctx.stream
-            call = self.pipeline.begin(
-                follow_up(call, reply, results),
-                headers=headers,
-                key=key,
-                stream=stream,
-                surface=call.surface,
-                upstream=call.ctx.upstream,
-            )
+            call = next_round(self.pipeline, call, reply, results, headers)
         raise AssertionError("unreachable")
 
     async def _handle_plugin_tools_async(
@@ -249,16 +241,7 @@ class TokensaverMiddleware(_sdk.Middleware):
             self.pipeline.finish(call, message)
             if results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS:
                 return self._serve(request, call, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
-            key, stream = call.ctx.key_hash, call.ctx.stream
-            call = await asyncio.to_thread(
-                self.pipeline.begin,
-                follow_up(call, reply, results),
-                headers=headers,
-                key=key,
-                stream=stream,
-                surface=call.surface,
-                upstream=call.ctx.upstream,
-            )
+            call = await asyncio.to_thread(next_round, self.pipeline, call, reply, results, headers)
         raise AssertionError("unreachable")
 
     def _stream_plugin_tools(
@@ -429,6 +412,24 @@ def plan_round(
     return results, message
 
 
+def next_round(
+    pipeline: Pipeline,
+    call: Call,
+    message: dict[str, Any],
+    results: list[dict[str, Any]],
+    headers: dict[str, Any],
+) -> Call:
+    """The next call of a plugin-tool exchange, through the whole pipeline (from async code: in a thread)."""
+    return pipeline.begin(
+        follow_up(call, message, results),
+        headers=headers,
+        key=call.ctx.key_hash,
+        stream=call.ctx.stream,
+        surface=call.surface,
+        upstream=call.ctx.upstream,
+    )
+
+
 def follow_up(call: Call, message: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     """The caller's request continued with the model's plugin-tool call and the plugins' answers."""
     body = call.original
@@ -561,14 +562,7 @@ class _SplicedStream(httpx2.SyncByteStream):
                 if results is None or splice.rounds == MAX_PLUGIN_TOOL_ROUNDS:
                     yield splice.end()
                     return
-                self.call = pipeline.begin(
-                    follow_up(self.call, reply, results),
-                    headers=self.headers,
-                    key=self.call.ctx.key_hash,
-                    stream=True,
-                    surface=self.call.surface,
-                    upstream=self.call.ctx.upstream,
-                )
+                self.call = next_round(pipeline, self.call, reply, results, self.headers)
                 response = self.call_next(self.mw._outgoing(self.request, self.call, self.headers))
                 http = response.http_response
                 if not http.is_success:
@@ -620,13 +614,7 @@ class _AsyncSplicedStream(_SplicedStream, httpx2.AsyncByteStream):  # type: igno
                     yield splice.end()
                     return
                 self.call = await asyncio.to_thread(
-                    pipeline.begin,
-                    follow_up(self.call, reply, results),
-                    headers=self.headers,
-                    key=self.call.ctx.key_hash,
-                    stream=True,
-                    surface=self.call.surface,
-                    upstream=self.call.ctx.upstream,
+                    next_round, pipeline, self.call, reply, results, self.headers
                 )
                 response = await self.call_next(self.mw._outgoing(self.request, self.call, self.headers))
                 http = response.http_response

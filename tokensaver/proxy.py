@@ -55,7 +55,7 @@ from .errors import ModelCallError, TokensaverError
 from .middleware import (
     MAX_PLUGIN_TOOL_ROUNDS,
     Splice,
-    follow_up,
+    next_round,
     plan_round,
     plugin_tools,
     read_message,
@@ -628,15 +628,8 @@ class TokensaverProxy:
                     await out.write_eof()
                     return out
                 return self._serve(call, stream, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
-            call = await asyncio.to_thread(
-                pipe.begin,
-                follow_up(call, reply, results),
-                headers={k.lower(): v for k, v in request.headers.items()},
-                key=call.ctx.key_hash,
-                stream=stream,
-                surface=call.surface,
-                upstream=call.ctx.upstream,
-            )
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            call = await asyncio.to_thread(next_round, pipe, call, reply, results, headers)
             if splice is not None:
                 splice.new_round()
         raise AssertionError("unreachable")
