@@ -8,6 +8,8 @@ from typing import Any
 
 import anthropic
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tokensaver
 from tokensaver.emulator import Emulator
@@ -245,3 +247,74 @@ def test_with_thinking_on_the_exchange_is_buffered_and_only_the_last_round_hande
     with client.messages.stream(**kw) as s:
         msg = s.get_final_message()
     assert [b.text for b in msg.content if b.type == "text"] == ["Noon."]
+
+
+# -- the splice, property-tested ---------------------------------------------------------------
+
+_text = st.builds(lambda t: {"type": "text", "text": t}, st.text(min_size=1, max_size=60))
+_theirs = st.builds(
+    lambda i, p: {"type": "tool_use", "id": f"toolu_u{i}", "name": "read_file", "input": {"path": p}},
+    st.integers(0, 999),
+    st.text(max_size=20),
+)
+_ours = st.builds(
+    lambda i: {
+        "type": "tool_use",
+        "id": f"toolu_p{i}",
+        "name": "tokensaver_retrieve",
+        "input": {"ref": str(i)},
+    },
+    st.integers(0, 999),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.one_of(_text, _theirs, _ours), min_size=1, max_size=5), min_size=1, max_size=4),
+    st.lists(st.integers(1, 400), max_size=12),
+)
+def test_splice_joins_rounds_into_one_valid_message(
+    rounds: list[list[dict[str, Any]]], cuts: list[int]
+) -> None:
+    """Whatever the rounds and however the bytes are cut, the caller gets one well-formed message:
+    every block of every round but ours, in order, indices 0..n-1, one message_start, one stop."""
+    from tokensaver.middleware import Splice
+    from tokensaver.sse import SSEAccumulator, message_to_sse
+
+    splice, out = Splice(), b""
+    for k, content in enumerate(rounds):
+        if k:
+            splice.new_round()
+        stop = "tool_use" if any(b["type"] == "tool_use" for b in content) else "end_turn"
+        msg = {
+            "id": f"msg_{k}",
+            "type": "message",
+            "role": "assistant",
+            "model": MODEL,
+            "content": content,
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 5, "output_tokens": 7},
+        }
+        data, pos = message_to_sse(msg), 0
+        for c in sorted({c % (len(data) + 1) for c in cuts}) + [len(data)]:
+            out += splice.feed(data[pos:c])
+            pos = c
+        assert splice.acc.message is not None and splice.acc.message["content"] == content  # the round, whole
+    out += splice.end()
+    acc = SSEAccumulator()
+    acc.feed(out)
+    assert acc.complete and acc.error is None
+    starts = [e for e, _ in acc.events if e == "message_start"]
+    assert len(starts) == 1 and [e for e, _ in acc.events].count("message_stop") == 1
+    expected = [b for content in rounds for b in content if b.get("name") != "tokensaver_retrieve"]
+    assert acc.message["content"] == expected
+    indices = [d["index"] for e, d in acc.events if e == "content_block_start"]
+    assert indices == list(range(len(expected)))
+    last = rounds[-1]
+    theirs_left = any(b["type"] == "tool_use" and b["name"] == "read_file" for b in last)
+    ours_last = any(b.get("name") == "tokensaver_retrieve" for b in last)
+    if ours_last and not theirs_left:
+        assert acc.message["stop_reason"] == "end_turn"  # no tool left for the caller to call
+    else:
+        assert acc.message["stop_reason"] == ("tool_use" if theirs_left else "end_turn")
