@@ -306,30 +306,21 @@ class TokensaverProxy:
 
         Sent to the same upstream path with the caller's headers (credentials included), not streamed.
         """
-        headers = _forward_headers(request.headers, drop=frozenset({"accept-encoding", "accept"}))
-        headers["Content-Type"] = "application/json"
-        url = self._url(request)
 
         async def post(body: dict[str, Any]) -> dict[str, Any]:
-            assert self.client is not None
-            data = json.dumps({**body, "stream": False}).encode()
-            async with self.client.request(
-                "POST",
-                url,
-                headers=headers,
-                data=data,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-                auto_decompress=True,
-            ) as up:
+            up = await self._post(request, _encode({**body, "stream": False}), drop=_MODEL_CALL_DROP)
+            try:
                 payload = await up.read()
-                if not 200 <= up.status < 300:
-                    raise ModelCallError(
-                        f"upstream answered HTTP {up.status}: {payload[:200]!r}", status=up.status
-                    )
-                message = json.loads(payload)
-                if not isinstance(message, dict):
-                    raise ModelCallError("upstream answer is not a Message")
-                return message
+            finally:
+                up.release()
+            if not 200 <= up.status < 300:
+                raise ModelCallError(
+                    f"upstream answered HTTP {up.status}: {payload[:200]!r}", status=up.status
+                )
+            message = json.loads(payload)
+            if not isinstance(message, dict):
+                raise ModelCallError("upstream answer is not a Message")
+            return message
 
         def call(body: dict[str, Any]) -> dict[str, Any]:
             return asyncio.run_coroutine_threadsafe(post(body), loop).result()
@@ -494,20 +485,9 @@ class TokensaverProxy:
         if call.body is call.original:
             data = raw  # unchanged: the caller's bytes, exactly
         else:
-            data = json.dumps(call.body, ensure_ascii=False, separators=(",", ":")).encode()
-        # we read the body (JSON or SSE): let the client library choose an encoding it can decode
-        headers = _forward_headers(request.headers, drop=frozenset({"accept-encoding"}))
-        headers["Content-Type"] = "application/json"
+            data = _encode(call.body)
         try:
-            up = await self.client.request(
-                "POST",
-                self._url(request),
-                headers=headers,
-                data=data,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-                allow_redirects=False,
-                auto_decompress=True,
-            )
+            up = await self._post(request, data)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # recorded before the client hears of it: whoever reads the run next sees this call
             outcome.finishing = True
@@ -539,16 +519,21 @@ class TokensaverProxy:
             # not read to the end (client gone, upstream cut): closing aborts the upstream request
             up.close()
 
-    async def _post(self, request: web.Request, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        """One transformed body upstream, with the caller's headers (we read it: any encoding we decode)."""
+    async def _post(
+        self, request: web.Request, data: bytes, drop: frozenset[str] = frozenset({"accept-encoding"})
+    ) -> aiohttp.ClientResponse:
+        """A Messages body upstream on the request's path, with the caller's headers minus ``drop``.
+
+        We read what comes back (JSON or SSE): the client library picks an encoding it can decode.
+        """
         assert self.client is not None
-        headers = _forward_headers(request.headers, drop=frozenset({"accept-encoding"}))
+        headers = _forward_headers(request.headers, drop=drop)
         headers["Content-Type"] = "application/json"
         return await self.client.request(
             "POST",
             self._url(request),
             headers=headers,
-            data=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
+            data=data,
             skip_auto_headers=SKIP_AUTO_HEADERS,
             allow_redirects=False,
             auto_decompress=True,
@@ -569,7 +554,7 @@ class TokensaverProxy:
         for rounds in range(MAX_PLUGIN_TOOL_ROUNDS + 1):
             outcome.finishing = False
             try:
-                up = await self._post(request, call.body)
+                up = await self._post(request, _encode(call.body))
             except (aiohttp.ClientError, TimeoutError) as exc:
                 outcome.finishing = True
                 pipe.finish(
@@ -670,6 +655,14 @@ class TokensaverProxy:
             pipe.finish(call, None, status="incomplete", error=error)
         await response.write_eof()
         return response
+
+
+_MODEL_CALL_DROP = frozenset({"accept-encoding", "accept"})  # a plugin's own call wants JSON
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    """A transformed body as sent upstream (compact UTF-8 JSON)."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class _Outcome:
