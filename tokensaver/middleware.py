@@ -174,11 +174,11 @@ class TokensaverMiddleware(_sdk.Middleware):
         self,
         call: Call,
         response: Any,
-        observer: type[_ObservedStream] | type[_AsyncObservedStream],
-        *,
-        spliced: bool = False,
+        observer: type[_ObservedStream] | type[_AsyncObservedStream] | None,
     ) -> Any | None:
         """The response to hand back as it is (an API error, or a stream observed on the way), else None.
+
+        ``observer`` None: a stream is not wrapped here (the caller reads it itself).
 
         API errors pass through untouched (the SDK raises and retries them); the attempt is recorded.
         """
@@ -188,9 +188,7 @@ class TokensaverMiddleware(_sdk.Middleware):
             return response
         for name, value in call.ctx.response_headers.items():
             http.headers[name] = value
-        if spliced:
-            return None
-        if "text/event-stream" in http.headers.get("content-type", ""):
+        if observer is not None and "text/event-stream" in http.headers.get("content-type", ""):
             return _sdk.replace_body_stream(response, observer(self.pipeline, call, http))
         return None
 
@@ -249,7 +247,7 @@ class TokensaverMiddleware(_sdk.Middleware):
     ) -> Any:
         """A streamed call whose answer may ask for plugin tools: streamed on as it comes (see ``Splice``)."""
         response = call_next(self._outgoing(request, call, headers))
-        passed = self._pass_through(call, response, _ObservedStream, spliced=True)
+        passed = self._pass_through(call, response, None)
         if passed is not None:
             return passed
         http = response.http_response
@@ -265,7 +263,7 @@ class TokensaverMiddleware(_sdk.Middleware):
     ) -> Any:
         """Async twin of ``_stream_plugin_tools``."""
         response = await call_next(self._outgoing(request, call, headers))
-        passed = self._pass_through(call, response, _AsyncObservedStream, spliced=True)
+        passed = self._pass_through(call, response, None)
         if passed is not None:
             return passed
         http = response.http_response
