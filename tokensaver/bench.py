@@ -19,9 +19,15 @@ The configurations:
 * any config file given (``--configs my.toml``);
 * ``headroom``: ``headroom.compress()`` then automatic caching, when ``headroom-ai`` is importable.
 
+Each source's conversations are split into a *tuning* and a *validation* half by a fixed rule
+(:func:`split_halves`); ``--half`` replays one half or both (``all``, each result tagged with its
+half).
+
 For each configuration and conversation it keeps the billed usage and dollars (from the
 emulator's ``usage``), the per-stage savings from the pipeline's records, the requests the emulator
-rejected, and fact retention (see :mod:`tokensaver.bench_facts`). Overhead (pipeline time per call
+rejected, fact retention (see :mod:`tokensaver.bench_facts`) and what the lost facts cost: each
+tool result a used fact was lost from is priced once as the round the agent makes to get it back
+(:func:`lost_round_usd`), and the saving against automatic caching is also given net of it. Overhead (pipeline time per call
 at ~10k/50k/200k tokens, and the peak memory of a replay) is in :mod:`tokensaver.bench_overhead`.
 Renderings (table, Markdown, self-contained HTML with inline SVG, JSON) are in
 :mod:`tokensaver.bench_render`.
@@ -47,6 +53,7 @@ from typing import Any
 from .emulator import Emulator
 from .errors import TokensaverError
 from .traces import (
+    FORMAT,
     Conversation,
     TraceCall,
     fixtures_dir,
@@ -72,6 +79,13 @@ QUICK_LIMIT_CALLS = 6
 QUICK_SIZES = (10_000, 50_000)
 SCOPES = ("source", "conversation")
 DEFAULT_GAP_SECONDS = 30.0
+HALVES = ("tuning", "validation", "all")
+SPLIT_RULE = (
+    "split by conversation, per source folder: the source's conversation files sorted by the sha256 of "
+    "the file name's stem (no directory, no extension); positions 0, 2, 4, ... are the tuning half, "
+    "1, 3, 5, ... the validation half"
+)
+LOST_READS = 20  # later calls that read a fetched-again result, at most
 USAGE_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
 
 
@@ -189,6 +203,53 @@ class TraceRef:
     path: str
     source: str
     size: int
+    half: str | None = None  # "tuning" | "validation" (see split_halves)
+
+
+def _split_key(path: str | Path) -> tuple[str, str]:
+    stem = Path(path).stem
+    return hashlib.sha256(stem.encode("utf-8")).hexdigest(), stem
+
+
+def split_halves(paths: list[Any]) -> dict[str, list[Any]]:
+    """The fixed tuning / validation split of conversation files (see ``SPLIT_RULE``).
+
+    Per source (the file's folder, :func:`source_name`), the files are sorted by the sha256 of
+    their name's stem; even positions (0, 2, 4, ...) are ``tuning``, odd ones ``validation``. The
+    items of ``paths`` (str or Path) are returned as given, in that order.
+    """
+    by_source: dict[str, list[Any]] = {}
+    for p in paths:
+        by_source.setdefault(source_name(Path(p)), []).append(p)
+    out: dict[str, list[Any]] = {"tuning": [], "validation": []}
+    for src in sorted(by_source):
+        for i, p in enumerate(sorted(by_source[src], key=_split_key)):
+            out["tuning" if i % 2 == 0 else "validation"].append(p)
+    return out
+
+
+def split_counts(refs: list[TraceRef]) -> dict[str, dict[str, int]]:
+    """Conversation files per source and half."""
+    out: dict[str, dict[str, int]] = {}
+    for r in refs:
+        row = out.setdefault(r.source, {"tuning": 0, "validation": 0})
+        row[r.half or "tuning"] += 1
+    return dict(sorted(out.items()))
+
+
+def _is_conversation_file(path: Path, data: bytes) -> bool:
+    """A ``.jsonl`` file, or JSON in the conversation format (not e.g. a folder's SOURCES.json)."""
+    if path.suffix != ".json":
+        return True
+    if FORMAT.encode() in data[:4096]:
+        return True
+    import json
+
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return True  # let load_conversation say what is wrong with it
+    return not isinstance(obj, dict) or obj.get("format") == FORMAT or "segments" in obj
 
 
 def source_name(path: Path) -> str:
@@ -212,6 +273,8 @@ def find_traces(paths: list[str | Path], sources: list[str] | None = None) -> tu
         if f.name.lower().startswith("readme"):
             continue
         data = f.read_bytes()
+        if not _is_conversation_file(f, data):
+            continue
         digest = hashlib.sha256(data).hexdigest()
         if digest in seen:
             dupes += 1
@@ -221,12 +284,18 @@ def find_traces(paths: list[str | Path], sources: list[str] | None = None) -> tu
         if sources and src not in sources:
             continue
         refs.append(TraceRef(str(f), src, len(data)))
+    halves = split_halves([r.path for r in refs])
+    half_of = {p: h for h in halves for p in halves[h]}
+    for r in refs:
+        r.half = half_of[r.path]
     return refs, dupes
 
 
 def load_ref(ref: TraceRef, limit_calls: int | None = None) -> Conversation:
     conv = load_conversation(ref.path)
     conv.source = ref.source
+    if ref.half:
+        conv.info["bench_half"] = ref.half
     if limit_calls:
         conv.calls = conv.calls[:limit_calls]
     return conv
@@ -331,6 +400,26 @@ def sequence_conversations(
     return out
 
 
+def lost_round_usd(
+    info: Any, prefix_tokens: int, result_tokens: int, calls_left: int, reads: int = LOST_READS
+) -> float:
+    """What a lost tool result costs: the round the agent makes to get it back.
+
+    One more call that reads the whole cached prefix of the call where the fact was needed
+    (``cache_read`` x ``prefix_tokens``), the result written to the cache again (``cache_write_5m``
+    x ``result_tokens``), and read again on the next calls (``cache_read`` x ``result_tokens`` x
+    min(``reads``, ``calls_left``)). ``info`` is the model's :class:`tokensaver.pricing.ModelInfo`.
+    """
+    from .pricing import PER
+
+    later = min(reads, max(0, calls_left))
+    return (
+        info.cache_read * prefix_tokens
+        + info.cache_write_5m * result_tokens
+        + info.cache_read * result_tokens * later
+    ) / PER
+
+
 def _replay_one(
     conv: Conversation,
     spec: ConfigSpec,
@@ -340,11 +429,15 @@ def _replay_one(
     tick: Callable[[int], None] | None,
 ) -> dict[str, Any]:
     """Replay ``conv`` under ``spec`` on ``emu`` (reset by ``replay`` unless ``emu.keep_cache``)."""
-    from .bench_facts import kept
+    from .bench_facts import FactTracker
     from .pricing import PriceTable
     from .replay import auto_cache, replay
+    from .tokens import default_counter
 
     prices = PriceTable()
+    tracker = FactTracker()
+    counter = default_counter()
+    priced: set[str] = set()  # tool results already priced as lost (once per conversation)
     res: dict[str, Any] = {
         "config": spec.name,
         "conversation": conv.id,
@@ -352,6 +445,10 @@ def _replay_one(
         "calls": len(conv.calls),
         "facts_used": 0,
         "facts_kept": 0,
+        "lost_results": 0,
+        "lost_fact_usd": 0.0,
+        "lost_samples": [],
+        "half": conv.info.get("bench_half"),
         "short_circuited": 0,
         "turn_cost_usd": [None] * len(conv.calls),
         "turn_hit_rate": [None] * len(conv.calls),
@@ -365,11 +462,31 @@ def _replay_one(
         if n > state["seen"]:
             rec = emu.requests[-1]
             if rec.status == 200 and isinstance(rec.body, dict):
-                res["facts_used"] += len(used[k])
-                res["facts_kept"] += kept(used[k], rec.body)
                 usage = rec.usage or {}
-                res["turn_cost_usd"][k] = round(prices.get(str(rec.body.get("model", ""))).cost(usage), 8)
+                info = prices.get(str(rec.body.get("model", "")))
                 billed_in = sum(int(usage.get(x) or 0) for x in USAGE_KEYS[:3])
+                n_kept, lost = tracker.lost_results(used[k], conv.calls[k].body, rec.body)
+                res["facts_used"] += len(used[k])
+                res["facts_kept"] += n_kept
+                for tid, block in lost.items():
+                    if tid in priced:
+                        continue
+                    priced.add(tid)
+                    tokens = counter.block(block)
+                    usd = lost_round_usd(info, billed_in, tokens, len(conv.calls) - k - 1)
+                    res["lost_results"] += 1
+                    res["lost_fact_usd"] += usd
+                    if len(res["lost_samples"]) < 5:
+                        res["lost_samples"].append(
+                            {
+                                "call": k,
+                                "tool_use_id": tid,
+                                "prefix_tokens": billed_in,
+                                "result_tokens": tokens,
+                                "usd": round(usd, 6),
+                            }
+                        )
+                res["turn_cost_usd"][k] = round(info.cost(usage), 8)
                 if billed_in:
                     res["turn_hit_rate"][k] = round(
                         int(usage.get("cache_read_input_tokens") or 0) / billed_in, 4
@@ -415,6 +532,7 @@ def _replay_one(
         res[k] = int(totals[k])
     res["cost_usd"] = round(totals["cost_usd"], 8)
     res["input_cost_usd"] = round(totals["input_cost_usd"], 8)
+    res["lost_fact_usd"] = round(res["lost_fact_usd"], 8)
     res["rejected"] = len(result.rejected)
     res["rejected_errors"] = [r["error"][:300] for r in result.rejected[:3]]
     if tick and result.rejected:
@@ -675,6 +793,7 @@ class BenchOptions:
     progress: bool = True
     scope: str = "source"
     gap_seconds: float = DEFAULT_GAP_SECONDS
+    half: str = "all"
 
 
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
@@ -695,7 +814,12 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     if not paths:
         fx = fixtures_dir()
         paths = [fx] if opts.quick and fx is not None else list(default_trace_dirs())
+    if opts.half not in HALVES:
+        raise TokensaverError(f"unknown half {opts.half!r}; accepted: {', '.join(HALVES)}")
     refs, dupes = find_traces(paths, opts.sources)
+    split = {"rule": SPLIT_RULE, "counts": split_counts(refs)}  # of every file found, before limits
+    if opts.half != "all":
+        refs = [r for r in refs if r.half == opts.half]
     refs.sort(key=lambda r: (r.source, r.path))
     if opts.per_source:
         taken: dict[str, int] = {}
@@ -765,7 +889,13 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             bar.close()
             for r in refs:
                 convs_meta.append(
-                    {"id": Path(r.path).stem, "source": r.source, "path": r.path, "calls": counts[r.path]}
+                    {
+                        "id": Path(r.path).stem,
+                        "source": r.source,
+                        "path": r.path,
+                        "calls": counts[r.path],
+                        "half": r.half,
+                    }
                 )
         else:
             convs = [load_ref(r, opts.limit_calls) for r in refs]
@@ -782,7 +912,13 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 bar.close()
             for conv, ref in zip(convs, refs, strict=True):
                 convs_meta.append(
-                    {"id": conv.id, "source": conv.source, "path": ref.path, "calls": len(conv.calls)}
+                    {
+                        "id": conv.id,
+                        "source": conv.source,
+                        "path": ref.path,
+                        "calls": len(conv.calls),
+                        "half": ref.half,
+                    }
                 )
         # one order whatever the jobs: by configuration, then conversation as listed
         spec_order = {s.name: i for i, s in enumerate(specs)}
@@ -834,6 +970,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "replay_s": round(replay_seconds, 1),
         "scope": opts.scope,
         "scope_note": scope_note(opts.scope, opts.gap_seconds),
+        "half": opts.half,
+        "split": split,
         "machine": machine,
         "options": {
             "traces": [str(p) for p in paths],
@@ -846,6 +984,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             "quick": opts.quick,
             "cache_scope": opts.scope,
             "gap_seconds": opts.gap_seconds,
+            "half": opts.half,
             "duplicates_skipped": dupes,
         },
         "configs": [s.as_dict() for s in specs],
@@ -943,7 +1082,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=20, help="timed calls per request size (default 20)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--half",
+        choices=list(HALVES),
+        default="all",
+        help="replay the tuning or the validation half of every source, or all (default; results "
+        "tagged with their half): " + SPLIT_RULE,
+    )
+    parser.add_argument(
         "--cache-scope",
+        "--scope",
+        dest="cache_scope",
         choices=list(SCOPES),
         default="source",
         help="source (default): the conversations of a source share one prompt cache, replayed back to "
@@ -985,6 +1133,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         scope=args.cache_scope,
         gap_seconds=args.gap_seconds,
+        half=args.half,
     )
     data = run_bench(opts)
     text = render(data, args.format)

@@ -6,6 +6,10 @@ paths (a ``/`` with a leading ``/``, ``.``, ``~`` or two slashes, or a file exte
 strings. A fact is **used** when it occurs in a tool output of the original request *and* in the
 real assistant reply at call k (the model read it there and quoted it). It is **kept** when it
 still occurs, as a whole word, anywhere in the body the emulator received for that call.
+
+A used fact that is not kept is **lost**; :meth:`FactTracker.lost_results` names the tool result it
+came from (the latest one in the original request that holds it), so the bench can price the round
+the agent would make to get it back once per result (see :func:`tokensaver.bench.lost_round_usd`).
 """
 
 from __future__ import annotations
@@ -83,15 +87,21 @@ def iter_strings(obj: Any) -> Iterator[str]:
             yield from iter_strings(v)
 
 
-def tool_outputs(body: dict[str, Any]) -> Iterator[str]:
-    """The text of every tool_result block in a request body."""
+def tool_results(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every tool_result block in a request body, in order."""
     for m in body.get("messages") or []:
         content = m.get("content") if isinstance(m, dict) else None
         if not isinstance(content, list):
             continue
         for b in content:
             if isinstance(b, dict) and b.get("type") == "tool_result":
-                yield "\n".join(iter_strings(b.get("content")))
+                yield b
+
+
+def tool_outputs(body: dict[str, Any]) -> Iterator[str]:
+    """The text of every tool_result block in a request body."""
+    for b in tool_results(body):
+        yield "\n".join(iter_strings(b.get("content")))
 
 
 def reply_text(reply: Iterable[dict[str, Any]] | None) -> str:
@@ -145,6 +155,31 @@ class FactTracker:
             if len(seen) == len(said):
                 break
         return frozenset(seen)
+
+    def lost_results(
+        self, used: Iterable[str], original: dict[str, Any], sent_body: Any
+    ) -> tuple[int, dict[str, dict[str, Any]]]:
+        """How many of ``used`` were kept in ``sent_body``, and the tool results the others came from.
+
+        The second item maps a tool_use_id to its tool_result block in ``original`` (the request as
+        recorded): for each lost fact, the latest result there that holds it. Several lost facts
+        of one result name it once.
+        """
+        facts = list(used)
+        if not facts:
+            return 0, {}
+        blob = "\n".join(iter_strings(sent_body))
+        lost = [f for f in facts if not _occurs(f, blob)]
+        if not lost:
+            return len(facts), {}
+        results = list(tool_results(original))
+        out: dict[str, dict[str, Any]] = {}
+        for fact in lost:
+            for b in reversed(results):
+                if fact in self._facts("\n".join(iter_strings(b.get("content")))):
+                    out.setdefault(str(b.get("tool_use_id")), b)
+                    break
+        return len(facts) - len(lost), out
 
 
 def kept(facts: Iterable[str], sent_body: Any) -> int:

@@ -12,6 +12,13 @@ then ``totals`` (per configuration), ``by_source`` (source -> per configuration)
 billed $ per call at each turn, per configuration), ``overhead`` and ``memory``.
 Percentages ``vs_auto_pct`` / ``vs_none_pct`` are the saving on total billed dollars against the
 ``auto`` / ``none`` configurations over the same conversations (positive = cheaper).
+
+Lost facts: each result also has ``half`` (``tuning`` / ``validation``, see
+:func:`tokensaver.bench.split_halves`), ``lost_results`` (tool results a used fact was lost from,
+once per conversation), ``lost_fact_usd`` (their price, :func:`tokensaver.bench.lost_round_usd`) and
+``lost_samples``. Every aggregate row has ``vs_auto_input_pct`` (saving on input-side $ against
+``auto``) and ``net_vs_auto_input_pct`` (the same, net of ``lost_fact_usd``); ``by_half`` holds
+``totals`` and ``by_source`` per half.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ SUM_KEYS = (
     "input_cost_usd",
     "facts_used",
     "facts_kept",
+    "lost_results",
+    "lost_fact_usd",
     "short_circuited",
     "plugin_errors",
     "tokens_original",
@@ -67,7 +76,7 @@ def percentile(values: list[float], p: float) -> float | None:
 
 def _sum(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {k: 0 for k in SUM_KEYS}
-    out["cost_usd"] = out["input_cost_usd"] = out["seconds"] = 0.0
+    out["cost_usd"] = out["input_cost_usd"] = out["seconds"] = out["lost_fact_usd"] = 0.0
     stages: dict[str, dict[str, Any]] = {}
     overhead: list[float] = []
     skipped = None
@@ -85,6 +94,7 @@ def _sum(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["conversations"] = len({r["conversation"] for r in rows if not r.get("skipped")})
     out["cost_usd"] = round(out["cost_usd"], 6)
     out["input_cost_usd"] = round(out["input_cost_usd"], 6)
+    out["lost_fact_usd"] = round(out["lost_fact_usd"], 6)
     out["seconds"] = round(out["seconds"], 1)
     for row in stages.values():
         row["saved_usd"] = round(row["saved_usd"], 6)
@@ -109,6 +119,27 @@ def _compare(group: dict[str, dict[str, Any]]) -> None:
         for row in group.values():
             b = base["cost_usd"] if base else 0
             row[key] = round(100 * (b - row["cost_usd"]) / b, 2) if b and not row.get("skipped") else None
+    base = group.get("auto")
+    b_in = base["input_cost_usd"] if base else 0
+    for row in group.values():
+        ok = bool(b_in) and not row.get("skipped")
+        row["vs_auto_input_pct"] = round(100 * (b_in - row["input_cost_usd"]) / b_in, 2) if ok else None
+        row["net_vs_auto_input_pct"] = (
+            round(100 * (b_in - row["input_cost_usd"] - row["lost_fact_usd"]) / b_in, 2) if ok else None
+        )
+
+
+def _group(by_cfg: dict[str, list[dict[str, Any]]], order: list[str]) -> dict[str, Any]:
+    """``totals`` and ``by_source`` of some results (per configuration)."""
+    totals = {name: _sum(by_cfg.get(name, [])) for name in order}
+    _compare(totals)
+    sources = sorted({r["source"] for rows in by_cfg.values() for r in rows})
+    by_source: dict[str, dict[str, dict[str, Any]]] = {}
+    for src in sources:
+        group = {name: _sum([r for r in by_cfg.get(name, []) if r["source"] == src]) for name in order}
+        _compare(group)
+        by_source[src] = group
+    return {"totals": totals, "by_source": by_source}
 
 
 def aggregate(data: dict[str, Any]) -> dict[str, Any]:
@@ -119,14 +150,13 @@ def aggregate(data: dict[str, Any]) -> dict[str, Any]:
     by_cfg: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in results:
         by_cfg[r["config"]].append(r)
-    totals = {name: _sum(by_cfg.get(name, [])) for name in order}
-    _compare(totals)
-    sources = sorted({r["source"] for r in results})
-    by_source: dict[str, dict[str, dict[str, Any]]] = {}
-    for src in sources:
-        group = {name: _sum([r for r in by_cfg.get(name, []) if r["source"] == src]) for name in order}
-        _compare(group)
-        by_source[src] = group
+    whole = _group(by_cfg, order)
+    totals, by_source = whole["totals"], whole["by_source"]
+    by_half: dict[str, Any] = {}
+    for half in HALF_ORDER:
+        rows = {name: [r for r in v if (r.get("half") or "all") == half] for name, v in by_cfg.items()}
+        if any(rows.values()):
+            by_half[half] = _group(rows, order)
     turns: dict[str, list[float | None]] = {}
     n_conv = len({r["conversation"] for r in results})
     need = max(1, min(3, n_conv))
@@ -140,7 +170,7 @@ def aggregate(data: dict[str, Any]) -> dict[str, Any]:
         turns[name] = [
             round(sum(sums[k]) / len(sums[k]), 8) if sums.get(k) else None for k in range(last + 1)
         ]
-    return {"totals": totals, "by_source": by_source, "turns": turns}
+    return {"totals": totals, "by_source": by_source, "by_half": by_half, "turns": turns}
 
 
 # -- rows shared by every rendering ---------------------------------------------------------------
@@ -171,6 +201,31 @@ SOURCE_HEADERS = [
     "rejected",
     "facts kept",
 ]
+HALF_ORDER = ("tuning", "validation", "all")
+NET_HEADERS = [
+    "source",
+    "configuration",
+    "conv",
+    "calls",
+    "auto-caching $ (input)",
+    "config $ (input)",
+    "saving",
+    "lost results",
+    "lost-fact cost",
+    "net saving",
+    "facts kept",
+    "rejected",
+]
+NET_TITLE = "Savings net of lost facts (input side, against automatic caching)"
+NET_NOTE = (
+    "Input-side $ (input + cache writes + cache reads) billed by the emulator. A lost fact is a used "
+    "fact (in a tool output and in the model's next reply) missing from what was sent; each tool "
+    "result it was lost from is priced once per conversation as the round the agent makes to get it "
+    "back: one more call reading the whole prefix of the call that needed it from the cache (cache "
+    "read x its tokens), the result written again (5-minute cache write x the result's tokens) and "
+    "read on the next 20 calls (cache read x result tokens x min(20, calls left)). 'net saving' = "
+    "(auto - config - lost-fact cost) / auto."
+)
 STAGE_HEADERS = ["configuration", "stage", "changed calls", "tokens saved", "$ saved", "errors"]
 OVERHEAD_HEADERS = [
     "request",
@@ -244,6 +299,63 @@ def source_rows(data: dict[str, Any]) -> list[list[str]]:
                 ]
             )
     return rows
+
+
+def _usd_or_na(v: float | None) -> str:
+    return "n/a" if v is None else fmt_usd(v)
+
+
+def net_rows(data: dict[str, Any], half: str) -> list[list[str]]:
+    """Rows of the net-of-lost-facts table for one half: per source, then all sources."""
+    part = (data.get("by_half") or {}).get(half)
+    if not part:
+        return []
+    kinds = {c["name"]: c.get("kind") for c in data["configs"]}
+    groups = [*part["by_source"].items(), ("all sources", part["totals"])]
+    rows = []
+    for src, group in groups:
+        auto = group.get("auto")
+        for name, t in group.items():
+            if kinds.get(name) == "baseline" or t.get("skipped") or not t["calls"]:
+                continue
+            rows.append(
+                [
+                    src,
+                    name,
+                    fmt_int(t["conversations"]),
+                    fmt_int(t["calls"]),
+                    _usd_or_na(auto["input_cost_usd"] if auto and auto["calls"] else None),
+                    fmt_usd(t["input_cost_usd"]),
+                    fmt_pct(t["vs_auto_input_pct"]),
+                    fmt_int(t["lost_results"]),
+                    fmt_usd(t["lost_fact_usd"]),
+                    fmt_pct(t["net_vs_auto_input_pct"]),
+                    fmt_pct(t["facts_kept_pct"]),
+                    fmt_int(t["rejected"] + (auto["rejected"] if auto else 0)),
+                ]
+            )
+    return rows
+
+
+def net_halves(data: dict[str, Any]) -> list[str]:
+    """The halves with a net table, in order."""
+    return [h for h in HALF_ORDER if net_rows(data, h)]
+
+
+def half_title(half: str) -> str:
+    return {"tuning": "tuning half", "validation": "validation half"}.get(half, "all conversations")
+
+
+def split_line(data: dict[str, Any]) -> str | None:
+    split = data.get("split")
+    if not split:
+        return None
+    counts = ", ".join(f"{src} {c['tuning']}/{c['validation']}" for src, c in split["counts"].items())
+    half = data.get("half") or "all"
+    return (
+        f"Halves: {split['rule']}. Conversation files per source (tuning/validation): {counts}. "
+        f"Replayed: {half_title(half) if half != 'all' else 'both halves'}."
+    )
 
 
 def stage_rows(data: dict[str, Any]) -> list[list[str]]:
@@ -354,6 +466,7 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         + f" in {data['duration_s']:.0f} s (replays {data['replay_s']:.0f} s, {o['jobs']} job(s)).",
         "Machine: " + machine_line(data) + ".",
         scope_sentence(data),
+        *([line] if (line := split_line(data)) else []),
         "Billed figures: the emulator's usage for each request (API prompt-cache rules; Claude prices). "
         "'vs auto' = saving on total billed $ "
         "against the API's automatic caching alone. Plugins run alone send no cache_control unless "
@@ -389,6 +502,11 @@ def _problems(data: dict[str, Any]) -> list[str]:
 def to_table(data: dict[str, Any]) -> str:
     out = [title(data), ""]
     out += summary_lines(data)
+    for half in net_halves(data):
+        out += ["", f"{NET_TITLE}, {half_title(half)}"]
+        out += text_table(NET_HEADERS, net_rows(data, half), right=set(range(2, 12)))
+    if net_halves(data):
+        out += [NET_NOTE]
     out += ["", "Totals per configuration"]
     out += text_table(MAIN_HEADERS, main_rows(data), right=set(range(1, 13)))
     out += ["", "Per source"]
@@ -421,6 +539,12 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
 def to_markdown(data: dict[str, Any]) -> str:
     out = ["## " + title(data), ""]
     out += summary_lines(data)
+    halves = net_halves(data)
+    if halves:
+        out += ["", f"### {NET_TITLE}", "", NET_NOTE]
+    for half in halves:
+        out += ["", f"#### {half_title(half).capitalize()}", ""]
+        out += _md_table(NET_HEADERS, net_rows(data, half))
     out += ["", "### Totals per configuration", ""]
     out += _md_table(MAIN_HEADERS, main_rows(data))
     out += ["", "### Per source", ""]
@@ -545,6 +669,10 @@ def to_html(data: dict[str, Any]) -> str:
         title=title(data),
         summary=summary_lines(data),
         main=(MAIN_HEADERS, main_rows(data)),
+        net=[(half_title(h).capitalize(), net_rows(data, h)) for h in net_halves(data)],
+        net_headers=NET_HEADERS,
+        net_title=NET_TITLE,
+        net_note=NET_NOTE,
         sources=(SOURCE_HEADERS, source_rows(data)),
         stages=(STAGE_HEADERS, stage_rows(data)),
         overhead=(OVERHEAD_HEADERS, overhead_rows(data)),
