@@ -1,29 +1,16 @@
 """An offline stand-in for the Anthropic Messages API: validation, prompt-cache billing, SSE, a clock.
 
 ``with Emulator() as emu: anthropic.Anthropic(base_url=emu.url, api_key="x")``. Every module measures
-its savings against the usage this server bills, so the prompt-cache model follows the API's rules:
+its savings against the usage this server bills, so its prompt-cache billing follows the API's rules.
+Those rules (blocks, level settings, breakpoints, lookback, TTLs, minimum cacheable length, automatic
+caching, context-management edits) live in :mod:`tokensaver.billing`, the one implementation shared
+with the pipeline's counterfactual; this module adds validation, replies, SSE and the HTTP server.
 
-* The prompt is the ordered sequence of blocks: each tool definition, each system block, then each
-  message's content blocks (a string is one block). The first block of a message also carries the
-  per-message framing tokens, so the billed total equals ``TokenCounter.request(body)`` for bodies
-  whose tool definitions carry no ``cache_control``.
-* Some request settings change no block but still invalidate cache levels, per the docs' "What
-  invalidates the cache" table: ``speed`` invalidates the system and messages levels; ``tool_choice``,
-  the thinking settings (enable/disable, budget) and whether the prompt contains any image invalidate
-  the messages level only. They are mixed into the prefix hash where their level starts.
-* Breakpoints are blocks with ``cache_control`` plus, in automatic mode (top-level ``cache_control``),
-  the last cacheable block; at most 4. Entries are keyed by (model, hash of the prefix up to the block).
-* A request reads the longest cached prefix found at a breakpoint or up to 20 blocks before one
-  (the lookback), refreshing that entry's TTL; it writes the tokens after the hit up to the last
-  breakpoint whose prefix reaches the model's minimum cacheable length, split 5m / 1h by the TTL of the
-  breakpoint that covers them, and stores an entry at each such breakpoint.
-
-The emulator imports only ``tokensaver.tokens``, ``tokensaver.pricing`` and ``tokensaver.sse``.
+The emulator imports only ``tokensaver.billing``, ``tokensaver.tokens``, ``tokensaver.pricing`` and ``tokensaver.sse``.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
@@ -32,30 +19,51 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from tokensaver.billing import (
+    CLEARED_PLACEHOLDER,
+    LOOKBACK,
+    MAX_BREAKPOINTS,
+    THINKING_TYPES,
+    TTL_SECONDS,
+    Billing,
+    CacheModel,
+    PromptBlock,
+    apply_context_management,
+    level_salts,
+    prefix_hashes,
+    prompt_blocks,
+)
+from tokensaver.billing import breakpoints as _breakpoints
 from tokensaver.pricing import PriceTable
 from tokensaver.sse import message_to_sse
-from tokensaver.tokens import MESSAGE_OVERHEAD, canonical_json, default_counter, strip_block_cache_control
+from tokensaver.tokens import default_counter
 
 __all__ = [
+    "CLEARED_PLACEHOLDER",
+    "LOOKBACK",
+    "TTL_SECONDS",
     "Emulator",
     "EmulatorError",
+    "PromptBlock",
     "RecordedRequest",
     "VirtualClock",
     "WallClock",
+    "apply_context_management",
+    "prompt_blocks",
     "serve",
 ]
 
 DEFAULT_REPLY = "This is a reply from the tokensaver emulator."
-LOOKBACK = 20
-MAX_BREAKPOINTS = 4
-TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 DEFAULT_START = 1_700_000_000.0
-CLEARED_PLACEHOLDER = "[cleared to save context]"
+# the names this module used before the rules moved to tokensaver.billing
+_Billing = Billing
+_prefix_hashes = prefix_hashes
+_level_salts = level_salts
 
 ALLOWED_FIELDS = frozenset(
     {
@@ -107,7 +115,6 @@ COUNT_TOKENS_FIELDS = frozenset(
     }
 )
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
-THINKING_TYPES = ("thinking", "redacted_thinking")
 
 
 # --- public helpers --------------------------------------------------------------------------------
@@ -227,113 +234,6 @@ def refuses_sampling(model: str) -> bool:
 def refuses_temperature_with_top_p(model: str) -> bool:
     _, major, minor = model_version(model)
     return (major, minor) in ((4, 5), (4, 6))
-
-
-# --- the prompt as a block sequence ----------------------------------------------------------------
-
-
-@dataclass
-class PromptBlock:
-    where: str  # "tools.3", "system.0", "messages.2.content.1"
-    block: Any
-    tokens: int
-    tag: str  # section / role / message-start marker that goes into the prefix hash
-    cacheable: bool
-    cache_control: dict[str, Any] | None
-
-
-def prompt_blocks(body: dict[str, Any]) -> list[PromptBlock]:
-    """The request as the ordered block sequence the prompt cache sees."""
-    counter = default_counter()
-    out: list[PromptBlock] = []
-
-    def add(where: str, block: Any, tag: str, extra: int = 0) -> None:
-        cc = block.get("cache_control") if isinstance(block, dict) else None
-        kind = block.get("type") if isinstance(block, dict) else None
-        empty_text = kind == "text" and not str(block.get("text", "")).strip()
-        cacheable = (
-            kind not in THINKING_TYPES and not empty_text and not (isinstance(block, str) and not block)
-        )
-        out.append(PromptBlock(where, block, counter.block(block) + extra, tag, cacheable, cc))
-
-    for i, tool in enumerate(body.get("tools") or []):
-        add(f"tools.{i}", tool, "tools")
-    system = body.get("system")
-    if isinstance(system, str):
-        if system:
-            add("system", system, "system")
-    elif isinstance(system, list):
-        for i, b in enumerate(system):
-            add(f"system.{i}", b, "system")
-    for mi, msg in enumerate(body.get("messages") or []):
-        role = str(msg.get("role"))
-        content = msg.get("content")
-        blocks = [content] if isinstance(content, str) else list(content or [])
-        for bi, b in enumerate(blocks):
-            where = f"messages.{mi}" if isinstance(content, str) else f"messages.{mi}.content.{bi}"
-            add(where, b, f"{role}:{'start' if bi == 0 else 'cont'}", MESSAGE_OVERHEAD if bi == 0 else 0)
-    return out
-
-
-def _has_image(node: Any) -> bool:
-    if isinstance(node, dict):
-        return node.get("type") == "image" or any(_has_image(v) for v in node.values())
-    if isinstance(node, list):
-        return any(_has_image(v) for v in node)
-    return False
-
-
-def _level_salts(body: dict[str, Any] | None) -> tuple[bytes, bytes]:
-    """Request settings that invalidate the system / messages cache levels without changing any block.
-
-    Per the "What invalidates the cache" table of the prompt-caching docs: the speed setting
-    invalidates the system and messages caches; ``tool_choice``, the thinking settings
-    (enable/disable, budget) and the presence of images anywhere in the prompt invalidate only the
-    messages cache. Values are taken as sent (an absent field and its default are not equated).
-    Empty when nothing is set, so such requests hash exactly as before.
-    """
-    if not body:
-        return b"", b""
-    system: dict[str, Any] = {}
-    if body.get("speed") is not None:
-        system["speed"] = body["speed"]
-    messages: dict[str, Any] = {}
-    if body.get("tool_choice") is not None:
-        messages["tool_choice"] = body["tool_choice"]
-    th = body.get("thinking")
-    if isinstance(th, dict):
-        messages["thinking"] = [th.get("type"), th.get("budget_tokens")]
-    if _has_image([body.get("system"), body.get("messages")]):
-        messages["images"] = True
-    return (
-        canonical_json(system).encode() if system else b"",
-        canonical_json(messages).encode() if messages else b"",
-    )
-
-
-def _prefix_hashes(blocks: list[PromptBlock], body: dict[str, Any] | None = None) -> list[str]:
-    """Running hash of the prefix ending at each block; ``body`` supplies the level settings.
-
-    The system-level settings are mixed in before the first non-tool block and the messages-level
-    settings before the first message block, so a change in them misses at that level and after it
-    while the levels before it still hit.
-    """
-    salts = _level_salts(body)
-    hashes: list[str] = []
-    h = hashlib.sha256()
-    level = 0  # 0 tools, 1 system, 2 messages: how far the settings have been mixed in
-    for b in blocks:
-        at = 0 if b.tag == "tools" else 1 if b.tag == "system" else 2
-        while level < at:
-            level += 1
-            if salts[level - 1]:
-                h.update(b"\2" + salts[level - 1] + b"\3")
-        h.update(b.tag.encode())
-        h.update(b"\0")
-        h.update(canonical_json(strip_block_cache_control(b.block)).encode())
-        h.update(b"\1")
-        hashes.append(h.copy().hexdigest())
-    return hashes
 
 
 # --- validation -------------------------------------------------------------------------------------
@@ -603,17 +503,6 @@ def _validate_block(where: str, b: Any, role: str, seen_ids: set[str]) -> None:
             raise _invalid(f"{where}.thinking: `thinking` and `signature` are required")
 
 
-def _breakpoints(body: dict[str, Any], blocks: list[PromptBlock]) -> list[tuple[int, str]]:
-    """(block index, ttl) of every breakpoint, explicit and automatic, in prompt order."""
-    bps = [(i, str(b.cache_control.get("ttl", "5m"))) for i, b in enumerate(blocks) if b.cache_control]
-    auto = body.get("cache_control")
-    if auto is not None:
-        last = next((i for i in range(len(blocks) - 1, -1, -1) if blocks[i].cacheable), None)
-        if last is not None and all(i != last for i, _ in bps):
-            bps.append((last, str(auto.get("ttl", "5m"))))
-    return sorted(bps)
-
-
 def _validate_breakpoints(body: dict[str, Any]) -> None:
     for i, tool in enumerate(body.get("tools") or []):
         if "cache_control" in tool:
@@ -648,95 +537,7 @@ def _validate_breakpoints(body: dict[str, Any]) -> None:
             )
 
 
-# --- context management ------------------------------------------------------------------------------
-
-
-def apply_context_management(body: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Apply ``clear_tool_uses_20250919`` edits; returns (edited body, applied_edits)."""
-    cm = body.get("context_management")
-    edits = cm.get("edits") if isinstance(cm, dict) else None
-    if not edits:
-        return body, []
-    applied: list[dict[str, Any]] = []
-    for edit in edits:
-        if not isinstance(edit, dict) or edit.get("type") != "clear_tool_uses_20250919":
-            continue
-        before = sum(b.tokens for b in prompt_blocks(body))
-        trigger = (edit.get("trigger") or {}).get("value", 100_000)
-        if before <= trigger:
-            continue
-        keep = int((edit.get("keep") or {}).get("value", 3))
-        exclude = set(edit.get("exclude_tools") or [])
-        uses = [
-            b["id"]
-            for m in body["messages"]
-            if m.get("role") == "assistant" and isinstance(m.get("content"), list)
-            for b in m["content"]
-            if isinstance(b, dict) and b.get("type") == "tool_use" and b.get("name") not in exclude
-        ]
-        targets = set(uses[: max(0, len(uses) - keep)])
-        edited = copy.deepcopy(body)
-        cleared = 0
-        for m in edited["messages"]:
-            if m.get("role") != "user" or not isinstance(m.get("content"), list):
-                continue
-            for b in m["content"]:
-                if (
-                    isinstance(b, dict)
-                    and b.get("type") == "tool_result"
-                    and b.get("tool_use_id") in targets
-                    and b.get("content") != CLEARED_PLACEHOLDER
-                ):
-                    b["content"] = CLEARED_PLACEHOLDER
-                    cleared += 1
-        if not cleared:
-            continue
-        after = sum(b.tokens for b in prompt_blocks(edited))
-        at_least = (edit.get("clear_at_least") or {}).get("value", 0)
-        if before - after < at_least:
-            continue
-        body = edited
-        applied.append(
-            {
-                "type": "clear_tool_uses_20250919",
-                "cleared_tool_uses": cleared,
-                "cleared_input_tokens": before - after,
-            }
-        )
-    return body, applied
-
-
 # --- the emulator --------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Entry:
-    expires: float
-    ttl: str
-
-
-@dataclass
-class _Billing:
-    input_tokens: int
-    cache_read: int
-    write_5m: int
-    write_1h: int
-    total: int
-    hit_at: int | None = None
-    written_at: list[int] = field(default_factory=list)
-
-    def usage(self, output_tokens: int) -> dict[str, Any]:
-        return {
-            "input_tokens": self.input_tokens,
-            "cache_creation_input_tokens": self.write_5m + self.write_1h,
-            "cache_read_input_tokens": self.cache_read,
-            "cache_creation": {
-                "ephemeral_5m_input_tokens": self.write_5m,
-                "ephemeral_1h_input_tokens": self.write_1h,
-            },
-            "output_tokens": output_tokens,
-            "service_tier": "standard",
-        }
 
 
 class Emulator:
@@ -762,7 +563,7 @@ class Emulator:
         self.clock: WallClock | VirtualClock = VirtualClock(start_time) if virtual_clock else WallClock()
         self.replies: deque[Reply] = deque(replies or [])
         self.requests: list[RecordedRequest] = []
-        self._cache: dict[tuple[str, str], _Entry] = {}
+        self.cache = CacheModel(self.prices)
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
@@ -817,61 +618,26 @@ class Emulator:
         with self._lock:
             self.requests.clear()
             self.replies.clear()
-            self._cache.clear()
+            self.cache.clear()
 
     def clear_cache(self) -> None:
         with self._lock:
-            self._cache.clear()
+            self.cache.clear()
 
     def cache_size(self) -> int:
         """Live (unexpired) cache entries."""
-        now = self.clock.now()
-        with self._lock:
-            return sum(1 for e in self._cache.values() if e.expires >= now)
+        return self.cache.size(self.clock.now())
 
     @property
     def last(self) -> RecordedRequest:
         return self.requests[-1]
 
     # request processing (independent of HTTP, so it is also usable in-process)
-    def bill(self, body: dict[str, Any], now: float | None = None) -> _Billing:
+    def bill(self, body: dict[str, Any], now: float | None = None) -> Billing:
         """Prompt-cache accounting for a validated body; updates the cache."""
         now = self.clock.now() if now is None else now
-        model = str(body["model"])
-        blocks = prompt_blocks(body)
-        hashes = _prefix_hashes(blocks, body)
-        prefix = list(itertools.accumulate(b.tokens for b in blocks))
-        total = prefix[-1] if prefix else 0
-        bps = _breakpoints(body, blocks)
-        min_cache = self.prices.get(model).min_cache
         with self._lock:
-            hit: int | None = None
-            for bp, _ in bps:
-                for j in range(bp, max(-1, bp - LOOKBACK - 1), -1):
-                    entry = self._cache.get((model, hashes[j]))
-                    if entry is not None and entry.expires >= now:
-                        if hit is None or j > hit:
-                            hit = j
-                        break
-            if hit is not None:
-                entry = self._cache[(model, hashes[hit])]
-                entry.expires = now + TTL_SECONDS[entry.ttl]
-            read = prefix[hit] if hit is not None else 0
-            w5 = w1 = 0
-            written: list[int] = []
-            prev_end = hit if hit is not None else -1
-            for bp, ttl in bps:
-                if bp <= prev_end or prefix[bp] < min_cache:
-                    continue
-                seg = prefix[bp] - (prefix[prev_end] if prev_end >= 0 else 0)
-                if ttl == "1h":
-                    w1 += seg
-                else:
-                    w5 += seg
-                self._cache[(model, hashes[bp])] = _Entry(now + TTL_SECONDS[ttl], ttl)
-                written.append(bp)
-                prev_end = bp
-        return _Billing(total - read - w5 - w1, read, w5, w1, total, hit, written)
+            return self.cache.bill(body, now)
 
     def _next_reply(self, body: dict[str, Any]) -> Any:
         with self._lock:
@@ -880,7 +646,7 @@ class Emulator:
             item = item(body)
         return item
 
-    def _build_message(self, item: Any, body: dict[str, Any], n: int, billing: _Billing) -> dict[str, Any]:
+    def _build_message(self, item: Any, body: dict[str, Any], n: int, billing: Billing) -> dict[str, Any]:
         given: dict[str, Any] = {}
         if isinstance(item, str):
             content: list[dict[str, Any]] = [{"type": "text", "text": item}]

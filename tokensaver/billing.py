@@ -1,0 +1,430 @@
+"""The API's prompt-cache billing rules, in one place, with no I/O.
+
+Used by the emulator (what it bills), the pipeline (what the caller's own requests would have been
+billed: the counterfactual behind "saved", and each stage's dollars) and, through the emulator, the
+bench. ``CacheModel().bill(body, now)`` returns a :class:`Billing` and updates the model's entries.
+
+* The prompt is the ordered sequence of blocks: each tool definition, each system block, then each
+  message's content blocks (a string is one block). The first block of a message also carries the
+  per-message framing tokens, so the billed total equals ``TokenCounter.request(body)`` for bodies
+  whose tool definitions carry no ``cache_control``.
+* Some request settings change no block but still invalidate cache levels, per the docs' "What
+  invalidates the cache" table: ``speed`` invalidates the system and messages levels; ``tool_choice``,
+  the thinking settings (enable/disable, budget) and whether the prompt contains any image invalidate
+  the messages level only. They are mixed into the prefix hash where their level starts.
+* Breakpoints are blocks with ``cache_control`` plus, in automatic mode (top-level ``cache_control``),
+  the last cacheable block; at most 4. Entries are keyed by (model, hash of the prefix up to the block).
+* A request reads the longest cached prefix found at a breakpoint or up to 20 blocks before one
+  (the lookback), refreshing that entry's TTL; it writes the tokens after the hit up to the last
+  breakpoint whose prefix reaches the model's minimum cacheable length, split 5m / 1h by the TTL of the
+  breakpoint that covers them, and stores an entry at each such breakpoint.
+* ``context_management`` ``clear_tool_uses_20250919`` edits are applied before billing
+  (:func:`apply_context_management`), as the API bills the edited prompt.
+
+Cost: each block's content digest (canonical JSON, sha256) and token count are computed once per
+``memo`` (pass the same dict to several ``bill`` calls over bodies that share block objects, as the
+pipeline's stages do) and token counts are kept by digest across calls; the prefix hashes chain those
+digests, so billing a body is one digest pass plus O(blocks).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .pricing import ModelInfo, PriceTable
+from .tokens import MESSAGE_OVERHEAD, TokenCounter, canonical_json, default_counter, strip_block_cache_control
+
+__all__ = [
+    "LOOKBACK",
+    "MAX_BREAKPOINTS",
+    "TTL_SECONDS",
+    "Billing",
+    "CacheModel",
+    "PromptBlock",
+    "apply_context_management",
+    "breakpoints",
+    "prefix_hashes",
+    "price",
+    "prompt_blocks",
+]
+
+LOOKBACK = 20
+MAX_BREAKPOINTS = 4
+TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
+THINKING_TYPES = ("thinking", "redacted_thinking")
+CLEARED_PLACEHOLDER = "[cleared to save context]"
+AUTO: dict[str, Any] = {"type": "ephemeral"}
+
+Memo = dict[int, tuple[Any, bytes, int, bool]]  # id(block) -> (block kept alive, digest, tokens, image)
+
+
+# -- the prompt as a block sequence ---------------------------------------------------------------
+
+
+@dataclass
+class PromptBlock:
+    where: str  # "tools.3", "system.0", "messages.2.content.1"
+    block: Any
+    tokens: int
+    tag: str  # section / role / message-start marker that goes into the prefix hash
+    cacheable: bool
+    cache_control: dict[str, Any] | None
+    digest: bytes = b""  # sha256 of the block's canonical JSON without its cache_control
+    image: bool = False  # the block is or contains an image
+
+
+class _Digests:
+    """Token counts (and whether there is an image) by content digest, shared across calls (bounded)."""
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self.facts: OrderedDict[bytes, tuple[int, bool]] = OrderedDict()
+        self.max = max_entries
+        self.lock = threading.Lock()
+
+    def get(self, block: Any, counter: TokenCounter) -> tuple[bytes, int, bool]:
+        stripped = strip_block_cache_control(block)
+        digest = hashlib.sha256(canonical_json(stripped).encode()).digest()
+        with self.lock:
+            known = self.facts.get(digest)
+            if known is not None:
+                self.facts.move_to_end(digest)
+                return digest, known[0], known[1]
+        facts = (counter.block(stripped), _has_image(stripped))
+        with self.lock:
+            self.facts[digest] = facts
+            if len(self.facts) > self.max:
+                self.facts.popitem(last=False)
+        return digest, facts[0], facts[1]
+
+
+_DIGESTS = _Digests()
+
+
+def prompt_blocks(body: dict[str, Any], memo: Memo | None = None) -> list[PromptBlock]:
+    """The request as the ordered block sequence the prompt cache sees.
+
+    :param memo: per-block digests and counts by object identity, reused by later calls given the
+        same dict (bodies that share block objects, e.g. a request before and after each stage).
+    """
+    counter = default_counter()
+    out: list[PromptBlock] = []
+    memo = {} if memo is None else memo
+
+    def add(where: str, block: Any, tag: str, extra: int = 0) -> None:
+        cc = block.get("cache_control") if isinstance(block, dict) else None
+        kind = block.get("type") if isinstance(block, dict) else None
+        empty_text = kind == "text" and not str(block.get("text", "")).strip()
+        cacheable = (
+            kind not in THINKING_TYPES and not empty_text and not (isinstance(block, str) and not block)
+        )
+        seen = memo.get(id(block))
+        if seen is not None and seen[0] is block:
+            digest, tokens, image = seen[1], seen[2], seen[3]
+        else:
+            digest, tokens, image = _DIGESTS.get(block, counter)
+            memo[id(block)] = (block, digest, tokens, image)
+        out.append(PromptBlock(where, block, tokens + extra, tag, cacheable, cc, digest, image))
+
+    for i, tool in enumerate(body.get("tools") or []):
+        add(f"tools.{i}", tool, "tools")
+    system = body.get("system")
+    if isinstance(system, str):
+        if system:
+            add("system", system, "system")
+    elif isinstance(system, list):
+        for i, b in enumerate(system):
+            add(f"system.{i}", b, "system")
+    for mi, msg in enumerate(body.get("messages") or []):
+        role = str(msg.get("role"))
+        content = msg.get("content")
+        blocks = [content] if isinstance(content, str) else list(content or [])
+        for bi, b in enumerate(blocks):
+            where = f"messages.{mi}" if isinstance(content, str) else f"messages.{mi}.content.{bi}"
+            add(where, b, f"{role}:{'start' if bi == 0 else 'cont'}", MESSAGE_OVERHEAD if bi == 0 else 0)
+    return out
+
+
+def _has_image(node: Any) -> bool:
+    if isinstance(node, dict):
+        return node.get("type") == "image" or any(_has_image(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_image(v) for v in node)
+    return False
+
+
+def level_salts(body: dict[str, Any] | None, blocks: list[PromptBlock] | None = None) -> tuple[bytes, bytes]:
+    """Request settings that invalidate the system / messages cache levels without changing any block.
+
+    Per the "What invalidates the cache" table of the prompt-caching docs: the speed setting
+    invalidates the system and messages caches; ``tool_choice``, the thinking settings
+    (enable/disable, budget) and the presence of images anywhere in the prompt invalidate only the
+    messages cache. Values are taken as sent (an absent field and its default are not equated).
+    Empty when nothing is set, so such requests hash exactly as before.
+    """
+    if not body:
+        return b"", b""
+    system: dict[str, Any] = {}
+    if body.get("speed") is not None:
+        system["speed"] = body["speed"]
+    messages: dict[str, Any] = {}
+    if body.get("tool_choice") is not None:
+        messages["tool_choice"] = body["tool_choice"]
+    th = body.get("thinking")
+    if isinstance(th, dict):
+        messages["thinking"] = [th.get("type"), th.get("budget_tokens")]
+    if blocks is not None:
+        images = any(b.image for b in blocks if b.tag != "tools")
+    else:
+        images = _has_image([body.get("system"), body.get("messages")])
+    if images:
+        messages["images"] = True
+    return (
+        canonical_json(system).encode() if system else b"",
+        canonical_json(messages).encode() if messages else b"",
+    )
+
+
+def prefix_hashes(blocks: list[PromptBlock], body: dict[str, Any] | None = None) -> list[bytes]:
+    """Running hash of the prefix ending at each block; ``body`` supplies the level settings.
+
+    The system-level settings are mixed in before the first non-tool block and the messages-level
+    settings before the first message block, so a change in them misses at that level and after it
+    while the levels before it still hit.
+    """
+    salts = level_salts(body, blocks)
+    hashes: list[bytes] = []
+    h = hashlib.sha256()
+    level = 0  # 0 tools, 1 system, 2 messages: how far the settings have been mixed in
+    for b in blocks:
+        at = 0 if b.tag == "tools" else 1 if b.tag == "system" else 2
+        while level < at:
+            level += 1
+            if salts[level - 1]:
+                h.update(b"\2" + salts[level - 1] + b"\3")
+        h.update(b.tag.encode() + b"\0" + b.digest + b"\1")
+        hashes.append(h.copy().digest())
+    return hashes
+
+
+def breakpoints(
+    body: dict[str, Any], blocks: list[PromptBlock], *, auto_only: bool = False
+) -> list[tuple[int, str]]:
+    """(block index, ttl) of every breakpoint, explicit and automatic, in prompt order.
+
+    :param auto_only: the request with automatic caching alone (the blocks' own ``cache_control``
+        ignored, a top-level 5m ``cache_control`` assumed).
+    """
+    bps = (
+        []
+        if auto_only
+        else [(i, str(b.cache_control.get("ttl", "5m"))) for i, b in enumerate(blocks) if b.cache_control]
+    )
+    auto = AUTO if auto_only else body.get("cache_control")
+    if auto is not None:
+        last = next((i for i in range(len(blocks) - 1, -1, -1) if blocks[i].cacheable), None)
+        if last is not None and all(i != last for i, _ in bps):
+            bps.append((last, str(auto.get("ttl", "5m"))))
+    return sorted(bps)
+
+
+# -- context management ---------------------------------------------------------------------------
+
+
+def apply_context_management(body: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Apply ``clear_tool_uses_20250919`` edits; returns (edited body, applied_edits)."""
+    cm = body.get("context_management")
+    edits = cm.get("edits") if isinstance(cm, dict) else None
+    if not edits:
+        return body, []
+    applied: list[dict[str, Any]] = []
+    for edit in edits:
+        if not isinstance(edit, dict) or edit.get("type") != "clear_tool_uses_20250919":
+            continue
+        before = sum(b.tokens for b in prompt_blocks(body))
+        trigger = (edit.get("trigger") or {}).get("value", 100_000)
+        if before <= trigger:
+            continue
+        keep = int((edit.get("keep") or {}).get("value", 3))
+        exclude = set(edit.get("exclude_tools") or [])
+        uses = [
+            b["id"]
+            for m in body["messages"]
+            if m.get("role") == "assistant" and isinstance(m.get("content"), list)
+            for b in m["content"]
+            if isinstance(b, dict) and b.get("type") == "tool_use" and b.get("name") not in exclude
+        ]
+        targets = set(uses[: max(0, len(uses) - keep)])
+        edited = copy.deepcopy(body)
+        cleared = 0
+        for m in edited["messages"]:
+            if m.get("role") != "user" or not isinstance(m.get("content"), list):
+                continue
+            for b in m["content"]:
+                if (
+                    isinstance(b, dict)
+                    and b.get("type") == "tool_result"
+                    and b.get("tool_use_id") in targets
+                    and b.get("content") != CLEARED_PLACEHOLDER
+                ):
+                    b["content"] = CLEARED_PLACEHOLDER
+                    cleared += 1
+        if not cleared:
+            continue
+        after = sum(b.tokens for b in prompt_blocks(edited))
+        at_least = (edit.get("clear_at_least") or {}).get("value", 0)
+        if before - after < at_least:
+            continue
+        body = edited
+        applied.append(
+            {
+                "type": "clear_tool_uses_20250919",
+                "cleared_tool_uses": cleared,
+                "cleared_input_tokens": before - after,
+            }
+        )
+    return body, applied
+
+
+# -- billing ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Billing:
+    """The input side of one request as the API bills it (tokens), and where it hit and wrote."""
+
+    input_tokens: int
+    cache_read: int
+    write_5m: int
+    write_1h: int
+    total: int
+    hit_at: int | None = None
+    written_at: list[int] = field(default_factory=list)
+
+    def usage(self, output_tokens: int) -> dict[str, Any]:
+        """The ``usage`` object of a response with this billing."""
+        return {
+            "input_tokens": self.input_tokens,
+            "cache_creation_input_tokens": self.write_5m + self.write_1h,
+            "cache_read_input_tokens": self.cache_read,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": self.write_5m,
+                "ephemeral_1h_input_tokens": self.write_1h,
+            },
+            "output_tokens": output_tokens,
+            "service_tier": "standard",
+        }
+
+
+def price(billing: Billing, model: ModelInfo, scale: float = 1.0) -> float:
+    """Input-side dollars of ``billing``, its token counts multiplied by ``scale`` first."""
+    return (
+        (
+            billing.input_tokens * model.input
+            + billing.write_5m * model.cache_write_5m
+            + billing.write_1h * model.cache_write_1h
+            + billing.cache_read * model.cache_read
+        )
+        * scale
+        / 1e6
+    )
+
+
+@dataclass
+class _Entry:
+    expires: float
+    ttl: str
+
+
+class CacheModel:
+    """One prompt cache (an organization's, or a shadow of one): its entries and how it bills.
+
+    :param max_entries: a cap on live entries (None: unbounded, as the emulator); past it the
+        entries closest to expiry are dropped. Expired entries are purged as time passes.
+    """
+
+    def __init__(self, prices: PriceTable | None = None, *, max_entries: int | None = None) -> None:
+        self.prices = prices or PriceTable()
+        self.max_entries = max_entries
+        self.entries: dict[tuple[str, bytes], _Entry] = {}
+        self._lock = threading.RLock()
+        self._purged = 0.0
+
+    def clear(self) -> None:
+        with self._lock:
+            self.entries.clear()
+
+    def size(self, now: float) -> int:
+        """Live (unexpired) entries."""
+        with self._lock:
+            return sum(1 for e in self.entries.values() if e.expires >= now)
+
+    def bill(
+        self,
+        body: dict[str, Any],
+        now: float,
+        *,
+        memo: Memo | None = None,
+        auto_only: bool = False,
+        blocks: list[PromptBlock] | None = None,
+    ) -> Billing:
+        """Prompt-cache accounting for a (validated) body at time ``now``; updates the entries.
+
+        :param auto_only: bill the request as if it used automatic caching alone.
+        :param blocks: ``prompt_blocks(body)`` when the caller has them already.
+        """
+        model = str(body.get("model", ""))
+        blocks = prompt_blocks(body, memo) if blocks is None else blocks
+        hashes = prefix_hashes(blocks, body)
+        prefix = list(itertools.accumulate(b.tokens for b in blocks))
+        total = prefix[-1] if prefix else 0
+        bps = breakpoints(body, blocks, auto_only=auto_only)
+        min_cache = self.prices.get(model).min_cache
+        cache = self.entries
+        with self._lock:
+            self._purge(now)
+            hit: int | None = None
+            for bp, _ in bps:
+                for j in range(bp, max(-1, bp - LOOKBACK - 1), -1):
+                    entry = cache.get((model, hashes[j]))
+                    if entry is not None and entry.expires >= now:
+                        if hit is None or j > hit:
+                            hit = j
+                        break
+            if hit is not None:
+                entry = cache[(model, hashes[hit])]
+                entry.expires = now + TTL_SECONDS[entry.ttl]
+            read = prefix[hit] if hit is not None else 0
+            w5 = w1 = 0
+            written: list[int] = []
+            prev_end = hit if hit is not None else -1
+            for bp, ttl in bps:
+                if bp <= prev_end or prefix[bp] < min_cache:
+                    continue
+                seg = prefix[bp] - (prefix[prev_end] if prev_end >= 0 else 0)
+                if ttl == "1h":
+                    w1 += seg
+                else:
+                    w5 += seg
+                cache[(model, hashes[bp])] = _Entry(now + TTL_SECONDS[ttl], ttl)
+                written.append(bp)
+                prev_end = bp
+            if self.max_entries is not None and len(cache) > self.max_entries:
+                for k, _ in sorted(cache.items(), key=lambda kv: kv[1].expires)[
+                    : len(cache) - self.max_entries
+                ]:
+                    del cache[k]
+        return Billing(total - read - w5 - w1, read, w5, w1, total, hit, written)
+
+    def _purge(self, now: float) -> None:
+        # the emulator keeps expired entries (unbounded, harmless); shadow caches drop them a minute apart
+        if self.max_entries is None or now - self._purged < 60:
+            return
+        self._purged = now
+        for k in [k for k, e in self.entries.items() if e.expires < now]:
+            del self.entries[k]
