@@ -64,7 +64,10 @@ integer, default 32), ``clear_payback`` (number between 0.1 and 100, default 2.0
 default true); the budget settings as above.
 
 Unsafe when the model needs the exact text of an old tool result that it cannot fetch again. When
-the request uses the API's server-side ``context_management``, prune stands aside.
+the request asks the API's server-side ``context_management`` to clear tool results or compact
+(``clear_tool_uses_*``, ``compact_*``, any edit type not known to leave tool results alone), prune
+stands aside; beside ``clear_thinking_*`` alone (real Claude Code sends it on every request) it works
+as usual, since thinking blocks are never edited here.
 """
 
 from __future__ import annotations
@@ -564,11 +567,36 @@ def _conversation(state: dict[str, Any], body: dict[str, Any], limit: int) -> di
     return conv
 
 
+# server-side edits that leave tool results alone (Claude Code sends clear_thinking on every request)
+_HARMLESS_EDITS = ("clear_thinking_",)
+
+
+def server_side_conflict(cm: Any) -> str | None:
+    """The server-side ``context_management`` edit that prune must not run beside, else None.
+
+    Clearing thinking blocks never touches tool results, so prune works beside it; tool-result
+    clearing (``clear_tool_uses_*``), compaction or any edit type not known to be harmless would
+    clear or rewrite the same history as prune's cuts (and the pointers prune leaves to earlier
+    copies), so prune stands aside.
+    """
+    if not cm:
+        return None
+    edits = cm.get("edits") if isinstance(cm, dict) else None
+    if not isinstance(edits, list):
+        return "context_management"
+    for e in edits:
+        kind = str(e.get("type", "")) if isinstance(e, dict) else ""
+        if not kind.startswith(_HARMLESS_EDITS):
+            return kind or "context_management"
+    return None
+
+
 def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
     """The pruned request, or None when nothing changes."""
     settings = {**DEFAULTS, **(ctx.settings or {})}
-    if body.get("context_management"):
-        ctx.record(stood_aside="context_management")
+    conflict = server_side_conflict(body.get("context_management"))
+    if conflict:
+        ctx.record(stood_aside="context_management", server_edit=conflict)
         return None
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:

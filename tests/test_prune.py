@@ -331,7 +331,7 @@ def test_economic_cut_respects_exclude_tools_and_context_management() -> None:
         assert result_text(sent, f"toolu_{k:03d}") == words(k, 200)
     cm = {"edits": [{"type": "clear_tool_uses_20250919"}]}
     sent, notes = run(body_of(msgs, context_management=cm), {})
-    assert notes == {"stood_aside": "context_management"}
+    assert notes == {"stood_aside": "context_management", "server_edit": "clear_tool_uses_20250919"}
 
 
 def test_configure_validates_economic_settings() -> None:
@@ -523,3 +523,60 @@ def test_report_measures_each_cut_from_billed_usage(later_calls: int, paid: bool
     assert row["saved_usd"] == pytest.approx(5_000 * 0.30 * (later_calls + 1) / 1e6)
     assert (row["net_usd"] >= 0) is paid
     assert f"{int(paid)} of 1 cuts paid back" in sec["summary"]
+
+
+# -- what real Claude Code sends ----------------------------------------------------------------
+
+
+def claude_code_request(msgs: list[dict[str, Any]], edits: list[dict[str, Any]]) -> dict[str, Any]:
+    """A request shaped like real Claude Code's: three system blocks (two with their own breakpoints),
+    thinking on, ``context_management`` with the edits given."""
+    return {
+        "model": MODEL,
+        "max_tokens": 32000,
+        "system": [
+            {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.37"},
+            {"type": "text", "text": "You are Claude Code. " * 60, "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": "Environment: linux. " * 60, "cache_control": {"type": "ephemeral"}},
+        ],
+        "tools": [{"name": "read", "description": "Read a file", "input_schema": {"type": "object"}}],
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "context_management": {"edits": edits},
+        "messages": msgs,
+    }
+
+
+@pytest.mark.parametrize(
+    ("edits", "pruned"),
+    [
+        ([{"type": "clear_thinking_20251015", "keep": "all"}], True),
+        ([{"type": "clear_thinking_20251015", "keep": {"type": "thinking_turns", "value": 1}}], True),
+        ([{"type": "clear_thinking_20251015", "keep": "all"}, {"type": "clear_tool_uses_20250919"}], False),
+        ([{"type": "compact_20260112"}], False),
+    ],
+)
+def test_prunes_what_real_claude_code_sends_and_stands_aside_only_from_clearing(
+    tmp_path: Any, edits: list[dict[str, Any]], pruned: bool
+) -> None:
+    """clear_thinking never touches tool results: prune works beside it (every Claude Code request
+    carries it); server-side tool-result clearing or compaction would conflict, so prune stands aside."""
+    msgs = conversation(90, size=200)
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(
+            base,
+            config={"plugins": ["prune", "cache_align"], "record": False, "runs_dir": str(tmp_path)},
+            clock=emu.clock.now,
+        )
+        markers = 0
+        for n in range(3, len(msgs) + 1, 2):
+            emu.clock.advance(10)
+            body = claude_code_request(msgs[:n], edits)
+            resp = client.post("/v1/messages?beta=true", body=body, cast_to=object)
+            assert isinstance(resp, dict) and resp["type"] == "message"
+            sent = emu.last["body"]
+            assert request_problems(sent) == []
+            assert sent["context_management"] == body["context_management"]
+            assert [strip_cc(b) for b in sent["system"]] == [strip_cc(b) for b in body["system"]]
+            markers = sum("[tokensaver:" in json.dumps(m) for m in sent["messages"])
+    assert (markers > 0) is pruned
