@@ -418,7 +418,11 @@ def _apply(body: dict[str, Any], slots: list[Slot], ttls: dict[int, str]) -> dic
 
 
 def diagnose(prev: list[Slot], cur: list[Slot]) -> dict[str, Any] | None:
-    """Where ``cur`` stops sharing ``prev``'s prefix, and what changed (None: cur extends prev)."""
+    """Where ``cur`` stops sharing ``prev``'s prefix, and what changed (None: cur extends prev).
+
+    Structural only, never prompt text (it goes into the run ledger): the block's location and
+    index, its kind, the first differing character, and short hashes of the old and new block.
+    """
     n = min(len(prev), len(cur))
     k = 0
     while k < n and block_hash(prev[k].block) == block_hash(cur[k].block):
@@ -428,24 +432,28 @@ def diagnose(prev: list[Slot], cur: list[Slot]) -> dict[str, Any] | None:
     if k == len(cur):
         return {"at": prev[k].loc, "index": k, "change": "blocks removed from the end"}
     a, b = prev[k], cur[k]
+    ta = a.block.get("type") if isinstance(a.block, dict) else "str"
+    tb = b.block.get("type") if isinstance(b.block, dict) else "str"
+    out: dict[str, Any] = {
+        "at": b.loc,
+        "index": k,
+        "kind": str(tb),
+        "was_hash": block_hash(a.block)[:12],
+        "now_hash": block_hash(b.block)[:12],
+    }
     if a.section != b.section or (a.section == "messages" and (a.i, a.j) != (b.i, b.j)):
         what = "block added" if len(cur) > len(prev) else "block removed"
-        return {"at": b.loc, "index": k, "change": f"{what} ({a.loc} became {b.loc})"}
+        return {**out, "change": f"{what} ({a.loc} became {b.loc})"}
     if a.section == "tools":
         prev_names = [s.block.get("name") for s in prev if s.section == "tools" and isinstance(s.block, dict)]
         cur_names = [s.block.get("name") for s in cur if s.section == "tools" and isinstance(s.block, dict)]
         if sorted(map(str, prev_names)) == sorted(map(str, cur_names)) and prev_names != cur_names:
-            return {"at": b.loc, "index": k, "change": "tool order changed"}
+            return {**out, "change": "tool order changed"}
         if a.block.get("name") != b.block.get("name"):
-            return {
-                "at": b.loc,
-                "index": k,
-                "change": f"tool {a.block.get('name')!r} became {b.block.get('name')!r}",
-            }
-    ta = a.block.get("type") if isinstance(a.block, dict) else "str"
-    tb = b.block.get("type") if isinstance(b.block, dict) else "str"
+            # tool names are identifiers the API restricts to [a-zA-Z0-9_-], not prompt text
+            return {**out, "change": f"tool {a.block.get('name')!r} became {b.block.get('name')!r}"}
     if ta != tb:
-        return {"at": b.loc, "index": k, "change": f"block type {ta} became {tb}"}
+        return {**out, "change": f"block type {ta} became {tb}"}
     sa = json.dumps(strip_cc(a.block), sort_keys=True, ensure_ascii=False)
     sb = json.dumps(strip_cc(b.block), sort_keys=True, ensure_ascii=False)
     field = "text" if ta == "text" else "content"
@@ -454,16 +462,17 @@ def diagnose(prev: list[Slot], cur: list[Slot]) -> dict[str, Any] | None:
     c = 0
     while c < min(len(sa), len(sb)) and sa[c] == sb[c]:
         c += 1
-    return {
-        "at": b.loc,
-        "index": k,
-        "change": f"{field} differs at char {c}",
-        "was": sa[c : c + 40],
-        "now": sb[c : c + 40],
-    }
+    return {**out, "change": f"{field} differs at char {c}", "char": c}
 
 
 # -- the hooks -------------------------------------------------------------------------------
+
+
+def _block_tokens(cum: list[int], k: int) -> int:
+    """Tokens of block ``k`` alone, from the cumulative counts."""
+    if not 0 <= k < len(cum):
+        return 0
+    return cum[k] - (cum[k - 1] if k else 0)
 
 
 def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
@@ -500,7 +509,13 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
     if active and msgs:
         out, where = _attach_volatile(out, moved, conv)
         if where:
-            notes["moved"] = {"lines": moved, "to": where}
+            # counts and a hash, never the lines: they are prompt text and go into the ledger
+            notes["moved"] = {
+                "lines": len(moved),
+                "chars": sum(len(line) for line in moved),
+                "hash": content_hash(moved)[:12],
+                "to": where,
+            }
     # automatic mode counts as a breakpoint; convert it to explicit placement at the same spot
     auto = out.pop("cache_control", None)
     want_ttl = settings["ttl"]
@@ -541,8 +556,12 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
             if bust is not None:
                 k = bust.pop("index")
                 prev_cum = conv.get("prev_cum") or []
+                bust["block"] = k
                 bust["kept_tokens"] = prev_cum[k - 1] if 0 < k <= len(prev_cum) else 0
                 bust["invalidated_tokens"] = (prev_cum[-1] if prev_cum else 0) - bust["kept_tokens"]
+                if "was_hash" in bust:  # the changed block's own size, before and after
+                    bust["was_tokens"] = _block_tokens(prev_cum, k)
+                    bust["now_tokens"] = _block_tokens(cum, k)
                 notes["bust"] = bust
         conv["prev_slots"] = slots
         conv["prev_cum"] = cum
@@ -576,6 +595,15 @@ def tokensaver_observe_response(body: dict[str, Any], response: dict[str, Any], 
     )
 
 
+def _moved_text(moved: Any) -> str:
+    """A moved note as "2 lines to messages[3]" (older ledgers kept the lines: only count them)."""
+    if not isinstance(moved, dict):
+        return ""
+    n = moved.get("lines", 0)
+    n = len(n) if isinstance(n, list) else int(n or 0)
+    return f"{n} line{'s' if n != 1 else ''} to {moved.get('to', '?')}"
+
+
 @hookimpl
 def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Cache reads/writes, input cost vs uncached, busts and what moved."""
@@ -602,7 +630,7 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
                     "bust_at": b.get("at", ""),
                     "change": b.get("change", ""),
                     "invalidated_tokens": b.get("invalidated_tokens", 0),
-                    "moved": " | ".join(n.get("moved", {}).get("lines", [])),
+                    "moved": _moved_text(n.get("moved")),
                     "ttl": n.get("ttl_switched", ""),
                 }
             )

@@ -86,14 +86,15 @@ def test_run_names_cannot_leave_the_runs_dir(tmp_path: Path, bad: str) -> None:
         call(1, plugins={"sk-ant-api03-as-a-key": 1}),
     ],
 )
-def test_append_refuses_api_keys(tmp_path: Path, record: dict) -> None:
+def test_append_redacts_api_keys(tmp_path: Path, record: dict, caplog: pytest.LogCaptureFixture) -> None:
     run = Run("r", runs_dir=tmp_path)
     run.append(call(0))
-    with pytest.raises(ValueError) as exc:
-        run.append(record)
-    assert "sk-ant-" not in str(exc.value)  # the error itself must not leak the key
-    assert "sk-ant-" not in run.path.read_text()
-    assert len(run.records()) == 1
+    with caplog.at_level(logging.WARNING, logger="tokensaver.run"):
+        kept = run.append(record)  # never raises: the call it records has been paid for
+    assert "sk-ant-" not in caplog.text  # the warning itself must not leak the key
+    assert "sk-ant-" not in run.path.read_text() and "sk-ant-" not in str(kept)
+    assert [r.get("redacted") for r in run.records()] == [None, True]
+    assert "sk-ant-" in str(record)  # the caller's record is left as it was
 
 
 def test_config_with_an_api_key_is_refused(tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ._files import open_private, private_dir
+
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 
 
@@ -41,19 +43,22 @@ def version() -> str | None:
 
 def offline_env(workdir: str | None = None) -> dict[str, str]:
     """Environment for running headroom offline here (folders created under ``workdir``)."""
-    root = Path(workdir or tempfile.mkdtemp(prefix="tokensaver-bench-headroom-"))
-    tk = root / "tiktoken"
-    tk.mkdir(parents=True, exist_ok=True)
+    # mkdtemp makes a 0700 folder; the folders inside (headroom's workspace sees the prompts) too
+    root = private_dir(workdir or tempfile.mkdtemp(prefix="tokensaver-bench-headroom-"))
+    tk = private_dir(root / "tiktoken")
     target = tk / hashlib.sha1(CL100K_URL.encode()).hexdigest()
     if not target.exists():
         spec = importlib.util.find_spec("tiktoken_ext")
         for folder in spec.submodule_search_locations or [] if spec else []:
             src = Path(folder) / "data" / "cl100k_base.tiktoken"
             if src.is_file():
-                shutil.copyfile(src, target)
+                with (
+                    open(src, "rb") as fin,
+                    os.fdopen(open_private(target, os.O_WRONLY | os.O_TRUNC), "wb") as fout,
+                ):
+                    shutil.copyfileobj(fin, fout)
                 break
-    ws = root / "workspace"
-    ws.mkdir(exist_ok=True)
+    ws = private_dir(root / "workspace")
     return {
         "HEADROOM_OFFLINE": "1",
         "HEADROOM_BEACON": "off",

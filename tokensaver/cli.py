@@ -159,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def write_output(text: str, output: str | None, what: str) -> None:
-    """Print ``text``, or write it to ``output`` (creating folders) and say so on stderr."""
+    """Print ``text``, or write it to ``output`` (0600, new folders 0700) and say so on stderr."""
+    from ._files import write_private
+
     if not text.endswith("\n"):
         text += "\n"
     if not output:
@@ -167,8 +169,8 @@ def write_output(text: str, output: str | None, what: str) -> None:
         return
     out = Path(output)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
+        # a report quotes prompts (cache busts, moved lines, errors): owner-only, like the ledger
+        write_private(out, text)
     except OSError as exc:
         raise TokensaverError(f"cannot write {out}: {exc.strerror or exc}") from exc
     print(f"wrote {what} to {out}", file=sys.stderr)

@@ -24,7 +24,7 @@ from .config import Config, load_config
 from .context import CallContext, conversation_id
 from .plugins import call_one, get_plugin_manager, impl_for, ordered, strict_error
 from .pricing import PriceTable, normalize_usage
-from .run import Run
+from .run import Run, redact_keys
 from .tokens import default_counter
 
 MEMORY_RECORDS = 10_000
@@ -343,10 +343,11 @@ class Pipeline:
             record["server_cleared_tokens"] = sum(int(e.get("cleared_input_tokens") or 0) for e in edits)
         if not call.recorded:
             call.recorded = True
+            # the ledger never raises into a paid call; it gives back the record as kept (key-like
+            # strings redacted, a failed write noted in "ledger_error"), which memory keeps too
+            record = self.run.append(record) if self.run is not None else redact_keys(record)[0]
             with self._lock:
                 self.records.append(record)
-            if self.run is not None:
-                self.run.append(record)
         return record
 
     def _cache_placer(self, call: Call) -> str | None:

@@ -3,11 +3,15 @@
 ``<runs_dir>/<name>.jsonl`` holds a header line ``{"type": "run", ...}`` then one line per call
 record (schema in ``docs/DESIGN.md``). Lines are appended with a single ``write`` on a file opened
 in append mode, so a reader in another process sees whole lines (or, at worst, a truncated last
-line, which :meth:`Run.records` skips with a warning). A record is never rewritten.
+line, which :meth:`Run.records` skips with a warning; the next append starts on a new line). A
+record is never rewritten. The folder is 0700 and the file 0600 (``tokensaver._files``).
+
+Recording never fails the caller's call: :meth:`Run.append` does not raise. A write that fails is
+logged and reported back (``ledger_error``) for the record kept in memory.
 
 Unsafe: the ledger stores token counts, dollars and plugin notes, never request text on purpose,
-but a plugin's ``ctx.record()`` notes go in as given. ``append`` refuses anything that looks like
-an Anthropic API key as a last line of defence.
+but a plugin's ``ctx.record()`` notes go in as given. As a last line of defence, any string that
+looks like an Anthropic API key is replaced (the record is marked ``"redacted": true``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._files import open_private, private_dir
 from .errors import TokensaverError
 
 if TYPE_CHECKING:
@@ -33,6 +38,7 @@ log = logging.getLogger("tokensaver.run")
 SUFFIX = ".jsonl"
 DEFAULT_RUNS_DIR = ".tokensaver/runs"
 _KEY_MARK = "sk-ant-"
+REDACTED = "[redacted: looks like an API key]"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -78,6 +84,41 @@ def _refuse_keys(value: Any, what: str) -> None:
         if _KEY_MARK in s:
             # never echo the value: the message itself must not leak the key
             raise ValueError(f"refusing to write {what}: it contains something that looks like an API key")
+
+
+def _redacted(value: Any, where: str, found: list[str]) -> Any:
+    """``value`` with every string holding a key mark replaced; ``found`` gets where (never what)."""
+    if isinstance(value, str):
+        if _KEY_MARK in value:
+            found.append(where or "(record)")
+            return REDACTED
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for n, (k, v) in enumerate(value.items()):
+            if isinstance(k, str) and _KEY_MARK in k:
+                found.append(f"{where}.<key {n}>" if where else f"<key {n}>")
+                k = f"{REDACTED} {n}"
+            name = k if isinstance(k, str) else repr(k)
+            out[k] = _redacted(v, f"{where}.{name}" if where else name, found)
+        return out
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redacted(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+def redact_keys(record: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(the record with key-like strings replaced, where they were); the record itself when clean.
+
+    Values JSON cannot hold are turned into what the ledger would write first (their ``repr`` may
+    hold a key too).
+    """
+    if not any(_KEY_MARK in s for s in _walk_strings(record)) and _KEY_MARK not in _dumps(record):
+        return record, []
+    found: list[str] = []
+    clean = _redacted(json.loads(_dumps(record)), "", found)
+    clean["redacted"] = True
+    return clean, found
 
 
 def _json_default(value: Any) -> Any:
@@ -161,6 +202,7 @@ class Run:
         self._lock = threading.Lock()
         header = _read_header(self.path) if self.path.exists() else None
         self._header_written = header is not None
+        self._dir_ready = False
         if header is None:
             header = {"type": "run", "name": name, "created": time.time(), "config": dict(config or {})}
             _refuse_keys(header, "run header")
@@ -177,19 +219,26 @@ class Run:
     def _write(self, line: str) -> None:
         data = (line + "\n").encode("utf-8")
         # one write() on an O_APPEND descriptor: concurrent writers never interleave within a line
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = open_private(self.path, os.O_RDWR | os.O_APPEND)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # a writer died mid-line (kill -9): end that line, or this record would join it
+                data = b"\n" + data
             os.write(fd, data)
         finally:
             os.close(fd)
 
     def _ensure_header(self) -> None:
+        if not self._dir_ready:
+            # once per Run: create the folder 0700, or tighten one tokensaver made before
+            private_dir(self.runs_dir, tighten=_only_ledgers)
+            self._dir_ready = True
         if self._header_written:
             return
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
         try:
             # exclusive create: if another process made this run first, keep its header
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = open_private(self.path, os.O_WRONLY | os.O_EXCL)
         except FileExistsError:
             header = _read_header(self.path)
             if header is not None:
@@ -203,17 +252,37 @@ class Run:
                 os.close(fd)
         self._header_written = True
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Persist one call record (a new line, flushed). Thread-safe; refuses API keys."""
+    def append(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Persist one call record (a new line, flushed); return the record as kept. Never raises.
+
+        Strings that look like an API key are replaced, and the record is marked ``"redacted":
+        true``; a write that fails is logged and the returned record says so (``ledger_error``).
+        Thread-safe. The caller's dict is never changed.
+        """
         if not isinstance(record, dict):
             raise TypeError(f"a call record is a dict, not {type(record).__name__}")
-        _refuse_keys(record, "call record")
-        rec = dict(record)
+        rec, found = redact_keys(record)
+        rec = dict(rec)
         rec.setdefault("type", "call")
-        line = _dumps(rec)
-        with self._lock:
-            self._ensure_header()
-            self._write(line)
+        if found:
+            # where, never what: the log must not hold the key either
+            log.warning(
+                "%s: redacted %d value(s) that look like an API key from call record %s: %s",
+                self.path,
+                len(found),
+                rec.get("id"),
+                ", ".join(found[:10]),
+            )
+        try:
+            line = _dumps(rec)
+            with self._lock:
+                self._ensure_header()
+                self._write(line)
+        except Exception as exc:  # disk full, permissions, a folder in the way: the call goes on
+            problem = f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}"
+            log.warning("%s: cannot write call record %s: %s", self.path, rec.get("id"), problem)
+            rec["ledger_error"] = problem
+        return rec
 
     def records(self) -> list[dict[str, Any]]:
         """The call records persisted so far, oldest first."""
@@ -232,6 +301,14 @@ class Run:
         from .report import Report
 
         return Report.from_run(self, plugin_manager=plugin_manager)
+
+
+def _only_ledgers(directory: Path) -> bool:
+    """True when ``directory`` holds nothing but ledgers: tokensaver's own folder, safe to make 0700."""
+    try:
+        return all(p.suffix == SUFFIX and p.is_file() for p in directory.iterdir())
+    except OSError:
+        return False
 
 
 def _run_files(runs_dir: Path) -> list[Path]:
