@@ -57,7 +57,10 @@ def open_private(path: str | Path, flags: int) -> int:
         st = os.fstat(fd)
         # only regular files of ours: never a terminal, a pipe or /dev/null given as -o
         if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != FILE_MODE and _owned(st):
-            os.fchmod(fd, FILE_MODE)
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, FILE_MODE)
+            else:  # pragma: no cover - Windows before 3.13
+                os.chmod(path, FILE_MODE)
     except BaseException:
         os.close(fd)
         raise

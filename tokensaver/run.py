@@ -222,9 +222,11 @@ class Run:
         fd = open_private(self.path, os.O_RDWR | os.O_APPEND)
         try:
             size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                # a writer died mid-line (kill -9): end that line, or this record would join it
-                data = b"\n" + data
+            if size:
+                os.lseek(fd, size - 1, os.SEEK_SET)  # O_APPEND: the write still goes to the end
+                if os.read(fd, 1) != b"\n":
+                    # a writer died mid-line (kill -9): end that line, or this record would join it
+                    data = b"\n" + data
             os.write(fd, data)
         finally:
             os.close(fd)
