@@ -196,6 +196,10 @@ def test_a_ledger_that_cannot_be_written_never_fails_the_call(
     assert len(kept) == 2 and all(r["status"] == 200 for r in kept)
     assert all("IsADirectoryError" in r["ledger_error"] for r in kept)
     assert "cannot write" in caplog.text and "sk-ant-" not in caplog.text
+    # a new client (or a proxy session) on that run is built all the same, and its call answered
+    with caplog.at_level(logging.WARNING, logger="tokensaver"):
+        third = ask(leaky_client(emulator, tmp_path, "broken"), "Be brief.")
+    assert third.content[0].text
 
 
 # -- file modes ------------------------------------------------------------------------------------

@@ -200,7 +200,12 @@ class Run:
         self.name = name
         self.path = self.runs_dir / f"{name}{SUFFIX}"
         self._lock = threading.Lock()
-        header = _read_header(self.path) if self.path.exists() else None
+        try:
+            header = _read_header(self.path) if self.path.exists() else None
+        except (OSError, UnicodeDecodeError) as exc:
+            # unreadable now: appends will say so for each record; a call is never failed for it
+            log.warning("%s: cannot read the run header: %s", self.path, type(exc).__name__)
+            header = None
         self._header_written = header is not None
         self._dir_ready = False
         if header is None:
