@@ -8,7 +8,8 @@ whitespace, JSON re-encoded compactly or as a table, grep output grouped by file
 are the same on every line); lossy only for clearly repetitive logs (runs of lines that differ only
 in numbers) and very long logs (head + tail + every line with an error, warning, trace frame or a
 path not shown elsewhere). Source code and numbered file contents (``cat -n``, ``12:``) are never
-elided: the model quotes them back when it edits.
+elided: the model quotes them back when it edits; only the padding before their line numbers goes
+(``     12→code`` to ``12→code``, every number kept).
 """
 
 from __future__ import annotations
@@ -79,6 +80,30 @@ def is_code(lines: list[str]) -> bool:
         return True
     code = sum(1 for ln in nonblank if CODE_LINE_RE.match(ln))
     return code >= 0.2 * len(nonblank)
+
+
+_LINE_NUMBER_RE = re.compile(r"^ *(\d+)(?=→|\t)")
+
+
+def compact_line_numbers(lines: list[str]) -> list[str]:
+    """Numbered file lines (``cat -n``, Claude Code's Read) without the padding before each number.
+
+    ``     12→code`` becomes ``12→code`` and ``  1914\tcode`` becomes ``1914\tcode``: every line
+    number and every byte after the separator stay, so nothing is lost. Only lines of a run with
+    consecutive numbers (at least two) are touched, so a stray indented number is left alone.
+    """
+    nums: list[int | None] = []
+    for ln in lines:
+        m = _LINE_NUMBER_RE.match(ln)
+        nums.append(int(m.group(1)) if m else None)
+    out = []
+    for i, ln in enumerate(lines):
+        n = nums[i]
+        run = n is not None and (
+            (i > 0 and nums[i - 1] == n - 1) or (i + 1 < len(nums) and nums[i + 1] == n + 1)
+        )
+        out.append(ln.lstrip(" ") if run and ln.startswith(" ") else ln)
+    return out
 
 
 def is_binary(text: str) -> bool:
@@ -454,6 +479,7 @@ class Options:
     max_rows: int = 400
     html: bool = True
     lossy: bool = True
+    line_numbers: str = "compact"  # numbered file lines: "compact" (no padding) or "keep"
 
 
 @dataclass(frozen=True)
@@ -483,7 +509,9 @@ def shrink(text: str, opts: Options) -> Result:
         return _best(text, html_to_text(t), "html", True)
     lines = t.split("\n")
     if is_code(lines):
-        # exact contents: only escape codes and CRs are removed
+        # exact contents: only escape codes, CRs and the padding before line numbers are removed
+        if opts.line_numbers == "compact":
+            t = "\n".join(compact_line_numbers(lines))
         return _best(text, t, "code", False)
     lines = [ln.rstrip() for ln in lines]
     kind = "text"

@@ -6,7 +6,9 @@ whitespace, compact JSON and record tables, grep hits grouped by file, repeated 
 lossy ones only for clearly repetitive logs (runs differing only in numbers, very long logs cut to
 head + tail + every error/warning/trace line and every line with a path not shown elsewhere), long
 base64 blobs, binary output and fetched web pages (to text). Source code and numbered file
-contents are never elided.
+contents are never elided; ``line_numbers = "compact"`` (default) only drops the padding before
+their line numbers (``     12→code`` to ``12→code``: every number and every byte of the line kept),
+``"keep"`` sends them as they came.
 
 Unsafe when the model needs bytes that a lossy rewrite dropped (a number in the middle of a long
 repetitive log, an HTML attribute of a fetched page): set ``lossy = false`` to keep only the
@@ -116,6 +118,10 @@ def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any
                 f"summarize.summary_payback must be a number between 0.1 and 100; got {v!r}",
                 key=k,
                 source=source,
+            )
+        if k == "line_numbers" and v not in ("compact", "keep"):
+            raise ConfigError(
+                f'summarize.line_numbers must be "compact" or "keep"; got {v!r}', key=k, source=source
             )
         if k == "summary_dir" and v is not None and not (isinstance(v, str) and v.strip()):
             raise ConfigError(

@@ -73,10 +73,44 @@ def test_real_outputs_shrink_and_keep_the_facts_the_agent_used(name, kind, lossl
     assert all(f in res.text for f in needed), needed - {f for f in needed if f in res.text}
 
 
-def test_numbered_source_is_never_changed():
+NUMBERED_LINE = re.compile(r"^ *(\d+)(→|\t)(.*)$")
+
+
+def numbered(text: str) -> list[tuple[str, str, str]]:
+    """(line number, separator, content) of every numbered line; other lines as ("", "", line)."""
+    out = []
+    for ln in text.split("\n"):
+        m = NUMBERED_LINE.match(ln)
+        out.append(m.groups() if m else ("", "", ln))
+    return out
+
+
+def claude_code_read(start: int, n: int) -> str:
+    """A Claude Code Read result of the versions in the shared sessions: ``%6d→`` before each line."""
+    body = [f"{start + i:>6}→    value_{start + i} = compute(x, {i})  # step" for i in range(n)]
+    return "\n".join([*body, "", "<system-reminder>Whenever you read a file, ...</system-reminder>"])
+
+
+def test_numbered_source_keeps_every_line_and_number():
     s = sample("code_numbered_django")
     res = shrink(s["text"] * 3, Options())
-    assert res.kind == "code" and res.text == s["text"] * 3
+    assert res.kind == "code" and not res.lossy
+    assert numbered(res.text) == numbered(s["text"] * 3)  # every number and every content byte
+    assert shrink(s["text"] * 3, Options(line_numbers="keep")).text == s["text"] * 3
+
+
+@pytest.mark.parametrize(
+    "text",
+    [sample("code_numbered_django")["text"], claude_code_read(1, 300), claude_code_read(995, 40)],
+    ids=["cat -n (tab)", "Claude Code Read (arrow)", "Read from line 995"],
+)
+def test_padded_line_numbers_become_compact_and_every_number_stays(text):
+    res = shrink(text, Options())
+    assert res.kind == "code" and not res.lossy
+    assert numbered(res.text) == numbered(text)
+    assert not re.search(r"^ +\d+(→|\t)", res.text, re.MULTILINE)  # no padding left
+    assert count_text(res.text) <= 0.93 * count_text(text)
+    assert shrink(res.text, Options()).text == res.text  # already compact: unchanged
 
 
 def test_pip_log_keeps_its_facts():
@@ -490,3 +524,9 @@ def test_kept_originals_are_bounded_in_memory_and_all_on_disk(tmp_path):
     assert [summarize.find_original(r, ctx, settings) for r in refs] == texts  # ... not the disk
     other = make_context({"model": "claude-sonnet-4-6", "messages": []}, plugin="summarize", key_hash="other")
     assert summarize.find_original(refs[0], other, settings) is None  # per API key
+
+
+def test_line_numbers_setting_is_validated():
+    assert summarize.tokensaver_configure({"line_numbers": "keep"}, "t")["line_numbers"] == "keep"
+    with pytest.raises(ConfigError, match="line_numbers"):
+        summarize.tokensaver_configure({"line_numbers": "strip"}, "t")
