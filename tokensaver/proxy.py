@@ -42,11 +42,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 import pluggy
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -101,7 +104,7 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-MAX_BODY = 64 * 1024 * 1024  # the API takes 32 MB requests; leave room, refuse the absurd
+MAX_BODY = 32 * 1024 * 1024  # the API refuses Messages requests over 32 MB (413 request_too_large)
 MAX_SESSIONS = 256  # session pipelines kept open; an evicted session's run continues on its next call
 # the proxy adds none of its own: the client's user agent (or none) goes upstream
 SKIP_AUTO_HEADERS = ("User-Agent",)
@@ -176,6 +179,7 @@ def _forward_headers(headers: Mapping[str, str], *, drop: frozenset[str] = froze
             low in HOP_BY_HOP
             or low in connection
             or low in ("host", "content-length")
+            or (low == "content-encoding" and _decoded_here(value))
             or low in drop
             or low.startswith(CONTROL_PREFIX)
         ):
@@ -199,6 +203,170 @@ def _error(status: int, kind: str, message: str, headers: dict[str, str] | None 
     """An error in the Messages API's shape, made by the proxy itself."""
     payload = {"type": "error", "error": {"type": kind, "message": message}}
     return web.json_response(payload, status=status, headers=headers)
+
+
+_ERROR_KINDS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+def _error_kind(status: int) -> str:
+    """The API's error type for a status (its docs: other 4xx are ``invalid_request_error``)."""
+    return _ERROR_KINDS.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def _too_large() -> web.Response:
+    return _error(
+        413,
+        "request_too_large",
+        f"tokensaver proxy: the request body is over the Messages API's {MAX_BODY // 2**20} MB limit",
+    )
+
+
+def _decoded_here(content_encoding: str) -> bool:
+    """Whether aiohttp decodes a request body sent with this encoding as it reads it (we forward plain bytes)."""
+    return content_encoding.lower() in ("gzip", "deflate", "br", "zstd")
+
+
+def _unquoted(segment: str) -> str | None:
+    """A path segment percent-decoded until nothing changes (``None`` if still encoded after four rounds)."""
+    for _ in range(4):
+        decoded = unquote(segment)
+        if decoded == segment:
+            return segment
+        segment = decoded
+    return None
+
+
+def _confined_path(raw_path: str) -> str | None:
+    """``raw_path`` as it is forwarded under the upstream's base path, or ``None`` if it cannot be.
+
+    Empty and ``.`` segments are dropped and ``..`` removes the segment before it (``%2e`` is a
+    dot: RFC 3986 6.2.2.2); other segments are kept as sent. Refused, because a server that reads
+    paths leniently could still climb out of the base with them: a ``..`` above the root, an
+    encoded slash, a backslash (raw or encoded), a control character, a dot-segment with
+    parameters (``..;``) or encoded twice (``%252e``).
+    """
+    out: list[str] = []
+    segments = raw_path.split("/")
+    trailing = False
+    for segment in segments:
+        trailing = not segment
+        if not segment:
+            continue
+        once = unquote(segment)
+        full = _unquoted(once)
+        if full is None or "/" in full or "\\" in full or any(c < " " or c == "\x7f" for c in full):
+            return None
+        if full.split(";", 1)[0] in (".", ".."):
+            if once != full or once not in (".", ".."):
+                return None
+            if once == "..":
+                if not out:
+                    return None
+                out.pop()
+            trailing = True
+            continue
+        out.append(segment)
+    return "/" + "/".join(out) + ("/" if trailing and out else "")
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"
+
+
+def _parse_messages_body(raw: bytes, content_type: str = "") -> tuple[dict[str, Any] | None, str | None]:
+    """A Messages request body as a JSON object, or why it is not one (the proxy answers that as a 400)."""
+    if not raw.strip():
+        return None, "the request body is empty; the Messages API takes a JSON object"
+    try:
+        body = json.loads(raw)
+    except RecursionError:  # the C decoder counts its depth against the recursion limit: no stack overflow
+        return None, "the request body nests too deeply to parse"
+    except ValueError as exc:  # UnicodeDecodeError included
+        where = (
+            f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+            if isinstance(exc, json.JSONDecodeError)
+            else "not UTF-8"
+        )
+        mime = content_type.split(";", 1)[0].strip().lower()
+        hint = (
+            ""
+            if mime in ("", "application/json") or mime.endswith("+json")
+            else f"; the Messages API takes application/json, not {mime}"
+        )
+        return None, f"the request body is not valid JSON ({where}){hint}"
+    if not isinstance(body, dict):
+        return None, f"the request body must be a JSON object, not {_json_kind(body)}"
+    return body, None
+
+
+@web.middleware
+async def _api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Errors raised while serving a request (aiohttp's own included), answered in the API's JSON shape."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kept = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+        return _error(exc.status, _error_kind(exc.status), f"tokensaver proxy: {exc.reason}", kept)
+    except ConnectionResetError:  # the client went away: nobody to answer
+        raise
+    except Exception:
+        if request.writer.output_size > 0:  # an answer is under way: aiohttp closes the connection
+            raise
+        log.exception("%s %s failed in the proxy", request.method, request.path_qs[:200])
+        # the upstream may have answered (and billed) already: a retry could pay twice
+        return _error(500, "api_error", "tokensaver proxy: internal error", {"x-should-retry": "false"})
+
+
+class _ApiErrorHandler(RequestHandler):
+    """aiohttp's connection handler, answering a request it cannot parse as HTTP with a JSON error."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            super().handle_error(request, status, exc, message)  # logs the traceback; raises if under way
+            text = "tokensaver proxy: internal error"
+        else:
+            # not aiohttp's log line: its message can quote the start of a header value (a key)
+            if request.writer.output_size > 0:
+                raise ConnectionError("an answer is under way: cannot send an error")
+            kind = type(exc).__name__ if exc is not None else HTTPStatus(status).phrase
+            log.warning("unparsable request from %s: %s", request.remote, kind)
+            text = f"tokensaver proxy: the request is not valid HTTP ({kind})"
+        response = _error(status, _error_kind(status), text)
+        response.force_close()
+        return response
+
+
+class _ApiErrorServer(web.Server):
+    # aiohttp takes no handler class: build its own, then give it ours (same slots, one method more)
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        handler.__class__ = _ApiErrorHandler
+        return handler
 
 
 def _int(value: str | None) -> int:
@@ -277,7 +445,7 @@ class TokensaverProxy:
 
     def app(self) -> web.Application:
         """The aiohttp application serving every path."""
-        app = web.Application(client_max_size=MAX_BODY)
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[_api_errors])
         app.router.add_route("*", "/{tail:.*}", self.handle)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
@@ -297,7 +465,10 @@ class TokensaverProxy:
             self.client = None
 
     def _url(self, request: web.Request) -> URL:
-        path = self.upstream.raw_path.rstrip("/") + request.rel_url.raw_path
+        tail = _confined_path(request.rel_url.raw_path)
+        if tail is None:  # handle() refuses these before anything is sent
+            raise TokensaverError(f"tokensaver proxy: refusing to forward {request.rel_url.raw_path[:200]!r}")
+        path = self.upstream.raw_path.rstrip("/") + tail
         query = request.rel_url.raw_query_string
         return URL(f"{self.upstream.origin()}{path}" + (f"?{query}" if query else ""), encoded=True)
 
@@ -344,7 +515,20 @@ class TokensaverProxy:
                 "authentication_error",
                 f"tokensaver proxy: missing or wrong access token (send it as {TOKEN_HEADER})",
             )
-        if request.method == "POST" and request.path == MESSAGES_PATH:
+        path = _confined_path(request.rel_url.raw_path)
+        if path is None:
+            log.warning(
+                "%s %r refused: the path could leave the upstream's base",
+                request.method,
+                request.rel_url.raw_path[:200],
+            )
+            return _error(
+                400,
+                "invalid_request_error",
+                "tokensaver proxy: the request path cannot be forwarded (a '..' above the root, an encoded "
+                "slash, a backslash, a control character or a doubly encoded dot)",
+            )
+        if request.method == "POST" and unquote(path) == MESSAGES_PATH:
             return await self._messages(request)
         return await self._forward(request)
 
@@ -359,7 +543,10 @@ class TokensaverProxy:
             data = raw
         elif request.body_exists:
             data = request.content.iter_any()
-            if request.content_length is not None:
+            # a body aiohttp decodes as it reads (gzip, ...) goes on chunked: its decoded length is unknown
+            if request.content_length is not None and not _decoded_here(
+                request.headers.get("content-encoding", "")
+            ):
                 headers["Content-Length"] = str(request.content_length)
         try:
             up = await self.client.request(
@@ -395,13 +582,29 @@ class TokensaverProxy:
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/messages``: the pipeline, then the upstream call (or a short-circuit)."""
-        raw = await request.read()
+        if (request.content_length or 0) > MAX_BODY:
+            return _too_large()  # not read: aiohttp drains and drops the rest
         try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            return await self._forward(request, raw=raw)  # the API says what is wrong with it
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _too_large()
+        except RequestPayloadError as exc:  # says gzip and is not, a broken chunk
+            log.warning("%s %s: unreadable body: %s", request.method, request.path_qs[:200], exc)
+            return _error(
+                400, "invalid_request_error", "tokensaver proxy: the request body could not be read"
+            )
+        parsed, problem = _parse_messages_body(raw, request.headers.get("content-type", ""))
+        if parsed is None:
+            log.warning("%s %s refused: %s", request.method, request.path_qs[:200], problem)
+            return _error(400, "invalid_request_error", f"tokensaver proxy: {problem}")
+        body = parsed
+        if not isinstance(body.get("messages"), list):
+            log.warning(
+                "%s %s: not a Messages request (no messages list): forwarded untouched, the API answers",
+                request.method,
+                request.path_qs[:200],
+            )
+            return await self._forward(request, raw=raw)
         headers = {k.lower(): v for k, v in request.headers.items()}
         secret = headers.get("x-api-key") or headers.get("authorization") or ""
         stream = bool(body.get("stream"))
@@ -695,6 +898,8 @@ async def _start(app: web.Application, sock: socket.socket) -> web.AppRunner:
     # handler_cancellation: a client that disconnects cancels its handler, which closes the upstream call
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0)
     await runner.setup()
+    assert runner.server is not None
+    runner.server.__class__ = _ApiErrorServer  # what aiohttp cannot parse is answered as JSON too
     await web.SockSite(runner, sock).start()
     return runner
 
