@@ -85,7 +85,10 @@ def records() -> list[dict[str, Any]]:
                 "output_tokens": 400,
             },
             "cost_usd": 0.1234,
-            "baseline_usd": 0.2000,
+            "counterfactual_usd": 0.2000,
+            "auto_usd": 0.1500,
+            "estimate_usd": 0.1100,
+            "estimate_error_usd": 0.0020,
             "saved_usd": 0.0766,
             "overhead_ms": 1.0,
             "errors": [{"plugin": "prune", "hook": "tokensaver_transform_request", "error": "KeyError: 'x'"}],
@@ -103,8 +106,12 @@ def records() -> list[dict[str, Any]]:
             # the stored answer's usage: never billed again
             "usage": {"input_tokens": 9000, "output_tokens": 300},
             "cost_usd": 0.0,
-            "baseline_usd": 0.0500,
+            "counterfactual_usd": 0.0500,
+            "auto_usd": 0.0400,
+            "estimate_usd": None,
+            "estimate_error_usd": None,
             "saved_usd": 0.0500,
+            "short_circuit_usd": 0.0500,
             "overhead_ms": 0.5,
             "errors": [],
         },
@@ -130,7 +137,10 @@ def records() -> list[dict[str, Any]]:
             ],
             "usage": {"input_tokens": 2000, "cache_read_input_tokens": 1500, "output_tokens": 100},
             "cost_usd": 0.0300,
-            "baseline_usd": 0.0400,
+            "counterfactual_usd": 0.0400,
+            "auto_usd": 0.0350,
+            "estimate_usd": 0.0270,
+            "estimate_error_usd": -0.0010,
             "saved_usd": 0.0100,
             "overhead_ms": 3.0,
             "errors": [
@@ -153,7 +163,10 @@ def records() -> list[dict[str, Any]]:
             "stages": [],
             "usage": None,
             "cost_usd": 0.0,
-            "baseline_usd": 0.0,
+            "counterfactual_usd": 0.0,
+            "auto_usd": 0.0,
+            "estimate_usd": None,
+            "estimate_error_usd": None,
             "saved_usd": 0.0,
             "overhead_ms": 7.0,
         },
@@ -168,8 +181,12 @@ def expected() -> dict[str, Any]:
         return sum((r.get("usage") or {}).get(key, 0) for r in billed)
 
     cost = sum(r["cost_usd"] for r in recs)
-    baseline = sum(r["baseline_usd"] for r in recs)
+    baseline = sum(r["counterfactual_usd"] for r in recs)
+    auto = sum(r["auto_usd"] for r in recs)
     saved = sum(r["saved_usd"] for r in recs)
+    estimated = [r for r in recs if r["estimate_error_usd"] is not None]
+    error = sum(abs(r["estimate_error_usd"]) for r in estimated)
+    billed_in = sum(r["estimate_usd"] - r["estimate_error_usd"] for r in estimated)
     return {
         "input": usage("input_tokens"),
         "write": usage("cache_creation_input_tokens"),
@@ -179,6 +196,11 @@ def expected() -> dict[str, Any]:
         "baseline": baseline,
         "saved": saved,
         "saved_pct": 100 * saved / baseline,
+        "auto": auto,
+        "saved_vs_auto": auto - cost,
+        "saved_vs_auto_pct": 100 * (auto - cost) / auto,
+        "error": error,
+        "error_pct": 100 * error / billed_in,
         "summarize_tokens": sum(
             s["saved_tokens"] for r in recs for s in r["stages"] if s["plugin"] == "summarize"
         ),
@@ -202,9 +224,16 @@ def test_totals_count_billed_usage_only_for_calls_that_reached_the_api(report: R
     assert t["usage"]["cache_read_input_tokens"] == e["read"]
     assert t["usage"]["output_tokens"] == e["output"]
     assert t["cost_usd"] == pytest.approx(e["cost"])
-    assert t["baseline_usd"] == pytest.approx(e["baseline"])
+    assert t["counterfactual_usd"] == pytest.approx(e["baseline"])
     assert t["saved_usd"] == pytest.approx(e["saved"])
-    assert t["saved_pct"] == pytest.approx(e["saved_pct"])
+    assert t["saved_pct"] == pytest.approx(e["saved_pct"])  # of what the caller would have paid
+    assert t["auto_usd"] == pytest.approx(e["auto"])
+    assert t["saved_vs_auto_usd"] == pytest.approx(e["saved_vs_auto"])
+    assert t["saved_vs_auto_pct"] == pytest.approx(e["saved_vs_auto_pct"])
+    # distance between estimate and billed, on the two calls that have both, each counted apart
+    assert t["estimated_calls"] == 2
+    assert t["estimate_error_usd"] == pytest.approx(e["error"]) == pytest.approx(0.003)
+    assert t["estimate_error_pct"] == pytest.approx(e["error_pct"])
     assert t["tokens_original"] == 25600 and t["tokens_sent"] == 22100
     assert d["cache"]["hit_rate"] == pytest.approx(e["read"] / (e["input"] + e["write"] + e["read"]))
     # nearest rank over [0.5, 1, 3, 7]
@@ -263,6 +292,9 @@ def _figures() -> list[str]:
         fmt_usd(e["cost"]),
         fmt_usd(e["baseline"]),
         fmt_usd(e["saved"]),
+        fmt_usd(e["auto"]),
+        fmt_usd(e["saved_vs_auto"]),
+        fmt_usd(e["error"]),
         fmt_pct(e["saved_pct"]),
         fmt_int(e["input"]),
         fmt_int(e["write"]),
@@ -458,3 +490,18 @@ def test_odd_records_never_break_a_report(recs: list[dict[str, Any]]) -> None:
     assert json.loads(report.to_json())["totals"]["calls"] == len(recs)
     assert report.to_markdown() and report.to_table()
     assert "<script" not in report.to_html()
+
+
+def test_old_ledgers_show_their_baseline_as_the_cost_without_tokensaver() -> None:
+    old = {"type": "call", "id": "c-1", "usage": {"input_tokens": 10}, "cost_usd": 0.1, "baseline_usd": 0.3}
+    old["saved_usd"] = 0.2
+    t = Report(META, [old]).to_dict()["totals"]
+    assert t["counterfactual_usd"] == pytest.approx(0.3) and t["saved_pct"] == pytest.approx(200 / 3)
+    assert t["estimated_calls"] == 0 and t["estimate_error_pct"] is None
+
+
+def test_every_format_says_what_is_billed_and_what_is_estimated(report: Report) -> None:
+    for text in (report.to_table(), report.to_markdown(), report.to_html()):
+        assert "would have been billed without tokensaver" in text
+        assert "automatic caching alone" in text
+        assert "apart over 2 billed calls" in text

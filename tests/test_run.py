@@ -25,7 +25,8 @@ def call(i: int, **extra) -> dict:
         "tokens_sent": 800,
         "usage": {"input_tokens": 10 * i, "output_tokens": i},
         "cost_usd": 0.01 * i,
-        "baseline_usd": 0.02 * i,
+        "counterfactual_usd": 0.02 * i,
+        "auto_usd": 0.015 * i,
         "saved_usd": 0.01 * i,
         "overhead_ms": float(i),
     }
@@ -225,7 +226,9 @@ def test_summary_totals(tmp_path: Path) -> None:
     assert s["usage"]["input_tokens"] == sum(r["usage"]["input_tokens"] for r in billed)
     assert s["usage"]["output_tokens"] == sum(r["usage"]["output_tokens"] for r in billed)
     assert s["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in recs))
-    assert s["baseline_usd"] == pytest.approx(sum(r["baseline_usd"] for r in recs))
+    assert s["counterfactual_usd"] == pytest.approx(sum(r["counterfactual_usd"] for r in recs))
+    assert s["auto_usd"] == pytest.approx(sum(r["auto_usd"] for r in recs))
+    assert s["saved_pct"] == pytest.approx(100 * s["saved_usd"] / s["counterfactual_usd"])
     assert s["saved_usd"] == pytest.approx(sum(r["saved_usd"] for r in recs))
     assert s["stages"]["prune"]["saved_tokens"] == 201
     assert s["stages"]["prune"]["saved_usd"] == pytest.approx(0.002)

@@ -428,3 +428,124 @@ class CacheModel:
         self._purged = now
         for k in [k for k, e in self.entries.items() if e.expires < now]:
             del self.entries[k]
+
+
+# -- the counterfactual: shadow caches -------------------------------------------------------------
+
+
+@dataclass
+class Estimate:
+    """One call's figures from the shadow caches (dollars; input side unless said otherwise).
+
+    ``counterfactual_usd`` and ``auto_usd`` include output (the billed output, or a stored answer's).
+    ``estimate_usd`` is the model's figure for what was billed on the input side, and
+    ``estimate_error_usd`` its distance from the billed figure (None when nothing was billed).
+    ``stage_usd[k]``: what stage ``k``'s change saved (the body before it minus the body after it).
+    """
+
+    counterfactual_usd: float = 0.0
+    auto_usd: float = 0.0
+    estimate_usd: float | None = None
+    estimate_error_usd: float | None = None
+    stage_usd: list[float] = field(default_factory=list)
+    scale: float = 1.0
+
+
+class ShadowCaches:
+    """Cache models standing beside the API's cache, per API-key hash, to price what did not happen.
+
+    Per key: ``caller`` bills each request exactly as the caller sent it (their breakpoints, their
+    automatic caching), ``auto`` the same request with automatic caching alone, and ``stage<k>`` the
+    body after the k-th stage; the last stage's lane is what reached the API. State carries across the
+    calls of a run; memory is bounded (keys LRU, entries capped, expired entries purged).
+    """
+
+    def __init__(
+        self, prices: PriceTable | None = None, *, max_keys: int = 64, max_entries: int = 4096
+    ) -> None:
+        self.prices = prices or PriceTable()
+        self.max_keys = max_keys
+        self.max_entries = max_entries
+        self._keys: OrderedDict[str, dict[str, CacheModel]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def lane(self, key: str, name: str) -> CacheModel:
+        """The cache model of lane ``name`` for API-key hash ``key``."""
+        with self._lock:
+            lanes = self._keys.get(key)
+            if lanes is None:
+                lanes = self._keys[key] = {}
+                while len(self._keys) > self.max_keys:
+                    self._keys.popitem(last=False)
+            else:
+                self._keys.move_to_end(key)
+            model = lanes.get(name)
+            if model is None:
+                model = lanes[name] = CacheModel(self.prices, max_entries=self.max_entries)
+            return model
+
+    def estimate(
+        self,
+        key: str,
+        now: float,
+        model: ModelInfo,
+        original: dict[str, Any],
+        bodies: list[dict[str, Any]],
+        *,
+        usage: dict[str, int] | None,
+        sent: bool,
+        caller: bool = True,
+    ) -> Estimate:
+        """Bill one call through the lanes and price it.
+
+        :param bodies: the body after each stage (the last one is what was sent).
+        :param usage: normalized usage: the billed one, or a short-circuited call's stored answer.
+        :param sent: the call reached the API and was billed ``usage``. Not sent with a usage: a
+            short-circuited call (only the counterfactual lanes move). Not sent without one: a
+            failed call (nothing moves, nothing is estimated).
+        :param caller: False for a request the caller never made (a plugin-tool follow-up round):
+            its counterfactual is nothing and the counterfactual lanes do not move.
+        """
+        out = Estimate(stage_usd=[0.0] * len(bodies))
+        if usage is None:
+            return out
+        memo: Memo = {}
+
+        def bill(lane: str, body: dict[str, Any], auto_only: bool = False) -> Billing:
+            edited, _ = apply_context_management(body)
+            return self.lane(key, lane).bill(edited, now, memo=memo, auto_only=auto_only)
+
+        own = auto = None
+        if caller:
+            own = bill("caller", original)
+            auto = bill("auto", original, auto_only=True)
+        out_usd = usage["output_tokens"] * model.output / 1e6
+        if not sent:
+            if own is not None and auto is not None:
+                out.counterfactual_usd = price(own, model) + out_usd
+                out.auto_usd = price(auto, model) + out_usd
+            return out
+        staged = [bill(f"stage{k}", b) for k, b in enumerate(bodies, 1)]
+        final = staged[-1] if staged else own
+        if final is None:
+            return out
+        billed_in = (
+            usage["input_tokens"] + usage["cache_creation_input_tokens"] + usage["cache_read_input_tokens"]
+        )
+        # estimated tokens (tiktoken) -> billed tokens (Claude's tokenizer), per call
+        out.scale = scale = billed_in / final.total if billed_in and final.total else 1.0
+        billed_usd = model.input_cost(usage)
+        est = price(final, model, scale)
+        out.estimate_usd = est
+        out.estimate_error_usd = est - billed_usd
+        if own is not None and auto is not None:
+            # the model's error on what was sent is taken to be its error on the caller's own request
+            # (same conversation, same cache history), so it cancels: with plugins = [] saved is 0
+            out.counterfactual_usd = billed_usd + price(own, model, scale) - est + out_usd
+            out.auto_usd = billed_usd + price(auto, model, scale) - est + out_usd
+            prev = price(own, model, scale)
+            for k, b in enumerate(staged):
+                cur = price(b, model, scale)
+                out.stage_usd[k] = prev - cur
+                prev = cur
+        return out

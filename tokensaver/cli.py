@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """``tokensaver runs``: the recorded runs, newest first."""
-    from .report import fmt_time, fmt_usd, text_table
+    from .report import fmt_pct, fmt_time, fmt_usd, text_table
     from .run import list_runs, resolve_runs_dir
 
     directory = resolve_runs_dir(args.runs_dir)
@@ -111,9 +111,36 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs in {directory}")
         return 0
-    rows = [[r["name"], fmt_time(r["created"]), f"{r['calls']:,}", fmt_usd(r["saved_usd"])] for r in runs]
-    print("\n".join(text_table(["run", "created", "calls", "saved"], rows, right={2, 3})))
+    rows = []
+    for r in runs:
+        t = _run_totals(r["path"])
+        pct = t.get("saved_pct")
+        rows.append(
+            [
+                r["name"],
+                fmt_time(r["created"]),
+                f"{r['calls']:,}",
+                fmt_usd(t.get("cost_usd")),
+                fmt_usd(t.get("counterfactual_usd")),
+                fmt_usd(r["saved_usd"]) + (f" ({fmt_pct(pct)})" if pct is not None else ""),
+                fmt_usd(t.get("saved_vs_auto_usd")),
+            ]
+        )
+    head = ["run", "created", "calls", "cost [billed]", "without [est.]", "saved", "vs auto caching [est.]"]
+    print("\n".join(text_table(head, rows, right={2, 3, 4, 5, 6})))
+    print("saved = what your own requests would have been billed without tokensaver (estimated) - cost")
     return 0
+
+
+def _run_totals(path: str) -> dict[str, Any]:
+    """A run's report totals (empty when its ledger cannot be read)."""
+    from .report import run_summary
+    from .run import load_run
+
+    try:
+        return run_summary(load_run(path).records())
+    except (OSError, TokensaverError):
+        return {}
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -20,9 +20,10 @@ from typing import Any
 
 import pluggy
 
+from .billing import Estimate, ShadowCaches
 from .config import Config, load_config
 from .context import CallContext, conversation_id
-from .plugins import call_one, get_plugin_manager, impl_for, ordered, strict_error
+from .plugins import call_one, get_plugin_manager, ordered, strict_error
 from .pricing import PriceTable, normalize_usage
 from .run import Run, redact_keys
 from .tokens import default_counter
@@ -87,6 +88,8 @@ class Call:
     attempt: int = 0
     recorded: bool = False
     exact: dict[str, int] | None = None  # count_tokens figures in exact mode
+    bodies: list[dict[str, Any]] = field(default_factory=list)  # the body after each stage, for billing
+    estimate: Estimate | None = None  # billed through the shadow caches once, when first recorded
 
 
 class Pipeline:
@@ -116,6 +119,9 @@ class Pipeline:
         # this process's latest records, also when not persisted; bounded so a long-lived service does
         # not grow without limit (the run ledger on disk keeps every call)
         self.records: deque[dict[str, Any]] = deque(maxlen=MEMORY_RECORDS)
+        # what the caller's own requests would have been billed: shadow prompt caches per key hash
+        # (the proxy shares one between its session pipelines, as the API's cache is per key)
+        self.shadows = ShadowCaches(self.prices)
 
     # -- request phase -----------------------------------------------------------------------
 
@@ -190,6 +196,7 @@ class Pipeline:
             )
             if result is not None:
                 current, before = result, after
+            call.bodies.append(current)
         call.body = current
         call.tokens_sent = before
         hit_by, hit = self._run_hook(call, "tokensaver_lookup_response", first=True, body=current)
@@ -258,52 +265,43 @@ class Pipeline:
     def _record(
         self, call: Call, response: dict[str, Any] | None, status: int | str, error: str | None
     ) -> dict[str, Any]:
+        t0 = time.perf_counter()
         ctx, model = call.ctx, call.ctx.model
         usage = normalize_usage((response or {}).get("usage")) if response else None
         ok = status == 200 and response is not None
         # plugins' own model calls (summaries...) are paid whatever became of the call itself
         side = [dict(e) for e in ctx.side_calls]
         side_cost = sum(float(e.get("cost_usd") or 0.0) for e in side)
-        billed_in = 0
-        cost = baseline = saved = 0.0
-        if ok and usage is not None:
-            billed_in = (
-                usage["input_tokens"]
-                + usage["cache_creation_input_tokens"]
-                + usage["cache_read_input_tokens"]
+        sent = ok and usage is not None and not call.short_circuit
+        follow_up = _follow_up(call.original)
+        if call.estimate is None:
+            call.estimate = self.shadows.estimate(
+                ctx.key_hash,
+                ctx.now,
+                model,
+                call.original,
+                call.bodies,
+                usage=usage if ok else None,
+                sent=sent,
+                caller=not follow_up,
             )
-            out_cost = usage["output_tokens"] * model.output / 1e6
-            # estimated tokens -> billed tokens (our tokenizer is not Claude's)
-            scale = billed_in / call.tokens_sent if call.tokens_sent and billed_in else 1.0
-            baseline = call.tokens_original * scale * model.input / 1e6 + out_cost
-            if call.short_circuit:
-                cost = 0.0
-                baseline = model.cost(usage) if billed_in else baseline
-            else:
-                cost = model.cost(usage)
-            saved = baseline - cost - side_cost
-            in_cost = model.input_cost(usage)
-            per_token = (in_cost / call.tokens_sent) if call.tokens_sent and not call.short_circuit else 0.0
-            uncached_in = billed_in * model.input / 1e6
-            cache_credit = max(0.0, uncached_in - in_cost) if not call.short_circuit else 0.0
-            placer = self._cache_placer(call)
-            for stage in call.stages:
-                removed = stage["before"] - stage["after"]
-                stage["saved_tokens"] = removed
-                stage["saved_usd"] = round(removed * per_token, 8)
-                if placer is not None and stage["plugin"] == placer:
-                    stage["saved_usd"] = round(stage["saved_usd"] + cache_credit, 8)
-                    stage["cache_credit_usd"] = round(cache_credit, 8)
-        else:
-            saved = -side_cost
-            for stage in call.stages:
-                stage["saved_tokens"] = 0
-                stage["saved_usd"] = 0.0
+        est = call.estimate
+        cost = model.cost(usage) if sent and usage is not None else 0.0
+        counterfactual = est.counterfactual_usd
+        saved = counterfactual - cost - side_cost
+        for k, stage in enumerate(call.stages):
+            stage["saved_tokens"] = stage["before"] - stage["after"] if ok else 0
+            stage["saved_usd"] = round(est.stage_usd[k] if k < len(est.stage_usd) else 0.0, 8)
+        if sent and follow_up and call.stages:
+            # a round the caller never asked for (a plugin tool's answer): the stage that offered the
+            # tool pays for it
+            call.stages[_tool_adder(call)]["saved_usd"] = round(-cost, 8)
         for stage in call.stages:
             paid = sum(float(e.get("cost_usd") or 0.0) for e in side if e["plugin"] == stage["plugin"])
             if paid:
                 stage["model_calls_usd"] = round(paid, 8)
                 stage["saved_usd"] = round(stage["saved_usd"] - paid, 8)
+        call.overhead_ms += (time.perf_counter() - t0) * 1000
         record = {
             "type": "call",
             "id": ctx.call_id,
@@ -327,12 +325,21 @@ class Pipeline:
             "short_circuit": call.short_circuit,
             "usage": usage,
             "cost_usd": round(cost + side_cost, 8),
-            "baseline_usd": round(baseline, 8),
+            "counterfactual_usd": round(counterfactual, 8),
+            "auto_usd": round(est.auto_usd, 8),
+            "estimate_usd": None if est.estimate_usd is None else round(est.estimate_usd, 8),
+            "estimate_error_usd": None
+            if est.estimate_error_usd is None
+            else round(est.estimate_error_usd, 8),
             "saved_usd": round(saved, 8),
             "overhead_ms": round(call.overhead_ms, 3),
             "errors": call.errors,
             "plugins": copy.deepcopy(ctx.notes),
         }
+        if call.short_circuit and ok:
+            record["short_circuit_usd"] = round(counterfactual, 8)
+        if follow_up:
+            record["follow_up"] = True
         if side:
             record["model_calls"] = side
         if call.exact:
@@ -350,31 +357,44 @@ class Pipeline:
                 self.records.append(record)
         return record
 
-    def _cache_placer(self, call: Call) -> str | None:
-        """The stage that added cache breakpoints the caller did not have: it gets the caching credit.
 
-        Only the final body is kept, so the credit goes to the last changing stage that runs
-        ``trylast`` (where breakpoints belong), else the last changing stage.
-        """
-        if _breakpoints(call.original) or not _breakpoints(call.body):
-            return None
-        changed = [s["plugin"] for s in call.stages if s.get("changed")]
-        trylast = [
-            n
-            for n in changed
-            if getattr(impl_for(self.pm, "tokensaver_transform_request", n), "trylast", False)
-        ]
-        return (trylast or changed or [None])[-1]
+PLUGIN_TOOL_PREFIX = "tokensaver_"
 
 
-def _breakpoints(body: dict[str, Any]) -> int:
-    n = 1 if body.get("cache_control") else 0
-    for key in ("tools", "system"):
-        seq = body.get(key)
-        if isinstance(seq, list):
-            n += sum(1 for b in seq if isinstance(b, dict) and b.get("cache_control"))
-    for m in body.get("messages") or []:
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list):
-            n += sum(1 for b in content if isinstance(b, dict) and b.get("cache_control"))
-    return n
+def _plugin_tool_call(message: Any) -> bool:
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(
+        isinstance(b, dict)
+        and b.get("type") == "tool_use"
+        and str(b.get("name", "")).startswith(PLUGIN_TOOL_PREFIX)
+        for b in content
+    )
+
+
+def _follow_up(body: dict[str, Any]) -> bool:
+    """A plugin-tool follow-up round: its last assistant turn called a plugin's tool.
+
+    The caller never sees plugin tool calls, so no request of its own ends that way.
+    """
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or len(msgs) < 2:
+        return False
+    return _plugin_tool_call(msgs[-2])
+
+
+def _plugin_tools(body: dict[str, Any]) -> bool:
+    tools = body.get("tools")
+    return isinstance(tools, list) and any(
+        isinstance(t, dict) and str(t.get("name", "")).startswith(PLUGIN_TOOL_PREFIX) for t in tools
+    )
+
+
+def _tool_adder(call: Call) -> int:
+    """Index of the stage that added a plugin tool to the request (else the last stage)."""
+    had = _plugin_tools(call.original)
+    for k, body in enumerate(call.bodies):
+        has = _plugin_tools(body)
+        if has and not had:
+            return k
+        had = has
+    return len(call.stages) - 1

@@ -54,8 +54,9 @@ def normalize_usage(usage: dict[str, Any] | None) -> dict[str, int]:
     usage = usage or {}
     cc = usage.get("cache_creation") or {}
     total_write = int(usage.get("cache_creation_input_tokens") or 0)
-    w1h = int(cc.get("ephemeral_1h_input_tokens") or 0)
-    w5m = int(cc.get("ephemeral_5m_input_tokens") or 0)
+    # a usage normalized already keeps its split (pricing one must not turn 1h writes into 5m ones)
+    w1h = int(cc.get("ephemeral_1h_input_tokens") or usage.get("cache_creation_1h") or 0)
+    w5m = int(cc.get("ephemeral_5m_input_tokens") or usage.get("cache_creation_5m") or 0)
     if w1h + w5m != total_write:
         w5m = max(0, total_write - w1h)
     return {

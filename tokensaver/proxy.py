@@ -424,6 +424,7 @@ class TokensaverProxy:
             pipe = Pipeline(self.config, plugin_manager=self.pm, run=run, clock=self.clock)
             # plugin state lives as long as the proxy: keyed by conversation and content, never by run
             pipe.states = self.default.states
+            pipe.shadows = self.default.shadows  # the API's prompt cache is per key, not per session
             self._sessions[name] = pipe
             while len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)

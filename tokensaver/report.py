@@ -3,9 +3,13 @@
 ``Report`` aggregates a run's call records (schema in ``docs/DESIGN.md``) and renders them as a
 terminal table, Markdown, self-contained HTML (inline CSS and SVG, no scripts, no remote loads)
 or JSON. Figures are either **billed** (summed from the API's ``usage`` and priced: input, cache
-writes/reads, output tokens, ``cost_usd``) or **estimated** (local tiktoken counts: tokens before
-and after tokensaver, per-stage tokens saved, the ``baseline_usd`` of the unmodified request).
-Short-circuited calls never reached the API, so their usage is not counted as billed.
+writes/reads, output tokens, ``cost_usd``) or **estimated**: local tiktoken counts (tokens before and
+after tokensaver, per-stage tokens saved) and what the caller's own requests would have been billed
+without tokensaver (``counterfactual_usd``) or with the API's automatic caching alone (``auto_usd``),
+from the billing model of :mod:`tokensaver.billing` run beside the API. ``saved_usd`` =
+``counterfactual_usd`` - ``cost_usd``. ``estimate_error_*`` says how far the model's figure for what
+was sent was from the billed usage, on the calls where both exist. Short-circuited calls never
+reached the API, so their usage is not counted as billed.
 
 ``Report.to_json()`` keys (stable; new keys may be added, none renamed):
 
@@ -13,7 +17,11 @@ Short-circuited calls never reached the API, so their usage is not counted as bi
 - ``run``: ``{name, created, config}``
 - ``totals``: ``{calls, short_circuited, api_errors, tokens_original, tokens_sent, tokens_saved,
   usage: {input_tokens, cache_creation_input_tokens, cache_creation_5m, cache_creation_1h,
-  cache_read_input_tokens, output_tokens}, cost_usd, baseline_usd, saved_usd, saved_pct}``
+  cache_read_input_tokens, output_tokens}, cost_usd, counterfactual_usd, auto_usd, saved_usd,
+  saved_pct, saved_vs_auto_usd, saved_vs_auto_pct, estimated_calls, estimate_error_usd,
+  estimate_error_pct}`` (``saved_pct`` of ``counterfactual_usd``; ``estimate_error_usd`` = the sum
+  of each call's distance between the estimated and the billed input side, ``estimate_error_pct``
+  that over the billed input side of those calls)
 - ``cache``: ``{input_tokens, write_tokens, write_5m, write_1h, read_tokens, hit_rate}``
   (``hit_rate`` = cache reads / all billed input-side tokens, null without any)
 - ``latency``: ``{samples, overhead_p50_ms, overhead_p95_ms, overhead_max_ms}`` (nearest rank)
@@ -25,10 +33,10 @@ Short-circuited calls never reached the API, so their usage is not counted as bi
 - ``api_errors``: ``[{call, status, error}]``
 - ``price_warnings``: ``[{warning, calls}]``
 - ``conversations``: ``[{conversation, calls, short_circuited, tokens_original, tokens_sent,
-  cache_read_input_tokens, cost_usd, baseline_usd, saved_usd}]``
+  cache_read_input_tokens, cost_usd, counterfactual_usd, auto_usd, saved_usd}]``
 - ``calls``: ``[{id, t, conversation, model, tokens_original, tokens_sent, input_tokens,
-  cache_creation_input_tokens, cache_read_input_tokens, output_tokens, cost_usd, baseline_usd,
-  saved_usd, short_circuit, overhead_ms}]``
+  cache_creation_input_tokens, cache_read_input_tokens, output_tokens, cost_usd, counterfactual_usd,
+  auto_usd, saved_usd, estimate_error_usd, short_circuit, overhead_ms}]``
 - ``sections``: ``[{plugin, title, summary, columns, rows, error}]`` (contributed by plugins)
 """
 
@@ -55,7 +63,10 @@ USAGE_KEYS = (
 )
 TRANSFORM_HOOK = "tokensaver_transform_request"
 BILLED_NOTE = "billed: from the API's usage of each call (short-circuited calls excluded)"
-ESTIMATED_NOTE = "estimated: local tiktoken counts, and the unmodified request priced as uncached input"
+ESTIMATED_NOTE = (
+    "estimated: local tiktoken counts, and what your own requests (your cache_control as sent) would "
+    "have been billed without tokensaver, from the API's cache rules run beside it"
+)
 MAX_BARS = 120  # calls per chart before they are grouped into buckets
 
 
@@ -167,7 +178,9 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Everything a report shows, computed from call records (the JSON keys minus run/sections)."""
     records = [r for r in records if isinstance(r, dict)]
     usage_tot = dict.fromkeys(USAGE_KEYS, 0)
-    tot = {"tokens_original": 0, "tokens_sent": 0, "cost_usd": 0.0, "baseline_usd": 0.0, "saved_usd": 0.0}
+    tot = dict.fromkeys(("tokens_original", "tokens_sent"), 0)
+    money = dict.fromkeys(("cost_usd", "counterfactual_usd", "auto_usd", "saved_usd"), 0.0)
+    est = {"calls": 0, "error_usd": 0.0, "billed_usd": 0.0}
     stages: dict[str, dict[str, Any]] = {}
     short_circuits: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
@@ -202,16 +215,24 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         for k in USAGE_KEYS:
             usage_tot[k] += billed[k]
         t_orig, t_sent = int(_num(rec.get("tokens_original"))), int(_num(rec.get("tokens_sent")))
-        cost, base, saved = (
-            _num(rec.get("cost_usd")),
-            _num(rec.get("baseline_usd")),
-            _num(rec.get("saved_usd")),
-        )
+        cost, saved = _num(rec.get("cost_usd")), _num(rec.get("saved_usd"))
+        # ledgers written before the counterfactual existed have only their baseline_usd
+        base = _num(rec["counterfactual_usd"] if "counterfactual_usd" in rec else rec.get("baseline_usd"))
+        auto = _num(rec.get("auto_usd"))
         tot["tokens_original"] += t_orig
         tot["tokens_sent"] += t_sent
-        tot["cost_usd"] += cost
-        tot["baseline_usd"] += base
-        tot["saved_usd"] += saved
+        for k, v in (
+            ("cost_usd", cost),
+            ("counterfactual_usd", base),
+            ("auto_usd", auto),
+            ("saved_usd", saved),
+        ):
+            money[k] += v
+        if rec.get("estimate_error_usd") is not None and rec.get("estimate_usd") is not None:
+            err = _num(rec.get("estimate_error_usd"))
+            est["calls"] += 1
+            est["error_usd"] += abs(err)
+            est["billed_usd"] += _num(rec.get("estimate_usd")) - err
 
         for st in rec.get("stages") or []:
             if not isinstance(st, dict):
@@ -230,8 +251,10 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
             row = stage_row(sc)
             row["short_circuits"] += 1
             row["saved_tokens"] += t_sent
-            row["saved_usd"] += saved
-            row["short_circuit_usd"] += saved
+            # what avoiding the call saved; the call's own saved_usd is net of its stages' model calls
+            sc_usd = _num(rec["short_circuit_usd"]) if "short_circuit_usd" in rec else saved
+            row["saved_usd"] += sc_usd
+            row["short_circuit_usd"] += sc_usd
             short_circuits.append(
                 {
                     "id": cid,
@@ -265,7 +288,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
                 "tokens_sent": 0,
                 "cache_read_input_tokens": 0,
                 "cost_usd": 0.0,
-                "baseline_usd": 0.0,
+                "counterfactual_usd": 0.0,
+                "auto_usd": 0.0,
                 "saved_usd": 0.0,
             },
         )
@@ -275,7 +299,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         conv["tokens_sent"] += t_sent
         conv["cache_read_input_tokens"] += billed["cache_read_input_tokens"]
         conv["cost_usd"] += cost
-        conv["baseline_usd"] += base
+        conv["counterfactual_usd"] += base
+        conv["auto_usd"] += auto
         conv["saved_usd"] += saved
 
         calls.append(
@@ -291,8 +316,10 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
                 "cache_read_input_tokens": billed["cache_read_input_tokens"],
                 "output_tokens": billed["output_tokens"],
                 "cost_usd": cost,
-                "baseline_usd": base,
+                "counterfactual_usd": base,
+                "auto_usd": auto,
                 "saved_usd": saved,
+                "estimate_error_usd": rec.get("estimate_error_usd"),
                 "short_circuit": sc,
                 "overhead_ms": rec.get("overhead_ms"),
             }
@@ -311,10 +338,16 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "tokens_sent": tot["tokens_sent"],
         "tokens_saved": tot["tokens_original"] - tot["tokens_sent"],
         "usage": usage_tot,
-        "cost_usd": tot["cost_usd"],
-        "baseline_usd": tot["baseline_usd"],
-        "saved_usd": tot["saved_usd"],
-        "saved_pct": (100.0 * tot["saved_usd"] / tot["baseline_usd"]) if tot["baseline_usd"] > 0 else None,
+        "cost_usd": money["cost_usd"],
+        "counterfactual_usd": money["counterfactual_usd"],
+        "auto_usd": money["auto_usd"],
+        "saved_usd": money["saved_usd"],
+        "saved_pct": _pct_of(money["saved_usd"], money["counterfactual_usd"]),
+        "saved_vs_auto_usd": money["auto_usd"] - money["cost_usd"],
+        "saved_vs_auto_pct": _pct_of(money["auto_usd"] - money["cost_usd"], money["auto_usd"]),
+        "estimated_calls": est["calls"],
+        "estimate_error_usd": est["error_usd"],
+        "estimate_error_pct": _pct_of(est["error_usd"], est["billed_usd"]),
     }
     return {
         "totals": totals,
@@ -340,6 +373,10 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "conversations": list(convs.values()),
         "calls": calls,
     }
+
+
+def _pct_of(part: float, whole: float) -> float | None:
+    return 100.0 * part / whole if whole > 0 else None
 
 
 def run_summary(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -537,8 +574,30 @@ def _environment() -> jinja2.Environment:
             cell=fmt_value,
             md=_md_cell,
         )
+        env.globals.update(auto_line=auto_line, estimate_line=estimate_line)
         _env = env
     return _env
+
+
+def auto_line(totals: dict[str, Any]) -> str:
+    """The reference line: automatic caching alone, and what tokensaver saved against it."""
+    pct = totals.get("saved_vs_auto_pct")
+    return (
+        f"{fmt_usd(totals.get('auto_usd'))} (tokensaver saved {fmt_usd(totals.get('saved_vs_auto_usd'))}"
+        + (f", {fmt_pct(pct)}" if pct is not None else "")
+        + " against it)"
+    )
+
+
+def estimate_line(totals: dict[str, Any]) -> str:
+    """How far the billing model's figure for what was sent was from the billed usage."""
+    n = int(totals.get("estimated_calls") or 0)
+    if not n:
+        return "n/a (no call was both estimated and billed)"
+    pct = totals.get("estimate_error_pct")
+    return f"{fmt_usd(totals.get('estimate_error_usd'))} apart over {n:,} billed calls" + (
+        f" ({fmt_pct(pct)} of their billed input side)" if pct is not None else ""
+    )
 
 
 def text_table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> list[str]:
@@ -650,6 +709,7 @@ class Report:
         saved = fmt_usd(t["saved_usd"]) + (
             f" ({fmt_pct(t['saved_pct'])})" if t["saved_pct"] is not None else ""
         )
+        saved += "  = cost without tokensaver - cost"
         pairs = [
             (
                 "calls",
@@ -660,8 +720,10 @@ class Report:
             ("cache read tokens [billed]", fmt_int(u["cache_read_input_tokens"])),
             ("output tokens [billed]", fmt_int(u["output_tokens"])),
             ("cost [billed]", fmt_usd(t["cost_usd"])),
-            ("baseline cost [est.]", fmt_usd(t["baseline_usd"])),
+            ("cost without tokensaver [est.]", fmt_usd(t["counterfactual_usd"])),
             ("saved", saved),
+            ("with automatic caching alone [est.]", auto_line(t)),
+            ("estimate vs billed", estimate_line(t)),
             (
                 "tokens before -> after [est.]",
                 f"{fmt_int(t['tokens_original'])} -> {fmt_int(t['tokens_sent'])} (-{fmt_int(t['tokens_saved'])})",
@@ -742,7 +804,7 @@ class Report:
                     fmt_int(cv["tokens_original"]),
                     fmt_int(cv["tokens_sent"]),
                     fmt_usd(cv["cost_usd"]),
-                    fmt_usd(cv["baseline_usd"]),
+                    fmt_usd(cv["counterfactual_usd"]),
                     fmt_usd(cv["saved_usd"]),
                 ]
                 for cv in d["conversations"]
@@ -753,7 +815,7 @@ class Report:
                 "before [est.]",
                 "after [est.]",
                 "cost [billed]",
-                "baseline [est.]",
+                "without tokensaver [est.]",
                 "saved",
             ]
             out += ["  " + x for x in text_table(head, rows, set(range(1, 7)))]
