@@ -235,9 +235,12 @@ def _decoded_here(content_encoding: str) -> bool:
 
 
 def _unquoted(segment: str) -> str | None:
-    """A path segment percent-decoded until nothing changes (``None`` if still encoded after four rounds)."""
+    """A path segment percent-decoded until nothing changes (``None``: not UTF-8, or still encoded after four rounds)."""
     for _ in range(4):
-        decoded = unquote(segment)
+        try:  # an invalid UTF-8 escape (an overlong %C0%AE for '.') is no path the API has
+            decoded = unquote(segment, errors="strict")
+        except UnicodeDecodeError:
+            return None
         if decoded == segment:
             return segment
         segment = decoded
@@ -250,8 +253,8 @@ def _confined_path(raw_path: str) -> str | None:
     Empty and ``.`` segments are dropped and ``..`` removes the segment before it (``%2e`` is a
     dot: RFC 3986 6.2.2.2); other segments are kept as sent. Refused, because a server that reads
     paths leniently could still climb out of the base with them: a ``..`` above the root, an
-    encoded slash, a backslash (raw or encoded), a control character, a dot-segment with
-    parameters (``..;``) or encoded twice (``%252e``).
+    encoded slash, a backslash (raw or encoded), a control character, an escape that is not
+    UTF-8 (``%C0%AE``), a dot-segment with parameters (``..;``) or encoded twice (``%252e``).
     """
     out: list[str] = []
     segments = raw_path.split("/")
@@ -260,8 +263,8 @@ def _confined_path(raw_path: str) -> str | None:
         trailing = not segment
         if not segment:
             continue
+        full = _unquoted(segment)
         once = unquote(segment)
-        full = _unquoted(once)
         if full is None or "/" in full or "\\" in full or any(c < " " or c == "\x7f" for c in full):
             return None
         if full.split(";", 1)[0] in (".", ".."):
