@@ -199,11 +199,12 @@ def test_plain_http_json_and_sse(emu: Emulator, proxy: ProxyServer) -> None:
     assert [(r["stream"], r["status"]) for r in recs] == [(False, 200), (True, 200)]
 
 
-def test_unparsable_body_is_forwarded_for_the_api_to_refuse(emu: Emulator, proxy: ProxyServer) -> None:
+def test_unparsable_body_is_refused_as_the_api_would(emu: Emulator, proxy: ProxyServer) -> None:
     with httpx2.Client() as http:
         r = http.post(f"{proxy.url}/v1/messages", content=b"{not json", headers=HEADERS)
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
+    assert emu.requests == []  # answered by the proxy (tests/test_proxy_input.py has the rest)
     assert messages_records(proxy) == []
 
 
