@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -67,9 +66,9 @@ Memo = dict[int, tuple[Any, bytes, int, bool]]  # id(block) -> (block kept alive
 # -- the prompt as a block sequence ---------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class PromptBlock:
-    where: str  # "tools.3", "system.0", "messages.2.content.1"
+    where: tuple[str, int, int]  # ("tools", 3, 0), ("system", 0, 0), ("messages", 2, 1): message 2, block 1
     block: Any
     tokens: int
     tag: str  # section / role / message-start marker that goes into the prefix hash
@@ -106,17 +105,22 @@ class _Digests:
 _DIGESTS = _Digests()
 
 
-def prompt_blocks(body: dict[str, Any], memo: Memo | None = None) -> list[PromptBlock]:
+def prompt_blocks(
+    body: dict[str, Any], memo: Memo | None = None, like: list[PromptBlock] | None = None
+) -> list[PromptBlock]:
     """The request as the ordered block sequence the prompt cache sees.
 
     :param memo: per-block digests and counts by object identity, reused by later calls given the
         same dict (bodies that share block objects, e.g. a request before and after each stage).
+    :param like: the blocks of a similar body (the previous call of the conversation, the body
+        before a stage): a block equal to the one at the same place there takes its digest and count
+        (an equality test, not a serialization).
     """
     counter = default_counter()
     out: list[PromptBlock] = []
     memo = {} if memo is None else memo
 
-    def add(where: str, block: Any, tag: str, extra: int = 0) -> None:
+    def add(where: tuple[str, int, int], block: Any, tag: str, extra: int = 0) -> None:
         cc = block.get("cache_control") if isinstance(block, dict) else None
         kind = block.get("type") if isinstance(block, dict) else None
         empty_text = kind == "text" and not str(block.get("text", "")).strip()
@@ -124,29 +128,34 @@ def prompt_blocks(body: dict[str, Any], memo: Memo | None = None) -> list[Prompt
             kind not in THINKING_TYPES and not empty_text and not (isinstance(block, str) and not block)
         )
         seen = memo.get(id(block))
+        i = len(out)
         if seen is not None and seen[0] is block:
             digest, tokens, image = seen[1], seen[2], seen[3]
+        elif like is not None and i < len(like) and like[i].tag == tag and like[i].block == block:
+            prev = like[i]
+            out.append(PromptBlock(where, block, prev.tokens, tag, cacheable, cc, prev.digest, prev.image))
+            return
         else:
             digest, tokens, image = _DIGESTS.get(block, counter)
             memo[id(block)] = (block, digest, tokens, image)
         out.append(PromptBlock(where, block, tokens + extra, tag, cacheable, cc, digest, image))
 
     for i, tool in enumerate(body.get("tools") or []):
-        add(f"tools.{i}", tool, "tools")
+        add(("tools", i, 0), tool, "tools")
     system = body.get("system")
     if isinstance(system, str):
         if system:
-            add("system", system, "system")
+            add(("system", 0, 0), system, "system")
     elif isinstance(system, list):
         for i, b in enumerate(system):
-            add(f"system.{i}", b, "system")
+            add(("system", i, 0), b, "system")
     for mi, msg in enumerate(body.get("messages") or []):
         role = str(msg.get("role"))
         content = msg.get("content")
         blocks = [content] if isinstance(content, str) else list(content or [])
+        start, cont = role + ":start", role + ":cont"
         for bi, b in enumerate(blocks):
-            where = f"messages.{mi}" if isinstance(content, str) else f"messages.{mi}.content.{bi}"
-            add(where, b, f"{role}:{'start' if bi == 0 else 'cont'}", MESSAGE_OVERHEAD if bi == 0 else 0)
+            add(("messages", mi, bi), b, cont if bi else start, 0 if bi else MESSAGE_OVERHEAD)
     return out
 
 
@@ -197,19 +206,77 @@ def prefix_hashes(blocks: list[PromptBlock], body: dict[str, Any] | None = None)
     settings before the first message block, so a change in them misses at that level and after it
     while the levels before it still hit.
     """
-    salts = level_salts(body, blocks)
-    hashes: list[bytes] = []
-    h = hashlib.sha256()
-    level = 0  # 0 tools, 1 system, 2 messages: how far the settings have been mixed in
-    for b in blocks:
-        at = 0 if b.tag == "tools" else 1 if b.tag == "system" else 2
+    return Prepared.of(body or {}, blocks=blocks).hashes
+
+
+@dataclass
+class Prepared:
+    """A body as the cache sees it: its blocks, the prefix hash and token sum at each block."""
+
+    blocks: list[PromptBlock]
+    hashes: list[bytes]
+    prefix: list[int]
+    salts: tuple[bytes, bytes]
+    states: list[Any]  # the running hash after each block, so a similar body can resume from it
+
+    @property
+    def total(self) -> int:
+        return self.prefix[-1] if self.prefix else 0
+
+    @classmethod
+    def of(
+        cls,
+        body: dict[str, Any],
+        memo: Memo | None = None,
+        *,
+        like: Prepared | None = None,
+        blocks: list[PromptBlock] | None = None,
+    ) -> Prepared:
+        """Prepare ``body``; the hashes of a leading run of blocks it shares with ``like`` are reused."""
+        blocks = prompt_blocks(body, memo, like.blocks if like else None) if blocks is None else blocks
+        salts = level_salts(body, blocks)
+        same = 0
+        if like is not None and like.salts == salts:
+            old = like.blocks
+            n = min(len(old), len(blocks))
+            while same < n and old[same].digest == blocks[same].digest and old[same].tag == blocks[same].tag:
+                same += 1
+        if same:
+            assert like is not None
+            hashes, states, prefix = like.hashes[:same], like.states[:same], like.prefix[:same]
+        else:
+            hashes, states, prefix = [], [], []
+        _chain(blocks, salts, same, hashes, states, prefix)
+        return cls(blocks, hashes, prefix, salts, states)
+
+
+def _chain(
+    blocks: list[PromptBlock],
+    salts: tuple[bytes, bytes],
+    start: int,
+    hashes: list[bytes],
+    states: list[Any],
+    prefix: list[int],
+) -> None:
+    h = states[-1].copy() if start else hashlib.sha256()
+    level = _level(blocks[start - 1].tag) if start else 0  # how far the settings have been mixed in
+    total = prefix[-1] if start else 0
+    for b in blocks[start:]:
+        at = _level(b.tag)
         while level < at:
             level += 1
             if salts[level - 1]:
                 h.update(b"\2" + salts[level - 1] + b"\3")
         h.update(b.tag.encode() + b"\0" + b.digest + b"\1")
-        hashes.append(h.copy().digest())
-    return hashes
+        state = h.copy()
+        states.append(state)
+        hashes.append(state.digest())
+        total += b.tokens
+        prefix.append(total)
+
+
+def _level(tag: str) -> int:
+    return 0 if tag == "tools" else 1 if tag == "system" else 2
 
 
 def breakpoints(
@@ -371,18 +438,16 @@ class CacheModel:
         *,
         memo: Memo | None = None,
         auto_only: bool = False,
-        blocks: list[PromptBlock] | None = None,
+        prepared: Prepared | None = None,
     ) -> Billing:
         """Prompt-cache accounting for a (validated) body at time ``now``; updates the entries.
 
         :param auto_only: bill the request as if it used automatic caching alone.
-        :param blocks: ``prompt_blocks(body)`` when the caller has them already.
+        :param prepared: ``Prepared.of(body)`` when the caller has it already.
         """
         model = str(body.get("model", ""))
-        blocks = prompt_blocks(body, memo) if blocks is None else blocks
-        hashes = prefix_hashes(blocks, body)
-        prefix = list(itertools.accumulate(b.tokens for b in blocks))
-        total = prefix[-1] if prefix else 0
+        p = Prepared.of(body, memo) if prepared is None else prepared
+        blocks, hashes, prefix, total = p.blocks, p.hashes, p.prefix, p.total
         bps = breakpoints(body, blocks, auto_only=auto_only)
         min_cache = self.prices.get(model).min_cache
         cache = self.entries
@@ -468,6 +533,8 @@ class ShadowCaches:
         self.max_entries = max_entries
         self._keys: OrderedDict[str, dict[str, CacheModel]] = OrderedDict()
         self._lock = threading.Lock()
+        # the caller's previous request per (key, conversation): the next one mostly repeats it
+        self._previous: OrderedDict[tuple[str, str], Prepared] = OrderedDict()
 
     def lane(self, key: str, name: str) -> CacheModel:
         """The cache model of lane ``name`` for API-key hash ``key``."""
@@ -495,6 +562,7 @@ class ShadowCaches:
         usage: dict[str, int] | None,
         sent: bool,
         caller: bool = True,
+        conversation: str = "",
     ) -> Estimate:
         """Bill one call through the lanes and price it.
 
@@ -510,15 +578,26 @@ class ShadowCaches:
         if usage is None:
             return out
         memo: Memo = {}
+        with self._lock:
+            before = self._previous.get((key, conversation))
+        last: list[Any] = [None, before]  # the body prepared last, and how
 
         def bill(lane: str, body: dict[str, Any], auto_only: bool = False) -> Billing:
             edited, _ = apply_context_management(body)
-            return self.lane(key, lane).bill(edited, now, memo=memo, auto_only=auto_only)
+            if last[0] is not edited:
+                # a stage's body mostly shares its leading blocks with the one before: resume there
+                last[:] = [edited, Prepared.of(edited, memo, like=last[1])]
+            return self.lane(key, lane).bill(edited, now, auto_only=auto_only, prepared=last[1])
 
         own = auto = None
         if caller:
             own = bill("caller", original)
             auto = bill("auto", original, auto_only=True)
+            with self._lock:
+                self._previous[(key, conversation)] = last[1]
+                self._previous.move_to_end((key, conversation))
+                while len(self._previous) > 4 * self.max_keys:
+                    self._previous.popitem(last=False)
         out_usd = usage["output_tokens"] * model.output / 1e6
         if not sent:
             if own is not None and auto is not None:

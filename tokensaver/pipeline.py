@@ -284,6 +284,7 @@ class Pipeline:
                 usage=usage if ok else None,
                 sent=sent,
                 caller=not follow_up,
+                conversation=ctx.conversation,
             )
         est = call.estimate
         cost = model.cost(usage) if sent and usage is not None else 0.0
