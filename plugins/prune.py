@@ -8,7 +8,11 @@ oldest first; if that is not enough, whole old turns after the task are dropped.
 per conversation (which tool results are cleared, where turns were dropped), so between cuts every
 older message gets exactly the same bytes and the cached prefix stays valid. Repeated identical
 tool outputs (``dedupe``) are replaced in the *newer* copy by a pointer to the earlier one, which
-never rewrites history.
+never rewrites history; so are runs of at least ``repeat_min_lines`` lines (``repeat_min_chars``
+characters) that an earlier result still sent in full shows in the same order (``repeats``: a
+re-read of a file after an edit, a test suite run again), see ``_repeats``. Both are decided from
+the blocks before each result, so a result gets the same bytes on every call, and a cut that clears
+the earlier copy turns the pointer back into the lines.
 
 Never breaks a request: system, tools and the first user message (the task) are kept, the last
 ``keep_last_messages`` messages are untouched, tool_use/tool_result pairs stay together (the result
@@ -61,7 +65,8 @@ integer, default 32), ``clear_payback`` (number between 0.1 and 100, default 2.0
 ``clear_max_future_calls`` (integer between 1 and 10000, default 20), ``clear_min_tokens``
 (non-negative integer, default 4000), ``clear_min_fraction`` (number between 0.0 and 1.0, default
 0.15), ``clear_superseded`` (true/false, default true), ``superseded_by_write`` (true/false,
-default true); the budget settings as above.
+default true), ``repeats`` (true/false, default true), ``repeat_min_lines`` (integer >= 3, default
+8), ``repeat_min_chars`` (non-negative integer, default 400); the budget settings as above.
 
 Unsafe when the model needs the exact text of an old tool result that it cannot fetch again. When
 the request asks the API's server-side ``context_management`` to clear tool results or compact
@@ -83,6 +88,7 @@ from tokensaver.hookspecs import hookimpl
 from tokensaver.tokens import content_hash
 
 from ._blocks import as_blocks, normalized, request_problems, strip_cc, tool_uses
+from ._repeats import LineIndex
 
 PLUGIN = "prune"
 MIN_CUT_FRACTION = 0.1  # a cut must remove at least this share of the request
@@ -109,6 +115,10 @@ DEFAULTS: dict[str, Any] = {
     # a result superseded by a later use of the same resource counts as stale at any age
     "clear_superseded": True,
     "superseded_by_write": True,  # a later Edit/Write of a file also supersedes an earlier Read
+    # runs of lines an earlier result (still sent in full) shows become a pointer to it
+    "repeats": True,
+    "repeat_min_lines": 8,
+    "repeat_min_chars": 400,
 }
 
 
@@ -142,6 +152,8 @@ def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any
         "min_result_tokens",
         "max_conversations",
         "clear_keep_tool_uses",
+        "repeat_min_lines",
+        "repeat_min_chars",
     ):
         v = out[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -152,7 +164,9 @@ def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any
         isinstance(t, str) for t in out["exclude_tools"]
     ):
         raise _fail("must be a list of tool names", "exclude_tools", source)
-    for key in ("dedupe", "clear_stale", "clear_superseded", "superseded_by_write"):
+    if out["repeat_min_lines"] < 3:
+        raise _fail("must be at least 3 (lines)", "repeat_min_lines", source)
+    for key in ("dedupe", "clear_stale", "clear_superseded", "superseded_by_write", "repeats"):
         if not isinstance(out[key], bool):
             raise _fail("must be true or false", key, source)
     v = out["clear_payback"]
@@ -239,6 +253,11 @@ def apply_spec(messages: list[Any], spec: dict[str, Any], settings: dict[str, An
     dedupe = settings.get("dedupe", True)
     min_tokens = int(settings.get("min_result_tokens", 100))
     seen: dict[str, str] = {}  # content hash -> id of the first result kept in full
+    lines = (
+        LineIndex(int(settings["repeat_min_lines"]), int(settings["repeat_min_chars"]))
+        if settings.get("repeats")
+        else None
+    )
     out = []
     for m in msgs:
         if not isinstance(m, dict) or m.get("role") != "user" or not isinstance(m.get("content"), list):
@@ -256,20 +275,40 @@ def apply_spec(messages: list[Any], spec: dict[str, Any], settings: dict[str, An
                 content[j] = _replace_result(b, text)
                 changed = True
                 continue
-            if not dedupe:
-                continue
             inner = b.get("content")
-            if not inner or b.get("is_error"):
+            if not (dedupe or lines is not None) or not inner or b.get("is_error"):
                 continue
-            h = content_hash(strip_cc(inner))
-            if h in seen:
-                if count(strip_cc(b)) >= min_tokens:
-                    content[j] = _replace_result(b, pointer_marker(seen[h]))
-                    changed = True
-            else:
+            if dedupe:
+                h = content_hash(strip_cc(inner))
+                if h in seen:
+                    if count(strip_cc(b)) >= min_tokens:
+                        content[j] = _replace_result(b, pointer_marker(seen[h]))
+                        changed = True
+                    continue
                 seen[h] = tid
+            if lines is not None:
+                new_inner = _without_repeats(inner, tid, lines)
+                if new_inner is not inner:
+                    content[j] = {**b, "content": new_inner}
+                    changed = True
         out.append({**m, "content": content} if changed else m)
     return out
+
+
+def _without_repeats(inner: Any, tid: str, index: LineIndex) -> Any:
+    """A result's content with runs of lines an earlier result shows as pointers (same object if none)."""
+    if isinstance(inner, str):
+        return index.rewrite(tid, inner)
+    if not isinstance(inner, list):
+        return inner
+    out, changed = [], False
+    for blk in inner:
+        if isinstance(blk, dict) and blk.get("type") == "text" and isinstance(blk.get("text"), str):
+            text = index.rewrite(tid, blk["text"])
+            if text is not blk["text"]:
+                blk, changed = {**blk, "text": text}, True
+        out.append(blk)
+    return out if changed else inner
 
 
 # -- superseded results ------------------------------------------------------------------------
