@@ -21,6 +21,10 @@ from .errors import ConfigError
 
 DEFAULT_PLUGINS = ["summarize", "prune", "cache_align"]
 DEFAULT_RUNS_DIR = ".tokensaver/runs"
+# a plugin hook that takes longer is abandoned (fail open): long enough for real work at 200k
+# tokens on a loaded machine, short enough that a hung plugin never stalls its caller
+DEFAULT_PLUGIN_TIMEOUT = 2.0
+MAX_PLUGIN_TIMEOUT = 3600.0
 
 # top-level keys: name -> (accepted type(s), description used in error messages)
 CORE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -29,6 +33,8 @@ CORE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "runs_dir": ((str,), "a directory path"),
     "record": ((bool,), "true or false (persist runs as JSONL)"),
     "token_count": ((str,), "'estimate' or 'exact'"),
+    "plugin_timeout": ((int, float), "seconds a plugin hook may take, more than 0 and at most 3600"),
+    "plugin_timeouts": ((dict,), "a table of plugin name -> seconds, overriding plugin_timeout"),
     "prices": (
         (dict,),
         "a table of model -> {input, output, cache_write_5m, cache_write_1h, cache_read, ...}",
@@ -57,10 +63,16 @@ class Config:
     record: bool = True
     token_count: str = "estimate"
     prices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plugin_timeout: float = DEFAULT_PLUGIN_TIMEOUT
+    plugin_timeouts: dict[str, float] = field(default_factory=dict)
     plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
     # where each key came from: "plugins" -> "pyproject.toml", "prune" -> "tokensaver.toml", ...
     origin: dict[str, str] = field(default_factory=dict)
+
+    def timeout_for(self, plugin: str) -> float:
+        """Seconds each hook call of ``plugin`` may take before it is abandoned."""
+        return self.plugin_timeouts.get(plugin, self.plugin_timeout)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able view (for run headers and `tokensaver plugins`)."""
@@ -70,6 +82,8 @@ class Config:
             "runs_dir": self.runs_dir,
             "record": self.record,
             "token_count": self.token_count,
+            "plugin_timeout": self.plugin_timeout,
+            "plugin_timeouts": dict(self.plugin_timeouts),
             "settings": {k: v for k, v in self.plugin_settings.items() if k in self.plugins},
             "sources": list(self.sources),
         }
@@ -188,7 +202,18 @@ def load_config(
                         key=key,
                         source=source,
                     )
-                if key == "prices":
+                if key == "plugin_timeout":
+                    value = _check_timeout(key, value, source)
+                if key == "plugin_timeouts":
+                    for name, seconds in value.items():
+                        if name not in known_plugins:
+                            raise ConfigError(
+                                f"plugin_timeouts names {name!r}, which is not an installed plugin",
+                                key=f"plugin_timeouts.{name}",
+                                source=source,
+                            )
+                        cfg.plugin_timeouts[name] = _check_timeout(f"plugin_timeouts.{name}", seconds, source)
+                elif key == "prices":
                     _check_prices(value, source)
                     for model, fields in value.items():
                         cfg.prices.setdefault(model, {}).update(fields)
@@ -216,6 +241,16 @@ def load_config(
         table = raw_plugin_tables.get(name, {})
         cfg.plugin_settings[name] = configure(pm, name, table, cfg.origin.get(name, "defaults"))
     return cfg
+
+
+def _check_timeout(key: str, value: Any, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_PLUGIN_TIMEOUT:
+        raise ConfigError(
+            f"{key} must be a number of seconds, more than 0 and at most {MAX_PLUGIN_TIMEOUT:g}, not {value!r}",
+            key=key,
+            source=source,
+        )
+    return float(value)
 
 
 def _check_prices(value: dict[str, Any], source: str) -> None:

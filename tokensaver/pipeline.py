@@ -23,10 +23,11 @@ import pluggy
 from .billing import Estimate, ShadowCaches
 from .config import Config, load_config
 from .context import CallContext, conversation_id
-from .plugins import call_one, get_plugin_manager, ordered, strict_error
+from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ordered, strict_error
 from .pricing import PriceTable, normalize_usage
 from .run import Run, redact_keys
 from .tokens import default_counter
+from .validate import message_problem, stage_problem
 
 MEMORY_RECORDS = 10_000
 SECRET_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "cookie", "x-goog-api-key")
@@ -49,24 +50,60 @@ def public_headers(headers: dict[str, Any] | None) -> dict[str, str]:
     return out
 
 
-def _structural_copy(body: dict[str, Any]) -> dict[str, Any]:
-    """Copy the containers a transform may replace (body, message list, messages, content lists).
+def _structural_copy(body: dict[str, Any]) -> tuple[dict[str, Any], list[Any], list[Any]]:
+    """A stage's own copy of ``body``, with its blocks and their originals, to compare after the stage.
 
-    Blocks themselves are shared: plugins treat them as immutable and build new ones.
+    Every dict and list is copied; strings are immutable and shared, so this is a walk, not a copy
+    of the text. Nothing a stage does to its copy (nor a hung stage's late thread) can reach the
+    caller's request or what is sent. The containers (body, message list, messages, content,
+    system and tools lists) are the stage's to edit; blocks and other values are to be treated as
+    immutable: ``copied != originals`` afterwards means the stage edited one in place.
     """
-    out = dict(body)
-    msgs = body.get("messages")
-    if isinstance(msgs, list):
-        out["messages"] = [
-            {**m, "content": list(m["content"])}
-            if isinstance(m, dict) and isinstance(m.get("content"), list)
-            else m
-            for m in msgs
-        ]
-    for key in ("system", "tools"):
-        if isinstance(body.get(key), list):
-            out[key] = list(body[key])
-    return out
+    copied: list[Any] = []
+    originals: list[Any] = []
+
+    def leaf(value: Any) -> Any:
+        if isinstance(value, dict | list):
+            own = _thaw(value)
+            copied.append(own)
+            originals.append(value)
+            return own
+        return value
+
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        if key == "messages" and isinstance(value, list):
+            out[key] = [
+                {
+                    k: [leaf(b) for b in v] if k == "content" and isinstance(v, list) else leaf(v)
+                    for k, v in m.items()
+                }
+                if isinstance(m, dict)
+                else leaf(m)
+                for m in value
+            ]
+        elif key in ("system", "tools") and isinstance(value, list):
+            out[key] = [leaf(b) for b in value]
+        else:
+            out[key] = leaf(value)
+    return out, copied, originals
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _tool_answer_problem(answer: Any) -> str | None:
+    if isinstance(answer, str) or (
+        isinstance(answer, list)
+        and all(isinstance(b, dict) and isinstance(b.get("type"), str) for b in answer)
+    ):
+        return None
+    return f"not tool_result content: a {type(answer).__name__}"
 
 
 @dataclass
@@ -168,21 +205,23 @@ class Pipeline:
             attempt=attempt,
         )
         current, before = body, tokens_original
-        for name, impl in ordered(self.pm, "tokensaver_transform_request", self.config.plugins):
-            self._enter(ctx, name)
+        hook = "tokensaver_transform_request"
+        for name, impl in ordered(self.pm, hook, self.config.plugins):
             s0 = time.perf_counter()
             error = None
+            given, copied, originals = _structural_copy(current)
             try:
-                result = call_one(impl, body=_structural_copy(current), ctx=ctx)
-                if result is not None and not isinstance(result, dict):
-                    raise TypeError(
-                        f"tokensaver_transform_request returned {type(result).__name__}, not dict"
-                    )
+                result = self._call(call, name, hook, impl, body=given)
+                if copied != originals:
+                    raise PluginFault("mutated_input", "a block of its input was edited in place")
+                if result is not None:
+                    problem = stage_problem(result, current)
+                    if problem:
+                        raise PluginFault(f"invalid_output: {problem}")
+                    if result == current:
+                        result = None  # the same request: the caller's bytes go out as they came
             except Exception as exc:
-                if self.config.strict:
-                    raise strict_error(name, "tokensaver_transform_request", exc) from exc
-                result, error = None, f"{type(exc).__name__}: {exc}"
-                self._plugin_error(call, name, "tokensaver_transform_request", exc)
+                result, error = None, self._plugin_error(call, name, hook, exc)
             after = before if result is None else self.counter.request(result)
             call.stages.append(
                 {
@@ -191,7 +230,7 @@ class Pipeline:
                     "after": after,
                     "ms": round((time.perf_counter() - s0) * 1000, 3),
                     "error": error,
-                    "changed": result is not None and result != current,
+                    "changed": result is not None,
                 }
             )
             if result is not None:
@@ -199,7 +238,9 @@ class Pipeline:
             call.bodies.append(current)
         call.body = current
         call.tokens_sent = before
-        hit_by, hit = self._run_hook(call, "tokensaver_lookup_response", first=True, body=current)
+        hit_by, hit = self._run_hook(
+            call, "tokensaver_lookup_response", first=True, check=message_problem, body=current
+        )
         if hit is not None:
             call.short_circuit = hit_by
             call.response = hit
@@ -210,28 +251,58 @@ class Pipeline:
         ctx.plugin = name
         ctx.settings = self.config.plugin_settings.get(name, {})
 
-    def _plugin_error(self, call: Call, name: str, hook: str, exc: BaseException) -> None:
-        logging.getLogger(f"tokensaver.plugins.{name}").warning(
-            "plugin %r failed in %s (skipped, fail open): %s: %s", name, hook, type(exc).__name__, exc
+    def _call(self, call: Call, name: str, hook: str, impl: Any, **kwargs: Any) -> Any:
+        """One plugin's hook in a worker thread, bounded by its timeout (raises PluginFault past it)."""
+        self._enter(call.ctx, name)
+        return hook_runner().call(
+            name, self.config.timeout_for(name), call_one, impl=impl, ctx=call.ctx, **kwargs
         )
-        call.errors.append({"plugin": name, "hook": hook, "error": f"{type(exc).__name__}: {exc}"})
+
+    def _plugin_error(self, call: Call, name: str, hook: str, exc: BaseException) -> str:
+        """Blame ``name`` for a discarded hook call in the record (strict mode: raise TransformError)."""
+        if self.config.strict:
+            raise strict_error(name, hook, exc) from exc
+        kind = exc.kind if isinstance(exc, PluginFault) else "raised"
+        error = f"{type(exc).__name__}: {exc}"
+        logging.getLogger(f"tokensaver.plugins.{name}").warning(
+            "plugin %r failed in %s (skipped, fail open): %s", name, hook, error
+        )
+        call.errors.append({"plugin": name, "hook": hook, "kind": kind, "error": error})
+        return error
 
     def answer_tool_use(self, call: Call, tool_use: dict[str, Any]) -> Any | None:
         """A plugin's answer to a tool call addressed to it (``tokensaver_*`` tools), or None."""
-        return self._run_hook(call, "tokensaver_answer_tool_use", first=True, tool_use=tool_use)[1]
+        return self._run_hook(
+            call, "tokensaver_answer_tool_use", first=True, check=_tool_answer_problem, tool_use=tool_use
+        )[1]
 
-    def _run_hook(self, call: Call, hook: str, *, first: bool, **kwargs: Any) -> tuple[str | None, Any]:
-        """Call ``hook`` on each enabled plugin in order, failing open (strict: raising).
+    def _run_hook(
+        self,
+        call: Call,
+        hook: str,
+        *,
+        first: bool,
+        check: Callable[[Any], str | None] | None = None,
+        **kwargs: Any,
+    ) -> tuple[str | None, Any]:
+        """Call ``hook`` on each enabled plugin in order, bounded in time, failing open (strict: raising).
 
-        With ``first``, stop at the first non-None result and return it with its plugin's name.
+        With ``first``, stop at the first non-None result that ``check`` finds no problem with and
+        return it with its plugin's name. A lookup gets its own copy of the body, as stages do.
         """
         for name, impl in ordered(self.pm, hook, self.config.plugins):
-            self._enter(call.ctx, name)
+            args, copied, originals = kwargs, None, None
+            if hook == "tokensaver_lookup_response":
+                given, copied, originals = _structural_copy(kwargs["body"])
+                args = {**kwargs, "body": given}
             try:
-                result = call_one(impl, ctx=call.ctx, **kwargs)
+                result = self._call(call, name, hook, impl, **args)
+                if copied != originals:
+                    raise PluginFault("mutated_input", "a block of its input was edited in place")
+                problem = check(result) if check is not None and result is not None else None
+                if problem:
+                    raise PluginFault(f"invalid_output: {problem}")
             except Exception as exc:
-                if self.config.strict:
-                    raise strict_error(name, hook, exc) from exc
                 self._plugin_error(call, name, hook, exc)
                 continue
             if first and result is not None:

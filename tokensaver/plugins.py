@@ -11,6 +11,8 @@ import argparse
 import importlib.metadata
 import json
 import logging
+import queue
+import threading
 import warnings
 from typing import Any
 
@@ -114,6 +116,111 @@ def call_one(impl: Any, **kwargs: Any) -> Any:
     return impl.function(
         *[kwargs[a] for a in impl.argnames], **{k: kwargs[k] for k in impl.kwargnames if k in kwargs}
     )
+
+
+class PluginFault(Exception):
+    """A plugin hook call that was discarded: ``kind`` is "timeout", "saturated", "raised",
+    "mutated_input" or "invalid_output: <rule>"."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+MAX_STUCK = 4  # per plugin: calls still running past their bound before the plugin is skipped
+IDLE_SECONDS = 30.0  # an idle worker thread exits after this long
+
+
+class _Job:
+    __slots__ = ("plugin", "fn", "kwargs", "done", "finished", "abandoned", "result", "error")
+
+    def __init__(self, plugin: str, fn: Any, kwargs: dict[str, Any]) -> None:
+        self.plugin, self.fn, self.kwargs = plugin, fn, kwargs
+        self.done = threading.Event()
+        self.finished = self.abandoned = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class _Worker:
+    def __init__(self, runner: HookRunner) -> None:
+        self.runner = runner
+        self.jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self.usable = True
+        threading.Thread(target=self._loop, name="tokensaver-plugin-worker", daemon=True).start()
+
+    def _loop(self) -> None:
+        runner = self.runner
+        while True:
+            try:
+                job = self.jobs.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                with runner.lock:
+                    if self.jobs.empty():
+                        self.usable = False
+                        return
+                continue
+            try:
+                job.result = job.fn(**job.kwargs)
+            except BaseException as exc:  # handed to the caller, raised there as if called inline
+                job.error = exc
+            with runner.lock:
+                job.finished = True
+                if job.abandoned:
+                    runner.stuck[job.plugin] -= 1
+            job.done.set()
+            if job.abandoned:
+                return  # its caller has a new worker; this one was left to finish alone
+
+
+class HookRunner:
+    """Runs plugin hook calls in worker threads and waits a bounded time for each.
+
+    Each calling thread has its own worker (a plugin sees one thread per caller, as when it ran
+    inline). A call past its bound is abandoned: the caller gets :class:`PluginFault` ("timeout")
+    and a new worker; the late thread finishes alone and nothing it returns is used (stages work on
+    private copies, so it cannot edit what was sent). A plugin with ``MAX_STUCK`` abandoned calls
+    still running is skipped ("saturated") until one returns, so hung threads stay bounded and
+    never hold a thread another call needs.
+    """
+
+    def __init__(self, max_stuck: int = MAX_STUCK) -> None:
+        self.lock = threading.Lock()
+        self.stuck: dict[str, int] = {}
+        self.max_stuck = max_stuck
+        self._local = threading.local()
+
+    def call(self, plugin: str, timeout: float, fn: Any, **kwargs: Any) -> Any:
+        """``fn(**kwargs)`` in this thread's worker, within ``timeout`` seconds; raises what it raises."""
+        with self.lock:
+            if self.stuck.get(plugin, 0) >= self.max_stuck:
+                raise PluginFault(
+                    "saturated", f"{self.stuck[plugin]} earlier calls are still running past their timeout"
+                )
+            worker = getattr(self._local, "worker", None)
+            if worker is None or not worker.usable:
+                worker = self._local.worker = _Worker(self)
+            job = _Job(plugin, fn, kwargs)
+            worker.jobs.put(job)  # under the lock: an idle worker cannot exit with a job queued
+        if not job.done.wait(timeout):
+            with self.lock:
+                if not job.finished:
+                    job.abandoned = True
+                    worker.usable = False
+                    self._local.worker = None
+                    self.stuck[plugin] = self.stuck.get(plugin, 0) + 1
+                    raise PluginFault("timeout", f"no answer within {timeout:g} s")
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+
+_RUNNER = HookRunner()
+
+
+def hook_runner() -> HookRunner:
+    """The process-wide runner: the cap on a plugin's hung threads holds across pipelines."""
+    return _RUNNER
 
 
 def ordered(pm: pluggy.PluginManager, hook: str, names: list[str]) -> list[tuple[str, Any]]:
