@@ -411,3 +411,177 @@ def test_sequence_conversations_clock() -> None:
         "earlier",
         "untimed2",
     ]
+
+
+# -- tuning / validation split ------------------------------------------------------------------------
+
+
+def test_split_halves_rule_balanced_disjoint_covering() -> None:
+    import hashlib
+    import random
+
+    paths = [f"/x/tau/conv{i:02d}.json" for i in range(9)] + [f"/y/swe/run-{i}.jsonl" for i in range(6)]
+    halves = bench.split_halves(paths)
+    tuning, validation = halves["tuning"], halves["validation"]
+    assert set(tuning) | set(validation) == set(paths)  # covering
+    assert not set(tuning) & set(validation) and len(tuning) + len(validation) == len(paths)  # disjoint
+    for src, n in (("tau", 9), ("swe", 6)):  # balanced per source: the tuning half takes the odd one
+        t = [p for p in tuning if f"/{src}/" in p]
+        v = [p for p in validation if f"/{src}/" in p]
+        assert len(t) == (n + 1) // 2 and len(v) == n // 2
+    # the documented rule: sorted by sha256 of the stem, even positions tuning
+    tau = sorted(
+        (p for p in paths if "/tau/" in p), key=lambda p: hashlib.sha256(Path(p).stem.encode()).hexdigest()
+    )
+    assert [p for p in tuning if "/tau/" in p] == tau[0::2]
+    assert [p for p in validation if "/tau/" in p] == tau[1::2]
+    # deterministic: the order given and the directory above the source do not matter
+    shuffled = paths[:]
+    random.Random(7).shuffle(shuffled)
+    again = bench.split_halves([Path("/elsewhere" + p) for p in shuffled])
+    assert sorted(Path(p).name for p in again["tuning"]) == sorted(Path(p).name for p in tuning)
+
+
+def test_find_traces_tags_halves_and_skips_non_conversation_json(tmp_path: Path) -> None:
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        _conv_file(folder, name, f"Where is order {name}?", None)
+    (folder / "SOURCES.json").write_text('{"a": "some/repo"}', encoding="utf-8")  # not a conversation
+    refs, _ = bench.find_traces([tmp_path])
+    assert sorted(Path(r.path).name for r in refs) == ["a.json", "b.json", "c.json"]
+    halves = bench.split_halves([r.path for r in refs])
+    assert {r.path: r.half for r in refs} == {p: h for h in halves for p in halves[h]}
+    assert bench.split_counts(refs) == {"shop": {"tuning": 2, "validation": 1}}
+    opts = bench.BenchOptions(
+        traces=[str(tmp_path)],
+        configs=["auto"],
+        half="validation",
+        overhead=False,
+        memory=False,
+        progress=False,
+    )
+    data = bench.run_bench(opts)
+    assert [c["half"] for c in data["conversations"]] == ["validation"]
+    assert data["split"]["counts"] == {"shop": {"tuning": 2, "validation": 1}}
+    assert "tuning/validation): shop 2/1" in render(data, "md")
+
+
+# -- lost facts ------------------------------------------------------------------------------------------
+
+_FACT = "compute_ledger_total_v2"
+_READ = "\n".join(f"line {i}: total += entry_{i} * rate  # ledger arithmetic" for i in range(120))
+_READ = _READ + f"\ndef {_FACT}(entries): return sum(entries)\n"
+_BASH = "\n".join(f"test {i} passed in 0.0{i % 10}s" for i in range(150))
+
+
+def _lost_fact_conv(folder: Path) -> Path:
+    """Read a file, run the tests, then quote the file's function: 4 calls, the quote at call 3."""
+    msgs = [
+        {"role": "user", "content": "Find the ledger bug."},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "tool_use", "id": "t1", "name": "Read", "input": {"file_path": "/src/ledger.py"}}
+            ],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": _READ}]},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "t2", "name": "Bash", "input": {"command": "pytest"}}],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t2", "content": _BASH}]},
+        {"role": "assistant", "content": f"The bug is in {_FACT}: it ignores the rate."},
+        {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "content": "You are welcome."},
+    ]
+    data = {
+        "format": "tokensaver-conversation/1",
+        "id": "ledger",
+        "segments": [
+            {
+                "request": {"model": "claude-sonnet-4-5", "max_tokens": 256, "messages": msgs},
+                "calls": [{"n_messages": n} for n in (1, 3, 5, 7)],
+            }
+        ],
+    }
+    path = folder / "ledger.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def test_lost_round_usd_by_hand() -> None:
+    from tokensaver.pricing import PriceTable
+
+    info = PriceTable().get("claude-sonnet-4-5")  # read $0.30, 5-minute write $3.75 per MTok
+    assert (info.cache_read, info.cache_write_5m) == (0.3, 3.75)
+    # 50k prefix read, 2k result written again and read on the next 20 of 30 calls left
+    assert bench.lost_round_usd(info, 50_000, 2_000, 30) == pytest.approx(
+        (0.3 * 50_000 + 3.75 * 2_000 + 0.3 * 2_000 * 20) / 1e6
+    )
+    assert bench.lost_round_usd(info, 50_000, 2_000, 3) == pytest.approx(
+        (0.3 * 50_000 + 3.75 * 2_000 + 0.3 * 2_000 * 3) / 1e6
+    )
+    assert bench.lost_round_usd(info, 1_000, 100, 0) == pytest.approx((300 + 375) / 1e6)
+
+
+def test_lost_results_names_each_result_once() -> None:
+    original = _body(f"{_FACT} and other_fact_9 in one file")
+    cut = _body("[cleared]")
+    tracker = FactTracker()
+    used = frozenset({_FACT, "other_fact_9"})
+    n_kept, lost = tracker.lost_results(used, original, cut)
+    assert n_kept == 0 and list(lost) == ["t1"]  # two facts, one result
+    assert tracker.lost_results(used, original, original) == (2, {})
+
+
+def test_bench_prices_a_cut_result_the_agent_quotes(tmp_path: Path) -> None:
+    from tokensaver.pricing import PriceTable
+    from tokensaver.tokens import TokenCounter, count_text
+
+    folder = tmp_path / "ledgers"
+    folder.mkdir()
+    _lost_fact_conv(folder)
+    cfg = tmp_path / "cut.toml"
+    cfg.write_text(
+        'plugins = ["prune"]\n[prune]\nmax_tokens_budget = 1000\nkeep_tool_uses = 0\nkeep_last_messages = 2\n'
+        "clear_stale = false\n",
+        encoding="utf-8",
+    )
+    opts = bench.BenchOptions(
+        traces=[str(folder)],
+        configs=["auto", str(cfg)],
+        scope="conversation",
+        overhead=False,
+        memory=False,
+        progress=False,
+    )
+    data = bench.run_bench(opts)
+    by = {r["config"]: r for r in data["results"]}
+    assert by["auto"]["lost_results"] == 0 and by["auto"]["lost_fact_usd"] == 0
+    row = by["cut"]
+    assert row["rejected"] == 0 and row["facts_used"] >= 1 and row["facts_kept"] < row["facts_used"]
+    assert row["lost_results"] == 1
+    (sample,) = row["lost_samples"]
+    assert sample["call"] == 2 and sample["tool_use_id"] == "t1"
+    # the round by hand: the call's whole prefix read, the Read result written again, read on 1 later call
+    block = {"type": "tool_result", "tool_use_id": "t1", "content": _READ}
+    result_tokens = TokenCounter().block(block)  # the result as the API counts it: its text + block overhead
+    assert count_text(_READ) <= result_tokens <= count_text(_READ) + 10
+    assert sample["result_tokens"] == result_tokens
+    assert count_text(_BASH) < sample["prefix_tokens"] < count_text(_READ) + count_text(_BASH)
+    info = PriceTable().get("claude-sonnet-4-5")
+    by_hand = (
+        info.cache_read * sample["prefix_tokens"]
+        + info.cache_write_5m * result_tokens
+        + info.cache_read * result_tokens * 1
+    ) / 1e6
+    assert row["lost_fact_usd"] == pytest.approx(by_hand, abs=1e-8)
+    t = data["totals"]
+    auto_in, cut_in = t["auto"]["input_cost_usd"], t["cut"]["input_cost_usd"]
+    assert t["cut"]["net_vs_auto_input_pct"] == pytest.approx(
+        100 * (auto_in - cut_in - by_hand) / auto_in, abs=0.01
+    )
+    assert t["cut"]["net_vs_auto_input_pct"] < t["cut"]["vs_auto_input_pct"]
+    md = render(data, "md")
+    assert "Savings net of lost facts" in md and "| ledgers | cut |" in md
