@@ -48,6 +48,7 @@ class Scenario:
     means: str
     counts: Counter[str] = field(default_factory=Counter)
     notes: Counter[str] = field(default_factory=Counter)
+    facts: list[str] = field(default_factory=list)  # measured along the way (memory, fds, calls made)
     seconds: float = 0.0
 
     @property
@@ -101,6 +102,25 @@ def build_log(seed: str, tokens: int) -> str:
     return "\n".join(lines)
 
 
+_WORDS = (
+    "service request cache latency budget deploy review owner migration schema index queue worker "
+    "release rollback metric alert window region replica storage quota config policy token retry"
+).split()
+
+
+def build_prose(seed: str, tokens: int) -> str:
+    """A deterministic report of about ``tokens`` tokens: paragraphs of plain sentences (prose, not a log)."""
+    n = sum(map(ord, seed))
+    sentences = []
+    for k in range(max(1, tokens // 16)):
+        w = [_WORDS[(n + k * j * 7 + j) % len(_WORDS)] for j in range(1, 12)]
+        sentences.append(
+            f"The {w[0]} team found that the {w[1]} {w[2]} grew after the {w[3]} {w[4]}, so the {w[5]} "
+            f"was moved behind the {w[6]} {w[7]} until the {w[8]} review in week {(n + k) % 50}."
+        )
+    return "\n\n".join(" ".join(sentences[i : i + 5]) for i in range(0, len(sentences), 5))
+
+
 def agent_body(
     nonce: str,
     *,
@@ -111,6 +131,7 @@ def agent_body(
     stream: bool = False,
     system: Any = SYSTEM,
     question: str = "What failed, and what should I change?",
+    output: Any = None,
 ) -> tuple[dict[str, Any], str]:
     """An agent's request after ``turns`` tool calls with large outputs, and the text carrying the nonce.
 
@@ -131,7 +152,8 @@ def agent_body(
             }
         )
         size = first_tokens if t == 0 else turn_tokens
-        result = {"type": "tool_result", "tool_use_id": tid, "content": build_log(f"{session}-{t}", size)}
+        make = output or build_log
+        result = {"type": "tool_result", "tool_use_id": tid, "content": make(f"{session}-{t}", size)}
         content: list[dict[str, Any]] = [result]
         if t == turns - 1:
             content.append({"type": "text", "text": text})
@@ -544,6 +566,37 @@ class ProxyProcess:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.kill9()
+
+    def fds(self) -> tuple[int, int] | None:
+        """Open file descriptors of the process (Linux): (sockets, everything else), or None."""
+        if self.proc is None:
+            return None
+        where = f"/proc/{self.proc.pid}/fd"
+        sockets = other = 0
+        try:
+            for fd in os.listdir(where):
+                try:
+                    target = os.readlink(f"{where}/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:"):
+                    sockets += 1
+                else:
+                    other += 1
+        except OSError:
+            return None
+        return sockets, other
+
+    def rss_mb(self) -> float | None:
+        """Resident memory of the process in MB (Linux), or None."""
+        try:
+            assert self.proc is not None
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except (OSError, AssertionError, ValueError):
+            return None
+        return None
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

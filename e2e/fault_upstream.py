@@ -137,7 +137,7 @@ class FaultUpstream:
     def __init__(self) -> None:
         self.emu = Emulator()  # used in-process (its ``handle``), never started
         self.calls: dict[str, UpstreamCall] = {}
-        self.attempts: Counter[str] = Counter()  # upstream requests per nonce (answered or not)
+        self.attempts: Counter[str] = Counter()  # Messages requests per nonce (answered or not)
         self.disconnects: Counter[str] = Counter()  # answers whose reader went away mid-way
         self.paths: list[str] = []  # every raw request path received
         self._scripts: dict[str, deque[str]] = {}
@@ -238,9 +238,9 @@ class FaultUpstream:
         except (ValueError, RecursionError):
             return _error(400, "invalid_request_error", "There was an error parsing the body as JSON")
         nonce, text = nonce_text(body)
-        if nonce is not None:
+        if path == "/v1/messages":
             with self._lock:
-                self.attempts[nonce] += 1
+                self.attempts[nonce or ""] += 1  # "": calls without a nonce (plugins' own model calls)
         fault = self._fault_for(request, nonce) if path == "/v1/messages" else ""
         name, _, arg = fault.partition(":")
         if name == "status":

@@ -46,6 +46,7 @@ from urllib.parse import unquote
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp  # noqa: E402
+import fault_harness  # noqa: E402
 import fault_plugins as fp  # noqa: E402
 from fault_harness import (  # noqa: E402
     KEY_A,
@@ -82,6 +83,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_HEADER = "x-tokensaver-run"
 GROUPS = ("load", "upstream faults", "plugins", "memoize", "bad input", "privacy", "kill -9")
 DEFAULT_PLUGINS = ["summarize", "prune", "cache_align"]
+MAX_RSS_MB = 1024  # the main proxy after the load (the issue saw 140 -> 189 MB over 3,200 requests)
+FD_SLACK = 8  # idle sockets may exceed those before the load by this much
+MAX_OTHER_FDS = (
+    256  # files a proxy holds when idle (thread-local store connections): bounded, not per request
+)
 MEMO_WAIT = 10.0  # memoize's single-flight wait in the suite's proxies (default 120 s): bounds a stuck claim
 PLUGIN_TIMEOUT = 2.0  # set on any plugin-timeout setting the core declares (see plugin_timeout_settings)
 README_BEGIN = "<!-- fault-suite:begin -->"
@@ -103,8 +109,11 @@ def plugin_timeout_settings() -> dict[str, Any]:
 class Suite:
     """The upstream, the proxies and the scenarios; ``results`` holds one :class:`Scenario` each."""
 
-    def __init__(self, root: Path, *, quick: bool = False, inprocess: bool = False) -> None:
+    def __init__(
+        self, root: Path, *, quick: bool = False, inprocess: bool = False, select: list[str] | None = None
+    ) -> None:
         self.root = root
+        self.select = select  # run only scenarios whose name contains one of these (None: all)
         self.quick = quick
         self.inprocess = inprocess  # the main proxy in this process (tests) instead of a subprocess
         self.up = FaultUpstream()
@@ -118,6 +127,7 @@ class Suite:
         self._procs: list[ProxyProcess] = []
         self._servers: list[ProxyServer] = []
         self.timeouts = plugin_timeout_settings()
+        self.finals: list[Callable[[], Awaitable[None]]] = []  # checks that run after every group
         self._rng = random.Random(10)
 
     # setup ---------------------------------------------------------------------------------------
@@ -166,6 +176,8 @@ class Suite:
     ) -> Scenario:
         """Run one scenario within ``limit`` seconds; a harness error is counted as wrong, loudly."""
         sc = Scenario(group, name, means)
+        if self.select is not None and not any(s in name for s in self.select):
+            return sc
         self.results.append(sc)
         t0 = time.monotonic()
         try:
@@ -195,6 +207,8 @@ class Suite:
         }
         for group in groups:
             await table[group]()
+        for final in self.finals:
+            await final()
 
     # shared checks -------------------------------------------------------------------------------
 
@@ -225,6 +239,35 @@ class Suite:
 
     async def g_load(self) -> None:
         sessions, turns = (8, 2) if self.quick else (50, 4)
+        proc = self._main_proc
+        fds0, rss0 = (proc.fds(), proc.rss_mb()) if proc else (None, None)
+
+        def measure(sc: Scenario) -> None:
+            """The main proxy's memory after the load, and (at the end of the suite) its idle fds."""
+            if proc is None or fds0 is None or rss0 is None:
+                return
+            rss1, fds1 = proc.rss_mb() or 0.0, proc.fds() or (0, 0)
+            sc.facts.append(f"proxy RSS {rss0:.0f} -> {rss1:.0f} MB")
+            if rss1 > MAX_RSS_MB:
+                sc.demote(1, "wrong", f"proxy RSS {rss1:.0f} MB after the load (limit {MAX_RSS_MB} MB)")
+
+            async def idle_fds() -> None:
+                """At the end of the suite (idle keep-alives long closed): sockets back, other fds bounded."""
+
+                def settled() -> bool:
+                    now = proc.fds() or (0, 0)
+                    return now[0] <= fds0[0] + FD_SLACK and now[1] <= MAX_OTHER_FDS
+
+                ok = await await_until(settled, 30.0, 0.5)
+                end = proc.fds() or (0, 0)
+                sc.facts.append(
+                    f"proxy sockets {fds0[0]} before, {fds1[0]} after the load, {end[0]} idle at the end; "
+                    f"other fds {fds0[1]} / {fds1[1]} / {end[1]}"
+                )
+                if not ok:
+                    sc.demote(1, "wrong", f"file descriptors not released when idle: {fds1} -> {end}")
+
+            self.finals.append(idle_fds)
 
         async def body(sc: Scenario) -> None:
             run = "faults-load"
@@ -254,6 +297,36 @@ class Suite:
             "every call in the ledger",
             body,
             240,
+        )
+
+        many = 40 if self.quick else 200
+
+        async def burst(sc: Scenario) -> None:
+            run = "faults-burst"
+            clients = await self.clients(self.main_url)
+            jobs = []
+            for i in range(many):
+                key = (KEY_A, KEY_B)[i % 2]
+                nonce = f"burst-{i}"
+                b, text = agent_body(nonce, session=f"burst{i}", first_tokens=10_000, stream=i % 3 == 0)
+                jobs.append((nonce, key, text, ask(clients[key], b, headers={RUN_HEADER: run}, timeout=120)))
+            try:
+                gots = await asyncio.gather(*(j[3] for j in jobs))
+            finally:
+                await self.close(clients)
+            for (nonce, key, text, _), got in zip(jobs, gots, strict=True):
+                expect_answer(sc, self.up, got, nonce, key, text)
+            await self.check_recorded(sc, run, sc.sent)
+            measure(sc)
+
+        await self.scenario(
+            "load",
+            f"{many} clients at once, one 10k-token call each, JSON and SSE, 2 keys",
+            "every answer is the upstream's answer to that request for that key; every call in the ledger; "
+            f"the proxy's RSS under {MAX_RSS_MB} MB after the load; when idle at the end of the suite its "
+            f"sockets are closed and it holds at most {MAX_OTHER_FDS} other fds",
+            burst,
+            180,
         )
 
     # upstream faults -----------------------------------------------------------------------------
@@ -310,6 +383,32 @@ class Suite:
             "connection reset before the headers",
             "a failure the SDK retries (directly: APIConnectionError), in the API's JSON shape; recorded",
             resets,
+            60,
+        )
+
+        async def wrap_errors(sc: Scenario) -> None:
+            runs = self.root / "runs-wrap-errors"
+            cfg = {"plugins": DEFAULT_PLUGINS, "runs_dir": str(runs), "record": True, **self.timeouts}
+            client = tokensaver.wrap(sync_client(up.api_url, KEY_A, timeout=1.0), config=cfg)
+            direct = sync_client(up.api_url, KEY_A, timeout=1.0)
+            for fault in ("reset", "slow:3", "status:529:1"):
+                for stream in (False, True):
+                    b, _ = small_body(f"wrap-{fault}-{stream}", stream=stream)
+                    ref = await in_thread(ask_sync, direct, b, {FAULT_HEADER: fault}, timeout=15)
+                    got = await in_thread(ask_sync, client, b, {FAULT_HEADER: fault}, timeout=15)
+                    expect_failure(sc, got, ref, fault)
+            run = client.tokensaver.run
+            recorded = len(load_run(run.name, runs).records()) if run is not None else 0
+            if recorded < sc.sent:
+                sc.demote(
+                    sc.sent - recorded, "wrong", "wrap(): a failed attempt is missing from the run ledger"
+                )
+
+        await self.scenario(
+            "upstream faults",
+            "wrap() (sync): connection reset, a timeout (slow upstream, 1 s client timeout), 529",
+            "the SDK raises what it raises without tokensaver; every attempt is in the run ledger",
+            wrap_errors,
             60,
         )
 
@@ -605,6 +704,46 @@ class Suite:
             "a lookup hook returns junk (a dict without content, a string, content null); proxy and wrap()",
             "the junk is ignored (not a Message) and the call is answered by the upstream",
             junk,
+            60,
+        )
+
+        n_summaries = 8
+
+        async def summaries(sc: Scenario) -> None:
+            cfg = self.proxy_config(self.root / "runs-summaries", None)
+            cfg["summarize"] = {"model_summaries": True}
+            # a host name, as api.anthropic.com is: its lookup needs the event loop's executor
+            upstream = up.api_url.replace("127.0.0.1", "localhost")
+            proc = ProxyProcess(self.root, "summaries", upstream, cfg, self.root / "cache-summaries")
+            self._procs.append(proc)
+            await asyncio.to_thread(proc.start)
+            via = await self.clients(proc.url)
+            before = up.attempts.get("", 0)
+            try:
+                jobs = []
+                for i in range(n_summaries):
+                    nonce = f"summary-{i}"
+                    b, text = agent_body(
+                        nonce, session=f"summary{i}", first_tokens=7000, output=fault_harness.build_prose
+                    )
+                    jobs.append((nonce, text, ask(via[KEY_A], b, timeout=30)))
+                for i in range(4):
+                    b, text = small_body(f"summary-unrelated-{i}")
+                    jobs.append((f"summary-unrelated-{i}", text, ask(via[KEY_A], b, timeout=30)))
+                gots = await asyncio.gather(*(j[2] for j in jobs))
+                for (nonce, text, _), got in zip(jobs, gots, strict=True):
+                    expect_answer(sc, up, got, nonce, KEY_A, text, nonce.rsplit("-", 1)[0])
+            finally:
+                await self.close(via)
+                await asyncio.to_thread(proc.stop)
+            sc.facts.append(f"summary calls upstream: {up.attempts.get('', 0) - before}")
+
+        await self.scenario(
+            "plugins",
+            f"summarize.model_summaries: {n_summaries} calls at once each need a new summary (ctx.call_model), "
+            "4 unrelated calls; upstream named by host name",
+            "every call answered within 30 s (a summary that cannot be made leaves the output as it was)",
+            summaries,
             60,
         )
 
@@ -1089,11 +1228,13 @@ def render(results: list[Scenario], meta: dict[str, str]) -> str:
         "",
         "## Scenarios",
         "",
-        "| group | scenario | correct means | sent | correct | failed as API | lost | wrong | what the failures got |",
+        "| group | scenario | correct means | sent | correct | failed as API | lost | wrong | what the failures got; measured |",
         "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        notes = "; ".join(f"{n} × {note}" for note, n in r.notes.most_common(5)) or ""
+        notes = "; ".join(f"{n} × {note}" for note, n in r.notes.most_common(5))
+        if r.facts:
+            notes = (notes + "; " if notes else "") + "measured: " + ", ".join(r.facts)
         out.append(
             f"| {r.group} | {r.name} | {r.means} | {r.sent} | {r.counts['correct']} | "
             f"{r.counts['failed_api']} | {r.counts['lost']} | {r.counts['wrong']} | {_md(notes)} |"
@@ -1112,6 +1253,15 @@ def meta(seconds: float) -> dict[str, str]:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
+    try:
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        dirty = ""
+    if dirty and commit:
+        commit += " (plus uncommitted changes)"
     return {
         "commit": commit or "unknown",
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
