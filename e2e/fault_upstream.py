@@ -11,7 +11,8 @@ nonce (:meth:`FaultUpstream.script`, one fault per upstream call). Faults:
   then dropped; ``truncate`` a JSON 200 whose body is shorter than its ``Content-Length``;
 * ``slow:S`` S seconds before the headers; ``slow_stream:S`` S seconds between SSE events;
 * ``garbage_sse`` unparseable ``data:`` lines inside an SSE answer; ``error_then_stop`` an SSE
-  ``error`` event followed by ``message_stop``.
+  ``error`` event after the first text delta, followed by ``message_stop``; ``late_error`` the same
+  after ``message_delta`` (the message looks complete but for the error).
 
 Each request names itself with ``[nonce:ID]`` in its last user message. The answer text carries
 that nonce and a digest of the text the upstream saw, and every answer produced is kept by message
@@ -42,7 +43,7 @@ FAULT_HEADER = "x-fault"
 BASE = "/base"  # the API lives under a base path, so that a path escaping it is visible
 API_MAX_BODY = 32 * 1024 * 1024
 # faults after which the caller never got the answer: serving it later (memoized) is wrong
-BROKEN_FAULTS = frozenset({"reset_mid_stream", "truncate", "garbage_sse", "error_then_stop"})
+BROKEN_FAULTS = frozenset({"reset_mid_stream", "truncate", "garbage_sse", "error_then_stop", "late_error"})
 NONCE = re.compile(r"\[nonce:([A-Za-z0-9_.-]+)\]")
 FILLER = (
     "The build failed in the linker step; the log shows the missing symbol and the file that needs it. "
@@ -308,10 +309,12 @@ class FaultUpstream:
                 b"data: \x00\xff garbage\n\n",
             ]
             events = events[: first_delta + 1] + garbage + events[first_delta + 1 :]
-        elif name == "error_then_stop":
+        elif name in ("error_then_stop", "late_error"):
             error = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
             stop = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
-            events = events[: first_delta + 1] + [error, stop]
+            # early: after the first text delta; late: after message_delta (stop_reason and usage known)
+            cut = first_delta + 1 if name == "error_then_stop" else len(events) - 1
+            events = events[:cut] + [error, stop]
         out = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
         response = web.StreamResponse(headers={**out, "content-type": "text/event-stream; charset=utf-8"})
         await response.prepare(request)

@@ -191,7 +191,7 @@ class Suite:
         state = "ok" if sc.ok else "FAIL"
         counts = " ".join(f"{k}={sc.counts[k]}" for k in KINDS)
         print(f"[{state}] {group} / {name}: sent={sc.sent} {counts} ({sc.seconds:.1f} s)", flush=True)
-        for note, n in sc.notes.most_common(4):
+        for note, n in sc.notes.most_common(10):
             print(f"       {n} x {note}", flush=True)
         return sc
 
@@ -422,6 +422,7 @@ class Suite:
                     ("truncate", False),
                     ("garbage_sse", True),
                     ("error_then_stop", True),
+                    ("late_error", True),
                 ):
                     b, _ = small_body(f"ref-{fault}", stream=stream)
                     ref = await ask(direct[KEY_A], b, headers={FAULT_HEADER: fault}, timeout=15)
@@ -449,11 +450,36 @@ class Suite:
             blamed_client = [r for r in self.ledger(run) if "client disconnected" in str(r.get("error"))]
             if blamed_client:
                 sc.demote(len(blamed_client), "wrong", "an upstream fault recorded as 'client disconnected'")
+            # the same through wrap() with memoize: a stream the SDK raised on is never stored
+            cfg = {
+                "plugins": ["memoize"],
+                "runs_dir": str(self.root / "runs-broken-wrap"),
+                "memoize": {"dir": str(self.root / "memo-broken-wrap"), "wait": MEMO_WAIT},
+            }
+            client = tokensaver.wrap(sync_client(up.api_url, KEY_A), config=cfg)
+            plain = sync_client(up.api_url, KEY_A)
+            for fault in ("reset_mid_stream", "garbage_sse", "error_then_stop", "late_error"):
+                nonce = f"broken-wrap-{fault}"
+                b, text = small_body(nonce, stream=True)
+                ref = await in_thread(
+                    ask_sync,
+                    plain,
+                    small_body(f"ref-wrap-{fault}", stream=True)[0],
+                    {FAULT_HEADER: fault},
+                    timeout=15,
+                )
+                got = await in_thread(ask_sync, client, b, {FAULT_HEADER: fault}, timeout=15)
+                if fault == "reset_mid_stream" and got.error is not None:
+                    sc.add("failed_api")
+                else:
+                    expect_failure(sc, got, ref, f"wrap() {fault}")
+                retry = await in_thread(ask_sync, client, b, timeout=MEMO_WAIT - 2)
+                expect_answer(sc, up, retry, nonce, KEY_A, text, f"wrap() retry after {fault}")
 
         await self.scenario(
             "upstream faults",
-            "reset mid-stream, truncated 200 (body < Content-Length), garbage SSE lines, error event then "
-            "message_stop; each followed by the identical request",
+            "reset mid-stream, truncated 200 (body < Content-Length), garbage SSE lines, an error event "
+            "(early or after message_delta) then message_stop; each followed by the identical request (proxy with memoize; wrap() with memoize)",
             "the fault fails as it does directly (a cut connection: a failure the SDK retries); the identical "
             f"retry is answered at once (< {MEMO_WAIT - 2:.0f} s) by a new upstream call, never the broken answer",
             broken_streams,
@@ -1232,7 +1258,7 @@ def render(results: list[Scenario], meta: dict[str, str]) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        notes = "; ".join(f"{n} × {note}" for note, n in r.notes.most_common(5))
+        notes = "; ".join(f"{n} × {note}" for note, n in r.notes.most_common(8))
         if r.facts:
             notes = (notes + "; " if notes else "") + "measured: " + ", ".join(r.facts)
         out.append(
