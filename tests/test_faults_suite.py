@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "e2e"))
 
 import faults  # noqa: E402
+
 from tokensaver.proxy import BackgroundApp  # noqa: E402
 
 
@@ -57,7 +58,9 @@ def _liar(upstream: str) -> web.Application:
             lock.append(asyncio.Lock())
         async with lock[0]:
             if stream not in kept:
-                headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+                headers = {
+                    k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
+                }
                 async with aiohttp.ClientSession() as http:
                     async with http.post(f"{upstream}/v1/messages", data=raw, headers=headers) as up:
                         kept[stream] = (up.status, up.headers.get("content-type", ""), await up.read())
@@ -70,7 +73,7 @@ def _liar(upstream: str) -> web.Application:
 
 
 def test_a_proxy_that_serves_other_requests_answers_is_caught_as_wrong(tmp_path: Path) -> None:
-    suite = faults.Suite(tmp_path, quick=True, inprocess=True, select=["slow upstream"]).start()
+    suite = faults.Suite(tmp_path, quick=True, inprocess=True, select=["slow upstream (2 s"]).start()
     liar = BackgroundApp(_liar(suite.up.api_url)).start()
     suite.main_url = liar.url
     try:
