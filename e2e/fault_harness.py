@@ -382,12 +382,11 @@ async def raw_request(
     body: bytes = b"",
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
+    host_header: str | None = None,
 ) -> RawResponse | None:
     """Send exactly ``target`` on the request line (no client-side normalization); None on no answer."""
-    m = re.match(r"http://([^:/]+):(\d+)", base)
-    assert m, base
-    host, port = m.group(1), int(m.group(2))
-    head = [f"{method} {target} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+    host, port = _host_port(base)
+    head = [f"{method} {target} HTTP/1.1", f"Host: {host_header or f'{host}:{port}'}", "Connection: close"]
     hdrs = {
         "content-type": "application/json",
         "x-api-key": KEY_A,
@@ -396,7 +395,20 @@ async def raw_request(
     }
     head += [f"{k}: {v}" for k, v in hdrs.items()]
     head.append(f"Content-Length: {len(body)}")
-    data = ("\r\n".join(head) + "\r\n\r\n").encode()
+    return await raw_exchange(base, ("\r\n".join(head) + "\r\n\r\n").encode(), body, timeout)
+
+
+def _host_port(base: str) -> tuple[str, int]:
+    m = re.match(r"http://([^:/]+):(\d+)", base)
+    assert m, base
+    return m.group(1), int(m.group(2))
+
+
+async def raw_exchange(
+    base: str, head: bytes, body: bytes = b"", timeout: float = 30.0
+) -> RawResponse | None:
+    """Write these exact bytes to ``base``, read until the server closes; the first response, or None."""
+    host, port = _host_port(base)
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
@@ -404,7 +416,7 @@ async def raw_request(
 
                 async def send() -> None:
                     try:
-                        writer.write(data)
+                        writer.write(head)
                         for i in range(0, len(body), 1 << 20):
                             writer.write(body[i : i + (1 << 20)])
                             await writer.drain()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import platform
@@ -48,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aiohttp  # noqa: E402
 import fault_harness  # noqa: E402
 import fault_plugins as fp  # noqa: E402
+from aiohttp import web  # noqa: E402
 from fault_harness import (  # noqa: E402
     KEY_A,
     KEY_B,
@@ -68,6 +70,7 @@ from fault_harness import (  # noqa: E402
     expect_retryable,
     in_thread,
     modes_problems,
+    raw_exchange,
     raw_request,
     retryable,
     small_body,
@@ -76,7 +79,7 @@ from fault_harness import (  # noqa: E402
 from fault_upstream import FAULT_HEADER, FaultUpstream  # noqa: E402
 
 import tokensaver  # noqa: E402
-from tokensaver.proxy import ProxyServer  # noqa: E402
+from tokensaver.proxy import BackgroundApp, ProxyServer  # noqa: E402
 from tokensaver.run import load_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -841,6 +844,46 @@ class Suite:
             120,
         )
 
+        async def corrupt_store(sc: Scenario) -> None:
+            memo = self.root / "memo-corrupt"
+            cfg = self.proxy_config(self.root / "runs-corrupt", memo)
+            proc = ProxyProcess(self.root, "corrupt", up.api_url, cfg, self.root / "cache-corrupt")
+            self._procs.append(proc)
+            bodies = [small_body(f"corrupt-{i}", stream=i % 2 == 1) for i in range(8)]
+
+            async def send(items: list[tuple[int, tuple[dict[str, Any], str]]], label: str) -> None:
+                via = await self.clients(proc.url)
+                try:
+                    for i, (b, text) in items:
+                        got = await ask(via[KEY_A], b, timeout=20)
+                        expect_answer(sc, up, got, f"corrupt-{i}", KEY_A, text, label)
+                finally:
+                    await self.close(via)
+
+            try:
+                await asyncio.to_thread(proc.start)
+                await send(list(enumerate(bodies[:4])), "stored")
+                await asyncio.to_thread(proc.stop)
+                for path in sorted(memo.rglob("*")):
+                    if path.is_file():  # cut every file of the store in half, as a crash or full disk would
+                        data = path.read_bytes()
+                        path.write_bytes(data[: len(data) // 2])
+                await asyncio.to_thread(proc.start)
+                calls = sum(up.attempts[f"corrupt-{i}"] for i in range(8))
+                await send(list(enumerate(bodies)), "after the store was cut")
+                calls = sum(up.attempts[f"corrupt-{i}"] for i in range(8)) - calls
+                sc.facts.append(f"upstream calls after the cut: {calls} for 8 requests (4 stored before)")
+            finally:
+                await asyncio.to_thread(proc.stop)
+
+        await self.scenario(
+            "memoize",
+            "the memo store's files cut in half between two runs of a proxy",
+            "every call answered correctly (a damaged store is a miss, never a wrong answer or an error)",
+            corrupt_store,
+            60,
+        )
+
         async def concurrent_proxy(sc: Scenario) -> None:
             via = await self.clients(self.main_url)
             groups = [("sf-12", 12)] + [(f"sf-4-{g}", 4) for g in range(2 if self.quick else 4)]
@@ -1003,6 +1046,61 @@ class Suite:
                 expect_answer(sc, up, await ask(via[KEY_A], b, timeout=15), "after-bad-input", KEY_A, text)
             finally:
                 await self.close(via)
+
+        async def elsewhere(sc: Scenario) -> None:
+            """Requests that try to make the proxy talk to another server: a decoy on loopback counts them."""
+            hits: list[str] = []
+
+            async def decoy_handler(request: web.Request) -> web.Response:
+                hits.append(request.raw_path)
+                return web.Response(text="decoy")
+
+            decoy_app = web.Application()
+            decoy_app.router.add_route("*", "/{tail:.*}", decoy_handler)
+            decoy = BackgroundApp(decoy_app)
+            await asyncio.to_thread(decoy.start)
+            d = decoy.url
+            dhost = d.removeprefix("http://")
+            body = json.dumps(small_body("elsewhere")[0]).encode()
+            phost = main.removeprefix("http://")
+            smuggled = (
+                f"POST /v1/messages HTTP/1.1\r\nHost: {phost}\r\nContent-Type: application/json\r\n"
+                f"x-api-key: {KEY_A}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                f"0\r\n\r\nGET {d}/smuggled HTTP/1.1\r\nHost: {dhost}\r\n\r\n"
+            ).encode()
+            cases: list[tuple[str, Awaitable[Any]]] = [
+                ("absolute-form GET", raw_request(main, "GET", f"{d}/v1/models")),
+                ("absolute-form POST", raw_request(main, "POST", f"{d}/v1/messages", body)),
+                ("Host of the decoy", raw_request(main, "GET", "/v1/models", host_header=dhost)),
+                (
+                    "Host of the decoy, Messages",
+                    raw_request(main, "POST", "/v1/messages", body, host_header=dhost),
+                ),
+                ("Content-Length with Transfer-Encoding", raw_exchange(main, smuggled)),
+            ]
+            try:
+                for what, request in cases:
+                    before = len(hits)
+                    resp = await request
+                    if len(hits) > before:
+                        sc.add("wrong", f"{what}: reached the decoy server ({hits[-1]})")
+                    elif resp is not None and resp.status >= 500:
+                        sc.add("wrong", f"{what}: {describe_raw(resp)}")
+                    else:
+                        sc.add("failed_api")  # refused, or answered by the upstream: never elsewhere
+                await asyncio.sleep(0.5)  # a smuggled request would arrive after its carrier
+                if len(hits) > 0 and sc.counts["wrong"] == 0:
+                    sc.demote(1, "wrong", f"a smuggled request reached the decoy server ({hits[-1]})")
+            finally:
+                await asyncio.to_thread(decoy.stop)
+
+        await self.scenario(
+            "bad input",
+            "absolute-form targets, a Host header naming another server, Content-Length with Transfer-Encoding",
+            "nothing reaches any server but the upstream (a decoy on loopback counts); no 5xx",
+            elsewhere,
+            60,
+        )
 
         await self.scenario(
             "bad input",
