@@ -26,15 +26,20 @@ would outlive whatever caused it; asking again is the caller's usual remedy). Ea
 sha256 of its payload and the key it was stored under; an entry that fails either check is a miss
 with a warning, and is deleted.
 
-Concurrency: identical requests in flight in one wrapped client make one upstream call. The later
-ones wait (``wait`` seconds at most) for the first to finish, then read its answer; if the first
-fails they go to the network. A waiter never waits on an event loop thread or on its own thread, so
-an asyncio caller cannot deadlock itself.
+Concurrency: identical requests in flight in one wrapped client (or one proxy) make one upstream
+call. The first claims the key for its call; the later ones wait (``wait`` seconds at most) for it
+to finish, then read its answer. The claim ends with the call whatever its outcome (answered,
+refused, cut off, timed out, the client gone): if the first fails, the others go to the network at
+once. A call never waits on an event loop thread, nor on a call of its own requester (the same
+asyncio task, or the same thread in sync code): that requester may be the one that still has to
+read the first call's stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -46,6 +51,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from tokensaver.context import requester
 from tokensaver.errors import ConfigError
 from tokensaver.hookspecs import hookimpl
 from tokensaver.tokens import canonical_json
@@ -221,11 +227,14 @@ def storable(message: Any, *, store_refusals: bool = False) -> bool:
 
 
 class _Flight:
-    __slots__ = ("event", "thread", "started")
+    """One call's claim on a key: who made it (its requester), and an event set when the call is over."""
 
-    def __init__(self) -> None:
+    __slots__ = ("event", "requester", "call_id", "started")
+
+    def __init__(self, call_id: str) -> None:
         self.event = threading.Event()
-        self.thread = threading.get_ident()
+        self.requester = requester()
+        self.call_id = call_id
         self.started = time.monotonic()
 
 
@@ -331,12 +340,16 @@ def _claim(ctx: Any, state: dict[str, Any], key: str) -> _Flight | None:
         current = state["inflight"].get(key)
         if current is not None and time.monotonic() - current.started < _settings(ctx)["wait"]:
             return current
-        flight = _Flight()
+        flight = _Flight(str(getattr(ctx, "call_id", "")))
         state["inflight"][key] = flight
     _remember_claim(ctx, key, flight)
-    # if the call fails observe never runs; release when this call's context is collected
+    release = functools.partial(_release, state["inflight"], state["lock"], key, flight)
+    at_end = getattr(ctx, "at_end", None)
+    if callable(at_end):
+        at_end(release)  # the call is over, whatever the outcome: the claim goes with it
+    # a call nobody records (a door that died mid-call): released when its context is collected
     try:
-        weakref.finalize(ctx, _release, state["inflight"], state["lock"], key, flight)
+        weakref.finalize(ctx, release)
     except TypeError:  # a context that cannot be weak-referenced: waiters rely on the timeout
         pass
     return None
@@ -354,12 +367,14 @@ def _single_flight(
     other = _claim(ctx, state, key)
     if other is None:
         return None
-    if other.thread == threading.get_ident() or _on_loop_thread():
-        # blocking here would stall the very thread or loop that must finish the first call
-        ctx.record(single_flight="skipped: same thread or event loop")
+    if other.requester is requester() or _on_loop_thread():
+        # blocking here would stall the very task, thread or loop that must finish the first call
+        ctx.record(single_flight="skipped: same requester or event loop")
         return None
-    remaining = settings["wait"] - (time.monotonic() - other.started)
-    finished = other.event.wait(max(0.0, remaining))
+    remaining = max(0.0, settings["wait"] - (time.monotonic() - other.started))
+    waiting = getattr(ctx, "waiting", None)  # the core does not cut a bounded wait short
+    with waiting(remaining) if callable(waiting) else contextlib.nullcontext():
+        finished = other.event.wait(remaining)
     hit = _read(ctx, store, key, settings)
     ctx.record(single_flight="waited" if finished else "timed out")
     return hit

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
+import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +17,40 @@ from .pricing import ModelInfo, PriceTable, normalize_usage
 from .tokens import TokenCounter, content_hash
 
 _STATE_LOCK = threading.Lock()
+log = logging.getLogger("tokensaver")
+
+# the longest a plugin's own model call (ctx.call_model) may take before the plugin goes on without it
+MODEL_CALL_TIMEOUT = 60.0
+
+# who waits for the call being prepared: set by the async doors (the caller's task) for the threads
+# they hand the pipeline to; unset, the current thread is the one waiting
+_REQUESTER: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "tokensaver_requester", default=None
+)
+
+
+def requester() -> object:
+    """Who waits for the call this thread is preparing: an asyncio task, or a thread.
+
+    The async doors (async ``wrap()``, the proxy) run the pipeline in worker threads on behalf of a
+    task; elsewhere the current task, else the current thread. Two calls of one requester never
+    wait on each other: the requester may be the very one that has to finish the first.
+    """
+    current = _REQUESTER.get()
+    if current is not None:
+        return current
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    return task if task is not None else threading.current_thread()
+
+
+def for_requester(task: object) -> contextvars.Context:
+    """A copy of the current context in which :func:`requester` is ``task`` (run worker code in it)."""
+    ctx = contextvars.copy_context()
+    ctx.run(_REQUESTER.set, task)
+    return ctx
 
 
 def conversation_id(body: dict[str, Any]) -> str:
@@ -74,6 +112,11 @@ class CallContext:
     side_calls: list[dict[str, Any]] = field(default_factory=list)
     # set by whoever runs the pipeline (wrap(), the proxy): sends a body upstream, returns the Message
     upstream: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # run once when the call is over, whatever became of it (see at_end)
+    _at_end: list[Callable[[], None]] = field(default_factory=list)
+    ended: bool = False
+    # monotonic time until which the running hook is in a bounded wait of the core's (see waiting)
+    wait_deadline: float | None = None
 
     @property
     def state(self) -> dict[str, Any]:
@@ -95,6 +138,43 @@ class CallContext:
                         state[name] = make()
         return state
 
+    @contextlib.contextmanager
+    def waiting(self, seconds: float) -> Iterator[None]:
+        """A wait of at most ``seconds`` inside a hook, which the hook's own timeout does not cut short.
+
+        For waits that have their own bound and end in an answer: a model call, an identical call in
+        flight (memoize). The core does not abandon a hook while it waits here.
+        """
+        previous = self.wait_deadline
+        self.wait_deadline = max(previous or 0.0, time.monotonic() + max(0.0, seconds) + 1.0)
+        try:
+            yield
+        finally:
+            self.wait_deadline = previous
+
+    def at_end(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once when this call is over: answered, refused, cut off, timed out or abandoned.
+
+        For what a plugin holds on the call's behalf (memoize's in-flight claim): the core calls
+        :meth:`end` when it records the call, so nothing waits for a call that will never answer.
+        """
+        if self.ended:
+            fn()
+        else:
+            self._at_end.append(fn)
+
+    def end(self) -> None:
+        """The call is over: run the ``at_end`` callbacks (once; a failing one is logged, never raised)."""
+        if self.ended:
+            return
+        self.ended = True
+        callbacks, self._at_end = self._at_end, []
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception as exc:  # cleanup must not fail the call it cleans up after
+                log.warning("a call's end callback failed: %s: %s", type(exc).__name__, exc)
+
     def record(self, **fields: Any) -> None:
         """Store JSON-serializable facts about this call in the run record, under this plugin."""
         self.notes.setdefault(self.plugin, {}).update(fields)
@@ -109,14 +189,16 @@ class CallContext:
         :param body: a complete Messages request body (``model``, ``max_tokens``, ``messages``...).
         :return: the Message (``content``, ``usage``...).
         :raises ModelCallError: when this pipeline has no upstream (a hook called directly, a
-            test) or the call failed; the plugin decides what to do without it.
+            test), the call failed, or it took longer than ``MODEL_CALL_TIMEOUT`` seconds; the
+            plugin decides what to do without it.
         """
         if self.upstream is None:
             raise ModelCallError("no upstream for plugin model calls in this pipeline")
         entry: dict[str, Any] = {"plugin": self.plugin, "model": str(body.get("model", ""))}
         self.side_calls.append(entry)
         try:
-            message = self.upstream(body)
+            with self.waiting(MODEL_CALL_TIMEOUT + 5):
+                message = self.upstream(body)
         except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"
             status = getattr(exc, "status", None) or getattr(exc, "status_code", None)

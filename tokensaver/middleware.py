@@ -4,30 +4,139 @@ Built on the SDK's own client middleware (``client.with_middleware``): the calle
 mutated, every surface that goes through ``POST /v1/messages`` is covered (create, stream, beta,
 raw and streaming responses, sync and async, ``with_options`` copies), other endpoints pass
 through untouched. API errors pass through untouched too, so the SDK's retries keep working; the
-middleware runs once per attempt and the pipeline records each attempt once.
+middleware runs once per attempt and the pipeline records each attempt once, also one that got no
+answer (a connection error, a timeout: recorded, then the SDK's exception goes on untouched).
+
+Async clients (and the proxy) run the pipeline's sync work in tokensaver's own bounded threads
+(``request_phase`` / ``response_phase``), never the event loop's default executor: a transform may
+wait in ``ctx.call_model`` for a coroutine that itself needs that executor (name resolution, netrc).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import inspect
 import json
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
+import anthropic
 import httpx2
 
 from . import _sdk
+from .context import MODEL_CALL_TIMEOUT, for_requester, requester
 from .pipeline import Call, Pipeline, key_hash
 from .sse import SSEAccumulator, message_to_sse, sse_error_answer, sse_event
 
 log = logging.getLogger("tokensaver")
 C = TypeVar("C")
+T = TypeVar("T")
 
 MESSAGES_PATH = "/v1/messages"
 CONTROL_PREFIX = "x-tokensaver-"
+
+# -- tokensaver's own threads for the pipeline's sync work, called from async code -------------
+
+REQUEST_THREADS = 32  # begin(): transforms and lookups, which may wait (model calls, single-flight)
+RESPONSE_THREADS = 8  # finish() and plugin tool answers: never wait on another call
+_pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(name: str, size: int) -> concurrent.futures.ThreadPoolExecutor:
+    with _pools_lock:
+        pool = _pools.get(name)
+        if pool is None:
+            pool = _pools[name] = concurrent.futures.ThreadPoolExecutor(size, f"tokensaver-{name}")
+        return pool
+
+
+async def _in_pool(
+    pool: concurrent.futures.ThreadPoolExecutor,
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    abandoned: Callable[[T], object] | None,
+) -> T:
+    # the work runs for the calling task: memoize tells its calls apart by task, not by thread
+    context = for_requester(asyncio.current_task())
+    future = pool.submit(context.run, functools.partial(fn, *args, **kwargs))
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        if abandoned is not None:  # the caller went away: whatever the work made is cleaned up once done
+
+            def done(f: concurrent.futures.Future[T]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    abandoned(f.result())
+
+            future.add_done_callback(done)
+        raise
+
+
+async def request_phase(
+    fn: Callable[..., T], *args: Any, abandoned: Callable[[T], object] | None = None, **kwargs: Any
+) -> T:
+    """Run request-phase pipeline work (``begin``, a plugin-tool exchange's next call) in our threads.
+
+    Not the loop's default executor: a transform waiting in ``ctx.call_model`` must not hold a thread
+    that the model call's own coroutine needs. ``abandoned(result)`` runs if the caller is cancelled
+    before the work is done (e.g. records the call it began).
+    """
+    return await _in_pool(_pool("request", REQUEST_THREADS), fn, args, kwargs, abandoned)
+
+
+async def response_phase(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run response-phase pipeline work (``finish``, plugin tool answers) in threads of its own.
+
+    Separate from the request phase: a call that finishes is never queued behind identical calls
+    that wait for it (memoize's single-flight), however many there are.
+    """
+    return await _in_pool(_pool("response", RESPONSE_THREADS), fn, args, kwargs, None)
+
+
+def as_requester(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(...)`` here, for whoever is calling (this thread or task), also in the hooks' worker threads."""
+    return for_requester(requester()).run(fn, *args, **kwargs)
+
+
+def call_on_loop(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], timeout: float = MODEL_CALL_TIMEOUT
+) -> T:
+    """Run ``coro`` on ``loop`` from a worker thread and wait for it, ``timeout`` seconds at most.
+
+    :raises TimeoutError: no result in time (the coroutine is cancelled).
+    :raises RuntimeError: called on ``loop``'s own thread, where waiting would stall the loop for good.
+    """
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        coro.close()
+        raise RuntimeError("a plugin's model call cannot wait on the event loop it runs on")
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise TimeoutError(f"no answer within {timeout:g}s") from None
+
+
+def _unanswered_status(exc: BaseException) -> str:
+    if isinstance(exc, anthropic.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, anthropic.APIConnectionError):
+        return "connection_error"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return "error"
 
 
 def _messages_body(request: _sdk.APIRequest) -> dict[str, Any] | None:
@@ -71,21 +180,38 @@ class TokensaverMiddleware(_sdk.Middleware):
 
     def call_model(self, body: dict[str, Any]) -> dict[str, Any]:
         """``ctx.call_model`` for sync clients: the call is made with the caller's client and key."""
-        body = {k: v for k, v in body.items() if k != "stream"}
-        return self._side_client().messages.create(**body).to_dict()  # type: ignore[no-any-return]
+        body = {k: v for k, v in body.items() if k not in ("stream", "timeout")}
+        message = self._side_client().messages.create(**body, timeout=MODEL_CALL_TIMEOUT)
+        return message.to_dict()  # type: ignore[no-any-return]
 
     def upstream_async(self, loop: asyncio.AbstractEventLoop) -> Any:
         """``ctx.call_model`` for async clients: plugins run in a worker thread; the call runs on ``loop``."""
 
         async def create(body: dict[str, Any]) -> dict[str, Any]:
-            message = await self._side_client().messages.create(**body)
+            message = await self._side_client().messages.create(**body, timeout=MODEL_CALL_TIMEOUT)
             return message.to_dict()  # type: ignore[no-any-return]
 
         def call(body: dict[str, Any]) -> dict[str, Any]:
-            body = {k: v for k, v in body.items() if k != "stream"}
-            return asyncio.run_coroutine_threadsafe(create(body), loop).result()
+            body = {k: v for k, v in body.items() if k not in ("stream", "timeout")}
+            return call_on_loop(loop, create(body))
 
         return call
+
+    @contextlib.contextmanager
+    def _attempt(self, call: Call) -> Iterator[None]:
+        """An attempt that ends in an exception (no answer: connection error, timeout...) is recorded.
+
+        The exception itself goes on untouched: the SDK retries or raises it as it would without us.
+        """
+        try:
+            yield
+        except BaseException as exc:
+            if not call.recorded:
+                try:
+                    self.pipeline.finish(call, None, status=_unanswered_status(exc), error=type(exc).__name__)
+                except Exception as record_exc:  # recording must not replace the caller's exception
+                    log.warning("could not record a failed attempt: %s", type(record_exc).__name__)
+            raise
 
     def copy_for(self) -> TokensaverMiddleware:
         """A middleware sharing this pipeline, to be bound to a copy of the client."""
@@ -205,12 +331,16 @@ class TokensaverMiddleware(_sdk.Middleware):
     ) -> Any:
         """Send the call; answer tool calls addressed to plugins until the model answers the caller."""
         for rounds in range(MAX_PLUGIN_TOOL_ROUNDS + 1):
-            response = call_next(self._outgoing(request, call, headers))
-            http = response.http_response
-            if not http.is_success:
-                self.pipeline.finish(call, None, status=http.status_code, error=f"HTTP {http.status_code}")
-                return response
-            message = read_message(http.headers.get("content-type", ""), http.read())
+            with self._attempt(call):
+                response = call_next(self._outgoing(request, call, headers))
+                http = response.http_response
+                if not http.is_success:
+                    self.pipeline.finish(
+                        call, None, status=http.status_code, error=f"HTTP {http.status_code}"
+                    )
+                    return response
+                raw = http.read()
+            message = read_message(http.headers.get("content-type", ""), raw)
             if message is None:
                 self.pipeline.finish(call, None, status="incomplete", error="unreadable response")
                 return response
@@ -218,7 +348,7 @@ class TokensaverMiddleware(_sdk.Middleware):
             self.pipeline.finish(call, message)
             if results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS:
                 return self._serve(request, call, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
-            call = next_round(self.pipeline, call, reply, results, headers)
+            call = as_requester(next_round, self.pipeline, call, reply, results, headers)
         raise AssertionError("unreachable")
 
     async def _handle_plugin_tools_async(
@@ -226,34 +356,39 @@ class TokensaverMiddleware(_sdk.Middleware):
     ) -> Any:
         """Async twin of ``_handle_plugin_tools``."""
         for rounds in range(MAX_PLUGIN_TOOL_ROUNDS + 1):
-            response = await call_next(self._outgoing(request, call, headers))
-            http = response.http_response
-            if not http.is_success:
-                self.pipeline.finish(call, None, status=http.status_code, error=f"HTTP {http.status_code}")
-                return response
-            message = read_message(http.headers.get("content-type", ""), await http.aread())
+            with self._attempt(call):
+                response = await call_next(self._outgoing(request, call, headers))
+                http = response.http_response
+                if not http.is_success:
+                    self.pipeline.finish(
+                        call, None, status=http.status_code, error=f"HTTP {http.status_code}"
+                    )
+                    return response
+                raw = await http.aread()
+            message = read_message(http.headers.get("content-type", ""), raw)
             if message is None:
                 self.pipeline.finish(call, None, status="incomplete", error="unreadable response")
                 return response
-            results, reply = await asyncio.to_thread(plan_round, self.pipeline, call, message)
-            self.pipeline.finish(call, message)
+            results, reply = await response_phase(plan_round, self.pipeline, call, message)
+            await response_phase(self.pipeline.finish, call, message)
             if results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS:
                 return self._serve(request, call, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
-            call = await asyncio.to_thread(next_round, self.pipeline, call, reply, results, headers)
+            call = await request_phase(next_round, self.pipeline, call, reply, results, headers)
         raise AssertionError("unreachable")
 
     def _stream_plugin_tools(
         self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any], call_next: Any
     ) -> Any:
         """A streamed call whose answer may ask for plugin tools: streamed on as it comes (see ``Splice``)."""
-        response = call_next(self._outgoing(request, call, headers))
-        passed = self._pass_through(call, response, None)
-        if passed is not None:
-            return passed
-        http = response.http_response
-        if "text/event-stream" not in http.headers.get("content-type", ""):
-            self._finish_json(call, response, http.read())  # a JSON answer to a streamed request
-            return response
+        with self._attempt(call):
+            response = call_next(self._outgoing(request, call, headers))
+            passed = self._pass_through(call, response, None)
+            if passed is not None:
+                return passed
+            http = response.http_response
+            if "text/event-stream" not in http.headers.get("content-type", ""):
+                self._finish_json(call, response, http.read())  # a JSON answer to a streamed request
+                return response
         return _sdk.replace_body_stream(
             response, _SplicedStream(self, request, call, headers, call_next, http)
         )
@@ -262,14 +397,15 @@ class TokensaverMiddleware(_sdk.Middleware):
         self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any], call_next: Any
     ) -> Any:
         """Async twin of ``_stream_plugin_tools``."""
-        response = await call_next(self._outgoing(request, call, headers))
-        passed = self._pass_through(call, response, None)
-        if passed is not None:
-            return passed
-        http = response.http_response
-        if "text/event-stream" not in http.headers.get("content-type", ""):
-            raw = await http.aread()
-            await asyncio.to_thread(self._finish_json, call, response, raw)
+        with self._attempt(call):
+            response = await call_next(self._outgoing(request, call, headers))
+            passed = self._pass_through(call, response, None)
+            if passed is not None:
+                return passed
+            http = response.http_response
+            raw = None if "text/event-stream" in http.headers.get("content-type", "") else await http.aread()
+        if raw is not None:  # a JSON answer to a streamed request
+            await response_phase(self._finish_json, call, response, raw)
             return response
         stream = _AsyncSplicedStream(self, request, call, headers, call_next, http)
         return _sdk.replace_body_stream(response, stream)
@@ -281,7 +417,8 @@ class TokensaverMiddleware(_sdk.Middleware):
         if body is None:
             return call_next(request)
         headers, key, stream = self._prepare(request, body)
-        call = self.pipeline.begin(
+        call = as_requester(
+            self.pipeline.begin,
             body,
             headers=headers,
             key=key,
@@ -299,15 +436,16 @@ class TokensaverMiddleware(_sdk.Middleware):
             if _splice_stream(request, call):
                 return self._stream_plugin_tools(request, call, headers, call_next)
             return self._handle_plugin_tools(request, call, headers, call_next)
-        response = call_next(self._outgoing(request, call, headers))
-        passed = self._pass_through(call, response, _ObservedStream)
-        if passed is not None:
-            return passed
-        http = response.http_response
-        t0 = time.perf_counter()
-        raw = http.read()
-        call.overhead_ms -= (time.perf_counter() - t0) * 1000  # reading the body is not our overhead
-        self._finish_json(call, response, raw)
+        with self._attempt(call):
+            response = call_next(self._outgoing(request, call, headers))
+            passed = self._pass_through(call, response, _ObservedStream)
+            if passed is not None:
+                return passed
+            http = response.http_response
+            t0 = time.perf_counter()
+            raw = http.read()
+            call.overhead_ms -= (time.perf_counter() - t0) * 1000  # reading the body is not our overhead
+            self._finish_json(call, response, raw)
         return response
 
     # -- async -----------------------------------------------------------------------------------
@@ -318,7 +456,7 @@ class TokensaverMiddleware(_sdk.Middleware):
             return await call_next(request)
         headers, key, stream = self._prepare(request, body)
         # plugins are sync (and may wait, e.g. memoize's single-flight): keep the event loop free
-        call = await asyncio.to_thread(
+        call = await request_phase(
             self.pipeline.begin,
             body,
             headers=headers,
@@ -327,6 +465,7 @@ class TokensaverMiddleware(_sdk.Middleware):
             surface=_surface(request),
             attempt=request.retries_taken,
             upstream=self.upstream_async(asyncio.get_running_loop()),
+            abandoned=self._abandoned,
         )
         if self.pipeline.config.token_count == "exact":
             await self._count_exact_async(call)
@@ -337,13 +476,19 @@ class TokensaverMiddleware(_sdk.Middleware):
             if _splice_stream(request, call):
                 return await self._stream_plugin_tools_async(request, call, headers, call_next)
             return await self._handle_plugin_tools_async(request, call, headers, call_next)
-        response = await call_next(self._outgoing(request, call, headers))
-        passed = self._pass_through(call, response, _AsyncObservedStream)
-        if passed is not None:
-            return passed
-        raw = await response.http_response.aread()
-        await asyncio.to_thread(self._finish_json, call, response, raw)
+        with self._attempt(call):
+            response = await call_next(self._outgoing(request, call, headers))
+            passed = self._pass_through(call, response, _AsyncObservedStream)
+            if passed is not None:
+                return passed
+            raw = await response.http_response.aread()
+        await response_phase(self._finish_json, call, response, raw)
         return response
+
+    def _abandoned(self, call: Call) -> None:
+        """A call begun for a caller that was cancelled meanwhile: recorded (and its claims released)."""
+        if not call.recorded:
+            self.pipeline.finish(call, None, status="cancelled", error="CancelledError")
 
 
 # -- tools that plugins answer themselves -----------------------------------------------------
@@ -560,11 +705,13 @@ class _SplicedStream(httpx2.SyncByteStream):
                 if results is None or splice.rounds == MAX_PLUGIN_TOOL_ROUNDS:
                     yield splice.end()
                     return
-                self.call = next_round(pipeline, self.call, reply, results, self.headers)
-                response = self.call_next(self.mw._outgoing(self.request, self.call, self.headers))
-                http = response.http_response
+                self.call = as_requester(next_round, pipeline, self.call, reply, results, self.headers)
+                with self.mw._attempt(self.call):
+                    response = self.call_next(self.mw._outgoing(self.request, self.call, self.headers))
+                    http = response.http_response
+                    if not http.is_success:
+                        http.read()
                 if not http.is_success:
-                    http.read()
                     yield self._failed(http)
                     return
                 splice.new_round()
@@ -573,8 +720,7 @@ class _SplicedStream(httpx2.SyncByteStream):
             self.close()
 
     def _incomplete(self, splice: Splice) -> None:
-        error = "stream error event" if splice.acc.error else "stream ended before message_stop"
-        self.mw.pipeline.finish(self.call, None, status="incomplete", error=error)
+        self.mw.pipeline.finish(self.call, None, status="incomplete", error=splice.acc.failure)
 
     def _failed(self, http: httpx2.Response) -> bytes:
         """A follow-up round the API refused: recorded, and told to the caller as a stream error."""
@@ -585,8 +731,8 @@ class _SplicedStream(httpx2.SyncByteStream):
         if self.http is not None:
             self.http.close()
             self.http = None
-            if not self.call.recorded:  # the caller stopped reading mid-round
-                self.mw.pipeline.finish(self.call, None, status="incomplete", error="stream closed early")
+        if not self.call.recorded:  # the caller stopped reading mid-round
+            self.mw.pipeline.finish(self.call, None, status="incomplete", error="stream closed early")
 
 
 class _AsyncSplicedStream(_SplicedStream, httpx2.AsyncByteStream):  # type: ignore[misc]
@@ -604,20 +750,20 @@ class _AsyncSplicedStream(_SplicedStream, httpx2.AsyncByteStream):  # type: igno
                 self.http = None
                 message = splice.acc.message
                 if message is None:
-                    await asyncio.to_thread(self._incomplete, splice)
+                    self._incomplete(splice)  # no observers run for it: nothing that could block the loop
                     return
-                results, reply = await asyncio.to_thread(plan_round, pipeline, self.call, message)
-                await asyncio.to_thread(pipeline.finish, self.call, message)
+                results, reply = await response_phase(plan_round, pipeline, self.call, message)
+                await response_phase(pipeline.finish, self.call, message)
                 if results is None or splice.rounds == MAX_PLUGIN_TOOL_ROUNDS:
                     yield splice.end()
                     return
-                self.call = await asyncio.to_thread(
-                    next_round, pipeline, self.call, reply, results, self.headers
-                )
-                response = await self.call_next(self.mw._outgoing(self.request, self.call, self.headers))
-                http = response.http_response
+                self.call = await request_phase(next_round, pipeline, self.call, reply, results, self.headers)
+                with self.mw._attempt(self.call):
+                    response = await self.call_next(self.mw._outgoing(self.request, self.call, self.headers))
+                    http = response.http_response
+                    if not http.is_success:
+                        await http.aread()
                 if not http.is_success:
-                    await http.aread()
                     yield self._failed(http)
                     return
                 splice.new_round()
@@ -629,8 +775,8 @@ class _AsyncSplicedStream(_SplicedStream, httpx2.AsyncByteStream):  # type: igno
         if self.http is not None:
             await self.http.aclose()
             self.http = None
-            if not self.call.recorded:
-                self.mw.pipeline.finish(self.call, None, status="incomplete", error="stream closed early")
+        if not self.call.recorded:
+            self.mw.pipeline.finish(self.call, None, status="incomplete", error="stream closed early")
 
 
 class _StreamObserver:
@@ -645,11 +791,10 @@ class _StreamObserver:
         if self.done:
             return
         self.done = True
-        if self.acc.complete and self.acc.message is not None:
+        if self.acc.message is not None:
             self.pipeline.finish(self.call, self.acc.message)
         else:
-            error = "stream error event" if self.acc.error else "stream ended before message_stop"
-            self.pipeline.finish(self.call, None, status="incomplete", error=error)
+            self.pipeline.finish(self.call, None, status="incomplete", error=self.acc.failure)
 
 
 class _ObservedStream(_StreamObserver, httpx2.SyncByteStream):
@@ -678,6 +823,8 @@ class _AsyncObservedStream(_StreamObserver, httpx2.AsyncByteStream):
             async for chunk in self.http.aiter_bytes():
                 self.acc.feed(chunk)
                 yield chunk
+            if self.acc.message is not None:  # observers run off the loop (they store answers...)
+                await response_phase(self._done)
         finally:
             self._done()
 

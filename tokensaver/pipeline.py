@@ -322,15 +322,18 @@ class Pipeline:
         """Observe a completed response (or record a failure) and write the call's record once."""
         t0 = time.perf_counter()
         ctx = call.ctx
-        if call.short_circuit:
-            response = call.response
-        elif response is not None and status == 200:
-            ctx.usage = normalize_usage(response.get("usage"))
-            self._run_hook(
-                call, "tokensaver_observe_response", first=False, body=call.body, response=response
-            )
-        call.overhead_ms += (time.perf_counter() - t0) * 1000
-        record = self._record(call, response, status, error)
+        try:
+            if call.short_circuit:
+                response = call.response
+            elif response is not None and status == 200:
+                ctx.usage = normalize_usage(response.get("usage"))
+                self._run_hook(
+                    call, "tokensaver_observe_response", first=False, body=call.body, response=response
+                )
+            call.overhead_ms += (time.perf_counter() - t0) * 1000
+            record = self._record(call, response, status, error)
+        finally:
+            ctx.end()  # whatever the outcome, nothing a plugin holds for the call (a claim) outlives it
         return record
 
     def _record(

@@ -8,11 +8,13 @@ in config. Two distributions claiming the same name: the first wins and a warnin
 from __future__ import annotations
 
 import argparse
+import contextvars
 import importlib.metadata
 import json
 import logging
 import queue
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -132,10 +134,11 @@ IDLE_SECONDS = 30.0  # an idle worker thread exits after this long
 
 
 class _Job:
-    __slots__ = ("plugin", "fn", "kwargs", "done", "finished", "abandoned", "result", "error")
+    __slots__ = ("plugin", "fn", "kwargs", "context", "done", "finished", "abandoned", "result", "error")
 
     def __init__(self, plugin: str, fn: Any, kwargs: dict[str, Any]) -> None:
         self.plugin, self.fn, self.kwargs = plugin, fn, kwargs
+        self.context = contextvars.copy_context()  # the hook sees the caller's context, as if inline
         self.done = threading.Event()
         self.finished = self.abandoned = False
         self.result: Any = None
@@ -161,7 +164,7 @@ class _Worker:
                         return
                 continue
             try:
-                job.result = job.fn(**job.kwargs)
+                job.result = job.context.run(job.fn, **job.kwargs)
             except BaseException as exc:  # handed to the caller, raised there as if called inline
                 job.error = exc
             with runner.lock:
@@ -202,7 +205,13 @@ class HookRunner:
                 worker = self._local.worker = _Worker(self)
             job = _Job(plugin, fn, kwargs)
             worker.jobs.put(job)  # under the lock: an idle worker cannot exit with a job queued
-        if not job.done.wait(timeout):
+        deadline = time.monotonic() + timeout
+        while not job.done.wait(max(0.0, deadline - time.monotonic())):
+            # a hook in a bounded wait of the core's (ctx.call_model, ctx.waiting) is not hung
+            waiting = getattr(kwargs.get("ctx"), "wait_deadline", None)
+            if isinstance(waiting, float) and waiting > time.monotonic():
+                deadline = waiting
+                continue
             with self.lock:
                 if not job.finished:
                     job.abandoned = True

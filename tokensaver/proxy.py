@@ -54,14 +54,18 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .config import Config, load_config
+from .context import MODEL_CALL_TIMEOUT
 from .errors import ModelCallError, TokensaverError
 from .middleware import (
     MAX_PLUGIN_TOOL_ROUNDS,
     Splice,
+    call_on_loop,
     next_round,
     plan_round,
     plugin_tools,
     read_message,
+    request_phase,
+    response_phase,
     thinking_on,
 )
 from .pipeline import Call, Pipeline, key_hash
@@ -479,11 +483,17 @@ class TokensaverProxy:
     def _model_caller(self, request: web.Request, loop: asyncio.AbstractEventLoop) -> Any:
         """``ctx.call_model`` for this request: plugins run in a worker thread, the call on ``loop``.
 
-        Sent to the same upstream path with the caller's headers (credentials included), not streamed.
+        Sent to the same upstream path with the caller's headers (credentials included), not streamed,
+        bounded by ``MODEL_CALL_TIMEOUT`` (the worker thread waits no longer either).
         """
 
         async def post(body: dict[str, Any]) -> dict[str, Any]:
-            up = await self._post(request, _encode({**body, "stream": False}), drop=_MODEL_CALL_DROP)
+            up = await self._post(
+                request,
+                _encode({**body, "stream": False}),
+                drop=_MODEL_CALL_DROP,
+                timeout=aiohttp.ClientTimeout(total=MODEL_CALL_TIMEOUT),
+            )
             try:
                 payload = await up.read()
             finally:
@@ -498,7 +508,7 @@ class TokensaverProxy:
             return message
 
         def call(body: dict[str, Any]) -> dict[str, Any]:
-            return asyncio.run_coroutine_threadsafe(post(body), loop).result()
+            return call_on_loop(loop, post(body), MODEL_CALL_TIMEOUT + 5)
 
         return call
 
@@ -616,7 +626,7 @@ class TokensaverProxy:
         t0 = time.perf_counter()
         try:
             # plugins are sync and may wait (memoize's single-flight): keep the event loop free
-            call = await asyncio.to_thread(
+            call = await request_phase(
                 pipe.begin,
                 body,
                 headers=headers,
@@ -625,11 +635,12 @@ class TokensaverProxy:
                 surface="beta" if request.query.get("beta") == "true" else "messages",
                 attempt=_int(headers.get("x-stainless-retry-count")),
                 upstream=self._model_caller(request, asyncio.get_running_loop()),
+                abandoned=lambda c: pipe.finish(c, None, status="incomplete", error="client disconnected"),
             )
         except TokensaverError as exc:  # strict mode: a plugin failed and the config says to stop
             return _error(500, "api_error", f"tokensaver: {exc}", {"x-should-retry": "false"})
         if call.short_circuit:
-            await asyncio.to_thread(pipe.finish, call, None)
+            await response_phase(pipe.finish, call, None)
             served = self._serve(call, stream)
             log.info(
                 "%s %s short-circuit (%s) %.1fms",
@@ -702,23 +713,24 @@ class TokensaverProxy:
             return self._unreachable(exc)
         try:
             out_headers = _response_headers(up.headers, decoded=True)
-            if not 200 <= up.status < 300:
+            if "text/event-stream" in up.headers.get("content-type", "") and 200 <= up.status < 300:
+                out_headers.update(call.ctx.response_headers)
+                return await self._stream(request, up, pipe, call, out_headers, outcome)
+            try:
                 payload = await up.read()
-                outcome.finishing = True
+            except _UPSTREAM_BROKE as exc:  # nothing was sent to the client yet: it hears a retryable error
+                return self._broke_off(pipe, call, outcome, exc)
+            outcome.finishing = True
+            if not 200 <= up.status < 300:
                 pipe.finish(call, None, status=up.status, error=f"HTTP {up.status}")
                 return web.Response(status=up.status, reason=up.reason, body=payload, headers=out_headers)
             out_headers.update(call.ctx.response_headers)
-            if "text/event-stream" in up.headers.get("content-type", ""):
-                return await self._stream(request, up, pipe, call, out_headers, outcome)
-            payload = await up.read()
             try:
                 message = json.loads(payload)
             except ValueError as exc:
-                outcome.finishing = True
-                await asyncio.to_thread(pipe.finish, call, None, status="unparsed", error=str(exc))
+                await response_phase(pipe.finish, call, None, status="unparsed", error=str(exc))
             else:
-                outcome.finishing = True
-                await asyncio.to_thread(
+                await response_phase(
                     pipe.finish, call, message if isinstance(message, dict) else None, status=up.status
                 )
             return web.Response(status=up.status, reason=up.reason, body=payload, headers=out_headers)
@@ -726,12 +738,29 @@ class TokensaverProxy:
             # not read to the end (client gone, upstream cut): closing aborts the upstream request
             up.close()
 
+    def _broke_off(self, pipe: Pipeline, call: Call, outcome: _Outcome, exc: BaseException) -> web.Response:
+        """An upstream answer that ended before it was whole (shorter than its Content-Length, a reset).
+
+        Recorded as what it was; the client gets what an HTTP proxy answers, a 502 in the API's error
+        shape, which the SDKs retry. The call is over: a claim it held (memoize) is released now.
+        """
+        what = "upstream truncated" if isinstance(exc, aiohttp.ClientPayloadError) else "upstream lost"
+        outcome.finishing = True
+        pipe.finish(call, None, status="incomplete", error=f"{what}: {type(exc).__name__}")
+        log.warning("%s: %s", what, type(exc).__name__)
+        return _error(502, "api_error", f"tokensaver proxy: the upstream answer broke off ({what})")
+
     async def _post(
-        self, request: web.Request, data: bytes, drop: frozenset[str] = frozenset({"accept-encoding"})
+        self,
+        request: web.Request,
+        data: bytes,
+        drop: frozenset[str] = frozenset({"accept-encoding"}),
+        timeout: aiohttp.ClientTimeout | None = None,
     ) -> aiohttp.ClientResponse:
         """A Messages body upstream on the request's path, with the caller's headers minus ``drop``.
 
         We read what comes back (JSON or SSE): the client library picks an encoding it can decode.
+        ``timeout`` bounds a plugin's own call; the caller's calls take as long as the API does.
         """
         assert self.client is not None
         headers = _forward_headers(request.headers, drop=drop)
@@ -744,6 +773,7 @@ class TokensaverProxy:
             skip_auto_headers=SKIP_AUTO_HEADERS,
             allow_redirects=False,
             auto_decompress=True,
+            timeout=timeout or self.client.timeout,
         )
 
     async def _plugin_tool_exchange(
@@ -776,7 +806,10 @@ class TokensaverProxy:
                 return out
             try:
                 if not 200 <= up.status < 300:
-                    payload = await up.read()
+                    try:
+                        payload = await up.read()
+                    except _UPSTREAM_BROKE:
+                        payload = b""
                     outcome.finishing = True
                     pipe.finish(call, None, status=up.status, error=f"HTTP {up.status}")
                     if out is None:
@@ -790,30 +823,44 @@ class TokensaverProxy:
                     await out.write_eof()
                     return out
                 sse = "text/event-stream" in up.headers.get("content-type", "")
-                if splice is not None and sse:
+                try:
+                    if splice is not None and sse:
+                        if out is None:
+                            out = web.StreamResponse(status=up.status, reason=up.reason)
+                            out.headers.extend(_response_headers(up.headers, decoded=True))
+                            out.headers.update(call.ctx.response_headers)
+                            await out.prepare(request)
+                        async for chunk in up.content.iter_any():
+                            data = splice.feed(chunk)
+                            if data:
+                                await out.write(data)
+                        message = splice.acc.message
+                    else:
+                        message = read_message(up.headers.get("content-type", ""), await up.read())
+                except _UPSTREAM_BROKE as exc:
+                    if isinstance(exc, ConnectionResetError):  # our client went away, not the upstream
+                        raise
                     if out is None:
-                        out = web.StreamResponse(status=up.status, reason=up.reason)
-                        out.headers.extend(_response_headers(up.headers, decoded=True))
-                        out.headers.update(call.ctx.response_headers)
-                        await out.prepare(request)
-                    async for chunk in up.content.iter_any():
-                        data = splice.feed(chunk)
-                        if data:
-                            await out.write(data)
-                    message = splice.acc.message
-                else:
-                    message = read_message(up.headers.get("content-type", ""), await up.read())
+                        return self._broke_off(pipe, call, outcome, exc)
+                    outcome.finishing = True
+                    pipe.finish(
+                        call, None, status="incomplete", error=f"upstream stream broke: {type(exc).__name__}"
+                    )
+                    await out.write(sse_error("api_error", "tokensaver proxy: the upstream stream broke off"))
+                    await out.write_eof()
+                    return out
             finally:
                 up.close()
             outcome.finishing = True
             if message is None:
-                pipe.finish(call, None, status="incomplete", error="unreadable or cut-off answer")
+                failure = splice.acc.failure if splice is not None and sse else "unreadable or cut-off answer"
+                pipe.finish(call, None, status="incomplete", error=failure)
                 if out is None:
                     return _error(502, "api_error", "tokensaver proxy: the upstream answer was cut off")
                 await out.write_eof()
                 return out
-            results, reply = await asyncio.to_thread(plan_round, pipe, call, message)
-            await asyncio.to_thread(pipe.finish, call, message)
+            results, reply = await response_phase(plan_round, pipe, call, message)
+            await response_phase(pipe.finish, call, message)
             if results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS:
                 if out is not None and splice is not None:
                     await out.write(splice.end())
@@ -821,7 +868,7 @@ class TokensaverProxy:
                     return out
                 return self._serve(call, stream, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
             headers = {k.lower(): v for k, v in request.headers.items()}
-            call = await asyncio.to_thread(next_round, pipe, call, reply, results, headers)
+            call = await request_phase(next_round, pipe, call, reply, results, headers)
             if splice is not None:
                 splice.new_round()
         raise AssertionError("unreachable")
@@ -855,16 +902,17 @@ class TokensaverProxy:
             return response
         acc.close()
         outcome.finishing = True
-        if acc.complete and acc.message is not None:
-            await asyncio.to_thread(pipe.finish, call, acc.message)
-        else:
-            error = "stream error event" if acc.error else "stream ended before message_stop"
-            pipe.finish(call, None, status="incomplete", error=error)
+        if acc.message is not None:
+            await response_phase(pipe.finish, call, acc.message)
+        else:  # no observers run for it: nothing that could block the loop
+            pipe.finish(call, None, status="incomplete", error=acc.failure)
         await response.write_eof()
         return response
 
 
 _MODEL_CALL_DROP = frozenset({"accept-encoding", "accept"})  # a plugin's own call wants JSON
+# an upstream answer that breaks off while it is read (cut short of its length, reset, timed out)
+_UPSTREAM_BROKE = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
 
 
 def _encode(body: dict[str, Any]) -> bytes:

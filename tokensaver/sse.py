@@ -167,12 +167,28 @@ class SSEAccumulator:
         self._json_bufs: dict[int, str] = {}
         self.complete = False
         self.error: dict[str, Any] | None = None
+        self.malformed = False  # an event that is not the API's (data not a JSON object, bad fields)
         self.events: list[tuple[str, dict[str, Any]]] = []
 
     @property
     def message(self) -> dict[str, Any] | None:
-        """The assembled Message once ``message_stop`` arrived, else ``None``."""
-        return self._msg if self.complete else None
+        """The assembled Message once the stream parsed cleanly to ``message_stop``, else ``None``.
+
+        A stream with an ``error`` event or an event that does not parse is no answer, even when a
+        ``message_stop`` follows: the client's SDK raised on it.
+        """
+        return self._msg if self.complete and self.error is None and not self.malformed else None
+
+    @property
+    def failure(self) -> str | None:
+        """Why there is no message: an error event, a malformed event, or a stream cut short."""
+        if self.error is not None:
+            return "stream error event"
+        if self.malformed:
+            return "malformed stream event"
+        if not self.complete or self._msg is None:
+            return "stream ended before message_stop"
+        return None
 
     @property
     def snapshot(self) -> dict[str, Any] | None:
@@ -202,7 +218,7 @@ class SSEAccumulator:
     def _line(self, line: str) -> None:
         if not line:
             if self._data or self._event:
-                self._dispatch(self._event or "message", "\n".join(self._data))
+                self._dispatch(self._event, "\n".join(self._data))
             self._event, self._data = None, []
             return
         if line.startswith(":"):
@@ -215,13 +231,23 @@ class SSEAccumulator:
         elif field == "data":
             self._data.append(value)
 
-    def _dispatch(self, event: str, raw: str) -> None:
+    def _dispatch(self, event: str | None, raw: str) -> None:
+        # the SDK skips pings and unnamed events unread, and raises on any other that does not parse
+        strict = event not in (None, "ping")
         try:
             data = json.loads(raw) if raw else {}
         except json.JSONDecodeError:
+            self.malformed |= strict
             return
         if not isinstance(data, dict):
+            self.malformed |= strict
             return
+        try:
+            self._apply(event or "message", data)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+            self.malformed = True  # fields of the wrong shape (an index that is not a number, ...)
+
+    def _apply(self, event: str, data: dict[str, Any]) -> None:
         kind = data.get("type", event)
         self.events.append((kind, data))
         if kind == "error":
