@@ -1378,14 +1378,21 @@ def meta(seconds: float) -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     try:
-        dirty = subprocess.run(
+        status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=ROOT, capture_output=True, text=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
+        ).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        dirty = ""
+        status = ""
+    # only changes to what runs count (the report and the README are rewritten by the suite itself)
+    dirty = [
+        line[3:].strip()
+        for line in status.splitlines()
+        if line[3:].strip().startswith(("tokensaver/", "plugins/", "e2e/", "pyproject.toml"))
+    ]
     if dirty and commit:
-        commit += " (plus uncommitted changes)"
+        shown = ", ".join(dirty[:3]) + (f" and {len(dirty) - 3} more" if len(dirty) > 3 else "")
+        commit += f" (plus uncommitted changes to {shown})"
     return {
         "commit": commit or "unknown",
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
