@@ -16,6 +16,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -25,7 +26,7 @@ from .config import Config, load_config
 from .context import CallContext, conversation_id
 from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ordered, strict_error
 from .pricing import PriceTable, normalize_usage
-from .run import Run, redact_keys
+from .run import Run, redact_keys, redact_text
 from .tokens import default_counter
 from .validate import message_problem, stage_problem
 
@@ -95,6 +96,19 @@ def _thaw(value: Any) -> Any:
     if isinstance(value, list):
         return [_thaw(v) for v in value]
     return value
+
+
+def _structural_error(exc: BaseException) -> str:
+    """What the ledger keeps of a plugin's exception: its class and where it was raised, never its
+    message (a plugin's message may quote the prompt). Our own PluginFault messages are structural.
+    """
+    if isinstance(exc, PluginFault):
+        return f"{type(exc).__name__}: {exc}"
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb is not None else ""
+    return f"{type(exc).__name__}{where}"
 
 
 def _tool_answer_problem(answer: Any) -> str | None:
@@ -263,9 +277,13 @@ class Pipeline:
         if self.config.strict:
             raise strict_error(name, hook, exc) from exc
         kind = exc.kind if isinstance(exc, PluginFault) else "raised"
-        error = f"{type(exc).__name__}: {exc}"
+        error = _structural_error(exc)
         logging.getLogger(f"tokensaver.plugins.{name}").warning(
-            "plugin %r failed in %s (skipped, fail open): %s", name, hook, error
+            "plugin %r failed in %s (skipped, fail open): %s: %s",
+            name,
+            hook,
+            type(exc).__name__,
+            redact_text(str(exc)),
         )
         call.errors.append({"plugin": name, "hook": hook, "kind": kind, "error": error})
         return error

@@ -86,6 +86,11 @@ def _refuse_keys(value: Any, what: str) -> None:
             raise ValueError(f"refusing to write {what}: it contains something that looks like an API key")
 
 
+def redact_text(text: str) -> str:
+    """``text`` for a log line: the whole of it replaced when it holds something like an API key."""
+    return REDACTED if _KEY_MARK in text else text
+
+
 def _redacted(value: Any, where: str, found: list[str]) -> Any:
     """``value`` with every string holding a key mark replaced; ``found`` gets where (never what)."""
     if isinstance(value, str):
