@@ -146,20 +146,27 @@ def request_problems(body: dict[str, Any]) -> list[str]:
 
     Checks what transforms can break: role order, tool_use/tool_result pairing, empty content,
     duplicate tool ids, and the prompt-caching rules (at most 4 breakpoints, 1h before 5m, none on
-    thinking or empty blocks).
+    thinking or empty blocks). As the API does, a ``system`` message inside ``messages`` (Claude
+    Code 2.1.33x) stands outside the turn order, and two user messages in a row are one turn
+    (OpenClaw sends a context message after its tool results).
     """
     problems: list[str] = []
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         return ["messages: missing or empty"]
-    if msgs[0].get("role") != "user":
+    turns = [(i, m) for i, m in enumerate(msgs) if not (isinstance(m, dict) and m.get("role") == "system")]
+    if not turns or turns[0][1].get("role") != "user":
         problems.append("messages[0]: first message is not from the user")
-    seen_ids: set[Any] = set()
     for i, m in enumerate(msgs):
+        if isinstance(m, dict) and m.get("role") == "system" and not as_blocks(m.get("content")):
+            problems.append(f"messages[{i}]: empty content")
+    seen_ids: set[Any] = set()
+    for k, (i, m) in enumerate(turns):
         role = m.get("role")
+        prev = turns[k - 1][1] if k else None
         if role not in ("user", "assistant"):
             problems.append(f"messages[{i}]: bad role {role!r}")
-        if i and msgs[i - 1].get("role") == role:
+        if role == "assistant" and prev is not None and prev.get("role") == role:
             problems.append(f"messages[{i}]: role {role!r} twice in a row")
         blocks = as_blocks(m.get("content"))
         if not blocks:
@@ -173,8 +180,8 @@ def request_problems(body: dict[str, Any]) -> list[str]:
             if b.get("id") in seen_ids:
                 problems.append(f"messages[{i}]: duplicate tool_use id {b.get('id')}")
             seen_ids.add(b.get("id"))
-        if role == "assistant" and uses and i + 1 < len(msgs):
-            nxt = as_blocks(msgs[i + 1].get("content"))
+        if role == "assistant" and uses and k + 1 < len(turns):
+            nxt = as_blocks(turns[k + 1][1].get("content"))
             answered = {
                 b.get("tool_use_id") for b in nxt if isinstance(b, dict) and b.get("type") == "tool_result"
             }
@@ -183,10 +190,10 @@ def request_problems(body: dict[str, Any]) -> list[str]:
                     problems.append(f"messages[{i}]: tool_use {b.get('id')} has no tool_result after it")
         if role == "user":
             prev_ids = set()
-            if i:
+            if prev is not None:
                 prev_ids = {
                     b.get("id")
-                    for b in as_blocks(msgs[i - 1].get("content"))
+                    for b in as_blocks(prev.get("content"))
                     if isinstance(b, dict) and b.get("type") == "tool_use"
                 }
             seen_other = False
