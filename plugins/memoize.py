@@ -22,7 +22,13 @@ What is in the key and why:
 
 What is stored: only complete messages (``type: message``, ``stop_reason`` set, content a list),
 never errors or cut-off streams, and never ``stop_reason: "refusal"`` (a refusal pinned for a day
-would outlive whatever caused it; asking again is the caller's usual remedy). Each entry carries a
+would outlive whatever caused it; asking again is the caller's usual remedy). A plugin-tool
+exchange (the core answers ``tokensaver_*`` tools, e.g. summarize's ``tokensaver_retrieve``) is
+one caller request: what is stored under it is the message the caller was handed at the end (the
+rounds joined, when streamed), never a round that calls a plugin's tool (the caller never offered
+that tool), and a follow-up round's body (which the caller never sent) is neither looked up nor
+stored under. The single-flight claim (below) covers the exchange's first round only: an identical
+request sent during the follow-up rounds makes an exchange of its own. Each entry carries a
 sha256 of its payload and the key it was stored under; an entry that fails either check is a miss
 with a warning, and is deleted.
 
@@ -54,6 +60,7 @@ from typing import Any
 from tokensaver.context import requester
 from tokensaver.errors import ConfigError
 from tokensaver.hookspecs import hookimpl
+from tokensaver.pipeline import PLUGIN_TOOL_PREFIX
 from tokensaver.tokens import canonical_json
 
 from . import _store as stores
@@ -223,6 +230,23 @@ def storable(message: Any, *, store_refusals: bool = False) -> bool:
     return all(isinstance(b, dict) and b.get("type") for b in message["content"])
 
 
+def calls_plugin_tool(message: Any) -> bool:
+    """Whether a message (an answer, or an assistant turn) calls a tool of a plugin's (``tokensaver_*``)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(
+        isinstance(b, dict)
+        and b.get("type") == "tool_use"
+        and str(b.get("name", "")).startswith(PLUGIN_TOOL_PREFIX)
+        for b in content
+    )
+
+
+def follow_up(body: dict[str, Any]) -> bool:
+    """A plugin-tool exchange's follow-up round: the caller never sees our tool calls, so never sends this."""
+    msgs = body.get("messages")
+    return isinstance(msgs, list) and len(msgs) >= 2 and calls_plugin_tool(msgs[-2])
+
+
 # -- the store --------------------------------------------------------------------------------
 
 
@@ -315,6 +339,10 @@ def tokensaver_lookup_response(body: dict[str, Any], ctx: Any) -> dict[str, Any]
         ctx.response_headers[CACHE_HEADER] = "off"
         ctx.record(mode="off")
         return None
+    if follow_up(body):  # a round of ours inside the caller's call, which already missed
+        ctx.response_headers[CACHE_HEADER] = "refresh" if mode == "refresh" else "miss"
+        ctx.record(follow_up=True, mode=mode)
+        return None
     settings = _settings(ctx)
     store = _store(ctx)
     if store is None:
@@ -393,20 +421,35 @@ def _serve(ctx: Any, message: dict[str, Any]) -> dict[str, Any]:
 
 @hookimpl
 def tokensaver_observe_response(body: dict[str, Any], response: dict[str, Any], ctx: Any) -> None:
-    """Store a complete answer under its request's key and wake identical calls waiting on it."""
+    """Store the caller's answer under its request's key and wake identical calls waiting on it.
+
+    On the last round of a plugin-tool exchange, the answer is the one the door says the caller got,
+    stored under the exchange's first body; its other rounds store nothing.
+    """
     if _mode(ctx) == "off":
         return
     settings = _settings(ctx)
-    key = cache_key(body, ctx.headers, ctx.key_hash)
+    key = cache_key(body, ctx.headers, ctx.key_hash)  # this round's claim, released below
     try:
-        if not storable(response, store_refusals=settings["store_refusals"]):
-            ctx.record(stored=False, reason=f"not storable (stop_reason={response.get('stop_reason')!r})")
+        request, answer = getattr(ctx, "exchange_request", None), getattr(ctx, "exchange_answer", None)
+        if isinstance(request, dict) and isinstance(answer, dict):
+            store_key, message = cache_key(request, ctx.headers, ctx.key_hash), answer
+        elif follow_up(body):
+            ctx.record(stored=False, reason="a follow-up round of a plugin-tool exchange")
+            return
+        else:
+            store_key, message = key, response
+        if calls_plugin_tool(message):
+            ctx.record(stored=False, reason="calls a plugin's tool: not what the caller is handed")
+            return
+        if not storable(message, store_refusals=settings["store_refusals"]):
+            ctx.record(stored=False, reason=f"not storable (stop_reason={message.get('stop_reason')!r})")
             return
         store = _store(ctx)
         if store is None:
             return
         try:
-            store.set(key, encode_entry(key, response, ctx.now), settings["ttl"])
+            store.set(store_key, encode_entry(store_key, message, ctx.now), settings["ttl"])
             ctx.record(stored=True)
         except Exception as e:
             log.warning("memoize could not store an answer: %s: %s", type(e).__name__, e)

@@ -117,6 +117,11 @@ class CallContext:
     ended: bool = False
     # monotonic time until which the running hook is in a bounded wait of the core's (see waiting)
     wait_deadline: float | None = None
+    # set by the door on the last round of a plugin-tool exchange (``tokensaver_*`` tools answered by
+    # the core), before its observers run: the body the exchange's first round sent (the caller's
+    # request as transformed) and the message the caller was handed for it (streamed: rounds joined)
+    exchange_request: dict[str, Any] | None = None
+    exchange_answer: dict[str, Any] | None = None
 
     @property
     def state(self) -> dict[str, Any]:

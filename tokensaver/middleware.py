@@ -330,6 +330,7 @@ class TokensaverMiddleware(_sdk.Middleware):
         self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any], call_next: Any
     ) -> Any:
         """Send the call; answer tool calls addressed to plugins until the model answers the caller."""
+        first = call
         for rounds in range(MAX_PLUGIN_TOOL_ROUNDS + 1):
             with self._attempt(call):
                 response = call_next(self._outgoing(request, call, headers))
@@ -345,8 +346,11 @@ class TokensaverMiddleware(_sdk.Middleware):
                 self.pipeline.finish(call, None, status="incomplete", error="unreadable response")
                 return response
             results, reply = plan_round(self.pipeline, call, message)  # answers' notes go in this record
+            last = results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS
+            if last:
+                end_exchange(call, first, reply)
             self.pipeline.finish(call, message)
-            if results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS:
+            if last:
                 return self._serve(request, call, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
             call = as_requester(next_round, self.pipeline, call, reply, results, headers)
         raise AssertionError("unreachable")
@@ -355,6 +359,7 @@ class TokensaverMiddleware(_sdk.Middleware):
         self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any], call_next: Any
     ) -> Any:
         """Async twin of ``_handle_plugin_tools``."""
+        first = call
         for rounds in range(MAX_PLUGIN_TOOL_ROUNDS + 1):
             with self._attempt(call):
                 response = await call_next(self._outgoing(request, call, headers))
@@ -370,8 +375,11 @@ class TokensaverMiddleware(_sdk.Middleware):
                 self.pipeline.finish(call, None, status="incomplete", error="unreadable response")
                 return response
             results, reply = await response_phase(plan_round, self.pipeline, call, message)
+            last = results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS
+            if last:
+                end_exchange(call, first, reply)
             await response_phase(self.pipeline.finish, call, message)
-            if results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS:
+            if last:
                 return self._serve(request, call, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
             call = await request_phase(next_round, self.pipeline, call, reply, results, headers)
         raise AssertionError("unreachable")
@@ -583,6 +591,17 @@ def follow_up(call: Call, message: dict[str, Any], results: list[dict[str, Any]]
     return {**body, "messages": [*body["messages"], *turn]}
 
 
+def end_exchange(call: Call, first: Call, answer: dict[str, Any] | None) -> None:
+    """Mark ``call`` as the last round of the exchange ``first`` began, ``answer`` what the caller got.
+
+    Set before the round's observers run: the answer to the caller's request is the exchange's
+    (memoize stores it under the first round's body), not this round's message, which may call a
+    plugin's tool or continue a body the caller never sent.
+    """
+    call.ctx.exchange_request = first.body
+    call.ctx.exchange_answer = answer
+
+
 def _splice_stream(request: _sdk.APIRequest, call: Call) -> bool:
     """Stream a plugin-tool exchange on as it comes, rather than buffer it: streamed, without thinking.
 
@@ -616,6 +635,12 @@ class Splice:
         self._held: list[tuple[str, dict[str, Any]]] = []
         self._dropped = False
         self._callers_tools = False
+        self.sent = SSEAccumulator()  # what the caller was handed, all rounds: the exchange's answer
+
+    @property
+    def answer(self) -> dict[str, Any] | None:
+        """The message the caller assembles from what was handed out (complete once ``end()`` ran)."""
+        return self.sent.message
 
     def new_round(self) -> None:
         self.rounds += 1
@@ -630,7 +655,9 @@ class Splice:
         for kind, data in self.acc.events[self._seen :]:
             out.extend(self._event(kind, data))
         self._seen = len(self.acc.events)
-        return b"".join(out)
+        handed = b"".join(out)
+        self.sent.feed(handed)
+        return handed
 
     def _event(self, kind: str, data: dict[str, Any]) -> list[bytes]:
         if kind == "message_start":
@@ -668,7 +695,9 @@ class Splice:
             ):
                 data = {**data, "delta": {**delta, "stop_reason": "end_turn"}}  # no tool left to call
             out.append(sse_event(kind, data))
-        return b"".join(out)
+        handed = b"".join(out)
+        self.sent.feed(handed)
+        return handed
 
 
 class _SplicedStream(httpx2.SyncByteStream):
@@ -684,6 +713,7 @@ class _SplicedStream(httpx2.SyncByteStream):
         http: httpx2.Response,
     ) -> None:
         self.mw, self.request, self.call, self.headers, self.call_next = mw, request, call, headers, call_next
+        self.first = call  # the caller's own request: the exchange's answer is stored under it
         self.http: httpx2.Response | None = http
 
     def __iter__(self) -> Iterator[bytes]:
@@ -701,9 +731,13 @@ class _SplicedStream(httpx2.SyncByteStream):
                     self._incomplete(splice)
                     return
                 results, reply = plan_round(pipeline, self.call, message)
+                last = results is None or splice.rounds == MAX_PLUGIN_TOOL_ROUNDS
+                tail = splice.end() if last else b""
+                if last:
+                    end_exchange(self.call, self.first, splice.answer)
                 pipeline.finish(self.call, message)
-                if results is None or splice.rounds == MAX_PLUGIN_TOOL_ROUNDS:
-                    yield splice.end()
+                if last:
+                    yield tail
                     return
                 self.call = as_requester(next_round, pipeline, self.call, reply, results, self.headers)
                 with self.mw._attempt(self.call):
@@ -753,9 +787,13 @@ class _AsyncSplicedStream(_SplicedStream, httpx2.AsyncByteStream):  # type: igno
                     self._incomplete(splice)  # no observers run for it: nothing that could block the loop
                     return
                 results, reply = await response_phase(plan_round, pipeline, self.call, message)
+                last = results is None or splice.rounds == MAX_PLUGIN_TOOL_ROUNDS
+                tail = splice.end() if last else b""
+                if last:
+                    end_exchange(self.call, self.first, splice.answer)
                 await response_phase(pipeline.finish, self.call, message)
-                if results is None or splice.rounds == MAX_PLUGIN_TOOL_ROUNDS:
-                    yield splice.end()
+                if last:
+                    yield tail
                     return
                 self.call = await request_phase(next_round, pipeline, self.call, reply, results, self.headers)
                 with self.mw._attempt(self.call):

@@ -60,6 +60,7 @@ from .middleware import (
     MAX_PLUGIN_TOOL_ROUNDS,
     Splice,
     call_on_loop,
+    end_exchange,
     next_round,
     plan_round,
     plugin_tools,
@@ -788,6 +789,7 @@ class TokensaverProxy:
         stream = call.ctx.stream
         splice = Splice() if stream and not thinking_on(call.body) else None
         out: web.StreamResponse | None = None  # the caller's streamed response, once started
+        first = call  # the caller's own request: the exchange's answer is stored under it
         for rounds in range(MAX_PLUGIN_TOOL_ROUNDS + 1):
             outcome.finishing = False
             try:
@@ -860,10 +862,15 @@ class TokensaverProxy:
                 await out.write_eof()
                 return out
             results, reply = await response_phase(plan_round, pipe, call, message)
+            last = results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS
+            joined = splice if last and out is not None else None  # the caller was streamed the rounds
+            tail = joined.end() if joined is not None else b""
+            if last:
+                end_exchange(call, first, joined.answer if joined is not None else reply)
             await response_phase(pipe.finish, call, message)
-            if results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS:
-                if out is not None and splice is not None:
-                    await out.write(splice.end())
+            if last:
+                if joined is not None and out is not None:
+                    await out.write(tail)
                     await out.write_eof()
                     return out
                 return self._serve(call, stream, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
