@@ -330,16 +330,18 @@ class SessionScript:
         ]
 
     def problems(self) -> list[str]:
-        """Steps that never came back or came back without what they should show."""
+        """Steps that came back without what they should show, and the steps that never came back."""
         out = []
         for s in range(len(self.plan)):
             v = self.verdicts.get(s)
-            if v is None:
-                out.append(
-                    f"step {s} ({self.plan[s].kind} {self.plan[s].path or self.plan[s].command[:40]}): no result"
-                )
-            elif v != "ok":
-                out.append(
-                    f"step {s} ({self.plan[s].kind} {self.plan[s].path or self.plan[s].command[:40]}): {v}"
-                )
+            if v is not None and v != "ok":
+                step = self.plan[s]
+                out.append(f"step {s} ({step.kind} {step.path or step.command[:40]}): {v}")
+        missing = [s for s in range(len(self.plan)) if s not in self.verdicts]
+        if missing:
+            first = self.plan[missing[0]]
+            out.append(
+                f"{len(missing)} of {len(self.plan)} steps never came back, from step {missing[0]} "
+                f"({first.kind} {first.path or first.command[:40]})"
+            )
         return out
