@@ -51,43 +51,101 @@ def public_headers(headers: dict[str, Any] | None) -> dict[str, str]:
     return out
 
 
-def _structural_copy(body: dict[str, Any]) -> tuple[dict[str, Any], list[Any], list[Any]]:
-    """A stage's own copy of ``body``, with its blocks and their originals, to compare after the stage.
+class _Guard:
+    """The copies of a call's blocks that its plugins get, so no plugin can edit a block that is sent.
 
-    Every dict and list is copied; strings are immutable and shared, so this is a walk, not a copy
-    of the text. Nothing a stage does to its copy (nor a hung stage's late thread) can reach the
-    caller's request or what is sent. The containers (body, message list, messages, content,
-    system and tools lists) are the stage's to edit; blocks and other values are to be treated as
-    immutable: ``copied != originals`` afterwards means the stage edited one in place.
+    A plugin gets its own containers (body, message list, messages, content, system and tools
+    lists) holding copies of the blocks (and of the body's other dict and list values): every dict
+    and list copied, strings shared, so a copy is a walk, not a copy of the text. Nothing a plugin
+    does to them (nor a hung plugin's late thread) reaches the caller's request or what is sent.
+    Blocks are to be treated as immutable: :meth:`intact` is False when a plugin edited one in place.
+
+    A block's copy is made once per call and handed to each later plugin while it is found intact
+    after a plugin returns; after a plugin that timed out or failed, every copy is dropped (its
+    thread may still hold them). :meth:`restore` puts the originals back where a stage returned
+    blocks it did not change, so stage outputs share the blocks of their input by identity (and
+    per-block counts and digests are found by identity).
     """
-    copied: list[Any] = []
-    originals: list[Any] = []
 
-    def leaf(value: Any) -> Any:
-        if isinstance(value, dict | list):
-            own = _thaw(value)
-            copied.append(own)
-            originals.append(value)
+    def __init__(self) -> None:
+        self.pool: dict[int, tuple[Any, Any]] = {}  # id(original) -> (original, its copy)
+        self.back: dict[int, Any] = {}  # id(copy) -> original, for what was last handed out
+
+    def give(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` with its own containers and a copy of each block (the last ones, if intact)."""
+        pool, given = self.pool, {}
+
+        def leaf(value: Any) -> Any:
+            if not isinstance(value, dict | list):
+                return value
+            known = pool.get(id(value))
+            if known is not None and known[0] is value:
+                own = known[1]
+            else:
+                own = _thaw(value)
+            given[id(value)] = (value, own)
             return own
-        return value
 
-    out: dict[str, Any] = {}
-    for key, value in body.items():
-        if key == "messages" and isinstance(value, list):
-            out[key] = [
-                {
-                    k: [leaf(b) for b in v] if k == "content" and isinstance(v, list) else leaf(v)
-                    for k, v in m.items()
-                }
-                if isinstance(m, dict)
-                else leaf(m)
-                for m in value
-            ]
-        elif key in ("system", "tools") and isinstance(value, list):
-            out[key] = [leaf(b) for b in value]
-        else:
-            out[key] = leaf(value)
-    return out, copied, originals
+        out: dict[str, Any] = {}
+        for key, value in body.items():
+            if key == "messages" and isinstance(value, list):
+                out[key] = [
+                    {
+                        k: [leaf(b) for b in v] if k == "content" and isinstance(v, list) else leaf(v)
+                        for k, v in m.items()
+                    }
+                    if isinstance(m, dict)
+                    else leaf(m)
+                    for m in value
+                ]
+            elif key in ("system", "tools") and isinstance(value, list):
+                out[key] = [leaf(b) for b in value]
+            else:
+                out[key] = leaf(value)
+        self.pool = given
+        self.back = {id(own): orig for orig, own in given.values()}
+        return out
+
+    def intact(self) -> bool:
+        """Every copy handed out last still equals its original (strings shared: a cheap compare)."""
+        return all(own == orig for orig, own in self.pool.values())
+
+    def drop(self) -> None:
+        """Forget every copy: the plugin that had them may still be running or may have edited them."""
+        self.pool, self.back = {}, {}
+
+    def restore(self, result: Any) -> None:
+        """Make ``result`` (a stage's output, its copies found intact) hold no object of a plugin's.
+
+        In place: where it holds a copy of a block, the original goes back; any other dict or list
+        block is replaced by a copy of its own, so that nothing a plugin still holds (its state, a
+        copy it was given) is part of what the next stages get and what is sent.
+        """
+        back = self.back
+        if not isinstance(result, dict):
+            return
+
+        def own(value: Any) -> Any:
+            if not isinstance(value, dict | list):
+                return value
+            orig = back.get(id(value))
+            return orig if orig is not None else _thaw(value)
+
+        for key, value in result.items():
+            if key == "messages" and isinstance(value, list):
+                for i, m in enumerate(value):
+                    if isinstance(m, dict):
+                        for k, v in m.items():
+                            if k == "content" and isinstance(v, list):
+                                v[:] = [own(b) for b in v]
+                            else:
+                                m[k] = own(v)
+                    else:
+                        value[i] = own(m)
+            elif key in ("system", "tools") and isinstance(value, list):
+                value[:] = [own(b) for b in value]
+            else:
+                result[key] = own(value)
 
 
 def _thaw(value: Any) -> Any:
@@ -141,6 +199,7 @@ class Call:
     exact: dict[str, int] | None = None  # count_tokens figures in exact mode
     bodies: list[dict[str, Any]] = field(default_factory=list)  # the body after each stage, for billing
     estimate: Estimate | None = None  # billed through the shadow caches once, when first recorded
+    guard: _Guard = field(default_factory=lambda: _Guard())  # the copies its plugins get
 
 
 class Pipeline:
@@ -208,7 +267,8 @@ class Pipeline:
             upstream=upstream,
         )
         original = body
-        tokens_original = self.counter.request(body)
+        memo: dict[int, Any] = {}  # per-block counts by identity: stage outputs share their input's blocks
+        tokens_original = self.counter.request(body, memo)
         call = Call(
             ctx=ctx,
             original=original,
@@ -223,20 +283,22 @@ class Pipeline:
         for name, impl in ordered(self.pm, hook, self.config.plugins):
             s0 = time.perf_counter()
             error = None
-            given, copied, originals = _structural_copy(current)
+            given = call.guard.give(current)
             try:
                 result = self._call(call, name, hook, impl, body=given)
-                if copied != originals:
+                if not call.guard.intact():
                     raise PluginFault("mutated_input", "a block of its input was edited in place")
                 if result is not None:
+                    call.guard.restore(result)
                     problem = stage_problem(result, current)
                     if problem:
                         raise PluginFault(f"invalid_output: {problem}")
                     if result == current:
                         result = None  # the same request: the caller's bytes go out as they came
             except Exception as exc:
+                call.guard.drop()  # the plugin may still hold (or have edited) its copies
                 result, error = None, self._plugin_error(call, name, hook, exc)
-            after = before if result is None else self.counter.request(result)
+            after = before if result is None else self.counter.request(result, memo)
             call.stages.append(
                 {
                     "plugin": name,
@@ -309,18 +371,19 @@ class Pipeline:
         return it with its plugin's name. A lookup gets its own copy of the body, as stages do.
         """
         for name, impl in ordered(self.pm, hook, self.config.plugins):
-            args, copied, originals = kwargs, None, None
-            if hook == "tokensaver_lookup_response":
-                given, copied, originals = _structural_copy(kwargs["body"])
-                args = {**kwargs, "body": given}
+            args, guarded = kwargs, hook == "tokensaver_lookup_response"
+            if guarded:
+                args = {**kwargs, "body": call.guard.give(kwargs["body"])}
             try:
                 result = self._call(call, name, hook, impl, **args)
-                if copied != originals:
+                if guarded and not call.guard.intact():
                     raise PluginFault("mutated_input", "a block of its input was edited in place")
                 problem = check(result) if check is not None and result is not None else None
                 if problem:
                     raise PluginFault(f"invalid_output: {problem}")
             except Exception as exc:
+                if guarded:
+                    call.guard.drop()
                 self._plugin_error(call, name, hook, exc)
                 continue
             if first and result is not None:

@@ -100,12 +100,40 @@ class TokenCounter:
             return 0
         return self.content(system)
 
-    def request(self, body: dict[str, Any]) -> int:
-        """Estimated input tokens of a whole Messages request body."""
-        total = self.tools(body.get("tools")) + self.system(body.get("system"))
+    def request(self, body: dict[str, Any], memo: dict[int, Any] | None = None) -> int:
+        """Estimated input tokens of a whole Messages request body.
+
+        :param memo: counts by block identity, reused by later calls given the same dict: for bodies
+            that share block objects which nothing edits in between (a request and its stages' outputs).
+        """
+        if memo is None:
+            total = self.tools(body.get("tools")) + self.system(body.get("system"))
+            for m in body.get("messages") or []:
+                if isinstance(m, dict):
+                    total += self.message(m)
+            return total
+
+        def count(block: Any) -> int:
+            seen = memo.get(id(block))
+            if seen is not None and seen[0] is block:
+                return int(seen[1])
+            n = self.block(block)
+            memo[id(block)] = (block, n)  # the block is kept alive, so its id is not reused
+            return n
+
+        def content(value: Any) -> int:
+            if isinstance(value, str):
+                return count(value)
+            if isinstance(value, list):
+                return sum(count(b) for b in value)
+            return 0
+
+        tools, system = body.get("tools"), body.get("system")
+        total = sum(count(t) for t in tools) if isinstance(tools, list) else 0
+        total += 0 if system is None else content(system)
         for m in body.get("messages") or []:
             if isinstance(m, dict):
-                total += self.message(m)
+                total += MESSAGE_OVERHEAD + content(m.get("content"))
         return total
 
 
