@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +27,11 @@ from .context import CallContext, conversation_id
 from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ordered, strict_error
 from .pricing import PriceTable, normalize_usage
 from .run import Run, redact_keys, redact_text
-from .tokens import default_counter
+from .tokens import Memo, body_blocks, default_counter
 from .validate import message_problem, stage_problem
 
 MEMORY_RECORDS = 10_000
+PREVIOUS_REQUESTS = 256  # conversations whose latest request is kept to count the next one cheaply
 SECRET_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "cookie", "x-goog-api-key")
 log = logging.getLogger("tokensaver")
 
@@ -67,13 +68,15 @@ class _Guard:
     per-block counts and digests are found by identity).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, memo: Memo | None = None) -> None:
         self.pool: dict[int, tuple[Any, Any]] = {}  # id(original) -> (original, its copy)
         self.back: dict[int, Any] = {}  # id(copy) -> original, for what was last handed out
+        # the call's token counts by block identity: a copy is counted as its original
+        self.memo: Memo = {} if memo is None else memo
 
     def give(self, body: dict[str, Any]) -> dict[str, Any]:
         """``body`` with its own containers and a copy of each block (the last ones, if intact)."""
-        pool, given = self.pool, {}
+        pool, given, memo = self.pool, {}, self.memo
 
         def leaf(value: Any) -> Any:
             if not isinstance(value, dict | list):
@@ -83,6 +86,9 @@ class _Guard:
                 own = known[1]
             else:
                 own = _thaw(value)
+                seen = memo.get(id(value))
+                if seen is not None and seen[0] is value:
+                    memo[id(own)] = (own, seen[1])
             given[id(value)] = (value, own)
             return own
 
@@ -112,6 +118,10 @@ class _Guard:
 
     def drop(self) -> None:
         """Forget every copy: the plugin that had them may still be running or may have edited them."""
+        for _, own in self.pool.values():
+            seen = self.memo.get(id(own))
+            if seen is not None and seen[0] is own:
+                del self.memo[id(own)]
         self.pool, self.back = {}, {}
 
     def restore(self, result: Any) -> None:
@@ -199,7 +209,7 @@ class Call:
     exact: dict[str, int] | None = None  # count_tokens figures in exact mode
     bodies: list[dict[str, Any]] = field(default_factory=list)  # the body after each stage, for billing
     estimate: Estimate | None = None  # billed through the shadow caches once, when first recorded
-    guard: _Guard = field(default_factory=lambda: _Guard())  # the copies its plugins get
+    guard: _Guard = field(default_factory=lambda: _Guard())  # the copies its plugins get, its counts
 
 
 class Pipeline:
@@ -232,6 +242,8 @@ class Pipeline:
         # what the caller's own requests would have been billed: shadow prompt caches per key hash
         # (the proxy shares one between its session pipelines, as the API's cache is per key)
         self.shadows = ShadowCaches(self.prices)
+        # each conversation's latest request, as its blocks and their counts
+        self._previous: OrderedDict[tuple[str, str], tuple[list[Any], list[int]]] = OrderedDict()
 
     # -- request phase -----------------------------------------------------------------------
 
@@ -253,11 +265,17 @@ class Pipeline:
         """
         t0 = time.perf_counter()
         now = self.clock() if self.clock else time.time()
+        conversation = conversation_id(body)
+        # per-block counts by identity for this call: the caller's blocks (found equal to the ones
+        # at the same place in the conversation's previous request, or counted), then the blocks
+        # each stage adds; the copies plugins get count as their originals
+        memo: Memo = {}
+        snaps = self._seed(key, conversation, body, memo)
         ctx = CallContext(
             model=self.prices.get(str(body.get("model", ""))),
-            counter=self.counter,
+            counter=self.counter.scoped(memo),
             prices=self.prices,
-            conversation=conversation_id(body),
+            conversation=conversation,
             key_hash=key,
             call_id="c-" + uuid.uuid4().hex[:12],
             stream=stream,
@@ -267,8 +285,8 @@ class Pipeline:
             upstream=upstream,
         )
         original = body
-        memo: dict[int, Any] = {}  # per-block counts by identity: stage outputs share their input's blocks
         tokens_original = self.counter.request(body, memo)
+        self._remember(key, conversation, body, memo, snaps)
         call = Call(
             ctx=ctx,
             original=original,
@@ -277,6 +295,7 @@ class Pipeline:
             tokens_sent=tokens_original,
             surface=surface,
             attempt=attempt,
+            guard=_Guard(memo),
         )
         current, before = body, tokens_original
         hook = "tokensaver_transform_request"
@@ -322,6 +341,37 @@ class Pipeline:
             call.response = hit
         call.overhead_ms = (time.perf_counter() - t0) * 1000
         return call
+
+    def _seed(self, key: str, conversation: str, body: dict[str, Any], memo: Memo) -> list[Any]:
+        """Counts for the blocks of ``body`` equal to the one at the same place last time (an
+        equality test instead of a serialization: a conversation's requests mostly repeat).
+
+        Returns what to compare the next request with: the pipeline's own copy of each block (the
+        caller may edit its objects between calls), taken again only where the block is new.
+        """
+        with self._lock:
+            before = self._previous.get((key, conversation))
+        blocks = body_blocks(body)
+        snaps: list[Any] = [None] * len(blocks)
+        if before is not None:
+            old, counts = before
+            for i, b in enumerate(blocks[: len(old)]):
+                if old[i] == b:
+                    memo[id(b)] = (b, counts[i])
+                    snaps[i] = old[i]
+        return snaps
+
+    def _remember(
+        self, key: str, conversation: str, body: dict[str, Any], memo: Memo, snaps: list[Any]
+    ) -> None:
+        blocks = body_blocks(body)
+        snaps = [_thaw(b) if s is None else s for b, s in zip(blocks, snaps, strict=True)]
+        counts = [memo[id(b)][1] for b in blocks]
+        with self._lock:
+            self._previous[(key, conversation)] = (snaps, counts)
+            self._previous.move_to_end((key, conversation))
+            while len(self._previous) > PREVIOUS_REQUESTS:
+                self._previous.popitem(last=False)
 
     def _enter(self, ctx: CallContext, name: str) -> None:
         ctx.plugin = name

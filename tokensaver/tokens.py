@@ -8,6 +8,7 @@ block (by a hash of its canonical JSON), so a 200k-token request is not re-token
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import threading
@@ -48,16 +49,35 @@ def content_hash(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
+Memo = dict[int, tuple[Any, int]]  # id(block) -> (the block, kept alive so its id is not reused; tokens)
+
+
 class TokenCounter:
-    """Counts tokens in Messages API bodies, caching each block's count by content hash."""
+    """Counts tokens in Messages API bodies, caching each block's count by content hash.
+
+    A view made by :meth:`scoped` shares the cache and also finds counts by block identity in a
+    memo: for the blocks of one call, which nothing edits while the call lasts.
+    """
 
     def __init__(self, max_entries: int = 50_000) -> None:
         self._cache: OrderedDict[str, int] = OrderedDict()
         self._max = max_entries
         self._lock = threading.Lock()
+        self.memo: Memo | None = None
+
+    def scoped(self, memo: Memo) -> TokenCounter:
+        """This counter (same cache) that first looks blocks up by identity in ``memo``."""
+        view = copy.copy(self)
+        view.memo = memo
+        return view
 
     def block(self, block: Any) -> int:
         """Tokens in one content block (or a bare string), cached."""
+        memo = self.memo
+        if memo is not None:
+            seen = memo.get(id(block))
+            if seen is not None and seen[0] is block:
+                return seen[1]
         if isinstance(block, str):
             key = "s:" + hashlib.sha256(block.encode()).hexdigest()
         else:
@@ -100,11 +120,12 @@ class TokenCounter:
             return 0
         return self.content(system)
 
-    def request(self, body: dict[str, Any], memo: dict[int, Any] | None = None) -> int:
+    def request(self, body: dict[str, Any], memo: Memo | None = None) -> int:
         """Estimated input tokens of a whole Messages request body.
 
-        :param memo: counts by block identity, reused by later calls given the same dict: for bodies
-            that share block objects which nothing edits in between (a request and its stages' outputs).
+        :param memo: counts by block identity, filled and reused by later calls given the same dict:
+            for bodies that share block objects which nothing edits in between (a request and its
+            stages' outputs).
         """
         if memo is None:
             total = self.tools(body.get("tools")) + self.system(body.get("system"))
@@ -116,9 +137,9 @@ class TokenCounter:
         def count(block: Any) -> int:
             seen = memo.get(id(block))
             if seen is not None and seen[0] is block:
-                return int(seen[1])
+                return seen[1]
             n = self.block(block)
-            memo[id(block)] = (block, n)  # the block is kept alive, so its id is not reused
+            memo[id(block)] = (block, n)
             return n
 
         def content(value: Any) -> int:
@@ -135,6 +156,25 @@ class TokenCounter:
             if isinstance(m, dict):
                 total += MESSAGE_OVERHEAD + content(m.get("content"))
         return total
+
+
+def body_blocks(body: dict[str, Any]) -> list[Any]:
+    """The blocks :meth:`TokenCounter.request` counts, in order (a string content is one block)."""
+    out: list[Any] = []
+    tools, system = body.get("tools"), body.get("system")
+    if isinstance(tools, list):
+        out.extend(tools)
+    if isinstance(system, str):
+        out.append(system)
+    elif isinstance(system, list):
+        out.extend(system)
+    for m in body.get("messages") or []:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out.extend(content)
+    return out
 
 
 def strip_block_cache_control(block: Any) -> Any:
