@@ -4,8 +4,9 @@ Every function here is a pure function of its arguments (no clock, no state, no 
 same tool output always gives the same bytes and prompt-cache prefixes stay stable turn after turn.
 
 Order of preference: lossless rewrites first (ANSI codes, carriage-return progress, trailing
-whitespace, JSON re-encoded compactly or as a table, grep output grouped by file, ls -l columns that
-are the same on every line); lossy only for clearly repetitive logs (runs of lines that differ only
+whitespace, JSON re-encoded compactly or as a table, formats known by their shape (``SHAPES``: grep
+hits and context lines grouped by file, go test runs, GitHub Actions logs, git diffs), ls -l columns
+that are the same on every line); lossy only for clearly repetitive logs (runs of lines that differ only
 in numbers) and very long logs (head + tail + every line with an error, warning, trace frame or a
 path not shown elsewhere). Source code and numbered file contents (``cat -n``, ``12:``) are never
 elided: the model quotes them back when it edits; only the padding before their line numbers goes
@@ -44,6 +45,15 @@ GREP_RE = re.compile(
     r"^((?:\.{0,2}/)?(?:[\w.@+-]+/)*[\w@+-][\w.@+-]*\.[A-Za-z]\w{0,5}|(?:\.{0,2}/)?(?:[\w.@+-]+/)+[\w.@+-]+)"
     r":(?:(\d+)([:-]))?(.*)$"
 )
+# grep -n context lines (-A/-B/-C): path-line-text; the path needs a file extension
+GREP_CONTEXT_RE = re.compile(
+    r"^((?:\.{0,2}/|~/)?(?:[\w.@+-]+/)*[\w@+-][\w.@+-]*\.[A-Za-z]\w{0,5})-(\d+)-(.*)$"
+)
+GO_PACKAGE_RE = re.compile(r"^(ok  |\?   )\t(\S+)\t(\(cached\)|\[no test files\])$")
+ACTIONS_RE = re.compile(r"^([^\t\n]+)\t([^\t\n]+)\t(\d{4}-\d\d-\d\d)T(\d\d:\d\d:\d\d(?:\.\d+)?Z(?: .*)?)$")
+DIFF_RE = re.compile(r"^diff --git a/(.+) b/(.+)$")
+GO_TEST_STEP_RE = re.compile(r"^=== (RUN|PAUSE|CONT|NAME) +(\S+)\s*$")
+GO_TEST_RESULT_RE = re.compile(r"^\s*--- (?:PASS|FAIL|SKIP): (\S+) \(")
 LS_RE = re.compile(
     r"^([-dlcbps][-rwxsStT]{9}[.+@]?)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\d+|\d+,\s*\d+)\s+"
     r"(\w{3}\s+\d{1,2}\s+(?:\d{1,2}:\d{2}|\d{4})|\d{4}-\d{2}-\d{2}\s+\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:\s+[+-]\d{4})?)\s+(.+)$"
@@ -362,26 +372,167 @@ def cap_lines(lines: list[str], max_lines: int, head: int, tail: int) -> tuple[l
     return out, any(not k for k in keep)
 
 
-def group_grep(lines: list[str]) -> list[str] | None:
-    """``path:line:text`` hits grouped under each path (lossless); None if this is not grep output."""
-    parsed = [GREP_RE.match(ln) for ln in lines if ln.strip()]
+def _grep_line(line: str, context: bool = True) -> tuple[str, str] | None:
+    """(path, what follows it as sent under the path's header) for a grep hit or context line."""
+    m = GREP_RE.match(line)
+    if m:
+        path, num, sep, rest = m.groups()
+        return path, (f"  {num}{sep}{rest}" if num else f"  {rest}")
+    m = GREP_CONTEXT_RE.match(line) if context else None
+    if m:
+        return m.group(1), f"  {m.group(2)}-{m.group(3)}"
+    return None
+
+
+def _same_file(a: str, b: str) -> bool:
+    # ripgrep names a file relative on match lines and absolute on context lines
+    return a == b or a.endswith("/" + b.lstrip("./")) or b.endswith("/" + a.lstrip("./"))
+
+
+def group_grep(lines: list[str], context: bool = True) -> list[str] | None:
+    """``path:line:text`` hits and ``path-line-context`` lines grouped under each file (lossless).
+
+    None if this is not grep output. A file named two ways (relative and absolute) gets one header
+    naming both; ``--`` hunk separators stay where they were. ``context=False`` is the older rule
+    (hits only, a ``--`` ends a file's group, one spelling per group), kept for ``shapes``
+    without ``grep``.
+    """
+    nonblank = [ln for ln in lines if ln.strip() and (context or ln != "--")]
+    parsed = [_grep_line(ln, context) for ln in nonblank]
     if sum(1 for p in parsed if p) < max(4, 0.7 * len(parsed)):
+        return None
+    # runs of lines of one file: [spellings, body lines]
+    groups: list[tuple[list[str], list[str]] | str] = []
+    current: tuple[list[str], list[str]] | None = None
+    for ln in lines:
+        hit = _grep_line(ln, context) if ln.strip() else None
+        if hit is None:
+            if ln == "--" and current is not None and context:
+                current[1].append(ln)
+            elif ln.strip():
+                groups.append(ln)
+                current = None
+            continue
+        path, rest = hit
+        if current is not None and (
+            path == current[0][0] or (context and any(_same_file(path, p) for p in current[0]))
+        ):
+            if path not in current[0]:
+                current[0].append(path)
+        else:
+            current = ([path], [])
+            groups.append(current)
+        current[1].append(rest)
+    out: list[str] = []
+    for g in groups:
+        if isinstance(g, str):
+            out.append(g)
+            continue
+        names, body = g
+        tail = bool(body) and body[-1] == "--"  # a separator between files goes between the groups
+        if tail:
+            body.pop()
+        out.append(f"{names[0]} ({', '.join(names[1:])}):" if len(names) > 1 else f"{names[0]}:")
+        out.extend(body)
+        if tail:
+            out.append("--")
+    return out
+
+
+def compact_go_test(lines: list[str]) -> list[str] | None:
+    """``go test`` output without the lines that repeat what other lines say (no fact lost).
+
+    Verbose runs lose the ``=== RUN/PAUSE/CONT/NAME`` lines of tests that report a result, unless
+    output follows the line (it says whose output that is): the ``--- PASS/FAIL/SKIP: name (time)``
+    line stays, and so does every other line; a test with no result line (it hung or panicked)
+    keeps its ``=== RUN`` line. Runs of 3 or more packages that were cached or have no test files
+    become one ``ok (cached):`` / ``? [no test files]:`` line and each package path under it, in
+    order. None if this is not go test output.
+    """
+    steps = sum(1 for ln in lines if GO_TEST_STEP_RE.match(ln))
+    done = {m.group(1) for ln in lines if (m := GO_TEST_RESULT_RE.match(ln))}
+    packages = sum(1 for ln in lines if GO_PACKAGE_RE.match(ln))
+    if not ((steps >= 4 and done) or packages >= 3):
+        return None
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        ln = lines[i]
+        m = GO_TEST_STEP_RE.match(ln)
+        if m and m.group(2) in done:
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            if GO_TEST_STEP_RE.match(nxt) or GO_TEST_RESULT_RE.match(nxt):
+                i += 1
+                continue  # a step line stays only when output follows it: it says whose it is
+        p = GO_PACKAGE_RE.match(ln)
+        if p:
+            j = i
+            while j < len(lines) and (q := GO_PACKAGE_RE.match(lines[j])) and q.group(3) == p.group(3):
+                j += 1
+            if j - i >= 3:
+                out.append(f"{p.group(1).strip()} {p.group(3)}:")
+                out.extend(f"  {GO_PACKAGE_RE.match(x).group(2)}" for x in lines[i:j])  # type: ignore[union-attr]
+                i = j
+                continue
+        out.append(ln)
+        i += 1
+    return out if out != lines else None
+
+
+def compact_actions_log(lines: list[str]) -> list[str] | None:
+    """GitHub Actions logs (``gh run view --log``): job, step and date once per run of lines.
+
+    Each line ``job<TAB>step<TAB>2026-02-21T21:32:11.6077979Z text`` keeps its time and text
+    (``21:32:11.6077979Z text``) under a ``job<TAB>step<TAB>2026-02-21:`` line written when any of
+    the three changes: nothing is lost. None unless most lines have that shape.
+    """
+    nonblank = [ln for ln in lines if ln.strip()]
+    parsed = [ACTIONS_RE.match(ln) for ln in nonblank]
+    if sum(1 for m in parsed if m) < max(4, 0.8 * len(nonblank)):
         return None
     out: list[str] = []
     current = None
     for ln in lines:
-        m = GREP_RE.match(ln)
+        m = ACTIONS_RE.match(ln)
         if not m:
-            if ln.strip():
-                out.append(ln)
-                current = None
+            out.append(ln)
+            current = None
             continue
-        path, num, sep, rest = m.groups()
-        if path != current:
-            out.append(f"{path}:")
-            current = path
-        out.append(f"  {num}{sep}{rest}" if num else f"  {rest}")
+        head = m.groups()[:3]
+        if head != current:
+            out.append("\t".join(head) + ":")
+            current = head
+        out.append(m.group(4))
     return out
+
+
+def compact_diff(lines: list[str]) -> list[str] | None:
+    """Unified git diffs without the ``--- a/x`` / ``+++ b/x`` pair that ``diff --git a/x b/x`` implies.
+
+    Only that exact pair, in a file's header (before its first ``@@``), goes; a new or deleted file
+    (``/dev/null``), a rename or a quoted path keeps its lines. None if this is not a git diff.
+    """
+    if not any(ln.startswith("diff --git a/") for ln in lines):
+        return None
+    out: list[str] = []
+    names: tuple[str, str] | None = None
+    i = 0
+    while i < len(lines):
+        ln = lines[i]
+        m = DIFF_RE.match(ln)
+        if m:
+            names = (m.group(1), m.group(2))
+        elif ln.startswith("@@"):
+            names = None
+        elif (
+            names and ln == f"--- a/{names[0]}" and i + 1 < len(lines) and lines[i + 1] == f"+++ b/{names[1]}"
+        ):
+            names = None
+            i += 2
+            continue
+        out.append(ln)
+        i += 1
+    return out if len(out) < len(lines) else None
 
 
 def compact_ls(lines: list[str]) -> list[str] | None:
@@ -467,6 +618,11 @@ def describe_binary(text: str) -> str:
 # -- the entry point --------------------------------------------------------------------------
 
 
+# line-based shapes, tried in order before the code and text rules (each lossless); "diff" first
+SHAPES = (("grep", group_grep), ("test", compact_go_test), ("ci", compact_actions_log))
+SHAPE_NAMES = ("diff", *(k for k, _ in SHAPES))
+
+
 @dataclass(frozen=True)
 class Options:
     """Knobs for :func:`shrink` (from the plugin's settings)."""
@@ -480,6 +636,7 @@ class Options:
     html: bool = True
     lossy: bool = True
     line_numbers: str = "compact"  # numbered file lines: "compact" (no padding) or "keep"
+    shapes: tuple[str, ...] = SHAPE_NAMES  # formats recognized by their shape (see SHAPES)
 
 
 @dataclass(frozen=True)
@@ -508,6 +665,15 @@ def shrink(text: str, opts: Options) -> Result:
     if opts.html and is_web_page(t):
         return _best(text, html_to_text(t), "html", True)
     lines = t.split("\n")
+    # shapes recognized first: grep hits, test runs and diffs often look like source code
+    diff = compact_diff(lines) if "diff" in opts.shapes else None
+    if diff is not None:
+        return _best(text, "\n".join(diff), "diff", False)  # code: never elided
+    stripped = [ln.rstrip() for ln in lines]
+    for kind, recognize in SHAPES:
+        shaped = recognize(stripped) if kind in opts.shapes else None
+        if shaped is not None:
+            return _shaped(text, shaped, kind, opts)
     if is_code(lines):
         # exact contents: only escape codes, CRs and the padding before line numbers are removed
         if opts.line_numbers == "compact":
@@ -515,15 +681,19 @@ def shrink(text: str, opts: Options) -> Result:
         return _best(text, t, "code", False)
     lines = [ln.rstrip() for ln in lines]
     kind = "text"
-    lossy = False
-    grouped = group_grep(lines)
+    grouped = group_grep(lines, context=False) if "grep" not in opts.shapes else None
+    ls = compact_ls(lines) if grouped is None else None
     if grouped is not None:
         lines, kind = grouped, "grep"
-    else:
-        ls = compact_ls(lines)
-        if ls is not None:
-            lines, kind = ls, "listing"
-    if opts.lossy and kind != "grep":
+    elif ls is not None:
+        lines, kind = ls, "listing"
+    return _shaped(text, lines, kind, opts)
+
+
+def _shaped(text: str, lines: list[str], kind: str, opts: Options) -> Result:
+    """Lines of a known shape (or plain text) with the lossy steps that suit it, then blobs."""
+    lossy = False
+    if opts.lossy and kind not in ("grep", "ci"):
         lines, cut = collapse_repeats(lines, opts.min_run)
         lossy = lossy or cut
         if not is_prose(lines):

@@ -2,7 +2,10 @@
 
 Saves the tokens of bulky tool output that agents resend on every later turn. Results under
 ``min_chars`` (default 400) are left alone. Lossless rewrites come first (ANSI codes, progress redraws, trailing
-whitespace, compact JSON and record tables, grep hits grouped by file, repeated ls -l columns);
+whitespace, compact JSON and record tables, grep hits and context lines grouped by file, repeated
+ls -l columns; by ``shapes``: go test runs without the step lines of tests that report a result,
+GitHub Actions logs with job, step and date once per run of lines, git diffs without the file lines
+their ``diff --git`` line implies);
 lossy ones only for clearly repetitive logs (runs differing only in numbers, very long logs cut to
 head + tail + every error/warning/trace line and every line with a path not shown elsewhere), long
 base64 blobs, binary output and fetched web pages (to text). Source code and numbered file
@@ -45,7 +48,7 @@ from tokensaver.tokens import canonical_json
 
 from . import _model_summary
 from ._store import encode_entry
-from ._summarize_text import Options, Result, is_prose, shrink
+from ._summarize_text import SHAPE_NAMES, Options, Result, is_prose, shrink
 
 log = logging.getLogger("tokensaver.plugins.summarize")
 
@@ -123,11 +126,20 @@ def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any
             raise ConfigError(
                 f'summarize.line_numbers must be "compact" or "keep"; got {v!r}', key=k, source=source
             )
+        if k == "shapes" and not (
+            isinstance(v, (list, tuple)) and all(isinstance(x, str) and x in SHAPE_NAMES for x in v)
+        ):
+            raise ConfigError(
+                f"summarize.shapes must be a list of {', '.join(SHAPE_NAMES)}; got {v!r}",
+                key=k,
+                source=source,
+            )
         if k == "summary_dir" and v is not None and not (isinstance(v, str) and v.strip()):
             raise ConfigError(
                 f"summarize.summary_dir must be a directory path; got {v!r}", key=k, source=source
             )
     out = {**DEFAULTS, **settings}
+    out["shapes"] = tuple(out["shapes"])
     if out["summary_dir"]:
         out["summary_dir"] = str(Path(out["summary_dir"]).expanduser())
     if out["min_run"] < 3:
@@ -148,6 +160,7 @@ def _settings(ctx: Any) -> dict[str, Any]:
 def options(settings: dict[str, Any] | None) -> Options:
     """The text-transform options from a (normalized or partial) settings table."""
     s = {**DEFAULTS, **(settings or {})}
+    s["shapes"] = tuple(s["shapes"])
     return Options(**{f.name: s[f.name] for f in fields(Options)})
 
 

@@ -530,3 +530,190 @@ def test_line_numbers_setting_is_validated():
     assert summarize.tokensaver_configure({"line_numbers": "keep"}, "t")["line_numbers"] == "keep"
     with pytest.raises(ConfigError, match="line_numbers"):
         summarize.tokensaver_configure({"line_numbers": "strip"}, "t")
+
+
+# -- formats recognized by their shape: grep with context, go test -v -------------------------
+
+ABS = "/Users/dev/Work/proj/cli/cmd/proj/cli/checkpoint/temporary.go"
+REL = "cmd/proj/cli/checkpoint/temporary.go"
+
+
+def grep_with_context() -> str:
+    """Claude Code's Grep with ``-n -C``: matches as ``path:N:``, context as ``path-N-``; ripgrep
+    names the file relative on match lines and absolute on context lines; ``--`` between hunks."""
+    out = []
+    for hunk in range(6):
+        base = 40 + 30 * hunk
+        for i in range(4):
+            out.append(f"{ABS}-{base + i}-\tif err := step{hunk}_{i}(opts); err != nil {{")
+        out.append(f"{REL}:{base + 4}:\tshadowBranchName := ShadowBranchNameForCommit(opts.BaseCommit{hunk})")
+        for i in range(5, 9):
+            out.append(f'{ABS}-{base + i}-\t\treturn fmt.Errorf("failed {hunk}.{i}: %w", err)')
+        out.append("--")
+    out.append("cmd/proj/cli/other.go:12:func ShadowBranchNameForCommit(c string) string {")
+    out.append("/Users/dev/Work/proj/cli/cmd/proj/cli/other.go-13-\treturn c[:7]")
+    return "\n".join(out)
+
+
+GREP_LINE = re.compile(r"^(?P<path>.+?\.go)(?:(?P<sep>[:-])(?P<num>\d+)[:-])(?P<text>.*)$")
+
+
+def test_grep_with_context_groups_every_line_under_its_file_and_keeps_each_path_spelling():
+    text = grep_with_context()
+    res = shrink(text, Options())
+    print(f"{count_text(text)} -> {count_text(res.text)} tokens")
+    assert res.kind == "grep" and not res.lossy
+    assert count_text(res.text) <= 0.6 * count_text(text)
+    for path in (ABS, REL, "cmd/proj/cli/other.go", "/Users/dev/Work/proj/cli/cmd/proj/cli/other.go"):
+        assert re.search(rf"(?<![\w/]){re.escape(path)}(?![\w/])", res.text), path  # a whole word
+    # every line's number, kind (':' match, '-' context) and text, in order
+    want = [(m["num"], m["sep"], m["text"]) for ln in text.split("\n") if (m := GREP_LINE.match(ln))]
+    got = [
+        (m.group(1), m.group(2), m.group(3))
+        for ln in res.text.split("\n")
+        if (m := re.match(r"^  (\d+)([:-])(.*)$", ln))
+    ]
+    assert got == want
+    assert res.text.count("--") == text.count("--")  # hunk separators stay
+    assert shrink(res.text, Options()).text == res.text  # already grouped: unchanged
+
+
+def go_test_verbose() -> str:
+    out = ["Exit code 1"]
+    names = [f"TestIsTrivialLine/case_{i}" for i in range(12)]
+    for n in names:
+        out += [f"=== RUN   {n}", f"=== PAUSE {n}"]
+    out.append("=== RUN   TestHangs")  # never finished: its RUN line is all there is
+    for n in names:
+        out.append(f"=== CONT  {n}")
+    out += [
+        "=== RUN   TestIsTrivialLine/case_0/nested",
+        "    content_overlap_test.go:702: nested case ran",
+        "=== NAME  TestIsTrivialLine/case_3",
+        '    content_overlap_test.go:751: isTrivialLine("}") = false, want true',
+        "=== NAME  TestIsTrivialLine/case_4",
+    ]
+    out.append("--- FAIL: TestIsTrivialLine (0.00s)")
+    for n in names:
+        out.append(f"    --- {'FAIL' if n.endswith('_3') else 'PASS'}: {n} (0.00s)")
+    out.append("        --- PASS: TestIsTrivialLine/case_0/nested (0.00s)")
+    out += ["FAIL", "FAIL\tgithub.com/proj/cli/cmd/proj/cli/strategy\t0.412s", "FAIL"]
+    return "\n".join(out)
+
+
+def test_go_test_verbose_drops_run_pause_cont_lines_of_tests_that_report_a_result():
+    text = go_test_verbose()
+    res = shrink(text, Options())
+    print(f"{count_text(text)} -> {count_text(res.text)} tokens\n{res.text}")
+    assert res.kind == "test" and not res.lossy
+    assert count_text(res.text) <= 0.7 * count_text(text)
+    assert not re.search(r"^=== (RUN|PAUSE|CONT) +TestIsTrivialLine/case_\d+$", res.text, re.MULTILINE)
+    assert "=== RUN   TestHangs" in res.text  # no result line: kept
+    # a step line that output follows stays: it says whose output that is
+    assert "=== RUN   TestIsTrivialLine/case_0/nested\n    content_overlap_test.go:702:" in res.text
+    # the output attributed to a test keeps its NAME line; a NAME line with no output goes
+    assert "=== NAME  TestIsTrivialLine/case_3\n    content_overlap_test.go:751:" in res.text
+    assert "=== NAME  TestIsTrivialLine/case_4" not in res.text
+    kept = [ln for ln in text.split("\n") if not ln.startswith("===")]
+    assert [ln for ln in res.text.split("\n") if not ln.startswith("===")] == kept  # every other line
+    assert facts(text) == facts(res.text)
+    assert shrink(res.text, Options()).text == res.text
+
+
+def test_go_test_package_lines_fold_runs_of_cached_and_untested_packages():
+    mod = "github.com/proj/cli/cmd/proj/cli"
+    pkgs = ["agent", "agent/claudecode", "checkpoint", "checkpoint/id", "logging", "paths", "session"]
+    lines = ["[test:ci] $ go test -tags=integration -race ./..."]
+    lines += [f"?   \t{mod}/{p}util\t[no test files]" for p in pkgs[:4]]
+    lines.append(f"ok  \t{mod}\t22.279s")
+    lines += [f"ok  \t{mod}/{p}\t(cached)" for p in pkgs]
+    lines += ["--- FAIL: TestShadowBranch (0.41s)", f"FAIL\t{mod}/strategy\t0.412s", "FAIL"]
+    text = "\n".join(lines)
+    res = shrink(text, Options())
+    print(f"{count_text(text)} -> {count_text(res.text)} tokens\n{res.text}")
+    assert res.kind == "test" and not res.lossy
+    assert count_text(res.text) <= 0.85 * count_text(text)
+    assert facts(text) == facts(res.text)
+    assert f"ok  \t{mod}\t22.279s" in res.text and f"FAIL\t{mod}/strategy\t0.412s" in res.text
+    # each package once, whole, in its order, under the status it had
+    got = [ln.strip() for ln in res.text.split("\n") if ln.startswith("  ")]
+    assert got == [f"{mod}/{p}util" for p in pkgs[:4]] + [f"{mod}/{p}" for p in pkgs]
+    assert shrink(res.text, Options()).text == res.text
+
+
+def actions_log() -> str:
+    """``gh run view --log-failed``: job, step and a timestamp before every line."""
+    out = []
+    for i in range(30):
+        step = "Run E2E tests" if i < 24 else "Post Run actions/checkout@v4"
+        out.append(
+            f'E2E Tests\t{step}\t2026-02-21T21:32:{i:02d}.60779{i:02d}Z [WebServer]   reqId: "req-{40 + i}"'
+        )
+    out.insert(10, "E2E Tests\tRun E2E tests\t2026-02-21T21:32:09.9000000Z Error: expect(received).toBe(200)")
+    return "\n".join(out)
+
+
+def test_github_actions_log_names_job_step_and_date_once_per_run_of_lines():
+    text = actions_log()
+    res = shrink(text, Options())
+    print(f"{count_text(text)} -> {count_text(res.text)} tokens\n{res.text}")
+    assert res.kind == "ci" and not res.lossy
+    assert count_text(res.text) <= 0.75 * count_text(text)
+    # lossless: every line rebuilds from the header above it (job, step, date) and its time and text
+    rebuilt, head = [], ""
+    for ln in res.text.split("\n"):
+        if ln.endswith(":") and ln.count("\t") == 2:
+            head = ln[:-1]
+        else:
+            rebuilt.append(f"{head}T{ln}")
+    assert rebuilt == text.split("\n")
+    assert res.text.count("Run E2E tests") == 1 and res.text.count("Post Run actions/checkout@v4") == 1
+    assert shrink(res.text, Options()).text == res.text
+
+
+def unified_diff() -> str:
+    out = []
+    for f in ("cmd/proj/cli/agent/agent.go", "cmd/proj/cli/agent/agent_test.go", "docs/notes.md"):
+        out += [f"diff --git a/{f} b/{f}", "index 385357be..53749450 100644", f"--- a/{f}", f"+++ b/{f}"]
+        out += ["@@ -42,6 +42,8 @@ type Agent interface {", "\tExtractAgentSessionID(id string) string", ""]
+        out += ["+\t// ProtectedDirs returns repo-root-relative directories", "+\tProtectedDirs() []string"]
+        out += [" \t// GetSessionDir returns where agent stores session data", "-\tOld() error"]
+    out += ["diff --git a/new.go b/new.go", "new file mode 100644", "index 0000000..e69de29", "--- /dev/null"]
+    out += ["+++ b/new.go", "@@ -0,0 +1 @@", "+package x"]
+    return "\n".join(out)
+
+
+def test_git_diff_drops_only_the_file_lines_its_diff_line_already_names():
+    text = unified_diff()
+    res = shrink(text, Options())
+    print(f"{count_text(text)} -> {count_text(res.text)} tokens\n{res.text}")
+    assert res.kind == "diff" and not res.lossy
+    assert "--- a/" not in res.text and "+++ b/cmd" not in res.text
+    assert "--- /dev/null\n+++ b/new.go" in res.text  # not implied by the diff line: kept
+    assert [ln for ln in text.split("\n") if not ln.startswith(("--- a/", "+++ b/cmd", "+++ b/docs"))] == (
+        res.text.split("\n")
+    )
+    assert facts(text) == facts(res.text)
+    assert shrink(res.text, Options()).text == res.text
+
+
+def test_shapes_setting_turns_each_recognizer_off_and_is_validated():
+    texts = {
+        "grep": grep_with_context(),
+        "test": go_test_verbose(),
+        "ci": actions_log(),
+        "diff": unified_diff(),
+    }
+    for name, text in texts.items():
+        assert shrink(text, Options()).kind == name
+        others = tuple(n for n in texts if n != name)
+        assert shrink(text, Options(shapes=others)).kind != name
+    # without "grep", hits are still grouped the older way (no context lines, one spelling a group)
+    hits = "\n".join(f"src/app/mod{i // 14}.py:{i}:    value_{i} = compute(x)" for i in range(40))
+    assert shrink(hits, Options(shapes=())).kind == "grep"
+    assert summarize.tokensaver_configure({"shapes": ["grep"]}, "t")["shapes"] == ("grep",)
+    assert summarize.options({"shapes": ["ci", "diff"]}).shapes == ("ci", "diff")
+    with pytest.raises(ConfigError, match="shapes"):
+        summarize.tokensaver_configure({"shapes": ["pytest"]}, "t")
+    with pytest.raises(ConfigError, match="shapes"):
+        summarize.tokensaver_configure({"shapes": "grep"}, "t")
