@@ -28,7 +28,7 @@ from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ord
 from .pricing import PriceTable, normalize_usage
 from .run import Run, redact_keys, redact_text
 from .tokens import Memo, body_blocks, default_counter
-from .validate import message_problem, stage_problem
+from .validate import Sizes, message_problem, stage_problem
 
 MEMORY_RECORDS = 10_000
 PREVIOUS_REQUESTS = 256  # conversations whose latest request is kept to count the next one cheaply
@@ -210,6 +210,7 @@ class Call:
     bodies: list[dict[str, Any]] = field(default_factory=list)  # the body after each stage, for billing
     estimate: Estimate | None = None  # billed through the shadow caches once, when first recorded
     guard: _Guard = field(default_factory=lambda: _Guard())  # the copies its plugins get, its counts
+    sizes: Sizes = field(default_factory=dict)  # per-block sizes by identity, for the 32 MB check
 
 
 class Pipeline:
@@ -309,7 +310,7 @@ class Pipeline:
                     raise PluginFault("mutated_input", "a block of its input was edited in place")
                 if result is not None:
                     call.guard.restore(result)
-                    problem = stage_problem(result, current)
+                    problem = stage_problem(result, current, call.sizes)
                     if problem:
                         raise PluginFault(f"invalid_output: {problem}")
                     if result == current:

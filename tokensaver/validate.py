@@ -26,11 +26,18 @@ THINKING_TYPES = ("thinking", "redacted_thinking")
 _MAX_BYTES_PER_CHAR = 6
 
 
-def stage_problem(output: Any, given: dict[str, Any]) -> str | None:
-    """The first API rule ``output`` breaks that ``given`` (the stage's input) kept, or None."""
-    problems = request_problems(output)
+Sizes = dict[int, tuple[Any, int]]  # id(block) -> (the block, kept alive; its _chars)
+
+
+def stage_problem(output: Any, given: dict[str, Any], sizes: Sizes | None = None) -> str | None:
+    """The first API rule ``output`` breaks that ``given`` (the stage's input) kept, or None.
+
+    :param sizes: per-block sizes by identity, filled and reused by later calls given the same dict
+        (a call's stage outputs share the blocks they did not change, which nothing edits).
+    """
+    problems = request_problems(output, sizes)
     if problems:
-        before = set(request_problems(given))
+        before = set(request_problems(given, sizes))
         for rule in problems:
             if rule not in before:
                 return rule
@@ -38,7 +45,7 @@ def stage_problem(output: Any, given: dict[str, Any]) -> str | None:
     return thinking_problem(output, given)
 
 
-def request_problems(body: Any) -> list[str]:
+def request_problems(body: Any, sizes: Sizes | None = None) -> list[str]:
     """The rules ``body`` breaks, as ``"rule: what"`` strings (thinking blocks aside)."""
     if not isinstance(body, dict):
         return ["shape: not a JSON object"]
@@ -60,7 +67,7 @@ def request_problems(body: Any) -> list[str]:
         out.append(f"breakpoints: more than {MAX_BREAKPOINTS} cache_control blocks")
     if not order_ok:
         out.append("breakpoints: a 1h cache_control after a 5m one")
-    if _too_large(body):
+    if _too_large(body, sizes):
         out.append(f"size: over {MAX_REQUEST_BYTES // (1024 * 1024)} MB serialized")
     return out
 
@@ -76,7 +83,7 @@ def _message_problems(messages: list[Any]) -> list[str]:
             return ["content: a message is not {role, content}"]
         role, content = msg["role"], msg.get("content")
         if isinstance(content, str):
-            if not content.strip():
+            if _blank(content):
                 out.append("content: an empty message")
             blocks: list[Any] = []
         elif isinstance(content, list) and content:
@@ -84,7 +91,7 @@ def _message_problems(messages: list[Any]) -> list[str]:
             for b in blocks:
                 if not isinstance(b, dict) or not isinstance(b.get("type"), str):
                     return ["content: a block without a type"]
-                if b["type"] == "text" and not (isinstance(b.get("text"), str) and b["text"].strip()):
+                if b["type"] == "text" and not (isinstance(b.get("text"), str) and not _blank(b["text"])):
                     out.append("content: an empty text block")
         elif not (i == len(messages) - 1 and role == "assistant" and content == []):
             return ["content: a message without content"]
@@ -208,10 +215,51 @@ def _breakpoints(body: dict[str, Any]) -> tuple[int, bool]:
     return n, order_ok
 
 
-def _too_large(body: dict[str, Any]) -> bool:
-    if _chars(body) * _MAX_BYTES_PER_CHAR < MAX_REQUEST_BYTES:
+def _blank(text: str) -> bool:
+    """``not text.strip()``, without copying the text."""
+    return not text or text.isspace()
+
+
+def _too_large(body: dict[str, Any], sizes: Sizes | None = None) -> bool:
+    if _body_chars(body, sizes) * _MAX_BYTES_PER_CHAR < MAX_REQUEST_BYTES:
         return False  # cheap bound: no encoding of this body can reach the limit
     return len(json.dumps(body, separators=(",", ":")).encode()) > MAX_REQUEST_BYTES
+
+
+def _body_chars(body: dict[str, Any], sizes: Sizes | None) -> int:
+    """``_chars(body)``, each block's share taken from (and kept in) ``sizes`` by identity."""
+    if sizes is None:
+        return _chars(body)
+
+    def block(b: Any) -> int:
+        seen = sizes.get(id(b))
+        if seen is not None and seen[0] is b:
+            return seen[1]
+        n = _chars(b)
+        sizes[id(b)] = (b, n)
+        return n
+
+    def blocks(seq: list[Any]) -> int:
+        return 2 + sum(block(b) + 1 for b in seq)
+
+    total = 2
+    for key, value in body.items():
+        total += len(str(key)) + 2
+        if key == "messages" and isinstance(value, list):
+            total += 2
+            for m in value:
+                if isinstance(m, dict):
+                    total += 3 + sum(
+                        len(str(k)) + 2 + (blocks(v) if k == "content" and isinstance(v, list) else _chars(v))
+                        for k, v in m.items()
+                    )
+                else:
+                    total += _chars(m) + 1
+        elif key in ("system", "tools") and isinstance(value, list):
+            total += blocks(value)
+        else:
+            total += _chars(value)
+    return total
 
 
 def _chars(node: Any) -> int:
