@@ -134,6 +134,8 @@ def prompt_blocks(
         elif like is not None and i < len(like) and like[i].tag == tag and like[i].block == block:
             prev = like[i]
             out.append(PromptBlock(where, block, prev.tokens, tag, cacheable, cc, prev.digest, prev.image))
+            # (same tag, same framing: a message's first block carries it, the memo keeps the block's own)
+            memo[id(block)] = (block, prev.digest, prev.tokens - extra, prev.image)
             return
         else:
             digest, tokens, image = _DIGESTS.get(block, counter)
@@ -248,6 +250,30 @@ class Prepared:
             hashes, states, prefix = [], [], []
         _chain(blocks, salts, same, hashes, states, prefix)
         return cls(blocks, hashes, prefix, salts, states)
+
+
+def _private(prepared: Prepared, before: Prepared | None) -> Prepared:
+    """``prepared`` holding copies of its blocks of its own, for comparing the next request with.
+
+    The caller may edit its objects between calls: an edited block must not compare equal to
+    itself next time. A block equal to the one kept at its place last time takes that copy.
+    """
+    old = before.blocks if before is not None else []
+    blocks = []
+    for i, b in enumerate(prepared.blocks):
+        keep = old[i].block if i < len(old) and old[i].block == b.block else _thaw(b.block)
+        blocks.append(
+            PromptBlock(b.where, keep, b.tokens, b.tag, b.cacheable, b.cache_control, b.digest, b.image)
+        )
+    return Prepared(blocks, prepared.hashes, prepared.prefix, prepared.salts, prepared.states)
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_thaw(v) for v in value]
+    return value
 
 
 def _chain(
@@ -593,8 +619,9 @@ class ShadowCaches:
         if caller:
             own = bill("caller", original)
             auto = bill("auto", original, auto_only=True)
+            kept = _private(last[1], before)
             with self._lock:
-                self._previous[(key, conversation)] = last[1]
+                self._previous[(key, conversation)] = kept
                 self._previous.move_to_end((key, conversation))
                 while len(self._previous) > 4 * self.max_keys:
                     self._previous.popitem(last=False)
