@@ -60,7 +60,7 @@ from typing import Any
 from tokensaver.context import requester
 from tokensaver.errors import ConfigError
 from tokensaver.hookspecs import hookimpl
-from tokensaver.pipeline import PLUGIN_TOOL_PREFIX
+from tokensaver.pipeline import calls_plugin_tool, is_follow_up
 from tokensaver.tokens import canonical_json
 
 from . import _store as stores
@@ -230,23 +230,6 @@ def storable(message: Any, *, store_refusals: bool = False) -> bool:
     return all(isinstance(b, dict) and b.get("type") for b in message["content"])
 
 
-def calls_plugin_tool(message: Any) -> bool:
-    """Whether a message (an answer, or an assistant turn) calls a tool of a plugin's (``tokensaver_*``)."""
-    content = message.get("content") if isinstance(message, dict) else None
-    return isinstance(content, list) and any(
-        isinstance(b, dict)
-        and b.get("type") == "tool_use"
-        and str(b.get("name", "")).startswith(PLUGIN_TOOL_PREFIX)
-        for b in content
-    )
-
-
-def follow_up(body: dict[str, Any]) -> bool:
-    """A plugin-tool exchange's follow-up round: the caller never sees our tool calls, so never sends this."""
-    msgs = body.get("messages")
-    return isinstance(msgs, list) and len(msgs) >= 2 and calls_plugin_tool(msgs[-2])
-
-
 # -- the store --------------------------------------------------------------------------------
 
 
@@ -339,7 +322,7 @@ def tokensaver_lookup_response(body: dict[str, Any], ctx: Any) -> dict[str, Any]
         ctx.response_headers[CACHE_HEADER] = "off"
         ctx.record(mode="off")
         return None
-    if follow_up(body):  # a round of ours inside the caller's call, which already missed
+    if is_follow_up(body):  # a round of ours inside the caller's call, which already missed
         ctx.response_headers[CACHE_HEADER] = "refresh" if mode == "refresh" else "miss"
         ctx.record(follow_up=True, mode=mode)
         return None
@@ -434,7 +417,7 @@ def tokensaver_observe_response(body: dict[str, Any], response: dict[str, Any], 
         request, answer = getattr(ctx, "exchange_request", None), getattr(ctx, "exchange_answer", None)
         if isinstance(request, dict) and isinstance(answer, dict):
             store_key, message = cache_key(request, ctx.headers, ctx.key_hash), answer
-        elif follow_up(body):
+        elif is_follow_up(body):
             ctx.record(stored=False, reason="a follow-up round of a plugin-tool exchange")
             return
         else:

@@ -31,7 +31,7 @@ import httpx2
 
 from . import _sdk
 from .context import MODEL_CALL_TIMEOUT, for_requester, requester
-from .pipeline import Call, Pipeline, key_hash
+from .pipeline import PLUGIN_TOOL_PREFIX, Call, Pipeline, is_plugin_tool_use, key_hash
 from .sse import SSEAccumulator, message_to_sse, sse_error_answer, sse_event
 
 log = logging.getLogger("tokensaver")
@@ -501,7 +501,6 @@ class TokensaverMiddleware(_sdk.Middleware):
 
 # -- tools that plugins answer themselves -----------------------------------------------------
 
-PLUGIN_TOOL_PREFIX = "tokensaver_"
 MAX_PLUGIN_TOOL_ROUNDS = 3
 
 
@@ -542,11 +541,7 @@ def plan_round(
     if message.get("stop_reason") != "tool_use":
         return None, message
     content = [b for b in message.get("content") or [] if isinstance(b, dict)]
-    ours = [
-        b
-        for b in content
-        if b.get("type") == "tool_use" and str(b.get("name", "")).startswith(PLUGIN_TOOL_PREFIX)
-    ]
+    ours = [b for b in content if is_plugin_tool_use(b)]
     if not ours:
         return None, message
     if any(b.get("type") == "tool_use" and b not in ours for b in content):
@@ -669,9 +664,7 @@ class Splice:
             idx = int(data.get("index", 0))
             if kind == "content_block_start":
                 block = data.get("content_block") or {}
-                ours = block.get("type") == "tool_use" and str(block.get("name", "")).startswith(
-                    PLUGIN_TOOL_PREFIX
-                )
+                ours = is_plugin_tool_use(block)
                 self._dropped |= ours
                 self._callers_tools |= block.get("type") == "tool_use" and not ours
                 self._map[idx] = None if ours else self.next_index

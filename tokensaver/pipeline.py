@@ -479,7 +479,7 @@ class Pipeline:
         side = [dict(e) for e in ctx.side_calls]
         side_cost = sum(float(e.get("cost_usd") or 0.0) for e in side)
         sent = ok and usage is not None and not call.short_circuit
-        follow_up = _follow_up(call.original)
+        follow_up = is_follow_up(call.original)
         if call.estimate is None:
             call.estimate = self.shadows.estimate(
                 ctx.key_hash,
@@ -568,25 +568,28 @@ class Pipeline:
 PLUGIN_TOOL_PREFIX = "tokensaver_"
 
 
-def _plugin_tool_call(message: Any) -> bool:
-    content = message.get("content") if isinstance(message, dict) else None
-    return isinstance(content, list) and any(
-        isinstance(b, dict)
-        and b.get("type") == "tool_use"
-        and str(b.get("name", "")).startswith(PLUGIN_TOOL_PREFIX)
-        for b in content
+def is_plugin_tool_use(block: Any) -> bool:
+    """Whether a content block calls a tool that plugins answer themselves (``tokensaver_*``)."""
+    return (
+        isinstance(block, dict)
+        and block.get("type") == "tool_use"
+        and str(block.get("name", "")).startswith(PLUGIN_TOOL_PREFIX)
     )
 
 
-def _follow_up(body: dict[str, Any]) -> bool:
+def calls_plugin_tool(message: Any) -> bool:
+    """Whether a message (an answer, or an assistant turn) calls a plugin's tool."""
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(is_plugin_tool_use(b) for b in content)
+
+
+def is_follow_up(body: dict[str, Any]) -> bool:
     """A plugin-tool follow-up round: its last assistant turn called a plugin's tool.
 
     The caller never sees plugin tool calls, so no request of its own ends that way.
     """
     msgs = body.get("messages")
-    if not isinstance(msgs, list) or len(msgs) < 2:
-        return False
-    return _plugin_tool_call(msgs[-2])
+    return isinstance(msgs, list) and len(msgs) >= 2 and calls_plugin_tool(msgs[-2])
 
 
 def _plugin_tools(body: dict[str, Any]) -> bool:
