@@ -22,13 +22,20 @@ fails the structural check is dropped (the request goes out unpruned, and the re
 Below the budget, an *economic* cut (``clear_stale``) clears stale tool results when that pays
 for itself in cache prices. With prompt caching every call re-reads the whole history (cache read
 price per token), so an old 10k-token file read costs 10k reads on every later call. Clearing
-changes the prefix from the first cleared result on, so everything after it is written to the
-cache once more: cost ~ (``cache_write_5m`` - ``cache_read``) x the tokens after the first change
-(after the cut); benefit ~ ``cache_read`` x the tokens cleared x the calls still to come. The calls
-to come are unknown: like a Lindy estimate, they are taken to be as many as the calls so far (the
-assistant turns in the request, so a retry decides the same way), at most
-``clear_max_future_calls``. The cut is made, clearing *every* stale result at once (cut deep, then
-leave the prefix alone), when
+changes the prefix from the first cleared result on, and the API then reads only the longest
+prefix it still has an unexpired entry for within 20 blocks of a breakpoint: for a change deep in
+the history that is the end of tools + system (when that entry is still live) or nothing, so a
+deep cut re-writes the whole prompt, not just what follows the change (:func:`rewrite_tokens`;
+prune follows each conversation's billed calls: when it was last called, the TTL of its writes,
+whether the tools + system entry was touched). Cost ~ (``cache_write_5m`` - ``cache_read``) x the
+tokens re-written; after a pause longer than the TTL everything is written anyway and a cut costs
+nothing. Benefit ~ ``cache_read`` x the tokens cleared x the calls still to come. The calls to come
+are unknown: they are taken to be as many as the calls so far (the assistant turns in the request,
+so a retry decides the same way), at least ``clear_min_future_calls``, at most
+``clear_max_future_calls`` (a higher cap made cuts earlier and more often on the Claude Code
+tuning half, and lost more facts than it saved: the benefit of cutting now is only the reads until
+the next cut, which would clear the same results). The cut is made, clearing *every* stale result
+at once (cut deep, then leave the prefix alone), when
 
 * benefit >= ``clear_payback`` x cost, and
 * the stale tokens are at least ``clear_min_tokens`` and ``clear_min_fraction`` of the request
@@ -38,7 +45,11 @@ Stale: the result of a tool use older than the last ``clear_keep_tool_uses`` one
 budget cut's ``keep_tool_uses``: an economic cut is optional, so it only clears what the model is
 unlikely to quote again; on Claude Code traces agents quote file reads 20-50 tool uses later), not
 in the last ``keep_last_messages`` messages, at least ``min_result_tokens``, tool not in
-``exclude_tools``.
+``exclude_tools``. With ``clear_quiet_tool_uses`` N, a read of a file (whole or a range) is stale
+instead once none of the last N tool uses names the file (its read, an edit, a search, a command);
+with ``clear_keep_quoted`` N, a result the agent quoted in one of its last N turns (an identifier,
+path or file name of it that few results hold, in its text or tool inputs) is never stale, nor is
+a read superseded by an edit.
 
 Superseded (``clear_superseded``): a result is stale at any age (in both cuts; still never in the
 last ``keep_last_messages`` messages, never an excluded tool) when a later tool use, whose result
@@ -46,8 +57,11 @@ is not an error, supersedes it: the same call again (same tool, identical input:
 command, a re-read file range), or a whole read of the same resource after a read or write of it
 (the same value under an input key named like a path or url: ``file_path``, ``path``,
 ``notebook_path``, ``filename``, ``url``, with no other input but a range), or, with
-``superseded_by_write``, a write of a file (input with ``content``/``new_string``/...) after a read
-of it: the read content is out of date and the agent quotes the newer state. Its marker names the
+``superseded_by_write``, a write of the whole file (input with ``content``/``file_text``) after a
+read of it: the read content is out of date and the agent quotes the newer state. An edit of a part
+(``old_string``/``new_string``, ``edits``, ...) supersedes a read only with ``superseded_by_edit``:
+the rest of the file is as read, and on the Claude Code tuning half half of the lost facts came
+from Reads cleared that way. Its marker names the
 later use (fixed in the cut, so the same bytes on every call). On the claude-code-spotter traces
 (whole sessions) superseding on writes too, with ``clear_keep_tool_uses`` 32, saved 17.9% vs the
 API's automatic caching (15.9% before) with 99.56% of used facts kept (99.50% before); reads only
@@ -62,10 +76,12 @@ costs more in cache writes than it saves in reads shows as a negative net in the
 
 Settings: ``clear_stale`` (true/false, default true), ``clear_keep_tool_uses`` (non-negative
 integer, default 32), ``clear_payback`` (number between 0.1 and 100, default 2.0),
-``clear_max_future_calls`` (integer between 1 and 10000, default 20), ``clear_min_tokens``
+``clear_max_future_calls`` (integer between 1 and 10000, default 20), ``clear_min_future_calls``
+(non-negative integer, default 0), ``clear_quiet_tool_uses`` and ``clear_keep_quoted``
+(non-negative integers, 0: off; defaults in ``DEFAULTS``), ``clear_min_tokens``
 (non-negative integer, default 4000), ``clear_min_fraction`` (number between 0.0 and 1.0, default
 0.15), ``clear_superseded`` (true/false, default true), ``superseded_by_write`` (true/false,
-default true), ``repeats`` (true/false, default true), ``repeat_min_lines`` (integer >= 3, default
+default true), ``superseded_by_edit`` (true/false, default true), ``repeats`` (true/false, default true), ``repeat_min_lines`` (integer >= 3, default
 8), ``repeat_min_chars`` (non-negative integer, default 400); the budget settings as above.
 
 Unsafe when the model needs the exact text of an old tool result that it cannot fetch again. When
@@ -87,7 +103,7 @@ from tokensaver.errors import ConfigError
 from tokensaver.hookspecs import hookimpl
 from tokensaver.tokens import content_hash
 
-from ._blocks import as_blocks, normalized, request_problems, strip_cc, tool_uses
+from ._blocks import LOOKBACK_BLOCKS, as_blocks, normalized, request_problems, strip_cc, tool_uses
 from ._repeats import LineIndex
 
 PLUGIN = "prune"
@@ -110,11 +126,18 @@ DEFAULTS: dict[str, Any] = {
     "clear_keep_tool_uses": 32,  # economic cuts keep the results of the last K tool uses
     "clear_payback": 2.0,  # estimated saving must be >= this x the one-off re-write cost
     "clear_max_future_calls": 20,  # cap on the calls still to come (estimated: the calls so far)
+    "clear_min_future_calls": 0,  # ... and a floor
     "clear_min_tokens": 4000,  # stale tokens needed for a cut ...
     "clear_min_fraction": 0.15,  # ... and this share of the request
     # a result superseded by a later use of the same resource counts as stale at any age
     "clear_superseded": True,
-    "superseded_by_write": True,  # a later Edit/Write of a file also supersedes an earlier Read
+    "superseded_by_write": True,  # a later Write of a whole file also supersedes an earlier Read
+    "superseded_by_edit": True,  # ... and so does an Edit of a part of it (with superseded_by_write)
+    # economic cuts: a read of a file is stale once the last N tool uses did not name the file
+    # (instead of clear_keep_tool_uses); 0: reads age like any result
+    "clear_quiet_tool_uses": 0,
+    # economic cuts keep a result the agent quoted in one of its last N turns (0: off)
+    "clear_keep_quoted": 3,
     # runs of lines an earlier result (still sent in full) shows become a pointer to it
     "repeats": True,
     "repeat_min_lines": 8,
@@ -152,6 +175,9 @@ def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any
         "min_result_tokens",
         "max_conversations",
         "clear_keep_tool_uses",
+        "clear_quiet_tool_uses",
+        "clear_min_future_calls",
+        "clear_keep_quoted",
         "repeat_min_lines",
         "repeat_min_chars",
     ):
@@ -166,7 +192,14 @@ def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any
         raise _fail("must be a list of tool names", "exclude_tools", source)
     if out["repeat_min_lines"] < 3:
         raise _fail("must be at least 3 (lines)", "repeat_min_lines", source)
-    for key in ("dedupe", "clear_stale", "clear_superseded", "superseded_by_write", "repeats"):
+    for key in (
+        "dedupe",
+        "clear_stale",
+        "clear_superseded",
+        "superseded_by_write",
+        "superseded_by_edit",
+        "repeats",
+    ):
         if not isinstance(out[key], bool):
             raise _fail("must be true or false", key, source)
     v = out["clear_payback"]
@@ -320,16 +353,19 @@ _TARGET_KEY = re.compile(r"(?:^|_)(?:path|file|filename|url|uri)$", re.IGNORECAS
 _RANGE_KEYS = frozenset(
     {"offset", "limit", "line_number", "start_line", "end_line", "view_range", "lines", "pages"}
 )
-# input keys that carry new content for the resource (Edit, Write, NotebookEdit, str_replace, ...)
-_WRITE_KEYS = frozenset(
-    {"content", "new_string", "old_string", "edits", "new_source", "file_text", "new_str", "old_str"}
-)
+# input keys that carry the whole new content of the resource (Write, create)
+_WRITE_KEYS = frozenset({"content", "file_text"})
+# input keys that change a part of it (Edit, MultiEdit, NotebookEdit, str_replace, ...)
+_EDIT_KEYS = frozenset({"new_string", "old_string", "edits", "new_source", "new_str", "old_str"})
 _MAX_TARGET_CHARS = 200
+_BY_EDIT = "a later edit"  # how a read superseded by an edit of a part is described
+_CHANGES = ("write", "edit")  # kinds of use that change the resource (never repeated as a call)
 
 
 def _access(inp: Any) -> tuple[str, str] | None:
-    """(kind, resource) of a tool use: kind "read" (whole), "part" (a range) or "write"; None when
-    the input names no single resource or also searches, prompts, ... (only identical calls then)."""
+    """(kind, resource) of a tool use: kind "read" (whole), "part" (a range), "write" (the whole new
+    content) or "edit" (a change to a part); None when the input names no single resource or also
+    searches, prompts, ... (only identical calls then)."""
     if not isinstance(inp, dict):
         return None
     targets = [k for k, v in inp.items() if isinstance(v, str) and v and _TARGET_KEY.search(k)]
@@ -339,6 +375,8 @@ def _access(inp: Any) -> tuple[str, str] | None:
     others = {k for k, v in inp.items() if k != key and v not in (None, "", False)}
     if others & _WRITE_KEYS:
         return "write", str(inp[key])
+    if others & _EDIT_KEYS:
+        return "edit", str(inp[key])
     if others <= _RANGE_KEYS:
         return ("part" if others else "read"), str(inp[key])
     return None
@@ -348,9 +386,14 @@ def superseded(messages: list[Any], settings: dict[str, Any]) -> dict[str, str]:
     """Tool results superseded by a later use of the same resource: tool_use id -> the later use.
 
     A result is superseded by the first later use (whose result is not an error) that repeats the
-    same call (same tool, identical input; not for writes), or that reads the whole of the same
-    resource (same path or url) after a read or a write of it; with ``superseded_by_write``, also
-    by a later write of a resource it read. The later use's facts are the newer ones.
+    same call (same tool, identical input; not for writes or edits), or that reads the whole of the
+    same resource (same path or url) after a read, write or edit of it; with ``superseded_by_write``,
+    also by a later write of the whole resource it read. The later use's facts are the newer ones. An
+    edit of a part (``old_string``/``new_string``, ...) supersedes a read only with
+    ``superseded_by_edit`` (described as ``_BY_EDIT``, so :func:`stale_results` can keep the ones the
+    agent still quotes): the rest of what was read is still the file, and agents quote it after
+    editing (on the tuning half of the Claude Code traces, half of the lost facts were from Reads
+    cleared as superseded by a later Edit).
     """
     if not settings.get("clear_superseded", True):
         return {}
@@ -362,6 +405,7 @@ def superseded(messages: list[Any], settings: dict[str, Any]) -> dict[str, str]:
         if isinstance(b, dict) and b.get("type") == "tool_result" and b.get("is_error")
     }
     by_write = bool(settings.get("superseded_by_write", False))
+    by_edit = by_write and bool(settings.get("superseded_by_edit", False))
     calls: dict[str, list[str]] = {}  # (tool, input) -> earlier uses not yet superseded
     reads: dict[str, list[tuple[str, str]]] = {}  # resource -> earlier (id, kind) not yet superseded
     out: dict[str, str] = {}
@@ -375,22 +419,25 @@ def superseded(messages: list[Any], settings: dict[str, Any]) -> dict[str, str]:
             acc = _access(inp)
             call = json.dumps([name, inp], sort_keys=True, default=str)
             if tid not in errors:
-                if acc is None or acc[0] != "write":
+                if acc is None or acc[0] not in _CHANGES:
                     for old in calls.pop(call, []):
                         out.setdefault(old, f"a later identical {name} call")
-                if acc is not None and (acc[0] == "read" or (acc[0] == "write" and by_write)):
+                if acc is not None and (
+                    acc[0] == "read" or (acc[0] == "write" and by_write) or (acc[0] == "edit" and by_edit)
+                ):
                     target = acc[1][:_MAX_TARGET_CHARS]
                     keep = []
                     for old, kind in reads.pop(acc[1], []):
-                        if acc[0] == "read" or kind != "write":
-                            out.setdefault(old, f"a later {name} of {target}")
+                        if acc[0] == "read" or kind not in _CHANGES:
+                            what = f"{_BY_EDIT} ({name})" if acc[0] == "edit" else f"a later {name}"
+                            out.setdefault(old, f"{what} of {target}")
                         else:
                             keep.append((old, kind))
                     if keep:
                         reads[acc[1]] = keep
             if tid in out:
                 continue
-            if acc is None or acc[0] != "write":
+            if acc is None or acc[0] not in _CHANGES:
                 calls.setdefault(call, []).append(tid)
             if acc is not None:
                 reads.setdefault(acc[1], []).append((tid, acc[0]))
@@ -504,19 +551,28 @@ def stale_results(
     settings: dict[str, Any],
     count: Any,
     sup: dict[str, str] | None = None,
+    memo: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """Stale tool results as sent now (``cur``): tool_use id -> tokens, oldest first.
 
-    Older than the last ``clear_keep_tool_uses`` tool uses, outside the last ``keep_last_messages``
-    messages, not cleared yet, at least ``min_result_tokens`` as sent (a dedupe pointer is not),
-    tool not excluded. A superseded result (``sup``) is stale whatever its age. Tool use order and
-    names come from the original ``messages``.
+    Older than the last ``clear_keep_tool_uses`` tool uses (a read of a file, with
+    ``clear_quiet_tool_uses``: none of the last that many tool uses names the file, see
+    :func:`read_quiet`), outside the last ``keep_last_messages`` messages, not cleared yet, at
+    least ``min_result_tokens`` as sent (a dedupe pointer is not), tool not excluded. A superseded
+    result (``sup``) is stale whatever its age. With ``clear_keep_quoted``, a result the agent
+    quoted in its last turns is not stale unless a newer copy superseded it (see
+    :func:`quoted_recently`). ``memo`` keeps those scans per conversation. Tool use order and names
+    come from the original ``messages``.
     """
     sup = sup or {}
     uses = tool_uses(messages)
     order = sorted(uses, key=lambda t: (uses[t][0], uses[t][1]))
     n_keep = int(settings["clear_keep_tool_uses"])
     keep_ids = set(order[-n_keep:]) if n_keep else set()
+    quiet_after = int(settings.get("clear_quiet_tool_uses") or 0)
+    quiet = read_quiet(messages, order, memo) if quiet_after else {}
+    window = int(settings.get("clear_keep_quoted") or 0)
+    quoted = quoted_recently(messages, window, memo) if window else set()
     excluded = set(settings.get("exclude_tools") or ())
     cleared = set(spec.get("cleared") or ())
     min_tokens = int(settings["min_result_tokens"])
@@ -529,14 +585,133 @@ def stale_results(
             if not isinstance(b, dict) or b.get("type") != "tool_result":
                 continue
             tid = str(b.get("tool_use_id"))
-            if tid in cleared or (tid in keep_ids and tid not in sup):
+            if tid in cleared or tid not in uses or uses[tid][2] in excluded:
                 continue
-            if tid not in uses or uses[tid][2] in excluded:
+            if tid in quoted and (tid not in sup or sup[tid].startswith(_BY_EDIT)):
                 continue
+            if tid not in sup:
+                if tid in quiet:  # a read of a file: stale once nobody has named the file a while
+                    if quiet[tid] < quiet_after:
+                        continue
+                elif tid in keep_ids:
+                    continue
             size = count(strip_cc(b))
             if size >= min_tokens:
                 out[tid] = size
     return out
+
+
+# identifiers (snake_case, camelCase, with digits), paths and file names: what an agent quotes
+_QUOTABLE = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(?:_[A-Za-z0-9]+|[a-z][A-Z][A-Za-z0-9]*|\d)[A-Za-z0-9_]*"
+    r"|[\w.-]*/[\w./-]+|[\w-]+\.[A-Za-z]{1,5}\b"
+)
+_MAX_QUOTE_SCAN = 60_000  # characters of one text scanned for quotable words
+_MAX_QUOTE_RESULTS = 4  # a word in more results than this names none of them in particular
+
+
+def _quotable(text: str) -> set[str]:
+    return {w for w in _QUOTABLE.findall(text[:_MAX_QUOTE_SCAN]) if len(w) >= 5}
+
+
+def _texts(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [t for v in value for t in _texts(v)]
+    if isinstance(value, dict):
+        return [
+            t
+            for k, v in value.items()
+            if k not in ("type", "id", "tool_use_id", "cache_control")
+            for t in _texts(v)
+        ]
+    return []
+
+
+def quoted_recently(messages: list[Any], window: int, memo: dict[str, Any] | None = None) -> set[str]:
+    """Tool results the agent quoted in one of its last ``window`` turns: a word of the result (an
+    identifier, a path, a file name that few results hold) in the turn's text or tool inputs. What
+    an agent has just quoted it is working with, and quotes again. tool_use ids.
+
+    ``memo`` (per conversation) makes it incremental: each message is scanned once.
+    """
+    memo = memo if memo is not None else {}
+    state = memo.get("quotes")
+    first = messages[0] if messages else None
+    if state is None or state["first"] is not first and strip_cc(state["first"]) != strip_cc(first):
+        state = memo["quotes"] = {"first": first, "seen": 0, "turn": 0, "index": {}, "last": {}}
+    if state["seen"] > len(messages):
+        state.update(seen=0, turn=0, index={}, last={})
+    index: dict[str, set[str]] = state["index"]  # word -> results holding it
+    last: dict[str, int] = state["last"]  # result -> the last turn quoting it
+    for m in messages[state["seen"] :]:
+        if not isinstance(m, dict):
+            continue
+        blocks = as_blocks(m.get("content"))
+        if m.get("role") == "assistant":
+            state["turn"] += 1
+            words: set[str] = set()
+            for b in blocks:
+                if isinstance(b, dict) and b.get("type") in ("text", "tool_use"):
+                    for t in _texts(b.get("text") if b.get("type") == "text" else b.get("input")):
+                        words |= _quotable(t)
+            for w in words:
+                holders = index.get(w)
+                if holders and len(holders) <= _MAX_QUOTE_RESULTS:
+                    for tid in holders:
+                        last[tid] = state["turn"]
+        else:
+            for b in blocks:
+                if isinstance(b, dict) and b.get("type") == "tool_result":
+                    tid = str(b.get("tool_use_id"))
+                    for w in _quotable("\n".join(_texts(b.get("content")))):
+                        index.setdefault(w, set()).add(tid)
+    state["seen"] = len(messages)
+    turn = state["turn"]
+    return {tid for tid, t in last.items() if turn - t < window}
+
+
+def read_quiet(messages: list[Any], order: list[str], memo: dict[str, Any] | None = None) -> dict[str, int]:
+    """For each read of a file (whole or a range): how many tool uses came after the last one that
+    names the file (the read itself, an edit of it, a later read, a search or a command naming it).
+
+    tool_use id -> quiet uses. A file the agent keeps naming is the one it is working on, and it
+    quotes that read again (after editing a part of it too); one nobody has named for a while is
+    not. ``memo`` (per conversation) makes it incremental: only new tool uses are scanned.
+    """
+    memo = (memo if memo is not None else {}).setdefault("reads", {})
+    ids: list[str] = memo.get("ids") or []
+    if len(ids) > len(order) or order[: len(ids)] != ids:
+        memo.clear()
+        ids = []
+    last: dict[str, int] = memo.setdefault("last", {})  # path -> index of the last use naming it
+    path_of: dict[str, str] = memo.setdefault("path_of", {})  # read id -> path
+    quoted: dict[str, str] = memo.setdefault("quoted", {})  # path -> as inside a JSON string
+    if len(ids) < len(order):
+        inputs: dict[str, Any] = {}
+        new = set(order[len(ids) :])
+        for m in messages:
+            if isinstance(m, dict) and m.get("role") == "assistant":
+                for b in as_blocks(m.get("content")):
+                    if isinstance(b, dict) and b.get("type") == "tool_use" and str(b.get("id")) in new:
+                        inputs[str(b.get("id"))] = b.get("input")
+        for j in range(len(ids), len(order)):
+            tid = order[j]
+            inp = inputs.get(tid)
+            acc = _access(inp)
+            if acc is not None and acc[0] in ("read", "part"):
+                path_of[tid] = acc[1]
+                quoted.setdefault(acc[1], json.dumps(acc[1])[1:-1])
+                last[acc[1]] = j
+            if last:
+                text = json.dumps(inp, default=str)
+                for path, q in quoted.items():
+                    if q in text:
+                        last[path] = j
+        memo["ids"] = list(order)
+    n = len(order)
+    return {tid: n - 1 - last[path] for tid, path in path_of.items()}
 
 
 def plan_economic(
@@ -549,6 +724,8 @@ def plan_economic(
     total: int,
     model: Any,
     sup: dict[str, str] | None = None,
+    memo: dict[str, Any] | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The spec that clears every stale result when that pays back in cache prices (else None).
 
@@ -556,7 +733,7 @@ def plan_economic(
     estimated future calls and the calls needed to pay back.
     """
     sup = sup or {}
-    stale = stale_results(messages, cur, spec, settings, count, sup)
+    stale = stale_results(messages, cur, spec, settings, count, sup, memo)
     info: dict[str, Any] = {"stale_tokens": sum(stale.values())}
     need = max(int(settings["clear_min_tokens"]), int(settings["clear_min_fraction"] * total))
     read, write = float(model.cache_read), float(model.cache_write_5m)
@@ -573,10 +750,8 @@ def plan_economic(
     if removed < need:
         return None, info
     k = _first_diff(cur, after_msgs)
-    rewritten = after - fixed - _tokens(after_msgs[:k], count)  # written again instead of read
-    future = min(
-        sum(1 for m in messages if m.get("role") == "assistant"), int(settings["clear_max_future_calls"])
-    )
+    rewritten = rewrite_tokens(cur, after, k, fixed, count, cache)  # written again instead of read
+    future = future_calls(messages, settings)
     cost = (write - read) * rewritten
     benefit = read * removed * future
     info.update(
@@ -588,6 +763,40 @@ def plan_economic(
     if benefit < float(settings["clear_payback"]) * cost:
         return None, info
     return new, info
+
+
+def future_calls(messages: list[Any], settings: dict[str, Any]) -> int:
+    """The calls still to come, estimated: the calls so far (the assistant turns in the request, so a
+    retry decides the same way), at least ``clear_min_future_calls``, at most ``clear_max_future_calls``."""
+    so_far = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
+    floor = int(settings.get("clear_min_future_calls") or 0)
+    return min(max(so_far, floor), int(settings["clear_max_future_calls"]))
+
+
+def rewrite_tokens(
+    cur: list[Any], after: int, k: int, fixed: int, count: Any, cache: dict[str, Any] | None
+) -> int:
+    """Tokens a change at ``cur[k]`` makes the API write again instead of reading them.
+
+    The API reads the longest cached prefix it finds at a breakpoint or up to 20 blocks before one,
+    and only where an entry is still live. Entries are written at the end of each request; the
+    breakpoints of the next one sit at its end and at the end of the previous request. So a change
+    within 20 blocks of the end of the previous request re-writes from that change, a deeper one
+    from the end of tools + system when that entry is still live (else from the start): a deep cut
+    re-writes everything, not just what follows it. When the conversation's cache has expired
+    (the last call longer ago than its TTL) everything is written anyway, so a cut costs nothing.
+    ``cache``: ``cold``, ``fixed_live``, ``prev_messages`` (messages of the previous request), from
+    the conversation's billed calls (see :func:`observe`); None: the old estimate (from the change).
+    """
+    if cache is None:
+        return after - fixed - _tokens(cur[:k], count)
+    if cache.get("cold"):
+        return 0
+    prev = int(cache.get("prev_messages") or 0)
+    blocks = sum(len(as_blocks(m.get("content"))) for m in cur[k:prev] if isinstance(m, dict))
+    if k >= prev or blocks <= LOOKBACK_BLOCKS:
+        return max(0, after - fixed - _tokens(cur[:k], count))
+    return after - (fixed if cache.get("fixed_live") else 0)
 
 
 # -- the hooks ---------------------------------------------------------------------------------
@@ -604,6 +813,64 @@ def _conversation(state: dict[str, Any], body: dict[str, Any], limit: int) -> di
     while len(convs) > limit:
         convs.popitem(last=False)
     return conv
+
+
+_TTL_DEFAULT = 300.0
+_MAX_PENDING = 256
+
+
+def cache_state(conv: dict[str, Any], now: float, n_messages: int) -> dict[str, Any]:
+    """What the API's cache still holds of this conversation, as far as its billed calls tell.
+
+    ``cold``: the last call is longer ago than the TTL its writes used (every entry expired);
+    ``fixed_live``: the entry at the end of tools + system was written or read within the TTL;
+    ``prev_messages``: how many messages the previous request sent (its end has a live entry).
+    A conversation with no billed call seen (a new one, or one begun before this process) is taken
+    to be cached up to its previous turn, tools + system included.
+    """
+    last = conv.get("last_t")
+    ttl = float(conv.get("ttl") or _TTL_DEFAULT)
+    if last is None:
+        return {"cold": False, "fixed_live": True, "prev_messages": max(0, n_messages - 2)}
+    fixed_t = conv.get("fixed_t")
+    return {
+        "cold": now - last > ttl,
+        "fixed_live": fixed_t is not None and now - fixed_t <= ttl,
+        "prev_messages": conv.get("prev_messages", 0),
+    }
+
+
+def _expect(ctx: Any, conv: dict[str, Any], fixed: int, total: int, n_messages: int) -> None:
+    """Remember what this call sends, for :func:`observe` to read its billed usage against."""
+    pending: OrderedDict[str, Any] = ctx.state.setdefault("pending", OrderedDict())
+    pending[ctx.call_id] = (conv, fixed, total, n_messages)
+    while len(pending) > _MAX_PENDING:
+        pending.popitem(last=False)
+
+
+def observe(ctx: Any) -> None:
+    """Track the conversation's cache from a call's billed usage: when it was last touched, the TTL
+    of its writes, whether the tools + system entry was written or read (the read stopped there)."""
+    pending = ctx.state.get("pending")
+    entry = pending.pop(ctx.call_id, None) if pending else None
+    if entry is None:
+        return
+    conv, fixed, total, n_messages = entry
+    usage = ctx.usage or {}
+    conv["last_t"] = ctx.now
+    conv["prev_messages"] = n_messages
+    if int(usage.get("cache_creation_1h") or 0):
+        conv["ttl"] = 3600.0
+    elif int(usage.get("cache_creation_5m") or 0):
+        conv["ttl"] = _TTL_DEFAULT
+    billed = sum(
+        int(usage.get(k) or 0)
+        for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    )
+    read = int(usage.get("cache_read_input_tokens") or 0)
+    scale = billed / total if total else 1.0
+    if billed and read <= fixed * scale * 1.02 + 8:
+        conv["fixed_t"] = ctx.now
 
 
 # server-side edits that leave tool results alone (Claude Code sends clear_thinking on every request)
@@ -655,6 +922,7 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
     reason = "budget"
     econ: dict[str, Any] = {}
     sup = superseded(messages, settings) if total > trigger or settings["clear_stale"] else {}
+    cache = cache_state(conv, ctx.now, len(cur))
     if total > trigger:
         new_spec = plan_cut(messages, spec, settings, count, fixed, target, sup)
         after_msgs = apply_spec(messages, new_spec, settings, count)
@@ -664,7 +932,19 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
             notes["over_trigger_no_cut"] = {"could_remove": total - after}
             new_spec = None
     elif settings["clear_stale"]:
-        new_spec, econ = plan_economic(messages, cur, spec, settings, count, fixed, total, ctx.model, sup)
+        new_spec, econ = plan_economic(
+            messages,
+            cur,
+            spec,
+            settings,
+            count,
+            fixed,
+            total,
+            ctx.model,
+            sup,
+            conv.setdefault("quiet", {}),
+            cache,
+        )
         notes["stale_tokens"] = econ["stale_tokens"]
         if new_spec is not None:
             reason = "economic"
@@ -685,8 +965,13 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
         }
         m = ctx.model
         removed = max(total - after, 1)
-        # one-off extra cost of re-writing the changed part vs the reads it saves per later call
-        extra = (after - kept) * m.cache_write_5m - (total - kept) * m.cache_read
+        # one-off extra cost of re-writing what the API cannot read any more vs the reads it saves
+        # per later call
+        rewritten = rewrite_tokens(cur, after, k, fixed, count, cache)
+        cut["rewritten_tokens"] = rewritten
+        if cache.get("cold"):
+            cut["cache_cold"] = True
+        extra = (m.cache_write_5m - m.cache_read) * rewritten
         cut["break_even_calls"] = (
             round(max(extra, 0.0) / (removed * m.cache_read), 1) if m.cache_read else 0.0
         )
@@ -700,6 +985,7 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
         cur, total = after_msgs, after
     notes["tokens_sent"] = total
     notes["cleared_results"] = len(spec.get("cleared") or ())
+    _expect(ctx, conv, fixed, total, len(cur))
     if cur == messages and norm["messages"] == body["messages"]:
         ctx.record(**notes)
         return None
@@ -722,7 +1008,9 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
 
 @hookimpl
 def tokensaver_observe_response(body: dict[str, Any], response: dict[str, Any], ctx: Any) -> None:
-    """With server-side context management, record what the server cleared."""
+    """Track the conversation's cache from the billed usage; with server-side context management,
+    record what the server cleared."""
+    observe(ctx)
     cm = response.get("context_management") if isinstance(response, dict) else None
     if isinstance(cm, dict):
         edits = cm.get("applied_edits") or []

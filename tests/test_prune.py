@@ -437,15 +437,15 @@ def test_superseded_by_identical_call_partial_read_and_write() -> None:
         {"role": "assistant", "content": [use("t5", "Bash", {"command": "pytest -q"})]},
         {"role": "assistant", "content": [use("t6", "Read", {"file_path": "/x.py"})]},
         {"role": "assistant", "content": [use("t7", "Grep", {"pattern": "bar", "path": "/x.py"})]},
-        {"role": "assistant", "content": [use("t8", "Edit", {"file_path": "/y.py", "new_string": "b"})]},
-        {"role": "assistant", "content": [use("t9", "Edit", {"file_path": "/y.py", "new_string": "b"})]},
+        {"role": "assistant", "content": [use("t8", "Write", {"file_path": "/y.py", "content": "b"})]},
+        {"role": "assistant", "content": [use("t9", "Write", {"file_path": "/y.py", "content": "b"})]},
     ]
     sup = prune.superseded(msgs, prune.DEFAULTS)
     assert sup == {
         "t1": "a later identical Bash call",
         "t2": "a later Read of /x.py",
-        "t4": "a later Edit of /y.py",
-    }  # a search of the same path supersedes nothing, nor is it superseded; an Edit is never repeated
+        "t4": "a later Write of /y.py",
+    }  # a search of the same path supersedes nothing, nor is it superseded; a Write is never repeated
     assert prune.superseded(msgs, {**prune.DEFAULTS, "superseded_by_write": False}) == {
         "t1": "a later identical Bash call",
         "t2": "a later Read of /x.py",
@@ -459,6 +459,32 @@ def test_superseded_by_identical_call_partial_read_and_write() -> None:
         },
     ]
     assert "t1" not in prune.superseded(errs, prune.DEFAULTS)
+
+
+def test_an_edit_of_a_part_supersedes_a_read_only_when_asked() -> None:
+    """The agent quotes the rest of a file after editing a part of it: without
+    ``superseded_by_edit`` only a whole Write (or a whole re-read) makes the read out of date."""
+
+    def use(tid: str, name: str, inp: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "tool_use", "id": tid, "name": name, "input": inp}
+
+    edit = {"file_path": "/y.py", "old_string": "a", "new_string": "b", "replace_all": False}
+    msgs: list[dict[str, Any]] = [
+        {"role": "assistant", "content": [use("t1", "Read", {"file_path": "/y.py"})]},
+        {"role": "assistant", "content": [use("t2", "Edit", edit)]},
+        {"role": "assistant", "content": [use("t3", "MultiEdit", {"file_path": "/y.py", "edits": [edit]})]},
+        {"role": "assistant", "content": [use("t4", "Edit", edit)]},  # the same edit again
+        {"role": "assistant", "content": [use("t5", "Read", {"file_path": "/z.py", "limit": 9})]},
+        {"role": "assistant", "content": [use("t6", "Write", {"file_path": "/z.py", "content": "z"})]},
+    ]
+    parts = {**prune.DEFAULTS, "superseded_by_edit": False}
+    assert prune.superseded(msgs, parts) == {"t5": "a later Write of /z.py"}
+    # a whole re-read supersedes the read and the edits' results before it
+    again = [*msgs, {"role": "assistant", "content": [use("t7", "Read", {"file_path": "/y.py"})]}]
+    assert set(prune.superseded(again, parts)) == {"t1", "t2", "t3", "t4", "t5"}
+    # with it, the first edit supersedes the read (the marker says it was an edit of a part)
+    by_edit = prune.superseded(msgs, {**prune.DEFAULTS, "superseded_by_edit": True})
+    assert by_edit == {"t1": "a later edit (Edit) of /y.py", "t5": "a later Write of /z.py"}
 
 
 def test_superseded_results_stable_between_cuts_and_never_in_the_last_messages() -> None:
@@ -580,3 +606,100 @@ def test_prunes_what_real_claude_code_sends_and_stands_aside_only_from_clearing(
             assert [strip_cc(b) for b in sent["system"]] == [strip_cc(b) for b in body["system"]]
             markers = sum("[tokensaver:" in json.dumps(m) for m in sent["messages"])
     assert (markers > 0) is pruned
+
+
+# -- what a cut really re-writes ----------------------------------------------------------------
+
+
+def _replay_prune(
+    tmp_path: Any, msgs: list[dict[str, Any]], gaps: dict[int, float] | None = None
+) -> list[Any]:
+    """Each call of ``msgs`` through prune + cache_align to the emulator, 10 s apart (``gaps``: call
+    index -> seconds before it); (prune's notes, billed usage) per call."""
+    out = []
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(
+            base,
+            config={"plugins": ["prune", "cache_align"], "record": False, "runs_dir": str(tmp_path)},
+            clock=emu.clock.now,
+        )
+        for k, n in enumerate(range(3, len(msgs) + 1, 2)):
+            emu.clock.advance((gaps or {}).get(k, 10))
+            resp = client.post("/v1/messages", body=body_of(msgs[:n]), cast_to=object)
+            rec = client.tokensaver.records[-1]
+            out.append(((rec.get("plugins") or {}).get("prune") or {}, resp["usage"]))
+    return out
+
+
+def test_a_deep_cut_is_costed_as_the_whole_re_write_the_api_bills(tmp_path: Any) -> None:
+    """The API looks back 20 blocks from a breakpoint and the older entries have expired: a cut far
+    back re-writes the whole prompt, not just what follows the first change."""
+    calls = _replay_prune(tmp_path, conversation(90, size=200))
+    cuts = [(notes["cut"], usage) for notes, usage in calls if "cut" in notes]
+    assert cuts
+    for cut, usage in cuts:
+        billed_in = (
+            usage["input_tokens"] + usage["cache_creation_input_tokens"] + usage["cache_read_input_tokens"]
+        )
+        scale = billed_in / cut["tokens_after"]
+        assert usage["cache_read_input_tokens"] == 0  # nothing before the change could be read
+        assert cut["rewritten_tokens"] * scale == pytest.approx(
+            usage["cache_creation_input_tokens"], rel=0.02
+        )
+        assert cut["rewritten_tokens"] > cut["prefix_invalidated_tokens"] - cut["removed_tokens"]
+
+
+def test_a_cut_after_the_cache_expired_costs_nothing_and_is_made_then(tmp_path: Any) -> None:
+    """After a pause longer than the TTL every entry has expired: the call writes everything anyway,
+    so prune clears what is stale then (cost 0), not later on a warm cache."""
+    msgs = conversation(90, size=200)
+    warm = _replay_prune(tmp_path, msgs)
+    first_warm = next(k for k, (notes, _) in enumerate(warm) if "cut" in notes)
+    pause = first_warm - 8
+    assert warm[pause][0].get("stale_tokens")  # stale already, but not worth a cut on a warm cache
+    cold = _replay_prune(tmp_path, msgs, gaps={pause: 400})
+    notes, usage = cold[pause]
+    assert notes["cut"]["cache_cold"] is True and notes["cut"]["rewritten_tokens"] == 0
+    assert notes["cut"]["break_even_calls"] == 0.0
+    assert usage["cache_read_input_tokens"] == 0
+
+
+# -- keeping what the agent will quote again ----------------------------------------------------
+
+
+def _stale(msgs: list[dict[str, Any]], **conf: Any) -> dict[str, int]:
+    settings = {**prune.DEFAULTS, **conf}
+    ctx = make_context(body_of(msgs), plugin="prune", settings=settings, now=T0)
+    return prune.stale_results(msgs, msgs, {}, settings, ctx.count, prune.superseded(msgs, settings), {})
+
+
+def test_a_result_the_agent_just_quoted_is_kept() -> None:
+    msgs = conversation(60, size=200)
+    last_use = msgs[-2]
+    quote = {"type": "text", "text": "As the third result showed, w3x17 and w3x19 are the ones to change."}
+    msgs[-2] = {**last_use, "content": [quote, *last_use["content"]]}
+    stale = _stale(msgs, clear_keep_quoted=3)
+    assert "toolu_003" not in stale and "toolu_004" in stale and "toolu_002" in stale
+    assert "toolu_003" in _stale(msgs, clear_keep_quoted=0)
+    # quoted a few turns back only: out of a window of 3 turns, inside one of 10
+    msgs = conversation(60, size=200)
+    use = msgs[-8]
+    msgs[-8] = {**use, "content": [quote, *use["content"]]}
+    assert "toolu_003" in _stale(msgs, clear_keep_quoted=3)
+    assert "toolu_003" not in _stale(msgs, clear_keep_quoted=10)
+
+
+def test_a_read_of_a_file_stays_while_the_agent_names_the_file() -> None:
+    paths = [f"/src/f{k}.py" for k in range(40)]
+    msgs = reads_of(paths, size=200)
+    # the last tool uses run the tests of f1.py and edit it
+    msgs[-2]["content"][0]["input"] = {"command": "pytest /src/f1.py -q"}
+    msgs[-2]["content"][0]["name"] = "Bash"
+    stale = _stale(msgs, clear_quiet_tool_uses=10, clear_keep_tool_uses=32, superseded_by_edit=False)
+    assert "toolu_001" not in stale  # named by the last tool use
+    assert {"toolu_000", "toolu_002", "toolu_020"} <= set(stale)  # nobody named them for 10 uses
+    assert "toolu_030" not in stale  # named by its own read 9 uses ago
+    # without it, reads age like any result: only those older than the last 32 tool uses
+    aged = _stale(msgs, clear_quiet_tool_uses=0, clear_keep_tool_uses=32)
+    assert "toolu_001" in aged and "toolu_020" not in aged
