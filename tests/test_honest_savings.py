@@ -255,6 +255,12 @@ def test_demo_headline_is_the_billed_saving_against_automatic_caching(tmp_path: 
     assert out["headline_saved_usd"] == pytest.approx(billed_saving, abs=1e-6)
     assert out["headline_saved_pct"] == pytest.approx(100 * billed_saving / out["auto_billed_usd"], abs=1e-3)
     assert f"${out['headline_saved_usd']:,.4f}" in out["headline"]
+    billed_input = out["base"].totals()["input_cost_usd"] - out["ours"].totals()["input_cost_usd"]
+    assert billed_input == pytest.approx(billed_saving, abs=1e-6)  # the answers cost the same
+    assert out["headline_saved_input_pct"] == pytest.approx(
+        100 * billed_input / out["base"].totals()["input_cost_usd"], abs=1e-3
+    )
+    assert f"{out['headline_saved_input_pct']:.1f}% of the input side" in out["headline"]
 
 
 def test_runs_lists_cost_counterfactual_and_saving(
