@@ -572,6 +572,16 @@ def claude_code_request(msgs: list[dict[str, Any]], edits: list[dict[str, Any]])
     }
 
 
+def _prune_client(emu: Emulator, tmp_path: Any) -> Any:
+    """A client through prune + cache_align to ``emu``, on its virtual clock, recording nothing."""
+    base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+    return tokensaver.wrap(
+        base,
+        config={"plugins": ["prune", "cache_align"], "record": False, "runs_dir": str(tmp_path)},
+        clock=emu.clock.now,
+    )
+
+
 @pytest.mark.parametrize(
     ("edits", "pruned"),
     [
@@ -588,12 +598,7 @@ def test_prunes_what_real_claude_code_sends_and_stands_aside_only_from_clearing(
     carries it); server-side tool-result clearing or compaction would conflict, so prune stands aside."""
     msgs = conversation(90, size=200)
     with Emulator(virtual_clock=True, start_time=T0) as emu:
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(
-            base,
-            config={"plugins": ["prune", "cache_align"], "record": False, "runs_dir": str(tmp_path)},
-            clock=emu.clock.now,
-        )
+        client = _prune_client(emu, tmp_path)
         markers = 0
         for n in range(3, len(msgs) + 1, 2):
             emu.clock.advance(10)
@@ -618,12 +623,7 @@ def _replay_prune(
     index -> seconds before it); (prune's notes, billed usage) per call."""
     out = []
     with Emulator(virtual_clock=True, start_time=T0) as emu:
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(
-            base,
-            config={"plugins": ["prune", "cache_align"], "record": False, "runs_dir": str(tmp_path)},
-            clock=emu.clock.now,
-        )
+        client = _prune_client(emu, tmp_path)
         for k, n in enumerate(range(3, len(msgs) + 1, 2)):
             emu.clock.advance((gaps or {}).get(k, 10))
             resp = client.post("/v1/messages", body=body_of(msgs[:n]), cast_to=object)

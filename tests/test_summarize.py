@@ -6,6 +6,7 @@ import copy
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -578,6 +579,14 @@ def test_grep_with_context_groups_every_line_under_its_file_and_keeps_each_path_
     assert shrink(res.text, Options()).text == res.text  # already grouped: unchanged
 
 
+def lossless(text: str, kind: str) -> Any:
+    """``text`` shrunk with the default options, recognised as ``kind`` and nothing lost."""
+    res = shrink(text, Options())
+    print(f"{count_text(text)} -> {count_text(res.text)} tokens\n{res.text}")
+    assert res.kind == kind and not res.lossy
+    return res
+
+
 def go_test_verbose() -> str:
     out = ["Exit code 1"]
     names = [f"TestIsTrivialLine/case_{i}" for i in range(12)]
@@ -603,9 +612,7 @@ def go_test_verbose() -> str:
 
 def test_go_test_verbose_drops_run_pause_cont_lines_of_tests_that_report_a_result():
     text = go_test_verbose()
-    res = shrink(text, Options())
-    print(f"{count_text(text)} -> {count_text(res.text)} tokens\n{res.text}")
-    assert res.kind == "test" and not res.lossy
+    res = lossless(text, "test")
     assert count_text(res.text) <= 0.7 * count_text(text)
     assert not re.search(r"^=== (RUN|PAUSE|CONT) +TestIsTrivialLine/case_\d+$", res.text, re.MULTILINE)
     assert "=== RUN   TestHangs" in res.text  # no result line: kept
@@ -629,9 +636,7 @@ def test_go_test_package_lines_fold_runs_of_cached_and_untested_packages():
     lines += [f"ok  \t{mod}/{p}\t(cached)" for p in pkgs]
     lines += ["--- FAIL: TestShadowBranch (0.41s)", f"FAIL\t{mod}/strategy\t0.412s", "FAIL"]
     text = "\n".join(lines)
-    res = shrink(text, Options())
-    print(f"{count_text(text)} -> {count_text(res.text)} tokens\n{res.text}")
-    assert res.kind == "test" and not res.lossy
+    res = lossless(text, "test")
     assert count_text(res.text) <= 0.85 * count_text(text)
     assert facts(text) == facts(res.text)
     assert f"ok  \t{mod}\t22.279s" in res.text and f"FAIL\t{mod}/strategy\t0.412s" in res.text
@@ -655,9 +660,7 @@ def actions_log() -> str:
 
 def test_github_actions_log_names_job_step_and_date_once_per_run_of_lines():
     text = actions_log()
-    res = shrink(text, Options())
-    print(f"{count_text(text)} -> {count_text(res.text)} tokens\n{res.text}")
-    assert res.kind == "ci" and not res.lossy
+    res = lossless(text, "ci")
     assert count_text(res.text) <= 0.75 * count_text(text)
     # lossless: every line rebuilds from the header above it (job, step, date) and its time and text
     rebuilt, head = [], ""
@@ -685,9 +688,7 @@ def unified_diff() -> str:
 
 def test_git_diff_drops_only_the_file_lines_its_diff_line_already_names():
     text = unified_diff()
-    res = shrink(text, Options())
-    print(f"{count_text(text)} -> {count_text(res.text)} tokens\n{res.text}")
-    assert res.kind == "diff" and not res.lossy
+    res = lossless(text, "diff")
     assert "--- a/" not in res.text and "+++ b/cmd" not in res.text
     assert "--- /dev/null\n+++ b/new.go" in res.text  # not implied by the diff line: kept
     assert [ln for ln in text.split("\n") if not ln.startswith(("--- a/", "+++ b/cmd", "+++ b/docs"))] == (

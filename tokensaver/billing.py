@@ -261,18 +261,19 @@ def _private(prepared: Prepared, before: Prepared | None) -> Prepared:
     old = before.blocks if before is not None else []
     blocks = []
     for i, b in enumerate(prepared.blocks):
-        keep = old[i].block if i < len(old) and old[i].block == b.block else _thaw(b.block)
+        keep = old[i].block if i < len(old) and old[i].block == b.block else thaw(b.block)
         blocks.append(
             PromptBlock(b.where, keep, b.tokens, b.tag, b.cacheable, b.cache_control, b.digest, b.image)
         )
     return Prepared(blocks, prepared.hashes, prepared.prefix, prepared.salts, prepared.states)
 
 
-def _thaw(value: Any) -> Any:
+def thaw(value: Any) -> Any:
+    """A copy of JSON containers (dicts and lists) all the way down; strings and numbers shared."""
     if isinstance(value, dict):
-        return {k: _thaw(v) for k, v in value.items()}
+        return {k: thaw(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_thaw(v) for v in value]
+        return [thaw(v) for v in value]
     return value
 
 

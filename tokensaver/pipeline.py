@@ -21,7 +21,7 @@ from typing import Any
 
 import pluggy
 
-from .billing import Estimate, ShadowCaches
+from .billing import Estimate, ShadowCaches, thaw
 from .config import Config, load_config
 from .context import CallContext, conversation_id
 from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ordered, strict_error
@@ -85,7 +85,7 @@ class _Guard:
             if known is not None and known[0] is value:
                 own = known[1]
             else:
-                own = _thaw(value)
+                own = thaw(value)
                 seen = memo.get(id(value))
                 if seen is not None and seen[0] is value:
                     memo[id(own)] = (own, seen[1])
@@ -139,7 +139,7 @@ class _Guard:
             if not isinstance(value, dict | list):
                 return value
             orig = back.get(id(value))
-            return orig if orig is not None else _thaw(value)
+            return orig if orig is not None else thaw(value)
 
         for key, value in result.items():
             if key == "messages" and isinstance(value, list):
@@ -156,14 +156,6 @@ class _Guard:
                 value[:] = [own(b) for b in value]
             else:
                 result[key] = own(value)
-
-
-def _thaw(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_thaw(v) for v in value]
-    return value
 
 
 def _structural_error(exc: BaseException) -> str:
@@ -366,7 +358,7 @@ class Pipeline:
         self, key: str, conversation: str, body: dict[str, Any], memo: Memo, snaps: list[Any]
     ) -> None:
         blocks = body_blocks(body)
-        snaps = [_thaw(b) if s is None else s for b, s in zip(blocks, snaps, strict=True)]
+        snaps = [thaw(b) if s is None else s for b, s in zip(blocks, snaps, strict=True)]
         counts = [memo[id(b)][1] for b in blocks]
         with self._lock:
             self._previous[(key, conversation)] = (snaps, counts)
