@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
@@ -832,21 +832,22 @@ class TokensaverProxy:
                             out.headers.extend(_response_headers(up.headers, decoded=True))
                             out.headers.update(call.ctx.response_headers)
                             await out.prepare(request)
-                        async for chunk in up.content.iter_any():
+                        async for chunk in _upstream_chunks(up):
                             data = splice.feed(chunk)
                             if data:
-                                await out.write(data)
+                                await out.write(data)  # a failed write (our client gone) propagates
                         message = splice.acc.message
                     else:
-                        message = read_message(up.headers.get("content-type", ""), await up.read())
-                except _UPSTREAM_BROKE as exc:
-                    if isinstance(exc, ConnectionResetError):  # our client went away, not the upstream
-                        raise
+                        message = read_message(up.headers.get("content-type", ""), await _upstream_body(up))
+                except _UpstreamBroke as broke:
                     if out is None:
-                        return self._broke_off(pipe, call, outcome, exc)
+                        return self._broke_off(pipe, call, outcome, broke.exc)
                     outcome.finishing = True
                     pipe.finish(
-                        call, None, status="incomplete", error=f"upstream stream broke: {type(exc).__name__}"
+                        call,
+                        None,
+                        status="incomplete",
+                        error=f"upstream stream broke: {type(broke.exc).__name__}",
                     )
                     await out.write(sse_error("api_error", "tokensaver proxy: the upstream stream broke off"))
                     await out.write_eof()
@@ -895,13 +896,21 @@ class TokensaverProxy:
         await response.prepare(request)
         acc = SSEAccumulator()
         try:
-            async for chunk in up.content.iter_any():
+            # a failed write (our client went away) propagates as it is; only a failed read of the
+            # upstream is the upstream's fault
+            async for chunk in _upstream_chunks(up):
                 acc.feed(chunk)
-                await response.write(chunk)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            if isinstance(exc, ConnectionResetError):  # our client went away, not the upstream
-                raise
-            error = f"upstream stream broke: {type(exc).__name__}"
+                try:
+                    await response.write(chunk)
+                except ConnectionResetError:
+                    if acc.error is not None or acc.malformed:
+                        # the upstream's own stream failed, and the client's SDK hung up on reading
+                        # it: that failure is what happened to the call, not a client going away
+                        outcome.finishing = True
+                        pipe.finish(call, None, status="incomplete", error=acc.failure)
+                    raise
+        except _UpstreamBroke as broke:
+            error = f"upstream stream broke: {type(broke.exc).__name__}"
             outcome.finishing = True
             pipe.finish(call, None, status="incomplete", error=error)
             await response.write(sse_error("api_error", f"tokensaver proxy: {error}"))
@@ -920,6 +929,38 @@ class TokensaverProxy:
 _MODEL_CALL_DROP = frozenset({"accept-encoding", "accept"})  # a plugin's own call wants JSON
 # an upstream answer that breaks off while it is read (cut short of its length, reset, timed out)
 _UPSTREAM_BROKE = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
+
+
+class _UpstreamBroke(Exception):
+    """Reading the upstream's answer failed: the upstream's fault, never our client's."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(type(exc).__name__)
+        self.exc = exc
+
+
+async def _upstream_chunks(up: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The upstream's body as it arrives; a read that breaks off raises :class:`_UpstreamBroke`.
+
+    Told apart by where it happened, not by the exception's class: a reset while reading the
+    upstream and a reset while writing to our client are both ConnectionResetErrors.
+    """
+    chunks = up.content.iter_any()
+    while True:
+        try:
+            chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            return
+        except _UPSTREAM_BROKE as exc:
+            raise _UpstreamBroke(exc) from exc
+        yield chunk
+
+
+async def _upstream_body(up: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await up.read()
+    except _UPSTREAM_BROKE as exc:
+        raise _UpstreamBroke(exc) from exc
 
 
 def _encode(body: dict[str, Any]) -> bytes:
