@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 
 import tokensaver
-from tokensaver.proxy import CANNED_MESSAGE, BackgroundApp, ProxyServer
+from tokensaver.proxy import CANNED_MESSAGE, PARSE_ON_LOOP_BYTES, BackgroundApp, ProxyServer
 
 KEY = "sk-ant-api03-proxyinput-AAAA"
 HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "content-type": "application/json"}
@@ -236,17 +236,24 @@ def test_deeply_nested_json_is_a_400_and_the_command_answers_the_next_request(
     url, upstream = command
     start = len(upstream.seen)
     depth = 100_000
-    for deep in (
+    deeps = (
         b"[" * depth + b"]" * depth,
         b'{"model":"m","max_tokens":1,"messages":' + b"[" * depth + b"]" * depth + b"}",
         b'{"messages":[{"role":"user","content":' + b'{"a":' * depth + b"1" + b"}" * depth + b"}]}",
-    ):
+        # over PARSE_ON_LOOP_BYTES: parsed in the proxy's own threads, with the same answer
+        b"[" * (3 * depth) + b"]" * (3 * depth),
+    )
+    assert len(deeps[-1]) > PARSE_ON_LOOP_BYTES > len(deeps[0])
+    for deep in deeps:
         status, ctype, payload = send(url, "POST", "/v1/messages", deep)
         assert status == 400, payload[:200]
         err = api_error(status, ctype, payload)
         assert err["type"] == "invalid_request_error" and "nest" in err["message"]
     assert upstream.paths[start:] == []
     status, _, payload = send(url, "POST", "/v1/messages", json.dumps(BODY).encode())
+    assert status == 200 and json.loads(payload)["id"] == CANNED_MESSAGE["id"]
+    big = {**BODY, "messages": [{"role": "user", "content": "word " * (PARSE_ON_LOOP_BYTES // 2)}]}
+    status, _, payload = send(url, "POST", "/v1/messages", json.dumps(big).encode())
     assert status == 200 and json.loads(payload)["id"] == CANNED_MESSAGE["id"]
 
 

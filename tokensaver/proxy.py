@@ -295,6 +295,9 @@ def _json_kind(value: Any) -> str:
     return "a string" if isinstance(value, str) else "an array"
 
 
+PARSE_ON_LOOP_BYTES = 256 * 1024  # parsing more than this would hold the event loop for milliseconds
+
+
 def _parse_messages_body(raw: bytes, content_type: str = "") -> tuple[dict[str, Any] | None, str | None]:
     """A Messages request body as a JSON object, or why it is not one (the proxy answers that as a 400)."""
     if not raw.strip():
@@ -608,7 +611,11 @@ class TokensaverProxy:
             return _error(
                 400, "invalid_request_error", "tokensaver proxy: the request body could not be read"
             )
-        parsed, problem = _parse_messages_body(raw, request.headers.get("content-type", ""))
+        content_type = request.headers.get("content-type", "")
+        if len(raw) > PARSE_ON_LOOP_BYTES:  # a large body is parsed off the event loop
+            parsed, problem = await request_phase(_parse_messages_body, raw, content_type)
+        else:
+            parsed, problem = _parse_messages_body(raw, content_type)
         if parsed is None:
             log.warning("%s %s refused: %s", request.method, request.path_qs[:200], problem)
             return _error(400, "invalid_request_error", f"tokensaver proxy: {problem}")
