@@ -28,6 +28,7 @@ import tokensaver
 from tokensaver.proxy import BackgroundApp, ProxyServer
 from tokensaver.run import load_run
 from tokensaver.sse import message_to_sse, sse_error
+from tokensaver.testing import start_proxy_process
 
 MODEL = "claude-sonnet-4-6"
 SMALL = "claude-haiku-5-5"
@@ -196,17 +197,7 @@ def _proxy_process(upstream_url: str, tmp_path: Path) -> tuple[subprocess.Popen[
         f'plugins = ["summarize"]\nruns_dir = "{tmp_path / "runs"}"\nplugin_timeout = {SUMMARY_HOOK_TIMEOUT}\n'
         f'[summarize]\nmodel_summaries = true\nsummary_dir = "{tmp_path / "summaries"}"\n'
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tokensaver", "proxy", "--port", "0", "--upstream", upstream_url],
-        env={**os.environ, "TOKENSAVER_CONFIG": str(cfg)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # "tokensaver proxy on http://127.0.0.1:PORT -> ..."
-    assert "tokensaver proxy on " in line, line + (proc.stderr.read() if proc.stderr else "")
-    return proc, line.split(" on ", 1)[1].split(" ", 1)[0]
+    return start_proxy_process("--upstream", upstream_url, env={**os.environ, "TOKENSAVER_CONFIG": str(cfg)})
 
 
 def test_the_proxy_answers_every_call_when_each_needs_a_new_summary_at_once(tmp_path: Path) -> None:

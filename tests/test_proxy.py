@@ -36,6 +36,7 @@ from tokensaver.proxy import (
 )
 from tokensaver.run import load_run
 from tokensaver.sse import SSEAccumulator, message_to_sse
+from tokensaver.testing import start_proxy_process
 
 MODEL = "claude-sonnet-4-6"
 KEY = "sk-ant-api03-proxytest-AAAA"
@@ -513,30 +514,8 @@ def test_access_token_is_checked_and_never_forwarded(emu: Emulator, tmp_path: Pa
 
 def test_command_serves_until_sigterm(emu: Emulator, tmp_path: Path) -> None:
     env = {**os.environ, "TOKENSAVER_RUNS_DIR": str(tmp_path / "runs"), "TOKENSAVER_PLUGINS": "summarize"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tokensaver",
-            "proxy",
-            "--port",
-            "0",
-            "--upstream",
-            emu.url,
-            "--run",
-            "cmd-run",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc, url = start_proxy_process("--upstream", emu.url, "--run", "cmd-run", env=env, cwd=tmp_path)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("tokensaver proxy on http://127.0.0.1:"), line
-        url = line.split()[3]
         with httpx2.Client() as http:
             r = http.post(f"{url}/v1/messages", json=BODY, headers=HEADERS)
         assert r.status_code == 200

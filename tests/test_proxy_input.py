@@ -15,8 +15,6 @@ import logging
 import os
 import posixpath
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from aiohttp import web
 
 import tokensaver
 from tokensaver.proxy import CANNED_MESSAGE, PARSE_ON_LOOP_BYTES, BackgroundApp, ProxyServer
+from tokensaver.testing import start_proxy_process, stop_proxy_process
 
 KEY = "sk-ant-api03-proxyinput-AAAA"
 HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "content-type": "application/json"}
@@ -82,26 +81,11 @@ def command(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Ups
             "TOKENSAVER_RUNS_DIR": str(tmp / "runs"),
             "TOKENSAVER_CACHE_DIR": str(tmp / "cache"),
         }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tokensaver", "proxy", "--port", "0", "--upstream", up.server.url + BASE],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-            cwd=tmp,
-        )
+        proc, url = start_proxy_process("--upstream", up.server.url + BASE, env=env, cwd=tmp)
         try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            assert line.startswith("tokensaver proxy on http://127.0.0.1:"), line
-            yield line.split()[3], up
+            yield url, up
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            stop_proxy_process(proc)
 
 
 def send(

@@ -10,7 +10,11 @@ Fixtures:
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from tokensaver.emulator import Emulator
@@ -24,6 +28,44 @@ def emulator_clients(emu: Emulator, **kwargs: Any) -> tuple[Any, Any]:
 
     opts: dict[str, Any] = {"base_url": emu.url, "api_key": TEST_API_KEY, "max_retries": 0, **kwargs}
     return anthropic.Anthropic(**opts), anthropic.AsyncAnthropic(**opts)
+
+
+def start_proxy_process(
+    *args: str, env: dict[str, str] | None = None, cwd: str | Path | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """``tokensaver proxy --port 0 ARGS`` in a subprocess: (the process, its URL) once it listens.
+
+    Its log (stderr) goes to a temporary file, never a pipe nobody reads (a pipe that fills up would
+    stall the proxy); a proxy that does not start raises with what it logged.
+    """
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokensaver", "proxy", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # "tokensaver proxy on http://127.0.0.1:PORT -> ..."
+    if not line.startswith("tokensaver proxy on http://127.0.0.1:"):
+        stop_proxy_process(proc)
+        log.seek(0)
+        raise RuntimeError(f"tokensaver proxy did not start: {line!r}\n{log.read()}")
+    log.close()  # the process keeps its own descriptor
+    return proc, line.split()[3]
+
+
+def stop_proxy_process(proc: subprocess.Popen[str]) -> None:
+    """Terminate a proxy started by :func:`start_proxy_process`, killing it if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 try:
