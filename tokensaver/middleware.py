@@ -31,7 +31,7 @@ import httpx2
 
 from . import _sdk
 from .context import MODEL_CALL_TIMEOUT, for_requester, requester
-from .pipeline import PLUGIN_TOOL_PREFIX, Call, Pipeline, is_plugin_tool_use, key_hash
+from .pipeline import Call, Pipeline, is_plugin_tool_use, key_hash, plugin_tools
 from .sse import SSEAccumulator, message_to_sse, sse_error_answer, sse_event
 
 log = logging.getLogger("tokensaver")
@@ -502,18 +502,6 @@ class TokensaverMiddleware(_sdk.Middleware):
 # -- tools that plugins answer themselves -----------------------------------------------------
 
 MAX_PLUGIN_TOOL_ROUNDS = 3
-
-
-def plugin_tools(body: dict[str, Any]) -> set[str]:
-    """Names of the tools in a request that plugins answer themselves (``tokensaver_*``)."""
-    tools = body.get("tools")
-    if not isinstance(tools, list):
-        return set()
-    return {
-        t["name"]
-        for t in tools
-        if isinstance(t, dict) and isinstance(t.get("name"), str) and t["name"].startswith(PLUGIN_TOOL_PREFIX)
-    }
 
 
 def read_message(content_type: str, raw: bytes) -> dict[str, Any] | None:

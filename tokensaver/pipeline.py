@@ -584,18 +584,23 @@ def is_follow_up(body: dict[str, Any]) -> bool:
     return isinstance(msgs, list) and len(msgs) >= 2 and calls_plugin_tool(msgs[-2])
 
 
-def _plugin_tools(body: dict[str, Any]) -> bool:
+def plugin_tools(body: dict[str, Any]) -> set[str]:
+    """Names of the tools in a request that plugins answer themselves (``tokensaver_*``)."""
     tools = body.get("tools")
-    return isinstance(tools, list) and any(
-        isinstance(t, dict) and str(t.get("name", "")).startswith(PLUGIN_TOOL_PREFIX) for t in tools
-    )
+    if not isinstance(tools, list):
+        return set()
+    return {
+        t["name"]
+        for t in tools
+        if isinstance(t, dict) and isinstance(t.get("name"), str) and t["name"].startswith(PLUGIN_TOOL_PREFIX)
+    }
 
 
 def _tool_adder(call: Call) -> int:
     """Index of the stage that added a plugin tool to the request (else the last stage)."""
-    had = _plugin_tools(call.original)
+    had = bool(plugin_tools(call.original))
     for k, body in enumerate(call.bodies):
-        has = _plugin_tools(body)
+        has = bool(plugin_tools(body))
         if has and not had:
             return k
         had = has
