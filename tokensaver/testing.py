@@ -2,8 +2,12 @@
 
 pytest is a test dependency only: this module imports without it (the fixtures are then absent).
 
+Test a plugin alone: :func:`one_plugin_manager` (a plugin manager with only that plugin), :func:`wrap_one`
+(a client wrapped with only that plugin enabled), :func:`one_plugin_client` (the same against the emulator).
+
 Fixtures:
     ``emulator``               a started ``Emulator(virtual_clock=True)``, stopped after the test
+    ``emu``                    the same emulator, under the short name the tests use
     ``emulator_client``        ``anthropic.Anthropic`` pointed at it (``max_retries=0``)
     ``async_emulator_client``  ``anthropic.AsyncAnthropic`` pointed at it (use inside ``asyncio.run``)
 """
@@ -15,19 +19,61 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import anthropic
+import pluggy
 
 from tokensaver.emulator import Emulator
+from tokensaver.middleware import wrap
+from tokensaver.plugins import get_plugin_manager
+
+C = TypeVar("C")
 
 TEST_API_KEY = "test-key"
 
 
 def emulator_clients(emu: Emulator, **kwargs: Any) -> tuple[Any, Any]:
     """(sync, async) anthropic clients for ``emu``; kwargs go to both constructors."""
-    import anthropic
-
     opts: dict[str, Any] = {"base_url": emu.url, "api_key": TEST_API_KEY, "max_retries": 0, **kwargs}
     return anthropic.Anthropic(**opts), anthropic.AsyncAnthropic(**opts)
+
+
+def one_plugin_manager(plugin: object, name: str = "plugin") -> pluggy.PluginManager:
+    """A plugin manager holding only ``plugin`` (registered as ``name``): no installed plugin is loaded."""
+    return get_plugin_manager({name: plugin}, load_entrypoints=False)
+
+
+def wrap_one(
+    client: C,
+    plugin: object,
+    *,
+    name: str = "plugin",
+    settings: dict[str, Any] | None = None,
+    runs_dir: str | Path | None = None,
+    **config: Any,
+) -> C:
+    """``client`` wrapped with only ``plugin`` enabled (as ``name``, its table ``settings``).
+
+    The run is recorded under ``runs_dir`` when given, else kept in memory only (``record = false``);
+    ``config`` adds core keys (``strict``, ``plugin_timeout``, ...).
+    """
+    cfg: dict[str, Any] = {"plugins": [name], **config}
+    if settings is not None:
+        cfg[name] = settings
+    if runs_dir is not None:
+        cfg["runs_dir"] = str(runs_dir)
+    else:
+        cfg.setdefault("record", False)
+    return wrap(client, config=cfg, plugin_manager=one_plugin_manager(plugin, name))
+
+
+def one_plugin_client(emu: Emulator, plugin: object, *, asynchronous: bool = False, **kwargs: Any) -> Any:
+    """An ``anthropic`` client (``AsyncAnthropic`` when ``asynchronous``) for ``emu``, wrapped by
+    :func:`wrap_one` with only ``plugin``; ``kwargs`` go to :func:`wrap_one`."""
+    cls = anthropic.AsyncAnthropic if asynchronous else anthropic.Anthropic
+    base = cls(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0)
+    return wrap_one(base, plugin, **kwargs)
 
 
 def start_proxy_process(
@@ -80,6 +126,11 @@ if pytest is not None:
         """A started offline Messages API with a virtual clock (``emulator.clock.advance(301)``)."""
         with Emulator(virtual_clock=True) as emu:
             yield emu
+
+    @pytest.fixture
+    def emu(emulator: Emulator) -> Emulator:
+        """The ``emulator`` fixture under its short name."""
+        return emulator
 
     @pytest.fixture
     def emulator_client(emulator: Emulator) -> Iterator[Any]:
