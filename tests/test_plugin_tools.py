@@ -39,12 +39,6 @@ def _use(name: str, tid: str, **inp: Any) -> dict[str, Any]:
     return {"type": "tool_use", "id": tid, "name": name, "input": inp}
 
 
-@pytest.fixture
-def emu() -> Any:
-    with Emulator(virtual_clock=True) as e:
-        yield e
-
-
 def _client(
     emu: Emulator, tmp_path: Any, plugins: dict[str, Any], asynchronous: bool = False, **cfg: Any
 ) -> Any:
