@@ -34,12 +34,6 @@ class Boom:
         raise RuntimeError("kaput")
 
 
-@pytest.fixture
-def emu() -> Any:
-    with Emulator(virtual_clock=True) as e:
-        yield e
-
-
 def _client(emu: Emulator, tmp_path: Path, plugins: dict[str, Any], order: list[str], **cfg: Any) -> Any:
     pm = get_plugin_manager(plugins, load_entrypoints=False)
     base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
