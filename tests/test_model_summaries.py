@@ -74,12 +74,6 @@ def _replies(emu: Emulator, summary: str = SUMMARY) -> list[dict[str, Any]]:
     return seen
 
 
-@pytest.fixture
-def emu() -> Any:
-    with Emulator(virtual_clock=True) as e:
-        yield e
-
-
 def _client(
     emu: Emulator,
     tmp_path: Any,
