@@ -135,12 +135,6 @@ def _plugin_tool_calls(message: dict[str, Any]) -> list[str]:
     ]
 
 
-@pytest.fixture
-def emu() -> Any:
-    with Emulator(virtual_clock=True) as e:
-        yield e
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 @pytest.mark.parametrize("door", DOORS)
 def test_an_identical_request_gets_the_exchange_answer_never_our_tool_call(
