@@ -70,12 +70,6 @@ def _wrap(client: Any, tmp_path: Any, plugins: dict[str, Any], run: str = "t") -
     )
 
 
-@pytest.fixture
-def emu() -> Any:
-    with Emulator(virtual_clock=True) as e:
-        yield e
-
-
 def _clients(emu: Emulator, **kw: Any) -> tuple[anthropic.Anthropic, anthropic.AsyncAnthropic]:
     opts = {"base_url": emu.url, "api_key": "sk-test-key", "max_retries": 0, **kw}
     return anthropic.Anthropic(**opts), anthropic.AsyncAnthropic(**opts)
