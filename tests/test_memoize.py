@@ -435,13 +435,6 @@ def _e2e_clients(emu, tmp_path, key="sk-test-key"):
     )
 
 
-@pytest.fixture
-def emu():
-    emulator = pytest.importorskip("tokensaver.emulator")
-    with emulator.Emulator(virtual_clock=True) as e:
-        yield e
-
-
 KW = {
     "model": "claude-sonnet-4-6",
     "max_tokens": 50,
