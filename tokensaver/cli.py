@@ -35,7 +35,12 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run",
         "serve the Messages API through tokensaver over HTTP",
     ),
+    "claude": ("tokensaver.launch", "add_claude_arguments", "run_claude", "run Claude Code through a proxy"),
+    "openclaw": ("tokensaver.launch", "add_openclaw_arguments", "run_openclaw", "run OpenClaw through a proxy"),
+    "run": ("tokensaver.launch", "add_run_arguments", "run_command", "run a command through a proxy"),
 }
+# launchers: their own options come first, everything after goes to the agent untouched
+LAUNCHERS = ("claude", "openclaw", "run")
 FORMATS = ("table", "md", "html", "json")
 
 
@@ -162,8 +167,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tokensaver`` command; returns the exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    agent_args: list[str] | None = None
+    if argv and argv[0] in LAUNCHERS:
+        from .launch import split_argv
+
+        argv, agent_args = split_argv(argv)
     # a disabled subcommand accepts anything, so that it can say why it is disabled
     args, extra = parser.parse_known_args(argv)
+    if agent_args is not None:
+        args.agent_args = agent_args
     if extra and not getattr(args, "unavailable", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func = getattr(args, "func", None)
