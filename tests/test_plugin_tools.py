@@ -272,7 +272,7 @@ def test_splice_joins_rounds_into_one_valid_message(
 ) -> None:
     """Whatever the rounds and however the bytes are cut, the caller gets one well-formed message:
     every block of every round but ours, in order, indices 0..n-1, one message_start, one stop."""
-    from tokensaver.middleware import Splice
+    from tokensaver.exchange import Splice
     from tokensaver.sse import SSEAccumulator, message_to_sse
 
     splice, out = Splice(), b""

@@ -7,153 +7,81 @@ through untouched. API errors pass through untouched too, so the SDK's retries k
 middleware runs once per attempt and the pipeline records each attempt once, also one that got no
 answer (a connection error, a timeout: recorded, then the SDK's exception goes on untouched).
 
-Async clients (and the proxy) run the pipeline's sync work in tokensaver's own bounded threads
-(``request_phase`` / ``response_phase``), never the event loop's default executor: a transform may
-wait in ``ctx.call_model`` for a coroutine that itself needs that executor (name resolution, netrc).
+This module is a door: it reads and writes the SDK's requests and responses; every decision (what
+a request is, what to record, plugin-tool rounds, stored answers) is :mod:`tokensaver.exchange`'s,
+shared with the proxy. ``handle`` and ``handle_async`` are thin twins over those decisions. Async
+clients run the pipeline's sync work in tokensaver's own threads (:mod:`tokensaver.phases`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import functools
 import inspect
-import json
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeVar
 
 import anthropic
 import httpx2
 
 from . import _sdk
-from .context import MODEL_CALL_TIMEOUT, for_requester, requester
-from .pipeline import Call, Pipeline, is_plugin_tool_use, key_hash, plugin_tools
-from .sse import SSEAccumulator, message_to_sse, sse_error_answer, sse_event
+from .context import MODEL_CALL_TIMEOUT
+from .exchange import (
+    CANCELLED,
+    CLOSED_EARLY,
+    CONTROL_PREFIX,
+    MESSAGES_PATH,
+    UNREADABLE,
+    Failure,
+    Outcome,
+    PluginToolExchange,
+    Prepared,
+    Served,
+    StreamWatch,
+    control_headers,
+    finish_json,
+    messages_body,
+    plugin_tools,
+    prepare,
+    read_message,
+    serve,
+    splices,
+)
+from .phases import as_requester, call_on_loop, request_phase, response_phase
+from .pipeline import Call, Pipeline, key_hash
 
 log = logging.getLogger("tokensaver")
 C = TypeVar("C")
-T = TypeVar("T")
-
-MESSAGES_PATH = "/v1/messages"
-CONTROL_PREFIX = "x-tokensaver-"
-
-# -- tokensaver's own threads for the pipeline's sync work, called from async code -------------
-
-REQUEST_THREADS = 32  # begin(): transforms and lookups, which may wait (model calls, single-flight)
-RESPONSE_THREADS = 8  # finish() and plugin tool answers: never wait on another call
-_pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
 
 
-def _pool(name: str, size: int) -> concurrent.futures.ThreadPoolExecutor:
-    with _pools_lock:
-        pool = _pools.get(name)
-        if pool is None:
-            pool = _pools[name] = concurrent.futures.ThreadPoolExecutor(size, f"tokensaver-{name}")
-        return pool
-
-
-async def _in_pool(
-    pool: concurrent.futures.ThreadPoolExecutor,
-    fn: Callable[..., T],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    abandoned: Callable[[T], object] | None,
-) -> T:
-    # the work runs for the calling task: memoize tells its calls apart by task, not by thread
-    context = for_requester(asyncio.current_task())
-    future = pool.submit(context.run, functools.partial(fn, *args, **kwargs))
-    try:
-        return await asyncio.wrap_future(future)
-    except asyncio.CancelledError:
-        if abandoned is not None:  # the caller went away: whatever the work made is cleaned up once done
-
-            def done(f: concurrent.futures.Future[T]) -> None:
-                if not f.cancelled() and f.exception() is None:
-                    abandoned(f.result())
-
-            future.add_done_callback(done)
-        raise
-
-
-async def request_phase(
-    fn: Callable[..., T], *args: Any, abandoned: Callable[[T], object] | None = None, **kwargs: Any
-) -> T:
-    """Run request-phase pipeline work (``begin``, a plugin-tool exchange's next call) in our threads.
-
-    Not the loop's default executor: a transform waiting in ``ctx.call_model`` must not hold a thread
-    that the model call's own coroutine needs. ``abandoned(result)`` runs if the caller is cancelled
-    before the work is done (e.g. records the call it began).
-    """
-    return await _in_pool(_pool("request", REQUEST_THREADS), fn, args, kwargs, abandoned)
-
-
-async def response_phase(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run response-phase pipeline work (``finish``, plugin tool answers) in threads of its own.
-
-    Separate from the request phase: a call that finishes is never queued behind identical calls
-    that wait for it (memoize's single-flight), however many there are.
-    """
-    return await _in_pool(_pool("response", RESPONSE_THREADS), fn, args, kwargs, None)
-
-
-def as_requester(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(...)`` here, for whoever is calling (this thread or task), also in the hooks' worker threads."""
-    return for_requester(requester()).run(fn, *args, **kwargs)
-
-
-def call_on_loop(
-    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], timeout: float = MODEL_CALL_TIMEOUT
-) -> T:
-    """Run ``coro`` on ``loop`` from a worker thread and wait for it, ``timeout`` seconds at most.
-
-    :raises TimeoutError: no result in time (the coroutine is cancelled).
-    :raises RuntimeError: called on ``loop``'s own thread, where waiting would stall the loop for good.
-    """
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is loop:
-        coro.close()
-        raise RuntimeError("a plugin's model call cannot wait on the event loop it runs on")
-    future = asyncio.run_coroutine_threadsafe(coro, loop)
-    try:
-        return future.result(timeout)
-    except concurrent.futures.TimeoutError:
-        future.cancel()
-        raise TimeoutError(f"no answer within {timeout:g}s") from None
-
-
-def _unanswered_status(exc: BaseException) -> str:
+def _unanswered(exc: BaseException) -> Failure:
+    """An attempt that ended in an SDK exception, as recorded."""
     if isinstance(exc, anthropic.APITimeoutError):
-        return "timeout"
-    if isinstance(exc, anthropic.APIConnectionError):
-        return "connection_error"
-    if isinstance(exc, asyncio.CancelledError):
-        return "cancelled"
-    return "error"
+        outcome = Outcome.TIMEOUT
+    elif isinstance(exc, anthropic.APIConnectionError):
+        outcome = Outcome.CONNECTION_ERROR
+    elif isinstance(exc, asyncio.CancelledError):
+        outcome = Outcome.CANCELLED
+    else:
+        outcome = Outcome.ERROR
+    return Failure(outcome, type(exc).__name__)
 
 
 def _messages_body(request: _sdk.APIRequest) -> dict[str, Any] | None:
-    if request.method.lower() != "post":
+    if request.method.lower() != "post" or not httpx2.URL(request.url).path.endswith(MESSAGES_PATH):
         return None
-    path = httpx2.URL(request.url).path
-    if not path.endswith(MESSAGES_PATH):
-        return None
-    body = request.json
-    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-        return None
-    return body
+    return messages_body(request.json)
 
 
-def _surface(request: _sdk.APIRequest) -> str:
+def _beta(request: _sdk.APIRequest) -> bool:
     qualifiers = getattr(request.options, "qualifiers", None) or {}
-    return "beta" if qualifiers.get("beta") == "true" else "messages"
+    return qualifiers.get("beta") == "true"
+
+
+def _is_sse(http: httpx2.Response) -> bool:
+    return "text/event-stream" in http.headers.get("content-type", "")
 
 
 class TokensaverMiddleware(_sdk.Middleware):
@@ -208,7 +136,7 @@ class TokensaverMiddleware(_sdk.Middleware):
         except BaseException as exc:
             if not call.recorded:
                 try:
-                    self.pipeline.finish(call, None, status=_unanswered_status(exc), error=type(exc).__name__)
+                    _unanswered(exc).record(self.pipeline, call)
                 except Exception as record_exc:  # recording must not replace the caller's exception
                     log.warning("could not record a failed attempt: %s", type(record_exc).__name__)
             raise
@@ -217,56 +145,46 @@ class TokensaverMiddleware(_sdk.Middleware):
         """A middleware sharing this pipeline, to be bound to a copy of the client."""
         return TokensaverMiddleware(self.pipeline, asynchronous=self.asynchronous)
 
-    # -- helpers shared by sync and async ------------------------------------------------------
+    # -- I/O shared by sync and async -------------------------------------------------------------
 
-    def _prepare(self, request: _sdk.APIRequest, body: dict[str, Any]) -> tuple[dict[str, Any], str, bool]:
-        headers = {str(k).lower(): v for k, v in dict(request.headers).items()}
-        secret = headers.get("x-api-key") or headers.get("authorization")
-        key = key_hash(secret) if isinstance(secret, str) and secret else self.secret_hash
-        stream = bool(request.stream or body.get("stream"))
-        return headers, key, stream
+    def _prepare(self, request: _sdk.APIRequest, body: dict[str, Any]) -> Prepared:
+        return prepare(
+            dict(request.headers),
+            body,
+            stream=bool(request.stream),
+            beta=_beta(request),
+            attempt=request.retries_taken,
+            default_key=self.secret_hash,
+        )
 
     def _outgoing(self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any]) -> _sdk.APIRequest:
-        control = [k for k in headers if k.startswith(CONTROL_PREFIX)]
-        if call.body is call.original and not control:
+        if call.body is call.original and not control_headers(headers):
             return request
         kept = {
             k: v for k, v in dict(request.headers).items() if not str(k).lower().startswith(CONTROL_PREFIX)
         }
         return request.copy(body=call.body, headers=kept)
 
-    def _serve(
-        self,
-        request: _sdk.APIRequest,
-        call: Call,
-        message: dict[str, Any] | None = None,
-        extra_headers: dict[str, str] | None = None,
-    ) -> Any:
+    def _response(self, request: _sdk.APIRequest, served: Served) -> Any:
         """An SDK response for an answer built here: a short-circuit, or the end of a plugin-tool exchange."""
-        message = message if message is not None else (call.response or {})
-        headers = {
-            "request-id": f"tokensaver-{call.ctx.call_id}",
-            **call.ctx.response_headers,
-            **(extra_headers or {}),
-        }
-        if call.short_circuit:
-            headers["x-tokensaver-short-circuit"] = call.short_circuit
-        if request.stream:
-            content, ctype = message_to_sse(message), "text/event-stream; charset=utf-8"
-        else:
-            content, ctype = json.dumps(message).encode(), "application/json"
         return _sdk.synthetic_response(
             self.client,
             request,
-            content=content,
-            content_type=ctype,
-            headers=headers,
+            content=served.body,
+            content_type=served.content_type,
+            headers=served.headers,
             asynchronous=self.asynchronous,
         )
 
     def _count_params(self, body: dict[str, Any]) -> dict[str, Any]:
         accepted = set(inspect.signature(self.client.messages.count_tokens).parameters)
         return {k: v for k, v in body.items() if k in accepted}
+
+    def _count_failed(self, call: Call, exc: Exception) -> None:
+        # counting is best effort: the call itself must go through
+        call.errors.append(
+            {"plugin": "(core)", "hook": "count_tokens", "error": f"{type(exc).__name__}: {exc}"}
+        )
 
     def _count_exact(self, call: Call) -> None:
         """Exact mode: count the original and the sent request with the free count_tokens endpoint."""
@@ -276,32 +194,22 @@ class TokensaverMiddleware(_sdk.Middleware):
             if call.body is not call.original:
                 sent = self.client.messages.count_tokens(**self._count_params(call.body)).input_tokens
             call.exact = {"tokens_original": original, "tokens_sent": sent}
-        except Exception as exc:  # counting is best effort: the call itself must go through
-            call.errors.append(
-                {"plugin": "(core)", "hook": "count_tokens", "error": f"{type(exc).__name__}: {exc}"}
-            )
+        except Exception as exc:
+            self._count_failed(call, exc)
 
     async def _count_exact_async(self, call: Call) -> None:
         """Async twin of ``_count_exact``."""
         try:
-            original = (
-                await self.client.messages.count_tokens(**self._count_params(call.original))
-            ).input_tokens
+            count = self.client.messages.count_tokens
+            original = (await count(**self._count_params(call.original))).input_tokens
             sent = original
             if call.body is not call.original:
-                sent = (await self.client.messages.count_tokens(**self._count_params(call.body))).input_tokens
+                sent = (await count(**self._count_params(call.body))).input_tokens
             call.exact = {"tokens_original": original, "tokens_sent": sent}
         except Exception as exc:
-            call.errors.append(
-                {"plugin": "(core)", "hook": "count_tokens", "error": f"{type(exc).__name__}: {exc}"}
-            )
+            self._count_failed(call, exc)
 
-    def _pass_through(
-        self,
-        call: Call,
-        response: Any,
-        observer: type[_ObservedStream] | type[_AsyncObservedStream] | None,
-    ) -> Any | None:
+    def _pass_through(self, call: Call, response: Any, observer: type[_ObservedStream] | None) -> Any | None:
         """The response to hand back as it is (an API error, or a stream observed on the way), else None.
 
         ``observer`` None: a stream is not wrapped here (the caller reads it itself).
@@ -310,113 +218,13 @@ class TokensaverMiddleware(_sdk.Middleware):
         """
         http = response.http_response
         if not http.is_success:
-            self.pipeline.finish(call, None, status=http.status_code, error=f"HTTP {http.status_code}")
+            Failure.http(http.status_code).record(self.pipeline, call)
             return response
         for name, value in call.ctx.response_headers.items():
             http.headers[name] = value
-        if observer is not None and "text/event-stream" in http.headers.get("content-type", ""):
-            return _sdk.replace_body_stream(response, observer(self.pipeline, call, http))
+        if observer is not None and _is_sse(http):
+            return _sdk.replace_body_stream(response, observer(StreamWatch(self.pipeline, call), http))
         return None
-
-    def _finish_json(self, call: Call, response: Any, raw: bytes) -> None:
-        try:
-            message = json.loads(raw)
-        except ValueError as exc:
-            self.pipeline.finish(call, None, status="unparsed", error=str(exc))
-            return
-        self.pipeline.finish(call, message if isinstance(message, dict) else None)
-
-    def _handle_plugin_tools(
-        self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any], call_next: Any
-    ) -> Any:
-        """Send the call; answer tool calls addressed to plugins until the model answers the caller."""
-        first = call
-        for rounds in range(MAX_PLUGIN_TOOL_ROUNDS + 1):
-            with self._attempt(call):
-                response = call_next(self._outgoing(request, call, headers))
-                http = response.http_response
-                if not http.is_success:
-                    self.pipeline.finish(
-                        call, None, status=http.status_code, error=f"HTTP {http.status_code}"
-                    )
-                    return response
-                raw = http.read()
-            message = read_message(http.headers.get("content-type", ""), raw)
-            if message is None:
-                self.pipeline.finish(call, None, status="incomplete", error="unreadable response")
-                return response
-            results, reply = plan_round(self.pipeline, call, message)  # answers' notes go in this record
-            last = results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS
-            if last:
-                end_exchange(call, first, reply)
-            self.pipeline.finish(call, message)
-            if last:
-                return self._serve(request, call, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
-            call = as_requester(next_round, self.pipeline, call, reply, results, headers)
-        raise AssertionError("unreachable")
-
-    async def _handle_plugin_tools_async(
-        self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any], call_next: Any
-    ) -> Any:
-        """Async twin of ``_handle_plugin_tools``."""
-        first = call
-        for rounds in range(MAX_PLUGIN_TOOL_ROUNDS + 1):
-            with self._attempt(call):
-                response = await call_next(self._outgoing(request, call, headers))
-                http = response.http_response
-                if not http.is_success:
-                    self.pipeline.finish(
-                        call, None, status=http.status_code, error=f"HTTP {http.status_code}"
-                    )
-                    return response
-                raw = await http.aread()
-            message = read_message(http.headers.get("content-type", ""), raw)
-            if message is None:
-                self.pipeline.finish(call, None, status="incomplete", error="unreadable response")
-                return response
-            results, reply = await response_phase(plan_round, self.pipeline, call, message)
-            last = results is None or rounds == MAX_PLUGIN_TOOL_ROUNDS
-            if last:
-                end_exchange(call, first, reply)
-            await response_phase(self.pipeline.finish, call, message)
-            if last:
-                return self._serve(request, call, reply, {"x-tokensaver-plugin-tool-rounds": str(rounds)})
-            call = await request_phase(next_round, self.pipeline, call, reply, results, headers)
-        raise AssertionError("unreachable")
-
-    def _stream_plugin_tools(
-        self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any], call_next: Any
-    ) -> Any:
-        """A streamed call whose answer may ask for plugin tools: streamed on as it comes (see ``Splice``)."""
-        with self._attempt(call):
-            response = call_next(self._outgoing(request, call, headers))
-            passed = self._pass_through(call, response, None)
-            if passed is not None:
-                return passed
-            http = response.http_response
-            if "text/event-stream" not in http.headers.get("content-type", ""):
-                self._finish_json(call, response, http.read())  # a JSON answer to a streamed request
-                return response
-        return _sdk.replace_body_stream(
-            response, _SplicedStream(self, request, call, headers, call_next, http)
-        )
-
-    async def _stream_plugin_tools_async(
-        self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any], call_next: Any
-    ) -> Any:
-        """Async twin of ``_stream_plugin_tools``."""
-        with self._attempt(call):
-            response = await call_next(self._outgoing(request, call, headers))
-            passed = self._pass_through(call, response, None)
-            if passed is not None:
-                return passed
-            http = response.http_response
-            raw = None if "text/event-stream" in http.headers.get("content-type", "") else await http.aread()
-        if raw is not None:  # a JSON answer to a streamed request
-            await response_phase(self._finish_json, call, response, raw)
-            return response
-        stream = _AsyncSplicedStream(self, request, call, headers, call_next, http)
-        return _sdk.replace_body_stream(response, stream)
 
     # -- sync ------------------------------------------------------------------------------------
 
@@ -424,37 +232,63 @@ class TokensaverMiddleware(_sdk.Middleware):
         body = _messages_body(request)
         if body is None:
             return call_next(request)
-        headers, key, stream = self._prepare(request, body)
-        call = as_requester(
-            self.pipeline.begin,
-            body,
-            headers=headers,
-            key=key,
-            stream=stream,
-            surface=_surface(request),
-            attempt=request.retries_taken,
-            upstream=self.call_model,
-        )
+        prep = self._prepare(request, body)
+        call = as_requester(prep.begin, self.pipeline, body, self.call_model)
         if self.pipeline.config.token_count == "exact":
             self._count_exact(call)
         if call.short_circuit:
             self.pipeline.finish(call, None)
-            return self._serve(request, call)
+            return self._response(request, serve(call, bool(request.stream)))
         if plugin_tools(call.body):
-            if _splice_stream(request, call):
-                return self._stream_plugin_tools(request, call, headers, call_next)
-            return self._handle_plugin_tools(request, call, headers, call_next)
+            if splices(bool(request.stream), call.body):
+                return self._stream_plugin_tools(request, call, prep, call_next)
+            return self._plugin_tools(request, call, prep, call_next)
         with self._attempt(call):
-            response = call_next(self._outgoing(request, call, headers))
+            response = call_next(self._outgoing(request, call, prep.headers))
             passed = self._pass_through(call, response, _ObservedStream)
             if passed is not None:
                 return passed
-            http = response.http_response
             t0 = time.perf_counter()
-            raw = http.read()
+            raw = response.http_response.read()
             call.overhead_ms -= (time.perf_counter() - t0) * 1000  # reading the body is not our overhead
-            self._finish_json(call, response, raw)
+            finish_json(self.pipeline, call, raw)
         return response
+
+    def _plugin_tools(self, request: _sdk.APIRequest, call: Call, prep: Prepared, call_next: Any) -> Any:
+        """Send the call; answer tool calls addressed to plugins until the model answers the caller."""
+        ex = PluginToolExchange(self.pipeline, call, prep.headers, splice=False)
+        while True:
+            with self._attempt(ex.call):
+                response = call_next(self._outgoing(request, ex.call, prep.headers))
+                http = response.http_response
+                if not http.is_success:
+                    ex.refused(http.status_code)
+                    return response
+                raw = http.read()
+            message = read_message(http.headers.get("content-type", ""), raw)
+            if message is None:
+                ex.fail(UNREADABLE)
+                return response
+            step = ex.conclude(message)  # answers' notes go in this round's record
+            if step.last:
+                return self._response(request, ex.served(bool(request.stream), step))
+            as_requester(ex.advance, step)
+
+    def _stream_plugin_tools(
+        self, request: _sdk.APIRequest, call: Call, prep: Prepared, call_next: Any
+    ) -> Any:
+        """A streamed call whose answer may ask for plugin tools: streamed on as it comes (see ``Splice``)."""
+        with self._attempt(call):
+            response = call_next(self._outgoing(request, call, prep.headers))
+            passed = self._pass_through(call, response, None)
+            if passed is not None:
+                return passed
+            http = response.http_response
+            if not _is_sse(http):
+                finish_json(self.pipeline, call, http.read())  # a JSON answer to a streamed request
+                return response
+        ex = PluginToolExchange(self.pipeline, call, prep.headers, splice=True)
+        return _sdk.replace_body_stream(response, _SplicedStream(self, request, ex, call_next, http))
 
     # -- async -----------------------------------------------------------------------------------
 
@@ -462,330 +296,159 @@ class TokensaverMiddleware(_sdk.Middleware):
         body = _messages_body(request)
         if body is None:
             return await call_next(request)
-        headers, key, stream = self._prepare(request, body)
+        prep = self._prepare(request, body)
         # plugins are sync (and may wait, e.g. memoize's single-flight): keep the event loop free
-        call = await request_phase(
-            self.pipeline.begin,
-            body,
-            headers=headers,
-            key=key,
-            stream=stream,
-            surface=_surface(request),
-            attempt=request.retries_taken,
-            upstream=self.upstream_async(asyncio.get_running_loop()),
-            abandoned=self._abandoned,
-        )
+        upstream = self.upstream_async(asyncio.get_running_loop())
+        call = await request_phase(prep.begin, self.pipeline, body, upstream, abandoned=self._abandoned)
         if self.pipeline.config.token_count == "exact":
             await self._count_exact_async(call)
         if call.short_circuit:
             self.pipeline.finish(call, None)
-            return self._serve(request, call)
+            return self._response(request, serve(call, bool(request.stream)))
         if plugin_tools(call.body):
-            if _splice_stream(request, call):
-                return await self._stream_plugin_tools_async(request, call, headers, call_next)
-            return await self._handle_plugin_tools_async(request, call, headers, call_next)
+            if splices(bool(request.stream), call.body):
+                return await self._stream_plugin_tools_async(request, call, prep, call_next)
+            return await self._plugin_tools_async(request, call, prep, call_next)
         with self._attempt(call):
-            response = await call_next(self._outgoing(request, call, headers))
+            response = await call_next(self._outgoing(request, call, prep.headers))
             passed = self._pass_through(call, response, _AsyncObservedStream)
             if passed is not None:
                 return passed
             raw = await response.http_response.aread()
-        await response_phase(self._finish_json, call, response, raw)
+        await response_phase(finish_json, self.pipeline, call, raw)
         return response
+
+    async def _plugin_tools_async(
+        self, request: _sdk.APIRequest, call: Call, prep: Prepared, call_next: Any
+    ) -> Any:
+        """Async twin of ``_plugin_tools``."""
+        ex = PluginToolExchange(self.pipeline, call, prep.headers, splice=False)
+        while True:
+            with self._attempt(ex.call):
+                response = await call_next(self._outgoing(request, ex.call, prep.headers))
+                http = response.http_response
+                if not http.is_success:
+                    ex.refused(http.status_code)
+                    return response
+                raw = await http.aread()
+            message = read_message(http.headers.get("content-type", ""), raw)
+            if message is None:
+                ex.fail(UNREADABLE)
+                return response
+            step = await response_phase(ex.conclude, message)
+            if step.last:
+                return self._response(request, ex.served(bool(request.stream), step))
+            await request_phase(ex.advance, step)
+
+    async def _stream_plugin_tools_async(
+        self, request: _sdk.APIRequest, call: Call, prep: Prepared, call_next: Any
+    ) -> Any:
+        """Async twin of ``_stream_plugin_tools``."""
+        with self._attempt(call):
+            response = await call_next(self._outgoing(request, call, prep.headers))
+            passed = self._pass_through(call, response, None)
+            if passed is not None:
+                return passed
+            http = response.http_response
+            raw = None if _is_sse(http) else await http.aread()
+        if raw is not None:  # a JSON answer to a streamed request
+            await response_phase(finish_json, self.pipeline, call, raw)
+            return response
+        ex = PluginToolExchange(self.pipeline, call, prep.headers, splice=True)
+        return _sdk.replace_body_stream(response, _AsyncSplicedStream(self, request, ex, call_next, http))
 
     def _abandoned(self, call: Call) -> None:
         """A call begun for a caller that was cancelled meanwhile: recorded (and its claims released)."""
         if not call.recorded:
-            self.pipeline.finish(call, None, status="cancelled", error="CancelledError")
-
-
-# -- tools that plugins answer themselves -----------------------------------------------------
-
-MAX_PLUGIN_TOOL_ROUNDS = 3
-
-
-def read_message(content_type: str, raw: bytes) -> dict[str, Any] | None:
-    """The Message in a whole answer body, JSON or SSE (None when cut off or unreadable)."""
-    if "text/event-stream" in content_type:
-        acc = SSEAccumulator()
-        acc.feed(raw)
-        acc.close()
-        return acc.message
-    try:
-        message = json.loads(raw)
-    except ValueError:
-        return None
-    return message if isinstance(message, dict) else None
-
-
-def plan_round(
-    pipeline: Pipeline, call: Call, message: dict[str, Any]
-) -> tuple[list[dict[str, Any]] | None, dict[str, Any]]:
-    """Answers for a response that asks only for plugin tools, else None and the message to hand back.
-
-    A response that mixes plugin tools with the caller's own is handed back without the plugin's
-    tool_use blocks: the caller answers its own tools and never sees ours.
-    """
-    if message.get("stop_reason") != "tool_use":
-        return None, message
-    content = [b for b in message.get("content") or [] if isinstance(b, dict)]
-    ours = [b for b in content if is_plugin_tool_use(b)]
-    if not ours:
-        return None, message
-    if any(b.get("type") == "tool_use" and b not in ours for b in content):
-        return None, {**message, "content": [b for b in content if b not in ours]}
-    results = []
-    for block in ours:
-        answer = pipeline.answer_tool_use(call, block)
-        result: dict[str, Any] = {"type": "tool_result", "tool_use_id": block.get("id")}
-        if answer is None:
-            result.update(content=f"no plugin answers {block.get('name')}", is_error=True)
-        else:
-            result["content"] = answer
-        results.append(result)
-    return results, message
-
-
-def next_round(
-    pipeline: Pipeline,
-    call: Call,
-    message: dict[str, Any],
-    results: list[dict[str, Any]],
-    headers: dict[str, Any],
-) -> Call:
-    """The next call of a plugin-tool exchange, through the whole pipeline (from async code: in a thread)."""
-    return pipeline.begin(
-        follow_up(call, message, results),
-        headers=headers,
-        key=call.ctx.key_hash,
-        stream=call.ctx.stream,
-        surface=call.surface,
-        upstream=call.ctx.upstream,
-    )
-
-
-def follow_up(call: Call, message: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The caller's request continued with the model's plugin-tool call and the plugins' answers."""
-    body = call.original
-    turn = [
-        {"role": "assistant", "content": message.get("content") or []},
-        {"role": "user", "content": results},
-    ]
-    return {**body, "messages": [*body["messages"], *turn]}
-
-
-def end_exchange(call: Call, first: Call, answer: dict[str, Any] | None) -> None:
-    """Mark ``call`` as the last round of the exchange ``first`` began, ``answer`` what the caller got.
-
-    Set before the round's observers run: the answer to the caller's request is the exchange's
-    (memoize stores it under the first round's body), not this round's message, which may call a
-    plugin's tool or continue a body the caller never sent.
-    """
-    call.ctx.exchange_request = first.body
-    call.ctx.exchange_answer = answer
-
-
-def _splice_stream(request: _sdk.APIRequest, call: Call) -> bool:
-    """Stream a plugin-tool exchange on as it comes, rather than buffer it: streamed, without thinking.
-
-    With thinking on, the answer is buffered and only the final round handed back: a message that
-    joined several rounds would carry thinking blocks the API did not produce in that order.
-    """
-    return bool(request.stream) and not thinking_on(call.body)
-
-
-def thinking_on(body: dict[str, Any]) -> bool:
-    """Whether a request asks for thinking (enabled or adaptive)."""
-    thinking = body.get("thinking")
-    return isinstance(thinking, dict) and thinking.get("type") != "disabled"
-
-
-class Splice:
-    """Joins the SSE rounds of a plugin-tool exchange into the one message the caller streams.
-
-    Events pass on as they arrive, except: the ``tool_use`` blocks addressed to plugins (held back:
-    the caller never sees a tool it did not define), later rounds' ``message_start`` (one message),
-    and each round's ``message_delta``/``message_stop`` (held until the exchange ends). Block indices
-    are renumbered so the caller sees 0, 1, 2... across rounds.
-    """
-
-    def __init__(self) -> None:
-        self.rounds = 0
-        self.next_index = 0
-        self.acc = SSEAccumulator()
-        self._seen = 0
-        self._map: dict[int, int | None] = {}
-        self._held: list[tuple[str, dict[str, Any]]] = []
-        self._dropped = False
-        self._callers_tools = False
-        self.sent = SSEAccumulator()  # what the caller was handed, all rounds: the exchange's answer
-
-    @property
-    def answer(self) -> dict[str, Any] | None:
-        """The message the caller assembles from what was handed out (complete once ``end()`` ran)."""
-        return self.sent.message
-
-    def new_round(self) -> None:
-        self.rounds += 1
-        self.acc = SSEAccumulator()
-        self._seen, self._map, self._held = 0, {}, []
-        self._dropped = self._callers_tools = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        """The bytes to hand the caller now, for a chunk of this round's stream."""
-        self.acc.feed(chunk)
-        out: list[bytes] = []
-        for kind, data in self.acc.events[self._seen :]:
-            out.extend(self._event(kind, data))
-        self._seen = len(self.acc.events)
-        handed = b"".join(out)
-        self.sent.feed(handed)
-        return handed
-
-    def _event(self, kind: str, data: dict[str, Any]) -> list[bytes]:
-        if kind == "message_start":
-            return [sse_event(kind, data)] if self.rounds == 0 else []
-        if kind in ("message_delta", "message_stop"):
-            self._held.append((kind, data))
-            return []
-        if kind.startswith("content_block_"):
-            idx = int(data.get("index", 0))
-            if kind == "content_block_start":
-                block = data.get("content_block") or {}
-                ours = is_plugin_tool_use(block)
-                self._dropped |= ours
-                self._callers_tools |= block.get("type") == "tool_use" and not ours
-                self._map[idx] = None if ours else self.next_index
-                if not ours:
-                    self.next_index += 1
-            to = self._map.get(idx)
-            return [] if to is None else [sse_event(kind, {**data, "index": to})]
-        return [sse_event(kind, data)]  # ping, error
-
-    def end(self) -> bytes:
-        """The held ``message_delta``/``message_stop`` of the last round, closing the caller's message."""
-        out = []
-        for kind, data in self._held:
-            delta = data.get("delta")
-            if (
-                kind == "message_delta"
-                and isinstance(delta, dict)
-                and delta.get("stop_reason") == "tool_use"
-                and self._dropped
-                and not self._callers_tools
-            ):
-                data = {**data, "delta": {**delta, "stop_reason": "end_turn"}}  # no tool left to call
-            out.append(sse_event(kind, data))
-        handed = b"".join(out)
-        self.sent.feed(handed)
-        return handed
+            CANCELLED.record(self.pipeline, call)
 
 
 class _SplicedStream(httpx2.SyncByteStream):
-    """Streams a plugin-tool exchange on: answers plugin tools and continues with the next round."""
+    """Streams a plugin-tool exchange on: feeds each round to the exchange, sends the next round."""
 
     def __init__(
         self,
         mw: TokensaverMiddleware,
         request: _sdk.APIRequest,
-        call: Call,
-        headers: dict[str, Any],
+        ex: PluginToolExchange,
         call_next: Any,
         http: httpx2.Response,
     ) -> None:
-        self.mw, self.request, self.call, self.headers, self.call_next = mw, request, call, headers, call_next
-        self.first = call  # the caller's own request: the exchange's answer is stored under it
+        self.mw, self.request, self.ex, self.call_next = mw, request, ex, call_next
         self.http: httpx2.Response | None = http
+        ex.start_stream()
+
+    def _send(self) -> Any:
+        return self.call_next(self.mw._outgoing(self.request, self.ex.call, self.ex.headers))
 
     def __iter__(self) -> Iterator[bytes]:
-        pipeline, splice = self.mw.pipeline, Splice()
+        ex = self.ex
         try:
             while self.http is not None:
                 for chunk in self.http.iter_bytes():
-                    out = splice.feed(chunk)
+                    out = ex.feed(chunk)
                     if out:
                         yield out
                 self.http.close()
                 self.http = None
-                message = splice.acc.message
+                message = ex.streamed_message
                 if message is None:
-                    self._incomplete(splice)
+                    ex.fail(ex.streamed_failure())
                     return
-                results, reply = plan_round(pipeline, self.call, message)
-                last = results is None or splice.rounds == MAX_PLUGIN_TOOL_ROUNDS
-                tail = splice.end() if last else b""
-                if last:
-                    end_exchange(self.call, self.first, splice.answer)
-                pipeline.finish(self.call, message)
-                if last:
-                    yield tail
+                step = ex.conclude(message)
+                if step.last:
+                    yield step.tail
                     return
-                self.call = as_requester(next_round, pipeline, self.call, reply, results, self.headers)
-                with self.mw._attempt(self.call):
-                    response = self.call_next(self.mw._outgoing(self.request, self.call, self.headers))
-                    http = response.http_response
+                as_requester(ex.advance, step)
+                with self.mw._attempt(ex.call):
+                    http = self._send().http_response
                     if not http.is_success:
                         http.read()
                 if not http.is_success:
-                    yield self._failed(http)
+                    yield ex.refused_in_stream(http.status_code, http.content)
                     return
-                splice.new_round()
                 self.http = http
         finally:
             self.close()
-
-    def _incomplete(self, splice: Splice) -> None:
-        self.mw.pipeline.finish(self.call, None, status="incomplete", error=splice.acc.failure)
-
-    def _failed(self, http: httpx2.Response) -> bytes:
-        """A follow-up round the API refused: recorded, and told to the caller as a stream error."""
-        self.mw.pipeline.finish(self.call, None, status=http.status_code, error=f"HTTP {http.status_code}")
-        return sse_error_answer(http.content, http.status_code)
 
     def close(self) -> None:
         if self.http is not None:
             self.http.close()
             self.http = None
-        if not self.call.recorded:  # the caller stopped reading mid-round
-            self.mw.pipeline.finish(self.call, None, status="incomplete", error="stream closed early")
+        self.ex.fail(CLOSED_EARLY)  # unless recorded: the caller stopped reading mid-round
 
 
 class _AsyncSplicedStream(_SplicedStream, httpx2.AsyncByteStream):  # type: ignore[misc]
     """Async twin of ``_SplicedStream``."""
 
     async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
-        pipeline, splice = self.mw.pipeline, Splice()
+        ex = self.ex
         try:
             while self.http is not None:
                 async for chunk in self.http.aiter_bytes():
-                    out = splice.feed(chunk)
+                    out = ex.feed(chunk)
                     if out:
                         yield out
                 await self.http.aclose()
                 self.http = None
-                message = splice.acc.message
+                message = ex.streamed_message
                 if message is None:
-                    self._incomplete(splice)  # no observers run for it: nothing that could block the loop
+                    ex.fail(
+                        ex.streamed_failure()
+                    )  # no observers run for it: nothing that could block the loop
                     return
-                results, reply = await response_phase(plan_round, pipeline, self.call, message)
-                last = results is None or splice.rounds == MAX_PLUGIN_TOOL_ROUNDS
-                tail = splice.end() if last else b""
-                if last:
-                    end_exchange(self.call, self.first, splice.answer)
-                await response_phase(pipeline.finish, self.call, message)
-                if last:
-                    yield tail
+                step = await response_phase(ex.conclude, message)
+                if step.last:
+                    yield step.tail
                     return
-                self.call = await request_phase(next_round, pipeline, self.call, reply, results, self.headers)
-                with self.mw._attempt(self.call):
-                    response = await self.call_next(self.mw._outgoing(self.request, self.call, self.headers))
-                    http = response.http_response
+                await request_phase(ex.advance, step)
+                with self.mw._attempt(ex.call):
+                    http = (await self._send()).http_response
                     if not http.is_success:
                         await http.aread()
                 if not http.is_success:
-                    yield self._failed(http)
+                    yield ex.refused_in_stream(http.status_code, http.content)
                     return
-                splice.new_round()
                 self.http = http
         finally:
             await self.aclose()
@@ -794,64 +457,48 @@ class _AsyncSplicedStream(_SplicedStream, httpx2.AsyncByteStream):  # type: igno
         if self.http is not None:
             await self.http.aclose()
             self.http = None
-        if not self.call.recorded:
-            self.mw.pipeline.finish(self.call, None, status="incomplete", error="stream closed early")
+        self.ex.fail(CLOSED_EARLY)
 
 
-class _StreamObserver:
-    """Assembles the final message from SSE bytes passing through, and records the call once."""
+class _ObservedStream(httpx2.SyncByteStream):
+    """Passes SSE bytes through as they arrive while the watch assembles the final message."""
 
-    def __init__(self, pipeline: Pipeline, call: Call, http: httpx2.Response) -> None:
-        self.pipeline, self.call, self.http = pipeline, call, http
-        self.acc = SSEAccumulator()
-        self.done = False
-
-    def _done(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        if self.acc.message is not None:
-            self.pipeline.finish(self.call, self.acc.message)
-        else:
-            self.pipeline.finish(self.call, None, status="incomplete", error=self.acc.failure)
-
-
-class _ObservedStream(_StreamObserver, httpx2.SyncByteStream):
-    """Passes SSE bytes through as they arrive while assembling the final message."""
+    def __init__(self, watch: StreamWatch, http: httpx2.Response) -> None:
+        self.watch, self.http = watch, http
 
     def __iter__(self) -> Iterator[bytes]:
         try:
             for chunk in self.http.iter_bytes():
-                self.acc.feed(chunk)
+                self.watch.feed(chunk)
                 yield chunk
         finally:
-            self._done()
+            self.watch.record()
 
     def close(self) -> None:
         try:
             self.http.close()
         finally:
-            self._done()
+            self.watch.record()
 
 
-class _AsyncObservedStream(_StreamObserver, httpx2.AsyncByteStream):
+class _AsyncObservedStream(_ObservedStream, httpx2.AsyncByteStream):  # type: ignore[misc]
     """Async twin of ``_ObservedStream``."""
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
         try:
             async for chunk in self.http.aiter_bytes():
-                self.acc.feed(chunk)
+                self.watch.feed(chunk)
                 yield chunk
-            if self.acc.message is not None:  # observers run off the loop (they store answers...)
-                await response_phase(self._done)
+            if self.watch.complete:  # observers run off the loop (they store answers...)
+                await response_phase(self.watch.record)
         finally:
-            self._done()
+            self.watch.record()
 
     async def aclose(self) -> None:
         try:
             await self.http.aclose()
         finally:
-            self._done()
+            self.watch.record()
 
 
 def _install_copy_hook(client: Any, mw: TokensaverMiddleware) -> None:
