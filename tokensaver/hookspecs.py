@@ -19,6 +19,9 @@ rendered (possibly in another process, from the persisted run).
 Plugins see and return plain Messages API JSON (dicts), never SDK objects. Treat the body and its
 blocks as immutable: build new dicts/lists for what you change. A plugin that raises is skipped for
 that call (fail open) and the error is recorded; ``strict = true`` in config raises instead.
+Each plugin's hook is called on its own (timed, bounded, on its own copy of the body), so
+implementations are plain functions: ``wrapper=True`` / ``hookwrapper=True`` are rejected by
+``wrap()``, as is an implementation of a hook not listed here.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any
     """Validate and normalize this plugin's own config table.
 
     Called once per ``wrap()`` (and per proxy/replay/bench configuration) for each enabled plugin,
-    with only that plugin's table.
+    with only that plugin's table. A plugin that declares its settings (``SETTINGS``, a
+    :class:`tokensaver.settings.Schema`) gets them already checked, defaults filled in; this hook is
+    then only for what a schema cannot say.
 
     :param settings: the plugin's table (``[tool.tokensaver.<name>]``), merged over all sources.
     :param source: where the table came from (file path(s) or ``"wrap(config=...)"``), for errors.
@@ -122,11 +127,12 @@ def tokensaver_observe_response(body: dict[str, Any], response: dict[str, Any], 
 def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Contribute a section to the run report.
 
-    Called when a report is rendered, once per plugin that took part in the run, with the run's
-    call records (the JSON persisted per call; ``record["plugins"][plugin]`` holds what the plugin
-    stored with ``ctx.record()``).
+    Called when a report is rendered, once per plugin that took part in the run, and only on that
+    plugin's own implementation (no need to check ``plugin``), with the run's call records (the
+    JSON persisted per call; ``record["plugins"][plugin]`` holds what the plugin stored with
+    ``ctx.record()``, see :func:`tokensaver.context.plugin_notes`).
 
-    :param plugin: the plugin's name in config.
+    :param plugin: the plugin's name in config (its notes' key in the records).
     :param calls: the run's call records, oldest first.
     :return: ``{"title": str, "summary": str, "rows": [dict, ...]}`` (rows optional), or None.
     """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import difflib
 import importlib.metadata
 import json
 import logging
@@ -21,30 +22,43 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import ConfigError, TransformError
+from .errors import ConfigError, TransformError, UnknownPluginError
+from .settings import Schema, reference, schema_of, shown_default
 
 log = logging.getLogger("tokensaver.plugins")
 
 GROUP = "tokensaver"
 
 
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager, plus where each plugin came from (for errors that name its entry point)."""
+
+    def __init__(self) -> None:
+        super().__init__(GROUP)
+        self.origins: dict[str, str] = {}  # name -> "entry point x = mod (dist 1.0)" / "given in code"
+
+
 def get_plugin_manager(
     extra: dict[str, object] | None = None, *, load_entrypoints: bool = True
-) -> pluggy.PluginManager:
-    """A fresh plugin manager with every installed plugin (and ``extra`` name -> plugin) registered."""
-    pm = pluggy.PluginManager(GROUP)
+) -> PluginManager:
+    """A fresh plugin manager with every installed plugin (and ``extra`` name -> plugin) registered.
+
+    A plugin that fails to import, or that pluggy rejects (an argument its hook does not have, a
+    wrapper that is not a generator), is kept as a stand-in: it breaks ``wrap()`` only when enabled
+    (see :func:`check_enabled`), never the other plugins.
+    """
+    pm = PluginManager()
     pm.add_hookspecs(hookspecs)
     if load_entrypoints:
         _load_entrypoints(pm)
     for name, plugin in (extra or {}).items():
         if pm.has_plugin(name):
             pm.unregister(name=name)
-        pm.register(plugin, name=name)
-    pm.check_pending()
+        _register(pm, plugin, name, "given in code")
     return pm
 
 
-def _load_entrypoints(pm: pluggy.PluginManager) -> None:
+def _load_entrypoints(pm: PluginManager) -> None:
     seen: dict[str, str] = {}
     for ep in sorted(importlib.metadata.entry_points(group=GROUP), key=lambda e: e.name):
         dist = getattr(ep.dist, "name", "?")
@@ -55,25 +69,39 @@ def _load_entrypoints(pm: pluggy.PluginManager) -> None:
                 stacklevel=3,
             )
             continue
+        seen[ep.name] = dist
+        version = getattr(ep.dist, "version", "")
+        origin = f"entry point {ep.name} = {ep.value} from {dist}{f' {version}' if version else ''}"
         try:
             plugin = ep.load()
         except Exception as exc:  # a broken plugin must not break the others: it is reported by name
             log.warning("tokensaver plugin %r (%s) failed to load: %s", ep.name, ep.value, exc)
-            pm.register(_BrokenPlugin(ep.name, exc), name=ep.name)
-            seen[ep.name] = dist
+            pm.register(
+                _BrokenPlugin(ep.name, f"failed to import: {type(exc).__name__}: {exc}"), name=ep.name
+            )
+            pm.origins[ep.name] = origin
             continue
         if pm.is_registered(plugin):  # same module under two names
             continue
-        pm.register(plugin, name=ep.name)
-        seen[ep.name] = dist
+        _register(pm, plugin, ep.name, origin)
+
+
+def _register(pm: PluginManager, plugin: object, name: str, origin: str) -> None:
+    pm.origins[name] = origin
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:  # pluggy validates before it changes any state
+        why = " ".join(str(exc).split("\n")[1:]) or str(exc)
+        pm.register(_BrokenPlugin(name, f"rejected by pluggy: {why}", plugin), name=name)
 
 
 class _BrokenPlugin:
-    """Stands in for a plugin whose import failed; enabling it raises a ConfigError naming it."""
+    """Stands in for a plugin that could not be registered; enabling it raises a ConfigError naming it."""
 
-    def __init__(self, name: str, error: BaseException) -> None:
+    def __init__(self, name: str, error: str, plugin: object = None) -> None:
         self.name = name
         self.error = error
+        self.plugin = plugin  # the object pluggy rejected, if it imported
 
 
 def installed(pm: pluggy.PluginManager) -> list[str]:
@@ -81,25 +109,53 @@ def installed(pm: pluggy.PluginManager) -> list[str]:
     return sorted(name for name, _ in pm.list_name_plugin())
 
 
+def origin(pm: pluggy.PluginManager, name: str) -> str:
+    """Where plugin ``name`` came from: its entry point (``name = module from dist``), or "given in code"."""
+    return getattr(pm, "origins", {}).get(name, "given in code")
+
+
 def check_enabled(pm: pluggy.PluginManager, names: list[str], source: str) -> None:
-    """Raise a ConfigError for any name that is not installed (or failed to import)."""
+    """Raise a ConfigError for an enabled plugin that is not installed or that the core cannot call.
+
+    From pluggy's own data (the hook callers of each enabled plugin and their implementations): a
+    plugin that failed to import or that pluggy rejected, an implementation of a hook that has no
+    spec (a misspelled name, what ``PluginManager.check_pending`` reports), and a ``wrapper=True`` /
+    ``hookwrapper=True`` implementation (each plugin is a stage of its own, timed and bounded, so
+    there is nothing for a wrapper to wrap). Disabled plugins are not checked.
+    """
     known = installed(pm)
     for name in names:
         plugin = pm.get_plugin(name)
         if plugin is None:
-            from .errors import UnknownPluginError
-
             raise UnknownPluginError(
                 f"unknown plugin {name!r}; installed plugins: {', '.join(known) or '(none)'}",
                 key="plugins",
                 source=source,
             )
-        if isinstance(plugin, _BrokenPlugin):
-            raise ConfigError(
-                f"plugin {name!r} is installed but failed to import: {plugin.error}",
-                key="plugins",
-                source=source,
-            )
+        problem = _problem(pm, plugin)
+        if problem:
+            raise ConfigError(f"plugin {name!r} ({origin(pm, name)}) {problem}", key="plugins", source=source)
+
+
+def _problem(pm: pluggy.PluginManager, plugin: object) -> str | None:
+    if isinstance(plugin, _BrokenPlugin):
+        return plugin.error
+    specs = sorted(n for n, c in vars(pm.hook).items() if not n.startswith("_") and c.has_spec())
+    for caller in pm.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is not plugin:
+                continue
+            if not caller.has_spec() and not impl.optionalhook:
+                near = difflib.get_close_matches(caller.name, specs, n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                return f"implements {caller.name!r}, which is not a tokensaver hook ({hint}hooks: {', '.join(specs)})"
+            if impl.wrapper or impl.hookwrapper:
+                kind = "wrapper=True" if impl.wrapper else "hookwrapper=True"
+                return (
+                    f"implements {caller.name} as a wrapper ({kind}), which tokensaver does not support: "
+                    "each plugin's hook is called on its own, timed and bounded; implement it plainly"
+                )
+    return None
 
 
 def impl_for(pm: pluggy.PluginManager, hook: str, plugin_name: str) -> Any | None:
@@ -115,6 +171,8 @@ def impl_for(pm: pluggy.PluginManager, hook: str, plugin_name: str) -> Any | Non
 
 def call_one(impl: Any, **kwargs: Any) -> Any:
     """Call a single hook implementation with the arguments it declares."""
+    if impl.wrapper or impl.hookwrapper:  # rejected in wrap(); this guards a pipeline built otherwise
+        raise ConfigError(f"plugin {impl.plugin_name!r}: wrapper implementations are not supported")
     return impl.function(
         *[kwargs[a] for a in impl.argnames], **{k: kwargs[k] for k in impl.kwargnames if k in kwargs}
     )
@@ -241,7 +299,11 @@ def ordered(pm: pluggy.PluginManager, hook: str, names: list[str]) -> list[tuple
 
 
 def configure(pm: pluggy.PluginManager, name: str, settings: dict[str, Any], source: str) -> dict[str, Any]:
-    """Run one plugin's ``tokensaver_configure`` and return its normalized settings."""
+    """One plugin's settings: checked against its declared :class:`~tokensaver.settings.Schema`
+    (defaults filled in), then through its ``tokensaver_configure``; returns them normalized."""
+    schema = schema_of(pm.get_plugin(name))
+    if schema is not None:
+        settings = schema.validate(settings, source, name=name)
     impl = impl_for(pm, "tokensaver_configure", name)
     if impl is None:
         return dict(settings)
@@ -257,7 +319,11 @@ def configure(pm: pluggy.PluginManager, name: str, settings: dict[str, Any], sou
 def report_sections(
     pm: pluggy.PluginManager, plugin_names: list[str], records: list[dict[str, Any]]
 ) -> list[dict]:
-    """Each named plugin's report section (errors become a section saying so, never an exception)."""
+    """Each named plugin's report section (errors become a section saying so, never an exception).
+
+    Only the named plugin's own implementation is called, with its name: a section hook need not
+    check which plugin it is asked about.
+    """
     sections: list[dict[str, Any]] = []
     for name in plugin_names:
         impl = impl_for(pm, "tokensaver_report_section", name)
@@ -288,27 +354,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``tokensaver plugins``."""
     parser.add_argument("--config", help="config file (TOML) to read on top of the usual sources")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the settings reference of the installed plugins (the README's is made by this)",
+    )
+
+
+def schemas(pm: pluggy.PluginManager, *, builtin_only: bool = False) -> dict[str, Schema]:
+    """Installed plugin name -> its declared settings (``builtin_only``: the plugins shipped here)."""
+    out: dict[str, Schema] = {}
+    for name in installed(pm):
+        plugin = pm.get_plugin(name)
+        if builtin_only and not getattr(plugin, "__name__", "").startswith("tokensaver_plugins."):
+            continue
+        schema = schema_of(plugin)
+        if schema is not None:
+            out[name] = schema
+    return out
+
+
+def settings_reference(pm: pluggy.PluginManager, *, builtin_only: bool = False) -> str:
+    """The Markdown settings reference of the installed plugins, one table per plugin."""
+    return reference(schemas(pm, builtin_only=builtin_only))
 
 
 def run(args: argparse.Namespace) -> int:
-    """``tokensaver plugins``: what is installed, what is enabled, and each plugin's settings."""
+    """``tokensaver plugins``: what is installed, what is enabled, and each plugin's settings
+    (value, type, default and doc from its declared schema)."""
     from .config import load_config
 
     pm = get_plugin_manager()
+    if args.markdown:
+        print(settings_reference(pm), end="")
+        return 0
     cfg = load_config(args.config, pm=pm)
     rows: list[dict[str, Any]] = []
+    declared = schemas(pm)
     for name in installed(pm):
         plugin = pm.get_plugin(name)
         module = getattr(plugin, "__name__", type(plugin).__name__)
         enabled = name in cfg.plugins
+        schema = declared.get(name)
+        settings = cfg.plugin_settings.get(name)
+        if settings is None and schema is not None:
+            settings = schema.defaults()
         rows.append(
             {
                 "name": name,
                 "enabled": enabled,
                 "position": cfg.plugins.index(name) + 1 if enabled else None,
                 "module": module,
-                "settings": cfg.plugin_settings.get(name, {}),
-                "error": str(plugin.error) if isinstance(plugin, _BrokenPlugin) else None,
+                "origin": origin(pm, name),
+                "settings": settings or {},
+                "schema": schema.rows() if schema is not None else None,
+                "error": _problem(pm, plugin),
             }
         )
     if args.json:
@@ -320,7 +420,14 @@ def run(args: argparse.Namespace) -> int:
         mark = f"[{row['position']}]" if row["enabled"] else "[ ]"
         print(f"{mark:5} {row['name']:14} {row['module']}")
         if row["error"]:
-            print(f"      failed to import: {row['error']}")
-        for key, value in sorted(row["settings"].items()):
-            print(f"      {key} = {json.dumps(value, default=str)}")
+            print(f"      cannot be enabled: {row['error']}")
+        values = row["settings"]
+        for item in row["schema"] or []:
+            key = item["key"]
+            value = json.dumps(values.get(key, item["default"]), default=str)
+            print(f"      {key} = {value}  [{item['type']}, default {shown_default(item['default'])}]")
+            print(f"          {item['doc']}")
+        for key, value in sorted(values.items()):
+            if not row["schema"] or key not in {i["key"] for i in row["schema"]}:
+                print(f"      {key} = {json.dumps(value, default=str)}")
     return 0
