@@ -38,9 +38,9 @@ from collections import OrderedDict
 from typing import Any
 
 from tokensaver.context import plugin_notes
-from tokensaver.errors import ConfigError
 from tokensaver.hookspecs import hookimpl
 from tokensaver.pricing import normalize_usage
+from tokensaver.settings import Schema, boolean, choice, integer, regex_problem, strings
 from tokensaver.tokens import content_hash
 
 from ._blocks import (
@@ -80,15 +80,42 @@ DEFAULT_VOLATILE_PATTERNS = [
 ]
 MAX_MOVED_CHARS = 400  # a longer line is not moved (it is instructions, not a stamp)
 
-DEFAULTS: dict[str, Any] = {
-    "ttl": "auto",  # "auto" | "5m" | "1h"
-    "sort_tools": True,
-    "move_volatile": "changed",  # "changed": once a volatile line changes in a conversation; "always"; "never"
-    "volatile_patterns": None,  # None = the built-in list; a list replaces it
-    "extra_volatile_patterns": [],  # added to the list in use
-    "diagnose": True,
-    "max_conversations": 512,  # per-conversation state kept (LRU)
-}
+SETTINGS = Schema(
+    PLUGIN,
+    {
+        "ttl": choice(
+            "auto",
+            ("auto", "5m", "1h"),
+            "cache TTL of the breakpoints; auto: 1h when the conversation's gaps call for it",
+        ),
+        "sort_tools": boolean(
+            True, "tools in name order with schema keys sorted, so the tools prefix stays cached"
+        ),
+        "move_volatile": choice(
+            "changed",
+            ("changed", "always", "never"),
+            "volatile system lines (dates, ids, counters) moved out of the cached prefix: "
+            "once one changes in a conversation, always or never",
+            aliases={True: "always", False: "never"},
+        ),
+        "volatile_patterns": strings(
+            None,
+            "regular expressions of volatile lines; absent: the built-in list",
+            item="regular expressions",
+            optional=True,
+            check=regex_problem,
+        ),
+        "extra_volatile_patterns": strings(
+            [],
+            "regular expressions added to the list in use",
+            item="regular expressions",
+            check=regex_problem,
+        ),
+        "diagnose": boolean(True, "name what busted the cache (the first changed block) in the report"),
+        "max_conversations": integer(512, "conversations whose state is kept (LRU)", min=1),
+    },
+)
+DEFAULTS: dict[str, Any] = SETTINGS.defaults()
 
 # TTL decision (see _choose_ttl): a gap in [FIVE_MIN, ONE_HOUR) is one the 5m entry misses and a
 # 1h entry survives; UP/DOWN give hysteresis so the TTL does not flip-flop.
@@ -101,49 +128,8 @@ TTL_DOWN = 0.4
 
 @hookimpl
 def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any]:
-    """Validate the ``cache_align`` table and fill in defaults."""
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        key = sorted(unknown)[0]
-        raise ConfigError(
-            f"cache_align: unknown key {key!r}; accepted: {', '.join(sorted(DEFAULTS))}",
-            key=key,
-            source=source,
-        )
-    out = {**DEFAULTS, **settings}
-    if out["ttl"] not in ("auto", "5m", "1h"):
-        raise ConfigError("cache_align.ttl must be 'auto', '5m' or '1h'", key="ttl", source=source)
-    mv = out["move_volatile"]
-    out["move_volatile"] = {True: "always", False: "never"}.get(mv, mv) if isinstance(mv, bool) else mv
-    if out["move_volatile"] not in ("changed", "always", "never"):
-        raise ConfigError(
-            "cache_align.move_volatile must be 'changed', 'always' or 'never'",
-            key="move_volatile",
-            source=source,
-        )
-    for key in ("sort_tools", "diagnose"):
-        if not isinstance(out[key], bool):
-            raise ConfigError(f"cache_align.{key} must be true or false", key=key, source=source)
-    if not isinstance(out["max_conversations"], int) or out["max_conversations"] < 1:
-        raise ConfigError(
-            "cache_align.max_conversations must be a positive integer", key="max_conversations", source=source
-        )
-    for key in ("volatile_patterns", "extra_volatile_patterns"):
-        val = out[key]
-        if val is None and key == "volatile_patterns":
-            continue
-        if not isinstance(val, list) or not all(isinstance(p, str) for p in val):
-            raise ConfigError(
-                f"cache_align.{key} must be a list of regular expressions", key=key, source=source
-            )
-        for p in val:
-            try:
-                re.compile(p)
-            except re.error as exc:
-                raise ConfigError(
-                    f"cache_align.{key}: invalid regular expression {p!r}: {exc}", key=key, source=source
-                ) from exc
-    return out
+    """The ``cache_align`` table checked against ``SETTINGS``, defaults filled in."""
+    return SETTINGS.validate(settings, source)
 
 
 def _settings(ctx: Any) -> dict[str, Any]:
@@ -607,9 +593,7 @@ def _moved_text(moved: Any) -> str:
 @hookimpl
 def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Cache reads/writes, input cost vs uncached, busts and what moved."""
-    if plugin != PLUGIN:
-        return None
-    notes = plugin_notes(calls, PLUGIN)
+    notes = plugin_notes(calls, plugin)
     if not notes:
         return None
     read = sum(n.get("billed", {}).get("read", 0) for _, n in notes)
