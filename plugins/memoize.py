@@ -49,18 +49,15 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import re
 import threading
 import time
 import weakref
-from pathlib import Path
 from typing import Any
 
 from tokensaver.context import requester
-from tokensaver.errors import ConfigError
 from tokensaver.hookspecs import hookimpl
 from tokensaver.pipeline import calls_plugin_tool, is_follow_up
+from tokensaver.settings import Schema, boolean, number, path, size
 from tokensaver.tokens import canonical_json
 
 from . import _store as stores
@@ -75,24 +72,35 @@ KEY_HEADERS = ("anthropic-beta", "anthropic-version")
 ENTRY_MAGIC = b"tsmemo1\n"
 KEY_VERSION = "memoize-key/1"
 
-DEFAULTS: dict[str, Any] = {
-    "dir": None,  # filled in by default_dir()
-    "size_limit": 512 * 1024**2,
-    "ttl": 86_400.0,
-    "wait": 120.0,
-    "store_refusals": False,
-}
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 1024,
-    "MB": 1024**2,
-    "GB": 1024**3,
-    "KIB": 1024,
-    "MIB": 1024**2,
-    "GIB": 1024**3,
-}
+SETTINGS = Schema(
+    PLUGIN,
+    {
+        "dir": path(
+            None,
+            "the store's directory",
+            optional=True,
+            none_means="$TOKENSAVER_CACHE_DIR/memo or ~/.cache/tokensaver/memo",
+        ),
+        "size_limit": size(512 * 1024**2, "the store's size cap on disk"),
+        "ttl": number(
+            86_400.0,
+            "seconds an answer is served",
+            positive=True,
+            unit="seconds",
+            optional=True,
+            none_means="never expire",
+        ),
+        "wait": number(
+            120.0,
+            "seconds an identical call waits for the one in flight instead of calling too",
+            positive=True,
+            unit="seconds",
+        ),
+        "store_refusals": boolean(False, "also store answers with stop_reason refusal"),
+    },
+    passthrough=("enabled",),
+)
+DEFAULTS: dict[str, Any] = SETTINGS.defaults()
 
 
 def default_dir() -> str:
@@ -103,59 +111,12 @@ def default_dir() -> str:
 # -- configuration ----------------------------------------------------------------------------
 
 
-def _size(value: Any, source: str) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(
-            "memoize.size_limit must be bytes (int) or a string like '512MB'", key="size_limit", source=source
-        )
-    if isinstance(value, int) and value > 0:
-        return value
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", value.upper())
-        if m:
-            n = int(float(m.group(1)) * _UNITS[m.group(2) or ""])
-            if n > 0:
-                return n
-    raise ConfigError(
-        f"memoize.size_limit must be a positive number of bytes or a string like '512MB' (B, KB, MB, GB); got {value!r}",
-        key="size_limit",
-        source=source,
-    )
-
-
-def _seconds(name: str, value: Any, source: str, *, allow_none: bool) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    accepted = "a positive number of seconds" + (" or none (never expire)" if allow_none else "")
-    raise ConfigError(f"memoize.{name} must be {accepted}; got {value!r}", key=name, source=source)
-
-
 @hookimpl
 def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any]:
-    """Validate ``[memoize]``: dir, size_limit, ttl, wait, store_refusals."""
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(DEFAULTS) - {"enabled"})
-    if unknown:
-        raise ConfigError(
-            f"unknown memoize setting {unknown[0]!r}; accepted: {', '.join(sorted(DEFAULTS))}",
-            key=unknown[0],
-            source=source,
-        )
-    out = {**DEFAULTS, **settings}
-    d = out["dir"]
-    if d is None:
+    """The ``memoize`` table checked against ``SETTINGS``, defaults filled in (``dir``: :func:`default_dir`)."""
+    out = SETTINGS.validate(settings, source)
+    if out["dir"] is None:
         out["dir"] = default_dir()
-    elif isinstance(d, (str, os.PathLike)) and str(d):
-        out["dir"] = str(Path(d).expanduser())
-    else:
-        raise ConfigError(f"memoize.dir must be a directory path; got {d!r}", key="dir", source=source)
-    out["size_limit"] = _size(out["size_limit"], source)
-    out["ttl"] = _seconds("ttl", out["ttl"], source, allow_none=True)
-    out["wait"] = _seconds("wait", out["wait"], source, allow_none=False)
-    if not isinstance(out["store_refusals"], bool):
-        raise ConfigError("memoize.store_refusals must be true or false", key="store_refusals", source=source)
     return out
 
 
