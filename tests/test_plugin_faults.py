@@ -59,12 +59,6 @@ ORIGINAL: dict[str, Any] = {
 
 
 @pytest.fixture
-def emu() -> Iterator[Emulator]:
-    with Emulator(virtual_clock=True) as e:
-        yield e
-
-
-@pytest.fixture
 def release() -> Iterator[threading.Event]:
     """Set at teardown: lets the hanging plugins' threads finish."""
     event = threading.Event()

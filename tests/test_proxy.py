@@ -65,12 +65,6 @@ def redacted(key: str) -> str:
     return "REDACTED:" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-@pytest.fixture
-def emu() -> Any:
-    with Emulator(virtual_clock=True) as e:
-        yield e
-
-
 def make_proxy(
     emu_url: str, tmp_path: Path, plugins: dict[str, Any] | None = None, **cfg: Any
 ) -> ProxyServer:
