@@ -39,11 +39,10 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, fields
-from pathlib import Path
 from typing import Any
 
-from tokensaver.errors import ConfigError
 from tokensaver.hookspecs import hookimpl
+from tokensaver.settings import Schema, boolean, choice, integer, number, path, strings, text
 from tokensaver.tokens import canonical_json
 
 from . import _model_summary
@@ -52,19 +51,74 @@ from ._summarize_text import SHAPE_NAMES, Options, Result, is_prose, shrink
 
 log = logging.getLogger("tokensaver.plugins.summarize")
 
-DEFAULTS: dict[str, Any] = {
-    **asdict(Options()),
-    "keep_originals": False,
-    "retrieval": False,
-    "memo_entries": 20_000,
-    # opt-in: long prose condensed by a cheaper model (see _model_summary)
-    "model_summaries": False,
-    "summary_model": "claude-haiku-5-5",
-    "summary_min_tokens": 2000,
-    "summary_words": 400,
-    "summary_payback": 2.0,
-    "summary_dir": None,  # None: $TOKENSAVER_CACHE_DIR/summaries or ~/.cache/tokensaver/summaries
-}
+SETTINGS = Schema(
+    "summarize",
+    {
+        "min_chars": integer(
+            Options.min_chars, "tool results shorter than this are left alone", min=1, unit="characters"
+        ),
+        "max_lines": integer(
+            Options.max_lines,
+            "a longer repetitive log is cut to head + tail + the lines that matter",
+            min=1,
+            unit="lines",
+        ),
+        "head_lines": integer(
+            Options.head_lines, "lines kept at the start of a cut log", min=1, unit="lines"
+        ),
+        "tail_lines": integer(Options.tail_lines, "lines kept at the end of a cut log", min=1, unit="lines"),
+        "min_run": integer(
+            Options.min_run,
+            "shortest run of lines differing only in numbers that is collapsed",
+            min=3,
+            unit="lines",
+        ),
+        "max_rows": integer(
+            Options.max_rows,
+            "a longer JSON table keeps its first and last rows and every row naming an error",
+            min=1,
+            unit="rows",
+        ),
+        "html": boolean(Options.html, "fetched web pages sent as text"),
+        "lossy": boolean(Options.lossy, "lossy rewrites too (false: only the lossless ones)"),
+        "line_numbers": choice(
+            Options.line_numbers,
+            ("compact", "keep"),
+            "numbered file lines: compact drops the padding before the numbers, keep sends them as they came",
+        ),
+        "shapes": strings(Options.shapes, "formats recognized by their shape", choices=SHAPE_NAMES),
+        "keep_originals": boolean(
+            False,
+            "keep the original of each block a lossy rewrite shortened (as retrieval does), without the tool",
+        ),
+        "retrieval": boolean(
+            False, "keep originals and add a tokensaver_retrieve tool the model can call to get one back"
+        ),
+        "memo_entries": integer(
+            20_000, "rewrites remembered per process (and kept originals per key)", min=1
+        ),
+        "model_summaries": boolean(False, "long prose condensed by a cheaper model when it pays for itself"),
+        "summary_model": text("claude-haiku-5-5", "the model that writes the summaries", item="a model name"),
+        "summary_min_tokens": integer(2000, "shortest prose summarized by the model", min=1, unit="tokens"),
+        "summary_words": integer(400, "length asked of a summary", min=1, unit="words"),
+        "summary_payback": number(2.0, "a summary must save this many times its own cost", min=0.1, max=100),
+        "summary_dir": path(
+            None,
+            "where originals and summary decisions are stored",
+            optional=True,
+            none_means="$TOKENSAVER_CACHE_DIR/summaries or ~/.cache/tokensaver/summaries",
+        ),
+    },
+    checks=[
+        lambda s: (
+            ("max_lines", "must be at least head_lines + tail_lines")
+            if s["head_lines"] + s["tail_lines"] > s["max_lines"]
+            else None
+        )
+    ],
+    passthrough=("enabled",),
+)
+DEFAULTS: dict[str, Any] = SETTINGS.defaults()
 ORIGINAL_MAGIC = b"tsorig1\n"
 MEMORY_ORIGINALS = 256  # the newest kept originals also stay in memory (all of them go to disk)
 RETRIEVE_TOOL = "tokensaver_retrieve"
@@ -80,75 +134,12 @@ RETRIEVE_DEFINITION: dict[str, Any] = {
         "required": ["ref"],
     },
 }
-_INTS = {f.name for f in fields(Options) if f.type in ("int", int)} | {
-    "memo_entries",
-    "summary_min_tokens",
-    "summary_words",
-}
-_BOOLS = {f.name for f in fields(Options) if f.type in ("bool", bool)} | {
-    "keep_originals",
-    "retrieval",
-    "model_summaries",
-}
 
 
 @hookimpl
 def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any]:
-    """Validate ``[summarize]``: thresholds (ints > 0), ``lossy``/``html``/``keep_originals`` (booleans)."""
-    settings = dict(settings or {})
-    for k in sorted(settings):
-        if k == "enabled":
-            continue
-        if k not in DEFAULTS:
-            raise ConfigError(
-                f"unknown summarize setting {k!r}; accepted: {', '.join(sorted(DEFAULTS))}",
-                key=k,
-                source=source,
-            )
-        v = settings[k]
-        if k in _BOOLS and not isinstance(v, bool):
-            raise ConfigError(f"summarize.{k} must be true or false; got {v!r}", key=k, source=source)
-        if k in _INTS and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise ConfigError(f"summarize.{k} must be a positive integer; got {v!r}", key=k, source=source)
-        if k == "summary_model" and not (isinstance(v, str) and v.strip()):
-            raise ConfigError(
-                f"summarize.summary_model must be a model name; got {v!r}", key=k, source=source
-            )
-        if k == "summary_payback" and (
-            isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.1 <= v <= 100
-        ):
-            raise ConfigError(
-                f"summarize.summary_payback must be a number between 0.1 and 100; got {v!r}",
-                key=k,
-                source=source,
-            )
-        if k == "line_numbers" and v not in ("compact", "keep"):
-            raise ConfigError(
-                f'summarize.line_numbers must be "compact" or "keep"; got {v!r}', key=k, source=source
-            )
-        if k == "shapes" and not (
-            isinstance(v, (list, tuple)) and all(isinstance(x, str) and x in SHAPE_NAMES for x in v)
-        ):
-            raise ConfigError(
-                f"summarize.shapes must be a list of {', '.join(SHAPE_NAMES)}; got {v!r}",
-                key=k,
-                source=source,
-            )
-        if k == "summary_dir" and v is not None and not (isinstance(v, str) and v.strip()):
-            raise ConfigError(
-                f"summarize.summary_dir must be a directory path; got {v!r}", key=k, source=source
-            )
-    out = {**DEFAULTS, **settings}
-    out["shapes"] = tuple(out["shapes"])
-    if out["summary_dir"]:
-        out["summary_dir"] = str(Path(out["summary_dir"]).expanduser())
-    if out["min_run"] < 3:
-        raise ConfigError("summarize.min_run must be at least 3", key="min_run", source=source)
-    if out["head_lines"] + out["tail_lines"] > out["max_lines"]:
-        raise ConfigError(
-            "summarize.head_lines + tail_lines must not exceed max_lines", key="max_lines", source=source
-        )
-    return out
+    """The ``summarize`` table checked against ``SETTINGS``, defaults filled in."""
+    return SETTINGS.validate(settings, source)
 
 
 def _settings(ctx: Any) -> dict[str, Any]:
