@@ -1,4 +1,5 @@
-"""Meta-tests: every hook is documented (docstring with :param:, README table) and exercised by a test."""
+"""Meta-tests: every hook is documented (docstring with :param:, README table); its own test and its section in
+docs/plugin-hooks.md are held by tests/test_hooks.py."""
 
 from __future__ import annotations
 
@@ -26,12 +27,6 @@ def test_hook_is_documented(hook: str) -> None:
     for param in inspect.signature(fn).parameters:
         assert f":param {param}:" in doc, f"{hook} does not document {param}"
     assert f"`{hook}(" in (ROOT / "README.md").read_text(), f"{hook} missing from the README hook table"
-
-
-@pytest.mark.parametrize("hook", HOOKS)
-def test_hook_has_tests(hook: str) -> None:
-    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_docs.py")
-    assert f"def {hook}(" in tests, f"no test implements {hook}"
 
 
 def test_readme_commands_present() -> None:
