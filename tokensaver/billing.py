@@ -21,7 +21,7 @@ bench. ``CacheModel().bill(body, now)`` returns a :class:`Billing` and updates t
 * ``context_management`` ``clear_tool_uses_20250919`` edits are applied before billing
   (:func:`apply_context_management`), as the API bills the edited prompt.
 
-Cost: each block's content digest (canonical JSON, sha256) and token count are computed once per
+Cost: each block's content digest (orjson, xxh3-128: :func:`tokensaver.tokens.fast_digest`) and token count are computed once per
 ``memo`` (pass the same dict to several ``bill`` calls over bodies that share block objects, as the
 pipeline's stages do) and token counts are kept by digest across calls; the prefix hashes chain those
 digests, so billing a body is one digest pass plus O(blocks).
@@ -37,7 +37,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .pricing import ModelInfo, PriceTable
-from .tokens import MESSAGE_OVERHEAD, TokenCounter, canonical_json, default_counter, strip_block_cache_control
+from .tokens import (
+    MESSAGE_OVERHEAD,
+    TokenCounter,
+    canonical_json,
+    default_counter,
+    fast_digest,
+    memo_enabled,
+    strip_block_cache_control,
+)
 
 __all__ = [
     "LOOKBACK",
@@ -74,7 +82,7 @@ class PromptBlock:
     tag: str  # section / role / message-start marker that goes into the prefix hash
     cacheable: bool
     cache_control: dict[str, Any] | None
-    digest: bytes = b""  # sha256 of the block's canonical JSON without its cache_control
+    digest: bytes = b""  # fast_digest of the block without its cache_control
     image: bool = False  # the block is or contains an image
 
 
@@ -88,17 +96,19 @@ class _Digests:
 
     def get(self, block: Any, counter: TokenCounter) -> tuple[bytes, int, bool]:
         stripped = strip_block_cache_control(block)
-        digest = hashlib.sha256(canonical_json(stripped).encode()).digest()
-        with self.lock:
-            known = self.facts.get(digest)
-            if known is not None:
-                self.facts.move_to_end(digest)
-                return digest, known[0], known[1]
+        digest = fast_digest(stripped)
+        if memo_enabled():
+            with self.lock:
+                known = self.facts.get(digest)
+                if known is not None:
+                    self.facts.move_to_end(digest)
+                    return digest, known[0], known[1]
         facts = (counter.block(stripped), _has_image(stripped))
-        with self.lock:
-            self.facts[digest] = facts
-            if len(self.facts) > self.max:
-                self.facts.popitem(last=False)
+        if memo_enabled():
+            with self.lock:
+                self.facts[digest] = facts
+                if len(self.facts) > self.max:
+                    self.facts.popitem(last=False)
         return digest, facts[0], facts[1]
 
 
@@ -606,7 +616,7 @@ class ShadowCaches:
             return out
         memo: Memo = {}
         with self._lock:
-            before = self._previous.get((key, conversation))
+            before = self._previous.get((key, conversation)) if memo_enabled() else None
         last: list[Any] = [None, before]  # the body prepared last, and how
 
         def bill(lane: str, body: dict[str, Any], auto_only: bool = False) -> Billing:

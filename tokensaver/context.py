@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from .errors import ModelCallError
 from .pricing import ModelInfo, PriceTable, normalize_usage
 from .tokens import TokenCounter, content_hash
@@ -76,11 +78,32 @@ def plugin_notes(calls: list[dict[str, Any]], plugin: str) -> list[tuple[dict[st
 
 
 def strip_cache_control(value: Any) -> Any:
-    """The value with every ``cache_control`` key removed, at any depth (for hashing and diffing)."""
+    """The value with every ``cache_control`` key removed, at any depth (for hashing and diffing).
+
+    Read-only: a value with no ``cache_control`` anywhere is returned as it is (not copied), so its
+    per-block counts and digests are found by identity.
+    """
+    if isinstance(value, dict | list) and not _has_cache_control(value):
+        return value
+    return _strip(value)
+
+
+_CC = b'"cache_control"'
+
+
+def _has_cache_control(value: Any) -> bool:
+    """Whether a ``cache_control`` key may be in ``value`` (one orjson pass; a text quoting one: True)."""
+    try:
+        return _CC in orjson.dumps(value)
+    except TypeError:  # not JSON orjson takes: look the slow way
+        return True
+
+
+def _strip(value: Any) -> Any:
     if isinstance(value, list):
-        return [strip_cache_control(v) for v in value]
+        return [_strip(v) for v in value]
     if isinstance(value, dict):
-        return {k: strip_cache_control(v) for k, v in value.items() if k != "cache_control"}
+        return {k: _strip(v) for k, v in value.items() if k != "cache_control"}
     return value
 
 

@@ -27,7 +27,7 @@ from .context import CallContext, conversation_id
 from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ordered, strict_error
 from .pricing import PriceTable, normalize_usage
 from .run import Run, redact_keys, redact_text
-from .tokens import Memo, body_blocks, default_counter
+from .tokens import Memo, body_blocks, default_counter, memo_enabled
 from .validate import Sizes, message_problem, stage_problem
 
 MEMORY_RECORDS = 10_000
@@ -302,11 +302,12 @@ class Pipeline:
                     raise PluginFault("mutated_input", "a block of its input was edited in place")
                 if result is not None:
                     call.guard.restore(result)
-                    problem = stage_problem(result, current, call.sizes)
-                    if problem:
-                        raise PluginFault(f"invalid_output: {problem}")
                     if result == current:
                         result = None  # the same request: the caller's bytes go out as they came
+                    else:
+                        problem = stage_problem(result, current, call.sizes)
+                        if problem:
+                            raise PluginFault(f"invalid_output: {problem}")
             except Exception as exc:
                 call.guard.drop()  # the plugin may still hold (or have edited) its copies
                 result, error = None, self._plugin_error(call, name, hook, exc)
@@ -343,7 +344,7 @@ class Pipeline:
         caller may edit its objects between calls), taken again only where the block is new.
         """
         with self._lock:
-            before = self._previous.get((key, conversation))
+            before = self._previous.get((key, conversation)) if memo_enabled() else None
         blocks = body_blocks(body)
         snaps: list[Any] = [None] * len(blocks)
         if before is not None:

