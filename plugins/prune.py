@@ -99,8 +99,8 @@ from collections import OrderedDict
 from typing import Any
 
 from tokensaver.context import plugin_notes
-from tokensaver.errors import ConfigError
 from tokensaver.hookspecs import hookimpl
+from tokensaver.settings import Schema, boolean, integer, number, strings
 from tokensaver.tokens import content_hash
 
 from ._blocks import LOOKBACK_BLOCKS, as_blocks, normalized, request_problems, strip_cc, tool_uses
@@ -109,116 +109,80 @@ from ._repeats import LineIndex
 PLUGIN = "prune"
 MIN_CUT_FRACTION = 0.1  # a cut must remove at least this share of the request
 
-DEFAULTS: dict[str, Any] = {
-    "max_tokens_budget": None,  # absolute budget in tokens; None: budget_fraction x context window
-    "budget_fraction": 0.5,
-    "trigger": 1.0,  # cut when the request exceeds trigger x budget ...
-    "target": 0.6,  # ... down to target x budget
-    "keep_tool_uses": 6,  # results of the last K tool uses are never cleared
-    "keep_last_messages": 6,  # the last N messages are never touched
-    "exclude_tools": [],  # tool names whose results are never cleared
-    "min_result_tokens": 100,  # smaller tool results are not worth a marker
-    "dedupe": True,  # newer identical tool output -> pointer to the earlier one
-    "max_conversations": 512,
-    # economic cuts below the budget: clear all stale tool results when the cache reads it saves
-    # pay back the cache writes it causes
-    "clear_stale": True,
-    "clear_keep_tool_uses": 32,  # economic cuts keep the results of the last K tool uses
-    "clear_payback": 2.0,  # estimated saving must be >= this x the one-off re-write cost
-    "clear_max_future_calls": 20,  # cap on the calls still to come (estimated: the calls so far)
-    "clear_min_future_calls": 0,  # ... and a floor
-    "clear_min_tokens": 4000,  # stale tokens needed for a cut ...
-    "clear_min_fraction": 0.15,  # ... and this share of the request
-    # a result superseded by a later use of the same resource counts as stale at any age
-    "clear_superseded": True,
-    "superseded_by_write": True,  # a later Write of a whole file also supersedes an earlier Read
-    "superseded_by_edit": True,  # ... and so does an Edit of a part of it (with superseded_by_write)
-    # economic cuts: a read of a file is stale once the last N tool uses did not name the file
-    # (instead of clear_keep_tool_uses); 0: reads age like any result
-    "clear_quiet_tool_uses": 0,
-    # economic cuts keep a result the agent quoted in one of its last N turns (0: off)
-    "clear_keep_quoted": 3,
-    # runs of lines an earlier result (still sent in full) shows become a pointer to it
-    "repeats": True,
-    "repeat_min_lines": 8,
-    "repeat_min_chars": 400,
-}
-
-
-def _fail(msg: str, key: str, source: str) -> ConfigError:
-    return ConfigError(f"prune.{key} {msg}", key=key, source=source)
+SETTINGS = Schema(
+    PLUGIN,
+    {
+        "max_tokens_budget": integer(
+            None,
+            "absolute budget; absent: budget_fraction x the model's context window",
+            min=1000,
+            unit="tokens",
+            optional=True,
+        ),
+        "budget_fraction": number(0.5, "the budget as a share of the context window", min=0.05, max=1.0),
+        "trigger": number(1.0, "cut when the request exceeds trigger x budget ...", min=0.1, max=1.0),
+        "target": number(0.6, "... down to target x budget (below trigger)", min=0.05, max=1.0),
+        "keep_tool_uses": integer(6, "results of the last K tool uses are never cleared", min=0),
+        "keep_last_messages": integer(6, "the last N messages are never touched", min=2),
+        "exclude_tools": strings([], "tools whose results are never cleared", item="tool names"),
+        "min_result_tokens": integer(
+            100, "smaller tool results are not worth a marker", min=0, unit="tokens"
+        ),
+        "dedupe": boolean(True, "a newer identical tool output becomes a pointer to the earlier one"),
+        "max_conversations": integer(512, "conversations whose cut is kept (LRU)", min=0),
+        "clear_stale": boolean(
+            True, "economic cuts below the budget, when the cache reads saved pay back the writes"
+        ),
+        "clear_keep_tool_uses": integer(32, "economic cuts keep the results of the last K tool uses", min=0),
+        "clear_payback": number(
+            2.0, "estimated saving must be >= this x the one-off re-write cost", min=0.1, max=100
+        ),
+        "clear_max_future_calls": integer(
+            20,
+            "cap on the calls still to come (estimated: the calls so far)",
+            min=1,
+            max=10_000,
+            unit="calls",
+        ),
+        "clear_min_future_calls": integer(0, "floor on the calls still to come", min=0, unit="calls"),
+        "clear_min_tokens": integer(
+            4000, "stale tokens needed for an economic cut ...", min=0, unit="tokens"
+        ),
+        "clear_min_fraction": number(0.15, "... and this share of the request", min=0.0, max=1.0),
+        "clear_superseded": boolean(
+            True, "a result superseded by a later use of the same resource is stale at any age"
+        ),
+        "superseded_by_write": boolean(True, "a later Write of a whole file supersedes an earlier Read"),
+        "superseded_by_edit": boolean(
+            True, "... and so does an Edit of a part of it (with superseded_by_write)"
+        ),
+        "clear_quiet_tool_uses": integer(
+            0, "a file read is stale once the last N tool uses did not name the file (0: off)", min=0
+        ),
+        "clear_keep_quoted": integer(
+            3, "economic cuts keep a result the agent quoted in its last N turns (0: off)", min=0
+        ),
+        "repeats": boolean(
+            True, "runs of lines an earlier result (still sent in full) shows become a pointer to it"
+        ),
+        "repeat_min_lines": integer(8, "shortest run of repeated lines", min=3, unit="lines"),
+        "repeat_min_chars": integer(400, "... and its fewest characters", min=0, unit="characters"),
+    },
+    checks=[
+        lambda s: (
+            ("target", "must be below prune.trigger (cut deep: trigger high, target lower)")
+            if s["target"] >= s["trigger"]
+            else None
+        )
+    ],
+)
+DEFAULTS: dict[str, Any] = SETTINGS.defaults()
 
 
 @hookimpl
 def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any]:
-    """Validate the ``prune`` table and fill in defaults."""
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        key = sorted(unknown)[0]
-        raise ConfigError(
-            f"prune: unknown key {key!r}; accepted: {', '.join(sorted(DEFAULTS))}", key=key, source=source
-        )
-    out = {**DEFAULTS, **settings}
-    b = out["max_tokens_budget"]
-    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1000):
-        raise _fail("must be an integer >= 1000 (tokens) or absent", "max_tokens_budget", source)
-    for key, lo, hi in (("budget_fraction", 0.05, 1.0), ("trigger", 0.1, 1.0), ("target", 0.05, 1.0)):
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
-            raise _fail(f"must be a number between {lo} and {hi}", key, source)
-        out[key] = float(v)
-    if out["target"] >= out["trigger"]:
-        raise _fail("must be below prune.trigger (cut deep: trigger high, target lower)", "target", source)
-    for key in (
-        "keep_tool_uses",
-        "keep_last_messages",
-        "min_result_tokens",
-        "max_conversations",
-        "clear_keep_tool_uses",
-        "clear_quiet_tool_uses",
-        "clear_min_future_calls",
-        "clear_keep_quoted",
-        "repeat_min_lines",
-        "repeat_min_chars",
-    ):
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise _fail("must be a non-negative integer", key, source)
-    if out["keep_last_messages"] < 2:
-        raise _fail("must be at least 2 (the latest turn is always kept)", "keep_last_messages", source)
-    if not isinstance(out["exclude_tools"], list) or not all(
-        isinstance(t, str) for t in out["exclude_tools"]
-    ):
-        raise _fail("must be a list of tool names", "exclude_tools", source)
-    if out["repeat_min_lines"] < 3:
-        raise _fail("must be at least 3 (lines)", "repeat_min_lines", source)
-    for key in (
-        "dedupe",
-        "clear_stale",
-        "clear_superseded",
-        "superseded_by_write",
-        "superseded_by_edit",
-        "repeats",
-    ):
-        if not isinstance(out[key], bool):
-            raise _fail("must be true or false", key, source)
-    v = out["clear_payback"]
-    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.1 <= v <= 100:
-        raise _fail("must be a number between 0.1 and 100 (saving / cost)", "clear_payback", source)
-    out["clear_payback"] = float(v)
-    v = out["clear_max_future_calls"]
-    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 10_000:
-        raise _fail("must be an integer between 1 and 10000 (calls)", "clear_max_future_calls", source)
-    v = out["clear_min_tokens"]
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise _fail("must be a non-negative integer (tokens)", "clear_min_tokens", source)
-    v = out["clear_min_fraction"]
-    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
-        raise _fail(
-            "must be a number between 0.0 and 1.0 (share of the request)", "clear_min_fraction", source
-        )
-    out["clear_min_fraction"] = float(v)
-    return out
+    """The ``prune`` table checked against ``SETTINGS``, defaults filled in."""
+    return SETTINGS.validate(settings, source)
 
 
 def budget(settings: dict[str, Any], model: Any) -> int:
@@ -309,7 +273,9 @@ def apply_spec(messages: list[Any], spec: dict[str, Any], settings: dict[str, An
                 changed = True
                 continue
             inner = b.get("content")
-            if not (dedupe or lines is not None) or not inner or b.get("is_error"):
+            # error results too: a failing test run (Claude Code marks a non-zero exit as an error)
+            # is in the context like any result, and its re-run after the fix repeats most of it
+            if not (dedupe or lines is not None) or not inner:
                 continue
             if dedupe:
                 h = content_hash(strip_cc(inner))
@@ -1070,9 +1036,7 @@ def measured_cut(calls: list[dict[str, Any]], rec: dict[str, Any], cut: dict[str
 @hookimpl
 def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Cuts (why, tokens removed vs prefix invalidated), calls over budget, server-side clearing."""
-    if plugin != PLUGIN:
-        return None
-    notes = plugin_notes(calls, PLUGIN)
+    notes = plugin_notes(calls, plugin)
     if not notes:
         return None
     cuts = [(c, n["cut"]) for c, n in notes if n.get("cut")]
