@@ -703,3 +703,72 @@ def test_a_read_of_a_file_stays_while_the_agent_names_the_file() -> None:
     # without it, reads age like any result: only those older than the last 32 tool uses
     aged = _stale(msgs, clear_quiet_tool_uses=0, clear_keep_tool_uses=32)
     assert "toolu_001" in aged and "toolu_020" not in aged
+
+
+# -- error results as repeats ---------------------------------------------------------------------
+
+
+def _test_run(failing: bool) -> str:
+    lines = [f"test_case_{i} (tests.test_mod_{i % 7}.ModTest.test_case_{i}) ... ok" for i in range(30)]
+    if failing:
+        lines[29] = lines[29].replace("... ok", "... FAIL")
+        lines += ["", "FAIL: test_case_29", "AssertionError: Decimal('4.35') != Decimal('33.30')"]
+    return "\n".join(["Exit code 1" if failing else "", *lines, "", "Ran 30 tests"]).lstrip("\n")
+
+
+def _bash_turns(outputs: list[tuple[str, bool]]) -> list[dict[str, Any]]:
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": "Task: make the tests pass"}]
+    for k, (text, err) in enumerate(outputs):
+        tid = f"toolu_{k:03d}"
+        msgs.append(
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": f"step {k}"},
+                    {"type": "tool_use", "id": tid, "name": "Bash", "input": {"command": f"run {k}"}},
+                ],
+            }
+        )
+        block: dict[str, Any] = {"type": "tool_result", "tool_use_id": tid, "content": text}
+        if err:
+            block["is_error"] = True
+        msgs.append({"role": "user", "content": [block]})
+    msgs.append({"role": "assistant", "content": [{"type": "text", "text": "done"}]})
+    msgs.append({"role": "user", "content": "thanks"})
+    return msgs
+
+
+def test_a_failing_test_run_is_a_source_for_the_passing_re_run_and_an_identical_error_points_back() -> None:
+    """Claude Code marks a command that exits non-zero (a failing test suite) as an error result;
+    its lines are in the context like any other, so the re-run after the fix points at them, and a
+    second identical failure is a pointer to the first. Lossless: every line of the re-run is either
+    kept or named by a pointer to a result still sent in full; the error flag stays."""
+    fail, ok = _test_run(True), _test_run(False)
+    msgs = _bash_turns([(fail, True), ("edited", False), (ok, False), (fail, True)])
+    sent, _ = run(body_of(msgs), {})
+    assert result_text(sent, "toolu_000") == fail  # the first failure goes as it came
+    rerun = result_text(sent, "toolu_002")
+    assert rerun.startswith("[tokensaver: ") and "toolu_000" in rerun.split("\n")[0]
+    assert len(rerun) < 0.3 * len(ok) and "Ran 30 tests" in rerun
+    again = next(
+        b
+        for m in sent["messages"]
+        if isinstance(m["content"], list)
+        for b in m["content"]
+        if b.get("tool_use_id") == "toolu_003"
+    )
+    assert again["is_error"] is True and again["content"] == prune.pointer_marker("toolu_000")
+    # lossless: the pointers expanded from the first run give the re-run back
+    first_lines = fail.split("\n")
+    expanded = []
+    for ln in rerun.split("\n"):
+        m = re.fullmatch(
+            r"\[tokensaver: \d+ lines as lines (\d+)-(\d+) of the tool_use toolu_000 result above\]", ln
+        )
+        expanded += first_lines[int(m[1]) - 1 : int(m[2])] if m else [ln]
+    assert "\n".join(expanded) == ok
+    # prefix-stable: the same bytes on the next call, and the API accepts it
+    nxt, _ = run(
+        body_of([*msgs, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]), {}
+    )
+    assert nxt["messages"][: len(sent["messages"]) - 2] == sent["messages"][:-2]
