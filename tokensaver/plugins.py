@@ -424,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
         values = row["settings"]
         for item in row["schema"] or []:
             key = item["key"]
-            value = json.dumps(values.get(key, item["default"]), default=str)
+            value = shown_default(values.get(key, item["default"]))
             print(f"      {key} = {value}  [{item['type']}, default {shown_default(item['default'])}]")
             print(f"          {item['doc']}")
         for key, value in sorted(values.items()):

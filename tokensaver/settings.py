@@ -344,7 +344,12 @@ class Schema:
     def rows(self) -> list[dict[str, Any]]:
         """One row per key: ``key``, ``type``, ``default`` (JSON-able) and ``doc``."""
         return [
-            {"key": k, "type": s.type_label(), "default": _jsonable(s.default), "doc": s.doc}
+            {
+                "key": k,
+                "type": s.type_label(),
+                "default": _jsonable(s.default),
+                "doc": s.doc + (f"; none: {s.none_means}" if s.none_means else ""),
+            }
             for k, s in self.settings.items()
         ]
 
@@ -359,7 +364,7 @@ def _shown(value: Any) -> str:
 
 def shown_default(value: Any) -> str:
     """A default as TOML would write it (``true``, ``"auto"``, ``[]``); ``none`` for None."""
-    return "none" if value is None else json.dumps(_jsonable(value))
+    return "none" if value is None else json.dumps(_jsonable(value), default=str)
 
 
 def schema_of(plugin: object) -> Schema | None:
