@@ -383,3 +383,60 @@ def test_an_unparsable_header_keeps_the_key_out_of_logs_and_answer(
     logged = "\n".join(r.getMessage() + (caplog.text if r.exc_info else "") for r in caplog.records)
     assert "SECRET" not in logged and "SECRET" not in caplog.text
     assert upstream.paths == []
+
+
+# -- what the proxy tells about the paths it does not optimize (issue 13: LiteLLM's /v1/v1/messages) --
+
+
+def _proxy_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tokensaver.proxy"]
+
+
+def test_a_base_url_ending_in_v1_is_still_optimized(upstream: Upstream, proxy: ProxyServer) -> None:
+    """The real SDK with ``base_url=.../v1`` (LiteLLM's ``api_base`` habit) sends ``/v1/v1/messages``:
+    it runs through the pipeline, and goes upstream as the Messages API's own path."""
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT)
+    message = client.messages.create(**BODY)
+    assert message.id == CANNED_MESSAGE["id"]
+    assert upstream.paths == ["/base/v1/messages"]
+    (record,) = proxy.records()
+    assert (
+        record["status"] == 200 and record["usage"]["input_tokens"] == CANNED_MESSAGE["usage"]["input_tokens"]
+    )
+    # however many /v1 the base path repeats, the query kept
+    status, _, _ = send(proxy.url, "POST", "/v1/v1/v1/messages?beta=true", json.dumps(BODY).encode())
+    assert status == 200 and upstream.paths[-1] == "/base/v1/messages?beta=true"
+    assert len(proxy.records()) == 2 and proxy.records()[-1]["surface"] == "beta"
+
+
+def test_every_forwarded_request_leaves_one_log_line(
+    upstream: Upstream, proxy: ProxyServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="tokensaver.proxy"):
+        status, _, _ = send(proxy.url, "GET", "/v1/models?limit=2")
+        assert status == 200
+        status, _, _ = send(proxy.url, "POST", "/v1/messages/count_tokens", json.dumps(BODY).encode())
+        assert status == 200
+    lines = _proxy_lines(caplog)
+    assert len(lines) == 2, lines
+    assert "GET /v1/models?limit=2 -> 200" in lines[0] and "not optimized" in lines[0]
+    assert "POST /v1/messages/count_tokens -> 200" in lines[1] and "not optimized" in lines[1]
+    assert KEY not in caplog.text
+
+
+def test_the_openai_compatible_endpoint_is_forwarded_and_named_in_the_log(
+    upstream: Upstream, proxy: ProxyServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = json.dumps(
+        {"model": "claude-sonnet-4-6", "messages": [{"role": "user", "content": "Hi"}]}
+    ).encode()
+    with caplog.at_level(logging.INFO, logger="tokensaver.proxy"):
+        status, _, _ = send(proxy.url, "POST", "/v1/chat/completions", body)
+    assert status == 200 and upstream.paths == ["/base/v1/chat/completions"]
+    assert [s["body"] for s in upstream.seen] == [body]  # untouched
+    assert proxy.records() == []
+    (line,) = _proxy_lines(caplog)
+    assert "POST /v1/chat/completions -> 200" in line and "not optimized" in line
+    assert "OpenAI-compatible" in line and "/v1/messages" in line

@@ -3,7 +3,9 @@
 Point an agent's Anthropic endpoint at the proxy (``ANTHROPIC_BASE_URL=http://127.0.0.1:8787``) and
 every ``POST /v1/messages`` (JSON or SSE, with or without ``?beta=true``) runs through the same
 :class:`~tokensaver.pipeline.Pipeline` as ``wrap()``: same plugins, config and run ledger, one code
-path. Every other path (``count_tokens``, models, batches, files, ...) is forwarded untouched.
+path (also when the base path repeats the version, ``/v1/v1/messages``: sent on as ``/v1/messages``).
+Every other path (``count_tokens``, models, batches, files, the OpenAI-compatible
+``/v1/chat/completions``...) is forwarded untouched, with one log line saying it was not optimized.
 
 * Credentials (``x-api-key``, ``authorization``) go upstream as they came; the pipeline only ever
   sees a hash of them (memoized answers are namespaced by it), never the secret.

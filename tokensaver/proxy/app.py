@@ -28,7 +28,6 @@ from ..context import MODEL_CALL_TIMEOUT
 from ..errors import ModelCallError, TokensaverError
 from ..exchange import (
     CLIENT_GONE,
-    MESSAGES_PATH,
     UNREADABLE,
     Failure,
     PluginToolExchange,
@@ -63,11 +62,15 @@ from .wire import (
     decoded_here,
     forward_headers,
     header_int,
+    messages_route,
+    not_optimized,
     parse_messages_body,
     response_headers,
+    shown_target,
     too_large,
     upstream_body,
     upstream_chunks,
+    upstream_tail,
 )
 
 log = logging.getLogger("tokensaver.proxy")
@@ -159,7 +162,7 @@ class TokensaverProxy:
         tail = confined_path(request.rel_url.raw_path)
         if tail is None:  # handle() refuses these before anything is sent
             raise TokensaverError(f"tokensaver proxy: refusing to forward {request.rel_url.raw_path[:200]!r}")
-        path = self.upstream.raw_path.rstrip("/") + tail
+        path = self.upstream.raw_path.rstrip("/") + upstream_tail(tail)
         query = request.rel_url.raw_query_string
         return URL(f"{self.upstream.origin()}{path}" + (f"?{query}" if query else ""), encoded=True)
 
@@ -225,14 +228,28 @@ class TokensaverProxy:
                 "tokensaver proxy: the request path cannot be forwarded (a '..' above the root, an encoded "
                 "slash, a backslash, a control character or a doubly encoded dot)",
             )
-        if request.method == "POST" and unquote(path) == MESSAGES_PATH:
+        if request.method == "POST" and messages_route(unquote(path)):
             return await self._messages(request)
         return await self._forward(request)
 
     # plain forwarding ----------------------------------------------------------------------------
 
     async def _forward(self, request: web.Request, raw: bytes | None = None) -> web.StreamResponse:
-        """Forward a request untouched (bodies streamed both ways, encodings kept)."""
+        """Forward a request untouched (bodies streamed both ways, encodings kept), with one log line."""
+        status: int | str = "interrupted"  # unless it is answered (the client may leave first)
+        try:
+            response = await self._pass_on(request, raw)
+            status = response.status
+            return response
+        finally:
+            path = request.rel_url.path
+            level, line = not_optimized(
+                request.method, path, shown_target(path, request.rel_url.raw_query_string), status
+            )
+            log.log(level, "%s", line)
+
+    async def _pass_on(self, request: web.Request, raw: bytes | None) -> web.StreamResponse:
+        """The upstream's answer to the request as it came (``raw``: its body, read already)."""
         assert self.client is not None
         headers = forward_headers(request.headers)
         data: Any = None
@@ -334,29 +351,19 @@ class TokensaverProxy:
             return api_error(500, "api_error", f"tokensaver: {exc}", {"x-should-retry": "false"})
         if call.short_circuit:
             await response_phase(pipe.finish, call, None)
-            served = _respond(serve(call, prep.stream))
-            log.info(
-                "%s %s short-circuit (%s) %.1fms",
-                request.method,
-                request.path_qs,
-                call.short_circuit,
-                (time.perf_counter() - t0) * 1000,
-            )
-            return served
-        outcome = _Outcome(call)
-        try:
-            response = await self._upstream_messages(request, pipe, prep, raw, outcome)
-        finally:
-            if not outcome.finishing:
-                # cancelled (the client went away) or failed before an answer: record it once
-                CLIENT_GONE.record(pipe, outcome.call)
-        log.info(
-            "%s %s -> %s %.1fms",
-            request.method,
-            request.path_qs,
-            response.status,
-            (time.perf_counter() - t0) * 1000,
-        )
+            response: web.StreamResponse = _respond(serve(call, prep.stream))
+            outcome_word = f"short-circuit ({call.short_circuit})"
+        else:
+            outcome = _Outcome(call)
+            try:
+                response = await self._upstream_messages(request, pipe, prep, raw, outcome)
+            finally:
+                if not outcome.finishing:
+                    # cancelled (the client went away) or failed before an answer: record it once
+                    CLIENT_GONE.record(pipe, outcome.call)
+            outcome_word = f"-> {response.status}"
+        ms = (time.perf_counter() - t0) * 1000
+        log.info("%s %s %s %.1fms", request.method, request.path_qs, outcome_word, ms)
         return response
 
     async def _upstream_messages(

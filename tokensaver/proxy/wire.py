@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
-from ..exchange import CONTROL_PREFIX
+from ..exchange import CONTROL_PREFIX, MESSAGES_PATH
 
 log = logging.getLogger("tokensaver.proxy")
 
@@ -39,6 +40,42 @@ HOP_BY_HOP = frozenset(
 MAX_BODY = 32 * 1024 * 1024  # the API refuses Messages requests over 32 MB (413 request_too_large)
 # the proxy adds none of its own: the client's user agent (or none) goes upstream
 SKIP_AUTO_HEADERS = ("User-Agent",)
+
+
+# a Messages request on a base path that repeats the version (LiteLLM's api_base=".../v1" sends
+# /v1/v1/messages): the same request, optimized and sent on the API's own path
+_MESSAGES_ROUTE = re.compile(r"^(?:/v1)+/messages$")
+CHAT_COMPLETIONS = "/chat/completions"  # the OpenAI-compatible endpoint: forwarded as it is
+_SECRET_PARAM = re.compile(r"key|token|secret|auth|sig|password", re.IGNORECASE)
+
+
+def messages_route(path: str) -> bool:
+    """Whether a (decoded) path carries a Messages request: ``/v1/messages``, the version repeated or not."""
+    return _MESSAGES_ROUTE.match(path) is not None
+
+
+def upstream_tail(tail: str) -> str:
+    """The path a request goes upstream on: a Messages route as ``/v1/messages``, any other as it came."""
+    return MESSAGES_PATH if messages_route(unquote(tail)) else tail
+
+
+def shown_target(path: str, query: str) -> str:
+    """A request target for the log: the path, and the query with credential-like values left out."""
+    if not query:
+        return path[:200]
+    pairs = parse_qsl(query, keep_blank_values=True)
+    shown = "&".join(f"{k}=..." if _SECRET_PARAM.search(k) else f"{k}={v}" for k, v in pairs)
+    return f"{path}?{shown}"[:200]
+
+
+def not_optimized(method: str, path: str, target: str, status: int | str) -> tuple[int, str]:
+    """The log level and line of a forwarded request: path, status, "not optimized" and why."""
+    if path.rstrip("/").endswith(CHAT_COMPLETIONS):
+        return logging.WARNING, (
+            f"{method} {target} -> {status} not optimized: the OpenAI-compatible endpoint is forwarded as "
+            f"it is; tokensaver optimizes the Anthropic Messages API ({MESSAGES_PATH})"
+        )
+    return logging.INFO, f"{method} {target} -> {status} not optimized (forwarded as it is)"
 
 
 def forward_headers(headers: Mapping[str, str], *, drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
