@@ -13,6 +13,7 @@ import json
 import re
 import textwrap
 import uuid
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,20 @@ def test_builtins_declare_their_settings() -> None:
         assert isinstance(schema, Schema)
         assert all(s.doc for s in schema.settings.values()), name
         assert set(plugin.DEFAULTS) == set(schema.settings), name
+    summarize = pm.get_plugin("summarize")
+    assert {f.name for f in fields(summarize.Options)} <= set(summarize.SETTINGS.settings)
+
+
+def test_readme_settings_example_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(# tokensaver_redact/__init__.py, continued\n.*?)```", readme, re.S)
+    assert code, "README lacks the settings example"
+    scope: dict[str, Any] = {}
+    exec(code.group(1), scope)
+    schema = scope["SETTINGS"]
+    assert schema.validate({"max_lines": 5}, "t") == {"max_lines": 5, "words": ["DEBUG"], "loud": False}
+    with pytest.raises(tokensaver.ConfigError, match=r"redact.max_lines must be a positive integer; got 0"):
+        schema.validate({"max_lines": 0}, "pyproject.toml")
 
 
 def test_plugins_command_shows_each_setting(capsys: Any, tmp_path: Path, monkeypatch: Any) -> None:
