@@ -54,6 +54,7 @@ __all__ = [
     "prepare",
     "read_message",
     "serve",
+    "short_circuit",
     "splices",
     "thinking_on",
 ]
@@ -217,6 +218,12 @@ def serve(
         headers["cache-control"] = "no-cache"
         return Served(message_to_sse(message), SSE_CONTENT_TYPE, headers)
     return Served(json.dumps(message).encode(), "application/json", headers)
+
+
+def short_circuit(pipeline: Pipeline, call: Call, stream: bool) -> Served:
+    """Record a short-circuited call (its stored answer) and serve that answer."""
+    pipeline.finish(call, None)
+    return serve(call, stream)
 
 
 def finish_json(pipeline: Pipeline, call: Call, raw: bytes, status: int = 200) -> dict[str, Any]:

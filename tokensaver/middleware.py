@@ -46,7 +46,7 @@ from .exchange import (
     plugin_tools,
     prepare,
     read_message,
-    serve,
+    short_circuit,
     splices,
 )
 from .phases import as_requester, call_on_loop, request_phase, response_phase
@@ -237,8 +237,7 @@ class TokensaverMiddleware(_sdk.Middleware):
         if self.pipeline.config.token_count == "exact":
             self._count_exact(call)
         if call.short_circuit:
-            self.pipeline.finish(call, None)
-            return self._response(request, serve(call, bool(request.stream)))
+            return self._response(request, short_circuit(self.pipeline, call, bool(request.stream)))
         if plugin_tools(call.body):
             if splices(bool(request.stream), call.body):
                 return self._stream_plugin_tools(request, call, prep, call_next)
@@ -303,8 +302,7 @@ class TokensaverMiddleware(_sdk.Middleware):
         if self.pipeline.config.token_count == "exact":
             await self._count_exact_async(call)
         if call.short_circuit:
-            self.pipeline.finish(call, None)
-            return self._response(request, serve(call, bool(request.stream)))
+            return self._response(request, short_circuit(self.pipeline, call, bool(request.stream)))
         if plugin_tools(call.body):
             if splices(bool(request.stream), call.body):
                 return await self._stream_plugin_tools_async(request, call, prep, call_next)

@@ -39,7 +39,7 @@ from ..exchange import (
     plugin_tools,
     prepare,
     read_message,
-    serve,
+    short_circuit,
     splices,
 )
 from ..phases import call_on_loop, request_phase, response_phase
@@ -350,8 +350,9 @@ class TokensaverProxy:
         except TokensaverError as exc:  # strict mode: a plugin failed and the config says to stop
             return api_error(500, "api_error", f"tokensaver: {exc}", {"x-should-retry": "false"})
         if call.short_circuit:
-            await response_phase(pipe.finish, call, None)
-            response: web.StreamResponse = _respond(serve(call, prep.stream))
+            response: web.StreamResponse = _respond(
+                await response_phase(short_circuit, pipe, call, prep.stream)
+            )
             outcome_word = f"short-circuit ({call.short_circuit})"
         else:
             outcome = _Outcome(call)
