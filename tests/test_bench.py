@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tokensaver import bench, bench_headroom
-from tokensaver.bench_facts import FactTracker, extract_facts, kept
-from tokensaver.bench_render import aggregate, render, svg_lines
+from tokensaver import bench
+from tokensaver.bench import headroom as bench_headroom
+from tokensaver.bench.aggregate import aggregate
+from tokensaver.bench.facts import FactTracker, extract_facts, kept
+from tokensaver.bench.render import render, svg_lines
 from tokensaver.cli import main
 from tokensaver.errors import TokensaverError
 from tokensaver.traces import fixtures_dir, load_conversations
@@ -162,6 +164,30 @@ def test_aggregate_compares_with_auto_per_source() -> None:
     assert agg["by_source"]["s1"]["defaults"]["vs_auto_pct"] == pytest.approx(50.0)
     assert agg["by_source"]["s2"]["defaults"]["vs_auto_pct"] == pytest.approx(0.0)
     assert agg["turns"]["defaults"] == [pytest.approx(0.875), pytest.approx(0.875)]
+
+
+def test_one_percentile_and_one_set_of_formatters() -> None:
+    """Bench and report share ``tokensaver.report``'s percentile and formatters (no copies of their own)."""
+    import tokensaver.report
+
+    defs = re.compile(r"^def (_?percentile|_pct|median|fmt_\w+|_rate|_signed|_ms|_usd_or_na)\(", re.M)
+    root = Path(tokensaver.report.__file__).parent.parent
+    found = {
+        f"{path.relative_to(root).as_posix()}:{m.group(1)}"
+        for sub in ("bench", "report")
+        for path in (root / sub).glob("*.py")
+        for m in defs.finditer(path.read_text())
+    }
+    assert {f.split(":")[1] for f in found if f.startswith("bench/")} <= {"_ms"}  # overhead's rounding helper
+    stats = {f for f in found if f.split(":")[1] in ("percentile", "_percentile", "_pct", "median")}
+    assert stats == {"report/aggregate.py:percentile"}
+    agg = aggregate(
+        {
+            "configs": [{"name": "auto"}],
+            "results": [{"config": "auto", "conversation": "c", "source": "s", "overhead_ms": [4, 1, 3, 2]}],
+        }
+    )
+    assert agg["totals"]["auto"]["overhead_p50_ms"] == tokensaver.report.percentile([1, 2, 3, 4], 50) == 2
 
 
 def test_svg_lines_scale() -> None:

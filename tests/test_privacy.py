@@ -18,7 +18,7 @@ import anthropic
 import pytest
 
 import tokensaver
-from tokensaver.bench_headroom import offline_env
+from tokensaver.bench.headroom import offline_env
 from tokensaver.cli import main as cli_main
 from tokensaver.emulator import Emulator
 from tokensaver.proxy import ProxyServer

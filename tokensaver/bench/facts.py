@@ -9,7 +9,7 @@ still occurs, as a whole word, anywhere in the body the emulator received for th
 
 A used fact that is not kept is **lost**; :meth:`FactTracker.lost_results` names the tool result it
 came from (the latest one in the original request that holds it), so the bench can price the round
-the agent would make to get it back once per result (see :func:`tokensaver.bench.lost_round_usd`).
+the agent would make to get it back once per result (see :func:`tokensaver.bench.runner.lost_round_usd`).
 """
 
 from __future__ import annotations

@@ -1,56 +1,22 @@
-"""Aggregation and renderings of a ``tokensaver bench`` result: table, Markdown, HTML, JSON.
+"""Renderings of a ``tokensaver bench`` result: table, Markdown, self-contained HTML (inline SVG), JSON.
 
-The JSON (``schema: tokensaver-bench/1``) holds everything: ``machine``, ``options``, ``configs``,
-``conversations``, ``scope`` (``source`` or ``conversation``: what the prompt cache is shared by),
-``scope_note`` (one sentence on it), ``results`` (one per configuration and conversation: billed
-``input_tokens``, ``cache_creation_input_tokens``, ``cache_read_input_tokens``, ``output_tokens``,
-``cost_usd``, ``input_cost_usd``, ``rejected`` (+ samples), ``start_t`` (the first call's time on the
-replay clock), ``stages`` (per plugin: ``saved_tokens``, ``saved_usd``,
-``changed``, ``errors``, ``ms``), ``plugin_errors``, ``facts_used``, ``facts_kept``,
-``short_circuited``, ``turn_cost_usd`` and ``turn_hit_rate`` per call, ``overhead_ms`` per call),
-then ``totals`` (per configuration), ``by_source`` (source -> per configuration), ``turns`` (mean
-billed $ per call at each turn, per configuration), ``overhead`` and ``memory``.
-Percentages ``vs_auto_pct`` / ``vs_none_pct`` are the saving on total billed dollars against the
-``auto`` / ``none`` configurations over the same conversations (positive = cheaper).
-
-Lost facts: each result also has ``half`` (``tuning`` / ``validation``, see
-:func:`tokensaver.bench.split_halves`), ``lost_results`` (tool results a used fact was lost from,
-once per conversation), ``lost_fact_usd`` (their price, :func:`tokensaver.bench.lost_round_usd`) and
-``lost_samples``. Every aggregate row has ``vs_auto_input_pct`` (saving on input-side $ against
-``auto``) and ``net_vs_auto_input_pct`` (the same, net of ``lost_fact_usd``); ``by_half`` holds
-``totals`` and ``by_source`` per half.
+The result's keys are described in :mod:`tokensaver.bench.aggregate`.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import math
 import time
-from collections import defaultdict
 from typing import Any
 
-from .report import fmt_int, fmt_pct, fmt_usd, text_table
+import jinja2
+from markupsafe import Markup
 
-SUM_KEYS = (
-    "calls",
-    "rejected",
-    "input_tokens",
-    "cache_creation_input_tokens",
-    "cache_read_input_tokens",
-    "output_tokens",
-    "cost_usd",
-    "input_cost_usd",
-    "facts_used",
-    "facts_kept",
-    "lost_results",
-    "lost_fact_usd",
-    "short_circuited",
-    "plugin_errors",
-    "tokens_original",
-    "tokens_sent",
-    "seconds",
-)
+from ..report.formatting import fmt_int, fmt_ms, fmt_pct, fmt_rate, fmt_usd, text_table
+from .aggregate import HALF_ORDER
+from .specs import scope_note
+
 PALETTE = (
     "#9aa5b1",
     "#4a4a4a",
@@ -64,113 +30,6 @@ PALETTE = (
     "#7a8b2f",
     "#5b6673",
 )
-
-
-def percentile(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile, None without values."""
-    if not values:
-        return None
-    s = sorted(values)
-    return s[max(1, math.ceil(p / 100 * len(s))) - 1]
-
-
-def _sum(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: 0 for k in SUM_KEYS}
-    out["cost_usd"] = out["input_cost_usd"] = out["seconds"] = out["lost_fact_usd"] = 0.0
-    stages: dict[str, dict[str, Any]] = {}
-    overhead: list[float] = []
-    skipped = None
-    for r in rows:
-        if r.get("skipped"):
-            skipped = r["skipped"]
-            continue
-        for k in SUM_KEYS:
-            out[k] += r.get(k) or 0
-        for plugin, s in (r.get("stages") or {}).items():
-            row = stages.setdefault(plugin, {"saved_tokens": 0, "saved_usd": 0.0, "changed": 0, "errors": 0})
-            for k in row:
-                row[k] += s.get(k) or 0
-        overhead.extend(r.get("overhead_ms") or [])
-    out["conversations"] = len({r["conversation"] for r in rows if not r.get("skipped")})
-    out["cost_usd"] = round(out["cost_usd"], 6)
-    out["input_cost_usd"] = round(out["input_cost_usd"], 6)
-    out["lost_fact_usd"] = round(out["lost_fact_usd"], 6)
-    out["seconds"] = round(out["seconds"], 1)
-    for row in stages.values():
-        row["saved_usd"] = round(row["saved_usd"], 6)
-    out["stages"] = stages
-    billed_in = sum(
-        out[k] for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-    )
-    out["hit_rate"] = round(out["cache_read_input_tokens"] / billed_in, 4) if billed_in else None
-    out["facts_kept_pct"] = (
-        round(100 * out["facts_kept"] / out["facts_used"], 2) if out["facts_used"] else None
-    )
-    out["overhead_p50_ms"] = percentile(overhead, 50)
-    out["overhead_p95_ms"] = percentile(overhead, 95)
-    if skipped and not out["conversations"]:
-        out["skipped"] = skipped
-    return out
-
-
-def _compare(group: dict[str, dict[str, Any]]) -> None:
-    for ref, key in (("auto", "vs_auto_pct"), ("none", "vs_none_pct")):
-        base = group.get(ref)
-        for row in group.values():
-            b = base["cost_usd"] if base else 0
-            row[key] = round(100 * (b - row["cost_usd"]) / b, 2) if b and not row.get("skipped") else None
-    base = group.get("auto")
-    b_in = base["input_cost_usd"] if base else 0
-    for row in group.values():
-        ok = bool(b_in) and not row.get("skipped")
-        row["vs_auto_input_pct"] = round(100 * (b_in - row["input_cost_usd"]) / b_in, 2) if ok else None
-        row["net_vs_auto_input_pct"] = (
-            round(100 * (b_in - row["input_cost_usd"] - row["lost_fact_usd"]) / b_in, 2) if ok else None
-        )
-
-
-def _group(by_cfg: dict[str, list[dict[str, Any]]], order: list[str]) -> dict[str, Any]:
-    """``totals`` and ``by_source`` of some results (per configuration)."""
-    totals = {name: _sum(by_cfg.get(name, [])) for name in order}
-    _compare(totals)
-    sources = sorted({r["source"] for rows in by_cfg.values() for r in rows})
-    by_source: dict[str, dict[str, dict[str, Any]]] = {}
-    for src in sources:
-        group = {name: _sum([r for r in by_cfg.get(name, []) if r["source"] == src]) for name in order}
-        _compare(group)
-        by_source[src] = group
-    return {"totals": totals, "by_source": by_source}
-
-
-def aggregate(data: dict[str, Any]) -> dict[str, Any]:
-    """``totals``, ``by_source`` and ``turns`` from ``data["results"]``."""
-    order = [c["name"] for c in data["configs"]]
-    results = data["results"]
-    # only conversations every configuration replayed are compared
-    by_cfg: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in results:
-        by_cfg[r["config"]].append(r)
-    whole = _group(by_cfg, order)
-    totals, by_source = whole["totals"], whole["by_source"]
-    by_half: dict[str, Any] = {}
-    for half in HALF_ORDER:
-        rows = {name: [r for r in v if (r.get("half") or "all") == half] for name, v in by_cfg.items()}
-        if any(rows.values()):
-            by_half[half] = _group(rows, order)
-    turns: dict[str, list[float | None]] = {}
-    n_conv = len({r["conversation"] for r in results})
-    need = max(1, min(3, n_conv))
-    for name in order:
-        sums: dict[int, list[float]] = defaultdict(list)
-        for r in by_cfg.get(name, []):
-            for k, c in enumerate(r.get("turn_cost_usd") or []):
-                if c is not None:
-                    sums[k].append(c)
-        last = max((k for k, v in sums.items() if len(v) >= need), default=-1)
-        turns[name] = [
-            round(sum(sums[k]) / len(sums[k]), 8) if sums.get(k) else None for k in range(last + 1)
-        ]
-    return {"totals": totals, "by_source": by_source, "by_half": by_half, "turns": turns}
 
 
 # -- rows shared by every rendering ---------------------------------------------------------------
@@ -201,7 +60,6 @@ SOURCE_HEADERS = [
     "rejected",
     "facts kept",
 ]
-HALF_ORDER = ("tuning", "validation", "all")
 NET_HEADERS = [
     "source",
     "configuration",
@@ -239,18 +97,6 @@ OVERHEAD_HEADERS = [
 ]
 
 
-def _rate(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
-
-
-def _signed(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:+.1f}%"
-
-
-def _ms(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.1f}"
-
-
 def main_rows(data: dict[str, Any]) -> list[list[str]]:
     rows = []
     for c in data["configs"]:
@@ -266,13 +112,13 @@ def main_rows(data: dict[str, Any]) -> list[list[str]]:
                 fmt_int(t["cache_creation_input_tokens"]),
                 fmt_int(t["cache_read_input_tokens"]),
                 fmt_int(t["output_tokens"]),
-                _rate(t["hit_rate"]),
+                fmt_rate(t["hit_rate"]),
                 fmt_usd(t["input_cost_usd"]),
                 fmt_usd(t["cost_usd"]),
-                _signed(t["vs_auto_pct"]),
+                fmt_pct(t["vs_auto_pct"], signed=True),
                 fmt_int(t["rejected"]),
                 fmt_pct(t["facts_kept_pct"]),
-                _ms(t["overhead_p50_ms"]),
+                fmt_ms(t["overhead_p50_ms"], unit=""),
             ]
         )
     return rows
@@ -292,17 +138,13 @@ def source_rows(data: dict[str, Any]) -> list[list[str]]:
                     fmt_int(t["conversations"]),
                     fmt_int(t["calls"]),
                     fmt_usd(t["cost_usd"]),
-                    _signed(t["vs_auto_pct"]),
-                    _rate(t["hit_rate"]),
+                    fmt_pct(t["vs_auto_pct"], signed=True),
+                    fmt_rate(t["hit_rate"]),
                     fmt_int(t["rejected"]),
                     fmt_pct(t["facts_kept_pct"]),
                 ]
             )
     return rows
-
-
-def _usd_or_na(v: float | None) -> str:
-    return "n/a" if v is None else fmt_usd(v)
 
 
 def net_rows(data: dict[str, Any], half: str) -> list[list[str]]:
@@ -324,7 +166,7 @@ def net_rows(data: dict[str, Any], half: str) -> list[list[str]]:
                     name,
                     fmt_int(t["conversations"]),
                     fmt_int(t["calls"]),
-                    _usd_or_na(auto["input_cost_usd"] if auto and auto["calls"] else None),
+                    fmt_usd(auto["input_cost_usd"] if auto and auto["calls"] else None),
                     fmt_usd(t["input_cost_usd"]),
                     fmt_pct(t["vs_auto_input_pct"]),
                     fmt_int(t["lost_results"]),
@@ -381,16 +223,16 @@ def overhead_rows(data: dict[str, Any]) -> list[list[str]]:
         if "error" in o:
             rows.append([o["error"]] + [""] * (len(OVERHEAD_HEADERS) - 1))
             continue
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in o["stages_p50_ms"].items())
+        stages = ", ".join(f"{k} {fmt_ms(v, unit='')}" for k, v in o["stages_p50_ms"].items())
         rows.append(
             [
                 f"~{o['target_tokens'] // 1000}k tokens",
                 fmt_int(o["tokens"]),
                 fmt_int(o["messages"]),
-                f"{o['cold_ms']:.1f} ms",
-                f"{o['p50_ms']:.1f} ms",
-                f"{o['p95_ms']:.1f} ms",
-                f"{o['max_ms']:.1f} ms",
+                fmt_ms(o["cold_ms"]),
+                fmt_ms(o["p50_ms"]),
+                fmt_ms(o["p95_ms"]),
+                fmt_ms(o["max_ms"]),
                 stages + " ms",
             ]
         )
@@ -410,10 +252,10 @@ def proxy_rows(data: dict[str, Any]) -> list[list[str]]:
             [
                 f"~{fmt_int(o['size_tokens'])} tokens",
                 "SSE" if o["stream"] else "JSON",
-                f"{o['added_p50_ms']:.1f} ms",
-                f"{o['added_p95_ms']:.1f} ms",
-                f"{o['pipeline_p50_ms']:.1f} ms",
-                f"{o['pipeline_p95_ms']:.1f} ms",
+                fmt_ms(o["added_p50_ms"]),
+                fmt_ms(o["added_p95_ms"]),
+                fmt_ms(o["pipeline_p50_ms"]),
+                fmt_ms(o["pipeline_p95_ms"]),
                 fmt_int(o["n_calls"]),
             ]
         )
@@ -443,8 +285,6 @@ def scope_of(data: dict[str, Any]) -> str:
 def scope_sentence(data: dict[str, Any]) -> str:
     if data.get("scope_note"):
         return str(data["scope_note"])
-    from .bench import scope_note
-
     return scope_note(scope_of(data))
 
 
@@ -634,19 +474,16 @@ def svg_bars(items: list[tuple[str, float | None]], title: str) -> str:
         )
         parts.append(
             f'<rect x="{left}" y="{y}" width="{w}" height="{bar}" fill="{_color(i)}">'
-            f"<title>{html.escape(name)}: {_rate(v)}</title></rect>"
+            f"<title>{html.escape(name)}: {fmt_rate(v)}</title></rect>"
         )
-        parts.append(f'<text x="{left + w + 6}" y="{y + 12}" font-size="11">{_rate(v)}</text>')
+        parts.append(f'<text x="{left + w + 6}" y="{y + 12}" font-size="11">{fmt_rate(v)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
 def to_html(data: dict[str, Any]) -> str:
-    import jinja2
-    from markupsafe import Markup
-
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("tokensaver", "templates"),
+        loader=jinja2.PackageLoader("tokensaver.bench", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

@@ -10,6 +10,7 @@ off (``HEADROOM_BEACON=off``), Hugging Face offline, its workspace in a temporar
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._files import open_private, private_dir
+from .._files import open_private, private_dir
 
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 
@@ -34,9 +35,7 @@ def available() -> bool:
 
 def version() -> str | None:
     try:
-        from importlib.metadata import version as v
-
-        return v("headroom-ai")
+        return importlib.metadata.version("headroom-ai")
     except Exception:
         return None
 
@@ -79,7 +78,8 @@ class HeadroomPrepare:
     """
 
     def __init__(self) -> None:
-        from headroom import compress  # imported only once the offline environment is set
+        # an optional third-party package, imported only once the offline environment is set
+        from headroom import compress
 
         self._compress = compress
         self.ms: list[float] = []

@@ -1,0 +1,133 @@
+"""The conversations ``tokensaver bench`` replays: trace files found, deduplicated, split in halves.
+
+Each source's conversation files (a source is a trace folder) are split into a *tuning* and a
+*validation* half by a fixed rule (:func:`split_halves`, ``SPLIT_RULE``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import TokensaverError
+from ..traces import (
+    FORMAT,
+    Conversation,
+    fixtures_dir,
+    iter_trace_files,
+    load_conversation,
+    shared_traces_dir,
+)
+
+HALVES = ("tuning", "validation", "all")
+SPLIT_RULE = (
+    "split by conversation, per source folder: the source's conversation files sorted by the sha256 of "
+    "the file name's stem (no directory, no extension); positions 0, 2, 4, ... are the tuning half, "
+    "1, 3, 5, ... the validation half"
+)
+
+
+@dataclass
+class TraceRef:
+    """A trace file to replay (the conversation is loaded in the process that replays it)."""
+
+    path: str
+    source: str
+    size: int
+    half: str | None = None  # "tuning" | "validation" (see split_halves)
+
+
+def _split_key(path: str | Path) -> tuple[str, str]:
+    stem = Path(path).stem
+    return hashlib.sha256(stem.encode("utf-8")).hexdigest(), stem
+
+
+def split_halves(paths: list[Any]) -> dict[str, list[Any]]:
+    """The fixed tuning / validation split of conversation files (see ``SPLIT_RULE``).
+
+    Per source (the file's folder, :func:`source_name`), the files are sorted by the sha256 of
+    their name's stem; even positions (0, 2, 4, ...) are ``tuning``, odd ones ``validation``. The
+    items of ``paths`` (str or Path) are returned as given, in that order.
+    """
+    by_source: dict[str, list[Any]] = {}
+    for p in paths:
+        by_source.setdefault(source_name(Path(p)), []).append(p)
+    out: dict[str, list[Any]] = {"tuning": [], "validation": []}
+    for src in sorted(by_source):
+        for i, p in enumerate(sorted(by_source[src], key=_split_key)):
+            out["tuning" if i % 2 == 0 else "validation"].append(p)
+    return out
+
+
+def split_counts(refs: list[TraceRef]) -> dict[str, dict[str, int]]:
+    """Conversation files per source and half."""
+    out: dict[str, dict[str, int]] = {}
+    for r in refs:
+        row = out.setdefault(r.source, {"tuning": 0, "validation": 0})
+        row[r.half or "tuning"] += 1
+    return dict(sorted(out.items()))
+
+
+def _is_conversation_file(path: Path, data: bytes) -> bool:
+    """A ``.jsonl`` file, or JSON in the conversation format (not e.g. a folder's SOURCES.json)."""
+    if path.suffix != ".json":
+        return True
+    if FORMAT.encode() in data[:4096]:
+        return True
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return True  # let load_conversation say what is wrong with it
+    return not isinstance(obj, dict) or obj.get("format") == FORMAT or "segments" in obj
+
+
+def source_name(path: Path) -> str:
+    """The source of a trace: its folder's name (claude-code-spotter, tau-bench, ...)."""
+    return path.parent.name or "traces"
+
+
+def default_trace_dirs() -> list[Path]:
+    dirs = [d for d in (fixtures_dir(), shared_traces_dir()) if d is not None]
+    if not dirs:
+        raise TokensaverError("no traces given and no fixtures/ or ../shared/traces folder found")
+    return dirs
+
+
+def find_traces(paths: list[str | Path], sources: list[str] | None = None) -> tuple[list[TraceRef], int]:
+    """Trace files under ``paths``, identical files once (fixtures are copies of shared traces)."""
+    seen: set[str] = set()
+    refs: list[TraceRef] = []
+    dupes = 0
+    for f in iter_trace_files(list(paths)):
+        if f.name.lower().startswith("readme"):
+            continue
+        data = f.read_bytes()
+        if not _is_conversation_file(f, data):
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in seen:
+            dupes += 1
+            continue
+        seen.add(digest)
+        src = source_name(f)
+        if sources and src not in sources:
+            continue
+        refs.append(TraceRef(str(f), src, len(data)))
+    halves = split_halves([r.path for r in refs])
+    half_of = {p: h for h in halves for p in halves[h]}
+    for r in refs:
+        r.half = half_of[r.path]
+    return refs, dupes
+
+
+def load_ref(ref: TraceRef, limit_calls: int | None = None) -> Conversation:
+    conv = load_conversation(ref.path)
+    conv.source = ref.source
+    if ref.half:
+        conv.info["bench_half"] = ref.half
+    if limit_calls:
+        conv.calls = conv.calls[:limit_calls]
+    return conv
