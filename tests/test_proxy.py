@@ -627,3 +627,23 @@ def test_a_streamed_mixed_answer_through_the_proxy_keeps_only_the_clients_tool(
             msg = s.get_final_message()
     assert [(b.type, b.name) for b in msg.content] == [("tool_use", "read_file")]
     assert msg.stop_reason == "tool_use" and len(emu.requests) == 1
+
+
+def test_the_proxy_door_imports_nothing_of_the_sdk_door() -> None:
+    """The proxy speaks the protocol through ``tokensaver.exchange``: importing it loads neither the
+    SDK middleware nor the anthropic SDK (checked in a fresh interpreter)."""
+    code = (
+        "import sys, tokensaver.proxy\n"
+        "print(sorted(m for m in sys.modules if m in ('tokensaver.middleware', 'tokensaver._sdk')"
+        " or m.split('.')[0] == 'anthropic'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_python_m_tokensaver_proxy_is_the_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "tokensaver.proxy", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--upstream" in out.stdout and "--token" in out.stdout
