@@ -27,7 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run_demo",
         "replay a bundled demo and show the report",
     ),
-    "plugins": ("tokensaver.plugins", "add_arguments", "run", "list installed and enabled plugins"),
+    "plugins": ("tokensaver.cli", "add_plugins_arguments", "cmd_plugins", "list installed and enabled plugins"),
     "bench": ("tokensaver.bench", "add_arguments", "run", "measure savings and overhead over traces"),
     "proxy": (
         "tokensaver.proxy",
@@ -60,6 +60,17 @@ def _add_report(sub: Any) -> None:
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     p.add_argument("--runs-dir", help="directory of run ledgers (default: config runs_dir)")
     p.set_defaults(func=cmd_report)
+
+
+def add_plugins_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``tokensaver plugins``."""
+    p.add_argument("--config", help="config file (TOML) to read on top of the usual sources")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the settings reference of the installed plugins (the README's is made by this)",
+    )
 
 
 def _unavailable(cmd: str, error: str) -> Callable[[argparse.Namespace], int]:
@@ -134,6 +145,62 @@ def cmd_runs(args: argparse.Namespace) -> int:
     head = ["run", "created", "calls", "cost [billed]", "without [est.]", "saved", "vs auto caching [est.]"]
     print("\n".join(text_table(head, rows, right={2, 3, 4, 5, 6})))
     print("saved = what your own requests would have been billed without tokensaver (estimated) - cost")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """``tokensaver plugins``: what is installed, what is enabled, and each plugin's settings
+    (value, type, default and doc from its declared schema)."""
+    from .config import load_config
+    from .plugins import get_plugin_manager, installed, origin, problem, schemas, settings_reference
+    from .settings import shown_default
+
+    pm = get_plugin_manager()
+    if args.markdown:
+        print(settings_reference(pm), end="")
+        return 0
+    cfg = load_config(args.config, pm=pm)
+    rows: list[dict[str, Any]] = []
+    declared = schemas(pm)
+    for name in installed(pm):
+        plugin = pm.get_plugin(name)
+        module = getattr(plugin, "__name__", type(plugin).__name__)
+        enabled = name in cfg.plugins
+        schema = declared.get(name)
+        settings = cfg.plugin_settings.get(name)
+        if settings is None and schema is not None:
+            settings = schema.defaults()
+        rows.append(
+            {
+                "name": name,
+                "enabled": enabled,
+                "position": cfg.plugins.index(name) + 1 if enabled else None,
+                "module": module,
+                "origin": origin(pm, name),
+                "settings": settings or {},
+                "schema": schema.rows() if schema is not None else None,
+                "error": problem(pm, plugin),
+            }
+        )
+    if args.json:
+        print(json.dumps({"sources": cfg.sources, "plugins": rows}, indent=2, default=str))
+        return 0
+    print(f"config sources: {', '.join(cfg.sources) or 'defaults only'}")
+    print(f"pipeline order: {' -> '.join(cfg.plugins) or '(no plugins enabled)'}")
+    for row in rows:
+        mark = f"[{row['position']}]" if row["enabled"] else "[ ]"
+        print(f"{mark:5} {row['name']:14} {row['module']}")
+        if row["error"]:
+            print(f"      cannot be enabled: {row['error']}")
+        values = row["settings"]
+        for item in row["schema"] or []:
+            key = item["key"]
+            value = shown_default(values.get(key, item["default"]))
+            print(f"      {key} = {value}  [{item['type']}, default {shown_default(item['default'])}]")
+            print(f"          {item['doc']}")
+        for key, value in sorted(values.items()):
+            if not row["schema"] or key not in {i["key"] for i in row["schema"]}:
+                print(f"      {key} = {json.dumps(value, default=str)}")
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import pluggy
 
 from .errors import ConfigError
+from .plugins import check_enabled, configure, get_plugin_manager, installed
 
 DEFAULT_PLUGINS = ["summarize", "prune", "cache_align"]
 DEFAULT_RUNS_DIR = ".tokensaver/runs"
@@ -167,11 +168,7 @@ def load_config(
         layers.append((str(path), _unwrap(_read_toml(path))))
 
     if pm is None:
-        from .plugins import get_plugin_manager
-
         pm = get_plugin_manager()
-    from .plugins import check_enabled, configure, installed
-
     known_plugins = set(installed(pm))
     cfg = Config()
     raw_plugin_tables: dict[str, dict[str, Any]] = {}

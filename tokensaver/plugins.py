@@ -7,11 +7,9 @@ in config. Two distributions claiming the same name: the first wins and a warnin
 
 from __future__ import annotations
 
-import argparse
 import contextvars
 import difflib
 import importlib.metadata
-import json
 import logging
 import queue
 import threading
@@ -23,7 +21,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import ConfigError, TransformError, UnknownPluginError
-from .settings import Schema, reference, schema_of, shown_default
+from .settings import Schema, reference, schema_of
 
 log = logging.getLogger("tokensaver.plugins")
 
@@ -132,12 +130,13 @@ def check_enabled(pm: pluggy.PluginManager, names: list[str], source: str) -> No
                 key="plugins",
                 source=source,
             )
-        problem = _problem(pm, plugin)
-        if problem:
-            raise ConfigError(f"plugin {name!r} ({origin(pm, name)}) {problem}", key="plugins", source=source)
+        why = problem(pm, plugin)
+        if why:
+            raise ConfigError(f"plugin {name!r} ({origin(pm, name)}) {why}", key="plugins", source=source)
 
 
-def _problem(pm: pluggy.PluginManager, plugin: object) -> str | None:
+def problem(pm: pluggy.PluginManager, plugin: object) -> str | None:
+    """Why the core cannot call ``plugin`` (see :func:`check_enabled`), or None."""
     if isinstance(plugin, _BrokenPlugin):
         return plugin.error
     specs = sorted(n for n, c in vars(pm.hook).items() if not n.startswith("_") and c.has_spec())
@@ -347,18 +346,7 @@ def strict_error(name: str, hook: str, exc: BaseException) -> TransformError:
     return TransformError(name, hook, exc)
 
 
-# -- `tokensaver plugins` ----------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``tokensaver plugins``."""
-    parser.add_argument("--config", help="config file (TOML) to read on top of the usual sources")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument(
-        "--markdown",
-        action="store_true",
-        help="print the settings reference of the installed plugins (the README's is made by this)",
-    )
+# -- declared settings (`tokensaver plugins`, the README reference) ---------------------------
 
 
 def schemas(pm: pluggy.PluginManager, *, builtin_only: bool = False) -> dict[str, Schema]:
@@ -377,57 +365,3 @@ def schemas(pm: pluggy.PluginManager, *, builtin_only: bool = False) -> dict[str
 def settings_reference(pm: pluggy.PluginManager, *, builtin_only: bool = False) -> str:
     """The Markdown settings reference of the installed plugins, one table per plugin."""
     return reference(schemas(pm, builtin_only=builtin_only))
-
-
-def run(args: argparse.Namespace) -> int:
-    """``tokensaver plugins``: what is installed, what is enabled, and each plugin's settings
-    (value, type, default and doc from its declared schema)."""
-    from .config import load_config
-
-    pm = get_plugin_manager()
-    if args.markdown:
-        print(settings_reference(pm), end="")
-        return 0
-    cfg = load_config(args.config, pm=pm)
-    rows: list[dict[str, Any]] = []
-    declared = schemas(pm)
-    for name in installed(pm):
-        plugin = pm.get_plugin(name)
-        module = getattr(plugin, "__name__", type(plugin).__name__)
-        enabled = name in cfg.plugins
-        schema = declared.get(name)
-        settings = cfg.plugin_settings.get(name)
-        if settings is None and schema is not None:
-            settings = schema.defaults()
-        rows.append(
-            {
-                "name": name,
-                "enabled": enabled,
-                "position": cfg.plugins.index(name) + 1 if enabled else None,
-                "module": module,
-                "origin": origin(pm, name),
-                "settings": settings or {},
-                "schema": schema.rows() if schema is not None else None,
-                "error": _problem(pm, plugin),
-            }
-        )
-    if args.json:
-        print(json.dumps({"sources": cfg.sources, "plugins": rows}, indent=2, default=str))
-        return 0
-    print(f"config sources: {', '.join(cfg.sources) or 'defaults only'}")
-    print(f"pipeline order: {' -> '.join(cfg.plugins) or '(no plugins enabled)'}")
-    for row in rows:
-        mark = f"[{row['position']}]" if row["enabled"] else "[ ]"
-        print(f"{mark:5} {row['name']:14} {row['module']}")
-        if row["error"]:
-            print(f"      cannot be enabled: {row['error']}")
-        values = row["settings"]
-        for item in row["schema"] or []:
-            key = item["key"]
-            value = shown_default(values.get(key, item["default"]))
-            print(f"      {key} = {value}  [{item['type']}, default {shown_default(item['default'])}]")
-            print(f"          {item['doc']}")
-        for key, value in sorted(values.items()):
-            if not row["schema"] or key not in {i["key"] for i in row["schema"]}:
-                print(f"      {key} = {json.dumps(value, default=str)}")
-    return 0
