@@ -123,6 +123,24 @@ def test_builtin_plugin_settings_are_validated(tmp_path: Path) -> None:
     with pytest.raises(tokensaver.ConfigError) as info:
         tokensaver.load_config({"plugins": ["prune"], "prune": {"no_such_setting": 1}}, cwd=tmp_path)
     assert "no_such_setting" in str(info.value)
+    # from the declared schema: the key, the file, the accepted values (and a near key)
+    (tmp_path / "tokensaver.toml").write_text('[prune]\nclear_paybak = 3\n[cache_align]\nttl = "2h"\n')
+    with pytest.raises(tokensaver.ConfigError) as info:
+        tokensaver.load_config(cwd=tmp_path)
+    msg = str(info.value)
+    assert (
+        info.value.key == "clear_paybak"
+        and "tokensaver.toml" in msg
+        and "did you mean 'clear_payback'" in msg
+    )
+    (tmp_path / "tokensaver.toml").write_text('[cache_align]\nttl = "2h"\n')
+    with pytest.raises(
+        tokensaver.ConfigError, match=r"cache_align.ttl must be 'auto', '5m' or '1h'; got '2h'"
+    ):
+        tokensaver.load_config(cwd=tmp_path)
+    cfg = tokensaver.load_config({"prune": {"clear_payback": 3}}, cwd=tmp_path / "none")
+    assert cfg.plugin_settings["prune"]["clear_payback"] == 3.0
+    assert isinstance(cfg.plugin_settings["prune"]["clear_payback"], float)
 
 
 def test_importing_core_does_not_import_plugins() -> None:
