@@ -1,0 +1,168 @@
+"""The memos kept across calls change nothing: same bytes sent, same billed figures, same records.
+
+Issue 12's regression test for the incremental pipeline. Each conversation is replayed in order
+through ``wrap()`` (the real SDK over HTTP to the emulator) twice: once with every cross-call memo
+off (``set_memo_enabled(False)``: each call counted, digested and billed from scratch, as a fresh
+pipeline would for its blocks) and once with them on. The bodies that reached the emulator, the
+usage it billed and the pipeline's records must be identical.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tokensaver.emulator import Emulator
+from tokensaver.middleware import wrap
+from tokensaver.replay import replay
+from tokensaver.tokens import set_memo_enabled
+from tokensaver.traces import fixtures_dir, load_conversation
+
+FIXTURES = fixtures_dir()
+SMALL = [
+    "claude-code-spotter/6c2214d7-b87e-4432-8e41-22ba294ea584__agent-afc096d.json",
+    "claude-code-spotter/8463c716-a2ea-4c14-9efa-87158ebd9f20__agent-a7be2f0.json",
+    "mini-swe-agent-gemini3/django__django-16527.json",
+    "swe-agent/crypto__BabyEncryption.json",
+    "tau-bench/gpt-4o-airline_task000_trial0.json",
+]
+# what differs between two runs of the same calls whatever the memos do
+VOLATILE = ("id", "overhead_ms")
+
+
+def stable(record: dict[str, Any]) -> dict[str, Any]:
+    """A record without its call id and timings."""
+    out = {k: v for k, v in record.items() if k not in VOLATILE}
+    out["stages"] = [{k: v for k, v in s.items() if k != "ms"} for s in record.get("stages") or []]
+    return out
+
+
+@pytest.fixture
+def emu() -> Iterator[Emulator]:
+    with Emulator(virtual_clock=True) as e:
+        yield e
+
+
+@pytest.fixture(autouse=True)
+def memo_back_on() -> Iterator[None]:
+    yield
+    set_memo_enabled(True)
+
+
+def both_ways(run: Any) -> tuple[Any, Any]:
+    """``run()`` with every cross-call memo off, then on."""
+    set_memo_enabled(False)
+    try:
+        full = run()
+    finally:
+        set_memo_enabled(True)
+    return full, run()
+
+
+@pytest.mark.skipif(FIXTURES is None, reason="bundled fixtures/ not present")
+@pytest.mark.parametrize("name", SMALL)
+def test_replayed_conversation_same_bytes_and_bills(emu: Emulator, name: str) -> None:
+    assert FIXTURES is not None
+    conv = load_conversation(Path(FIXTURES) / name)
+    config = {"record": False}
+    full, inc = both_ways(lambda: replay([conv], config=config, emulator=emu, keep_bodies=True))
+    assert len(full.sent) == len(conv.calls) - len(full.rejected)
+    assert inc.sent == full.sent
+    assert inc.billed == full.billed
+    assert [stable(r) for r in inc.records] == [stable(r) for r in full.records]
+    # the figures compared are not all zero (a replay that billed nothing would compare equal too)
+    assert any(r["saved_usd"] for r in full.records) or any(r["stages"] for r in full.records)
+
+
+# -- a caller that edits and reuses its own objects between calls ---------------------------------
+
+
+def _base_messages(turns: int, words: int) -> list[dict[str, Any]]:
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": "Fix the bug."}]}]
+    for t in range(turns):
+        out = "\n".join(f"line {i} of file{t}.py: value = {i * t}" for i in range(words))
+        msgs.append(
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "tool_use", "id": f"toolu_{t}", "name": "read", "input": {"path": f"f{t}"}}
+                ],
+            }
+        )
+        msgs.append(
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": f"toolu_{t}", "content": out}],
+            }
+        )
+    return msgs
+
+
+EDITS = st.lists(
+    st.tuples(
+        st.sampled_from(["grow", "edit_text", "cache_control", "cut", "same"]),
+        st.integers(min_value=0, max_value=1000),
+    ),
+    min_size=3,
+    max_size=9,
+)
+
+
+def _replay_edits(emu: Emulator, edits: list[tuple[str, int]]) -> tuple[list[Any], list[Any], list[Any]]:
+    """One conversation whose caller reuses and edits its message objects in place between calls."""
+    emu.reset()
+    base = anthropic.Anthropic(base_url=emu.url, api_key="test-key", max_retries=0)
+    now = [1_700_000_000.0]
+    client = wrap(base, {"record": False}, clock=lambda: now[0])
+    messages = _base_messages(12, 40)
+    shown = 3
+    tools = [{"name": "read", "description": "Read a file", "input_schema": {"type": "object"}}]
+    billed = []
+    for op, n in edits:
+        if op == "grow":
+            shown = min(len(messages), shown + 2)
+        elif op == "edit_text":
+            tr = [
+                m
+                for m in messages[:shown]
+                if m["role"] == "user" and m["content"][0].get("type") == "tool_result"
+            ]
+            if tr:
+                block = tr[n % len(tr)]["content"][0]
+                block["content"] = str(block["content"]) + f"\n(edited {n})"  # in place, same objects
+        elif op == "cache_control":
+            msg = messages[(n % shown) if n % shown % 2 == 0 else 0]
+            msg["content"][-1]["cache_control"] = {"type": "ephemeral"}
+        elif op == "cut" and shown > 5:
+            del messages[1:3]  # the oldest tool round dropped: a cut, not an append
+            shown -= 2
+        now[0] += 7 + n % 400
+        emu.clock.set(now[0])
+        emu.reply([{"type": "text", "text": f"OK {n}."}])
+        msg = client.messages.create(
+            model="claude-sonnet-4-6",
+            max_tokens=256,
+            system="You are a coding agent.",
+            tools=tools,
+            messages=messages[:shown],
+            timeout=60,
+        )
+        billed.append(msg.usage.model_dump())
+    sent = [copy.deepcopy(r["body"]) for r in emu.requests]
+    return sent, billed, [stable(r) for r in client.tokensaver.records]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=EDITS)
+def test_edited_conversation_same_bytes_and_bills(emu: Emulator, edits: list[tuple[str, int]]) -> None:
+    full, inc = both_ways(lambda: _replay_edits(emu, edits))
+    assert inc[0] == full[0]
+    assert inc[1] == full[1]
+    assert inc[2] == full[2]
