@@ -416,10 +416,10 @@ class _SplicedStream(httpx2.SyncByteStream):
         self.ex.fail(CLOSED_EARLY)  # unless recorded: the caller stopped reading mid-round
 
 
-class _AsyncSplicedStream(_SplicedStream, httpx2.AsyncByteStream):  # type: ignore[misc]
+class _AsyncSplicedStream(_SplicedStream, httpx2.AsyncByteStream):
     """Async twin of ``_SplicedStream``."""
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         ex = self.ex
         try:
             while self.http is not None:
@@ -479,10 +479,10 @@ class _ObservedStream(httpx2.SyncByteStream):
             self.watch.record()
 
 
-class _AsyncObservedStream(_ObservedStream, httpx2.AsyncByteStream):  # type: ignore[misc]
+class _AsyncObservedStream(_ObservedStream, httpx2.AsyncByteStream):
     """Async twin of ``_ObservedStream``."""
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self.http.aiter_bytes():
                 self.watch.feed(chunk)
@@ -540,7 +540,11 @@ def wrap(
     :param clock: a callable returning epoch seconds, for replays that follow recorded call times.
     """
     if not _sdk.is_client(client):
-        raise TypeError(f"tokensaver.wrap() expects an anthropic client, got {type(client).__name__}")
+        # a framework's model (LangChain's ChatAnthropic), else a TypeError that says what to do
+        from .frameworks import wrap_framework
+
+        opts = {"run": run, "plugin_manager": plugin_manager, "pipeline": pipeline, "clock": clock}
+        return wrap_framework(client, config, **opts)  # type: ignore[no-any-return]
     pipe = pipeline or Pipeline(config, plugin_manager=plugin_manager, run=run, clock=clock)
     mw = TokensaverMiddleware(pipe, asynchronous=_sdk.is_async_client(client))
     wrapped = client.with_middleware(mw)  # type: ignore[attr-defined]
