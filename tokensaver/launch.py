@@ -53,6 +53,7 @@ REPORT_FORMATS = ("table", "md", "json", "none")
 _VALUE_OPTIONS = ("--proxy", "--upstream", "--config", "--runs-dir", "--report-format", "--run")
 _FLAG_OPTIONS = ("-h", "--help")
 COMMANDS = ("claude", "openclaw", "run")
+BASE_URL_ALIASES = ("ANTHROPIC_API_URL", "ANTHROPIC_API_BASE")
 
 
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -173,9 +174,9 @@ class Proxy:
 
 def upstream_of(args: argparse.Namespace, env: dict[str, str]) -> str:
     """Where the started proxy forwards: the caller's own upstream, never the proxy itself."""
-    return (
-        args.upstream or env.get("TOKENSAVER_UPSTREAM") or env.get("ANTHROPIC_BASE_URL") or DEFAULT_UPSTREAM
-    )
+    aliases = [env.get(a) for a in BASE_URL_ALIASES]
+    found = [args.upstream, env.get("TOKENSAVER_UPSTREAM"), env.get("ANTHROPIC_BASE_URL"), *aliases]
+    return next((u for u in found if u), DEFAULT_UPSTREAM)
 
 
 def _reachable(url: str, timeout: float = 5.0) -> bool:
@@ -226,6 +227,9 @@ def agent_env(env: dict[str, str], proxy_url: str, run: str) -> dict[str, str]:
     """The agent's environment: the proxy as its base URL, the session's run named in a header."""
     out = dict(env)
     out["ANTHROPIC_BASE_URL"] = proxy_url
+    for alias in BASE_URL_ALIASES:  # read before ANTHROPIC_BASE_URL by LangChain / LiteLLM when set
+        if out.get(alias):
+            out[alias] = proxy_url
     out[PROXY_ENV] = proxy_url  # a nested launcher uses the same proxy
     out["ANTHROPIC_CUSTOM_HEADERS"] = _with_header(out.get("ANTHROPIC_CUSTOM_HEADERS"), RUN_HEADER, run)
     token = env.get("TOKENSAVER_PROXY_TOKEN")
