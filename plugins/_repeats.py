@@ -4,7 +4,11 @@ What it saves: agents re-read files they read before (after an edit, a wider ran
 again) and re-run commands whose output is mostly the same; every copy is billed again on every
 later call. A run of at least ``min_lines`` consecutive lines (``min_chars`` characters) that an
 earlier tool result, still sent in full, shows in the same order is replaced by one line naming
-that result and where the run is in it (its line numbers for numbered file contents). Lossless as
+that result and where the run is in it (its line numbers for numbered file contents; a re-read
+whose lines moved after an edit above them names both ranges, ``lines 151-160 as lines 150-159
+of``, so every new number is still there). A JSON object result with the same keys, in the same
+order, as an earlier object result (tau-bench's update calls return the whole record again) is sent
+as a pointer to it and the values that differ, when that is under 70% of its size. Lossless as
 long as the earlier result stays in the request: prune calls this from its pure ``apply_spec``, so
 a result a cut clears is not pointed to, and a pointer to it becomes the lines again.
 
@@ -15,16 +19,24 @@ Unsafe when the model cannot look back at the earlier result (a client that drop
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
-_NUMBER_RE = re.compile(r"^ *(\d+)(?:→|\t)")
+_NUMBER_RE = re.compile(r"^ *(\d+)(?:→|\t|:)")
 _MAX_CANDIDATES = 8  # earlier places of one line tried as the start of a run
 
 
-def _key(line: str) -> str:
-    """A line as compared. Line numbers count: a shifted re-read would lose the new numbers the
-    model quotes (``sed -n 150,160p``), so only lines with the same number match."""
-    return line.rstrip()
+def _split(line: str) -> tuple[int | None, str]:
+    """A line as compared: its line number (None when it has none) and the rest, right-stripped.
+
+    A numbered line matches the same code under another number (a re-read after an edit above
+    it): the run's numbers must then go up by one in both copies, and the pointer names both
+    ranges, so every new number is still there to read (``lines 151-160 as lines 150-159 of``)."""
+    m = _NUMBER_RE.match(line)
+    if m is None:
+        return None, line.rstrip()
+    return int(m.group(1)), line[: m.start(1)].strip() + "\0" + line[m.end(1) :].rstrip()
 
 
 def _number(line: str) -> int | None:
@@ -51,14 +63,17 @@ class LineIndex:
     def __init__(self, min_lines: int, min_chars: int) -> None:
         self.min_lines = min_lines
         self.min_chars = min_chars
-        self.texts: list[tuple[str, list[str], list[str]]] = []  # (tool_use id, lines, keys)
+        # (tool_use id, lines, keys, line numbers)
+        self.texts: list[tuple[str, list[str], list[str], list[int | None]]] = []
         self.where: dict[str, list[tuple[int, int]]] = {}  # key -> (text index, line index)
+        # JSON objects sent in full: (tool_use id, keys in order, each value as compact JSON)
+        self.objects: list[tuple[str, tuple[str, ...], dict[str, str]]] = []
 
     def add(self, tid: str, lines: list[str]) -> None:
         """Index the lines of a result as sent (markers are not content: they are left out)."""
-        keys = [_key(ln) for ln in lines]
+        nums, keys = _keys(lines)
         t = len(self.texts)
-        self.texts.append((tid, lines, keys))
+        self.texts.append((tid, lines, keys, nums))
         for p, k in enumerate(keys):
             if len(k) >= 4 and not k.startswith("[tokensaver:"):
                 spots = self.where.setdefault(k, [])
@@ -66,22 +81,30 @@ class LineIndex:
                     spots.append((t, p))
 
     def rewrite(self, tid: str, text: str) -> str:
-        """``text`` with every long run of lines already indexed replaced by a pointer; then indexed."""
+        """``text`` with every long run of lines already indexed replaced by a pointer; then indexed.
+
+        A JSON object with the same keys, in the same order, as one an earlier result sent in full
+        becomes a pointer to it and the values that differ (an update that returns the record)."""
+        obj = _object(text) if len(text) >= self.min_chars and text[:1] == "{" else None
+        if obj is not None:
+            diff = self._object_diff(obj, len(text))
+            self.add(tid, text.split("\n") if diff is None else [])
+            if diff is None:
+                self.objects.append((tid, tuple(obj), obj))
+                return text
+            return diff
         lines = text.split("\n")
         if len(lines) < self.min_lines:
             self.add(tid, lines)
             return text
-        keys = [_key(ln) for ln in lines]
+        nums, keys = _keys(lines)
         out: list[str] = []
         i = 0
         changed = False
         while i < len(lines):
             best, at = 0, (0, 0)
             for t, p in self.where.get(keys[i], ()) if len(keys[i]) >= 4 else ():
-                old = self.texts[t][2]
-                n = 0
-                while i + n < len(keys) and p + n < len(old) and keys[i + n] == old[p + n]:
-                    n += 1
+                n = _run(keys, nums, i, self.texts[t][2], self.texts[t][3], p)
                 if n > best:
                     best, at = n, (t, p)
             if best >= self.min_lines and sum(len(ln) + 1 for ln in lines[i : i + best]) >= self.min_chars:
@@ -90,7 +113,7 @@ class LineIndex:
                 out.append(lines[i])
                 i += 1
                 continue
-            old_tid, old_lines, _ = self.texts[t]
+            old_tid, old_lines, _, _ = self.texts[t]
             first, last = _number(lines[i]), _number(lines[i + best - 1])
             first0, last0 = _number(old_lines[p]), _number(old_lines[p + best - 1])
             if None not in (first, last, first0, last0):
@@ -102,3 +125,85 @@ class LineIndex:
             changed = True
         self.add(tid, out)
         return "\n".join(out) if changed else text
+
+    def _object_diff(self, obj: dict[str, str], size: int) -> str | None:
+        """The pointer and changed values against the earlier object that leaves the least, if it pays."""
+        keys = tuple(obj)
+        best: str | None = None
+        for old_tid, old_keys, old in reversed(self.objects):
+            if old_keys != keys:
+                continue
+            changed = {k: v for k, v in obj.items() if old[k] != v}
+            if len(changed) > len(keys) // 2:
+                continue
+            body = (
+                "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + v for k, v in changed.items()) + "}"
+            )
+            out = object_marker(old_tid, len(changed), len(keys)) + "\n" + body
+            if best is None or len(out) < len(best):
+                best = out
+        return best if best is not None and len(best) <= 0.7 * size else None
+
+
+def _object(text: str) -> dict[str, str] | None:
+    """A one-object JSON text as its top-level values in compact JSON (numbers as written), else None."""
+    try:
+        value = json.loads(text, parse_float=_Raw, parse_int=_Raw, parse_constant=_Raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, dict) or len(value) < 3:
+        return None
+    return {k: _dump(v) for k, v in value.items()}
+
+
+class _Raw(str):
+    """A JSON number as written."""
+
+
+def _dump(value: Any) -> str:
+    if isinstance(value, _Raw):
+        return str(value)
+    if isinstance(value, dict):
+        return (
+            "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + _dump(v) for k, v in value.items()) + "}"
+        )
+    if isinstance(value, list):
+        return "[" + ",".join(_dump(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def object_marker(tid: str, changed: int, keys: int) -> str:
+    """The pointer line before the values that differ from the earlier result's object."""
+    return f"[tokensaver: as the tool_use {tid} result above, with {changed} of its {keys} keys now:]"
+
+
+def _keys(lines: list[str]) -> tuple[list[int | None], list[str]]:
+    split = [_split(ln) for ln in lines]
+    return [n for n, _ in split], [k for _, k in split]
+
+
+def _run(
+    keys: list[str], nums: list[int | None], i: int, old: list[str], old_nums: list[int | None], p: int
+) -> int:
+    """How many lines from ``keys[i]`` repeat ``old[p:]`` in order: the same text, numbered lines
+    under the same numbers, or (a shifted re-read) a run of numbered lines only, each one more than
+    the line before in both copies, so the pointer's two ranges say where every line went."""
+    n = 0
+    shift: int | None = None
+    plain = False
+    while i + n < len(keys) and p + n < len(old) and keys[i + n] == old[p + n]:
+        a, b = nums[i + n], old_nums[p + n]
+        if (a is None) != (b is None):
+            break
+        if a is None or b is None:
+            if shift:
+                break
+            plain = True
+        elif shift is None:
+            if a != b and plain:
+                break
+            shift = a - b
+        elif a - b != shift or (shift and a != nums[i + n - 1] + 1):  # type: ignore[operator]
+            break
+        n += 1
+    return n

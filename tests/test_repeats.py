@@ -20,6 +20,10 @@ POINTER = re.compile(
     r"^\[tokensaver: (?:lines (\d+)-(\d+) as (?:in|lines (\d+)-(\d+) of)|(\d+) lines as lines (\d+)-(\d+) of) "
     r"the tool_use (\S+) result above\]$"
 )
+OBJECT = re.compile(
+    r"^\[tokensaver: as the tool_use (\S+) result above, with (\d+) of its (\d+) keys now:\]$"
+)
+NUMBERED = re.compile(r"^ *(\d+)(→|\t|:)")
 
 
 def source(n: int, changed: frozenset[int] = frozenset()) -> list[str]:
@@ -72,8 +76,37 @@ def results_of(body: dict[str, Any]) -> dict[str, str]:
     }
 
 
+class Num(str):
+    """A JSON number as written."""
+
+
+def compact(v: Any) -> str:
+    if isinstance(v, Num):
+        return str(v)
+    if isinstance(v, dict):
+        return "{" + ",".join(json.dumps(k) + ":" + compact(x) for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ",".join(compact(x) for x in v) + "]"
+    return json.dumps(v)
+
+
 def expand(text: str, sent: dict[str, str]) -> str:
-    """The text with every pointer replaced by the lines it names in the earlier result (as sent)."""
+    """The text with every pointer replaced by what it names in the earlier result (as sent):
+    its lines (renumbered when the pointer gives two ranges), or its JSON object with the values
+    the pointer lists."""
+    head, _, rest = text.partition("\n")
+    same = re.match(
+        r"^\[tokensaver: identical to the earlier result of tool_use (\S+); see that result above\]$", text
+    )
+    if same:
+        return expand(sent[same.group(1)], sent)
+    m = OBJECT.match(head)
+    if m:
+        earlier = json.loads(expand(sent[m.group(1)], sent), parse_float=Num, parse_int=Num)
+        changed = json.loads(rest, parse_float=Num, parse_int=Num)
+        assert set(changed) <= set(earlier)
+        assert len(changed) == int(m.group(2)) and len(earlier) == int(m.group(3))
+        return compact({**earlier, **changed})
     out: list[str] = []
     for ln in text.split("\n"):
         m = POINTER.match(ln)
@@ -84,9 +117,10 @@ def expand(text: str, sent: dict[str, str]) -> str:
         earlier = expand(sent[tid], sent).split("\n")
         if a is not None:
             lo, hi = (int(a0), int(b0)) if a0 else (int(a), int(b))
-            picked = [x for x in earlier if re.match(r"^(\d+)→", x) and lo <= int(x.split("→")[0]) <= hi]
+            picked = [(x, n) for x in earlier if (n := NUMBERED.match(x)) and lo <= int(n.group(1)) <= hi]
             assert len(picked) == int(b) - int(a) + 1
-            out.extend(picked)
+            # the new numbers: the pointer's first range, one line each
+            out.extend(f"{int(a) + k}{x[n.end(1) :]}" for k, (x, n) in enumerate(picked))
         else:
             out.extend(earlier[int(p) - 1 : int(q)])
     return "\n".join(out)
@@ -114,12 +148,127 @@ def test_a_reread_after_an_edit_points_at_the_unchanged_lines_and_loses_nothing(
     assert off["toolu_003"] == again and off["toolu_004"] == rerun
 
 
-def test_a_shifted_reread_keeps_its_new_line_numbers() -> None:
-    """A line moved to another number is not a repeat: the model quotes the numbers (sed -n 150,160p)."""
+def test_a_shifted_reread_points_back_with_both_ranges() -> None:
+    """A re-read after lines were added above: the same code under new numbers points back, and
+    the pointer names both ranges, so every new number is still there (sed -n 150,160p quotes them)."""
     lines = source(80)
-    msgs = agent([("Read", numbered(lines)), ("Read", numbered(["import os", *lines]))])
+    again = numbered(["import os", *lines])
+    msgs = agent([("Read", numbered(lines)), ("Read", again)])
     out = results_of(run(body_of(msgs), {}))
-    assert out["toolu_001"] == numbered(["import os", *lines])
+    assert out["toolu_001"].split("\n") == [
+        "1→import os",
+        "[tokensaver: lines 2-81 as lines 1-80 of the tool_use toolu_000 result above]",
+    ]
+    assert expand(out["toolu_001"], out) == again
+
+
+def test_a_shifted_run_stops_where_the_numbering_breaks() -> None:
+    """Numbered lines match under a shift only while both copies count up by one: a jump in the
+    new copy (two ranges printed together) ends the run, and the rest is matched on its own."""
+    lines = source(60)
+    first = "\n".join(f"{i + 100}:{ln}" for i, ln in enumerate(lines))  # SWE-agent's "N:" numbering
+    # lines 0-19 now at 102-121, then a jump to 300 for lines 20-39 (printed from another range)
+    again = "\n".join(
+        [f"{i + 102}:{ln}" for i, ln in enumerate(lines[:20])]
+        + [f"{i + 300}:{ln}" for i, ln in enumerate(lines[20:40])]
+    )
+    msgs = agent([("open", first), ("open", again)])
+    out = results_of(run(body_of(msgs), {}))
+    assert out["toolu_001"].split("\n") == [
+        "[tokensaver: lines 102-121 as lines 100-119 of the tool_use toolu_000 result above]",
+        "[tokensaver: lines 300-319 as lines 120-139 of the tool_use toolu_000 result above]",
+    ]
+    assert expand(out["toolu_001"], out) == again
+    # unnumbered lines between shifted numbered ones are not part of a shifted run
+    mixed = "\n".join([f"{i + 101}:{ln}" for i, ln in enumerate(lines[:10])] + ["(file ends)"])
+    out = results_of(run(body_of(agent([("open", first), ("open", mixed)])), {}))
+    assert expand(out["toolu_001"], out) == mixed and out["toolu_001"].endswith("\n(file ends)")
+
+
+def record(**changes: Any) -> str:
+    rec: dict[str, Any] = {
+        "reservation_id": "HATHAT",
+        "user_id": "mia_li_3668",
+        "origin": "JFK",
+        "destination": "SEA",
+        "flight_type": "one_way",
+        "cabin": "economy",
+        "flights": [
+            {
+                "flight_number": "HAT136",
+                "date": "2024-05-20",
+                "price": 152,
+                "origin": "JFK",
+                "destination": "ATL",
+            },
+            {
+                "flight_number": "HAT039",
+                "date": "2024-05-20",
+                "price": 103,
+                "origin": "ATL",
+                "destination": "SEA",
+            },
+        ],
+        "passengers": [{"first_name": "Mia", "last_name": "Li", "dob": "1990-04-05"}],
+        "payment_history": [{"payment_id": "certificate_7504069", "amount": 250}],
+        "created_at": "2024-05-15T15:00:00",
+        "total_baggages": 3,
+        "nonfree_baggages": 1,
+        "insurance": "no",
+        "price": 1.50,
+    }
+    rec.update(changes)
+    return json.dumps(rec, separators=(",", ":")).replace('"price":1.5}', '"price":1.50}')
+
+
+def test_an_updated_record_is_sent_as_what_changed() -> None:
+    """tau-bench: an update returns the whole record again; only the values that differ are sent,
+    after a pointer to the earlier result (numbers as written: 1.50 stays 1.50)."""
+    first = record()
+    updated = record(cabin="business", payment_history=[{"payment_id": "credit_card_1", "amount": 300}])
+    other = record(
+        reservation_id="ZZZ999",
+        user_id="x",
+        origin="A",
+        destination="B",
+        flights=[],
+        cabin="c",
+        passengers=[],
+        payment_history=[],
+        created_at="t",
+    )  # most keys differ: sent whole
+    msgs = agent(
+        [("get_reservation_details", first), ("update_reservation_flights", updated), ("get", other)]
+    )
+    sent = run(body_of(msgs), {})
+    out = results_of(sent)
+    head, _, rest = out["toolu_001"].partition("\n")
+    assert head == "[tokensaver: as the tool_use toolu_000 result above, with 2 of its 14 keys now:]"
+    assert json.loads(rest) == {
+        "cabin": "business",
+        "payment_history": [{"payment_id": "credit_card_1", "amount": 300}],
+    }
+    assert expand(out["toolu_001"], out) == updated  # lossless, byte for byte
+    assert out["toolu_000"] == first and out["toolu_002"] == other
+    assert len(out["toolu_001"]) < 0.5 * len(updated)
+    # prefix-stable: the next call sends the same bytes for every earlier result
+    more = agent(
+        [
+            ("get_reservation_details", first),
+            ("update_reservation_flights", updated),
+            ("get", other),
+            ("get_reservation_details", record(cabin="business")),
+        ]
+    )
+    out2 = results_of(run(body_of(more), {}))
+    assert all(out2[t] == out[t] for t in out)
+    assert expand(out2["toolu_003"], out2) == record(cabin="business")
+    assert out2["toolu_003"].startswith("[tokensaver: as the tool_use toolu_000 result above, with 1 of")
+    # the earlier record cleared by a cut: the update goes whole again
+    after = prune.apply_spec(
+        msgs, {"cleared": ["toolu_000"], "drop": None}, {**prune.DEFAULTS}, lambda x: 1000
+    )
+    assert results_of({"messages": after})["toolu_001"] == updated
 
 
 def test_pointers_are_prefix_stable_and_follow_a_cut() -> None:
@@ -161,3 +310,27 @@ def test_repeats_through_wrap_to_the_emulator(tmp_path: Any) -> None:
     assert POINTER.match(out["toolu_002"].split("\n")[0]) and expand(out["toolu_002"], out) == numbered(
         source(150, changed=frozenset({140}))
     )
+
+
+def test_real_conversations_lose_no_line() -> None:
+    """The last call of each recorded SWE-style and tau-bench conversation in fixtures/: every
+    pointer expands back to the result as it came (JSON objects to the same values)."""
+    from tokensaver.traces import fixtures_dir, load_conversation
+
+    pointers = 0
+    for name in ("swe-agent", "mini-swe-agent-gemini3", "tau-bench"):
+        for path in sorted((fixtures_dir() / name).glob("*.json")):
+            conv = load_conversation(path)
+            body = conv.calls[-1].body
+            given = results_of(body)
+            out = results_of(run(body, {}, clear_stale=False))
+            for tid, text in out.items():
+                if text == given[tid]:
+                    continue
+                pointers += bool(OBJECT.match(text.split("\n")[0]))  # tau-bench's updated records
+                back = expand(text, out)
+                if OBJECT.match(text.split("\n")[0]):
+                    assert json.loads(back) == json.loads(given[tid]), (path.name, tid)
+                else:
+                    assert back == given[tid], (path.name, tid)
+    assert pointers >= 2
