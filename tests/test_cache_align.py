@@ -327,9 +327,10 @@ def converse(
 
 
 @pytest.fixture
-def emu() -> Any:
-    with Emulator(virtual_clock=True, start_time=T0) as e:
-        yield e
+def emu(emulator: Emulator) -> Emulator:
+    """The shared emulator fixture, its clock at T0."""
+    emulator.clock.set(T0)
+    return emulator
 
 
 def wrapped(emu: Emulator, tmp_path: Any) -> Any:
