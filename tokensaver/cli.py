@@ -19,7 +19,7 @@ from .errors import TokensaverError
 
 # subcommand -> (module, function adding its arguments, function running it, help)
 SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "emulator": ("tokensaver.emulator_cli", "add_arguments", "run", "run the offline Messages API emulator"),
+    "emulator": ("tokensaver.emulator.cli", "add_arguments", "run", "run the offline Messages API emulator"),
     "replay": ("tokensaver.replay", "add_replay_arguments", "run_replay", "replay traces through tokensaver"),
     "demo": (
         "tokensaver.replay",

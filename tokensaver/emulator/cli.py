@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import time
+from typing import Any
+
+from .core import DEFAULT_REPLY, Emulator
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +21,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
-    from .emulator import DEFAULT_REPLY, serve
-
     serve(args.host, args.port, strict_roles=not args.loose_roles, default_reply=args.reply or DEFAULT_REPLY)
     return 0
+
+
+def serve(host: str = "127.0.0.1", port: int = 8787, **kwargs: Any) -> None:
+    """Run an emulator in the foreground until interrupted (``tokensaver emulator --port N``)."""
+    emu = Emulator(host=host, port=port, **kwargs).start()
+    print(f"tokensaver emulator listening on {emu.url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        emu.stop()

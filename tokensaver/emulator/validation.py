@@ -1,0 +1,428 @@
+"""The Messages API's request validation: where the API answers 400 ``invalid_request_error``.
+
+:func:`validate` raises :class:`EmulatorError` with the API's own wording; the cache rules it checks
+(breakpoints, TTLs, their order) come from :mod:`tokensaver.billing`. No I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..billing import MAX_BREAKPOINTS, THINKING_TYPES, TTL_SECONDS, prompt_blocks
+from ..billing import breakpoints as _breakpoints
+
+ALLOWED_FIELDS = frozenset(
+    {
+        "model",
+        "max_tokens",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "metadata",
+        "stop_sequences",
+        "stream",
+        "temperature",
+        "top_p",
+        "top_k",
+        "thinking",
+        "service_tier",
+        "container",
+        "mcp_servers",
+        "context_management",
+        "output_config",
+        "output_format",
+        "cache_control",
+        "speed",
+        "inference_geo",
+        # sent by SDK 2.14 clients (some on the beta surface only)
+        "diagnostics",
+        "billing_policy",
+        "compaction",
+        "fallbacks",
+        "fallback_credit_token",
+        "thread",
+    }
+)
+COUNT_TOKENS_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "mcp_servers",
+        "context_management",
+        "output_config",
+        "output_format",
+        "cache_control",
+        "speed",
+    }
+)
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+
+
+class EmulatorError(Exception):
+    """An API error response: scripted as a reply, or raised by validation (400)."""
+
+    def __init__(
+        self,
+        status: int,
+        type: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(f"{status} {type}: {message}")
+        self.status = status
+        self.type = type
+        self.message = message
+        self.headers = dict(headers or {})
+
+    @classmethod
+    def overloaded(cls, retry_after: float | None = None) -> EmulatorError:
+        """529 ``overloaded_error`` (optionally with a ``retry-after`` header)."""
+        headers = {"retry-after": str(retry_after)} if retry_after is not None else {}
+        return cls(529, "overloaded_error", "Overloaded", headers)
+
+    @classmethod
+    def rate_limited(cls, retry_after: float | None = None) -> EmulatorError:
+        """429 ``rate_limit_error``."""
+        headers = {"retry-after": str(retry_after)} if retry_after is not None else {}
+        return cls(429, "rate_limit_error", "Number of request tokens has exceeded your rate limit.", headers)
+
+
+def invalid(message: str) -> EmulatorError:
+    return EmulatorError(400, "invalid_request_error", message)
+
+
+# --- model facts -----------------------------------------------------------------------------------
+
+_MODEL_RE = re.compile(
+    r"claude-(?:(?P<fam>[a-z]+)-(?P<maj>\d+)(?:-(?P<min>\d{1,2}))?|(?P<omaj>\d+)(?:-(?P<omin>\d))?-(?P<ofam>[a-z]+))"
+)
+
+
+def model_version(model: str) -> tuple[str, int, int]:
+    """(family, major, minor) of a Claude model id; ("", 0, 0) when it does not parse."""
+    m = _MODEL_RE.search(model.lower())
+    if not m:
+        return ("", 0, 0)
+    if m.group("fam"):
+        return (m.group("fam"), int(m.group("maj")), int(m.group("min") or 0))
+    return (m.group("ofam"), int(m.group("omaj")), int(m.group("omin") or 0))
+
+
+def refuses_prefill(model: str) -> bool:
+    fam, major, minor = model_version(model)
+    return major >= 5 or (fam == "opus" and (major, minor) >= (4, 6))
+
+
+def refuses_sampling(model: str) -> bool:
+    fam, major, minor = model_version(model)
+    return major >= 5 or (fam == "opus" and (major, minor) >= (4, 7))
+
+
+def refuses_temperature_with_top_p(model: str) -> bool:
+    _, major, minor = model_version(model)
+    return (major, minor) in ((4, 5), (4, 6))
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+
+def _text_problem(where: str, block: dict[str, Any]) -> str | None:
+    text = block.get("text")
+    if not isinstance(text, str):
+        return f"{where}.text: Field required"
+    if block.get("cache_control") and not text.strip():
+        return f"{where}.text: cache_control cannot be set for empty text blocks"
+    if not text:
+        return f"{where}: text content blocks must be non-empty"
+    if not text.strip():
+        return f"{where}: text content blocks must contain non-whitespace text"
+    return None
+
+
+def _check_cache_control(where: str, cc: Any) -> None:
+    if not isinstance(cc, dict) or cc.get("type") != "ephemeral":
+        raise invalid(f"{where}.cache_control.type: Input should be 'ephemeral'")
+    if "ttl" in cc and cc["ttl"] not in TTL_SECONDS:
+        raise invalid(f"{where}.cache_control.ttl: Input should be '5m' or '1h'")
+    extra = set(cc) - {"type", "ttl"}
+    if extra:
+        raise invalid(f"{where}.cache_control.{sorted(extra)[0]}: Extra inputs are not permitted")
+
+
+def _thinking_enabled(body: dict[str, Any]) -> bool:
+    th = body.get("thinking")
+    return isinstance(th, dict) and th.get("type") in ("enabled", "adaptive")
+
+
+def validate(body: Any, *, strict_roles: bool = True, count_tokens: bool = False) -> None:
+    """Raise ``EmulatorError(400, "invalid_request_error", ...)`` where the API would refuse ``body``."""
+    if not isinstance(body, dict):
+        raise invalid("Request body must be a JSON object")
+    allowed = COUNT_TOKENS_FIELDS if count_tokens else ALLOWED_FIELDS
+    required = ("model", "messages") if count_tokens else ("model", "max_tokens", "messages")
+    for name in required:
+        if name not in body:
+            raise invalid(f"{name}: Field required")
+    for name in body:
+        if name not in allowed:
+            raise invalid(f"{name}: Extra inputs are not permitted")
+    model = body["model"]
+    if not isinstance(model, str) or not model:
+        raise invalid("model: Input should be a valid string")
+    if not count_tokens:
+        mt = body["max_tokens"]
+        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
+            raise invalid("max_tokens: Input should be greater than or equal to 1")
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        raise invalid("messages: Input should be a valid list")
+    if not messages:
+        raise invalid("messages: at least one message is required")
+
+    _validate_sampling_and_thinking(body, model, count_tokens)
+    _validate_tools(body)
+    _validate_messages(body, messages, model, strict_roles)
+    _validate_breakpoints(body)
+
+
+def _validate_sampling_and_thinking(body: dict[str, Any], model: str, count_tokens: bool) -> None:
+    present = [p for p in ("temperature", "top_p", "top_k") if body.get(p) is not None]
+    if present and refuses_sampling(model):
+        raise invalid(f"`{present[0]}` is not supported for this model; remove it from the request.")
+    if "temperature" in present and "top_p" in present and refuses_temperature_with_top_p(model):
+        raise invalid(
+            "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
+        )
+    th = body.get("thinking")
+    if th is None:
+        return
+    if not isinstance(th, dict) or th.get("type") not in ("enabled", "disabled", "adaptive"):
+        raise invalid("thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'")
+    if th["type"] == "enabled":
+        budget = th.get("budget_tokens")
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            raise invalid("thinking.enabled.budget_tokens: Field required")
+        if budget < 1024:
+            raise invalid("thinking.enabled.budget_tokens: Input should be greater than or equal to 1024")
+        if not count_tokens and budget >= body["max_tokens"]:
+            raise invalid(
+                "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation "
+                "at https://docs.claude.com/en/docs/build-with-claude/extended-thinking#max-tokens-and-context-window-size"
+            )
+    if th["type"] in ("enabled", "adaptive"):
+        temp = body.get("temperature")
+        if temp is not None and temp != 1:
+            raise invalid("`temperature` may only be set to 1 when thinking is enabled or in adaptive mode.")
+        if body.get("top_k") is not None:
+            raise invalid("`top_k` is not supported when thinking is enabled or in adaptive mode.")
+
+
+def _validate_tools(body: dict[str, Any]) -> set[str]:
+    tools = body.get("tools")
+    names: set[str] = set()
+    if tools is None:
+        tools = []
+    if not isinstance(tools, list):
+        raise invalid("tools: Input should be a valid list")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise invalid(f"tools.{i}: Input should be a valid dictionary")
+        name = tool.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            raise invalid(f"tools.{i}.custom.name: String should match pattern '^[a-zA-Z0-9_-]{{1,128}}$'")
+        if name in names:
+            raise invalid(f"tools: Tool names must be unique. Duplicate name: {name!r}")
+        names.add(name)
+        if tool.get("type") in (None, "custom") and "input_schema" not in tool:
+            raise invalid(f"tools.{i}.custom.input_schema: Field required")
+    tc = body.get("tool_choice")
+    if tc is not None:
+        if not isinstance(tc, dict) or tc.get("type") not in ("auto", "any", "tool", "none"):
+            raise invalid("tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'")
+        if tc["type"] == "tool":
+            if not isinstance(tc.get("name"), str):
+                raise invalid("tool_choice.tool.name: Field required")
+            if tc["name"] not in names:
+                raise invalid(f"tool_choice.tool.name: Tool '{tc['name']}' not found in the provided `tools`")
+        if tc["type"] in ("any", "tool") and not names:
+            raise invalid("tool_choice: `tool_choice` may only be specified while providing tools.")
+    return names
+
+
+def _validate_messages(body: dict[str, Any], messages: list[Any], model: str, strict_roles: bool) -> None:
+    seen_ids: set[str] = set()
+    prev_role: str | None = None
+    first_conv: int | None = None
+    last_conv: int | None = None
+    pending: tuple[int, list[str]] | None = None  # (assistant index, tool_use ids awaiting results)
+    for mi, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise invalid(f"messages.{mi}: Input should be a valid dictionary")
+        role = msg.get("role")
+        if role not in ("user", "assistant", "system"):
+            raise invalid(f"messages.{mi}.role: Input should be 'user', 'assistant' or 'system'")
+        if "content" not in msg:
+            raise invalid(f"messages.{mi}.content: Field required")
+        # a mid-conversation system message may carry its own output settings (Claude Code 2.1.33x)
+        allowed = {"role", "content", "output_config"} if role == "system" else {"role", "content"}
+        extra = set(msg) - allowed
+        if extra:
+            raise invalid(f"messages.{mi}.{sorted(extra)[0]}: Extra inputs are not permitted")
+        content = msg["content"]
+        if content == "" or content == []:
+            raise invalid(
+                f"messages.{mi}: all messages must have non-empty content except for the optional final assistant message"
+            )
+        if not isinstance(content, str | list):
+            raise invalid(f"messages.{mi}.content: Input should be a valid string or list")
+        if isinstance(content, str) and not content.strip():
+            raise invalid(f"messages.{mi}: text content blocks must contain non-whitespace text")
+        blocks = content if isinstance(content, list) else []
+        for bi, b in enumerate(blocks):
+            _validate_block(f"messages.{mi}.content.{bi}", b, role, seen_ids)
+        if role == "system":
+            continue
+        if first_conv is None:
+            first_conv = mi
+            if role != "user":
+                raise invalid('messages: first message must use the "user" role')
+        if strict_roles and role == prev_role:
+            raise invalid(
+                f'messages: roles must alternate between "user" and "assistant", but found multiple "{role}" roles in a row'
+            )
+        kinds = [b.get("type") for b in blocks if isinstance(b, dict)]
+        if role == "user":
+            results = [b for b in blocks if isinstance(b, dict) and b.get("type") == "tool_result"]
+            if results:
+                first_other = next((i for i, k in enumerate(kinds) if k != "tool_result"), len(kinds))
+                later = [i for i, k in enumerate(kinds) if k == "tool_result" and i > first_other]
+                if later:
+                    raise invalid(
+                        f"messages.{mi}.content.{later[0]}: `tool_result` blocks must come first in the user "
+                        "message content, before any other block"
+                    )
+            answered = {b.get("tool_use_id") for b in results}
+            expected = set(pending[1]) if pending else set()
+            if pending:
+                missing = [i for i in pending[1] if i not in answered]
+                if missing:
+                    raise invalid(
+                        f"messages.{mi}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                        f"{', '.join(missing)}. Each `tool_use` block must have a corresponding `tool_result` block "
+                        "in the next message."
+                    )
+            for bi, b in enumerate(blocks):
+                if (
+                    isinstance(b, dict)
+                    and b.get("type") == "tool_result"
+                    and b.get("tool_use_id") not in expected
+                ):
+                    raise invalid(
+                        f"messages.{mi}.content.{bi}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                        f"{b.get('tool_use_id')}. Each `tool_result` block must have a corresponding `tool_use` "
+                        "block in the previous message."
+                    )
+            pending = None
+        else:
+            if pending:
+                raise invalid(
+                    f"messages.{mi}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                    f"{', '.join(pending[1])}. Each `tool_use` block must have a corresponding `tool_result` "
+                    "block in the next message."
+                )
+            ids = [str(b.get("id")) for b in blocks if isinstance(b, dict) and b.get("type") == "tool_use"]
+            pending = (mi, ids) if ids else None
+        prev_role = role
+        last_conv = mi
+    if first_conv is None:
+        raise invalid('messages: first message must use the "user" role')
+    if last_conv is not None and messages[last_conv]["role"] == "assistant":
+        if _thinking_enabled(body):
+            raise invalid(
+                "Assistant message prefill is not supported when thinking is enabled. "
+                "The conversation must end with a user message."
+            )
+        if refuses_prefill(model):
+            raise invalid(
+                "This model does not support assistant message prefill. The conversation must end with a user message."
+            )
+
+
+def _validate_block(where: str, b: Any, role: str, seen_ids: set[str]) -> None:
+    if not isinstance(b, dict) or not isinstance(b.get("type"), str):
+        raise invalid(f"{where}.type: Field required")
+    kind = b["type"]
+    if "cache_control" in b:
+        if kind in THINKING_TYPES:
+            raise invalid(f"{where}.{kind}.cache_control: cache_control cannot be set on {kind} blocks")
+        _check_cache_control(where, b["cache_control"])
+    if kind == "text":
+        problem = _text_problem(where, b)
+        if problem:
+            raise invalid(problem)
+    elif kind == "tool_use":
+        if role != "assistant":
+            raise invalid(f"{where}: `tool_use` blocks may only appear in assistant messages")
+        tid = b.get("id")
+        if not isinstance(tid, str) or not tid:
+            raise invalid(f"{where}.tool_use.id: Field required")
+        if tid in seen_ids:
+            raise invalid(f"{where}: `tool_use` ids must be unique; {tid} appears more than once")
+        seen_ids.add(tid)
+        if not isinstance(b.get("name"), str) or not isinstance(b.get("input", {}), dict):
+            raise invalid(f"{where}.tool_use: `name` (string) and `input` (object) are required")
+    elif kind == "tool_result":
+        if role != "user":
+            raise invalid(f"{where}: `tool_result` blocks may only appear in user messages")
+        if not isinstance(b.get("tool_use_id"), str):
+            raise invalid(f"{where}.tool_result.tool_use_id: Field required")
+        inner = b.get("content")
+        if isinstance(inner, list):
+            for ii, ib in enumerate(inner):
+                if isinstance(ib, dict) and ib.get("type") == "text":
+                    problem = _text_problem(f"{where}.content.{ii}", ib)
+                    if problem:
+                        raise invalid(problem)
+    elif kind == "thinking":
+        if not isinstance(b.get("thinking"), str) or not isinstance(b.get("signature"), str):
+            raise invalid(f"{where}.thinking: `thinking` and `signature` are required")
+
+
+def _validate_breakpoints(body: dict[str, Any]) -> None:
+    for i, tool in enumerate(body.get("tools") or []):
+        if "cache_control" in tool:
+            _check_cache_control(f"tools.{i}", tool["cache_control"])
+    system = body.get("system")
+    if isinstance(system, list):
+        for i, b in enumerate(system):
+            if not isinstance(b, dict) or b.get("type") != "text":
+                raise invalid(f"system.{i}.type: Input should be 'text'")
+            problem = _text_problem(f"system.{i}", b)
+            if problem:
+                raise invalid(problem)
+            if "cache_control" in b:
+                _check_cache_control(f"system.{i}", b["cache_control"])
+    elif system is not None and not isinstance(system, str):
+        raise invalid("system: Input should be a valid string or list of text blocks")
+    if body.get("cache_control") is not None:
+        _check_cache_control("", body["cache_control"])
+    bps = _breakpoints(body, prompt_blocks(body))
+    if len(bps) > MAX_BREAKPOINTS:
+        raise invalid(
+            f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. Found {len(bps)}."
+        )
+    seen_5m = False
+    for _, ttl in bps:
+        if ttl == "5m":
+            seen_5m = True
+        elif seen_5m:
+            raise invalid(
+                "a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block. "
+                "Note that blocks are processed in the following order: `tools`, `system`, `messages`."
+            )
