@@ -44,12 +44,6 @@ def stable(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@pytest.fixture
-def emu() -> Iterator[Emulator]:
-    with Emulator(virtual_clock=True) as e:
-        yield e
-
-
 @pytest.fixture(autouse=True)
 def memo_back_on() -> Iterator[None]:
     yield

@@ -32,12 +32,6 @@ LONG = [{"role": "user", "content": "x " * 3000}]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def emu() -> Any:
-    with Emulator(virtual_clock=True) as e:
-        yield e
-
-
 def _base(emu: Emulator) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0, timeout=30)
 
