@@ -16,8 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anthropic
+
+from .cli import write_output
+from .emulator import Emulator
 from .errors import TokensaverError
+from .middleware import wrap
 from .pricing import PriceTable, normalize_usage
+from .report import summarize
 from .traces import Conversation, fixtures_dir, load_conversations
 
 DEFAULT_GAP = 15.0  # seconds between calls when a trace has no timestamps
@@ -91,10 +97,6 @@ def replay(
         rewrites each body first (e.g. :func:`auto_cache`).
     :param emulator: a running :class:`tokensaver.emulator.Emulator` to reuse (its cache is reset).
     """
-    import anthropic
-
-    from .middleware import wrap
-
     result = ReplayResult(label=label)
     prices = PriceTable()
     owned = None
@@ -105,8 +107,6 @@ def replay(
             raise TokensaverError("--live needs ANTHROPIC_API_KEY in the environment")
         base = anthropic.Anthropic(api_key=key)
     else:
-        from .emulator import Emulator
-
         if emulator is None:
             owned = emulator = Emulator(virtual_clock=True)
             emulator.start()
@@ -215,9 +215,6 @@ def demo(conversations: list[Conversation], config: dict[str, Any] | str | None 
     estimated beside the API); ``auto_billed_usd`` is what the automatic-caching replay was really
     billed, so the two can be compared.
     """
-    from .emulator import Emulator
-    from .report import summarize
-
     with Emulator(virtual_clock=True) as emu:
         base = replay(
             conversations, wrap_client=False, prepare=auto_cache, label="automatic caching", emulator=emu
@@ -291,8 +288,6 @@ def _emit(result: ReplayResult, fmt: str, output: str | None) -> None:
         "html": report.to_html,
         "json": report.to_json,
     }[fmt]()
-    from .cli import write_output
-
     write_output(text, output, f"{fmt} report of run {result.run.name}")
     if result.rejected:
         print(f"WARNING: the API rejected {len(result.rejected)} request(s):", file=sys.stderr)
