@@ -45,7 +45,7 @@ from tokensaver.hookspecs import hookimpl
 from tokensaver.settings import Schema, boolean, choice, integer, number, path, strings, text
 from tokensaver.tokens import canonical_json
 
-from . import _model_summary
+from . import _echo, _model_summary
 from ._store import encode_entry
 from ._summarize_text import SHAPE_NAMES, Options, Result, is_prose, shrink
 
@@ -181,15 +181,30 @@ def shrink_cached(text: str, opts: Options, ctx: Any, limit: int) -> Result:
 
 
 def _rewrite(
-    text: str, opts: Options, ctx: Any, settings: dict[str, Any], stats: dict[str, Any], newest: bool
+    text: str,
+    opts: Options,
+    ctx: Any,
+    settings: dict[str, Any],
+    stats: dict[str, Any],
+    newest: bool,
+    tool_input: Any = None,
 ) -> str:
-    """One tool-output text as it is sent: shrunk by content type, then perhaps condensed by a model."""
+    """One tool-output text as it is sent: shrunk by content type, then perhaps condensed by a model;
+    numbered lines its own tool use's input holds (an edit's echo) become a pointer (``_echo``)."""
     res = shrink_cached(text, opts, ctx, settings.get("memo_entries", DEFAULTS["memo_entries"]))
     # about 2 characters a token at the least: a cheap test before counting
     if settings.get("model_summaries") and len(res.text) >= 2 * settings["summary_min_tokens"]:
         condensed = _condensed(res, ctx, settings, stats, newest)
         if condensed is not None:
             res = Result(condensed, "model_summary", True)
+    if tool_input and not res.lossy:
+        echoed = _echo.rewrite(res.text, tool_input)
+        if echoed is not res.text:
+            res = Result(
+                echoed,
+                "echo" if res.kind in ("small", "kept") or ":" in res.kind else res.kind + "+echo",
+                False,
+            )
     _tally(stats, text, res, ctx, settings)
     return _with_ref(res, text, ctx, settings) if res.text != text else text
 
@@ -220,17 +235,23 @@ def _condensed(
 
 
 def _shrink_content(
-    content: Any, opts: Options, ctx: Any, settings: dict[str, Any], stats: dict[str, Any], newest: bool
+    content: Any,
+    opts: Options,
+    ctx: Any,
+    settings: dict[str, Any],
+    stats: dict[str, Any],
+    newest: bool,
+    tool_input: Any = None,
 ) -> Any:
     """The tool_result's content with its text shrunk, or the same object when nothing changed."""
     if isinstance(content, str):
-        return _rewrite(content, opts, ctx, settings, stats, newest)
+        return _rewrite(content, opts, ctx, settings, stats, newest, tool_input)
     if isinstance(content, list):
         new: list[Any] = []
         changed = False
         for b in content:
             if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str):
-                text = _rewrite(b["text"], opts, ctx, settings, stats, newest)
+                text = _rewrite(b["text"], opts, ctx, settings, stats, newest, tool_input)
                 if text is not b["text"]:
                     b = {**b, "text": text}
                     changed = True
@@ -334,6 +355,14 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
         for b in m["content"]
         if isinstance(b, dict) and b.get("type") == "tool_use" and b.get("name") == RETRIEVE_TOOL
     }
+    # each tool use's input, for results that echo it (its lines numbered, after an edit)
+    inputs = {
+        b.get("id"): b.get("input")
+        for m in messages
+        if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), list)
+        for b in m["content"]
+        if isinstance(b, dict) and b.get("type") == "tool_use"
+    }
     stats["calls_so_far"] = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
     new_messages: list[Any] = []
     changed = False
@@ -348,7 +377,15 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
                 blocks.append(b)  # an original we handed back on request: never shorten it again
                 continue
             if isinstance(b, dict) and b.get("type") == "tool_result" and "content" in b:
-                c = _shrink_content(b["content"], opts, ctx, settings, stats, i == len(messages) - 1)
+                c = _shrink_content(
+                    b["content"],
+                    opts,
+                    ctx,
+                    settings,
+                    stats,
+                    i == len(messages) - 1,
+                    inputs.get(b.get("tool_use_id")),
+                )
                 if c is not b["content"]:
                     b = {**b, "content": c}
                     mchanged = True

@@ -718,3 +718,131 @@ def test_shapes_setting_turns_each_recognizer_off_and_is_validated():
         summarize.tokensaver_configure({"shapes": ["pytest"]}, "t")
     with pytest.raises(ConfigError, match="shapes"):
         summarize.tokensaver_configure({"shapes": "grep"}, "t")
+
+
+# -- an edit's echo: numbered lines its own tool use's input holds ------------------------------
+
+ECHO = re.compile(
+    r"^\[tokensaver: lines (\d+)-(\d+) \(as \d+(→|\\t|:)text\) are lines (\d+)-(\d+) of '(\w+)' "
+    r"in this tool use's input\]$"
+)
+
+
+def unecho(text: str, tool_input: dict) -> str:
+    """The result with each echo pointer replaced by the input lines it names, numbered as it says."""
+    out: list[str] = []
+    for ln in text.split("\n"):
+        m = ECHO.match(ln)
+        if not m:
+            out.append(ln)
+            continue
+        a, b, sep, p, q, field = m.groups()
+        src = tool_input[field].split("\n")[int(p) - 1 : int(q)]
+        assert len(src) == int(b) - int(a) + 1
+        out.extend(f"{int(a) + k}{chr(9) if sep == chr(92) + 't' else sep}{x}" for k, x in enumerate(src))
+    return "\n".join(out)
+
+
+def edit_conversation(tool_input: dict, text: str, name: str = "edit") -> dict:
+    body = conversation(text)
+    body["messages"][1]["content"][0].update(name=name, input=tool_input)
+    body["messages"][2]["content"] = [body["messages"][2]["content"][0]]
+    return body
+
+
+def claude_code_edit() -> tuple[dict, str]:
+    new = [
+        f'\tif err := step{i}(ctx, state); err != nil {{ return fmt.Errorf("step {i}: %w", err) }}'
+        for i in range(8)
+    ]
+    tool_input = {"file_path": "/repo/state.go", "old_string": "\treturn nil", "new_string": "\n".join(new)}
+    shown = [
+        "}",
+        "",
+        "func (s *Store) Save(ctx context.Context, state *State) error {",
+        *new,
+        "\treturn nil",
+        "}",
+    ]
+    text = (
+        "The file /repo/state.go has been updated. Here's the result of running `cat -n` on a snippet of the "
+        "edited file:\n" + "\n".join(f"{i + 40:6d}→{ln}" for i, ln in enumerate(shown))
+    )
+    return tool_input, text
+
+
+def test_an_edit_echo_points_at_its_own_tool_use_input_and_loses_no_line():
+    """SWE-agent's edit prints the edited window numbered (a real result, from shared/traces);
+    Claude Code's Edit prints cat -n of the snippet: the lines the input holds become one pointer."""
+    real = json.loads((DATA / "echo_edits.json").read_text())[0]
+    cc_input, cc_text = claude_code_edit()
+    for tool_input, text, name in ((real["input"], real["text"], real["tool"]), (cc_input, cc_text, "Edit")):
+        out, ctx = run_hook(edit_conversation(tool_input, text, name))
+        sent = out["messages"][2]["content"][0]["content"]
+        assert sum(bool(ECHO.match(ln)) for ln in sent.split("\n")) == 1
+        assert len(sent) < 0.75 * len(text)
+        # lossless: the pointer gives back every line (Claude Code's number padding is compacted,
+        # as summarize does for every numbered file line)
+        expected = shrink(text, Options()).text if name == "Edit" else text
+        assert unecho(sent, tool_input) == expected
+        # every fact is still there to read: in the result, in the input, or a line number a pointer's range covers
+        ranges = [range(int(m.group(1)), int(m.group(2)) + 1) for m in map(ECHO.match, sent.split("\n")) if m]
+
+        def covered(n: str, ranges: list[range] = ranges) -> bool:
+            return n.isdigit() and any(int(n) in r for r in ranges)
+
+        assert all(
+            f in sent
+            or f in json.dumps(tool_input)
+            or covered(f)
+            or (covered(f.split(":")[0]) and f.split(":", 1)[1] in json.dumps(tool_input))  # "4:td_field"
+            for f in facts(text)
+        )
+        assert "echo" in "".join(ctx.notes["summarize"]["kinds"])
+    # a line that differs from the input (the edit did something else) is not pointed at
+    changed = real["text"].replace("4:td_field", "4:td_field2")
+    out, _ = run_hook(edit_conversation(real["input"], changed, real["tool"]))
+    sent = (out or edit_conversation(real["input"], changed))["messages"][2]["content"][0]["content"]
+    assert "4:td_field2 = " in sent and unecho(sent, real["input"]) == changed
+
+
+def test_an_edit_echo_is_prefix_stable_and_accepted_by_the_api(tmp_path):
+    anthropic = pytest.importorskip("anthropic")
+    emulator = pytest.importorskip("tokensaver.emulator")
+    import tokensaver
+
+    real = json.loads((DATA / "echo_edits.json").read_text())[0]
+    turn1 = edit_conversation(real["input"], real["text"], real["tool"])["messages"]
+    turn2 = turn1 + [
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "t2", "name": "edit", "input": {"command": "ls"}}],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "t2", "content": "reproduce.py\nsetup.py"}],
+        },
+    ]
+    with emulator.Emulator(virtual_clock=True) as emu:
+        client = tokensaver.wrap(
+            anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0),
+            config={"plugins": ["summarize", "prune", "cache_align"], "runs_dir": str(tmp_path)},
+        )
+        for msgs in (turn1, turn2):
+            resp = client.messages.create(model="claude-sonnet-4-6", max_tokens=20, messages=msgs)
+            assert resp.type == "message"
+        sent = [r.body["messages"] for r in emu.requests]
+    assert "in this tool use's input]" in json.dumps(sent[0][2])
+    first = [
+        {**m, "content": [{k: v for k, v in b.items() if k != "cache_control"} for b in m["content"]]}
+        if isinstance(m["content"], list)
+        else m
+        for m in sent[0]
+    ]
+    again = [
+        {**m, "content": [{k: v for k, v in b.items() if k != "cache_control"} for b in m["content"]]}
+        if isinstance(m["content"], list)
+        else m
+        for m in sent[1][: len(sent[0])]
+    ]
+    assert json.dumps(again) == json.dumps(first)  # the earlier messages: the same bytes
