@@ -36,6 +36,9 @@ import anthropic
 
 if "--wait-for-signal" in sys.argv:
     signal.signal(signal.SIGINT, lambda *a: sys.exit(42))
+if "--count-signals" in sys.argv:  # exit 40 + how many SIGINTs came within a second of the first
+    got = []
+    signal.signal(signal.SIGINT, lambda *a: got.append(1))
 client = anthropic.Anthropic(api_key="test-key", max_retries=0)
 print("base", os.environ["ANTHROPIC_BASE_URL"], flush=True)
 system = " ".join(f"Rule {i}: keep the file layout of module m{i} as it is." for i in range(400))
@@ -47,9 +50,13 @@ for i in range(int(os.environ.get("CALLS", "3"))):
         messages=[{"role": "user", "content": f"question {i}"}],
     )
     print("answer", r.content[0].text[:30], flush=True)
-if "--wait-for-signal" in sys.argv:
+if "--wait-for-signal" in sys.argv or "--count-signals" in sys.argv:
     print("waiting", flush=True)
-    time.sleep(60)
+    for _ in range(600):
+        time.sleep(0.1)
+        if "--count-signals" in sys.argv and got:
+            time.sleep(1.0)
+            sys.exit(40 + len(got))
     sys.exit(3)
 sys.exit(int(os.environ.get("CHILD_EXIT", "0")))
 """
@@ -242,6 +249,46 @@ def test_sigint_is_forwarded_and_the_report_still_printed(emu: Emulator, tmp_pat
             proc.kill()
     assert proc.returncode == 42, err  # the child's own SIGINT handler decided the exit code
     assert "1 calls" in err
+
+
+def test_ctrl_c_at_a_terminal_reaches_the_agent_once(emu: Emulator, tmp_path: Path) -> None:
+    """The terminal sends SIGINT to the whole foreground group: the launcher must not send it again."""
+    import fcntl
+    import pty
+    import termios
+
+    _stand_ins(tmp_path)
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:  # a session of its own with the pty as its terminal
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    cmd = [sys.executable, "-m", "tokensaver", "run", "--runs-dir", str(tmp_path / "runs")]
+    proc = subprocess.Popen(
+        [*cmd, "--", sys.executable, "child.py", "--count-signals"],
+        env=_env(emu, tmp_path, CALLS="1"),
+        cwd=tmp_path,
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=controlling_terminal,
+    )
+    os.close(slave)
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and proc.stdout.readline().strip() != "waiting":
+            pass
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 41, err  # one SIGINT, not two
+    assert "1 calls" in err  # the proxy (its own group) outlived the Ctrl-C and the report printed
 
 
 def test_a_child_killed_by_a_signal_exits_128_plus_n(emu: Emulator, tmp_path: Path) -> None:
