@@ -30,11 +30,13 @@ digests, so billing a body is one digest pass plus O(blocks).
 from __future__ import annotations
 
 import copy
-import hashlib
 import threading
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
+
+import xxhash
 
 from .pricing import ModelInfo, PriceTable
 from .tokens import (
@@ -55,6 +57,7 @@ __all__ = [
     "CacheModel",
     "PromptBlock",
     "apply_context_management",
+    "block_facts",
     "breakpoints",
     "prefix_hashes",
     "price",
@@ -67,6 +70,8 @@ TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 THINKING_TYPES = ("thinking", "redacted_thinking")
 CLEARED_PLACEHOLDER = "[cleared to save context]"
 AUTO: dict[str, Any] = {"type": "ephemeral"}
+_xxh = xxhash.xxh3_128_digest
+MAX_KEPT_BYTES = 16 * 1024 * 1024  # what ShadowCaches keeps of previous requests, all conversations
 
 Memo = dict[int, tuple[Any, bytes, int, bool]]  # id(block) -> (block kept alive, digest, tokens, image)
 
@@ -87,32 +92,41 @@ class PromptBlock:
 
 
 class _Digests:
-    """Token counts (and whether there is an image) by content digest, shared across calls (bounded)."""
+    """Token counts (and whether there is an image) by content digest, shared across calls (bounded:
+    ``max_entries`` of about 150 bytes each, the oldest dropped first)."""
 
     def __init__(self, max_entries: int = 50_000) -> None:
-        self.facts: OrderedDict[bytes, tuple[int, bool]] = OrderedDict()
+        self.facts: dict[bytes, tuple[int, bool]] = {}
         self.max = max_entries
         self.lock = threading.Lock()
 
     def get(self, block: Any, counter: TokenCounter) -> tuple[bytes, int, bool]:
         stripped = strip_block_cache_control(block)
         digest = fast_digest(stripped)
-        if memo_enabled():
-            with self.lock:
-                known = self.facts.get(digest)
-                if known is not None:
-                    self.facts.move_to_end(digest)
-                    return digest, known[0], known[1]
+        on = memo_enabled()
+        if on:
+            known = self.facts.get(digest)  # a dict read needs no lock
+            if known is not None:
+                return digest, known[0], known[1]
         facts = (counter.block(stripped), _has_image(stripped))
-        if memo_enabled():
+        if on:
             with self.lock:
-                self.facts[digest] = facts
-                if len(self.facts) > self.max:
-                    self.facts.popitem(last=False)
+                table = self.facts
+                table[digest] = facts
+                while len(table) > self.max:
+                    del table[next(iter(table))]
         return digest, facts[0], facts[1]
 
 
 _DIGESTS = _Digests()
+
+
+def block_facts(block: Any) -> tuple[bytes, int, bool]:
+    """A block's content digest (cache_control aside), its tokens and whether it holds an image.
+
+    Kept per digest in a bounded table (50,000 entries, about 8 MB at most) across calls.
+    """
+    return _DIGESTS.get(block, default_counter())
 
 
 def prompt_blocks(
@@ -229,7 +243,6 @@ class Prepared:
     hashes: list[bytes]
     prefix: list[int]
     salts: tuple[bytes, bytes]
-    states: list[Any]  # the running hash after each block, so a similar body can resume from it
 
     @property
     def total(self) -> int:
@@ -241,41 +254,78 @@ class Prepared:
         body: dict[str, Any],
         memo: Memo | None = None,
         *,
-        like: Prepared | None = None,
+        like: Prepared | Kept | None = None,
         blocks: list[PromptBlock] | None = None,
     ) -> Prepared:
         """Prepare ``body``; the hashes of a leading run of blocks it shares with ``like`` are reused."""
-        blocks = prompt_blocks(body, memo, like.blocks if like else None) if blocks is None else blocks
+        if blocks is None:
+            blocks = prompt_blocks(body, memo, like.blocks if isinstance(like, Prepared) else None)
         salts = level_salts(body, blocks)
         same = 0
-        if like is not None and like.salts == salts:
+        hashes: list[bytes] = []
+        prefix: list[int] = []
+        if isinstance(like, Prepared) and like.salts == salts:
             old = like.blocks
             n = min(len(old), len(blocks))
             while same < n and old[same].digest == blocks[same].digest and old[same].tag == blocks[same].tag:
                 same += 1
-        if same:
-            assert like is not None
-            hashes, states, prefix = like.hashes[:same], like.states[:same], like.prefix[:same]
-        else:
-            hashes, states, prefix = [], [], []
-        _chain(blocks, salts, same, hashes, states, prefix)
-        return cls(blocks, hashes, prefix, salts, states)
+            hashes, prefix = like.hashes[:same], like.prefix[:same]
+        elif isinstance(like, Kept) and like.salts == salts:
+            same = like.common(_keys(blocks))
+            hashes, prefix = like.head(same)
+        _chain(blocks, salts, same, hashes, prefix)
+        return cls(blocks, hashes, prefix, salts)
 
 
-def _private(prepared: Prepared, before: Prepared | None) -> Prepared:
-    """``prepared`` holding copies of its blocks of its own, for comparing the next request with.
+_KEY = 16  # bytes of a block key and of a prefix hash (xxh3-128)
 
-    The caller may edit its objects between calls: an edited block must not compare equal to
-    itself next time. A block equal to the one kept at its place last time takes that copy.
+
+def _keys(blocks: list[PromptBlock]) -> bytes:
+    """Each block's place-independent key (its tag and digest), 16 bytes each, joined."""
+    return b"".join([_xxh(b.tag.encode() + b"\0" + b.digest) for b in blocks])
+
+
+@dataclass
+class Kept:
+    """What is kept of a conversation's previous request to bill the next one: no block, 40 bytes a block.
+
+    Per block its key (tag and content digest), the prefix hash and the prefix token sum, so the
+    next request resumes the hash chain after the blocks it repeats.
     """
-    old = before.blocks if before is not None else []
-    blocks = []
-    for i, b in enumerate(prepared.blocks):
-        keep = old[i].block if i < len(old) and old[i].block == b.block else thaw(b.block)
-        blocks.append(
-            PromptBlock(b.where, keep, b.tokens, b.tag, b.cacheable, b.cache_control, b.digest, b.image)
+
+    keys: bytes
+    hashes: bytes
+    prefix: array[int]
+    salts: tuple[bytes, bytes]
+
+    @classmethod
+    def of(cls, prepared: Prepared) -> Kept:
+        return cls(
+            _keys(prepared.blocks), b"".join(prepared.hashes), array("q", prepared.prefix), prepared.salts
         )
-    return Prepared(blocks, prepared.hashes, prepared.prefix, prepared.salts, prepared.states)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.keys) + len(self.hashes) + 8 * len(self.prefix) + 200
+
+    def common(self, keys: bytes) -> int:
+        """How many leading blocks ``keys`` shares with the kept request (binary search on slices)."""
+        n = min(len(keys), len(self.keys)) // _KEY
+        if keys[: n * _KEY] == self.keys[: n * _KEY]:
+            return n
+        lo, hi = 0, n  # keys[:lo] equal, keys[:hi] not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if keys[: mid * _KEY] == self.keys[: mid * _KEY]:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def head(self, n: int) -> tuple[list[bytes], list[int]]:
+        """The prefix hashes and token sums of the first ``n`` blocks."""
+        h = self.hashes
+        return [h[i * _KEY : (i + 1) * _KEY] for i in range(n)], list(self.prefix[:n])
 
 
 def thaw(value: Any) -> Any:
@@ -292,22 +342,22 @@ def _chain(
     salts: tuple[bytes, bytes],
     start: int,
     hashes: list[bytes],
-    states: list[Any],
     prefix: list[int],
 ) -> None:
-    h = states[-1].copy() if start else hashlib.sha256()
+    """Extend ``hashes`` / ``prefix`` from block ``start``: each prefix hash is the hash of the one
+    before, the level settings mixed in where their level starts, the block's tag and digest."""
+    h = hashes[-1] if start else b""
     level = _level(blocks[start - 1].tag) if start else 0  # how far the settings have been mixed in
     total = prefix[-1] if start else 0
     for b in blocks[start:]:
         at = _level(b.tag)
+        mix = b""
         while level < at:
             level += 1
             if salts[level - 1]:
-                h.update(b"\2" + salts[level - 1] + b"\3")
-        h.update(b.tag.encode() + b"\0" + b.digest + b"\1")
-        state = h.copy()
-        states.append(state)
-        hashes.append(state.digest())
+                mix += b"\2" + salts[level - 1] + b"\3"
+        h = _xxh(h + mix + b.tag.encode() + b"\0" + b.digest + b"\1")
+        hashes.append(h)
         total += b.tokens
         prefix.append(total)
 
@@ -570,8 +620,22 @@ class ShadowCaches:
         self.max_entries = max_entries
         self._keys: OrderedDict[str, dict[str, CacheModel]] = OrderedDict()
         self._lock = threading.Lock()
-        # the caller's previous request per (key, conversation): the next one mostly repeats it
-        self._previous: OrderedDict[tuple[str, str], Prepared] = OrderedDict()
+        # what is kept of the caller's previous request per (key, conversation), 40 bytes a block:
+        # the next one mostly repeats it; at most ``max_kept_bytes`` in all (least recent dropped)
+        self._previous: OrderedDict[tuple[str, str], Kept] = OrderedDict()
+        self._kept_bytes = 0
+        self.max_kept_bytes = MAX_KEPT_BYTES
+
+    def _keep(self, where: tuple[str, str], kept: Kept) -> None:
+        with self._lock:
+            previous = self._previous
+            old = previous.pop(where, None)
+            if old is not None:
+                self._kept_bytes -= old.nbytes
+            previous[where] = kept
+            self._kept_bytes += kept.nbytes
+            while previous and (len(previous) > 4 * self.max_keys or self._kept_bytes > self.max_kept_bytes):
+                self._kept_bytes -= previous.popitem(last=False)[1].nbytes
 
     def lane(self, key: str, name: str) -> CacheModel:
         """The cache model of lane ``name`` for API-key hash ``key``."""
@@ -600,6 +664,7 @@ class ShadowCaches:
         sent: bool,
         caller: bool = True,
         conversation: str = "",
+        memo: Memo | None = None,
     ) -> Estimate:
         """Bill one call through the lanes and price it.
 
@@ -610,11 +675,12 @@ class ShadowCaches:
             failed call (nothing moves, nothing is estimated).
         :param caller: False for a request the caller never made (a plugin-tool follow-up round):
             its counterfactual is nothing and the counterfactual lanes do not move.
+        :param memo: digests and counts of the call's blocks by identity, when the caller has them.
         """
         out = Estimate(stage_usd=[0.0] * len(bodies))
         if usage is None:
             return out
-        memo: Memo = {}
+        memo = {} if memo is None else memo
         with self._lock:
             before = self._previous.get((key, conversation)) if memo_enabled() else None
         last: list[Any] = [None, before]  # the body prepared last, and how
@@ -630,12 +696,7 @@ class ShadowCaches:
         if caller:
             own = bill("caller", original)
             auto = bill("auto", original, auto_only=True)
-            kept = _private(last[1], before)
-            with self._lock:
-                self._previous[(key, conversation)] = kept
-                self._previous.move_to_end((key, conversation))
-                while len(self._previous) > 4 * self.max_keys:
-                    self._previous.popitem(last=False)
+            self._keep((key, conversation), Kept.of(last[1]))
         out_usd = usage["output_tokens"] * model.output / 1e6
         if not sent:
             if own is not None and auto is not None:

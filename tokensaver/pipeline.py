@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +21,17 @@ from typing import Any
 
 import pluggy
 
-from .billing import Estimate, ShadowCaches, thaw
+from .billing import Estimate, ShadowCaches, block_facts, thaw
+from .billing import Memo as BillingMemo
 from .config import Config, load_config
 from .context import CallContext, conversation_id
 from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ordered, strict_error
 from .pricing import PriceTable, normalize_usage
 from .run import Run, redact_keys, redact_text
-from .tokens import Memo, body_blocks, default_counter, memo_enabled
+from .tokens import Memo, body_blocks, default_counter
 from .validate import Sizes, message_problem, stage_problem
 
 MEMORY_RECORDS = 10_000
-PREVIOUS_REQUESTS = 256  # conversations whose latest request is kept to count the next one cheaply
 SECRET_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "cookie", "x-goog-api-key")
 log = logging.getLogger("tokensaver")
 
@@ -158,6 +158,19 @@ class _Guard:
                 result[key] = own(value)
 
 
+def _digest_blocks(body: dict[str, Any], memo: Memo, facts: BillingMemo) -> None:
+    """Each block's content digest, token count and image flag, by identity, in one pass.
+
+    The digest (orjson + xxh3) finds the count in the bounded per-content table, so a block the
+    conversation sent before is not serialized canonically nor tokenized again; the same facts
+    serve the call's token figures and its shadow-cache billing.
+    """
+    for b in body_blocks(body):
+        digest, tokens, image = block_facts(b)
+        memo[id(b)] = (b, tokens)
+        facts[id(b)] = (b, digest, tokens, image)
+
+
 def _structural_error(exc: BaseException) -> str:
     """What the ledger keeps of a plugin's exception: its class and where it was raised, never its
     message (a plugin's message may quote the prompt). Our own PluginFault messages are structural.
@@ -203,6 +216,7 @@ class Call:
     estimate: Estimate | None = None  # billed through the shadow caches once, when first recorded
     guard: _Guard = field(default_factory=lambda: _Guard())  # the copies its plugins get, its counts
     sizes: Sizes = field(default_factory=dict)  # per-block sizes by identity, for the 32 MB check
+    facts: BillingMemo = field(default_factory=dict)  # the caller's blocks' digests and counts, by identity
 
 
 class Pipeline:
@@ -235,8 +249,6 @@ class Pipeline:
         # what the caller's own requests would have been billed: shadow prompt caches per key hash
         # (the proxy shares one between its session pipelines, as the API's cache is per key)
         self.shadows = ShadowCaches(self.prices)
-        # each conversation's latest request, as its blocks and their counts
-        self._previous: OrderedDict[tuple[str, str], tuple[list[Any], list[int]]] = OrderedDict()
 
     # -- request phase -----------------------------------------------------------------------
 
@@ -259,11 +271,12 @@ class Pipeline:
         t0 = time.perf_counter()
         now = self.clock() if self.clock else time.time()
         conversation = conversation_id(body)
-        # per-block counts by identity for this call: the caller's blocks (found equal to the ones
-        # at the same place in the conversation's previous request, or counted), then the blocks
-        # each stage adds; the copies plugins get count as their originals
+        # per-block digests and counts by identity for this call: the caller's blocks (each found by
+        # its content digest in the bounded per-content tables, else counted), then the blocks each
+        # stage adds; the copies plugins get count as their originals
         memo: Memo = {}
-        snaps = self._seed(key, conversation, body, memo)
+        facts: BillingMemo = {}
+        _digest_blocks(body, memo, facts)
         ctx = CallContext(
             model=self.prices.get(str(body.get("model", ""))),
             counter=self.counter.scoped(memo),
@@ -279,7 +292,6 @@ class Pipeline:
         )
         original = body
         tokens_original = self.counter.request(body, memo)
-        self._remember(key, conversation, body, memo, snaps)
         call = Call(
             ctx=ctx,
             original=original,
@@ -289,6 +301,7 @@ class Pipeline:
             surface=surface,
             attempt=attempt,
             guard=_Guard(memo),
+            facts=facts,
         )
         current, before = body, tokens_original
         hook = "tokensaver_transform_request"
@@ -335,37 +348,6 @@ class Pipeline:
             call.response = hit
         call.overhead_ms = (time.perf_counter() - t0) * 1000
         return call
-
-    def _seed(self, key: str, conversation: str, body: dict[str, Any], memo: Memo) -> list[Any]:
-        """Counts for the blocks of ``body`` equal to the one at the same place last time (an
-        equality test instead of a serialization: a conversation's requests mostly repeat).
-
-        Returns what to compare the next request with: the pipeline's own copy of each block (the
-        caller may edit its objects between calls), taken again only where the block is new.
-        """
-        with self._lock:
-            before = self._previous.get((key, conversation)) if memo_enabled() else None
-        blocks = body_blocks(body)
-        snaps: list[Any] = [None] * len(blocks)
-        if before is not None:
-            old, counts = before
-            for i, b in enumerate(blocks[: len(old)]):
-                if old[i] == b:
-                    memo[id(b)] = (b, counts[i])
-                    snaps[i] = old[i]
-        return snaps
-
-    def _remember(
-        self, key: str, conversation: str, body: dict[str, Any], memo: Memo, snaps: list[Any]
-    ) -> None:
-        blocks = body_blocks(body)
-        snaps = [thaw(b) if s is None else s for b, s in zip(blocks, snaps, strict=True)]
-        counts = [memo[id(b)][1] for b in blocks]
-        with self._lock:
-            self._previous[(key, conversation)] = (snaps, counts)
-            self._previous.move_to_end((key, conversation))
-            while len(self._previous) > PREVIOUS_REQUESTS:
-                self._previous.popitem(last=False)
 
     def _enter(self, ctx: CallContext, name: str) -> None:
         ctx.plugin = name
@@ -484,6 +466,7 @@ class Pipeline:
                 sent=sent,
                 caller=not follow_up,
                 conversation=ctx.conversation,
+                memo=call.facts,
             )
         est = call.estimate
         cost = model.cost(usage) if sent and usage is not None else 0.0
