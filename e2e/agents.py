@@ -474,9 +474,9 @@ def launcher_check(client: str, exe: Path, work: Path, path: str) -> tuple[str, 
     if problems:
         tail = "\n".join((out.strip() + "\n" + err.strip()).strip().splitlines()[-15:])
         print("\n".join("     > " + ln for ln in tail.splitlines()))
-        return "FAIL", f"launcher: {'; '.join(problems)}"
+        return "FAIL", f"{'; '.join(problems)}"
     calls = launched[0]["calls"]
-    return "PASS", f"launcher: exit 0, session report printed ({calls} calls, {answered} answered upstream)"
+    return "PASS", f"exit 0, session report printed ({calls} calls, {answered} answered upstream)"
 
 
 FIGURES: dict[str, dict[str, str]] = {}  # per agent, for the summary table
