@@ -620,7 +620,23 @@ def describe_binary(text: str) -> str:
 
 # line-based shapes, tried in order before the code and text rules (each lossless); "diff" first
 SHAPES = (("grep", group_grep), ("test", compact_go_test), ("ci", compact_actions_log))
-SHAPE_NAMES = ("diff", *(k for k, _ in SHAPES))
+SHAPE_NAMES = ("diff", *(k for k, _ in SHAPES), "returncode")
+
+# mini-swe-agent's observation: the exit status and the output between tags, every call
+_RETURNCODE_RE = re.compile(r"\A<returncode>(-?\d+)</returncode>\n<output>\n(.*)</output>\Z", re.DOTALL)
+
+
+def unwrap_returncode(text: str) -> tuple[str, str] | None:
+    """``(status, output)`` of a ``<returncode>N</returncode><output>...</output>`` observation, else None."""
+    m = _RETURNCODE_RE.match(text)
+    if m is None or "</output>" in m.group(2) or "<output>" in m.group(2):
+        return None
+    return m.group(1), m.group(2)
+
+
+def returncode_header(status: str) -> str:
+    """The line that stands for the tags: ``[returncode 0]``, the output after it byte for byte."""
+    return f"[returncode {status}]\n"
 
 
 @dataclass(frozen=True)
@@ -649,7 +665,15 @@ class Result:
 
 
 def shrink(text: str, opts: Options) -> Result:
-    """Shrink one tool output by what it is; the input unchanged (kind ``small``/``kept``) when nothing helps."""
+    """Shrink one tool output by what it is; the input unchanged (kind ``small``/``kept``) when nothing helps.
+
+    A mini-swe-agent observation (``shapes`` has ``"returncode"``) loses its tags at any size: the
+    exit status on one line, then the output, itself shrunk by what it is."""
+    wrapped = unwrap_returncode(text) if "returncode" in opts.shapes and text[:1] == "<" else None
+    if wrapped is not None:
+        inner = shrink(wrapped[1], opts)
+        kind = "returncode" if inner.kind == "small" or inner.kind.endswith(":kept") else inner.kind
+        return _best(text, returncode_header(wrapped[0]) + inner.text, kind, inner.lossy)
     if len(text) < opts.min_chars:
         return Result(text, "small", False)
     t = resolve_cr(strip_ansi(text))

@@ -106,12 +106,13 @@ def test_numbered_source_keeps_every_line_and_number():
     ids=["cat -n (tab)", "Claude Code Read (arrow)", "Read from line 995"],
 )
 def test_padded_line_numbers_become_compact_and_every_number_stays(text):
-    res = shrink(text, Options())
+    # the numbered lines alone (the cat -n sample is a mini-swe-agent observation: its tags aside)
+    res = shrink(text, Options(shapes=tuple(s for s in Options().shapes if s != "returncode")))
     assert res.kind == "code" and not res.lossy
     assert numbered(res.text) == numbered(text)
     assert not re.search(r"^ +\d+(→|\t)", res.text, re.MULTILINE)  # no padding left
     assert count_text(res.text) <= 0.93 * count_text(text)
-    assert shrink(res.text, Options()).text == res.text  # already compact: unchanged
+    assert shrink(res.text, Options(shapes=())).text == res.text  # already compact: unchanged
 
 
 def test_pip_log_keeps_its_facts():
@@ -846,3 +847,54 @@ def test_an_edit_echo_is_prefix_stable_and_accepted_by_the_api(tmp_path):
         for m in sent[1][: len(sent[0])]
     ]
     assert json.dumps(again) == json.dumps(first)  # the earlier messages: the same bytes
+
+
+# -- mini-swe-agent's observation tags -------------------------------------------------------
+
+
+def test_mini_swe_agent_observation_tags_become_one_line_at_any_size():
+    """Every observation of the recorded mini-swe-agent run (fixtures/): the exit status on one line,
+    the output after it byte for byte (itself shrunk by what it is), small results too."""
+    from tokensaver.traces import fixtures_dir, load_conversation
+
+    body = (
+        load_conversation(fixtures_dir() / "mini-swe-agent-gemini3" / "django__django-16527.json")
+        .calls[-1]
+        .body
+    )
+    results = [
+        b["content"]
+        for m in body["messages"]
+        if isinstance(m["content"], list)
+        for b in m["content"]
+        if b.get("type") == "tool_result"
+    ]
+    exact = 0
+    for text in results:
+        status, output = re.match(
+            r"<returncode>(-?\d+)</returncode>\n<output>\n(.*)</output>$", text, re.S
+        ).groups()
+        res = shrink(text, Options())
+        assert res.text.startswith(f"[returncode {status}]\n") and not res.lossy
+        inner = shrink(output, Options())
+        assert res.text == f"[returncode {status}]\n{inner.text}"
+        if inner.text == output:  # nothing else to shrink: the tags come back exactly
+            exact += 1
+            back = (
+                re.sub(r"^\[returncode (-?\d+)\]\n", r"<returncode>\1</returncode>\n<output>\n", res.text)
+                + "</output>"
+            )
+            assert back == text
+        assert count_text(res.text) <= count_text(text) - 6
+    assert exact >= 10
+    # a look-alike is left as it came; so is every observation with the shape turned off
+    for odd in (
+        "<returncode>0</returncode>\n<output>\na</output>\n<output>\nb</output>",
+        "<returncode>x</returncode>\n",
+    ):
+        assert shrink(odd, Options()).text == odd
+    off = Options(shapes=tuple(s for s in Options().shapes if s != "returncode"))
+    assert shrink(results[2], off).text == results[2]
+    out, ctx = run_hook(conversation(results[2]))
+    assert out["messages"][2]["content"][0]["content"] == "[returncode 0]\n"
+    assert ctx.notes["summarize"]["kinds"]["returncode"]["blocks"] == 1
