@@ -167,6 +167,9 @@ SETTINGS = Schema(
         ),
         "repeat_min_lines": integer(8, "shortest run of repeated lines", min=3, unit="lines"),
         "repeat_min_chars": integer(400, "... and its fewest characters", min=0, unit="characters"),
+        "clear_outline": boolean(
+            False, "a cleared file read keeps its definition lines (functions, types, tests)"
+        ),
     },
     checks=[
         lambda s: (
@@ -203,6 +206,59 @@ def cleared_marker(tokens: int) -> str:
 def superseded_marker(by: str, tokens: int) -> str:
     """What a superseded tool result says (``by``: the later use, fixed when the cut is made)."""
     return f"[tokensaver: superseded by {by}; {tokens} tokens cleared]"
+
+
+# a line that defines something, in most languages (after an optional line-number prefix): what an
+# agent names when it comes back to a file it read long ago (a function, a type, a module, a test)
+_DEFINITION = re.compile(
+    r"^\s*(?:\d+(?:→|\t|:))?\s*(?:@\w+\s+)*"
+    r"(?:(?:export|pub(?:\([^)]*\))?|public|private|protected|internal|static|async|abstract|final|"
+    r"override|default|sealed|open|data|extern|unsafe)\s+)*"
+    r"(?:def|defp|defmacrop?|defmodule|defstruct|defdelegate|defimpl|defprotocol|defguardp?|class|"
+    r"interface|function|func|fn|struct|enum|trait|impl|type|module|describe|test|it|"
+    r"schema|field|attr|slot|embed|has_many|belongs_to|CREATE|create)\b"
+)
+_OUTLINE_SHARE = 0.12  # an outline takes at most this share of the result it stands for ...
+_OUTLINE_LINE_CHARS = 160  # ... each line cut to this many characters
+
+
+def outline(inner: Any) -> list[str]:
+    """The definition lines of a file read, in order, within ``_OUTLINE_SHARE`` of its size."""
+    text = "\n".join(_texts(inner))
+    budget = _OUTLINE_SHARE * len(text)
+    out: list[str] = []
+    used = 0
+    for line in text.split("\n"):
+        if not _DEFINITION.match(line):
+            continue
+        line = line.rstrip()[:_OUTLINE_LINE_CHARS]
+        if used + len(line) + 1 > budget:
+            break
+        out.append(line)
+        used += len(line) + 1
+    return out
+
+
+def with_outline(marker: str, inner: Any) -> str:
+    """A cleared file read's marker followed by the read's definition lines (the same bytes for the
+    same result: a pure function of its content)."""
+    lines = outline(inner)
+    if not lines:
+        return marker
+    return marker + "\n[its definition lines, as read:]\n" + "\n".join(lines)
+
+
+def _file_reads(messages: list[Any], ids: set[str]) -> set[str]:
+    """Those of ``ids`` whose tool use reads a file (whole or a range)."""
+    out = set()
+    for m in messages:
+        if isinstance(m, dict) and m.get("role") == "assistant":
+            for b in as_blocks(m.get("content")):
+                if isinstance(b, dict) and b.get("type") == "tool_use" and str(b.get("id")) in ids:
+                    acc = _access(b.get("input"))
+                    if acc is not None and acc[0] in ("read", "part"):
+                        out.add(str(b.get("id")))
+    return out
 
 
 def pointer_marker(tool_use_id: str) -> str:
@@ -247,6 +303,7 @@ def apply_spec(messages: list[Any], spec: dict[str, Any], settings: dict[str, An
         msgs = [{**first, "content": [*as_blocks(first.get("content")), marker]}, *msgs[drop["d"] :]]
     cleared = set(spec.get("cleared") or ())
     sup = spec.get("superseded") or {}
+    reads = _file_reads(msgs, cleared) if cleared and settings.get("clear_outline") else set()
     dedupe = settings.get("dedupe", True)
     min_tokens = int(settings.get("min_result_tokens", 100))
     seen: dict[str, str] = {}  # content hash -> id of the first result kept in full
@@ -269,6 +326,8 @@ def apply_spec(messages: list[Any], spec: dict[str, Any], settings: dict[str, An
             if tid in cleared:
                 size = count(strip_cc(b))
                 text = superseded_marker(sup[tid], size) if tid in sup else cleared_marker(size)
+                if tid in reads:
+                    text = with_outline(text, b.get("content"))
                 content[j] = _replace_result(b, text)
                 changed = True
                 continue

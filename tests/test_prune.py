@@ -772,3 +772,71 @@ def test_a_failing_test_run_is_a_source_for_the_passing_re_run_and_an_identical_
         body_of([*msgs, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]), {}
     )
     assert nxt["messages"][: len(sent["messages"]) - 2] == sent["messages"][:-2]
+
+
+# -- outline of a cleared file read -----------------------------------------------------------------
+
+
+def _source_file(k: int) -> str:
+    """A numbered file read (Claude Code's ``N→`` form): a module of functions with bodies."""
+    lines: list[str] = [f'"""module_{k}: helpers."""', ""]
+    for f in range(6):
+        lines += [f"def compute_part_{k}_{f}(values, scale=2):", '    """Scale and sum."""']
+        lines += [f"    total_{i} = sum(v * scale for v in values[{i}:])  # step {i}" for i in range(8)]
+        lines += ["    return total_0", ""]
+    lines += [f"class Store{k}:", "    pass"]
+    return "\n".join(f"{n + 1:6d}→{ln}" for n, ln in enumerate(lines))
+
+
+def _reads_and_runs(n: int) -> list[dict[str, Any]]:
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": "Task: fix the bug"}]
+    for k in range(n):
+        tid = f"toolu_{k:03d}"
+        if k % 2 == 0:
+            use = {"type": "tool_use", "id": tid, "name": "Read", "input": {"file_path": f"/r/mod_{k}.py"}}
+            text = _source_file(k)
+        else:
+            use = {"type": "tool_use", "id": tid, "name": "Bash", "input": {"command": f"make check {k}"}}
+            text = "\n".join(f"check {k} line {i}: def not_a_definition_{i} ok" for i in range(60))
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": f"step {k}"}, use]})
+        msgs.append(
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tid, "content": text}]}
+        )
+    return msgs
+
+
+def test_a_cleared_file_read_keeps_its_definition_lines_and_nothing_else_changes(tmp_path: Any) -> None:
+    """With ``clear_outline``, a file read an economic cut clears keeps the lines that define its
+    functions, classes and tests (what an agent names when it comes back to a file long after
+    reading it), within 12% of the read; other results get the plain marker; the bytes are the same
+    on every later call, and the API accepts the request."""
+    msgs = _reads_and_runs(60)
+    conf = {**ECON_EASY, "clear_keep_tool_uses": 10, "clear_outline": True}
+    results = turns_of(msgs, {}, **conf)
+    assert any("cut" in n for _, n in results)
+    sent, _ = results[-1]
+    read0, bash1 = result_text(sent, "toolu_000"), result_text(sent, "toolu_001")
+    assert read0.startswith("[tokensaver: earlier tool output cleared (")
+    kept = read0.split("\n")[2:]
+    assert kept[0] == '     1→"""module_0: helpers."""' or kept[0].startswith("     3→def compute_part_0_0(")
+    assert "     3→def compute_part_0_0(values, scale=2):" in kept
+    assert not any("total_3 = sum" in ln for ln in kept)  # bodies are gone
+    assert len(read0) < 0.15 * len(_source_file(0))
+    assert bash1 == prune.cleared_marker(int(bash1.split("(")[1].split(" ")[0]))  # no outline
+    # off (the default): the plain marker
+    plain, _ = turns_of(msgs, {}, **{**conf, "clear_outline": False})[-1]
+    assert result_text(plain, "toolu_000").startswith("[tokensaver: earlier tool output cleared (")
+    assert "compute_part_0_0" not in result_text(plain, "toolu_000")
+    # prefix-stable: between cuts, every message already sent keeps its bytes
+    for (prev, _), (cur, notes) in zip(results, results[1:], strict=False):
+        if "cut" not in notes:
+            n = len(prev["messages"])
+            assert json.dumps(cur["messages"][: n - 1]) == json.dumps(prev["messages"][: n - 1])
+    # the API accepts it: through wrap() to the emulator
+    with Emulator() as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(
+            base, config={"plugins": ["prune"], "record": False, "runs_dir": str(tmp_path), "prune": conf}
+        )
+        resp = client.messages.create(**body_of(sent["messages"]))
+        assert resp.type == "message" and emu.last["status"] == 200
