@@ -263,15 +263,7 @@ class TokensaverProxy:
             ):
                 headers["Content-Length"] = str(request.content_length)
         try:
-            up = await self.client.request(
-                request.method,
-                self._url(request),
-                headers=headers,
-                data=data,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-                allow_redirects=False,
-                auto_decompress=False,
-            )
+            up = await self._request(request, request.method, headers, data, decompress=False)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return self._unreachable(exc)
         try:
@@ -426,17 +418,30 @@ class TokensaverProxy:
         We read what comes back (JSON or SSE): the client library picks an encoding it can decode.
         ``timeout`` bounds a plugin's own call; the caller's calls take as long as the API does.
         """
-        assert self.client is not None
         headers = forward_headers(request.headers, drop=drop)
         headers["Content-Type"] = "application/json"
+        return await self._request(request, "POST", headers, data, decompress=True, timeout=timeout)
+
+    async def _request(
+        self,
+        request: web.Request,
+        method: str,
+        headers: CIMultiDict[str],
+        data: Any,
+        *,
+        decompress: bool,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> aiohttp.ClientResponse:
+        """The upstream request for ``request`` on its confined path: no redirects, no headers of ours."""
+        assert self.client is not None
         return await self.client.request(
-            "POST",
+            method,
             self._url(request),
             headers=headers,
             data=data,
             skip_auto_headers=SKIP_AUTO_HEADERS,
             allow_redirects=False,
-            auto_decompress=True,
+            auto_decompress=decompress,
             timeout=timeout or self.client.timeout,
         )
 
