@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tokensaver import _sdk
 from tokensaver.emulator import Emulator
 from tokensaver.middleware import wrap
 from tokensaver.replay import replay
@@ -160,3 +161,45 @@ def test_edited_conversation_same_bytes_and_bills(emu: Emulator, edits: list[tup
     assert inc[0] == full[0]
     assert inc[1] == full[1]
     assert inc[2] == full[2]
+
+
+class _Capture(_sdk.Middleware):
+    """Keeps the SDK's request object and sends it on unchanged."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    def handle(self, request: Any, call_next: Any) -> Any:
+        self.requests.append(request)
+        return call_next(request)
+
+
+def test_with_body_is_request_copy_without_the_deep_copy(emu: Emulator) -> None:
+    """The SDK door's outgoing request: every field as ``APIRequest.copy`` makes it, the body ours."""
+    cap = _Capture()
+    client: Any = anthropic.Anthropic(base_url=emu.url, api_key="test-key", max_retries=0).with_middleware(
+        cap
+    )
+    client.messages.create(
+        model="claude-sonnet-4-6",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_body={"metadata": {"user_id": "u1"}},
+        extra_query={"q": "1"},
+    )
+    request = cap.requests[0]
+    before = copy.deepcopy(request.options.json_data)
+    body = {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "hello"}],
+    }
+    headers = {"x-kept": "1"}
+    mine, theirs = _sdk.with_body(request, body, headers), request.copy(body=body, headers=headers)
+    assert mine.options.json_data is body
+    assert mine.options.model_dump() == theirs.options.model_dump()
+    for name in ("method", "url", "cast_to", "stream", "stream_cls", "retries_taken", "headers"):
+        assert getattr(mine, name) == getattr(theirs, name), name
+    assert mine.options.params == request.options.params == {"q": "1"}
+    assert mine.options.params is not request.options.params  # copied, as the SDK does
+    assert request.options.json_data == before  # the original request is left as it was

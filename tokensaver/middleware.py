@@ -163,7 +163,7 @@ class TokensaverMiddleware(_sdk.Middleware):
         kept = {
             k: v for k, v in dict(request.headers).items() if not str(k).lower().startswith(CONTROL_PREFIX)
         }
-        return request.copy(body=call.body, headers=kept)
+        return _sdk.with_body(request, call.body, kept)
 
     def _response(self, request: _sdk.APIRequest, served: Served) -> Any:
         """An SDK response for an answer built here: a short-circuit, or the end of a plugin-tool exchange."""
