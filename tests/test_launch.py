@@ -212,10 +212,18 @@ def test_claude_gets_its_arguments_and_its_session_lands_in_the_launch_run(
 def test_openclaw_leaves_the_users_config_byte_identical(emu: Emulator, tmp_path: Path) -> None:
     user = tmp_path / "home" / ".openclaw" / "openclaw.json"
     user.parent.mkdir(parents=True)
-    user.write_text('{"agents": {"defaults": {"model": {"primary": "anthropic/claude-opus-4-6"}}}}\n')
+    # the user's own provider URL is the upstream (no ANTHROPIC_BASE_URL here)
+    config = {
+        "agents": {"defaults": {"model": {"primary": "anthropic/claude-opus-4-6"}}},
+        "models": {
+            "providers": {"anthropic": {"baseUrl": emu.url, "api": "anthropic-messages", "models": []}}
+        },
+    }
+    user.write_text(json.dumps(config, indent=2) + "\n")
     before = hashlib.sha256(user.read_bytes()).hexdigest()
     stat = user.stat()
-    out = launch(tmp_path, _env(emu, tmp_path), "openclaw", "agent", "--local", "--message", "hi")
+    env = {k: v for k, v in _env(emu, tmp_path).items() if k != "ANTHROPIC_BASE_URL"}
+    out = launch(tmp_path, env, "openclaw", "agent", "--local", "--message", "hi")
     assert out.returncode == 0, out.stderr
     assert "user model anthropic/claude-opus-4-6" in out.stdout  # the user's config was read
     assert json.loads(out.stdout.split("argv ", 1)[1]) == ["agent", "--local", "--message", "hi"]
@@ -224,6 +232,7 @@ def test_openclaw_leaves_the_users_config_byte_identical(emu: Emulator, tmp_path
     assert sorted(p.name for p in user.parent.iterdir()) == ["openclaw.json"]
     names = [r["name"] for r in list_runs(tmp_path / "runs")]
     assert len(names) == 1 and names[0].startswith("launch-openclaw-") and "1 calls" in out.stderr
+    assert len(emu.requests) == 1
 
 
 def test_sigint_is_forwarded_and_the_report_still_printed(emu: Emulator, tmp_path: Path) -> None:

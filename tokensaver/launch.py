@@ -10,8 +10,9 @@ session's report (to stderr, so the agent's own output stays clean) and exits wi
   (``OPENCLAW_CONFIG_PATH``) that ``$include``-s the user's own (read-only, through
   ``OPENCLAW_INCLUDE_ROOTS``) and overrides only ``models.providers.anthropic.baseUrl`` and its
   headers. The user's file is never written, so there is nothing to restore.
-* The proxy forwards to the caller's real upstream: ``--upstream``, ``$TOKENSAVER_UPSTREAM``, the
-  ``ANTHROPIC_BASE_URL`` the launcher was started with, else the Anthropic API.
+* The proxy forwards to the caller's real upstream: ``--upstream``, ``$TOKENSAVER_UPSTREAM``,
+  (OpenClaw) the ``baseUrl`` of the user's config when it is plain JSON, the ``ANTHROPIC_BASE_URL``
+  the launcher was started with, else the Anthropic API.
 * Ctrl-C reaches the agent from the terminal (same process group); the proxy runs in its own group,
   so it outlives the agent long enough to record the last call. SIGTERM, SIGHUP and a SIGINT not from
   the terminal are forwarded to the agent.
@@ -172,10 +173,17 @@ class Proxy:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def upstream_of(args: argparse.Namespace, env: dict[str, str]) -> str:
+def upstream_of(args: argparse.Namespace, env: dict[str, str], kind: str = "run") -> str:
     """Where the started proxy forwards: the caller's own upstream, never the proxy itself."""
     aliases = [env.get(a) for a in BASE_URL_ALIASES]
-    found = [args.upstream, env.get("TOKENSAVER_UPSTREAM"), env.get("ANTHROPIC_BASE_URL"), *aliases]
+    configured = openclaw_base_url(openclaw_config_path(env)) if kind == "openclaw" else None
+    found = [
+        args.upstream,
+        env.get("TOKENSAVER_UPSTREAM"),
+        configured,
+        env.get("ANTHROPIC_BASE_URL"),
+        *aliases,
+    ]
     return next((u for u in found if u), DEFAULT_UPSTREAM)
 
 
@@ -189,6 +197,14 @@ def _reachable(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """Linux: the proxy gets SIGTERM if the launcher dies without stopping it (``kill -9``)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_proxy(upstream: str, run: str, work: Path, config: str | None, env: dict[str, str]) -> Proxy:
     """``tokensaver proxy --port 0`` in its own process group; returns once it listens."""
     log_path = work / "proxy.log"
@@ -198,7 +214,13 @@ def start_proxy(upstream: str, run: str, work: Path, config: str | None, env: di
     with open(log_path, "wb") as log:
         # its own session: the terminal's Ctrl-C goes to the agent, not to the proxy recording it
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     proxy = Proxy("", proc, log_path, owned=True)
     deadline = time.monotonic() + PROXY_START_TIMEOUT
@@ -251,6 +273,19 @@ def openclaw_config_path(env: dict[str, str]) -> Path:
     )
 
 
+def openclaw_base_url(path: Path) -> str | None:
+    """``models.providers.anthropic.baseUrl`` of an OpenClaw config written as plain JSON, else None.
+
+    A JSON5 file (comments, unquoted keys) is not parsed here: pass ``--upstream`` if it sets one.
+    """
+    try:
+        config = json.loads(path.read_text())
+        url = config["models"]["providers"]["anthropic"]["baseUrl"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return url if isinstance(url, str) and url.startswith(("http://", "https://")) else None
+
+
 def openclaw_env(env: dict[str, str], proxy_url: str, run: str, work: Path) -> dict[str, str]:
     """OpenClaw's environment: a temporary config that includes the user's and overrides the provider."""
     user = openclaw_config_path(env).resolve()
@@ -277,8 +312,11 @@ def openclaw_env(env: dict[str, str], proxy_url: str, run: str, work: Path) -> d
 
 
 @contextlib.contextmanager
-def _forwarding(child: subprocess.Popen[bytes]) -> Iterator[None]:
-    """Forward termination signals to the child while it runs (SIGINT only when not from the terminal)."""
+def _forwarding(children: list[subprocess.Popen[bytes]]) -> Iterator[None]:
+    """Forward termination signals to the child while it runs (SIGINT only when not from the terminal).
+
+    Installed before the child starts (``children`` is filled in then), so no signal falls between.
+    """
 
     def from_terminal() -> bool:
         try:
@@ -289,8 +327,9 @@ def _forwarding(child: subprocess.Popen[bytes]) -> Iterator[None]:
     def forward(signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and from_terminal():
             return  # the terminal sent it to the whole foreground group: the agent has it already
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signum)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
 
     wanted = [
         signal.SIGINT,
@@ -335,7 +374,10 @@ def session_report(runs_dir: Path, run: str, since: float, fmt: str) -> str:
                     records.append(rec)
                     meta.setdefault("config", load_run(row["name"], runs_dir).meta.get("config") or {})
         if not records:
-            return f"tokensaver: no calls recorded for this session in {runs_dir}"
+            return (
+                f"tokensaver: no calls recorded for this session in {runs_dir} (does the agent's own "
+                "config set its API base URL? a reused proxy records where its own config says)"
+            )
         report = Report(meta, records)
     if fmt == "md":
         return report.to_markdown()
@@ -377,7 +419,7 @@ def launch(cmd: list[str], args: argparse.Namespace, kind: str) -> int:
                 raise TokensaverError(f"no proxy answers at {args.proxy} (--proxy / ${PROXY_ENV})")
             proxy = Proxy(args.proxy.rstrip("/"))
         else:
-            proxy = start_proxy(upstream_of(args, env), run, work, args.config, env)
+            proxy = start_proxy(upstream_of(args, env, kind), run, work, args.config, env)
         try:
             child_env = (
                 openclaw_env(env, proxy.url, run, work)
@@ -388,14 +430,10 @@ def launch(cmd: list[str], args: argparse.Namespace, kind: str) -> int:
             print(
                 f"tokensaver: {cmd[0]} through the proxy at {proxy.url}{reused}; run {run}", file=sys.stderr
             )
-            child = subprocess.Popen([exe, *cmd[1:]], env=child_env)
-            with _forwarding(child):
-                while True:
-                    try:
-                        returncode = child.wait()
-                        break
-                    except KeyboardInterrupt:  # a SIGINT delivered while the handler was being set
-                        continue
+            children: list[subprocess.Popen[bytes]] = []
+            with _forwarding(children):
+                children.append(subprocess.Popen([exe, *cmd[1:]], env=child_env))
+                returncode = children[0].wait()
         finally:
             stopped = proxy.stop()
         if proxy.owned and stopped not in (0, -signal.SIGTERM, None):
