@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End to end: the real Claude Code CLI and OpenClaw each do a scripted 23-tool-call coding session
 # twice, straight to the offline emulator and through `tokensaver proxy`, and the billed cost of both
-# routes is printed beside the report's "saved" (see e2e/agents.py). Clients are installed with npm into
+# routes is printed beside the report's "saved" (see e2e/agents.py); then each runs once through its
+# launcher (`tokensaver claude -p`, `tokensaver openclaw agent --local`), which must print the
+# session's report. Clients are installed with npm into
 # ${TOKENSAVER_E2E_CACHE:-~/.cache/tokensaver-e2e}; prints "SKIPPED <client>: <reason>" when npm
 # cannot install one. Uses the active Python (or ./.venv when none is active).
 set -euo pipefail
