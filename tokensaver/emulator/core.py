@@ -25,6 +25,7 @@ from ..sse import message_to_sse
 from ..tokens import default_counter
 from .cache import VirtualClock, WallClock, count_tokens
 from .server import start_server, stop_server
+from .threads import ThreadStore, ThreadTurn
 from .validation import EmulatorError, invalid, validate
 
 DEFAULT_REPLY = "This is a reply from the tokensaver emulator."
@@ -43,6 +44,8 @@ class RecordedRequest:
     response: dict[str, Any] | None = None
     stream: bool = False
     t: float = 0.0
+    # a message-thread request as the API rebuilt it (the whole conversation, no ``thread``); else None
+    expanded: dict[str, Any] | None = None
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -78,6 +81,7 @@ class Emulator:
         self.replies: deque[Reply] = deque(replies or [])
         self.requests: list[RecordedRequest] = []
         self.cache = CacheModel(self.prices)
+        self.threads = ThreadStore()
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
@@ -117,11 +121,12 @@ class Emulator:
         return self
 
     def reset(self) -> None:
-        """Forget requests, queued replies and the prompt cache."""
+        """Forget requests, queued replies, the prompt cache and the message threads."""
         with self._lock:
             self.requests.clear()
             self.replies.clear()
             self.cache.clear()
+            self.threads.clear()
 
     def clear_cache(self) -> None:
         with self._lock:
@@ -227,14 +232,28 @@ class Emulator:
             if url.path == "/v1/messages/count_tokens":
                 validate(body, strict_roles=self.strict_roles, count_tokens=True)
                 return self._json(rec, 200, {"input_tokens": count_tokens(body)}, out_headers)
-            validate(body, strict_roles=self.strict_roles)
-            item = self._next_reply(body)
-            if isinstance(item, EmulatorError):
-                raise item
-            edited, applied = apply_context_management(body)
-            with self._lock:
-                billing = self.bill(edited, now)
-                msg = self._build_message(item, body, n, billing)
+            turn: ThreadTurn | None = None
+            if isinstance(body, dict) and body.get("thread") is not None:
+                turn = self.threads.begin(body, hdrs, now)
+                rec.expanded = turn.full_body
+            try:
+                full = body if turn is None else turn.full_body
+                validate(
+                    full, strict_roles=self.strict_roles, resumes_turn=turn is not None and turn.resumes_pause
+                )
+                item = self._next_reply(full)
+                if isinstance(item, EmulatorError):
+                    raise item
+                edited, applied = apply_context_management(full)
+                with self._lock:
+                    billing = self.bill(edited, now)
+                    msg = self._build_message(item, body, n, billing)
+                if turn is not None:
+                    self.threads.commit(turn, msg, now)
+            except BaseException:
+                if turn is not None:
+                    self.threads.abort(turn)
+                raise
             if body.get("context_management") is not None:
                 msg.setdefault("context_management", {"applied_edits": applied})
             rec.usage = msg["usage"]
@@ -248,7 +267,10 @@ class Emulator:
                 return 200, {**out_headers, "content-type": "text/event-stream; charset=utf-8"}, chunks
             return self._json(rec, 200, msg, out_headers)
         except EmulatorError as e:
-            err = {"type": "error", "error": {"type": e.type, "message": e.message}, "request_id": request_id}
+            error: dict[str, Any] = {"type": e.type, "message": e.message}
+            if e.details:
+                error["details"] = e.details
+            err = {"type": "error", "error": error, "request_id": request_id}
             return self._json(rec, e.status, err, {**out_headers, **e.headers})
 
     def _json(

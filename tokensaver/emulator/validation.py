@@ -73,12 +73,14 @@ class EmulatorError(Exception):
         type: str,
         message: str,
         headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(f"{status} {type}: {message}")
         self.status = status
         self.type = type
         self.message = message
         self.headers = dict(headers or {})
+        self.details = dict(details) if details else None  # ``error.details`` (``error_code`` ...)
 
     @classmethod
     def overloaded(cls, retry_after: float | None = None) -> EmulatorError:
@@ -100,7 +102,8 @@ def invalid(message: str) -> EmulatorError:
 # --- model facts -----------------------------------------------------------------------------------
 
 _MODEL_RE = re.compile(
-    r"claude-(?:(?P<fam>[a-z]+)-(?P<maj>\d+)(?:-(?P<min>\d{1,2}))?|(?P<omaj>\d+)(?:-(?P<omin>\d))?-(?P<ofam>[a-z]+))"
+    # a minor version has one or two digits: claude-sonnet-4-20250514 is Sonnet 4 (dated), not 4.20
+    r"claude-(?:(?P<fam>[a-z]+)-(?P<maj>\d+)(?:-(?P<min>\d{1,2})(?!\d))?|(?P<omaj>\d+)(?:-(?P<omin>\d))?-(?P<ofam>[a-z]+))"
 )
 
 
@@ -160,8 +163,13 @@ def _thinking_enabled(body: dict[str, Any]) -> bool:
     return isinstance(th, dict) and th.get("type") in ("enabled", "adaptive")
 
 
-def validate(body: Any, *, strict_roles: bool = True, count_tokens: bool = False) -> None:
-    """Raise ``EmulatorError(400, "invalid_request_error", ...)`` where the API would refuse ``body``."""
+def validate(
+    body: Any, *, strict_roles: bool = True, count_tokens: bool = False, resumes_turn: bool = False
+) -> None:
+    """Raise ``EmulatorError(400, "invalid_request_error", ...)`` where the API would refuse ``body``.
+
+    ``resumes_turn``: a thread continue that resumes a ``pause_turn`` reply, whose conversation ends with it.
+    """
     if not isinstance(body, dict):
         raise invalid("Request body must be a JSON object")
     allowed = COUNT_TOKENS_FIELDS if count_tokens else ALLOWED_FIELDS
@@ -187,7 +195,7 @@ def validate(body: Any, *, strict_roles: bool = True, count_tokens: bool = False
 
     _validate_sampling_and_thinking(body, model, count_tokens)
     _validate_tools(body)
-    _validate_messages(body, messages, model, strict_roles)
+    _validate_messages(body, messages, model, strict_roles, resumes_turn)
     _validate_breakpoints(body)
 
 
@@ -255,7 +263,9 @@ def _validate_tools(body: dict[str, Any]) -> set[str]:
     return names
 
 
-def _validate_messages(body: dict[str, Any], messages: list[Any], model: str, strict_roles: bool) -> None:
+def _validate_messages(
+    body: dict[str, Any], messages: list[Any], model: str, strict_roles: bool, resumes_turn: bool = False
+) -> None:
     seen_ids: set[str] = set()
     prev_role: str | None = None
     first_conv: int | None = None
@@ -342,7 +352,7 @@ def _validate_messages(body: dict[str, Any], messages: list[Any], model: str, st
         last_conv = mi
     if first_conv is None:
         raise invalid('messages: first message must use the "user" role')
-    if last_conv is not None and messages[last_conv]["role"] == "assistant":
+    if last_conv is not None and messages[last_conv]["role"] == "assistant" and not resumes_turn:
         if _thinking_enabled(body):
             raise invalid(
                 "Assistant message prefill is not supported when thinking is enabled. "
