@@ -12,7 +12,6 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -95,6 +94,32 @@ class _Outcome:
     def __init__(self, call: Call) -> None:
         self.call = call  # the exchange's current round
         self.finishing = False  # a finish() is under way or done: never record twice
+
+
+class _Rounds:
+    """A plugin-tool exchange through the proxy: the exchange, and the caller's streamed response once begun."""
+
+    def __init__(self, request: web.Request, ex: PluginToolExchange) -> None:
+        self.request, self.ex = request, ex
+        self.out: web.StreamResponse | None = None
+
+    async def begin(self, up: aiohttp.ClientResponse) -> web.StreamResponse:
+        """Begin the caller's streamed response with the first streamed round's status and headers."""
+        out = web.StreamResponse(status=up.status, reason=up.reason)
+        out.headers.extend(response_headers(up.headers, decoded=True))
+        out.headers.update(self.ex.call.ctx.response_headers)
+        await out.prepare(self.request)
+        self.ex.start_stream()
+        self.out = out
+        return out
+
+    async def end(self, last: bytes = b"") -> web.StreamResponse:
+        """End the caller's streamed response, ``last`` its final bytes."""
+        assert self.out is not None
+        if last:
+            await self.out.write(last)
+        await self.out.write_eof()
+        return self.out
 
 
 class TokensaverProxy:
@@ -454,18 +479,9 @@ class TokensaverProxy:
         writes what it says. Streamed requests (without thinking) stream on as they come; other
         requests are read whole and the last round's answer is served (JSON, or replayed SSE).
         """
-        ex = PluginToolExchange(
-            pipe, outcome.call, prep.headers, splice=splices(prep.stream, outcome.call.body)
-        )
-        out: web.StreamResponse | None = None  # the caller's streamed response, once started
-
-        async def end(last: bytes = b"") -> web.StreamResponse:
-            assert out is not None
-            if last:
-                await out.write(last)
-            await out.write_eof()
-            return out
-
+        splice = splices(prep.stream, outcome.call.body)
+        rounds = _Rounds(request, PluginToolExchange(pipe, outcome.call, prep.headers, splice=splice))
+        ex = rounds.ex
         while True:
             outcome.call, outcome.finishing = ex.call, False
             try:
@@ -473,65 +489,66 @@ class TokensaverProxy:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 outcome.finishing = True
                 ex.fail(Failure.upstream("upstream unreachable", exc))
-                if out is None:
+                if rounds.out is None:
                     return self._unreachable(exc)
-                return await end(
-                    sse_error("api_error", f"tokensaver proxy: upstream unreachable ({type(exc).__name__})")
-                )
+                error = f"tokensaver proxy: upstream unreachable ({type(exc).__name__})"
+                return await rounds.end(sse_error("api_error", error))
             try:
-                if not 200 <= up.status < 300:
-                    try:
-                        payload = await up.read()
-                    except UPSTREAM_BROKE:
-                        payload = b""
-                    outcome.finishing = True
-                    if out is not None:
-                        return await end(ex.refused_in_stream(up.status, payload))
-                    ex.refused(up.status)
-                    headers = response_headers(up.headers, decoded=True)
-                    return web.Response(status=up.status, reason=up.reason, body=payload, headers=headers)
-                try:
-                    if ex.splice is not None and _is_sse(up):
-                        if out is None:
-                            out = await self._start_stream(request, up, ex.call.ctx.response_headers)
-                            ex.start_stream()
-                        async for chunk in upstream_chunks(up):
-                            data = ex.feed(chunk)
-                            if data:
-                                await out.write(data)  # a failed write (our client gone) propagates
-                        message, failure = ex.streamed_message, ex.streamed_failure()
-                    else:
-                        message = read_message(up.headers.get("content-type", ""), await upstream_body(up))
-                        failure = UNREADABLE
-                except UpstreamBroke as broke:
-                    if out is None:
-                        return self._broke_off(pipe, ex.call, outcome, broke.exc)
-                    outcome.finishing = True
-                    ex.fail(Failure.upstream("upstream stream broke", broke.exc))
-                    return await end(
-                        sse_error("api_error", "tokensaver proxy: the upstream stream broke off")
-                    )
+                read = await self._read_round(rounds, up, outcome)
             finally:
                 up.close()
+            if isinstance(read, web.StreamResponse):
+                return read
+            message, failure = read
             outcome.finishing = True
             if message is None:
                 ex.fail(failure)
-                if out is None:
+                if rounds.out is None:
                     return api_error(502, "api_error", "tokensaver proxy: the upstream answer was cut off")
-                return await end()
+                return await rounds.end()
             step = await response_phase(ex.conclude, message)
             if step.last:
-                return await end(step.tail) if out is not None else _respond(ex.served(prep.stream, step))
+                if rounds.out is not None:
+                    return await rounds.end(step.tail)
+                return _respond(ex.served(prep.stream, step))
             await request_phase(ex.advance, step)
 
-    async def _start_stream(
-        self, request: web.Request, up: aiohttp.ClientResponse, extra: Mapping[str, str]
-    ) -> web.StreamResponse:
-        out = web.StreamResponse(status=up.status, reason=up.reason)
-        out.headers.extend(response_headers(up.headers, decoded=True))
-        out.headers.update(extra)
-        await out.prepare(request)
-        return out
+    async def _read_round(
+        self, rounds: _Rounds, up: aiohttp.ClientResponse, outcome: _Outcome
+    ) -> web.StreamResponse | tuple[dict[str, Any] | None, Failure]:
+        """One round's upstream answer: its message (or why there is none), or the exchange's last response.
+
+        A streamed round is written on to the caller as it comes (the caller's response begins with
+        the first); a refusal or a read that breaks off ends the exchange.
+        """
+        ex = rounds.ex
+        if not 200 <= up.status < 300:
+            try:
+                payload = await up.read()
+            except UPSTREAM_BROKE:
+                payload = b""
+            outcome.finishing = True
+            if rounds.out is not None:
+                return await rounds.end(ex.refused_in_stream(up.status, payload))
+            ex.refused(up.status)
+            headers = response_headers(up.headers, decoded=True)
+            return web.Response(status=up.status, reason=up.reason, body=payload, headers=headers)
+        try:
+            if ex.splice is None or not _is_sse(up):
+                raw = await upstream_body(up)
+                return read_message(up.headers.get("content-type", ""), raw), UNREADABLE
+            out = rounds.out or await rounds.begin(up)
+            async for chunk in upstream_chunks(up):
+                data = ex.feed(chunk)
+                if data:
+                    await out.write(data)  # a failed write (our client gone) propagates
+            return ex.streamed_message, ex.streamed_failure()
+        except UpstreamBroke as broke:
+            if rounds.out is None:
+                return self._broke_off(ex.pipeline, ex.call, outcome, broke.exc)
+            outcome.finishing = True
+            ex.fail(Failure.upstream("upstream stream broke", broke.exc))
+            return await rounds.end(sse_error("api_error", "tokensaver proxy: the upstream stream broke off"))
 
     async def _stream(
         self,
