@@ -130,7 +130,10 @@ def block_facts(block: Any) -> tuple[bytes, int, bool]:
 
 
 def prompt_blocks(
-    body: dict[str, Any], memo: Memo | None = None, like: list[PromptBlock] | None = None
+    body: dict[str, Any],
+    memo: Memo | None = None,
+    like: list[PromptBlock] | None = None,
+    made: dict[tuple[int, str], PromptBlock] | None = None,
 ) -> list[PromptBlock]:
     """The request as the ordered block sequence the prompt cache sees.
 
@@ -139,12 +142,19 @@ def prompt_blocks(
     :param like: the blocks of a similar body (the previous call of the conversation, the body
         before a stage): a block equal to the one at the same place there takes its digest and count
         (an equality test, not a serialization).
+    :param made: the PromptBlocks made for earlier bodies of the same call, by block identity and
+        tag, reused as they are (their ``where`` is the place in the body they were made for).
     """
     counter = default_counter()
     out: list[PromptBlock] = []
     memo = {} if memo is None else memo
 
     def add(where: tuple[str, int, int], block: Any, tag: str, extra: int = 0) -> None:
+        if made is not None:
+            known = made.get((id(block), tag))
+            if known is not None and known.block is block:
+                out.append(known)
+                return
         cc = block.get("cache_control") if isinstance(block, dict) else None
         kind = block.get("type") if isinstance(block, dict) else None
         empty_text = kind == "text" and not str(block.get("text", "")).strip()
@@ -160,11 +170,15 @@ def prompt_blocks(
             out.append(PromptBlock(where, block, prev.tokens, tag, cacheable, cc, prev.digest, prev.image))
             # (same tag, same framing: a message's first block carries it, the memo keeps the block's own)
             memo[id(block)] = (block, prev.digest, prev.tokens - extra, prev.image)
+            if made is not None:
+                made[(id(block), tag)] = out[-1]
             return
         else:
             digest, tokens, image = _DIGESTS.get(block, counter)
             memo[id(block)] = (block, digest, tokens, image)
         out.append(PromptBlock(where, block, tokens + extra, tag, cacheable, cc, digest, image))
+        if made is not None:
+            made[(id(block), tag)] = out[-1]
 
     for i, tool in enumerate(body.get("tools") or []):
         add(("tools", i, 0), tool, "tools")
@@ -256,10 +270,11 @@ class Prepared:
         *,
         like: Prepared | Kept | None = None,
         blocks: list[PromptBlock] | None = None,
+        made: dict[tuple[int, str], PromptBlock] | None = None,
     ) -> Prepared:
         """Prepare ``body``; the hashes of a leading run of blocks it shares with ``like`` are reused."""
         if blocks is None:
-            blocks = prompt_blocks(body, memo, like.blocks if isinstance(like, Prepared) else None)
+            blocks = prompt_blocks(body, memo, like.blocks if isinstance(like, Prepared) else None, made)
         salts = level_salts(body, blocks)
         same = 0
         hashes: list[bytes] = []
@@ -684,12 +699,13 @@ class ShadowCaches:
         with self._lock:
             before = self._previous.get((key, conversation)) if memo_enabled() else None
         last: list[Any] = [None, before]  # the body prepared last, and how
+        made: dict[tuple[int, str], PromptBlock] = {}  # the call's prompt blocks, by block identity
 
         def bill(lane: str, body: dict[str, Any], auto_only: bool = False) -> Billing:
             edited, _ = apply_context_management(body)
             if last[0] is not edited:
                 # a stage's body mostly shares its leading blocks with the one before: resume there
-                last[:] = [edited, Prepared.of(edited, memo, like=last[1])]
+                last[:] = [edited, Prepared.of(edited, memo, like=last[1], made=made)]
             return self.lane(key, lane).bill(edited, now, auto_only=auto_only, prepared=last[1])
 
         own = auto = None
