@@ -20,10 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tokensaver import _sdk
+from tokensaver.context import make_context
 from tokensaver.emulator import Emulator
 from tokensaver.middleware import wrap
 from tokensaver.replay import replay
-from tokensaver.tokens import set_memo_enabled
+from tokensaver.tokens import ContentMemo, set_memo_enabled
 from tokensaver.traces import fixtures_dir, load_conversation
 
 FIXTURES = fixtures_dir()
@@ -203,3 +204,42 @@ def test_with_body_is_request_copy_without_the_deep_copy(emu: Emulator) -> None:
     assert mine.options.params == request.options.params == {"q": "1"}
     assert mine.options.params is not request.options.params  # copied, as the SDK does
     assert request.options.json_data == before  # the original request is left as it was
+
+
+def test_content_memo_computes_once_per_content_within_its_byte_cap() -> None:
+    """ctx.memo: a plugin's per-block work done once per distinct content, in bounded memory."""
+    memo = ContentMemo(max_bytes=40_000)
+    seen: list[Any] = []
+
+    def rewrite(block: dict[str, Any]) -> dict[str, Any]:
+        seen.append(block)
+        return {**block, "content": str(block["content"]).upper()}
+
+    def block(i: int) -> dict[str, Any]:  # a new object each time, as parsed from the wire
+        return {"type": "tool_result", "tool_use_id": f"t{i}", "content": f"output {i} " * 40}
+
+    first = [memo.get("test.rewrite", block(i), rewrite) for i in range(5)]
+    again = [memo.get("test.rewrite", block(i), rewrite) for i in range(5)]
+    assert again == first and len(seen) == 5  # equal content: no second computation
+    assert memo.get("other.kind", block(0), rewrite) == first[0] and len(seen) == 6  # kinds apart
+    for i in range(5, 200):
+        memo.get("test.rewrite", block(i), rewrite)
+    assert memo.nbytes <= memo.max_bytes and 0 < len(memo) < 200  # the oldest dropped
+    set_memo_enabled(False)
+    n = len(seen)
+    memo.get("test.rewrite", block(199), rewrite)
+    assert len(seen) == n + 1  # the full path computes again
+
+
+def test_ctx_memo_is_shared_across_calls() -> None:
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}
+    calls: list[str] = []
+
+    def scan(text: str) -> int:
+        calls.append(text)
+        return len(text)
+
+    for _ in range(3):
+        ctx = make_context(body, plugin="test")
+        assert ctx.memo("test.scan.v1", "some old tool output" * 3, scan) == 60
+    assert len(calls) == 1

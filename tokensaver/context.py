@@ -16,7 +16,7 @@ import orjson
 
 from .errors import ModelCallError
 from .pricing import ModelInfo, PriceTable, normalize_usage
-from .tokens import TokenCounter, content_hash
+from .tokens import TokenCounter, content_hash, content_memo
 
 _STATE_LOCK = threading.Lock()
 log = logging.getLogger("tokensaver")
@@ -238,6 +238,16 @@ class CallContext:
         entry["usage"] = normalize_usage(usage)
         entry["cost_usd"] = round(self.prices.get(entry["model"]).cost(entry["usage"]), 8)
         return message
+
+    def memo(self, kind: str, value: Any, compute: Callable[[Any], Any]) -> Any:
+        """``compute(value)``, kept across calls by the value's content (a fast digest), for work a
+        conversation repeats on every call (a block's rewrite, a scan of an old result).
+
+        ``kind`` names the function (prefix it with your plugin's name, and change it when the
+        function's settings change). The result is shared by later calls: treat it as immutable.
+        Bounded (32 MB in all, oldest first); see :class:`tokensaver.tokens.ContentMemo`.
+        """
+        return content_memo().get(kind, value, compute)
 
     def count(self, obj: Any) -> int:
         """Tokens in a request body, message, content list, block or string (cached per block)."""

@@ -109,6 +109,60 @@ class _Bounded:
 _HASHES = _Bounded(32_768)
 
 
+class ContentMemo:
+    """Results of a pure function of a JSON value, kept by the value's :func:`fast_digest`.
+
+    For a plugin's per-block work that a conversation repeats on every call (a rewrite, a scan):
+    ``memo.get("repeats", block, rewrite)`` computes ``rewrite(block)`` once per distinct content.
+    Results are shared between calls: treat them as immutable. Bounded by ``max_bytes`` in all
+    (each result's size taken as its orjson length, plus 100 bytes; the oldest dropped first); a
+    result larger than a quarter of it is not kept.
+    """
+
+    def __init__(self, max_bytes: int = 32 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._data: dict[tuple[str, bytes], tuple[Any, int]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, kind: str, value: Any, compute: Any) -> Any:
+        """``compute(value)``, from the memo when a value with the same content was seen for ``kind``."""
+        key = (kind, fast_digest(value))
+        on = _MEMO["on"]
+        if on:
+            known = self._data.get(key)
+            if known is not None:
+                return known[0]
+        result = compute(value)
+        if on:
+            try:
+                size = len(orjson.dumps(result)) + 100
+            except TypeError:
+                size = self.max_bytes  # not JSON: not kept
+            if size <= self.max_bytes // 4:
+                with self._lock:
+                    old = self._data.pop(key, None)
+                    if old is not None:
+                        self.nbytes -= old[1]
+                    self._data[key] = (result, size)
+                    self.nbytes += size
+                    while self.nbytes > self.max_bytes and self._data:
+                        first = next(iter(self._data))
+                        self.nbytes -= self._data.pop(first)[1]
+        return result
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+_CONTENT_MEMO = ContentMemo()
+
+
+def content_memo() -> ContentMemo:
+    """The process-wide :class:`ContentMemo` (32 MB in all), what ``CallContext.memo`` uses."""
+    return _CONTENT_MEMO
+
+
 def content_hash(obj: Any) -> str:
     """A stable sha256 of any JSON value's canonical JSON (cache_control excluded is the caller's job).
 
