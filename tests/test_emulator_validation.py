@@ -186,12 +186,44 @@ REJECTED: list[tuple[str, dict[str, Any], str]] = [
         "prefill is not supported when thinking is enabled",
     ),
     (
+        "prefill on sonnet 4.6",
+        base(messages=[U, A]),
+        "This model does not support assistant message prefill. The conversation must end with a user message.",
+    ),
+    (
         "temperature on opus 4.7",
         base(model="claude-opus-4-7", temperature=0.5),
-        "`temperature` is not supported",
+        "`temperature` is deprecated for this model.",
     ),
-    ("top_k on 5.x", base(model="claude-opus-5-5", top_k=5), "`top_k` is not supported"),
-    ("top_p on 5.x", base(model="claude-haiku-5-5", top_p=0.9), "`top_p` is not supported"),
+    ("top_k on 5.x", base(model="claude-opus-5-5", top_k=5), "`top_k` is deprecated for this model."),
+    ("top_p on 5.x", base(model="claude-haiku-5-5", top_p=0.9), "`top_p` is deprecated for this model."),
+    (
+        "temperature and top_p on opus 4.1",
+        base(model="claude-opus-4-1-20250805", temperature=0.5, top_p=0.9),
+        "`temperature` and `top_p` cannot both be specified for this model. Please use only one.",
+    ),
+    (
+        "budget thinking on opus 4.7",
+        base(model="claude-opus-4-7", max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000}),
+        '"thinking.type.enabled" is not supported for this model. Use "thinking.type.adaptive" and '
+        '"output_config.effort" to control thinking behavior.',
+    ),
+    (
+        "budget thinking on opus 4.8",
+        base(model="claude-opus-4-8", max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000}),
+        '"thinking.type.enabled" is not supported for this model.',
+    ),
+    (
+        "adaptive thinking on sonnet 4.5",
+        base(model="claude-sonnet-4-5-20250929", thinking={"type": "adaptive"}),
+        "adaptive thinking is not supported on this model",
+    ),
+    (
+        "temperature with thinking",
+        base(model="claude-opus-4-8", thinking={"type": "adaptive"}, temperature=0.3),
+        "`temperature` may only be set to 1 when thinking is enabled or in adaptive mode. Please consult our "
+        "documentation at https://platform.claude.com/docs/en/build-with-claude/extended-thinking",
+    ),
     (
         "temperature and top_p on 4.5",
         base(model="claude-sonnet-4-5-20250929", temperature=0.5, top_p=0.9),
@@ -237,8 +269,15 @@ def test_rejected(
 
 ACCEPTED: list[tuple[str, dict[str, Any]]] = [
     ("plain", base()),
-    ("prefill on sonnet 4.6", base(messages=[U, A])),
     ("prefill on opus 4.5", base(model="claude-opus-4-5", messages=[U, A])),
+    ("prefill on sonnet 4.5", base(model="claude-sonnet-4-5-20250929", messages=[U, A])),
+    # a dated id is not a minor version: claude-opus-4-20250514 is Opus 4, which takes a prefill
+    ("prefill on dated opus 4", base(model="claude-opus-4-20250514", messages=[U, A])),
+    ("adaptive thinking on sonnet 4.6", base(thinking={"type": "adaptive"})),
+    (
+        "budget thinking on opus 4.6",
+        base(model="claude-opus-4-6", max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000}),
+    ),
     ("temperature alone on 4.5", base(model="claude-sonnet-4-5", temperature=0.2)),
     ("temperature and top_p on sonnet 4", base(model="claude-sonnet-4", temperature=0.2, top_p=0.9)),
     ("adaptive thinking", base(model="claude-opus-5-5", thinking={"type": "adaptive"})),

@@ -32,9 +32,11 @@ from .validation import (
     COUNT_TOKENS_FIELDS,
     EmulatorError,
     model_version,
+    refuses_budget_thinking,
     refuses_prefill,
     refuses_sampling,
     refuses_temperature_with_top_p,
+    supports_adaptive_thinking,
     validate,
 )
 
@@ -57,9 +59,11 @@ __all__ = [
     "count_tokens",
     "model_version",
     "prompt_blocks",
+    "refuses_budget_thinking",
     "refuses_prefill",
     "refuses_sampling",
     "refuses_temperature_with_top_p",
     "serve",
+    "supports_adaptive_thinking",
     "validate",
 ]

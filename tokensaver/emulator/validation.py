@@ -118,18 +118,33 @@ def model_version(model: str) -> tuple[str, int, int]:
 
 
 def refuses_prefill(model: str) -> bool:
-    fam, major, minor = model_version(model)
-    return major >= 5 or (fam == "opus" and (major, minor) >= (4, 6))
+    """A trailing assistant message answers 400 on every Claude 4.6 and later model (migration guide)."""
+    _, major, minor = model_version(model)
+    return (major, minor) >= (4, 6)
 
 
 def refuses_sampling(model: str) -> bool:
+    """``temperature``, ``top_p`` and ``top_k`` answer 400 ("... is deprecated for this model.") on Opus 4.7+."""
     fam, major, minor = model_version(model)
     return major >= 5 or (fam == "opus" and (major, minor) >= (4, 7))
 
 
 def refuses_temperature_with_top_p(model: str) -> bool:
+    """Both samplers at once answer 400 from Opus 4.1 through the 4.6 models (Sonnet 4 still takes both)."""
     _, major, minor = model_version(model)
-    return (major, minor) in ((4, 5), (4, 6))
+    return major == 4 and 1 <= minor <= 6
+
+
+def refuses_budget_thinking(model: str) -> bool:
+    """``thinking: {"type": "enabled", "budget_tokens": N}`` answers 400 on Opus 4.7 and 4.8 (adaptive only)."""
+    fam, major, minor = model_version(model)
+    return fam == "opus" and major == 4 and minor >= 7
+
+
+def supports_adaptive_thinking(model: str) -> bool:
+    """``thinking: {"type": "adaptive"}`` came with the 4.6 models; earlier ones answer 400."""
+    _, major, minor = model_version(model)
+    return (major, minor) >= (4, 6)
 
 
 # --- validation -------------------------------------------------------------------------------------
@@ -200,19 +215,27 @@ def validate(
 
 
 def _validate_sampling_and_thinking(body: dict[str, Any], model: str, count_tokens: bool) -> None:
+    th = body.get("thinking")
+    if th is not None:
+        _validate_thinking(body, th, model, count_tokens)
     present = [p for p in ("temperature", "top_p", "top_k") if body.get(p) is not None]
     if present and refuses_sampling(model):
-        raise invalid(f"`{present[0]}` is not supported for this model; remove it from the request.")
+        raise invalid(f"`{present[0]}` is deprecated for this model.")
     if "temperature" in present and "top_p" in present and refuses_temperature_with_top_p(model):
         raise invalid(
             "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
         )
-    th = body.get("thinking")
-    if th is None:
-        return
+
+
+def _validate_thinking(body: dict[str, Any], th: Any, model: str, count_tokens: bool) -> None:
     if not isinstance(th, dict) or th.get("type") not in ("enabled", "disabled", "adaptive"):
         raise invalid("thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'")
     if th["type"] == "enabled":
+        if refuses_budget_thinking(model):
+            raise invalid(
+                '"thinking.type.enabled" is not supported for this model. Use "thinking.type.adaptive" and '
+                '"output_config.effort" to control thinking behavior.'
+            )
         budget = th.get("budget_tokens")
         if not isinstance(budget, int) or isinstance(budget, bool):
             raise invalid("thinking.enabled.budget_tokens: Field required")
@@ -223,10 +246,15 @@ def _validate_sampling_and_thinking(body: dict[str, Any], model: str, count_toke
                 "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation "
                 "at https://docs.claude.com/en/docs/build-with-claude/extended-thinking#max-tokens-and-context-window-size"
             )
+    if th["type"] == "adaptive" and not supports_adaptive_thinking(model):
+        raise invalid("adaptive thinking is not supported on this model")
     if th["type"] in ("enabled", "adaptive"):
         temp = body.get("temperature")
         if temp is not None and temp != 1:
-            raise invalid("`temperature` may only be set to 1 when thinking is enabled or in adaptive mode.")
+            raise invalid(
+                "`temperature` may only be set to 1 when thinking is enabled or in adaptive mode. Please consult "
+                "our documentation at https://platform.claude.com/docs/en/build-with-claude/extended-thinking"
+            )
         if body.get("top_k") is not None:
             raise invalid("`top_k` is not supported when thinking is enabled or in adaptive mode.")
 
