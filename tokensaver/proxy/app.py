@@ -46,6 +46,7 @@ from ..pipeline import Call, Pipeline
 from ..plugins import get_plugin_manager
 from ..run import Run
 from ..sse import sse_error
+from .dashboard import Dashboard
 from .sessions import Sessions, run_name
 from .wire import (
     MAX_BODY,
@@ -165,6 +166,7 @@ class TokensaverProxy:
     def app(self) -> web.Application:
         """The aiohttp application serving every path."""
         app = web.Application(client_max_size=MAX_BODY, middlewares=[api_errors])
+        Dashboard(self).install(app)  # GET / and /_tokensaver/...: the live page, never forwarded
         app.router.add_route("*", "/{tail:.*}", self.handle)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)

@@ -1,0 +1,290 @@
+"""The proxy's live page: each session's calls, billed cost, honest saving and per-stage figures.
+
+``GET /`` on the proxy's own address serves one self-contained page (inline CSS and script, nothing
+loaded from anywhere else); the page asks ``GET /_tokensaver/sessions.json`` for fresh figures every
+second, so it follows an agent while it works. Every path under ``/_tokensaver/`` is answered here and
+never forwarded; ``/`` is not a Messages route, and every other path is forwarded as before.
+
+The figures are the run ledger's, computed and formatted by :mod:`tokensaver.report` (``summarize``,
+its formatters, ``auto_line``): the same numbers ``tokensaver report`` prints for that run, labelled
+billed or estimated the same way. A session whose ledger was not written (``record = false``) shows
+the proxy's in-memory records. Sessions the proxy no longer keeps open (over ``MAX_SESSIONS``) leave
+the page; their ledgers stay.
+
+Unsafe: the page shows run names, models, token counts and dollars of every session, never request
+text or keys (the ledger holds neither). It is behind the proxy's access token when there is one: a
+browser asks for it (HTTP Basic, any user name, the token as the password).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+from aiohttp import web
+
+from ..pipeline import Pipeline
+from ..report import (
+    BILLED_NOTE,
+    ESTIMATED_NOTE,
+    auto_line,
+    fmt_int,
+    fmt_ms,
+    fmt_pct,
+    fmt_rate,
+    fmt_time,
+    fmt_usd,
+    summarize,
+)
+from .wire import api_error
+
+if TYPE_CHECKING:
+    from .app import TokensaverProxy
+
+PREFIX = "/_tokensaver/"  # reserved: answered by the proxy itself, never forwarded
+FEED = PREFIX + "sessions.json"
+SCHEMA = "tokensaver-dashboard/1"
+POLL_MS = 1000
+RECENT_CALLS = 10  # the last calls of each session listed on the page
+STAGE_COLUMNS = [
+    "plugin",
+    "calls",
+    "touched",
+    "short-circ.",
+    "tokens saved [est.]",
+    "$ saved (net)",
+    "$ model calls",
+    "errors",
+    "ms",
+]
+CALL_COLUMNS = ["call", "model", "tokens before -> after [est.]", "cost [billed]", "saved"]
+
+_env: jinja2.Environment | None = None
+
+
+def _template() -> jinja2.Template:
+    global _env
+    if _env is None:
+        _env = jinja2.Environment(
+            loader=jinja2.PackageLoader("tokensaver.proxy", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+    return _env.get_template("dashboard.html.j2")
+
+
+def _figures(t: dict[str, Any], cache: dict[str, Any], latency: dict[str, Any]) -> list[dict[str, Any]]:
+    """The headline figures of a summary, as label, billed/estimated tag and shown value."""
+    saved = fmt_usd(t["saved_usd"]) + (f" ({fmt_pct(t['saved_pct'])})" if t["saved_pct"] is not None else "")
+    return [
+        {
+            "k": "calls",
+            "label": "calls",
+            "tag": None,
+            "value": fmt_int(t["calls"]),
+            "detail": f"{t['short_circuited']} short-circuited, {t['api_errors']} API errors",
+        },
+        {"k": "cost", "label": "cost", "tag": "billed", "value": fmt_usd(t["cost_usd"]), "detail": ""},
+        {
+            "k": "counterfactual",
+            "label": "without tokensaver",
+            "tag": "est",
+            "value": fmt_usd(t["counterfactual_usd"]),
+            "detail": "",
+        },
+        {
+            "k": "saved",
+            "label": "saved",
+            "tag": None,
+            "value": saved,
+            "detail": "cost without tokensaver - cost",
+        },
+        {
+            "k": "auto",
+            "label": "with automatic caching alone",
+            "tag": "est",
+            "value": fmt_usd(t["auto_usd"]),
+            "detail": auto_line(t),
+        },
+        {
+            "k": "tokens",
+            "label": "tokens before -> after",
+            "tag": "est",
+            "value": f"{fmt_int(t['tokens_original'])} -> {fmt_int(t['tokens_sent'])}",
+            "detail": f"-{fmt_int(t['tokens_saved'])}",
+        },
+        {
+            "k": "hit_rate",
+            "label": "cache hit rate",
+            "tag": "billed",
+            "value": fmt_rate(cache["hit_rate"]),
+            "detail": "",
+        },
+        {
+            "k": "overhead",
+            "label": "pipeline overhead p50 / p95",
+            "tag": None,
+            "value": f"{fmt_ms(latency['overhead_p50_ms'])} / {fmt_ms(latency['overhead_p95_ms'])}",
+            "detail": "",
+        },
+    ]
+
+
+def _stage_cells(s: dict[str, Any]) -> list[str]:
+    return [
+        s["plugin"],
+        fmt_int(s["calls"]),
+        fmt_int(s["touched"]),
+        fmt_int(s["short_circuits"]),
+        fmt_int(s["saved_tokens"]),
+        fmt_usd(s["saved_usd"]),
+        fmt_usd(s["model_calls_usd"]),
+        fmt_int(s["errors"]),
+        fmt_ms(s["ms"], unit=""),
+    ]
+
+
+def _call_cells(c: dict[str, Any]) -> list[str]:
+    return [
+        str(c["id"]),
+        str(c["model"] or ""),
+        f"{fmt_int(c['tokens_original'])} -> {fmt_int(c['tokens_sent'])}",
+        "short-circuited" if c["short_circuit"] else fmt_usd(c["cost_usd"]),
+        fmt_usd(c["saved_usd"]),
+    ]
+
+
+def view(name: str, created: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's part of the feed: the report's totals and stages, and the same figures as shown."""
+    data = summarize(records)
+    t = data["totals"]
+    times = [r["t"] for r in records if isinstance(r.get("t"), int | float)]
+    last = max(times) if times else None
+    return {
+        "run": name,
+        "created": created,
+        "created_shown": fmt_time(created),
+        "last_call": last,
+        "last_call_shown": fmt_time(last),
+        "totals": t,
+        "cache": data["cache"],
+        "stages": data["stages"],
+        "figures": _figures(t, data["cache"], data["latency"]),
+        "stage_rows": [_stage_cells(s) for s in data["stages"]],
+        "recent_rows": [_call_cells(c) for c in data["calls"][-RECENT_CALLS:]][::-1],
+    }
+
+
+class Dashboard:
+    """The page and its feed for one proxy: sessions read from their ledgers, summaries kept per file state."""
+
+    def __init__(self, proxy: TokensaverProxy) -> None:
+        self.proxy = proxy
+        self._cache: dict[str, tuple[Any, list[dict[str, Any]], dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def install(self, app: web.Application) -> None:
+        """Add ``GET /`` and the reserved prefix to ``app`` (before its catch-all forwarder)."""
+        app.router.add_get("/", self.page)
+        app.router.add_route("*", PREFIX + "{tail:.*}", self.reserved)
+
+    # data ----------------------------------------------------------------------------------------
+
+    def _session(self, pipe: Pipeline) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+        """(records, view) of a pipeline's run, None when it has no calls yet."""
+        run = pipe.run
+        if run is None:  # not persisted: this process's records are all there is
+            records = list(pipe.records)
+            return (records, view("(default, not recorded)", None, records)) if records else None
+        try:
+            st = os.stat(run.path)
+        except OSError:
+            return None  # no call recorded yet
+        state = (st.st_size, st.st_mtime_ns)
+        with self._lock:
+            kept = self._cache.get(str(run.path))
+        if kept is not None and kept[0] == state:
+            return kept[1], kept[2]
+        records = run.records()
+        if not records:
+            return None
+        shown = view(run.name, run.meta.get("created"), records)
+        with self._lock:
+            self._cache[str(run.path)] = (state, records, shown)
+        return records, shown
+
+    def feed(self) -> dict[str, Any]:
+        """Everything the page shows: every open session (latest call first) and all of them together."""
+        sessions = [s for s in (self._session(p) for p in self.proxy.pipelines()) if s is not None]
+        sessions.sort(key=lambda s: s[1]["last_call"] or 0, reverse=True)
+        everything = [r for records, _ in sessions for r in records]
+        return {
+            "schema": SCHEMA,
+            "updated": time.time(),
+            "updated_shown": fmt_time(time.time()),
+            "poll_ms": POLL_MS,
+            "notes": {"billed": BILLED_NOTE, "estimated": ESTIMATED_NOTE},
+            "stage_columns": STAGE_COLUMNS,
+            "call_columns": CALL_COLUMNS,
+            "all": view("all sessions", None, everything),
+            "sessions": [shown for _, shown in sessions],
+        }
+
+    # handlers ------------------------------------------------------------------------------------
+
+    def _allowed(self, request: web.Request) -> bool:
+        """The proxy's access check, or the token as an HTTP Basic password (what a browser can send)."""
+        token = self.proxy.token
+        if token is None or self.proxy._authorized(request):
+            return True
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return hmac.compare_digest(password.encode(), token.encode())
+
+    def _refused(self) -> web.Response:
+        return web.Response(
+            status=401,
+            text="tokensaver proxy: this page needs the proxy's access token (as the password)\n",
+            headers={"WWW-Authenticate": 'Basic realm="tokensaver proxy", charset="UTF-8"'},
+        )
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        """``GET /``: the page, with the figures of now (it fetches the next ones itself)."""
+        if not self._allowed(request):
+            return self._refused()
+        data = await asyncio.to_thread(self.feed)
+        html = _template().render(data=data, feed=FEED)
+        return web.Response(
+            text=html, content_type="text/html", headers={**_NO_STORE, "Content-Security-Policy": CSP}
+        )
+
+    async def reserved(self, request: web.Request) -> web.StreamResponse:
+        """Every path under ``/_tokensaver/``: the feed on ``GET``, otherwise 404 or 405, never forwarded."""
+        if not self._allowed(request):
+            return self._refused()
+        if request.path != FEED:
+            return api_error(404, "not_found_error", f"tokensaver proxy: nothing at {request.path[:200]!r}")
+        if request.method not in ("GET", "HEAD"):
+            return api_error(405, "invalid_request_error", f"tokensaver proxy: {FEED} answers GET only")
+        data = await asyncio.to_thread(self.feed)
+        return web.json_response(data, headers=_NO_STORE)
+
+
+# nothing but the page's own script, styles and feed: no other origin, no frames, no forms
+CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
