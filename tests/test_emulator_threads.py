@@ -7,13 +7,14 @@ carry the ``error.details.error_code`` the SDK's thread helper reads.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from typing import Any
 
 import anthropic
 import pytest
-from anthropic import beta_tool
+from anthropic import beta_async_tool, beta_tool
 
 from tokensaver.emulator import Emulator, VirtualClock
 from tokensaver.testing import emulator_clients
@@ -50,6 +51,18 @@ def run_loop(client: anthropic.Anthropic, **kwargs: Any) -> list[Any]:
         cache_control={"type": "ephemeral"},
         messages=[{"role": "user", "content": "What is the weather in three cities?"}],
         **kwargs,
+    )
+    return list(runner)
+
+
+def run_loop_streamed(client: anthropic.Anthropic) -> list[Any]:
+    runner = client.beta.messages.tool_runner(
+        model=MODEL,
+        max_tokens=256,
+        system=SYSTEM,
+        tools=[get_weather],
+        messages=[{"role": "user", "content": "What is the weather in three cities?"}],
+        stream=True,
     )
     return list(runner)
 
@@ -117,6 +130,41 @@ def test_tool_runner_loop_runs_on_a_thread(emulator: Emulator, emulator_client: 
         assert [t["name"] for t in rec.expanded["tools"]] == ["get_weather"]
         assert len(rec.expanded["messages"]) == 3 + 2 * i
     assert len(emulator.threads) == 1
+
+
+def test_streamed_and_async_tool_runners_run_on_a_thread(emulator: Emulator) -> None:
+    sync_client, async_client = emulator_clients(emulator)
+    script(emulator)
+    finals = [s.get_final_message() for s in run_loop_streamed(sync_client)]
+    assert [m.stop_reason for m in finals] == ["tool_use"] * 3 + ["end_turn"]
+
+    @beta_async_tool
+    async def get_weather_async(city: str) -> str:
+        """The weather in a city."""
+        return f"sunny in {city}"
+
+    async def run_async() -> list[Any]:
+        runner = async_client.beta.messages.tool_runner(
+            model=MODEL,
+            max_tokens=256,
+            tools=[get_weather_async],
+            messages=[{"role": "user", "content": "What is the weather in three cities?"}],
+        )
+        return [m async for m in runner]
+
+    emulator.reply(
+        *([{"type": "tool_use", "name": "get_weather_async", "input": {"city": c}}] for c in CITIES),
+        "All sunny.",
+    )
+    replies = asyncio.run(asyncio.wait_for(run_async(), 30))
+    assert [r.stop_reason for r in replies] == ["tool_use"] * 3 + ["end_turn"]
+    assert [r.status for r in emulator.requests] == [200] * 8
+    threads = [r.body["thread"]["type"] for r in emulator.requests]
+    assert threads == (["create"] + ["continue"] * 3) * 2
+    assert all(r.stream for r in emulator.requests[:4])
+    for rec in emulator.requests[1:4] + emulator.requests[5:]:
+        (result,) = rec.body["messages"][0]["content"]
+        assert result["content"].startswith("sunny in ")
 
 
 def test_a_thread_is_billed_and_cached_like_the_whole_conversation() -> None:
