@@ -620,7 +620,7 @@ def describe_binary(text: str) -> str:
 
 # line-based shapes, tried in order before the code and text rules (each lossless); "diff" first
 SHAPES = (("grep", group_grep), ("test", compact_go_test), ("ci", compact_actions_log))
-SHAPE_NAMES = ("diff", *(k for k, _ in SHAPES), "returncode")
+SHAPE_NAMES = ("diff", *(k for k, _ in SHAPES), "returncode", "state")
 
 # mini-swe-agent's observation: the exit status and the output between tags, every call
 _RETURNCODE_RE = re.compile(r"\A<returncode>(-?\d+)</returncode>\n<output>\n(.*)</output>\Z", re.DOTALL)
@@ -632,6 +632,27 @@ def unwrap_returncode(text: str) -> tuple[str, str] | None:
     if m is None or "</output>" in m.group(2) or "<output>" in m.group(2):
         return None
     return m.group(1), m.group(2)
+
+
+# SWE-agent's state lines, after every observation
+_STATE_RE = re.compile(r"(?:\A|\n)\(Open file: ([^\n]*)\)\n\(Current directory: ([^\n]*)\)\nbash-\$\Z")
+
+
+def split_state(text: str) -> tuple[str, str] | None:
+    """``(observation, state line)`` of a SWE-agent observation that ends with its open file,
+    directory and prompt, else None. The state line ``[open: F, cwd: D]`` names the open file
+    relative to the directory when it is under it (``n/a`` and other absolute paths as they are)."""
+    m = _STATE_RE.search(text) if text.endswith("bash-$") else None
+    if m is None:
+        return None
+    file, cwd = m.group(1), m.group(2)
+    if not cwd.startswith("/") or "]" in cwd or ", cwd: " in file + cwd:
+        return None
+    if file.startswith(cwd.rstrip("/") + "/") and len(cwd) > 1:
+        file = file[len(cwd.rstrip("/")) + 1 :]
+    elif not (file.startswith("/") or file == "n/a"):
+        return None  # a relative name would read as one under the directory
+    return text[: m.start()], f"[open: {file}, cwd: {cwd}]"
 
 
 def returncode_header(status: str) -> str:
@@ -668,7 +689,14 @@ def shrink(text: str, opts: Options) -> Result:
     """Shrink one tool output by what it is; the input unchanged (kind ``small``/``kept``) when nothing helps.
 
     A mini-swe-agent observation (``shapes`` has ``"returncode"``) loses its tags at any size: the
-    exit status on one line, then the output, itself shrunk by what it is."""
+    exit status on one line, then the output, itself shrunk by what it is. A SWE-agent observation
+    (``"state"``) ends with one ``[open: F, cwd: D]`` line instead of its three state lines."""
+    state = split_state(text) if "state" in opts.shapes else None
+    if state is not None:
+        inner = shrink(state[0], opts)
+        kind = "state" if inner.kind == "small" or inner.kind.endswith(":kept") else inner.kind
+        out = f"{inner.text}\n{state[1]}" if text[: len(state[0]) + 1] == state[0] + "\n" else state[1]
+        return _best(text, out, kind, inner.lossy)
     wrapped = unwrap_returncode(text) if "returncode" in opts.shapes and text[:1] == "<" else None
     if wrapped is not None:
         inner = shrink(wrapped[1], opts)

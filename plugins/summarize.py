@@ -6,7 +6,8 @@ whitespace, compact JSON and record tables, grep hits and context lines grouped 
 ls -l columns; by ``shapes``: go test runs without the step lines of tests that report a result,
 GitHub Actions logs with job, step and date once per run of lines, git diffs without the file lines
 their ``diff --git`` line implies, mini-swe-agent's ``<returncode>``/``<output>`` tags as one
-``[returncode N]`` line at any size; an edit's echo of its own tool use's input as a pointer to it);
+``[returncode N]`` line at any size, SWE-agent's three state lines as one ``[open: F, cwd: D]``
+line at any size; an edit's echo of its own tool use's input as a pointer to it);
 lossy ones only for clearly repetitive logs (runs differing only in numbers, very long logs cut to
 head + tail + every error/warning/trace line and every line with a path not shown elsewhere), long
 base64 blobs, binary output and fetched web pages (to text). Source code and numbered file
@@ -163,7 +164,10 @@ def _memo(ctx: Any) -> OrderedDict[str, Result]:
 
 def shrink_cached(text: str, opts: Options, ctx: Any, limit: int) -> Result:
     """``shrink`` memoized per content hash and options in the plugin state (same input, same bytes)."""
-    if len(text) < opts.min_chars and not (text[:12] == "<returncode>" and "returncode" in opts.shapes):
+    if len(text) < opts.min_chars and not (
+        (text[:12] == "<returncode>" and "returncode" in opts.shapes)
+        or (text.endswith("bash-$") and "state" in opts.shapes)
+    ):
         return Result(text, "small", False)
     memo = _memo(ctx)
     key = hashlib.sha256((canonical_json(asdict(opts)) + "\0" + text).encode()).hexdigest()

@@ -784,7 +784,7 @@ def test_an_edit_echo_points_at_its_own_tool_use_input_and_loses_no_line():
         assert len(sent) < 0.75 * len(text)
         # lossless: the pointer gives back every line (Claude Code's number padding is compacted,
         # as summarize does for every numbered file line)
-        expected = shrink(text, Options()).text if name == "Edit" else text
+        expected = shrink(text, Options()).text  # (and SWE-agent's state lines are one line)
         assert unecho(sent, tool_input) == expected
         # every fact is still there to read: in the result, in the input, or a line number a pointer's range covers
         ranges = [range(int(m.group(1)), int(m.group(2)) + 1) for m in map(ECHO.match, sent.split("\n")) if m]
@@ -804,7 +804,7 @@ def test_an_edit_echo_points_at_its_own_tool_use_input_and_loses_no_line():
     changed = real["text"].replace("4:td_field", "4:td_field2")
     out, _ = run_hook(edit_conversation(real["input"], changed, real["tool"]))
     sent = (out or edit_conversation(real["input"], changed))["messages"][2]["content"][0]["content"]
-    assert "4:td_field2 = " in sent and unecho(sent, real["input"]) == changed
+    assert "4:td_field2 = " in sent and unecho(sent, real["input"]) == shrink(changed, Options()).text
 
 
 def test_an_edit_echo_is_prefix_stable_and_accepted_by_the_api(tmp_path):
@@ -898,3 +898,52 @@ def test_mini_swe_agent_observation_tags_become_one_line_at_any_size():
     out, ctx = run_hook(conversation(results[2]))
     assert out["messages"][2]["content"][0]["content"] == "[returncode 0]\n"
     assert ctx.notes["summarize"]["kinds"]["returncode"]["blocks"] == 1
+
+
+# -- SWE-agent's state lines -------------------------------------------------------------------
+
+
+def unstate(text: str) -> str:
+    """The observation with its ``[open: F, cwd: D]`` line back as SWE-agent's three state lines."""
+    head, sep, last = text.rpartition("\n")
+    m = re.fullmatch(r"\[open: (.*), cwd: (.*)\]", last)
+    assert m is not None
+    file, cwd = m.groups()
+    if not (file.startswith("/") or file == "n/a"):
+        file = f"{cwd.rstrip('/')}/{file}"
+    return f"{head}{sep}(Open file: {file})\n(Current directory: {cwd})\nbash-$"
+
+
+def test_swe_agent_state_lines_become_one_line_at_any_size():
+    """Every observation of the recorded SWE-agent run (fixtures/): its open file, directory and
+    prompt as one line, the open file relative to the directory; everything comes back."""
+    from tokensaver.traces import fixtures_dir, load_conversation
+
+    body = load_conversation(fixtures_dir() / "swe-agent" / "crypto__BabyEncryption.json").calls[-1].body
+    results = [
+        b["content"]
+        for m in body["messages"]
+        if isinstance(m["content"], list)
+        for b in m["content"]
+        if b.get("type") == "tool_result" and b["content"].endswith("bash-$")
+    ]
+    assert len(results) >= 5
+    for text in results:
+        res = shrink(text, Options())
+        assert not res.lossy and res.text.split("\n")[-1].startswith("[open: ")
+        assert count_text(res.text) < count_text(text)
+        if shrink(text[: text.rindex("(Open file: ")].rstrip("\n"), Options()).kind in (
+            "small",
+            "code",
+            "text",
+        ):
+            assert unstate(res.text) == text
+    # a relative open file would read as one under the directory: left as it came
+    odd = "ok\n(Open file: src/a.py)\n(Current directory: /repo)\nbash-$"
+    assert shrink(odd, Options()).text == odd
+    small = "344\n\n(Open file: /m/reproduce.py)\n(Current directory: /m)\nbash-$"
+    out, ctx = run_hook(conversation(small))
+    assert out["messages"][2]["content"][0]["content"] == "344\n\n[open: reproduce.py, cwd: /m]"
+    assert unstate("344\n\n[open: reproduce.py, cwd: /m]") == small
+    off = Options(shapes=tuple(s for s in Options().shapes if s != "state"))
+    assert shrink(small, off).text == small
