@@ -340,6 +340,36 @@ def test_accepted(emulator_client: anthropic.Anthropic, body: dict[str, Any]) ->
     assert out["type"] == "message"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_zero_prewarms_the_cache(
+    emulator: Emulator, emulator_client: anthropic.Anthropic, stream: bool
+) -> None:
+    system: Any = [{"type": "text", "text": "policy " * 3000, "cache_control": CC}]
+    user: Any = [U]
+    emulator.reply("a scripted reply, left for the next request")
+    warm: Any
+    if stream:
+        with emulator_client.messages.stream(
+            model="claude-sonnet-4-6", max_tokens=0, system=system, messages=user
+        ) as s:
+            warm = s.get_final_message()
+    else:
+        warm = emulator_client.messages.create(
+            model="claude-sonnet-4-6", max_tokens=0, system=system, messages=user
+        )
+    assert warm.content == []
+    assert warm.stop_reason == "max_tokens"
+    assert warm.usage.output_tokens == 0
+    assert warm.usage.cache_creation_input_tokens and warm.usage.cache_creation_input_tokens > 1024
+    hot = emulator_client.messages.create(
+        model="claude-sonnet-4-6", max_tokens=64, system=system, messages=user
+    )
+    assert hot.usage.cache_read_input_tokens == warm.usage.cache_creation_input_tokens
+    assert (
+        hot.content[0].type == "text" and hot.content[0].text == "a scripted reply, left for the next request"
+    )
+
+
 def test_consecutive_roles_allowed_when_not_strict() -> None:
     with Emulator(strict_roles=False) as emu:
         client = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)

@@ -241,13 +241,17 @@ class Emulator:
                 validate(
                     full, strict_roles=self.strict_roles, resumes_turn=turn is not None and turn.resumes_pause
                 )
-                item = self._next_reply(full)
+                # max_tokens 0 pre-warms the cache: billed input, no reply generated (none consumed)
+                prewarm = full.get("max_tokens") == 0
+                item = [] if prewarm else self._next_reply(full)
                 if isinstance(item, EmulatorError):
                     raise item
                 edited, applied = apply_context_management(full)
                 with self._lock:
                     billing = self.bill(edited, now)
                     msg = self._build_message(item, body, n, billing)
+                if prewarm:
+                    msg["stop_reason"] = "max_tokens"
                 if turn is not None:
                     self.threads.commit(turn, msg, now)
             except BaseException:

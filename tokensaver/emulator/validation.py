@@ -200,8 +200,9 @@ def validate(
         raise invalid("model: Input should be a valid string")
     if not count_tokens:
         mt = body["max_tokens"]
-        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
-            raise invalid("max_tokens: Input should be greater than or equal to 1")
+        # 0 is allowed: it populates the prompt cache without generating a response (pre-warming)
+        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 0:
+            raise invalid("max_tokens: Input should be greater than or equal to 0")
     messages = body["messages"]
     if not isinstance(messages, list):
         raise invalid("messages: Input should be a valid list")
