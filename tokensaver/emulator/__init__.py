@@ -9,6 +9,7 @@ with the pipeline's counterfactual; this package adds validation, replies, SSE a
 * :mod:`~tokensaver.emulator.validation`: where the API answers 400 (:func:`validate`, :class:`EmulatorError`);
 * :mod:`~tokensaver.emulator.cache`: the clocks and the cache rules applied to a call;
 * :mod:`~tokensaver.emulator.core`: :class:`Emulator` (scripted replies, recorded requests, ``handle``);
+* :mod:`~tokensaver.emulator.threads`: message threads (a continue rebuilt into the whole conversation);
 * :mod:`~tokensaver.emulator.server`: HTTP; :mod:`~tokensaver.emulator.cli`: ``tokensaver emulator``.
 
 The emulator imports only ``tokensaver.billing``, ``tokensaver.tokens``, ``tokensaver.pricing`` and ``tokensaver.sse``.
