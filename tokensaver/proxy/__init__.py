@@ -26,8 +26,8 @@ never forwarded.
 
 The package, along its seams: ``app`` (the aiohttp application, a door over
 :mod:`tokensaver.exchange`), ``sessions`` (one run per agent session), ``wire`` (headers, paths,
-bodies, API-shaped errors), ``server`` (sockets, the background server, ``tokensaver proxy``) and
-``overhead`` (the time it adds, for the bench).
+bodies, API-shaped errors), ``server`` (sockets, the background server, ``tokensaver proxy``),
+``overhead`` (the time it adds, for the bench) and ``dashboard`` (the live page on ``/``).
 """
 
 from __future__ import annotations
