@@ -189,13 +189,20 @@ def prompt_blocks(
     elif isinstance(system, list):
         for i, b in enumerate(system):
             add(("system", i, 0), b, "system")
+    known = made if made is not None else {}
+    append = out.append
     for mi, msg in enumerate(body.get("messages") or []):
         role = str(msg.get("role"))
         content = msg.get("content")
         blocks = [content] if isinstance(content, str) else list(content or [])
         start, cont = role + ":start", role + ":cont"
         for bi, b in enumerate(blocks):
-            add(("messages", mi, bi), b, cont if bi else start, 0 if bi else MESSAGE_OVERHEAD)
+            tag = cont if bi else start
+            p = known.get((id(b), tag))
+            if p is not None and p.block is b:
+                append(p)  # (inlined: the common case, a block this call has seen)
+            else:
+                add(("messages", mi, bi), b, tag, 0 if bi else MESSAGE_OVERHEAD)
     return out
 
 
