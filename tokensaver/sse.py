@@ -262,15 +262,7 @@ class SSEAccumulator:
         if msg is None:
             return
         if kind == "content_block_start":
-            block = copy.deepcopy(data.get("content_block") or {})
-            content = msg.setdefault("content", [])
-            idx = int(data.get("index", len(content)))
-            while len(content) < idx:
-                content.append({})
-            if idx < len(content):
-                content[idx] = block
-            else:
-                content.append(block)
+            self._block_start(msg, data)
         elif kind == "content_block_delta":
             self._delta(msg, int(data.get("index", 0)), data.get("delta") or {})
         elif kind == "content_block_stop":
@@ -279,24 +271,40 @@ class SSEAccumulator:
             if buf and idx < len(msg["content"]):
                 msg["content"][idx]["input"] = json.loads(buf)
         elif kind == "message_delta":
-            d = data.get("delta") or {}
-            msg["stop_reason"] = d.get("stop_reason")
-            msg["stop_sequence"] = d.get("stop_sequence")
-            if "stop_details" in d or "stop_details" in msg:
-                msg["stop_details"] = d.get("stop_details")
-            if d.get("container") is not None:
-                msg["container"] = d["container"]
-            if data.get("context_management") is not None:
-                msg["context_management"] = data["context_management"]
-            u = data.get("usage") or {}
-            usage = msg.setdefault("usage", {})
-            if "output_tokens" in u:
-                usage["output_tokens"] = u["output_tokens"]
-            for field in DELTA_USAGE_FIELDS:
-                if u.get(field) is not None:
-                    usage[field] = u[field]
+            self._message_delta(msg, data)
         elif kind == "message_stop":
             self.complete = True
+
+    @staticmethod
+    def _block_start(msg: dict[str, Any], data: dict[str, Any]) -> None:
+        block = copy.deepcopy(data.get("content_block") or {})
+        content = msg.setdefault("content", [])
+        idx = int(data.get("index", len(content)))
+        while len(content) < idx:
+            content.append({})
+        if idx < len(content):
+            content[idx] = block
+        else:
+            content.append(block)
+
+    @staticmethod
+    def _message_delta(msg: dict[str, Any], data: dict[str, Any]) -> None:
+        d = data.get("delta") or {}
+        msg["stop_reason"] = d.get("stop_reason")
+        msg["stop_sequence"] = d.get("stop_sequence")
+        if "stop_details" in d or "stop_details" in msg:
+            msg["stop_details"] = d.get("stop_details")
+        if d.get("container") is not None:
+            msg["container"] = d["container"]
+        if data.get("context_management") is not None:
+            msg["context_management"] = data["context_management"]
+        u = data.get("usage") or {}
+        usage = msg.setdefault("usage", {})
+        if "output_tokens" in u:
+            usage["output_tokens"] = u["output_tokens"]
+        for field in DELTA_USAGE_FIELDS:
+            if u.get(field) is not None:
+                usage[field] = u[field]
 
     def _delta(self, msg: dict[str, Any], idx: int, d: dict[str, Any]) -> None:
         if idx >= len(msg["content"]):
