@@ -41,6 +41,13 @@ def _fields(tool_input: Any, min_lines: int) -> dict[str, list[str]]:
     }
 
 
+def has_lines(tool_input: Any, min_lines: int = 3) -> bool:
+    """Whether the input has a string field of at least ``min_lines`` lines (else nothing to point at)."""
+    return isinstance(tool_input, dict) and any(
+        isinstance(v, str) and v.count("\n") >= min_lines - 1 for v in tool_input.values()
+    )
+
+
 def rewrite(text: str, tool_input: Any, min_lines: int = 3, min_chars: int = 120) -> str:
     """``text`` with every long run of numbered lines found in ``tool_input`` as a pointer (else ``text``)."""
     fields = _fields(tool_input, min_lines)

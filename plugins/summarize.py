@@ -203,8 +203,8 @@ def _rewrite(
         if condensed is not None:
             res = Result(condensed, "model_summary", True)
     if tool_input and not res.lossy:
-        echoed = _echo.rewrite(res.text, tool_input)
-        if echoed is not res.text:
+        echoed = _echoed(res.text, tool_input, ctx, settings.get("memo_entries", DEFAULTS["memo_entries"]))
+        if echoed != res.text:
             res = Result(
                 echoed,
                 "echo" if res.kind in ("small", "kept") or ":" in res.kind else res.kind + "+echo",
@@ -212,6 +212,27 @@ def _rewrite(
             )
     _tally(stats, text, res, ctx, settings)
     return _with_ref(res, text, ctx, settings) if res.text != text else text
+
+
+def _echoed(text: str, tool_input: Any, ctx: Any, limit: int) -> str:
+    """``_echo.rewrite`` memoized per (input, text) in the plugin state: an edit's result is
+    scanned once, not on every later call that resends it."""
+    if not _echo.has_lines(tool_input):
+        return text
+    key = hashlib.sha256(("echo\0" + canonical_json(tool_input) + "\0" + text).encode()).hexdigest()
+    state = ctx.shared_state(echo_memo=OrderedDict, lock=threading.Lock)
+    memo, lock = state["echo_memo"], state["lock"]
+    with lock:
+        hit = memo.get(key)
+        if hit is not None:
+            memo.move_to_end(key)
+            return hit  # type: ignore[no-any-return]
+    out = _echo.rewrite(text, tool_input)
+    with lock:
+        memo[key] = out
+        while len(memo) > limit:
+            memo.popitem(last=False)
+    return out
 
 
 def _condensed(
