@@ -107,3 +107,8 @@ class Sessions:
         """The default pipeline and every session pipeline still open."""
         with self._lock:
             return [self.default, *self._sessions.values()]
+
+    def named(self) -> list[tuple[str | None, Pipeline]]:
+        """(run name, pipeline) of the default pipeline (``None``) and every session pipeline still open."""
+        with self._lock:
+            return [(None, self.default), *self._sessions.items()]
