@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokensaver.context import strip_cache_control
-from tokensaver.tokens import MESSAGE_OVERHEAD, content_hash
+from tokensaver.tokens import MESSAGE_OVERHEAD, content_hash, content_memo
 
 THINKING_TYPES = ("thinking", "redacted_thinking")
 LOOKBACK_BLOCKS = 20
@@ -22,7 +22,12 @@ strip_cc = strip_cache_control
 
 
 def block_hash(block: Any) -> str:
-    """A stable hash of a block's content, breakpoints excluded."""
+    """A stable hash of a block's content, breakpoints excluded (kept by the block's fast digest,
+    so a block seen before costs one orjson pass)."""
+    return str(content_memo().get("_blocks.block_hash", block, _stripped_hash))
+
+
+def _stripped_hash(block: Any) -> str:
     return content_hash(strip_cc(block))
 
 
