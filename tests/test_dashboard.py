@@ -134,6 +134,24 @@ def test_feed_is_the_ledger_per_session(proxy: ProxyServer, tmp_path: Path) -> N
     assert TEST_API_KEY not in r.text
 
 
+def test_feed_without_a_ledger_shows_the_records_in_memory(emu: Emulator) -> None:
+    with ProxyServer({"record": False}, upstream=emu.url) as p, httpx2.Client(timeout=30) as http:
+        _calls(p.url, "dash-a", 2)
+        client = anthropic.Anthropic(base_url=p.url, api_key=TEST_API_KEY, max_retries=0)
+        client.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+        client.close()
+        feed = http.get(p.url + FEED).json()
+        kept = {pipe.run is None for pipe in p.proxy.pipelines()}
+        by_run = {s["run"]: s["totals"] for s in feed["sessions"]}
+        costs = [sum(r["cost_usd"] for r in pipe.records) for pipe in p.proxy.pipelines()]
+    assert kept == {True}  # nothing written: the page is all there is
+    assert {k: v["calls"] for k, v in by_run.items()} == {
+        "dash-a (not recorded)": 2,
+        "default run (not recorded)": 1,
+    }
+    assert sorted(v["cost_usd"] for v in by_run.values()) == pytest.approx(sorted(costs))
+
+
 def test_page_and_prefix_are_local_and_forwarding_is_untouched(proxy: ProxyServer, emu: Emulator) -> None:
     with httpx2.Client(timeout=30) as http:
         page = http.get(proxy.url + "/")

@@ -187,7 +187,9 @@ class Dashboard:
 
     def __init__(self, proxy: TokensaverProxy) -> None:
         self.proxy = proxy
+        # per ledger file (or in-memory run): its state when read, its records, its view
         self._cache: dict[str, tuple[Any, list[dict[str, Any]], dict[str, Any]]] = {}
+        self._all: tuple[tuple[Any, ...], dict[str, Any]] = ((None,), {})
         self._lock = threading.Lock()
 
     def install(self, app: web.Application) -> None:
@@ -197,44 +199,62 @@ class Dashboard:
 
     # data ----------------------------------------------------------------------------------------
 
-    def _session(self, pipe: Pipeline) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
-        """(records, view) of a pipeline's run, None when it has no calls yet."""
+    def _session(
+        self, name: str | None, pipe: Pipeline
+    ) -> tuple[str, Any, list[dict[str, Any]], dict[str, Any]] | None:
+        """(cache key, file state, records, view) of a pipeline's run; None when it has no calls yet."""
         run = pipe.run
         if run is None:  # not persisted: this process's records are all there is
             records = list(pipe.records)
-            return (records, view("(default, not recorded)", None, records)) if records else None
-        try:
-            st = os.stat(run.path)
-        except OSError:
-            return None  # no call recorded yet
-        state = (st.st_size, st.st_mtime_ns)
+            if not records:
+                return None
+            key, state = f"memory:{id(pipe)}", (len(records), id(records[-1]))
+        else:
+            try:
+                st = os.stat(run.path)
+            except OSError:
+                return None  # no call recorded yet
+            key, state = str(run.path), (st.st_size, st.st_mtime_ns)
         with self._lock:
-            kept = self._cache.get(str(run.path))
+            kept = self._cache.get(key)
         if kept is not None and kept[0] == state:
-            return kept[1], kept[2]
-        records = run.records()
-        if not records:
-            return None
-        shown = view(run.name, run.meta.get("created"), records)
+            return key, state, kept[1], kept[2]
+        if run is None:
+            shown = view(f"{name or 'default run'} (not recorded)", None, records)
+        else:
+            records = run.records()
+            if not records:
+                return None
+            shown = view(run.name, run.meta.get("created"), records)
         with self._lock:
-            self._cache[str(run.path)] = (state, records, shown)
-        return records, shown
+            self._cache[key] = (state, records, shown)
+        return key, state, records, shown
 
     def feed(self) -> dict[str, Any]:
         """Everything the page shows: every open session (latest call first) and all of them together."""
-        sessions = [s for s in (self._session(p) for p in self.proxy.pipelines()) if s is not None]
-        sessions.sort(key=lambda s: s[1]["last_call"] or 0, reverse=True)
-        everything = [r for records, _ in sessions for r in records]
+        sessions = [s for s in (self._session(n, p) for n, p in self.proxy.sessions.named()) if s is not None]
+        sessions.sort(key=lambda s: s[3]["last_call"] or 0, reverse=True)
+        states = tuple((key, state) for key, state, _, _ in sessions)
+        with self._lock:
+            # sessions the proxy closed leave the page, and their records this cache
+            for key in set(self._cache) - {key for key, _ in states}:
+                del self._cache[key]
+            everything = self._all if self._all[0] == states else None
+        if everything is None:
+            everything = (states, view("all sessions", None, [r for s in sessions for r in s[2]]))
+            with self._lock:
+                self._all = everything
+        now = time.time()
         return {
             "schema": SCHEMA,
-            "updated": time.time(),
-            "updated_shown": fmt_time(time.time()),
+            "updated": now,
+            "updated_shown": fmt_time(now),
             "poll_ms": POLL_MS,
             "notes": {"billed": BILLED_NOTE, "estimated": ESTIMATED_NOTE},
             "stage_columns": STAGE_COLUMNS,
             "call_columns": CALL_COLUMNS,
-            "all": view("all sessions", None, everything),
-            "sessions": [shown for _, shown in sessions],
+            "all": everything[1],
+            "sessions": [s[3] for s in sessions],
         }
 
     # handlers ------------------------------------------------------------------------------------
