@@ -16,6 +16,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -150,6 +151,13 @@ def test_feed_without_a_ledger_shows_the_records_in_memory(emu: Emulator) -> Non
         "default run (not recorded)": 1,
     }
     assert sorted(v["cost_usd"] for v in by_run.values()) == pytest.approx(sorted(costs))
+
+
+def test_the_proxy_starts_without_the_page_s_imports() -> None:
+    # the page's renderer loads on its first request: the proxy's start (issue 13: under a second) pays nothing
+    code = "import sys, tokensaver.proxy.server; print(sorted({'jinja2', 'tokensaver.report'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_page_and_prefix_are_local_and_forwarding_is_untouched(proxy: ProxyServer, emu: Emulator) -> None:

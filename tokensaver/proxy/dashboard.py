@@ -27,25 +27,14 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-import jinja2
 from aiohttp import web
 
 from ..pipeline import Pipeline
-from ..report import (
-    BILLED_NOTE,
-    ESTIMATED_NOTE,
-    auto_line,
-    fmt_int,
-    fmt_ms,
-    fmt_pct,
-    fmt_rate,
-    fmt_time,
-    fmt_usd,
-    summarize,
-)
 from .wire import api_error
 
 if TYPE_CHECKING:
+    import jinja2
+
     from .app import TokensaverProxy
 
 PREFIX = "/_tokensaver/"  # reserved: answered by the proxy itself, never forwarded
@@ -66,12 +55,15 @@ STAGE_COLUMNS = [
 ]
 CALL_COLUMNS = ["call", "model", "tokens before -> after [est.]", "cost [billed]", "saved"]
 
+# tokensaver.report and jinja2 are imported on the page's first request: the proxy starts without them
 _env: jinja2.Environment | None = None
 
 
 def _template() -> jinja2.Template:
     global _env
     if _env is None:
+        import jinja2  # the page's first request pays for it, not the proxy's start
+
         _env = jinja2.Environment(
             loader=jinja2.PackageLoader("tokensaver.proxy", "templates"),
             autoescape=True,
@@ -82,6 +74,8 @@ def _template() -> jinja2.Template:
 
 def _figures(t: dict[str, Any], cache: dict[str, Any], latency: dict[str, Any]) -> list[dict[str, Any]]:
     """The headline figures of a summary, as label, billed/estimated tag and shown value."""
+    from ..report import auto_line, fmt_int, fmt_ms, fmt_pct, fmt_rate, fmt_usd
+
     saved = fmt_usd(t["saved_usd"]) + (f" ({fmt_pct(t['saved_pct'])})" if t["saved_pct"] is not None else "")
     return [
         {
@@ -138,6 +132,8 @@ def _figures(t: dict[str, Any], cache: dict[str, Any], latency: dict[str, Any]) 
 
 
 def _stage_cells(s: dict[str, Any]) -> list[str]:
+    from ..report import fmt_int, fmt_ms, fmt_usd
+
     return [
         s["plugin"],
         fmt_int(s["calls"]),
@@ -152,6 +148,8 @@ def _stage_cells(s: dict[str, Any]) -> list[str]:
 
 
 def _call_cells(c: dict[str, Any]) -> list[str]:
+    from ..report import fmt_int, fmt_usd
+
     return [
         str(c["id"]),
         str(c["model"] or ""),
@@ -163,6 +161,8 @@ def _call_cells(c: dict[str, Any]) -> list[str]:
 
 def view(name: str, created: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
     """One run's part of the feed: the report's totals and stages, and the same figures as shown."""
+    from ..report import fmt_time, summarize
+
     data = summarize(records)
     t = data["totals"]
     times = [r["t"] for r in records if isinstance(r.get("t"), int | float)]
@@ -232,6 +232,8 @@ class Dashboard:
 
     def feed(self) -> dict[str, Any]:
         """Everything the page shows: every open session (latest call first) and all of them together."""
+        from ..report import BILLED_NOTE, ESTIMATED_NOTE, fmt_time
+
         sessions = [s for s in (self._session(n, p) for n, p in self.proxy.sessions.named()) if s is not None]
         sessions.sort(key=lambda s: s[3]["last_call"] or 0, reverse=True)
         states = tuple((key, state) for key, state, _, _ in sessions)
