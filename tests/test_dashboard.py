@@ -198,6 +198,18 @@ def test_page_needs_the_access_token(emu: Emulator, tmp_path: Path) -> None:
     assert emu.requests == []
 
 
+def test_page_answers_a_loopback_host_only(proxy: ProxyServer, emu: Emulator) -> None:
+    # a site whose name was made to resolve to 127.0.0.1 (DNS rebinding) must not read the figures
+    port = proxy.url.rsplit(":", 1)[1]
+    with httpx2.Client(timeout=30) as http:
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example"):
+            for path in ("/", FEED):
+                assert http.get(proxy.url + path, headers={"host": host}).status_code == 403, (host, path)
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+            assert http.get(proxy.url + FEED, headers={"host": host}).status_code == 200, host
+    assert emu.requests == []
+
+
 # -- in a real browser ---------------------------------------------------------------------------------
 
 

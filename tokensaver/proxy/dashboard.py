@@ -22,6 +22,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import ipaddress
 import os
 import threading
 import time
@@ -261,21 +262,27 @@ class Dashboard:
 
     # handlers ------------------------------------------------------------------------------------
 
-    def _allowed(self, request: web.Request) -> bool:
-        """The proxy's access check, or the token as an HTTP Basic password (what a browser can send)."""
-        token = self.proxy.token
-        if token is None or self.proxy._authorized(request):
-            return True
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        return hmac.compare_digest(password.encode(), token.encode())
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """Why ``request`` may not see the page (a response), or None when it may.
 
-    def _refused(self) -> web.Response:
+        Without a token the proxy serves loopback only, and the page answers only to a loopback
+        ``Host``: a web page whose name was made to resolve to 127.0.0.1 (DNS rebinding) cannot
+        read it. With a token: the proxy's access check, or the token as an HTTP Basic password
+        (what a browser can send).
+        """
+        token = self.proxy.token
+        if token is None:
+            if _loopback_host(request.host):
+                return None
+            return web.Response(
+                status=403,
+                text="tokensaver proxy: this page answers at a loopback address only (127.0.0.1, localhost)\n",
+            )
+        password = _basic_password(request)
+        if self.proxy._authorized(request) or (
+            password is not None and hmac.compare_digest(password.encode(), token.encode())
+        ):
+            return None
         return web.Response(
             status=401,
             text="tokensaver proxy: this page needs the proxy's access token (as the password)\n",
@@ -284,8 +291,9 @@ class Dashboard:
 
     async def page(self, request: web.Request) -> web.StreamResponse:
         """``GET /``: the page, with the figures of now (it fetches the next ones itself)."""
-        if not self._allowed(request):
-            return self._refused()
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
         data = await asyncio.to_thread(self.feed)
         html = _template().render(data=data, feed=FEED)
         return web.Response(
@@ -294,14 +302,38 @@ class Dashboard:
 
     async def reserved(self, request: web.Request) -> web.StreamResponse:
         """Every path under ``/_tokensaver/``: the feed on ``GET``, otherwise 404 or 405, never forwarded."""
-        if not self._allowed(request):
-            return self._refused()
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
         if request.path != FEED:
             return api_error(404, "not_found_error", f"tokensaver proxy: nothing at {request.path[:200]!r}")
         if request.method not in ("GET", "HEAD"):
             return api_error(405, "invalid_request_error", f"tokensaver proxy: {FEED} answers GET only")
         data = await asyncio.to_thread(self.feed)
         return web.json_response(data, headers=_NO_STORE)
+
+
+def _loopback_host(host: str) -> bool:
+    """Whether a ``Host`` header names a loopback address (``localhost``, ``127.0.0.1:8787``, ``[::1]``)."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or "]:" in host else host
+    name = name.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _basic_password(request: web.Request) -> str | None:
+    """The password of an HTTP Basic ``Authorization`` header, None without a readable one."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+    except (binascii.Error, UnicodeDecodeError):
+        return None
 
 
 # nothing but the page's own script, styles and feed: no other origin, no frames, no forms
