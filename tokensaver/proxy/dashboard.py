@@ -294,8 +294,7 @@ class Dashboard:
         refused = self._refusal(request)
         if refused is not None:
             return refused
-        data = await asyncio.to_thread(self.feed)
-        html = _template().render(data=data, feed=FEED)
+        html = await asyncio.to_thread(lambda: _template().render(data=self.feed(), feed=FEED))
         return web.Response(
             text=html, content_type="text/html", headers={**_NO_STORE, "Content-Security-Policy": CSP}
         )
