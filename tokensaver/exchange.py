@@ -9,7 +9,8 @@ in plain functions the doors share (as the SDK's ``lib/middleware/_fallbacks.py`
 * **a stored answer served** (a short-circuit, the end of a plugin-tool exchange) as JSON or SSE
   with its headers: :func:`serve`;
 * **a whole JSON answer** read and recorded: :func:`finish_json`;
-* **stream observation**: :class:`StreamWatch` assembles the message from SSE bytes on the way;
+* **stream observation**: :class:`StreamWatch` assembles the message from SSE bytes on the way
+  (Bedrock's binary event-stream too);
 * **the plugin-tool round loop**: :class:`PluginToolExchange`, a state machine the doors feed with
   each round's answer (rounds joined into one streamed message by :class:`Splice`);
 * **failure outcomes**: :class:`Outcome` and :class:`Failure`, recorded in the ledger with the
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .pipeline import Call, Pipeline, is_plugin_tool_use, key_hash, plugin_tools
-from .sse import SSEAccumulator, message_to_sse, sse_error_answer, sse_event
+from .sse import SSEAccumulator, is_stream, message_to_sse, sse_error_answer, sse_event, stream_accumulator
 
 __all__ = [
     "CONTROL_PREFIX",
@@ -236,9 +237,9 @@ def finish_json(pipeline: Pipeline, call: Call, raw: bytes, status: int = 200) -
 
 
 def read_message(content_type: str, raw: bytes) -> dict[str, Any] | None:
-    """The Message in a whole answer body, JSON or SSE (None when cut off or unreadable)."""
-    if "text/event-stream" in content_type:
-        acc = SSEAccumulator()
+    """The Message in a whole answer body, JSON, SSE or event-stream (None when cut off or unreadable)."""
+    if is_stream(content_type):
+        acc = stream_accumulator(content_type)
         acc.feed(raw)
         acc.close()
         return acc.message
@@ -250,11 +251,14 @@ def read_message(content_type: str, raw: bytes) -> dict[str, Any] | None:
 
 
 class StreamWatch:
-    """Assembles the final message from SSE bytes passing through, and records the call once."""
+    """Assembles the final message from stream bytes passing through, and records the call once.
 
-    def __init__(self, pipeline: Pipeline, call: Call) -> None:
+    ``content_type``: the answer's; Bedrock's event-stream is read as such, anything else as SSE.
+    """
+
+    def __init__(self, pipeline: Pipeline, call: Call, content_type: str = "") -> None:
         self.pipeline, self.call = pipeline, call
-        self.acc = SSEAccumulator()
+        self.acc = stream_accumulator(content_type)
         self.done = False  # recorded (or being recorded): never twice
 
     def feed(self, chunk: bytes) -> None:

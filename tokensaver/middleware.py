@@ -51,6 +51,7 @@ from .exchange import (
 )
 from .phases import as_requester, call_on_loop, request_phase, response_phase
 from .pipeline import Call, Pipeline, key_hash
+from .sse import is_stream
 
 log = logging.getLogger("tokensaver")
 C = TypeVar("C")
@@ -222,8 +223,10 @@ class TokensaverMiddleware(_sdk.Middleware):
             return response
         for name, value in call.ctx.response_headers.items():
             http.headers[name] = value
-        if observer is not None and _is_sse(http):
-            return _sdk.replace_body_stream(response, observer(StreamWatch(self.pipeline, call), http))
+        content_type = http.headers.get("content-type", "")
+        if observer is not None and is_stream(content_type):  # SSE, or Bedrock's event-stream
+            watch = StreamWatch(self.pipeline, call, content_type)
+            return _sdk.replace_body_stream(response, observer(watch, http))
         return None
 
     # -- sync ------------------------------------------------------------------------------------

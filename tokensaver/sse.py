@@ -5,15 +5,33 @@ Message (``message_start``, ``ping``, per block ``content_block_start`` / deltas
 ``message_delta``, ``message_stop``). ``SSEAccumulator`` does the reverse: fed raw bytes with any
 chunk boundaries, it assembles the final Message JSON, merging ``usage`` the way the anthropic SDK does
 (``message_delta`` usage counts are cumulative totals and overwrite the ``message_start`` ones).
+``EventStreamAccumulator`` reads the same events from AWS's binary event-stream, as Bedrock streams them
+(``application/vnd.amazon.eventstream``: CRC-checked frames whose ``chunk`` payloads carry each event's
+JSON, base64-encoded, in ``bytes``); ``stream_accumulator(content_type)`` picks the reader for an answer.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import struct
+import zlib
 from typing import Any
 
-__all__ = ["SSEAccumulator", "message_to_sse", "sse_event", "sse_error", "sse_error_answer"]
+__all__ = [
+    "EVENTSTREAM_CONTENT_TYPE",
+    "EventStreamAccumulator",
+    "SSEAccumulator",
+    "is_stream",
+    "message_to_sse",
+    "sse_error",
+    "sse_error_answer",
+    "sse_event",
+    "stream_accumulator",
+]
+
+EVENTSTREAM_CONTENT_TYPE = "application/vnd.amazon.eventstream"  # Bedrock's invoke-with-response-stream
 
 # Block types whose ``input`` streams as ``input_json_delta`` (the start event carries ``input: {}``).
 TOOL_INPUT_BLOCKS = ("tool_use", "server_tool_use", "mcp_tool_use")
@@ -324,3 +342,96 @@ class SSEAccumulator:
                 block["citations"].append(d.get("citation"))
             else:
                 block["citations"] = [d.get("citation")]
+
+
+# -- AWS event-stream (Bedrock) ------------------------------------------------------------------
+
+_PRELUDE = 12  # total length, headers length, prelude CRC (big-endian uint32 each)
+# header value sizes by type (0/1: booleans without a value; 6/7: bytes/string with a uint16 length)
+_HEADER_SIZES = {0: 0, 1: 0, 2: 1, 3: 2, 4: 4, 5: 8, 8: 8, 9: 16}
+
+
+def _eventstream_headers(raw: bytes) -> dict[str, str]:
+    """A frame's string headers (``:message-type``, ``:event-type``...); other types are skipped."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(raw):
+        n = raw[i]
+        name = raw[i + 1 : i + 1 + n].decode()
+        kind = raw[i + 1 + n]
+        i += n + 2
+        if kind in (6, 7):
+            (size,) = struct.unpack_from(">H", raw, i)
+            if kind == 7:
+                out[name] = raw[i + 2 : i + 2 + size].decode()
+            i += 2 + size
+        else:
+            i += _HEADER_SIZES[kind]  # KeyError: not a header type event-stream has
+    return out
+
+
+class EventStreamAccumulator(SSEAccumulator):
+    """:class:`SSEAccumulator` for Bedrock's binary event-stream, fed in arbitrary chunks.
+
+    Each frame is checked as the SDK's decoder (botocore) checks it: a CRC that does not match, or
+    a frame that does not parse, is a malformed stream (the SDK raised on it). An ``exception`` or
+    ``error`` frame is the stream's error event; ``chunk`` events carry the Messages events.
+    """
+
+    def feed(self, chunk: bytes) -> None:
+        """Consume raw bytes; frames may be split anywhere."""
+        self._buf += chunk
+        while not self.malformed and len(self._buf) >= _PRELUDE:
+            total, head_len, prelude_crc = struct.unpack_from(">III", self._buf)
+            if zlib.crc32(self._buf[:8]) != prelude_crc or total < _PRELUDE + head_len + 4:
+                self.malformed = True
+                return
+            if len(self._buf) < total:
+                return
+            frame, self._buf = self._buf[:total], self._buf[total:]
+            if zlib.crc32(frame[:-4]) != struct.unpack_from(">I", frame, total - 4)[0]:
+                self.malformed = True
+                return
+            try:
+                headers = _eventstream_headers(frame[_PRELUDE : _PRELUDE + head_len])
+                self._frame(headers, frame[_PRELUDE + head_len : -4])
+            except (ValueError, TypeError, KeyError, IndexError, struct.error):
+                self.malformed = True  # binascii.Error and UnicodeDecodeError are ValueErrors
+
+    def close(self) -> None:
+        """End of stream: a frame cut off is dropped (the stream then lacks its ``message_stop``)."""
+        self._buf = b""
+
+    def _frame(self, headers: dict[str, str], payload: bytes) -> None:
+        kind = headers.get(":message-type", "event")
+        if kind in ("exception", "error"):
+            body = json.loads(payload) if payload else {}
+            body = body if isinstance(body, dict) else {}
+            code = headers.get(":exception-type") or headers.get(":error-code") or "api_error"
+            message = body.get("message") or body.get("Message") or headers.get(":error-message") or ""
+            self._apply("error", {"type": "error", "error": {"type": code, "message": str(message)}})
+            return
+        if headers.get(":event-type") != "chunk":
+            return  # not a response-stream chunk: botocore yields nothing for it
+        data = json.loads(payload)
+        raw = base64.b64decode(data["bytes"], validate=True).decode()
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            event = None
+        if isinstance(event, dict) and not isinstance(event.get("type"), str) and "completion" not in event:
+            return  # the SDK skips a chunk with no event name to route it by
+        name = (
+            event["type"] if isinstance(event, dict) and isinstance(event.get("type"), str) else "completion"
+        )
+        self._dispatch(name, raw)
+
+
+def is_stream(content_type: str) -> bool:
+    """Whether an answer with ``content_type`` is a stream of Messages events (SSE or event-stream)."""
+    return "text/event-stream" in content_type or EVENTSTREAM_CONTENT_TYPE in content_type
+
+
+def stream_accumulator(content_type: str) -> SSEAccumulator:
+    """The reader for a streamed answer of ``content_type``: event-stream (Bedrock) or SSE."""
+    return EventStreamAccumulator() if EVENTSTREAM_CONTENT_TYPE in content_type else SSEAccumulator()
