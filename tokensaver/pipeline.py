@@ -21,6 +21,7 @@ from typing import Any
 
 import pluggy
 
+from . import metrics
 from .billing import Estimate, ShadowCaches, block_facts, thaw
 from .billing import Memo as BillingMemo
 from .config import Config, load_config
@@ -221,6 +222,8 @@ class Call:
 
 class Pipeline:
     """Built per wrap() from config: a plugin manager, the enabled stages, state, the run."""
+
+    door = "wrap"  # the metrics' label for its calls; the proxy's pipelines say "proxy"
 
     def __init__(
         self,
@@ -538,6 +541,7 @@ class Pipeline:
             record = self.run.append(record) if self.run is not None else redact_keys(record)[0]
             with self._lock:
                 self.records.append(record)
+            metrics.emit(record, self.door)  # OpenTelemetry / Prometheus, from the record as kept
         return record
 
 
