@@ -243,3 +243,15 @@ def test_ctx_memo_is_shared_across_calls() -> None:
         ctx = make_context(body, plugin="test")
         assert ctx.memo("test.scan.v1", "some old tool output" * 3, scan) == 60
     assert len(calls) == 1
+
+
+def test_ctx_digest_equal_content_equal_digest_breakpoints_aside() -> None:
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}
+    ctx = make_context(body)
+    block = {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "out"}]}
+    marked = copy.deepcopy(block)
+    marked["content"][0]["cache_control"] = {"type": "ephemeral"}  # nested: still the same content
+    reordered = {"content": [{"text": "out", "type": "text"}], "tool_use_id": "t1", "type": "tool_result"}
+    assert ctx.digest(block) == ctx.digest(marked) == ctx.digest(reordered)
+    assert ctx.digest(block) != ctx.digest({**block, "content": [{"type": "text", "text": "out!"}]})
+    assert ctx.digest("abc") != ctx.digest(["abc"]) and len(ctx.digest(block)) == 17
