@@ -124,7 +124,8 @@ def _file_sources(cwd: Path) -> list[tuple[str, dict[str, Any]]]:
 def _unwrap(table: dict[str, Any]) -> dict[str, Any]:
     # tokensaver.toml may be written flat or with a [tool.tokensaver] / [tokensaver] table
     if "tool" in table and isinstance(table["tool"], dict) and "tokensaver" in table["tool"]:
-        return table["tool"]["tokensaver"]
+        inner: dict[str, Any] = table["tool"]["tokensaver"]
+        return inner
     if set(table) == {"tokensaver"} and isinstance(table["tokensaver"], dict):
         return table["tokensaver"]
     return table

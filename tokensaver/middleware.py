@@ -550,8 +550,9 @@ def wrap(
         return wrap_framework(client, config, **opts)  # type: ignore[no-any-return]
     pipe = pipeline or Pipeline(config, plugin_manager=plugin_manager, run=run, clock=clock)
     mw = TokensaverMiddleware(pipe, asynchronous=_sdk.is_async_client(client))
-    wrapped = client.with_middleware(mw)  # type: ignore[attr-defined]
+    wrapped: Any = client.with_middleware(mw)  # type: ignore[attr-defined]
     mw.bind(wrapped)
     _install_copy_hook(wrapped, mw)
-    wrapped.tokensaver = pipe  # type: ignore[attr-defined]
-    return wrapped
+    wrapped.tokensaver = pipe
+    result: C = wrapped
+    return result

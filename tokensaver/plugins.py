@@ -109,7 +109,7 @@ def installed(pm: pluggy.PluginManager) -> list[str]:
 
 def origin(pm: pluggy.PluginManager, name: str) -> str:
     """Where plugin ``name`` came from: its entry point (``name = module from dist``), or "given in code"."""
-    return getattr(pm, "origins", {}).get(name, "given in code")
+    return str(getattr(pm, "origins", {}).get(name, "given in code"))
 
 
 def check_enabled(pm: pluggy.PluginManager, names: list[str], source: str) -> None:
@@ -317,7 +317,7 @@ def configure(pm: pluggy.PluginManager, name: str, settings: dict[str, Any], sou
 
 def report_sections(
     pm: pluggy.PluginManager, plugin_names: list[str], records: list[dict[str, Any]]
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Each named plugin's report section (errors become a section saying so, never an exception).
 
     Only the named plugin's own implementation is called, with its name: a section hook need not

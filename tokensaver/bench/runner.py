@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..emulator import Emulator
-from ..pricing import PER, PriceTable
+from ..pricing import PER, ModelInfo, PriceTable
 from ..replay import DEFAULT_GAP, auto_cache, replay
 from ..tokens import default_counter
 from ..traces import Conversation, TraceCall
@@ -119,7 +119,7 @@ def sequence_conversations(
 
 
 def lost_round_usd(
-    info: Any, prefix_tokens: int, result_tokens: int, calls_left: int, reads: int = LOST_READS
+    info: ModelInfo, prefix_tokens: int, result_tokens: int, calls_left: int, reads: int = LOST_READS
 ) -> float:
     """What a lost tool result costs: the round the agent makes to get it back.
 

@@ -110,7 +110,8 @@ class Report:
             **self._data,
             "sections": self.sections,
         }
-        return json.loads(json.dumps(data, default=str))
+        plain: dict[str, Any] = json.loads(json.dumps(data, default=str))
+        return plain
 
     def to_json(self, indent: int | None = 2) -> str:
         """The report as JSON (see the module docstring for the keys)."""

@@ -63,7 +63,8 @@ def normalize_section(section: Any, plugin: str = "?") -> dict[str, Any]:
         "rows": [{str(k): v for k, v in r.items()} for r in rows],
         "error": str(section["error"]) if section.get("error") else None,
     }
-    return json.loads(json.dumps(out, default=str))
+    plain: dict[str, Any] = json.loads(json.dumps(out, default=str))
+    return plain
 
 
 def collect_sections(
