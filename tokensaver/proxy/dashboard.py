@@ -312,6 +312,12 @@ class Dashboard:
             headers={"WWW-Authenticate": 'Basic realm="tokensaver proxy", charset="UTF-8"'},
         )
 
+    def allowed(self, request: web.Request) -> bool:
+        """Whether ``request`` may read what the proxy serves about itself (this page, its feed, metrics)."""
+        return self._refusal(request) is None
+
+    _allowed = allowed  # the name the /metrics route was first written against
+
     async def page(self, request: web.Request) -> web.StreamResponse:
         """``GET /``: the page, with the figures of now (it fetches the next ones itself)."""
         refused = self._refusal(request)
