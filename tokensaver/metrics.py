@@ -246,11 +246,15 @@ def prometheus_registry() -> Any:
         return _prom.registry
 
 
-def exposition() -> tuple[bytes, str]:
-    """(the Prometheus text exposition of tokensaver's metrics, its content type)."""
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+def exposition(accept: str = "") -> tuple[bytes, str]:
+    """(tokensaver's metrics in the format an ``Accept`` header asks for, its content type).
 
-    return generate_latest(prometheus_registry()), CONTENT_TYPE_LATEST
+    Prometheus text 0.0.4 by default; OpenMetrics when the scraper asks for it.
+    """
+    from prometheus_client.exposition import choose_encoder
+
+    encode, content_type = choose_encoder(accept)
+    return encode(prometheus_registry()), content_type
 
 
 def emit(record: dict[str, Any], door: str) -> None:
@@ -287,7 +291,7 @@ def scrape_handler(allowed: Callable[[web.Request], bool]) -> Callable[[web.Requ
     async def metrics(request: web.Request) -> web.StreamResponse:
         if not allowed(request):
             return web.Response(status=401, text="tokensaver proxy: missing or wrong access token\n")
-        body, content_type = exposition()
+        body, content_type = exposition(request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
     return metrics

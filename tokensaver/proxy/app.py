@@ -41,6 +41,7 @@ from ..exchange import (
     short_circuit,
     splices,
 )
+from ..metrics import scrape_handler
 from ..phases import call_on_loop, request_phase, response_phase
 from ..pipeline import Call, Pipeline
 from ..plugins import get_plugin_manager
@@ -166,7 +167,10 @@ class TokensaverProxy:
     def app(self) -> web.Application:
         """The aiohttp application serving every path."""
         app = web.Application(client_max_size=MAX_BODY, middlewares=[api_errors])
-        Dashboard(self).install(app)  # GET / and /_tokensaver/...: the live page, never forwarded
+        dashboard = Dashboard(self)
+        dashboard.install(app)  # GET / and /_tokensaver/...: the live page, never forwarded
+        # GET /metrics: Prometheus text of this process's calls, behind the page's access check, never forwarded
+        app.router.add_get("/metrics", scrape_handler(dashboard._allowed))
         app.router.add_route("*", "/{tail:.*}", self.handle)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)

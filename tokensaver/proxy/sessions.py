@@ -77,6 +77,7 @@ class Sessions:
         self.config, self.pm, self.clock = config, pm, clock
         # the default run also owns the plugin state every session shares
         self.default = Pipeline(config, plugin_manager=pm, run=run, clock=clock)
+        self.default.door = "proxy"  # its calls' label in tokensaver.metrics
         self._sessions: OrderedDict[str, Pipeline] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -95,6 +96,7 @@ class Sessions:
                 else None
             )
             pipe = Pipeline(self.config, plugin_manager=self.pm, run=run, clock=self.clock)
+            pipe.door = "proxy"
             # plugin state lives as long as the proxy: keyed by conversation and content, never by run
             pipe.states = self.default.states
             pipe.shadows = self.default.shadows  # the API's prompt cache is per key, not per session
