@@ -1,139 +1,94 @@
-"""Disk stores the built-in plugins share: private diskcache directories of checksummed JSON entries.
+"""The stores the built-in plugins share, on the configured state (:mod:`tokensaver.state`).
 
-Used by memoize (answers) and summarize (model summaries). Entries are never pickles: bytes made of
-a magic line, the sha256 of the payload and the JSON payload, checked on every read, so a damaged
-or foreign entry is a :class:`CorruptEntry` (the caller treats it as a miss), never a wrong answer.
+Used by memoize (answers) and summarize (model summaries, kept originals). :func:`open_store` gives
+a plugin its store on the backend the config's ``state`` names: private diskcache directories of
+the machine (the default) or one Redis shared by every replica. Entries are never pickles: bytes
+made of a magic line, the sha256 of the payload and the JSON payload, checked on every read, so a
+damaged or foreign entry is a :class:`CorruptEntry` (the caller treats it as a miss), never a
+wrong answer.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import stat
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from tokensaver.tokens import canonical_json
+from tokensaver.state import (
+    EMBEDDED,
+    CorruptEntry,
+    Space,
+    State,
+    Store,
+    cache_dir,
+    decode_entry,
+    encode_entry,
+    open_state,
+)
+
+__all__ = ["CorruptEntry", "SharedStore", "Store", "cache_dir", "decode_entry", "encode_entry", "open_store"]
 
 log = logging.getLogger("tokensaver.plugins")
 
 
-def cache_dir(name: str) -> str:
-    """``$TOKENSAVER_CACHE_DIR/<name>``, else ``$XDG_CACHE_HOME/tokensaver/<name>``, else ``~/.cache/tokensaver/<name>``."""
-    env = os.environ.get("TOKENSAVER_CACHE_DIR")
-    if env:
-        return str(Path(env).expanduser() / name)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return str(base / "tokensaver" / name)
+class SharedStore:
+    """One store name on a :class:`~tokensaver.state.State`, with the raw-entry API of :class:`Store`.
 
+    Each key goes to the namespace of the API-key hash it starts with (``<key hash[:16]>:...``,
+    as memoize's keys do), else to the store's shared namespace (keys that are digests of the key
+    hash and their content, as summarize's). Opening it opens the embedded directory (an unusable
+    one raises here, so the plugin can turn itself off).
+    """
 
-class CorruptEntry(ValueError):
-    """A stored entry that fails its checksum, its key check or its shape."""
+    def __init__(self, state: State, name: str, directory: str | None, size_limit: int, label: str) -> None:
+        self.state, self.name, self.directory, self.size_limit, self.label = (
+            state,
+            name,
+            directory,
+            size_limit,
+            label,
+        )
+        self._shared = self._space("")
 
+    def _space(self, key_hash: str) -> Space:
+        return self.state.space(
+            self.name, key_hash, cap=self.size_limit, directory=self.directory, label=self.label
+        )
 
-def encode_entry(magic: bytes, key: str, value: dict[str, Any], stored_at: float) -> bytes:
-    """Entry bytes: ``magic``, sha256 of the payload, then JSON of {key, stored_at, message}."""
-    payload = canonical_json({"key": key, "stored_at": stored_at, "message": value}).encode()
-    return magic + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+    def space(self, key: str) -> Space:
+        """The namespace ``key`` belongs to."""
+        head, sep, _ = key.partition(":")
+        return self._space(head) if sep and 0 < len(head) <= 16 else self._shared
 
+    @property
+    def cache(self) -> Any:
+        """The embedded backend's diskcache (tests and tools); None on Redis."""
+        return self._shared.cache
 
-def decode_entry(magic: bytes, key: str, raw: Any) -> tuple[dict[str, Any], float]:
-    """The stored value and its store time; raise CorruptEntry on any mismatch."""
-    if isinstance(raw, str):
-        raw = raw.encode()
-    if not isinstance(raw, (bytes, bytearray)) or not raw.startswith(magic):
-        raise CorruptEntry("not an entry of this store")
-    rest = bytes(raw[len(magic) :])
-    digest, sep, payload = rest.partition(b"\n")
-    if not sep or hashlib.sha256(payload).hexdigest().encode() != digest:
-        raise CorruptEntry("checksum mismatch")
-    try:
-        doc = json.loads(payload)
-    except ValueError as e:
-        raise CorruptEntry(f"bad JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("key") != key:
-        raise CorruptEntry("entry stored under another key")
-    value = doc.get("message")
-    if not isinstance(value, dict):
-        raise CorruptEntry("stored value is not an object")
-    return value, float(doc.get("stored_at") or 0.0)
-
-
-def _private_dir(path: str) -> None:
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = p.stat()
-    if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        raise PermissionError(f"cache dir {path} is owned by another user")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(p, 0o700)
-
-
-def _private_files(path: str) -> None:
-    for child in Path(path).rglob("*"):
-        try:
-            want = 0o700 if child.is_dir() else 0o600
-            if stat.S_IMODE(child.stat().st_mode) != want:
-                os.chmod(child, want)
-        except OSError:
-            pass
-
-
-class Store:
-    """A diskcache directory private to the user, holding checksummed JSON entries (never pickles)."""
-
-    def __init__(self, directory: str, size_limit: int, label: str = "store") -> None:
-        import diskcache
-
-        _private_dir(directory)
-        # values up to 8 MiB stay in SQLite; whatever diskcache writes is made 0600 below
-        self.cache = diskcache.Cache(directory, size_limit=size_limit, disk_min_file_size=8 * 1024**2)
-        self.directory = directory
-        self.label = label
-        _private_files(directory)
+    @property
+    def lost(self) -> bool:
+        return self.state.lost
 
     def read(
         self, magic: bytes, key: str, check: Callable[[dict[str, Any]], None] | None = None
     ) -> tuple[dict[str, Any] | None, float, str | None]:
-        """``(value, stored_at, problem)``: value None when absent, unreadable or corrupt.
-
-        A corrupt entry (checksum, key, shape, or ``check`` raising :class:`CorruptEntry`) is
-        deleted; unreadable and corrupt entries are logged, and ``problem`` says what happened.
-        """
-        try:
-            raw = self.get(key)
-        except Exception as e:
-            log.warning("%s entry unreadable (%s): %s: %s", self.label, key[:24], type(e).__name__, e)
-            return None, 0.0, f"unreadable entry: {type(e).__name__}"
-        if raw is None:
-            return None, 0.0, None
-        try:
-            value, stored_at = decode_entry(magic, key, raw)
-            if check is not None:
-                check(value)
-        except CorruptEntry as e:
-            log.warning("%s entry corrupt, ignored and deleted (%s): %s", self.label, key[:24], e)
-            try:
-                self.delete(key)
-            except Exception:
-                pass
-            return None, 0.0, f"corrupt entry: {e}"
-        return value, stored_at, None
+        """``(value, stored_at, problem)``: value None when absent, unreadable, corrupt or the state lost."""
+        return self.space(key).read(magic, key, check)
 
     def get(self, key: str) -> Any:
-        return self.cache.get(key, default=None, retry=True)
+        return self.space(key).get(key)
 
     def set(self, key: str, value: bytes, ttl: float | None) -> None:
-        self.cache.set(key, value, expire=ttl, retry=True)
-        if len(value) >= 8 * 1024**2:
-            _private_files(self.directory)
+        self.space(key).set(key, value, ttl)
 
     def delete(self, key: str) -> None:
-        self.cache.delete(key, retry=True)
+        self.space(key).delete(key)
 
-    def close(self) -> None:
-        self.cache.close()
+
+def open_store(ctx: Any, name: str, directory: str | None, size_limit: int, label: str) -> SharedStore:
+    """The plugin's store ``name`` on the state ``ctx`` is configured with (``state`` in config).
+
+    ``directory`` is where the embedded backend keeps it (Redis ignores it); ``size_limit`` caps the
+    bytes of each API key's entries. Raises when the embedded directory cannot be used.
+    """
+    return SharedStore(open_state(getattr(ctx, "state_url", EMBEDDED)), name, directory, size_limit, label)

@@ -19,6 +19,7 @@ import pluggy
 
 from .errors import ConfigError
 from .plugins import check_enabled, configure, get_plugin_manager, installed
+from .state import check_url as check_state_url
 
 DEFAULT_PLUGINS = ["summarize", "prune", "cache_align"]
 DEFAULT_RUNS_DIR = ".tokensaver/runs"
@@ -36,6 +37,7 @@ CORE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "token_count": ((str,), "'estimate' or 'exact'"),
     "plugin_timeout": ((int, float), "seconds a plugin hook may take, more than 0 and at most 3600"),
     "plugin_timeouts": ((dict,), "a table of plugin name -> seconds, overriding plugin_timeout"),
+    "state": ((str,), "'embedded' (the default) or a redis:// URL shared by every replica"),
     "prices": (
         (dict,),
         "a table of model -> {input, output, cache_write_5m, cache_write_1h, cache_read, ...}",
@@ -63,6 +65,7 @@ class Config:
     runs_dir: str = DEFAULT_RUNS_DIR
     record: bool = True
     token_count: str = "estimate"
+    state: str = "embedded"  # where plugins keep state across calls (tokensaver.state)
     prices: dict[str, dict[str, Any]] = field(default_factory=dict)
     plugin_timeout: float = DEFAULT_PLUGIN_TIMEOUT
     plugin_timeouts: dict[str, float] = field(default_factory=dict)
@@ -83,6 +86,7 @@ class Config:
             "runs_dir": self.runs_dir,
             "record": self.record,
             "token_count": self.token_count,
+            "state": "redis" if self.state.startswith(("redis", "unix")) else self.state,
             "plugin_timeout": self.plugin_timeout,
             "plugin_timeouts": dict(self.plugin_timeouts),
             "settings": {k: v for k, v in self.plugin_settings.items() if k in self.plugins},
@@ -194,6 +198,8 @@ def load_config(
                         )
                     if len(set(value)) != len(value):
                         raise ConfigError("a plugin is listed twice in 'plugins'", key=key, source=source)
+                if key == "state" and check_state_url(value):
+                    raise ConfigError(check_state_url(value) or "", key=key, source=source)
                 if key == "token_count" and value not in TOKEN_COUNT_MODES:
                     raise ConfigError(
                         f"token_count must be one of {', '.join(TOKEN_COUNT_MODES)}, not {value!r}",

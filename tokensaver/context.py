@@ -16,6 +16,7 @@ import orjson
 
 from .errors import ModelCallError
 from .pricing import ModelInfo, PriceTable, normalize_usage
+from .state import State, open_state
 from .tokens import TokenCounter, content_hash, content_memo, fast_digest
 
 _STATE_LOCK = threading.Lock()
@@ -145,6 +146,8 @@ class CallContext:
     # request as transformed) and the message the caller was handed for it (streamed: rounds joined)
     exchange_request: dict[str, Any] | None = None
     exchange_answer: dict[str, Any] | None = None
+    # the config's ``state`` (set by the pipeline): where ``store`` keeps what outlives a call
+    state_url: str = "embedded"
 
     @property
     def state(self) -> dict[str, Any]:
@@ -165,6 +168,12 @@ class CallContext:
                     if name not in state:
                         state[name] = make()
         return state
+
+    @property
+    def store(self) -> State:
+        """The process's :class:`~tokensaver.state.State` for the config's ``state`` (embedded or Redis):
+        ``ctx.store.space(name, ctx.key_hash, cap=...)`` is a namespace of this API key's entries."""
+        return open_state(self.state_url)
 
     @contextlib.contextmanager
     def waiting(self, seconds: float) -> Iterator[None]:

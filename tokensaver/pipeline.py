@@ -292,6 +292,7 @@ class Pipeline:
             now=now,
             _states=self.states,
             upstream=upstream,
+            state_url=self.config.state,
         )
         original = body
         tokens_original = self.counter.request(body, memo)

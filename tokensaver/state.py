@@ -1,0 +1,643 @@
+"""State kept across calls, behind one interface: embedded (private diskcache dirs) or Redis (a fleet).
+
+Everything a plugin keeps past one call goes through a :class:`Space`: a namespace made of a store
+name (``"memo"``, ``"summaries"``) and the caller's API-key hash (``ctx.key_hash``), so one key's
+entries never reach another and each key has its own byte cap. A plugin reaches the process's
+:class:`State` with ``ctx.store`` (the config key ``state``) and opens ``ctx.store.space(name,
+ctx.key_hash, cap=...)``.
+
+Backends (``state`` in config):
+
+- ``"embedded"`` (the default, nothing to install): one private diskcache directory per store
+  (0700, its files 0600), shared by the processes of one machine;
+- ``"redis://host:port/db"`` (``rediss://`` for TLS): one Redis for every replica, through redis-py.
+
+Values are JSON, never pickles: each entry is the bytes of a magic line, the sha256 of the payload
+and the JSON payload ``{key, stored_at, message[, expires_at]}``, checked on every read, so a damaged
+or foreign entry is a miss (deleted, logged, never a wrong answer). TTLs hold on the caller's clock
+(``now``, which a trace replay drives) and on the backend's real one. ``add`` and ``claim`` are
+atomic across processes and replicas (single flight). A namespace's cap bounds the bytes of its
+live entries: the oldest stored go first, the entry just written stays; an entry larger than the
+cap is not stored.
+
+Redis fails open: when it cannot be reached (down, restarting, a network cut), reads are misses and
+writes no-ops, so calls are answered; a warning is logged once per outage, :attr:`State.lost` is set
+(``problem`` says ``state lost`` on reads, which plugins record in the run ledger), and the backend
+tries again with a growing backoff (0.25 s to 5 s) until Redis answers. Socket timeouts are short
+(``REDIS_TIMEOUT``): an unreachable Redis never holds a call for long.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._files import private_dir
+from .tokens import canonical_json
+
+log = logging.getLogger("tokensaver.state")
+
+EMBEDDED = "embedded"
+DEFAULT_MAGIC = b"tsstate1\n"
+REDIS_TIMEOUT = 0.25  # seconds per Redis socket operation and connect
+BACKOFF_MIN, BACKOFF_MAX = 0.25, 5.0
+# the diskcache file's own overhead (SQLite pages, free pages) allowed on top of a namespace cap
+DISK_OVERHEAD = 16 * 1024**2
+BIG_VALUE = 8 * 1024**2  # values below stay inside SQLite
+
+
+def check_url(value: str) -> str | None:
+    """Why ``value`` is not an accepted ``state`` setting, else None."""
+    if value == EMBEDDED or value.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return f"state must be 'embedded' or a redis:// (rediss://, unix://) URL, not {value!r}"
+
+
+def cache_dir(name: str) -> str:
+    """``$TOKENSAVER_CACHE_DIR/<name>``, else ``$XDG_CACHE_HOME/tokensaver/<name>``, else ``~/.cache/tokensaver/<name>``."""
+    env = os.environ.get("TOKENSAVER_CACHE_DIR")
+    if env:
+        return str(Path(env).expanduser() / name)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return str(base / "tokensaver" / name)
+
+
+# -- entries ----------------------------------------------------------------------------------
+
+
+class CorruptEntry(ValueError):
+    """A stored entry that fails its checksum, its key check or its shape."""
+
+
+def encode_entry(
+    magic: bytes, key: str, value: dict[str, Any], stored_at: float, expires_at: float | None = None
+) -> bytes:
+    """Entry bytes: ``magic``, sha256 of the payload, then JSON of {key, stored_at, message[, expires_at]}."""
+    doc: dict[str, Any] = {"key": key, "stored_at": stored_at, "message": value}
+    if expires_at is not None:
+        doc["expires_at"] = expires_at
+    payload = canonical_json(doc).encode()
+    return magic + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+
+
+def decode_doc(magic: bytes, key: str, raw: Any) -> dict[str, Any]:
+    """The checked payload ``{key, stored_at, message, ...}``; raise CorruptEntry on any mismatch."""
+    if isinstance(raw, str):
+        raw = raw.encode()
+    if not isinstance(raw, (bytes, bytearray)) or not raw.startswith(magic):
+        raise CorruptEntry("not an entry of this store")
+    rest = bytes(raw[len(magic) :])
+    digest, sep, payload = rest.partition(b"\n")
+    if not sep or hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CorruptEntry("checksum mismatch")
+    try:
+        doc = json.loads(payload)
+    except ValueError as e:
+        raise CorruptEntry(f"bad JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("key") != key:
+        raise CorruptEntry("entry stored under another key")
+    if not isinstance(doc.get("message"), dict):
+        raise CorruptEntry("stored value is not an object")
+    return doc
+
+
+def decode_entry(magic: bytes, key: str, raw: Any) -> tuple[dict[str, Any], float]:
+    """The stored value and its store time; raise CorruptEntry on any mismatch."""
+    doc = decode_doc(magic, key, raw)
+    return doc["message"], float(doc.get("stored_at") or 0.0)
+
+
+# -- backends ---------------------------------------------------------------------------------
+
+
+class Backend:
+    """Raw entry bytes by (namespace, key). Every method fails open: errors are misses/no-ops."""
+
+    url = EMBEDDED
+    lost = False  # the backend was unreachable at its latest attempt
+    losses = 0  # outages seen by this process
+
+    def get(self, space: Space, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    def put(self, space: Space, key: str, raw: bytes, ttl: float | None, *, only_new: bool = False) -> bool:
+        """Store ``raw`` (``only_new``: only when absent, atomically); True when stored."""
+        raise NotImplementedError
+
+    def delete(self, space: Space, key: str) -> None:
+        raise NotImplementedError
+
+    def release(self, space: Space, key: str, token: str) -> None:
+        """Delete ``key`` if it still holds ``token`` (a claim's end), atomically."""
+        raise NotImplementedError
+
+    def usage(self, space: Space) -> int:
+        """Bytes of the namespace's live entries."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _private_files(path: str) -> None:
+    for child in Path(path).rglob("*"):
+        try:
+            want = 0o700 if child.is_dir() else 0o600
+            if stat.S_IMODE(child.stat().st_mode) != want:
+                os.chmod(child, want)
+        except OSError:
+            pass
+
+
+def _owned_private_dir(path: str) -> None:
+    p = private_dir(path)
+    st = p.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise PermissionError(f"cache dir {path} is owned by another user")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(p, 0o700)
+
+
+class Store:
+    """A diskcache directory private to the user, holding checksummed JSON entries (never pickles)."""
+
+    def __init__(self, directory: str, size_limit: int, label: str = "store") -> None:
+        import diskcache
+
+        _owned_private_dir(directory)
+        # values up to 8 MiB stay in SQLite; whatever diskcache writes is made 0600 below
+        self.cache = diskcache.Cache(directory, size_limit=size_limit, disk_min_file_size=BIG_VALUE)
+        self.directory = directory
+        self.label = label
+        self._claims: Any = None
+        self._lock = threading.Lock()
+        _private_files(directory)
+
+    def read(
+        self, magic: bytes, key: str, check: Callable[[dict[str, Any]], None] | None = None
+    ) -> tuple[dict[str, Any] | None, float, str | None]:
+        """``(value, stored_at, problem)``: value None when absent, unreadable or corrupt (see :func:`read_entry`)."""
+        value, doc, problem = read_entry(self.get, self.delete, self.label, magic, key, check)
+        return value, float((doc or {}).get("stored_at") or 0.0), problem
+
+    def get(self, key: str) -> Any:
+        return self.cache.get(key, default=None, retry=True)
+
+    def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        if not isinstance(value, bytes):
+            raise TypeError("a store holds entry bytes (JSON), never other objects")
+        self.cache.set(key, value, expire=ttl, retry=True)
+        if len(value) >= BIG_VALUE:
+            _private_files(self.directory)
+
+    def delete(self, key: str) -> None:
+        self.cache.delete(key, retry=True)
+
+    def claims(self) -> Any:
+        """The directory's claims (a diskcache of its own under ``claims/``, made when first used)."""
+        with self._lock:
+            if self._claims is None:
+                import diskcache
+
+                path = os.path.join(self.directory, "claims")
+                _owned_private_dir(path)
+                self._claims = diskcache.Cache(path, size_limit=64 * 1024**2)
+                _private_files(path)
+            return self._claims
+
+    def close(self) -> None:
+        self.cache.close()
+        if self._claims is not None:
+            self._claims.close()
+
+
+def read_entry(
+    get: Callable[[str], Any],
+    delete: Callable[[str], None],
+    label: str,
+    magic: bytes,
+    key: str,
+    check: Callable[[dict[str, Any]], None] | None = None,
+    now: float | None = None,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str | None]:
+    """``(value, doc, problem)`` of one entry: value None when absent, expired, unreadable or corrupt.
+
+    A corrupt entry (checksum, key, shape, or ``check`` raising :class:`CorruptEntry`) is deleted;
+    unreadable and corrupt entries are logged, and ``problem`` says what happened.
+    """
+    try:
+        raw = get(key)
+    except Exception as e:
+        log.warning("%s entry unreadable (%s): %s: %s", label, key[:24], type(e).__name__, e)
+        return None, None, f"unreadable entry: {type(e).__name__}"
+    if raw is None:
+        return None, None, None
+    try:
+        doc = decode_doc(magic, key, raw)
+        if check is not None:
+            check(doc["message"])
+    except CorruptEntry as e:
+        log.warning("%s entry corrupt, ignored and deleted (%s): %s", label, key[:24], e)
+        try:
+            delete(key)
+        except Exception:
+            pass
+        return None, None, f"corrupt entry: {e}"
+    expires = doc.get("expires_at")
+    if isinstance(expires, (int, float)) and (time.time() if now is None else now) >= expires:
+        return None, None, None
+    return doc["message"], doc, None
+
+
+class Embedded(Backend):
+    """Private diskcache directories, one per store (its ``directory``, else :func:`cache_dir`)."""
+
+    def __init__(self) -> None:
+        # open while a namespace (or a plugin's store) holds them: dirs of finished clients close
+        self._stores: weakref.WeakValueDictionary[str, Store] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def store(self, space: Space) -> Store:
+        d = space.directory or cache_dir(space.name)
+        with self._lock:
+            st = self._stores.get(d)
+            if st is None:
+                st = self._stores[d] = Store(d, space.cap + DISK_OVERHEAD, space.label)
+            return st
+
+    def get(self, space: Space, key: str) -> bytes | None:
+        return self.store(space).get(space.backend_key(key))  # type: ignore[no-any-return]
+
+    def put(self, space: Space, key: str, raw: bytes, ttl: float | None, *, only_new: bool = False) -> bool:
+        st = self.store(space)
+        k = space.backend_key(key)
+        if space.cap and len(raw) > space.cap:
+            return False
+        with st.cache.transact(retry=True):
+            if only_new:
+                if not st.cache.add(k, raw, expire=ttl, retry=True):
+                    return False
+            else:
+                st.cache.set(k, raw, expire=ttl, retry=True)
+            if space.cap and st.cache.volume() > space.cap:  # the file's size bounds the live bytes
+                self._cull(st, space, k)
+        if len(raw) >= BIG_VALUE:
+            _private_files(st.directory)
+        return True
+
+    def _cull(self, st: Store, space: Space, keep: str) -> None:
+        # the oldest entries of this namespace go until its live bytes fit the cap (the new one stays)
+        rows = st.cache._sql(  # diskcache's own connection, inside the transaction
+            "SELECT key, coalesce(length(value), size), store_time FROM Cache WHERE raw = 1 AND key >= ? AND key < ?"
+            " AND (expire_time IS NULL OR expire_time > ?) ORDER BY store_time, rowid",
+            (space.prefix, space.prefix + "\uffff", time.time()),
+        ).fetchall()
+        total = sum(n or 0 for _, n, _ in rows)
+        for k, n, _ in rows:
+            if total <= space.cap:
+                break
+            if k == keep:
+                continue
+            st.cache.delete(k, retry=True)
+            total -= n or 0
+
+    def delete(self, space: Space, key: str) -> None:
+        self.store(space).delete(space.backend_key(key))
+
+    def release(self, space: Space, key: str, token: str) -> None:
+        claims = self.store(space).claims()
+        k = space.backend_key(key)
+        with claims.transact(retry=True):
+            if claims.get(k, retry=True) == token:
+                claims.delete(k, retry=True)
+
+    def claim(self, space: Space, key: str, token: str, ttl: float) -> bool:
+        return bool(self.store(space).claims().add(space.backend_key(key), token, expire=ttl, retry=True))
+
+    def usage(self, space: Space) -> int:
+        st = self.store(space)
+        row = st.cache._sql(
+            "SELECT sum(coalesce(length(value), size)) FROM Cache WHERE raw = 1 AND key >= ? AND key < ?"
+            " AND (expire_time IS NULL OR expire_time > ?)",
+            (space.prefix, space.prefix + "\uffff", time.time()),
+        ).fetchone()
+        return int(row[0] or 0)
+
+    def close(self) -> None:
+        with self._lock:
+            for st in self._stores.values():
+                st.close()
+            self._stores.clear()
+
+
+# KEYS: entry, sizes (hash member -> bytes), order (zset member -> seq), total, seq
+# ARGV: member, value, ttl ms (0: none), cap (0: none), only_new (1/0), entry key prefix
+_PUT = """
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local size = string.len(ARGV[2])
+local cap = tonumber(ARGV[4])
+if cap > 0 and size > cap then return 0 end
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl) else redis.call('SET', KEYS[1], ARGV[2]) end
+local old = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+redis.call('HSET', KEYS[2], ARGV[1], size)
+local total = redis.call('INCRBY', KEYS[4], size - old)
+redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), ARGV[1])
+while cap > 0 and total > cap do
+  local oldest = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  if not oldest or oldest == ARGV[1] then break end
+  redis.call('ZREM', KEYS[3], oldest)
+  local n = tonumber(redis.call('HGET', KEYS[2], oldest) or '0')
+  redis.call('HDEL', KEYS[2], oldest)
+  redis.call('DEL', ARGV[6] .. oldest)
+  total = redis.call('INCRBY', KEYS[4], -n)
+end
+return 1
+"""
+# KEYS: entry, sizes, order, total; ARGV: member
+_DELETE = """
+redis.call('DEL', KEYS[1])
+local n = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if n > 0 then redis.call('DECRBY', KEYS[4], n) end
+return 1
+"""
+# KEYS: claim; ARGV: token
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Redis(Backend):
+    """One Redis for every replica (redis-py), failing open with a backoff while it is unreachable."""
+
+    def __init__(self, url: str, *, prefix: str = "tokensaver:") -> None:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.url = url
+        self.prefix = prefix
+        self.errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=REDIS_TIMEOUT,
+            socket_connect_timeout=REDIS_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),  # no hidden retries: a call never waits on a dead Redis
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        self._put = self.client.register_script(_PUT)
+        self._delete = self.client.register_script(_DELETE)
+        self._release = self.client.register_script(_RELEASE)
+        self._lock = threading.Lock()
+        self._next_try = 0.0
+        self._backoff = BACKOFF_MIN
+
+    def _run(self, default: Any, fn: Callable[[], Any]) -> Any:
+        if self.lost and time.monotonic() < self._next_try:
+            return default
+        try:
+            out = fn()
+        except self.errors as e:
+            self._lose(e)
+            return default
+        if self.lost:
+            with self._lock:
+                if self.lost:
+                    self.lost = False
+                    self._backoff = BACKOFF_MIN
+                    log.warning("state: %s answers again; shared state is back", self._where())
+        return out
+
+    def _lose(self, e: BaseException) -> None:
+        with self._lock:
+            if not self.lost:
+                self.lost = True
+                self.losses += 1
+                log.warning(
+                    "state lost: %s unreachable (%s: %s); calls go on without shared state until it returns",
+                    self._where(),
+                    type(e).__name__,
+                    e,
+                )
+            else:
+                self._backoff = min(BACKOFF_MAX, self._backoff * 2)
+            self._next_try = time.monotonic() + self._backoff
+
+    def _where(self) -> str:
+        kw = self.client.connection_pool.connection_kwargs
+        if "path" in kw:
+            return f"redis at {kw['path']}"
+        return f"redis at {kw.get('host')}:{kw.get('port')}"
+
+    def _keys(self, space: Space, key: str) -> list[str]:
+        base = self.prefix + space.prefix
+        return [base + key, base + "~sizes", base + "~order", base + "~total", base + "~seq"]
+
+    def get(self, space: Space, key: str) -> bytes | None:
+        return self._run(None, lambda: self.client.get(self._keys(space, key)[0]))  # type: ignore[no-any-return]
+
+    def put(self, space: Space, key: str, raw: bytes, ttl: float | None, *, only_new: bool = False) -> bool:
+        ms = 0 if ttl is None else max(1, int(ttl * 1000))
+        args = [key, raw, ms, space.cap or 0, 1 if only_new else 0, self.prefix + space.prefix]
+        return bool(self._run(0, lambda: self._put(keys=self._keys(space, key), args=args)))
+
+    def delete(self, space: Space, key: str) -> None:
+        self._run(None, lambda: self._delete(keys=self._keys(space, key)[:4], args=[key]))
+
+    def claim(self, space: Space, key: str, token: str, ttl: float) -> bool:
+        k = self.prefix + space.prefix + "~claim:" + key
+        px = max(1, int(ttl * 1000))
+        return bool(self._run(False, lambda: self.client.set(k, token, nx=True, px=px)))
+
+    def release(self, space: Space, key: str, token: str) -> None:
+        k = self.prefix + space.prefix + "~claim:" + key
+        self._run(None, lambda: self._release(keys=[k], args=[token]))
+
+    def usage(self, space: Space) -> int:
+        return int(self._run(0, lambda: self.client.get(self._keys(space, "")[3])) or 0)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# -- the interface plugins use ----------------------------------------------------------------
+
+
+class Claim:
+    """A key claimed by one call across processes and replicas; :meth:`release` ends it."""
+
+    def __init__(self, space: Space, key: str, token: str) -> None:
+        self.space, self.key, self.token = space, key, token
+
+    def release(self) -> None:
+        self.space.state.backend.release(self.space, self.key, self.token)
+
+
+class Space:
+    """One namespace (a store name and an API-key hash) of a :class:`State`.
+
+    Keys are the plugin's own; the backend files them under the first 16 hex digits of the key
+    hash (a key that already starts with ``<those 16>:`` is kept as it is).
+    """
+
+    def __init__(
+        self,
+        state: State,
+        name: str,
+        key_hash: str,
+        *,
+        cap: int,
+        directory: str | None = None,
+        label: str | None = None,
+        magic: bytes = DEFAULT_MAGIC,
+    ) -> None:
+        self.state, self.name, self.key_hash = state, name, key_hash
+        self.cap, self.directory, self.label, self.magic = int(cap), directory, label or name, magic
+        ns = f"{key_hash[:16]}:" if key_hash else ""  # "": the store's shared namespace
+        if isinstance(state.backend, Redis):
+            self.prefix = f"{name}:{ns or '-:'}"
+        else:
+            self.prefix = ns
+            self._pin = state.backend.store(self)  # type: ignore[attr-defined]  # raises if unusable
+
+    def backend_key(self, key: str) -> str:
+        """The key as the embedded backend files it (with the namespace's key-hash prefix)."""
+        return key if key.startswith(self.prefix) else self.prefix + key
+
+    @property
+    def cache(self) -> Any:
+        """The embedded backend's diskcache (tests and tools); None on Redis."""
+        pin = getattr(self, "_pin", None)
+        return pin.cache if pin is not None else None
+
+    @property
+    def lost(self) -> bool:
+        return self.state.backend.lost
+
+    # the JSON interface
+
+    def read(
+        self,
+        magic: bytes | None,
+        key: str,
+        check: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        now: float | None = None,
+    ) -> tuple[dict[str, Any] | None, float, str | None]:
+        """``(value, stored_at, problem)``: value None when absent, expired on ``now``, unreadable or
+        corrupt; ``problem`` names a corrupt or unreadable entry, or ``state lost`` when the backend is gone."""
+        b = self.state.backend
+        value, doc, problem = read_entry(
+            lambda k: b.get(self, k), self.delete, self.label, magic or self.magic, key, check, now
+        )
+        if problem is None and b.lost:
+            problem = f"state lost: {b.url.split('@')[-1]} unreachable (a miss)"
+        return value, float((doc or {}).get("stored_at") or 0.0), problem
+
+    def load(
+        self, key: str, *, magic: bytes | None = None, now: float | None = None
+    ) -> dict[str, Any] | None:
+        """The value stored under ``key``, else None (absent, expired, corrupt, backend lost)."""
+        return self.read(magic, key, now=now)[0]
+
+    def save(
+        self,
+        key: str,
+        value: dict[str, Any],
+        *,
+        ttl: float | None = None,
+        now: float | None = None,
+        magic: bytes | None = None,
+        only_new: bool = False,
+    ) -> bool:
+        """Store a JSON object for ``ttl`` seconds (on ``now``'s clock and the backend's); True when stored."""
+        t = time.time() if now is None else now
+        raw = encode_entry(magic or self.magic, key, value, t, None if ttl is None else t + ttl)
+        return self.state.backend.put(self, key, raw, ttl, only_new=only_new)
+
+    def add(self, key: str, value: dict[str, Any], **kw: Any) -> bool:
+        """:meth:`save` only when ``key`` holds nothing, atomically across processes; True when stored."""
+        return self.save(key, value, only_new=True, **kw)
+
+    def delete(self, key: str) -> None:
+        self.state.backend.delete(self, key)
+
+    def claim(self, key: str, ttl: float) -> Claim | None:
+        """Claim ``key`` for ``ttl`` seconds at most (single flight across processes); None: claimed already."""
+        token = uuid.uuid4().hex
+        backend: Any = self.state.backend
+        return Claim(self, key, token) if backend.claim(self, key, token, ttl) else None
+
+    def usage(self) -> int:
+        """Bytes of this namespace's live entries."""
+        return self.state.backend.usage(self)
+
+    # the raw-entry interface of plugins/_store.Store (entries made by encode_entry)
+
+    def get(self, key: str) -> bytes | None:
+        return self.state.backend.get(self, key)
+
+    def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        if not isinstance(value, bytes):
+            raise TypeError("a state holds entry bytes (JSON), never other objects")
+        self.state.backend.put(self, key, value, ttl)
+
+
+class State:
+    """The process's state for one ``state`` setting: a backend and the namespaces opened on it."""
+
+    def __init__(self, url: str = EMBEDDED) -> None:
+        problem = check_url(url)
+        if problem:
+            raise ValueError(problem)
+        self.url = url
+        self.backend: Backend = Embedded() if url == EMBEDDED else Redis(url)
+
+    def space(self, name: str, key_hash: str, *, cap: int, directory: str | None = None, **kw: Any) -> Space:
+        """The namespace ``name`` of API-key hash ``key_hash``, its live entries at most ``cap`` bytes.
+
+        ``directory``: the embedded backend's diskcache directory for ``name`` (default
+        :func:`cache_dir`); ignored by Redis.
+        """
+        return Space(self, name, key_hash, cap=cap, directory=directory, **kw)
+
+    @property
+    def lost(self) -> bool:
+        """The backend was unreachable at its latest attempt (Redis only)."""
+        return self.backend.lost
+
+    def status(self) -> dict[str, Any]:
+        """``{"backend", "lost", "losses"}`` for records and reports (no credentials)."""
+        kind = "embedded" if self.url == EMBEDDED else "redis"
+        return {"backend": kind, "lost": self.backend.lost, "losses": self.backend.losses}
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+_STATES: dict[str, State] = {}
+_STATES_LOCK = threading.Lock()
+
+
+def open_state(url: str = EMBEDDED) -> State:
+    """The process's :class:`State` for ``url`` (one per URL: one connection pool, one set of dirs)."""
+    with _STATES_LOCK:
+        st = _STATES.get(url)
+        if st is None:
+            st = _STATES[url] = State(url)
+        return st
