@@ -30,7 +30,7 @@ from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ord
 from .pricing import PriceTable, normalize_usage
 from .run import Run, redact_keys, redact_text
 from .tokens import Memo, body_blocks, default_counter
-from .validate import Sizes, message_problem, stage_problem
+from .validate import Scans, Sizes, message_problem, stage_problem
 
 MEMORY_RECORDS = 10_000
 SECRET_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "cookie", "x-goog-api-key")
@@ -218,6 +218,7 @@ class Call:
     guard: _Guard = field(default_factory=lambda: _Guard())  # the copies its plugins get, its counts
     sizes: Sizes = field(default_factory=dict)  # per-block sizes by identity, for the 32 MB check
     facts: BillingMemo = field(default_factory=dict)  # the caller's blocks' digests and counts, by identity
+    scans: Scans = field(default_factory=dict)  # each stage body's thinking blocks, by identity
 
 
 class Pipeline:
@@ -322,7 +323,7 @@ class Pipeline:
                     if result == current:
                         result = None  # the same request: the caller's bytes go out as they came
                     else:
-                        problem = stage_problem(result, current, call.sizes)
+                        problem = stage_problem(result, current, call.sizes, call.scans)
                         if problem:
                             raise PluginFault(f"invalid_output: {problem}")
             except Exception as exc:

@@ -29,13 +29,19 @@ _MAX_BYTES_PER_CHAR = 6
 
 
 Sizes = dict[int, tuple[Any, int]]  # id(block) -> (the block, kept alive; its _chars)
+# id(body) -> (the body, kept alive; its thinking blocks with their message index)
+Scans = dict[int, tuple[Any, list[tuple[int, dict[str, Any]]]]]
 
 
-def stage_problem(output: Any, given: dict[str, Any], sizes: Sizes | None = None) -> str | None:
+def stage_problem(
+    output: Any, given: dict[str, Any], sizes: Sizes | None = None, scans: Scans | None = None
+) -> str | None:
     """The first API rule ``output`` breaks that ``given`` (the stage's input) kept, or None.
 
     :param sizes: per-block sizes by identity, filled and reused by later calls given the same dict
         (a call's stage outputs share the blocks they did not change, which nothing edits).
+    :param scans: each body's thinking blocks by identity, filled and reused the same way (a stage's
+        output is the next stage's input: scanned once).
     """
     problems = request_problems(output, sizes)
     if problems:
@@ -44,7 +50,7 @@ def stage_problem(output: Any, given: dict[str, Any], sizes: Sizes | None = None
             if rule not in before:
                 return rule
         return None
-    return thinking_problem(output, given)
+    return thinking_problem(output, given, scans)
 
 
 def request_problems(body: Any, sizes: Sizes | None = None) -> list[str]:
@@ -145,21 +151,33 @@ def _message_problems(messages: list[Any]) -> list[str]:
     return sorted(set(out), key=out.index)
 
 
-def thinking_problem(output: dict[str, Any], given: dict[str, Any]) -> str | None:
+def thinking_problem(output: dict[str, Any], given: dict[str, Any], scans: Scans | None = None) -> str | None:
     """Thinking blocks are the model's, signed: none may change or appear, the last turn's stay."""
-    had = _thinking_blocks(given)
+    had = _scanned(given, scans)
     if not had:
-        return None if not _thinking_blocks(output) else "thinking: a thinking block the input had not"
+        return None if not _scanned(output, scans) else "thinking: a thinking block the input had not"
     known: dict[str, list[dict[str, Any]]] = {}
     for _, b in had:
         known.setdefault(_thinking_key(b), []).append(b)
-    for _, b in _thinking_blocks(output):
+    for _, b in _scanned(output, scans):
         if b not in known.get(_thinking_key(b), ()):
             return "thinking: a thinking block or its signature changed"
     last_in = _last_assistant_thinking(given)
     if last_in and _last_assistant_thinking(output) != last_in:
         return "thinking: the last assistant turn lost its thinking blocks"
     return None
+
+
+def _scanned(body: dict[str, Any], scans: Scans | None) -> list[tuple[int, dict[str, Any]]]:
+    """``_thinking_blocks(body)``, kept in ``scans`` by the body's identity."""
+    if scans is None:
+        return _thinking_blocks(body)
+    seen = scans.get(id(body))
+    if seen is not None and seen[0] is body:
+        return seen[1]
+    found = _thinking_blocks(body)
+    scans[id(body)] = (body, found)
+    return found
 
 
 def _thinking_blocks(body: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
