@@ -170,7 +170,7 @@ class TokensaverProxy:
         dashboard = Dashboard(self)
         dashboard.install(app)  # GET / and /_tokensaver/...: the live page, never forwarded
         # GET /metrics: Prometheus text of this process's calls, behind the page's access check, never forwarded
-        app.router.add_get("/metrics", scrape_handler(dashboard._allowed))
+        app.router.add_get("/metrics", scrape_handler(dashboard.allowed))
         app.router.add_route("*", "/{tail:.*}", self.handle)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
