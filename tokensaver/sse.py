@@ -71,65 +71,72 @@ def _chunks(text: str, size: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
+def _start(index: int, block: dict[str, Any]) -> bytes:
+    return sse_event(
+        "content_block_start", {"type": "content_block_start", "index": index, "content_block": block}
+    )
+
+
+def _text_start(block: dict[str, Any]) -> dict[str, Any]:
+    start = {k: v for k, v in block.items() if k not in ("text", "citations")}
+    start["text"] = ""
+    citations = block.get("citations")
+    if isinstance(citations, list):
+        start["citations"] = []
+    elif "citations" in block:
+        start["citations"] = citations
+    return start
+
+
+def _text_deltas(block: dict[str, Any]) -> list[dict[str, Any]]:
+    citations = block.get("citations")
+    out: list[dict[str, Any]] = [
+        {"type": "citations_delta", "citation": c} for c in (citations if isinstance(citations, list) else [])
+    ]
+    out.extend({"type": "text_delta", "text": piece} for piece in _chunks(block.get("text", ""), TEXT_CHUNK))
+    return out
+
+
+def _tool_input_deltas(block: dict[str, Any]) -> list[dict[str, Any]]:
+    raw = block.get("input")
+    if not raw:
+        return [{"type": "input_json_delta", "partial_json": ""}]
+    text = json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+    return [{"type": "input_json_delta", "partial_json": piece} for piece in _chunks(text, JSON_CHUNK)]
+
+
+def _thinking_start(block: dict[str, Any]) -> dict[str, Any]:
+    start = {k: v for k, v in block.items() if k not in ("thinking", "signature")}
+    start["thinking"] = ""
+    start["signature"] = ""
+    return start
+
+
+def _thinking_deltas(block: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [
+        {"type": "thinking_delta", "thinking": piece}
+        for piece in _chunks(block.get("thinking", ""), TEXT_CHUNK)
+    ]
+    if block.get("signature"):
+        out.append({"type": "signature_delta", "signature": block["signature"]})
+    return out
+
+
 def _block_events(index: int, block: dict[str, Any]) -> list[bytes]:
     kind = block.get("type")
-    out: list[bytes] = []
-
-    def delta(d: dict[str, Any]) -> None:
-        out.append(
-            sse_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
-        )
-
     if kind == "text":
-        start = {k: v for k, v in block.items() if k not in ("text", "citations")}
-        start["text"] = ""
-        citations = block.get("citations")
-        if isinstance(citations, list):
-            start["citations"] = []
-        elif "citations" in block:
-            start["citations"] = citations
-        out.append(
-            sse_event(
-                "content_block_start", {"type": "content_block_start", "index": index, "content_block": start}
-            )
-        )
-        for c in citations if isinstance(citations, list) else []:
-            delta({"type": "citations_delta", "citation": c})
-        for piece in _chunks(block.get("text", ""), TEXT_CHUNK):
-            delta({"type": "text_delta", "text": piece})
+        start, deltas = _text_start(block), _text_deltas(block)
     elif kind in TOOL_INPUT_BLOCKS:
-        start = dict(block)
-        start["input"] = {}
-        out.append(
-            sse_event(
-                "content_block_start", {"type": "content_block_start", "index": index, "content_block": start}
-            )
-        )
-        raw = block.get("input")
-        if raw:
-            for piece in _chunks(json.dumps(raw, separators=(",", ":"), ensure_ascii=False), JSON_CHUNK):
-                delta({"type": "input_json_delta", "partial_json": piece})
-        else:
-            delta({"type": "input_json_delta", "partial_json": ""})
+        start, deltas = {**block, "input": {}}, _tool_input_deltas(block)
     elif kind == "thinking":
-        start = {k: v for k, v in block.items() if k not in ("thinking", "signature")}
-        start["thinking"] = ""
-        start["signature"] = ""
-        out.append(
-            sse_event(
-                "content_block_start", {"type": "content_block_start", "index": index, "content_block": start}
-            )
-        )
-        for piece in _chunks(block.get("thinking", ""), TEXT_CHUNK):
-            delta({"type": "thinking_delta", "thinking": piece})
-        if block.get("signature"):
-            delta({"type": "signature_delta", "signature": block["signature"]})
+        start, deltas = _thinking_start(block), _thinking_deltas(block)
     else:  # redacted_thinking, server tool results, ...: whole in the start event
-        out.append(
-            sse_event(
-                "content_block_start", {"type": "content_block_start", "index": index, "content_block": block}
-            )
-        )
+        start, deltas = block, []
+    out = [_start(index, start)]
+    out.extend(
+        sse_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
+        for d in deltas
+    )
     out.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": index}))
     return out
 

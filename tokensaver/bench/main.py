@@ -32,7 +32,15 @@ from .runner import (
     worker_source_task,
     worker_task,
 )
-from .specs import DEFAULT_CONFIGS, DEFAULT_GAP_SECONDS, SCOPES, build_specs, installed_plugins, scope_note
+from .specs import (
+    DEFAULT_CONFIGS,
+    DEFAULT_GAP_SECONDS,
+    SCOPES,
+    ConfigSpec,
+    build_specs,
+    installed_plugins,
+    scope_note,
+)
 
 SCHEMA = "tokensaver-bench/1"
 QUICK_LIMIT_CALLS = 6
@@ -107,11 +115,8 @@ class BenchOptions:
     half: str = "all"
 
 
-def run_bench(opts: BenchOptions) -> dict[str, Any]:
-    """Run the bench; the JSON-able result every rendering is made from."""
-    started = time.time()
-    t0 = time.perf_counter()
-    machine = machine_info()  # before the replays: the commit measured is the one at the start
+def _select(opts: BenchOptions) -> tuple[list[str | Path], list[TraceRef], Any, dict[str, Any]]:
+    """The trace paths, the conversations to replay (sorted, limited), the duplicates skipped, the split."""
     if opts.quick:
         if opts.limit_calls is None:
             opts.limit_calls = QUICK_LIMIT_CALLS
@@ -143,6 +148,110 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         raise TokensaverError(f"unknown cache scope {opts.scope!r}; accepted: {', '.join(SCOPES)}")
     if opts.gap_seconds < 0:
         raise TokensaverError("--gap-seconds must not be negative")
+    return paths, refs, dupes, split
+
+
+def _conv_meta(conv_id: str, source: str, ref: TraceRef, calls: int) -> dict[str, Any]:
+    return {"id": conv_id, "source": source, "path": ref.path, "calls": calls, "half": ref.half}
+
+
+def _replay_in_workers(
+    opts: BenchOptions,
+    refs: list[TraceRef],
+    by_source: dict[str, list[TraceRef]],
+    specs: list[ConfigSpec],
+    env: dict[str, str],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Replay in ``opts.jobs`` processes: the results and the conversations' metadata."""
+    results: list[dict[str, Any]] = []
+    # calls are unknown until a file is read: count them here (cheap next to a replay)
+    counts = {r.path: len(load_ref(r, opts.limit_calls).calls) for r in refs}
+    bar = Progress(sum(counts.values()) * len(specs), enabled=opts.progress)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(opts.jobs, mp_context=ctx, initializer=worker_init, initargs=(env,)) as pool:
+        futures: dict[Any, int] = {}
+        if opts.scope == "source":
+            # units of work: (source x configuration), the biggest first
+            units = sorted(
+                ((group, spec) for group in by_source.values() for spec in specs),
+                key=lambda u: -sum(r.size for r in u[0]),
+            )
+            for group, spec in units:
+                fut = pool.submit(worker_source_task, group, opts.limit_calls, spec, opts.gap_seconds)
+                futures[fut] = sum(counts[r.path] for r in group)
+        else:
+            for r in sorted(refs, key=lambda r: -r.size):
+                futures[pool.submit(worker_task, r, opts.limit_calls, specs)] = counts[r.path] * len(specs)
+        for fut in as_completed(futures):
+            results.extend(fut.result())
+            bar.update(futures[fut])
+    bar.close()
+    return results, [_conv_meta(Path(r.path).stem, r.source, r, counts[r.path]) for r in refs]
+
+
+def _replay_here(
+    opts: BenchOptions, refs: list[TraceRef], by_source: dict[str, list[TraceRef]], specs: list[ConfigSpec]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Replay in this process: the results and the conversations' metadata."""
+    results: list[dict[str, Any]] = []
+    order = {r.path: i for i, r in enumerate(refs)}
+    convs = [load_ref(r, opts.limit_calls) for r in refs]
+    bar = Progress(sum(len(c.calls) for c in convs) * len(specs), enabled=opts.progress)
+    try:
+        if opts.scope == "source":
+            for group in by_source.values():
+                group_convs = [convs[order[r.path]] for r in group]
+                results.extend(replay_source(group_convs, specs, opts.gap_seconds, tick=bar.update))
+        else:
+            for conv in convs:
+                results.extend(replay_conversation(conv, specs, tick=bar.update))
+    finally:
+        bar.close()
+    meta = [_conv_meta(c.id, c.source, r, len(c.calls)) for c, r in zip(convs, refs, strict=True)]
+    return results, meta
+
+
+def _measure(
+    opts: BenchOptions, refs: list[TraceRef]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """The overhead (wrap, proxy) and memory measurements, on up to 50 conversations."""
+    overhead: list[dict[str, Any]] = []
+    proxy_overhead: list[dict[str, Any]] = []
+    memory: dict[str, Any] = {}
+    if opts.overhead or opts.memory:
+        sample = [load_ref(r, None) for r in refs[:50]]
+        if opts.overhead:
+            sizes = QUICK_SIZES if opts.quick else SIZES
+            try:
+                overhead = measure_overhead(sample, sizes=sizes, reps=opts.overhead_reps)
+            except ValueError as exc:
+                overhead = [{"error": str(exc)}]
+            proxy_overhead = measure_proxy(opts.quick, opts.overhead_reps)
+        if opts.memory:
+            memory = measure_memory(sample, opts.limit_calls)
+    return overhead, proxy_overhead, memory
+
+
+def _headroom_info(results: list[dict[str, Any]], note: str | None, env: dict[str, str]) -> dict[str, Any]:
+    """Whether headroom ran, its version, and how (or why not)."""
+    info: dict[str, Any] = {"available": headroom.available(), "version": headroom.version()}
+    hr_rows = [r for r in results if r["config"] == "headroom"]
+    if note:
+        info["note"] = note
+    elif hr_rows and all(r.get("skipped") for r in hr_rows):
+        info["note"] = hr_rows[0]["skipped"]
+    elif hr_rows:
+        info["note"] = "ran offline: HEADROOM_OFFLINE=1, HEADROOM_BEACON=off, temporary workspace"
+        info["env"] = sorted(env)
+    return info
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    """Run the bench; the JSON-able result every rendering is made from."""
+    started = time.time()
+    t0 = time.perf_counter()
+    machine = machine_info()  # before the replays: the commit measured is the one at the start
+    paths, refs, dupes, split = _select(opts)
     by_source: dict[str, list[TraceRef]] = {}
     for r in refs:
         by_source.setdefault(r.source, []).append(r)
@@ -159,69 +268,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        convs_meta: list[dict[str, Any]] = []
-        results: list[dict[str, Any]] = []
-        order = {r.path: i for i, r in enumerate(refs)}
         if opts.jobs > 1 and (len(refs) > 1 or (opts.scope == "source" and len(specs) > 1)):
-            # calls are unknown until a file is read: count them here (cheap next to a replay)
-            counts = {r.path: len(load_ref(r, opts.limit_calls).calls) for r in refs}
-            bar = Progress(sum(counts.values()) * len(specs), enabled=opts.progress)
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(
-                opts.jobs, mp_context=ctx, initializer=worker_init, initargs=(env,)
-            ) as pool:
-                futures: dict[Any, int] = {}
-                if opts.scope == "source":
-                    # units of work: (source x configuration), the biggest first
-                    units = sorted(
-                        ((group, spec) for group in by_source.values() for spec in specs),
-                        key=lambda u: -sum(r.size for r in u[0]),
-                    )
-                    for group, spec in units:
-                        fut = pool.submit(worker_source_task, group, opts.limit_calls, spec, opts.gap_seconds)
-                        futures[fut] = sum(counts[r.path] for r in group)
-                else:
-                    for r in sorted(refs, key=lambda r: -r.size):
-                        futures[pool.submit(worker_task, r, opts.limit_calls, specs)] = counts[r.path] * len(
-                            specs
-                        )
-                for fut in as_completed(futures):
-                    results.extend(fut.result())
-                    bar.update(futures[fut])
-            bar.close()
-            for r in refs:
-                convs_meta.append(
-                    {
-                        "id": Path(r.path).stem,
-                        "source": r.source,
-                        "path": r.path,
-                        "calls": counts[r.path],
-                        "half": r.half,
-                    }
-                )
+            results, convs_meta = _replay_in_workers(opts, refs, by_source, specs, env)
         else:
-            convs = [load_ref(r, opts.limit_calls) for r in refs]
-            bar = Progress(sum(len(c.calls) for c in convs) * len(specs), enabled=opts.progress)
-            try:
-                if opts.scope == "source":
-                    for group in by_source.values():
-                        group_convs = [convs[order[r.path]] for r in group]
-                        results.extend(replay_source(group_convs, specs, opts.gap_seconds, tick=bar.update))
-                else:
-                    for conv in convs:
-                        results.extend(replay_conversation(conv, specs, tick=bar.update))
-            finally:
-                bar.close()
-            for conv, ref in zip(convs, refs, strict=True):
-                convs_meta.append(
-                    {
-                        "id": conv.id,
-                        "source": conv.source,
-                        "path": ref.path,
-                        "calls": len(conv.calls),
-                        "half": ref.half,
-                    }
-                )
+            results, convs_meta = _replay_here(opts, refs, by_source, specs)
         # one order whatever the jobs: by configuration, then conversation as listed
         spec_order = {s.name: i for i, s in enumerate(specs)}
         conv_order = {(m["source"], m["id"]): i for i, m in enumerate(convs_meta)}
@@ -232,32 +282,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             )
         )
         replay_seconds = time.perf_counter() - t0
-
-        overhead: list[dict[str, Any]] = []
-        proxy_overhead: list[dict[str, Any]] = []
-        memory: dict[str, Any] = {}
-        if opts.overhead or opts.memory:
-            sample = [load_ref(r, None) for r in refs[:50]]
-            if opts.overhead:
-                sizes = QUICK_SIZES if opts.quick else SIZES
-                try:
-                    overhead = measure_overhead(sample, sizes=sizes, reps=opts.overhead_reps)
-                except ValueError as exc:
-                    overhead = [{"error": str(exc)}]
-                proxy_overhead = measure_proxy(opts.quick, opts.overhead_reps)
-            if opts.memory:
-                memory = measure_memory(sample, opts.limit_calls)
-        headroom_info: dict[str, Any] = {"available": headroom.available(), "version": headroom.version()}
-        hr_rows = [r for r in results if r["config"] == "headroom"]
-        if headroom_note:
-            headroom_info["note"] = headroom_note
-        elif hr_rows and all(r.get("skipped") for r in hr_rows):
-            headroom_info["note"] = hr_rows[0]["skipped"]
-        elif hr_rows:
-            headroom_info["note"] = (
-                "ran offline: HEADROOM_OFFLINE=1, HEADROOM_BEACON=off, temporary workspace"
-            )
-            headroom_info["env"] = sorted(env)
+        overhead, proxy_overhead, memory = _measure(opts, refs)
+        headroom_info = _headroom_info(results, headroom_note, env)
     finally:
         close_worker()
         for k, v in saved_env.items():
