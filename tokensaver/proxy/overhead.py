@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from typing import Any
@@ -11,17 +10,10 @@ import httpx2
 from aiohttp import web
 
 from ..exchange import MESSAGES_PATH
+from ..report.aggregate import percentile
 from ..sse import message_to_sse
 from .server import BackgroundApp, ProxyServer
 from .wire import MAX_BODY
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 def _bench_body(i: int, size_tokens: int, stream: bool) -> dict[str, Any]:
@@ -142,6 +134,6 @@ def measure_proxy_overhead(
         ("pipeline", pipeline_ms),
         ("transport", transport),
     ):
-        out[f"{name}_p50_ms"] = round(_percentile(values, 50), 3)
-        out[f"{name}_p95_ms"] = round(_percentile(values, 95), 3)
+        out[f"{name}_p50_ms"] = round(percentile(values, 50) or 0.0, 3)  # nearest rank, as every report
+        out[f"{name}_p95_ms"] = round(percentile(values, 95) or 0.0, 3)
     return out
