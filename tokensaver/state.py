@@ -30,6 +30,7 @@ tries again with a growing backoff (0.25 s to 5 s) until Redis answers. Socket t
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -58,7 +59,11 @@ BIG_VALUE = 8 * 1024**2  # values below stay inside SQLite
 
 def check_url(value: str) -> str | None:
     """Why ``value`` is not an accepted ``state`` setting, else None."""
-    if value == EMBEDDED or value.startswith(("redis://", "rediss://", "unix://")):
+    if value == EMBEDDED:
+        return None
+    if value.startswith(("redis://", "rediss://", "unix://")):
+        if importlib.util.find_spec("redis") is None:
+            return "state = redis://... needs redis-py: pip install 'tokensaver[redis]'"
         return None
     return f"state must be 'embedded' or a redis:// (rediss://, unix://) URL, not {value!r}"
 
