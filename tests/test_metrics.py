@@ -117,7 +117,9 @@ def _install(tmp_path: Path) -> Path:
 def _module(source: str, name: str) -> Any:
     namespace: dict[str, Any] = {}
     exec(compile(source, name, "exec"), namespace)
-    return type(name, (), {"tokensaver_transform_request": staticmethod(namespace["tokensaver_transform_request"])})
+    return type(
+        name, (), {"tokensaver_transform_request": staticmethod(namespace["tokensaver_transform_request"])}
+    )
 
 
 def _conversation(client: Any) -> None:
@@ -149,7 +151,11 @@ def _expected(records: list[dict[str, Any]], door: str) -> tuple[Figures, tuple[
         add("tokensaver.cost.counterfactual", call, r["counterfactual_usd"])
         add("tokensaver.cost.saved", call, r["saved_usd"])
         if r["short_circuit"]:
-            add("tokensaver.short_circuits", frozenset({**dict(call), "plugin": r["short_circuit"]}.items()), 1)
+            add(
+                "tokensaver.short_circuits",
+                frozenset({**dict(call), "plugin": r["short_circuit"]}.items()),
+                1,
+            )
         else:
             add("tokensaver.cache.read", call, r["usage"]["cache_read_input_tokens"])
             add("tokensaver.cache.write", call, r["usage"]["cache_creation_input_tokens"])
@@ -318,7 +324,10 @@ def test_wrap_metrics_to_a_meter_provider_of_their_own(
                         model=MODEL, max_tokens=32, system=SYSTEM, messages=[{"role": "user", "content": q}]
                     )
                 async with client.messages.stream(
-                    model=MODEL, max_tokens=32, system=SYSTEM, messages=[{"role": "user", "content": "And 4 + 4?"}]
+                    model=MODEL,
+                    max_tokens=32,
+                    system=SYSTEM,
+                    messages=[{"role": "user", "content": "And 4 + 4?"}],
                 ) as stream:
                     await stream.get_final_message()
 
@@ -333,3 +342,40 @@ def test_wrap_metrics_to_a_meter_provider_of_their_own(
     # and nothing of it went to the global provider
     moved, _ = _minus(_read(global_reader), global_before)
     assert not any(v for series in moved.values() for v in series.values())
+
+
+# -- the endpoint itself -----------------------------------------------------------------------------
+
+
+def test_metrics_endpoint_is_the_proxys_own_behind_its_token(emu: Emulator, tmp_path: Path) -> None:
+    import httpx2
+
+    from tokensaver.proxy import ProxyServer
+
+    cfg = {"runs_dir": str(tmp_path / "runs"), "record": False}
+    with ProxyServer(cfg, upstream=emu.url, token="t0ken") as p, httpx2.Client(timeout=BOUND) as http:
+        client = anthropic.Anthropic(
+            base_url=p.url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND,
+            default_headers={"x-tokensaver-proxy-token": "t0ken"},
+        )  # fmt: skip
+        with client:
+            client.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+        assert http.get(p.url + "/metrics").status_code == 401
+        assert http.get(p.url + "/metrics", auth=("prometheus", "wrong")).status_code == 401
+        for ok in (
+            http.get(p.url + "/metrics", auth=("prometheus", "t0ken")),
+            http.get(p.url + "/metrics", headers={"x-tokensaver-proxy-token": "t0ken"}),
+        ):
+            assert ok.status_code == 200
+            assert 'tokensaver_calls_total{door="proxy",model="claude-sonnet-4-5",status="200"}' in ok.text
+        openmetrics = http.get(
+            p.url + "/metrics",
+            headers={
+                "x-tokensaver-proxy-token": "t0ken",
+                "Accept": "application/openmetrics-text; version=1.0.0",
+            },
+        )
+        assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+        assert openmetrics.text.rstrip().endswith("# EOF")
+    # answered by the proxy: the API never saw a request for it
+    assert [r.path for r in emu.requests] == ["/v1/messages"]

@@ -114,7 +114,8 @@ Measurement = tuple[Instrument, float, dict[str, str]]
 
 
 def _num(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+    """A record's number as it is (token counts stay integers), else 0."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
 def measurements(record: dict[str, Any], door: str) -> Iterator[Measurement]:
@@ -138,7 +139,9 @@ def measurements(record: dict[str, Any], door: str) -> Iterator[Measurement]:
     if sc:
         # a stored answer saves the whole call: the report credits it to the plugin that gave it
         row = stages.setdefault(sc, [0.0, 0.0])
-        row[0] += _num(record["short_circuit_usd"] if "short_circuit_usd" in record else record.get("saved_usd"))
+        row[0] += _num(
+            record["short_circuit_usd"] if "short_circuit_usd" in record else record.get("saved_usd")
+        )
         row[1] += _num(record.get("tokens_sent"))
         yield SHORT_CIRCUITS, 1, {**call, "plugin": sc}
     for stage, (usd, tokens) in stages.items():
@@ -152,7 +155,11 @@ def measurements(record: dict[str, Any], door: str) -> Iterator[Measurement]:
         if isinstance(err, dict):
             # "invalid_output: <rule>": the rule is detail, not a label (it would multiply the series)
             kind = str(err.get("kind") or "raised").split(":", 1)[0]
-            labels = {"door": door, "plugin": str(err.get("plugin") or "?"), "hook": str(err.get("hook") or "?")}
+            labels = {
+                "door": door,
+                "plugin": str(err.get("plugin") or "?"),
+                "hook": str(err.get("hook") or "?"),
+            }
             yield PLUGIN_ERRORS, 1, {**labels, "kind": kind}
     yield OVERHEAD, _num(record.get("overhead_ms")) / 1000.0, call
 
@@ -172,7 +179,7 @@ class _Otel:
         self.instruments: dict[str, Any] = {}
         for ins in INSTRUMENTS:
             if ins.kind == "counter":
-                made = meter.create_counter(ins.name, unit=ins.unit, description=ins.doc)
+                made: Any = meter.create_counter(ins.name, unit=ins.unit, description=ins.doc)
             elif ins.kind == "updown":
                 made = meter.create_up_down_counter(ins.name, unit=ins.unit, description=ins.doc)
             else:
