@@ -12,7 +12,18 @@ never rewrites history; so are runs of at least ``repeat_min_lines`` lines (``re
 characters) that an earlier result still sent in full shows in the same order (``repeats``: a
 re-read of a file after an edit, a test suite run again), see ``_repeats``. Both are decided from
 the blocks before each result, so a result gets the same bytes on every call, and a cut that clears
-the earlier copy turns the pointer back into the lines.
+the earlier copy turns the pointer back into the lines. Error results count too (Claude Code marks a
+command that exits non-zero, a failing test run, as an error; its re-run after the fix repeats most
+of it): real Claude Code e2e session 10.3% -> 10.9% billed saving, claude-code-entire validation
+half 23.2% -> 23.3% net of lost facts.
+
+With ``clear_outline`` (off by default), a file read that a cut clears keeps its definition lines
+(functions, types, modules, tests; at most 12% of the read) after the marker: what an agent names
+when it comes back to a file it read long ago. Tuning half, net of lost facts: spotter 18.1% ->
+19.5% (lost results 4 -> 3), claude-code-entire 26.8% -> 25.8% (gross 30.4% -> 29.0%, lost
+results 38 -> 31); both Claude Code sources together 25.8% -> 25.2% (25.4% with a 5% outline,
+25.5% with only reads superseded by an edit outlined, at 8%): the outline and the cuts it makes
+smaller cost more in reads than the rounds it saves.
 
 Never breaks a request: system, tools and the first user message (the task) are kept, the last
 ``keep_last_messages`` messages are untouched, tool_use/tool_result pairs stay together (the result
