@@ -738,7 +738,9 @@ def _bash_turns(outputs: list[tuple[str, bool]]) -> list[dict[str, Any]]:
     return msgs
 
 
-def test_a_failing_test_run_is_a_source_for_the_passing_re_run_and_an_identical_error_points_back() -> None:
+def test_a_failing_test_run_is_a_source_for_the_passing_re_run_and_an_identical_error_points_back(
+    tmp_path: Any,
+) -> None:
     """Claude Code marks a command that exits non-zero (a failing test suite) as an error result;
     its lines are in the context like any other, so the re-run after the fix points at them, and a
     second identical failure is a pointer to the first. Lossless: every line of the re-run is either
@@ -772,6 +774,15 @@ def test_a_failing_test_run_is_a_source_for_the_passing_re_run_and_an_identical_
         body_of([*msgs, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]), {}
     )
     assert nxt["messages"][: len(sent["messages"]) - 2] == sent["messages"][:-2]
+    # the API accepts it: through wrap() to the emulator, error results pointed at and all
+    with Emulator() as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(
+            base, config={"plugins": ["prune"], "record": False, "runs_dir": str(tmp_path)}
+        )
+        resp = client.messages.create(**body_of(msgs))
+        assert resp.type == "message" and emu.last["status"] == 200
+        assert json.dumps(prune.pointer_marker("toolu_000"))[1:-1] in json.dumps(emu.last["body"])
 
 
 # -- outline of a cleared file read -----------------------------------------------------------------
