@@ -10,6 +10,8 @@ answer for ``ttl`` seconds. A request opts out with the header ``x-tokensaver-me
 (``refresh`` skips the lookup but stores the new answer). Answers are namespaced by a hash of the
 API key (``ctx.key_hash``): one key's answers never reach another, and the key itself is never
 stored.
+Answers live in the config's ``state``: the ``dir`` diskcache (embedded), or one Redis every
+replica shares (``state = "redis://..."``; unreachable, it is a miss and the call goes upstream).
 
 What is in the key and why:
 
@@ -61,7 +63,7 @@ from tokensaver.settings import Schema, boolean, number, path, size
 from tokensaver.tokens import canonical_json
 
 from . import _store as stores
-from ._store import CorruptEntry, Store
+from ._store import CorruptEntry, SharedStore
 
 log = logging.getLogger("tokensaver.plugins.memoize")
 
@@ -211,7 +213,7 @@ def _shared(ctx: Any) -> dict[str, Any]:
     return ctx.shared_state(lock=threading.Lock, inflight=dict, stores=dict)  # type: ignore[no-any-return]
 
 
-def _store(ctx: Any) -> Store | None:
+def _store(ctx: Any) -> SharedStore | None:
     state = _shared(ctx)
     s = _settings(ctx)
     d = s["dir"]
@@ -219,7 +221,7 @@ def _store(ctx: Any) -> Store | None:
         st = state["stores"].get(d)
         if st is None:
             try:
-                st = Store(d, s["size_limit"], "memoize")
+                st = stores.open_store(ctx, "memo", d, s["size_limit"], "memoize")  # the config's state
             except Exception as e:  # an unusable cache dir disables memoize, it never breaks the call
                 log.warning("memoize disabled: cannot open %s: %s", d, e)
                 ctx.record(error=f"cannot open store: {type(e).__name__}: {e}")
@@ -260,7 +262,7 @@ def _release(inflight: dict[str, _Flight], lock: threading.Lock, key: str, fligh
     flight.event.set()
 
 
-def _read(ctx: Any, store: Store, key: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+def _read(ctx: Any, store: SharedStore, key: str, settings: dict[str, Any]) -> dict[str, Any] | None:
     msg, stored_at, problem = store.read(ENTRY_MAGIC, key, _check_complete)
     if problem:
         ctx.record(warning=problem)
@@ -334,7 +336,7 @@ def _remember_claim(ctx: Any, key: str, flight: _Flight) -> None:
 
 
 def _single_flight(
-    ctx: Any, state: dict[str, Any], store: Store, key: str, settings: dict[str, Any]
+    ctx: Any, state: dict[str, Any], store: SharedStore, key: str, settings: dict[str, Any]
 ) -> dict[str, Any] | None:
     other = _claim(ctx, state, key)
     if other is None:
@@ -419,7 +421,8 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
     hits = [(c, n) for c, n in notes if n.get("hit")]
     misses = sum(1 for _, n in notes if n.get("hit") is False)
     stored = sum(1 for _, n in notes if n.get("stored"))
-    warnings = sum(1 for _, n in notes if n.get("warning") or n.get("error"))
+    lost = sum(1 for _, n in notes if str(n.get("warning", "")).startswith("state lost"))
+    warnings = sum(1 for _, n in notes if n.get("warning") or n.get("error")) - lost
     saved = sum(float(c.get("saved_usd") or 0.0) for c, _ in hits)
     rows = [
         {
@@ -434,6 +437,8 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
     summary = f"{len(hits)} hit(s), {misses} miss(es), {stored} answer(s) stored; hits avoided ${saved:.4f}"
     if warnings:
         summary += f"; {warnings} unreadable/corrupt entr(y/ies) treated as misses"
+    if lost:
+        summary += f"; state lost on {lost} call(s): the shared store was unreachable, the API answered"
     return {
         "title": "memoize: identical requests answered from the local store",
         "summary": summary,

@@ -1,0 +1,365 @@
+"""tokensaver.state: one interface, two backends (private diskcache dirs, a real redis-server).
+
+Both backends pass the same contract: TTLs on the caller's (virtual) clock and on the real one, byte
+caps per namespace, namespaces per API-key hash, a corrupt entry is a miss, add-if-absent, and
+claims made by several processes at once have exactly one winner. Then the fleet: three
+``tokensaver proxy`` processes sharing one Redis with memoize on, a repeated request sent
+round-robin is answered upstream once; Redis killed mid-run: calls still answered and the ledger
+says the state was lost; Redis back: memoize works again.
+
+Redis: ``$TOKENSAVER_TEST_REDIS_URL`` (``.ci/run`` starts one), else a ``redis-server`` started here
+when it is on PATH; without either the Redis cases skip saying why, unless
+``TOKENSAVER_REQUIRE_REDIS=1`` (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+from tokensaver_plugins import memoize
+
+from tokensaver.emulator import Emulator
+from tokensaver.run import load_run
+from tokensaver.state import DEFAULT_MAGIC, EMBEDDED, State, encode_entry
+from tokensaver.testing import TEST_API_KEY, start_proxy_process, stop_proxy_process
+
+REDIS_BIN = shutil.which("redis-server")
+REQUIRED = os.environ.get("TOKENSAVER_REQUIRE_REDIS") == "1"
+MODEL = "claude-sonnet-4-5"
+
+
+def _no_redis(why: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"redis is required here (TOKENSAVER_REQUIRE_REDIS=1): {why}")
+    pytest.skip(why)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server on a loopback port, nothing persisted; stop() kills it, start() brings it back."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = _free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert REDIS_BIN
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [
+            REDIS_BIN,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        self.proc = subprocess.Popen(
+            [*args, "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a redis-server for this module: CI's, else one started here."""
+    url = os.environ.get("TOKENSAVER_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    if not REDIS_BIN:
+        _no_redis(
+            "no redis-server on PATH and TOKENSAVER_TEST_REDIS_URL unset (apt-get install redis-server)"
+        )
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which the test may kill and restart."""
+    if not REDIS_BIN:
+        _no_redis("no redis-server on PATH: the outage cases kill and restart one of their own")
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def state(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[State]:
+    monkeypatch.setenv("TOKENSAVER_CACHE_DIR", str(tmp_path / "cache"))
+    st = State(EMBEDDED if request.param == "embedded" else request.getfixturevalue("redis_url"))
+    yield st
+    st.close()
+
+
+def _name() -> str:
+    return "t" + uuid.uuid4().hex[:10]  # each test its own store on the shared Redis
+
+
+# -- the contract, both backends --------------------------------------------------------------
+
+
+def test_ttl_holds_on_the_callers_clock(state: State) -> None:
+    sp = state.space(_name(), "kh-a", cap=1 << 20)
+    assert sp.save("k", {"a": 1}, ttl=10, now=1_000.0)
+    assert sp.load("k", now=1_005.0) == {"a": 1}
+    assert sp.load("k", now=1_010.5) is None
+    assert sp.save("forever", {"b": 2}, now=1_000.0)
+    assert sp.load("forever", now=1e12) == {"b": 2}
+
+
+def test_ttl_holds_on_the_real_clock(state: State) -> None:
+    sp = state.space(_name(), "kh-a", cap=1 << 20)
+    assert sp.save("k", {"a": 1}, ttl=0.3)
+    assert sp.get("k") is not None
+    deadline = time.monotonic() + 10
+    while sp.get("k") is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sp.get("k") is None  # the backend dropped it, not only the read
+    assert sp.load("k") is None
+
+
+def test_a_namespace_keeps_its_live_bytes_under_its_cap(state: State) -> None:
+    cap = 60_000
+    name = _name()
+    sp, other = state.space(name, "kh-a", cap=cap), state.space(name, "kh-b", cap=cap)
+    assert other.save("b0", {"text": "b" * 5_000})
+    for i in range(40):
+        assert sp.save(f"k{i}", {"text": f"{i:04d}" + "x" * 5_000})
+        assert sp.usage() <= cap
+        assert sp.load(f"k{i}") is not None  # the entry just written is kept
+    assert sp.load("k0") is None  # the oldest went first
+    assert sp.load("k39") == {"text": "0039" + "x" * 5_000}
+    assert sp.usage() > cap // 2  # evicting only what it must
+    assert other.load("b0") == {"text": "b" * 5_000}  # another key's namespace is untouched
+    assert not sp.save("huge", {"text": "y" * (cap + 1)})  # larger than the cap: not stored
+    assert sp.load("huge") is None
+
+
+def test_namespaces_are_per_api_key_hash(state: State) -> None:
+    name = _name()
+    a, b = state.space(name, "kh-a", cap=1 << 20), state.space(name, "kh-b", cap=1 << 20)
+    assert a.save("same", {"who": "a"}) and b.save("same", {"who": "b"})
+    assert a.load("same") == {"who": "a"} and b.load("same") == {"who": "b"}
+    a.delete("same")
+    assert a.load("same") is None and b.load("same") == {"who": "b"}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: raw.replace(b'"4"', b'"5"'),  # a flipped answer must never be served
+        lambda raw: raw[:-7],  # truncated
+        lambda raw: b"\x80\x04\x95pickle.",  # not ours (a pickle is never loaded)
+        lambda raw: encode_entry(DEFAULT_MAGIC, "another key", {"n": "4"}, 0.0),  # moved entry
+    ],
+)
+def test_a_corrupt_entry_is_a_miss_and_is_deleted(state: State, damage: Any, caplog: Any) -> None:
+    sp = state.space(_name(), "kh-a", cap=1 << 20)
+    assert sp.save("k", {"n": "4"})
+    raw = sp.get("k")
+    assert isinstance(raw, bytes)
+    sp.set("k", damage(raw), None)
+    with caplog.at_level(logging.WARNING, logger="tokensaver.state"):
+        value, _, problem = sp.read(None, "k")
+    assert value is None and problem and "corrupt" in problem
+    assert sp.get("k") is None
+    with pytest.raises(TypeError):
+        sp.set("k", {"n": "4"}, None)  # type: ignore[arg-type]  # only entry bytes, never objects
+
+
+def test_add_stores_only_when_absent(state: State) -> None:
+    sp = state.space(_name(), "kh-a", cap=1 << 20)
+    assert sp.add("k", {"first": True})
+    assert not sp.add("k", {"first": False})
+    assert sp.load("k") == {"first": True}
+
+
+def _claim_in_process(url: str, cache_dir: str, name: str, go: Any, out: Any) -> None:
+    os.environ["TOKENSAVER_CACHE_DIR"] = cache_dir
+    sp = State(url).space(name, "kh-a", cap=1 << 20)
+    go.wait(30)
+    out.put(sp.claim("flight", ttl=60) is not None)
+
+
+def test_claims_from_several_processes_have_exactly_one_winner(state: State) -> None:
+    name = _name()
+    mp = multiprocessing.get_context("spawn")
+    go, out = mp.Event(), mp.Queue()
+    cache = os.environ["TOKENSAVER_CACHE_DIR"]
+    procs = [mp.Process(target=_claim_in_process, args=(state.url, cache, name, go, out)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    try:
+        time.sleep(0.5)  # let them reach the start line; the outcome does not depend on it
+        go.set()
+        results = [out.get(timeout=60) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert sorted(results) == [False] * 5 + [True]
+    sp = state.space(name, "kh-a", cap=1 << 20)
+    assert sp.claim("flight", ttl=60) is None  # still held by the winner
+    other = state.space(name, "kh-b", cap=1 << 20).claim("flight", ttl=60)
+    assert other is not None  # another key's claim is its own
+    other.release()
+    mine = sp.claim("other", ttl=60)
+    assert mine is not None
+    mine.release()
+    assert sp.claim("other", ttl=60) is not None  # released: claimable again
+
+
+def test_a_claim_ends_with_its_ttl(state: State) -> None:
+    sp = state.space(_name(), "kh-a", cap=1 << 20)
+    assert sp.claim("k", ttl=0.3) is not None
+    deadline = time.monotonic() + 10
+    while sp.claim("k", ttl=60) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert time.monotonic() < deadline  # the crashed holder's claim lapsed
+
+
+# -- Redis going away -------------------------------------------------------------------------
+
+
+def test_redis_going_away_fails_open_and_recovers(own_redis: RedisServer, caplog: Any) -> None:
+    st = State(own_redis.url)
+    sp = st.space(_name(), "kh-a", cap=1 << 20)
+    assert sp.save("k", {"v": 1}) and sp.load("k") == {"v": 1}
+    assert not st.lost
+    own_redis.stop()
+    with caplog.at_level(logging.WARNING, logger="tokensaver.state"):
+        for _ in range(5):
+            value, _, problem = sp.read(None, "k")
+            assert value is None and problem and problem.startswith("state lost")
+            assert not sp.save("k2", {"v": 2})
+            assert sp.claim("c", ttl=5) is None
+            sp.delete("k")
+    assert st.lost and st.status() == {"backend": "redis", "lost": True, "losses": 1}
+    assert sum("state lost" in r.getMessage() for r in caplog.records) == 1  # logged once per outage
+    own_redis.start()
+    deadline = time.monotonic() + 30
+    while not sp.save("k3", {"v": 3}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sp.load("k3") == {"v": 3} and not st.lost
+    st.close()
+
+
+# -- three proxies, one Redis -----------------------------------------------------------------
+
+
+def _proxies(emu: Emulator, url: str, tmp_path: Path, n: int = 3) -> list[tuple[subprocess.Popen[str], str]]:
+    out = []
+    for i in range(n):
+        cfg = tmp_path / f"p{i}.toml"
+        cfg.write_text(f'plugins = ["memoize"]\nstate = "{url}"\nruns_dir = "{tmp_path / f"runs{i}"}"\n')
+        env = {
+            **os.environ,
+            "TOKENSAVER_CONFIG": str(cfg),
+            "TOKENSAVER_CACHE_DIR": str(tmp_path / f"cache{i}"),
+        }
+        out.append(start_proxy_process("--upstream", emu.url, "--run", f"replica{i}", env=env))
+    return out
+
+
+def _ask(url: str, text: str) -> tuple[str, str]:
+    client = anthropic.Anthropic(base_url=url, api_key=TEST_API_KEY, max_retries=0, timeout=30)
+    try:
+        raw = client.messages.with_raw_response.create(
+            model=MODEL, max_tokens=64, messages=[{"role": "user", "content": text}]
+        )
+        msg = raw.parse()
+        return raw.headers.get("x-tokensaver-cache", ""), msg.content[0].text  # type: ignore[union-attr]
+    finally:
+        client.close()
+
+
+def test_three_proxies_share_memoized_answers_and_survive_redis_going_away(
+    emu: Emulator, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    procs = _proxies(emu, own_redis.url, tmp_path)
+    urls = [u for _, u in procs]
+    try:
+        # a repeated request sent round-robin: stored by the first replica, served by the others
+        got = [_ask(urls[i % 3], "the same question") for i in range(6)]
+        assert [h for h, _ in got] == ["miss"] + ["hit"] * 5
+        assert len({t for _, t in got}) == 1
+        assert len(emu.requests) == 1
+
+        # Redis killed mid-run: every call is still answered, each by the API
+        own_redis.stop()
+        lost = [_ask(urls[i % 3], "asked while redis is down") for i in range(3)]
+        assert all(t for _, t in lost)
+        assert len(emu.requests) == 4
+
+        # Redis back (empty): a repeat is served from it again, by another replica
+        own_redis.start()
+        deadline, n = time.monotonic() + 40, 0
+        while True:
+            n += 1
+            first = _ask(urls[n % 3], f"after the restart {n}")
+            again = _ask(urls[(n + 1) % 3], f"after the restart {n}")
+            if again[0] == "hit":
+                assert again[1] == first[1]
+                break
+            assert time.monotonic() < deadline, "memoize never worked again after redis came back"
+            time.sleep(0.25)
+    finally:
+        for p, _ in procs:
+            stop_proxy_process(p)
+    records = [r for i in range(3) for r in load_run(f"replica{i}", tmp_path / f"runs{i}").records()]
+    notes = [(rec.get("plugins") or {}).get("memoize") or {} for rec in records]
+    said_lost = [n for n in notes if "state lost" in str(n.get("warning", ""))]
+    assert len(said_lost) >= 3  # every call made while Redis was down says so in its replica's ledger
+    assert all(n.get("hit") is False for n in said_lost)
+    section = memoize.tokensaver_report_section("memoize", records)
+    assert section is not None and f"state lost on {len(said_lost)} call(s)" in section["summary"]
