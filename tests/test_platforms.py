@@ -257,3 +257,65 @@ def test_eventstream_frames_read_at_any_boundary_and_checked() -> None:
     acc.close()
     assert acc.error == {"type": "throttlingException", "message": "Too many requests"}
     assert acc.message is None and acc.failure == "stream error event"
+
+
+class StoredAnswer:
+    """Answers every call from a store (a short-circuit: the platform is never asked)."""
+
+    @tokensaver.hookimpl
+    def tokensaver_lookup_response(self, body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
+        return {
+            "id": "msg_stored",
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": [
+                {"type": "text", "text": "from the store"},
+                {"type": "tool_use", "id": "toolu_1", "name": "t", "input": {"a": [1, 2]}},
+            ],
+            "stop_reason": "tool_use",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 5, "output_tokens": 3},
+        }
+
+
+def _stored_client(cls: Any, bedrock_url: str) -> Any:
+    pm = tokensaver.get_plugin_manager({"stored": StoredAnswer()}, load_entrypoints=False)
+    client = cls(**BEDROCK_KW, base_url=bedrock_url, timeout=BOUND, max_retries=0)
+    return tokensaver.wrap(client, config={"plugins": ["stored"], "record": False}, plugin_manager=pm)
+
+
+def test_bedrock_stream_served_from_store(bedrock: tuple[str, list[tuple[str, dict[str, Any]]]]) -> None:
+    """A stored answer reaches a streamed Bedrock call as event-stream, the form its SDK decodes."""
+    url, seen = bedrock
+    wrapped = _stored_client(anthropic.AnthropicBedrock, url)
+    kw: dict[str, Any] = {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    with wrapped.messages.stream(**kw) as stream:
+        message = stream.get_final_message()
+    assert [b.model_dump(exclude_none=True) for b in message.content] == [
+        {"type": "text", "text": "from the store"},
+        {"type": "tool_use", "id": "toolu_1", "name": "t", "input": {"a": [1, 2]}},
+    ]
+    assert message.stop_reason == "tool_use" and message.usage.output_tokens == 3
+    assert wrapped.messages.create(**kw).content[0].text == "from the store"  # JSON as before
+    assert seen == [] and [r["short_circuit"] for r in wrapped.tokensaver.records] == ["stored", "stored"]
+
+
+def test_bedrock_stream_served_from_store_async(
+    bedrock: tuple[str, list[tuple[str, dict[str, Any]]]],
+) -> None:
+    url, seen = bedrock
+
+    async def go() -> Any:
+        wrapped = _stored_client(anthropic.AsyncAnthropicBedrock, url)
+        kw = {"model": "claude-sonnet-4-6", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+        async with wrapped.messages.stream(**kw) as stream:
+            return await stream.get_final_message()
+
+    message = asyncio.run(asyncio.wait_for(go(), BOUND))
+    assert message.content[0].text == "from the store" and message.content[1].input == {"a": [1, 2]}
+    assert seen == []

@@ -29,7 +29,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from .pipeline import Call, Pipeline, is_plugin_tool_use, key_hash, plugin_tools
-from .sse import SSEAccumulator, is_stream, message_to_sse, sse_error_answer, sse_event, stream_accumulator
+from .sse import (
+    EVENTSTREAM_CONTENT_TYPE,
+    SSEAccumulator,
+    is_stream,
+    message_to_eventstream,
+    message_to_sse,
+    sse_error_answer,
+    sse_event,
+    stream_accumulator,
+)
 
 __all__ = [
     "CONTROL_PREFIX",
@@ -203,11 +212,17 @@ class Served:
 
 
 def serve(
-    call: Call, stream: bool, message: dict[str, Any] | None = None, rounds: int | None = None
+    call: Call,
+    stream: bool,
+    message: dict[str, Any] | None = None,
+    rounds: int | None = None,
+    *,
+    eventstream: bool = False,
 ) -> Served:
     """A stored answer (``message``, default the short-circuit's) served as SSE or JSON with its headers.
 
-    ``rounds``: the plugin-tool rounds it took (``x-tokensaver-plugin-tool-rounds``).
+    ``rounds``: the plugin-tool rounds it took (``x-tokensaver-plugin-tool-rounds``). ``eventstream``:
+    the caller reads streams as AWS event-stream (a Bedrock client), so a stream is served in that form.
     """
     message = message if message is not None else (call.response or {})
     headers = {"request-id": f"tokensaver-{call.ctx.call_id}", **call.ctx.response_headers}
@@ -217,14 +232,16 @@ def serve(
         headers["x-tokensaver-short-circuit"] = call.short_circuit
     if stream:
         headers["cache-control"] = "no-cache"
+        if eventstream:
+            return Served(message_to_eventstream(message), EVENTSTREAM_CONTENT_TYPE, headers)
         return Served(message_to_sse(message), SSE_CONTENT_TYPE, headers)
     return Served(json.dumps(message).encode(), "application/json", headers)
 
 
-def short_circuit(pipeline: Pipeline, call: Call, stream: bool) -> Served:
-    """Record a short-circuited call (its stored answer) and serve that answer."""
+def short_circuit(pipeline: Pipeline, call: Call, stream: bool, *, eventstream: bool = False) -> Served:
+    """Record a short-circuited call (its stored answer) and serve that answer (see :func:`serve`)."""
     pipeline.finish(call, None)
-    return serve(call, stream)
+    return serve(call, stream, eventstream=eventstream)
 
 
 def finish_json(pipeline: Pipeline, call: Call, raw: bytes, status: int = 200) -> dict[str, Any]:
@@ -489,8 +506,17 @@ class PluginToolExchange:
     message (:class:`Splice`).
     """
 
-    def __init__(self, pipeline: Pipeline, call: Call, headers: dict[str, Any], *, splice: bool) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        call: Call,
+        headers: dict[str, Any],
+        *,
+        splice: bool,
+        eventstream: bool = False,
+    ) -> None:
         self.pipeline, self.headers = pipeline, headers
+        self.eventstream = eventstream  # the caller reads streams as AWS event-stream (see serve)
         self.first = self.call = call  # first: the caller's own request; the answer is stored under it
         self.rounds = 0
         self.splice = Splice() if splice else None
@@ -560,4 +586,4 @@ class PluginToolExchange:
 
     def served(self, stream: bool, step: Step) -> Served:
         """The last round's answer as the caller gets it when it was not streamed on."""
-        return serve(self.call, stream, step.reply, rounds=self.rounds)
+        return serve(self.call, stream, step.reply, rounds=self.rounds, eventstream=self.eventstream)

@@ -93,12 +93,15 @@ class TokensaverMiddleware(_sdk.Middleware):
         self.asynchronous = asynchronous
         self.client: Any = None
         self.secret_hash = key_hash("")
+        self.eventstream = False  # set by bind()
         self._side: Any = None
 
     def bind(self, client: Any) -> None:
         """Attach to the client this middleware serves (needed to build short-circuit responses)."""
         self.client = client
         self.secret_hash = key_hash(_sdk.client_secret(client))
+        # Bedrock's SDK clients read every stream as AWS event-stream: answers made here must be too
+        self.eventstream = isinstance(client, (anthropic.AnthropicBedrock, anthropic.AsyncAnthropicBedrock))
 
     def _side_client(self) -> Any:
         """The bound client minus this middleware: plugins' own calls skip the pipeline."""
@@ -240,9 +243,12 @@ class TokensaverMiddleware(_sdk.Middleware):
         if self.pipeline.config.token_count == "exact":
             self._count_exact(call)
         if call.short_circuit:
-            return self._response(request, short_circuit(self.pipeline, call, bool(request.stream)))
+            return self._response(
+                request,
+                short_circuit(self.pipeline, call, bool(request.stream), eventstream=self.eventstream),
+            )
         if plugin_tools(call.body):
-            if splices(bool(request.stream), call.body):
+            if splices(bool(request.stream), call.body) and not self.eventstream:
                 return self._stream_plugin_tools(request, call, prep, call_next)
             return self._plugin_tools(request, call, prep, call_next)
         with self._attempt(call):
@@ -258,7 +264,7 @@ class TokensaverMiddleware(_sdk.Middleware):
 
     def _plugin_tools(self, request: _sdk.APIRequest, call: Call, prep: Prepared, call_next: Any) -> Any:
         """Send the call; answer tool calls addressed to plugins until the model answers the caller."""
-        ex = PluginToolExchange(self.pipeline, call, prep.headers, splice=False)
+        ex = PluginToolExchange(self.pipeline, call, prep.headers, splice=False, eventstream=self.eventstream)
         while True:
             with self._attempt(ex.call):
                 response = call_next(self._outgoing(request, ex.call, prep.headers))
@@ -305,9 +311,12 @@ class TokensaverMiddleware(_sdk.Middleware):
         if self.pipeline.config.token_count == "exact":
             await self._count_exact_async(call)
         if call.short_circuit:
-            return self._response(request, short_circuit(self.pipeline, call, bool(request.stream)))
+            return self._response(
+                request,
+                short_circuit(self.pipeline, call, bool(request.stream), eventstream=self.eventstream),
+            )
         if plugin_tools(call.body):
-            if splices(bool(request.stream), call.body):
+            if splices(bool(request.stream), call.body) and not self.eventstream:
                 return await self._stream_plugin_tools_async(request, call, prep, call_next)
             return await self._plugin_tools_async(request, call, prep, call_next)
         with self._attempt(call):
@@ -323,7 +332,7 @@ class TokensaverMiddleware(_sdk.Middleware):
         self, request: _sdk.APIRequest, call: Call, prep: Prepared, call_next: Any
     ) -> Any:
         """Async twin of ``_plugin_tools``."""
-        ex = PluginToolExchange(self.pipeline, call, prep.headers, splice=False)
+        ex = PluginToolExchange(self.pipeline, call, prep.headers, splice=False, eventstream=self.eventstream)
         while True:
             with self._attempt(ex.call):
                 response = await call_next(self._outgoing(request, ex.call, prep.headers))

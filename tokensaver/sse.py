@@ -23,7 +23,10 @@ __all__ = [
     "EVENTSTREAM_CONTENT_TYPE",
     "EventStreamAccumulator",
     "SSEAccumulator",
+    "eventstream_frame",
     "is_stream",
+    "message_events",
+    "message_to_eventstream",
     "message_to_sse",
     "sse_error",
     "sse_error_answer",
@@ -71,12 +74,6 @@ def _chunks(text: str, size: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
-def _start(index: int, block: dict[str, Any]) -> bytes:
-    return sse_event(
-        "content_block_start", {"type": "content_block_start", "index": index, "content_block": block}
-    )
-
-
 def _text_start(block: dict[str, Any]) -> dict[str, Any]:
     start = {k: v for k, v in block.items() if k not in ("text", "citations")}
     start["text"] = ""
@@ -122,7 +119,7 @@ def _thinking_deltas(block: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _block_events(index: int, block: dict[str, Any]) -> list[bytes]:
+def _block_events(index: int, block: dict[str, Any]) -> list[dict[str, Any]]:
     kind = block.get("type")
     if kind == "text":
         start, deltas = _text_start(block), _text_deltas(block)
@@ -132,35 +129,13 @@ def _block_events(index: int, block: dict[str, Any]) -> list[bytes]:
         start, deltas = _thinking_start(block), _thinking_deltas(block)
     else:  # redacted_thinking, server tool results, ...: whole in the start event
         start, deltas = block, []
-    out = [_start(index, start)]
-    out.extend(
-        sse_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
-        for d in deltas
-    )
-    out.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+    out: list[dict[str, Any]] = [{"type": "content_block_start", "index": index, "content_block": start}]
+    out.extend({"type": "content_block_delta", "index": index, "delta": d} for d in deltas)
+    out.append({"type": "content_block_stop", "index": index})
     return out
 
 
-def message_to_sse(message: dict[str, Any]) -> bytes:
-    """The byte stream the Messages API sends for ``message`` when ``stream: true``."""
-    usage = dict(message.get("usage") or {})
-    start_msg = {
-        k: copy.deepcopy(v) for k, v in message.items() if k not in ("content", "usage", "context_management")
-    }
-    start_msg["content"] = []
-    start_msg["stop_reason"] = None
-    start_msg["stop_sequence"] = None
-    if "stop_details" in start_msg:
-        start_msg["stop_details"] = None
-    start_usage = dict(usage)
-    start_usage["output_tokens"] = min(1, int(usage.get("output_tokens") or 0))
-    start_msg["usage"] = start_usage
-    frames = [
-        sse_event("message_start", {"type": "message_start", "message": start_msg}),
-        sse_event("ping", {"type": "ping"}),
-    ]
-    for i, block in enumerate(message.get("content") or []):
-        frames.extend(_block_events(i, block))
+def _message_delta(message: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
     d: dict[str, Any] = {
         "stop_reason": message.get("stop_reason"),
         "stop_sequence": message.get("stop_sequence"),
@@ -176,9 +151,34 @@ def message_to_sse(message: dict[str, Any]) -> bytes:
     md: dict[str, Any] = {"type": "message_delta", "delta": d, "usage": delta_usage}
     if message.get("context_management") is not None:
         md["context_management"] = message["context_management"]
-    frames.append(sse_event("message_delta", md))
-    frames.append(sse_event("message_stop", {"type": "message_stop"}))
-    return b"".join(frames)
+    return md
+
+
+def message_events(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events the Messages API streams for ``message``, in order (each one's name is its ``type``)."""
+    usage = dict(message.get("usage") or {})
+    start_msg = {
+        k: copy.deepcopy(v) for k, v in message.items() if k not in ("content", "usage", "context_management")
+    }
+    start_msg["content"] = []
+    start_msg["stop_reason"] = None
+    start_msg["stop_sequence"] = None
+    if "stop_details" in start_msg:
+        start_msg["stop_details"] = None
+    start_usage = dict(usage)
+    start_usage["output_tokens"] = min(1, int(usage.get("output_tokens") or 0))
+    start_msg["usage"] = start_usage
+    events: list[dict[str, Any]] = [{"type": "message_start", "message": start_msg}, {"type": "ping"}]
+    for i, block in enumerate(message.get("content") or []):
+        events.extend(_block_events(i, block))
+    events.append(_message_delta(message, usage))
+    events.append({"type": "message_stop"})
+    return events
+
+
+def message_to_sse(message: dict[str, Any]) -> bytes:
+    """The byte stream the Messages API sends for ``message`` when ``stream: true``."""
+    return b"".join(sse_event(e["type"], e) for e in message_events(message))
 
 
 class SSEAccumulator:
@@ -375,6 +375,37 @@ def _eventstream_headers(raw: bytes) -> dict[str, str]:
         else:
             i += _HEADER_SIZES[kind]  # KeyError: not a header type event-stream has
     return out
+
+
+def eventstream_frame(headers: dict[str, str], payload: bytes) -> bytes:
+    """One event-stream message: prelude (lengths, CRC32), string headers, payload, message CRC32."""
+    head = b"".join(
+        bytes([len(k)]) + k.encode() + b"\x07" + struct.pack(">H", len(v.encode())) + v.encode()
+        for k, v in headers.items()
+    )
+    prelude = struct.pack(">II", _PRELUDE + len(head) + len(payload) + 4, len(head))
+    prelude += struct.pack(">I", zlib.crc32(prelude))
+    frame = prelude + head + payload
+    return frame + struct.pack(">I", zlib.crc32(frame))
+
+
+_CHUNK_HEADERS = {":event-type": "chunk", ":content-type": "application/json", ":message-type": "event"}
+
+
+def message_to_eventstream(message: dict[str, Any]) -> bytes:
+    """The byte stream Bedrock's ``invoke-with-response-stream`` sends for ``message``.
+
+    One ``chunk`` frame per Messages event (its JSON, base64-encoded, in ``bytes``); Bedrock sends
+    no ``ping``.
+    """
+    frames = []
+    for event in message_events(message):
+        if event["type"] == "ping":
+            continue
+        data = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+        payload = json.dumps({"bytes": base64.b64encode(data).decode()}).encode()
+        frames.append(eventstream_frame(_CHUNK_HEADERS, payload))
+    return b"".join(frames)
 
 
 class EventStreamAccumulator(SSEAccumulator):
