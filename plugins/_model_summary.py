@@ -63,15 +63,16 @@ def entry_key(text: str, ctx: Any, settings: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def disk_store(ctx: Any, settings: dict[str, Any]) -> stores.Store | None:
-    """summarize's private disk store (``summary_dir``): model summaries and kept originals; None if unusable."""
+def disk_store(ctx: Any, settings: dict[str, Any]) -> stores.SharedStore | None:
+    """summarize's store on the config's state (embedded: ``summary_dir``): model summaries and kept
+    originals; None if unusable."""
     directory = settings.get("summary_dir") or stores.cache_dir("summaries")
     state = _state(ctx)
     with state["summary_lock"]:
         st = state["summary_stores"].get(directory)
         if st is None:
             try:
-                st = stores.Store(directory, 256 * 1024**2, "summarize")
+                st = stores.open_store(ctx, "summaries", directory, 256 * 1024**2, "summarize")
             except Exception as e:  # no disk store: decisions live in memory only
                 log.warning("summarize: cannot open summary store %s: %s", directory, e)
                 ctx.record(summary_store_error=f"{type(e).__name__}: {e}")

@@ -363,3 +363,30 @@ def test_three_proxies_share_memoized_answers_and_survive_redis_going_away(
     assert all(n.get("hit") is False for n in said_lost)
     section = memoize.tokensaver_report_section("memoize", records)
     assert section is not None and f"state lost on {len(said_lost)} call(s)" in section["summary"]
+
+
+# -- summarize's model summaries --------------------------------------------------------------
+
+
+def test_a_model_summary_made_by_one_replica_is_known_to_another(redis_url: str, tmp_path: Path) -> None:
+    from tokensaver.context import make_context
+    from tokensaver_plugins import _model_summary, summarize
+
+    text = "a long tool result " * 200 + uuid.uuid4().hex
+    body = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+
+    def replica(i: int) -> tuple[Any, dict[str, Any]]:
+        settings = summarize.tokensaver_configure({"summary_dir": str(tmp_path / f"summaries{i}")}, "t")
+        ctx = make_context(body, plugin="summarize", settings=settings, key_hash="kh-a")
+        ctx.state_url = redis_url
+        return ctx, settings
+
+    ctx, settings = replica(0)
+    _model_summary._remember(
+        ctx, settings, _model_summary.entry_key(text, ctx, settings), {"summary": "short"}
+    )
+    other, other_settings = replica(1)  # its own memory and its own directory: only Redis is shared
+    assert _model_summary.known(text, other, other_settings) == {"summary": "short"}
+    stranger = make_context(body, plugin="summarize", settings=other_settings, key_hash="kh-b")
+    stranger.state_url = redis_url
+    assert _model_summary.known(text, stranger, other_settings) is None  # another key's summaries are its own

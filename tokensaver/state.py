@@ -133,6 +133,10 @@ class Backend:
     lost = False  # the backend was unreachable at its latest attempt
     losses = 0  # outages seen by this process
 
+    def where(self) -> str:
+        """Where the state is, for logs and records (never credentials)."""
+        return self.url
+
     def get(self, space: Space, key: str) -> bytes | None:
         raise NotImplementedError
 
@@ -425,7 +429,7 @@ class Redis(Backend):
                 if self.lost:
                     self.lost = False
                     self._backoff = BACKOFF_MIN
-                    log.warning("state: %s answers again; shared state is back", self._where())
+                    log.warning("state: %s answers again; shared state is back", self.where())
         return out
 
     def _lose(self, e: BaseException) -> None:
@@ -435,7 +439,7 @@ class Redis(Backend):
                 self.losses += 1
                 log.warning(
                     "state lost: %s unreachable (%s: %s); calls go on without shared state until it returns",
-                    self._where(),
+                    self.where(),
                     type(e).__name__,
                     e,
                 )
@@ -443,7 +447,7 @@ class Redis(Backend):
                 self._backoff = min(BACKOFF_MAX, self._backoff * 2)
             self._next_try = time.monotonic() + self._backoff
 
-    def _where(self) -> str:
+    def where(self) -> str:
         kw = self.client.connection_pool.connection_kwargs
         if "path" in kw:
             return f"redis at {kw['path']}"
@@ -551,7 +555,7 @@ class Space:
             lambda k: b.get(self, k), self.delete, self.label, magic or self.magic, key, check, now
         )
         if problem is None and b.lost:
-            problem = f"state lost: {b.url.split('@')[-1]} unreachable (a miss)"
+            problem = f"state lost: {b.where()} unreachable (a miss)"
         return value, float((doc or {}).get("stored_at") or 0.0), problem
 
     def load(
