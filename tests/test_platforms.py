@@ -137,6 +137,45 @@ BEDROCK_EVENTS: list[dict[str, Any]] = [
 ]
 
 
+LOOKUP_TOOL = {
+    "name": "tokensaver_lookup",
+    "description": "Look a note up.",
+    "input_schema": {"type": "object"},
+}
+TOOL_ROUND_EVENTS: list[dict[str, Any]] = [
+    {**BEDROCK_EVENTS[0], "message": {**BEDROCK_EVENTS[0]["message"], "id": "msg_bdrk_0"}},
+    {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "tool_use", "id": "toolu_p", "name": "tokensaver_lookup", "input": {}},
+    },
+    {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "input_json_delta", "partial_json": '{"k": 1}'},
+    },
+    {"type": "content_block_stop", "index": 0},
+    {
+        "type": "message_delta",
+        "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+        "usage": {"output_tokens": 4},
+    },
+    {"type": "message_stop"},
+]
+
+
+class Lookup:
+    """Offers a tool of its own and answers it (a plugin-tool exchange the caller never sees)."""
+
+    @tokensaver.hookimpl
+    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        return {**body, "tools": [*(body.get("tools") or []), LOOKUP_TOOL]}
+
+    @tokensaver.hookimpl
+    def tokensaver_answer_tool_use(self, tool_use: dict[str, Any], ctx: Any) -> str | None:
+        return "the note" if tool_use["name"] == LOOKUP_TOOL["name"] else None
+
+
 class Shortener:
     """Cuts the long first message down (a saving the record must show)."""
 
@@ -149,12 +188,20 @@ class Shortener:
 def bedrock() -> Iterator[tuple[str, list[tuple[str, dict[str, Any]]]]]:
     """A tiny local Bedrock runtime: invoke-with-response-stream answers real event-stream frames."""
     seen: list[tuple[str, dict[str, Any]]] = []
-    body = b"".join(_chunk(e) for e in BEDROCK_EVENTS)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("content-length") or 0))
-            seen.append((self.path, json.loads(raw)))
+            sent = json.loads(raw)
+            seen.append((self.path, sent))
+            # a request offering a plugin's tool, before that tool was answered: the model calls it
+            answered = any(
+                isinstance(b, dict) and b.get("type") == "tool_result"
+                for m in sent["messages"]
+                for b in (m["content"] if isinstance(m["content"], list) else [])
+            )
+            asks = any(t.get("name") == LOOKUP_TOOL["name"] for t in sent.get("tools") or []) and not answered
+            body = b"".join(_chunk(e) for e in (TOOL_ROUND_EVENTS if asks else BEDROCK_EVENTS))
             self.send_response(200)
             self.send_header("content-type", "application/vnd.amazon.eventstream")
             self.send_header("transfer-encoding", "chunked")
@@ -319,3 +366,34 @@ def test_bedrock_stream_served_from_store_async(
     message = asyncio.run(asyncio.wait_for(go(), BOUND))
     assert message.content[0].text == "from the store" and message.content[1].input == {"a": [1, 2]}
     assert seen == []
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_bedrock_stream_plugin_tools(
+    bedrock: tuple[str, list[tuple[str, dict[str, Any]]]], asynchronous: bool
+) -> None:
+    """A plugin-tool exchange on a streamed Bedrock call: the caller's stream is event-stream with the answer."""
+    url, seen = bedrock
+    pm = tokensaver.get_plugin_manager({"lookup": Lookup()}, load_entrypoints=False)
+    pipe = tokensaver.Pipeline({"plugins": ["lookup"], "record": False}, plugin_manager=pm)
+    kw: dict[str, Any] = {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+
+    async def go_async() -> Any:
+        client = anthropic.AsyncAnthropicBedrock(**BEDROCK_KW, base_url=url, timeout=BOUND, max_retries=0)
+        async with tokensaver.wrap(client, pipeline=pipe).messages.stream(**kw) as stream:
+            return await stream.get_final_message()
+
+    if asynchronous:
+        message = asyncio.run(asyncio.wait_for(go_async(), BOUND))
+    else:
+        client = anthropic.AnthropicBedrock(**BEDROCK_KW, base_url=url, timeout=BOUND, max_retries=0)
+        with tokensaver.wrap(client, pipeline=pipe).messages.stream(**kw) as stream:
+            message = stream.get_final_message()
+    assert [b.type for b in message.content] == ["text"] and message.content[0].text == "Paris, of course."
+    assert len(seen) == 2 and seen[1][1]["messages"][-1]["content"][0]["content"] == "the note"
+    assert [r["status"] for r in pipe.records] == [200, 200]
+    assert [r["usage"]["output_tokens"] for r in pipe.records] == [4, 7]
