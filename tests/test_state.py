@@ -28,8 +28,9 @@ from typing import Any
 
 import anthropic
 import pytest
-from tokensaver_plugins import memoize
+from tokensaver_plugins import _model_summary, memoize, summarize
 
+from tokensaver.context import make_context
 from tokensaver.emulator import Emulator
 from tokensaver.run import load_run
 from tokensaver.state import DEFAULT_MAGIC, EMBEDDED, State, encode_entry
@@ -369,9 +370,6 @@ def test_three_proxies_share_memoized_answers_and_survive_redis_going_away(
 
 
 def test_a_model_summary_made_by_one_replica_is_known_to_another(redis_url: str, tmp_path: Path) -> None:
-    from tokensaver.context import make_context
-    from tokensaver_plugins import _model_summary, summarize
-
     text = "a long tool result " * 200 + uuid.uuid4().hex
     body = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 

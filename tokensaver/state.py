@@ -462,7 +462,14 @@ class Redis(Backend):
 
     def put(self, space: Space, key: str, raw: bytes, ttl: float | None, *, only_new: bool = False) -> bool:
         ms = 0 if ttl is None else max(1, int(ttl * 1000))
-        args = [key, raw, ms, space.cap or 0, 1 if only_new else 0, self.prefix + space.prefix]
+        args: list[bytes | str | int] = [
+            key,
+            raw,
+            ms,
+            space.cap or 0,
+            1 if only_new else 0,
+            self.prefix + space.prefix,
+        ]
         return bool(self._run(0, lambda: self._put(keys=self._keys(space, key), args=args)))
 
     def delete(self, space: Space, key: str) -> None:
