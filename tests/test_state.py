@@ -30,8 +30,10 @@ import anthropic
 import pytest
 from tokensaver_plugins import _model_summary, memoize, summarize
 
+from tokensaver.config import load_config
 from tokensaver.context import make_context
 from tokensaver.emulator import Emulator
+from tokensaver.errors import ConfigError
 from tokensaver.run import load_run
 from tokensaver.state import DEFAULT_MAGIC, EMBEDDED, State, encode_entry
 from tokensaver.testing import TEST_API_KEY, start_proxy_process, stop_proxy_process
@@ -388,3 +390,18 @@ def test_a_model_summary_made_by_one_replica_is_known_to_another(redis_url: str,
     stranger = make_context(body, plugin="summarize", settings=other_settings, key_hash="kh-b")
     stranger.state_url = redis_url
     assert _model_summary.known(text, stranger, other_settings) is None  # another key's summaries are its own
+
+
+# -- the config key ---------------------------------------------------------------------------
+
+
+def test_the_state_config_key(tmp_path: Path) -> None:
+    assert load_config({}, cwd=tmp_path).state == "embedded"
+    cfg = load_config({"state": "redis://:secret@127.0.0.1:6390/2"}, cwd=tmp_path)
+    assert cfg.state == "redis://:secret@127.0.0.1:6390/2"
+    assert cfg.as_dict()["state"] == "redis"  # run headers never carry the URL (it may hold a password)
+    for bad in ("memcached://x", "", 3):
+        with pytest.raises(ConfigError, match="state"):
+            load_config({"state": bad}, cwd=tmp_path)
+    with pytest.raises(ValueError, match="state must be"):
+        State("sqlite:///x")
