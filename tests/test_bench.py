@@ -167,20 +167,20 @@ def test_aggregate_compares_with_auto_per_source() -> None:
 
 
 def test_one_percentile_and_one_set_of_formatters() -> None:
-    """Bench, proxy and report share ``tokensaver.report``'s percentile and formatters (no copies of their own)."""
+    """Bench, proxy and report share one percentile (``tokensaver._stats``) and the report's formatters (no copies)."""
     import tokensaver.report
 
     defs = re.compile(r"^def (_?percentile|_pct|median|fmt_\w+|_rate|_signed|_ms|_usd_or_na)\(", re.M)
     root = Path(tokensaver.report.__file__).parent.parent
     found = {
         f"{path.relative_to(root).as_posix()}:{m.group(1)}"
-        for sub in ("bench", "proxy", "report")
+        for sub in ("bench", "proxy", "report", ".")
         for path in (root / sub).glob("*.py")
         for m in defs.finditer(path.read_text())
     }
     assert {f.split(":")[1] for f in found if f.startswith("bench/")} <= {"_ms"}  # overhead's rounding helper
     stats = {f for f in found if f.split(":")[1] in ("percentile", "_percentile", "_pct", "median")}
-    assert stats == {"report/aggregate.py:percentile"}
+    assert stats == {"_stats.py:percentile"}
     agg = aggregate(
         {
             "configs": [{"name": "auto"}],

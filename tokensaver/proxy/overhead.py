@@ -9,8 +9,8 @@ from typing import Any
 import httpx2
 from aiohttp import web
 
+from .._stats import percentile
 from ..exchange import MESSAGES_PATH
-from ..report.aggregate import percentile
 from ..sse import message_to_sse
 from .server import BackgroundApp, ProxyServer
 from .wire import MAX_BODY

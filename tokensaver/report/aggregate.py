@@ -9,6 +9,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from .._stats import percentile
 from ..pricing import normalize_usage
 
 USAGE_KEYS = (
@@ -28,18 +29,6 @@ def _num(value: Any) -> float:
     except (TypeError, ValueError):
         return 0.0
     return f if math.isfinite(f) else 0.0
-
-
-def percentile(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile (a value that was observed), None for no values.
-
-    The one percentile of tokensaver: reports, ``Run.summary()`` and the bench's timings.
-    """
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def _usage(value: Any) -> dict[str, int]:
