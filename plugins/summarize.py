@@ -36,6 +36,7 @@ later turns give the same bytes; see ``_model_summary``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -45,7 +46,7 @@ from typing import Any
 
 from tokensaver.hookspecs import hookimpl
 from tokensaver.settings import Schema, boolean, choice, integer, number, path, strings, text
-from tokensaver.tokens import canonical_json
+from tokensaver.tokens import canonical_json, fast_digest
 
 from . import _echo, _model_summary
 from ._store import encode_entry
@@ -157,31 +158,56 @@ def options(settings: dict[str, Any] | None) -> Options:
     return Options(**{f.name: s[f.name] for f in fields(Options)})
 
 
-def _memo(ctx: Any) -> OrderedDict[str, Result]:
-    state = ctx.shared_state(memo=OrderedDict, lock=threading.Lock)
-    return state["memo"]  # type: ignore[no-any-return]
+MEMO_BYTES = 16 * 1024 * 1024  # each of the plugin's two memos: the sum of its kept texts' lengths
+
+
+class _Memo:
+    """Results kept by key, newest last, within an entry count and a byte cap (oldest out first)."""
+
+    def __init__(self) -> None:
+        self.data: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, key: Any) -> Any:
+        hit = self.data.get(key)
+        if hit is None:
+            return None
+        self.data.move_to_end(key)
+        return hit[0]
+
+    def put(self, key: Any, value: Any, size: int, limit: int) -> None:
+        old = self.data.pop(key, None)
+        if old is not None:
+            self.nbytes -= old[1]
+        self.data[key] = (value, size)
+        self.nbytes += size
+        while len(self.data) > 1 and (len(self.data) > limit or self.nbytes > MEMO_BYTES):
+            self.nbytes -= self.data.popitem(last=False)[1][1]
+
+
+@functools.lru_cache(maxsize=64)
+def _options_key(opts: Options) -> bytes:
+    """The options' part of a memo key, made once per options (not once per block)."""
+    return fast_digest(canonical_json(asdict(opts)))
 
 
 def shrink_cached(text: str, opts: Options, ctx: Any, limit: int) -> Result:
-    """``shrink`` memoized per content hash and options in the plugin state (same input, same bytes)."""
+    """``shrink`` memoized per content digest and options in the plugin state (same input, same bytes)."""
     if len(text) < opts.min_chars and not (
         (text[:12] == "<returncode>" and "returncode" in opts.shapes)
         or (text.endswith("bash-$") and "state" in opts.shapes)
     ):
         return Result(text, "small", False)
-    memo = _memo(ctx)
-    key = hashlib.sha256((canonical_json(asdict(opts)) + "\0" + text).encode()).hexdigest()
-    lock = ctx.state["lock"]
+    state = ctx.shared_state(memo=_Memo, lock=threading.Lock)
+    memo, lock = state["memo"], state["lock"]
+    key = (_options_key(opts), fast_digest(text))
     with lock:
         hit = memo.get(key)
         if hit is not None:
-            memo.move_to_end(key)
-            return hit
+            return hit  # type: ignore[no-any-return]
     res = shrink(text, opts)
     with lock:
-        memo[key] = res
-        while len(memo) > limit:
-            memo.popitem(last=False)
+        memo.put(key, res, len(res.text), limit)
     return res
 
 
@@ -219,19 +245,16 @@ def _echoed(text: str, tool_input: Any, ctx: Any, limit: int) -> str:
     scanned once, not on every later call that resends it."""
     if not _echo.has_lines(tool_input):
         return text
-    key = hashlib.sha256(("echo\0" + canonical_json(tool_input) + "\0" + text).encode()).hexdigest()
-    state = ctx.shared_state(echo_memo=OrderedDict, lock=threading.Lock)
+    key = (fast_digest(tool_input), fast_digest(text))
+    state = ctx.shared_state(echo_memo=_Memo, lock=threading.Lock)
     memo, lock = state["echo_memo"], state["lock"]
     with lock:
         hit = memo.get(key)
         if hit is not None:
-            memo.move_to_end(key)
             return hit  # type: ignore[no-any-return]
     out = _echo.rewrite(text, tool_input)
     with lock:
-        memo[key] = out
-        while len(memo) > limit:
-            memo.popitem(last=False)
+        memo.put(key, out, len(out), limit)
     return out
 
 

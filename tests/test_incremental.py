@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from plugins import summarize
 from tokensaver import _sdk
 from tokensaver.context import make_context
 from tokensaver.emulator import Emulator
@@ -255,3 +256,18 @@ def test_ctx_digest_equal_content_equal_digest_breakpoints_aside() -> None:
     assert ctx.digest(block) == ctx.digest(marked) == ctx.digest(reordered)
     assert ctx.digest(block) != ctx.digest({**block, "content": [{"type": "text", "text": "out!"}]})
     assert ctx.digest("abc") != ctx.digest(["abc"]) and len(ctx.digest(block)) == 17
+
+
+def test_summarize_memo_has_a_byte_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """summarize's per-content memo keeps at most MEMO_BYTES of text, whatever its entry limit."""
+    monkeypatch.setattr(summarize, "MEMO_BYTES", 20_000, raising=False)  # a small cap, quickly reached
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}
+    ctx = make_context(body, plugin="summarize")
+    opts = summarize.options(None)
+    for i in range(120):
+        text = "\n".join(f"{i} row {j}: " + "abcdefgh" * 20 for j in range(1200))  # ~200 KB each
+        assert summarize.shrink_cached(text, opts, ctx, 100_000).text
+    memo = ctx.state["memo"]
+    kept = [v[0] if isinstance(v, tuple) else v for v in getattr(memo, "data", memo).values()]
+    assert 0 < len(kept) < 120
+    assert sum(len(r.text) for r in kept) <= 20_000
