@@ -51,64 +51,26 @@ class Instrument:
 
 
 _CALL = ("model", "door")
-CALLS = Instrument(
-    "tokensaver.calls", "counter", "{call}", "tokensaver_calls", (*_CALL, "status"),
-    "Messages call attempts recorded, stored answers included",
-)  # fmt: skip
-TOKENS_ORIGINAL = Instrument(
-    "tokensaver.tokens.original", "counter", "{token}", "tokensaver_tokens_original", _CALL,
-    "input tokens of the requests as the caller made them (tokensaver's count)",
-)  # fmt: skip
-TOKENS_SENT = Instrument(
-    "tokensaver.tokens.sent", "counter", "{token}", "tokensaver_tokens_sent", _CALL,
-    "input tokens of the requests as sent, after every stage (tokensaver's count)",
-)  # fmt: skip
-BILLED = Instrument(
-    "tokensaver.cost.billed", "counter", "USD", "tokensaver_billed_usd", _CALL,
-    "dollars billed for the calls, plugins' own model calls included",
-)  # fmt: skip
-COUNTERFACTUAL = Instrument(
-    "tokensaver.cost.counterfactual", "counter", "USD", "tokensaver_counterfactual_usd", _CALL,
-    "dollars the caller's own requests would have been billed without tokensaver",
-)  # fmt: skip
-SAVED = Instrument(
-    "tokensaver.cost.saved", "updown", "USD", "tokensaver_saved_usd", _CALL,
-    "counterfactual minus billed dollars (below zero when tokensaver cost more)",
-)  # fmt: skip
-STAGE_SAVED = Instrument(
-    "tokensaver.stage.saved", "updown", "USD", "tokensaver_stage_saved_usd", (*_CALL, "stage"),
-    "dollars each stage saved (its short-circuits included, its own model calls deducted)",
-)  # fmt: skip
-STAGE_SAVED_TOKENS = Instrument(
-    "tokensaver.stage.saved_tokens", "updown", "{token}", "tokensaver_stage_saved_tokens", (*_CALL, "stage"),
-    "input tokens each stage removed (its short-circuits' sent tokens included)",
-)  # fmt: skip
-CACHE_READ = Instrument(
-    "tokensaver.cache.read", "counter", "{token}", "tokensaver_cache_read_tokens", _CALL,
-    "prompt-cache read tokens billed (calls that reached the API)",
-)  # fmt: skip
-CACHE_WRITE = Instrument(
-    "tokensaver.cache.write", "counter", "{token}", "tokensaver_cache_write_tokens", _CALL,
-    "prompt-cache write tokens billed (calls that reached the API)",
-)  # fmt: skip
-SHORT_CIRCUITS = Instrument(
-    "tokensaver.short_circuits", "counter", "{call}", "tokensaver_short_circuits", (*_CALL, "plugin"),
-    "calls answered by a plugin without the API (memoized answers)",
-)  # fmt: skip
-PLUGIN_ERRORS = Instrument(
-    "tokensaver.plugin.errors", "counter", "{error}", "tokensaver_plugin_errors",
-    ("door", "plugin", "hook", "kind"),
-    "plugin hook calls discarded (fail open): kind raised, timeout, saturated, mutated_input, invalid_output",
-)  # fmt: skip
-OVERHEAD = Instrument(
-    "tokensaver.pipeline.overhead", "histogram", "s", "tokensaver_pipeline_overhead_seconds", _CALL,
-    "time tokensaver's pipeline added to a call (stages, lookup, observers, the record)",
-)  # fmt: skip
-
-INSTRUMENTS = (
+# one row per instrument: OpenTelemetry name, kind, unit, Prometheus name, labels, doc
+INSTRUMENTS = tuple(Instrument(*row) for row in (
+    ("tokensaver.calls", "counter", "{call}", "tokensaver_calls", (*_CALL, "status"), "Messages call attempts recorded, stored answers included"),
+    ("tokensaver.tokens.original", "counter", "{token}", "tokensaver_tokens_original", _CALL, "input tokens of the requests as the caller made them (tokensaver's count)"),
+    ("tokensaver.tokens.sent", "counter", "{token}", "tokensaver_tokens_sent", _CALL, "input tokens of the requests as sent, after every stage (tokensaver's count)"),
+    ("tokensaver.cost.billed", "counter", "USD", "tokensaver_billed_usd", _CALL, "dollars billed for the calls, plugins' own model calls included"),
+    ("tokensaver.cost.counterfactual", "counter", "USD", "tokensaver_counterfactual_usd", _CALL, "dollars the caller's own requests would have been billed without tokensaver"),
+    ("tokensaver.cost.saved", "updown", "USD", "tokensaver_saved_usd", _CALL, "counterfactual minus billed dollars (below zero when tokensaver cost more)"),
+    ("tokensaver.stage.saved", "updown", "USD", "tokensaver_stage_saved_usd", (*_CALL, "stage"), "dollars each stage saved (its short-circuits included, its own model calls deducted)"),
+    ("tokensaver.stage.saved_tokens", "updown", "{token}", "tokensaver_stage_saved_tokens", (*_CALL, "stage"), "input tokens each stage removed (its short-circuits' sent tokens included)"),
+    ("tokensaver.cache.read", "counter", "{token}", "tokensaver_cache_read_tokens", _CALL, "prompt-cache read tokens billed (calls that reached the API)"),
+    ("tokensaver.cache.write", "counter", "{token}", "tokensaver_cache_write_tokens", _CALL, "prompt-cache write tokens billed (calls that reached the API)"),
+    ("tokensaver.short_circuits", "counter", "{call}", "tokensaver_short_circuits", (*_CALL, "plugin"), "calls answered by a plugin without the API (memoized answers)"),
+    ("tokensaver.plugin.errors", "counter", "{error}", "tokensaver_plugin_errors", ("door", "plugin", "hook", "kind"), "plugin hook calls discarded (fail open): kind raised, timeout, saturated, mutated_input, invalid_output"),
+    ("tokensaver.pipeline.overhead", "histogram", "s", "tokensaver_pipeline_overhead_seconds", _CALL, "time tokensaver's pipeline added to a call (stages, lookup, observers, the record)"),
+))  # fmt: skip
+(
     CALLS, TOKENS_ORIGINAL, TOKENS_SENT, BILLED, COUNTERFACTUAL, SAVED, STAGE_SAVED, STAGE_SAVED_TOKENS,
     CACHE_READ, CACHE_WRITE, SHORT_CIRCUITS, PLUGIN_ERRORS, OVERHEAD,
-)  # fmt: skip
+) = INSTRUMENTS  # fmt: skip
 
 Measurement = tuple[Instrument, float, dict[str, str]]
 
