@@ -10,12 +10,15 @@ wrong answer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from tokensaver.state import (
     EMBEDDED,
+    Claim,
     CorruptEntry,
     Space,
     State,
@@ -26,7 +29,16 @@ from tokensaver.state import (
     open_state,
 )
 
-__all__ = ["CorruptEntry", "SharedStore", "Store", "cache_dir", "decode_entry", "encode_entry", "open_store"]
+__all__ = [
+    "CorruptEntry",
+    "SharedStore",
+    "Store",
+    "cache_dir",
+    "decode_entry",
+    "encode_entry",
+    "fleet_flight",
+    "open_store",
+]
 
 log = logging.getLogger("tokensaver.plugins")
 
@@ -69,6 +81,11 @@ class SharedStore:
     def lost(self) -> bool:
         return self.state.lost
 
+    @property
+    def shared(self) -> bool:
+        """Shared by other machines and replicas (Redis), not only this machine's processes."""
+        return self.state.url != EMBEDDED
+
     def read(
         self, magic: bytes, key: str, check: Callable[[dict[str, Any]], None] | None = None
     ) -> tuple[dict[str, Any] | None, float, str | None]:
@@ -83,6 +100,54 @@ class SharedStore:
 
     def delete(self, key: str) -> None:
         self.space(key).delete(key)
+
+
+POLL = 0.05  # seconds between looks for the answer of a call another replica has in flight
+
+
+def fleet_flight(
+    ctx: Any, store: SharedStore, key: str, wait: float, read: Callable[[], dict[str, Any] | None]
+) -> dict[str, Any] | None:
+    """Single flight across replicas for a call that is the first of its process for ``key``.
+
+    On a shared state, the call claims ``key`` for the fleet (released when the call is over, at
+    most ``wait`` seconds) and goes upstream: None. When another replica holds the claim, it waits
+    (``wait`` at most) for that replica's answer, ``read()`` polled: the answer, else None when the
+    claim ended without one (this call then holds it), the wait ran out or the state was lost. The
+    embedded state and a lost one: None at once (each process makes its own call).
+    """
+    if not store.shared or store.lost:
+        return None
+    space = store.space(key)
+    claim = space.claim(key, wait)
+    if claim is not None or store.lost:
+        _hold(ctx, claim)
+        return None
+    deadline = time.monotonic() + wait
+    waiting = getattr(ctx, "waiting", None)  # the core does not cut a bounded wait short
+    with waiting(wait) if callable(waiting) else contextlib.nullcontext():
+        while time.monotonic() < deadline:
+            time.sleep(POLL)
+            hit = read()
+            if hit is not None:
+                ctx.record(single_flight="waited for another replica")
+                return hit
+            claim = space.claim(key, max(POLL, deadline - time.monotonic()))
+            if claim is not None or store.lost:  # its call ended without an answer: this one goes
+                _hold(ctx, claim)
+                ctx.record(single_flight="another replica's call ended without an answer")
+                return None
+    ctx.record(single_flight="timed out waiting for another replica")
+    return None
+
+
+def _hold(ctx: Any, claim: Claim | None) -> None:
+    if claim is None:
+        return
+    at_end = getattr(ctx, "at_end", None)
+    if callable(at_end):
+        at_end(claim.release)  # after the answer is stored: the waiters find it, then the claim goes
+    # else the claim lapses with its TTL
 
 
 def open_store(ctx: Any, name: str, directory: str | None, size_limit: int, label: str) -> SharedStore:

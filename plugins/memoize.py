@@ -41,6 +41,9 @@ refused, cut off, timed out, the client gone): if the first fails, the others go
 once. A call never waits on an event loop thread, nor on a call of its own requester (the same
 asyncio task, or the same thread in sync code): that requester may be the one that still has to
 read the first call's stream.
+On a shared state (Redis), the first call of a process also claims the key for the fleet: an
+identical call on another replica waits (``wait`` at most) for that replica's answer, polled from
+the store, and goes upstream at once if that call ends without one or the state is lost.
 """
 
 from __future__ import annotations
@@ -339,8 +342,10 @@ def _single_flight(
     ctx: Any, state: dict[str, Any], store: SharedStore, key: str, settings: dict[str, Any]
 ) -> dict[str, Any] | None:
     other = _claim(ctx, state, key)
-    if other is None:
-        return None
+    if other is None:  # the first here; on a shared state, maybe not of the fleet
+        return stores.fleet_flight(
+            ctx, store, key, settings["wait"], lambda: _read(ctx, store, key, settings)
+        )
     if other.requester is requester() or _on_loop_thread():
         # blocking here would stall the very task, thread or loop that must finish the first call
         ctx.record(single_flight="skipped: same requester or event loop")

@@ -14,26 +14,31 @@ when it is on PATH; without either the Redis cases skip saying why, unless
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import pytest
+from aiohttp import web
 from tokensaver_plugins import _model_summary, memoize, summarize
 
 from tokensaver.config import load_config
 from tokensaver.context import make_context
 from tokensaver.emulator import Emulator
 from tokensaver.errors import ConfigError
+from tokensaver.proxy import BackgroundApp
 from tokensaver.run import load_run
 from tokensaver.state import DEFAULT_MAGIC, EMBEDDED, State, encode_entry
 from tokensaver.testing import TEST_API_KEY, start_proxy_process, stop_proxy_process
@@ -301,6 +306,13 @@ def test_redis_going_away_fails_open_and_recovers(own_redis: RedisServer, caplog
 
 
 def _proxies(emu: Emulator, url: str, tmp_path: Path, n: int = 3) -> list[tuple[subprocess.Popen[str], str]]:
+    return _proxies_to(emu.url, url, tmp_path, n)
+
+
+def _proxies_to(
+    upstream: str, url: str, tmp_path: Path, n: int = 3
+) -> list[tuple[subprocess.Popen[str], str]]:
+    """``n`` tokensaver proxy processes before ``upstream``, memoize on, all on the state ``url``."""
     out = []
     for i in range(n):
         cfg = tmp_path / f"p{i}.toml"
@@ -310,7 +322,7 @@ def _proxies(emu: Emulator, url: str, tmp_path: Path, n: int = 3) -> list[tuple[
             "TOKENSAVER_CONFIG": str(cfg),
             "TOKENSAVER_CACHE_DIR": str(tmp_path / f"cache{i}"),
         }
-        out.append(start_proxy_process("--upstream", emu.url, "--run", f"replica{i}", env=env))
+        out.append(start_proxy_process("--upstream", upstream, "--run", f"replica{i}", env=env))
     return out
 
 
@@ -405,3 +417,57 @@ def test_the_state_config_key(tmp_path: Path) -> None:
             load_config({"state": bad}, cwd=tmp_path)
     with pytest.raises(ValueError, match="state must be"):
         State("sqlite:///x")
+
+
+# -- single flight across replicas ------------------------------------------------------------
+
+
+class SlowUpstream:
+    """A Messages API stand-in that takes ``delay`` seconds per answer and counts the calls."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/messages", self._messages)
+        return app
+
+    async def _messages(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        with self._lock:
+            self.calls += 1
+            n = self.calls
+        await asyncio.sleep(self.delay)
+        return web.json_response(
+            {
+                "id": f"msg_{n}",
+                "type": "message",
+                "role": "assistant",
+                "model": body["model"],
+                "content": [{"type": "text", "text": f"answer {n}"}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": 12, "output_tokens": 3},
+            }
+        )
+
+
+def test_identical_calls_in_flight_on_three_replicas_make_one_upstream_call(
+    redis_url: str, tmp_path: Path
+) -> None:
+    up = SlowUpstream(delay=3.0)
+    with BackgroundApp(up.app()) as server:
+        procs = _proxies_to(server.url, redis_url, tmp_path)
+        try:
+            with ThreadPoolExecutor(3) as pool:
+                text = f"asked of three replicas at once {uuid.uuid4().hex}"
+                got = list(pool.map(lambda u: _ask(u, text), [u for _, u in procs]))
+        finally:
+            for p, _ in procs:
+                stop_proxy_process(p)
+    assert up.calls == 1
+    assert sorted(h for h, _ in got) == ["hit", "hit", "miss"]
+    assert {t for _, t in got} == {"answer 1"}
