@@ -39,6 +39,7 @@ from .sse import (
     sse_event,
     stream_accumulator,
 )
+from .threads import CREATE_ONLY, thread_of
 
 __all__ = [
     "CONTROL_PREFIX",
@@ -365,10 +366,13 @@ def next_round(
 def follow_up(call: Call, message: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     """The caller's request continued with the model's plugin-tool call and the plugins' answers."""
     body = call.original
-    turn = [
-        {"role": "assistant", "content": message.get("content") or []},
-        {"role": "user", "content": results},
-    ]
+    answers = {"role": "user", "content": results}
+    if thread_of(body) is not None and isinstance(message.get("id"), str):
+        # a thread holds the model's tool call: the next round continues it with the answers alone
+        rest = {k: v for k, v in body.items() if k not in CREATE_ONLY}
+        thread = {"type": "continue", "previous_message_id": message["id"]}
+        return {**rest, "thread": thread, "messages": [answers]}
+    turn = [{"role": "assistant", "content": message.get("content") or []}, answers]
     return {**body, "messages": [*body["messages"], *turn]}
 
 
@@ -393,9 +397,11 @@ def splices(stream: bool, body: dict[str, Any]) -> bool:
     """Stream a plugin-tool exchange on as it comes, rather than buffer it: streamed, without thinking.
 
     With thinking on, the answer is buffered and only the final round handed back: a message that
-    joined several rounds would carry thinking blocks the API did not produce in that order.
+    joined several rounds would carry thinking blocks the API did not produce in that order. A thread
+    request is buffered too: the caller must be handed the last round's id, the one its thread
+    continues from (a spliced stream begins with the first round's).
     """
-    return stream and not thinking_on(body)
+    return stream and not thinking_on(body) and thread_of(body) is None
 
 
 class Splice:

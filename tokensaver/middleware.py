@@ -247,7 +247,7 @@ class TokensaverMiddleware(_sdk.Middleware):
                 request,
                 short_circuit(self.pipeline, call, bool(request.stream), eventstream=self.eventstream),
             )
-        if plugin_tools(call.body):
+        if plugin_tools(call.view or call.body):  # a thread continue: the thread's tools
             if splices(bool(request.stream), call.body) and not self.eventstream:
                 return self._stream_plugin_tools(request, call, prep, call_next)
             return self._plugin_tools(request, call, prep, call_next)
@@ -315,7 +315,7 @@ class TokensaverMiddleware(_sdk.Middleware):
                 request,
                 short_circuit(self.pipeline, call, bool(request.stream), eventstream=self.eventstream),
             )
-        if plugin_tools(call.body):
+        if plugin_tools(call.view or call.body):  # a thread continue: the thread's tools
             if splices(bool(request.stream), call.body) and not self.eventstream:
                 return await self._stream_plugin_tools_async(request, call, prep, call_next)
             return await self._plugin_tools_async(request, call, prep, call_next)

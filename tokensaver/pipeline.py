@@ -29,6 +29,7 @@ from .context import CallContext, conversation_id
 from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ordered, strict_error
 from .pricing import PriceTable, normalize_usage
 from .run import Run, redact_keys, redact_text
+from .threads import ThreadLog, ThreadProblem, ThreadView
 from .tokens import Memo, body_blocks, default_counter
 from .validate import Scans, Sizes, message_problem, stage_problem
 
@@ -219,6 +220,9 @@ class Call:
     sizes: Sizes = field(default_factory=dict)  # per-block sizes by identity, for the 32 MB check
     facts: BillingMemo = field(default_factory=dict)  # the caller's blocks' digests and counts, by identity
     scans: Scans = field(default_factory=dict)  # each stage body's thinking blocks, by identity
+    # a message-thread request (tokensaver.threads): the stages get and bill the whole conversation
+    thread: ThreadView | None = None
+    view: dict[str, Any] | None = None  # the last stage's whole conversation (a continue sends its tail)
 
 
 class Pipeline:
@@ -253,6 +257,8 @@ class Pipeline:
         # what the caller's own requests would have been billed: shadow prompt caches per key hash
         # (the proxy shares one between its session pipelines, as the API's cache is per key)
         self.shadows = ShadowCaches(self.prices)
+        # message threads: what each thread's API side holds and the caller's own history, bounded
+        self.threads = ThreadLog()
 
     # -- request phase -----------------------------------------------------------------------
 
@@ -274,13 +280,20 @@ class Pipeline:
         """
         t0 = time.perf_counter()
         now = self.clock() if self.clock else time.time()
-        conversation = conversation_id(body)
+        # a thread continue holds only its new messages: the stages get (and accounting bills) the
+        # whole conversation the API rebuilds; what is sent is the continue again (tokensaver.threads)
+        thread = self.threads.open(body, key, now)
+        start = thread.given if thread is not None else body  # what the first stage gets
+        whole = thread.original if thread is not None else body
+        conversation = conversation_id(whole)
         # per-block digests and counts by identity for this call: the caller's blocks (each found by
         # its content digest in the bounded per-content tables, else counted), then the blocks each
         # stage adds; the copies plugins get count as their originals
         memo: Memo = {}
         facts: BillingMemo = {}
-        _digest_blocks(body, memo, facts)
+        _digest_blocks(whole, memo, facts)
+        if start is not whole:
+            _digest_blocks(start, memo, facts)
         ctx = CallContext(
             model=self.prices.get(str(body.get("model", ""))),
             counter=self.counter.scoped(memo),
@@ -296,7 +309,7 @@ class Pipeline:
             state_url=self.config.state,
         )
         original = body
-        tokens_original = self.counter.request(body, memo)
+        tokens_original = self.counter.request(whole, memo)
         call = Call(
             ctx=ctx,
             original=original,
@@ -307,10 +320,14 @@ class Pipeline:
             attempt=attempt,
             guard=_Guard(memo),
             facts=facts,
+            thread=thread,
         )
-        current, before = body, tokens_original
+        # a continue's stages start from the history as sent (transformed), not the caller's
+        current, before = start, tokens_original if start is whole else self.counter.request(start, memo)
         hook = "tokensaver_transform_request"
-        for name, impl in ordered(self.pm, hook, self.config.plugins):
+        # a continue of a thread not kept here is sent as it came (its history is unknown)
+        stages = [] if thread is not None and thread.opaque else ordered(self.pm, hook, self.config.plugins)
+        for name, impl in stages:
             s0 = time.perf_counter()
             error = None
             given = call.guard.give(current)
@@ -320,12 +337,16 @@ class Pipeline:
                     raise PluginFault("mutated_input", "a block of its input was edited in place")
                 if result is not None:
                     call.guard.restore(result)
+                    if thread is not None:
+                        result = self.threads.project(thread, result)  # only the new messages change
                     if result == current:
                         result = None  # the same request: the caller's bytes go out as they came
                     else:
                         problem = stage_problem(result, current, call.sizes, call.scans)
                         if problem:
                             raise PluginFault(f"invalid_output: {problem}")
+            except ThreadProblem as exc:
+                result, error = None, self._plugin_error(call, name, hook, PluginFault("thread", str(exc)))
             except Exception as exc:
                 call.guard.drop()  # the plugin may still hold (or have edited) its copies
                 result, error = None, self._plugin_error(call, name, hook, exc)
@@ -343,10 +364,22 @@ class Pipeline:
             if result is not None:
                 current, before = result, after
             call.bodies.append(current)
-        call.body = current
+        call.view = current
+        if current is start and not is_follow_up(whole):
+            call.body = body  # unchanged: the caller's bytes go out as they came
+        elif thread is not None and thread.kind == "continue":
+            call.body = self.threads.wire(thread, current)
+        else:
+            # a plugin-tool round is never the caller's request, even unchanged: its own body is sent
+            call.body = current if current is not body else dict(body)
         call.tokens_sent = before
-        hit_by, hit = self._run_hook(
-            call, "tokensaver_lookup_response", first=True, check=message_problem, body=current
+        # a stored answer's id was never stored by the API: a thread's next continue would not find it
+        hit_by, hit = (
+            (None, None)
+            if thread is not None
+            else self._run_hook(
+                call, "tokensaver_lookup_response", first=True, check=message_problem, body=current
+            )
         )
         if hit is not None:
             call.short_circuit = hit_by
@@ -439,14 +472,32 @@ class Pipeline:
                 response = call.response
             elif response is not None and status == 200:
                 ctx.usage = normalize_usage(response.get("usage"))
+                if call.thread is not None and call.view is not None:
+                    self._keep_thread(call, response)
                 self._run_hook(
-                    call, "tokensaver_observe_response", first=False, body=call.body, response=response
+                    call,
+                    "tokensaver_observe_response",
+                    first=False,
+                    body=call.body if call.view is None else call.view,
+                    response=response,
                 )
             call.overhead_ms += (time.perf_counter() - t0) * 1000
             record = self._record(call, response, status, error)
         finally:
             ctx.end()  # whatever the outcome, nothing a plugin holds for the call (a claim) outlives it
         return record
+
+    def _keep_thread(self, call: Call, response: dict[str, Any]) -> None:
+        """Keep the thread at this reply: what the caller was handed (the exchange's answer; none yet
+        while a plugin's tool call is being answered) and the conversation as sent."""
+        assert call.thread is not None and call.view is not None
+        answer = call.ctx.exchange_answer
+        if answer is None and not calls_plugin_tool(response):
+            answer = response
+        try:
+            self.threads.commit(call.thread, call.view, response, answer, call.ctx.now)
+        except Exception:  # never fail a paid call: the next continue goes untransformed
+            log.warning("tokensaver: could not keep a message thread", exc_info=True)
 
     def _record(
         self, call: Call, response: dict[str, Any] | None, status: int | str, error: str | None
@@ -459,13 +510,14 @@ class Pipeline:
         side = [dict(e) for e in ctx.side_calls]
         side_cost = sum(float(e.get("cost_usd") or 0.0) for e in side)
         sent = ok and usage is not None and not call.short_circuit
-        follow_up = is_follow_up(call.original)
+        whole = call.thread.original if call.thread is not None else call.original
+        follow_up = is_follow_up(whole)
         if call.estimate is None:
             call.estimate = self.shadows.estimate(
                 ctx.key_hash,
                 ctx.now,
                 model,
-                call.original,
+                whole,
                 call.bodies,
                 usage=usage if ok else None,
                 sent=sent,
@@ -588,7 +640,7 @@ def plugin_tools(body: dict[str, Any]) -> set[str]:
 
 def _tool_adder(call: Call) -> int:
     """Index of the stage that added a plugin tool to the request (else the last stage)."""
-    had = bool(plugin_tools(call.original))
+    had = bool(plugin_tools(call.thread.original if call.thread is not None else call.original))
     for k, body in enumerate(call.bodies):
         has = bool(plugin_tools(body))
         if has and not had:

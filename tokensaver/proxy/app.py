@@ -395,7 +395,7 @@ class TokensaverProxy:
     ) -> web.StreamResponse:
         assert self.client is not None
         call = outcome.call
-        if plugin_tools(call.body):
+        if plugin_tools(call.view or call.body):  # a thread continue: the thread's tools
             return await self._plugin_tool_exchange(request, pipe, prep, outcome)
         data = raw if call.body is call.original else encode(call.body)  # unchanged: the caller's bytes
         try:

@@ -1,0 +1,281 @@
+"""Message threads through tokensaver: the SDK's ``beta.messages.tool_runner`` with its defaults (a thread
+create, then continues holding only the new messages), over HTTP to the emulator, through wrap() and the proxy.
+
+Every request is one the API accepts, the tool loop completes, the ledger bills what the emulator billed, and
+the counterfactual is what the caller's untransformed whole-history requests cost (a run with no plugins and
+``thread=False``). Plugin-tool rounds continue the thread and hand the caller the last reply's id; an expired
+thread is replayed in full and goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+from anthropic import beta_async_tool, beta_tool
+
+import tokensaver
+from tokensaver.emulator import Emulator, VirtualClock
+from tokensaver.pricing import PriceTable, normalize_usage
+from tokensaver.run import load_run
+from tokensaver.testing import TEST_API_KEY, start_proxy_process, stop_proxy_process
+
+MODEL = "claude-sonnet-4-6"
+BOUND = 60.0
+SYSTEM = "You are a careful weather assistant. " + " ".join(
+    f"Rule {i}: answer briefly and cite the city." for i in range(300)
+)
+CITIES = ["Paris", "Rome", "Oslo"]
+PRICE = PriceTable().get(MODEL)
+
+
+def report(city: str) -> str:
+    """A long tool output (prune and summarize have something to do)."""
+    return f"sunny in {city}\n" + "".join(
+        f"2026-01-01 12:00:{i % 60:02d} INFO station {i} in {city} reports 21 C, wind {i % 7} km/h\n"
+        for i in range(300)
+    )
+
+
+@beta_tool
+def get_weather(city: str) -> str:
+    """The weather in a city."""
+    return report(city)
+
+
+@beta_async_tool
+async def get_weather_async(city: str) -> str:
+    """The weather in a city."""
+    return report(city)
+
+
+def script(emu: Emulator, name: str = "get_weather") -> None:
+    emu.reply(*([{"type": "tool_use", "name": name, "input": {"city": c}}] for c in CITIES), "All sunny.")
+
+
+def loop_kwargs(**over: Any) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "max_tokens": 256,
+        "system": SYSTEM,
+        "tools": [get_weather],
+        "messages": [{"role": "user", "content": "What is the weather in three cities?"}],
+        **over,
+    }
+
+
+def run_loop(client: Any, mode: str = "sync", **over: Any) -> list[str | None]:
+    """The tool loop with the SDK's defaults; the stop reason of each reply."""
+    if mode == "async":
+
+        async def go() -> list[str | None]:
+            runner = client.beta.messages.tool_runner(**loop_kwargs(tools=[get_weather_async], **over))
+            return [m.stop_reason async for m in runner]
+
+        return asyncio.run(asyncio.wait_for(go(), BOUND))
+    if mode == "stream":
+        return [
+            s.get_final_message().stop_reason
+            for s in client.beta.messages.tool_runner(**loop_kwargs(stream=True, **over))
+        ]
+    return [m.stop_reason for m in client.beta.messages.tool_runner(**loop_kwargs(**over))]
+
+
+def wrapped(emu: Emulator, tmp_path: Path, asynchronous: bool = False, **cfg: Any) -> Any:
+    cls = anthropic.AsyncAnthropic if asynchronous else anthropic.Anthropic
+    base = cls(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND)
+    return tokensaver.wrap(base, config={"runs_dir": str(tmp_path / "runs"), **cfg})
+
+
+def breakpoints(value: Any) -> int:
+    if isinstance(value, dict):
+        return ("cache_control" in value) + sum(breakpoints(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(breakpoints(v) for v in value)
+    return 0
+
+
+def check_thread_requests(emu: Emulator) -> None:
+    """Every request accepted; each continue holds only new messages and names the reply before it."""
+    assert [r.status for r in emu.requests] == [200] * len(emu.requests)
+    ids = [f"msg_emu_{i}" for i in range(1, len(emu.requests) + 1)]
+    assert emu.requests[0].body["thread"] == {"type": "create"}
+    for i, rec in enumerate(emu.requests[1:]):
+        assert rec.body["thread"] == {"type": "continue", "previous_message_id": ids[i]}
+        assert "system" not in rec.body and "tools" not in rec.body
+        assert len(rec.body["messages"]) == 1
+        assert rec.expanded is not None and breakpoints(rec.expanded) <= 4
+
+
+def check_billing(records: list[dict[str, Any]], emu: Emulator) -> None:
+    """The ledger bills what the emulator billed, call by call."""
+    assert [r["status"] for r in records] == [200] * len(emu.requests)
+    assert [r["usage"] for r in records] == [normalize_usage(r.usage) for r in emu.requests]
+    for rec, req in zip(records, emu.requests, strict=True):
+        assert rec["cost_usd"] == pytest.approx(PRICE.cost(normalize_usage(req.usage)), abs=1e-8)
+
+
+def untransformed_run(tmp_path: Path, mode: str = "sync") -> list[dict[str, Any]]:
+    """The caller's own requests: no plugins, the whole history sent each turn; their records."""
+    with Emulator(virtual_clock=True) as full:
+        script(full, "get_weather_async" if mode == "async" else "get_weather")
+        client = wrapped(full, tmp_path / "full", asynchronous=mode == "async", plugins=[])
+        assert run_loop(client, mode, thread=False) == ["tool_use"] * 3 + ["end_turn"]
+        assert all("thread" not in r.body for r in full.requests)
+        records = list(client.tokensaver.records)
+        check_billing(records, full)
+        return records
+
+
+def untransformed_costs(tmp_path: Path, mode: str = "sync") -> list[float]:
+    """What the caller's own requests cost: no plugins, the whole history sent each turn."""
+    return [r["cost_usd"] for r in untransformed_run(tmp_path, mode)]
+
+
+@pytest.mark.parametrize("mode", ["sync", "stream", "async"])
+def test_tool_runner_through_wrap_transforms_only_new_messages(
+    emu: Emulator, tmp_path: Path, mode: str
+) -> None:
+    script(emu, "get_weather_async" if mode == "async" else "get_weather")
+    client = wrapped(emu, tmp_path, asynchronous=mode == "async")
+    assert run_loop(client, mode) == ["tool_use"] * 3 + ["end_turn"]
+    check_thread_requests(emu)
+    records = list(client.tokensaver.records)
+    check_billing(records, emu)
+    assert all(not r["errors"] for r in records)
+    # the transforms reached the continues (the new tool results), not just the create
+    assert any(s["changed"] for r in records[1:] for s in r["stages"])
+    # the honest counterfactual: the caller's untransformed whole-history requests
+    expected = untransformed_costs(tmp_path, mode)
+    assert [r["counterfactual_usd"] for r in records] == pytest.approx(expected, abs=1e-8)
+    assert sum(r["cost_usd"] for r in records) < sum(expected)
+
+
+def test_without_plugins_a_thread_costs_what_it_billed(emu: Emulator, tmp_path: Path) -> None:
+    script(emu)
+    client = wrapped(emu, tmp_path, plugins=[])
+    assert run_loop(client) == ["tool_use"] * 3 + ["end_turn"]
+    check_thread_requests(emu)
+    records = list(client.tokensaver.records)
+    check_billing(records, emu)
+    costs = [r["cost_usd"] for r in records]
+    assert [r["counterfactual_usd"] for r in records] == pytest.approx(costs, abs=1e-8)
+    full = untransformed_run(tmp_path)
+    assert costs == pytest.approx([r["cost_usd"] for r in full], abs=1e-8)
+    # the token figures follow the thread's whole conversation too, as the unthreaded requests'
+    for key in ("tokens_original", "tokens_sent", "conversation"):
+        assert [r[key] for r in records] == [r[key] for r in full]
+
+
+def test_tool_runner_through_the_proxy(emu: Emulator, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    (tmp_path / "tokensaver.toml").write_text(f'runs_dir = "{runs}"\n')
+    script(emu)
+    proc, url = start_proxy_process(
+        "--upstream", emu.url, "--run", "threads", "--config", str(tmp_path / "tokensaver.toml"), cwd=tmp_path
+    )
+    try:
+        client = anthropic.Anthropic(base_url=url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND)
+        with client:
+            assert run_loop(client) == ["tool_use"] * 3 + ["end_turn"]
+            deadline = time.monotonic() + BOUND
+            while len(load_run("threads", runs).records()) < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        stop_proxy_process(proc)
+    check_thread_requests(emu)
+    records = load_run("threads", runs).records()
+    check_billing(records, emu)
+    assert any(s["changed"] for r in records[1:] for s in r["stages"])
+    assert [r["counterfactual_usd"] for r in records] == pytest.approx(
+        untransformed_costs(tmp_path), abs=1e-8
+    )
+
+
+def _ask_for_original(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The model calls summarize's retrieval tool for the ref in the latest tool result."""
+    sent = body["messages"][-1]["content"][0]["content"]
+    text = sent if isinstance(sent, str) else " ".join(b.get("text", "") for b in sent)
+    ref = re.search(r"with ref ([0-9a-f]+)", text)
+    assert ref is not None, "the tool result was not shortened with a ref"
+    return [
+        {"type": "tool_use", "id": "toolu_r1", "name": "tokensaver_retrieve", "input": {"ref": ref.group(1)}}
+    ]
+
+
+@pytest.mark.parametrize("mode", ["sync", "stream"])
+def test_a_plugin_tool_round_continues_the_thread(emu: Emulator, tmp_path: Path, mode: str) -> None:
+    emu.reply(
+        [{"type": "tool_use", "name": "get_weather", "input": {"city": "Paris"}}],
+        _ask_for_original,  # on the continue with the shortened result: a round the caller never sees
+        [{"type": "tool_use", "name": "get_weather", "input": {"city": "Rome"}}],
+        "All sunny.",
+    )
+    client = wrapped(emu, tmp_path, plugins=["summarize"], summarize={"retrieval": True})
+    assert run_loop(client, mode) == ["tool_use", "tool_use", "end_turn"]
+    check_thread_requests(emu)
+    # the plugin's round continued the thread with the original alone
+    (answer,) = emu.requests[2].body["messages"][0]["content"]
+    assert answer == {"type": "tool_result", "tool_use_id": "toolu_r1", "content": report("Paris")}
+    # the caller was handed the last round's reply: its next continue names that id (checked above)
+    records = list(client.tokensaver.records)
+    check_billing(records, emu)
+    assert [bool(r.get("follow_up")) for r in records] == [False, False, True, False]
+    assert records[2]["counterfactual_usd"] == 0.0  # a round the caller never asked for
+
+
+def test_an_expired_thread_is_replayed_in_full(emu: Emulator, tmp_path: Path) -> None:
+    clock = emu.clock
+    assert isinstance(clock, VirtualClock)
+    calls: list[str] = []
+
+    @beta_tool
+    def slow_weather(city: str) -> str:
+        """The weather in a city, after a long wait (the thread expires meanwhile)."""
+        calls.append(city)
+        if city == "Rome":
+            clock.advance(301)
+        return report(city)
+
+    emu.reply(
+        *([{"type": "tool_use", "name": "slow_weather", "input": {"city": c}}] for c in CITIES), "All sunny."
+    )
+    client = wrapped(emu, tmp_path)
+    assert run_loop(client, tools=[slow_weather]) == ["tool_use"] * 3 + ["end_turn"]
+    statuses = [r.status for r in emu.requests]
+    assert statuses == [200, 200, 404, 200, 200]
+    replay = emu.requests[3].body
+    assert replay["thread"] == {"type": "create"} and len(replay["messages"]) == 5
+    assert emu.requests[4].body["thread"]["type"] == "continue"  # the replay's reply goes on
+    records = list(client.tokensaver.records)
+    assert [r["status"] for r in records] == statuses
+    assert all(not r["errors"] for r in records)
+    ok = [r for r in records if r["status"] == 200]
+    billed = [req for req in emu.requests if req.status == 200]
+    assert [r["usage"] for r in ok] == [normalize_usage(r.usage) for r in billed]
+    # the continue after the replay is known as the whole conversation: counted and billed as such
+    create, last = records[3], records[4]
+    assert last["tokens_original"] > create["tokens_original"]
+    assert last["counterfactual_usd"] > create["counterfactual_usd"]
+    assert any(s["changed"] for s in last["stages"])
+
+
+def test_memoize_leaves_thread_requests_to_the_api(emu: Emulator, tmp_path: Path) -> None:
+    """A stored answer's id is unknown to the API: a thread served from memory could not be continued."""
+    client = wrapped(
+        emu,
+        tmp_path,
+        plugins=["memoize", "summarize", "prune", "cache_align"],
+        memoize={"dir": str(tmp_path / "m")},
+    )
+    for _ in range(2):
+        script(emu)
+        assert run_loop(client) == ["tool_use"] * 3 + ["end_turn"]
+    assert [r.status for r in emu.requests] == [200] * 8
+    assert [r.body["thread"]["type"] for r in emu.requests] == (["create"] + ["continue"] * 3) * 2
+    assert not any(r["short_circuit"] for r in client.tokensaver.records)
