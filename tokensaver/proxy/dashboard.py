@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hmac
 import ipaddress
 import os
@@ -43,34 +44,19 @@ FEED = PREFIX + "sessions.json"
 SCHEMA = "tokensaver-dashboard/1"
 POLL_MS = 1000
 RECENT_CALLS = 10  # the last calls of each session listed on the page
-STAGE_COLUMNS = [
-    "plugin",
-    "calls",
-    "touched",
-    "short-circ.",
-    "tokens saved [est.]",
-    "$ saved (net)",
-    "$ model calls",
-    "errors",
-    "ms",
-]
 CALL_COLUMNS = ["call", "model", "tokens before -> after [est.]", "cost [billed]", "saved"]
 
-# tokensaver.report and jinja2 are imported on the page's first request: the proxy starts without them
-_env: jinja2.Environment | None = None
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    # tokensaver.report and jinja2 are imported on the page's first request: the proxy starts without them
+    from ..report.render import template_environment
+
+    return template_environment("tokensaver.proxy", autoescape=True)
 
 
 def _template() -> jinja2.Template:
-    global _env
-    if _env is None:
-        import jinja2  # the page's first request pays for it, not the proxy's start
-
-        _env = jinja2.Environment(
-            loader=jinja2.PackageLoader("tokensaver.proxy", "templates"),
-            autoescape=True,
-            undefined=jinja2.StrictUndefined,
-        )
-    return _env.get_template("dashboard.html.j2")
+    return _environment().get_template("dashboard.html.j2")
 
 
 def _figures(t: dict[str, Any], cache: dict[str, Any], latency: dict[str, Any]) -> list[dict[str, Any]]:
@@ -132,22 +118,6 @@ def _figures(t: dict[str, Any], cache: dict[str, Any], latency: dict[str, Any]) 
     ]
 
 
-def _stage_cells(s: dict[str, Any]) -> list[str]:
-    from ..report import fmt_int, fmt_ms, fmt_usd
-
-    return [
-        s["plugin"],
-        fmt_int(s["calls"]),
-        fmt_int(s["touched"]),
-        fmt_int(s["short_circuits"]),
-        fmt_int(s["saved_tokens"]),
-        fmt_usd(s["saved_usd"]),
-        fmt_usd(s["model_calls_usd"]),
-        fmt_int(s["errors"]),
-        fmt_ms(s["ms"], unit=""),
-    ]
-
-
 def _call_cells(c: dict[str, Any]) -> list[str]:
     from ..report import fmt_int, fmt_usd
 
@@ -163,6 +133,8 @@ def _call_cells(c: dict[str, Any]) -> list[str]:
 def view(name: str, created: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
     """One run's part of the feed: the report's totals and stages, and the same figures as shown."""
     from ..report import fmt_time, summarize
+    from ..report.formatting import cells
+    from ..report.render import STAGE_CELLS
 
     data = summarize(records)
     t = data["totals"]
@@ -178,7 +150,7 @@ def view(name: str, created: Any, records: list[dict[str, Any]]) -> dict[str, An
         "cache": data["cache"],
         "stages": data["stages"],
         "figures": _figures(t, data["cache"], data["latency"]),
-        "stage_rows": [_stage_cells(s) for s in data["stages"]],
+        "stage_rows": [cells(s, STAGE_CELLS) for s in data["stages"]],
         "recent_rows": [_call_cells(c) for c in data["calls"][-RECENT_CALLS:]][::-1],
     }
 
@@ -253,6 +225,7 @@ class Dashboard:
 
     def _read(self) -> dict[str, Any]:
         from ..report import BILLED_NOTE, ESTIMATED_NOTE, fmt_time
+        from ..report.render import STAGE_HEADERS
 
         sessions = [s for s in (self._session(n, p) for n, p in self.proxy.sessions.named()) if s is not None]
         sessions.sort(key=lambda s: s[3]["last_call"] or 0, reverse=True)
@@ -277,7 +250,7 @@ class Dashboard:
             "updated_shown": fmt_time(now),
             "poll_ms": POLL_MS,
             "notes": {"billed": BILLED_NOTE, "estimated": ESTIMATED_NOTE},
-            "stage_columns": STAGE_COLUMNS,
+            "stage_columns": STAGE_HEADERS,
             "call_columns": CALL_COLUMNS,
             "all": everything[1],
             "sessions": [s[3] for s in sessions],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -62,6 +63,24 @@ def fmt_value(value: Any) -> str:
     if isinstance(value, dict | list):
         return json.dumps(value, default=str)
     return str(value)
+
+
+# the formats a row's cells can take (see :func:`cells`)
+CELL_FORMATS: dict[str, Callable[[Any], str]] = {
+    "text": str,
+    "int": fmt_int,
+    "usd": fmt_usd,
+    "pct": fmt_pct,
+    "signed_pct": lambda v: fmt_pct(v, signed=True),
+    "rate": fmt_rate,
+    "ms": fmt_ms,
+    "bare_ms": lambda v: fmt_ms(v, unit=""),  # under a header that says ms
+}
+
+
+def cells(row: Mapping[str, Any], spec: str) -> list[str]:
+    """A table row's cells: ``spec`` is space-separated ``key:format`` (a format of CELL_FORMATS)."""
+    return [CELL_FORMATS[fmt](row[key]) for key, _, fmt in (col.partition(":") for col in spec.split())]
 
 
 def md_cell(value: Any) -> str:

@@ -6,6 +6,7 @@ and SVG, no scripts, no remote loads).
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -13,7 +14,18 @@ import jinja2
 
 from .aggregate import summarize
 from .charts import bar_chart
-from .formatting import fmt_int, fmt_ms, fmt_pct, fmt_rate, fmt_time, fmt_usd, fmt_value, md_cell, text_table
+from .formatting import (
+    cells,
+    fmt_int,
+    fmt_ms,
+    fmt_pct,
+    fmt_rate,
+    fmt_time,
+    fmt_usd,
+    fmt_value,
+    md_cell,
+    text_table,
+)
 from .sections import collect_sections, normalize_section
 
 SCHEMA = "tokensaver-report/1"
@@ -24,32 +36,44 @@ ESTIMATED_NOTE = (
 )
 
 
-_env: jinja2.Environment | None = None
+STAGE_HEADERS = [
+    "plugin",
+    "calls",
+    "touched",
+    "short-circ.",
+    "tokens saved [est.]",
+    "$ saved (net)",
+    "$ model calls",
+    "errors",
+    "ms",
+]
+STAGE_CELLS = "plugin:text calls:int touched:int short_circuits:int saved_tokens:int saved_usd:usd model_calls_usd:usd errors:int ms:bare_ms"  # fmt: skip
 
 
+def template_environment(package: str, autoescape: Any, **options: Any) -> jinja2.Environment:
+    """The Jinja environment of ``package``'s ``templates`` folder (undefined names raise)."""
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader(package, "templates"),
+        autoescape=autoescape,
+        undefined=jinja2.StrictUndefined,
+        **options,
+    )
+
+
+@functools.cache
 def _environment() -> jinja2.Environment:
-    global _env
-    if _env is None:
-        env = jinja2.Environment(
-            loader=jinja2.PackageLoader("tokensaver.report", "templates"),
-            autoescape=lambda name: ".html" in (name or ""),
-            trim_blocks=True,
-            lstrip_blocks=True,
-            keep_trailing_newline=True,
-            undefined=jinja2.StrictUndefined,
-        )
-        env.filters.update(
-            usd=fmt_usd,
-            num=fmt_int,
-            pct=fmt_pct,
-            ms=fmt_ms,
-            when=fmt_time,
-            cell=fmt_value,
-            md=md_cell,
-        )
-        env.globals.update(auto_line=auto_line, estimate_line=estimate_line)
-        _env = env
-    return _env
+    env = template_environment(
+        "tokensaver.report",
+        lambda name: ".html" in (name or ""),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(
+        usd=fmt_usd, num=fmt_int, pct=fmt_pct, ms=fmt_ms, when=fmt_time, cell=fmt_value, md=md_cell
+    )
+    env.globals.update(auto_line=auto_line, estimate_line=estimate_line)
+    return env
 
 
 def auto_line(totals: dict[str, Any]) -> str:
@@ -198,32 +222,8 @@ class Report:
 
         out += ["", "Stages"]
         if d["stages"]:
-            rows = [
-                [
-                    s["plugin"],
-                    fmt_int(s["calls"]),
-                    fmt_int(s["touched"]),
-                    fmt_int(s["short_circuits"]),
-                    fmt_int(s["saved_tokens"]),
-                    fmt_usd(s["saved_usd"]),
-                    fmt_usd(s["model_calls_usd"]),
-                    fmt_int(s["errors"]),
-                    f"{s['ms']:.1f}",
-                ]
-                for s in d["stages"]
-            ]
-            head = [
-                "plugin",
-                "calls",
-                "touched",
-                "short-circ.",
-                "tokens saved [est.]",
-                "$ saved (net)",
-                "$ model calls",
-                "errors",
-                "ms",
-            ]
-            out += ["  " + x for x in text_table(head, rows, right=set(range(1, 9)))]
+            rows = [cells(s, STAGE_CELLS) for s in d["stages"]]
+            out += ["  " + x for x in text_table(STAGE_HEADERS, rows, right=set(range(1, 9)))]
         else:
             out.append("  (no stages ran)")
 
@@ -256,18 +256,8 @@ class Report:
             out += [f"  {w['warning']} ({w['calls']} calls)" for w in d["price_warnings"]]
         if d["conversations"]:
             out += ["", "Conversations"]
-            rows = [
-                [
-                    cv["conversation"],
-                    fmt_int(cv["calls"]),
-                    fmt_int(cv["tokens_original"]),
-                    fmt_int(cv["tokens_sent"]),
-                    fmt_usd(cv["cost_usd"]),
-                    fmt_usd(cv["counterfactual_usd"]),
-                    fmt_usd(cv["saved_usd"]),
-                ]
-                for cv in d["conversations"]
-            ]
+            spec = "conversation:text calls:int tokens_original:int tokens_sent:int cost_usd:usd counterfactual_usd:usd saved_usd:usd"  # fmt: skip
+            rows = [cells(cv, spec) for cv in d["conversations"]]
             head = [
                 "conversation",
                 "calls",
