@@ -8,12 +8,13 @@ from __future__ import annotations
 import html
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jinja2
 from markupsafe import Markup
 
-from ..report.formatting import fmt_int, fmt_ms, fmt_pct, fmt_rate, fmt_usd, text_table
+from ..report.formatting import cells, fmt_int, fmt_ms, fmt_rate, fmt_usd, text_table
 from .aggregate import HALF_ORDER
 from .specs import scope_note
 
@@ -97,6 +98,11 @@ OVERHEAD_HEADERS = [
 ]
 
 
+MAIN_CELLS = "calls:int input_tokens:int cache_creation_input_tokens:int cache_read_input_tokens:int output_tokens:int hit_rate:rate input_cost_usd:usd cost_usd:usd vs_auto_pct:signed_pct rejected:int facts_kept_pct:pct overhead_p50_ms:bare_ms"  # fmt: skip
+NET_CELLS = "input_cost_usd:usd vs_auto_input_pct:pct lost_results:int lost_fact_usd:usd net_vs_auto_input_pct:pct facts_kept_pct:pct"  # fmt: skip
+SOURCE_CELLS = "conversations:int calls:int cost_usd:usd vs_auto_pct:signed_pct hit_rate:rate rejected:int facts_kept_pct:pct"  # fmt: skip
+
+
 def main_rows(data: dict[str, Any]) -> list[list[str]]:
     rows = []
     for c in data["configs"]:
@@ -104,23 +110,7 @@ def main_rows(data: dict[str, Any]) -> list[list[str]]:
         if t.get("skipped"):
             rows.append([c["name"], "skipped: " + str(t["skipped"])] + [""] * (len(MAIN_HEADERS) - 2))
             continue
-        rows.append(
-            [
-                c["name"],
-                fmt_int(t["calls"]),
-                fmt_int(t["input_tokens"]),
-                fmt_int(t["cache_creation_input_tokens"]),
-                fmt_int(t["cache_read_input_tokens"]),
-                fmt_int(t["output_tokens"]),
-                fmt_rate(t["hit_rate"]),
-                fmt_usd(t["input_cost_usd"]),
-                fmt_usd(t["cost_usd"]),
-                fmt_pct(t["vs_auto_pct"], signed=True),
-                fmt_int(t["rejected"]),
-                fmt_pct(t["facts_kept_pct"]),
-                fmt_ms(t["overhead_p50_ms"], unit=""),
-            ]
-        )
+        rows.append([c["name"], *cells(t, MAIN_CELLS)])
     return rows
 
 
@@ -131,19 +121,7 @@ def source_rows(data: dict[str, Any]) -> list[list[str]]:
             t = group[c["name"]]
             if t.get("skipped") or not t["calls"]:
                 continue
-            rows.append(
-                [
-                    src,
-                    c["name"],
-                    fmt_int(t["conversations"]),
-                    fmt_int(t["calls"]),
-                    fmt_usd(t["cost_usd"]),
-                    fmt_pct(t["vs_auto_pct"], signed=True),
-                    fmt_rate(t["hit_rate"]),
-                    fmt_int(t["rejected"]),
-                    fmt_pct(t["facts_kept_pct"]),
-                ]
-            )
+            rows.append([src, c["name"], *cells(t, SOURCE_CELLS)])
     return rows
 
 
@@ -164,15 +142,9 @@ def net_rows(data: dict[str, Any], half: str) -> list[list[str]]:
                 [
                     src,
                     name,
-                    fmt_int(t["conversations"]),
-                    fmt_int(t["calls"]),
+                    *cells(t, "conversations:int calls:int"),
                     fmt_usd(auto["input_cost_usd"] if auto and auto["calls"] else None),
-                    fmt_usd(t["input_cost_usd"]),
-                    fmt_pct(t["vs_auto_input_pct"]),
-                    fmt_int(t["lost_results"]),
-                    fmt_usd(t["lost_fact_usd"]),
-                    fmt_pct(t["net_vs_auto_input_pct"]),
-                    fmt_pct(t["facts_kept_pct"]),
+                    *cells(t, NET_CELLS),
                     fmt_int(t["rejected"] + (auto["rejected"] if auto else 0)),
                 ]
             )
@@ -205,61 +177,44 @@ def stage_rows(data: dict[str, Any]) -> list[list[str]]:
     for c in data["configs"]:
         for plugin, s in data["totals"][c["name"]].get("stages", {}).items():
             rows.append(
-                [
-                    c["name"],
-                    plugin,
-                    fmt_int(s["changed"]),
-                    fmt_int(s["saved_tokens"]),
-                    fmt_usd(s["saved_usd"]),
-                    fmt_int(s["errors"]),
-                ]
+                [c["name"], plugin, *cells(s, "changed:int saved_tokens:int saved_usd:usd errors:int")]
             )
     return rows
 
 
+def _measured_rows(
+    items: list[dict[str, Any]] | None, width: int, row: Callable[[dict[str, Any]], list[str]]
+) -> list[list[str]]:
+    """A row per measurement; one that failed shows its error in the first of ``width`` cells."""
+    return [[o["error"]] + [""] * (width - 1) if "error" in o else row(o) for o in items or []]
+
+
+def _overhead_row(o: dict[str, Any]) -> list[str]:
+    stages = ", ".join(f"{k} {fmt_ms(v, unit='')}" for k, v in o["stages_p50_ms"].items())
+    return [
+        f"~{o['target_tokens'] // 1000}k tokens",
+        *cells(o, "tokens:int messages:int cold_ms:ms p50_ms:ms p95_ms:ms max_ms:ms"),
+        stages + " ms",
+    ]
+
+
 def overhead_rows(data: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for o in data.get("overhead") or []:
-        if "error" in o:
-            rows.append([o["error"]] + [""] * (len(OVERHEAD_HEADERS) - 1))
-            continue
-        stages = ", ".join(f"{k} {fmt_ms(v, unit='')}" for k, v in o["stages_p50_ms"].items())
-        rows.append(
-            [
-                f"~{o['target_tokens'] // 1000}k tokens",
-                fmt_int(o["tokens"]),
-                fmt_int(o["messages"]),
-                fmt_ms(o["cold_ms"]),
-                fmt_ms(o["p50_ms"]),
-                fmt_ms(o["p95_ms"]),
-                fmt_ms(o["max_ms"]),
-                stages + " ms",
-            ]
-        )
-    return rows
+    return _measured_rows(data.get("overhead"), len(OVERHEAD_HEADERS), _overhead_row)
+
+
+def _proxy_row(o: dict[str, Any]) -> list[str]:
+    return [
+        f"~{fmt_int(o['size_tokens'])} tokens",
+        "SSE" if o["stream"] else "JSON",
+        *cells(o, "added_p50_ms:ms added_p95_ms:ms pipeline_p50_ms:ms pipeline_p95_ms:ms n_calls:int"),
+    ]
 
 
 PROXY_HEADERS = ["request", "stream", "added p50", "added p95", "pipeline p50", "pipeline p95", "calls"]
 
 
 def proxy_rows(data: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for o in data.get("proxy_overhead") or []:
-        if "error" in o:
-            rows.append([o["error"]] + [""] * (len(PROXY_HEADERS) - 1))
-            continue
-        rows.append(
-            [
-                f"~{fmt_int(o['size_tokens'])} tokens",
-                "SSE" if o["stream"] else "JSON",
-                fmt_ms(o["added_p50_ms"]),
-                fmt_ms(o["added_p95_ms"]),
-                fmt_ms(o["pipeline_p50_ms"]),
-                fmt_ms(o["pipeline_p95_ms"]),
-                fmt_int(o["n_calls"]),
-            ]
-        )
-    return rows
+    return _measured_rows(data.get("proxy_overhead"), len(PROXY_HEADERS), _proxy_row)
 
 
 PROXY_TITLE = (
