@@ -279,3 +279,86 @@ def test_memoize_leaves_thread_requests_to_the_api(emu: Emulator, tmp_path: Path
     assert [r.status for r in emu.requests] == [200] * 8
     assert [r.body["thread"]["type"] for r in emu.requests] == (["create"] + ["continue"] * 3) * 2
     assert not any(r["short_circuit"] for r in client.tokensaver.records)
+
+
+def test_continue_stays_within_the_breakpoints_the_create_left(emu: Emulator, tmp_path: Path) -> None:
+    """The create's system and tools breakpoints count on every continue: cache_align adds none past 4."""
+    cc = {"type": "ephemeral"}
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    system = [{"type": "text", "text": f"{SYSTEM} Part {i}.", "cache_control": cc} for i in range(3)]
+    tools = [
+        {"name": "get_weather", "description": "The weather.", "input_schema": schema, "cache_control": cc}
+    ]
+    emu.reply("one", "two")
+    client = wrapped(emu, tmp_path)
+    common: dict[str, Any] = {"model": MODEL, "max_tokens": 64, "betas": ["message-threads-2026-08-12"]}
+    first = client.beta.messages.create(
+        **common,
+        thread={"type": "create"},
+        system=system,
+        tools=tools,
+        messages=[{"role": "user", "content": "hi"}],
+    )
+    client.beta.messages.create(
+        **common,
+        thread={"type": "continue", "previous_message_id": first.id},
+        messages=[{"role": "user", "content": report("Rome")}],  # long enough for a breakpoint of its own
+    )
+    assert [r.status for r in emu.requests] == [200, 200]
+    assert emu.requests[1].expanded is not None and breakpoints(emu.requests[1].expanded) == 4
+
+
+def test_a_plugin_tool_call_beside_the_callers_is_answered_on_the_next_continue(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    """The caller never sees the plugin's tool call the thread holds; its continue answers only its own."""
+
+    def both(body: dict[str, Any]) -> list[dict[str, Any]]:
+        (retrieve,) = _ask_for_original(body)
+        return [
+            retrieve,
+            {"type": "tool_use", "id": "toolu_w2", "name": "get_weather", "input": {"city": "Rome"}},
+        ]
+
+    emu.reply([{"type": "tool_use", "name": "get_weather", "input": {"city": "Paris"}}], both, "All sunny.")
+    client = wrapped(emu, tmp_path, plugins=["summarize"], summarize={"retrieval": True})
+    assert run_loop(client) == ["tool_use", "tool_use", "end_turn"]
+    check_thread_requests(emu)
+    results = emu.requests[2].body["messages"][0]["content"]
+    assert {b["tool_use_id"] for b in results} == {"toolu_r1", "toolu_w2"}
+    records = list(client.tokensaver.records)
+    check_billing(records, emu)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_plugin_tool_round_continues_the_thread_through_the_proxy(
+    emu: Emulator, tmp_path: Path, stream: bool
+) -> None:
+    runs = tmp_path / "runs"
+    toml = f'plugins = ["summarize"]\nruns_dir = "{runs}"\n[summarize]\nretrieval = true\n'
+    (tmp_path / "tokensaver.toml").write_text(toml)
+    emu.reply(
+        [{"type": "tool_use", "name": "get_weather", "input": {"city": "Paris"}}],
+        _ask_for_original,
+        [{"type": "tool_use", "name": "get_weather", "input": {"city": "Rome"}}],
+        "All sunny.",
+    )
+    proc, url = start_proxy_process(
+        "--upstream", emu.url, "--run", "rounds", "--config", str(tmp_path / "tokensaver.toml"), cwd=tmp_path
+    )
+    try:
+        client = anthropic.Anthropic(base_url=url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND)
+        with client:
+            mode = "stream" if stream else "sync"
+            assert run_loop(client, mode) == ["tool_use", "tool_use", "end_turn"]
+            deadline = time.monotonic() + BOUND
+            while len(load_run("rounds", runs).records()) < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        stop_proxy_process(proc)
+    check_thread_requests(emu)
+    (answer,) = emu.requests[2].body["messages"][0]["content"]
+    assert answer == {"type": "tool_result", "tool_use_id": "toolu_r1", "content": report("Paris")}
+    records = load_run("rounds", runs).records()
+    check_billing(records, emu)
+    assert [bool(r.get("follow_up")) for r in records] == [False, False, True, False]
