@@ -19,6 +19,7 @@ from ..cli import write_output
 from ..errors import TokensaverError
 from ..traces import fixtures_dir
 from . import headroom
+from . import specs as bench_specs
 from .aggregate import aggregate
 from .corpus import HALVES, SPLIT_RULE, TraceRef, default_trace_dirs, find_traces, load_ref, split_counts
 from .overhead import SIZES, measure_memory, measure_overhead, measure_proxy
@@ -32,19 +33,18 @@ from .runner import (
     worker_source_task,
     worker_task,
 )
-from .specs import (
-    DEFAULT_CONFIGS,
-    DEFAULT_GAP_SECONDS,
-    SCOPES,
-    ConfigSpec,
-    build_specs,
-    installed_plugins,
-    scope_note,
-)
 
 SCHEMA = "tokensaver-bench/1"
 QUICK_LIMIT_CALLS = 6
 QUICK_SIZES = (10_000, 50_000)
+
+
+def _git(*args: str) -> str:
+    """What ``git args`` prints in tokensaver's checkout (stripped)."""
+    done = subprocess.run(
+        ["git", *args], cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=5
+    )
+    return done.stdout.strip()
 
 
 def machine_info() -> dict[str, Any]:
@@ -64,24 +64,8 @@ def machine_info() -> dict[str, Any]:
         pass
     commit = None
     try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                cwd=Path(__file__).resolve().parents[2],
-                capture_output=True,
-                text=True,
-                timeout=5,
-            ).stdout.strip()
-            or None
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=Path(__file__).resolve().parents[2],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        if commit and dirty:
+        commit = _git("rev-parse", "--short", "HEAD") or None
+        if commit and _git("status", "--porcelain", "--untracked-files=no"):
             commit += " + uncommitted changes"
     except Exception:
         pass
@@ -99,7 +83,7 @@ def machine_info() -> dict[str, Any]:
 @dataclass
 class BenchOptions:
     traces: list[str] = field(default_factory=list)
-    configs: list[str] = field(default_factory=lambda: list(DEFAULT_CONFIGS))
+    configs: list[str] = field(default_factory=lambda: list(bench_specs.DEFAULT_CONFIGS))
     sources: list[str] | None = None
     limit_calls: int | None = None
     limit_conversations: int | None = None
@@ -111,7 +95,7 @@ class BenchOptions:
     memory: bool = True
     progress: bool = True
     scope: str = "source"
-    gap_seconds: float = DEFAULT_GAP_SECONDS
+    gap_seconds: float = bench_specs.DEFAULT_GAP_SECONDS
     half: str = "all"
 
 
@@ -144,8 +128,10 @@ def _select(opts: BenchOptions) -> tuple[list[str | Path], list[TraceRef], Any, 
         refs = refs[: opts.limit_conversations]
     if not refs:
         raise TokensaverError("no conversations to replay (check the paths and --sources)")
-    if opts.scope not in SCOPES:
-        raise TokensaverError(f"unknown cache scope {opts.scope!r}; accepted: {', '.join(SCOPES)}")
+    if opts.scope not in bench_specs.SCOPES:
+        raise TokensaverError(
+            f"unknown cache scope {opts.scope!r}; accepted: {', '.join(bench_specs.SCOPES)}"
+        )
     if opts.gap_seconds < 0:
         raise TokensaverError("--gap-seconds must not be negative")
     return paths, refs, dupes, split
@@ -159,7 +145,7 @@ def _replay_in_workers(
     opts: BenchOptions,
     refs: list[TraceRef],
     by_source: dict[str, list[TraceRef]],
-    specs: list[ConfigSpec],
+    specs: list[bench_specs.ConfigSpec],
     env: dict[str, str],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Replay in ``opts.jobs`` processes: the results and the conversations' metadata."""
@@ -190,7 +176,10 @@ def _replay_in_workers(
 
 
 def _replay_here(
-    opts: BenchOptions, refs: list[TraceRef], by_source: dict[str, list[TraceRef]], specs: list[ConfigSpec]
+    opts: BenchOptions,
+    refs: list[TraceRef],
+    by_source: dict[str, list[TraceRef]],
+    specs: list[bench_specs.ConfigSpec],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Replay in this process: the results and the conversations' metadata."""
     results: list[dict[str, Any]] = []
@@ -255,13 +244,13 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     by_source: dict[str, list[TraceRef]] = {}
     for r in refs:
         by_source.setdefault(r.source, []).append(r)
-    plugins = installed_plugins()
+    plugins = bench_specs.installed_plugins()
     names = list(opts.configs)
     headroom_note = None
     if "headroom" in names and not headroom.available():
         headroom_note = "headroom-ai is not installed: pip install 'tokensaver[bench]' to compare with it"
         names.remove("headroom")
-    specs = build_specs(names, plugins)
+    specs = bench_specs.build_specs(names, plugins)
 
     # headroom reads its environment when it runs: set it for this process and the workers
     env = headroom.offline_env() if any(s.kind == "headroom" for s in specs) else {}
@@ -297,7 +286,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "duration_s": round(time.perf_counter() - t0, 1),
         "replay_s": round(replay_seconds, 1),
         "scope": opts.scope,
-        "scope_note": scope_note(opts.scope, opts.gap_seconds),
+        "scope_note": bench_specs.scope_note(opts.scope, opts.gap_seconds),
         "half": opts.half,
         "split": split,
         "machine": machine,
@@ -371,7 +360,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-scope",
         "--scope",
         dest="cache_scope",
-        choices=list(SCOPES),
+        choices=list(bench_specs.SCOPES),
         default="source",
         help="source (default): the conversations of a source share one prompt cache, replayed back to "
         "back per configuration; conversation: each conversation alone from a cold cache",
@@ -379,9 +368,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gap-seconds",
         type=float,
-        default=DEFAULT_GAP_SECONDS,
+        default=bench_specs.DEFAULT_GAP_SECONDS,
         help="source scope: seconds between a conversation without recorded times and the previous "
-        f"one's last call (default {DEFAULT_GAP_SECONDS:g})",
+        f"one's last call (default {bench_specs.DEFAULT_GAP_SECONDS:g})",
     )
 
 
@@ -397,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
         raise TokensaverError("--jobs must be at least 1")
     opts = BenchOptions(
         traces=list(args.traces or []),
-        configs=_split(args.configs) or list(DEFAULT_CONFIGS),
+        configs=_split(args.configs) or list(bench_specs.DEFAULT_CONFIGS),
         sources=_split(args.sources),
         limit_calls=args.limit_calls,
         limit_conversations=args.limit_conversations,
