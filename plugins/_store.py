@@ -95,8 +95,9 @@ class SharedStore:
     def get(self, key: str) -> Any:
         return self.space(key).get(key)
 
-    def set(self, key: str, value: bytes, ttl: float | None) -> None:
-        self.space(key).set(key, value, ttl)
+    def set(self, key: str, value: bytes, ttl: float | None) -> bool:
+        """Store entry bytes; False when not stored (the state lost, over the cap). Disk errors raise."""
+        return self.space(key).set(key, value, ttl)
 
     def delete(self, key: str) -> None:
         self.space(key).delete(key)

@@ -400,8 +400,10 @@ def tokensaver_observe_response(body: dict[str, Any], response: dict[str, Any], 
         if store is None:
             return
         try:
-            store.set(store_key, encode_entry(store_key, message, ctx.now), settings["ttl"])
-            ctx.record(stored=True)
+            if store.set(store_key, encode_entry(store_key, message, ctx.now), settings["ttl"]):
+                ctx.record(stored=True)
+            else:
+                ctx.record(stored=False, reason="state lost" if store.lost else "larger than size_limit")
         except Exception as e:
             log.warning("memoize could not store an answer: %s: %s", type(e).__name__, e)
             ctx.record(stored=False, reason=f"store failed: {type(e).__name__}")

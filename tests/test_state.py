@@ -375,7 +375,8 @@ def test_three_proxies_share_memoized_answers_and_survive_redis_going_away(
     notes = [(rec.get("plugins") or {}).get("memoize") or {} for rec in records]
     said_lost = [n for n in notes if "state lost" in str(n.get("warning", ""))]
     assert len(said_lost) >= 3  # every call made while Redis was down says so in its replica's ledger
-    assert all(n.get("hit") is False for n in said_lost)
+    assert all(n.get("hit") is False and n.get("stored") is False for n in said_lost)
+    assert all(n.get("reason") == "state lost" for n in said_lost)
     section = memoize.tokensaver_report_section("memoize", records)
     assert section is not None and f"state lost on {len(said_lost)} call(s)" in section["summary"]
 

@@ -127,7 +127,11 @@ def decode_entry(magic: bytes, key: str, raw: Any) -> tuple[dict[str, Any], floa
 
 
 class Backend:
-    """Raw entry bytes by (namespace, key). Every method fails open: errors are misses/no-ops."""
+    """Raw entry bytes by (namespace, key).
+
+    Redis fails open in every method (errors are misses and no-ops); the embedded backend raises
+    what the disk raises, which :class:`Space` turns into misses and no-ops (its raw ``set`` excepted).
+    """
 
     url = EMBEDDED
     lost = False  # the backend was unreachable at its latest attempt
@@ -145,6 +149,10 @@ class Backend:
         raise NotImplementedError
 
     def delete(self, space: Space, key: str) -> None:
+        raise NotImplementedError
+
+    def claim(self, space: Space, key: str, token: str, ttl: float) -> bool:
+        """Hold ``key`` with ``token`` for ``ttl`` seconds unless it is held already, atomically; True: held."""
         raise NotImplementedError
 
     def release(self, space: Space, key: str, token: str) -> None:
@@ -584,34 +592,45 @@ class Space:
         """Store a JSON object for ``ttl`` seconds (on ``now``'s clock and the backend's); True when stored."""
         t = time.time() if now is None else now
         raw = encode_entry(magic or self.magic, key, value, t, None if ttl is None else t + ttl)
-        return self.state.backend.put(self, key, raw, ttl, only_new=only_new)
+        return bool(
+            self._safe(False, "store", lambda: self.state.backend.put(self, key, raw, ttl, only_new=only_new))
+        )
 
     def add(self, key: str, value: dict[str, Any], **kw: Any) -> bool:
         """:meth:`save` only when ``key`` holds nothing, atomically across processes; True when stored."""
         return self.save(key, value, only_new=True, **kw)
 
     def delete(self, key: str) -> None:
-        self.state.backend.delete(self, key)
+        self._safe(None, "delete", lambda: self.state.backend.delete(self, key))
 
     def claim(self, key: str, ttl: float) -> Claim | None:
-        """Claim ``key`` for ``ttl`` seconds at most (single flight across processes); None: claimed already."""
+        """Claim ``key`` for ``ttl`` seconds at most (single flight across processes); None: claimed
+        already, or the state cannot say (lost, a disk error)."""
         token = uuid.uuid4().hex
-        backend: Any = self.state.backend
-        return Claim(self, key, token) if backend.claim(self, key, token, ttl) else None
+        held = self._safe(False, "claim", lambda: self.state.backend.claim(self, key, token, ttl))
+        return Claim(self, key, token) if held else None
 
     def usage(self) -> int:
         """Bytes of this namespace's live entries."""
-        return self.state.backend.usage(self)
+        return int(self._safe(0, "measure", lambda: self.state.backend.usage(self)))
+
+    def _safe(self, default: Any, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as e:  # a broken disk store is a miss or a no-op, never the caller's failure
+            log.warning("%s: cannot %s: %s: %s", self.label, what, type(e).__name__, e)
+            return default
 
     # the raw-entry interface of plugins/_store.Store (entries made by encode_entry)
 
     def get(self, key: str) -> bytes | None:
         return self.state.backend.get(self, key)
 
-    def set(self, key: str, value: bytes, ttl: float | None) -> None:
+    def set(self, key: str, value: bytes, ttl: float | None) -> bool:
+        """Store entry bytes; False when not stored (the state lost, larger than the cap). Disk errors raise."""
         if not isinstance(value, bytes):
             raise TypeError("a state holds entry bytes (JSON), never other objects")
-        self.state.backend.put(self, key, value, ttl)
+        return self.state.backend.put(self, key, value, ttl)
 
 
 class State:
