@@ -12,39 +12,7 @@ from typing import Any
 from ..billing import MAX_BREAKPOINTS, THINKING_TYPES, TTL_SECONDS, prompt_blocks
 from ..billing import breakpoints as _breakpoints
 
-ALLOWED_FIELDS = frozenset(
-    {
-        "model",
-        "max_tokens",
-        "messages",
-        "system",
-        "tools",
-        "tool_choice",
-        "metadata",
-        "stop_sequences",
-        "stream",
-        "temperature",
-        "top_p",
-        "top_k",
-        "thinking",
-        "service_tier",
-        "container",
-        "mcp_servers",
-        "context_management",
-        "output_config",
-        "output_format",
-        "cache_control",
-        "speed",
-        "inference_geo",
-        # sent by SDK 2.14 clients (some on the beta surface only)
-        "diagnostics",
-        "billing_policy",
-        "compaction",
-        "fallbacks",
-        "fallback_credit_token",
-        "thread",
-    }
-)
+# the fields of a count_tokens request; a Messages request takes these and the rest below
 COUNT_TOKENS_FIELDS = frozenset(
     {
         "model",
@@ -61,6 +29,25 @@ COUNT_TOKENS_FIELDS = frozenset(
         "speed",
     }
 )
+ALLOWED_FIELDS = COUNT_TOKENS_FIELDS | {
+    "max_tokens",
+    "metadata",
+    "stop_sequences",
+    "stream",
+    "temperature",
+    "top_p",
+    "top_k",
+    "service_tier",
+    "container",
+    "inference_geo",
+    # sent by SDK 2.14 clients (some on the beta surface only)
+    "diagnostics",
+    "billing_policy",
+    "compaction",
+    "fallbacks",
+    "fallback_credit_token",
+    "thread",
+}
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 
 
