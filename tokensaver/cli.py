@@ -21,24 +21,14 @@ from .errors import TokensaverError
 SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "emulator": ("tokensaver.emulator.cli", "add_arguments", "run", "run the offline Messages API emulator"),
     "replay": ("tokensaver.replay", "add_replay_arguments", "run_replay", "replay traces through tokensaver"),
-    "demo": (
-        "tokensaver.replay",
-        "add_demo_arguments",
-        "run_demo",
-        "replay a bundled demo and show the report",
-    ),
+    "demo": ("tokensaver.replay", "add_demo_arguments", "run_demo", "replay a bundled demo and show the report"),
     "plugins": ("tokensaver.cli", "add_plugins_arguments", "cmd_plugins", "list installed and enabled plugins"),
     "bench": ("tokensaver.bench", "add_arguments", "run", "measure savings and overhead over traces"),
-    "proxy": (
-        "tokensaver.proxy",
-        "add_arguments",
-        "run",
-        "serve the Messages API through tokensaver over HTTP",
-    ),
+    "proxy": ("tokensaver.proxy", "add_arguments", "run", "serve the Messages API through tokensaver over HTTP"),
     "claude": ("tokensaver.launch", "add_claude_arguments", "run_claude", "run Claude Code through a proxy"),
     "openclaw": ("tokensaver.launch", "add_openclaw_arguments", "run_openclaw", "run OpenClaw through a proxy"),
     "run": ("tokensaver.launch", "add_run_arguments", "run_command", "run a command through a proxy"),
-}
+}  # fmt: skip
 # launchers: their own options come first, everything after goes to the agent untouched
 LAUNCHERS = ("claude", "openclaw", "run")
 FORMATS = ("table", "md", "html", "json")
