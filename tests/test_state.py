@@ -192,6 +192,18 @@ def test_a_namespace_keeps_its_live_bytes_under_its_cap(state: State) -> None:
     assert sp.load("huge") is None
 
 
+def test_expired_entries_leave_the_namespace_usage(state: State) -> None:
+    sp = state.space(_name(), "kh-a", cap=1 << 20)
+    for i in range(3):
+        assert sp.save(f"old{i}", {"text": "o" * 2_000}, ttl=0.3)
+    deadline = time.monotonic() + 10
+    while any(sp.get(f"old{i}") is not None for i in range(3)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sp.save("fresh", {"text": "f"})
+    raw = sp.get("fresh")
+    assert raw is not None and sp.usage() == len(raw)
+
+
 def test_namespaces_are_per_api_key_hash(state: State) -> None:
     name = _name()
     a, b = state.space(name, "kh-a", cap=1 << 20), state.space(name, "kh-b", cap=1 << 20)

@@ -24,7 +24,7 @@ Redis fails open: when it cannot be reached (down, restarting, a network cut), r
 writes no-ops, so calls are answered; a warning is logged once per outage, :attr:`State.lost` is set
 (``problem`` says ``state lost`` on reads, which plugins record in the run ledger), and the backend
 tries again with a growing backoff (0.25 s to 5 s) until Redis answers. Socket timeouts are short
-(``REDIS_TIMEOUT``): an unreachable Redis never holds a call for long.
+(``REDIS_TIMEOUT``, 0.5 s): an unreachable Redis never holds a call for long.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ log = logging.getLogger("tokensaver.state")
 
 EMBEDDED = "embedded"
 DEFAULT_MAGIC = b"tsstate1\n"
-REDIS_TIMEOUT = 0.25  # seconds per Redis socket operation and connect
+REDIS_TIMEOUT = 0.5  # seconds per Redis socket operation and connect
 BACKOFF_MIN, BACKOFF_MAX = 0.25, 5.0
 # the diskcache file's own overhead (SQLite pages, free pages) allowed on top of a namespace cap
 DISK_OVERHEAD = 16 * 1024**2
@@ -360,6 +360,8 @@ class Embedded(Backend):
 
 # KEYS: entry, sizes (hash member -> bytes), order (zset member -> seq), total, seq
 # ARGV: member, value, ttl ms (0: none), cap (0: none), only_new (1/0), entry key prefix
+# the oldest entries that expired leave the accounting as later ones are stored (a few per put), the
+# oldest live ones go while the namespace is over its cap
 _PUT = """
 if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local size = string.len(ARGV[2])
@@ -371,6 +373,14 @@ local old = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 redis.call('HSET', KEYS[2], ARGV[1], size)
 local total = redis.call('INCRBY', KEYS[4], size - old)
 redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), ARGV[1])
+for _ = 1, 4 do
+  local oldest = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  if not oldest or oldest == ARGV[1] or redis.call('EXISTS', ARGV[6] .. oldest) == 1 then break end
+  redis.call('ZREM', KEYS[3], oldest)
+  local n = tonumber(redis.call('HGET', KEYS[2], oldest) or '0')
+  redis.call('HDEL', KEYS[2], oldest)
+  total = redis.call('INCRBY', KEYS[4], -n)
+end
 while cap > 0 and total > cap do
   local oldest = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
   if not oldest or oldest == ARGV[1] then break end
