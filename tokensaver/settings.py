@@ -217,15 +217,7 @@ def number(
 ) -> Setting:
     """A number in ``[min, max]`` (``positive``: more than 0), given to the plugin as a float."""
     return Setting(
-        "number",
-        default,
-        doc,
-        min=min,
-        max=max,
-        positive=positive,
-        unit=unit,
-        optional=optional,
-        none_means=none_means,
+        "number", default, doc, min, max, positive, unit=unit, optional=optional, none_means=none_means
     )
 
 
