@@ -208,15 +208,18 @@ def _ask_for_original(body: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-@pytest.mark.parametrize("mode", ["sync", "stream"])
+@pytest.mark.parametrize("mode", ["sync", "stream", "async"])
 def test_a_plugin_tool_round_continues_the_thread(emu: Emulator, tmp_path: Path, mode: str) -> None:
+    name = "get_weather_async" if mode == "async" else "get_weather"
     emu.reply(
-        [{"type": "tool_use", "name": "get_weather", "input": {"city": "Paris"}}],
+        [{"type": "tool_use", "name": name, "input": {"city": "Paris"}}],
         _ask_for_original,  # on the continue with the shortened result: a round the caller never sees
-        [{"type": "tool_use", "name": "get_weather", "input": {"city": "Rome"}}],
+        [{"type": "tool_use", "name": name, "input": {"city": "Rome"}}],
         "All sunny.",
     )
-    client = wrapped(emu, tmp_path, plugins=["summarize"], summarize={"retrieval": True})
+    client = wrapped(
+        emu, tmp_path, asynchronous=mode == "async", plugins=["summarize"], summarize={"retrieval": True}
+    )
     assert run_loop(client, mode) == ["tool_use", "tool_use", "end_turn"]
     check_thread_requests(emu)
     # the plugin's round continued the thread with the original alone
@@ -362,3 +365,64 @@ def test_a_plugin_tool_round_continues_the_thread_through_the_proxy(
     records = load_run("rounds", runs).records()
     check_billing(records, emu)
     assert [bool(r.get("follow_up")) for r in records] == [False, False, True, False]
+
+
+def _four_breakpoints_create(client: Any) -> Any:
+    cc = {"type": "ephemeral"}
+    system = [{"type": "text", "text": f"{SYSTEM} Part {i}.", "cache_control": cc} for i in range(4)]
+    return client.beta.messages.create(
+        model=MODEL,
+        max_tokens=64,
+        betas=["message-threads-2026-08-12"],
+        thread={"type": "create"},
+        system=system,
+        messages=[{"role": "user", "content": "hi"}],
+    )
+
+
+def test_a_thread_not_seen_here_is_continued_untransformed(emu: Emulator, tmp_path: Path) -> None:
+    """Another process made the thread: its history is unknown here, so its continue goes as it came."""
+    emu.reply("one", "two")
+    first = _four_breakpoints_create(wrapped(emu, tmp_path / "a"))
+    other = wrapped(emu, tmp_path / "b")
+    other.beta.messages.create(
+        model=MODEL,
+        max_tokens=64,
+        betas=["message-threads-2026-08-12"],
+        thread={"type": "continue", "previous_message_id": first.id},
+        messages=[{"role": "user", "content": report("Rome")}],
+    )
+    assert [r.status for r in emu.requests] == [200, 200]
+    assert emu.requests[1].body["messages"] == [{"role": "user", "content": report("Rome")}]
+    (record,) = other.tokensaver.records
+    assert record["status"] == 200 and record["stages"] == [] and not record["errors"]
+    assert record["usage"] == normalize_usage(emu.requests[1].usage)
+
+
+def test_what_a_pipeline_keeps_of_threads_is_bounded(emu: Emulator, tmp_path: Path) -> None:
+    """A byte cap on the threads kept: the least recently used go, and their continues still work."""
+    client = wrapped(emu, tmp_path)
+    cap = 60_000  # one of these threads at its second turn, not two
+    client.tokensaver.threads.max_bytes = cap
+    script(emu)
+    script(emu)
+    one = client.beta.messages.tool_runner(**loop_kwargs())
+    two = client.beta.messages.tool_runner(**loop_kwargs())
+    stops: list[list[str | None]] = [[], []]
+    runners = [iter(one), iter(two)]
+    done = [False, False]
+    while not all(done):  # the two tool loops interleaved, one reply each in turn
+        for k, runner in enumerate(runners):
+            message = None if done[k] else next(runner, None)
+            if message is None:
+                done[k] = True
+                continue
+            stops[k].append(message.stop_reason)
+            assert client.tokensaver.threads.nbytes <= cap
+    assert all(s[-1] == "end_turn" for s in stops)
+    assert [r.status for r in emu.requests] == [200] * 8
+    records = list(client.tokensaver.records)
+    check_billing(records, emu)
+    # a continue whose thread was let go is sent as it came: no stage ran on it
+    assert any(r["stages"] == [] for r in records)
+    assert len(client.tokensaver.threads) <= 1
