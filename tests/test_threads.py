@@ -20,6 +20,7 @@ import pytest
 from anthropic import beta_async_tool, beta_tool
 
 import tokensaver
+from tokensaver.context import strip_cache_control
 from tokensaver.emulator import Emulator, VirtualClock
 from tokensaver.pricing import PriceTable, normalize_usage
 from tokensaver.run import load_run
@@ -255,6 +256,11 @@ def test_an_expired_thread_is_replayed_in_full(emu: Emulator, tmp_path: Path) ->
     replay = emu.requests[3].body
     assert replay["thread"] == {"type": "create"} and len(replay["messages"]) == 5
     assert emu.requests[4].body["thread"]["type"] == "continue"  # the replay's reply goes on
+    # the transforms are per message: the replay gives the API the prefix the lost thread held
+    held = emu.requests[1].expanded
+    assert held is not None and emu.requests[1].response is not None
+    lost = [*held["messages"], {"role": "assistant", "content": emu.requests[1].response["content"]}]
+    assert strip_cache_control(replay["messages"][:4]) == strip_cache_control(lost)
     records = list(client.tokensaver.records)
     assert [r["status"] for r in records] == statuses
     assert all(not r["errors"] for r in records)
