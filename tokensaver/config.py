@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,12 +211,7 @@ def load_config(
                     value = _check_timeout(key, value, source)
                 if key == "plugin_timeouts":
                     for name, seconds in value.items():
-                        if name not in known_plugins:
-                            raise ConfigError(
-                                f"plugin_timeouts names {name!r}, which is not an installed plugin",
-                                key=f"plugin_timeouts.{name}",
-                                source=source,
-                            )
+                        _known(name, known_plugins, "plugin_timeouts names {!r}, which is not an installed plugin", f"plugin_timeouts.{name}", source)  # fmt: skip
                         cfg.plugin_timeouts[name] = _check_timeout(f"plugin_timeouts.{name}", seconds, source)
                 elif key == "prices":
                     _check_prices(value, source)
@@ -247,6 +243,12 @@ def load_config(
     return cfg
 
 
+def _known(name: str, known: Collection[str], message: str, key: str, source: str) -> None:
+    """Refuse ``name`` unless it is one of ``known``: ``message`` with ``{!r}`` for the name, at ``key``."""
+    if name not in known:
+        raise ConfigError(message.format(name), key=key, source=source)
+
+
 def _check_timeout(key: str, value: Any, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_PLUGIN_TIMEOUT:
         raise ConfigError(
@@ -262,12 +264,7 @@ def _check_prices(value: dict[str, Any], source: str) -> None:
         if not isinstance(fields, dict):
             raise ConfigError(f"prices.{model} must be a table", key=f"prices.{model}", source=source)
         for k, v in fields.items():
-            if k not in PRICE_KEYS:
-                raise ConfigError(
-                    f"unknown price field {k!r}; accepted: {', '.join(sorted(PRICE_KEYS))}",
-                    key=f"prices.{model}.{k}",
-                    source=source,
-                )
+            _known(k, PRICE_KEYS, f"unknown price field {{!r}}; accepted: {', '.join(sorted(PRICE_KEYS))}", f"prices.{model}.{k}", source)  # fmt: skip
             if k != "family" and not isinstance(v, (int, float)):
                 raise ConfigError(
                     f"price must be a number, got {v!r}", key=f"prices.{model}.{k}", source=source
