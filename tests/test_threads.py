@@ -432,3 +432,15 @@ def test_what_a_pipeline_keeps_of_threads_is_bounded(emu: Emulator, tmp_path: Pa
     # a continue whose thread was let go is sent as it came: no stage ran on it
     assert any(r["stages"] == [] for r in records)
     assert len(client.tokensaver.threads) <= 1
+
+
+def test_exact_token_counts_count_the_whole_conversation(emu: Emulator, tmp_path: Path) -> None:
+    """count_tokens knows no threads: exact mode counts the conversations a continue stands for."""
+    script(emu)
+    client = wrapped(emu, tmp_path, token_count="exact")
+    assert run_loop(client) == ["tool_use"] * 3 + ["end_turn"]
+    records = list(client.tokensaver.records)
+    assert all(not r["errors"] for r in records)
+    originals = [r["tokens_original_exact"] for r in records]
+    assert originals == sorted(originals) and len(set(originals)) == 4  # the history grows each turn
+    assert all(r["tokens_sent_exact"] <= r["tokens_original_exact"] for r in records)

@@ -85,6 +85,14 @@ def _is_sse(http: httpx2.Response) -> bool:
     return "text/event-stream" in http.headers.get("content-type", "")
 
 
+def _counted(call: Call) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The caller's request and the sent one, for count_tokens: a thread continue's whole conversations
+    (count_tokens knows no threads), else the bodies themselves (the same object when unchanged)."""
+    if call.thread is not None and call.view is not None and not call.thread.opaque:
+        return call.thread.original, call.view
+    return call.original, call.body
+
+
 class TokensaverMiddleware(_sdk.Middleware):
     """SDK middleware: transforms, short-circuits, observes and records Messages calls."""
 
@@ -193,10 +201,11 @@ class TokensaverMiddleware(_sdk.Middleware):
     def _count_exact(self, call: Call) -> None:
         """Exact mode: count the original and the sent request with the free count_tokens endpoint."""
         try:
-            original = self.client.messages.count_tokens(**self._count_params(call.original)).input_tokens
+            whole, view = _counted(call)
+            original = self.client.messages.count_tokens(**self._count_params(whole)).input_tokens
             sent = original
-            if call.body is not call.original:
-                sent = self.client.messages.count_tokens(**self._count_params(call.body)).input_tokens
+            if view is not whole:
+                sent = self.client.messages.count_tokens(**self._count_params(view)).input_tokens
             call.exact = {"tokens_original": original, "tokens_sent": sent}
         except Exception as exc:
             self._count_failed(call, exc)
@@ -205,10 +214,11 @@ class TokensaverMiddleware(_sdk.Middleware):
         """Async twin of ``_count_exact``."""
         try:
             count = self.client.messages.count_tokens
-            original = (await count(**self._count_params(call.original))).input_tokens
+            whole, view = _counted(call)
+            original = (await count(**self._count_params(whole))).input_tokens
             sent = original
-            if call.body is not call.original:
-                sent = (await count(**self._count_params(call.body))).input_tokens
+            if view is not whole:
+                sent = (await count(**self._count_params(view))).input_tokens
             call.exact = {"tokens_original": original, "tokens_sent": sent}
         except Exception as exc:
             self._count_failed(call, exc)
