@@ -17,7 +17,8 @@ split has landed.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 
@@ -28,6 +29,7 @@ THINKING_TYPES = ("thinking", "redacted_thinking")
 _MAX_BYTES_PER_CHAR = 6
 
 
+_T = TypeVar("_T")
 Sizes = dict[int, tuple[Any, int]]  # id(block) -> (the block, kept alive; its _chars)
 # id(body) -> (the body, kept alive; its thinking blocks with their message index)
 Scans = dict[int, tuple[Any, list[tuple[int, dict[str, Any]]]]]
@@ -168,16 +170,21 @@ def thinking_problem(output: dict[str, Any], given: dict[str, Any], scans: Scans
     return None
 
 
+def _by_identity(memo: dict[int, tuple[Any, _T]], obj: Any, compute: Callable[[Any], _T]) -> _T:
+    """``compute(obj)``, kept in ``memo`` by ``obj``'s identity (``obj`` kept alive, so its id is not reused)."""
+    seen = memo.get(id(obj))
+    if seen is not None and seen[0] is obj:
+        return seen[1]
+    value = compute(obj)
+    memo[id(obj)] = (obj, value)
+    return value
+
+
 def _scanned(body: dict[str, Any], scans: Scans | None) -> list[tuple[int, dict[str, Any]]]:
     """``_thinking_blocks(body)``, kept in ``scans`` by the body's identity."""
     if scans is None:
         return _thinking_blocks(body)
-    seen = scans.get(id(body))
-    if seen is not None and seen[0] is body:
-        return seen[1]
-    found = _thinking_blocks(body)
-    scans[id(body)] = (body, found)
-    return found
+    return _by_identity(scans, body, _thinking_blocks)
 
 
 def _thinking_blocks(body: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
@@ -258,12 +265,7 @@ def _body_chars(body: dict[str, Any], sizes: Sizes | None) -> int:
         return _chars(body)
 
     def block(b: Any) -> int:
-        seen = sizes.get(id(b))
-        if seen is not None and seen[0] is b:
-            return seen[1]
-        n = _chars(b)
-        sizes[id(b)] = (b, n)
-        return n
+        return _by_identity(sizes, b, _chars)
 
     def blocks(seq: list[Any]) -> int:
         return 2 + sum(block(b) + 1 for b in seq)
