@@ -9,7 +9,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from .._stats import percentile
+from .._stats import percentile as percentile  # re-exported: the report's public percentile
 from ..pricing import normalize_usage
 
 USAGE_KEYS = (
