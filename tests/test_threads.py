@@ -444,3 +444,36 @@ def test_exact_token_counts_count_the_whole_conversation(emu: Emulator, tmp_path
     originals = [r["tokens_original_exact"] for r in records]
     assert originals == sorted(originals) and len(set(originals)) == 4  # the history grows each turn
     assert all(r["tokens_sent_exact"] <= r["tokens_original_exact"] for r in records)
+
+
+def test_a_proxy_session_continues_a_thread_another_session_made(emu: Emulator, tmp_path: Path) -> None:
+    """The API's threads are per key, not per tokensaver session: a continue in another run is known."""
+    runs = tmp_path / "runs"
+    (tmp_path / "tokensaver.toml").write_text(f'runs_dir = "{runs}"\n')
+    emu.reply("one", "two")
+    proc, url = start_proxy_process(
+        "--upstream", emu.url, "--run", "first", "--config", str(tmp_path / "tokensaver.toml"), cwd=tmp_path
+    )
+    try:
+        opts: dict[str, Any] = {"base_url": url, "api_key": TEST_API_KEY, "max_retries": 0, "timeout": BOUND}
+        with anthropic.Anthropic(**opts) as one:
+            first = _four_breakpoints_create(one)
+        with anthropic.Anthropic(**opts, default_headers={"x-tokensaver-run": "second"}) as two:
+            two.beta.messages.create(
+                model=MODEL,
+                max_tokens=64,
+                betas=["message-threads-2026-08-12"],
+                thread={"type": "continue", "previous_message_id": first.id},
+                messages=[{"role": "user", "content": report("Rome")}],
+            )
+        deadline = time.monotonic() + BOUND
+        while not load_run("second", runs).records() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop_proxy_process(proc)
+    assert [r.status for r in emu.requests] == [200, 200]
+    (created,) = load_run("first", runs).records()
+    (continued,) = load_run("second", runs).records()
+    assert continued["stages"] and not continued["errors"]  # its stages ran on the whole conversation
+    assert continued["conversation"] == created["conversation"]
+    assert continued["tokens_original"] > created["tokens_original"]

@@ -100,6 +100,7 @@ class Sessions:
             # plugin state lives as long as the proxy: keyed by conversation and content, never by run
             pipe.states = self.default.states
             pipe.shadows = self.default.shadows  # the API's prompt cache is per key, not per session
+            pipe.threads = self.default.threads  # so are its message threads
             self._sessions[name] = pipe
             while len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)
