@@ -41,8 +41,9 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from tokensaver.hookspecs import hookimpl
 from tokensaver.settings import Schema, boolean, choice, integer, number, path, strings, text
@@ -52,6 +53,7 @@ from . import _echo, _model_summary
 from ._store import encode_entry
 from ._summarize_text import SHAPE_NAMES, Options, Result, is_prose, shrink
 
+_T = TypeVar("_T")
 log = logging.getLogger("tokensaver.plugins.summarize")
 
 SETTINGS = Schema(
@@ -185,6 +187,22 @@ class _Memo:
             self.nbytes -= self.data.popitem(last=False)[1][1]
 
 
+def _memoized(
+    ctx: Any, slot: str, key: Any, compute: Callable[[], _T], size: Callable[[_T], int], limit: int
+) -> _T:
+    """``compute()`` kept in the plugin state's ``_Memo`` named ``slot`` under ``key`` (``size``: its bytes)."""
+    state = ctx.shared_state(**{slot: _Memo}, lock=threading.Lock)
+    memo, lock = state[slot], state["lock"]
+    with lock:
+        hit = memo.get(key)
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+    value = compute()
+    with lock:
+        memo.put(key, value, size(value), limit)
+    return value
+
+
 @functools.lru_cache(maxsize=64)
 def _options_key(opts: Options) -> bytes:
     """The options' part of a memo key, made once per options (not once per block)."""
@@ -198,17 +216,8 @@ def shrink_cached(text: str, opts: Options, ctx: Any, limit: int) -> Result:
         or (text.endswith("bash-$") and "state" in opts.shapes)
     ):
         return Result(text, "small", False)
-    state = ctx.shared_state(memo=_Memo, lock=threading.Lock)
-    memo, lock = state["memo"], state["lock"]
     key = (_options_key(opts), fast_digest(text))
-    with lock:
-        hit = memo.get(key)
-        if hit is not None:
-            return hit  # type: ignore[no-any-return]
-    res = shrink(text, opts)
-    with lock:
-        memo.put(key, res, len(res.text), limit)
-    return res
+    return _memoized(ctx, "memo", key, lambda: shrink(text, opts), lambda res: len(res.text), limit)
 
 
 def _rewrite(
@@ -246,16 +255,7 @@ def _echoed(text: str, tool_input: Any, ctx: Any, limit: int) -> str:
     if not _echo.has_lines(tool_input):
         return text
     key = (fast_digest(tool_input), fast_digest(text))
-    state = ctx.shared_state(echo_memo=_Memo, lock=threading.Lock)
-    memo, lock = state["echo_memo"], state["lock"]
-    with lock:
-        hit = memo.get(key)
-        if hit is not None:
-            return hit  # type: ignore[no-any-return]
-    out = _echo.rewrite(text, tool_input)
-    with lock:
-        memo.put(key, out, len(out), limit)
-    return out
+    return _memoized(ctx, "echo_memo", key, lambda: _echo.rewrite(text, tool_input), len, limit)
 
 
 def _condensed(
@@ -283,24 +283,16 @@ def _condensed(
     return summary
 
 
-def _shrink_content(
-    content: Any,
-    opts: Options,
-    ctx: Any,
-    settings: dict[str, Any],
-    stats: dict[str, Any],
-    newest: bool,
-    tool_input: Any = None,
-) -> Any:
-    """The tool_result's content with its text shrunk, or the same object when nothing changed."""
+def _map_texts(content: Any, rewrite: Callable[[str], str]) -> Any:
+    """A tool_result's content with each text ``rewrite``'s, or the same object when nothing changed."""
     if isinstance(content, str):
-        return _rewrite(content, opts, ctx, settings, stats, newest, tool_input)
+        return rewrite(content)
     if isinstance(content, list):
         new: list[Any] = []
         changed = False
         for b in content:
             if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str):
-                text = _rewrite(b["text"], opts, ctx, settings, stats, newest, tool_input)
+                text = rewrite(b["text"])
                 if text is not b["text"]:
                     b = {**b, "text": text}
                     changed = True
@@ -426,15 +418,16 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
                 blocks.append(b)  # an original we handed back on request: never shorten it again
                 continue
             if isinstance(b, dict) and b.get("type") == "tool_result" and "content" in b:
-                c = _shrink_content(
-                    b["content"],
-                    opts,
-                    ctx,
-                    settings,
-                    stats,
-                    i == len(messages) - 1,
-                    inputs.get(b.get("tool_use_id")),
+                rewrite = functools.partial(
+                    _rewrite,
+                    opts=opts,
+                    ctx=ctx,
+                    settings=settings,
+                    stats=stats,
+                    newest=i == len(messages) - 1,
+                    tool_input=inputs.get(b.get("tool_use_id")),
                 )
+                c = _map_texts(b["content"], rewrite)
                 if c is not b["content"]:
                     b = {**b, "content": c}
                     mchanged = True
