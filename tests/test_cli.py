@@ -193,3 +193,23 @@ def test_emulator_subcommand_is_available() -> None:
     args = parser.parse_args(["emulator", "--port", "0", "--loose-roles"])
     assert args.port == 0 and args.loose_roles is True
     assert "unavailable" not in repr(args)
+
+
+def test_a_subcommand_imports_only_its_own_module() -> None:
+    """``tokensaver proxy`` starts without the anthropic SDK, the bench or the emulator (start-up time)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tokensaver.cli import main\n"
+        "try:\n"
+        "    main(['proxy', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('anthropic', 'tokensaver.bench', 'tokensaver.emulator', 'tokensaver.replay')"
+        " if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert "--port" in out.stdout
