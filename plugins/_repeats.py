@@ -21,7 +21,13 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections import OrderedDict
 from typing import Any
+
+import xxhash
+
+from tokensaver.tokens import memo_enabled
 
 _NUMBER_RE = re.compile(r"^ *(\d+)(?:→|\t|:)")
 _MAX_CANDIDATES = 8  # earlier places of one line tried as the start of a run
@@ -68,6 +74,17 @@ class LineIndex:
         self.where: dict[str, list[tuple[int, int]]] = {}  # key -> (text index, line index)
         # JSON objects sent in full: (tool_use id, keys in order, each value as compact JSON)
         self.objects: list[tuple[str, tuple[str, ...], dict[str, str]]] = []
+        # RepeatIndex's chain key and object count after each text (when it is what feeds this one)
+        self.marks: list[tuple[bytes, int]] = []
+
+    def truncate(self, texts: int, objects: int) -> None:
+        """Back to the state after the first ``texts`` texts and ``objects`` objects were indexed."""
+        for t in range(len(self.texts) - 1, texts - 1, -1):
+            for k in self.texts[t][2]:
+                spots = self.where.get(k)
+                while spots and spots[-1][0] >= texts:
+                    spots.pop()
+        del self.texts[texts:], self.objects[objects:], self.marks[texts:]
 
     def add(self, tid: str, lines: list[str]) -> None:
         """Index the lines of a result as sent (markers are not content: they are left out)."""
@@ -207,3 +224,107 @@ def _run(
             break
         n += 1
     return n
+
+
+# -- kept across calls -----------------------------------------------------------------------------
+
+CHAIN_BYTES = 32 * 1024 * 1024  # the texts the kept entries' indexes hold, and their rewrites
+CHAIN_ENTRIES = 200_000
+
+
+class _Entry:
+    __slots__ = ("index", "out")
+
+    def __init__(self, out: str | None, index: LineIndex) -> None:
+        self.out, self.index = out, index
+
+
+class _Chain:
+    """Each rewrite kept by its chain key (the results before it and itself), oldest out first."""
+
+    def __init__(self) -> None:
+        self.data: OrderedDict[bytes, tuple[_Entry, int]] = OrderedDict()
+        self.nbytes = 0
+        self.lock = threading.RLock()  # also held while an entry's index is resumed and extended
+
+    def get(self, key: bytes) -> _Entry | None:
+        with self.lock:
+            hit = self.data.get(key)
+            if hit is None:
+                return None
+            self.data.move_to_end(key)
+            return hit[0]
+
+    def put(self, key: bytes, entry: _Entry, size: int) -> None:
+        with self.lock:
+            old = self.data.pop(key, None)
+            if old is not None:
+                self.nbytes -= old[1]
+            self.data[key] = (entry, size)
+            self.nbytes += size
+            while len(self.data) > 1 and (len(self.data) > CHAIN_ENTRIES or self.nbytes > CHAIN_BYTES):
+                self.nbytes -= self.data.popitem(last=False)[1][1]
+
+
+_CHAIN = _Chain()
+
+
+def _step(key: bytes, tid: str, text: str) -> bytes:
+    return xxhash.xxh3_128_digest(
+        key + tid.encode("utf-8", "surrogatepass") + b"\0" + text.encode("utf-8", "surrogatepass")
+    )
+
+
+class RepeatIndex:
+    """:class:`LineIndex` as a request's results are fed to it, its rewrites kept across calls.
+
+    A result's rewrite depends only on the results fed before it (and the two settings): it is kept
+    under a chain key, the digest of the previous key and this result (tool_use id and text). On a
+    later call the results already seen are answered from their keys without indexing anything;
+    from the first result not seen (the new ones, or all after a cut) the index is resumed from
+    where the last seen one left it (its lines kept once per conversation, not per call) or, when
+    that one has moved on, rebuilt from the results fed so far. Same text out as a fresh
+    :class:`LineIndex` (with memos off, ``set_memo_enabled(False)``, it is one).
+    """
+
+    def __init__(self, min_lines: int, min_chars: int) -> None:
+        self.min_lines, self.min_chars = min_lines, min_chars
+        self.start = self.key = xxhash.xxh3_128_digest(f"repeats\0{min_lines}\0{min_chars}".encode())
+        self.fed: list[tuple[str, str]] = []  # the results so far, for a rebuild
+        self.index: LineIndex | None = None  # the last hit's index, then the one this request extends
+        self.plain = LineIndex(min_lines, min_chars) if not memo_enabled() else None
+
+    def rewrite(self, tid: str, text: str) -> str:
+        """``LineIndex.rewrite(tid, text)`` for the results fed so far."""
+        if self.plain is not None:
+            return self.plain.rewrite(tid, text)
+        previous, n = self.key, len(self.fed)
+        self.key = key = _step(previous, tid, text)
+        self.fed.append((tid, text))
+        hit = _CHAIN.get(key)
+        if hit is not None:
+            self.index = hit.index
+            return text if hit.out is None else hit.out
+        with _CHAIN.lock:
+            index = self._at(previous, n)
+            out = index.rewrite(tid, text)
+            index.marks.append((key, len(index.objects)))
+            self.index = index
+            size = len(text) + (len(out) if out is not text else 0)
+            _CHAIN.put(key, _Entry(None if out is text else out, index), size)
+        return out
+
+    def _at(self, previous: bytes, n: int) -> LineIndex:
+        """An index in the state after the first ``n`` results fed (under the chain lock): the one
+        the last of them was indexed in, cut back to there, or a new one fed them all again."""
+        index = self.index
+        if index is not None and n >= 1 and len(index.marks) >= n and index.marks[n - 1][0] == previous:
+            index.truncate(n, index.marks[n - 1][1])
+            return index
+        index = LineIndex(self.min_lines, self.min_chars)
+        key = self.start
+        for tid, text in self.fed[:n]:
+            key = _step(key, tid, text)
+            index.rewrite(tid, text)
+            index.marks.append((key, len(index.objects)))
+        return index

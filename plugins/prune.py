@@ -115,7 +115,7 @@ from tokensaver.settings import Schema, boolean, integer, number, strings
 from tokensaver.tokens import content_hash
 
 from ._blocks import LOOKBACK_BLOCKS, as_blocks, normalized, request_problems, strip_cc, tool_uses
-from ._repeats import LineIndex
+from ._repeats import RepeatIndex
 
 PLUGIN = "prune"
 MIN_CUT_FRACTION = 0.1  # a cut must remove at least this share of the request
@@ -319,7 +319,7 @@ def apply_spec(messages: list[Any], spec: dict[str, Any], settings: dict[str, An
     min_tokens = int(settings.get("min_result_tokens", 100))
     seen: dict[str, str] = {}  # content hash -> id of the first result kept in full
     lines = (
-        LineIndex(int(settings["repeat_min_lines"]), int(settings["repeat_min_chars"]))
+        RepeatIndex(int(settings["repeat_min_lines"]), int(settings["repeat_min_chars"]))
         if settings.get("repeats")
         else None
     )
@@ -364,7 +364,7 @@ def apply_spec(messages: list[Any], spec: dict[str, Any], settings: dict[str, An
     return out
 
 
-def _without_repeats(inner: Any, tid: str, index: LineIndex) -> Any:
+def _without_repeats(inner: Any, tid: str, index: RepeatIndex) -> Any:
     """A result's content with runs of lines an earlier result shows as pointers (same object if none)."""
     if isinstance(inner, str):
         return index.rewrite(tid, inner)

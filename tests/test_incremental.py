@@ -10,12 +10,17 @@ usage it billed and the pipeline's records must be identical.
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anthropic
+import orjson
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,9 +29,10 @@ from tokensaver import _sdk
 from tokensaver.context import make_context
 from tokensaver.emulator import Emulator
 from tokensaver.middleware import wrap
+from tokensaver.pipeline import Pipeline
 from tokensaver.replay import replay
 from tokensaver.tokens import ContentMemo, set_memo_enabled
-from tokensaver.traces import fixtures_dir, load_conversation
+from tokensaver.traces import fixtures_dir, load_conversation, shared_traces_dir
 
 FIXTURES = fixtures_dir()
 SMALL = [
@@ -271,3 +277,105 @@ def test_summarize_memo_has_a_byte_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     kept = [v[0] if isinstance(v, tuple) else v for v in getattr(memo, "data", memo).values()]
     assert 0 < len(kept) < 120
     assert sum(len(r.text) for r in kept) <= 20_000
+
+
+# -- default plugins on real conversations: memos off, on, and a fresh process ---------------------
+
+LONG = [  # real Claude Code sessions past 50k tokens (../shared/traces), their first calls
+    ("claude-code-entire/a318ad73-17a2-4575-845d-8952a1e5958b.json", 130),
+    ("claude-code-entire/f025f6b8-7e1e-41e7-89a0-a23c0b1ee192.json", 129),
+]
+_SENT_SCRIPT = """
+import json, sys
+from pathlib import Path
+from tests.test_incremental import sent_digests
+from tokensaver.traces import load_conversation
+conv = load_conversation(Path(sys.argv[1]))
+print(json.dumps(sent_digests(conv.calls[: int(sys.argv[2])])))
+"""
+
+
+def sent_digests(calls: list[Any], pipe: Pipeline | None = None) -> list[str]:
+    """Each call replayed in order through one pipeline (default plugins): the sent body's digest."""
+    pipe = pipe or Pipeline(config={"record": False})
+    now = [1_700_000_000.0]
+    pipe.clock = lambda: now[0]
+    out = []
+    for call in calls:
+        now[0] = call.t if call.t is not None else now[0] + 30.0
+        body = orjson.loads(orjson.dumps(call.body))  # as parsed from the wire: no shared objects
+        run = pipe.begin(body, key="test")
+        answer = {
+            "id": "msg_test",
+            "type": "message",
+            "role": "assistant",
+            "model": str(body.get("model", "")),
+            "content": call.reply or [{"type": "text", "text": "OK."}],
+            "stop_reason": "end_turn",
+            "usage": dict(call.usage or {"input_tokens": 1, "output_tokens": 1}),
+        }
+        pipe.finish(run, answer)
+        assert not run.errors, run.errors
+        out.append(xxhash.xxh3_128_hexdigest(orjson.dumps(run.body)))
+    return out
+
+
+def _long_conversations() -> list[Any]:
+    root = shared_traces_dir()
+    found = [(root / name, n) for name, n in LONG] if root is not None else []
+    return [(p, n) for p, n in found if p.exists()]
+
+
+@pytest.mark.skipif(not _long_conversations(), reason="../shared/traces not present")
+@pytest.mark.parametrize("path,n", _long_conversations(), ids=lambda v: str(v)[-20:])
+def test_long_conversation_same_bytes_memos_off_on_and_fresh_process(path: Path, n: int) -> None:
+    """What is sent is the same with every memo off, on (warm from earlier replays) and in a new process."""
+    calls = load_conversation(path).calls[:n]
+    full, inc = both_ways(lambda: sent_digests(calls))
+    assert inc == full
+    assert sent_digests(calls) == full  # again in this process: every memo warm from the run before
+    fresh = subprocess.run(
+        [sys.executable, "-c", _SENT_SCRIPT, str(path), str(n)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=True,
+    )
+    assert json.loads(fresh.stdout.strip().splitlines()[-1]) == full
+    # the plugins changed what is sent (a replay that changed nothing would compare equal too)
+    assert any(
+        d != xxhash.xxh3_128_hexdigest(orjson.dumps(orjson.loads(orjson.dumps(c.body))))
+        for d, c in zip(full, calls, strict=True)
+    )
+
+
+@pytest.mark.skipif(not _long_conversations(), reason="../shared/traces not present")
+def test_repeats_a_later_call_indexes_only_its_new_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prune's repeats pass: results an earlier call indexed are answered from the chain memo."""
+    path, _ = _long_conversations()[0]
+    conv = load_conversation(path)
+    indexed: list[str] = []
+    pipe = Pipeline(config={"record": False})  # loads the plugins: the module the pipeline uses
+    repeats = sys.modules["tokensaver_plugins._repeats"]
+    real = repeats.LineIndex.rewrite
+
+    def counted(self: Any, tid: str, text: str) -> str:
+        indexed.append(tid)
+        return real(self, tid, text)
+
+    monkeypatch.setattr(repeats.LineIndex, "rewrite", counted)
+    calls = conv.calls  # all of it: prune cuts (and runs its repeats pass) past 80k tokens
+    sent_digests(calls[:-1], pipe)
+    assert indexed  # the repeats pass runs on this conversation
+    results = sum(
+        1
+        for m in calls[-1].body["messages"]
+        if isinstance(m.get("content"), list)
+        for b in m["content"]
+        if isinstance(b, dict) and b.get("type") == "tool_result"
+    )
+    assert results >= 10
+    indexed.clear()
+    sent_digests(calls[-1:], pipe)
+    assert len(set(indexed)) <= 2, f"{len(set(indexed))} of {results} results indexed again"
