@@ -477,3 +477,90 @@ def test_a_proxy_session_continues_a_thread_another_session_made(emu: Emulator, 
     assert continued["stages"] and not continued["errors"]  # its stages ran on the whole conversation
     assert continued["conversation"] == created["conversation"]
     assert continued["tokens_original"] > created["tokens_original"]
+
+
+class Stamp:
+    """A plugin that rewrites the system prompt on every call and every tool result it sees."""
+
+    calls = 0
+
+    @tokensaver.hookimpl
+    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        Stamp.calls += 1
+        msgs = [
+            {
+                **m,
+                "content": [
+                    {**b, "content": "short"} if b.get("type") == "tool_result" else b for b in m["content"]
+                ],
+            }
+            if isinstance(m.get("content"), list)
+            else m
+            for m in body["messages"]
+        ]
+        return {**body, "system": f"call {Stamp.calls}", "messages": msgs}
+
+
+class Shorten:
+    """A plugin that shortens every tool result it sees, old or new."""
+
+    @tokensaver.hookimpl
+    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        def short(b: Any) -> Any:
+            if isinstance(b, dict) and b.get("type") == "tool_result" and isinstance(b.get("content"), str):
+                return {**b, "content": b["content"][:40]}
+            return b
+
+        msgs = [
+            {**m, "content": [short(b) for b in m["content"]]} if isinstance(m.get("content"), list) else m
+            for m in body["messages"]
+        ]
+        return {**body, "messages": msgs}
+
+
+def test_a_stage_that_would_change_the_threads_system_is_discarded(emu: Emulator, tmp_path: Path) -> None:
+    """A stage changing system on a continue is discarded (the API refuses system there, and keeps the
+    create's); the request goes as the stages before it left it."""
+    script(emu)
+    pm = tokensaver.get_plugin_manager({"stamp": Stamp()}, load_entrypoints=False)
+    client = tokensaver.wrap(
+        anthropic.Anthropic(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND),
+        config={"plugins": ["stamp"], "runs_dir": str(tmp_path / "runs")},
+        plugin_manager=pm,
+    )
+    assert run_loop(client) == ["tool_use"] * 3 + ["end_turn"]
+    check_thread_requests(emu)
+    assert emu.requests[0].body["system"] == "call 1"
+    records = list(client.tokensaver.records)
+    assert [[e["kind"] for e in r["errors"]] for r in records] == [[], ["thread"], ["thread"], ["thread"]]
+    assert all(rec.body["messages"][0]["content"][0]["content"] != "short" for rec in emu.requests[1:])
+
+
+def test_a_stage_editing_held_messages_keeps_its_edit_of_the_new_ones(emu: Emulator, tmp_path: Path) -> None:
+    script(emu)
+    pm = tokensaver.get_plugin_manager({"shorten": Shorten()}, load_entrypoints=False)
+    client = tokensaver.wrap(
+        anthropic.Anthropic(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND),
+        config={"plugins": ["shorten"], "runs_dir": str(tmp_path / "runs")},
+        plugin_manager=pm,
+    )
+    assert run_loop(client) == ["tool_use"] * 3 + ["end_turn"]
+    check_thread_requests(emu)
+    for i, rec in enumerate(emu.requests[1:]):
+        (result,) = rec.body["messages"][0]["content"]
+        assert result["content"] == report(CITIES[i])[:40]  # the new result, shortened
+    records = list(client.tokensaver.records)
+    assert all(not r["errors"] for r in records) and all(r["stages"][0]["changed"] for r in records[1:])
+    check_billing(records, emu)
+    # the same figures as the same plugin on the unthreaded loop (it shortens the whole history each turn)
+    with Emulator(virtual_clock=True) as full:
+        script(full)
+        plain = tokensaver.wrap(
+            anthropic.Anthropic(base_url=full.url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND),
+            config={"plugins": ["shorten"], "runs_dir": str(tmp_path / "full")},
+            plugin_manager=tokensaver.get_plugin_manager({"shorten": Shorten()}, load_entrypoints=False),
+        )
+        assert run_loop(plain, thread=False) == ["tool_use"] * 3 + ["end_turn"]
+        unthreaded = list(plain.tokensaver.records)
+    for key in ("tokens_original", "tokens_sent", "cost_usd", "counterfactual_usd"):
+        assert [r[key] for r in records] == [r[key] for r in unthreaded], key
