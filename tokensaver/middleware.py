@@ -223,6 +223,21 @@ class TokensaverMiddleware(_sdk.Middleware):
         except Exception as exc:
             self._count_failed(call, exc)
 
+    def _served(self, request: _sdk.APIRequest, call: Call) -> Any | None:
+        """The response of a call a plugin answered (a stored answer), else None."""
+        if not call.short_circuit:
+            return None
+        return self._response(
+            request, short_circuit(self.pipeline, call, bool(request.stream), eventstream=self.eventstream)
+        )
+
+    def _tool_loop(self, request: _sdk.APIRequest, call: Call) -> str | None:
+        """The plugin-tool loop a thread continue takes (the thread's tools): "stream" (spliced) or "json",
+        else None."""
+        if not plugin_tools(call.view or call.body):
+            return None
+        return "stream" if splices(bool(request.stream), call.body) and not self.eventstream else "json"
+
     def _pass_through(self, call: Call, response: Any, observer: type[_ObservedStream] | None) -> Any | None:
         """The response to hand back as it is (an API error, or a stream observed on the way), else None.
 
@@ -252,14 +267,13 @@ class TokensaverMiddleware(_sdk.Middleware):
         call = as_requester(prep.begin, self.pipeline, body, self.call_model)
         if self.pipeline.config.token_count == "exact":
             self._count_exact(call)
-        if call.short_circuit:
-            return self._response(
-                request,
-                short_circuit(self.pipeline, call, bool(request.stream), eventstream=self.eventstream),
-            )
-        if plugin_tools(call.view or call.body):  # a thread continue: the thread's tools
-            if splices(bool(request.stream), call.body) and not self.eventstream:
-                return self._stream_plugin_tools(request, call, prep, call_next)
+        served = self._served(request, call)
+        if served is not None:
+            return served
+        loop = self._tool_loop(request, call)
+        if loop == "stream":
+            return self._stream_plugin_tools(request, call, prep, call_next)
+        if loop == "json":
             return self._plugin_tools(request, call, prep, call_next)
         with self._attempt(call):
             response = call_next(self._outgoing(request, call, prep.headers))
@@ -320,14 +334,13 @@ class TokensaverMiddleware(_sdk.Middleware):
         call = await request_phase(prep.begin, self.pipeline, body, upstream, abandoned=self._abandoned)
         if self.pipeline.config.token_count == "exact":
             await self._count_exact_async(call)
-        if call.short_circuit:
-            return self._response(
-                request,
-                short_circuit(self.pipeline, call, bool(request.stream), eventstream=self.eventstream),
-            )
-        if plugin_tools(call.view or call.body):  # a thread continue: the thread's tools
-            if splices(bool(request.stream), call.body) and not self.eventstream:
-                return await self._stream_plugin_tools_async(request, call, prep, call_next)
+        served = self._served(request, call)
+        if served is not None:
+            return served
+        loop = self._tool_loop(request, call)
+        if loop == "stream":
+            return await self._stream_plugin_tools_async(request, call, prep, call_next)
+        if loop == "json":
             return await self._plugin_tools_async(request, call, prep, call_next)
         with self._attempt(call):
             response = await call_next(self._outgoing(request, call, prep.headers))
