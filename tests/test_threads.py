@@ -523,7 +523,7 @@ def test_a_stage_that_would_change_the_threads_system_is_discarded(emu: Emulator
     create's); the request goes as the stages before it left it."""
     script(emu)
     pm = tokensaver.get_plugin_manager({"stamp": Stamp()}, load_entrypoints=False)
-    client = tokensaver.wrap(
+    client: Any = tokensaver.wrap(
         anthropic.Anthropic(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND),
         config={"plugins": ["stamp"], "runs_dir": str(tmp_path / "runs")},
         plugin_manager=pm,
@@ -539,7 +539,7 @@ def test_a_stage_that_would_change_the_threads_system_is_discarded(emu: Emulator
 def test_a_stage_editing_held_messages_keeps_its_edit_of_the_new_ones(emu: Emulator, tmp_path: Path) -> None:
     script(emu)
     pm = tokensaver.get_plugin_manager({"shorten": Shorten()}, load_entrypoints=False)
-    client = tokensaver.wrap(
+    client: Any = tokensaver.wrap(
         anthropic.Anthropic(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND),
         config={"plugins": ["shorten"], "runs_dir": str(tmp_path / "runs")},
         plugin_manager=pm,
@@ -555,7 +555,7 @@ def test_a_stage_editing_held_messages_keeps_its_edit_of_the_new_ones(emu: Emula
     # the same figures as the same plugin on the unthreaded loop (it shortens the whole history each turn)
     with Emulator(virtual_clock=True) as full:
         script(full)
-        plain = tokensaver.wrap(
+        plain: Any = tokensaver.wrap(
             anthropic.Anthropic(base_url=full.url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND),
             config={"plugins": ["shorten"], "runs_dir": str(tmp_path / "full")},
             plugin_manager=tokensaver.get_plugin_manager({"shorten": Shorten()}, load_entrypoints=False),
