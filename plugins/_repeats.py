@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections import OrderedDict
-from typing import Any
 
 import xxhash
 
 from tokensaver.tokens import memo_enabled
+
+from ._lru import SizedLRU
+from ._summarize_text import dump, load_json
 
 _NUMBER_RE = re.compile(r"^ *(\d+)(?:→|\t|:)")
 _MAX_CANDIDATES = 8  # earlier places of one line tried as the start of a run
@@ -165,28 +166,12 @@ class LineIndex:
 def _object(text: str) -> dict[str, str] | None:
     """A one-object JSON text as its top-level values in compact JSON (numbers as written), else None."""
     try:
-        value = json.loads(text, parse_float=_Raw, parse_int=_Raw, parse_constant=_Raw)
+        value = load_json(text)
     except (ValueError, RecursionError):
         return None
     if not isinstance(value, dict) or len(value) < 3:
         return None
-    return {k: _dump(v) for k, v in value.items()}
-
-
-class _Raw(str):
-    """A JSON number as written."""
-
-
-def _dump(value: Any) -> str:
-    if isinstance(value, _Raw):
-        return str(value)
-    if isinstance(value, dict):
-        return (
-            "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + _dump(v) for k, v in value.items()) + "}"
-        )
-    if isinstance(value, list):
-        return "[" + ",".join(_dump(v) for v in value) + "]"
-    return json.dumps(value, ensure_ascii=False)
+    return {k: dump(v) for k, v in value.items()}
 
 
 def object_marker(tid: str, changed: int, keys: int) -> str:
@@ -243,27 +228,16 @@ class _Chain:
     """Each rewrite kept by its chain key (the results before it and itself), oldest out first."""
 
     def __init__(self) -> None:
-        self.data: OrderedDict[bytes, tuple[_Entry, int]] = OrderedDict()
-        self.nbytes = 0
+        self.kept: SizedLRU[bytes, _Entry] = SizedLRU()
         self.lock = threading.RLock()  # also held while an entry's index is resumed and extended
 
     def get(self, key: bytes) -> _Entry | None:
         with self.lock:
-            hit = self.data.get(key)
-            if hit is None:
-                return None
-            self.data.move_to_end(key)
-            return hit[0]
+            return self.kept.get(key)
 
     def put(self, key: bytes, entry: _Entry, size: int) -> None:
         with self.lock:
-            old = self.data.pop(key, None)
-            if old is not None:
-                self.nbytes -= old[1]
-            self.data[key] = (entry, size)
-            self.nbytes += size
-            while len(self.data) > 1 and (len(self.data) > CHAIN_ENTRIES or self.nbytes > CHAIN_BYTES):
-                self.nbytes -= self.data.popitem(last=False)[1][1]
+            self.kept.put(key, entry, size, CHAIN_ENTRIES, CHAIN_BYTES)
 
 
 _CHAIN = _Chain()

@@ -136,18 +136,23 @@ def _num(s: str) -> _RawNumber:
     return _RawNumber(s)
 
 
+def load_json(text: str) -> Any:
+    """One JSON text, its numbers kept as written (:func:`dump` writes them back the same)."""
+    return json.loads(text, parse_float=_num, parse_int=_num, parse_constant=_num)
+
+
 def parse_json(text: str) -> Any:
     """JSON or JSON Lines (one object per line, returned as a list); raise ValueError if neither."""
     s = text.strip()
     if not s or s[0] not in "[{":
         raise ValueError("not JSON")
     try:
-        return json.loads(s, parse_float=_num, parse_int=_num, parse_constant=_num)
+        return load_json(s)
     except ValueError:
         rows = [ln for ln in s.split("\n") if ln.strip()]
         if len(rows) < 2 or not all(r.lstrip().startswith("{") for r in rows):
             raise
-        return [json.loads(r, parse_float=_num, parse_int=_num, parse_constant=_num) for r in rows]
+        return [load_json(r) for r in rows]
 
 
 def dump(value: Any) -> str:

@@ -50,6 +50,7 @@ from tokensaver.settings import Schema, boolean, choice, integer, number, path, 
 from tokensaver.tokens import canonical_json, fast_digest
 
 from . import _echo, _model_summary
+from ._lru import SizedLRU
 from ._store import encode_entry
 from ._summarize_text import SHAPE_NAMES, Options, Result, is_prose, shrink
 
@@ -163,28 +164,7 @@ def options(settings: dict[str, Any] | None) -> Options:
 MEMO_BYTES = 16 * 1024 * 1024  # each of the plugin's two memos: the sum of its kept texts' lengths
 
 
-class _Memo:
-    """Results kept by key, newest last, within an entry count and a byte cap (oldest out first)."""
-
-    def __init__(self) -> None:
-        self.data: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
-        self.nbytes = 0
-
-    def get(self, key: Any) -> Any:
-        hit = self.data.get(key)
-        if hit is None:
-            return None
-        self.data.move_to_end(key)
-        return hit[0]
-
-    def put(self, key: Any, value: Any, size: int, limit: int) -> None:
-        old = self.data.pop(key, None)
-        if old is not None:
-            self.nbytes -= old[1]
-        self.data[key] = (value, size)
-        self.nbytes += size
-        while len(self.data) > 1 and (len(self.data) > limit or self.nbytes > MEMO_BYTES):
-            self.nbytes -= self.data.popitem(last=False)[1][1]
+_Memo = SizedLRU  # results kept by key within memo_entries and MEMO_BYTES
 
 
 def _memoized(
@@ -199,7 +179,7 @@ def _memoized(
             return hit  # type: ignore[no-any-return]
     value = compute()
     with lock:
-        memo.put(key, value, size(value), limit)
+        memo.put(key, value, size(value), limit, MEMO_BYTES)
     return value
 
 
