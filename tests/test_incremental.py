@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from plugins import summarize
-from tokensaver import _sdk
+from tokensaver import _sdk, pipeline
 from tokensaver.context import make_context
 from tokensaver.emulator import Emulator
 from tokensaver.middleware import wrap
@@ -379,3 +379,22 @@ def test_repeats_a_later_call_indexes_only_its_new_results(monkeypatch: pytest.M
     indexed.clear()
     sent_digests(calls[-1:], pipe)
     assert len(set(indexed)) <= 2, f"{len(set(indexed))} of {results} results indexed again"
+
+
+def test_in_memory_records_have_a_byte_cap(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived pipeline keeps at most MEMORY_RECORDS_BYTES of records (each sized as JSON)."""
+    monkeypatch.setattr(pipeline, "MEMORY_RECORDS_BYTES", 6_000, raising=False)
+    base = anthropic.Anthropic(base_url=emu.url, api_key="test-key", max_retries=0)
+    client = wrap(base, {"record": False})
+    for i in range(12):
+        emu.reply([{"type": "text", "text": f"OK {i}."}])
+        client.messages.create(
+            model="claude-sonnet-4-6",
+            max_tokens=16,
+            messages=[{"role": "user", "content": f"question {i}"}],
+            timeout=60,
+        )
+    kept = list(client.tokensaver.records)
+    assert 0 < len(kept) < 12
+    assert sum(len(orjson.dumps(r)) for r in kept) <= 6_000
+    assert kept[-1]["usage"]["output_tokens"] > 0  # the newest stay

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pluggy
 
 from . import metrics
@@ -34,6 +35,7 @@ from .tokens import Memo, body_blocks, default_counter
 from .validate import Scans, Sizes, message_problem, stage_problem
 
 MEMORY_RECORDS = 10_000
+MEMORY_RECORDS_BYTES = 16 * 1024 * 1024  # and at most this much of them (each sized as JSON)
 SECRET_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "cookie", "x-goog-api-key")
 log = logging.getLogger("tokensaver")
 
@@ -160,6 +162,34 @@ class _Guard:
                 result[key] = own(value)
 
 
+class _Records(deque[dict[str, Any]]):
+    """A process's latest records: at most ``maxlen`` and ``max_bytes`` of them (orjson size), oldest out."""
+
+    def __init__(self, maxlen: int, max_bytes: int) -> None:
+        super().__init__(maxlen=maxlen)
+        self.max_bytes, self.nbytes = max_bytes, 0
+        self.sizes: deque[int] = deque()
+
+    def append(self, record: dict[str, Any]) -> None:
+        try:
+            size = len(orjson.dumps(record, default=str))
+        except TypeError:  # not JSON orjson takes: sized by its text
+            size = len(str(record))
+        if self.maxlen is not None and len(self) == self.maxlen:
+            self.nbytes -= self.sizes.popleft()
+        super().append(record)
+        self.sizes.append(size)
+        self.nbytes += size
+        while len(self) > 1 and self.nbytes > self.max_bytes:
+            super().popleft()
+            self.nbytes -= self.sizes.popleft()
+
+    def clear(self) -> None:
+        super().clear()
+        self.sizes.clear()
+        self.nbytes = 0
+
+
 def _digest_blocks(body: dict[str, Any], memo: Memo, facts: BillingMemo) -> None:
     """Each block's content digest, token count and image flag, by identity, in one pass.
 
@@ -253,7 +283,7 @@ class Pipeline:
             self.run = None
         # this process's latest records, also when not persisted; bounded so a long-lived service does
         # not grow without limit (the run ledger on disk keeps every call)
-        self.records: deque[dict[str, Any]] = deque(maxlen=MEMORY_RECORDS)
+        self.records: deque[dict[str, Any]] = _Records(MEMORY_RECORDS, MEMORY_RECORDS_BYTES)
         # what the caller's own requests would have been billed: shadow prompt caches per key hash
         # (the proxy shares one between its session pipelines, as the API's cache is per key)
         self.shadows = ShadowCaches(self.prices)
