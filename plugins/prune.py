@@ -107,6 +107,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from tokensaver.context import plugin_notes
@@ -487,19 +488,25 @@ def _tokens(messages: list[Any], count: Any) -> int:
 # -- deciding a cut ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Sizing:
+    """What every plan of one call measures with: its messages, the settings, the counter, ``fixed``
+    (the system + tools tokens)."""
+
+    messages: list[Any]
+    settings: dict[str, Any]
+    count: Any
+    fixed: int
+
+
 def plan_cut(
-    messages: list[Any],
-    spec: dict[str, Any],
-    settings: dict[str, Any],
-    count: Any,
-    fixed: int,
-    target: int,
-    sup: dict[str, str] | None = None,
+    sz: Sizing, spec: dict[str, Any], target: int, sup: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """A deeper spec that brings the request to ``target`` tokens (``fixed``: system + tools).
+    """A deeper spec that brings the request to ``target`` tokens.
 
     ``sup``: superseded results (see ``superseded``), stale whatever their age.
     """
+    messages, settings, count, fixed = sz.messages, sz.settings, sz.count, sz.fixed
     sup = sup or {}
     new: dict[str, Any] = {
         "cleared": list(spec.get("cleared") or ()),
@@ -751,12 +758,9 @@ def read_quiet(messages: list[Any], order: list[str], memo: dict[str, Any] | Non
 
 
 def plan_economic(
-    messages: list[Any],
+    sz: Sizing,
     cur: list[Any],
     spec: dict[str, Any],
-    settings: dict[str, Any],
-    count: Any,
-    fixed: int,
     total: int,
     model: Any,
     sup: dict[str, str] | None = None,
@@ -768,6 +772,7 @@ def plan_economic(
     Also returns the figures of the decision: stale tokens, tokens cleared, tokens re-written,
     estimated future calls and the calls needed to pay back.
     """
+    messages, settings, count, fixed = sz.messages, sz.settings, sz.count, sz.fixed
     sup = sup or {}
     stale = stale_results(messages, cur, spec, settings, count, sup, memo)
     info: dict[str, Any] = {"stale_tokens": sum(stale.values())}
@@ -960,7 +965,7 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
     sup = superseded(messages, settings) if total > trigger or settings["clear_stale"] else {}
     cache = cache_state(conv, ctx.now, len(cur))
     if total > trigger:
-        new_spec = plan_cut(messages, spec, settings, count, fixed, target, sup)
+        new_spec = plan_cut(Sizing(messages, settings, count, fixed), spec, target, sup)
         after_msgs = apply_spec(messages, new_spec, settings, count)
         after = fixed + _tokens(after_msgs, count)
         if total - after < MIN_CUT_FRACTION * total:
@@ -969,12 +974,9 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
             new_spec = None
     elif settings["clear_stale"]:
         new_spec, econ = plan_economic(
-            messages,
+            Sizing(messages, settings, count, fixed),
             cur,
             spec,
-            settings,
-            count,
-            fixed,
             total,
             ctx.model,
             sup,
