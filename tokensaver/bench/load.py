@@ -1,0 +1,388 @@
+"""``tokensaver bench --load``: requests per second and added latency of ``tokensaver proxy`` under load.
+
+A bounded load test, never a timed test: a fixed number of requests sent by a fixed number of
+concurrent clients, each stopped at a time limit. The requests are agent conversations growing turn
+by turn (:func:`tokensaver.bench.overhead.synthetic_request` from real traces, at ~10k and ~50k
+tokens; each turn is the previous one plus one tool_use / tool_result pair), each conversation's
+turns sent in order by one client, so cache_align, prune, summarize and memoize do their normal work.
+The upstream is :func:`tokensaver.proxy.overhead.canned_upstream` (an instant answer, no
+validation), served in this process.
+
+Setups, each on the same requests: the upstream called directly (the reference), one proxy, and
+three proxies behind a client-side round-robin balancer (every request to the next replica, so the
+turns of one conversation visit all three). The proxies are ``tokensaver proxy`` subprocesses with
+the same config file, ``state = "redis://..."`` on one ``redis-server`` (``redis_url``, else one
+started here on a free loopback port). "Added" latency is the setup's p50 / p95 minus the direct
+run's (nearest rank, :func:`tokensaver._stats.percentile`); requests per second are the requests
+answered over the wall time of the run. Each setup uses its own API key, so its Redis namespaces start
+empty. The bodies that reach the upstream are hashed per (conversation, turn): the three replicas'
+must be the single proxy's, byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .._stats import percentile
+from ..report.formatting import text_table
+from ..traces import Conversation
+from .overhead import synthetic_request
+
+SIZES = (10_000, 50_000)
+PLUGINS = ["summarize", "prune", "cache_align", "memoize"]
+LOAD_ID = "x-bench-load-id"  # "conversation/turn", read by the recording upstream (forwarded by the proxy)
+
+
+@dataclass
+class LoadOptions:
+    requests: int = 240
+    clients: int = 8
+    conversations: int = 16  # half at each size
+    replicas: tuple[int, ...] = (1, 3)
+    sizes: tuple[int, ...] = SIZES
+    time_limit: float = 300.0  # seconds per setup; requests not sent by then are counted, not sent
+    request_timeout: float = 60.0
+    warmup: int = 2  # requests per proxy (and direct) before a setup is timed
+    redis_url: str | None = None
+    plugins: tuple[str, ...] = tuple(PLUGINS)
+
+
+def build_conversations(
+    sources: list[Conversation], sizes: tuple[int, ...], n: int, turns: int, tag: str = "load"
+) -> list[tuple[str, list[dict[str, Any]]]]:
+    """``n`` conversations (sizes in turn), each its last ``turns`` user turns, growing by one tool pair."""
+    out = []
+    for i in range(n):
+        size = sizes[i % len(sizes)]
+        cid = f"{tag}{i}-{size // 1000}k"
+        full = synthetic_request(sources, size, tag=cid)
+        msgs = full["messages"]
+        ends = list(range(len(msgs), 0, -2))[:turns][::-1]  # prefixes ending on a user turn
+        bodies = [{**full, "messages": msgs[:j], "stream": False} for j in ends]
+        out.append((cid, bodies))
+    return out
+
+
+class Recorder:
+    """The canned upstream with a middleware hashing every body it receives, by the load id header."""
+
+    def __init__(self) -> None:
+        self.bodies: dict[str, str] = {}
+
+    def app(self) -> web.Application:
+        from ..proxy.overhead import CANNED_MESSAGE, canned_upstream
+
+        app = canned_upstream(CANNED_MESSAGE)
+
+        @web.middleware
+        async def record(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+            raw = await request.read()  # cached: the handler's request.json() reads it again
+            lid = request.headers.get(LOAD_ID)
+            if lid:
+                self.bodies[lid] = hashlib.sha256(raw).hexdigest()
+            return await handler(request)  # type: ignore[no-any-return]
+
+        app.middlewares.append(record)
+        return app
+
+
+async def _drive(
+    targets: list[str],
+    convs: list[tuple[str, list[dict[str, Any]]]],
+    clients: int,
+    api_key: str,
+    time_limit: float,
+    request_timeout: float,
+) -> dict[str, Any]:
+    """Send every conversation's turns in order, ``clients`` conversations at once, requests round-robin."""
+    rr = itertools.count()
+    queue: asyncio.Queue[tuple[str, list[dict[str, Any]]]] = asyncio.Queue()
+    for c in convs:
+        queue.put_nowait(c)
+    latencies: list[float] = []
+    errors: list[str] = []
+    answered = 0
+    headers = {"x-api-key": api_key, "anthropic-version": "2023-06-01", "content-type": "application/json"}
+    t0 = time.perf_counter()
+    deadline = t0 + time_limit
+    timeout = aiohttp.ClientTimeout(total=request_timeout)
+    connector = aiohttp.TCPConnector(limit=0)
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal answered
+        while not queue.empty():
+            cid, bodies = queue.get_nowait()
+            for turn, body in enumerate(bodies):
+                if time.perf_counter() >= deadline:
+                    return
+                base = targets[next(rr) % len(targets)]
+                data = _dumps(body)
+                start = time.perf_counter()
+                try:
+                    async with session.post(
+                        f"{base}/v1/messages", data=data, headers={**headers, LOAD_ID: f"{cid}/{turn}"}
+                    ) as r:
+                        await r.read()
+                        if r.status != 200:
+                            errors.append(f"{cid}/{turn}: HTTP {r.status}")
+                            continue
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    errors.append(f"{cid}/{turn}: {type(exc).__name__}")
+                    continue
+                latencies.append((time.perf_counter() - start) * 1000)
+                answered += 1
+
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        await asyncio.gather(*(client(session) for _ in range(max(1, clients))))
+    seconds = time.perf_counter() - t0
+    total = sum(len(b) for _, b in convs)
+    return {
+        "requests": total,
+        "answered": answered,
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "not_sent": total - answered - len(errors),
+        "seconds": round(seconds, 2),
+        "rps": round(answered / seconds, 1) if seconds > 0 else None,
+        "p50_ms": _p(latencies, 50),
+        "p95_ms": _p(latencies, 95),
+    }
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    import orjson
+
+    return orjson.dumps(body)
+
+
+def _p(values: list[float], p: float) -> float | None:
+    v = percentile(values, p)
+    return None if v is None else round(v, 1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisProcess:
+    """A ``redis-server`` of the bench's own on a free loopback port, nothing persisted."""
+
+    def __init__(self, workdir: str) -> None:
+        binary = shutil.which("redis-server")
+        if not binary:
+            raise RuntimeError("no redis-server on PATH (apt-get install redis-server) and no --load-redis URL")
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            + ["--dir", workdir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def _start_proxies(n: int, upstream: str, state: str, plugins: tuple[str, ...], tmp: Path, label: str) -> list[Any]:
+    from ..testing import start_proxy_process
+
+    procs = []
+    try:
+        for i in range(n):
+            cfg = tmp / f"{label}-p{i}.toml"
+            names = ", ".join(f'"{p}"' for p in plugins)
+            cfg.write_text(f'plugins = [{names}]\nstate = "{state}"\nruns_dir = "{tmp / f"{label}-runs{i}"}"\n')
+            env = {
+                **os.environ,
+                "TOKENSAVER_CONFIG": str(cfg),
+                "TOKENSAVER_CACHE_DIR": str(tmp / f"{label}-cache{i}"),
+            }
+            procs.append(start_proxy_process("--upstream", upstream, "--run", f"{label}-{i}", env=env))
+    except BaseException:
+        _stop(procs)
+        raise
+    return procs
+
+
+def _stop(procs: list[Any]) -> None:
+    from ..testing import stop_proxy_process
+
+    for p, _ in procs:
+        stop_proxy_process(p)
+
+
+def measure_load(
+    sources: list[Conversation],
+    opts: LoadOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The load test: a row per setup (direct, 1 proxy, N proxies round-robin) and the bodies check."""
+    from ..proxy import BackgroundApp
+
+    opts = opts or LoadOptions()
+    n_conv = max(1, min(opts.conversations, opts.requests))
+    turns = max(1, opts.requests // n_conv)
+    convs = build_conversations(sources, opts.sizes, n_conv, turns)
+    warm = build_conversations(sources, (min(opts.sizes),), 1, max(1, opts.warmup), tag="warm")
+    recorder = Recorder()
+    rows: list[dict[str, Any]] = []
+    seen: dict[int, dict[str, str]] = {}
+    with tempfile.TemporaryDirectory(prefix="tokensaver-load-") as tmpdir:
+        tmp = Path(tmpdir)
+        redis = None if opts.redis_url else RedisProcess(tmpdir)
+        state = opts.redis_url or (redis.url if redis else "")
+        try:
+            with BackgroundApp(recorder.app()) as up:
+                for n in (0, *opts.replicas):
+                    label = "direct" if n == 0 else f"load{n}"
+                    procs = _start_proxies(n, up.url, state, opts.plugins, tmp, label) if n else []
+                    try:
+                        targets = [u for _, u in procs] or [up.url]
+                        key = f"bench-load-{n}-{os.getpid()}-{time.time_ns()}"  # fresh namespaces
+                        for t in targets:  # warm each target (vocabulary, pools, connections)
+                            asyncio.run(_drive([t], warm, 1, key + "-warm", 60.0, opts.request_timeout))
+                        recorder.bodies.clear()
+                        row = asyncio.run(
+                            _drive(targets, convs, opts.clients, key, opts.time_limit, opts.request_timeout)
+                        )
+                        seen[n] = dict(recorder.bodies)
+                    finally:
+                        _stop(procs)
+                    row = {
+                        "setup": "direct" if n == 0 else f"{n} prox{'y' if n == 1 else 'ies'}"
+                        + (", round-robin" if n > 1 else ""),
+                        "proxies": n,
+                        "clients": opts.clients,
+                        **row,
+                    }
+                    rows.append(row)
+                    if progress:
+                        progress(f"load {row['setup']}: {row['rps']} rps, p50 {row['p50_ms']} ms")
+        finally:
+            if redis is not None:
+                redis.stop()
+    direct = rows[0]
+    for row in rows:
+        for p in ("p50", "p95"):
+            a, b = row[f"{p}_ms"], direct[f"{p}_ms"]
+            row[f"added_{p}_ms"] = None if a is None or b is None else round(a - b, 1)
+    bodies: dict[str, Any] = {}
+    proxied = [n for n in opts.replicas if n in seen]
+    if proxied:
+        ref_n = min(proxied)
+        ref = seen[ref_n]
+        for n in proxied:
+            if n == ref_n:
+                continue
+            common = sorted(set(ref) & set(seen[n]))
+            differ = [k for k in common if ref[k] != seen[n][k]]
+            bodies[f"{n}_vs_{ref_n}"] = {"compared": len(common), "identical": len(common) - len(differ), "differ": differ[:10]}
+    return {
+        "rows": rows,
+        "bodies": bodies,
+        "conversations": len(convs),
+        "turns": turns,
+        "sizes": list(opts.sizes),
+        "clients": opts.clients,
+        "plugins": list(opts.plugins),
+        "state": "redis" + (" (given URL)" if opts.redis_url else " (redis-server started by the bench)"),
+        "time_limit_s": opts.time_limit,
+        "upstream": "canned (tokensaver.proxy.overhead.canned_upstream, in the load driver's process)",
+        "note": "the machine's cores are shared by the proxies, Redis, the upstream and the load driver; "
+        "added = the setup's percentile minus the direct run's",
+    }
+
+
+# -- rendering -------------------------------------------------------------------------------------
+
+LOAD_HEADERS = ["setup", "clients", "requests", "answered", "rps", "p50", "p95", "added p50", "added p95"]
+
+
+def load_rows(load: dict[str, Any]) -> list[list[str]]:
+    if "error" in load:
+        return [[str(load["error"])] + [""] * (len(LOAD_HEADERS) - 1)]
+
+    def ms(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.1f} ms"
+
+    return [
+        [
+            r["setup"],
+            str(r["clients"]),
+            str(r["requests"]),
+            str(r["answered"]),
+            "n/a" if r["rps"] is None else f"{r['rps']:.1f}",
+            ms(r["p50_ms"]),
+            ms(r["p95_ms"]),
+            "" if r["proxies"] == 0 else ms(r["added_p50_ms"]),
+            "" if r["proxies"] == 0 else ms(r["added_p95_ms"]),
+        ]
+        for r in load["rows"]
+    ]
+
+
+def load_title(load: dict[str, Any]) -> str:
+    if "error" in load:
+        return "Load: tokensaver proxy under concurrent clients"
+    sizes = "/".join(f"~{s // 1000}k" for s in load["sizes"])
+    return (
+        f"Load: {load['conversations']} conversations x {load['turns']} turns ({sizes} tokens), "
+        f"{load['clients']} clients, plugins {', '.join(load['plugins'])}, state {load['state']}"
+    )
+
+
+def load_notes(load: dict[str, Any]) -> list[str]:
+    if "error" in load:
+        return []
+    out = [f"Upstream: {load['upstream']}; {load['note']}."]
+    for name, b in load.get("bodies", {}).items():
+        out.append(
+            f"Bodies reaching the upstream, {name.replace('_vs_', ' proxies vs ')}: "
+            f"{b['identical']} of {b['compared']} identical"
+        )
+    return out
+
+
+def load_table(load: dict[str, Any], md: bool) -> list[str]:
+    """The load section's lines (plain text or Markdown)."""
+    rows = load_rows(load)
+    if md:
+        out = [f"### {load_title(load)}", ""]
+        out += ["| " + " | ".join(LOAD_HEADERS) + " |", "|" + "|".join("---" for _ in LOAD_HEADERS) + "|"]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+        return [*out, "", *load_notes(load)]
+    return [load_title(load), *text_table(LOAD_HEADERS, rows, right=set(range(1, 9))), *load_notes(load)]
