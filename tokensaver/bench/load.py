@@ -33,15 +33,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import aiohttp
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from .._stats import percentile
+from ..errors import TokensaverError
 from ..report.formatting import text_table
 from ..traces import Conversation
 from .overhead import synthetic_request
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 SIZES = (10_000, 50_000)
 PLUGINS = ["summarize", "prune", "cache_align", "memoize"]
@@ -85,6 +86,8 @@ class Recorder:
         self.bodies: dict[str, str] = {}
 
     def app(self) -> web.Application:
+        from aiohttp import web
+
         from ..proxy.overhead import CANNED_MESSAGE, canned_upstream
 
         app = canned_upstream(CANNED_MESSAGE)
@@ -110,6 +113,8 @@ async def _drive(
     request_timeout: float,
 ) -> dict[str, Any]:
     """Send every conversation's turns in order, ``clients`` conversations at once, requests round-robin."""
+    import aiohttp
+
     rr = itertools.count()
     queue: asyncio.Queue[tuple[str, list[dict[str, Any]]]] = asyncio.Queue()
     for c in convs:
@@ -141,7 +146,7 @@ async def _drive(
                         if r.status != 200:
                             errors.append(f"{cid}/{turn}: HTTP {r.status}")
                             continue
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     errors.append(f"{cid}/{turn}: {type(exc).__name__}")
                     continue
                 latencies.append((time.perf_counter() - start) * 1000)
@@ -187,7 +192,10 @@ class RedisProcess:
     def __init__(self, workdir: str) -> None:
         binary = shutil.which("redis-server")
         if not binary:
-            raise RuntimeError("no redis-server on PATH (apt-get install redis-server) and no --load-redis URL")
+            raise TokensaverError(
+                "the load test needs Redis: no redis-server on PATH (apt-get install redis-server) "
+                "and no --load-redis URL"
+            )
         self.port = _free_port()
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
@@ -205,7 +213,7 @@ class RedisProcess:
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        raise TokensaverError(f"redis-server did not start on port {self.port}")
 
     @property
     def url(self) -> str:
@@ -217,7 +225,9 @@ class RedisProcess:
             self.proc.wait(timeout=10)
 
 
-def _start_proxies(n: int, upstream: str, state: str, plugins: tuple[str, ...], tmp: Path, label: str) -> list[Any]:
+def _start_proxies(
+    n: int, upstream: str, state: str, plugins: tuple[str, ...], tmp: Path, label: str
+) -> list[Any]:
     from ..testing import start_proxy_process
 
     procs = []
@@ -225,7 +235,9 @@ def _start_proxies(n: int, upstream: str, state: str, plugins: tuple[str, ...], 
         for i in range(n):
             cfg = tmp / f"{label}-p{i}.toml"
             names = ", ".join(f'"{p}"' for p in plugins)
-            cfg.write_text(f'plugins = [{names}]\nstate = "{state}"\nruns_dir = "{tmp / f"{label}-runs{i}"}"\n')
+            cfg.write_text(
+                f'plugins = [{names}]\nstate = "{state}"\nruns_dir = "{tmp / f"{label}-runs{i}"}"\n'
+            )
             env = {
                 **os.environ,
                 "TOKENSAVER_CONFIG": str(cfg),
@@ -283,8 +295,9 @@ def measure_load(
                     finally:
                         _stop(procs)
                     row = {
-                        "setup": "direct" if n == 0 else f"{n} prox{'y' if n == 1 else 'ies'}"
-                        + (", round-robin" if n > 1 else ""),
+                        "setup": "direct"
+                        if n == 0
+                        else f"{n} prox{'y' if n == 1 else 'ies'}" + (", round-robin" if n > 1 else ""),
                         "proxies": n,
                         "clients": opts.clients,
                         **row,
@@ -301,19 +314,27 @@ def measure_load(
             a, b = row[f"{p}_ms"], direct[f"{p}_ms"]
             row[f"added_{p}_ms"] = None if a is None or b is None else round(a - b, 1)
     bodies: dict[str, Any] = {}
+    transformed = 0
     proxied = [n for n in opts.replicas if n in seen]
     if proxied:
         ref_n = min(proxied)
         ref = seen[ref_n]
+        direct_seen = seen.get(0, {})
+        transformed = sum(1 for k, v in ref.items() if k in direct_seen and direct_seen[k] != v)
         for n in proxied:
             if n == ref_n:
                 continue
             common = sorted(set(ref) & set(seen[n]))
             differ = [k for k in common if ref[k] != seen[n][k]]
-            bodies[f"{n}_vs_{ref_n}"] = {"compared": len(common), "identical": len(common) - len(differ), "differ": differ[:10]}
+            bodies[f"{n}_vs_{ref_n}"] = {
+                "compared": len(common),
+                "identical": len(common) - len(differ),
+                "differ": differ[:10],
+            }
     return {
         "rows": rows,
         "bodies": bodies,
+        "transformed": transformed,  # requests whose body the (first) proxy setup changed on the way
         "conversations": len(convs),
         "turns": turns,
         "sizes": list(opts.sizes),
@@ -369,6 +390,10 @@ def load_notes(load: dict[str, Any]) -> list[str]:
     if "error" in load:
         return []
     out = [f"Upstream: {load['upstream']}; {load['note']}."]
+    if load.get("transformed") is not None and load["rows"]:
+        out.append(
+            f"Bodies the proxy changed on the way: {load['transformed']} of {load['rows'][0]['requests']}"
+        )
     for name, b in load.get("bodies", {}).items():
         out.append(
             f"Bodies reaching the upstream, {name.replace('_vs_', ' proxies vs ')}: "

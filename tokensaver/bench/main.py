@@ -22,6 +22,7 @@ from . import headroom
 from . import specs as bench_specs
 from .aggregate import aggregate
 from .corpus import HALVES, SPLIT_RULE, TraceRef, default_trace_dirs, find_traces, load_ref, split_counts
+from .load import LoadOptions, measure_load
 from .overhead import SIZES, measure_memory, measure_overhead, measure_proxy
 from .render import render
 from .runner import (
@@ -372,6 +373,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="source scope: seconds between a conversation without recorded times and the previous "
         f"one's last call (default {bench_specs.DEFAULT_GAP_SECONDS:g})",
     )
+    load = parser.add_argument_group("load test (tokensaver.bench.load; replaces the replays)")
+    load.add_argument(
+        "--load",
+        action="store_true",
+        help="only the load test: requests/s and added latency of 1 proxy and of 3 behind round-robin, "
+        "Redis state, a canned upstream",
+    )
+    load.add_argument("--load-requests", type=int, default=240, help="requests per setup (default 240)")
+    load.add_argument("--load-clients", type=int, default=8, help="concurrent clients (default 8)")
+    load.add_argument(
+        "--load-seconds", type=float, default=300.0, help="time limit per setup (default 300 s)"
+    )
+    load.add_argument(
+        "--load-redis", metavar="URL", help="redis:// URL (default: a redis-server started here)"
+    )
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -380,10 +396,58 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def run_load(opts: BenchOptions, load: LoadOptions) -> dict[str, Any]:
+    """``tokensaver bench --load``: the load test alone (no replays), on synthetic requests from the traces."""
+    started = time.time()
+    t0 = time.perf_counter()
+    machine = machine_info()
+    paths, refs, _, _ = _select(opts)
+    sample = [load_ref(r, None) for r in refs[:50]]
+    result = measure_load(sample, load, progress=None if not opts.progress else _stderr)
+    return {
+        "schema": SCHEMA,
+        "started": started,
+        "duration_s": round(time.perf_counter() - t0, 1),
+        "machine": machine,
+        "options": {"traces": [str(p) for p in paths], "sources": opts.sources},
+        "load": result,
+    }
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _run_load(args: argparse.Namespace) -> int:
+    if args.load_requests < 1 or args.load_clients < 1 or args.load_seconds <= 0:
+        raise TokensaverError(
+            "--load-requests and --load-clients must be at least 1, --load-seconds positive"
+        )
+    opts = BenchOptions(
+        traces=list(args.traces or []), sources=_split(args.sources), half=args.half, progress=not args.quiet
+    )
+    load = LoadOptions(
+        requests=args.load_requests,
+        clients=args.load_clients,
+        conversations=min(16, args.load_requests),
+        time_limit=args.load_seconds,
+        redis_url=args.load_redis,
+    )
+    data = run_load(opts, load)
+    write_output(render(data, args.format), args.output, f"{args.format} bench load report")
+    unanswered = sum(r["requests"] - r["answered"] for r in data["load"]["rows"])
+    if unanswered:
+        print(f"tokensaver bench --load: {unanswered} request(s) not answered", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """``tokensaver bench``: exit 0, or 1 when the emulator rejected a request."""
     if args.jobs < 1:
         raise TokensaverError("--jobs must be at least 1")
+    if getattr(args, "load", False):
+        return _run_load(args)
     opts = BenchOptions(
         traces=list(args.traces or []),
         configs=_split(args.configs) or list(bench_specs.DEFAULT_CONFIGS),

@@ -16,6 +16,7 @@ from markupsafe import Markup
 
 from ..report.formatting import cells, fmt_int, fmt_ms, fmt_rate, fmt_usd, text_table
 from .aggregate import HALF_ORDER
+from .load import load_table
 from .specs import scope_note
 
 PALETTE = (
@@ -316,6 +317,8 @@ def to_table(data: dict[str, Any]) -> str:
     if data.get("proxy_overhead"):
         out += ["", PROXY_TITLE]
         out += text_table(PROXY_HEADERS, proxy_rows(data), right={2, 3, 4, 5, 6})
+    if data.get("load"):
+        out += ["", *load_table(data["load"], md=False)]
     problems = _problems(data)
     if problems:
         out += ["", "Problems"] + problems
@@ -354,6 +357,8 @@ def to_markdown(data: dict[str, Any]) -> str:
     if data.get("proxy_overhead"):
         out += ["", f"### {PROXY_TITLE}", ""]
         out += _md_table(PROXY_HEADERS, proxy_rows(data))
+    if data.get("load"):
+        out += ["", *load_table(data["load"], md=True)]
     problems = _problems(data)
     if problems:
         out += ["", "### Problems", ""] + [f"- {p}" for p in problems]
@@ -487,4 +492,20 @@ def render(data: dict[str, Any], fmt: str) -> str:
     renderers = {"table": to_table, "md": to_markdown, "html": to_html, "json": to_json}
     if fmt not in renderers:
         raise ValueError(f"unknown format {fmt!r}")
+    if "results" not in data and "load" in data:  # tokensaver bench --load: the load test alone
+        return load_only(data, fmt)
     return renderers[fmt](data)
+
+
+def load_only(data: dict[str, Any], fmt: str) -> str:
+    """The report of ``tokensaver bench --load`` (no replays): the machine and the load table."""
+    if fmt == "json":
+        return to_json(data)
+    head = "tokensaver bench --load"
+    machine = f"Machine: {machine_line(data)}; ran in {data['duration_s']:.0f} s."
+    if fmt == "table":
+        return "\n".join([head, "", machine, "", *load_table(data["load"], md=False)]) + "\n"
+    md = "\n".join([f"## {head}", "", machine, "", *load_table(data["load"], md=True)]) + "\n"
+    if fmt == "md":
+        return md
+    return f"<!doctype html><meta charset=utf-8><title>{head}</title><pre>{html.escape(md)}</pre>\n"
