@@ -735,8 +735,13 @@ class ShadowCaches:
         )
         # estimated tokens (tiktoken) -> billed tokens (Claude's tokenizer), per call
         out.scale = scale = billed_in / final.total if billed_in and final.total else 1.0
-        billed_usd = model.input_cost(usage)
-        est = price(final, model, scale)
+        # ``model`` is the one asked for (the counterfactual's); a stage may send the call to another
+        # (route): each stage's body is priced at its own model, what was billed at the one sent to
+        asked = str(original.get("model", ""))
+        models = [model if b.get("model") == asked else self.prices.get(str(b.get("model", ""))) for b in bodies]
+        sent_model = models[-1] if models else model
+        billed_usd = sent_model.input_cost(usage)
+        est = price(final, sent_model, scale)
         out.estimate_usd = est
         out.estimate_error_usd = est - billed_usd
         if own is not None and auto is not None:
@@ -744,9 +749,11 @@ class ShadowCaches:
             # (same conversation, same cache history), so it cancels: with plugins = [] saved is 0
             out.counterfactual_usd = billed_usd + price(own, model, scale) - est + out_usd
             out.auto_usd = billed_usd + price(auto, model, scale) - est + out_usd
-            prev = price(own, model, scale)
+            prev, prev_model = price(own, model, scale), model
             for k, b in enumerate(staged):
-                cur = price(b, model, scale)
-                out.stage_usd[k] = prev - cur
-                prev = cur
+                cur = price(b, models[k], scale)
+                # a stage that changed the model also changed what the output is billed at
+                out_delta = usage["output_tokens"] * (prev_model.output - models[k].output) / 1e6
+                out.stage_usd[k] = prev - cur + out_delta
+                prev, prev_model = cur, models[k]
         return out

@@ -392,6 +392,9 @@ class Pipeline:
                 }
             )
             if result is not None:
+                if result.get("model") != current.get("model"):
+                    # a stage sent the call to another model (route): later stages and the bill see it
+                    ctx.model = self.prices.get(str(result.get("model", "")))
                 current, before = result, after
             call.bodies.append(current)
         call.view = current
@@ -533,6 +536,7 @@ class Pipeline:
         self, call: Call, response: dict[str, Any] | None, status: int | str, error: str | None
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
+        # the call is billed at the model it was sent to, its counterfactual at the one asked for
         ctx, model = call.ctx, call.ctx.model
         usage = normalize_usage((response or {}).get("usage")) if response else None
         ok = status == 200 and response is not None
@@ -543,10 +547,12 @@ class Pipeline:
         whole = call.thread.original if call.thread is not None else call.original
         follow_up = is_follow_up(whole)
         if call.estimate is None:
+            sent_as = (call.bodies[-1] if call.bodies else whole).get("model")
+            asked = model if sent_as == whole.get("model") else self.prices.get(str(whole.get("model", "")))
             call.estimate = self.shadows.estimate(
                 ctx.key_hash,
                 ctx.now,
-                model,
+                asked,
                 whole,
                 call.bodies,
                 usage=usage if ok else None,
