@@ -843,17 +843,19 @@ def rewrite_tokens(
 # -- the hooks ---------------------------------------------------------------------------------
 
 
-def _conversation(state: dict[str, Any], body: dict[str, Any], limit: int) -> dict[str, Any]:
+# what a conversation's next calls are cut and decided from: through the state interface, so the
+# replicas on one Redis continue each other's cuts (tokensaver.state.Decisions); "quiet" stays here
+SHARED = ("spec", "cuts", "last_t", "prev_messages", "ttl", "fixed_t")
+
+
+def _conversation(ctx: Any, body: dict[str, Any], limit: int) -> tuple[Any, dict[str, Any]]:
+    """``((decisions, key), conv)``: the conversation's cut and cache tracking."""
     msgs = body.get("messages") or []
     key = content_hash([str(body.get("model", "")), strip_cc(msgs[0]) if msgs else None])[:16]
-    convs: OrderedDict[str, dict[str, Any]] = state.setdefault("conversations", OrderedDict())
-    conv = convs.get(key)
-    if conv is None:
-        conv = convs[key] = {"spec": {"cleared": [], "drop": None}, "cuts": 0}
-    convs.move_to_end(key)
-    while len(convs) > limit:
-        convs.popitem(last=False)
-    return conv
+    convs = ctx.shared_state(decisions=lambda: ctx.store.decisions("prune", SHARED, limit=limit))["decisions"]
+    return (convs, key), convs.get(
+        ctx.key_hash, key, lambda: {"spec": {"cleared": [], "drop": None}, "cuts": 0}
+    )
 
 
 _TTL_DEFAULT = 300.0
@@ -881,10 +883,10 @@ def cache_state(conv: dict[str, Any], now: float, n_messages: int) -> dict[str, 
     }
 
 
-def _expect(ctx: Any, conv: dict[str, Any], fixed: int, total: int, n_messages: int) -> None:
+def _expect(ctx: Any, conv: dict[str, Any], fixed: int, total: int, n_messages: int, where: Any) -> None:
     """Remember what this call sends, for :func:`observe` to read its billed usage against."""
     pending: OrderedDict[str, Any] = ctx.state.setdefault("pending", OrderedDict())
-    pending[ctx.call_id] = (conv, fixed, total, n_messages)
+    pending[ctx.call_id] = (conv, fixed, total, n_messages, where)
     while len(pending) > _MAX_PENDING:
         pending.popitem(last=False)
 
@@ -896,7 +898,7 @@ def observe(ctx: Any) -> None:
     entry = pending.pop(ctx.call_id, None) if pending else None
     if entry is None:
         return
-    conv, fixed, total, n_messages = entry
+    conv, fixed, total, n_messages, (convs, key) = entry
     usage = ctx.usage or {}
     conv["last_t"] = ctx.now
     conv["prev_messages"] = n_messages
@@ -912,6 +914,7 @@ def observe(ctx: Any) -> None:
     scale = billed / total if total else 1.0
     if billed and read <= fixed * scale * 1.02 + 8:
         conv["fixed_t"] = ctx.now
+    convs.put(ctx.key_hash, key, conv)
 
 
 # server-side edits that leave tool results alone (Claude Code sends clear_thinking on every request)
@@ -951,7 +954,7 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
     count = ctx.count
     norm = normalized(body)
     messages = norm["messages"]
-    conv = _conversation(ctx.state, norm, int(settings["max_conversations"]))
+    where, conv = _conversation(ctx, norm, int(settings["max_conversations"]))
     spec = conv["spec"]
     fixed = count({**norm, "messages": []})
     limit = budget(settings, ctx.model)
@@ -1019,11 +1022,12 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
             cut["over_target"] = True
         conv["spec"] = spec = new_spec
         conv["cuts"] += 1
+        where[0].put(ctx.key_hash, where[1], conv)
         notes["cut"] = cut
         cur, total = after_msgs, after
     notes["tokens_sent"] = total
     notes["cleared_results"] = len(spec.get("cleared") or ())
-    _expect(ctx, conv, fixed, total, len(cur))
+    _expect(ctx, conv, fixed, total, len(cur), where)
     if cur == messages and norm["messages"] == body["messages"]:
         ctx.record(**notes)
         return None

@@ -39,6 +39,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ BACKOFF_MIN, BACKOFF_MAX = 0.25, 5.0
 # the diskcache file's own overhead (SQLite pages, free pages) allowed on top of a namespace cap
 DISK_OVERHEAD = 16 * 1024**2
 BIG_VALUE = 8 * 1024**2  # values below stay inside SQLite
+DECISIONS_CAP = 64 * 1024**2  # bytes of one plugin's shared conversation decisions per API key
+DECISIONS_TTL = 7 * 86400.0  # seconds a conversation's decisions outlive its latest call
 
 
 def check_url(value: str) -> str | None:
@@ -643,6 +646,83 @@ class Space:
         return self.state.backend.put(self, key, value, ttl)
 
 
+class Decisions:
+    """Per-conversation decisions that fix the bytes of later calls (prune's cut, cache_align's moved
+    lines and TTL), kept where the ``state`` setting says.
+
+    :meth:`get` gives the conversation's dict, which the plugin reads and changes in place;
+    :meth:`put` after a change publishes its ``shared`` keys. Embedded: the dicts stay in this
+    process's memory (an LRU of ``limit`` conversations per plugin), nothing is copied, stored or
+    read: today's path and speed. Redis: each :meth:`get` loads the ``shared`` keys another replica
+    (or this one) last put, each :meth:`put` stores them (JSON in the order written, namespace
+    ``name`` per API-key hash, ``ttl`` seconds from the latest put, ``cap`` bytes per namespace), so
+    whichever replica serves the next call of a conversation sends the bytes one process would.
+    Keys not listed in ``shared`` (caches, diagnostics) stay in the process. When Redis is lost the
+    process's own copy is used (fail open: a replica without the latest decision may send other
+    bytes; :attr:`State.lost` and the call record's ``state_lost`` say so). The calls of one
+    conversation come one after another: the last put wins.
+    """
+
+    def __init__(
+        self,
+        state: State,
+        name: str,
+        shared: tuple[str, ...],
+        *,
+        limit: int,
+        cap: int = DECISIONS_CAP,
+        ttl: float = DECISIONS_TTL,
+    ) -> None:
+        self.state, self.name, self.shared = state, name, shared
+        self.limit, self.cap, self.ttl = int(limit), int(cap), float(ttl)
+        self.remote = isinstance(state.backend, Redis)
+        self._local: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._spaces: dict[str, Space] = {}
+        self._lock = threading.Lock()
+
+    def _space(self, key_hash: str) -> Space:
+        sp = self._spaces.get(key_hash)
+        if sp is None:
+            sp = self._spaces[key_hash] = self.state.space(self.name, key_hash, cap=self.cap)
+        return sp
+
+    def get(self, key_hash: str, key: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The conversation ``key``'s decisions (``make()`` for one not seen), the newest put on Redis."""
+        k = (key_hash, key)
+        with self._lock:
+            conv = self._local.get(k)
+            if conv is None:
+                conv = self._local[k] = make()
+            self._local.move_to_end(k)
+            while len(self._local) > self.limit:
+                self._local.popitem(last=False)
+        if self.remote:
+            doc = self._space(key_hash).load(key)
+            raw = doc.get("d") if doc is not None else None
+            if isinstance(raw, str):
+                try:
+                    got = json.loads(raw)
+                except ValueError:
+                    got = None
+                if isinstance(got, dict):
+                    fresh = make()
+                    for name in self.shared:
+                        if name in got:
+                            conv[name] = got[name]
+                        elif name in fresh:
+                            conv[name] = fresh[name]
+                        else:
+                            conv.pop(name, None)
+        return conv
+
+    def put(self, key_hash: str, key: str, conv: dict[str, Any]) -> None:
+        """Publish the ``shared`` keys of ``conv`` (Redis; a no-op embedded, where the dict is the state)."""
+        if not self.remote:
+            return
+        doc = {name: conv[name] for name in self.shared if name in conv}
+        self._space(key_hash).save(key, {"d": json.dumps(doc, ensure_ascii=False)}, ttl=self.ttl)
+
+
 class State:
     """The process's state for one ``state`` setting: a backend and the namespaces opened on it."""
 
@@ -661,10 +741,22 @@ class State:
         """
         return Space(self, name, key_hash, cap=cap, directory=directory, **kw)
 
+    def decisions(self, name: str, shared: tuple[str, ...], *, limit: int, **kw: Any) -> Decisions:
+        """A plugin's per-conversation :class:`Decisions` on this state (store ``name``)."""
+        return Decisions(self, name, shared, limit=limit, **kw)
+
     @property
     def lost(self) -> bool:
         """The backend was unreachable at its latest attempt (Redis only)."""
         return self.backend.lost
+
+    def mark(self) -> int:
+        """The outages seen so far, for :meth:`lost_since` (a call's start)."""
+        return self.backend.losses
+
+    def lost_since(self, mark: int) -> bool:
+        """The state was unreachable at some point since :meth:`mark` gave ``mark`` (or is now)."""
+        return self.backend.lost or self.backend.losses != mark
 
     def status(self) -> dict[str, Any]:
         """``{"backend", "lost", "losses"}`` for records and reports (no credentials)."""
