@@ -26,15 +26,14 @@ lets conversations that differ only by the stamp share the system prefix.
 
 Unsafe when: the model must see volatile system content *in the system prompt* (set
 ``move_volatile = "never"``); tool order carries meaning to the caller (``sort_tools = false``). The
-moved-lines memory is per wrapped client: a new client mid-conversation re-anchors them once (one
-cache write).
+moved-lines memory is per wrapped client (per process; shared by the replicas of one ``state =
+"redis://..."``): a new client mid-conversation re-anchors them once (one cache write).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections import OrderedDict
 from typing import Any
 
 from tokensaver.context import plugin_notes
@@ -221,15 +220,17 @@ def moved_block(lines: list[str]) -> dict[str, Any]:
 # -- per-conversation state ------------------------------------------------------------------
 
 
-def _conversation(state: dict[str, Any], key: str, limit: int) -> dict[str, Any]:
-    convs: OrderedDict[str, dict[str, Any]] = state.setdefault("conversations", OrderedDict())
-    conv = convs.get(key)
-    if conv is None:
-        conv = convs[key] = {"attach": {}, "gaps": [], "ttl": "5m"}
-    convs.move_to_end(key)
-    while len(convs) > limit:
-        convs.popitem(last=False)
-    return conv
+# what fixes the bytes of a conversation's later calls (moved lines and where, the TTL and its gap
+# history): through the state interface, so replicas on one Redis continue each other's decisions
+# (tokensaver.state.Decisions); the bust diagnosis's previous slots stay in the process
+SHARED = ("attach", "gaps", "ttl", "t_last", "growth", "prefix_tokens", "volatile_first", "volatile_active")
+
+
+def _conversation(ctx: Any, key: str, limit: int) -> tuple[Any, dict[str, Any]]:
+    convs = ctx.shared_state(decisions=lambda: ctx.store.decisions("cache_align", SHARED, limit=limit))[
+        "decisions"
+    ]
+    return convs, convs.get(ctx.key_hash, key, lambda: {"attach": {}, "gaps": [], "ttl": "5m"})
 
 
 def _message_key(i: int, message: dict[str, Any]) -> str:
@@ -482,7 +483,7 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
     msgs = out["messages"]
     first = strip_cc(as_blocks(msgs[0].get("content"))) if msgs and isinstance(msgs[0], dict) else None
     conv_key = content_hash([str(out.get("model", "")), strip_cc(stable_sys), first])[:16]
-    conv = _conversation(ctx.state, conv_key, settings["max_conversations"])
+    convs, conv = _conversation(ctx, conv_key, settings["max_conversations"])
     if mode == "changed" and moved:
         # moving costs a few tokens on every call: only worth it once the lines actually change
         seen = conv.setdefault("volatile_first", moved)
@@ -551,6 +552,7 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
                 notes["bust"] = bust
         conv["prev_slots"] = slots
         conv["prev_cum"] = cum
+    convs.put(ctx.key_hash, conv_key, conv)
     ctx.record(**notes)
     return out
 
