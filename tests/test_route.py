@@ -92,3 +92,149 @@ def test_a_subagent_goes_to_haiku_and_stays_there_and_the_saving_is_against_the_
     assert row["rule"] == "subagent" and row["to"] == HAIKU and row["calls"] == 4 and row["conversations"] == 1
     assert row["saved_usd"] == pytest.approx(asked_cost - routed_cost, rel=1e-4)
     assert "4 calls routed" in section["summary"]
+
+
+def test_the_main_conversation_stays_on_its_model_and_a_subagent_beside_it_is_routed(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    client = client_for(emu, tmp_path, ["route"], route={"rules": SUBAGENT_RULES})
+    conversation(client, MAIN_SYSTEM, 2, tools=[READ, TASK])
+    conversation(client, SUBAGENT_SYSTEM, 2, tools=[READ])
+    assert [r.body["model"] for r in emu.requests] == [OPUS, OPUS, HAIKU, HAIKU]
+
+
+def test_a_conversation_started_on_its_model_stays_there_when_a_later_call_matches(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    # the rule matches from the third message on; without switch = true the conversation keeps its model
+    rules = [{"name": "later", "when": {"first": False}, "model": HAIKU}]
+    client = client_for(emu, tmp_path, ["route"], route={"rules": rules})
+    conversation(client, MAIN_SYSTEM, 3)
+    assert [r.body["model"] for r in emu.requests] == [OPUS] * 3
+
+
+def test_a_switch_that_does_not_pay_is_not_made_and_one_that_pays_is(emu: Emulator, tmp_path: Path) -> None:
+    rules = [{"name": "later", "when": {"first": False}, "model": HAIKU, "switch": True}]
+    # second call: one call so far, so one to come is expected; Haiku writing the whole prefix again
+    # ($1.25/M) instead of Opus reading it ($0.50/M) is not paid back twice by one call's saving
+    client = client_for(emu, tmp_path, ["route"], route={"rules": rules})
+    conversation(client, MAIN_SYSTEM, 2)
+    assert [r.body["model"] for r in emu.requests] == [OPUS, OPUS]
+    # the same rule expecting the calls to come pays: the switch is made, and kept from there on
+    emu.requests.clear()
+    client = client_for(emu, tmp_path / "b", ["route"], route={"rules": rules, "switch_payback": 0.5})
+    conversation(client, SUBAGENT_SYSTEM, 4)
+    models = [r.body["model"] for r in emu.requests]
+    assert models == [OPUS, HAIKU, HAIKU, HAIKU]
+    # the switch threw the prompt cache away: Haiku wrote the whole prefix again
+    assert emu.requests[1].usage["cache_read_input_tokens"] == 0
+    report = load_run(client.tokensaver.run.name, tmp_path / "b" / "runs").report().to_dict()
+    (section,) = [s for s in report["sections"] if s["plugin"] == "route"]
+    (row,) = section["rows"]
+    assert row["switches"] == 1 and row["switch_write_tokens"] > 3000 and row["calls"] == 3
+
+
+def test_requests_are_fitted_to_the_target_and_the_emulator_accepts_them(emu: Emulator, tmp_path: Path) -> None:
+    rules = [{"name": "all", "when": {}, "model": HAIKU}]
+    client = client_for(emu, tmp_path, ["route"], route={"rules": rules})
+    # Claude Code's shape on a 4.6+ model: adaptive thinking, effort, a 128k max_tokens
+    msg = client.messages.create(
+        model="claude-opus-5-5",
+        max_tokens=128_000,
+        thinking={"type": "adaptive"},
+        extra_body={"output_config": {"effort": "medium"}},
+        system=SUBAGENT_SYSTEM,
+        messages=[{"role": "user", "content": "hi"}],
+    )
+    sent = emu.last.body
+    assert emu.last.status == 200 and msg.model == HAIKU
+    assert sent["model"] == HAIKU and sent["max_tokens"] == 64_000
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 32_000}  # Haiku 4.5 has no adaptive
+    assert "output_config" not in sent  # nor effort
+    # samplers a thinking request may not carry on the target are dropped
+    client.messages.create(
+        model="claude-sonnet-4-5",
+        max_tokens=4000,
+        extra_body={"temperature": 0.2, "top_p": 0.9},
+        messages=[{"role": "user", "content": "hello"}],
+    )
+    assert emu.last.status == 200 and "top_p" not in emu.last.body and emu.last.body["temperature"] == 0.2
+
+
+def test_a_prefill_is_not_routed_to_a_model_that_refuses_it(emu: Emulator, tmp_path: Path) -> None:
+    rules = [{"name": "all", "when": {}, "model": "claude-sonnet-4-6"}]
+    client = client_for(emu, tmp_path, ["route"], route={"rules": rules})
+    prefill = [{"role": "user", "content": "Give JSON"}, {"role": "assistant", "content": "{"}]
+    msg = client.messages.create(model="claude-opus-4-5", max_tokens=100, messages=prefill)
+    assert emu.last.status == 200 and emu.last.body["model"] == "claude-opus-4-5" and msg.content
+    # the emulator refuses the prefill on the target: proof the case is real
+    direct = anthropic.Anthropic(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError, match="prefill"):
+        direct.messages.create(model="claude-sonnet-4-6", max_tokens=100, messages=prefill)
+    (rec,) = client.tokensaver.records
+    assert rec["plugins"]["route"]["kept"] == "prefill"
+
+
+def test_rules_are_checked_in_wrap(emu: Emulator, tmp_path: Path) -> None:
+    with pytest.raises(tokensaver.ConfigError, match="unknown condition 'tool'"):
+        client_for(emu, tmp_path, ["route"], route={"rules": [{"when": {"tool": ["Read"]}, "model": HAIKU}]})
+    with pytest.raises(tokensaver.ConfigError, match="model"):
+        client_for(emu, tmp_path, ["route"], route={"rules": [{"when": {}}]})
+
+
+def test_decisions_are_shared_through_the_state_and_byte_capped(emu: Emulator, tmp_path: Path) -> None:
+    # two wrapped clients (two replicas of one embedded state) decide a conversation alike: the
+    # second one sees the first's decision, though its own rule would not match the later call
+    rules = [{"name": "first", "when": {"first": True}, "model": HAIKU}]
+    a = client_for(emu, tmp_path / "a", ["route"], route={"rules": rules})
+    b = client_for(emu, tmp_path / "b", ["route"], route={"rules": rules})
+    first = a.messages.create(model=OPUS, max_tokens=50, system=MAIN_SYSTEM, messages=[{"role": "user", "content": "q"}])
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": first.content[0].text}, {"role": "user", "content": "more"}]
+    b.messages.create(model=OPUS, max_tokens=50, system=MAIN_SYSTEM, messages=msgs)
+    assert [r.body["model"] for r in emu.requests] == [HAIKU, HAIKU]
+    memory = route._Memory()
+    for k in range(2000):
+        memory.decisions.put(f"k{k}", {"model": HAIKU}, 200, 1_000_000, 64_000)
+    assert memory.decisions.nbytes <= 64_000 and len(memory.decisions) < 2000
+
+
+@pytest.mark.parametrize("rule_set", ["claude-code", "openclaw"])
+def test_each_example_rule_set_through_the_proxy(emu: Emulator, tmp_path: Path, rule_set: str) -> None:
+    path = DOCS / f"{rule_set}.toml"
+    names = [r["name"] for r in tomllib.loads(path.read_text())["route"]["rules"]]
+    env = {
+        **os.environ,
+        "TOKENSAVER_CONFIG": str(path),
+        "TOKENSAVER_RUNS_DIR": str(tmp_path / "runs"),
+    }
+    proc, url = start_proxy_process("--upstream", emu.url, "--run", "route-run", env=env, cwd=tmp_path)
+    try:
+        with httpx.Client(timeout=30) as http:
+            def post(body: dict[str, Any]) -> dict[str, Any]:
+                r = http.post(f"{url}/v1/messages", json=body, headers=HEADERS)
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            main = {"model": OPUS, "max_tokens": 32000, "system": MAIN_SYSTEM, "tools": [READ, TASK]}
+            answer = post({**main, "messages": [{"role": "user", "content": long_text(2, 500)}]})
+            assert answer["model"] == OPUS
+            if rule_set == "claude-code":
+                sub = {"model": OPUS, "max_tokens": 32000, "system": SUBAGENT_SYSTEM, "tools": [READ]}
+                side = {"model": "claude-sonnet-4-6", "max_tokens": 512, "system": MAIN_SYSTEM}
+                asks = [sub, side]
+                text = ["Explore the repository", "Write a 5-10 word title for this conversation"]
+            else:
+                beat = "Read HEARTBEAT.md if it exists. If nothing needs attention, reply HEARTBEAT_OK."
+                asks = [{**main, "system": "You are OpenClaw."}, {"model": OPUS, "max_tokens": 512}]
+                text = [beat, "Name this session"]
+            for ask, words in zip(asks, text, strict=True):
+                got = post({**ask, "messages": [{"role": "user", "content": words}]})
+                assert got["model"] == HAIKU  # the caller sees the model that answered
+    finally:
+        stop_proxy_process(proc)
+    assert [r.body["model"] for r in emu.requests] == [OPUS, HAIKU, HAIKU]
+    assert all(r.status == 200 for r in emu.requests)
+    report = load_run("route-run", tmp_path / "runs").report().to_dict()
+    (section,) = [s for s in report["sections"] if s["plugin"] == "route"]
+    assert sorted(row["rule"] for row in section["rows"]) == sorted(names)
+    assert all(row["calls"] == 1 and row["saved_usd"] > 0 for row in section["rows"])
