@@ -112,7 +112,9 @@ def _rule(i: int, rule: Any) -> dict[str, Any]:
         raise _Bad(f"rule {i + 1} is not a table")
     extra = set(rule) - RULE_KEYS
     if extra:
-        raise _Bad(f"rule {i + 1}: unknown key {sorted(extra)[0]!r} (accepted: {', '.join(sorted(RULE_KEYS))})")
+        raise _Bad(
+            f"rule {i + 1}: unknown key {sorted(extra)[0]!r} (accepted: {', '.join(sorted(RULE_KEYS))})"
+        )
     target = rule.get("model")
     if not isinstance(target, str) or not target.strip():
         raise _Bad(f"rule {i + 1}: model (the target) must be a model name")
@@ -160,12 +162,21 @@ SETTINGS = Schema(
             "hold names the model (README: Routing)",
         ),
         "switch_payback": number(
-            2.0, "a switch mid-conversation must save this many times the cache re-write it costs", min=0.1, max=100
+            2.0,
+            "a switch mid-conversation must save this many times the cache re-write it costs",
+            min=0.1,
+            max=100,
         ),
         "max_future_calls": integer(
-            20, "cap on the calls still to come (estimated: the calls so far)", min=1, max=10_000, unit="calls"
+            20,
+            "cap on the calls still to come (estimated: the calls so far)",
+            min=1,
+            max=10_000,
+            unit="calls",
         ),
-        "max_bytes": size(16 * 1024**2, "cap on the per-conversation decisions kept (in the state and in memory)"),
+        "max_bytes": size(
+            16 * 1024**2, "cap on the per-conversation decisions kept (in the state and in memory)"
+        ),
     },
     checks=(_unique_names,),
 )
@@ -176,7 +187,9 @@ DEFAULTS: dict[str, Any] = SETTINGS.defaults()
 def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any]:
     """The ``route`` table checked against ``SETTINGS``; ``rules_id`` names the rule set in the store."""
     out = SETTINGS.validate(settings, source)
-    blob = json.dumps(out["rules"], sort_keys=True).encode()
+    # decisions kept in the state belong to one rule set and its switch settings
+    kept = [out["rules"], out["switch_payback"], out["max_future_calls"]]
+    blob = json.dumps(kept, sort_keys=True).encode()
     out["rules_id"] = hashlib.sha256(blob).hexdigest()[:12]
     return out
 
@@ -188,7 +201,9 @@ def _text(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return "\n".join(b.get("text", "") for b in value if isinstance(b, dict) and isinstance(b.get("text"), str))
+        return "\n".join(
+            b.get("text", "") for b in value if isinstance(b, dict) and isinstance(b.get("text"), str)
+        )
     return ""
 
 
@@ -265,9 +280,26 @@ def supports_effort(model: str) -> bool:
 def refusal(body: dict[str, Any], target: str) -> str | None:
     """Why ``body`` cannot go to ``target`` at all (kept on its model), or None."""
     msgs = body.get("messages") or []
-    if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant" and refuses_prefill(target):
+    if (
+        msgs
+        and isinstance(msgs[-1], dict)
+        and msgs[-1].get("role") == "assistant"
+        and refuses_prefill(target)
+    ):
         return "prefill"  # the caller's prefill shapes the answer: dropping it would change what they asked
     return None
+
+
+def signed_turn(body: dict[str, Any]) -> bool:
+    """The last assistant turn holds thinking blocks: signed by the model that wrote them, which a
+    tool loop in progress must send back to it (no switch there)."""
+    for m in reversed(body.get("messages") or []):
+        if isinstance(m, dict) and m.get("role") == "assistant":
+            content = m.get("content")
+            return isinstance(content, list) and any(
+                isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking") for b in content
+            )
+    return False
 
 
 def fit(body: dict[str, Any], target: str) -> dict[str, Any]:
@@ -281,7 +313,9 @@ def fit(body: dict[str, Any], target: str) -> dict[str, Any]:
         max_tokens = int(out.get("max_tokens") or 0)
         if th["type"] == "adaptive" and not supports_adaptive_thinking(target):
             budget = min(max(1024, max_tokens // 2), max_tokens - 1)
-            out["thinking"] = {"type": "enabled", "budget_tokens": budget} if budget >= 1024 else {"type": "disabled"}
+            out["thinking"] = (
+                {"type": "enabled", "budget_tokens": budget} if budget >= 1024 else {"type": "disabled"}
+            )
         elif th["type"] == "enabled" and refuses_budget_thinking(target):
             out["thinking"] = {"type": "adaptive"}
         elif th["type"] == "enabled" and int(th.get("budget_tokens") or 0) >= max_tokens:
@@ -298,19 +332,26 @@ def fit(body: dict[str, Any], target: str) -> dict[str, Any]:
     if samplers and refuses_sampling(target):
         for p in samplers:
             del out[p]
-    if out.get("temperature") is not None and out.get("top_p") is not None and refuses_temperature_with_top_p(target):
+    if (
+        out.get("temperature") is not None
+        and out.get("top_p") is not None
+        and refuses_temperature_with_top_p(target)
+    ):
         del out["top_p"]
     if thinking_on(out):
         if out.get("temperature") not in (None, 1):
             del out["temperature"]
         out.pop("top_k", None)
-    else:
-        cm = out.get("context_management")
-        edits = cm.get("edits") if isinstance(cm, dict) else None
+    elif isinstance(cm := out.get("context_management"), dict):
+        edits = cm.get("edits")
         if isinstance(edits, list) and any(
             isinstance(e, dict) and str(e.get("type", "")).startswith("clear_thinking") for e in edits
         ):
-            kept = [e for e in edits if not (isinstance(e, dict) and str(e.get("type", "")).startswith("clear_thinking"))]
+            kept = [
+                e
+                for e in edits
+                if not (isinstance(e, dict) and str(e.get("type", "")).startswith("clear_thinking"))
+            ]
             if kept:
                 out["context_management"] = {**cm, "edits": kept}
             else:
@@ -378,7 +419,13 @@ def model_at(decision: dict[str, Any], n_messages: int) -> tuple[str, str | None
 
 
 def switch_pays(
-    ctx: Any, settings: dict[str, Any], tokens: int, current: str, target: str, calls_so_far: int, out_tokens: float
+    ctx: Any,
+    settings: dict[str, Any],
+    tokens: int,
+    current: str,
+    target: str,
+    calls_so_far: int,
+    out_tokens: float,
 ) -> tuple[bool, dict[str, Any]]:
     """Whether moving the conversation from ``current`` to ``target`` now pays for its cache re-write."""
     cur, new = ctx.prices.get(current), ctx.prices.get(target)
@@ -428,6 +475,8 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
             # seen first mid-way (the plugin enabled in a running conversation, a decision expired):
             # the conversation is cached on the model asked for, so moving it is a switch like any other
             pays, switch = switch_pays(ctx, settings, tokens(), asked, first, n // 2, _out_tokens(ctx, key))
+            if signed_turn(body):
+                pays, switch = False, {"why": "thinking in the last turn"}
             if not pays:
                 decision = {"model": asked, "rule": None, "switches": [], "from": n}
                 ctx.record(kept="switch does not pay", rule=rule["name"] if rule else None, **switch)
@@ -437,8 +486,10 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
     if rule is not None and rule["switch"] and rule["model"] != model and n > int(decision.get("from", 1)):
         switches = decision.get("switches") or []
         last_at = switches[-1][0] if switches else 0
-        if n > last_at and len(switches) < MAX_SWITCHES:
-            pays, facts = switch_pays(ctx, settings, tokens(), model, rule["model"], n // 2, _out_tokens(ctx, key))
+        if n > last_at and len(switches) < MAX_SWITCHES and not signed_turn(body):
+            pays, facts = switch_pays(
+                ctx, settings, tokens(), model, rule["model"], n // 2, _out_tokens(ctx, key)
+            )
             if pays:
                 decision = {**decision, "switches": [*switches, [n, rule["model"], rule["name"]]]}
                 save_decision(ctx, settings, key, decision)

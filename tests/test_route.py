@@ -14,13 +14,13 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
+from tokensaver_plugins import route
 
 import tokensaver
 from tokensaver import load_run
 from tokensaver.emulator import Emulator
 from tokensaver.pricing import PriceTable
 from tokensaver.testing import TEST_API_KEY, start_proxy_process, stop_proxy_process
-from tokensaver_plugins import route
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "route"
@@ -30,7 +30,11 @@ PRICES = PriceTable()
 SUBAGENT_SYSTEM = "You are an agent for Claude Code, Anthropic's official CLI for Claude."
 MAIN_SYSTEM = "You are Claude Code, Anthropic's official CLI for Claude."
 READ = {"name": "Read", "description": "Read a file", "input_schema": {"type": "object", "properties": {}}}
-TASK = {"name": "Task", "description": "Start a subagent", "input_schema": {"type": "object", "properties": {}}}
+TASK = {
+    "name": "Task",
+    "description": "Start a subagent",
+    "input_schema": {"type": "object", "properties": {}},
+}
 HEADERS = {"x-api-key": TEST_API_KEY, "anthropic-version": "2023-06-01", "content-type": "application/json"}
 
 SUBAGENT_RULES = [
@@ -52,7 +56,9 @@ def long_text(seed: int, words: int = 3000) -> str:
     return " ".join(f"w{seed}x{i % 997}" for i in range(words))
 
 
-def conversation(client: Any, system: str, turns: int, *, model: str = OPUS, tools: list[Any] | None = None) -> list[Any]:
+def conversation(
+    client: Any, system: str, turns: int, *, model: str = OPUS, tools: list[Any] | None = None
+) -> list[Any]:
     """A conversation of ``turns`` calls, each answer appended, a long document in the first message."""
     msgs: list[dict[str, Any]] = [{"role": "user", "content": f"Summarize:\n{long_text(1)}"}]
     answers = []
@@ -62,7 +68,11 @@ def conversation(client: Any, system: str, turns: int, *, model: str = OPUS, too
             kwargs["tools"] = tools
         msg = client.messages.create(**kwargs)
         answers.append(msg)
-        msgs = [*msgs, {"role": "assistant", "content": msg.content[0].text}, {"role": "user", "content": f"And {k}?"}]
+        msgs = [
+            *msgs,
+            {"role": "assistant", "content": msg.content[0].text},
+            {"role": "user", "content": f"And {k}?"},
+        ]
     return answers
 
 
@@ -73,14 +83,14 @@ def test_a_subagent_goes_to_haiku_and_stays_there_and_the_saving_is_against_the_
     answers = conversation(client, SUBAGENT_SYSTEM, 4)
     assert [r.body["model"] for r in emu.requests] == [HAIKU] * 4
     assert {a.model for a in answers} == {HAIKU}  # the caller sees the model that answered
-    routed_cost = sum(PRICES.get(HAIKU).cost(r.usage) for r in emu.requests)
+    routed_cost = sum(PRICES.get(HAIKU).cost(r.usage or {}) for r in emu.requests)
 
     # the same conversation, independently, on the model asked for and with no plugin
     with Emulator() as other:
         plain = client_for(other, tmp_path / "plain", [])
         conversation(plain, SUBAGENT_SYSTEM, 4)
         assert [r.body["model"] for r in other.requests] == [OPUS] * 4
-        asked_cost = sum(PRICES.get(OPUS).cost(r.usage) for r in other.requests)
+        asked_cost = sum(PRICES.get(OPUS).cost(r.usage or {}) for r in other.requests)
 
     report = load_run(client.tokensaver.run.name, tmp_path / "runs").report().to_dict()
     totals = report["totals"]
@@ -89,7 +99,9 @@ def test_a_subagent_goes_to_haiku_and_stays_there_and_the_saving_is_against_the_
     assert totals["saved_usd"] == pytest.approx(asked_cost - routed_cost, rel=1e-4)
     (section,) = [s for s in report["sections"] if s["plugin"] == "route"]
     (row,) = section["rows"]
-    assert row["rule"] == "subagent" and row["to"] == HAIKU and row["calls"] == 4 and row["conversations"] == 1
+    assert (
+        row["rule"] == "subagent" and row["to"] == HAIKU and row["calls"] == 4 and row["conversations"] == 1
+    )
     assert row["saved_usd"] == pytest.approx(asked_cost - routed_cost, rel=1e-4)
     assert "4 calls routed" in section["summary"]
 
@@ -127,14 +139,16 @@ def test_a_switch_that_does_not_pay_is_not_made_and_one_that_pays_is(emu: Emulat
     models = [r.body["model"] for r in emu.requests]
     assert models == [OPUS, HAIKU, HAIKU, HAIKU]
     # the switch threw the prompt cache away: Haiku wrote the whole prefix again
-    assert emu.requests[1].usage["cache_read_input_tokens"] == 0
+    assert (emu.requests[1].usage or {})["cache_read_input_tokens"] == 0
     report = load_run(client.tokensaver.run.name, tmp_path / "b" / "runs").report().to_dict()
     (section,) = [s for s in report["sections"] if s["plugin"] == "route"]
     (row,) = section["rows"]
     assert row["switches"] == 1 and row["switch_write_tokens"] > 3000 and row["calls"] == 3
 
 
-def test_requests_are_fitted_to_the_target_and_the_emulator_accepts_them(emu: Emulator, tmp_path: Path) -> None:
+def test_requests_are_fitted_to_the_target_and_the_emulator_accepts_them(
+    emu: Emulator, tmp_path: Path
+) -> None:
     rules = [{"name": "all", "when": {}, "model": HAIKU}]
     client = client_for(emu, tmp_path, ["route"], route={"rules": rules})
     # Claude Code's shape on a 4.6+ model: adaptive thinking, effort, a 128k max_tokens
@@ -164,7 +178,7 @@ def test_requests_are_fitted_to_the_target_and_the_emulator_accepts_them(emu: Em
 def test_a_prefill_is_not_routed_to_a_model_that_refuses_it(emu: Emulator, tmp_path: Path) -> None:
     rules = [{"name": "all", "when": {}, "model": "claude-sonnet-4-6"}]
     client = client_for(emu, tmp_path, ["route"], route={"rules": rules})
-    prefill = [{"role": "user", "content": "Give JSON"}, {"role": "assistant", "content": "{"}]
+    prefill: list[Any] = [{"role": "user", "content": "Give JSON"}, {"role": "assistant", "content": "{"}]
     msg = client.messages.create(model="claude-opus-4-5", max_tokens=100, messages=prefill)
     assert emu.last.status == 200 and emu.last.body["model"] == "claude-opus-4-5" and msg.content
     # the emulator refuses the prefill on the target: proof the case is real
@@ -188,8 +202,14 @@ def test_decisions_are_shared_through_the_state_and_byte_capped(emu: Emulator, t
     rules = [{"name": "first", "when": {"first": True}, "model": HAIKU}]
     a = client_for(emu, tmp_path / "a", ["route"], route={"rules": rules})
     b = client_for(emu, tmp_path / "b", ["route"], route={"rules": rules})
-    first = a.messages.create(model=OPUS, max_tokens=50, system=MAIN_SYSTEM, messages=[{"role": "user", "content": "q"}])
-    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": first.content[0].text}, {"role": "user", "content": "more"}]
+    first = a.messages.create(
+        model=OPUS, max_tokens=50, system=MAIN_SYSTEM, messages=[{"role": "user", "content": "q"}]
+    )
+    msgs = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": first.content[0].text},
+        {"role": "user", "content": "more"},
+    ]
     b.messages.create(model=OPUS, max_tokens=50, system=MAIN_SYSTEM, messages=msgs)
     assert [r.body["model"] for r in emu.requests] == [HAIKU, HAIKU]
     memory = route._Memory()
@@ -210,6 +230,7 @@ def test_each_example_rule_set_through_the_proxy(emu: Emulator, tmp_path: Path, 
     proc, url = start_proxy_process("--upstream", emu.url, "--run", "route-run", env=env, cwd=tmp_path)
     try:
         with httpx.Client(timeout=30) as http:
+
             def post(body: dict[str, Any]) -> dict[str, Any]:
                 r = http.post(f"{url}/v1/messages", json=body, headers=HEADERS)
                 assert r.status_code == 200, r.text
