@@ -78,14 +78,13 @@ class LineIndex:
         # RepeatIndex's chain key and object count after each text (when it is what feeds this one)
         self.marks: list[tuple[bytes, int]] = []
 
-    def truncate(self, texts: int, objects: int) -> None:
-        """Back to the state after the first ``texts`` texts and ``objects`` objects were indexed."""
-        for t in range(len(self.texts) - 1, texts - 1, -1):
-            for k in self.texts[t][2]:
-                spots = self.where.get(k)
-                while spots and spots[-1][0] >= texts:
-                    spots.pop()
-        del self.texts[texts:], self.objects[objects:], self.marks[texts:]
+    def fork(self, texts: int, objects: int) -> LineIndex:
+        """A new index in this one's state after its first ``texts`` texts and ``objects`` objects
+        (the lines shared, the lookup copied): this one goes on along its own results."""
+        new = LineIndex(self.min_lines, self.min_chars)
+        new.texts, new.objects, new.marks = self.texts[:texts], self.objects[:objects], self.marks[:texts]
+        new.where = {k: [s for s in spots if s[0] < texts] for k, spots in self.where.items()}
+        return new
 
     def add(self, tid: str, lines: list[str]) -> None:
         """Index the lines of a result as sent (markers are not content: they are left out)."""
@@ -256,8 +255,8 @@ class RepeatIndex:
     under a chain key, the digest of the previous key and this result (tool_use id and text). On a
     later call the results already seen are answered from their keys without indexing anything;
     from the first result not seen (the new ones, or all after a cut) the index is resumed from
-    where the last seen one left it (its lines kept once per conversation, not per call) or, when
-    that one has moved on, rebuilt from the results fed so far. Same text out as a fresh
+    where the last seen one left it (its lines kept once per conversation, not per call; forked when
+    it has moved on along other results) or, when it is gone, rebuilt from the results fed so far. Same text out as a fresh
     :class:`LineIndex` (with memos off, ``set_memo_enabled(False)``, it is one).
     """
 
@@ -290,11 +289,11 @@ class RepeatIndex:
 
     def _at(self, previous: bytes, n: int) -> LineIndex:
         """An index in the state after the first ``n`` results fed (under the chain lock): the one
-        the last of them was indexed in, cut back to there, or a new one fed them all again."""
+        the last of them was indexed in (a fork of it when it went on along other results: a cut
+        spec prune tries and the one it sends each keep theirs), or a new one fed them all again."""
         index = self.index
         if index is not None and n >= 1 and len(index.marks) >= n and index.marks[n - 1][0] == previous:
-            index.truncate(n, index.marks[n - 1][1])
-            return index
+            return index if len(index.marks) == n else index.fork(n, index.marks[n - 1][1])
         index = LineIndex(self.min_lines, self.min_chars)
         key = self.start
         for tid, text in self.fed[:n]:
