@@ -377,7 +377,16 @@ def _memory(ctx: Any) -> _Memory:
 
 
 def _space(ctx: Any, settings: dict[str, Any]) -> Any:
-    return ctx.store.space(PLUGIN, ctx.key_hash, cap=settings["max_bytes"], magic=MAGIC)
+    """The state's namespace of this API key's decisions (opened once per key: opening one takes ms)."""
+    spaces: dict[tuple[str, str, int], Any] = ctx.shared_state(spaces=dict)["spaces"]
+    where = (str(getattr(ctx, "state_url", "")), ctx.key_hash, settings["max_bytes"])
+    space = spaces.get(where)
+    if space is None:
+        space = ctx.store.space(PLUGIN, ctx.key_hash, cap=settings["max_bytes"], magic=MAGIC)
+        if len(spaces) >= 64:  # a proxy serving many keys: the oldest namespace is reopened when needed
+            spaces.pop(next(iter(spaces)))
+        spaces[where] = space
+    return space
 
 
 def _key(ctx: Any, settings: dict[str, Any], asked: str) -> str:

@@ -259,3 +259,16 @@ def test_each_example_rule_set_through_the_proxy(emu: Emulator, tmp_path: Path, 
     (section,) = [s for s in report["sections"] if s["plugin"] == "route"]
     assert sorted(row["rule"] for row in section["rows"]) == sorted(names)
     assert all(row["calls"] == 1 and row["saved_usd"] > 0 for row in section["rows"])
+
+
+def test_a_replay_bills_a_routed_call_at_the_model_that_answered(tmp_path: Path) -> None:
+    from tokensaver.replay import replay
+    from tokensaver.traces import load_conversation
+
+    conv = load_conversation(REPO / "fixtures" / "claude-code-spotter" / "tool_heavy.json")
+    rules = [{"name": "all", "when": {"model": ["claude-opus-*"]}, "model": HAIKU}]
+    result = replay([conv], config={"plugins": ["route"], "record": False, "route": {"rules": rules}})
+    assert result.billed and {b["model"] for b in result.billed} == {HAIKU}
+    for billed, rec in zip(result.billed, result.records, strict=True):
+        assert billed["cost_usd"] == pytest.approx(PRICES.get(HAIKU).cost(billed["usage"]))
+        assert billed["cost_usd"] == pytest.approx(rec["cost_usd"])

@@ -145,7 +145,8 @@ def replay(
                     done += 1
                     continue
                 usage = normalize_usage(message.usage.model_dump() if message.usage else {})
-                model = prices.get(str(body.get("model", "")))
+                # billed at the model that answered (a routing plugin may have sent it to another)
+                model = prices.get(str(getattr(message, "model", "") or body.get("model", "")))
                 result.billed.append(
                     {
                         "conversation": conv.id,
