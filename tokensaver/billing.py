@@ -33,6 +33,7 @@ import copy
 import threading
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -524,10 +525,16 @@ class CacheModel:
         entries closest to expiry are dropped. Expired entries are purged as time passes.
     """
 
-    def __init__(self, prices: PriceTable | None = None, *, max_entries: int | None = None) -> None:
+    def __init__(
+        self, prices: PriceTable | None = None, *, max_entries: int | None = None, shared: Any = None
+    ) -> None:
         self.prices = prices or PriceTable()
         self.max_entries = max_entries
         self.entries: dict[tuple[str, bytes], _Entry] = {}
+        # the same cache's entries kept elsewhere too (tokensaver.state.SharedCache: replicas on one
+        # Redis): the ones a request could read are pulled before it is billed, the ones it refreshed
+        # or wrote pushed after; None: this process's entries only (no I/O)
+        self.shared = shared
         self._lock = threading.RLock()
         self._purged = 0.0
 
@@ -560,8 +567,18 @@ class CacheModel:
         bps = breakpoints(body, blocks, auto_only=auto_only)
         min_cache = self.prices.get(model).min_cache
         cache = self.entries
+        shared, pulled = self.shared, None
+        changed: dict[bytes, tuple[float, str]] = {}
+        if shared is not None:
+            pulled = shared.pull(
+                model, {hashes[j] for bp, _ in bps for j in range(bp, max(-1, bp - LOOKBACK - 1), -1)}, now
+            )
         with self._lock:
             self._purge(now)
+            for h, (expires, ttl) in (pulled or {}).items():
+                mine = cache.get((model, h))
+                if mine is None or mine.expires < expires:
+                    cache[(model, h)] = _Entry(expires, ttl)
             hit: int | None = None
             for bp, _ in bps:
                 for j in range(bp, max(-1, bp - LOOKBACK - 1), -1):
@@ -593,6 +610,11 @@ class CacheModel:
                     : len(cache) - self.max_entries
                 ]:
                     del cache[k]
+            if shared is not None:
+                touched = [hashes[j] for j in ([] if hit is None else [hit]) + written]
+                changed = {h: (e.expires, e.ttl) for h in touched if (e := cache.get((model, h))) is not None}
+        if shared is not None and changed:
+            shared.push(model, changed, now)
         return Billing(total - read - w5 - w1, read, w5, w1, total, hit, written)
 
     def _purge(self, now: float) -> None:
@@ -635,9 +657,18 @@ class ShadowCaches:
     """
 
     def __init__(
-        self, prices: PriceTable | None = None, *, max_keys: int = 64, max_entries: int = 4096
+        self,
+        prices: PriceTable | None = None,
+        *,
+        max_keys: int = 64,
+        max_entries: int = 4096,
+        shared: Callable[[str, str], Any] | None = None,
     ) -> None:
         self.prices = prices or PriceTable()
+        # ``shared(key, lane)``: where a lane's entries are shared with other processes (the
+        # replicas of a Redis state: tokensaver.state.shared_cache), so each bills the calls the
+        # others served; None: this process's calls only
+        self.shared = shared
         self.max_keys = max_keys
         self.max_entries = max_entries
         self._keys: OrderedDict[str, dict[str, CacheModel]] = OrderedDict()
@@ -671,7 +702,8 @@ class ShadowCaches:
                 self._keys.move_to_end(key)
             model = lanes.get(name)
             if model is None:
-                model = lanes[name] = CacheModel(self.prices, max_entries=self.max_entries)
+                shared = self.shared(key, name) if self.shared is not None else None
+                model = lanes[name] = CacheModel(self.prices, max_entries=self.max_entries, shared=shared)
             return model
 
     def estimate(
@@ -738,7 +770,9 @@ class ShadowCaches:
         # ``model`` is the one asked for (the counterfactual's); a stage may send the call to another
         # (route): each stage's body is priced at its own model, what was billed at the one sent to
         asked = str(original.get("model", ""))
-        models = [model if b.get("model") == asked else self.prices.get(str(b.get("model", ""))) for b in bodies]
+        models = [
+            model if b.get("model") == asked else self.prices.get(str(b.get("model", ""))) for b in bodies
+        ]
         sent_model = models[-1] if models else model
         billed_usd = sent_model.input_cost(usage)
         est = price(final, sent_model, scale)

@@ -30,6 +30,7 @@ from .context import CallContext, conversation_id
 from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ordered, strict_error
 from .pricing import PriceTable, normalize_usage
 from .run import Run, redact_keys, redact_text
+from .state import open_state, shared_cache
 from .threads import ThreadLog, ThreadProblem, ThreadView
 from .tokens import Memo, body_blocks, default_counter
 from .validate import Scans, Sizes, message_problem, stage_problem
@@ -253,6 +254,7 @@ class Call:
     # a message-thread request (tokensaver.threads): the stages get and bill the whole conversation
     thread: ThreadView | None = None
     view: dict[str, Any] | None = None  # the last stage's whole conversation (a continue sends its tail)
+    state_mark: int = 0  # the state's outages counted when the call began (a record's state_lost)
 
 
 class Pipeline:
@@ -286,7 +288,9 @@ class Pipeline:
         self.records: deque[dict[str, Any]] = _Records(MEMORY_RECORDS, MEMORY_RECORDS_BYTES)
         # what the caller's own requests would have been billed: shadow prompt caches per key hash
         # (the proxy shares one between its session pipelines, as the API's cache is per key)
-        self.shadows = ShadowCaches(self.prices)
+        # (on a Redis ``state``, their entries are shared by the replicas, as the API's cache is)
+        self.shadows = ShadowCaches(self.prices, shared=shared_cache(self.config.state))
+        self._store = open_state(self.config.state)  # a call's record says when it was lost
         # message threads: what each thread's API side holds and the caller's own history, bounded
         self.threads = ThreadLog()
 
@@ -351,6 +355,7 @@ class Pipeline:
             guard=_Guard(memo),
             facts=facts,
             thread=thread,
+            state_mark=self._store.mark(),
         )
         # a continue's stages start from the history as sent (transformed), not the caller's
         current, before = start, tokens_original if start is whole else self.counter.request(start, memo)
@@ -616,6 +621,8 @@ class Pipeline:
             record["short_circuit_usd"] = round(counterfactual, 8)
         if follow_up:
             record["follow_up"] = True
+        if self._store.lost_since(call.state_mark):
+            record["state_lost"] = True  # the shared state was unreachable during the call (fail open)
         if side:
             record["model_calls"] = side
         if call.exact:

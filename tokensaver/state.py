@@ -147,6 +147,10 @@ class Backend:
     def get(self, space: Space, key: str) -> bytes | None:
         raise NotImplementedError
 
+    def get_many(self, space: Space, keys: list[str]) -> list[bytes | None]:
+        """:meth:`get` of each key (one round trip on Redis)."""
+        return [self.get(space, k) for k in keys]
+
     def put(self, space: Space, key: str, raw: bytes, ttl: float | None, *, only_new: bool = False) -> bool:
         """Store ``raw`` (``only_new``: only when absent, atomically); True when stored."""
         raise NotImplementedError
@@ -278,6 +282,11 @@ def read_entry(
     if isinstance(expires, (int, float)) and (time.time() if now is None else now) >= expires:
         return None, None, None
     return doc["message"], doc, None
+
+
+def _given(raw: Any) -> Callable[[str], Any]:
+    """A ``get`` for :func:`read_entry` that answers ``raw`` (an entry read already)."""
+    return lambda _key: raw
 
 
 class Embedded(Backend):
@@ -481,6 +490,13 @@ class Redis(Backend):
     def get(self, space: Space, key: str) -> bytes | None:
         return self._run(None, lambda: self.client.get(self._keys(space, key)[0]))  # type: ignore[no-any-return]
 
+    def get_many(self, space: Space, keys: list[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        base = self.prefix + space.prefix
+        got = self._run(None, lambda: self.client.mget([base + k for k in keys]))
+        return list(got) if got is not None else [None] * len(keys)
+
     def put(self, space: Space, key: str, raw: bytes, ttl: float | None, *, only_new: bool = False) -> bool:
         ms = 0 if ttl is None else max(1, int(ttl * 1000))
         args: list[bytes | str | int] = [
@@ -591,6 +607,16 @@ class Space:
     ) -> dict[str, Any] | None:
         """The value stored under ``key``, else None (absent, expired, corrupt, backend lost)."""
         return self.read(magic, key, now=now)[0]
+
+    def load_many(self, keys: list[str], *, now: float | None = None) -> list[dict[str, Any] | None]:
+        """:meth:`load` of each key, read in one round trip on Redis."""
+        raws: list[Any] = self._safe(
+            [None] * len(keys), "read", lambda: self.state.backend.get_many(self, keys)
+        )
+        out = []
+        for k, raw in zip(keys, raws, strict=True):
+            out.append(read_entry(_given(raw), self.delete, self.label, self.magic, k, None, now)[0])
+        return out
 
     def save(
         self,
@@ -721,6 +747,51 @@ class Decisions:
             return
         doc = {name: conv[name] for name in self.shared if name in conv}
         self._space(key_hash).save(key, {"d": json.dumps(doc, ensure_ascii=False)}, ttl=self.ttl)
+
+
+class SharedCache:
+    """One lane of a shadow prompt cache (:class:`tokensaver.billing.CacheModel`) kept in a namespace,
+    so the replicas of one Redis state price each call against the calls the others served.
+
+    An entry per (lane, model, prefix hash): ``{"e": expires, "t": "5m" | "1h"}``, kept until it
+    expires (on the caller's clock and Redis's). Lost: the lane's own entries only (fail open: the
+    counterfactual of a replica that cannot see the others' calls may differ).
+    """
+
+    def __init__(self, space: Space, lane: str) -> None:
+        self.space, self.lane = space, lane
+
+    def _key(self, model: str, h: bytes) -> str:
+        return f"{self.lane}:{model}:{h.hex()}"
+
+    def pull(self, model: str, hashes: set[bytes], now: float) -> dict[bytes, tuple[float, str]]:
+        """The entries held elsewhere among ``hashes``: {hash: (expires, ttl)}."""
+        order = list(hashes)
+        docs = self.space.load_many([self._key(model, h) for h in order], now=now)
+        out = {}
+        for h, doc in zip(order, docs, strict=True):
+            if doc is not None and isinstance(doc.get("e"), (int, float)) and doc.get("t") in ("5m", "1h"):
+                out[h] = (float(doc["e"]), str(doc["t"]))
+        return out
+
+    def push(self, model: str, entries: dict[bytes, tuple[float, str]], now: float) -> None:
+        """Store entries this process refreshed or wrote."""
+        for h, (expires, ttl) in entries.items():
+            self.space.save(
+                self._key(model, h), {"e": expires, "t": ttl}, ttl=max(1.0, expires - now), now=now
+            )
+
+
+SHADOW_CAP = 64 * 1024**2  # bytes of shared shadow-cache entries per API key
+
+
+def shared_cache(url: str) -> Callable[[str, str], SharedCache] | None:
+    """``(key_hash, lane) -> SharedCache`` for a Redis ``state`` (the pipeline's shadow caches); None
+    for the embedded state, whose shadow caches stay in the process as before."""
+    if url == EMBEDDED:
+        return None
+    st = open_state(url)
+    return lambda key_hash, lane: SharedCache(st.space("shadow", key_hash, cap=SHADOW_CAP), lane)
 
 
 class State:
