@@ -14,16 +14,21 @@ Also here: the peak memory of a replay (:func:`measure_memory`, :func:`peak_memo
 from __future__ import annotations
 
 import gc
+import multiprocessing
+import os
+import resource
 import time
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from ..pipeline import Pipeline
 from ..replay import auto_cache, replay
 from ..report.aggregate import percentile
 from ..tokens import default_counter
-from ..traces import Conversation
+from ..traces import Conversation, TraceCall
 from .runner import worker_emulator
 
 try:
@@ -124,49 +129,6 @@ def _ms(values: list[float], p: float) -> float | None:
     return None if v is None else round(v, 2)
 
 
-def measure_overhead(
-    conversations: list[Conversation],
-    sizes: tuple[int, ...] = SIZES,
-    reps: int = 20,
-    config: dict[str, Any] | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Per size: tokens, cold first call, p50 / p95 / max of ``reps`` warm calls, per-stage p50 (ms)."""
-    out = []
-    for size in sizes:
-        body = synthetic_request(conversations, size, tag=f"{size}-{time.time_ns()}")
-        pipe = Pipeline(config=dict(config or {"record": False}))
-        t0 = time.perf_counter()
-        call = pipe.begin(body)
-        cold = (time.perf_counter() - t0) * 1000
-        times: list[float] = []
-        stage_ms: dict[str, list[float]] = {}
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            call = pipe.begin(body)
-            times.append((time.perf_counter() - t0) * 1000)
-            for s in call.stages:
-                stage_ms.setdefault(s["plugin"], []).append(float(s["ms"]))
-        out.append(
-            {
-                "target_tokens": size,
-                "tokens": call.tokens_original,
-                "tokens_sent": call.tokens_sent,
-                "messages": len(body["messages"]),
-                "plugins": list(pipe.config.plugins),
-                "cold_ms": round(cold, 2),
-                "p50_ms": _ms(times, 50),
-                "p95_ms": _ms(times, 95),
-                "max_ms": round(max(times), 2) if times else None,
-                "reps": reps,
-                "stages_p50_ms": {k: _ms(v, 50) for k, v in stage_ms.items()},
-            }
-        )
-        if progress:
-            progress(f"overhead {size:,} tokens: p50 {out[-1]['p50_ms']} ms")
-    return out
-
-
 def peak_memory(run: Callable[[], Any]) -> dict[str, float]:
     """Peak Python heap (tracemalloc) while ``run()`` executes, in MB, and the wall time it took."""
     gc.collect()
@@ -230,3 +192,214 @@ def measure_proxy(quick: bool, reps: int) -> list[dict[str, Any]]:
                 }
             out.append(row)
     return out
+
+
+# -- real conversations replayed in order ------------------------------------------------------
+
+# the calls each size reports: those whose original body counts from the size to 25% over it
+BAND = 0.25
+
+
+def _answer(call: TraceCall) -> dict[str, Any]:
+    """The Message a trace call got (its recorded reply and usage), as the pipeline observes it."""
+    return {
+        "id": "msg_bench",
+        "type": "message",
+        "role": "assistant",
+        "model": str(call.body.get("model", "")),
+        "content": call.reply or [{"type": "text", "text": "OK."}],
+        "stop_reason": "end_turn",
+        "usage": dict(call.usage or {"input_tokens": 1, "output_tokens": 1}),
+    }
+
+
+def replay_cpu(
+    conversations: list[Conversation], config: dict[str, Any] | None = None
+) -> list[list[tuple[int, float, dict[str, float]]]]:
+    """Per conversation, per call: (tokens of the original body, CPU ms of ``begin`` + ``finish``,
+    each stage's ms).
+
+    One pipeline for all of them, the calls in order, each body parsed anew from its JSON (as a
+    caller or the proxy hands it over: no object shared with the previous call). CPU time of the
+    whole process (the plugins' worker threads included), so other work on a shared machine does
+    not count; the network call is not part of it.
+    """
+    pipe = Pipeline(config=dict(config or {"record": False}))
+    out: list[list[tuple[int, float, dict[str, float]]]] = []
+    clock = [1_700_000_000.0]
+    pipe.clock = lambda: clock[0]
+    for conv in conversations:
+        rows: list[tuple[int, float, dict[str, float]]] = []
+        for call in conv.calls:
+            clock[0] = max(clock[0] + 1.0, call.t if call.t is not None else clock[0] + 30.0)
+            body = orjson.loads(orjson.dumps(call.body))
+            answer = _answer(call)
+            t0 = time.process_time()
+            run = pipe.begin(body, key="bench")
+            pipe.finish(run, answer)
+            ms = (time.process_time() - t0) * 1000
+            rows.append((run.tokens_original, ms, {s["plugin"]: float(s["ms"]) for s in run.stages}))
+        out.append(rows)
+    return out
+
+
+def long_session(conversations: list[Conversation], tokens: int) -> Conversation | None:
+    """Real sessions of one source one after another as one conversation past ``tokens``.
+
+    Each session's calls carry the earlier sessions' last messages (and their replies) before
+    their own, as an agent that keeps its context across tasks would send them; None when all of
+    them together stay under ``tokens``.
+    """
+    counter = default_counter()
+    prefix: list[dict[str, Any]] = []
+    calls: list[TraceCall] = []
+    source = ""
+    for conv in sorted(conversations, key=lambda c: (c.source, c.id)):
+        msgs = conv.calls[-1].body.get("messages") if conv.calls else None
+        if not isinstance(msgs, list) or not msgs or msgs[0].get("role") != "user":
+            continue
+        if calls and conv.source != source:
+            continue
+        source = conv.source
+        for call in conv.calls:
+            body = {**call.body, "messages": [*prefix, *call.body.get("messages", [])]}
+            calls.append(TraceCall(body=body, t=None, usage=call.usage, reply=call.reply))
+        last = conv.calls[-1]
+        prefix = [
+            *prefix,
+            *msgs,
+            {"role": "assistant", "content": last.reply or [{"type": "text", "text": "OK."}]},
+        ]
+        if counter.request(calls[-1].body) >= tokens:
+            return Conversation(f"long-session-{tokens}", conv.source, calls, {"sessions": "chained"})
+    return None
+
+
+def _replay_once(conversations: list[Conversation]) -> list[list[tuple[int, float, dict[str, float]]]]:
+    return replay_cpu(conversations)
+
+
+def _band_sample(conversations: list[Conversation], size: int) -> list[Conversation]:
+    """Conversations with calls within the band of ``size``, cut after their last such call."""
+    counter = default_counter()
+    lo, hi = size, size * (1 + BAND)
+    out = []
+    for conv in conversations:
+        sizes = [counter.request(c.body) for c in conv.calls]
+        inside = [i for i, n in enumerate(sizes) if lo <= n <= hi]
+        if inside:
+            out.append(Conversation(conv.id, conv.source, conv.calls[: inside[-1] + 1], conv.info))
+    return out
+
+
+def measure_overhead(
+    conversations: list[Conversation],
+    sizes: tuple[int, ...] = SIZES,
+    reps: int = 3,
+    config: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+    max_conversations: int = 6,
+) -> list[dict[str, Any]]:
+    """Per size: the CPU time ``wrap()``'s pipeline adds per call on real conversations replayed in order.
+
+    The conversations with calls from the size to 25% over it (else one long session of real sessions
+    chained, :func:`long_session`) are replayed in order, each call's body parsed anew, through
+    one pipeline with the default plugins, ``reps`` times, each time in a new process (cold
+    per-process memos, as a new client starts); a call's time is its least of the ``reps`` (CPU
+    time, the machine's other load aside). p50 / p95 / max over the calls in the band.
+    """
+    out = []
+    reps = max(1, min(reps, 3))
+    mp = multiprocessing.get_context("spawn")
+    for size in sizes:
+        sample = _band_sample(conversations, size)[:max_conversations]
+        long = None if sample else long_session(conversations, int(size * (1 + BAND)))
+        if long is not None:
+            sample = _band_sample([long], size)
+        if not sample:
+            out.append({"target_tokens": size, "error": f"no conversation reaches ~{size // 1000}k tokens"})
+            continue
+        runs = []
+        for _ in range(reps):
+            with mp.Pool(1) as pool:
+                runs.append(pool.apply(_replay_once, (sample,)))
+        lo, hi = size, size * (1 + BAND)
+        times: list[float] = []
+        tokens: list[int] = []
+        stage_ms: dict[str, list[float]] = {}
+        for c, conv_rows in enumerate(runs[0]):
+            for i, (n, _, _) in enumerate(conv_rows):
+                if not lo <= n <= hi:
+                    continue
+                best = min(range(reps), key=lambda r: runs[r][c][i][1])
+                times.append(runs[best][c][i][1])
+                tokens.append(n)
+                for k, v in runs[best][c][i][2].items():
+                    stage_ms.setdefault(k, []).append(v)
+        out.append(
+            {
+                "target_tokens": size,
+                "tokens": int(percentile([float(t) for t in tokens], 50) or 0),
+                "messages": len(sample[-1].calls[-1].body.get("messages") or []),
+                "calls": len(times),
+                "conversations": [f"{conv.source}/{conv.id}" for conv in sample],
+                "chained": long is not None,
+                "plugins": list(Pipeline(config=dict(config or {"record": False})).config.plugins),
+                "cold_ms": None,
+                "p50_ms": _ms(times, 50),
+                "p95_ms": _ms(times, 95),
+                "max_ms": round(max(times), 2) if times else None,
+                "reps": reps,
+                "stages_p50_ms": {k: _ms(v, 50) for k, v in stage_ms.items()},
+                "note": "CPU ms of begin() + finish() per call, least of reps fresh processes, "
+                "real conversations replayed in order (stage ms are wall times)",
+            }
+        )
+        if progress:
+            progress(f"overhead ~{size // 1000}k tokens: p50 {out[-1]['p50_ms']} ms CPU")
+    return out
+
+
+def rss_mb() -> float:
+    """This process's resident set now, in MB (Linux /proc; elsewhere its peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
+def measure_rss(conversations: list[Conversation], passes: int = 4, every: int = 50) -> dict[str, Any]:
+    """RSS while one pipeline replays ``passes`` x the conversations in order (each pass's copies
+    made new conversations by a tag on their first message), sampled every ``every`` conversations."""
+    pipe = Pipeline(config={"record": False})
+    clock = [1_700_000_000.0]
+    pipe.clock = lambda: clock[0]
+    samples: list[tuple[int, int, float]] = []
+    done = calls = 0
+    gc.collect()
+    start = rss_mb()
+    for p in range(passes):
+        for conv in conversations:
+            for call in conv.calls:
+                clock[0] += 30.0
+                body = orjson.loads(orjson.dumps(call.body))
+                msgs = body.get("messages")
+                if p and isinstance(msgs, list) and msgs and isinstance(msgs[0], dict):
+                    first = msgs[0].get("content")
+                    tag = {"type": "text", "text": f"[pass {p}]"}
+                    msgs[0] = {
+                        **msgs[0],
+                        "content": [tag, *first]
+                        if isinstance(first, list)
+                        else [tag, {"type": "text", "text": str(first)}],
+                    }
+                run = pipe.begin(body, key="bench")
+                pipe.finish(run, _answer(call))
+                calls += 1
+            done += 1
+            if done % every == 0:
+                samples.append((done, calls, round(rss_mb(), 1)))
+    gc.collect()
+    samples.append((done, calls, round(rss_mb(), 1)))
+    return {"conversations": done, "calls": calls, "rss_start_mb": round(start, 1), "samples": samples}
