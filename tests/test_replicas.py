@@ -20,7 +20,7 @@ import os
 import subprocess
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ def _stamped(conv: Conversation) -> Conversation:
     calls = []
     for k, call in enumerate(conv.calls):
         t = call.t if call.t is not None else 1_700_000_000.0 + 60 * k
-        stamp = datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        stamp = datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
         body = {**call.body, "system": SYSTEM + f"Current time: {stamp} UTC"}
         calls.append(type(call)(body=body, t=call.t, usage=call.usage, reply=call.reply))
     return Conversation(id=conv.id + "-stamped", source=conv.source, calls=calls, info=conv.info)
@@ -110,7 +110,7 @@ def _send(
                     between(n)
                 n += 1
                 t = call.t if call.t is not None else t + 15.0
-                emu.clock.set(t)
+                emu.clock.set(t)  # type: ignore[union-attr]  # the fixture's clock is virtual
                 emu.reply(call.reply or [{"type": "text", "text": "OK."}])
                 before = len(emu.requests)
                 try:
@@ -139,7 +139,9 @@ def _saved(records: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
     """Per call (in time order of the conversation): conversation, saved and counterfactual dollars."""
     rows = [(str(r.get("conversation")), float(r.get("t") or 0), r) for r in records]
     rows.sort(key=lambda x: (x[0], x[1]))
-    return [(c, round(float(r["saved_usd"]), 6), round(float(r["counterfactual_usd"]), 6)) for c, _, r in rows]
+    return [
+        (c, round(float(r["saved_usd"]), 6), round(float(r["counterfactual_usd"]), 6)) for c, _, r in rows
+    ]
 
 
 def _first_difference(a: list[str], b: list[str]) -> str:
@@ -244,6 +246,6 @@ def _renamed(conv: Conversation) -> Conversation:
         if isinstance(content, str):
             first["content"] = f"[{tag}] " + content
         else:
-            first["content"] = [{"type": "text", "text": f"[{tag}]"}, *content]
+            first["content"] = [{"type": "text", "text": f"[{tag}]"}, *list(content or [])]
         calls.append(type(call)(body={**call.body, "messages": msgs}, t=call.t, reply=call.reply))
     return Conversation(id=conv.id + tag, source=conv.source, calls=calls)

@@ -15,7 +15,7 @@ reached the API, so their usage is not counted as billed.
 
 - ``schema``: ``"tokensaver-report/1"``
 - ``run``: ``{name, created, config}``
-- ``totals``: ``{calls, short_circuited, api_errors, tokens_original, tokens_sent, tokens_saved,
+- ``totals``: ``{calls, state_lost, short_circuited, api_errors, tokens_original, tokens_sent, tokens_saved,
   usage: {input_tokens, cache_creation_input_tokens, cache_creation_5m, cache_creation_1h,
   cache_read_input_tokens, output_tokens}, cost_usd, counterfactual_usd, auto_usd, saved_usd,
   saved_pct, saved_vs_auto_usd, saved_vs_auto_pct, estimated_calls, estimate_error_usd,

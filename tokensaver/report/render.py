@@ -72,7 +72,7 @@ def _environment() -> jinja2.Environment:
     env.filters.update(
         usd=fmt_usd, num=fmt_int, pct=fmt_pct, ms=fmt_ms, when=fmt_time, cell=fmt_value, md=md_cell
     )
-    env.globals.update(auto_line=auto_line, estimate_line=estimate_line)
+    env.globals.update(auto_line=auto_line, estimate_line=estimate_line, state_lost_line=state_lost_line)
     return env
 
 
@@ -83,6 +83,17 @@ def auto_line(totals: dict[str, Any]) -> str:
         f"{fmt_usd(totals.get('auto_usd'))} (tokensaver saved {fmt_usd(totals.get('saved_vs_auto_usd'))}"
         + (f", {fmt_pct(pct)}" if pct is not None else "")
         + " against it)"
+    )
+
+
+def state_lost_line(totals: dict[str, Any]) -> str:
+    """What the calls made without the shared state mean; "" when there were none."""
+    n = int(totals.get("state_lost") or 0)
+    if not n:
+        return ""
+    return (
+        f"state lost on {n:,} call{'s' if n != 1 else ''}: the shared state was unreachable, so they went"
+        " on without it (answered; a replica may have sent other bytes than the others would)"
     )
 
 
@@ -217,6 +228,8 @@ class Report:
                 f"{fmt_ms(lat['overhead_p50_ms'])} / {fmt_ms(lat['overhead_p95_ms'])}",
             ),
         ]
+        if t.get("state_lost"):
+            pairs.append(("shared state", state_lost_line(t)))
         width = max(len(k) for k, _ in pairs)
         out += [f"  {k.ljust(width)}  {v}" for k, v in pairs]
 
