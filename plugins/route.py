@@ -56,7 +56,6 @@ from tokensaver.settings import Schema, Setting, _Bad, integer, number, size
 from ._lru import SizedLRU
 
 PLUGIN = "route"
-MAGIC = b"tsroute1\n"
 DECISION_TTL = 7 * 86_400.0  # a conversation idle for a week starts afresh
 MAX_SWITCHES = 4  # switches kept per conversation (the decision's size stays small)
 
@@ -362,12 +361,15 @@ def fit(body: dict[str, Any], target: str) -> dict[str, Any]:
 # -- per-conversation decisions ---------------------------------------------------------------------
 
 
+DECISION_BYTES = 512  # what one decision takes at most: two model names, a rule's, four switches
+SHARED = ("model", "rule", "switches", "from")
+
+
 class _Memory:
-    """This process's decisions and output sizes per conversation (byte-capped), in front of the store."""
+    """This process's output sizes per conversation (byte-capped): what a switch would save."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.decisions: SizedLRU[str, dict[str, Any]] = SizedLRU()
         self.outputs: SizedLRU[str, tuple[int, int]] = SizedLRU()
 
 
@@ -376,45 +378,44 @@ def _memory(ctx: Any) -> _Memory:
     return memory
 
 
-def _space(ctx: Any, settings: dict[str, Any]) -> Any:
-    """The state's namespace of this API key's decisions (opened once per key: opening one takes ms)."""
-    spaces: dict[tuple[str, str, int], Any] = ctx.shared_state(spaces=dict)["spaces"]
-    where = (str(getattr(ctx, "state_url", "")), ctx.key_hash, settings["max_bytes"])
-    space = spaces.get(where)
-    if space is None:
-        space = ctx.store.space(PLUGIN, ctx.key_hash, cap=settings["max_bytes"], magic=MAGIC)
-        if len(spaces) >= 64:  # a proxy serving many keys: the oldest namespace is reopened when needed
-            spaces.pop(next(iter(spaces)))
-        spaces[where] = space
-    return space
+def _decisions(ctx: Any, settings: dict[str, Any]) -> Any:
+    """The per-conversation decisions (``tokensaver.state.Decisions``): in this process's memory on
+    the embedded state, shared by every replica on Redis; at most ``max_bytes`` either way."""
+    made: dict[tuple[str, int], Any] = ctx.shared_state(decisions=dict)["decisions"]
+    where = (str(getattr(ctx, "state_url", "")), settings["max_bytes"])
+    found = made.get(where)
+    if found is None:
+        found = made[where] = ctx.store.decisions(
+            PLUGIN,
+            SHARED,
+            limit=max(16, settings["max_bytes"] // DECISION_BYTES),
+            cap=settings["max_bytes"],
+            ttl=DECISION_TTL,
+        )
+    return found
 
 
 def _key(ctx: Any, settings: dict[str, Any], asked: str) -> str:
-    digest = hashlib.sha256(f"{settings['rules_id']}\n{ctx.conversation}\n{asked}".encode()).hexdigest()[:32]
-    return f"{ctx.key_hash[:16]}:{digest}" if ctx.key_hash else digest
+    return hashlib.sha256(f"{settings['rules_id']}\n{ctx.conversation}\n{asked}".encode()).hexdigest()[:32]
 
 
 def load_decision(ctx: Any, settings: dict[str, Any], key: str) -> dict[str, Any] | None:
-    """The conversation's decision: the store's (shared by replicas), else this process's."""
+    """The conversation's decision (the newest any replica made on a shared state), or None."""
     try:
-        found = _space(ctx, settings).load(key, magic=MAGIC, now=ctx.now)
-    except Exception:  # an unusable store: this process's memory decides
-        found = None
-    if isinstance(found, dict) and isinstance(found.get("model"), str):
-        return found
-    memory = _memory(ctx)
-    with memory.lock:
-        return memory.decisions.get(key)
+        conv = _decisions(ctx, settings).get(ctx.key_hash, key, dict)
+    except Exception:  # an unusable state: decided afresh (fail open)
+        return None
+    return dict(conv) if isinstance(conv.get("model"), str) else None
 
 
 def save_decision(ctx: Any, settings: dict[str, Any], key: str, decision: dict[str, Any]) -> None:
-    memory = _memory(ctx)
-    size = len(json.dumps(decision)) + 100
-    with memory.lock:
-        memory.decisions.put(key, decision, size, 1_000_000, settings["max_bytes"])
     try:
-        _space(ctx, settings).save(key, decision, ttl=DECISION_TTL, now=ctx.now)
-    except Exception:  # kept in memory: this process still routes the conversation alike
+        decisions = _decisions(ctx, settings)
+        conv = decisions.get(ctx.key_hash, key, dict)
+        conv.clear()
+        conv.update(decision)
+        decisions.put(ctx.key_hash, key, conv)
+    except Exception:  # not kept: the next call decides again, alike for a conversation's first rule
         pass
 
 

@@ -7,14 +7,15 @@ independent run of the same conversation on the model asked for, with no plugin 
 from __future__ import annotations
 
 import os
+import shutil
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
 import pytest
-from tokensaver_plugins import route
 
 import tokensaver
 from tokensaver import load_run
@@ -196,26 +197,51 @@ def test_rules_are_checked_in_wrap(emu: Emulator, tmp_path: Path) -> None:
         client_for(emu, tmp_path, ["route"], route={"rules": [{"when": {}}]})
 
 
-def test_decisions_are_shared_through_the_state_and_byte_capped(emu: Emulator, tmp_path: Path) -> None:
-    # two wrapped clients (two replicas of one embedded state) decide a conversation alike: the
-    # second one sees the first's decision, though its own rule would not match the later call
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    url = os.environ.get("TOKENSAVER_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    if not shutil.which("redis-server"):
+        pytest.skip("no redis-server on PATH and TOKENSAVER_TEST_REDIS_URL unset")
+    from tokensaver.bench.load import RedisProcess
+
+    server = RedisProcess(str(tmp_path))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def test_replicas_on_a_shared_state_route_a_conversation_alike(
+    emu: Emulator, tmp_path: Path, redis_url: str
+) -> None:
+    # the second replica sees the first's decision, though its own rule would not match the later call
     rules = [{"name": "first", "when": {"first": True}, "model": HAIKU}]
-    a = client_for(emu, tmp_path / "a", ["route"], route={"rules": rules})
-    b = client_for(emu, tmp_path / "b", ["route"], route={"rules": rules})
-    first = a.messages.create(
-        model=OPUS, max_tokens=50, system=MAIN_SYSTEM, messages=[{"role": "user", "content": "q"}]
-    )
-    msgs = [
-        {"role": "user", "content": "q"},
+    a = client_for(emu, tmp_path / "a", ["route"], route={"rules": rules}, state=redis_url)
+    b = client_for(emu, tmp_path / "b", ["route"], route={"rules": rules}, state=redis_url)
+    alone = client_for(emu, tmp_path / "c", ["route"], route={"rules": rules})
+    q: list[Any] = [{"role": "user", "content": "q"}]
+    first = a.messages.create(model=OPUS, max_tokens=50, system=MAIN_SYSTEM, messages=q)
+    msgs: list[Any] = [
+        *q,
         {"role": "assistant", "content": first.content[0].text},
         {"role": "user", "content": "more"},
     ]
     b.messages.create(model=OPUS, max_tokens=50, system=MAIN_SYSTEM, messages=msgs)
-    assert [r.body["model"] for r in emu.requests] == [HAIKU, HAIKU]
-    memory = route._Memory()
-    for k in range(2000):
-        memory.decisions.put(f"k{k}", {"model": HAIKU}, 200, 1_000_000, 64_000)
-    assert memory.decisions.nbytes <= 64_000 and len(memory.decisions) < 2000
+    # a process on its own (embedded state) never saw the first call: the conversation stays on Opus
+    alone.messages.create(model=OPUS, max_tokens=50, system=MAIN_SYSTEM, messages=msgs)
+    assert [r.body["model"] for r in emu.requests] == [HAIKU, HAIKU, OPUS]
+
+
+def test_the_decisions_kept_are_bounded(emu: Emulator, tmp_path: Path) -> None:
+    rules = [{"name": "all", "when": {}, "model": HAIKU}]
+    client = client_for(emu, tmp_path, ["route"], route={"rules": rules, "max_bytes": 16 * 512})
+    for k in range(40):
+        client.messages.create(model=OPUS, max_tokens=20, messages=[{"role": "user", "content": f"q{k}"}])
+    (decisions,) = client.tokensaver.states["route"]["decisions"].values()
+    assert 0 < len(decisions._local) <= 16
 
 
 @pytest.mark.parametrize("rule_set", ["claude-code", "openclaw"])
