@@ -157,7 +157,11 @@ def test_requests_are_fitted_to_the_target_and_the_emulator_accepts_them(
         model="claude-opus-5-5",
         max_tokens=128_000,
         thinking={"type": "adaptive"},
-        extra_body={"output_config": {"effort": "medium"}},
+        extra_body={
+            "thinking": {"type": "adaptive", "display": "omitted"},
+            "output_config": {"effort": "medium"},
+            "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        },
         system=SUBAGENT_SYSTEM,
         messages=[{"role": "user", "content": "hi"}],
     )
@@ -166,6 +170,12 @@ def test_requests_are_fitted_to_the_target_and_the_emulator_accepts_them(
     assert sent["model"] == HAIKU and sent["max_tokens"] == 64_000
     assert sent["thinking"] == {"type": "enabled", "budget_tokens": 32_000}  # Haiku 4.5 has no adaptive
     assert "output_config" not in sent  # nor effort
+    assert sent["context_management"]["edits"][0]["type"] == "clear_thinking_20251015"  # thinking stays on
+    # too few max_tokens for a 1024-token budget: thinking off, and clear_thinking (which needs it) goes
+    small = route.fit(
+        {**sent, "model": "claude-opus-5-5", "max_tokens": 1000, "thinking": {"type": "adaptive"}}, HAIKU
+    )
+    assert small["thinking"] == {"type": "disabled"} and "context_management" not in small
     # samplers a thinking request may not carry on the target are dropped
     client.messages.create(
         model="claude-sonnet-4-5",
