@@ -258,9 +258,11 @@ def long_session(conversations: list[Conversation], tokens: int) -> Conversation
         msgs = conv.calls[-1].body.get("messages") if conv.calls else None
         if not isinstance(msgs, list) or not msgs or msgs[0].get("role") != "user":
             continue
-        if calls and conv.source != source:
+        # a trace file loaded on its own has its path as its source: its folder is the source
+        src = os.path.dirname(conv.source) if conv.source.endswith(".json") else conv.source
+        if calls and src != source:
             continue
-        source = conv.source
+        source = src
         for call in conv.calls:
             body = {**call.body, "messages": [*prefix, *call.body.get("messages", [])]}
             calls.append(TraceCall(body=body, t=None, usage=call.usage, reply=call.reply))
