@@ -16,6 +16,7 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
+from tokensaver_plugins import route
 
 import tokensaver
 from tokensaver import load_run
