@@ -79,7 +79,7 @@ def test_bench_load_answers_every_request_and_replicas_send_the_same_bytes(
         assert {"added_p50_ms", "added_p95_ms"} <= set(row)
         if row["proxies"]:  # the proxies' ledgers: the pipeline's own time per call
             assert row["pipeline_p50_ms"] is not None and row["pipeline_p50_ms"] <= row["pipeline_p95_ms"]
-    assert load["conversations"] * load["turns"] == 6
+    assert load["conversations"] >= 2 and set(load["body_tokens"]) == {"10k", "50k"}
 
     # the proxies did their work on the way (cache_align, prune...), and Redis held their state
     assert load["transformed"] >= 1

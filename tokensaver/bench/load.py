@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from .._stats import percentile
 from ..errors import TokensaverError
 from ..report.formatting import text_table
+from ..tokens import default_counter
 from ..traces import Conversation
 from .overhead import synthetic_request
 
@@ -53,7 +54,7 @@ LOAD_ID = "x-bench-load-id"  # "conversation/turn", read by the recording upstre
 class LoadOptions:
     requests: int = 240
     clients: int = 8
-    conversations: int = 16  # half at each size
+    turns: int = 15  # user turns per conversation at most (fewer where a size has fewer tool pairs)
     replicas: tuple[int, ...] = (1, 3)
     sizes: tuple[int, ...] = SIZES
     time_limit: float = 300.0  # seconds per setup; requests not sent by then are counted, not sent
@@ -63,19 +64,46 @@ class LoadOptions:
     plugins: tuple[str, ...] = tuple(PLUGINS)
 
 
+def _tagged_first(message: dict[str, Any], cid: str) -> dict[str, Any]:
+    """The first user message with the conversation's name in front (conversations differ from turn 1)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return {**message, "content": [{"type": "text", "text": f"[task {cid}]"}, *content]}
+    return {**message, "content": f"[task {cid}]\n{content}"}
+
+
 def build_conversations(
-    sources: list[Conversation], sizes: tuple[int, ...], n: int, turns: int, tag: str = "load"
+    sources: list[Conversation], sizes: tuple[int, ...], requests: int, turns: int, tag: str = "load"
 ) -> list[tuple[str, list[dict[str, Any]]]]:
-    """``n`` conversations (sizes in turn), each its last ``turns`` user turns, growing by one tool pair."""
-    out = []
-    for i in range(n):
-        size = sizes[i % len(sizes)]
-        cid = f"{tag}{i}-{size // 1000}k"
-        full = synthetic_request(sources, size, tag=cid)
-        msgs = full["messages"]
-        ends = list(range(len(msgs), 0, -2))[:turns][::-1]  # prefixes ending on a user turn
-        bodies = [{**full, "messages": msgs[:j], "stream": False} for j in ends]
-        out.append((cid, bodies))
+    """Conversations of ``requests`` bodies in all, the same share at each size, in turn by size.
+
+    Each is the last (at most) ``turns`` user turns of a synthetic request of about that size, each
+    turn the previous one plus one tool_use / tool_result pair.
+    """
+    per_size: list[list[tuple[str, list[dict[str, Any]]]]] = []
+    for k, size in enumerate(sizes):
+        quota = requests // len(sizes) + (1 if k < requests % len(sizes) else 0)
+        group: list[tuple[str, list[dict[str, Any]]]] = []
+        while quota > 0:
+            cid = f"{tag}{len(group)}-{size // 1000}k"
+            full = synthetic_request(sources, size, tag=cid)
+            msgs = [_tagged_first(full["messages"][0], cid), *full["messages"][1:]]
+            ends = list(range(len(msgs), 0, -2))[: min(turns, quota)][::-1]  # prefixes ending on a user turn
+            group.append((cid, [{**full, "messages": msgs[:j], "stream": False} for j in ends]))
+            quota -= len(ends)
+        per_size.append(group)
+    return [c for batch in itertools.zip_longest(*per_size) for c in batch if c is not None]
+
+
+def body_tokens(convs: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, list[int]]:
+    """Per size label: the estimated tokens of the smallest and the largest body sent."""
+    counter = default_counter()
+    out: dict[str, list[int]] = {}
+    for cid, bodies in convs:
+        label = cid.rsplit("-", 1)[1]
+        first, last = counter.request(bodies[0]), counter.request(bodies[-1])
+        lo, hi = out.get(label, [first, last])
+        out[label] = [min(lo, first), max(hi, last)]
     return out
 
 
@@ -280,10 +308,8 @@ def measure_load(
     from ..proxy import BackgroundApp
 
     opts = opts or LoadOptions()
-    n_conv = max(1, min(opts.conversations, opts.requests))
-    turns = max(1, opts.requests // n_conv)
-    convs = build_conversations(sources, opts.sizes, n_conv, turns)
-    warm = build_conversations(sources, (min(opts.sizes),), 1, max(1, opts.warmup), tag="warm")
+    convs = build_conversations(sources, opts.sizes, max(1, opts.requests), max(1, opts.turns))
+    warm = build_conversations(sources, (min(opts.sizes),), max(1, opts.warmup), opts.warmup, tag="warm")
     recorder = Recorder()
     rows: list[dict[str, Any]] = []
     seen: dict[int, dict[str, str]] = {}
@@ -352,7 +378,8 @@ def measure_load(
         "bodies": bodies,
         "transformed": transformed,  # requests whose body the (first) proxy setup changed on the way
         "conversations": len(convs),
-        "turns": turns,
+        "turns": max(len(b) for _, b in convs),
+        "body_tokens": body_tokens(convs),
         "sizes": list(opts.sizes),
         "clients": opts.clients,
         "plugins": list(opts.plugins),
@@ -410,9 +437,10 @@ def load_rows(load: dict[str, Any]) -> list[list[str]]:
 def load_title(load: dict[str, Any]) -> str:
     if "error" in load:
         return "Load: tokensaver proxy under concurrent clients"
-    sizes = "/".join(f"~{s // 1000}k" for s in load["sizes"])
+    sizes = ", ".join(f"{lo:,}-{hi:,}" for lo, hi in load.get("body_tokens", {}).values())
     return (
-        f"Load: {load['conversations']} conversations x {load['turns']} turns ({sizes} tokens), "
+        f"Load: {load['conversations']} conversations of up to {load['turns']} turns (bodies of {sizes} "
+        f"tokens), "
         f"{load['clients']} clients, plugins {', '.join(load['plugins'])}, state {load['state']}"
     )
 

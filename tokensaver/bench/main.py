@@ -429,7 +429,6 @@ def _run_load(args: argparse.Namespace) -> int:
     load = LoadOptions(
         requests=args.load_requests,
         clients=args.load_clients,
-        conversations=min(16, args.load_requests),
         time_limit=args.load_seconds,
         redis_url=args.load_redis,
     )
