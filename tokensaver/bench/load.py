@@ -451,12 +451,12 @@ def load_notes(load: dict[str, Any]) -> list[str]:
     out = [f"Upstream: {load['upstream']}; {load['note']}."]
     if load.get("transformed") is not None and load["rows"]:
         out.append(
-            f"Bodies the proxy changed on the way: {load['transformed']} of {load['rows'][0]['requests']}"
+            f"Bodies the proxy changed on the way: {load['transformed']} of {load['rows'][0]['requests']}."
         )
     for name, b in load.get("bodies", {}).items():
         out.append(
             f"Bodies reaching the upstream, {name.replace('_vs_', ' proxies vs ')}: "
-            f"{b['identical']} of {b['compared']} identical"
+            f"{b['identical']} of {b['compared']} identical."
         )
     return out
 
@@ -468,7 +468,7 @@ def load_table(load: dict[str, Any], md: bool) -> list[str]:
         out = [f"### {load_title(load)}", ""]
         out += ["| " + " | ".join(LOAD_HEADERS) + " |", "|" + "|".join("---" for _ in LOAD_HEADERS) + "|"]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-        return [*out, "", *load_notes(load)]
+        return [*out, "", *(f"- {line}" for line in load_notes(load))]
     return [
         load_title(load),
         *text_table(LOAD_HEADERS, rows, right=set(range(1, len(LOAD_HEADERS)))),
