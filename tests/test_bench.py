@@ -89,9 +89,12 @@ def test_build_specs(tmp_path: Path) -> None:
     assert [s.name for s in specs] == ["none", "auto", "memoize", "all", "defaults", "mine"]
     assert by["none"].kind == "baseline" and not by["none"].auto_cache
     assert by["auto"].auto_cache
-    assert by["memoize"].config == {"plugins": ["memoize"], "record": False} and by["memoize"].memo
+    assert (
+        by["memoize"].config == {"plugins": ["memoize"], "record": False, "plugin_timeout": 600.0}
+        and by["memoize"].memo
+    )
     assert by["all"].config is not None and by["all"].config["plugins"][-1] == "cache_align"
-    assert by["defaults"].config == {"record": False}
+    assert by["defaults"].config == {"record": False, "plugin_timeout": 600.0}
     assert by["mine"].config is not None
     assert by["mine"].config["record"] is False and by["mine"].config["plugins"] == ["prune", "cache_align"]
     # a plugin that is not installed is left out; unknown names and duplicates are errors
@@ -611,3 +614,24 @@ def test_bench_prices_a_cut_result_the_agent_quotes(tmp_path: Path) -> None:
     assert t["cut"]["net_vs_auto_input_pct"] < t["cut"]["vs_auto_input_pct"]
     md = render(data, "md")
     assert "Savings net of lost facts" in md and "| ledgers | cut |" in md
+
+
+def test_bench_configs_do_not_let_a_busy_machine_cut_a_plugin_off(tmp_path: Path) -> None:
+    """Replays bill what the plugins do: the live 2 s hook timeout would skip a plugin under load."""
+    from tokensaver.bench.specs import build_specs
+    from tokensaver.config import load_config
+
+    own = tmp_path / "own.toml"
+    own.write_text("plugins = ['prune']\nplugin_timeout = 5\n")
+    bare = tmp_path / "bare.toml"
+    bare.write_text("plugins = ['prune']\n")
+    specs = {s.name: s for s in build_specs(["defaults", "prune", "all", str(own), str(bare)], ["prune"])}
+    assert {n: s.config["plugin_timeout"] for n, s in specs.items()} == {
+        "defaults": 600.0,
+        "prune": 600.0,
+        "all": 600.0,
+        "own": 5,
+        "bare": 600.0,
+    }
+    assert all(s.config["record"] is False for s in specs.values())
+    assert load_config(specs["defaults"].config, cwd=tmp_path).plugin_timeout == 600.0
