@@ -312,7 +312,7 @@ def to_table(data: dict[str, Any]) -> str:
         out += ["", "Per stage (estimated tokens removed; $ cache-weighted, as in run reports)"]
         out += text_table(STAGE_HEADERS, stages, right={2, 3, 4, 5})
     if data.get("overhead"):
-        out += ["", "Pipeline overhead per call (default plugins, real conversations replayed in order, CPU ms)"]
+        out += ["", "Pipeline overhead per call (default plugins, conversations replayed in order, CPU)"]
         out += text_table(OVERHEAD_HEADERS, overhead_rows(data), right={1, 2, 3, 4, 5, 6})
     if data.get("proxy_overhead"):
         out += ["", PROXY_TITLE]
