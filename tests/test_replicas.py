@@ -249,3 +249,73 @@ def _renamed(conv: Conversation) -> Conversation:
             first["content"] = [{"type": "text", "text": f"[{tag}]"}, *list(content or [])]
         calls.append(type(call)(body={**call.body, "messages": msgs}, t=call.t, reply=call.reply))
     return Conversation(id=conv.id + tag, source=conv.source, calls=calls)
+
+
+THREADS = ["message-threads-2026-08-12"]
+RULES = "You are a careful weather assistant. " + " ".join(f"Rule {i}: answer briefly." for i in range(300))
+
+
+def _station_log(city: str) -> str:
+    return f"sunny in {city}\n" + "".join(
+        f"2026-01-01 12:00:{i % 60:02d} INFO station {i} in {city} reports 21 C\n" for i in range(300)
+    )
+
+
+def _thread_run(emu: Emulator, urls: list[str]) -> list[str]:
+    """A message thread: its create to ``urls[0]``, each continue to the next replica round-robin."""
+    emu.reset()
+    emu.reply(*[f"answer {i}" for i in range(5)])
+    clients = [anthropic.Anthropic(base_url=u, api_key=TEST_API_KEY, max_retries=0, timeout=60) for u in urls]
+    try:
+        msg = clients[0].beta.messages.create(
+            model="claude-sonnet-4-6",
+            max_tokens=64,
+            betas=THREADS,
+            thread={"type": "create"},
+            system=RULES,
+            messages=[{"role": "user", "content": _station_log("Paris")}],
+        )
+        for i, city in enumerate(["Rome", "Oslo", "Lima", "Kyiv"], 1):
+            msg = clients[i % len(clients)].beta.messages.create(
+                model="claude-sonnet-4-6",
+                max_tokens=64,
+                betas=THREADS,
+                thread={"type": "continue", "previous_message_id": msg.id},
+                messages=[{"role": "user", "content": _station_log(city)}],
+            )
+    finally:
+        for c in clients:
+            c.close()
+    assert [r.status for r in emu.requests] == [200] * 5
+    ids = [r.response["id"] for r in emu.requests if r.response]  # the emulator's ids go on counting
+    out = [json.dumps(r.body, ensure_ascii=False) for r in emu.requests]
+    return [_renumber(b, ids) for b in out]
+
+
+def _renumber(body: str, ids: list[str]) -> str:
+    for i, rid in enumerate(ids):
+        body = body.replace(f'"{rid}"', f'"reply {i}"')
+    return body
+
+
+def test_a_thread_continued_on_another_replica_is_known_there(
+    emu: Emulator,
+    redis_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    fleet = [f"replica{i}" for i in range(3)]
+    procs = _start(emu, redis_url, tmp_path, fleet)
+    try:
+        three = _thread_run(emu, [u for _, u in procs])
+    finally:
+        _stop(procs)
+    procs = _start(emu, "embedded", tmp_path, ["single"])
+    try:
+        one = _thread_run(emu, [procs[0][1]])
+    finally:
+        _stop(procs)
+    assert three == one, _first_difference(three, one)
+    records = _records(tmp_path, fleet)
+    assert len(records) == 5
+    assert all(r["stages"] and not r["errors"] for r in records)  # every continue was transformed
+    assert _saved(records) == _saved(_records(tmp_path, ["single"]))

@@ -30,7 +30,7 @@ from .context import CallContext, conversation_id
 from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ordered, strict_error
 from .pricing import PriceTable, normalize_usage
 from .run import Run, redact_keys, redact_text
-from .state import open_state, shared_cache
+from .state import THREADS_CAP, open_state, shared_cache, shared_spaces
 from .threads import ThreadLog, ThreadProblem, ThreadView
 from .tokens import Memo, body_blocks, default_counter
 from .validate import Scans, Sizes, message_problem, stage_problem
@@ -292,7 +292,7 @@ class Pipeline:
         self.shadows = ShadowCaches(self.prices, shared=shared_cache(self.config.state))
         self._store = open_state(self.config.state)  # a call's record says when it was lost
         # message threads: what each thread's API side holds and the caller's own history, bounded
-        self.threads = ThreadLog()
+        self.threads = ThreadLog(shared=shared_spaces(self.config.state, "threads", THREADS_CAP))
 
     # -- request phase -----------------------------------------------------------------------
 

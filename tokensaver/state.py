@@ -785,6 +785,28 @@ class SharedCache:
 SHADOW_CAP = 64 * 1024**2  # bytes of shared shadow-cache entries per API key
 
 
+THREADS_CAP = 256 * 1024**2  # bytes of message threads kept per API key (tokensaver.threads)
+
+
+def shared_spaces(url: str, name: str, cap: int) -> Callable[[str], Space] | None:
+    """``key_hash -> Space`` of store ``name`` on a Redis ``state`` (one namespace per key, made
+    once); None for the embedded state, whose users keep to the process's memory."""
+    if url == EMBEDDED:
+        return None
+    st = open_state(url)
+    made: dict[str, Space] = {}
+    lock = threading.Lock()
+
+    def space(key_hash: str) -> Space:
+        with lock:
+            sp = made.get(key_hash)
+            if sp is None:
+                sp = made[key_hash] = st.space(name, key_hash, cap=cap)
+            return sp
+
+    return space
+
+
 def shared_cache(url: str) -> Callable[[str, str], SharedCache] | None:
     """``(key_hash, lane) -> SharedCache`` for a Redis ``state`` (the pipeline's shadow caches); None
     for the embedded state, whose shadow caches stay in the process as before."""

@@ -19,14 +19,16 @@ untransformed one (:attr:`ThreadView.original`), the stages' saving the conversa
 Memory is bounded: only a thread's latest reply is kept (a thread is linear), entries go 330 s after their
 last use (the API's threads expire after 300 s), and all entries of a pipeline share a byte cap (the least
 recently used go first). A continue of a thread not kept here (evicted, or begun by another process) is
-sent untransformed and billed as what it is.
+sent untransformed and billed as what it is. On a Redis ``state`` each thread's latest entry is also kept
+there (``shared``: a namespace per key hash, 330 s), so a continue reaching another replica is known.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import orjson
@@ -111,8 +113,16 @@ class ThreadView:
 class ThreadLog:
     """The threads one pipeline has seen, by (key hash, latest reply id); bounded in bytes and time."""
 
-    def __init__(self, max_bytes: int = THREAD_BYTES, keep_seconds: float = THREAD_KEEP_SECONDS) -> None:
+    def __init__(
+        self,
+        max_bytes: int = THREAD_BYTES,
+        keep_seconds: float = THREAD_KEEP_SECONDS,
+        shared: Callable[[str], Any] | None = None,
+    ) -> None:
         self.max_bytes, self.keep_seconds = max_bytes, keep_seconds
+        # ``shared(key)``: the key's namespace of a Redis state (tokensaver.state.Space), where the
+        # replicas keep each thread's latest entry too; None: this process only
+        self.shared = shared
         self._held: OrderedDict[tuple[str, str], Held] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -143,6 +153,8 @@ class ThreadLog:
                 if held is not None:
                     held.last_used = now
                     self._held.move_to_end((key, prev))
+        if held is None and self.shared is not None and isinstance(prev, str):
+            held = self._pull(key, prev, now)
         new = body.get("messages")
         if held is None or not isinstance(new, list) or any(k in body for k in CREATE_ONLY):
             return ThreadView("continue", key, thread, body, body)  # opaque: sent as it came
@@ -245,6 +257,13 @@ class ThreadLog:
             last_used=now,
         )
         prev = view.thread.get("previous_message_id")
+        if self.shared is not None:
+            self._push(
+                view.key,
+                prev if held is not None and isinstance(prev, str) else None,
+                rid,
+                entry if entry.nbytes <= self.max_bytes else None,
+            )
         with self._lock:
             if held is not None and isinstance(prev, str):
                 old = self._held.pop((view.key, prev), None)
@@ -257,6 +276,35 @@ class ThreadLog:
             while self._bytes > self.max_bytes and self._held:
                 _, gone = self._held.popitem(last=False)
                 self._bytes -= gone.nbytes
+
+    def _pull(self, key: str, rid: str, now: float) -> Held | None:
+        """The thread another replica kept at ``rid``, kept here too; None when there is none."""
+        assert self.shared is not None
+        doc = self.shared(key).load(rid, now=now)
+        raw = doc.get("d") if doc is not None else None
+        try:
+            got = orjson.loads(raw) if isinstance(raw, str) else None
+            held = Held(**{f.name: got[f.name] for f in fields(Held)}) if isinstance(got, dict) else None
+        except (ValueError, KeyError, TypeError):
+            held = None
+        if held is None:
+            return None
+        held.last_used = now
+        with self._lock:
+            old = self._held.pop((key, rid), None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._held[(key, rid)] = held
+            self._bytes += held.nbytes
+        return held
+
+    def _push(self, key: str, prev: str | None, rid: str, entry: Held | None) -> None:
+        assert self.shared is not None
+        space = self.shared(key)
+        if entry is not None:
+            space.save(rid, {"d": orjson.dumps(entry).decode()}, ttl=self.keep_seconds, now=entry.last_used)
+        if prev is not None:
+            space.delete(prev)
 
     def _purge(self, now: float) -> None:
         for k in [k for k, h in self._held.items() if now - h.last_used > self.keep_seconds]:
