@@ -17,7 +17,7 @@ import pytest
 
 import tokensaver
 from tokensaver.emulator import Emulator, EmulatorError
-from tokensaver.testing import TEST_API_KEY, one_plugin_client, wrap_one
+from tokensaver.testing import FULL_USAGE, TEST_API_KEY, one_plugin_client, stored_message, wrap_one
 
 MODEL = "claude-sonnet-4-6"
 MSGS = [{"role": "user", "content": "What is the capital of France?"}]
@@ -49,24 +49,9 @@ class Stored:
         if body["messages"][-1]["content"] != "again?":
             return None
         ctx.response_headers["x-stored"] = "yes"
-        return {
-            "id": "msg_stored",
-            "type": "message",
-            "role": "assistant",
-            "model": body["model"],
-            "content": [
-                {"type": "text", "text": "from the store"},
-                {"type": "tool_use", "id": "toolu_1", "name": "t", "input": {"a": [1, 2]}},
-            ],
-            "stop_reason": "tool_use",
-            "stop_sequence": None,
-            "usage": {
-                "input_tokens": 100,
-                "output_tokens": 20,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
-            },
-        }
+        return stored_message(
+            body["model"], "from the store", tool_input={"a": [1, 2]}, usage=dict(FULL_USAGE)
+        )
 
 
 class Faulty:

@@ -22,7 +22,7 @@ from tokensaver import hookspecs
 from tokensaver.emulator import Emulator, EmulatorError
 from tokensaver.plugins import get_plugin_manager
 from tokensaver.run import load_run
-from tokensaver.testing import one_plugin_client, one_plugin_manager, wrap_one
+from tokensaver.testing import one_plugin_client, one_plugin_manager, stored_message, wrap_one
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "plugin-hooks.md"
@@ -208,16 +208,7 @@ def test_hook_tokensaver_transform_request(emu: Emulator, stream: bool) -> None:
     assert cut["after"] < cut["before"] and kept["after"] == kept["before"]
 
 
-STORED = {
-    "id": "msg_stored",
-    "type": "message",
-    "role": "assistant",
-    "model": MODEL,
-    "content": [{"type": "text", "text": "from memory"}],
-    "stop_reason": "end_turn",
-    "stop_sequence": None,
-    "usage": {"input_tokens": 0, "output_tokens": 0},
-}
+STORED = stored_message(MODEL, "from memory", usage={"input_tokens": 0, "output_tokens": 0})
 
 
 class Remember:

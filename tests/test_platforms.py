@@ -22,6 +22,7 @@ import pytest
 
 import tokensaver
 from tokensaver.sse import EventStreamAccumulator
+from tokensaver.testing import stored_message
 
 
 class SystemSetter:
@@ -311,19 +312,12 @@ class StoredAnswer:
 
     @tokensaver.hookimpl
     def tokensaver_lookup_response(self, body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
-        return {
-            "id": "msg_stored",
-            "type": "message",
-            "role": "assistant",
-            "model": body["model"],
-            "content": [
-                {"type": "text", "text": "from the store"},
-                {"type": "tool_use", "id": "toolu_1", "name": "t", "input": {"a": [1, 2]}},
-            ],
-            "stop_reason": "tool_use",
-            "stop_sequence": None,
-            "usage": {"input_tokens": 5, "output_tokens": 3},
-        }
+        return stored_message(
+            body["model"],
+            "from the store",
+            tool_input={"a": [1, 2]},
+            usage={"input_tokens": 5, "output_tokens": 3},
+        )
 
 
 def _stored_client(cls: Any, bedrock_url: str) -> Any:

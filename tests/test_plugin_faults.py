@@ -27,6 +27,7 @@ from tokensaver.errors import ConfigError
 from tokensaver.pipeline import Pipeline
 from tokensaver.plugins import get_plugin_manager
 from tokensaver.proxy import ProxyServer
+from tokensaver.testing import stored_message
 
 MODEL = "claude-sonnet-4-6"
 HEADERS = {"x-api-key": "test-key", "anthropic-version": "2023-06-01"}
@@ -374,16 +375,7 @@ def test_lookup_answer_that_is_not_a_message_is_not_served(
 
 
 def test_lookup_answer_that_is_a_message_is_served(emu: Emulator, tmp_path: Path) -> None:
-    answer = {
-        "id": "msg_stored",
-        "type": "message",
-        "role": "assistant",
-        "model": MODEL,
-        "content": [{"type": "text", "text": "stored"}],
-        "stop_reason": "end_turn",
-        "stop_sequence": None,
-        "usage": {"input_tokens": 5, "output_tokens": 1},
-    }
+    answer = stored_message(MODEL, "stored")
     text, record = _send("proxy", emu, tmp_path, {"lookup": Answer(answer)}, ORIGINAL)
     assert text == "stored" and emu.requests == [] and record["short_circuit"] == "lookup"
 

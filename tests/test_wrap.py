@@ -14,6 +14,7 @@ import pytest
 
 import tokensaver
 from tokensaver.emulator import Emulator
+from tokensaver.testing import FULL_USAGE, stored_message
 
 MODEL = "claude-sonnet-4-6"
 MSGS = [{"role": "user", "content": "What is the capital of France?"}]
@@ -43,24 +44,13 @@ class Canned:
         if body["messages"][-1]["content"] != "canned?":
             return None
         ctx.response_headers["x-canned"] = "yes"
-        return {
-            "id": "msg_canned",
-            "type": "message",
-            "role": "assistant",
-            "model": body["model"],
-            "content": [
-                {"type": "text", "text": "from the can"},
-                {"type": "tool_use", "id": "toolu_1", "name": "t", "input": {"a": [1, 2]}},
-            ],
-            "stop_reason": "tool_use",
-            "stop_sequence": None,
-            "usage": {
-                "input_tokens": 100,
-                "output_tokens": 20,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
-            },
-        }
+        return stored_message(
+            body["model"],
+            "from the can",
+            tool_input={"a": [1, 2]},
+            usage=dict(FULL_USAGE),
+            message_id="msg_canned",
+        )
 
 
 def _wrap(client: Any, tmp_path: Any, plugins: dict[str, Any], run: str = "t") -> Any:

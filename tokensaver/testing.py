@@ -31,12 +31,44 @@ from tokensaver.plugins import get_plugin_manager
 C = TypeVar("C")
 
 TEST_API_KEY = "test-key"
+# usage of a stored answer that names every counter (none of them cached)
+FULL_USAGE = {
+    "input_tokens": 100,
+    "output_tokens": 20,
+    "cache_creation_input_tokens": 0,
+    "cache_read_input_tokens": 0,
+}
 
 
 def emulator_clients(emu: Emulator, **kwargs: Any) -> tuple[Any, Any]:
     """(sync, async) anthropic clients for ``emu``; kwargs go to both constructors."""
     opts: dict[str, Any] = {"base_url": emu.url, "api_key": TEST_API_KEY, "max_retries": 0, **kwargs}
     return anthropic.Anthropic(**opts), anthropic.AsyncAnthropic(**opts)
+
+
+def stored_message(
+    model: str,
+    text: str,
+    *,
+    tool_input: dict[str, Any] | None = None,
+    usage: dict[str, int] | None = None,
+    message_id: str = "msg_stored",
+) -> dict[str, Any]:
+    """A Messages API answer as a lookup hook serves it: one text block, then a ``tool_use`` block
+    (id ``toolu_1``, name ``t``) taking ``tool_input`` when given; ``usage`` defaults to 5 in, 1 out."""
+    content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+    if tool_input is not None:
+        content.append({"type": "tool_use", "id": "toolu_1", "name": "t", "input": tool_input})
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": "end_turn" if tool_input is None else "tool_use",
+        "stop_sequence": None,
+        "usage": usage if usage is not None else {"input_tokens": 5, "output_tokens": 1},
+    }
 
 
 def one_plugin_manager(plugin: object, name: str = "plugin") -> pluggy.PluginManager:
