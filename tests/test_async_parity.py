@@ -17,7 +17,15 @@ import pytest
 
 import tokensaver
 from tokensaver.emulator import Emulator, EmulatorError
-from tokensaver.testing import FULL_USAGE, TEST_API_KEY, one_plugin_client, stored_message, wrap_one
+from tokensaver.testing import (
+    FULL_USAGE,
+    SURFACES,
+    TEST_API_KEY,
+    async_surface_text,
+    one_plugin_client,
+    stored_message,
+    wrap_one,
+)
 
 MODEL = "claude-sonnet-4-6"
 MSGS = [{"role": "user", "content": "What is the capital of France?"}]
@@ -74,29 +82,6 @@ class Faulty:
         raise RuntimeError("observe exploded")
 
 
-async def _text(client: Any, mode: str, **kw: Any) -> str:
-    """The answer's text through one of the async client's Messages surfaces."""
-    if mode == "create":
-        return (await client.messages.create(**kw)).content[0].text
-    if mode == "create_stream":
-        stream = await client.messages.create(**kw, stream=True)
-        return "".join([e.delta.text async for e in stream if e.type == "content_block_delta"])
-    if mode == "stream_helper":
-        async with client.messages.stream(**kw) as s:
-            return (await s.get_final_message()).content[0].text
-    if mode == "raw":
-        raw = await client.messages.with_raw_response.create(**kw)
-        assert raw.http_response.status_code == 200
-        return (await raw.parse()).content[0].text
-    if mode == "streaming_response":
-        async with client.messages.with_streaming_response.create(**kw) as resp:
-            return (await resp.parse()).content[0].text
-    return (await client.beta.messages.create(**kw)).content[0].text
-
-
-SURFACES = ["create", "create_stream", "stream_helper", "raw", "streaming_response", "beta"]
-
-
 @pytest.mark.parametrize("mode", SURFACES)
 def test_every_surface_transforms_and_records(emu: Emulator, mode: str) -> None:
     base = anthropic.AsyncAnthropic(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0)
@@ -105,7 +90,7 @@ def test_every_surface_transforms_and_records(emu: Emulator, mode: str) -> None:
     emu.reply("Paris.")
 
     async def main() -> str:
-        text = await _text(client, mode, **KW)
+        text = await async_surface_text(client, mode, **KW)
         await base.messages.create(**KW)
         return text
 
@@ -157,7 +142,7 @@ def test_a_failing_plugin_is_skipped_and_blamed(emu: Emulator, mode: str) -> Non
     plugin = Faulty()
     client = one_plugin_client(emu, plugin, name="faulty", asynchronous=True)
     emu.reply("Paris.")
-    assert arun(lambda: _text(client, mode, **KW)) == "Paris."
+    assert arun(lambda: async_surface_text(client, mode, **KW)) == "Paris."
     sent = {k: v for k, v in emu.last.body.items() if k != "stream"}
     assert sent == KW and plugin.calls == 1  # the caller's own request went out
     blamed = {(e["plugin"], e["hook"]) for e in client.tokensaver.records[-1]["errors"]}

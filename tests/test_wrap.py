@@ -14,7 +14,7 @@ import pytest
 
 import tokensaver
 from tokensaver.emulator import Emulator
-from tokensaver.testing import FULL_USAGE, stored_message
+from tokensaver.testing import FULL_USAGE, SURFACES, async_surface_text, stored_message, surface_text
 
 MODEL = "claude-sonnet-4-6"
 MSGS = [{"role": "user", "content": "What is the capital of France?"}]
@@ -73,31 +73,13 @@ class TestSync:
         base.messages.create(model=MODEL, max_tokens=50, messages=MSGS)
         assert "system" not in emu.last.body  # the caller's own client is not wrapped
 
-    @pytest.mark.parametrize(
-        "mode", ["create", "create_stream", "stream_helper", "raw", "streaming_response", "beta"]
-    )
+    @pytest.mark.parametrize("mode", SURFACES)
     def test_surfaces_transform_and_record(self, emu: Emulator, tmp_path: Any, mode: str) -> None:
         base, _ = _clients(emu)
         client = _wrap(base, tmp_path, {"tagger": Tagger()})
         emu.reply("Paris.")
         kw: dict[str, Any] = {"model": MODEL, "max_tokens": 50, "messages": MSGS}
-        if mode == "create":
-            text = client.messages.create(**kw).content[0].text
-        elif mode == "create_stream":
-            events = list(client.messages.create(**kw, stream=True))
-            text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
-        elif mode == "stream_helper":
-            with client.messages.stream(**kw) as s:
-                text = s.get_final_message().content[0].text
-        elif mode == "raw":
-            raw = client.messages.with_raw_response.create(**kw)
-            assert raw.http_response.status_code == 200
-            text = raw.parse().content[0].text
-        elif mode == "streaming_response":
-            with client.messages.with_streaming_response.create(**kw) as resp:
-                text = resp.parse().content[0].text
-        else:
-            text = client.beta.messages.create(**kw).content[0].text
+        text = surface_text(client, mode, **kw)
         assert text == "Paris."
         assert emu.last.body["system"] == " [tagged]"  # the transformed body reached the wire
         records = client.tokensaver.records
@@ -210,18 +192,7 @@ class TestAsync:
             client = _wrap(base, tmp_path, {"tagger": Tagger()})
             emu.reply("Paris.")
             kw: dict[str, Any] = {"model": MODEL, "max_tokens": 50, "messages": MSGS}
-            if mode == "create":
-                return (await client.messages.create(**kw)).content[0].text
-            if mode == "create_stream":
-                stream = await client.messages.create(**kw, stream=True)
-                return "".join([e.delta.text async for e in stream if e.type == "content_block_delta"])
-            if mode == "stream_helper":
-                async with client.messages.stream(**kw) as s:
-                    return (await s.get_final_message()).content[0].text
-            if mode == "raw":
-                raw = await client.messages.with_raw_response.create(**kw)
-                return (await raw.parse()).content[0].text
-            return (await client.beta.messages.create(**kw)).content[0].text
+            return await async_surface_text(client, mode, **kw)
 
         assert asyncio.run(main()) == "Paris."
         assert emu.last.body["system"] == " [tagged]"

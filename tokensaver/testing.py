@@ -71,6 +71,50 @@ def stored_message(
     }
 
 
+# every Messages surface a wrapped client answers on, as :func:`surface_text` names them
+SURFACES = ["create", "create_stream", "stream_helper", "raw", "streaming_response", "beta"]
+
+
+def surface_text(client: Any, mode: str, **kw: Any) -> str:
+    """The answer's text through one of a sync client's Messages surfaces (one of :data:`SURFACES`)."""
+    if mode == "create":
+        return str(client.messages.create(**kw).content[0].text)
+    if mode == "create_stream":
+        events = list(client.messages.create(**kw, stream=True))
+        return "".join(e.delta.text for e in events if e.type == "content_block_delta")
+    if mode == "stream_helper":
+        with client.messages.stream(**kw) as s:
+            return str(s.get_final_message().content[0].text)
+    if mode == "raw":
+        raw = client.messages.with_raw_response.create(**kw)
+        assert raw.http_response.status_code == 200
+        return str(raw.parse().content[0].text)
+    if mode == "streaming_response":
+        with client.messages.with_streaming_response.create(**kw) as resp:
+            return str(resp.parse().content[0].text)
+    return str(client.beta.messages.create(**kw).content[0].text)
+
+
+async def async_surface_text(client: Any, mode: str, **kw: Any) -> str:
+    """The answer's text through one of an async client's Messages surfaces (one of :data:`SURFACES`)."""
+    if mode == "create":
+        return str((await client.messages.create(**kw)).content[0].text)
+    if mode == "create_stream":
+        stream = await client.messages.create(**kw, stream=True)
+        return "".join([e.delta.text async for e in stream if e.type == "content_block_delta"])
+    if mode == "stream_helper":
+        async with client.messages.stream(**kw) as s:
+            return str((await s.get_final_message()).content[0].text)
+    if mode == "raw":
+        raw = await client.messages.with_raw_response.create(**kw)
+        assert raw.http_response.status_code == 200
+        return str((await raw.parse()).content[0].text)
+    if mode == "streaming_response":
+        async with client.messages.with_streaming_response.create(**kw) as resp:
+            return str((await resp.parse()).content[0].text)
+    return str((await client.beta.messages.create(**kw)).content[0].text)
+
+
 def one_plugin_manager(plugin: object, name: str = "plugin") -> pluggy.PluginManager:
     """A plugin manager holding only ``plugin`` (registered as ``name``): no installed plugin is loaded."""
     return get_plugin_manager({name: plugin}, load_entrypoints=False)
