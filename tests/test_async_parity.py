@@ -21,6 +21,7 @@ from tokensaver.testing import (
     FULL_USAGE,
     SURFACES,
     TEST_API_KEY,
+    ResponseObserver,
     async_surface_text,
     one_plugin_client,
     stored_message,
@@ -191,16 +192,9 @@ def test_other_endpoints_pass_through(emu: Emulator) -> None:
 
 
 def test_a_stream_closed_early_is_incomplete_and_not_observed(emu: Emulator) -> None:
-    observed: list[dict[str, Any]] = []
-
-    class Observer:
-        @tokensaver.hookimpl
-        def tokensaver_observe_response(
-            self, body: dict[str, Any], response: dict[str, Any], ctx: Any
-        ) -> None:
-            observed.append(response)
-
-    client = one_plugin_client(emu, Observer(), name="observer", asynchronous=True)
+    observer = ResponseObserver()
+    observed = observer.observed
+    client = one_plugin_client(emu, observer, name="observer", asynchronous=True)
 
     async def main() -> None:
         emu.reply("a long answer " * 200)

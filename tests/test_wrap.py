@@ -14,7 +14,14 @@ import pytest
 
 import tokensaver
 from tokensaver.emulator import Emulator
-from tokensaver.testing import FULL_USAGE, SURFACES, async_surface_text, stored_message, surface_text
+from tokensaver.testing import (
+    FULL_USAGE,
+    SURFACES,
+    ResponseObserver,
+    async_surface_text,
+    stored_message,
+    surface_text,
+)
 
 MODEL = "claude-sonnet-4-6"
 MSGS = [{"role": "user", "content": "What is the capital of France?"}]
@@ -252,17 +259,10 @@ def test_exact_token_count_mode_uses_count_tokens_endpoint(emu: Emulator, tmp_pa
 
 
 def test_stream_closed_early_is_recorded_incomplete_not_observed(emu: Emulator, tmp_path: Any) -> None:
-    observed: list[dict[str, Any]] = []
-
-    class Observer:
-        @tokensaver.hookimpl
-        def tokensaver_observe_response(
-            self, body: dict[str, Any], response: dict[str, Any], ctx: Any
-        ) -> None:
-            observed.append(response)
-
+    observer = ResponseObserver()
+    observed = observer.observed
     base, _ = _clients(emu)
-    client = _wrap(base, tmp_path, {"observer": Observer()})
+    client = _wrap(base, tmp_path, {"observer": observer})
     emu.reply("a long answer " * 200)
     stream = client.messages.create(model=MODEL, max_tokens=50, messages=MSGS, stream=True)
     for event in stream:

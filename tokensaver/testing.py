@@ -25,6 +25,7 @@ import anthropic
 import pluggy
 
 from tokensaver.emulator import Emulator
+from tokensaver.hookspecs import hookimpl
 from tokensaver.middleware import wrap
 from tokensaver.plugins import get_plugin_manager
 
@@ -113,6 +114,17 @@ async def async_surface_text(client: Any, mode: str, **kw: Any) -> str:
         async with client.messages.with_streaming_response.create(**kw) as resp:
             return str((await resp.parse()).content[0].text)
     return str((await client.beta.messages.create(**kw)).content[0].text)
+
+
+class ResponseObserver:
+    """A plugin that keeps every response its observe hook is shown, in order, in ``observed``."""
+
+    def __init__(self) -> None:
+        self.observed: list[dict[str, Any]] = []
+
+    @hookimpl
+    def tokensaver_observe_response(self, body: dict[str, Any], response: dict[str, Any], ctx: Any) -> None:
+        self.observed.append(response)
 
 
 def one_plugin_manager(plugin: object, name: str = "plugin") -> pluggy.PluginManager:
