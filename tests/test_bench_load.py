@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,28 +18,16 @@ import pytest
 import redis
 
 from tokensaver.bench import main as bench_main
-from tokensaver.bench.load import LOAD_HEADERS, RedisProcess
+from tokensaver.bench.load import LOAD_HEADERS
 from tokensaver.bench.render import render
+from tokensaver.testing import redis_url_for_test
 from tokensaver.traces import fixtures_dir
 
 
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
-    url = os.environ.get("TOKENSAVER_TEST_REDIS_URL")
-    if url:
+    with redis_url_for_test(tmp_path) as url:
         yield url
-        return
-    if not shutil.which("redis-server"):
-        why = "no redis-server on PATH and TOKENSAVER_TEST_REDIS_URL unset (apt-get install redis-server)"
-        if os.environ.get("TOKENSAVER_REQUIRE_REDIS") == "1":
-            pytest.fail(f"redis is required here (TOKENSAVER_REQUIRE_REDIS=1): {why}")
-        print(f"SKIPPED: {why}")
-        pytest.skip(why)
-    server = RedisProcess(str(tmp_path))
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 def _keys(url: str) -> int:

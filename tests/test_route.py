@@ -7,7 +7,6 @@ independent run of the same conversation on the model asked for, with no plugin 
 from __future__ import annotations
 
 import os
-import shutil
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import tokensaver
 from tokensaver import load_run
 from tokensaver.emulator import Emulator
 from tokensaver.pricing import PriceTable
-from tokensaver.testing import TEST_API_KEY, start_proxy_process, stop_proxy_process
+from tokensaver.testing import TEST_API_KEY, redis_url_for_test, start_proxy_process, stop_proxy_process
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "route"
@@ -210,19 +209,8 @@ def test_rules_are_checked_in_wrap(emu: Emulator, tmp_path: Path) -> None:
 
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
-    url = os.environ.get("TOKENSAVER_TEST_REDIS_URL")
-    if url:
+    with redis_url_for_test(tmp_path) as url:
         yield url
-        return
-    if not shutil.which("redis-server"):
-        pytest.skip("no redis-server on PATH and TOKENSAVER_TEST_REDIS_URL unset")
-    from tokensaver.bench.load import RedisProcess
-
-    server = RedisProcess(str(tmp_path))
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 def test_replicas_on_a_shared_state_route_a_conversation_alike(

@@ -19,7 +19,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -41,97 +40,31 @@ from tokensaver.errors import ConfigError
 from tokensaver.proxy import BackgroundApp
 from tokensaver.run import load_run
 from tokensaver.state import DEFAULT_MAGIC, EMBEDDED, State, encode_entry
-from tokensaver.testing import TEST_API_KEY, start_proxy_process, stop_proxy_process
+from tokensaver.testing import (
+    TEST_API_KEY,
+    RedisServer,
+    no_redis,
+    redis_url_for_test,
+    start_proxy_process,
+    stop_proxy_process,
+)
 
 REDIS_BIN = shutil.which("redis-server")
-REQUIRED = os.environ.get("TOKENSAVER_REQUIRE_REDIS") == "1"
 MODEL = "claude-sonnet-4-5"
-
-
-def _no_redis(why: str) -> None:
-    if REQUIRED:
-        pytest.fail(f"redis is required here (TOKENSAVER_REQUIRE_REDIS=1): {why}")
-    pytest.skip(why)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A redis-server on a loopback port, nothing persisted; stop() kills it, start() brings it back."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = _free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        assert REDIS_BIN
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [
-            REDIS_BIN,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        self.proc = subprocess.Popen(
-            [*args, "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
 
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL of a redis-server for this module: CI's, else one started here."""
-    url = os.environ.get("TOKENSAVER_TEST_REDIS_URL")
-    if url:
+    with redis_url_for_test(tmp_path_factory.mktemp("redis")) as url:
         yield url
-        return
-    if not REDIS_BIN:
-        _no_redis(
-            "no redis-server on PATH and TOKENSAVER_TEST_REDIS_URL unset (apt-get install redis-server)"
-        )
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own, which the test may kill and restart."""
     if not REDIS_BIN:
-        _no_redis("no redis-server on PATH: the outage cases kill and restart one of their own")
+        no_redis("no redis-server on PATH: the outage cases kill and restart one of their own")
     server = RedisServer(tmp_path / "redis")
     server.start()
     try:

@@ -14,10 +14,15 @@ Fixtures:
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -200,6 +205,84 @@ def stop_proxy_process(proc: subprocess.Popen[str]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def free_port() -> int:
+    """A loopback TCP port free at the time of asking."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A ``redis-server`` on a free loopback port, nothing persisted (its files under ``workdir``):
+    :meth:`start` waits until it answers PING (RuntimeError when it cannot), :meth:`stop` kills it,
+    and a stopped one may be started again on the same port."""
+
+    def __init__(self, workdir: str | Path) -> None:
+        self.port = free_port()
+        self.workdir = Path(workdir)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if not binary:
+            raise RuntimeError("no redis-server on PATH (apt-get install redis-server)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            + ["--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+def no_redis(why: str) -> None:
+    """Skip the calling test for want of Redis, or fail it where ``TOKENSAVER_REQUIRE_REDIS=1`` (CI)."""
+    import pytest
+
+    if os.environ.get("TOKENSAVER_REQUIRE_REDIS") == "1":
+        pytest.fail(f"redis is required here (TOKENSAVER_REQUIRE_REDIS=1): {why}")
+    pytest.skip(why)
+
+
+@contextmanager
+def redis_url_for_test(workdir: str | Path) -> Iterator[str]:
+    """The URL of a Redis for a test: ``$TOKENSAVER_TEST_REDIS_URL``, else a :class:`RedisServer` started
+    under ``workdir`` and stopped on leaving; with neither, the test skips (see :func:`no_redis`)."""
+    url = os.environ.get("TOKENSAVER_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    if not shutil.which("redis-server"):
+        no_redis("no redis-server on PATH and TOKENSAVER_TEST_REDIS_URL unset (apt-get install redis-server)")
+    server = RedisServer(workdir)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 try:

@@ -26,8 +26,6 @@ import hashlib
 import itertools
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,6 +42,8 @@ from .overhead import synthetic_request
 
 if TYPE_CHECKING:
     from aiohttp import web
+
+    from ..testing import RedisServer
 
 SIZES = (10_000, 50_000)
 PLUGINS = ["summarize", "prune", "cache_align", "memoize"]
@@ -208,49 +208,21 @@ def _p(values: list[float], p: float) -> float | None:
     return None if v is None else round(v, 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _start_redis(workdir: str) -> RedisServer:
+    """A ``redis-server`` of the bench's own (:class:`tokensaver.testing.RedisServer`), started."""
+    from ..testing import RedisServer
 
-
-class RedisProcess:
-    """A ``redis-server`` of the bench's own on a free loopback port, nothing persisted."""
-
-    def __init__(self, workdir: str) -> None:
-        binary = shutil.which("redis-server")
-        if not binary:
-            raise TokensaverError(
-                "the load test needs Redis: no redis-server on PATH (apt-get install redis-server) "
-                "and no --load-redis URL"
-            )
-        self.port = _free_port()
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            + ["--dir", workdir],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+    if not shutil.which("redis-server"):
+        raise TokensaverError(
+            "the load test needs Redis: no redis-server on PATH (apt-get install redis-server) "
+            "and no --load-redis URL"
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise TokensaverError(f"redis-server did not start on port {self.port}")
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+    server = RedisServer(workdir)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        raise TokensaverError(str(exc)) from exc
+    return server
 
 
 def _start_proxies(
@@ -315,7 +287,7 @@ def measure_load(
     seen: dict[int, dict[str, str]] = {}
     with tempfile.TemporaryDirectory(prefix="tokensaver-load-") as tmpdir:
         tmp = Path(tmpdir)
-        redis = None if opts.redis_url else RedisProcess(tmpdir)
+        redis = None if opts.redis_url else _start_redis(tmpdir)
         state = opts.redis_url or (redis.url if redis else "")
         try:
             with BackgroundApp(recorder.app()) as up:
