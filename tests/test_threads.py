@@ -24,7 +24,7 @@ from tokensaver.context import strip_cache_control
 from tokensaver.emulator import Emulator, VirtualClock
 from tokensaver.pricing import PriceTable, normalize_usage
 from tokensaver.run import load_run
-from tokensaver.testing import TEST_API_KEY, start_proxy_process, stop_proxy_process
+from tokensaver.testing import TEST_API_KEY, start_proxy_process, stop_proxy_process, wrap_one
 
 MODEL = "claude-sonnet-4-6"
 BOUND = 60.0
@@ -91,6 +91,12 @@ def wrapped(emu: Emulator, tmp_path: Path, asynchronous: bool = False, **cfg: An
     cls = anthropic.AsyncAnthropic if asynchronous else anthropic.Anthropic
     base = cls(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND)
     return tokensaver.wrap(base, config={"runs_dir": str(tmp_path / "runs"), **cfg})
+
+
+def one_plugin_wrapped(emu: Emulator, plugin: object, name: str, runs_dir: Path) -> Any:
+    """A sync client for ``emu`` wrapped with only ``plugin`` (as ``name``), its runs under ``runs_dir``."""
+    base = anthropic.Anthropic(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND)
+    return wrap_one(base, plugin, name=name, runs_dir=runs_dir)
 
 
 def breakpoints(value: Any) -> int:
@@ -522,12 +528,7 @@ def test_a_stage_that_would_change_the_threads_system_is_discarded(emu: Emulator
     """A stage changing system on a continue is discarded (the API refuses system there, and keeps the
     create's); the request goes as the stages before it left it."""
     script(emu)
-    pm = tokensaver.get_plugin_manager({"stamp": Stamp()}, load_entrypoints=False)
-    client: Any = tokensaver.wrap(
-        anthropic.Anthropic(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND),
-        config={"plugins": ["stamp"], "runs_dir": str(tmp_path / "runs")},
-        plugin_manager=pm,
-    )
+    client = one_plugin_wrapped(emu, Stamp(), "stamp", tmp_path / "runs")
     assert run_loop(client) == ["tool_use"] * 3 + ["end_turn"]
     check_thread_requests(emu)
     assert emu.requests[0].body["system"] == "call 1"
@@ -538,12 +539,7 @@ def test_a_stage_that_would_change_the_threads_system_is_discarded(emu: Emulator
 
 def test_a_stage_editing_held_messages_keeps_its_edit_of_the_new_ones(emu: Emulator, tmp_path: Path) -> None:
     script(emu)
-    pm = tokensaver.get_plugin_manager({"shorten": Shorten()}, load_entrypoints=False)
-    client: Any = tokensaver.wrap(
-        anthropic.Anthropic(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND),
-        config={"plugins": ["shorten"], "runs_dir": str(tmp_path / "runs")},
-        plugin_manager=pm,
-    )
+    client = one_plugin_wrapped(emu, Shorten(), "shorten", tmp_path / "runs")
     assert run_loop(client) == ["tool_use"] * 3 + ["end_turn"]
     check_thread_requests(emu)
     for i, rec in enumerate(emu.requests[1:]):
@@ -555,11 +551,7 @@ def test_a_stage_editing_held_messages_keeps_its_edit_of_the_new_ones(emu: Emula
     # the same figures as the same plugin on the unthreaded loop (it shortens the whole history each turn)
     with Emulator(virtual_clock=True) as full:
         script(full)
-        plain: Any = tokensaver.wrap(
-            anthropic.Anthropic(base_url=full.url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND),
-            config={"plugins": ["shorten"], "runs_dir": str(tmp_path / "full")},
-            plugin_manager=tokensaver.get_plugin_manager({"shorten": Shorten()}, load_entrypoints=False),
-        )
+        plain = one_plugin_wrapped(full, Shorten(), "shorten", tmp_path / "full")
         assert run_loop(plain, thread=False) == ["tool_use"] * 3 + ["end_turn"]
         unthreaded = list(plain.tokensaver.records)
     for key in ("tokens_original", "tokens_sent", "cost_usd", "counterfactual_usd"):
