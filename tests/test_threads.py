@@ -99,6 +99,25 @@ def one_plugin_wrapped(emu: Emulator, plugin: object, name: str, runs_dir: Path)
     return wrap_one(base, plugin, name=name, runs_dir=runs_dir)
 
 
+def loop_through_proxy(emu: Emulator, tmp_path: Path, run: str, mode: str = "sync") -> list[str | None]:
+    """:func:`run_loop` through a ``tokensaver proxy`` process in front of ``emu`` (config
+    ``tmp_path/tokensaver.toml``, run ``run``), returning once its runs dir holds four records (or after
+    BOUND seconds); the stop reasons."""
+    runs = tmp_path / "runs"
+    proc, url = start_proxy_process(
+        "--upstream", emu.url, "--run", run, "--config", str(tmp_path / "tokensaver.toml"), cwd=tmp_path
+    )
+    try:
+        with anthropic.Anthropic(base_url=url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND) as client:
+            stops = run_loop(client, mode)
+            deadline = time.monotonic() + BOUND
+            while len(load_run(run, runs).records()) < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        stop_proxy_process(proc)
+    return stops
+
+
 def breakpoints(value: Any) -> int:
     if isinstance(value, dict):
         return ("cache_control" in value) + sum(breakpoints(v) for v in value.values())
@@ -183,18 +202,7 @@ def test_tool_runner_through_the_proxy(emu: Emulator, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     (tmp_path / "tokensaver.toml").write_text(f'runs_dir = "{runs}"\n')
     script(emu)
-    proc, url = start_proxy_process(
-        "--upstream", emu.url, "--run", "threads", "--config", str(tmp_path / "tokensaver.toml"), cwd=tmp_path
-    )
-    try:
-        client = anthropic.Anthropic(base_url=url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND)
-        with client:
-            assert run_loop(client) == ["tool_use"] * 3 + ["end_turn"]
-            deadline = time.monotonic() + BOUND
-            while len(load_run("threads", runs).records()) < 4 and time.monotonic() < deadline:
-                time.sleep(0.05)
-    finally:
-        stop_proxy_process(proc)
+    assert loop_through_proxy(emu, tmp_path, "threads") == ["tool_use"] * 3 + ["end_turn"]
     check_thread_requests(emu)
     records = load_run("threads", runs).records()
     check_billing(records, emu)
@@ -358,19 +366,8 @@ def test_a_plugin_tool_round_continues_the_thread_through_the_proxy(
         [{"type": "tool_use", "name": "get_weather", "input": {"city": "Rome"}}],
         "All sunny.",
     )
-    proc, url = start_proxy_process(
-        "--upstream", emu.url, "--run", "rounds", "--config", str(tmp_path / "tokensaver.toml"), cwd=tmp_path
-    )
-    try:
-        client = anthropic.Anthropic(base_url=url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND)
-        with client:
-            mode = "stream" if stream else "sync"
-            assert run_loop(client, mode) == ["tool_use", "tool_use", "end_turn"]
-            deadline = time.monotonic() + BOUND
-            while len(load_run("rounds", runs).records()) < 4 and time.monotonic() < deadline:
-                time.sleep(0.05)
-    finally:
-        stop_proxy_process(proc)
+    stops = loop_through_proxy(emu, tmp_path, "rounds", "stream" if stream else "sync")
+    assert stops == ["tool_use", "tool_use", "end_turn"]
     check_thread_requests(emu)
     (answer,) = emu.requests[2].body["messages"][0]["content"]
     assert answer == {"type": "tool_result", "tool_use_id": "toolu_r1", "content": report("Paris")}
