@@ -20,9 +20,10 @@ import os
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anthropic
 import pytest
@@ -144,6 +145,28 @@ def _saved(records: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
     ]
 
 
+FLEET = [f"replica{i}" for i in range(3)]  # the replicas' run names
+R = TypeVar("R")
+
+
+def _fleet_then_single(
+    emu: Emulator, state: str, tmp_path: Path, send: Callable[[list[str]], R]
+) -> tuple[R, R]:
+    """``send`` round-robin through the FLEET of proxies on ``state``, then through one proxy ("single")
+    on the embedded state: (what the fleet gave, what the single proxy gave)."""
+    procs = _start(emu, state, tmp_path, FLEET)
+    try:
+        three = send([u for _, u in procs])
+    finally:
+        _stop(procs)
+    procs = _start(emu, "embedded", tmp_path, ["single"])
+    try:
+        one = send([procs[0][1]])
+    finally:
+        _stop(procs)
+    return three, one
+
+
 def _first_difference(a: list[str], b: list[str]) -> str:
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
@@ -158,17 +181,7 @@ def test_three_replicas_on_one_redis_send_the_bytes_of_one_proxy(
     conversations: list[Conversation],
     tmp_path: Path,
 ) -> None:
-    fleet = [f"replica{i}" for i in range(3)]
-    procs = _start(emu, redis_url, tmp_path, fleet)
-    try:
-        three = _send(emu, [u for _, u in procs], conversations)
-    finally:
-        _stop(procs)
-    procs = _start(emu, "embedded", tmp_path, ["single"])
-    try:
-        one = _send(emu, [procs[0][1]], conversations)
-    finally:
-        _stop(procs)
+    three, one = _fleet_then_single(emu, redis_url, tmp_path, lambda urls: _send(emu, urls, conversations))
 
     assert not one.failed and not three.failed
     n = sum(len(c.calls) for c in conversations)
@@ -184,8 +197,8 @@ def test_three_replicas_on_one_redis_send_the_bytes_of_one_proxy(
     reads = [u.get("cache_read_input_tokens", 0) for u in one.usage]
     assert [u.get("cache_read_input_tokens", 0) for u in three.usage] == reads
     assert sum(reads) > 0
-    assert _saved(_records(tmp_path, fleet)) == _saved(single)
-    assert not any(r.get("state_lost") for r in _records(tmp_path, fleet))
+    assert _saved(_records(tmp_path, FLEET)) == _saved(single)
+    assert not any(r.get("state_lost") for r in _records(tmp_path, FLEET))
 
 
 def test_redis_going_away_mid_run_fails_open_flags_the_calls_and_recovers(
@@ -194,8 +207,7 @@ def test_redis_going_away_mid_run_fails_open_flags_the_calls_and_recovers(
     conversations: list[Conversation],
     tmp_path: Path,
 ) -> None:
-    fleet = [f"replica{i}" for i in range(3)]
-    procs = _start(emu, own_redis.url, tmp_path, fleet)
+    procs = _start(emu, own_redis.url, tmp_path, FLEET)
     conv = conversations[1]  # the stamped one: cache_align's moved line is a shared decision
     marks: dict[str, float] = {}
 
@@ -216,13 +228,13 @@ def test_redis_going_away_mid_run_fails_open_flags_the_calls_and_recovers(
         _stop(procs)
     assert not sent.failed and not again.failed  # every call answered
     assert len(sent.bodies) == len(conv.calls)
-    records = _records(tmp_path, fleet)
+    records = _records(tmp_path, FLEET)
     lost = [r for r in records if r.get("state_lost")]
     during = [r for r in records if marks["down"] <= float(r.get("t") or 0) < marks["up"]]
     assert len(during) >= 6 and all(r.get("state_lost") for r in during)
     after = [r for r in records if float(r.get("t") or 0) >= marks["up"]]
     assert len(after) >= len(conv.calls) and not any(r.get("state_lost") for r in after)
-    for name in fleet:  # each replica's report says how many of its calls ran without the state
+    for name in FLEET:  # each replica's report says how many of its calls ran without the state
         run = load_run(name, tmp_path / "runs" / name)
         n = sum(1 for r in run.records() if r.get("state_lost"))
         report = Report.from_run(run)
@@ -303,19 +315,9 @@ def test_a_thread_continued_on_another_replica_is_known_there(
     redis_url: str,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    fleet = [f"replica{i}" for i in range(3)]
-    procs = _start(emu, redis_url, tmp_path, fleet)
-    try:
-        three = _thread_run(emu, [u for _, u in procs])
-    finally:
-        _stop(procs)
-    procs = _start(emu, "embedded", tmp_path, ["single"])
-    try:
-        one = _thread_run(emu, [procs[0][1]])
-    finally:
-        _stop(procs)
+    three, one = _fleet_then_single(emu, redis_url, tmp_path, lambda urls: _thread_run(emu, urls))
     assert three == one, _first_difference(three, one)
-    records = _records(tmp_path, fleet)
+    records = _records(tmp_path, FLEET)
     assert len(records) == 5
     assert all(r["stages"] and not r["errors"] for r in records)  # every continue was transformed
     assert _saved(records) == _saved(_records(tmp_path, ["single"]))
