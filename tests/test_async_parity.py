@@ -22,6 +22,7 @@ from tokensaver.testing import (
     SURFACES,
     TEST_API_KEY,
     ResponseObserver,
+    SystemTagger,
     async_surface_text,
     one_plugin_client,
     stored_message,
@@ -42,12 +43,6 @@ def arun(make: Callable[[], Awaitable[T]]) -> T:
         return await asyncio.wait_for(make(), BOUND)
 
     return asyncio.run(bounded())
-
-
-class Tagger:
-    @tokensaver.hookimpl
-    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any]:
-        return {**body, "system": (body.get("system") or "") + " [tagged]"}
 
 
 class Stored:
@@ -86,7 +81,7 @@ class Faulty:
 @pytest.mark.parametrize("mode", SURFACES)
 def test_every_surface_transforms_and_records(emu: Emulator, mode: str) -> None:
     base = anthropic.AsyncAnthropic(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0)
-    client = wrap_one(base, Tagger(), name="tagger")
+    client = wrap_one(base, SystemTagger(), name="tagger")
     assert isinstance(client, anthropic.AsyncAnthropic) and client is not base
     emu.reply("Paris.")
 
@@ -162,7 +157,7 @@ def test_strict_mode_raises_naming_the_plugin(emu: Emulator) -> None:
 
 
 def test_api_errors_pass_through_and_retries_run_the_pipeline_per_attempt(emu: Emulator) -> None:
-    client = one_plugin_client(emu, Tagger(), name="tagger", asynchronous=True)
+    client = one_plugin_client(emu, SystemTagger(), name="tagger", asynchronous=True)
     emu.reply(EmulatorError.overloaded(retry_after=0))
     with pytest.raises(anthropic.APIStatusError) as info:
         arun(lambda: client.messages.create(**KW))
@@ -170,7 +165,7 @@ def test_api_errors_pass_through_and_retries_run_the_pipeline_per_attempt(emu: E
     assert client.tokensaver.records[-1]["status"] == 529 and client.tokensaver.records[-1]["saved_usd"] == 0
 
     base = anthropic.AsyncAnthropic(base_url=emu.url, api_key=TEST_API_KEY, max_retries=1)
-    retrying = wrap_one(base, Tagger(), name="tagger")
+    retrying = wrap_one(base, SystemTagger(), name="tagger")
     emu.reset()
     emu.reply(EmulatorError.overloaded(retry_after=0), "ok")
     assert arun(lambda: retrying.messages.create(**KW)).content[0].text == "ok"
@@ -179,14 +174,14 @@ def test_api_errors_pass_through_and_retries_run_the_pipeline_per_attempt(emu: E
 
 
 def test_with_options_copy_keeps_the_pipeline(emu: Emulator) -> None:
-    client = one_plugin_client(emu, Tagger(), name="tagger", asynchronous=True)
+    client = one_plugin_client(emu, SystemTagger(), name="tagger", asynchronous=True)
     copy = client.with_options(timeout=30, api_key="sk-other-key")
     arun(lambda: copy.messages.create(**KW))
     assert emu.last.body["system"] == " [tagged]" and copy.tokensaver is client.tokensaver
 
 
 def test_other_endpoints_pass_through(emu: Emulator) -> None:
-    client = one_plugin_client(emu, Tagger(), name="tagger", asynchronous=True)
+    client = one_plugin_client(emu, SystemTagger(), name="tagger", asynchronous=True)
     assert arun(lambda: client.messages.count_tokens(model=MODEL, messages=MSGS)).input_tokens > 0
     assert "system" not in emu.last.body and list(client.tokensaver.records) == []
 
@@ -212,7 +207,7 @@ def test_a_stream_closed_early_is_incomplete_and_not_observed(emu: Emulator) -> 
 
 
 def test_a_stream_record_has_the_usage_billed_in_its_events(emu: Emulator) -> None:
-    client = one_plugin_client(emu, Tagger(), name="tagger", asynchronous=True)
+    client = one_plugin_client(emu, SystemTagger(), name="tagger", asynchronous=True)
     big = [
         {
             "role": "user",

@@ -36,7 +36,7 @@ from tokensaver.proxy import (
 )
 from tokensaver.run import load_run
 from tokensaver.sse import SSEAccumulator, message_to_sse
-from tokensaver.testing import start_proxy_process
+from tokensaver.testing import SystemTagger, start_proxy_process
 
 MODEL = "claude-sonnet-4-6"
 KEY = "sk-ant-api03-proxytest-AAAA"
@@ -44,14 +44,6 @@ OTHER_KEY = "sk-ant-api03-proxytest-BBBB"
 MSGS = [{"role": "user", "content": "What is the capital of France?"}]
 BODY = {"model": MODEL, "max_tokens": 64, "messages": MSGS}
 HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "content-type": "application/json"}
-
-
-class Tagger:
-    """Appends a marker to the system prompt: proof that the pipeline ran on the way."""
-
-    @tokensaver.hookimpl
-    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any]:
-        return {**body, "system": (body.get("system") or "") + " [tagged]"}
 
 
 class Broken:
@@ -68,7 +60,7 @@ def redacted(key: str) -> str:
 def make_proxy(
     emu_url: str, tmp_path: Path, plugins: dict[str, Any] | None = None, **cfg: Any
 ) -> ProxyServer:
-    plugins = {"tag": Tagger()} if plugins is None else plugins
+    plugins = {"tag": SystemTagger()} if plugins is None else plugins
     pm = tokensaver.get_plugin_manager(plugins, load_entrypoints=False)
     config = {"plugins": list(plugins), "runs_dir": str(tmp_path / "runs"), **cfg}
     return ProxyServer(config, upstream=emu_url, plugin_manager=pm, run="proxy-default")

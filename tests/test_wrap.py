@@ -18,6 +18,7 @@ from tokensaver.testing import (
     FULL_USAGE,
     SURFACES,
     ResponseObserver,
+    SystemTagger,
     async_surface_text,
     stored_message,
     surface_text,
@@ -27,12 +28,8 @@ MODEL = "claude-sonnet-4-6"
 MSGS = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-class Tagger:
-    """A third-party-style plugin: appends a marker to the system prompt."""
-
-    @tokensaver.hookimpl
-    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any]:
-        return {**body, "system": (body.get("system") or "") + " [tagged]"}
+class Tagger(SystemTagger):
+    """A third-party-style plugin: appends a marker to the system prompt and adds a report section."""
 
     @tokensaver.hookimpl
     def tokensaver_report_section(self, plugin: str, calls: list[dict[str, Any]]) -> dict[str, Any]:

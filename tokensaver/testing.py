@@ -121,6 +121,14 @@ async def async_surface_text(client: Any, mode: str, **kw: Any) -> str:
     return str((await client.beta.messages.create(**kw)).content[0].text)
 
 
+class SystemTagger:
+    """A plugin that appends " [tagged]" to the system prompt: proof on the wire that the pipeline ran."""
+
+    @hookimpl
+    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        return {**body, "system": (body.get("system") or "") + " [tagged]"}
+
+
 class ResponseObserver:
     """A plugin that keeps every response its observe hook is shown, in order, in ``observed``."""
 
