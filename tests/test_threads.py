@@ -389,18 +389,23 @@ def _four_breakpoints_create(client: Any) -> Any:
     )
 
 
+def _continue_with_rome(client: Any, previous_message_id: str) -> Any:
+    """A continue of that thread whose new message is Rome's weather report."""
+    return client.beta.messages.create(
+        model=MODEL,
+        max_tokens=64,
+        betas=["message-threads-2026-08-12"],
+        thread={"type": "continue", "previous_message_id": previous_message_id},
+        messages=[{"role": "user", "content": report("Rome")}],
+    )
+
+
 def test_a_thread_not_seen_here_is_continued_untransformed(emu: Emulator, tmp_path: Path) -> None:
     """Another process made the thread: its history is unknown here, so its continue goes as it came."""
     emu.reply("one", "two")
     first = _four_breakpoints_create(wrapped(emu, tmp_path / "a"))
     other = wrapped(emu, tmp_path / "b")
-    other.beta.messages.create(
-        model=MODEL,
-        max_tokens=64,
-        betas=["message-threads-2026-08-12"],
-        thread={"type": "continue", "previous_message_id": first.id},
-        messages=[{"role": "user", "content": report("Rome")}],
-    )
+    _continue_with_rome(other, first.id)
     assert [r.status for r in emu.requests] == [200, 200]
     assert emu.requests[1].body["messages"] == [{"role": "user", "content": report("Rome")}]
     (record,) = other.tokensaver.records
@@ -462,13 +467,7 @@ def test_a_proxy_session_continues_a_thread_another_session_made(emu: Emulator, 
         with anthropic.Anthropic(**opts) as one:
             first = _four_breakpoints_create(one)
         with anthropic.Anthropic(**opts, default_headers={"x-tokensaver-run": "second"}) as two:
-            two.beta.messages.create(
-                model=MODEL,
-                max_tokens=64,
-                betas=["message-threads-2026-08-12"],
-                thread={"type": "continue", "previous_message_id": first.id},
-                messages=[{"role": "user", "content": report("Rome")}],
-            )
+            _continue_with_rome(two, first.id)
         deadline = time.monotonic() + BOUND
         while not load_run("second", runs).records() and time.monotonic() < deadline:
             time.sleep(0.05)
