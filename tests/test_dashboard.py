@@ -33,7 +33,7 @@ from tokensaver.emulator import Emulator
 from tokensaver.proxy import ProxyServer
 from tokensaver.report import fmt_int, fmt_usd
 from tokensaver.run import load_run
-from tokensaver.testing import TEST_API_KEY, start_proxy_process, stop_proxy_process
+from tokensaver.testing import TEST_API_KEY, start_proxy_process, stop_process, stop_proxy_process
 
 MODEL = "claude-sonnet-4-5"
 # long enough to be cached: cache_align's breakpoints make the saving, so "saved" is not just $0
@@ -293,12 +293,7 @@ async def _browser(chromium: str, profile: Path) -> Any:
                 finally:
                     page._reader.cancel()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc, grace=20)
         log.close()
 
 

@@ -204,15 +204,20 @@ def start_proxy_process(
     return proc, line.split()[3]
 
 
-def stop_proxy_process(proc: subprocess.Popen[str]) -> None:
-    """Terminate a proxy started by :func:`start_proxy_process`, killing it if it lingers."""
+def stop_process(proc: subprocess.Popen[Any], grace: float = 30) -> None:
+    """Terminate ``proc``, killing it if it lingers more than ``grace`` seconds."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def stop_proxy_process(proc: subprocess.Popen[str]) -> None:
+    """Terminate a proxy started by :func:`start_proxy_process`, killing it if it lingers."""
+    stop_process(proc)
 
 
 def free_port() -> int:
