@@ -9,6 +9,9 @@ timestamp, some callers place their own breakpoints or use automatic mode.
 
 ``turns(conv)`` expands it into the request of every call, as an agent loop sends them: the same
 tools and system, and the messages up to each user message.
+
+``tool_loop(task, steps)`` writes out one fixed agent loop: the task, then one tool use and its result
+per step.
 """
 
 from __future__ import annotations
@@ -129,3 +132,26 @@ def turns(conv: dict[str, Any]) -> list[dict[str, Any]]:
     for n in range(1, len(msgs) + 1, 2):
         out.append({**conv, "messages": msgs[:n]})
     return out
+
+
+def tool_loop(
+    task: str,
+    steps: list[tuple[str, dict[str, Any], str]],
+    *,
+    errors: frozenset[int] | set[int] = frozenset(),
+    narrate: bool = False,
+) -> list[dict[str, Any]]:
+    """The user's ``task``, then per step (tool name, tool input, result text) an assistant tool use
+    (id ``toolu_000``, ``toolu_001``, ...; after a "step k" text block when ``narrate``) and the user's
+    tool result (``is_error`` for the steps in ``errors``)."""
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": task}]
+    for k, (name, tool_input, text) in enumerate(steps):
+        tid = f"toolu_{k:03d}"
+        use: list[dict[str, Any]] = [{"type": "text", "text": f"step {k}"}] if narrate else []
+        use.append({"type": "tool_use", "id": tid, "name": name, "input": tool_input})
+        msgs.append({"role": "assistant", "content": use})
+        block: dict[str, Any] = {"type": "tool_result", "tool_use_id": tid, "content": text}
+        if k in errors:
+            block["is_error"] = True
+        msgs.append({"role": "user", "content": [block]})
+    return msgs

@@ -8,7 +8,7 @@ from typing import Any
 
 import anthropic
 import pytest
-from strategies import words
+from strategies import tool_loop, words
 from tokensaver_plugins import prune
 from tokensaver_plugins._blocks import request_problems, strip_cc
 
@@ -717,22 +717,9 @@ def _test_run(failing: bool) -> str:
 
 
 def _bash_turns(outputs: list[tuple[str, bool]]) -> list[dict[str, Any]]:
-    msgs: list[dict[str, Any]] = [{"role": "user", "content": "Task: make the tests pass"}]
-    for k, (text, err) in enumerate(outputs):
-        tid = f"toolu_{k:03d}"
-        msgs.append(
-            {
-                "role": "assistant",
-                "content": [
-                    {"type": "text", "text": f"step {k}"},
-                    {"type": "tool_use", "id": tid, "name": "Bash", "input": {"command": f"run {k}"}},
-                ],
-            }
-        )
-        block: dict[str, Any] = {"type": "tool_result", "tool_use_id": tid, "content": text}
-        if err:
-            block["is_error"] = True
-        msgs.append({"role": "user", "content": [block]})
+    steps = [("Bash", {"command": f"run {k}"}, text) for k, (text, _) in enumerate(outputs)]
+    errors = {k for k, (_, err) in enumerate(outputs) if err}
+    msgs = tool_loop("Task: make the tests pass", steps, errors=errors, narrate=True)
     msgs.append({"role": "assistant", "content": [{"type": "text", "text": "done"}]})
     msgs.append({"role": "user", "content": "thanks"})
     return msgs

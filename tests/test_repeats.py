@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import anthropic
+from strategies import tool_loop
 from tokensaver_plugins import prune
 from tokensaver_plugins._blocks import request_problems
 
@@ -39,19 +40,7 @@ def numbered(lines: list[str]) -> str:
 
 def agent(results: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """Task, then one tool use per (tool name, result text)."""
-    msgs: list[dict[str, Any]] = [{"role": "user", "content": "Task: fix the bug"}]
-    for k, (name, text) in enumerate(results):
-        tid = f"toolu_{k:03d}"
-        msgs.append(
-            {
-                "role": "assistant",
-                "content": [{"type": "tool_use", "id": tid, "name": name, "input": {"k": k}}],
-            }
-        )
-        msgs.append(
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tid, "content": text}]}
-        )
-    return msgs
+    return tool_loop("Task: fix the bug", [(name, {"k": k}, text) for k, (name, text) in enumerate(results)])
 
 
 def body_of(messages: list[dict[str, Any]]) -> dict[str, Any]:
