@@ -11,11 +11,13 @@ timestamp, some callers place their own breakpoints or use automatic mode.
 tools and system, and the messages up to each user message.
 
 ``tool_loop(task, steps)`` writes out one fixed agent loop: the task, then one tool use and its result
-per step.
+per step; ``expand_lines(text, pointer, expand)`` undoes a pointer a plugin wrote, line by line.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import strategies as st
@@ -155,3 +157,12 @@ def tool_loop(
             block["is_error"] = True
         msgs.append({"role": "user", "content": [block]})
     return msgs
+
+
+def expand_lines(text: str, pointer: re.Pattern[str], expand: Callable[[re.Match[str]], list[str]]) -> str:
+    """``text`` with each line that ``pointer`` matches replaced by the lines ``expand`` gives for it."""
+    out: list[str] = []
+    for ln in text.split("\n"):
+        m = pointer.match(ln)
+        out.extend(expand(m) if m else [ln])
+    return "\n".join(out)

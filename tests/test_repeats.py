@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 import anthropic
-from strategies import tool_loop
+from strategies import expand_lines, tool_loop
 from tokensaver_plugins import prune
 from tokensaver_plugins._blocks import request_problems
 
@@ -96,23 +96,19 @@ def expand(text: str, sent: dict[str, str]) -> str:
         assert set(changed) <= set(earlier)
         assert len(changed) == int(m.group(2)) and len(earlier) == int(m.group(3))
         return compact({**earlier, **changed})
-    out: list[str] = []
-    for ln in text.split("\n"):
-        m = POINTER.match(ln)
-        if not m:
-            out.append(ln)
-            continue
+
+    def pointed(m: re.Match[str]) -> list[str]:
         a, b, a0, b0, _, p, q, tid = m.groups()
         earlier = expand(sent[tid], sent).split("\n")
-        if a is not None:
-            lo, hi = (int(a0), int(b0)) if a0 else (int(a), int(b))
-            picked = [(x, n) for x in earlier if (n := NUMBERED.match(x)) and lo <= int(n.group(1)) <= hi]
-            assert len(picked) == int(b) - int(a) + 1
-            # the new numbers: the pointer's first range, one line each
-            out.extend(f"{int(a) + k}{x[n.end(1) :]}" for k, (x, n) in enumerate(picked))
-        else:
-            out.extend(earlier[int(p) - 1 : int(q)])
-    return "\n".join(out)
+        if a is None:
+            return earlier[int(p) - 1 : int(q)]
+        lo, hi = (int(a0), int(b0)) if a0 else (int(a), int(b))
+        picked = [(x, n) for x in earlier if (n := NUMBERED.match(x)) and lo <= int(n.group(1)) <= hi]
+        assert len(picked) == int(b) - int(a) + 1
+        # the new numbers: the pointer's first range, one line each
+        return [f"{int(a) + k}{x[n.end(1) :]}" for k, (x, n) in enumerate(picked)]
+
+    return expand_lines(text, POINTER, pointed)
 
 
 def test_a_reread_after_an_edit_points_at_the_unchanged_lines_and_loses_nothing() -> None:

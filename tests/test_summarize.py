@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import expand_lines
 from tokensaver_plugins import summarize
 from tokensaver_plugins._summarize_text import Options, parse_json, shrink
 
@@ -731,17 +732,14 @@ ECHO = re.compile(
 
 def unecho(text: str, tool_input: dict) -> str:
     """The result with each echo pointer replaced by the input lines it names, numbered as it says."""
-    out: list[str] = []
-    for ln in text.split("\n"):
-        m = ECHO.match(ln)
-        if not m:
-            out.append(ln)
-            continue
+
+    def echoed(m: re.Match[str]) -> list[str]:
         a, b, sep, p, q, field = m.groups()
         src = tool_input[field].split("\n")[int(p) - 1 : int(q)]
         assert len(src) == int(b) - int(a) + 1
-        out.extend(f"{int(a) + k}{chr(9) if sep == chr(92) + 't' else sep}{x}" for k, x in enumerate(src))
-    return "\n".join(out)
+        return [f"{int(a) + k}{chr(9) if sep == chr(92) + 't' else sep}{x}" for k, x in enumerate(src)]
+
+    return expand_lines(text, ECHO, echoed)
 
 
 def edit_conversation(tool_input: dict, text: str, name: str = "edit") -> dict:
