@@ -42,7 +42,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from tokensaver.context import plugin_notes
-from tokensaver.emulator.validation import (
+from tokensaver.hookspecs import hookimpl
+from tokensaver.model_rules import (
     model_version,
     refuses_budget_thinking,
     refuses_prefill,
@@ -50,7 +51,6 @@ from tokensaver.emulator.validation import (
     refuses_temperature_with_top_p,
     supports_adaptive_thinking,
 )
-from tokensaver.hookspecs import hookimpl
 from tokensaver.settings import Schema, Setting, _Bad, integer, number, size
 
 from ._lru import SizedLRU
