@@ -573,15 +573,7 @@ class TokensaverProxy:
             # upstream is the upstream's fault
             async for chunk in upstream_chunks(up):
                 watch.feed(chunk)
-                try:
-                    await response.write(chunk)
-                except ConnectionResetError:
-                    if watch.failed:
-                        # the upstream's own stream failed, and the client's SDK hung up on reading
-                        # it: that failure is what happened to the call, not a client going away
-                        outcome.finishing = True
-                        watch.record()
-                    raise
+                await response.write(chunk)
         except UpstreamBroke as broke:
             failure = Failure.upstream("upstream stream broke", broke.exc)
             outcome.finishing = True
@@ -589,6 +581,14 @@ class TokensaverProxy:
             await response.write(sse_error("api_error", f"tokensaver proxy: {failure.error}"))
             await response.write_eof()
             return response
+        except BaseException:
+            if watch.failed:
+                # the upstream's own stream failed, and the client's SDK hung up on reading it (a failed
+                # write, or the handler cancelled while the next chunk was awaited): that failure is
+                # what happened to the call, not a client going away
+                outcome.finishing = True
+                watch.record()
+            raise
         watch.eof()
         outcome.finishing = True
         if watch.complete:
