@@ -44,14 +44,18 @@ from typing import Any
 from tokensaver.context import plugin_notes
 from tokensaver.hookspecs import hookimpl
 from tokensaver.model_rules import (
+    advisor_pair_problem,
     model_version,
     refuses_budget_thinking,
     refuses_prefill,
     refuses_sampling,
     refuses_temperature_with_top_p,
     supports_adaptive_thinking,
+    supports_message_threads,
+    supports_tool_search,
 )
 from tokensaver.settings import Schema, Setting, _Bad, integer, number, size
+from tokensaver.threads import thread_of
 
 from ._lru import SizedLRU
 
@@ -59,13 +63,17 @@ PLUGIN = "route"
 DECISION_TTL = 7 * 86_400.0  # a conversation idle for a week starts afresh
 MAX_SWITCHES = 4  # switches kept per conversation (the decision's size stays small)
 
-# the longest output (max_tokens) each model takes, from Anthropic's models overview; a model not
-# listed keeps the caller's max_tokens
+# the longest output (max_tokens) each model takes, from Anthropic's model pages ("Max output"; the
+# 5.x rows from the comparison table on each page); a model not listed keeps the caller's max_tokens
 MAX_OUTPUT = {
+    "claude-fable-5-1": 128_000,
+    "claude-opus-5-5": 128_000,
+    "claude-sonnet-5-5": 128_000,
+    "claude-haiku-5-5": 128_000,
     "claude-haiku-4-5": 64_000,
     "claude-3-5-haiku": 8_192,
     "claude-3-haiku": 4_096,
-    "claude-sonnet-4-6": 64_000,
+    "claude-sonnet-4-6": 128_000,
     "claude-sonnet-4-5": 64_000,
     "claude-sonnet-4": 64_000,
     "claude-3-7-sonnet": 64_000,
@@ -276,8 +284,15 @@ def supports_effort(model: str) -> bool:
     return (major, minor) >= (4, 6) or (fam == "opus" and (major, minor) >= (4, 5))
 
 
-def refusal(body: dict[str, Any], target: str) -> str | None:
-    """Why ``body`` cannot go to ``target`` at all (kept on its model), or None."""
+TOOL_SEARCH_TYPES = ("tool_search_tool_regex_", "tool_search_tool_bm25_")
+
+
+def refusal(body: dict[str, Any], target: str, tokens: Any = None, window: int | None = None) -> str | None:
+    """Why ``body`` cannot go to ``target`` at all (it is kept on its model), or None.
+
+    ``tokens()`` counts the request's input tokens, ``window`` is the target's context window (the price
+    table's ``context_window``); both are only consulted when the rest passes.
+    """
     msgs = body.get("messages") or []
     if (
         msgs
@@ -286,6 +301,16 @@ def refusal(body: dict[str, Any], target: str) -> str | None:
         and refuses_prefill(target)
     ):
         return "prefill"  # the caller's prefill shapes the answer: dropping it would change what they asked
+    if thread_of(body) is not None and not supports_message_threads(target):
+        return "message threads"  # the target answers 400 thread_unsupported_request
+    for tool in body.get("tools") or []:
+        kind = str(tool.get("type") or "") if isinstance(tool, dict) else ""
+        if kind.startswith(TOOL_SEARCH_TYPES) and not supports_tool_search(target):
+            return "tool search"
+        if kind.startswith("advisor_") and advisor_pair_problem(target, str(tool.get("model") or "")):
+            return "advisor pair"
+    if tokens is not None and window is not None and tokens() > window:
+        return "context window"
     return None
 
 
@@ -478,10 +503,17 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
     key = _key(ctx, settings, asked)
     decision = load_decision(ctx, settings, key)
     switch: dict[str, Any] | None = None
+    # a message-thread continue (the stages get the whole conversation; tokensaver.threads): the API holds
+    # the thread as its create was sent, so the continue keeps the model the conversation is on, no switch
+    continuing = (thread_of(body) or {}).get("type") == "continue"
     if decision is None:
         first = rule["model"] if rule else asked
         decision = {"model": first, "rule": rule["name"] if rule else None, "switches": [], "from": n}
-        if n > 1 and first != asked:
+        if continuing and first != asked:
+            # its create was not routed here (or the decision is gone): the thread is on the model asked for
+            ctx.record(kept="thread continue", rule=rule["name"] if rule else None, target=first)
+            decision = {"model": asked, "rule": None, "switches": [], "from": n}
+        elif n > 1 and first != asked:
             # seen first mid-way (the plugin enabled in a running conversation, a decision expired):
             # the conversation is cached on the model asked for, so moving it is a switch like any other
             pays, switch = switch_pays(ctx, settings, tokens(), asked, first, n // 2, _out_tokens(ctx, key))
@@ -493,7 +525,11 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
                 switch = None
         save_decision(ctx, settings, key, decision)
     model, rule_name = model_at(decision, n)
-    if rule is not None and rule["switch"] and rule["model"] != model and n > int(decision.get("from", 1)):
+    wants_switch = rule is not None and rule["switch"] and rule["model"] != model
+    if wants_switch and continuing:
+        assert rule is not None
+        ctx.record(kept="thread continue", rule=rule["name"], target=rule["model"])
+    elif wants_switch and rule is not None and n > int(decision.get("from", 1)):
         switches = decision.get("switches") or []
         last_at = switches[-1][0] if switches else 0
         if n > last_at and len(switches) < MAX_SWITCHES and not signed_turn(body):
@@ -508,11 +544,11 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
                 ctx.record(kept="switch does not pay", rule=rule["name"], **facts)
     if model == asked:
         return None
-    why = refusal(body, model)
-    if why is None and tokens() > ctx.prices.get(model).context_window:
-        why = "context window"
+    window = ctx.prices.get(model).context_window
+    why = refusal(body, model, tokens, window)
     if why is not None:
-        ctx.record(kept=why, rule=rule_name, target=model)
+        facts = {"tokens": tokens(), "window": window} if why == "context window" else {}
+        ctx.record(kept=why, rule=rule_name, target=model, **facts)
         return None
     notes: dict[str, Any] = {"rule": rule_name, "asked": asked, "target": model}
     if switch is not None:
@@ -554,10 +590,9 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
     per: dict[str, dict[str, Any]] = {}
     kept: dict[str, int] = {}
     for call, n in notes:
-        if n.get("kept"):
+        if n.get("kept"):  # a call kept on its model (it may still be routed: a switch not made)
             kept[n["kept"]] = kept.get(n["kept"], 0) + 1
-            continue
-        if not n.get("target"):
+        if not n.get("asked") or not n.get("target"):
             continue
         row = per.setdefault(
             str(n.get("rule")),

@@ -6,7 +6,9 @@ independent run of the same conversation on the model asked for, with no plugin 
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 from tokensaver_plugins import route
 
 import tokensaver
+from tests.test_threads import BOUND, loop_kwargs, script
 from tokensaver import load_run
 from tokensaver.emulator import Emulator
 from tokensaver.pricing import PriceTable
@@ -297,3 +300,110 @@ def test_a_replay_bills_a_routed_call_at_the_model_that_answered(tmp_path: Path)
     for billed, rec in zip(result.billed, result.records, strict=True):
         assert billed["cost_usd"] == pytest.approx(PRICES.get(HAIKU).cost(billed["usage"]))
         assert billed["cost_usd"] == pytest.approx(rec["cost_usd"])
+
+
+# -- message threads: the SDK's tool runner (a create, then continues holding only the new messages) -----------
+
+SONNET = "claude-sonnet-4-6"
+SWITCH_LATER = [{"name": "later", "when": {"first": False}, "model": HAIKU, "switch": True}]
+ALL_SONNET = [{"name": "sonnet", "when": {"model": ["claude-sonnet-*"]}, "model": HAIKU}]
+
+
+def route_toml(path: Path, runs: Path, rules: list[dict[str, Any]], **extra: Any) -> None:
+    """A config file with only ``route`` and ``rules`` (written out as TOML tables)."""
+    lines = [f'runs_dir = "{runs}"', 'plugins = ["route"]', "[route]"]
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    for r in rules:
+        when = ", ".join(
+            f"{k} = {str(v).lower() if isinstance(v, bool) else json.dumps(v)}" for k, v in r["when"].items()
+        )
+        lines += [
+            "[[route.rules]]",
+            f'name = "{r["name"]}"',
+            f"when = {{ {when} }}",
+            f'model = "{r["model"]}"',
+        ]
+        if r.get("switch"):
+            lines.append("switch = true")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def tool_loop(
+    emu: Emulator, tmp_path: Path, door: str, rules: list[dict[str, Any]], **over: Any
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The weather tool loop (tests.test_threads) asked of Sonnet through wrap() or a proxy process with
+    ``route`` and ``rules``: the messages the caller got, and the run's records."""
+    script(emu)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    runs = tmp_path / "runs"
+    kwargs = loop_kwargs(model=SONNET, **over)
+    if door == "wrap":
+        client = client_for(emu, tmp_path, ["route"], route={"rules": rules, "switch_payback": 0.1})
+        messages = list(client.beta.messages.tool_runner(**kwargs))
+        return messages, list(client.tokensaver.records)
+    route_toml(tmp_path / "tokensaver.toml", runs, rules, switch_payback=0.1)
+    proc, url = start_proxy_process(
+        "--upstream", emu.url, "--run", "loop", "--config", str(tmp_path / "tokensaver.toml"), cwd=tmp_path
+    )
+    try:
+        with anthropic.Anthropic(base_url=url, api_key=TEST_API_KEY, max_retries=0, timeout=BOUND) as client:
+            messages = list(client.beta.messages.tool_runner(**kwargs))
+        deadline = time.monotonic() + BOUND
+        while len(load_run("loop", runs).records()) < len(emu.requests) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop_proxy_process(proc)
+    return messages, load_run("loop", runs).records()
+
+
+def thread_kinds(emu: Emulator) -> list[str]:
+    return [str((r.body.get("thread") or {}).get("type")) for r in emu.requests]
+
+
+@pytest.mark.parametrize("door", ["wrap", "proxy"])
+def test_a_thread_stays_on_the_model_its_create_was_given(emu: Emulator, tmp_path: Path, door: str) -> None:
+    # routed at its create: each continue holds only its new message and names the target too
+    messages, records = tool_loop(emu, tmp_path / "routed", door, ALL_SONNET)
+    assert [m.stop_reason for m in messages] == ["tool_use"] * 3 + ["end_turn"]
+    assert thread_kinds(emu) == ["create", "continue", "continue", "continue"]
+    assert all(r.status == 200 for r in emu.requests)
+    assert all(len(r.body["messages"]) == 1 and "system" not in r.body for r in emu.requests[1:])
+    assert [r.body["model"] for r in emu.requests] == [HAIKU] * 4
+    assert [m.model for m in messages] == [HAIKU] * 4  # the caller sees the model that answered
+    assert [r["plugins"]["route"]["target"] for r in records] == [HAIKU] * 4
+    # the same loop without a thread switches to Haiku at its second call (the switch pays at payback 0.1)
+    emu.requests.clear()
+    tool_loop(emu, tmp_path / "plain", "wrap", SWITCH_LATER, thread=False)
+    assert [r.body["model"] for r in emu.requests] == [SONNET, HAIKU, HAIKU, HAIKU]
+    # on a message thread no switch is made: the continues stay on the model the thread was created on
+    emu.requests.clear()
+    messages, records = tool_loop(emu, tmp_path / "switch", door, SWITCH_LATER)
+    assert [m.stop_reason for m in messages] == ["tool_use"] * 3 + ["end_turn"]
+    assert thread_kinds(emu) == ["create", "continue", "continue", "continue"]
+    assert all(r.status == 200 for r in emu.requests)
+    assert [r.body["model"] for r in emu.requests] == [SONNET] * 4
+    assert [m.model for m in messages] == [SONNET] * 4
+    assert [(r["plugins"].get("route") or {}).get("kept") for r in records] == [None] + [
+        "thread continue"
+    ] * 3
+
+
+def test_a_thread_is_not_routed_to_a_model_without_message_threads(emu: Emulator, tmp_path: Path) -> None:
+    old = "claude-3-5-haiku-20241022"
+    rules = [{"name": "old", "when": {}, "model": old}]
+    messages, records = tool_loop(emu, tmp_path, "wrap", rules)
+    assert [m.stop_reason for m in messages] == ["tool_use"] * 3 + ["end_turn"]
+    assert all(r.status == 200 for r in emu.requests)
+    assert thread_kinds(emu) == ["create", "continue", "continue", "continue"]
+    assert [r.body["model"] for r in emu.requests] == [SONNET] * 4
+    assert [r["plugins"]["route"]["kept"] for r in records] == ["message threads"] * 4
+    # the emulator refuses a thread on that model: proof the case is real
+    direct = anthropic.Anthropic(base_url=emu.url, api_key=TEST_API_KEY, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError, match="not supported"):
+        direct.beta.messages.create(
+            model=old,
+            max_tokens=10,
+            messages=[{"role": "user", "content": "hi"}],
+            thread={"type": "create"},
+            betas=["message-threads-2026-08-12"],
+        )

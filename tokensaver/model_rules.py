@@ -52,3 +52,46 @@ def supports_adaptive_thinking(model: str) -> bool:
     """``thinking: {"type": "adaptive"}`` came with the 4.6 models; earlier ones answer 400."""
     _, major, minor = model_version(model)
     return (major, minor) >= (4, 6)
+
+
+# -- features only some models take (each from the feature's page: its ``supportedModels``) --------------------
+
+
+def supports_message_threads(model: str) -> bool:
+    """The message threads beta (``thread`` field): every Claude 4.5 and later model; Sonnet 4, Opus 4.1 and
+    the 3.x models answer 400 ``thread_unsupported_request`` (message-threads page, supportedModels)."""
+    _, major, minor = model_version(model)
+    return (major, minor) >= (4, 5)
+
+
+def supports_tool_search(model: str) -> bool:
+    """The tool search tools (``tool_search_tool_regex_20251119`` / ``_bm25_20251119``): every Claude 4.5 and
+    later model, Haiku 4.5 included (tool-search-tool page, supportedModels)."""
+    _, major, minor = model_version(model)
+    return (major, minor) >= (4, 5)
+
+
+_RANK = {"haiku": 0, "sonnet": 1, "opus": 2, "fable": 3, "mythos": 3}
+
+
+def advisor_pair_problem(executor: str, advisor: str) -> str | None:
+    """Why ``executor`` (the request's model) cannot call the advisor tool (``advisor_20260301``) with
+    ``advisor`` as its model, or None when the pair is one the docs accept.
+
+    The accepted pairs (Claude Code's advisor page, "Choose an advisor model"): the advisor is at least as
+    capable as the executor; Haiku 4.5 and Sonnet 4.6 take a Sonnet, Opus or Fable advisor; Opus 4.6 and later
+    take Fable or an Opus of their version or later; Fable 5 takes Fable only; Haiku is never an advisor. An
+    executor the table does not list is reported as unknown (not assumed to work)."""
+    efam, emaj, emin = model_version(executor)
+    afam, amaj, amin = model_version(advisor)
+    if afam not in _RANK or afam == "haiku":
+        return f"{advisor} cannot be an advisor"
+    if (efam, emaj, emin) in (("haiku", 4, 5), ("sonnet", 4, 6)):
+        return None if _RANK[afam] >= 1 else f"{advisor} is below {executor}"
+    if efam == "opus" and (emaj, emin) >= (4, 6):
+        if _RANK[afam] == 3 or (afam == "opus" and (amaj, amin) >= (emaj, emin)):
+            return None
+        return f"{executor} takes a Fable advisor or an Opus of its version or later, not {advisor}"
+    if efam in ("fable", "mythos"):
+        return None if _RANK[afam] == 3 else f"{executor} takes a Fable advisor only"
+    return f"the advisor tool's pairs do not list {executor} as an executor"
