@@ -407,3 +407,44 @@ def test_a_thread_is_not_routed_to_a_model_without_message_threads(emu: Emulator
             thread={"type": "create"},
             betas=["message-threads-2026-08-12"],
         )
+
+
+def test_a_request_the_target_cannot_take_stays_on_its_model_and_the_report_says_why(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    old = "claude-3-5-haiku-20241022"
+    rules = [
+        {"name": "to-old", "when": {"system": ["old"]}, "model": old},
+        {"name": "to-haiku", "when": {}, "model": HAIKU},
+    ]
+    client = client_for(emu, tmp_path, ["route"], route={"rules": rules})
+    search = {"type": "tool_search_tool_regex_20251119", "name": "tool_search_tool_regex"}
+    advisor = {"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-4-7"}
+    q: list[Any] = [{"role": "user", "content": "q"}]
+
+    def ask(system: str, tools: list[Any], content: Any = q, model: str = "claude-opus-4-7") -> None:
+        client.messages.create(model=model, max_tokens=50, system=system, tools=tools, messages=content)
+
+    ask("old: search", [search, READ])  # tool search needs a 4.5+ model
+    ask("old: advise", [advisor])  # Haiku 3.5 is no executor the advisor's pairs list
+    ask("new: advise", [advisor])  # Haiku 4.5 with an Opus advisor is a pair the docs accept
+    ask("new: search", [search, READ])  # Haiku 4.5 has tool search
+    # over Haiku 4.5's 200k context window (the price table's), which Opus 4.7's 1M takes
+    big = [{"role": "user", "content": long_text(3, 120_000)}]
+    ask("new: long", [], big)
+    assert all(r.status == 200 for r in emu.requests)
+    assert [r.body["model"] for r in emu.requests] == [
+        "claude-opus-4-7",
+        "claude-opus-4-7",
+        HAIKU,
+        HAIKU,
+        "claude-opus-4-7",
+    ]
+    notes = [r["plugins"]["route"] for r in client.tokensaver.records]
+    assert [n.get("kept") for n in notes] == ["tool search", "advisor pair", None, None, "context window"]
+    assert notes[4]["tokens"] > notes[4]["window"] == 200_000
+    report = load_run(client.tokensaver.run.name, tmp_path / "runs").report().to_dict()
+    (section,) = [s for s in report["sections"] if s["plugin"] == "route"]
+    assert "2 calls routed" in section["summary"]
+    for why in ("advisor pair", "context window", "tool search"):
+        assert f"1 kept ({why})" in section["summary"]
