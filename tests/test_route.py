@@ -448,3 +448,43 @@ def test_a_request_the_target_cannot_take_stays_on_its_model_and_the_report_says
     assert "2 calls routed" in section["summary"]
     for why in ("advisor pair", "context window", "tool search"):
         assert f"1 kept ({why})" in section["summary"]
+
+
+def sse_models(text: str) -> list[str]:
+    """The ``model`` each SSE event of a Messages stream names (message_start's message)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data: "):
+            event = json.loads(line[6:])
+            if event.get("type") == "message_start":
+                out.append(event["message"]["model"])
+    return out
+
+
+def test_the_caller_sees_the_model_that_answered_in_json_and_sse(emu: Emulator, tmp_path: Path) -> None:
+    rules = [{"name": "all", "when": {}, "model": HAIKU}]
+    ask: dict[str, Any] = {"model": OPUS, "max_tokens": 50, "messages": [{"role": "user", "content": "q"}]}
+    client = client_for(emu, tmp_path, ["route"], route={"rules": rules})
+    assert client.messages.create(**ask).model == HAIKU
+    with client.messages.stream(**ask) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert [e.message.model for e in events if e.type == "message_start"] == [HAIKU] and final.model == HAIKU
+    raw = client.messages.with_raw_response.create(**ask, stream=True)
+    assert sse_models(raw.http_response.read().decode()) == [HAIKU]
+    route_toml(tmp_path / "tokensaver.toml", tmp_path / "runs", rules)
+    proc, url = start_proxy_process(
+        "--upstream", emu.url, "--run", "sse", "--config", str(tmp_path / "tokensaver.toml"), cwd=tmp_path
+    )
+    try:
+        with httpx.Client(timeout=30) as http:
+            got = http.post(f"{url}/v1/messages", json=ask, headers=HEADERS)
+            assert got.status_code == 200 and got.json()["model"] == HAIKU
+            with http.stream(
+                "POST", f"{url}/v1/messages", json={**ask, "stream": True}, headers=HEADERS
+            ) as r:
+                assert r.status_code == 200
+                assert sse_models(r.read().decode()) == [HAIKU]
+    finally:
+        stop_proxy_process(proc)
+    assert [r.body["model"] for r in emu.requests] == [HAIKU] * 5
