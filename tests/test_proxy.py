@@ -37,6 +37,7 @@ from tokensaver.proxy import (
 from tokensaver.run import load_run
 from tokensaver.sse import SSEAccumulator, message_to_sse
 from tokensaver.testing import SystemTagger, start_proxy_process
+from tokensaver.traces import Conversation, fixtures_dir, load_conversation
 
 MODEL = "claude-sonnet-4-6"
 KEY = "sk-ant-api03-proxytest-AAAA"
@@ -532,13 +533,22 @@ def test_command_refuses_a_public_bind_without_token(tmp_path: Path) -> None:
 # -- overhead ---------------------------------------------------------------------------------------
 
 
-def test_measure_proxy_overhead_shape() -> None:
-    result = measure_proxy_overhead(n_calls=3, size_tokens=300, plugins=[], warmup=1)
-    assert result["n_calls"] == 3 and result["size_tokens"] == 300
-    for name in ("direct", "proxy", "added", "pipeline", "transport"):
-        assert isinstance(result[f"{name}_p50_ms"], float)
-        assert result[f"{name}_p95_ms"] >= result[f"{name}_p50_ms"]
-    assert result["proxy_p50_ms"] > 0 and result["pipeline_p50_ms"] >= 0
+def test_measure_proxy_overhead_replays_a_real_conversation() -> None:
+    fixtures = fixtures_dir()
+    if fixtures is None:
+        pytest.skip("the bundled fixtures/ folder is not here (not a source checkout)")
+    conv = load_conversation(
+        fixtures / "claude-code-spotter/6c2214d7-b87e-4432-8e41-22ba294ea584__agent-afc096d.json"
+    )
+    conv = Conversation(conv.id, conv.source, conv.calls[:4], conv.info)
+    for stream in (False, True):
+        result = measure_proxy_overhead([conv], 1, stream=stream, reps=1, plugins=[], band=1e9, spawn=False)
+        assert result["n_calls"] == result["replayed_calls"] == 4 and result["stream"] is stream
+        for name in ("direct", "proxy", "added", "pipeline", "proxy_own"):
+            assert isinstance(result[f"{name}_p50_ms"], float)
+            assert result[f"{name}_p95_ms"] >= result[f"{name}_p50_ms"]
+        # every call went through the pipeline, whose own time is read from its record
+        assert result["proxy_p50_ms"] > 0 and result["pipeline_p50_ms"] > 0
 
 
 class _Clock:

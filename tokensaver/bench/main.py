@@ -216,7 +216,7 @@ def _measure(
                 overhead = measure_overhead(sample, sizes=sizes, reps=opts.overhead_reps)
             except ValueError as exc:
                 overhead = [{"error": str(exc)}]
-            proxy_overhead = measure_proxy(opts.quick, opts.overhead_reps)
+            proxy_overhead = measure_proxy(opts.quick, opts.overhead_reps, sample)
         if opts.memory:
             memory = measure_memory(sample, opts.limit_calls)
     return overhead, proxy_overhead, memory

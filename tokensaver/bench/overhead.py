@@ -176,16 +176,42 @@ def measure_memory(conversations: list[Conversation], limit_calls: int | None) -
     }
 
 
-def measure_proxy(quick: bool, reps: int) -> list[dict[str, Any]]:
-    """The time ``tokensaver proxy`` adds per call, JSON and streamed, next to the pipeline's own."""
+def measure_proxy(
+    quick: bool, reps: int, conversations: list[Conversation] | None = None
+) -> list[dict[str, Any]]:
+    """The time ``tokensaver proxy`` adds per call, JSON and streamed, next to the pipeline's own.
+
+    The same conversations as :func:`measure_overhead` (the calls of each size's band, else one long
+    session), replayed in order through a real proxy in front of an upstream that answers at once
+    (:func:`tokensaver.proxy.overhead.measure_proxy_overhead`), least of up to 3 fresh processes
+    (``quick``: ~10k tokens, two conversations, one pass).
+    """
     if PROXY_UNAVAILABLE is not None:
         return [{"error": PROXY_UNAVAILABLE}]
-    sizes = (2_000,) if quick else (2_000, 10_000)
-    out = []
+    if not conversations:
+        return [{"error": "proxy overhead: no conversations to replay"}]
+    sizes = (10_000,) if quick else (50_000, 200_000)
+    out: list[dict[str, Any]] = []
     for size in sizes:
+        sample = _band_sample(conversations, size)[: 2 if quick else 6]
+        long = None if sample else long_session(conversations, int(size * (1 + BAND)))
+        if long is not None:
+            sample = _band_sample([long], size)
         for stream in (False, True):
+            if not sample:
+                out.append(
+                    {
+                        "size_tokens": size,
+                        "stream": stream,
+                        "error": f"no conversation reaches ~{size // 1000}k tokens",
+                    }
+                )
+                continue
             try:
-                row = measure_proxy_overhead(n_calls=max(5, reps), size_tokens=size, stream=stream)
+                row = measure_proxy_overhead(
+                    sample, size, stream=stream, reps=1 if quick else max(1, min(reps, 3)), band=BAND
+                )
+                row["chained"] = long is not None
             except Exception as exc:  # a measurement must not sink the whole bench
                 row = {
                     "error": f"proxy overhead ({size} tokens, stream={stream}): {type(exc).__name__}: {exc}"

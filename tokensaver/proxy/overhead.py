@@ -1,44 +1,30 @@
-"""How much time the proxy adds per Messages call (``tokensaver bench``'s proxy overhead)."""
+"""How much time the proxy adds per Messages call (``tokensaver bench``'s proxy overhead).
+
+Real conversations replayed in order (:func:`measure_proxy_overhead`): each call's body, as the
+agent sent it, goes once straight to an upstream that answers at once with the call's recorded reply
+(:func:`replay_upstream`) and once through a real proxy in front of that upstream; the difference is
+what the proxy adds. The proxy records into a run ledger, as ``tokensaver proxy`` does.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
 import tempfile
 import time
 from typing import Any
 
 import httpx2
+import orjson
 from aiohttp import web
 
 from .._stats import percentile
 from ..exchange import MESSAGES_PATH
-from ..sse import message_to_sse
+from ..sse import message_events, message_to_sse, sse_event
+from ..tokens import default_counter
+from ..traces import Conversation, TraceCall
 from .server import BackgroundApp, ProxyServer
+from .sessions import SESSION_HEADER, session_run_name
 from .wire import MAX_BODY
-
-
-def _bench_body(i: int, size_tokens: int, stream: bool) -> dict[str, Any]:
-    words = max(1, size_tokens * 3 // 4)
-    log_text = "\n".join(f"line {n}: step {n % 7} ok" for n in range(max(1, words // 6)))
-    return {
-        "model": "claude-sonnet-4-6",
-        "max_tokens": 256,
-        "stream": stream,
-        "system": "You are a coding agent.",
-        "messages": [
-            {"role": "user", "content": f"Run the tests (call {i})."},
-            {
-                "role": "assistant",
-                "content": [
-                    {"type": "tool_use", "id": f"toolu_{i}", "name": "bash", "input": {"cmd": "make"}}
-                ],
-            },
-            {
-                "role": "user",
-                "content": [{"type": "tool_result", "tool_use_id": f"toolu_{i}", "content": log_text}],
-            },
-        ],
-        "tools": [{"name": "bash", "description": "run", "input_schema": {"type": "object"}}],
-    }
 
 
 def canned_upstream(message: dict[str, Any], *, chunks: int = 4) -> web.Application:
@@ -79,61 +65,208 @@ CANNED_MESSAGE: dict[str, Any] = {
 }
 
 
-def measure_proxy_overhead(
-    n_calls: int = 50,
-    size_tokens: int = 2000,
-    *,
-    stream: bool = False,
-    plugins: list[str] | None = None,
-    warmup: int = 3,
-) -> dict[str, Any]:
-    """Time the proxy adds per Messages call: p50/p95 in ms.
+# -- real conversations replayed in order ------------------------------------------------------
 
-    Each call is sent twice with the same body, directly to a canned upstream (``canned_upstream``:
-    the emulator's unbuffered writes stall on delayed ACKs and would swamp what is measured) and
-    through the proxy
-    (same HTTP client); ``added_*`` is the per-call difference, ``pipeline_*`` the part the
-    pipeline itself took (the ``overhead_ms`` wrap() records too), ``transport_*`` the rest.
-    ``plugins=None`` uses the configured plugins; runs are not persisted.
+
+class Reply:
+    """The answer the replay upstream gives next: the call's recorded reply, as JSON and as SSE events."""
+
+    def __init__(self) -> None:
+        self.json = orjson.dumps(CANNED_MESSAGE)
+        self.events: list[bytes] = [sse_event(e["type"], e) for e in message_events(CANNED_MESSAGE)]
+
+    def set(self, message: dict[str, Any]) -> None:
+        self.json = orjson.dumps(message)
+        self.events = [sse_event(e["type"], e) for e in message_events(message)]
+
+
+def replay_upstream(reply: Reply) -> web.Application:
+    """A Messages API stand-in answering with ``reply`` at once: JSON, or SSE one event per write.
+
+    The body is read, not parsed (only its stream flag is looked for): the upstream's own time is
+    the same whether the call comes straight or through the proxy, and is subtracted.
     """
-    direct_ms: list[float] = []
-    proxy_ms: list[float] = []
+    headers = {"request-id": "req_replay", "anthropic-organization-id": "org-bench"}
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        if b'"stream":true' not in raw:
+            return web.Response(body=reply.json, content_type="application/json", headers=headers)
+        response = web.StreamResponse(
+            headers={**headers, "content-type": "text/event-stream", "cache-control": "no-cache"}
+        )
+        await response.prepare(request)
+        for event in reply.events:
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    app = web.Application(client_max_size=MAX_BODY)
+    app.router.add_post(MESSAGES_PATH, messages)
+    return app
+
+
+def _answer(call: TraceCall) -> dict[str, Any]:
+    """The Message a trace call got: its recorded reply and usage."""
+    return {
+        "id": "msg_replay",
+        "type": "message",
+        "role": "assistant",
+        "model": str(call.body.get("model", "")),
+        "content": call.reply or [{"type": "text", "text": "OK."}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": dict(call.usage or {"input_tokens": 1, "output_tokens": 1}),
+    }
+
+
+def agent_headers(session: str) -> dict[str, str]:
+    """The headers Claude Code sends with a Messages call (its session's id among them)."""
+    return {
+        "accept": "application/json",
+        "accept-encoding": "gzip, deflate, br, zstd",
+        "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,"
+        "fine-grained-tool-streaming-2025-05-14",
+        "anthropic-dangerous-direct-browser-access": "true",
+        "anthropic-version": "2023-06-01",
+        "content-type": "application/json",
+        "user-agent": "claude-cli/2.0.14 (external, cli)",
+        "x-api-key": "sk-ant-bench-not-a-key",
+        "x-app": "cli",
+        SESSION_HEADER: session,
+        "x-stainless-arch": "x64",
+        "x-stainless-lang": "js",
+        "x-stainless-os": "Linux",
+        "x-stainless-package-version": "0.60.0",
+        "x-stainless-retry-count": "0",
+        "x-stainless-runtime": "node",
+        "x-stainless-runtime-version": "v22.19.0",
+        "x-stainless-timeout": "600",
+    }
+
+
+def replay_through_proxy(
+    sample: list[Conversation], *, stream: bool, plugins: list[str] | None = None
+) -> list[list[tuple[float, float, float]]]:
+    """Per conversation, per call: (direct ms, through-the-proxy ms, the pipeline's ms of that call).
+
+    One proxy (recording into a run ledger in a temporary folder) for all the conversations, their
+    calls in order; each call's bytes are sent first straight to the replay upstream, then through
+    the proxy, by one keep-alive HTTP client. Wall time to the answer's last byte.
+    """
+    reply = Reply()
+    clock = [1_700_000_000.0]
+    out: list[list[tuple[float, float, float]]] = []
     with tempfile.TemporaryDirectory(prefix="tokensaver-bench-") as tmp:
-        cfg: dict[str, Any] = {"record": False, "runs_dir": tmp}
+        cfg: dict[str, Any] = {"record": True, "runs_dir": tmp}
         if plugins is not None:
             cfg["plugins"] = list(plugins)
         with (
-            BackgroundApp(canned_upstream(CANNED_MESSAGE)) as emu,
-            ProxyServer(cfg, upstream=emu.url) as proxy,
-            httpx2.Client(timeout=60) as http,
+            BackgroundApp(replay_upstream(reply)) as upstream,
+            ProxyServer(cfg, upstream=upstream.url, clock=lambda: clock[0]) as proxy,
+            httpx2.Client(timeout=120) as http,
         ):
-            headers = {"x-api-key": "bench", "anthropic-version": "2023-06-01"}
 
-            def timed(base: str, body: dict[str, Any]) -> float:
+            def timed(base: str, data: bytes, headers: dict[str, str]) -> float:
                 t0 = time.perf_counter()
-                r = http.post(f"{base}/v1/messages", json=body, headers=headers)
+                r = http.post(f"{base}{MESSAGES_PATH}", content=data, headers=headers)
                 r.read()
-                r.raise_for_status()
-                return (time.perf_counter() - t0) * 1000
+                ms = (time.perf_counter() - t0) * 1000
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {r.content[:300]!r}")
+                return ms
 
-            for i in range(max(0, warmup) + max(1, n_calls)):
-                body = _bench_body(i, size_tokens, stream)
-                d = timed(emu.url, body)
-                p = timed(proxy.url, body)
-                if i >= warmup:
-                    direct_ms.append(d)
-                    proxy_ms.append(p)
-            pipeline_ms = [float(r["overhead_ms"]) for r in proxy.records()][max(0, warmup) :]
-    added = [p - d for p, d in zip(proxy_ms, direct_ms, strict=True)]
-    transport = [a - o for a, o in zip(added, pipeline_ms, strict=False)]
-    out: dict[str, Any] = {"n_calls": len(added), "size_tokens": size_tokens, "stream": stream}
+            for n, conv in enumerate(sample):
+                session = f"replay-{n}-{conv.id}"[:60]
+                headers = agent_headers(session)
+                run = session_run_name(session)
+                rows: list[tuple[float, float, float]] = []
+                for call in conv.calls:
+                    clock[0] = max(clock[0] + 1.0, call.t if call.t is not None else clock[0] + 30.0)
+                    data = orjson.dumps({**call.body, "stream": stream})  # as the agent sent it
+                    reply.set(_answer(call))
+                    direct = timed(upstream.url, data, headers)
+                    through = timed(proxy.url, data, headers)
+                    records = proxy.proxy.pipeline_for(run).records
+                    record = records[-1] if records else {}
+                    rows.append((direct, through, float(record.get("overhead_ms") or 0.0)))
+                out.append(rows)
+    return out
+
+
+def _ms(values: list[float], p: float) -> float:
+    return round(percentile(values, p) or 0.0, 3)  # nearest rank, as every report
+
+
+def measure_proxy_overhead(
+    sample: list[Conversation],
+    size_tokens: int,
+    *,
+    stream: bool = False,
+    reps: int = 3,
+    plugins: list[str] | None = None,
+    band: float = 0.25,
+    spawn: bool = True,
+) -> dict[str, Any]:
+    """Time the proxy adds per Messages call on real conversations replayed in order: p50/p95 in ms.
+
+    ``sample``'s conversations are replayed ``reps`` times (each time in a new process with a new
+    proxy, as a proxy starts; ``spawn=False``: in this process), their calls in order
+    (:func:`replay_through_proxy`). Of the calls whose original body counts ``size_tokens`` to
+    ``band`` over it, each one's direct and proxied times are their least over the ``reps``;
+    ``added`` is the difference, ``pipeline`` the pipeline's own time in the proxy (the
+    ``overhead_ms`` its record holds, from the repetition with the least proxied time) and
+    ``proxy_own`` the rest: HTTP, body read and parse, headers, forwarding, the answer's relay, the
+    ledger. ``plugins=None`` uses the configured plugins.
+    """
+    counter = default_counter()
+    lo, hi = size_tokens, size_tokens * (1 + band)
+    sizes = [[counter.request(c.body) for c in conv.calls] for conv in sample]
+    inside = [[lo <= n <= hi for n in row] for row in sizes]
+    tokens = [float(n) for row in sizes for n in row if lo <= n <= hi]
+    runs = []
+    for _ in range(max(1, reps)):
+        if spawn:
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                runs.append(
+                    pool.apply(replay_through_proxy, (sample,), {"stream": stream, "plugins": plugins})
+                )
+        else:
+            runs.append(replay_through_proxy(sample, stream=stream, plugins=plugins))
+    direct, through, added, pipeline, own = [], [], [], [], []
+    for c, flags in enumerate(inside):
+        for i, flag in enumerate(flags):
+            if not flag:
+                continue
+            d = min(run[c][i][0] for run in runs)
+            best = min(runs, key=lambda run: run[c][i][1])
+            p, ms = best[c][i][1], best[c][i][2]
+            direct.append(d)
+            through.append(p)
+            added.append(p - d)
+            pipeline.append(ms)
+            own.append(p - d - ms)
+    out: dict[str, Any] = {
+        "size_tokens": size_tokens,
+        "tokens": int(percentile(tokens, 50) or 0),
+        "stream": stream,
+        "n_calls": len(added),
+        "conversations": len(sample),
+        "replayed_calls": sum(len(conv.calls) for conv in sample),
+        "reps": max(1, reps),
+    }
     for name, values in (
-        ("direct", direct_ms),
-        ("proxy", proxy_ms),
+        ("direct", direct),
+        ("proxy", through),
         ("added", added),
-        ("pipeline", pipeline_ms),
-        ("transport", transport),
+        ("pipeline", pipeline),
+        ("proxy_own", own),
     ):
-        out[f"{name}_p50_ms"] = round(percentile(values, 50) or 0.0, 3)  # nearest rank, as every report
-        out[f"{name}_p95_ms"] = round(percentile(values, 95) or 0.0, 3)
+        out[f"{name}_p50_ms"] = _ms(values, 50)
+        out[f"{name}_p95_ms"] = _ms(values, 95)
+    out["note"] = (
+        "wall ms to the answer's last byte, real conversations replayed in order through one proxy "
+        "(run ledger on), least of reps fresh processes; added = proxied - direct to the same instant "
+        "upstream; proxy_own = added - the pipeline's own time"
+    )
     return out
