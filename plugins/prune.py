@@ -350,12 +350,11 @@ def apply_spec(messages: list[Any], spec: dict[str, Any], settings: dict[str, An
                 continue
             if dedupe:
                 h = content_hash(strip_cc(inner))
-                if h in seen:
-                    if count(strip_cc(b)) >= min_tokens:
-                        content[j] = _replace_result(b, pointer_marker(seen[h]))
-                        changed = True
+                if h in seen and count(strip_cc(b)) >= min_tokens:
+                    content[j] = _replace_result(b, pointer_marker(seen[h]))
+                    changed = True
                     continue
-                seen[h] = tid
+                seen.setdefault(h, tid)  # a copy too small for the pointer still has its lines
             if lines is not None:
                 new_inner = _without_repeats(inner, tid, lines)
                 if new_inner is not inner:

@@ -319,3 +319,33 @@ def test_real_conversations_lose_no_line() -> None:
                 else:
                     assert back == given[tid], (path.name, tid)
     assert pointers >= 2
+
+
+FORMAT_ERROR = (
+    "Please always provide EXACTLY ONE action in triple backticks, found 2 actions.\n\n"
+    "Please format your action in triple backticks as shown in <response_example>.\n\n"
+    "<response_example>\nHere are some thoughts about why you want to perform the action.\n\n"
+    "```bash\n<action>\n```\n</response_example>\n\n"
+    "If you have completed your assignment, please consult the first message about how to\n"
+    "submit your solution (you will not be able to continue working on this task after that)."
+)
+
+
+def test_a_copy_too_small_for_the_identical_pointer_still_points_at_its_lines(tmp_path: Any) -> None:
+    """mini-swe-agent's format error (14 lines, under min_result_tokens) sent again and again: the
+    copies after the first become one line each, through wrap() to the emulator, losslessly."""
+    msgs = agent([("bash", FORMAT_ERROR), ("bash", "ok"), ("bash", FORMAT_ERROR), ("bash", FORMAT_ERROR)])
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(
+            base, config={"plugins": ["prune", "cache_align"], "record": False, "runs_dir": str(tmp_path)}
+        )
+        resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
+        assert isinstance(resp, dict) and resp["type"] == "message"
+        sent = emu.last["body"]
+    assert request_problems(sent) == []
+    out = results_of(sent)
+    assert out["toolu_000"] == FORMAT_ERROR
+    for tid in ("toolu_002", "toolu_003"):
+        assert POINTER.match(out[tid]), out[tid]
+        assert expand(out[tid], out) == FORMAT_ERROR
