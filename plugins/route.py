@@ -4,7 +4,7 @@ Off by default: routing changes who answers. Each rule names a target model and 
 conditions over what the request shows (all must hold; an empty ``when`` matches every request):
 
 - ``model``: glob patterns of the model asked for (``"claude-opus-*"``);
-- ``system`` / ``text``: substrings of the system prompt / of the last user message (any of them);
+- ``system`` / ``text``: substrings of the system prompt / of the last user turn (any of them);
 - ``tools_any`` / ``tools_absent``: tool names of which one is offered / none is offered;
 - ``max_tools``: at most this many tools offered (0: none);
 - ``min_tokens`` / ``max_tokens``: the request's size (estimated input tokens);
@@ -215,10 +215,17 @@ def _text(value: Any) -> str:
 
 
 def _last_user_text(body: dict[str, Any]) -> str:
+    """The text of the last user turn: the user messages after the last assistant one (the API takes
+    consecutive user messages as one turn; OpenClaw sends its heartbeat prompt and its internal context
+    as two)."""
+    texts: list[str] = []
     for m in reversed(body.get("messages") or []):
-        if isinstance(m, dict) and m.get("role") == "user":
-            return _text(m.get("content"))
-    return ""
+        user = isinstance(m, dict) and m.get("role") == "user"
+        if user:
+            texts.append(_text(m.get("content")))
+        elif texts:
+            break  # an assistant prefill after the turn is skipped, the turn before it is not
+    return "\n".join(reversed(texts))
 
 
 def thinking_on(body: dict[str, Any]) -> bool:

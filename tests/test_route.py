@@ -28,6 +28,7 @@ from tokensaver.testing import TEST_API_KEY, redis_url_for_test, start_proxy_pro
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "route"
+OPENCLAW = json.loads((DOCS / "openclaw-captured.json").read_text())  # what OpenClaw 2026.9.6 sent
 OPUS = "claude-opus-4-6"
 HAIKU = "claude-haiku-4-5"
 PRICES = PriceTable()
@@ -255,6 +256,7 @@ def test_each_example_rule_set_through_the_proxy(emu: Emulator, tmp_path: Path, 
         "TOKENSAVER_CONFIG": str(path),
         "TOKENSAVER_RUNS_DIR": str(tmp_path / "runs"),
     }
+    emu.strict_roles = False  # the API takes consecutive user messages as one turn (OpenClaw sends two)
     proc, url = start_proxy_process("--upstream", emu.url, "--run", "route-run", env=env, cwd=tmp_path)
     try:
         with httpx.Client(timeout=30) as http:
@@ -272,13 +274,20 @@ def test_each_example_rule_set_through_the_proxy(emu: Emulator, tmp_path: Path, 
                 side = {"model": "claude-sonnet-4-6", "max_tokens": 512, "system": MAIN_SYSTEM}
                 asks = [sub, side]
                 text = ["Explore the repository", "Write a 5-10 word title for this conversation"]
+                for ask, words in zip(asks, text, strict=True):
+                    got = post({**ask, "messages": [{"role": "user", "content": words}]})
+                    assert got["model"] == HAIKU  # the caller sees the model that answered
             else:
-                beat = "Read HEARTBEAT.md if it exists. If nothing needs attention, reply HEARTBEAT_OK."
-                asks = [{**main, "system": "You are OpenClaw."}, {"model": OPUS, "max_tokens": 512}]
-                text = [beat, "Name this session"]
-            for ask, words in zip(asks, text, strict=True):
-                got = post({**ask, "messages": [{"role": "user", "content": words}]})
-                assert got["model"] == HAIKU  # the caller sees the model that answered
+                # the heartbeat OpenClaw sent (an isolated session), and a side call asked of Opus
+                beat = {k: v for k, v in OPENCLAW["heartbeat"].items() if k != "stream"}
+                assert beat["model"] == "claude-opus-4-6"
+                assert post(beat)["model"] == HAIKU
+                side = {
+                    "model": OPUS,
+                    "max_tokens": 512,
+                    "messages": [{"role": "user", "content": "Name it"}],
+                }
+                assert post(side)["model"] == HAIKU
     finally:
         stop_proxy_process(proc)
     assert [r.body["model"] for r in emu.requests] == [OPUS, HAIKU, HAIKU]
