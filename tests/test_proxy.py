@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import tokensaver
 from tokensaver.emulator import Emulator, EmulatorError
 from tokensaver.errors import TokensaverError
 from tokensaver.proxy import (
+    CANNED_MESSAGE,
     BackgroundApp,
     ProxyServer,
     check_bind,
@@ -649,3 +651,160 @@ def test_python_m_tokensaver_proxy_is_the_command() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "--upstream" in out.stdout and "--token" in out.stdout
+
+
+# -- the bytes sent: orjson where it writes the stdlib's bytes, the stdlib elsewhere ---------------
+
+
+class _Text(str):
+    pass
+
+
+def _bodies() -> list[dict[str, Any]]:
+    rng = random.Random(12)
+    floats = [rng.uniform(-1, 1) * 10 ** rng.randint(-330, 308) for _ in range(3000)]
+    floats += [0.0, -0.0, 1.0, 0.1, 1e-4, 1e-5, 9.99e-5, 2.5e-7, 5e-324, 1e16, 1e22, 1.5e300]
+    text = "".join(chr(c) for c in [*range(0, 0x80), 0x7F, 0xA0, 0x2028, 0x2029, 0xFEFF, 0x1F600])
+    return [{**BODY, "temperature": f} for f in floats] + [
+        {**BODY, "system": text},
+        {**BODY, "temperature": float("nan")},
+        {**BODY, "metadata": {"a": float("inf"), "b": [float("-inf")]}},
+        {**BODY, "max_tokens": 2**63, "n": -(2**63)},
+        {**BODY, "max_tokens": 2**70},
+        {**BODY, "stop_sequences": None, "tools": [None, {"x": None}]},
+        {**BODY, "system": _Text("a str subclass")},
+        {**BODY, "messages": (MSGS[0],)},
+        {**BODY, "metadata": {"nested": [[[[{"deep": 1.5e-9}]]]]}},
+        {**BODY, "system": "text that looks numeric: 1e-5 2e-07 0.00001 :null ,null [null"},
+    ]
+
+
+def test_encode_body_writes_the_bytes_exchange_encode_writes() -> None:
+    from tokensaver.exchange import encode
+    from tokensaver.proxy.wire import encode_body
+
+    for body in _bodies():
+        assert encode_body(body) == encode(body), body
+    for bad in ({**BODY, "x": {1, 2}}, {**BODY, "system": "\ud800"}):
+        with pytest.raises(Exception) as slow:
+            encode(bad)
+        with pytest.raises(type(slow.value)):
+            encode_body(bad)
+
+
+def test_parse_messages_body_reads_what_the_stdlib_read() -> None:
+    from tokensaver.proxy.wire import _parse_stdlib, parse_messages_body
+
+    raws = [json.dumps(b).encode() for b in _bodies()] + [
+        b'{"model":"m","x":NaN,"y":Infinity}',
+        b'{"big":123456789012345678901234567890}',
+        b'{"s":"\\ud800"}',
+        b'\xef\xbb\xbf{"bom":1}',
+        json.dumps({"utf16": "x"}).encode("utf-16"),
+        b'{"a":1,"b":2,"a":3}',
+        b"[" * 5000 + b"]" * 5000,
+        b'{"a":1',
+        b"[1,2]",
+        b"\xff\xfe",
+        b'{"a":1e400}',
+    ]
+    for raw in raws:
+        for content_type in ("application/json", "text/plain"):
+            got, want = parse_messages_body(raw, content_type), _parse_stdlib(raw, content_type)
+            assert repr(got) == repr(want), raw[:80]
+            if got[0] is not None:  # same keys in the same order: the same bytes when re-encoded
+                assert list(got[0]) == list(want[0])
+
+
+class _TinyTemperature:
+    """A plugin that sets a float the stdlib writes in exponent form (orjson would not)."""
+
+    @tokensaver.hookimpl
+    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        return {**body, "temperature": 1e-05, "system": "caf\u00e9 \u2028 \x01"}
+
+
+def test_a_changed_body_goes_upstream_as_exchange_encode_writes_it(tmp_path: Path) -> None:
+    from tokensaver.exchange import encode
+
+    seen: list[bytes] = []
+
+    async def messages(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.json_response(CANNED_MESSAGE, headers={"request-id": "req_capture"})
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    with (
+        BackgroundApp(app) as upstream,
+        make_proxy(upstream.url, tmp_path, plugins={"tiny": _TinyTemperature()}, record=False) as p,
+    ):
+        r = httpx2.post(
+            f"{p.url}/v1/messages", content=json.dumps(BODY).encode(), headers=HEADERS, timeout=30
+        )
+        assert r.status_code == 200
+        # the caller's bytes, unchanged, go as they came; a changed body as the stdlib writes it
+        raw = (
+            b'{"model": "%s", "max_tokens": 64,   "messages": [{"role":"user","content":"hi"}]}'
+            % MODEL.encode()
+        )
+        plain = make_proxy(upstream.url, tmp_path / "plain", plugins={}, record=False)
+        with plain:
+            assert (
+                httpx2.post(f"{plain.url}/v1/messages", content=raw, headers=HEADERS, timeout=30).status_code
+                == 200
+            )
+    sent = {**BODY, "temperature": 1e-05, "system": "caf\u00e9 \u2028 \x01"}
+    assert seen[0] == encode(sent) and b'"temperature":1e-05' in seen[0]
+    assert seen[1] == raw
+
+
+class _ForwardProxy:
+    """A plain-HTTP forward proxy stand-in: records each request line and answers a canned Message."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.lines.append(head.split(b"\r\n", 1)[0])
+        length = next(
+            (
+                int(h.split(b":", 1)[1])
+                for h in head.split(b"\r\n")
+                if h.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
+        await reader.readexactly(length)
+        payload = json.dumps(CANNED_MESSAGE).encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (len(payload), payload)
+        )
+        await writer.drain()
+        writer.close()
+
+
+def test_the_environments_http_proxy_still_carries_the_upstream_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fwd = _ForwardProxy()
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(asyncio.start_server(fwd.serve, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        with make_proxy("http://upstream.invalid:9", tmp_path, plugins={}, record=False) as p:
+            # this client itself goes straight to the proxy
+            r = httpx2.post(f"{p.url}/v1/messages", json=BODY, headers=HEADERS, timeout=30, trust_env=False)
+        assert r.status_code == 200 and r.json()["id"] == CANNED_MESSAGE["id"]
+        assert fwd.lines == [b"POST http://upstream.invalid:9/v1/messages HTTP/1.1"]
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)

@@ -33,7 +33,6 @@ from ..exchange import (
     Prepared,
     Served,
     StreamWatch,
-    encode,
     finish_json,
     plugin_tools,
     prepare,
@@ -61,6 +60,8 @@ from .wire import (
     api_errors,
     confined_path,
     decoded_here,
+    encode_body,
+    env_route,
     forward_headers,
     header_int,
     messages_route,
@@ -146,6 +147,11 @@ class TokensaverProxy:
             raise TokensaverError(f"--upstream must be an absolute URL, got {upstream!r}")
         self.token = token or None
         self.client: aiohttp.ClientSession | None = None
+        self._route: tuple[URL | None, aiohttp.BasicAuth | None, aiohttp.BasicAuth | None] = (
+            None,
+            None,
+            None,
+        )
 
     # pipelines ---------------------------------------------------------------------------------
 
@@ -177,10 +183,12 @@ class TokensaverProxy:
         return app
 
     async def _open(self, app: web.Application) -> None:
+        # the environment's proxy and netrc login for the upstream, looked up once (aiohttp's
+        # trust_env reads them on every request, each time through a thread)
+        self._route = await asyncio.to_thread(env_route, self.upstream)
         self.client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
-            trust_env=True,
             auto_decompress=False,
         )
 
@@ -207,7 +215,7 @@ class TokensaverProxy:
         async def post(body: dict[str, Any]) -> dict[str, Any]:
             up = await self._post(
                 request,
-                encode({**body, "stream": False}),
+                encode_body({**body, "stream": False}),
                 drop=MODEL_CALL_DROP,
                 timeout=aiohttp.ClientTimeout(total=MODEL_CALL_TIMEOUT),
             )
@@ -397,7 +405,7 @@ class TokensaverProxy:
         call = outcome.call
         if plugin_tools(call.view or call.body):  # a thread continue: the thread's tools
             return await self._plugin_tool_exchange(request, pipe, prep, outcome)
-        data = raw if call.body is call.original else encode(call.body)  # unchanged: the caller's bytes
+        data = raw if call.body is call.original else encode_body(call.body)  # unchanged: the caller's bytes
         try:
             up = await self._post(request, data)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -465,6 +473,7 @@ class TokensaverProxy:
     ) -> aiohttp.ClientResponse:
         """The upstream request for ``request`` on its confined path: no redirects, no headers of ours."""
         assert self.client is not None
+        proxy, proxy_auth, login = self._route
         return await self.client.request(
             method,
             self._url(request),
@@ -474,6 +483,10 @@ class TokensaverProxy:
             allow_redirects=False,
             auto_decompress=decompress,
             timeout=timeout or self.client.timeout,
+            proxy=proxy,
+            proxy_auth=proxy_auth,
+            # the upstream's netrc login, unless the caller authorizes itself
+            auth=None if "Authorization" in headers else login,
         )
 
     async def _plugin_tool_exchange(
@@ -491,7 +504,7 @@ class TokensaverProxy:
         while True:
             outcome.call, outcome.finishing = ex.call, False
             try:
-                up = await self._post(request, encode(ex.call.body))
+                up = await self._post(request, encode_body(ex.call.body))
             except (aiohttp.ClientError, TimeoutError) as exc:
                 outcome.finishing = True
                 ex.fail(Failure.upstream("upstream unreachable", exc))

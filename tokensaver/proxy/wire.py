@@ -14,11 +14,14 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 import aiohttp
+import orjson
 from aiohttp import web
+from aiohttp.helpers import basicauth_from_netrc, get_env_proxy_for_url, netrc_from_env
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
+from yarl import URL
 
-from ..exchange import CONTROL_PREFIX, MESSAGES_PATH
+from ..exchange import CONTROL_PREFIX, MESSAGES_PATH, encode
 
 log = logging.getLogger("tokensaver.proxy")
 
@@ -203,12 +206,33 @@ def _json_kind(value: Any) -> str:
 
 
 PARSE_ON_LOOP_BYTES = 256 * 1024  # parsing more than this would hold the event loop for milliseconds
+# a run of 20 digits (in a number, or in text: then only the slower parse): an integer orjson may
+# not hold (2**64 has 20 digits)
+_DIGIT_MAP = bytes(0x39 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_LONG_DIGITS = b"9" * 20
 
 
 def parse_messages_body(raw: bytes, content_type: str = "") -> tuple[dict[str, Any] | None, str | None]:
-    """A Messages request body as a JSON object, or why it is not one (the proxy answers that as a 400)."""
+    """A Messages request body as a JSON object, or why it is not one (the proxy answers that as a 400).
+
+    orjson parses it; what orjson refuses (NaN, a lone surrogate escape, UTF-16, a byte order mark,
+    invalid JSON) or reads otherwise (an integer past 64 bits: a float) is parsed as before by the
+    stdlib, which accepts the same bodies as before and words the same refusals.
+    """
     if not raw.strip():
         return None, "the request body is empty; the Messages API takes a JSON object"
+    if _LONG_DIGITS in raw.translate(_DIGIT_MAP):  # orjson reads an integer past 64 bits as a float
+        return _parse_stdlib(raw, content_type)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _parse_stdlib(raw, content_type)
+    if not isinstance(body, dict):
+        return None, f"the request body must be a JSON object, not {_json_kind(body)}"
+    return body, None
+
+
+def _parse_stdlib(raw: bytes, content_type: str) -> tuple[dict[str, Any] | None, str | None]:
     try:
         body = json.loads(raw)
     except RecursionError:  # the C decoder counts its depth against the recursion limit: no stack overflow
@@ -229,6 +253,54 @@ def parse_messages_body(raw: bytes, content_type: str = "") -> tuple[dict[str, A
     if not isinstance(body, dict):
         return None, f"the request body must be a JSON object, not {_json_kind(body)}"
     return body, None
+
+
+# orjson writes what the stdlib writes (same escapes, key order, integers, and float digits)
+# except: a float under 1e-4 (stdlib "1e-05", orjson "0.00001"; "2.5e-07" / "2.5e-7"), NaN and
+# infinities (orjson: null), and types the stdlib refuses (refused here too, see encode_body)
+_TINY_EXPONENT = re.compile(rb"e-[0-9]")
+_ORJSON_EXACT = (
+    orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+)
+
+
+def _may_differ(out: bytes) -> bool:
+    """Whether orjson's ``out`` may hold a value the stdlib writes otherwise (a value-position null,
+    which NaN or infinity became, or a float under 1e-4); also true of some string text, which only
+    costs the slower path."""
+    if b":null" in out or b",null" in out or b"[null" in out or b"0.0000" in out:
+        return True
+    return any(out[m.start() - 1 : m.start()].isdigit() for m in _TINY_EXPONENT.finditer(out))
+
+
+def encode_body(body: dict[str, Any]) -> bytes:
+    """The bytes :func:`tokensaver.exchange.encode` gives for ``body``, made by orjson when they are
+    sure to be the same (about 25x faster), else by ``encode`` itself (which also raises what it
+    raised: a type JSON has no form for, a lone surrogate)."""
+    try:
+        out = orjson.dumps(body, option=_ORJSON_EXACT)
+    except TypeError:  # orjson.JSONEncodeError: a subclass, a big integer, a non-str key, deep nesting
+        return encode(body)
+    return encode(body) if _may_differ(out) else out
+
+
+def env_route(url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None, aiohttp.BasicAuth | None]:
+    """What aiohttp's ``trust_env`` looks up on every request, once: the environment's proxy for
+    ``url`` (``HTTPS_PROXY``/``NO_PROXY``...) with its credentials, and ``url``'s netrc login.
+
+    Blocking (reads files): call it off the event loop.
+    """
+    try:
+        proxy, proxy_auth = get_env_proxy_for_url(url)
+    except LookupError:
+        proxy, proxy_auth = None, None
+    login = None
+    if url.host:
+        try:
+            login = basicauth_from_netrc(netrc_from_env(), url.host)
+        except LookupError:
+            login = None
+    return proxy, proxy_auth, login
 
 
 @web.middleware
