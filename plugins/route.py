@@ -24,9 +24,19 @@ at, so a replayed conversation is routed the same way call by call.
 The request is made valid for the target (:func:`fit`): thinking (adaptive vs budget, per model),
 ``output_config.effort`` where the target has none, sampling parameters the target refuses,
 ``max_tokens`` past the target's output limit, ``clear_thinking`` edits once thinking is off. A
-request the target cannot take is not routed: an assistant prefill on a model that refuses one, a
-prompt larger than its context window. The response is the target's: its ``model`` field names the
-model that answered.
+request the target cannot take is not routed (:func:`refusal`; the record and the report say why):
+an assistant prefill on a model that refuses one, a prompt larger than its context window (the price
+table's), a message thread or a tool search tool on a model without them, an advisor tool whose model
+the target cannot pair with (``tokensaver.model_rules``). No hard limit on the number or size of tool
+definitions per model is documented; none is applied. The response is the target's: its ``model``
+field names the model that answered.
+
+Message threads (the SDK's tool runner): a continue holds only new messages and the API rebuilds the
+conversation from the thread its create made; the stages get that whole conversation, so a continue is
+decided like the rest of its conversation, but never switched (nor moved when its create was not
+routed here): it keeps the model the conversation is on. Whether the API takes a continue naming
+another model than its create is not documented (the SDK treats only ``system`` and ``tools`` as fixed
+by the create, and says the server stores no turn a fallback model wrote); tokensaver does not try.
 
 Accounting stays honest without help from here: the core bills the counterfactual at the model the
 caller asked for and the call at the model it was sent to (``tokensaver.billing.ShadowCaches``).
