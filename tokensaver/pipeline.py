@@ -21,19 +21,32 @@ from typing import Any
 
 import orjson
 import pluggy
+import xxhash
 
 from . import metrics
 from .billing import Estimate, ShadowCaches, block_facts, thaw
 from .billing import Memo as BillingMemo
 from .config import Config, load_config
-from .context import CallContext, conversation_id
+from .context import CallContext
+from .conversations import conversation_index
 from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ordered, strict_error
 from .pricing import PriceTable, normalize_usage
 from .run import Run, redact_keys, redact_text
 from .state import THREADS_CAP, open_state, shared_cache, shared_spaces
 from .threads import ThreadLog, ThreadProblem, ThreadView
-from .tokens import Memo, body_blocks, default_counter
-from .validate import Scans, Sizes, message_problem, stage_problem
+from .tokens import MESSAGE_OVERHEAD, Memo, TokenCounter, default_counter, memo_enabled
+from .validate import (
+    Facts,
+    Record,
+    Scans,
+    Sizes,
+    facts_like,
+    facts_stage_problem,
+    message_problem,
+    message_record,
+    message_size,
+    stage_problem,
+)
 
 MEMORY_RECORDS = 10_000
 MEMORY_RECORDS_BYTES = 16 * 1024 * 1024  # and at most this much of them (each sized as JSON)
@@ -191,17 +204,135 @@ class _Records(deque[dict[str, Any]]):
         self.nbytes = 0
 
 
-def _digest_blocks(body: dict[str, Any], memo: Memo, facts: BillingMemo) -> None:
-    """Each block's content digest, token count and image flag, by identity, in one pass.
+_BlockFacts = tuple[bytes, int, bool]  # a block's content digest, tokens, image flag
+# a message's facts, found by its serialization's digest: its record, serialized size, tokens (framing
+# included) and each block's facts
+_Known = tuple[Record, int, int, tuple[_BlockFacts, ...]]
+KNOWN_BYTES = 16 * 1024 * 1024  # what _MESSAGES keeps in all (each entry sized by a fixed estimate)
+_xxh = xxhash.xxh3_128_digest
 
-    The digest (orjson + xxh3) finds the count in the bounded per-content table, so a block the
-    conversation sent before is not serialized canonically nor tokenized again; the same facts
-    serve the call's token figures and its shadow-cache billing.
+
+class _MessageTable:
+    """Each message's facts by the digest of its serialization (orjson, xxh3-128), across calls and
+    conversations: a conversation's next call repeats its earlier messages, which are then neither
+    digested block by block, counted nor checked again. Bounded by ``max_bytes`` (each entry's size
+    estimated: 300 bytes, 150 a block, its thinking blocks' text), oldest first out."""
+
+    def __init__(self, max_bytes: int = KNOWN_BYTES) -> None:
+        self.data: dict[bytes, tuple[_Known, int]] = {}
+        self.max_bytes, self.nbytes = max_bytes, 0
+        self.lock = threading.Lock()
+
+    def get(self, key: bytes) -> _Known | None:
+        hit = self.data.get(key)
+        return None if hit is None else hit[0]
+
+    def put(self, key: bytes, known: _Known) -> None:
+        size = 300 + 150 * len(known[3]) + sum(len(str(b)) for b in known[0][3])
+        with self.lock:
+            data = self.data
+            old = data.pop(key, None)
+            if old is not None:
+                self.nbytes -= old[1]
+            data[key] = (known, size)
+            self.nbytes += size
+            while self.nbytes > self.max_bytes and data:
+                self.nbytes -= data.pop(next(iter(data)))[1]
+
+
+_MESSAGES = _MessageTable()
+
+
+def _content_blocks(message: Any) -> list[Any]:
+    content = message.get("content") if isinstance(message, dict) else None
+    return [content] if isinstance(content, str) else content if isinstance(content, list) else []
+
+
+def _digest_blocks(body: dict[str, Any], memo: Memo, facts: BillingMemo) -> Facts:
+    """Each block's content digest, token count and image flag, by identity, in one pass, and the
+    body's per-message facts (the request rules' records, counts and sizes).
+
+    A message found by its serialization's digest in the bounded per-message table brings its
+    blocks' facts; else each block's digest (orjson + xxh3) finds its count in the bounded
+    per-content table, so a block the conversation sent before is not serialized canonically nor
+    tokenized again; the same facts serve the call's token figures and its shadow-cache billing.
     """
-    for b in body_blocks(body):
+    on = memo_enabled()
+    head = 0
+    tools, system = body.get("tools"), body.get("system")
+    for b in [
+        *(tools if isinstance(tools, list) else ()),
+        *([system] if isinstance(system, str) else system if isinstance(system, list) else ()),
+    ]:
         digest, tokens, image = block_facts(b)
         memo[id(b)] = (b, tokens)
         facts[id(b)] = (b, digest, tokens, image)
+        head += tokens
+    messages = body.get("messages")
+    records: list[Record] = []
+    counts: list[int] = []
+    sizes: list[int | None] = []
+    for m in messages if isinstance(messages, list) else ():
+        try:
+            raw: bytes | None = orjson.dumps(m)
+        except TypeError:
+            raw = None
+        key = _xxh(raw) if raw is not None and on else None
+        known = _MESSAGES.get(key) if key is not None else None
+        blocks = _content_blocks(m)
+        if known is not None and len(known[3]) == len(blocks):
+            for b, (digest, tokens, image) in zip(blocks, known[3], strict=True):
+                memo[id(b)] = (b, tokens)
+                facts[id(b)] = (b, digest, tokens, image)
+            records.append(known[0])
+            counts.append(known[2])
+            sizes.append(known[1])
+            continue
+        told: list[_BlockFacts] = []
+        total = 0
+        for b in blocks:
+            digest, tokens, image = block_facts(b)
+            memo[id(b)] = (b, tokens)
+            facts[id(b)] = (b, digest, tokens, image)
+            told.append((digest, tokens, image))
+            total += tokens
+        record = message_record(m)
+        count = MESSAGE_OVERHEAD + total if isinstance(m, dict) else 0
+        records.append(record)
+        counts.append(count)
+        sizes.append(None if raw is None else len(raw))
+        if key is not None and raw is not None:
+            _MESSAGES.put(key, (record, len(raw), count, tuple(told)))
+    return Facts(records, counts, sizes, head)
+
+
+def _stage_facts(
+    result: dict[str, Any], current: dict[str, Any], given: Facts, counter: TokenCounter, memo: Memo
+) -> Facts:
+    """The facts of a stage's output, from those of its input for the messages it kept; the others
+    counted (by identity in the call's memo, else by content digest) and checked anew."""
+
+    def count(b: Any) -> int:
+        seen = memo.get(id(b))
+        if seen is not None and seen[0] is b:
+            return int(seen[1])
+        n = counter.block(b)
+        memo[id(b)] = (b, n)
+        return n
+
+    def fresh(m: Any) -> tuple[Record, int, int | None]:
+        n = MESSAGE_OVERHEAD + sum(count(b) for b in _content_blocks(m)) if isinstance(m, dict) else 0
+        return message_record(m), n, message_size(m)
+
+    out = facts_like(result["messages"], current.get("messages") or [], given, fresh)
+    if result.get("tools") == current.get("tools") and result.get("system") == current.get("system"):
+        out.head = given.head
+    else:
+        tools, system = result.get("tools"), result.get("system")
+        out.head = sum(count(t) for t in tools) if isinstance(tools, list) else 0
+        out.head += count(system) if isinstance(system, str) else 0
+        out.head += sum(count(b) for b in system) if isinstance(system, list) else 0
+    return out
 
 
 def _structural_error(exc: BaseException) -> str:
@@ -293,6 +424,8 @@ class Pipeline:
         self._store = open_state(self.config.state)  # a call's record says when it was lost
         # message threads: what each thread's API side holds and the caller's own history, bounded
         self.threads = ThreadLog(shared=shared_spaces(self.config.state, "threads", THREADS_CAP))
+        # which conversation each call belongs to (tokensaver.conversations), on the decisions' state
+        self.conversations = conversation_index(self.config.state)
 
     # -- request phase -----------------------------------------------------------------------
 
@@ -319,15 +452,14 @@ class Pipeline:
         thread = self.threads.open(body, key, now)
         start = thread.given if thread is not None else body  # what the first stage gets
         whole = thread.original if thread is not None else body
-        conversation = conversation_id(whole)
         # per-block digests and counts by identity for this call: the caller's blocks (each found by
         # its content digest in the bounded per-content tables, else counted), then the blocks each
         # stage adds; the copies plugins get count as their originals
         memo: Memo = {}
         facts: BillingMemo = {}
-        _digest_blocks(whole, memo, facts)
-        if start is not whole:
-            _digest_blocks(start, memo, facts)
+        whole_facts = _digest_blocks(whole, memo, facts)
+        start_facts = whole_facts if start is whole else _digest_blocks(start, memo, facts)
+        conversation = self.conversations.identify(whole, key, facts)
         ctx = CallContext(
             model=self.prices.get(str(body.get("model", ""))),
             counter=self.counter.scoped(memo),
@@ -343,7 +475,7 @@ class Pipeline:
             state_url=self.config.state,
         )
         original = body
-        tokens_original = self.counter.request(whole, memo)
+        tokens_original = whole_facts.head + sum(whole_facts.tokens)
         call = Call(
             ctx=ctx,
             original=original,
@@ -358,13 +490,18 @@ class Pipeline:
             state_mark=self._store.mark(),
         )
         # a continue's stages start from the history as sent (transformed), not the caller's
-        current, before = start, tokens_original if start is whole else self.counter.request(start, memo)
+        current, before = (
+            start,
+            tokens_original if start is whole else start_facts.head + sum(start_facts.tokens),
+        )
+        current_facts: Facts | None = start_facts if isinstance(start.get("messages"), list) else None
         hook = "tokensaver_transform_request"
         # a continue of a thread not kept here is sent as it came (its history is unknown)
         stages = [] if thread is not None and thread.opaque else ordered(self.pm, hook, self.config.plugins)
         for name, impl in stages:
             s0 = time.perf_counter()
             error = None
+            result_facts: Facts | None = None
             given = call.guard.give(current)
             try:
                 result = self._call(call, name, hook, impl, body=given)
@@ -376,6 +513,17 @@ class Pipeline:
                         result = self.threads.project(thread, result)  # only the new messages change
                     if result == current:
                         result = None  # the same request: the caller's bytes go out as they came
+                    elif (
+                        current_facts is not None
+                        and isinstance(result, dict)
+                        and isinstance(result.get("messages"), list)
+                    ):
+                        result_facts = _stage_facts(result, current, current_facts, self.counter, memo)
+                        problem = facts_stage_problem(
+                            result, result_facts, current, current_facts, call.sizes
+                        )
+                        if problem:
+                            raise PluginFault(f"invalid_output: {problem}")
                     else:
                         problem = stage_problem(result, current, call.sizes, call.scans)
                         if problem:
@@ -385,7 +533,12 @@ class Pipeline:
             except Exception as exc:
                 call.guard.drop()  # the plugin may still hold (or have edited) its copies
                 result, error = None, self._plugin_error(call, name, hook, exc)
-            after = before if result is None else self.counter.request(result, memo)
+            if result is None:
+                after = before
+            elif result_facts is not None:
+                after = result_facts.head + sum(result_facts.tokens)
+            else:
+                after = self.counter.request(result, memo)
             call.stages.append(
                 {
                     "plugin": name,
@@ -400,7 +553,7 @@ class Pipeline:
                 if result.get("model") != current.get("model"):
                     # a stage sent the call to another model (route): later stages and the bill see it
                     ctx.model = self.prices.get(str(result.get("model", "")))
-                current, before = result, after
+                current, before, current_facts = result, after, result_facts
             call.bodies.append(current)
         call.view = current
         if current is start and not is_follow_up(whole):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -299,6 +300,302 @@ def _chars(node: Any) -> int:
     if isinstance(node, list):
         return 2 + sum(_chars(v) + 1 for v in node)
     return 4
+
+
+# -- incremental: per-message facts --------------------------------------------------------------
+
+# What the rules need of one message, a function of the message alone (its place is the relational
+# pass's): (validation summary, its cache_control ttls, whether its last cacheable block has a
+# cache_control (None: it has none), its thinking blocks, its role if it is a dict, content is a list).
+# The summary is ("F", why) for a message that ends the check, else (role, kind, local problems,
+# tool items): kind "str" / "list" / "empty"; items ("u",) a tool_use in a user message, ("r", id,
+# after another block) a tool_result, ("R",) a tool_result in an assistant message, ("U", id) a tool_use.
+Record = tuple[Any, tuple[str, ...], bool | None, tuple[dict[str, Any], ...], str | None, bool]
+
+
+def message_record(msg: Any) -> Record:
+    """The facts the request rules need of one message (see ``Record``)."""
+    if not isinstance(msg, dict):
+        return (("F", "content: a message is not {role, content}"), (), None, (), None, False)
+    role, content = msg.get("role"), msg.get("content")
+    ttls: list[str] = []
+    lastcc: bool | None = None
+    thinking: list[dict[str, Any]] = []
+    is_list = isinstance(content, list)
+    if is_list:
+        for b in content:
+            if not isinstance(b, dict):
+                continue
+            cc = b.get("cache_control")
+            if cc:
+                ttls.append(str(cc.get("ttl", "5m")) if isinstance(cc, dict) else "5m")
+            if b.get("type") in THINKING_TYPES:
+                thinking.append(b)
+            else:
+                lastcc = bool(cc)
+    tail = (tuple(ttls), lastcc, tuple(thinking), role if isinstance(role, str) else None, is_list)
+    summary: Any
+    if role not in ("user", "assistant", "system"):
+        summary = ("F", "content: a message is not {role, content}")
+    elif isinstance(content, str):
+        summary = (role, "str", ("content: an empty message",) if _blank(content) else (), ())
+    elif is_list and content:
+        local: list[str] = []
+        items: list[tuple[Any, ...]] = []
+        other = False
+        summary = None
+        for b in content:
+            if not isinstance(b, dict) or not isinstance(b.get("type"), str):
+                summary = ("F", "content: a block without a type")
+                break
+            kind = b["type"]
+            if kind == "text" and not (isinstance(b.get("text"), str) and not _blank(b["text"])):
+                local.append("content: an empty text block")
+            if role == "user":
+                if kind == "tool_use":
+                    items.append(("u",))
+                elif kind == "tool_result":
+                    items.append(("r", b.get("tool_use_id"), other))
+                else:
+                    other = True
+            elif role == "assistant":
+                if kind == "tool_result":
+                    items.append(("R",))
+                elif kind == "tool_use":
+                    items.append(("U", b.get("id")))
+        if summary is None:
+            summary = (role, "list", tuple(local), tuple(items))
+    elif is_list:
+        summary = (role, "empty", (), ())
+    else:
+        summary = ("F", "content: a message without content")
+    return (summary, *tail)
+
+
+@dataclass
+class Facts:
+    """One body's per-message records, token counts and serialized sizes (None: not orjson's JSON)."""
+
+    records: list[Record]
+    tokens: list[int]
+    sizes: list[int | None]
+    head: int = 0  # tokens of the tools and system prompt
+
+
+def message_size(msg: Any) -> int | None:
+    try:
+        return len(orjson.dumps(msg))
+    except TypeError:
+        return None
+
+
+def facts_like(
+    messages: list[Any], like: list[Any], base: Facts, fresh: Callable[[Any], tuple[Record, int, int | None]]
+) -> Facts:
+    """The facts of ``messages``, taken from ``base`` (the facts of ``like``) for each message equal
+    to the one at the same place there (from the start, from the end, or both lists' same place);
+    ``fresh(message)`` for the others."""
+    n, m = len(messages), len(like)
+    recs: list[Any] = [None] * n
+    toks = [0] * n
+    sizes: list[int | None] = [None] * n
+    done = [False] * n
+    lim = min(n, m)
+    i = 0
+    while i < lim and messages[i] == like[i]:
+        i += 1
+    recs[:i], toks[:i], sizes[:i], done[:i] = base.records[:i], base.tokens[:i], base.sizes[:i], [True] * i
+    j = 0
+    while j < lim - i and messages[n - 1 - j] == like[m - 1 - j]:
+        j += 1
+    if j:
+        recs[n - j :], toks[n - j :], sizes[n - j :] = (
+            base.records[m - j :],
+            base.tokens[m - j :],
+            base.sizes[m - j :],
+        )
+        done[n - j :] = [True] * j
+    for k in range(i, n - j):
+        if n == m and messages[k] == like[k]:
+            recs[k], toks[k], sizes[k] = base.records[k], base.tokens[k], base.sizes[k]
+        else:
+            recs[k], toks[k], sizes[k] = fresh(messages[k])
+    return Facts(recs, toks, sizes)
+
+
+def _record_problems(records: list[Record]) -> list[str]:
+    """``_message_problems`` from the messages' records."""
+    out: list[str] = []
+    prev: str | None = None
+    pending: set[str] = set()
+    seen_ids: set[str] = set()
+    last_conv: str | None = None
+    n = len(records)
+    for i, rec in enumerate(records):
+        summary = rec[0]
+        if summary[0] == "F":
+            return [summary[1]]
+        role, kind, local, items = summary
+        if kind == "empty" and not (i == n - 1 and role == "assistant"):
+            return ["content: a message without content"]
+        out.extend(local)
+        if role == "system":
+            continue
+        last_conv = role
+        if prev is None and role != "user":
+            out.append("roles: the first message is not the user's")
+        if role == prev:
+            out.append("roles: two messages in a row from the same role")
+        if role == "user":
+            answered: set[str] = set()
+            for item in items:
+                if item[0] == "u":
+                    out.append("tool_use: in a user message")
+                else:
+                    if item[2]:
+                        out.append("tool_result: not first in its user message")
+                    if item[1] not in pending:
+                        out.append("tool_result: answers no tool_use of the previous message")
+                    answered.add(str(item[1]))
+            if pending - answered:
+                out.append("tool_use: not answered in the next user message")
+            pending = set()
+        else:
+            if pending:
+                out.append("tool_use: not answered in the next user message")
+            pending = set()
+            for item in items:
+                if item[0] == "R":
+                    out.append("tool_result: in an assistant message")
+                else:
+                    tid = item[1]
+                    if not isinstance(tid, str) or tid in seen_ids:
+                        out.append("tool_use: a missing or repeated id")
+                    else:
+                        seen_ids.add(tid)
+                        pending.add(tid)
+        prev = role
+    if pending:
+        out.append("tool_use: not answered in the next user message")
+    if last_conv is not None and not out and last_conv == "assistant":
+        out.append("prefill: ends with an assistant message")
+    return sorted(set(out), key=out.index)
+
+
+def _record_breakpoints(body: dict[str, Any], records: list[Record]) -> tuple[int, bool]:
+    """``_breakpoints`` from the messages' records (tools and system scanned)."""
+    ttls: list[str] = []
+    last: bool | None = None
+    for seq in (body.get("tools"), body.get("system")):
+        if isinstance(seq, list):
+            for b in seq:
+                if isinstance(b, dict):
+                    cc = b.get("cache_control")
+                    if cc:
+                        ttls.append(str(cc.get("ttl", "5m")) if isinstance(cc, dict) else "5m")
+                    if b.get("type") not in THINKING_TYPES:
+                        last = bool(cc)
+    for rec in records:
+        if rec[1]:
+            ttls.extend(rec[1])
+        if rec[2] is not None:
+            last = rec[2]
+    n = len(ttls)
+    auto = body.get("cache_control")
+    if auto and not last:
+        n += 1
+        ttls.append(str(auto.get("ttl", "5m")) if isinstance(auto, dict) else "5m")
+    order_ok = all(not (a == "5m" and b == "1h") for i, a in enumerate(ttls) for b in ttls[i + 1 :])
+    return n, order_ok
+
+
+def _facts_problems(body: dict[str, Any], facts: Facts, sizes: Sizes | None) -> list[str]:
+    """``request_problems(body)`` from its facts (same rules, same order)."""
+    model, messages, max_tokens = body.get("model"), body.get("messages"), body.get("max_tokens")
+    if (
+        not isinstance(model, str)
+        or not model
+        or not isinstance(messages, list)
+        or not messages
+        or not isinstance(max_tokens, int)
+        or isinstance(max_tokens, bool)
+        or max_tokens < 1
+    ):
+        return ["shape: model, messages and max_tokens are required"]
+    out = _record_problems(facts.records)
+    n, order_ok = _record_breakpoints(body, facts.records)
+    if n > MAX_BREAKPOINTS:
+        out.append(f"breakpoints: more than {MAX_BREAKPOINTS} cache_control blocks")
+    if not order_ok:
+        out.append("breakpoints: a 1h cache_control after a 5m one")
+    if _facts_too_large(body, facts, sizes):
+        out.append(f"size: over {MAX_REQUEST_BYTES // (1024 * 1024)} MB serialized")
+    return out
+
+
+def _facts_too_large(body: dict[str, Any], facts: Facts, sizes: Sizes | None) -> bool:
+    """``_too_large(body)``: an upper bound from the messages' sizes first (their orjson lengths)."""
+    if None not in facts.sizes:
+        try:
+            rest = len(orjson.dumps({k: v for k, v in body.items() if k != "messages"}))
+        except TypeError:
+            rest = -1
+        if rest >= 0:
+            bound = rest + 16 + sum(facts.sizes) + len(facts.sizes)  # type: ignore[arg-type]
+            if bound * _MAX_BYTES_PER_CHAR < MAX_REQUEST_BYTES:
+                return False
+    return _too_large(body, sizes)
+
+
+def _facts_thinking(given: Facts, output: Facts) -> str | None:
+    """``thinking_problem(output, given)`` from the two bodies' facts."""
+    had = [b for rec in given.records for b in rec[3]]
+    if not had:
+        return (
+            None
+            if not any(rec[3] for rec in output.records)
+            else "thinking: a thinking block the input had not"
+        )
+    known: dict[str, list[dict[str, Any]]] = {}
+    for b in had:
+        known.setdefault(_thinking_key(b), []).append(b)
+    for rec in output.records:
+        for b in rec[3]:
+            if b not in known.get(_thinking_key(b), ()):
+                return "thinking: a thinking block or its signature changed"
+    last_in = _last_thinking(given)
+    if last_in and _last_thinking(output) != last_in:
+        return "thinking: the last assistant turn lost its thinking blocks"
+    return None
+
+
+def _last_thinking(facts: Facts) -> list[dict[str, Any]]:
+    for rec in reversed(facts.records):
+        if rec[4] == "assistant":
+            return list(rec[3]) if rec[5] else []
+    return []
+
+
+def facts_stage_problem(
+    output: dict[str, Any],
+    out_facts: Facts,
+    given: dict[str, Any],
+    given_facts: Facts,
+    sizes: Sizes | None = None,
+) -> str | None:
+    """``stage_problem(output, given)`` from the bodies' per-message facts: where the output's
+    message records equal the input's (the common case: a stage that changed block contents, not
+    the conversation's shape), only what lies outside the messages is checked again."""
+    problems = _facts_problems(output, out_facts, sizes)
+    if problems:
+        before = set(_facts_problems(given, given_facts, sizes))
+        for rule in problems:
+            if rule not in before:
+                return rule
+        return None
+    if out_facts.records == given_facts.records:
+        return None
+    return _facts_thinking(given_facts, out_facts)
 
 
 # -- lookup answers ------------------------------------------------------------------------------
