@@ -583,10 +583,14 @@ class TokensaverProxy:
         await response.prepare(request)
         try:
             # a failed write (our client went away) propagates as it is; only a failed read of the
-            # upstream is the upstream's fault
+            # upstream is the upstream's fault. Each chunk goes on before it is read here (the
+            # client does not wait for our parse of it), and is read even when the write fails or
+            # is cancelled: an error event the client hung up on is still what the stream carried
             async for chunk in upstream_chunks(up):
-                watch.feed(chunk)
-                await response.write(chunk)
+                try:
+                    await response.write(chunk)
+                finally:
+                    watch.feed(chunk)
         except UpstreamBroke as broke:
             failure = Failure.upstream("upstream stream broke", broke.exc)
             outcome.finishing = True

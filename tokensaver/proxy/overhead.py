@@ -19,6 +19,7 @@ from aiohttp import web
 
 from .._stats import percentile
 from ..exchange import MESSAGES_PATH
+from ..pipeline import Pipeline
 from ..sse import message_events, message_to_sse, sse_event
 from ..tokens import default_counter
 from ..traces import Conversation, TraceCall
@@ -145,18 +146,54 @@ def agent_headers(session: str) -> dict[str, str]:
     }
 
 
+Timing = tuple[float, float, float, float, float, float]
+
+
+class _PipelineCPU:
+    """CPU time of the whole process spent in ``Pipeline.begin`` / ``finish`` (their hooks' worker
+    threads included: the proxy's other threads wait meanwhile), while installed."""
+
+    def __init__(self) -> None:
+        self.ms = 0.0
+        self._saved: dict[str, Any] = {}
+
+    def __enter__(self) -> _PipelineCPU:
+        for name in ("begin", "finish"):
+            original = self._saved[name] = getattr(Pipeline, name)
+            setattr(Pipeline, name, self._timed(original))
+        return self
+
+    def _timed(self, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.ms += (time.process_time() - t0) * 1000
+
+        return timed
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._saved.items():
+            setattr(Pipeline, name, original)
+
+
 def replay_through_proxy(
     sample: list[Conversation], *, stream: bool, plugins: list[str] | None = None
-) -> list[list[tuple[float, float, float]]]:
-    """Per conversation, per call: (direct ms, through-the-proxy ms, the pipeline's ms of that call).
+) -> list[list[Timing]]:
+    """Per conversation, per call: wall ms direct, wall ms through the proxy, the pipeline's wall ms
+    (its record's ``overhead_ms``), then the same three in CPU ms of this process.
 
     One proxy (recording into a run ledger in a temporary folder) for all the conversations, their
     calls in order; each call's bytes are sent first straight to the replay upstream, then through
-    the proxy, by one keep-alive HTTP client. Wall time to the answer's last byte.
+    the proxy, by one keep-alive HTTP client; wall time to the answer's last byte. Client, upstream
+    and proxy share this process, so a call's CPU time is theirs together: through the proxy minus
+    direct is the proxy's, which other load on the machine does not inflate. The pipeline's CPU time
+    is the process's during ``begin`` and ``finish`` (``finish`` writes the ledger line).
     """
     reply = Reply()
     clock = [1_700_000_000.0]
-    out: list[list[tuple[float, float, float]]] = []
+    out: list[list[Timing]] = []
     with tempfile.TemporaryDirectory(prefix="tokensaver-bench-") as tmp:
         cfg: dict[str, Any] = {"record": True, "runs_dir": tmp}
         if plugins is not None:
@@ -165,31 +202,35 @@ def replay_through_proxy(
             BackgroundApp(replay_upstream(reply)) as upstream,
             ProxyServer(cfg, upstream=upstream.url, clock=lambda: clock[0]) as proxy,
             httpx2.Client(timeout=120) as http,
+            _PipelineCPU() as pipeline_cpu,
         ):
 
-            def timed(base: str, data: bytes, headers: dict[str, str]) -> float:
-                t0 = time.perf_counter()
+            def timed(base: str, data: bytes, headers: dict[str, str]) -> tuple[float, float]:
+                c0, t0 = time.process_time(), time.perf_counter()
                 r = http.post(f"{base}{MESSAGES_PATH}", content=data, headers=headers)
                 r.read()
                 ms = (time.perf_counter() - t0) * 1000
+                cpu = (time.process_time() - c0) * 1000
                 if r.status_code != 200:
                     raise RuntimeError(f"HTTP {r.status_code}: {r.content[:300]!r}")
-                return ms
+                return ms, cpu
 
             for n, conv in enumerate(sample):
                 session = f"replay-{n}-{conv.id}"[:60]
                 headers = agent_headers(session)
                 run = session_run_name(session)
-                rows: list[tuple[float, float, float]] = []
+                rows: list[Timing] = []
                 for call in conv.calls:
                     clock[0] = max(clock[0] + 1.0, call.t if call.t is not None else clock[0] + 30.0)
                     data = orjson.dumps({**call.body, "stream": stream})  # as the agent sent it
                     reply.set(_answer(call))
-                    direct = timed(upstream.url, data, headers)
-                    through = timed(proxy.url, data, headers)
+                    direct, direct_cpu = timed(upstream.url, data, headers)
+                    before = pipeline_cpu.ms
+                    through, through_cpu = timed(proxy.url, data, headers)
                     records = proxy.proxy.pipeline_for(run).records
                     record = records[-1] if records else {}
-                    rows.append((direct, through, float(record.get("overhead_ms") or 0.0)))
+                    pipe_ms = float(record.get("overhead_ms") or 0.0)
+                    rows.append((direct, through, pipe_ms, direct_cpu, through_cpu, pipeline_cpu.ms - before))
                 out.append(rows)
     return out
 
@@ -233,40 +274,40 @@ def measure_proxy_overhead(
                 )
         else:
             runs.append(replay_through_proxy(sample, stream=stream, plugins=plugins))
-    direct, through, added, pipeline, own = [], [], [], [], []
+    series: dict[str, list[float]] = {}
+
+    def add(name: str, value: float) -> None:
+        series.setdefault(name, []).append(value)
+
     for c, flags in enumerate(inside):
         for i, flag in enumerate(flags):
             if not flag:
                 continue
-            d = min(run[c][i][0] for run in runs)
-            best = min(runs, key=lambda run: run[c][i][1])
-            p, ms = best[c][i][1], best[c][i][2]
-            direct.append(d)
-            through.append(p)
-            added.append(p - d)
-            pipeline.append(ms)
-            own.append(p - d - ms)
+            for unit, (d_at, p_at, pipe_at) in (("", (0, 1, 2)), ("cpu_", (3, 4, 5))):
+                d = min(run[c][i][d_at] for run in runs)
+                best = min(runs, key=lambda run: run[c][i][p_at])[c][i]
+                p, ms = best[p_at], best[pipe_at]
+                add(f"{unit}direct", d)
+                add(f"{unit}proxy", p)
+                add(f"{unit}added", p - d)
+                add(f"{unit}pipeline", ms)
+                add(f"{unit}proxy_own", p - d - ms)
     out: dict[str, Any] = {
         "size_tokens": size_tokens,
         "tokens": int(percentile(tokens, 50) or 0),
         "stream": stream,
-        "n_calls": len(added),
+        "n_calls": len(series.get("added", [])),
         "conversations": len(sample),
         "replayed_calls": sum(len(conv.calls) for conv in sample),
         "reps": max(1, reps),
     }
-    for name, values in (
-        ("direct", direct),
-        ("proxy", through),
-        ("added", added),
-        ("pipeline", pipeline),
-        ("proxy_own", own),
-    ):
+    for name, values in series.items():
         out[f"{name}_p50_ms"] = _ms(values, 50)
         out[f"{name}_p95_ms"] = _ms(values, 95)
     out["note"] = (
         "wall ms to the answer's last byte, real conversations replayed in order through one proxy "
         "(run ledger on), least of reps fresh processes; added = proxied - direct to the same instant "
-        "upstream; proxy_own = added - the pipeline's own time"
+        "upstream; proxy_own = added - the pipeline's own time; cpu_*: the same in CPU ms of the "
+        "process (client, upstream and proxy in one), which other load does not inflate"
     )
     return out
