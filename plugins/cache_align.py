@@ -482,7 +482,8 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
         stable_sys, moved = _stable_system(out["system"], patterns)
     msgs = out["messages"]
     first = strip_cc(as_blocks(msgs[0].get("content"))) if msgs and isinstance(msgs[0], dict) else None
-    conv_key = content_hash([str(out.get("model", "")), strip_cc(stable_sys), first])[:16]
+    # within the core's conversation (tokensaver.conversations): two that open alike keep their own
+    conv_key = content_hash([str(out.get("model", "")), strip_cc(stable_sys), first, ctx.conversation])[:16]
     convs, conv = _conversation(ctx, conv_key, settings["max_conversations"])
     if mode == "changed" and moved:
         # moving costs a few tokens on every call: only worth it once the lines actually change

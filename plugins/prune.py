@@ -850,7 +850,9 @@ SHARED = ("spec", "cuts", "last_t", "prev_messages", "ttl", "fixed_t")
 def _conversation(ctx: Any, body: dict[str, Any], limit: int) -> tuple[Any, dict[str, Any]]:
     """``((decisions, key), conv)``: the conversation's cut and cache tracking."""
     msgs = body.get("messages") or []
-    key = content_hash([str(body.get("model", "")), strip_cc(msgs[0]) if msgs else None])[:16]
+    # the core's conversation (tokensaver.conversations): two that open alike keep their own cuts
+    first = strip_cc(msgs[0]) if msgs else None
+    key = content_hash([str(body.get("model", "")), first, ctx.conversation])[:16]
     convs = ctx.shared_state(decisions=lambda: ctx.store.decisions("prune", SHARED, limit=limit))["decisions"]
     return (convs, key), convs.get(
         ctx.key_hash, key, lambda: {"spec": {"cleared": [], "drop": None}, "cuts": 0}

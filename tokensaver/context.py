@@ -17,7 +17,7 @@ import orjson
 from .errors import ModelCallError
 from .pricing import ModelInfo, PriceTable, normalize_usage
 from .state import State, open_state
-from .tokens import TokenCounter, content_hash, content_memo, fast_digest
+from .tokens import TokenCounter, content_memo, fast_digest
 
 _STATE_LOCK = threading.Lock()
 log = logging.getLogger("tokensaver")
@@ -57,15 +57,14 @@ def for_requester(task: object) -> contextvars.Context:
 
 
 def conversation_id(body: dict[str, Any]) -> str:
-    """A stable id for the conversation a request belongs to.
+    """The stateless id of a request's conversation: its base (model and first message).
 
-    Hash of the model, system prompt and the first user message (the task): every turn of one
-    agent conversation shares it, whatever was appended or cut later.
+    What a hook called directly gets; the pipeline tells conversations that open alike apart with
+    :func:`tokensaver.conversations.identify`, which falls back to this id when it knows nothing.
     """
-    msgs = body.get("messages") or []
-    first = msgs[0].get("content") if msgs and isinstance(msgs[0], dict) else None
-    system = body.get("system")
-    return content_hash([strip_cache_control(system), strip_cache_control(first)])[:16]
+    from .conversations import conversation_id as base_id
+
+    return base_id(body)
 
 
 def plugin_notes(calls: list[dict[str, Any]], plugin: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:

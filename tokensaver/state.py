@@ -524,6 +524,16 @@ class Redis(Backend):
     def usage(self, space: Space) -> int:
         return int(self._run(0, lambda: self.client.get(self._keys(space, "")[3])) or 0)
 
+    def namespace(self, name: str, key_hash: str) -> str:
+        """The key prefix of store ``name``'s entries for an API-key hash (for :meth:`script`)."""
+        return f"{self.prefix}{name}:{key_hash[:16] or '-'}:"
+
+    def script(self, source: str) -> Callable[[list[str], list[Any], Any], Any]:
+        """A Lua script on this Redis: ``run(keys, args, default)`` runs it atomically in one round
+        trip, and fails open like every call here (``default`` while Redis is unreachable)."""
+        registered = self.client.register_script(source)
+        return lambda keys, args, default: self._run(default, lambda: registered(keys=keys, args=args))
+
     def close(self) -> None:
         self.client.close()
 
