@@ -34,13 +34,23 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import accumulate
 from typing import Any
+
+import orjson
+import xxhash
 
 from tokensaver.context import plugin_notes
 from tokensaver.hookspecs import hookimpl
 from tokensaver.pricing import normalize_usage
 from tokensaver.settings import Schema, boolean, choice, integer, regex_problem, strings
-from tokensaver.tokens import content_hash
+from tokensaver.tokens import MESSAGE_OVERHEAD, content_hash, fast_digest, memo_enabled
 
 from ._blocks import (
     LOOKBACK_BLOCKS,
@@ -50,12 +60,11 @@ from ._blocks import (
     block_hash,
     cacheable,
     cc_ttl,
-    cumulative_tokens,
     normalized,
-    prefix_slots,
     strip_cc,
     with_cc,
 )
+from ._lru import SizedLRU
 
 PLUGIN = "cache_align"
 
@@ -167,11 +176,17 @@ def stable_tools(tools: list[Any]) -> list[Any]:
 # -- volatile system content -----------------------------------------------------------------
 
 
-def _patterns(settings: dict[str, Any]) -> list[re.Pattern[str]]:
+@lru_cache(maxsize=32)
+def _compiled(pats: tuple[str, ...]) -> tuple[str, list[re.Pattern[str]]]:
+    """The memo kind of the volatile split with these patterns, and the patterns compiled."""
+    return "cache_align.stable_system:" + content_hash(list(pats))[:16], [re.compile(p) for p in pats]
+
+
+def _patterns(settings: dict[str, Any]) -> tuple[str, list[re.Pattern[str]]]:
     pats = settings.get("volatile_patterns")
     if pats is None:
         pats = DEFAULT_VOLATILE_PATTERNS
-    return [re.compile(p) for p in [*pats, *(settings.get("extra_volatile_patterns") or [])]]
+    return _compiled(tuple([*pats, *(settings.get("extra_volatile_patterns") or [])]))
 
 
 def split_volatile(text: str, patterns: list[re.Pattern[str]]) -> tuple[str, list[str]]:
@@ -296,6 +311,168 @@ def _choose_ttl(
     return ttl, {"p_long_gap": round(p, 3), "switched": switched}
 
 
+# -- the prefix, digested once per call --------------------------------------------------------
+
+# The prefix in groups: the tools, the system prompt, then each message (group i + 2). Each call
+# serializes every group once (orjson, cache_control aside) to check it against the conversation's
+# previous request; a group seen there keeps its blocks' digests and token counts, and only the
+# blocks of a new group are digested and counted one by one.
+_SORTED = orjson.OPT_SORT_KEYS
+_CC = b'"cache_control"'
+_xxh = xxhash.xxh3_128_digest
+_D = 16  # bytes per digest
+_TOOLS, _SYSTEM, _MSG0 = 0, 1, 2
+# the previous request's blocks, kept only to name what changed in a bust (the first differing
+# character, the old block's hash): the newest conversations' within this many bytes in all
+PREV_BLOCKS_BYTES = 8 * 1024 * 1024
+_BLOCK_BYTES = 64  # what a block costs beyond its JSON, roughly (the dict and its strings)
+_NOT_A_TOOL = object()  # a tools entry that is not a dict has no name
+
+
+def _digest(value: Any) -> tuple[bytes, int, bool]:
+    """(a 16-byte digest of ``value`` without cache_control at any depth, its JSON length, whether a
+    cache_control may be in it): one orjson pass unless it holds one."""
+    try:
+        raw = orjson.dumps(value, option=_SORTED)
+    except TypeError:  # not JSON orjson takes
+        return fast_digest(strip_cc(value))[1:], 0, True
+    if _CC in raw:
+        return fast_digest(strip_cc(value))[1:], len(raw), True
+    return _xxh(raw), len(raw), False
+
+
+def _where(starts: list[int], k: int) -> Slot:
+    """Where block ``k`` of a prefix grouped at ``starts`` is (the Slot without its block)."""
+    g = bisect_right(starts, k) - 1
+    j = k - starts[g]
+    if g == _TOOLS:
+        return Slot(f"tools[{j}]", "tools", j, -1, None)
+    if g == _SYSTEM:
+        return Slot(f"system[{j}]", "system", j, -1, None)
+    i = g - _MSG0
+    return Slot(f"messages[{i}].content[{j}]", "messages", i, j, None)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What is kept of a conversation's latest request: digests and token counts, no blocks."""
+
+    groups: list[bytes]  # a digest per group
+    starts: list[int]  # each group's first block
+    digests: bytes  # 16 bytes per block
+    tokens: array[int]  # each block's tokens (a message's framing counted at its first block)
+    cc_groups: frozenset[int]  # groups that held a cache_control (their counts are not reused)
+    names: list[Any]  # each tool's name (None: not a dict)
+
+
+@dataclass
+class Prefix:
+    """A request's cacheable prefix: its blocks in prefix order, each one's tokens to its end."""
+
+    blocks: list[Any]
+    seen: Seen
+    cum: list[int]
+    marked: list[int]  # blocks carrying the caller's cache_control
+    nbytes: int  # the blocks' size, roughly (JSON + a little per block)
+
+    def slot(self, k: int) -> Slot:
+        w = _where(self.seen.starts, k)
+        return Slot(w.loc, w.section, w.i, w.j, self.blocks[k])
+
+    def message_blocks(self, i: int) -> range:
+        """The block indices of message ``i``."""
+        starts = self.seen.starts
+        g = i + _MSG0
+        return range(starts[g], starts[g + 1] if g + 1 < len(starts) else len(self.blocks))
+
+
+def digest_prefix(body: dict[str, Any], prev: Seen | None, count: Callable[[Any], int]) -> Prefix:
+    """The prefix of ``body``: what ``prev`` holds of a group with the same content is taken from it.
+
+    The groups ``body`` shares with ``prev`` from the start keep their places (one slice of each
+    of prev's arrays); after the first change, a message group is looked up by its digest (a cut
+    moved it), else it is new: its blocks digested and counted one by one.
+    """
+    tools = body.get("tools") or []
+    system = body.get("system")
+    groups: list[list[Any]] = [list(tools), as_blocks(system) if system is not None else []]
+    for m in body.get("messages") or []:
+        c = m.get("content") if isinstance(m, dict) else None
+        groups.append(c if type(c) is list else as_blocks(c))
+    blocks: list[Any] = []
+    starts: list[int] = []
+    digests: list[bytes] = []
+    cc_groups: set[int] = set()
+    nbytes = 0
+    dumps, xxh, sort_keys = orjson.dumps, _xxh, _SORTED
+    # the groups equal to prev's from the start, each group's digest, and the cache_control check
+    same = len(prev.groups) if prev is not None and memo_enabled() else 0
+    for g, group in enumerate(groups):
+        starts.append(len(blocks))
+        try:
+            raw = dumps(group, option=sort_keys)
+            cc = _CC in raw
+            d = xxh(raw) if not cc else _digest(group)[0]
+            nbytes += len(raw)
+        except TypeError:
+            d, _, cc = _digest(group)
+        digests.append(d)
+        blocks.extend(group)
+        if cc:
+            cc_groups.add(g)
+        if g < same and (prev is None or prev.groups[g] != d):
+            same = g
+    same = min(same, len(groups))
+    n_same = starts[same] if same < len(groups) else len(blocks)
+    nbytes += _BLOCK_BYTES * len(blocks)
+    marked = [
+        k
+        for g in sorted(cc_groups)
+        for k in range(starts[g], starts[g] + len(groups[g]))
+        if isinstance(blocks[k], dict) and blocks[k].get("cache_control")
+    ]
+
+    def counted(g: int) -> list[int]:
+        counts = [count(b) for b in groups[g]]
+        if counts and g >= _MSG0:
+            counts[0] += MESSAGE_OVERHEAD
+        return counts
+
+    parts: list[bytes] = []
+    tokens: array[int] = array("q")
+    if n_same:
+        assert prev is not None
+        parts.append(prev.digests[: n_same * _D])
+        tokens.extend(prev.tokens[:n_same])
+        for g in cc_groups | prev.cc_groups:  # counted again: a cache_control inside may count
+            if g < same and groups[g]:
+                tokens[starts[g] : starts[g] + len(groups[g])] = array("q", counted(g))
+    index: dict[bytes, int] | None = None  # prev's message groups by digest, made on a first change
+    for g in range(same, len(groups)):
+        group = groups[g]
+        if not group:
+            continue
+        h = None
+        if prev is not None and same < len(prev.groups) and g >= _MSG0 and memo_enabled():
+            if index is None:
+                index = {prev.groups[i]: i for i in range(len(prev.groups) - 1, _MSG0 - 1, -1)}
+            h = index.get(digests[g])
+        if h is None:
+            parts.extend(_digest(b)[0] for b in group)
+            tokens.extend(counted(g))
+            continue
+        assert prev is not None
+        a = prev.starts[h]
+        parts.append(prev.digests[a * _D : (a + len(group)) * _D])
+        if g in cc_groups or h in prev.cc_groups:
+            tokens.extend(counted(g))
+        else:
+            tokens.extend(prev.tokens[a : a + len(group)])
+    names = [t.get("name") if isinstance(t, dict) else _NOT_A_TOOL for t in groups[_TOOLS]]
+    seen = Seen(digests, starts, b"".join(parts), tokens, frozenset(cc_groups), names)
+    return Prefix(blocks, seen, list(accumulate(tokens)), marked, nbytes)
+
+
 # -- breakpoints -----------------------------------------------------------------------------
 
 
@@ -309,28 +486,21 @@ def _prev_end(messages: list[Any]) -> int | None:
     return None
 
 
-def _last_cacheable(
-    slots: list[Slot], cum: list[int], min_cache: int, msg: int | None, upto: int
-) -> int | None:
-    """The last slot index < upto (within message ``msg`` if given) that may carry a breakpoint."""
-    for k in range(upto - 1, -1, -1):
-        s = slots[k]
-        if msg is not None and (s.section != "messages" or s.i != msg):
-            if s.section != "messages" or s.i < msg:
-                break
-            continue
-        if cacheable(s.block) and cum[k] >= min_cache:
+def _last_cacheable(p: Prefix, min_cache: int, ks: range) -> int | None:
+    """The last block index in ``ks`` that may carry a breakpoint."""
+    for k in reversed(ks):
+        if cacheable(p.blocks[k]) and p.cum[k] >= min_cache:
             return k
     return None
 
 
 def plan_breakpoints(
-    slots: list[Slot], cum: list[int], messages: list[Any], min_cache: int, slots_free: int
+    p: Prefix, messages: list[Any], min_cache: int, slots_free: int
 ) -> list[tuple[int, str]]:
-    """Where to put new breakpoints: [(slot index, reason)], by priority, at most ``slots_free``."""
-    taken = {k for k, s in enumerate(slots) if isinstance(s.block, dict) and s.block.get("cache_control")}
+    """Where to put new breakpoints: [(block index, reason)], by priority, at most ``slots_free``."""
+    taken = set(p.marked)
     chosen: list[tuple[int, str]] = []
-    n = len(slots)
+    n = len(p.blocks)
 
     def add(k: int | None, why: str) -> None:
         if k is None or k in taken or len(chosen) >= slots_free:
@@ -338,16 +508,14 @@ def plan_breakpoints(
         taken.add(k)
         chosen.append((k, why))
 
-    def covered(p: int) -> bool:
-        return any(0 <= b - p < LOOKBACK_BLOCKS for b in taken)
+    def covered(q: int) -> bool:
+        return any(0 <= b - q < LOOKBACK_BLOCKS for b in taken)
 
-    first_msg = next((k for k, s in enumerate(slots) if s.section == "messages"), n)
-    last = None
-    if messages:
-        last = _last_cacheable(slots, cum, min_cache, None, n)
+    first_msg = p.seen.starts[_MSG0] if len(p.seen.starts) > _MSG0 else n
+    last = _last_cacheable(p, min_cache, range(n)) if messages else None
     prev_i = _prev_end(messages)
-    prev = _last_cacheable(slots, cum, min_cache, prev_i, n) if prev_i is not None else None
-    sys_end = _last_cacheable(slots, cum, min_cache, None, first_msg) if first_msg else None
+    prev = _last_cacheable(p, min_cache, p.message_blocks(prev_i)) if prev_i is not None else None
+    sys_end = _last_cacheable(p, min_cache, range(first_msg)) if first_msg else None
     add(last, "final")
     if prev is not None and not covered(prev):
         add(prev, "lookback")  # more than 20 blocks since the previous request's end
@@ -356,13 +524,9 @@ def plan_breakpoints(
     return chosen
 
 
-def _assign_ttls(slots: list[Slot], chosen: dict[int, str], want: str) -> dict[int, str]:
+def _assign_ttls(p: Prefix, chosen: dict[int, str], want: str) -> dict[int, str]:
     """TTL per new breakpoint: ``want``, bent so 1h breakpoints never follow 5m ones."""
-    caller = {
-        k: cc_ttl(s.block["cache_control"])
-        for k, s in enumerate(slots)
-        if isinstance(s.block, dict) and s.block.get("cache_control")
-    }
+    caller = {k: cc_ttl(p.blocks[k]["cache_control"]) for k in p.marked}
     out = {}
     for k in chosen:
         ttl = want
@@ -374,12 +538,12 @@ def _assign_ttls(slots: list[Slot], chosen: dict[int, str], want: str) -> dict[i
     return out
 
 
-def _apply(body: dict[str, Any], slots: list[Slot], ttls: dict[int, str]) -> dict[str, Any]:
+def _apply(body: dict[str, Any], p: Prefix, ttls: dict[int, str]) -> dict[str, Any]:
     tools = list(body.get("tools") or [])
     system = list(body.get("system") or []) if isinstance(body.get("system"), list) else body.get("system")
     msgs = list(body["messages"])
     for k, ttl in ttls.items():
-        s = slots[k]
+        s = p.slot(k)
         cc: dict[str, Any] = {"type": "ephemeral"}
         if ttl == "1h":
             cc["ttl"] = "1h"
@@ -404,62 +568,96 @@ def _apply(body: dict[str, Any], slots: list[Slot], ttls: dict[int, str]) -> dic
 # -- bust diagnosis --------------------------------------------------------------------------
 
 
-def diagnose(prev: list[Slot], cur: list[Slot]) -> dict[str, Any] | None:
+def _first_difference(a: bytes, b: bytes) -> int:
+    """The first block at which two digest strings differ (the shorter one's length if none does)."""
+    n = min(len(a), len(b)) // _D
+    lo, hi = 0, n
+    if a[: n * _D] == b[: n * _D]:
+        return n
+    while hi - lo > 1:  # a and b agree on lo blocks, not on hi
+        mid = (lo + hi) // 2
+        if a[: mid * _D] == b[: mid * _D]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _kind(block: Any) -> Any:
+    return block.get("type") if isinstance(block, dict) else "str"
+
+
+def diagnose(prev: Seen, old: list[Any] | None, cur: Prefix) -> dict[str, Any] | None:
     """Where ``cur`` stops sharing ``prev``'s prefix, and what changed (None: cur extends prev).
 
     Structural only, never prompt text (it goes into the run ledger): the block's location and
     index, its kind, the first differing character, and short hashes of the old and new block.
+    ``old`` is the previous request's blocks, if still kept: without them, the character and the
+    old block's hash and kind are not known.
     """
-    n = min(len(prev), len(cur))
-    k = 0
-    while k < n and block_hash(prev[k].block) == block_hash(cur[k].block):
-        k += 1
-    if k == len(prev):
+    n_prev, n_cur = len(prev.digests) // _D, len(cur.blocks)
+    k = _first_difference(prev.digests, cur.seen.digests)
+    if k == n_prev:
         return None
-    if k == len(cur):
-        return {"at": prev[k].loc, "index": k, "change": "blocks removed from the end"}
-    a, b = prev[k], cur[k]
-    ta = a.block.get("type") if isinstance(a.block, dict) else "str"
-    tb = b.block.get("type") if isinstance(b.block, dict) else "str"
-    out: dict[str, Any] = {
-        "at": b.loc,
-        "index": k,
-        "kind": str(tb),
-        "was_hash": block_hash(a.block)[:12],
-        "now_hash": block_hash(b.block)[:12],
-    }
+    a = _where(prev.starts, k)
+    if k == n_cur:
+        return {"at": a.loc, "index": k, "change": "blocks removed from the end"}
+    b = cur.slot(k)
+    was = old[k] if old is not None else None
+    tb = _kind(b.block)
+    out: dict[str, Any] = {"at": b.loc, "index": k, "kind": str(tb)}
+    if old is not None:
+        out["was_hash"] = block_hash(was)[:12]
+    out["now_hash"] = block_hash(b.block)[:12]
     if a.section != b.section or (a.section == "messages" and (a.i, a.j) != (b.i, b.j)):
-        what = "block added" if len(cur) > len(prev) else "block removed"
+        what = "block added" if n_cur > n_prev else "block removed"
         return {**out, "change": f"{what} ({a.loc} became {b.loc})"}
     if a.section == "tools":
-        prev_names = [s.block.get("name") for s in prev if s.section == "tools" and isinstance(s.block, dict)]
-        cur_names = [s.block.get("name") for s in cur if s.section == "tools" and isinstance(s.block, dict)]
+        prev_names = [n for n in prev.names if n is not _NOT_A_TOOL]
+        cur_names = [n for n in cur.seen.names if n is not _NOT_A_TOOL]
         if sorted(map(str, prev_names)) == sorted(map(str, cur_names)) and prev_names != cur_names:
             return {**out, "change": "tool order changed"}
-        if a.block.get("name") != b.block.get("name"):
+        if prev.names[a.i] != cur.seen.names[b.i]:
             # tool names are identifiers the API restricts to [a-zA-Z0-9_-], not prompt text
-            return {**out, "change": f"tool {a.block.get('name')!r} became {b.block.get('name')!r}"}
+            return {**out, "change": f"tool {prev.names[a.i]!r} became {cur.seen.names[b.i]!r}"}
+    if old is None:
+        return {**out, "change": "block changed (the earlier one is no longer kept)"}
+    ta = _kind(was)
     if ta != tb:
         return {**out, "change": f"block type {ta} became {tb}"}
-    sa = json.dumps(strip_cc(a.block), sort_keys=True, ensure_ascii=False)
+    sa = json.dumps(strip_cc(was), sort_keys=True, ensure_ascii=False)
     sb = json.dumps(strip_cc(b.block), sort_keys=True, ensure_ascii=False)
     field = "text" if ta == "text" else "content"
-    if ta == "text" and isinstance(a.block, dict) and isinstance(b.block, dict):
-        sa, sb = str(a.block.get("text", "")), str(b.block.get("text", ""))
+    if ta == "text" and isinstance(was, dict) and isinstance(b.block, dict):
+        sa, sb = str(was.get("text", "")), str(b.block.get("text", ""))
     c = 0
     while c < min(len(sa), len(sb)) and sa[c] == sb[c]:
         c += 1
     return {**out, "change": f"{field} differs at char {c}", "char": c}
 
 
+def _bust(prev: Seen, old: list[Any] | None, cur: Prefix) -> dict[str, Any] | None:
+    """The bust note: :func:`diagnose` with the tokens it kept and invalidated."""
+    bust = diagnose(prev, old, cur)
+    if bust is None:
+        return None
+    k = bust.pop("index")
+    prev_cum = list(accumulate(prev.tokens))
+    bust["block"] = k
+    bust["kept_tokens"] = prev_cum[k - 1] if 0 < k <= len(prev_cum) else 0
+    bust["invalidated_tokens"] = (prev_cum[-1] if prev_cum else 0) - bust["kept_tokens"]
+    if "now_hash" in bust:  # the changed block's own size, before and after
+        bust["was_tokens"] = prev.tokens[k] if k < len(prev.tokens) else 0
+        bust["now_tokens"] = cur.seen.tokens[k] if k < len(cur.seen.tokens) else 0
+    return bust
+
+
 # -- the hooks -------------------------------------------------------------------------------
 
 
-def _block_tokens(cum: list[int], k: int) -> int:
-    """Tokens of block ``k`` alone, from the cumulative counts."""
-    if not 0 <= k < len(cum):
-        return 0
-    return cum[k] - (cum[k - 1] if k else 0)
+def _previous_blocks(ctx: Any) -> tuple[threading.Lock, SizedLRU[tuple[str, str], tuple[Seen, list[Any]]]]:
+    state = ctx.shared_state(prev_lock=threading.Lock, prev_blocks=SizedLRU)
+    return state["prev_lock"], state["prev_blocks"]
 
 
 def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
@@ -468,34 +666,35 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
     notes: dict[str, Any] = {}
     out = normalized(body)
     if settings["sort_tools"] and isinstance(out.get("tools"), list) and out["tools"]:
-        tools = stable_tools(out["tools"])
+        tools = ctx.memo("cache_align.stable_tools", out["tools"], stable_tools)
         if [t.get("name") for t in tools if isinstance(t, dict)] != [
             t.get("name") for t in out["tools"] if isinstance(t, dict)
         ]:
             notes["tools_sorted"] = True
         out["tools"] = tools
-    patterns = _patterns(settings)
+    kind, patterns = _patterns(settings)
     moved: list[str] = []
     mode = {True: "always", False: "never"}.get(settings["move_volatile"], settings["move_volatile"])
     stable_sys: list[Any] = []
     if isinstance(out.get("system"), list):
-        stable_sys, moved = _stable_system(out["system"], patterns)
+        stable_sys, moved = ctx.memo(kind, out["system"], lambda system: _stable_system(system, patterns))
     msgs = out["messages"]
     first = strip_cc(as_blocks(msgs[0].get("content"))) if msgs and isinstance(msgs[0], dict) else None
     # within the core's conversation (tokensaver.conversations): two that open alike keep their own
     conv_key = content_hash([str(out.get("model", "")), strip_cc(stable_sys), first, ctx.conversation])[:16]
-    convs, conv = _conversation(ctx, conv_key, settings["max_conversations"])
+    limit = settings["max_conversations"]
+    convs, conv = _conversation(ctx, conv_key, limit)
     if mode == "changed" and moved:
         # moving costs a few tokens on every call: only worth it once the lines actually change
-        seen = conv.setdefault("volatile_first", moved)
+        seen = conv.setdefault("volatile_first", list(moved))
         conv["volatile_active"] = conv.get("volatile_active") or seen != moved
     active = mode == "always" or (mode == "changed" and conv.get("volatile_active"))
     if active and moved:
-        out["system"] = stable_sys
+        out["system"] = list(stable_sys)
     else:
         moved = []
     if active and msgs:
-        out, where = _attach_volatile(out, moved, conv)
+        out, where = _attach_volatile(out, list(moved), conv)
         if where:
             # counts and a hash, never the lines: they are prompt text and go into the ledger
             notes["moved"] = {
@@ -511,26 +710,27 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
         notes["automatic_converted"] = True
         if settings["ttl"] == "auto" and cc_ttl(auto) == "1h":
             want_ttl = "1h"
-    slots = prefix_slots(out)
-    cum = cumulative_tokens(slots, ctx.count)
-    caller = sum(1 for s in slots if isinstance(s.block, dict) and s.block.get("cache_control"))
+    prev: Seen | None = conv.get("prev")
+    p = digest_prefix(out, prev, ctx.count)  # the one pass over the whole prefix
+    caller = len(p.marked)
     free = max(0, MAX_BREAKPOINTS - caller)
     min_cache = int(getattr(ctx.model, "min_cache", 1024))
-    chosen = plan_breakpoints(slots, cum, out["messages"], min_cache, free)
-    total = cum[-1] if cum else 0
+    chosen = plan_breakpoints(p, out["messages"], min_cache, free)
+    total = p.cum[-1] if p.cum else 0
     if want_ttl == "auto":
         want_ttl, ttl_notes = _choose_ttl(conv, float(ctx.now), total, ctx.model)
         if ttl_notes["switched"]:
             notes["ttl_switched"] = want_ttl
         notes["p_long_gap"] = ttl_notes["p_long_gap"]
     reasons = dict(chosen)
-    ttls = _assign_ttls(slots, reasons, want_ttl)
+    ttls = _assign_ttls(p, reasons, want_ttl)
     if auto is not None and not chosen:
         out["cache_control"] = auto  # nothing of ours to place: leave the caller's automatic mode
         notes.pop("automatic_converted", None)
-    out = _apply(out, slots, ttls)
+    out = _apply(out, p, ttls)
     notes["breakpoints"] = [
-        {"at": slots[k].loc, "why": why, "ttl": ttls[k], "prefix_tokens": cum[k]} for k, why in sorted(chosen)
+        {"at": p.slot(k).loc, "why": why, "ttl": ttls[k], "prefix_tokens": p.cum[k]}
+        for k, why in sorted(chosen)
     ]
     notes["caller_breakpoints"] = caller + (
         1 if auto is not None and "automatic_converted" not in notes else 0
@@ -538,21 +738,18 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
     notes["ttl"] = want_ttl
     notes["prefix_tokens"] = total
     if settings["diagnose"]:
-        prev = conv.get("prev_slots")
+        lock, kept = _previous_blocks(ctx)
+        where_kept = (str(ctx.key_hash), conv_key)
         if prev is not None:
-            bust = diagnose(prev, slots)
+            with lock:
+                hit = kept.get(where_kept)
+            old = hit[1] if hit is not None and hit[0] is prev else None
+            bust = _bust(prev, old, p)
             if bust is not None:
-                k = bust.pop("index")
-                prev_cum = conv.get("prev_cum") or []
-                bust["block"] = k
-                bust["kept_tokens"] = prev_cum[k - 1] if 0 < k <= len(prev_cum) else 0
-                bust["invalidated_tokens"] = (prev_cum[-1] if prev_cum else 0) - bust["kept_tokens"]
-                if "was_hash" in bust:  # the changed block's own size, before and after
-                    bust["was_tokens"] = _block_tokens(prev_cum, k)
-                    bust["now_tokens"] = _block_tokens(cum, k)
                 notes["bust"] = bust
-        conv["prev_slots"] = slots
-        conv["prev_cum"] = cum
+        with lock:
+            kept.put(where_kept, (p.seen, p.blocks), p.nbytes, limit, PREV_BLOCKS_BYTES)
+    conv["prev"] = p.seen
     convs.put(ctx.key_hash, conv_key, conv)
     ctx.record(**notes)
     return out
