@@ -155,76 +155,114 @@ def request_problems(body: dict[str, Any]) -> list[str]:
     Code 2.1.33x) stands outside the turn order, and two user messages in a row are one turn
     (OpenClaw sends a context message after its tool results).
     """
-    problems: list[str] = []
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         return ["messages: missing or empty"]
-    turns = [(i, m) for i, m in enumerate(msgs) if not (isinstance(m, dict) and m.get("role") == "system")]
-    if not turns or turns[0][1].get("role") != "user":
-        problems.append("messages[0]: first message is not from the user")
+    check = TurnCheck()
     for i, m in enumerate(msgs):
-        if isinstance(m, dict) and m.get("role") == "system" and not as_blocks(m.get("content")):
-            problems.append(f"messages[{i}]: empty content")
-    seen_ids: set[Any] = set()
-    for k, (i, m) in enumerate(turns):
+        check.feed(i, m)
+    return check.problems() + cache_control_problems(body)
+
+
+class TurnCheck:
+    """The turn-order checks of :func:`request_problems`, fed one message at a time.
+
+    What a later message is checked against is kept (the tool_use ids so far, the previous turn's
+    role and tool_use ids), not the messages: a caller that has checked a conversation's messages
+    goes on with its new ones (prune, between cuts). The problems come in request_problems' order.
+    """
+
+    def __init__(self) -> None:
+        self.turns = 0
+        self.first_role: Any = None
+        self.system: list[str] = []  # empty system messages
+        self.found: list[str] = []  # the turns' problems, in order
+        self.seen_ids: set[Any] = set()
+        self.prev_role: Any = None
+        self.prev_i = -1
+        self.prev_uses: list[Any] = []  # the previous turn's tool_use ids (tool_use blocks only)
+
+    def problems(self) -> list[str]:
+        """What was found so far (before the cache_control rules)."""
+        first = (
+            []
+            if self.turns and self.first_role == "user"
+            else ["messages[0]: first message is not from the user"]
+        )
+        return first + self.system + self.found
+
+    def feed(self, i: int, m: Any) -> None:
+        """Check ``messages[i]`` after the messages fed before it."""
+        if isinstance(m, dict) and m.get("role") == "system":
+            if not as_blocks(m.get("content")):
+                self.system.append(f"messages[{i}]: empty content")
+            return
+        found = self.found
         role = m.get("role")
-        prev = turns[k - 1][1] if k else None
-        if role not in ("user", "assistant"):
-            problems.append(f"messages[{i}]: bad role {role!r}")
-        if role == "assistant" and prev is not None and prev.get("role") == role:
-            problems.append(f"messages[{i}]: role {role!r} twice in a row")
+        if self.turns == 0:
+            self.first_role = role
         blocks = as_blocks(m.get("content"))
+        if self.prev_role == "assistant" and self.prev_uses:
+            # tool_use must be answered at the start of the next user message
+            answered = {
+                b.get("tool_use_id") for b in blocks if isinstance(b, dict) and b.get("type") == "tool_result"
+            }
+            for u in self.prev_uses:
+                if u not in answered:
+                    found.append(f"messages[{self.prev_i}]: tool_use {u} has no tool_result after it")
+        if role not in ("user", "assistant"):
+            found.append(f"messages[{i}]: bad role {role!r}")
+        if role == "assistant" and self.turns and self.prev_role == role:
+            found.append(f"messages[{i}]: role {role!r} twice in a row")
         if not blocks:
-            problems.append(f"messages[{i}]: empty content")
+            found.append(f"messages[{i}]: empty content")
         for j, b in enumerate(blocks):
             if isinstance(b, dict) and b.get("type") == "text" and not b.get("text"):
-                problems.append(f"messages[{i}].content[{j}]: empty text block")
-        # tool_use must be answered at the start of the next user message
-        uses = [b for b in blocks if isinstance(b, dict) and b.get("type") == "tool_use"]
-        for b in uses:
-            if b.get("id") in seen_ids:
-                problems.append(f"messages[{i}]: duplicate tool_use id {b.get('id')}")
-            seen_ids.add(b.get("id"))
-        if role == "assistant" and uses and k + 1 < len(turns):
-            nxt = as_blocks(turns[k + 1][1].get("content"))
-            answered = {
-                b.get("tool_use_id") for b in nxt if isinstance(b, dict) and b.get("type") == "tool_result"
-            }
-            for b in uses:
-                if b.get("id") not in answered:
-                    problems.append(f"messages[{i}]: tool_use {b.get('id')} has no tool_result after it")
+                found.append(f"messages[{i}].content[{j}]: empty text block")
+        uses = [b.get("id") for b in blocks if isinstance(b, dict) and b.get("type") == "tool_use"]
+        for u in uses:
+            if u in self.seen_ids:
+                found.append(f"messages[{i}]: duplicate tool_use id {u}")
+            self.seen_ids.add(u)
         if role == "user":
-            prev_ids = set()
-            if prev is not None:
-                prev_ids = {
-                    b.get("id")
-                    for b in as_blocks(prev.get("content"))
-                    if isinstance(b, dict) and b.get("type") == "tool_use"
-                }
+            prev_ids = set(self.prev_uses)
             seen_other = False
             for j, b in enumerate(blocks):
                 if isinstance(b, dict) and b.get("type") == "tool_result":
                     if seen_other:
-                        problems.append(f"messages[{i}].content[{j}]: tool_result after other content")
+                        found.append(f"messages[{i}].content[{j}]: tool_result after other content")
                     if b.get("tool_use_id") not in prev_ids:
-                        problems.append(f"messages[{i}].content[{j}]: tool_result without its tool_use")
+                        found.append(f"messages[{i}].content[{j}]: tool_result without its tool_use")
                 else:
                     seen_other = True
-    problems.extend(cache_control_problems(body))
-    return problems
+        self.turns += 1
+        self.prev_role, self.prev_i, self.prev_uses = role, i, uses
+
+
+def _cc_of(block: Any) -> Any:
+    return block.get("cache_control") if isinstance(block, dict) else None
 
 
 def cache_control_problems(body: dict[str, Any]) -> list[str]:
     """Breakpoint rules: at most 4 (top-level automatic mode counts), 1h before 5m, cacheable blocks."""
     problems = []
     ttls = []
-    for s in prefix_slots(body):
-        cc = s.block.get("cache_control") if isinstance(s.block, dict) else None
-        if cc is None:
+    system = body.get("system")
+    for b in [*(body.get("tools") or []), *(as_blocks(system) if system is not None else [])]:
+        cc = _cc_of(b)
+        if cc is not None:
+            ttls.append(cc_ttl(cc))
+    for i, m in enumerate(body.get("messages") or []):
+        if not isinstance(m, dict):
             continue
-        if s.section == "messages" and not cacheable(s.block):
-            problems.append(f"{s.loc}: cache_control on a block that cannot carry one")
-        ttls.append(cc_ttl(cc))
+        content = m.get("content")
+        for j, b in enumerate(content if isinstance(content, list) else as_blocks(content)):
+            cc = _cc_of(b)
+            if cc is None:
+                continue
+            if not cacheable(b):
+                problems.append(f"messages[{i}].content[{j}]: cache_control on a block that cannot carry one")
+            ttls.append(cc_ttl(cc))
     if body.get("cache_control") is not None:
         ttls.append(cc_ttl(body["cache_control"]))
     if len(ttls) > MAX_BREAKPOINTS:

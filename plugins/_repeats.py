@@ -301,3 +301,19 @@ class RepeatIndex:
             index.rewrite(tid, text)
             index.marks.append((key, len(index.objects)))
         return index
+
+    def resume(self, key: bytes, fed: int) -> bool:
+        """Go on after ``fed`` feeds whose chain key is ``key`` (kept by an earlier call, without what
+        was fed): False when the index they left is no longer kept (then feed them all again)."""
+        hit = _CHAIN.get(key)
+        marks = hit.index.marks if hit is not None else []
+        if self.plain is not None or fed < 1 or len(marks) < fed or marks[fed - 1][0] != key:
+            return False
+        self.key, self.index, self.fed = key, hit.index, [None] * fed  # type: ignore[list-item,union-attr]
+        return True
+
+    @staticmethod
+    def kept(key: bytes) -> str | None:
+        """The rewrite kept under a chain key (None: the text went unchanged, or is no longer kept)."""
+        hit = _CHAIN.get(key)
+        return None if hit is None else hit.out

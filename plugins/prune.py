@@ -106,16 +106,30 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+import xxhash
+
 from tokensaver.context import plugin_notes
 from tokensaver.hookspecs import hookimpl
 from tokensaver.settings import Schema, boolean, integer, number, strings
-from tokensaver.tokens import content_hash
+from tokensaver.tokens import content_hash, fast_digest, memo_enabled
 
-from ._blocks import LOOKBACK_BLOCKS, as_blocks, normalized, request_problems, strip_cc, tool_uses
+from ._blocks import (
+    LOOKBACK_BLOCKS,
+    TurnCheck,
+    as_blocks,
+    cache_control_problems,
+    normalized,
+    request_problems,
+    strip_cc,
+    tool_uses,
+)
+from ._lru import SizedLRU
 from ._repeats import RepeatIndex
 
 PLUGIN = "prune"
@@ -307,77 +321,127 @@ def apply_spec(messages: list[Any], spec: dict[str, Any], settings: dict[str, An
     A pure function of (messages, spec, settings): between cuts it gives every older message the
     same bytes on every call.
     """
-    msgs = list(messages)
+    msgs = _after_drop(messages, spec)
+    walk = Walk(spec, settings, count, _outlined(msgs, spec, settings))
+    return [walk.step(m) for m in msgs]
+
+
+def _after_drop(messages: list[Any], spec: dict[str, Any]) -> list[Any]:
+    """The messages with the spec's dropped turns out (a marker on the task says so), when they
+    are still the turns the cut dropped."""
     drop = spec.get("drop")
-    if drop and len(msgs) > drop["d"] and _prefix_hash(msgs, drop["d"]) == drop["h"]:
-        first = msgs[0]
+    if drop and len(messages) > drop["d"] and _prefix_hash(messages, drop["d"]) == drop["h"]:
+        first = messages[0]
         marker = dropped_marker(drop["d"] - 1, drop["tokens"])
-        msgs = [{**first, "content": [*as_blocks(first.get("content")), marker]}, *msgs[drop["d"] :]]
+        return [{**first, "content": [*as_blocks(first.get("content")), marker]}, *messages[drop["d"] :]]
+    return list(messages)
+
+
+def _outlined(msgs: list[Any], spec: dict[str, Any], settings: dict[str, Any]) -> set[str]:
     cleared = set(spec.get("cleared") or ())
-    sup = spec.get("superseded") or {}
-    reads = _file_reads(msgs, cleared) if cleared and settings.get("clear_outline") else set()
-    dedupe = settings.get("dedupe", True)
-    min_tokens = int(settings.get("min_result_tokens", 100))
-    seen: dict[str, str] = {}  # content hash -> id of the first result kept in full
-    lines = (
-        RepeatIndex(int(settings["repeat_min_lines"]), int(settings["repeat_min_chars"]))
-        if settings.get("repeats")
-        else None
-    )
-    out = []
-    for m in msgs:
+    return _file_reads(msgs, cleared) if cleared and settings.get("clear_outline") else set()
+
+
+class Walk:
+    """:func:`apply_spec`'s walk, one message at a time, noting what a later call of the conversation
+    needs to go on from where it stopped without walking the same messages again (see ``_Carry``):
+    each block it changed and how (``edits``), each message's tokens as sent, each tool result's
+    tokens as sent, the repeat index's chain key. ``count`` and the repeat index are the call's."""
+
+    def __init__(
+        self, spec: dict[str, Any], settings: dict[str, Any], count: Any, reads: set[str] | None = None
+    ) -> None:
+        self.cleared = set(spec.get("cleared") or ())
+        self.sup = spec.get("superseded") or {}
+        self.reads = reads or set()
+        self.count = count
+        self.dedupe = bool(settings.get("dedupe", True))
+        self.min_tokens = int(settings.get("min_result_tokens", 100))
+        self.seen: dict[str, str] = {}  # content hash -> id of the first result kept in full
+        self.lines: RepeatIndex | None = (
+            RepeatIndex(int(settings["repeat_min_lines"]), int(settings["repeat_min_chars"]))
+            if settings.get("repeats")
+            else None
+        )
+        self.track = False  # note tokens and results (the walk of what is sent)
+        self.n = 0  # messages walked
+        self.edits: list[tuple[int, int, tuple[Any, ...]]] = []  # (message, block, how)
+        self.tokens: list[int] = []  # each message's tokens as sent
+        self.results: list[tuple[int, int, str, int]] = []  # (message, block, tool_use id, tokens)
+
+    def step(self, m: Any) -> Any:
+        """The next message as the spec says."""
+        i = self.n
+        self.n += 1
+        out = self._message(i, m)
+        if self.track:
+            self.tokens.append(self.count(out) if isinstance(out, dict) else 0)
+        return out
+
+    def _message(self, i: int, m: Any) -> Any:
         if not isinstance(m, dict) or m.get("role") != "user" or not isinstance(m.get("content"), list):
-            out.append(m)
-            continue
-        content = list(m["content"])
-        changed = False
+            return m
+        content = m["content"]
+        new: list[Any] | None = None
         for j, b in enumerate(content):
             if not isinstance(b, dict) or b.get("type") != "tool_result":
                 continue
             tid = str(b.get("tool_use_id"))
-            if tid in cleared:
-                size = count(strip_cc(b))
-                text = superseded_marker(sup[tid], size) if tid in sup else cleared_marker(size)
-                if tid in reads:
-                    text = with_outline(text, b.get("content"))
-                content[j] = _replace_result(b, text)
-                changed = True
-                continue
-            inner = b.get("content")
-            # error results too: a failing test run (Claude Code marks a non-zero exit as an error)
-            # is in the context like any result, and its re-run after the fix repeats most of it
-            if not (dedupe or lines is not None) or not inner:
-                continue
-            if dedupe:
-                h = content_hash(strip_cc(inner))
-                if h in seen and count(strip_cc(b)) >= min_tokens:
-                    content[j] = _replace_result(b, pointer_marker(seen[h]))
-                    changed = True
-                    continue
-                seen.setdefault(h, tid)  # a copy too small for the pointer still has its lines
-            if lines is not None:
-                new_inner = _without_repeats(inner, tid, lines)
-                if new_inner is not inner:
-                    content[j] = {**b, "content": new_inner}
-                    changed = True
-        out.append({**m, "content": content} if changed else m)
-    return out
+            done = self._result(tid, b)
+            if done is not None:
+                if new is None:
+                    new = list(content)
+                new[j] = done[0]
+                self.edits.append((i, j, done[1]))
+            if self.track:
+                self.results.append((i, j, tid, self.count(strip_cc(b if done is None else done[0]))))
+        return m if new is None else {**m, "content": new}
+
+    def _result(self, tid: str, b: dict[str, Any]) -> tuple[dict[str, Any], tuple[Any, ...]] | None:
+        """A tool result's new block and how it was made, or None when it goes as it is."""
+        count = self.count
+        if tid in self.cleared:
+            size = count(strip_cc(b))
+            text = superseded_marker(self.sup[tid], size) if tid in self.sup else cleared_marker(size)
+            if tid in self.reads:
+                text = with_outline(text, b.get("content"))
+            return _replace_result(b, text), ("text", text)
+        inner = b.get("content")
+        # error results too: a failing test run (Claude Code marks a non-zero exit as an error)
+        # is in the context like any result, and its re-run after the fix repeats most of it
+        if not (self.dedupe or self.lines is not None) or not inner:
+            return None
+        if self.dedupe:
+            h = content_hash(strip_cc(inner))
+            if h in self.seen and count(strip_cc(b)) >= self.min_tokens:
+                text = pointer_marker(self.seen[h])
+                return _replace_result(b, text), ("text", text)
+            self.seen.setdefault(h, tid)  # a copy too small for the pointer still has its lines
+        if self.lines is not None:
+            new_inner, keys = _without_repeats(inner, tid, self.lines)
+            if keys:
+                return {**b, "content": new_inner}, ("lines", keys)
+        return None
 
 
-def _without_repeats(inner: Any, tid: str, index: RepeatIndex) -> Any:
-    """A result's content with runs of lines an earlier result shows as pointers (same object if none)."""
+def _without_repeats(inner: Any, tid: str, index: RepeatIndex) -> tuple[Any, tuple[Any, ...]]:
+    """A result's content with runs of lines an earlier result shows as pointers (same object if
+    none), and the chain key of each text rewritten (``(-1, key)`` for a string content, else
+    ``(its index in the content, key)``), so a later call finds the rewrite again."""
     if isinstance(inner, str):
-        return index.rewrite(tid, inner)
+        text = index.rewrite(tid, inner)
+        return (inner, ()) if text is inner else (text, ((-1, index.key),))
     if not isinstance(inner, list):
-        return inner
-    out, changed = [], False
-    for blk in inner:
+        return inner, ()
+    out, keys = [], []
+    for k, blk in enumerate(inner):
         if isinstance(blk, dict) and blk.get("type") == "text" and isinstance(blk.get("text"), str):
             text = index.rewrite(tid, blk["text"])
             if text is not blk["text"]:
-                blk, changed = {**blk, "text": text}, True
+                blk = {**blk, "text": text}
+                keys.append((k, index.key))
         out.append(blk)
-    return out if changed else inner
+    return (out, tuple(keys)) if keys else (inner, ())
 
 
 # -- superseded results ------------------------------------------------------------------------
@@ -433,51 +497,76 @@ def superseded(messages: list[Any], settings: dict[str, Any]) -> dict[str, str]:
     """
     if not settings.get("clear_superseded", True):
         return {}
-    errors = {
-        str(b.get("tool_use_id"))
-        for m in messages
-        if isinstance(m, dict) and m.get("role") == "user"
-        for b in as_blocks(m.get("content"))
-        if isinstance(b, dict) and b.get("type") == "tool_result" and b.get("is_error")
-    }
-    by_write = bool(settings.get("superseded_by_write", False))
-    by_edit = by_write and bool(settings.get("superseded_by_edit", False))
-    calls: dict[str, list[str]] = {}  # (tool, input) -> earlier uses not yet superseded
-    reads: dict[str, list[tuple[str, str]]] = {}  # resource -> earlier (id, kind) not yet superseded
-    out: dict[str, str] = {}
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") != "assistant":
-            continue
-        for b in as_blocks(m.get("content")):
-            if not isinstance(b, dict) or b.get("type") != "tool_use":
+    scan = Supersession(settings)
+    scan.feed(messages)
+    return scan.out
+
+
+class Supersession:
+    """:func:`superseded`'s scan, fed the messages in order: kept per conversation, it goes on with
+    a call's new messages (each later use's call kept as a digest, each resource's earlier uses)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.by_write = bool(settings.get("superseded_by_write", False))
+        self.by_edit = self.by_write and bool(settings.get("superseded_by_edit", False))
+        self.calls: dict[bytes, list[str]] = {}  # (tool, input) -> earlier uses not yet superseded
+        self.reads: dict[str, list[tuple[str, str]]] = {}  # resource -> earlier (id, kind) not yet superseded
+        self.out: dict[str, str] = {}
+        self.errors: set[str] = set()
+        self.uses: set[str] = set()  # the tool uses scanned
+
+    def feed(self, messages: list[Any]) -> bool:
+        """Scan the next messages; False (nothing scanned) when one of them says that a use already
+        scanned failed: its later uses were taken to supersede, so the scan must start again."""
+        errors = {
+            str(b.get("tool_use_id"))
+            for m in messages
+            if isinstance(m, dict) and m.get("role") == "user"
+            for b in as_blocks(m.get("content"))
+            if isinstance(b, dict) and b.get("type") == "tool_result" and b.get("is_error")
+        }
+        if errors & self.uses:
+            return False
+        self.errors |= errors
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") != "assistant":
                 continue
-            tid, name, inp = str(b.get("id")), str(b.get("name", "")), b.get("input")
-            acc = _access(inp)
-            call = json.dumps([name, inp], sort_keys=True, default=str)
-            if tid not in errors:
-                if acc is None or acc[0] not in _CHANGES:
-                    for old in calls.pop(call, []):
-                        out.setdefault(old, f"a later identical {name} call")
-                if acc is not None and (
-                    acc[0] == "read" or (acc[0] == "write" and by_write) or (acc[0] == "edit" and by_edit)
-                ):
-                    target = acc[1][:_MAX_TARGET_CHARS]
-                    keep = []
-                    for old, kind in reads.pop(acc[1], []):
-                        if acc[0] == "read" or kind not in _CHANGES:
-                            what = f"{_BY_EDIT} ({name})" if acc[0] == "edit" else f"a later {name}"
-                            out.setdefault(old, f"{what} of {target}")
-                        else:
-                            keep.append((old, kind))
-                    if keep:
-                        reads[acc[1]] = keep
-            if tid in out:
-                continue
+            for b in as_blocks(m.get("content")):
+                if isinstance(b, dict) and b.get("type") == "tool_use":
+                    self._use(b)
+        return True
+
+    def _use(self, b: dict[str, Any]) -> None:
+        calls, reads, out = self.calls, self.reads, self.out
+        tid, name, inp = str(b.get("id")), str(b.get("name", "")), b.get("input")
+        self.uses.add(tid)
+        acc = _access(inp)
+        call = xxhash.xxh3_128_digest(json.dumps([name, inp], sort_keys=True, default=str).encode())
+        if tid not in self.errors:
             if acc is None or acc[0] not in _CHANGES:
-                calls.setdefault(call, []).append(tid)
-            if acc is not None:
-                reads.setdefault(acc[1], []).append((tid, acc[0]))
-    return out
+                for old in calls.pop(call, []):
+                    out.setdefault(old, f"a later identical {name} call")
+            if acc is not None and (
+                acc[0] == "read"
+                or (acc[0] == "write" and self.by_write)
+                or (acc[0] == "edit" and self.by_edit)
+            ):
+                target = acc[1][:_MAX_TARGET_CHARS]
+                keep = []
+                for old, kind in reads.pop(acc[1], []):
+                    if acc[0] == "read" or kind not in _CHANGES:
+                        what = f"{_BY_EDIT} ({name})" if acc[0] == "edit" else f"a later {name}"
+                        out.setdefault(old, f"{what} of {target}")
+                    else:
+                        keep.append((old, kind))
+                if keep:
+                    reads[acc[1]] = keep
+        if tid in out:
+            return
+        if acc is None or acc[0] not in _CHANGES:
+            calls.setdefault(call, []).append(tid)
+        if acc is not None:
+            reads.setdefault(acc[1], []).append((tid, acc[0]))
 
 
 def _tokens(messages: list[Any], count: Any) -> int:
@@ -606,9 +695,43 @@ def stale_results(
     :func:`quoted_recently`). ``memo`` keeps those scans per conversation. Tool use order and names
     come from the original ``messages``.
     """
-    sup = sup or {}
     uses = tool_uses(messages)
     order = sorted(uses, key=lambda t: (uses[t][0], uses[t][1]))
+    found = [
+        (i, str(b.get("tool_use_id")), b)
+        for i, m in enumerate(cur)
+        if isinstance(m, dict) and m.get("role") == "user"
+        for b in as_blocks(m.get("content"))
+        if isinstance(b, dict) and b.get("type") == "tool_result"
+    ]
+    return _stale(
+        messages,
+        len(cur),
+        found,
+        (uses, order),
+        spec,
+        settings,
+        sup or {},
+        memo,
+        lambda b: count(strip_cc(b)),
+    )
+
+
+def _stale(
+    messages: list[Any],
+    n_cur: int,
+    found: Any,
+    tool_order: tuple[dict[str, tuple[int, int, str]], list[str]],
+    spec: dict[str, Any],
+    settings: dict[str, Any],
+    sup: dict[str, str],
+    memo: dict[str, Any] | None,
+    size: Any,
+) -> dict[str, int]:
+    """:func:`stale_results` of the tool results sent (``found``: (message index, tool_use id, x),
+    oldest first; ``size(x)``: its tokens as sent), ``tool_order``: (:func:`tool_uses`, their ids
+    in order)."""
+    uses, order = tool_order
     n_keep = int(settings["clear_keep_tool_uses"])
     keep_ids = set(order[-n_keep:]) if n_keep else set()
     quiet_after = int(settings.get("clear_quiet_tool_uses") or 0)
@@ -618,28 +741,24 @@ def stale_results(
     excluded = set(settings.get("exclude_tools") or ())
     cleared = set(spec.get("cleared") or ())
     min_tokens = int(settings["min_result_tokens"])
-    protect_from = len(cur) - int(settings["keep_last_messages"])
+    protect_from = n_cur - int(settings["keep_last_messages"])
     out: dict[str, int] = {}
-    for i, m in enumerate(cur):
-        if i == 0 or i >= protect_from or not isinstance(m, dict) or m.get("role") != "user":
+    for i, tid, x in found:
+        if i == 0 or i >= protect_from:
             continue
-        for b in as_blocks(m.get("content")):
-            if not isinstance(b, dict) or b.get("type") != "tool_result":
-                continue
-            tid = str(b.get("tool_use_id"))
-            if tid in cleared or tid not in uses or uses[tid][2] in excluded:
-                continue
-            if tid in quoted and (tid not in sup or sup[tid].startswith(_BY_EDIT)):
-                continue
-            if tid not in sup:
-                if tid in quiet:  # a read of a file: stale once nobody has named the file a while
-                    if quiet[tid] < quiet_after:
-                        continue
-                elif tid in keep_ids:
+        if tid in cleared or tid not in uses or uses[tid][2] in excluded:
+            continue
+        if tid in quoted and (tid not in sup or sup[tid].startswith(_BY_EDIT)):
+            continue
+        if tid not in sup:
+            if tid in quiet:  # a read of a file: stale once nobody has named the file a while
+                if quiet[tid] < quiet_after:
                     continue
-            size = count(strip_cc(b))
-            if size >= min_tokens:
-                out[tid] = size
+            elif tid in keep_ids:
+                continue
+        n = size(x)
+        if n >= min_tokens:
+            out[tid] = n
     return out
 
 
@@ -765,20 +884,38 @@ def plan_economic(
     sup: dict[str, str] | None = None,
     memo: dict[str, Any] | None = None,
     cache: dict[str, Any] | None = None,
+    run: Run | None = None,
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The spec that clears every stale result when that pays back in cache prices (else None).
 
     Also returns the figures of the decision: stale tokens, tokens cleared, tokens re-written,
-    estimated future calls and the calls needed to pay back.
+    estimated future calls and the calls needed to pay back. With this call's ``run`` (what is
+    sent, as :class:`Run` walked it), the stale results come from its notes, and a cut that cannot
+    pay even if it removed an upper bound of what it removes (:meth:`Run.removable`) is not tried:
+    the decision is monotone in the tokens removed, so it is the same without the trial.
     """
     messages, settings, count, fixed = sz.messages, sz.settings, sz.count, sz.fixed
     sup = sup or {}
-    stale = stale_results(messages, cur, spec, settings, count, sup, memo)
+    stale = (
+        stale_results(messages, cur, spec, settings, count, sup, memo)
+        if run is None
+        else run.stale(sup, memo)
+    )
     info: dict[str, Any] = {"stale_tokens": sum(stale.values())}
     need = max(int(settings["clear_min_tokens"]), int(settings["clear_min_fraction"] * total))
     read, write = float(model.cache_read), float(model.cache_write_5m)
     if not stale or info["stale_tokens"] < need or read <= 0 or write <= read:
         return None, info
+    payback = float(settings["clear_payback"])
+    future = future_calls(messages, settings, None if run is None else run.assistants)
+    bound = None if run is None else run.removable(stale, sup, total)
+    if bound is not None:
+        if bound[0] < need:
+            return None, info
+        k, head = bound[1], bound[2]
+        rewritten = rewrite_tokens(cur, total - bound[0], k, fixed, count, cache, head)
+        if read * bound[0] * future < payback * ((write - read) * rewritten):
+            return None, info
     new = {
         "cleared": sorted({*(spec.get("cleared") or ()), *stale}),
         "drop": spec.get("drop"),
@@ -791,7 +928,6 @@ def plan_economic(
         return None, info
     k = _first_diff(cur, after_msgs)
     rewritten = rewrite_tokens(cur, after, k, fixed, count, cache)  # written again instead of read
-    future = future_calls(messages, settings)
     cost = (write - read) * rewritten
     benefit = read * removed * future
     info.update(
@@ -800,21 +936,33 @@ def plan_economic(
         estimated_future_calls=future,
         payback_calls=round(cost / (read * removed), 1),
     )
-    if benefit < float(settings["clear_payback"]) * cost:
+    if benefit < payback * cost:
         return None, info
     return new, info
 
 
-def future_calls(messages: list[Any], settings: dict[str, Any]) -> int:
+def future_calls(messages: list[Any], settings: dict[str, Any], so_far: int | None = None) -> int:
     """The calls still to come, estimated: the calls so far (the assistant turns in the request, so a
-    retry decides the same way), at least ``clear_min_future_calls``, at most ``clear_max_future_calls``."""
-    so_far = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
+    retry decides the same way; ``so_far`` when counted), at least ``clear_min_future_calls``, at
+    most ``clear_max_future_calls``."""
+    if so_far is None:
+        so_far = _assistants(messages)
     floor = int(settings.get("clear_min_future_calls") or 0)
     return min(max(so_far, floor), int(settings["clear_max_future_calls"]))
 
 
+def _assistants(messages: list[Any]) -> int:
+    return sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
+
+
 def rewrite_tokens(
-    cur: list[Any], after: int, k: int, fixed: int, count: Any, cache: dict[str, Any] | None
+    cur: list[Any],
+    after: int,
+    k: int,
+    fixed: int,
+    count: Any,
+    cache: dict[str, Any] | None,
+    head: int | None = None,
 ) -> int:
     """Tokens a change at ``cur[k]`` makes the API write again instead of reading them.
 
@@ -827,16 +975,399 @@ def rewrite_tokens(
     (the last call longer ago than its TTL) everything is written anyway, so a cut costs nothing.
     ``cache``: ``cold``, ``fixed_live``, ``prev_messages`` (messages of the previous request), from
     the conversation's billed calls (see :func:`observe`); None: the old estimate (from the change).
+    ``head``: the tokens of ``cur[:k]`` when known.
     """
     if cache is None:
-        return after - fixed - _tokens(cur[:k], count)
+        return after - fixed - (_tokens(cur[:k], count) if head is None else head)
     if cache.get("cold"):
         return 0
     prev = int(cache.get("prev_messages") or 0)
     blocks = sum(len(as_blocks(m.get("content"))) for m in cur[k:prev] if isinstance(m, dict))
     if k >= prev or blocks <= LOOKBACK_BLOCKS:
-        return max(0, after - fixed - _tokens(cur[:k], count))
+        return max(0, after - fixed - (_tokens(cur[:k], count) if head is None else head))
     return after - (fixed if cache.get("fixed_live") else 0)
+
+
+# -- between cuts: what is new in a call ------------------------------------------------------
+
+_CC_KEY = b'"cache_control":{'
+_CARRY_ENTRIES = 512  # conversations whose carry is kept (LRU) ...
+_CARRY_BYTES = 16 * 1024 * 1024  # ... within this many bytes in all
+_CARRY_MAX = 1024 * 1024  # one conversation's carry at most (else none: the full path)
+_BOUND_SLACK = 200  # tokens added to Run.removable's bound (and 1% of the request)
+
+
+def _kept_ranges(raw: bytes) -> list[tuple[int, int]] | None:
+    """The byte ranges of ``raw`` (orjson of a list) left when every ``cache_control`` key, its
+    value and one comma are cut out, the closing bracket left out too; None when a value is not a
+    plain object (then the caller compares nothing)."""
+    out = []
+    start = 0
+    p = raw.find(_CC_KEY)
+    while p >= 0:
+        q = raw.find(b"}", p + len(_CC_KEY))
+        if q < 0 or raw[q + 1 : q + 2] not in (b"}", b","):
+            return None
+        a, b = p, q + 1
+        if raw[a - 1 : a] == b",":
+            a -= 1
+        elif raw[b : b + 1] == b",":
+            b += 1
+        out.append((start, a))
+        start = b
+        p = raw.find(_CC_KEY, b)
+    out.append((start, len(raw) - 1))
+    return out
+
+
+def _digests(messages: list[Any], at: int) -> tuple[bytes | None, int, bytes] | None:
+    """The messages' JSON without ``cache_control`` (and without its closing bracket): the digest of
+    its first ``at`` bytes (None when shorter), its length and its digest. An earlier call's
+    (length, digest) equal to the first ``at`` bytes' means its messages are the first ones of
+    these, ``cache_control`` aside (the bytes up to a whole element of a JSON list)."""
+    try:
+        raw = orjson.dumps(messages)
+    except TypeError:
+        return None
+    ranges = _kept_ranges(raw)
+    if ranges is None:
+        return None
+    view = memoryview(raw)
+    h = xxhash.xxh3_128()
+    first = None
+    off = 0
+    for a, b in ranges:
+        if first is None and 0 < at <= off + (b - a):
+            c = a + at - off
+            h.update(view[a:c])
+            first = h.digest()
+            h.update(view[c:b])
+        else:
+            h.update(view[a:b])
+        off += b - a
+    return first, off, h.digest()
+
+
+class _Gone(Exception):
+    """A carry's state is no longer all there (a rewrite it points to was dropped): the full path."""
+
+
+@dataclass
+class _Carry:
+    """What a conversation's next call goes on from, per process: digests and indexes, no bodies.
+
+    The messages seen (how many, the length and digest of their JSON without ``cache_control``),
+    the settings and spec they were walked with, the walk's notes (each block changed and how,
+    each message's and tool result's tokens as sent, the dedupe hashes, the repeat chain's key),
+    the tool uses in order, the supersession scan, the turn checks, the cut's bounds so far.
+    """
+
+    sig: bytes
+    n: int
+    size: int
+    digest: bytes
+    shift: int  # messages the spec's drop took out (the task's marker stands for them)
+    seen: dict[str, str]
+    chain: tuple[bytes, int] | None  # the repeat index's chain key and feeds
+    edits: list[tuple[int, int, tuple[Any, ...]]]
+    tokens: list[int]
+    results: list[tuple[int, int, str, int]]
+    uses: dict[str, tuple[int, int, str]]
+    order: list[str]
+    scan: Supersession | None
+    check: TurnCheck
+    assistants: int
+    gains: dict[str, tuple[str | None, int]]
+
+    def nbytes(self) -> int:
+        """About the bytes it holds."""
+        edits = sum(len(h[1]) if h[0] == "text" else 40 * len(h[1]) for _, _, h in self.edits)
+        scan = 0 if self.scan is None else 120 * (len(self.scan.uses) + len(self.scan.out))
+        rows = len(self.seen) + len(self.results) + 2 * len(self.uses) + len(self.check.seen_ids)
+        return 400 + edits + scan + 120 * rows + 40 * len(self.tokens) + 60 * len(self.edits)
+
+
+class _Carries:
+    """The carries of a pipeline's conversations (each taken out while its call uses it)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.kept: SizedLRU[tuple[str, str], _Carry] = SizedLRU()
+
+    def take(self, key: tuple[str, str]) -> _Carry | None:
+        with self.lock:
+            hit = self.kept.data.pop(key, None)
+            if hit is None:
+                return None
+            self.kept.nbytes -= hit[1]
+            return hit[0]
+
+    def put(self, key: tuple[str, str], carry: _Carry) -> None:
+        size = carry.nbytes()
+        if size > _CARRY_MAX:
+            return
+        with self.lock:
+            self.kept.put(key, carry, size, _CARRY_ENTRIES, _CARRY_BYTES)
+
+
+class Run:
+    """This call's walk of what is sent (``cur``, :func:`apply_spec` of the messages), and what the
+    decisions read of it: each message's tokens, the tool results as sent, the tool uses in order,
+    the superseded results, the turn checks.
+
+    Between cuts a conversation's next call goes on from the carry of its last one: when its
+    messages begin with the ones the carry saw (one digest of their JSON, ``cache_control``
+    aside) and the spec and settings are the same, the blocks changed before are changed again as
+    noted (a marker's text, a repeat's rewrite found again by its chain key) and only the new
+    messages are walked, scanned and checked. Anything else (a cut, an edited or removed message,
+    other settings, a rewrite no longer kept, memos off) walks all of them: the same ``cur``.
+    """
+
+    def __init__(
+        self, messages: list[Any], spec: dict[str, Any], settings: dict[str, Any], count: Any
+    ) -> None:
+        self.messages, self.spec, self.settings, self.count = messages, spec, settings, count
+        self.sig = fast_digest([spec, settings])
+        self.cur: list[Any] = []
+        self.walk = Walk(spec, settings, count)
+        self.walk.track = True
+        self.shift = 0
+        self.uses: dict[str, tuple[int, int, str]] = {}
+        self.order: list[str] = []
+        self.scan: Supersession | None = None
+        self.check = TurnCheck()
+        self.assistants = 0
+        self.gains: dict[str, tuple[str | None, int]] = {}
+        self.at: dict[str, tuple[int, int, int]] | None = None  # tool_use id -> (message, block, tokens)
+        self.seen_json: tuple[int, bytes] | None = None
+        self.resumed = False
+
+    @classmethod
+    def start(
+        cls,
+        messages: list[Any],
+        spec: dict[str, Any],
+        settings: dict[str, Any],
+        count: Any,
+        carry: _Carry | None = None,
+    ) -> Run:
+        """The walk of ``messages`` under ``spec``: from ``carry`` when it fits, else from the start."""
+        run = cls(messages, spec, settings, count)
+        if memo_enabled():
+            digests = _digests(messages, carry.size if carry is not None else 0)
+            if digests is not None:
+                run.seen_json = (digests[1], digests[2])
+                if carry is not None and run._fits(carry, digests):
+                    try:
+                        run._resume(carry)
+                        run.resumed = True
+                        return run
+                    except _Gone:
+                        run = cls(messages, spec, settings, count)
+                        run.seen_json = (digests[1], digests[2])
+        run._walk_all()
+        return run
+
+    def _fits(self, carry: _Carry, digests: tuple[bytes | None, int, bytes]) -> bool:
+        n, drop = len(self.messages), self.spec.get("drop")
+        if carry.sig != self.sig or n < carry.n:
+            return False
+        if drop and carry.n <= drop["d"] < n:
+            return False  # the drop applies now and did not then
+        if self.settings.get("clear_outline") and self.spec.get("cleared"):
+            return False
+        first, size, digest = digests
+        if n == carry.n:
+            return size == carry.size and digest == carry.digest
+        return first == carry.digest
+
+    def _walk_all(self) -> None:
+        messages, spec = self.messages, self.spec
+        msgs = _after_drop(messages, spec)
+        self.shift = len(messages) - len(msgs)
+        self.walk.reads = _outlined(msgs, spec, self.settings)
+        self.cur = [self.walk.step(m) for m in msgs]
+        self.uses = tool_uses(messages)
+        self.order = sorted(self.uses, key=lambda t: (self.uses[t][0], self.uses[t][1]))
+        for i, m in enumerate(self.cur):
+            self.check.feed(i, m)
+        self.assistants = _assistants(messages)
+
+    def _resume(self, carry: _Carry) -> None:
+        messages, walk = self.messages, self.walk
+        if carry.chain is not None and (walk.lines is None or not walk.lines.resume(*carry.chain)):
+            raise _Gone
+        n_out = carry.n - carry.shift
+        walk.seen, walk.edits, walk.tokens, walk.results = (
+            carry.seen,
+            carry.edits,
+            carry.tokens,
+            carry.results,
+        )
+        walk.n = n_out
+        self.shift = carry.shift
+        if carry.shift:
+            first = messages[0]
+            marked = {**first, "content": [*as_blocks(first.get("content")), _drop_marker(self.spec)]}
+            head = [marked, *messages[carry.shift + 1 : carry.n]]
+        else:
+            head = messages[: carry.n]
+        cur = _replay(head, carry.edits)
+        new = messages[carry.n :]
+        uses, order = carry.uses, carry.order
+        for i, m in enumerate(new, carry.n):
+            if isinstance(m, dict) and m.get("role") == "assistant":
+                for j, b in enumerate(as_blocks(m.get("content"))):
+                    if isinstance(b, dict) and b.get("type") in ("tool_use", "server_tool_use"):
+                        tid = str(b.get("id"))
+                        if tid in uses:
+                            raise _Gone  # a tool use id seen before: tool_uses() keeps the later one
+                        uses[tid] = (i, j, str(b.get("name", "")))
+                        order.append(tid)
+        for m in new:
+            cur.append(walk.step(m))
+        self.cur, self.uses, self.order = cur, uses, order
+        self.scan = carry.scan if carry.scan is not None and carry.scan.feed(new) else None
+        self.check = carry.check
+        for i in range(n_out, len(cur)):
+            self.check.feed(i, cur[i])
+        self.assistants = carry.assistants + _assistants(new)
+        self.gains = carry.gains
+
+    def carry(self) -> _Carry | None:
+        """What the conversation's next call goes on from (None: nothing to keep)."""
+        if self.seen_json is None or not memo_enabled():
+            return None
+        lines = self.walk.lines
+        return _Carry(
+            sig=self.sig,
+            n=len(self.messages),
+            size=self.seen_json[0],
+            digest=self.seen_json[1],
+            shift=self.shift,
+            seen=self.walk.seen,
+            chain=None if lines is None or not lines.fed else (lines.key, len(lines.fed)),
+            edits=self.walk.edits,
+            tokens=self.walk.tokens,
+            results=self.walk.results,
+            uses=self.uses,
+            order=self.order,
+            scan=self.scan,
+            check=self.check,
+            assistants=self.assistants,
+            gains=self.gains,
+        )
+
+    @property
+    def tokens(self) -> int:
+        """The tokens of the messages as sent."""
+        return sum(self.walk.tokens)
+
+    def superseded(self) -> dict[str, str]:
+        """:func:`superseded` of the messages (the scan goes on from the carry's)."""
+        if not self.settings.get("clear_superseded", True):
+            return {}
+        if self.scan is None:
+            self.scan = Supersession(self.settings)
+            self.scan.feed(self.messages)
+        return self.scan.out
+
+    def stale(self, sup: dict[str, str], memo: dict[str, Any] | None) -> dict[str, int]:
+        """:func:`stale_results` of what is sent, from the walk's notes."""
+        found = ((i, tid, n) for i, _, tid, n in self.walk.results)
+        return _stale(
+            self.messages,
+            len(self.cur),
+            found,
+            (self.uses, self.order),
+            self.spec,
+            self.settings,
+            sup,
+            memo,
+            int,
+        )
+
+    def removable(
+        self, stale: dict[str, int], sup: dict[str, str], total: int
+    ) -> tuple[int, int, int] | None:
+        """(an upper bound of the tokens clearing ``stale`` removes, the first message it changes,
+        the tokens before that message); None when no bound is known.
+
+        Each stale result gives up its tokens as sent less its marker's; clearing results never
+        makes the others shorter by more than a few tokens (a pointer that names another result,
+        a repeat found elsewhere: at most 12 tokens on the traces), which the slack covers."""
+        if self.at is None:
+            self.at = {tid: (i, j, n) for i, j, tid, n in self.walk.results}
+        spec_sup = self.spec.get("superseded") or {}
+        bound = 0
+        first = None
+        for tid in stale:
+            i, j, n = self.at[tid]
+            if first is None:
+                first = i
+                content = self.cur[i]["content"][j].get("content")
+                if isinstance(content, str) and content.startswith("[tokensaver:"):
+                    return None  # it may already read as its marker: the first change may be later
+            desc = sup[tid] if tid in sup else spec_sup.get(tid)
+            gain = self.gains.get(tid)
+            if gain is None or gain[0] != desc:
+                b = self.messages[i + self.shift]["content"][j]
+                size = self.count(strip_cc(b))
+                text = cleared_marker(size) if desc is None else superseded_marker(desc, size)
+                gain = self.gains[tid] = (desc, n - self.count(_replace_result(b, text)))
+            bound += gain[1]
+        if first is None:
+            return None
+        head = sum(self.walk.tokens[:first])
+        return bound + _BOUND_SLACK + total // 100, first, head
+
+    def problems(self, body: dict[str, Any]) -> list[str]:
+        """:func:`request_problems` of ``body`` (what is sent: ``cur`` as its messages)."""
+        if self.check.problems() or cache_control_problems(body):
+            return request_problems(body)
+        return []
+
+
+def _drop_marker(spec: dict[str, Any]) -> dict[str, Any]:
+    drop = spec["drop"]
+    return dropped_marker(drop["d"] - 1, drop["tokens"])
+
+
+def _replay(head: list[Any], edits: list[tuple[int, int, tuple[Any, ...]]]) -> list[Any]:
+    """``head`` with the noted edits made again (each on the block it was made on)."""
+    out = list(head)
+    last, content = -1, None
+    for i, j, how in edits:
+        if i != last:
+            m = out[i]
+            content = list(m["content"])
+            out[i] = {**m, "content": content}
+            last = i
+        assert content is not None
+        b = content[j]
+        if not isinstance(b, dict) or b.get("type") != "tool_result":
+            raise _Gone
+        if how[0] == "text":
+            content[j] = _replace_result(b, how[1])
+        else:
+            content[j] = {**b, "content": _rewritten(b.get("content"), how[1])}
+    return out
+
+
+def _rewritten(inner: Any, keys: tuple[Any, ...]) -> Any:
+    """A result's content as its repeat rewrites (found by their chain keys) made it."""
+    if keys[0][0] == -1:
+        text = RepeatIndex.kept(keys[0][1])
+        if text is None:
+            raise _Gone
+        return text
+    out = list(inner)
+    for k, key in keys:
+        text = RepeatIndex.kept(key)
+        if text is None:
+            raise _Gone
+        out[k] = {**inner[k], "text": text}
+    return out
 
 
 # -- the hooks ---------------------------------------------------------------------------------
@@ -960,18 +1491,22 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
     fixed = count({**norm, "messages": []})
     limit = budget(settings, ctx.model)
     trigger, target = int(settings["trigger"] * limit), int(settings["target"] * limit)
-    cur = apply_spec(messages, spec, settings, count)
-    total = fixed + _tokens(cur, count)
+    carries = ctx.shared_state(carries=_Carries)["carries"]
+    carry_key = (str(ctx.key_hash), str(where[1]))
+    run = Run.start(messages, spec, settings, count, carries.take(carry_key))
+    cur = run.cur
+    total = fixed + run.tokens
     notes: dict[str, Any] = {"budget": limit, "tokens": total}
     new_spec: dict[str, Any] | None = None
     reason = "budget"
     econ: dict[str, Any] = {}
-    sup = superseded(messages, settings) if total > trigger or settings["clear_stale"] else {}
+    sup = run.superseded() if total > trigger or settings["clear_stale"] else {}
     cache = cache_state(conv, ctx.now, len(cur))
     if total > trigger:
         new_spec = plan_cut(Sizing(messages, settings, count, fixed), spec, target, sup)
-        after_msgs = apply_spec(messages, new_spec, settings, count)
-        after = fixed + _tokens(after_msgs, count)
+        after_run = Run.start(messages, new_spec, settings, count)
+        after_msgs = after_run.cur
+        after = fixed + after_run.tokens
         if total - after < MIN_CUT_FRACTION * total:
             # a cut that removes little still re-writes the cache after it: not worth it
             notes["over_trigger_no_cut"] = {"could_remove": total - after}
@@ -986,12 +1521,14 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
             sup,
             conv.setdefault("quiet", {}),
             cache,
+            run,
         )
         notes["stale_tokens"] = econ["stale_tokens"]
         if new_spec is not None:
             reason = "economic"
-            after_msgs = apply_spec(messages, new_spec, settings, count)
-            after = fixed + _tokens(after_msgs, count)
+            after_run = Run.start(messages, new_spec, settings, count)
+            after_msgs = after_run.cur
+            after = fixed + after_run.tokens
     if new_spec is not None:
         k = _first_diff(cur, after_msgs)
         kept = fixed + _tokens(cur[:k], count)
@@ -1025,16 +1562,19 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
         conv["cuts"] += 1
         where[0].put(ctx.key_hash, where[1], conv)
         notes["cut"] = cut
-        cur, total = after_msgs, after
+        cur, total, run = after_msgs, after, after_run
     notes["tokens_sent"] = total
     notes["cleared_results"] = len(spec.get("cleared") or ())
     _expect(ctx, conv, fixed, total, len(cur), where)
+    kept = run.carry()
+    if kept is not None:
+        carries.put(carry_key, kept)
     if cur == messages and norm["messages"] == body["messages"]:
         ctx.record(**notes)
         return None
     # string contents go out as block lists on every call, changed or not: the same bytes each turn
     out = {**norm, "messages": cur}
-    problems = request_problems(out)
+    problems = run.problems(out)
     if problems:
         notes["invalid_skipped"] = problems[:3]
         ctx.record(**notes)
