@@ -271,3 +271,29 @@ def test_the_embedded_index_stays_bounded() -> None:
     for k in range(200):
         _ids(index, [[_u(f"task {k}")], [_u(f"task {k}"), _a("a"), _u("b")]])
     assert len(index._data) <= 50
+
+
+def test_a_plugin_tool_round_is_the_callers_request_it_continues() -> None:
+    index = EmbeddedIndex()
+    caller = {"model": MODEL, "max_tokens": 64, "messages": A2}
+    use = {"type": "tool_use", "id": "toolu_p1", "name": "tokensaver_expand", "input": {"ref": "r1"}}
+    answer = {"type": "tool_result", "tool_use_id": "toolu_p1", "content": "the kept original"}
+    rounds = [
+        {
+            **caller,
+            "messages": [*A2, {"role": "assistant", "content": [use]}, {"role": "user", "content": [answer]}],
+        }
+    ]
+    rounds.append(
+        {
+            **caller,
+            "messages": [
+                *rounds[0]["messages"],
+                {"role": "assistant", "content": [use]},
+                {"role": "user", "content": [answer]},
+            ],
+        }
+    )
+    ids = [index.identify(b, "k") for b in [{**caller, "messages": A1}, caller, *rounds]]
+    ids.append(index.identify({**caller, "messages": A3}, "k"))  # the caller's next turn
+    assert len(set(ids)) == 1

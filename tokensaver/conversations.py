@@ -110,6 +110,8 @@ def _calls_plugin_tool(message: Any) -> bool:
 def _own_messages(msgs: list[Any]) -> list[Any]:
     """The caller's messages of a request: a plugin-tool round's end before its first plugin tool
     call (the caller never sees those, so no request of its own holds one)."""
+    if len(msgs) < 2 or not _calls_plugin_tool(msgs[-2]):  # a round's own call is its last but one
+        return msgs
     for i, m in enumerate(msgs):
         if i and _calls_plugin_tool(m):
             return msgs[:i]
