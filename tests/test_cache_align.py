@@ -6,6 +6,8 @@ emulator, which bills prompt caching like the API, and compare with the API's au
 
 from __future__ import annotations
 
+import copy
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 import anthropic
@@ -18,6 +20,8 @@ import tokensaver
 from tokensaver.context import make_context
 from tokensaver.emulator import Emulator
 from tokensaver.errors import ConfigError
+from tokensaver.state import State
+from tokensaver.tokens import set_memo_enabled
 
 MODEL = "claude-sonnet-4-6"  # min cacheable length 1024
 T0 = 1_700_000_000.0
@@ -266,6 +270,147 @@ def test_bust_diagnosis_names_block_and_char() -> None:
         body_of([*edited, {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]), states
     )
     assert "bust" not in notes
+
+
+# -- the per-conversation index: what is kept, and that a change is never missed ----------------
+
+
+def _strings_held(root: Any) -> int:
+    """Characters of text (and bytes) reachable from a plugin's state: containers and our objects."""
+    seen: set[int] = set()
+    todo = [root]
+    total = 0
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, str | bytes):
+            total += len(obj)
+        elif isinstance(obj, dict):
+            todo.extend(obj.keys())
+            todo.extend(obj.values())
+        elif isinstance(obj, list | tuple | set | frozenset):
+            todo.extend(obj)
+        elif type(obj).__module__.startswith(("tokensaver_plugins", "tokensaver.state")) and not isinstance(
+            obj, State
+        ):
+            todo.extend(vars(obj).values() if hasattr(obj, "__dict__") else ())
+            todo.extend(getattr(obj, name) for name in getattr(type(obj), "__slots__", ()))
+            if is_dataclass(obj):
+                todo.extend(getattr(obj, f.name) for f in fields(obj))
+    return total
+
+
+def test_state_keeps_no_conversations_blocks_beyond_its_byte_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per conversation, digests and counts; the previous request's blocks only within PREV_BLOCKS_BYTES."""
+    monkeypatch.setattr(cache_align, "PREV_BLOCKS_BYTES", 100_000, raising=False)
+    states: dict[str, Any] = {}
+    for c in range(12):
+        msgs: list[dict[str, Any]] = [{"role": "user", "content": f"task {c}: " + words(100 + c, 10_000)}]
+        for k in range(3):
+            align(body_of(msgs), states, now=T0 + 60 * k)
+            msgs = [
+                *msgs,
+                {"role": "assistant", "content": f"ok {k}"},
+                {"role": "user", "content": f"go {k}"},
+            ]
+    one = len(f"task 0: {words(100, 10_000)}")
+    held = _strings_held(states)
+    # what was kept before: every conversation's last prefix (12 x one)
+    assert held < 100_000 + 3 * one, f"{held:,} characters held for 12 conversations of {one:,}"
+
+
+def _replay_both_ways(bodies: list[dict[str, Any]], **conf: Any) -> list[tuple[Any, Any]]:
+    """Each body aligned in turn with the conversation's index (memos on) and with every call
+    computed from scratch (memos off), each in its own state: (output, notes) of both, per call."""
+    out = []
+    on: dict[str, Any] = {}
+    off: dict[str, Any] = {}
+    for k, body in enumerate(bodies):
+        got = align(copy.deepcopy(body), on, now=T0 + 30 * k, **conf)
+        was = set_memo_enabled(False)
+        try:
+            ref = align(copy.deepcopy(body), off, now=T0 + 30 * k, **conf)
+        finally:
+            set_memo_enabled(was)
+        out.append((got, ref))
+    return out
+
+
+def _turns(n: int) -> list[dict[str, Any]]:
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": "Task: " + words(2, 300)}]
+    for k in range(n):
+        msgs += [
+            {"role": "assistant", "content": [{"type": "text", "text": f"step {k}"}]},
+            {"role": "user", "content": [{"type": "text", "text": words(10 + k, 200)}]},
+        ]
+    return msgs
+
+
+def test_an_edited_old_block_is_counted_and_diagnosed_anew() -> None:
+    """The caller edits (in its own copy) a block the index has seen: new counts, a bust there."""
+    msgs = _turns(6)
+    edited = copy.deepcopy(msgs)
+    edited[3]["content"][0]["text"] += " " + words(99, 400)  # 400 more words in an old block
+    same_length = copy.deepcopy(edited)
+    old_text = same_length[3]["content"][0]["text"]
+    same_length[3]["content"][0]["text"] = ("X" if old_text[0] != "X" else "Y") + old_text[1:]
+    bodies = [body_of(msgs[:9]), body_of(msgs), body_of(edited), body_of(same_length)]
+    runs = _replay_both_ways(bodies)
+    for got, ref in runs:
+        assert got == ref
+    notes = [got[1] for got, _ in runs]
+    assert notes[2]["prefix_tokens"] > notes[1]["prefix_tokens"] + 300
+    assert notes[2]["bust"]["at"] == "messages[3].content[0]"
+    assert notes[2]["bust"]["change"].startswith("text differs at char")
+    assert notes[3]["bust"]["at"] == "messages[3].content[0]"  # the same count, other text
+    assert "bust" not in notes[1]
+
+
+def test_moved_caller_breakpoints_are_seen_though_the_content_is_the_same() -> None:
+    """Only cache_control changes between calls: the caller's breakpoints are where they are now."""
+    msgs = _turns(6)
+    marked = copy.deepcopy(msgs)
+    marked[5]["content"][0]["cache_control"] = {"type": "ephemeral"}
+    moved = copy.deepcopy(msgs)
+    moved[9]["content"][0]["cache_control"] = {"type": "ephemeral", "ttl": "1h"}
+    bodies = [body_of(msgs), body_of(marked), body_of(moved), body_of(msgs)]
+    runs = _replay_both_ways(bodies, ttl="5m")
+    for got, ref in runs:
+        assert got == ref
+    outs = [got[0] for got, _ in runs]
+    notes = [got[1] for got, _ in runs]
+    assert [n["caller_breakpoints"] for n in notes] == [0, 1, 1, 0]
+    assert outs[1]["messages"][5]["content"][0]["cache_control"] == {"type": "ephemeral"}
+    assert "cache_control" not in outs[2]["messages"][5]["content"][0]
+    assert breakpoints(outs[2])["messages[9].content[0]"] == "1h"
+    # ours before the caller's 1h one are 1h too (align() checks the API's rules on every output)
+    assert {b["ttl"] for b in notes[2]["breakpoints"] if b["at"].startswith("system")} == {"1h"}
+    assert not any("bust" in n for n in notes)  # breakpoints are not content
+
+
+def test_a_cut_conversation_is_counted_and_diagnosed_anew() -> None:
+    """prune cuts old rounds (messages after the cut move up), then the conversation goes on."""
+    msgs = _turns(8)
+    cut = [msgs[0], *msgs[5:]]
+    bodies = [body_of(msgs[:13]), body_of(msgs), body_of(cut), body_of([*cut, *_turns(9)[-2:]])]
+    runs = _replay_both_ways(bodies)
+    for got, ref in runs:
+        assert got == ref
+    notes = [got[1] for got, _ in runs]
+    fresh = [align(copy.deepcopy(b), {})[1] for b in bodies]
+    assert [n["prefix_tokens"] for n in notes] == [n["prefix_tokens"] for n in fresh]
+    assert notes[2]["prefix_tokens"] < notes[1]["prefix_tokens"]
+    assert notes[2]["bust"]["at"] == "messages[1].content[0]"
+    assert (
+        notes[2]["bust"]["kept_tokens"] == notes[1]["prefix_tokens"] - notes[2]["bust"]["invalidated_tokens"]
+    )
+    assert notes[2]["bust"]["invalidated_tokens"] > notes[1]["prefix_tokens"] - notes[2]["prefix_tokens"]
+    assert "bust" not in notes[3]
+    assert [b["prefix_tokens"] for b in notes[3]["breakpoints"]] == [
+        b["prefix_tokens"] for b in fresh[3]["breakpoints"]
+    ]
 
 
 def test_configure_rejects_bad_values_and_fills_defaults() -> None:
