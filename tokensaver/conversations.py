@@ -2,7 +2,8 @@
 each conversation that only opens the same way (a fleet of agents given one task, a prompt run
 again, a side call branched off an old point).
 
-A request's *base* is its model and first message (the fallback id, what the id used to be). Its
+A request's *base* is its model, system prompt (its digits left out, so that a clock line changing
+keeps the conversation) and first message: the fallback id, what the id used to be. Its
 *chain* is a digest per prefix of its message list (each message's digest, cache_control aside,
 chained from the base). Per API-key hash and base, the state keeps, for each request seen, its
 chain's id and ``cont``: which of its children's lines went on (a child whose own child was sent).
@@ -67,17 +68,49 @@ def message_digest(message: Any, facts: Facts | None = None) -> bytes:
     blocks = [content] if isinstance(content, str) else content if isinstance(content, list) else None
     if blocks is None:
         return xxhash.xxh3_128_digest(role + b"\0" + fast_digest(content))
-    parts = [role, b"\0"]
-    for b in blocks:
-        known = facts.get(id(b)) if facts is not None else None
-        parts.append(known[1] if known is not None and known[0] is b else fast_digest(_strip_cc(b)))
-    return xxhash.xxh3_128_digest(b"".join(parts))
+    return xxhash.xxh3_128_digest(role + b"\0" + b"".join(_block_digest(b, facts) for b in blocks))
 
 
-def base_of(body: dict[str, Any], first: bytes | None) -> str:
-    """The base id: model and first message (the fallback id, for every replica alike)."""
+def _block_digest(block: Any, facts: Facts | None) -> bytes:
+    known = facts.get(id(block)) if facts is not None else None
+    return known[1] if known is not None and known[0] is block else fast_digest(_strip_cc(block))
+
+
+_NO_DIGITS = str.maketrans("", "", "0123456789")
+_SYSTEMS: OrderedDict[bytes, bytes] = OrderedDict()  # a system's block digests -> system_digest
+_SYSTEMS_LOCK = threading.Lock()
+
+
+def system_digest(system: Any, facts: Facts | None = None) -> bytes:
+    """The system prompt's digest with its digits left out: a clock or date line that changes keeps
+    the conversation (cache_align moves such lines), another prompt (a subagent's) does not."""
+    blocks = [system] if isinstance(system, str) else system if isinstance(system, list) else []
+    if not blocks:
+        return b""
+    raw = b"".join(_block_digest(b, facts) for b in blocks)
+    found = _SYSTEMS.get(raw)
+    if found is None:
+        parts = []
+        for b in blocks:
+            text = b if isinstance(b, str) else b.get("text") if isinstance(b, dict) else None
+            if isinstance(text, str) and (isinstance(b, str) or b.get("type") == "text"):
+                parts.append(b"t" + text.translate(_NO_DIGITS).encode("utf-8", "surrogatepass"))
+            else:
+                parts.append(_block_digest(b, facts))
+        found = xxhash.xxh3_128_digest(b"\0".join(parts))
+        with _SYSTEMS_LOCK:
+            _SYSTEMS[raw] = found
+            while len(_SYSTEMS) > 4096:
+                _SYSTEMS.popitem(last=False)
+    return found
+
+
+def base_of(body: dict[str, Any], first: bytes | None, facts: Facts | None = None) -> str:
+    """The base id: model, system prompt (digits aside) and first message (the fallback id, for
+    every replica alike)."""
     model = str(body.get("model", "")).encode()
-    return xxhash.xxh3_64_hexdigest(b"conv\0" + model + b"\0" + (first or b""))
+    system = system_digest(body.get("system"), facts)
+    return xxhash.xxh3_64_hexdigest(b"conv\0" + model + b"\0" + system + b"\0" + (first or b""))
 
 
 def chains(base: str, digests: list[bytes]) -> list[bytes]:
@@ -91,7 +124,7 @@ def chains(base: str, digests: list[bytes]) -> list[bytes]:
 
 
 def conversation_id(body: dict[str, Any]) -> str:
-    """The base id of a request (model and first message), without state."""
+    """The base id of a request (model, system prompt and first message), without state."""
     msgs = body.get("messages")
     first = message_digest(msgs[0]) if isinstance(msgs, list) and msgs else None
     return base_of(body, first)
@@ -134,7 +167,7 @@ class Index:
         if not isinstance(msgs, list) or not msgs:
             return conversation_id(body)
         digests = [message_digest(m, facts) for m in _own_messages(msgs)]
-        base = base_of(body, digests[0])
+        base = base_of(body, digests[0], facts)
         cs = chains(base, digests)
         return self.resolve(key_hash[:16], base, cs[-1].hex(), cs)
 
