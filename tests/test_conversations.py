@@ -266,11 +266,24 @@ def test_the_rules_on_the_embedded_index_and_on_redis(tmp_path: Path) -> None:
             state.close()
 
 
-def test_the_embedded_index_stays_bounded() -> None:
+def test_both_indexes_stay_bounded(tmp_path: Path) -> None:
     index = EmbeddedIndex(limit=50)
     for k in range(200):
         _ids(index, [[_u(f"task {k}")], [_u(f"task {k}"), _a("a"), _u("b")]])
     assert len(index._data) <= 50
+    with redis_url_for_test(tmp_path / "redis") as url:
+        state = State(url)
+        try:
+            client = state.backend.client  # type: ignore[attr-defined]
+            client.flushdb()
+            shared = RedisIndex(state.backend, limit=50)  # type: ignore[arg-type]
+            for k in range(200):
+                _ids(shared, [[_u(f"task {k}")], [_u(f"task {k}"), _a("a"), _u("b")]])
+            keys = client.keys("tokensaver:conv:*")
+            assert 0 < len(keys) <= 50 + 2  # the entries, and the namespace's order and sequence
+            assert all(client.pttl(k) > 0 for k in keys)  # each with its TTL
+        finally:
+            state.close()
 
 
 def test_a_plugin_tool_round_is_the_callers_request_it_continues() -> None:

@@ -26,9 +26,8 @@ conversation a new first message, so a new base (as before). A plugin-tool round
 follow-up) is identified as the caller's request it continues (a retry of it).
 
 State: embedded, the pipeline's memory, as its decisions are (an LRU of :data:`MAX_ENTRIES`
-entries, lost on restart);
-on Redis, one Lua script, atomic and one round trip per call, keys under the API-key hash with a
-TTL and at most :data:`MAX_ENTRIES` entries per key. Lost (a restart, Redis down): the base id,
+entries, lost on restart); on Redis, one Lua script, atomic and one round trip per call, keys under
+the API-key hash with a TTL and at most :data:`MAX_REDIS_ENTRIES` entries per key. Lost (a restart, Redis down): the base id,
 which every replica gives alike.
 """
 
@@ -45,9 +44,10 @@ from .state import DECISIONS_TTL, EMBEDDED, Redis, open_state
 from .threads import PLUGIN_TOOL_PREFIX
 from .tokens import fast_digest
 
-MAX_ENTRIES = (
-    100_000  # requests (and bases, conversation heads) kept per pipeline (embedded) / per key (Redis)
-)
+# requests (and openings, conversation heads) kept: ~240 bytes each in a pipeline's memory (embedded),
+# ~200 per API key on Redis (a busy fleet's key sees more calls between two of an idle conversation)
+MAX_ENTRIES = 50_000
+MAX_REDIS_ENTRIES = 200_000
 TTL = DECISIONS_TTL  # seconds an entry outlives its latest use (Redis): as long as the decisions keyed by it
 
 Facts = dict[int, tuple[Any, ...]]  # id(block) -> (block, digest, ...): the pipeline's per-block facts
@@ -305,7 +305,7 @@ return id
 class RedisIndex(Index):
     """:class:`EmbeddedIndex`'s rules on a Redis state, shared by every replica (fails open: the base id)."""
 
-    def __init__(self, backend: Redis, limit: int = MAX_ENTRIES, ttl: float = TTL) -> None:
+    def __init__(self, backend: Redis, limit: int = MAX_REDIS_ENTRIES, ttl: float = TTL) -> None:
         self.backend, self.limit, self.ttl = backend, limit, ttl
         self._run = backend.script(_IDENTIFY)
 
