@@ -288,10 +288,10 @@ def test_both_indexes_stay_bounded(tmp_path: Path) -> None:
 
 def test_a_plugin_tool_round_is_the_callers_request_it_continues() -> None:
     index = EmbeddedIndex()
-    caller = {"model": MODEL, "max_tokens": 64, "messages": A2}
+    caller: dict[str, Any] = {"model": MODEL, "max_tokens": 64, "messages": A2}
     use = {"type": "tool_use", "id": "toolu_p1", "name": "tokensaver_expand", "input": {"ref": "r1"}}
     answer = {"type": "tool_result", "tool_use_id": "toolu_p1", "content": "the kept original"}
-    rounds = [
+    rounds: list[dict[str, Any]] = [
         {
             **caller,
             "messages": [*A2, {"role": "assistant", "content": [use]}, {"role": "user", "content": [answer]}],
