@@ -676,6 +676,9 @@ def _bodies() -> list[dict[str, Any]]:
         {**BODY, "messages": (MSGS[0],)},
         {**BODY, "metadata": {"nested": [[[[{"deep": 1.5e-9}]]]]}},
         {**BODY, "system": "text that looks numeric: 1e-5 2e-07 0.00001 :null ,null [null"},
+        {**BODY, "system": 'JSON in text: {"a":null,"b":[null],"c":2.5e-7,"d":-0.00001} 405e-a70e-66b'},
+        {**BODY, "metadata": {"a\\": float("nan"), "b\\\\": [1, float("inf")], "c": -2.5e-7}},
+        {**BODY, "metadata": {"x": [-0.00001]}, "y": {"\\": -1e-300}},
     ]
 
 
@@ -698,6 +701,10 @@ def test_parse_messages_body_reads_what_the_stdlib_read() -> None:
     raws = [json.dumps(b).encode() for b in _bodies()] + [
         b'{"model":"m","x":NaN,"y":Infinity}',
         b'{"big":123456789012345678901234567890}',
+        b'{"a": [1, -123456789012345678901234]}',
+        b'{\n  "a":\n 18446744073709551616\n}',
+        b'{"h":"abc123def456789012345678901234567890abcd","n":18446744073709551616}',
+        b'{"h":"abc123def456789012345678901234567890abcd","n":1.8446744073709552e19}',
         b'{"s":"\\ud800"}',
         b'\xef\xbb\xbf{"bom":1}',
         json.dumps({"utf16": "x"}).encode("utf-16"),

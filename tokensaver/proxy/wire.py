@@ -206,22 +206,24 @@ def _json_kind(value: Any) -> str:
 
 
 PARSE_ON_LOOP_BYTES = 256 * 1024  # parsing more than this would hold the event loop for milliseconds
-# a run of 20 digits (in a number, or in text: then only the slower parse): an integer orjson may
-# not hold (2**64 has 20 digits)
-_DIGIT_MAP = bytes(0x39 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
-_LONG_DIGITS = b"9" * 20
+# an integer of 20 digits or more (2**64 has 20), which orjson would read as a float: a run of 20
+# digits after what can come before a number (":", ",", "[", "-", whitespace), found by one search
+# of the body mapped to three bytes (a run in text, rare, only costs the slower parse)
+_DIGIT_MAP = bytes(0x39 if 0x30 <= i <= 0x39 else 0x23 if i in b":,[- \t\r\n" else 0x5F for i in range(256))
+_LONG_INTEGER = b"#" + b"9" * 20
 
 
 def parse_messages_body(raw: bytes, content_type: str = "") -> tuple[dict[str, Any] | None, str | None]:
     """A Messages request body as a JSON object, or why it is not one (the proxy answers that as a 400).
 
     orjson parses it; what orjson refuses (NaN, a lone surrogate escape, UTF-16, a byte order mark,
-    invalid JSON) or reads otherwise (an integer past 64 bits: a float) is parsed as before by the
-    stdlib, which accepts the same bodies as before and words the same refusals.
+    invalid JSON) or may read otherwise (an integer of 20 digits or more: orjson makes a float of one
+    past 64 bits) is parsed as before by the stdlib, which accepts the same bodies as before and
+    words the same refusals.
     """
     if not raw.strip():
         return None, "the request body is empty; the Messages API takes a JSON object"
-    if _LONG_DIGITS in raw.translate(_DIGIT_MAP):  # orjson reads an integer past 64 bits as a float
+    if _LONG_INTEGER in raw.translate(_DIGIT_MAP):  # orjson reads an integer past 64 bits as a float
         return _parse_stdlib(raw, content_type)
     try:
         body = orjson.loads(raw)
@@ -258,19 +260,54 @@ def _parse_stdlib(raw: bytes, content_type: str) -> tuple[dict[str, Any] | None,
 # orjson writes what the stdlib writes (same escapes, key order, integers, and float digits)
 # except: a float under 1e-4 (stdlib "1e-05", orjson "0.00001"; "2.5e-07" / "2.5e-7"), NaN and
 # infinities (orjson: null), and types the stdlib refuses (refused here too, see encode_body)
-_TINY_EXPONENT = re.compile(rb"e-[0-9]")
+_NULL = re.compile(rb"null")
+_TINY = (re.compile(rb"e-[0-9]"), re.compile(rb"0\.0000"))
 _ORJSON_EXACT = (
     orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 )
+_NUMBER_CHARS = frozenset(b"0123456789.")
+
+
+def _a_value_at(out: bytes, j: int) -> bool:
+    """Whether a token starting at ``out[j]`` may be a value (not text inside a string).
+
+    In orjson's compact output a value follows ``:``, ``,`` or ``[``; a ``:`` outside strings
+    follows a key's closing quote, which is not escaped (an even run of backslashes before it).
+    A ``,`` or ``[`` in text passes too: that only costs the slower path.
+    """
+    if j == 0:
+        return True
+    c = out[j - 1]
+    if c in b",[":
+        return True
+    if c != 0x3A or j < 2 or out[j - 2] != 0x22:  # not ':' after a quote: inside a string
+        return False
+    k = j - 3
+    while k >= 0 and out[k] == 0x5C:
+        k -= 1
+    return (j - 3 - k) % 2 == 0
 
 
 def _may_differ(out: bytes) -> bool:
-    """Whether orjson's ``out`` may hold a value the stdlib writes otherwise (a value-position null,
-    which NaN or infinity became, or a float under 1e-4); also true of some string text, which only
-    costs the slower path."""
-    if b":null" in out or b",null" in out or b"[null" in out or b"0.0000" in out:
-        return True
-    return any(out[m.start() - 1 : m.start()].isdigit() for m in _TINY_EXPONENT.finditer(out))
+    """Whether orjson's ``out`` may hold a value the stdlib writes otherwise: a null in a value's
+    place (NaN or an infinity became one) or a float under 1e-4 (some text passes as one: it only
+    costs the slower path)."""
+    for m in _NULL.finditer(out):
+        j = m.start()
+        if out[j + 4 : j + 5] in (b",", b"]", b"}") and _a_value_at(out, j):
+            return True
+    for pattern in _TINY:
+        for m in pattern.finditer(out):
+            j = m.start()  # back to where the number would begin
+            while j > 0 and out[j - 1] in _NUMBER_CHARS:
+                j -= 1
+            if not out[j : j + 1].isdigit():  # no digit before "e-": no number
+                continue
+            if j > 0 and out[j - 1] == 0x2D:  # its minus sign
+                j -= 1
+            if _a_value_at(out, j):
+                return True
+    return False
 
 
 def encode_body(body: dict[str, Any]) -> bytes:
