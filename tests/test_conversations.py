@@ -220,9 +220,8 @@ def _ids(index: Any, seq: list[list[dict[str, Any]]]) -> str:
     names: dict[str, str] = {}
     out = ""
     for msgs in seq:
-        ds = [message_digest(m) for m in msgs]
-        base = base_of({"model": MODEL}, ds[0])
-        cs = chains(base, ds)
+        base = base_of({"model": MODEL}, message_digest(msgs[0]))
+        cs = chains(base, msgs)
         cid = index.resolve("ns", base, cs[-1].hex(), cs)
         out += names.setdefault(cid, chr(65 + len(names)))
     return out

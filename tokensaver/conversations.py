@@ -59,16 +59,29 @@ def _strip_cc(block: Any) -> Any:
     return block
 
 
-def message_digest(message: Any, facts: Facts | None = None) -> bytes:
-    """A message's digest from its role and its blocks' digests (cache_control aside)."""
+def _parts(message: Any, facts: Facts | None) -> bytes:
+    """What a message's digest is made of: its role and its blocks' digests (cache_control aside)."""
     if not isinstance(message, dict):
-        return fast_digest(message)
+        return b"?" + fast_digest(message)
     content = message.get("content")
     role = str(message.get("role", "")).encode()
-    blocks = [content] if isinstance(content, str) else content if isinstance(content, list) else None
-    if blocks is None:
-        return xxhash.xxh3_128_digest(role + b"\0" + fast_digest(content))
-    return xxhash.xxh3_128_digest(role + b"\0" + b"".join(_block_digest(b, facts) for b in blocks))
+    if isinstance(content, str):
+        blocks: list[Any] = [content]
+    elif isinstance(content, list):
+        blocks = content
+    else:
+        return role + b"\1" + fast_digest(content)
+    parts = [role, b"\0"]
+    get = facts.get if facts is not None else None
+    for b in blocks:
+        known = get(id(b)) if get is not None else None
+        parts.append(known[1] if known is not None and known[0] is b else fast_digest(_strip_cc(b)))
+    return b"".join(parts)
+
+
+def message_digest(message: Any, facts: Facts | None = None) -> bytes:
+    """A message's digest from its role and its blocks' digests (cache_control aside)."""
+    return xxhash.xxh3_128_digest(_parts(message, facts))
 
 
 def _block_digest(block: Any, facts: Facts | None) -> bytes:
@@ -113,12 +126,13 @@ def base_of(body: dict[str, Any], first: bytes | None, facts: Facts | None = Non
     return xxhash.xxh3_64_hexdigest(b"conv\0" + model + b"\0" + system + b"\0" + (first or b""))
 
 
-def chains(base: str, digests: list[bytes]) -> list[bytes]:
-    """The chain digest of each prefix of the messages (16 bytes each)."""
+def chains(base: str, messages: list[Any], facts: Facts | None = None) -> list[bytes]:
+    """The chain digest of each prefix of the messages (16 bytes each), from the base."""
     out = []
     c = base.encode()
-    for d in digests:
-        c = xxhash.xxh3_128_digest(c + d)
+    xxh = xxhash.xxh3_128_digest
+    for m in messages:
+        c = xxh(c + _parts(m, facts))
         out.append(c)
     return out
 
@@ -166,9 +180,9 @@ class Index:
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             return conversation_id(body)
-        digests = [message_digest(m, facts) for m in _own_messages(msgs)]
-        base = base_of(body, digests[0], facts)
-        cs = chains(base, digests)
+        own = _own_messages(msgs)
+        base = base_of(body, message_digest(own[0], facts), facts)
+        cs = chains(base, own, facts)
         return self.resolve(key_hash[:16], base, cs[-1].hex(), cs)
 
     def resolve(self, ns: str, base: str, seed: str, cs: list[bytes]) -> str:
