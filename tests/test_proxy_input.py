@@ -225,7 +225,7 @@ def test_deeply_nested_json_is_a_400_and_the_command_answers_the_next_request(
         b'{"model":"m","max_tokens":1,"messages":' + b"[" * depth + b"]" * depth + b"}",
         b'{"messages":[{"role":"user","content":' + b'{"a":' * depth + b"1" + b"}" * depth + b"}]}",
         # over PARSE_ON_LOOP_BYTES: parsed in the proxy's own threads, with the same answer
-        b"[" * (3 * depth) + b"]" * (3 * depth),
+        b"[" * (6 * depth) + b"]" * (6 * depth),
     )
     assert len(deeps[-1]) > PARSE_ON_LOOP_BYTES > len(deeps[0])
     for deep in deeps:
