@@ -8,7 +8,10 @@ that result and where the run is in it (its line numbers for numbered file conte
 whose lines moved after an edit above them names both ranges, ``lines 151-160 as lines 150-159
 of``, so every new number is still there). A JSON object result with the same keys, in the same
 order, as an earlier object result (tau-bench's update calls return the whole record again) is sent
-as a pointer to it and the values that differ, when that is under 70% of its size. Lossless as
+as a pointer to it and the values that differ, when that is under 70% of its size. A run that is,
+in order, lines of a string field of an earlier tool use's input (a file Claude Code wrote with
+``Write`` or the ``new_string`` of an ``Edit``, read back later) points at that field the same way
+(``lines 12-30 (as 12→text) are lines 1-19 of 'content' in the tool_use X input above``). Lossless as
 long as the earlier result stays in the request: prune calls this from its pure ``apply_spec``, so
 a result a cut clears is not pointed to, and a pointer to it becomes the lines again.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from typing import Any
 
 import xxhash
 
@@ -64,6 +68,28 @@ def marker(tid: str, n: int, here: tuple[int, int] | None, there: tuple[int, int
     return f"[tokensaver: {n} lines as lines {there[0]}-{there[1]} of the tool_use {tid} result above]"
 
 
+_SHOWN = {"→": "→", "\t": "\\t", ":": ":"}
+
+
+def input_marker(
+    tid: str, field: str, n: int, here: tuple[int, str] | str | None, there: tuple[int, int]
+) -> str:
+    """The pointer line for a run found in an earlier tool use's input field: ``here`` is the
+    run's first line number and separator when its lines are numbered (``<n><sep><text>``, one
+    more on each line), or the character before each line in a diff (``+``, ``-`` or a space);
+    ``there`` is the run's 1-based line range in the field."""
+    where = f"lines {there[0]}-{there[1]} of {field!r} in the tool_use {tid} input above"
+    if here is None:
+        return f"[tokensaver: {n} lines as {where}]"
+    if isinstance(here, str):
+        return f"[tokensaver: {n} lines as {where}, each after {here!r}]"
+    first, sep = here
+    return f"[tokensaver: lines {first}-{first + n - 1} (as {first}{_SHOWN[sep]}text) are {where}]"
+
+
+_NUMBERED_INPUT = re.compile(r"^(\d+)(→|\t|:)")
+
+
 class LineIndex:
     """The lines of the tool results sent so far, for finding runs a new result repeats."""
 
@@ -75,16 +101,73 @@ class LineIndex:
         self.where: dict[str, list[tuple[int, int]]] = {}  # key -> (text index, line index)
         # JSON objects sent in full: (tool_use id, keys in order, each value as compact JSON)
         self.objects: list[tuple[str, tuple[str, ...], dict[str, str]]] = []
-        # RepeatIndex's chain key and object count after each text (when it is what feeds this one)
-        self.marks: list[tuple[bytes, int]] = []
+        # string fields of earlier tool uses' inputs: (tool_use id, field, lines); where_in: line ->
+        # (input index, line index)
+        self.inputs: list[tuple[str, str, list[str]]] = []
+        self.where_in: dict[str, list[tuple[int, int]]] = {}
+        # RepeatIndex's chain key, object and input counts after each text or input it was fed
+        # (when it is what feeds this one)
+        self.marks: list[tuple[bytes, int, int, int]] = []
 
-    def fork(self, texts: int, objects: int) -> LineIndex:
-        """A new index in this one's state after its first ``texts`` texts and ``objects`` objects
-        (the lines shared, the lookup copied): this one goes on along its own results."""
+    def fork(self, marks: int) -> LineIndex:
+        """A new index in this one's state after its first ``marks`` feeds (the lines shared, the
+        lookups copied): this one goes on along its own results."""
         new = LineIndex(self.min_lines, self.min_chars)
-        new.texts, new.objects, new.marks = self.texts[:texts], self.objects[:objects], self.marks[:texts]
+        texts, objects, inputs = self.marks[marks - 1][1:] if marks else (0, 0, 0)
+        new.texts, new.objects, new.inputs = self.texts[:texts], self.objects[:objects], self.inputs[:inputs]
+        new.marks = self.marks[:marks]
         new.where = {k: [s for s in spots if s[0] < texts] for k, spots in self.where.items()}
+        new.where_in = {k: [s for s in spots if s[0] < inputs] for k, spots in self.where_in.items()}
         return new
+
+    def mark(self, key: bytes) -> None:
+        """Note the state after a feed under RepeatIndex's chain ``key``."""
+        self.marks.append((key, len(self.texts), len(self.objects), len(self.inputs)))
+
+    def add_input(self, tid: str, fields: dict[str, str]) -> None:
+        """Index the string fields of a tool use's input (``input_fields``) as lines a later
+        result may repeat."""
+        for name, value in fields.items():
+            lines = value.split("\n")
+            k = len(self.inputs)
+            self.inputs.append((tid, name, lines))
+            for p, ln in enumerate(lines):
+                if len(ln.strip()) >= 4 and not ln.startswith("[tokensaver:"):
+                    spots = self.where_in.setdefault(ln, [])
+                    if len(spots) < _MAX_CANDIDATES:
+                        spots.append((k, p))
+
+    def _input_run(
+        self, lines: list[str], i: int, diff: bool
+    ) -> tuple[int, tuple[int, int], tuple[int, str] | str | None]:
+        """The longest run from ``lines[i]`` that is, in order, lines of one indexed input field:
+        (length, (input index, line index), how each line is written: (first number, separator)
+        when the run is numbered, the character before each line of a diff's hunk when ``diff``)."""
+        m = _NUMBERED_INPUT.match(lines[i])
+        mark = lines[i][:1] if diff and m is None and lines[i][:1] in ("+", "-", " ") else ""
+        body = lines[i][m.end() :] if m else lines[i][len(mark) :]
+        best, at = 0, (0, 0)
+        for k, p in self.where_in.get(body, ()):
+            src = self.inputs[k][2]
+            n = 0
+            while i + n < len(lines) and p + n < len(src):
+                ln = lines[i + n]
+                if m is None:
+                    if ln != mark + src[p + n]:
+                        break
+                else:
+                    mm = _NUMBERED_INPUT.match(ln)
+                    if not (
+                        mm
+                        and mm.group(2) == m.group(2)
+                        and int(mm.group(1)) == int(m.group(1)) + n
+                        and ln[mm.end() :] == src[p + n]
+                    ):
+                        break
+                n += 1
+            if n > best:
+                best, at = n, (k, p)
+        return best, at, ((int(m.group(1)), m.group(2)) if m else mark or None)
 
     def add(self, tid: str, lines: list[str]) -> None:
         """Index the lines of a result as sent (markers are not content: they are left out)."""
@@ -115,6 +198,7 @@ class LineIndex:
             self.add(tid, lines)
             return text
         nums, keys = _keys(lines)
+        hunks = bool(self.where_in) and ("\n@@ " in text or text.startswith("@@ "))
         out: list[str] = []
         i = 0
         changed = False
@@ -124,7 +208,15 @@ class LineIndex:
                 n = _run(keys, nums, i, self.texts[t][2], self.texts[t][3], p)
                 if n > best:
                     best, at = n, (t, p)
-            if best >= self.min_lines and sum(len(ln) + 1 for ln in lines[i : i + best]) >= self.min_chars:
+            n_in, at_in, here_in = self._input_run(lines, i, hunks) if self.where_in else (0, (0, 0), None)
+            if n_in > best and self._long(lines, i, n_in):
+                k, p = at_in
+                in_tid, field, _ = self.inputs[k]
+                out.append(input_marker(in_tid, field, n_in, here_in, (p + 1, p + n_in)))
+                i += n_in
+                changed = True
+                continue
+            if self._long(lines, i, best):
                 t, p = at
             else:
                 out.append(lines[i])
@@ -142,6 +234,10 @@ class LineIndex:
             changed = True
         self.add(tid, out)
         return "\n".join(out) if changed else text
+
+    def _long(self, lines: list[str], i: int, n: int) -> bool:
+        """Whether ``n`` lines from ``lines[i]`` are long enough for a pointer."""
+        return n >= self.min_lines and sum(len(ln) + 1 for ln in lines[i : i + n]) >= self.min_chars
 
     def _object_diff(self, obj: dict[str, str], size: int) -> str | None:
         """The pointer and changed values against the earlier object that leaves the least, if it pays."""
@@ -171,6 +267,21 @@ def _object(text: str) -> dict[str, str] | None:
     if not isinstance(value, dict) or len(value) < 3:
         return None
     return {k: dump(v) for k, v in value.items()}
+
+
+def input_fields(tool_input: Any, min_lines: int, min_chars: int) -> dict[str, str]:
+    """The string fields of a tool use's input long enough to hold a run (else empty): top-level
+    ``str`` values of at least ``min_lines`` lines and ``min_chars`` characters."""
+    if not isinstance(tool_input, dict):
+        return {}
+    return {
+        k: v
+        for k, v in tool_input.items()
+        if isinstance(k, str)
+        and isinstance(v, str)
+        and len(v) >= min_chars
+        and v.count("\n") >= min_lines - 1
+    }
 
 
 def object_marker(tid: str, changed: int, keys: int) -> str:
@@ -248,58 +359,79 @@ def _step(key: bytes, tid: str, text: str) -> bytes:
     )
 
 
-class RepeatIndex:
-    """:class:`LineIndex` as a request's results are fed to it, its rewrites kept across calls.
+def _input_text(fields: dict[str, str]) -> str:
+    """A tool use's indexed fields as one text for the chain key (tagged apart from any result)."""
+    return "\0input\0" + "\0".join(f"{k}\0{len(v)}\0{v}" for k, v in fields.items())
 
-    A result's rewrite depends only on the results fed before it (and the two settings): it is kept
-    under a chain key, the digest of the previous key and this result (tool_use id and text). On a
-    later call the results already seen are answered from their keys without indexing anything;
-    from the first result not seen (the new ones, or all after a cut) the index is resumed from
-    where the last seen one left it (its lines kept once per conversation, not per call; forked when
-    it has moved on along other results) or, when it is gone, rebuilt from the results fed so far. Same text out as a fresh
-    :class:`LineIndex` (with memos off, ``set_memo_enabled(False)``, it is one).
+
+class RepeatIndex:
+    """:class:`LineIndex` as a request's results (and tool uses' inputs) are fed to it, its
+    rewrites kept across calls.
+
+    A result's rewrite depends only on what was fed before it (and the two settings): it is kept
+    under a chain key, the digest of the previous key and this result (tool_use id and text) or
+    input. On a later call the results already seen are answered from their keys without indexing
+    anything; from the first feed not seen (the new ones, or all after a cut) the index is resumed
+    from where the last seen one left it (its lines kept once per conversation, not per call;
+    forked when it has moved on along other results) or, when it is gone, rebuilt from what was fed
+    so far. Same text out as a fresh :class:`LineIndex` (with memos off,
+    ``set_memo_enabled(False)``, it is one).
     """
 
     def __init__(self, min_lines: int, min_chars: int) -> None:
         self.min_lines, self.min_chars = min_lines, min_chars
         self.start = self.key = xxhash.xxh3_128_digest(f"repeats\0{min_lines}\0{min_chars}".encode())
-        self.fed: list[tuple[str, str]] = []  # the results so far, for a rebuild
+        # what was fed so far, for a rebuild: (tool_use id, result text) or (id, input fields)
+        self.fed: list[tuple[str, str | dict[str, str]]] = []
         self.index: LineIndex | None = None  # the last hit's index, then the one this request extends
         self.plain = LineIndex(min_lines, min_chars) if not memo_enabled() else None
 
     def rewrite(self, tid: str, text: str) -> str:
-        """``LineIndex.rewrite(tid, text)`` for the results fed so far."""
+        """``LineIndex.rewrite(tid, text)`` for what was fed so far."""
         if self.plain is not None:
             return self.plain.rewrite(tid, text)
+        return self._feed(tid, text, text)
+
+    def add_input(self, tid: str, tool_input: Any) -> None:
+        """Index a tool use's input (its long string fields) for the results after it."""
+        fields = input_fields(tool_input, self.min_lines, self.min_chars)
+        if not fields:
+            return
+        if self.plain is not None:
+            self.plain.add_input(tid, fields)
+            return
+        self._feed(tid, fields, _input_text(fields))
+
+    def _feed(self, tid: str, item: str | dict[str, str], text: str) -> str:
         previous, n = self.key, len(self.fed)
         self.key = key = _step(previous, tid, text)
-        self.fed.append((tid, text))
+        self.fed.append((tid, item))
         hit = _CHAIN.get(key)
         if hit is not None:
             self.index = hit.index
             return text if hit.out is None else hit.out
         with _CHAIN.lock:
             index = self._at(previous, n)
-            out = index.rewrite(tid, text)
-            index.marks.append((key, len(index.objects)))
+            out = _apply(index, tid, item)
+            index.mark(key)
             self.index = index
             size = len(text) + (len(out) if out is not text else 0)
             _CHAIN.put(key, _Entry(None if out is text else out, index), size)
         return out
 
     def _at(self, previous: bytes, n: int) -> LineIndex:
-        """An index in the state after the first ``n`` results fed (under the chain lock): the one
-        the last of them was indexed in (a fork of it when it went on along other results: a cut
-        spec prune tries and the one it sends each keep theirs), or a new one fed them all again."""
+        """An index in the state after the first ``n`` feeds (under the chain lock): the one the
+        last of them was indexed in (a fork of it when it went on along other results: a cut spec
+        prune tries and the one it sends each keep theirs), or a new one fed them all again."""
         index = self.index
         if index is not None and n >= 1 and len(index.marks) >= n and index.marks[n - 1][0] == previous:
-            return index if len(index.marks) == n else index.fork(n, index.marks[n - 1][1])
+            return index if len(index.marks) == n else index.fork(n)
         index = LineIndex(self.min_lines, self.min_chars)
         key = self.start
-        for tid, text in self.fed[:n]:
-            key = _step(key, tid, text)
-            index.rewrite(tid, text)
-            index.marks.append((key, len(index.objects)))
+        for tid, item in self.fed[:n]:
+            key = _step(key, tid, item if isinstance(item, str) else _input_text(item))
+            _apply(index, tid, item)
+            index.mark(key)
         return index
 
     def resume(self, key: bytes, fed: int) -> bool:
@@ -317,3 +449,11 @@ class RepeatIndex:
         """The rewrite kept under a chain key (None: the text went unchanged, or is no longer kept)."""
         hit = _CHAIN.get(key)
         return None if hit is None else hit.out
+
+
+def _apply(index: LineIndex, tid: str, item: str | dict[str, str]) -> str:
+    """Feed one result (its rewrite returned) or one input's fields (returns "") to ``index``."""
+    if isinstance(item, str):
+        return index.rewrite(tid, item)
+    index.add_input(tid, item)
+    return ""

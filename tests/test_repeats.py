@@ -349,3 +349,114 @@ def test_a_copy_too_small_for_the_identical_pointer_still_points_at_its_lines(tm
     for tid in ("toolu_002", "toolu_003"):
         assert POINTER.match(out[tid]), out[tid]
         assert expand(out[tid], out) == FORMAT_ERROR
+
+
+INPUT_POINTER = re.compile(
+    r"^\[tokensaver: (?:lines (\d+)-(\d+) \(as \d+(→|\\t|:)text\) are|(\d+) lines as) "
+    r"lines (\d+)-(\d+) of '(\w+)' in the tool_use (\S+) input above\]$"
+)
+
+
+def expand_inputs(text: str, inputs: dict[str, Any]) -> str:
+    """The text with each pointer into a tool use's input replaced by the field's lines it names
+    (numbered from the pointer's first number when it gives one)."""
+
+    def pointed(m: re.Match[str]) -> list[str]:
+        first, _, sep, _, p, q, field, tid = m.groups()
+        src = inputs[tid][field].split("\n")[int(p) - 1 : int(q)]
+        if first is None:
+            return src
+        sep = "\t" if sep == "\\t" else sep
+        return [f"{int(first) + k}{sep}{ln}" for k, ln in enumerate(src)]
+
+    return expand_lines(text, INPUT_POINTER, pointed)
+
+
+def test_a_written_file_read_back_points_at_the_write_input(tmp_path: Any) -> None:
+    """Claude Code writes a file (Write's ``content``), edits it, then reads it back (``N→text``):
+    the lines the Write and the Edit's ``new_string`` hold become pointers to those inputs, through
+    wrap() to the emulator; the request stays valid and every line comes back."""
+    lines = source(60)
+    new = [f"    total_{i} = adjust(values[{i}], scale={i % 5})  # fixed" for i in range(30, 42)]
+    after = lines[:30] + new + lines[42:]
+    write = {"file_path": "/repo/calc.py", "content": "\n".join(lines)}
+    edit = {
+        "file_path": "/repo/calc.py",
+        "old_string": "\n".join(lines[30:42]),
+        "new_string": "\n".join(new),
+    }
+    read_back = numbered(after)
+    msgs = tool_loop(
+        "Task: fix the bug",
+        [
+            ("Write", write, "File created successfully at: /repo/calc.py"),
+            ("Edit", edit, "The file /repo/calc.py has been updated."),
+            ("Read", {"file_path": "/repo/calc.py"}, read_back),
+        ],
+    )
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(
+            base,
+            config={
+                "plugins": ["summarize", "prune", "cache_align"],
+                "record": False,
+                "runs_dir": str(tmp_path),
+            },
+        )
+        resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
+        assert isinstance(resp, dict) and resp["type"] == "message"
+        sent = emu.last["body"]
+    assert request_problems(sent) == []
+    out = results_of(sent)["toolu_002"]
+    pointers = [ln for ln in out.split("\n") if INPUT_POINTER.match(ln)]
+    assert len(pointers) == 3 and "'new_string' in the tool_use toolu_001" in pointers[1], out
+    assert len(out) < 0.1 * len(read_back)
+    assert expand_inputs(out, {"toolu_000": write, "toolu_001": edit}) == read_back  # lossless
+
+
+def test_a_diff_of_an_edit_points_at_the_edit_input(tmp_path: Any) -> None:
+    """``git diff`` after an Edit: its ``-`` and ``+`` lines are the Edit's ``old_string`` and
+    ``new_string``, each after its diff character; they become pointers (through wrap() to the
+    emulator), and the diff's own lines stay."""
+    old = source(40)[10:22]
+    new = [f"    total_{i} = adjust(values[{i}], scale={i % 5})  # fixed" for i in range(10, 22)]
+    edit = {"file_path": "/repo/calc.py", "old_string": "\n".join(old), "new_string": "\n".join(new)}
+    diff = "\n".join(
+        [
+            "diff --git a/calc.py b/calc.py",
+            "index 1111111..2222222 100644",
+            "--- a/calc.py",
+            "+++ b/calc.py",
+            "@@ -11,12 +11,12 @@ def run(values):",
+            *("-" + ln for ln in old),
+            *("+" + ln for ln in new),
+        ]
+    )
+    msgs = tool_loop(
+        "Task: fix the bug",
+        [("Edit", edit, "The file /repo/calc.py has been updated."), ("Bash", {"command": "git diff"}, diff)],
+    )
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
+        resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
+        assert isinstance(resp, dict) and resp["type"] == "message"
+        sent = emu.last["body"]
+    assert request_problems(sent) == []
+    out = results_of(sent)["toolu_001"]
+    assert "@@ -11,12 +11,12 @@ def run(values):" in out and len(out) < 0.3 * len(diff)
+    pointers = [ln for ln in out.split("\n") if ln.startswith("[tokensaver:")]
+    assert len(pointers) == 2, out
+    assert pointers[0].endswith("each after '-']") and pointers[1].endswith("each after '+']"), out
+
+    def back(m: re.Match[str]) -> list[str]:
+        n, p, q, field, tid, mark = m.groups()
+        return [mark + ln for ln in edit[field].split("\n")[int(p) - 1 : int(q)]]
+
+    diff_pointer = re.compile(
+        r"^\[tokensaver: (\d+) lines as lines (\d+)-(\d+) of '(\w+)' in the tool_use (\S+) input above, "
+        r"each after '(.)'\]$"
+    )
+    # summarize drops the ---/+++ pair that the diff --git line implies; the rest comes back
+    assert expand_lines(out, diff_pointer, back) == diff.replace("--- a/calc.py\n+++ b/calc.py\n", "")
