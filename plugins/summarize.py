@@ -43,11 +43,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, fields
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
+import orjson
+import xxhash
+
+from tokensaver.context import strip_cache_control
 from tokensaver.hookspecs import hookimpl
 from tokensaver.settings import Schema, boolean, choice, integer, number, path, strings, text
-from tokensaver.tokens import canonical_json, fast_digest
+from tokensaver.tokens import canonical_json, fast_digest, memo_enabled
 
 from . import _echo, _model_summary
 from ._lru import SizedLRU
@@ -208,9 +212,10 @@ def _rewrite(
     stats: dict[str, Any],
     newest: bool,
     tool_input: Any = None,
-) -> str:
-    """One tool-output text as it is sent: shrunk by content type, then perhaps condensed by a model;
-    numbered lines its own tool use's input holds (an edit's echo) become a pointer (``_echo``)."""
+) -> tuple[str, bool]:
+    """One tool-output text as it is sent (the same object when unchanged), and whether a lossy
+    rewrite made it: shrunk by content type, then perhaps condensed by a model; numbered lines its
+    own tool use's input holds (an edit's echo) become a pointer (``_echo``)."""
     res = shrink_cached(text, opts, ctx, settings.get("memo_entries", DEFAULTS["memo_entries"]))
     # about 2 characters a token at the least: a cheap test before counting
     if settings.get("model_summaries") and len(res.text) >= 2 * settings["summary_min_tokens"]:
@@ -226,7 +231,7 @@ def _rewrite(
                 False,
             )
     _tally(stats, text, res, ctx, settings)
-    return _with_ref(res, text, ctx, settings) if res.text != text else text
+    return (_with_ref(res, text, ctx, settings), res.lossy) if res.text != text else (text, False)
 
 
 def _echoed(text: str, tool_input: Any, ctx: Any, limit: int) -> str:
@@ -261,24 +266,6 @@ def _condensed(
     summary = _model_summary.summarize_text(res.text, tokens, ctx, settings)
     stats["model_summaries"] = stats.get("model_summaries", 0) + (summary is not None)
     return summary
-
-
-def _map_texts(content: Any, rewrite: Callable[[str], str]) -> Any:
-    """A tool_result's content with each text ``rewrite``'s, or the same object when nothing changed."""
-    if isinstance(content, str):
-        return rewrite(content)
-    if isinstance(content, list):
-        new: list[Any] = []
-        changed = False
-        for b in content:
-            if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str):
-                text = rewrite(b["text"])
-                if text is not b["text"]:
-                    b = {**b, "text": text}
-                    changed = True
-            new.append(b)
-        return new if changed else content
-    return content
 
 
 def original_ref(original: str) -> str:
@@ -360,66 +347,311 @@ def _tally(stats: dict[str, Any], original: str, res: Result, ctx: Any, settings
             keep_original(original, ctx, settings)
 
 
+# -- the per-conversation index: what was decided for each message already sent --------------------
+#
+# A conversation resends its earlier messages on every call. The index keeps, per message, its
+# digest and the rewrites chosen for it (positions and rewritten texts, never the originals), so a
+# call digests each message once, finds the prefix the last call sent with one comparison, re-applies
+# the prefix's rewrites and runs the full path only on the messages after it. The rewrites are pure
+# functions of a message's text, its tool use's input and the settings (which key the index), so the
+# bytes are those the full path gives; tool-use ids that would change an earlier message's rewrite
+# (an id reused) send the call through the full path.
+
+INDEX_BYTES = 8 * 1024 * 1024  # all conversations' indexes: their entries and kept rewritten texts
+INDEX_CONVERSATIONS = 256
+INDEX_TEXT_BYTES = 512 * 1024  # rewritten texts kept per conversation; past it, recomputed (memo)
+_ENTRY_BYTES = 200  # one message's entry without its texts, about
+_CC = b'"cache_control"'
+_xxh = xxhash.xxh3_128_digest
+
+# one tool_result's rewritten texts: (block, ((text index or -1 for a string content, text or None
+# when not kept, lossy), ...))
+_Edits = tuple[tuple[int, tuple[tuple[int, str | None, bool], ...]], ...]
+
+
+class _Entry(NamedTuple):
+    """What the index keeps of one message."""
+
+    digest: Any
+    edits: _Edits
+    kinds: tuple[tuple[str, int, int, int], ...]  # per kind rewritten: blocks, chars before, after
+    lossy: int  # texts a lossy rewrite shortened
+    uses: tuple[tuple[Any, int, bool], ...]  # its tool uses: (id, block, one of ours to retrieve)
+    results: tuple[Any, ...]  # its tool results' tool_use_ids
+    assistant: bool
+
+
+class _Index:
+    """One conversation's entries, in order, and what they add up to."""
+
+    def __init__(self, entries: list[_Entry] | None = None) -> None:
+        self.entries: list[_Entry] = []
+        self.digests: list[Any] = []  # the entries' digests, for the prefix check
+        self.inputs: dict[Any, tuple[int, int]] = {}  # tool use id -> (message, block)
+        self.answered: set[Any] = set()  # our retrieve tool uses' ids
+        self.results: set[Any] = set()
+        self.kinds: dict[str, dict[str, int]] = {}
+        self.lossy = 0
+        self.assistants = 0
+        self.text_bytes = 0
+        self.edited: list[int] = []  # messages with rewrites
+        for e in entries or ():
+            self.add(e)
+
+    def add(self, e: _Entry) -> None:
+        i = len(self.entries)
+        self.entries.append(e)
+        self.digests.append(e.digest)
+        for uid, bi, ours in e.uses:
+            self.inputs[uid] = (i, bi)
+            if ours:
+                self.answered.add(uid)
+        self.results.update(e.results)
+        for kind, blocks, before, after in e.kinds:
+            k = self.kinds.setdefault(kind, {"blocks": 0, "chars_before": 0, "chars_after": 0})
+            k["blocks"] += blocks
+            k["chars_before"] += before
+            k["chars_after"] += after
+        self.lossy += e.lossy
+        self.assistants += e.assistant
+        if e.edits:
+            self.edited.append(i)
+            self.text_bytes += sum(len(t or "") for _, texts in e.edits for _, t, _ in texts)
+
+    def cut(self, k: int) -> _Index:
+        """The index of the first ``k`` messages (itself when it has no more)."""
+        return self if k >= len(self.entries) else _Index(self.entries[:k])
+
+    def nbytes(self) -> int:
+        return _ENTRY_BYTES * len(self.entries) + self.text_bytes
+
+
+def _message_digest(m: Any) -> Any:
+    """A message's digest, ``cache_control`` aside (a breakpoint moved is not an edit)."""
+    try:
+        raw = orjson.dumps(m)
+        if _CC in raw:
+            raw = orjson.dumps(strip_cache_control(m))
+    except TypeError:  # not JSON orjson takes: equal to nothing, so always rewritten afresh
+        return object()
+    return _xxh(raw)
+
+
+def _uses(m: Any) -> tuple[tuple[tuple[Any, int, bool], ...], tuple[Any, ...], bool]:
+    """A message's tool uses (id, block, ours to retrieve), tool results' ids, and if it is the model's."""
+    if not isinstance(m, dict) or not isinstance(m.get("content"), list):
+        return (), (), isinstance(m, dict) and m.get("role") == "assistant"
+    if m.get("role") == "assistant":
+        uses = tuple(
+            (b.get("id"), bi, b.get("name") == RETRIEVE_TOOL)
+            for bi, b in enumerate(m["content"])
+            if isinstance(b, dict) and b.get("type") == "tool_use"
+        )
+        return uses, (), True
+    results = tuple(
+        b.get("tool_use_id") for b in m["content"] if isinstance(b, dict) and b.get("type") == "tool_result"
+    )
+    return (), results, False
+
+
+class _Call:
+    """One call's rewriting: the settings, the conversation's tool uses, the stats it records."""
+
+    def __init__(self, ctx: Any, settings: dict[str, Any], messages: list[Any], index: _Index) -> None:
+        self.ctx, self.settings, self.messages, self.index = ctx, settings, messages, index
+        self.opts = options(settings)
+        self.inputs = dict(index.inputs)  # every tool use of the call, the new ones too
+        self.answered = set(index.answered)
+        self.keeping = bool(settings.get("retrieval") or settings.get("keep_originals"))
+        self.extra: dict[str, Any] = {}  # per-call stats besides the tallies (model summaries)
+        self.calls_so_far = 0
+
+    def tool_input(self, tool_use_id: Any) -> Any:
+        at = self.inputs.get(tool_use_id)
+        if at is None:
+            return None
+        return self.messages[at[0]]["content"][at[1]].get("input")
+
+    def rewrite(self, text: str, stats: dict[str, Any], newest: bool, tool_use_id: Any) -> tuple[str, bool]:
+        return _rewrite(
+            text,
+            self.opts,
+            self.ctx,
+            self.settings,
+            stats,
+            newest,
+            tool_input=self.tool_input(tool_use_id),
+        )
+
+    def fresh(self, i: int, digest: Any, uses: Any, results: Any, assistant: bool) -> tuple[Any, _Entry]:
+        """Message ``i`` rewritten by the full path, and its entry."""
+        m = self.messages[i]
+        edits: list[tuple[int, tuple[tuple[int, str | None, bool], ...]]] = []
+        stats: dict[str, Any] = {"calls_so_far": self.calls_so_far}
+        if (
+            not assistant
+            and isinstance(m, dict)
+            and m.get("role") == "user"
+            and isinstance(m.get("content"), list)
+        ):
+            newest = i == len(self.messages) - 1
+            blocks = list(m["content"])
+            budget = INDEX_TEXT_BYTES - self.index.text_bytes
+            for bi, b in enumerate(blocks):
+                if not isinstance(b, dict) or b.get("tool_use_id") in self.answered:
+                    continue  # an original we handed back on request: never shorten it again
+                if b.get("type") != "tool_result" or "content" not in b:
+                    continue
+                texts = []
+                c = b["content"]
+                if isinstance(c, str):
+                    new, lossy = self.rewrite(c, stats, newest, b.get("tool_use_id"))
+                    if new is not c:
+                        blocks[bi] = {**b, "content": new}
+                        texts.append((-1, new, lossy))
+                elif isinstance(c, list):
+                    inner = list(c)
+                    for ii, t in enumerate(c):
+                        if isinstance(t, dict) and t.get("type") == "text" and isinstance(t.get("text"), str):
+                            new, lossy = self.rewrite(t["text"], stats, newest, b.get("tool_use_id"))
+                            if new is not t["text"]:
+                                inner[ii] = {**t, "text": new}
+                                texts.append((ii, new, lossy))
+                    if texts:
+                        blocks[bi] = {**b, "content": inner}
+                if texts:
+                    kept = []
+                    for ii, new, lossy in texts:
+                        budget -= len(new)
+                        kept.append((ii, new if budget >= 0 else None, lossy))
+                    edits.append((bi, tuple(kept)))
+            if edits:
+                m = {**m, "content": blocks}
+        kinds = tuple(
+            (kind, k["blocks"], k["chars_before"], k["chars_after"])
+            for kind, k in stats.get("kinds", {}).items()
+        )
+        for key, value in stats.items():
+            if key not in ("kinds", "lossy_blocks", "calls_so_far"):
+                self.extra[key] = self.extra.get(key, 0) + value
+        entry = _Entry(digest, tuple(edits), kinds, stats.get("lossy_blocks", 0), uses, results, assistant)
+        return m, entry
+
+    def again(self, i: int, edits: _Edits) -> Any:
+        """Message ``i`` of the prefix with its rewrites re-applied (one not kept: recomputed)."""
+        m = self.messages[i]
+        blocks = list(m["content"])
+        for bi, texts in edits:
+            b = blocks[bi]
+            c = b["content"]
+            if isinstance(c, str):
+                blocks[bi] = {**b, "content": self.text(c, texts[0], b)}
+            else:
+                c = list(c)
+                for item in texts:
+                    c[item[0]] = {**c[item[0]], "text": self.text(c[item[0]]["text"], item, b)}
+                blocks[bi] = {**b, "content": c}
+        return {**m, "content": blocks}
+
+    def text(self, original: str, item: tuple[int, str | None, bool], block: dict[str, Any]) -> str:
+        _, new, lossy = item
+        if new is None:
+            return self.rewrite(original, {}, False, block.get("tool_use_id"))[0]
+        if lossy and self.keeping:  # as the full path: the original kept (memory order, disk once)
+            keep_original(original, self.ctx, self.settings)
+        return new
+
+
+def _claim(ctx: Any, key: Any) -> _Index | None:
+    """This conversation's index, taken out of the shared table (a parallel call gets none)."""
+    state = ctx.shared_state(indexes=SizedLRU, index_lock=threading.Lock)
+    with state["index_lock"]:
+        hit = state["indexes"].data.pop(key, None)
+        if hit is None:
+            return None
+        state["indexes"].nbytes -= hit[1]
+        return hit[0]  # type: ignore[no-any-return]
+
+
+def _put(ctx: Any, key: Any, index: _Index) -> None:
+    state = ctx.shared_state(indexes=SizedLRU, index_lock=threading.Lock)
+    with state["index_lock"]:
+        state["indexes"].put(key, index, index.nbytes(), INDEX_CONVERSATIONS, INDEX_BYTES)
+
+
+def _rewrite_messages(
+    messages: list[Any], ctx: Any, settings: dict[str, Any]
+) -> tuple[list[Any] | None, dict[str, Any]]:
+    """The messages with their tool results rewritten (None: unchanged), and the call's stats."""
+    on = memo_enabled()
+    key = (
+        getattr(ctx, "conversation", ""),
+        ctx.key_hash,
+        ctx.model.name,
+        fast_digest(settings),
+    )
+    index = (_claim(ctx, key) if on else None) or _Index()
+    digests = [_message_digest(m) for m in messages]
+    seen = index.digests
+    k = len(seen) if digests[: len(seen)] == seen else _common(seen, digests)
+    if settings.get("model_summaries"):
+        k = min(k, max(0, len(messages) - 1))  # the newest message is decided anew (a summary may be asked)
+    index = index.cut(k)
+    found = [_uses(m) for m in messages[k:]]
+    if any(uid in index.inputs or uid in index.results for uses, _, _ in found for uid, _, _ in uses):
+        # a tool-use id the prefix already holds: an earlier result's rewrite may change
+        k, index, found = 0, _Index(), [_uses(m) for m in messages]
+    prev = index.entries
+    call = _Call(ctx, settings, messages, index)
+    # every tool use of the call, the new ones included, before any result is rewritten
+    for j, (uses, _, _) in enumerate(found):
+        for uid, bi, ours in uses:
+            call.inputs[uid] = (k + j, bi)
+            if ours:
+                call.answered.add(uid)
+    call.calls_so_far = index.assistants + sum(a for _, _, a in found)
+    out: list[Any] | None = None
+    for i in index.edited:
+        out = out if out is not None else list(messages)
+        out[i] = call.again(i, prev[i].edits)
+    for j, (uses, results, assistant) in enumerate(found):
+        m, entry = call.fresh(k + j, digests[k + j], uses, results, assistant)
+        index.add(entry)
+        if entry.edits:
+            out = out if out is not None else list(messages)
+            out[k + j] = m
+    if on:
+        _put(ctx, key, index)
+    stats: dict[str, Any] = {}
+    if index.kinds:
+        stats["kinds"] = {kind: dict(k) for kind, k in index.kinds.items()}
+    if index.lossy:
+        stats["lossy_blocks"] = index.lossy
+    stats.update(call.extra)
+    return out, stats
+
+
+def _common(seen: list[Any], digests: list[Any]) -> int:
+    """How many leading messages are as the index has them."""
+    k = 0
+    for e, d in zip(seen, digests, strict=False):
+        if e != d:
+            break
+        k += 1
+    return k
+
+
 @hookimpl
 def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
     """Shrink every large tool_result in the conversation (the same block always to the same bytes)."""
     settings = _settings(ctx)
-    opts = options(settings)
-    stats: dict[str, Any] = {}
     messages = body.get("messages")
     if not isinstance(messages, list):
         return None
-    answered_by_us = {
-        b.get("id")
-        for m in messages
-        if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), list)
-        for b in m["content"]
-        if isinstance(b, dict) and b.get("type") == "tool_use" and b.get("name") == RETRIEVE_TOOL
-    }
-    # each tool use's input, for results that echo it (its lines numbered, after an edit)
-    inputs = {
-        b.get("id"): b.get("input")
-        for m in messages
-        if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), list)
-        for b in m["content"]
-        if isinstance(b, dict) and b.get("type") == "tool_use"
-    }
-    stats["calls_so_far"] = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
-    new_messages: list[Any] = []
-    changed = False
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), list)):
-            new_messages.append(m)
-            continue
-        blocks: list[Any] = []
-        mchanged = False
-        for b in m["content"]:
-            if isinstance(b, dict) and b.get("tool_use_id") in answered_by_us:
-                blocks.append(b)  # an original we handed back on request: never shorten it again
-                continue
-            if isinstance(b, dict) and b.get("type") == "tool_result" and "content" in b:
-                rewrite = functools.partial(
-                    _rewrite,
-                    opts=opts,
-                    ctx=ctx,
-                    settings=settings,
-                    stats=stats,
-                    newest=i == len(messages) - 1,
-                    tool_input=inputs.get(b.get("tool_use_id")),
-                )
-                c = _map_texts(b["content"], rewrite)
-                if c is not b["content"]:
-                    b = {**b, "content": c}
-                    mchanged = True
-            blocks.append(b)
-        if mchanged:
-            m = {**m, "content": blocks}
-            changed = True
-        new_messages.append(m)
-    stats.pop("calls_so_far")
+    new_messages, stats = _rewrite_messages(messages, ctx, settings)
     if stats:
         ctx.record(**stats)
-    out = {**body, "messages": new_messages} if changed else body
+    out = {**body, "messages": new_messages} if new_messages is not None else body
     if settings.get("retrieval"):
         tools: list[Any] = out["tools"] if isinstance(out.get("tools"), list) else []
         if not any(isinstance(t, dict) and t.get("name") == RETRIEVE_TOOL for t in tools):
