@@ -248,6 +248,7 @@ RULES = {
     "two agents, one task": ([A1, A1, A2, B2, A3, B3, A4, B4], "AAAAABAB"),
     "a side call, then the main line": ([A1, A2, [*A2, _a("a2"), _u("side")], A3, A4], "AAAAA"),
     "the task run again": ([A1, A2, A3, A1, [*A1, _a("z"), _u("y")]], "AAABB"),
+    "the task run again, alike for two calls": ([A1, A2, A3, A1, A2, [*A2, _a("z"), _u("y")]], "AAABBB"),
     "the caller edits its history": ([A1, A2, A3, EDITED, [*EDITED, _a("q"), _u("r")]], "AAAAA"),
     "a call off an old point": ([A1, A2, A3, A4, [*A1, _a("a"), _u("side")]], "AAAAB"),
 }

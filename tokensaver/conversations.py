@@ -6,13 +6,15 @@ A request's *base* is its model, system prompt (its digits left out, so that a c
 keeps the conversation) and first message: the fallback id, what the id used to be. Its
 *chain* is a digest per prefix of its message list (each message's digest, cache_control aside,
 chained from the base). Per API-key hash and base, the state keeps, for each request seen, its
-chain's id and ``cont``: which of its children's lines went on (a child whose own child was sent).
+chain's id, whether it has a child (a request extending it) and ``cont``: which of its children's
+lines went on (a child whose own child was sent).
 A request with chain ``c_1..c_k``, ``L`` its longest registered prefix and ``M`` the next:
 
 - nothing registered: a new conversation; the base id if the base is new, else an id seeded from
   the base and the request (every replica derives the same);
 - ``L`` is the request (a retry, or parallel identical calls): ``L``'s id, unless the conversation
-  went on past it (``cont`` set): then it is a new run of the same opening (a seeded id);
+  went on past it (it has a child): then it is a new run of the same opening (a seeded id), or the
+  next call of such a run, alike so far (``M``'s id, when ``M``'s line has not gone on);
 - the request extends ``L``: ``L``'s id, and ``L`` marks ``M``'s line as the one going on. Two
   cases fork instead (a seeded id): ``L``'s conversation went on from ``L`` by another child
   already (an old point) and the request is shorter than that conversation's latest one (as long
@@ -218,10 +220,16 @@ class EmbeddedIndex(Index):
             else:
                 entry = data[(ns, "c", cs[at_l])]
                 cid = entry[0]
+                if at_l < k - 1:
+                    entry[3] = True  # it has a child now
                 if at_l == k - 1:
-                    if entry[1] is not None:  # the conversation went on past this request: a new run
-                        runs = entry[2] + 1
-                        cid = _fork(base, seed, runs)
+                    if entry[3]:  # the conversation went on past this request: a new run
+                        m = data.get((ns, "c", cs[at_m])) if at_m is not None else None
+                        if m is not None and m[1] is None:  # ...whose previous request goes on here
+                            cid, m[1], runs = m[0], cs[at_l], entry[2]
+                        else:
+                            runs = entry[2] + 1
+                            cid = _fork(base, seed, runs)
                         entry = None
                 elif entry[1] is not None:  # an old point of the conversation
                     if k >= data.get((ns, "h", cid), 0):  # as long: the caller edited its history
@@ -240,7 +248,7 @@ class EmbeddedIndex(Index):
             if k:
                 key = (ns, "c", cs[-1])
                 if entry is None:
-                    data[key] = [cid, None, runs]
+                    data[key] = [cid, None, runs, False]  # id, cont, runs, has a child
                 data.move_to_end(key)
                 data[(ns, "b", base)] = 1
                 data.move_to_end((ns, "b", base))
@@ -252,7 +260,7 @@ class EmbeddedIndex(Index):
 
 
 # The same rules on Redis, atomically in one round trip.
-# KEYS[1]: the namespace's key prefix. ARGV: ttl ms, max entries, base id, seed, register (1/0), chains...
+# KEYS[1]: the namespace's key prefix. ARGV: ttl ms, max entries, base id, seed, chains...
 _IDENTIFY = """
 local pre = KEYS[1]
 local ttl, cap, base, seed = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
@@ -273,12 +281,21 @@ if not L then
   if k == 0 or redis.call('EXISTS', pre .. 'b:' .. base) == 0 then id = base else id = fork(0) end
 else
   local lkey = pre .. 'c:' .. chain(L)
-  local e = redis.call('HMGET', lkey, 'i', 'k', 'r')
+  local e = redis.call('HMGET', lkey, 'i', 'k', 'r', 'x')
   id = e[1]
+  if L < k then redis.call('HSET', lkey, 'x', '1') end
   if L == k then
-    if e[2] then
-      runs = tonumber(e[3] or '0') + 1
-      id = fork(runs)
+    if e[4] then
+      local m = {false, false}
+      if M then m = redis.call('HMGET', pre .. 'c:' .. chain(M), 'i', 'k') end
+      if m[1] and not m[2] then
+        id = m[1]
+        runs = tonumber(e[3] or '0')
+        redis.call('HSET', pre .. 'c:' .. chain(M), 'k', chain(L))
+      else
+        runs = tonumber(e[3] or '0') + 1
+        id = fork(runs)
+      end
     else
       keep = true
     end
