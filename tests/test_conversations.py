@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,14 @@ from tokensaver.emulator import Emulator
 from tokensaver.emulator.validation import EmulatorError
 from tokensaver.run import load_run
 from tokensaver.state import State
-from tokensaver.testing import TEST_API_KEY, redis_url_for_test, start_proxy_process, stop_proxy_process
+from tokensaver.testing import (
+    TEST_API_KEY,
+    RedisServer,
+    no_redis,
+    redis_url_for_test,
+    start_proxy_process,
+    stop_proxy_process,
+)
 
 MODEL = "claude-sonnet-4-6"
 T0 = 1_700_000_000.0
@@ -310,3 +318,27 @@ def test_a_plugin_tool_round_is_the_callers_request_it_continues() -> None:
     ids = [index.identify(b, "k") for b in [{**caller, "messages": A1}, caller, *rounds]]
     ids.append(index.identify({**caller, "messages": A3}, "k"))  # the caller's next turn
     assert len(set(ids)) == 1
+
+
+def test_with_the_state_lost_the_id_is_the_openings(tmp_path: Path) -> None:
+    # a restart (a new pipeline's index) or Redis down: every replica gives the opening's id alike
+    seq = [A1, A1, A2, B2, A3, B3, A4, B4]
+    assert _ids(EmbeddedIndex(), seq) == "AAAAABAB"
+    opening = base_of({"model": MODEL}, message_digest(A1[0]))
+    if shutil.which("redis-server") is None:
+        no_redis("no redis-server on PATH")
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    state = State(server.url)
+    try:
+        shared = RedisIndex(state.backend)  # type: ignore[arg-type]
+        assert _ids(shared, seq) == "AAAAABAB"
+        server.stop()
+        cs = chains(opening, B4)
+        assert shared.resolve("ns", opening, cs[-1].hex(), cs) == opening
+        assert state.lost
+    finally:
+        server.stop()
+        state.close()
+    cs = chains(opening, B4)
+    assert EmbeddedIndex().resolve("ns", opening, cs[-1].hex(), cs) == opening
