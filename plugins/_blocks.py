@@ -239,12 +239,23 @@ class TurnCheck:
         self.prev_role, self.prev_i, self.prev_uses = role, i, uses
 
 
+def _message_blocks(msgs: list[Any]) -> Iterator[tuple[int, int, Any]]:
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            continue
+        content = m.get("content")
+        for j, b in enumerate(content if isinstance(content, list) else as_blocks(content)):
+            yield i, j, b
+
+
 def _cc_of(block: Any) -> Any:
     return block.get("cache_control") if isinstance(block, dict) else None
 
 
-def cache_control_problems(body: dict[str, Any]) -> list[str]:
-    """Breakpoint rules: at most 4 (top-level automatic mode counts), 1h before 5m, cacheable blocks."""
+def cache_control_problems(body: dict[str, Any], at: list[tuple[int, int]] | None = None) -> list[str]:
+    """Breakpoint rules: at most 4 (top-level automatic mode counts), 1h before 5m, cacheable blocks.
+
+    ``at``: (message, block) of every message block that may have one, in order, when known."""
     problems = []
     ttls = []
     system = body.get("system")
@@ -252,17 +263,14 @@ def cache_control_problems(body: dict[str, Any]) -> list[str]:
         cc = _cc_of(b)
         if cc is not None:
             ttls.append(cc_ttl(cc))
-    for i, m in enumerate(body.get("messages") or []):
-        if not isinstance(m, dict):
+    msgs = body.get("messages") or []
+    for i, j, b in _message_blocks(msgs) if at is None else ((i, j, msgs[i]["content"][j]) for i, j in at):
+        cc = _cc_of(b)
+        if cc is None:
             continue
-        content = m.get("content")
-        for j, b in enumerate(content if isinstance(content, list) else as_blocks(content)):
-            cc = _cc_of(b)
-            if cc is None:
-                continue
-            if not cacheable(b):
-                problems.append(f"messages[{i}].content[{j}]: cache_control on a block that cannot carry one")
-            ttls.append(cc_ttl(cc))
+        if not cacheable(b):
+            problems.append(f"messages[{i}].content[{j}]: cache_control on a block that cannot carry one")
+        ttls.append(cc_ttl(cc))
     if body.get("cache_control") is not None:
         ttls.append(cc_ttl(body["cache_control"]))
     if len(ttls) > MAX_BREAKPOINTS:

@@ -128,6 +128,7 @@ from ._blocks import (
     request_problems,
     strip_cc,
     tool_uses,
+    with_cc,
 )
 from ._lru import SizedLRU
 from ._repeats import RepeatIndex
@@ -357,7 +358,7 @@ class Walk:
         self.count = count
         self.dedupe = bool(settings.get("dedupe", True))
         self.min_tokens = int(settings.get("min_result_tokens", 100))
-        self.seen: dict[str, str] = {}  # content hash -> id of the first result kept in full
+        self.seen: dict[bytes, str] = {}  # content digest -> id of the first result kept in full
         self.lines: RepeatIndex | None = (
             RepeatIndex(int(settings["repeat_min_lines"]), int(settings["repeat_min_chars"]))
             if settings.get("repeats")
@@ -416,7 +417,7 @@ class Walk:
         if not (self.dedupe or self.lines is not None) or not inner:
             return None
         if self.dedupe:
-            h = content_hash(strip_cc(inner))
+            h = fast_digest(strip_cc(inner))
             if h in self.seen and count(strip_cc(b)) >= self.min_tokens:
                 text = pointer_marker(self.seen[h])
                 return _replace_result(b, text), ("text", text)
@@ -994,62 +995,57 @@ def rewrite_tokens(
 
 # -- between cuts: what is new in a call ------------------------------------------------------
 
-_CC_KEY = b'"cache_control":{'
 _CARRY_ENTRIES = 512  # conversations whose carry is kept (LRU) ...
 _CARRY_BYTES = 16 * 1024 * 1024  # ... within this many bytes in all
 _CARRY_MAX = 1024 * 1024  # one conversation's carry at most (else none: the full path)
 _BOUND_SLACK = 200  # tokens added to Run.removable's bound (and 1% of the request)
 
 
-def _kept_ranges(raw: bytes) -> list[tuple[int, int]] | None:
-    """The byte ranges of ``raw`` (orjson of a list) left when every ``cache_control`` key, its
-    value and one comma are cut out, the closing bracket left out too; None when a value is not a
-    plain object (then the caller compares nothing)."""
-    out = []
-    start = 0
-    p = raw.find(_CC_KEY)
-    while p >= 0:
-        q = raw.find(b"}", p + len(_CC_KEY))
-        if q < 0 or raw[q + 1 : q + 2] not in (b"}", b","):
-            return None
-        a, b = p, q + 1
-        if raw[a - 1 : a] == b",":
-            a -= 1
-        elif raw[b : b + 1] == b",":
-            b += 1
-        out.append((start, a))
-        start = b
-        p = raw.find(_CC_KEY, b)
-    out.append((start, len(raw) - 1))
-    return out
+def _breakpoints(messages: list[Any]) -> list[tuple[int, int]]:
+    """(message, block) of each block that has a ``cache_control`` key, in order."""
+    found: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):
+            for b in content:
+                if isinstance(b, dict) and "cache_control" in b:
+                    found.extend(
+                        (i, j) for j, b in enumerate(content) if isinstance(b, dict) and "cache_control" in b
+                    )
+                    break
+    return found
 
 
-def _digests(messages: list[Any], at: int) -> tuple[bytes | None, int, bytes] | None:
-    """The messages' JSON without ``cache_control`` (and without its closing bracket): the digest of
-    its first ``at`` bytes (None when shorter), its length and its digest. An earlier call's
-    (length, digest) equal to the first ``at`` bytes' means its messages are the first ones of
-    these, ``cache_control`` aside (the bytes up to a whole element of a JSON list)."""
+def _digests(
+    messages: list[Any], at: int, breakpoints: list[tuple[int, int]]
+) -> tuple[bytes | None, int, bytes] | None:
+    """The messages' JSON, their blocks' breakpoints (``breakpoints``) taken off, without its
+    closing bracket: the digest of its first ``at`` bytes (None when shorter), its length and its
+    digest. An earlier call's (length, digest) equal to the first ``at`` bytes' means its messages
+    are the first ones of these, breakpoints aside (the bytes up to a whole element of a list)."""
+    if breakpoints:
+        messages = list(messages)
+        for i in sorted({i for i, _ in breakpoints}):
+            m = messages[i]
+            messages[i] = {
+                **m,
+                "content": [with_cc(b, None) if isinstance(b, dict) else b for b in m["content"]],
+            }
     try:
         raw = orjson.dumps(messages)
     except TypeError:
         return None
-    ranges = _kept_ranges(raw)
-    if ranges is None:
-        return None
     view = memoryview(raw)
+    end = len(raw) - 1
     h = xxhash.xxh3_128()
     first = None
-    off = 0
-    for a, b in ranges:
-        if first is None and 0 < at <= off + (b - a):
-            c = a + at - off
-            h.update(view[a:c])
-            first = h.digest()
-            h.update(view[c:b])
-        else:
-            h.update(view[a:b])
-        off += b - a
-    return first, off, h.digest()
+    if 0 < at <= end:
+        h.update(view[:at])
+        first = h.digest()
+        h.update(view[at:end])
+    else:
+        h.update(view[:end])
+    return first, end, h.digest()
 
 
 class _Gone(Exception):
@@ -1071,7 +1067,7 @@ class _Carry:
     size: int
     digest: bytes
     shift: int  # messages the spec's drop took out (the task's marker stands for them)
-    seen: dict[str, str]
+    seen: dict[bytes, str]
     chain: tuple[bytes, int] | None  # the repeat index's chain key and feeds
     edits: list[tuple[int, int, tuple[Any, ...]]]
     tokens: list[int]
@@ -1144,6 +1140,7 @@ class Run:
         self.gains: dict[str, tuple[str | None, int]] = {}
         self.at: dict[str, tuple[int, int, int]] | None = None  # tool_use id -> (message, block, tokens)
         self.seen_json: tuple[int, bytes] | None = None
+        self.breakpoints: list[tuple[int, int]] | None = None  # of the messages (_breakpoints)
         self.resumed = False
 
     @classmethod
@@ -1158,7 +1155,8 @@ class Run:
         """The walk of ``messages`` under ``spec``: from ``carry`` when it fits, else from the start."""
         run = cls(messages, spec, settings, count)
         if memo_enabled():
-            digests = _digests(messages, carry.size if carry is not None else 0)
+            run.breakpoints = _breakpoints(messages)
+            digests = _digests(messages, carry.size if carry is not None else 0, run.breakpoints)
             if digests is not None:
                 run.seen_json = (digests[1], digests[2])
                 if carry is not None and run._fits(carry, digests):
@@ -1167,8 +1165,9 @@ class Run:
                         run.resumed = True
                         return run
                     except _Gone:
+                        breakpoints = run.breakpoints
                         run = cls(messages, spec, settings, count)
-                        run.seen_json = (digests[1], digests[2])
+                        run.seen_json, run.breakpoints = (digests[1], digests[2]), breakpoints
         run._walk_all()
         return run
 
@@ -1278,6 +1277,11 @@ class Run:
 
     def stale(self, sup: dict[str, str], memo: dict[str, Any] | None) -> dict[str, int]:
         """:func:`stale_results` of what is sent, from the walk's notes."""
+        quotes = (memo or {}).get("quotes")
+        if self.resumed and quotes is not None and quotes["first"] is not None:
+            # the first message is the one the carry saw (breakpoints aside), as the conversation's
+            # key says too: no need to compare it again
+            quotes["first"] = self.messages[0] if self.messages else None
         found = ((i, tid, n) for i, _, tid, n in self.walk.results)
         return _stale(
             self.messages,
@@ -1326,8 +1330,13 @@ class Run:
         return bound + _BOUND_SLACK + total // 100, first, head
 
     def problems(self, body: dict[str, Any]) -> list[str]:
-        """:func:`request_problems` of ``body`` (what is sent: ``cur`` as its messages)."""
-        if self.check.problems() or cache_control_problems(body):
+        """:func:`request_problems` of ``body`` (what is sent: ``cur`` as its messages; its blocks'
+        breakpoints are the messages' own, the drop's aside: an edit keeps a block's)."""
+        at = None
+        if self.breakpoints is not None:
+            d = self.shift + 1 if self.shift else 0
+            at = [(i - self.shift if i >= d else i, j) for i, j in self.breakpoints if i == 0 or i >= d]
+        if self.check.problems() or cache_control_problems(body, at):
             return request_problems(body)
         return []
 
