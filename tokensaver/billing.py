@@ -156,12 +156,21 @@ def prompt_blocks(
             if known is not None and known.block is block:
                 out.append(known)
                 return
-        cc = block.get("cache_control") if isinstance(block, dict) else None
-        kind = block.get("type") if isinstance(block, dict) else None
-        empty_text = kind == "text" and not str(block.get("text", "")).strip()
-        cacheable = (
-            kind not in THINKING_TYPES and not empty_text and not (isinstance(block, str) and not block)
-        )
+        make(where, block, tag, extra)
+
+    def make(where: tuple[str, int, int], block: Any, tag: str, extra: int) -> None:
+        if isinstance(block, dict):
+            cc = block.get("cache_control")
+            kind = block.get("type")
+            if kind == "text":
+                text = block.get("text", "")
+                text = text if isinstance(text, str) else str(text)
+                cacheable = not (not text or text.isspace())  # (``text.strip()``, without the copy)
+            else:
+                cacheable = kind not in THINKING_TYPES
+        else:
+            cc = None
+            cacheable = not (isinstance(block, str) and not block)
         seen = memo.get(id(block))
         i = len(out)
         if seen is not None and seen[0] is block:
@@ -177,9 +186,10 @@ def prompt_blocks(
         else:
             digest, tokens, image = _DIGESTS.get(block, counter)
             memo[id(block)] = (block, digest, tokens, image)
-        out.append(PromptBlock(where, block, tokens + extra, tag, cacheable, cc, digest, image))
+        made_block = PromptBlock(where, block, tokens + extra, tag, cacheable, cc, digest, image)
+        out.append(made_block)
         if made is not None:
-            made[(id(block), tag)] = out[-1]
+            made[(id(block), tag)] = made_block
 
     for i, tool in enumerate(body.get("tools") or []):
         add(("tools", i, 0), tool, "tools")
@@ -203,7 +213,7 @@ def prompt_blocks(
             if p is not None and p.block is b:
                 append(p)  # (inlined: the common case, a block this call has seen)
             else:
-                add(("messages", mi, bi), b, tag, 0 if bi else MESSAGE_OVERHEAD)
+                make(("messages", mi, bi), b, tag, 0 if bi else MESSAGE_OVERHEAD)
     return out
 
 
@@ -265,6 +275,7 @@ class Prepared:
     hashes: list[bytes]
     prefix: list[int]
     salts: tuple[bytes, bytes]
+    keys: bytes | None = None  # ``_keys(blocks)``, once made
 
     @property
     def total(self) -> int:
@@ -290,14 +301,32 @@ class Prepared:
         if isinstance(like, Prepared) and like.salts == salts:
             old = like.blocks
             n = min(len(old), len(blocks))
+            same = _shared_run(old, blocks, n)
             while same < n and old[same].digest == blocks[same].digest and old[same].tag == blocks[same].tag:
                 same += 1
             hashes, prefix = like.hashes[:same], like.prefix[:same]
-        elif isinstance(like, Kept) and like.salts == salts:
-            same = like.common(_keys(blocks))
+        keys = None
+        if isinstance(like, Kept) and like.salts == salts:
+            keys = _keys(blocks)
+            same = like.common(keys)
             hashes, prefix = like.head(same)
         _chain(blocks, salts, same, hashes, prefix)
-        return cls(blocks, hashes, prefix, salts)
+        return cls(blocks, hashes, prefix, salts, keys)
+
+
+def _shared_run(old: list[PromptBlock], new: list[PromptBlock], n: int) -> int:
+    """A length of leading blocks equal in both (the same objects, mostly: a stage's body shares
+    the blocks of the one before), found by binary search on list slices (compared in C)."""
+    if old[:n] == new[:n]:
+        return n
+    lo, hi = 0, n  # old[:lo] == new[:lo], old[:hi] != new[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if old[lo:mid] == new[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 _KEY = 16  # bytes of a block key and of a prefix hash (xxh3-128)
@@ -323,9 +352,8 @@ class Kept:
 
     @classmethod
     def of(cls, prepared: Prepared) -> Kept:
-        return cls(
-            _keys(prepared.blocks), b"".join(prepared.hashes), array("q", prepared.prefix), prepared.salts
-        )
+        keys = prepared.keys if prepared.keys is not None else _keys(prepared.blocks)
+        return cls(keys, b"".join(prepared.hashes), array("q", prepared.prefix), prepared.salts)
 
     @property
     def nbytes(self) -> int:
@@ -354,9 +382,13 @@ class Kept:
 def thaw(value: Any) -> Any:
     """A copy of JSON containers (dicts and lists) all the way down; strings and numbers shared."""
     if isinstance(value, dict):
-        return {k: thaw(v) for k, v in value.items()}
+        out = dict(value)  # (one C copy; then only the values that are containers are walked)
+        for k, v in out.items():
+            if isinstance(v, dict | list):
+                out[k] = thaw(v)
+        return out
     if isinstance(value, list):
-        return [thaw(v) for v in value]
+        return [thaw(v) if isinstance(v, dict | list) else v for v in value]
     return value
 
 

@@ -88,50 +88,63 @@ class _Guard:
 
     def __init__(self, memo: Memo | None = None) -> None:
         self.pool: dict[int, tuple[Any, Any]] = {}  # id(original) -> (original, its copy)
-        self.back: dict[int, Any] = {}  # id(copy) -> original, for what was last handed out
+        self.back: dict[int, Any] = {}  # id(copy) -> original
         # the call's token counts by block identity: a copy is counted as its original
         self.memo: Memo = {} if memo is None else memo
 
     def give(self, body: dict[str, Any]) -> dict[str, Any]:
-        """``body`` with its own containers and a copy of each block (the last ones, if intact)."""
-        pool, given, memo = self.pool, {}, self.memo
+        """``body`` with its own containers and a copy of each block (the ones made before, if intact).
+
+        The copies made for the call are kept (and checked) until :meth:`drop`: a later stage gets
+        the copy an earlier one was given of the same block, so a block is copied once per call.
+        """
+        pool, back, memo = self.pool, self.back, self.memo
+        known = pool.get
 
         def leaf(value: Any) -> Any:
             if not isinstance(value, dict | list):
                 return value
-            known = pool.get(id(value))
-            if known is not None and known[0] is value:
-                own = known[1]
-            else:
-                own = thaw(value)
-                seen = memo.get(id(value))
-                if seen is not None and seen[0] is value:
-                    memo[id(own)] = (own, seen[1])
-            given[id(value)] = (value, own)
+            kept = known(id(value))
+            if kept is not None and kept[0] is value:
+                return kept[1]
+            own = thaw(value)
+            seen = memo.get(id(value))
+            if seen is not None and seen[0] is value:
+                memo[id(own)] = (own, seen[1])
+            pool[id(value)] = (value, own)
+            back[id(own)] = value
             return own
 
         out: dict[str, Any] = {}
         for key, value in body.items():
             if key == "messages" and isinstance(value, list):
-                out[key] = [
-                    {
-                        k: [leaf(b) for b in v] if k == "content" and isinstance(v, list) else leaf(v)
-                        for k, v in m.items()
-                    }
-                    if isinstance(m, dict)
-                    else leaf(m)
-                    for m in value
-                ]
+                msgs = []
+                for m in value:
+                    if isinstance(m, dict):
+                        mine = {}
+                        for k, v in m.items():
+                            if k == "content" and isinstance(v, list):
+                                # (inlined: the common case, a block copied for an earlier stage)
+                                mine[k] = [
+                                    c[1] if (c := known(id(b))) is not None and c[0] is b else leaf(b)
+                                    for b in v
+                                ]
+                            elif isinstance(v, dict | list):
+                                mine[k] = leaf(v)
+                            else:
+                                mine[k] = v
+                        msgs.append(mine)
+                    else:
+                        msgs.append(leaf(m))
+                out[key] = msgs
             elif key in ("system", "tools") and isinstance(value, list):
                 out[key] = [leaf(b) for b in value]
             else:
                 out[key] = leaf(value)
-        self.pool = given
-        self.back = {id(own): orig for orig, own in given.values()}
         return out
 
     def intact(self) -> bool:
-        """Every copy handed out last still equals its original (strings shared: a cheap compare)."""
+        """Every copy handed out still equals its original (strings shared: a cheap compare)."""
         return all(own == orig for orig, own in self.pool.values())
 
     def drop(self) -> None:
@@ -149,14 +162,14 @@ class _Guard:
         block is replaced by a copy of its own, so that nothing a plugin still holds (its state, a
         copy it was given) is part of what the next stages get and what is sent.
         """
-        back = self.back
+        back = self.back.get
         if not isinstance(result, dict):
             return
 
         def own(value: Any) -> Any:
             if not isinstance(value, dict | list):
                 return value
-            orig = back.get(id(value))
+            orig = back(id(value))
             return orig if orig is not None else thaw(value)
 
         for key, value in result.items():
@@ -165,8 +178,8 @@ class _Guard:
                     if isinstance(m, dict):
                         for k, v in m.items():
                             if k == "content" and isinstance(v, list):
-                                v[:] = [own(b) for b in v]
-                            else:
+                                v[:] = [o if (o := back(id(b))) is not None else own(b) for b in v]
+                            elif isinstance(v, dict | list):
                                 m[k] = own(v)
                     else:
                         value[i] = own(m)
@@ -321,17 +334,26 @@ def _stage_facts(
         return n
 
     def fresh(m: Any) -> tuple[Record, int, int | None]:
-        n = MESSAGE_OVERHEAD + sum(count(b) for b in _content_blocks(m)) if isinstance(m, dict) else 0
-        return message_record(m), n, message_size(m)
+        return message_record(m), -1, message_size(m)  # counted once the output is found valid
 
     out = facts_like(result["messages"], current.get("messages") or [], given, fresh)
-    if result.get("tools") == current.get("tools") and result.get("system") == current.get("system"):
-        out.head = given.head
-    else:
-        tools, system = result.get("tools"), result.get("system")
-        out.head = sum(count(t) for t in tools) if isinstance(tools, list) else 0
-        out.head += count(system) if isinstance(system, str) else 0
-        out.head += sum(count(b) for b in system) if isinstance(system, list) else 0
+
+    same_head = result.get("tools") == current.get("tools") and result.get("system") == current.get("system")
+
+    def counted() -> None:
+        for i, m in enumerate(result["messages"]):
+            if out.tokens[i] < 0:
+                blocks = _content_blocks(m)
+                out.tokens[i] = MESSAGE_OVERHEAD + sum(count(b) for b in blocks) if isinstance(m, dict) else 0
+        if same_head:
+            out.head = given.head
+        else:
+            tools, system = result.get("tools"), result.get("system")
+            out.head = sum(count(t) for t in tools) if isinstance(tools, list) else 0
+            out.head += count(system) if isinstance(system, str) else 0
+            out.head += sum(count(b) for b in system) if isinstance(system, list) else 0
+
+    out.count = counted
     return out
 
 
@@ -536,6 +558,7 @@ class Pipeline:
             if result is None:
                 after = before
             elif result_facts is not None:
+                result_facts.count()
                 after = result_facts.head + sum(result_facts.tokens)
             else:
                 after = self.counter.request(result, memo)

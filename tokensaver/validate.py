@@ -322,7 +322,7 @@ def message_record(msg: Any) -> Record:
     lastcc: bool | None = None
     thinking: list[dict[str, Any]] = []
     is_list = isinstance(content, list)
-    if is_list:
+    if isinstance(content, list):
         for b in content:
             if not isinstance(b, dict):
                 continue
@@ -380,6 +380,7 @@ class Facts:
     tokens: list[int]
     sizes: list[int | None]
     head: int = 0  # tokens of the tools and system prompt
+    count: Callable[[], None] = lambda: None  # fills the counts not yet made (-1), once checked
 
 
 def message_size(msg: Any) -> int | None:
