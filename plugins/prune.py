@@ -956,6 +956,13 @@ def future_calls(messages: list[Any], settings: dict[str, Any], so_far: int | No
     return min(max(so_far, floor), int(settings["clear_max_future_calls"]))
 
 
+def _n_blocks(content: Any) -> int:
+    """``len(as_blocks(content))`` without the copy."""
+    if isinstance(content, list):
+        return len(content)
+    return 1 if isinstance(content, str) and content else 0
+
+
 def _assistants(messages: list[Any]) -> int:
     return sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
 
@@ -987,7 +994,7 @@ def rewrite_tokens(
     if cache.get("cold"):
         return 0
     prev = int(cache.get("prev_messages") or 0)
-    blocks = sum(len(as_blocks(m.get("content"))) for m in cur[k:prev] if isinstance(m, dict))
+    blocks = sum(_n_blocks(m.get("content")) for m in cur[k:prev] if isinstance(m, dict))
     if k >= prev or blocks <= LOOKBACK_BLOCKS:
         return max(0, after - fixed - (_tokens(cur[:k], count) if head is None else head))
     return after - (fixed if cache.get("fixed_live") else 0)
