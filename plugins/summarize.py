@@ -426,6 +426,14 @@ class _Index:
         return _ENTRY_BYTES * len(self.entries) + self.text_bytes
 
 
+def _raw_digest(m: Any) -> Any:
+    """A message's digest as it came (equal to its ``_message_digest`` when it has no breakpoint)."""
+    try:
+        return _xxh(orjson.dumps(m))
+    except TypeError:  # not JSON orjson takes: equal to nothing, so always rewritten afresh
+        return object()
+
+
 def _message_digest(m: Any) -> Any:
     """A message's digest, ``cache_control`` aside (a breakpoint moved is not an edit)."""
     try:
@@ -591,9 +599,11 @@ def _rewrite_messages(
         fast_digest(settings),
     )
     index = (_claim(ctx, key) if on else None) or _Index()
-    digests = [_message_digest(m) for m in messages]
+    # one serialization per message; only a message that differs from the index's digest is looked
+    # at without its breakpoints (the last call's newest messages carried them)
+    raws = [_raw_digest(m) for m in messages]
     seen = index.digests
-    k = len(seen) if digests[: len(seen)] == seen else _common(seen, digests)
+    k = len(seen) if raws[: len(seen)] == seen else _common(seen, raws, messages)
     if settings.get("model_summaries"):
         k = min(k, max(0, len(messages) - 1))  # the newest message is decided anew (a summary may be asked)
     index = index.cut(k)
@@ -615,7 +625,7 @@ def _rewrite_messages(
         out = out if out is not None else list(messages)
         out[i] = call.again(i, prev[i].edits)
     for j, (uses, results, assistant) in enumerate(found):
-        m, entry = call.fresh(k + j, digests[k + j], uses, results, assistant)
+        m, entry = call.fresh(k + j, _message_digest(messages[k + j]), uses, results, assistant)
         index.add(entry)
         if entry.edits:
             out = out if out is not None else list(messages)
@@ -631,11 +641,11 @@ def _rewrite_messages(
     return out, stats
 
 
-def _common(seen: list[Any], digests: list[Any]) -> int:
-    """How many leading messages are as the index has them."""
+def _common(seen: list[Any], raws: list[Any], messages: list[Any]) -> int:
+    """How many leading messages are as the index has them (``cache_control`` aside)."""
     k = 0
-    for e, d in zip(seen, digests, strict=False):
-        if e != d:
+    for e, d, m in zip(seen, raws, messages, strict=False):
+        if e != d and e != _message_digest(m):
             break
         k += 1
     return k
