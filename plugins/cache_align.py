@@ -357,80 +357,107 @@ def _where(starts: list[int], k: int) -> Slot:
 class Seen:
     """What is kept of a conversation's latest request: digests and token counts, no blocks."""
 
-    groups: list[bytes]  # a digest per group
+    raws: list[bytes | None]  # a digest per group as sent, cache_control included (None: not JSON)
+    groups: list[bytes]  # a digest per group, cache_control aside
     starts: list[int]  # each group's first block
-    digests: bytes  # 16 bytes per block
+    digests: bytes  # 16 bytes per block, cache_control aside
     tokens: array[int]  # each block's tokens (a message's framing counted at its first block)
-    cc_groups: frozenset[int]  # groups that held a cache_control (their counts are not reused)
-    names: list[Any]  # each tool's name (None: not a dict)
+    cc_groups: frozenset[int]  # groups that hold a cache_control (their counts are not reused)
+    marked: list[int]  # blocks that carry one
+    names: list[Any]  # each tool's name (_NOT_A_TOOL: not a dict)
 
 
 @dataclass
 class Prefix:
-    """A request's cacheable prefix: its blocks in prefix order, each one's tokens to its end."""
+    """A request's cacheable prefix: its blocks in groups, each block's tokens to its end."""
 
-    blocks: list[Any]
+    groups: list[list[Any]]
+    n: int  # blocks in all
     seen: Seen
     cum: list[int]
     marked: list[int]  # blocks carrying the caller's cache_control
     nbytes: int  # the blocks' size, roughly (JSON + a little per block)
 
+    def block(self, k: int) -> Any:
+        return _block_at(self.groups, self.seen.starts, k)
+
     def slot(self, k: int) -> Slot:
         w = _where(self.seen.starts, k)
-        return Slot(w.loc, w.section, w.i, w.j, self.blocks[k])
+        return Slot(w.loc, w.section, w.i, w.j, self.block(k))
 
     def message_blocks(self, i: int) -> range:
         """The block indices of message ``i``."""
         starts = self.seen.starts
         g = i + _MSG0
-        return range(starts[g], starts[g + 1] if g + 1 < len(starts) else len(self.blocks))
+        return range(starts[g], starts[g + 1] if g + 1 < len(starts) else self.n)
+
+
+def _block_at(groups: list[list[Any]], starts: list[int], k: int) -> Any:
+    g = bisect_right(starts, k) - 1
+    return groups[g][k - starts[g]]
+
+
+def _content(message: Any) -> list[Any]:
+    c = message.get("content") if isinstance(message, dict) else None
+    return c if type(c) is list else as_blocks(c) if isinstance(message, dict) else []
+
+
+def _raw_digest(group: list[Any]) -> bytes | None:
+    try:
+        return _xxh(orjson.dumps(group))
+    except TypeError:
+        return None
+
+
+def _holds_cc(group: list[Any]) -> bool:
+    """Whether a block of ``group``, or a block inside a tool result of it, has a cache_control
+    key (where the API takes one; a digest keeps one deeper, in a tool's input, as content)."""
+    for b in group:
+        if type(b) is dict:
+            if "cache_control" in b:
+                return True
+            inner = b.get("content")
+            if type(inner) is list and any(type(x) is dict and "cache_control" in x for x in inner):
+                return True
+    return False
 
 
 def digest_prefix(body: dict[str, Any], prev: Seen | None, count: Callable[[Any], int]) -> Prefix:
     """The prefix of ``body``: what ``prev`` holds of a group with the same content is taken from it.
 
-    The groups ``body`` shares with ``prev`` from the start keep their places (one slice of each
-    of prev's arrays); after the first change, a message group is looked up by its digest (a cut
-    moved it), else it is new: its blocks digested and counted one by one.
+    Each group is serialized once. The groups ``body`` shares with ``prev`` from the start, breakpoints
+    included, keep everything (one slice of each of prev's arrays). After the first change, a group
+    is compared without its cache_control: the same content (the caller moved a breakpoint) keeps its
+    blocks' digests, a message moved by a cut is found by its digest, else the group is new: its
+    blocks digested and counted one by one.
     """
     tools = body.get("tools") or []
     system = body.get("system")
     groups: list[list[Any]] = [list(tools), as_blocks(system) if system is not None else []]
-    for m in body.get("messages") or []:
-        c = m.get("content") if isinstance(m, dict) else None
-        groups.append(c if type(c) is list else as_blocks(c))
-    blocks: list[Any] = []
-    starts: list[int] = []
-    digests: list[bytes] = []
-    cc_groups: set[int] = set()
-    nbytes = 0
-    dumps, xxh, sort_keys = orjson.dumps, _xxh, _SORTED
-    # the groups equal to prev's from the start, each group's digest, and the cache_control check
-    same = len(prev.groups) if prev is not None and memo_enabled() else 0
-    for g, group in enumerate(groups):
-        starts.append(len(blocks))
-        try:
-            raw = dumps(group, option=sort_keys)
-            cc = _CC in raw
-            d = xxh(raw) if not cc else _digest(group)[0]
-            nbytes += len(raw)
-        except TypeError:
-            d, _, cc = _digest(group)
-        digests.append(d)
-        blocks.extend(group)
-        if cc:
-            cc_groups.add(g)
-        if g < same and (prev is None or prev.groups[g] != d):
-            same = g
-    same = min(same, len(groups))
-    n_same = starts[same] if same < len(groups) else len(blocks)
-    nbytes += _BLOCK_BYTES * len(blocks)
-    marked = [
-        k
-        for g in sorted(cc_groups)
-        for k in range(starts[g], starts[g] + len(groups[g]))
-        if isinstance(blocks[k], dict) and blocks[k].get("cache_control")
-    ]
+    groups.extend(_content(m) for m in body.get("messages") or [])
+    raws: list[bytes | None]
+    ends = list(accumulate(map(len, groups)))
+    starts = [0, *ends[:-1]]
+    n_blocks = ends[-1]
+    # the prefix check: each group as sent, in one pass (orjson, keys as they come)
+    try:
+        serialized = [orjson.dumps(group) for group in groups]
+    except TypeError:  # not JSON orjson takes (a group of it is never taken as seen)
+        raws, nbytes = [_raw_digest(group) for group in groups], 0
+    else:
+        raws, nbytes = list(map(_xxh, serialized)), sum(map(len, serialized))
+        del serialized
+    nbytes += _BLOCK_BYTES * n_blocks
+    reuse = prev is not None and memo_enabled()
+    same = 0  # groups equal to prev's from the start, breakpoints included
+    if reuse:
+        assert prev is not None
+        n = min(len(prev.raws), len(raws))
+        if prev.raws[:n] == raws[:n] and None not in raws[:n]:
+            same = n
+        else:
+            same = next(g for g in range(n) if raws[g] is None or prev.raws[g] != raws[g])
+    n_same = starts[same] if same < len(groups) else n_blocks
 
     def counted(g: int) -> list[int]:
         counts = [count(b) for b in groups[g]]
@@ -438,25 +465,41 @@ def digest_prefix(body: dict[str, Any], prev: Seen | None, count: Callable[[Any]
             counts[0] += MESSAGE_OVERHEAD
         return counts
 
+    digests: list[bytes] = []
     parts: list[bytes] = []
     tokens: array[int] = array("q")
-    if n_same:
+    marked: list[int] = []
+    cc_groups: set[int] = set()
+    if same:
         assert prev is not None
+        digests.extend(prev.groups[:same])
         parts.append(prev.digests[: n_same * _D])
         tokens.extend(prev.tokens[:n_same])
-        for g in cc_groups | prev.cc_groups:  # counted again: a cache_control inside may count
-            if g < same and groups[g]:
-                tokens[starts[g] : starts[g] + len(groups[g])] = array("q", counted(g))
+        cc_groups.update(g for g in prev.cc_groups if g < same)
+        marked.extend(k for k in prev.marked if k < n_same)
     index: dict[bytes, int] | None = None  # prev's message groups by digest, made on a first change
     for g in range(same, len(groups)):
         group = groups[g]
+        cc = raws[g] is None or _holds_cc(group)
+        d = fast_digest(strip_cc(group) if cc else group)[1:]  # keys sorted, cache_control aside
+        if cc:
+            cc_groups.add(g)
+            s = starts[g]
+            marked.extend(
+                s + j for j, b in enumerate(group) if isinstance(b, dict) and b.get("cache_control")
+            )
+        digests.append(d)
         if not group:
             continue
         h = None
-        if prev is not None and same < len(prev.groups) and g >= _MSG0 and memo_enabled():
-            if index is None:
-                index = {prev.groups[i]: i for i in range(len(prev.groups) - 1, _MSG0 - 1, -1)}
-            h = index.get(digests[g])
+        if reuse:
+            assert prev is not None
+            if g < len(prev.groups) and prev.groups[g] == d:
+                h = g
+            elif g >= _MSG0 and same < len(prev.groups):  # not an append: a cut may have moved it
+                if index is None:
+                    index = {prev.groups[i]: i for i in range(len(prev.groups) - 1, _MSG0 - 1, -1)}
+                h = index.get(d)
         if h is None:
             parts.extend(_digest(b)[0] for b in group)
             tokens.extend(counted(g))
@@ -464,13 +507,13 @@ def digest_prefix(body: dict[str, Any], prev: Seen | None, count: Callable[[Any]
         assert prev is not None
         a = prev.starts[h]
         parts.append(prev.digests[a * _D : (a + len(group)) * _D])
-        if g in cc_groups or h in prev.cc_groups:
+        if cc or h in prev.cc_groups:  # counted again: a cache_control inside may count
             tokens.extend(counted(g))
         else:
             tokens.extend(prev.tokens[a : a + len(group)])
     names = [t.get("name") if isinstance(t, dict) else _NOT_A_TOOL for t in groups[_TOOLS]]
-    seen = Seen(digests, starts, b"".join(parts), tokens, frozenset(cc_groups), names)
-    return Prefix(blocks, seen, list(accumulate(tokens)), marked, nbytes)
+    seen = Seen(raws, digests, starts, b"".join(parts), tokens, frozenset(cc_groups), marked, names)
+    return Prefix(groups, n_blocks, seen, list(accumulate(tokens)), marked, nbytes)
 
 
 # -- breakpoints -----------------------------------------------------------------------------
@@ -489,7 +532,7 @@ def _prev_end(messages: list[Any]) -> int | None:
 def _last_cacheable(p: Prefix, min_cache: int, ks: range) -> int | None:
     """The last block index in ``ks`` that may carry a breakpoint."""
     for k in reversed(ks):
-        if cacheable(p.blocks[k]) and p.cum[k] >= min_cache:
+        if cacheable(p.block(k)) and p.cum[k] >= min_cache:
             return k
     return None
 
@@ -500,7 +543,7 @@ def plan_breakpoints(
     """Where to put new breakpoints: [(block index, reason)], by priority, at most ``slots_free``."""
     taken = set(p.marked)
     chosen: list[tuple[int, str]] = []
-    n = len(p.blocks)
+    n = p.n
 
     def add(k: int | None, why: str) -> None:
         if k is None or k in taken or len(chosen) >= slots_free:
@@ -526,7 +569,7 @@ def plan_breakpoints(
 
 def _assign_ttls(p: Prefix, chosen: dict[int, str], want: str) -> dict[int, str]:
     """TTL per new breakpoint: ``want``, bent so 1h breakpoints never follow 5m ones."""
-    caller = {k: cc_ttl(p.blocks[k]["cache_control"]) for k in p.marked}
+    caller = {k: cc_ttl(p.block(k)["cache_control"]) for k in p.marked}
     out = {}
     for k in chosen:
         ttl = want
@@ -587,15 +630,15 @@ def _kind(block: Any) -> Any:
     return block.get("type") if isinstance(block, dict) else "str"
 
 
-def diagnose(prev: Seen, old: list[Any] | None, cur: Prefix) -> dict[str, Any] | None:
+def diagnose(prev: Seen, old: list[list[Any]] | None, cur: Prefix) -> dict[str, Any] | None:
     """Where ``cur`` stops sharing ``prev``'s prefix, and what changed (None: cur extends prev).
 
     Structural only, never prompt text (it goes into the run ledger): the block's location and
     index, its kind, the first differing character, and short hashes of the old and new block.
-    ``old`` is the previous request's blocks, if still kept: without them, the character and the
+    ``old`` is the previous request's blocks by group, if still kept: without them, the character and the
     old block's hash and kind are not known.
     """
-    n_prev, n_cur = len(prev.digests) // _D, len(cur.blocks)
+    n_prev, n_cur = len(prev.digests) // _D, cur.n
     k = _first_difference(prev.digests, cur.seen.digests)
     if k == n_prev:
         return None
@@ -603,7 +646,7 @@ def diagnose(prev: Seen, old: list[Any] | None, cur: Prefix) -> dict[str, Any] |
     if k == n_cur:
         return {"at": a.loc, "index": k, "change": "blocks removed from the end"}
     b = cur.slot(k)
-    was = old[k] if old is not None else None
+    was = _block_at(old, prev.starts, k) if old is not None else None
     tb = _kind(b.block)
     out: dict[str, Any] = {"at": b.loc, "index": k, "kind": str(tb)}
     if old is not None:
@@ -636,7 +679,7 @@ def diagnose(prev: Seen, old: list[Any] | None, cur: Prefix) -> dict[str, Any] |
     return {**out, "change": f"{field} differs at char {c}", "char": c}
 
 
-def _bust(prev: Seen, old: list[Any] | None, cur: Prefix) -> dict[str, Any] | None:
+def _bust(prev: Seen, old: list[list[Any]] | None, cur: Prefix) -> dict[str, Any] | None:
     """The bust note: :func:`diagnose` with the tokens it kept and invalidated."""
     bust = diagnose(prev, old, cur)
     if bust is None:
@@ -655,7 +698,9 @@ def _bust(prev: Seen, old: list[Any] | None, cur: Prefix) -> dict[str, Any] | No
 # -- the hooks -------------------------------------------------------------------------------
 
 
-def _previous_blocks(ctx: Any) -> tuple[threading.Lock, SizedLRU[tuple[str, str], tuple[Seen, list[Any]]]]:
+def _previous_blocks(
+    ctx: Any,
+) -> tuple[threading.Lock, SizedLRU[tuple[str, str], tuple[Seen, list[list[Any]]]]]:
     state = ctx.shared_state(prev_lock=threading.Lock, prev_blocks=SizedLRU)
     return state["prev_lock"], state["prev_blocks"]
 
@@ -748,7 +793,7 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
             if bust is not None:
                 notes["bust"] = bust
         with lock:
-            kept.put(where_kept, (p.seen, p.blocks), p.nbytes, limit, PREV_BLOCKS_BYTES)
+            kept.put(where_kept, (p.seen, p.groups), p.nbytes, limit, PREV_BLOCKS_BYTES)
     conv["prev"] = p.seen
     convs.put(ctx.key_hash, conv_key, conv)
     ctx.record(**notes)
