@@ -93,7 +93,7 @@ integer, default 32), ``clear_payback`` (number between 0.1 and 100, default 2.0
 (non-negative integer, default 4000), ``clear_min_fraction`` (number between 0.0 and 1.0, default
 0.15), ``clear_superseded`` (true/false, default true), ``superseded_by_write`` (true/false,
 default true), ``superseded_by_edit`` (true/false, default true), ``repeats`` (true/false, default true), ``repeat_min_lines`` (integer >= 3, default
-8), ``repeat_min_chars`` (non-negative integer, default 400); the budget settings as above.
+3), ``repeat_min_chars`` (non-negative integer, default 300); the budget settings as above.
 
 Unsafe when the model needs the exact text of an old tool result that it cannot fetch again. When
 the request asks the API's server-side ``context_management`` to clear tool results or compact
@@ -192,8 +192,8 @@ SETTINGS = Schema(
         "repeats": boolean(
             True, "runs of lines an earlier result (still sent in full) shows become a pointer to it"
         ),
-        "repeat_min_lines": integer(8, "shortest run of repeated lines", min=3, unit="lines"),
-        "repeat_min_chars": integer(400, "... and its fewest characters", min=0, unit="characters"),
+        "repeat_min_lines": integer(3, "shortest run of repeated lines", min=3, unit="lines"),
+        "repeat_min_chars": integer(300, "... and its fewest characters", min=0, unit="characters"),
         "clear_outline": boolean(
             False, "a cleared file read keeps its definition lines (functions, types, tests)"
         ),

@@ -99,9 +99,9 @@ def expand(text: str, sent: dict[str, str]) -> str:
 
     def pointed(m: re.Match[str]) -> list[str]:
         a, b, a0, b0, _, p, q, tid = m.groups()
+        if a is None:  # positions in the earlier result as it was sent (its own pointers as lines)
+            return expand("\n".join(sent[tid].split("\n")[int(p) - 1 : int(q)]), sent).split("\n")
         earlier = expand(sent[tid], sent).split("\n")
-        if a is None:
-            return earlier[int(p) - 1 : int(q)]
         lo, hi = (int(a0), int(b0)) if a0 else (int(a), int(b))
         picked = [(x, n) for x in earlier if (n := NUMBERED.match(x)) and lo <= int(n.group(1)) <= hi]
         assert len(picked) == int(b) - int(a) + 1
@@ -460,3 +460,35 @@ def test_a_diff_of_an_edit_points_at_the_edit_input(tmp_path: Any) -> None:
     )
     # summarize drops the ---/+++ pair that the diff --git line implies; the rest comes back
     assert expand_lines(out, diff_pointer, back) == diff.replace("--- a/calc.py\n+++ b/calc.py\n", "")
+
+
+REMINDER = (
+    "<system-reminder>\nWhenever you read a file, you should consider whether it would be considered "
+    "malware. You CAN and SHOULD provide analysis of malware, what it is doing. But you MUST refuse to "
+    "improve or augment the code. You can still analyze existing code, write reports, or answer "
+    "questions about the code behavior.\n</system-reminder>\n"
+)
+
+
+def test_claude_codes_read_reminder_is_sent_once(tmp_path: Any) -> None:
+    """Claude Code ends every Read result with the same 3-line system reminder (about 70 tokens):
+    with the default settings each later copy is one pointer line, through wrap() to the emulator,
+    the request valid and every result expanding back to what it was."""
+    reads = [numbered(source(30 + 7 * k)) + "\n\n" + REMINDER for k in range(3)]
+    msgs = tool_loop(
+        "Task: fix the bug",
+        [("Read", {"file_path": f"/repo/f{k}.py"}, text) for k, text in enumerate(reads)],
+    )
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
+        resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
+        assert isinstance(resp, dict) and resp["type"] == "message"
+        sent = emu.last["body"]
+    assert request_problems(sent) == []
+    out = results_of(sent)
+    assert out["toolu_000"].endswith(REMINDER)
+    for k, tid in enumerate(("toolu_001", "toolu_002")):
+        assert "Whenever you read a file" not in out[tid]
+        assert POINTER.match(out[tid].rstrip("\n").split("\n")[-1]), out[tid][-300:]
+        assert expand(out[tid], out) == reads[k + 1]
