@@ -255,24 +255,36 @@ def _message_key(i: int, message: dict[str, Any]) -> str:
 def _attach_volatile(
     body: dict[str, Any], lines: list[str], conv: dict[str, Any]
 ) -> tuple[dict[str, Any], str | None]:
-    """Re-attach remembered volatile lines to their messages; attach new ones to the last user message."""
+    """Re-attach remembered volatile lines to their messages; attach new ones to the last user message.
+
+    A key names a message's index and content, so a key whose index is known here (``attach_at``,
+    kept in the process) is checked against that one message; only a key this process has not seen
+    placed (another replica's) makes it key every message.
+    """
     msgs = list(body["messages"])
     attach: dict[str, list[str]] = conv["attach"]
-    keys = [_message_key(i, m) for i, m in enumerate(msgs)]
-    present = {k for k in keys if k in attach}
+    at: dict[str, int] = conv.setdefault("attach_at", {})
+    for k in [k for k in at if k not in attach]:
+        del at[k]
+    if any(k not in at for k in attach):
+        for i, m in enumerate(msgs):
+            k = _message_key(i, m)
+            if k in attach:
+                at[k] = i
+    present = {k: i for k, i in at.items() if i < len(msgs) and _message_key(i, msgs[i]) == k}
     where = None
     if lines and not any(attach[k] == lines for k in present):
         target = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].get("role") == "user"), None)
         if target is not None:
-            attach[keys[target]] = list(lines)
-            present.add(keys[target])
+            key = _message_key(target, msgs[target])
+            attach[key] = list(lines)
+            present[key] = at[key] = target
             where = f"messages[{target}]"
             while len(attach) > 256:
                 attach.pop(next(iter(attach)))
-    for i, k in enumerate(keys):
-        if k in present:
-            m = msgs[i]
-            msgs[i] = {**m, "content": [*as_blocks(m.get("content")), moved_block(attach[k])]}
+    for k, i in sorted(present.items(), key=lambda item: item[1]):
+        m = msgs[i]
+        msgs[i] = {**m, "content": [*as_blocks(m.get("content")), moved_block(attach[k])]}
     return {**body, "messages": msgs}, where
 
 
