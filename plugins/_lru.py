@@ -1,4 +1,5 @@
-"""A byte-capped LRU table for the plugins' per-process memos (summarize's, repeats' chain).
+"""A byte-capped LRU table for the plugins' per-process memos (summarize's, repeats' chain,
+cache_align's previous blocks).
 
 Unsafe: it takes no lock; its users hold their own around each call.
 """

@@ -28,6 +28,12 @@ Unsafe when: the model must see volatile system content *in the system prompt* (
 ``move_volatile = "never"``); tool order carries meaning to the caller (``sort_tools = false``). The
 moved-lines memory is per wrapped client (per process; shared by the replicas of one ``state =
 "redis://..."``): a new client mid-conversation re-anchors them once (one cache write).
+
+Per call, the work is one serialization of each message (the prefix check against the
+conversation's previous request) plus what is new: earlier blocks keep their digests and token
+counts. Per conversation it keeps 16-byte digests and a count per block, never the blocks; the
+previous request's blocks (for the bust diagnosis's first differing character) only for the newest
+conversations, within ``PREV_BLOCKS_BYTES`` per pipeline.
 """
 
 from __future__ import annotations
