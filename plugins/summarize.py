@@ -465,9 +465,10 @@ def _uses(m: Any) -> tuple[tuple[tuple[Any, int, bool], ...], tuple[Any, ...], b
 class _Call:
     """One call's rewriting: the settings, the conversation's tool uses, the stats it records."""
 
-    def __init__(self, ctx: Any, settings: dict[str, Any], messages: list[Any], index: _Index) -> None:
-        self.ctx, self.settings, self.messages, self.index = ctx, settings, messages, index
-        self.opts = options(settings)
+    def __init__(
+        self, ctx: Any, settings: dict[str, Any], key: bytes, messages: list[Any], index: _Index
+    ) -> None:
+        self.ctx, self.settings, self.key, self.messages, self.index = ctx, settings, key, messages, index
         self.inputs = dict(index.inputs)  # every tool use of the call, the new ones too
         self.answered = set(index.answered)
         self.keeping = bool(settings.get("retrieval") or settings.get("keep_originals"))
@@ -483,7 +484,7 @@ class _Call:
     def rewrite(self, text: str, stats: dict[str, Any], newest: bool, tool_use_id: Any) -> tuple[str, bool]:
         return _rewrite(
             text,
-            self.opts,
+            _options_for(self.key, self.settings),
             self.ctx,
             self.settings,
             stats,
@@ -570,6 +571,19 @@ class _Call:
         return new
 
 
+_OPTIONS: dict[bytes, Options] = {}
+
+
+def _options_for(key: bytes, settings: dict[str, Any]) -> Options:
+    """``options(settings)``, made once per settings (``key``: their digest), when a text is rewritten."""
+    opts = _OPTIONS.get(key)
+    if opts is None:
+        if len(_OPTIONS) >= 64:
+            _OPTIONS.clear()
+        opts = _OPTIONS[key] = options(settings)
+    return opts
+
+
 def _claim(ctx: Any, key: Any) -> _Index | None:
     """This conversation's index, taken out of the shared table (a parallel call gets none)."""
     state = ctx.shared_state(indexes=SizedLRU, index_lock=threading.Lock)
@@ -592,17 +606,13 @@ def _rewrite_messages(
 ) -> tuple[list[Any] | None, dict[str, Any]]:
     """The messages with their tool results rewritten (None: unchanged), and the call's stats."""
     on = memo_enabled()
-    key = (
-        getattr(ctx, "conversation", ""),
-        ctx.key_hash,
-        ctx.model.name,
-        fast_digest(settings),
-    )
+    settings_key = fast_digest(settings)
+    key = (getattr(ctx, "conversation", ""), ctx.key_hash, ctx.model.name, settings_key)
     index = (_claim(ctx, key) if on else None) or _Index()
     # one serialization per message; only a message that differs from the index's digest is looked
     # at without its breakpoints (the last call's newest messages carried them)
-    raws = [_raw_digest(m) for m in messages]
     seen = index.digests
+    raws = [_raw_digest(m) for m in messages] if seen else []
     k = len(seen) if raws[: len(seen)] == seen else _common(seen, raws, messages)
     if settings.get("model_summaries"):
         k = min(k, max(0, len(messages) - 1))  # the newest message is decided anew (a summary may be asked)
@@ -612,7 +622,7 @@ def _rewrite_messages(
         # a tool-use id the prefix already holds: an earlier result's rewrite may change
         k, index, found = 0, _Index(), [_uses(m) for m in messages]
     prev = index.entries
-    call = _Call(ctx, settings, messages, index)
+    call = _Call(ctx, settings, settings_key, messages, index)
     # every tool use of the call, the new ones included, before any result is rewritten
     for j, (uses, _, _) in enumerate(found):
         for uid, bi, ours in uses:
@@ -625,7 +635,8 @@ def _rewrite_messages(
         out = out if out is not None else list(messages)
         out[i] = call.again(i, prev[i].edits)
     for j, (uses, results, assistant) in enumerate(found):
-        m, entry = call.fresh(k + j, _message_digest(messages[k + j]), uses, results, assistant)
+        digest = _message_digest(messages[k + j]) if on else None
+        m, entry = call.fresh(k + j, digest, uses, results, assistant)
         index.add(entry)
         if entry.edits:
             out = out if out is not None else list(messages)
