@@ -10,8 +10,9 @@ chain's id, whether it has a child (a request extending it) and ``cont``: which 
 lines went on (a child whose own child was sent).
 A request with chain ``c_1..c_k``, ``L`` its longest registered prefix and ``M`` the next:
 
-- nothing registered: a new conversation; the base id if the base is new, else an id seeded from
-  the base and the request (every replica derives the same);
+- nothing registered: a new conversation; the base id if the base is new or the request is as
+  long as the base id's latest one (the caller edited its history), else an id seeded from the
+  base and the request (every replica derives the same);
 - ``L`` is the request (a retry, or parallel identical calls): ``L``'s id, unless the conversation
   went on past it (it has a child): then it is a new run of the same opening (a seeded id), or the
   next call of such a run, alike so far (``M``'s id, when ``M``'s line has not gone on);
@@ -216,7 +217,10 @@ class EmbeddedIndex(Index):
             runs = 0
             entry = None
             if at_l is None:
-                cid = base if k == 0 or (ns, "b", base) not in data else _fork(base, seed, 0)
+                # the opening is known but no prefix of this request: as long as the opening's own
+                # conversation's latest request, the caller edited its history (it goes on), else a fork
+                known = k > 0 and (ns, "b", base) in data
+                cid = _fork(base, seed, 0) if known and k < data.get((ns, "h", base), 0) else base
             else:
                 entry = data[(ns, "c", cs[at_l])]
                 cid = entry[0]
@@ -278,7 +282,9 @@ local id
 local runs = 0
 local keep = false
 if not L then
-  if k == 0 or redis.call('EXISTS', pre .. 'b:' .. base) == 0 then id = base else id = fork(0) end
+  if k == 0 or redis.call('EXISTS', pre .. 'b:' .. base) == 0 then id = base
+  elseif k >= tonumber(redis.call('GET', pre .. 'h:' .. base) or '0') then id = base
+  else id = fork(0) end
 else
   local lkey = pre .. 'c:' .. chain(L)
   local e = redis.call('HMGET', lkey, 'i', 'k', 'r', 'x')
