@@ -144,6 +144,17 @@ PLAN: list[Step] = [
 ]
 
 
+def _strings(value: Any) -> list[str]:
+    """Every string in a JSON value (texts, tool results, tool calls' inputs), in order."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _strings(v)]
+    if isinstance(value, list):
+        return [t for v in value for t in _strings(v)]
+    return []
+
+
 def text_of(content: Any) -> str:
     """The text of a tool result's content (a string or a list of blocks)."""
     if isinstance(content, str):
@@ -259,12 +270,16 @@ class SessionScript:
         return shell["name"], self._shell(shell, step.command, step.say)
 
     # -- checking what came back --------------------------------------------------------------
-    def _judge(self, step: int, result: str, is_error: bool) -> str:
+    def _judge(self, step: int, result: str, is_error: bool, earlier: str = "") -> str:
         spec = self.plan[step]
         ran = [ln.strip() for ln in result.splitlines() if ln.startswith("Ran ")]
         if ran:
             self.last_ran = ran[-1]
-        problems = [f"missing {e!r}" for e in spec.expect if e not in result]
+        # a result whose lines tokensaver sent as a pointer to earlier content (a result or a tool
+        # call's input above) still shows the model what they point at: what was sent before it
+        # counts, as the bench's facts check counts it
+        seen = result + "\n" + earlier if "[tokensaver: " in result else result
+        problems = [f"missing {e!r}" for e in spec.expect if e not in seen]
         problems += [f"has {f!r}" for f in spec.forbid if f in result]
         if is_error and not spec.fails:
             problems.insert(0, "tool error")
@@ -311,9 +326,10 @@ class SessionScript:
                 ):
                     if i > last_assistant:  # the newest results: what this turn of the model reads
                         results[s] = (text_of(b.get("content")), bool(b.get("is_error")))
+        earlier = "\n".join(_strings(messages[: last_assistant + 1]))
         for s, (text, err) in results.items():
             if 0 <= s < len(self.plan) and s not in self.verdicts:
-                self.verdicts[s] = self._judge(s, text, err)
+                self.verdicts[s] = self._judge(s, text, err, earlier)
         nxt = max(asked) + 1 if asked else 0
         if nxt >= len(self.plan):
             self.final = (
