@@ -155,6 +155,16 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
+def _shown(expected: str, result: str, seen: str) -> bool:
+    """``expected`` is in what the model reads: the result's own text, or (the result carrying a
+    tokensaver pointer) what was sent before it; a diff line (``+x``) also as the pointed-at ``x``
+    when the pointer says its lines each follow that ``+`` (``..., each after '+'``)."""
+    if expected in seen:
+        return True
+    mark = expected[:1]
+    return mark in ("+", "-") and f"each after {mark!r}" in result and expected[1:] in seen
+
+
 def text_of(content: Any) -> str:
     """The text of a tool result's content (a string or a list of blocks)."""
     if isinstance(content, str):
@@ -279,7 +289,7 @@ class SessionScript:
         # call's input above) still shows the model what they point at: what was sent before it
         # counts, as the bench's facts check counts it
         seen = result + "\n" + earlier if "[tokensaver: " in result else result
-        problems = [f"missing {e!r}" for e in spec.expect if e not in seen]
+        problems = [f"missing {e!r}" for e in spec.expect if not _shown(e, result, seen)]
         problems += [f"has {f!r}" for f in spec.forbid if f in result]
         if is_error and not spec.fails:
             problems.insert(0, "tool error")
