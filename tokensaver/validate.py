@@ -56,13 +56,10 @@ def stage_problem(
     return thinking_problem(output, given, scans)
 
 
-def request_problems(body: Any, sizes: Sizes | None = None) -> list[str]:
-    """The rules ``body`` breaks, as ``"rule: what"`` strings (thinking blocks aside)."""
-    if not isinstance(body, dict):
-        return ["shape: not a JSON object"]
-    out: list[str] = []
+def _missing_required(body: dict[str, Any]) -> bool:
+    """``body`` lacks a model, a non-empty message list or a positive integer ``max_tokens``."""
     model, messages, max_tokens = body.get("model"), body.get("messages"), body.get("max_tokens")
-    if (
+    return (
         not isinstance(model, str)
         or not model
         or not isinstance(messages, list)
@@ -70,9 +67,17 @@ def request_problems(body: Any, sizes: Sizes | None = None) -> list[str]:
         or not isinstance(max_tokens, int)
         or isinstance(max_tokens, bool)
         or max_tokens < 1
-    ):
+    )
+
+
+def request_problems(body: Any, sizes: Sizes | None = None) -> list[str]:
+    """The rules ``body`` breaks, as ``"rule: what"`` strings (thinking blocks aside)."""
+    if not isinstance(body, dict):
+        return ["shape: not a JSON object"]
+    out: list[str] = []
+    if _missing_required(body):
         return ["shape: model, messages and max_tokens are required"]
-    out.extend(_message_problems(messages))
+    out.extend(_message_problems(body["messages"]))
     n, order_ok = _breakpoints(body)
     if n > MAX_BREAKPOINTS:
         out.append(f"breakpoints: more than {MAX_BREAKPOINTS} cache_control blocks")
@@ -512,16 +517,7 @@ def _record_breakpoints(body: dict[str, Any], records: list[Record]) -> tuple[in
 
 def _facts_problems(body: dict[str, Any], facts: Facts, sizes: Sizes | None) -> list[str]:
     """``request_problems(body)`` from its facts (same rules, same order)."""
-    model, messages, max_tokens = body.get("model"), body.get("messages"), body.get("max_tokens")
-    if (
-        not isinstance(model, str)
-        or not model
-        or not isinstance(messages, list)
-        or not messages
-        or not isinstance(max_tokens, int)
-        or isinstance(max_tokens, bool)
-        or max_tokens < 1
-    ):
+    if _missing_required(body):
         return ["shape: model, messages and max_tokens are required"]
     out = _record_problems(facts.records)
     n, order_ok = _record_breakpoints(body, facts.records)
