@@ -29,6 +29,19 @@ class TraceCall:
     usage: dict[str, Any] | None = None
     reply: list[dict[str, Any]] | None = None
 
+    def message(self, msg_id: str = "msg_replay") -> dict[str, Any]:
+        """The Message this call got (its recorded reply and usage), as the pipeline observes it."""
+        return {
+            "id": msg_id,
+            "type": "message",
+            "role": "assistant",
+            "model": str(self.body.get("model", "")),
+            "content": self.reply or [{"type": "text", "text": "OK."}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": dict(self.usage or {"input_tokens": 1, "output_tokens": 1}),
+        }
+
 
 @dataclass
 class Conversation:

@@ -226,19 +226,6 @@ def measure_proxy(
 BAND = 0.25
 
 
-def _answer(call: TraceCall) -> dict[str, Any]:
-    """The Message a trace call got (its recorded reply and usage), as the pipeline observes it."""
-    return {
-        "id": "msg_bench",
-        "type": "message",
-        "role": "assistant",
-        "model": str(call.body.get("model", "")),
-        "content": call.reply or [{"type": "text", "text": "OK."}],
-        "stop_reason": "end_turn",
-        "usage": dict(call.usage or {"input_tokens": 1, "output_tokens": 1}),
-    }
-
-
 def replay_cpu(
     conversations: list[Conversation], config: dict[str, Any] | None = None
 ) -> list[list[tuple[int, float, dict[str, float]]]]:
@@ -259,7 +246,7 @@ def replay_cpu(
         for call in conv.calls:
             clock[0] = max(clock[0] + 1.0, call.t if call.t is not None else clock[0] + 30.0)
             body = orjson.loads(orjson.dumps(call.body))
-            answer = _answer(call)
+            answer = call.message("msg_bench")
             t0 = time.process_time()
             run = pipe.begin(body, key="bench")
             pipe.finish(run, answer)
@@ -423,7 +410,7 @@ def measure_rss(conversations: list[Conversation], passes: int = 4, every: int =
                         else [tag, {"type": "text", "text": str(first)}],
                     }
                 run = pipe.begin(body, key="bench")
-                pipe.finish(run, _answer(call))
+                pipe.finish(run, call.message("msg_bench"))
                 calls += 1
             done += 1
             if done % every == 0:

@@ -22,7 +22,7 @@ from ..exchange import MESSAGES_PATH
 from ..pipeline import Pipeline
 from ..sse import message_events, message_to_sse, sse_event
 from ..tokens import default_counter
-from ..traces import Conversation, TraceCall
+from ..traces import Conversation
 from .server import BackgroundApp, ProxyServer
 from .sessions import SESSION_HEADER, session_run_name
 from .wire import MAX_BODY
@@ -105,20 +105,6 @@ def replay_upstream(reply: Reply) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post(MESSAGES_PATH, messages)
     return app
-
-
-def _answer(call: TraceCall) -> dict[str, Any]:
-    """The Message a trace call got: its recorded reply and usage."""
-    return {
-        "id": "msg_replay",
-        "type": "message",
-        "role": "assistant",
-        "model": str(call.body.get("model", "")),
-        "content": call.reply or [{"type": "text", "text": "OK."}],
-        "stop_reason": "end_turn",
-        "stop_sequence": None,
-        "usage": dict(call.usage or {"input_tokens": 1, "output_tokens": 1}),
-    }
 
 
 def agent_headers(session: str) -> dict[str, str]:
@@ -223,7 +209,7 @@ def replay_through_proxy(
                 for call in conv.calls:
                     clock[0] = max(clock[0] + 1.0, call.t if call.t is not None else clock[0] + 30.0)
                     data = orjson.dumps({**call.body, "stream": stream})  # as the agent sent it
-                    reply.set(_answer(call))
+                    reply.set(call.message())
                     direct, direct_cpu = timed(upstream.url, data, headers)
                     before = pipeline_cpu.ms
                     through, through_cpu = timed(proxy.url, data, headers)
