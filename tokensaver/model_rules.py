@@ -95,3 +95,29 @@ def advisor_pair_problem(executor: str, advisor: str) -> str | None:
     if efam in ("fable", "mythos"):
         return None if _RANK[afam] == 3 else f"{executor} takes a Fable advisor only"
     return f"the advisor tool's pairs do not list {executor} as an executor"
+
+
+def prefix_check_enforcement(model: str) -> str | None:
+    """Whether ``model`` runs the preserved-thinking prefix check on thinking blocks sent back, and where it
+    enforces it when the request leaves ``thinking.block_binding.prefix_mismatch_behavior`` unset:
+
+    * ``"all_accounts"``: a failing block answers 400 on every account (Claude Fable 5.2 and Mythos 5.2, "the
+      prefix check applies to every account"; Mythos 5.1 "already returns this error on every account";
+      later models, "Later models will enforce the prefix check for all accounts");
+    * ``"new_accounts"``: 400 for accounts created on or after 2026-08-31 00:00 UTC; older accounts run the check
+      but let failing blocks through (Claude Fable 5.1 and Opus 5.5; Sonnet 5.5 and Haiku 5.5 are taken to
+      follow Opus 5.5: the docs list them as running the check without an outcome this module could confirm);
+    * ``None``: no prefix check (every earlier model, Fable 5 and Opus 5 included).
+
+    Sources: preserved-thinking page and its prefix-checks subpage (supportedModels), What's new in Claude
+    Fable 5.2 and 5.1; /work/notes/preserved-thinking.md has the quotes."""
+    fam, major, minor = model_version(model)
+    if (major, minor) > (5, 5) or (fam in ("fable", "mythos") and (major, minor) >= (5, 2)):
+        return "all_accounts"
+    if fam == "mythos" and (major, minor) == (5, 1):
+        return "all_accounts"
+    if fam == "fable" and (major, minor) == (5, 1):
+        return "new_accounts"
+    if fam in ("opus", "sonnet", "haiku") and (major, minor) == (5, 5):
+        return "new_accounts"
+    return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import secrets
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -20,9 +21,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..billing import Billing, CacheModel, apply_context_management
+from ..model_rules import prefix_check_enforcement
 from ..pricing import PriceTable
 from ..sse import message_to_sse
 from ..tokens import default_counter
+from . import binding as _binding
+from .binding import BINDING_BETA, BindingStore
 from .cache import VirtualClock, WallClock, count_tokens
 from .server import start_server, stop_server
 from .threads import ThreadStore, ThreadTurn
@@ -71,10 +75,20 @@ class Emulator:
         strict_roles: bool = True,
         prices: PriceTable | None = None,
         default_reply: str = DEFAULT_REPLY,
+        preserved_thinking: bool = True,
+        legacy_account: bool = False,
+        binding_max_bytes: int = _binding.DEFAULT_MAX_BYTES,
     ) -> None:
+        """``preserved_thinking``: run the prefix check on thinking blocks sent back to the models that have it
+        (:mod:`~tokensaver.emulator.binding`). ``legacy_account``: answer as an account created before
+        2026-08-31, on which Claude Fable 5.1 / Opus 5.5 (and Sonnet / Haiku 5.5) let failing blocks through
+        unless the request sets ``prefix_mismatch_behavior``. ``binding_max_bytes``: the bindings' memory cap."""
         self.host = host
         self.port = port
         self.strict_roles = strict_roles
+        self.preserved_thinking = preserved_thinking
+        self.legacy_account = legacy_account
+        self.bindings = BindingStore(binding_max_bytes)
         self.prices = prices or PriceTable()
         self.default_reply = default_reply
         self.clock: WallClock | VirtualClock = VirtualClock(start_time) if virtual_clock else WallClock()
@@ -127,6 +141,7 @@ class Emulator:
             self.replies.clear()
             self.cache.clear()
             self.threads.clear()
+            self.bindings.clear()
 
     def clear_cache(self) -> None:
         with self._lock:
@@ -172,6 +187,10 @@ class Emulator:
             if b.get("type") == "tool_use":
                 b.setdefault("id", f"toolu_emu_{n}_{k}")
                 b.setdefault("input", {})
+            elif b.get("type") == "thinking":
+                b.setdefault("signature", f"sig_emu_{n}_{k}_{secrets.token_urlsafe(12)}")
+            elif b.get("type") == "redacted_thinking":
+                b.setdefault("data", f"data_emu_{n}_{k}_{secrets.token_urlsafe(12)}")
         counter = default_counter()
         output = sum(counter.block(b) for b in content)
         has_tool = any(b.get("type") == "tool_use" for b in content)
@@ -229,9 +248,12 @@ class Emulator:
                 raise EmulatorError(404, "not_found_error", f"Not found: {method} {url.path}")
             if body is None and raw:
                 raise invalid("There was an error parsing the body of your request as JSON")
+            betas = _betas(hdrs)
+            key = _account_key(hdrs)
             if url.path == "/v1/messages/count_tokens":
-                validate(body, strict_roles=self.strict_roles, count_tokens=True)
-                return self._json(rec, 200, {"input_tokens": count_tokens(body)}, out_headers)
+                validate(body, strict_roles=self.strict_roles, count_tokens=True, betas=betas)
+                seen, _, _ = self._prefix_check(body, key, betas)
+                return self._json(rec, 200, {"input_tokens": count_tokens(seen)}, out_headers)
             turn: ThreadTurn | None = None
             if isinstance(body, dict) and body.get("thread") is not None:
                 turn = self.threads.begin(body, hdrs, now)
@@ -239,19 +261,28 @@ class Emulator:
             try:
                 full = body if turn is None else turn.full_body
                 validate(
-                    full, strict_roles=self.strict_roles, resumes_turn=turn is not None and turn.resumes_pause
+                    full,
+                    strict_roles=self.strict_roles,
+                    resumes_turn=turn is not None and turn.resumes_pause,
+                    betas=betas,
                 )
+                # preserved thinking: what the model sees once failing thinking blocks are dropped
+                seen, report, bound = self._prefix_check(full, key, betas)
                 # max_tokens 0 pre-warms the cache: billed input, no reply generated (none consumed)
                 prewarm = full.get("max_tokens") == 0
-                item = [] if prewarm else self._next_reply(full)
+                item = [] if prewarm else self._next_reply(seen)
                 if isinstance(item, EmulatorError):
                     raise item
-                edited, applied = apply_context_management(full)
+                edited, applied = apply_context_management(seen)
                 with self._lock:
                     billing = self.bill(edited, now)
                     msg = self._build_message(item, body, n, billing)
                 if prewarm:
                     msg["stop_reason"] = "max_tokens"
+                if report is not None:
+                    msg["input_transformations"] = report
+                if bound is not None:
+                    _binding.bind(self.bindings, key, bound[0], bound[1], msg)
                 if turn is not None:
                     self.threads.commit(turn, msg, now)
             except BaseException:
@@ -277,6 +308,43 @@ class Emulator:
             err = {"type": "error", "error": error, "request_id": request_id}
             return self._json(rec, e.status, err, {**out_headers, **e.headers})
 
+    def _prefix_check(
+        self, body: dict[str, Any], key: str, betas: frozenset[str]
+    ) -> tuple[dict[str, Any], list[dict[str, str]] | None, tuple[_binding.Scan, _binding.Verdict] | None]:
+        """The preserved-thinking prefix check: (the body the model sees, ``input_transformations`` or None
+        without the beta, what to bind once the request succeeds or None); raises the API's 400."""
+        report: list[dict[str, str]] | None = [] if BINDING_BETA in betas else None
+        enforcement = prefix_check_enforcement(str(body["model"])) if self.preserved_thinking else None
+        if enforcement is None:
+            return body, report, None
+        sc = _binding.scan(body)
+        for s in sc.slots:
+            if not s.sig:  # an empty signature is no signature: always a 400, whatever the behaviour
+                raise invalid(f"{s.path}: Invalid `signature` in `thinking` block")
+        verdict = _binding.check(self.bindings, key, sc)
+        th = body.get("thinking")
+        bb = th.get("block_binding") if isinstance(th, dict) else None
+        behavior = bb.get("prefix_mismatch_behavior") if isinstance(bb, dict) else None
+        if behavior is None:
+            enforced = enforcement == "all_accounts" or not self.legacy_account
+            behavior = "error" if enforced else "allow"
+        if verdict.failed:
+            if behavior == "error":
+                message = _binding.MISMATCH_MESSAGE.format(path=verdict.failed[0].path)
+                if BINDING_BETA not in betas:
+                    message += _binding.NO_BETA_SUFFIX
+                if verdict.reasons:
+                    message += " " + " ".join(verdict.reasons)
+                raise invalid(message)
+            if behavior == "drop_block":
+                body = _binding.without(body, verdict.failed)
+                kind = "thinking_dropped"
+            else:
+                kind = "thinking_mismatch_allowed"
+            if report is not None:
+                report.extend(_binding.transformations(verdict.failed, kind))
+        return body, report, (sc, verdict)
+
     def _json(
         self, rec: RecordedRequest, status: int, payload: dict[str, Any], headers: dict[str, str]
     ) -> tuple[int, dict[str, str], bytes]:
@@ -284,6 +352,18 @@ class Emulator:
         if status != 200:
             rec.response = payload
         return status, {**headers, "content-type": "application/json"}, json.dumps(payload).encode()
+
+
+def _betas(headers: dict[str, str]) -> frozenset[str]:
+    """The request's ``anthropic-beta`` values (comma separated, possibly over several headers)."""
+    raw = headers.get("anthropic-beta") or ""
+    return frozenset(v.strip() for v in raw.split(",") if v.strip())
+
+
+def _account_key(headers: dict[str, str]) -> str:
+    """Whose thinking blocks these are: a digest of the API key (bindings are per key)."""
+    secret = headers.get("x-api-key") or headers.get("authorization") or ""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
 
 
 def _redact(headers: dict[str, str]) -> dict[str, str]:

@@ -29,6 +29,7 @@ from ..model_rules import (
 from ..model_rules import (
     supports_adaptive_thinking as supports_adaptive_thinking,
 )
+from .binding import BINDING_BETA
 
 # the fields of a count_tokens request; a Messages request takes these and the rest below
 COUNT_TOKENS_FIELDS = frozenset(
@@ -136,11 +137,17 @@ def _thinking_enabled(body: dict[str, Any]) -> bool:
 
 
 def validate(
-    body: Any, *, strict_roles: bool = True, count_tokens: bool = False, resumes_turn: bool = False
+    body: Any,
+    *,
+    strict_roles: bool = True,
+    count_tokens: bool = False,
+    resumes_turn: bool = False,
+    betas: frozenset[str] | None = None,
 ) -> None:
     """Raise ``EmulatorError(400, "invalid_request_error", ...)`` where the API would refuse ``body``.
 
     ``resumes_turn``: a thread continue that resumes a ``pause_turn`` reply, whose conversation ends with it.
+    ``betas``: the request's ``anthropic-beta`` values, for fields only a beta admits (``None``: not checked).
     """
     if not isinstance(body, dict):
         raise invalid("Request body must be a JSON object")
@@ -166,16 +173,18 @@ def validate(
     if not messages:
         raise invalid("messages: at least one message is required")
 
-    _validate_sampling_and_thinking(body, model, count_tokens)
+    _validate_sampling_and_thinking(body, model, count_tokens, betas)
     _validate_tools(body)
     _validate_messages(body, messages, model, strict_roles, resumes_turn)
     _validate_breakpoints(body)
 
 
-def _validate_sampling_and_thinking(body: dict[str, Any], model: str, count_tokens: bool) -> None:
+def _validate_sampling_and_thinking(
+    body: dict[str, Any], model: str, count_tokens: bool, betas: frozenset[str] | None = None
+) -> None:
     th = body.get("thinking")
     if th is not None:
-        _validate_thinking(body, th, model, count_tokens)
+        _validate_thinking(body, th, model, count_tokens, betas)
     present = [p for p in ("temperature", "top_p", "top_k") if body.get(p) is not None]
     if present and refuses_sampling(model):
         raise invalid(f"`{present[0]}` is deprecated for this model.")
@@ -185,9 +194,13 @@ def _validate_sampling_and_thinking(body: dict[str, Any], model: str, count_toke
         )
 
 
-def _validate_thinking(body: dict[str, Any], th: Any, model: str, count_tokens: bool) -> None:
+def _validate_thinking(
+    body: dict[str, Any], th: Any, model: str, count_tokens: bool, betas: frozenset[str] | None = None
+) -> None:
     if not isinstance(th, dict) or th.get("type") not in ("enabled", "disabled", "adaptive"):
         raise invalid("thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'")
+    if "block_binding" in th:
+        _validate_block_binding(th, betas)
     if th["type"] == "enabled":
         if refuses_budget_thinking(model):
             raise invalid(
@@ -215,6 +228,24 @@ def _validate_thinking(body: dict[str, Any], th: Any, model: str, count_tokens: 
             )
         if body.get("top_k") is not None:
             raise invalid("`top_k` is not supported when thinking is enabled or in adaptive mode.")
+
+
+def _validate_block_binding(th: dict[str, Any], betas: frozenset[str] | None) -> None:
+    """``thinking.block_binding`` (preserved thinking): only with the thinking-binding-controls beta, only on
+    ``enabled`` / ``adaptive``; ``null`` or ``{}`` means every default."""
+    where = f"thinking.{th['type']}.block_binding"
+    if th["type"] == "disabled" or (betas is not None and BINDING_BETA not in betas):
+        raise invalid(f"{where}: Extra inputs are not permitted")
+    bb = th["block_binding"]
+    if bb is None:
+        return
+    if not isinstance(bb, dict):
+        raise invalid(f"{where}: Input should be a valid dictionary or object")
+    extra = set(bb) - {"prefix_mismatch_behavior"}
+    if extra:
+        raise invalid(f"{where}.{sorted(extra)[0]}: Extra inputs are not permitted")
+    if bb.get("prefix_mismatch_behavior") not in (None, "error", "drop_block"):
+        raise invalid(f"{where}.prefix_mismatch_behavior: Input should be 'error' or 'drop_block'")
 
 
 def _validate_tools(body: dict[str, Any]) -> set[str]:
