@@ -116,6 +116,7 @@ import xxhash
 
 from tokensaver.context import plugin_notes
 from tokensaver.hookspecs import hookimpl
+from tokensaver.model_rules import prefix_check_enforcement
 from tokensaver.settings import Schema, boolean, integer, number, strings
 from tokensaver.tokens import content_hash, fast_digest, memo_enabled
 
@@ -671,6 +672,21 @@ def plan_cut(
     removed = _tokens(cur[1:best], count) + (new["drop"]["tokens"] if new["drop"] else 0)
     new["drop"] = {"d": d, "h": _prefix_hash(messages, d), "tokens": removed}
     return new
+
+
+_THINKING = ("thinking", "redacted_thinking")
+
+
+def thinking_from(messages: list[Any], k: int) -> int:
+    """How many thinking blocks ``messages[k:]`` send back (each bound to everything before it on
+    models with preserved thinking: a change before one makes it and every later one invalid)."""
+    return sum(
+        1
+        for m in messages[k:]
+        if isinstance(m, dict) and m.get("role") == "assistant"
+        for b in as_blocks(m.get("content"))
+        if isinstance(b, dict) and b.get("type") in _THINKING
+    )
 
 
 def _first_diff(a: list[Any], b: list[Any]) -> int:
@@ -1549,6 +1565,13 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
             after_run = Run.start(messages, new_spec, settings, count)
             after_msgs = after_run.cur
             after = fixed + after_run.tokens
+    if new_spec is not None and prefix_check_enforcement(str(body.get("model") or "")):
+        bound = thinking_from(cur, _first_diff(cur, after_msgs))
+        if bound:
+            # the API binds each thinking block to what came before it: a cut before one fails
+            # the prefix check (400, or the blocks dropped) -- this model's history stays as sent
+            notes.update(stood_aside="preserved_thinking", thinking_after_cut=bound)
+            new_spec = None
     if new_spec is not None:
         k = _first_diff(cur, after_msgs)
         kept = fixed + _tokens(cur[:k], count)

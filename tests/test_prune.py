@@ -838,3 +838,59 @@ def test_a_cleared_file_read_keeps_its_definition_lines_and_nothing_else_changes
         )
         resp = client.messages.create(**body_of(sent["messages"]))
         assert resp.type == "message" and emu.last["status"] == 200
+
+
+# -- preserved thinking: a thinking block is bound to everything before it ---------------------
+
+
+def _unique_signatures(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = json.loads(json.dumps(msgs))
+    for i, m in enumerate(out):
+        for b in m["content"] if isinstance(m["content"], list) else []:
+            if b.get("type") == "thinking":
+                b["signature"] = f"sig-{i}"
+    return out
+
+
+@pytest.mark.parametrize(
+    ("model", "thinking", "cut"),
+    [
+        ("claude-opus-5-5", True, False),  # preserved thinking: a cut before a thinking block fails
+        ("claude-opus-5-5", False, True),  # nothing bound: the same cut is made
+        ("claude-opus-4-6", True, True),  # no prefix check on this model
+    ],
+)
+def test_no_cut_before_a_thinking_block_on_a_model_with_preserved_thinking(
+    model: str, thinking: bool, cut: bool
+) -> None:
+    msgs = conversation(30, size=100)
+    if not thinking:
+        for m in msgs:
+            if m["role"] == "assistant":
+                m["content"] = [b for b in m["content"] if b["type"] != "thinking"]
+    sent, notes = run({**body_of(msgs), "model": model}, {}, **TIGHT)
+    assert ("cut" in notes) is cut
+    if not cut:
+        assert notes["stood_aside"] == "preserved_thinking" and notes["thinking_after_cut"] > 0
+        assert [strip_cc(m) for m in sent["messages"][1:]] == msgs[1:]
+
+
+def test_a_model_with_preserved_thinking_gets_every_call_through_the_prefix_check(tmp_path: Any) -> None:
+    """The emulator binds each thinking block to the prefix it was first sent with (as the API does):
+    a cut before one would answer 400. prune keeps such a history as sent, and every call is answered."""
+    msgs = _unique_signatures(conversation(40, size=100))
+    config = {"plugins": ["prune", "cache_align"], "record": False, "runs_dir": str(tmp_path), "prune": TIGHT}
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        client = tokensaver.wrap(
+            anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0), config=config, clock=emu.clock.now
+        )
+        stood = 0
+        for n in range(3, len(msgs) + 1, 2):
+            emu.clock.advance(10)
+            body = {**body_of(msgs[:n]), "model": "claude-opus-5-5", "thinking": {"type": "adaptive"}}
+            resp = client.post("/v1/messages", body=body, cast_to=object)
+            assert isinstance(resp, dict) and resp["type"] == "message"
+            notes = (client.tokensaver.records[-1].get("plugins") or {}).get("prune") or {}
+            assert "cut" not in notes
+            stood += notes.get("stood_aside") == "preserved_thinking"
+    assert stood > 0  # past the budget: a cut was planned and not made
