@@ -314,7 +314,8 @@ def test_count_tokens_runs_the_same_check(emu: Emulator, client: anthropic.Anthr
         client.messages.count_tokens(model=MODEL, **opts)
     assert info.value.body["error"]["message"].startswith(MISMATCH)  # type: ignore[index]
     dropped = client.beta.messages.count_tokens(model=MODEL, thinking=DROP, betas=[BINDING_BETA], **opts)
-    plain = client.messages.count_tokens(model="claude-opus-5", **opts)
+    with Emulator(virtual_clock=True, preserved_thinking=False) as off:
+        plain = emulator_clients(off)[0].messages.count_tokens(model=MODEL, **opts)
     assert dropped.input_tokens < plain.input_tokens
 
 
@@ -352,3 +353,34 @@ def test_empty_signature_is_always_refused(emu: Emulator, client: anthropic.Anth
         create(client, messages, beta=True, thinking=DROP)
     error: Any = info.value.body
     assert error["error"]["message"] == "messages.1.content.0: Invalid `signature` in `thinking` block"
+
+
+def test_a_model_that_cannot_read_a_block_drops_it_without_an_error(
+    emu: Emulator, client: anthropic.Anthropic
+) -> None:
+    """The model check: Opus 5 and Opus 5.5 do not read Fable 5.1 blocks; Fable 5.1 reads Opus 5.5's; a
+    conversation that comes back to Fable 5.1 gets its blocks back (the API never edits ``messages``)."""
+    messages = session(emu, client)  # two Fable 5.1 turns with thinking
+    emu.reply(thinking_turn("Opus now.", "read_file", "src/auth.py"), "Done.", "Done.")
+    opus = create(client, messages, model="claude-opus-5-5", beta=True)
+    assert [(t.type, t.path, t.reason) for t in opus.input_transformations or []] == [
+        ("thinking_dropped", "messages.1.content.0", "model_binding_mismatch"),
+        ("thinking_dropped", "messages.3.content.0", "model_binding_mismatch"),
+    ]
+    messages += [
+        {"role": "assistant", "content": opus.content},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": opus.content[1].id, "content": "x"}],
+        },
+    ]
+    back = create(client, messages, beta=True)  # Fable 5.1 again: every block readable, chain intact
+    assert back.input_transformations == []
+    older = create(client, messages, model="claude-opus-5", beta=True)
+    assert [t.path for t in older.input_transformations or []] == [
+        "messages.1.content.0",
+        "messages.3.content.0",
+        "messages.5.content.0",
+    ]
+    assert emu.last.usage is not None and emu.requests[-2].usage is not None
+    assert emu.last.usage["input_tokens"] < emu.requests[-2].usage["input_tokens"]

@@ -121,3 +121,31 @@ def prefix_check_enforcement(model: str) -> str | None:
     if fam in ("opus", "sonnet", "haiku") and (major, minor) == (5, 5):
         return "new_accounts"
     return None
+
+
+def reads_thinking_of(reader: str, producer: str) -> bool:
+    """Whether ``reader`` can read a thinking block ``producer`` wrote (the model check of preserved
+    thinking: an unreadable block is dropped from the request without an error, on every account).
+
+    Documented cases only ("Switching models mid-conversation", What's new in Claude Fable 5.2, the Bedrock
+    preserved-thinking page); any other pair is taken as readable:
+
+    * Fable / Mythos 5.1 blocks: Fable / Mythos 5.1 and later Fable / Mythos only (no earlier model, not Opus 5.5);
+    * Fable / Mythos 5.2 blocks: Fable / Mythos 5.2 and later only;
+    * Opus 5.5 blocks: Opus 5.5 and Fable / Mythos 5.1 and later ("no other model does");
+    * Haiku 5.5 blocks are not locked to their model (every model reads them), and Haiku 5.5 reads its own only.
+    """
+    rf, rmaj, rmin = model_version(reader)
+    pf, pmaj, pmin = model_version(producer)
+    if (rf, rmaj, rmin) == (pf, pmaj, pmin):
+        return True
+    if (pf, pmaj, pmin) == ("haiku", 5, 5):
+        return True
+    if (rf, rmaj, rmin) == ("haiku", 5, 5):
+        return False
+    reader_fable = rf in ("fable", "mythos")
+    if pf in ("fable", "mythos") and (pmaj, pmin) >= (5, 1):
+        return reader_fable and (rmaj, rmin) >= (pmaj, pmin)
+    if (pf, pmaj, pmin) == ("opus", 5, 5):
+        return reader_fable and (rmaj, rmin) >= (5, 1)
+    return True

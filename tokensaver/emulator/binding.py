@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..billing import THINKING_TYPES
+from ..model_rules import reads_thinking_of
 
 BINDING_BETA = "thinking-binding-controls-2026-08-01"
 DEFAULT_MAX_BYTES = 8 << 20
@@ -49,16 +50,18 @@ NO_BETA_SUFFIX = f" That setting requires the `{BINDING_BETA}` value in the `ant
 
 @dataclass(frozen=True, slots=True)
 class Binding:
-    """What a signature was bound to: its prefix digest, the kept thinking blocks before it, system and tools."""
+    """What a signature was bound to: its prefix digest, the kept thinking blocks before it, system and tools,
+    and the model that wrote it ("" when the emulator first saw it in a request: the writer is unknown)."""
 
     prefix: bytes
     preds: bytes
     system: bytes
     tools: bytes
+    model: str = ""
 
     @property
     def size(self) -> int:
-        return len(self.prefix) + len(self.preds) + len(self.system) + len(self.tools)
+        return len(self.prefix) + len(self.preds) + len(self.system) + len(self.tools) + len(self.model)
 
 
 class BindingStore:
@@ -268,14 +271,38 @@ class Verdict:
     reasons: list[str]  # what changed, per the first failing block (the 400's last sentence)
 
 
-def check(store: BindingStore, key: str, sc: Scan) -> Verdict:
-    """Which thinking blocks of a scanned request fail their binding (nothing is stored: see :func:`bind`)."""
+def unreadable(store: BindingStore, key: str, body: dict[str, Any], model: str) -> list[Slot]:
+    """The thinking blocks ``model`` cannot read (the model check): blocks the emulator wrote in a reply of a
+    model whose thinking ``model`` does not read (:func:`tokensaver.model_rules.reads_thinking_of`)."""
+    out: list[Slot] = []
+    messages = body.get("messages")
+    for mi, msg in enumerate(messages if isinstance(messages, list) else []):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(content, list):
+            continue
+        for bi, b in enumerate(content):
+            if not is_thinking(b):
+                continue
+            sig = signature_of(b)
+            bound = store.get(key, sig) if sig else None
+            if bound is not None and bound.model and not reads_thinking_of(model, bound.model):
+                out.append(Slot(mi, bi, sig, b""))
+    return out
+
+
+def check(store: BindingStore, key: str, sc: Scan, skip: frozenset[tuple[int, int]] = frozenset()) -> Verdict:
+    """Which thinking blocks of a scanned request fail their binding (nothing is stored: see :func:`bind`).
+    ``skip``: blocks the model check drops: not checked, but part of the chain (they were sent; the model
+    that wrote a later block saw them as sent, and a reader that can read them gets them back)."""
     failed: list[Slot] = []
     new: list[tuple[Slot, bytes]] = []
     reasons: list[str] = []
     kept = b""
     cascade: tuple[int, int] | None = None  # (message, next block index) of a failing run
     for s in sc.slots:
+        if (s.mi, s.bi) in skip:
+            kept += _sig_digest(s.sig)
+            continue
         if cascade == (s.mi, s.bi):
             failed.append(s)
             cascade = (s.mi, s.bi + 1)
@@ -301,8 +328,10 @@ def check(store: BindingStore, key: str, sc: Scan) -> Verdict:
     return Verdict(failed, new, kept, reasons)
 
 
-def bind(store: BindingStore, key: str, sc: Scan, verdict: Verdict, reply: dict[str, Any] | None) -> None:
-    """Record the request's first-seen blocks and the blocks of the emulator's own reply."""
+def bind(
+    store: BindingStore, key: str, sc: Scan, verdict: Verdict, reply: dict[str, Any] | None, model: str = ""
+) -> None:
+    """Record the request's first-seen blocks and the blocks of the emulator's own reply (written by ``model``)."""
     for s, preds in verdict.new:
         if s.sig:
             store.put(key, s.sig, Binding(s.prefix, preds, sc.system, sc.tools))
@@ -311,7 +340,7 @@ def bind(store: BindingStore, key: str, sc: Scan, verdict: Verdict, reply: dict[
     chain = verdict.chain
     for s in reply_slots(sc, reply):
         if s.sig:
-            store.put(key, s.sig, Binding(s.prefix, chain, sc.system, sc.tools))
+            store.put(key, s.sig, Binding(s.prefix, chain, sc.system, sc.tools, model))
             chain += _sig_digest(s.sig)
 
 
@@ -328,6 +357,8 @@ def without(body: dict[str, Any], slots: list[Slot]) -> dict[str, Any]:
     return {**body, "messages": messages}
 
 
-def transformations(slots: list[Slot], kind: str) -> list[dict[str, str]]:
+def transformations(
+    slots: list[Slot], kind: str, reason: str = "prefix_binding_mismatch"
+) -> list[dict[str, str]]:
     """``input_transformations`` entries (``thinking_dropped`` / ``thinking_mismatch_allowed``)."""
-    return [{"type": kind, "path": s.path, "reason": "prefix_binding_mismatch"} for s in slots]
+    return [{"type": kind, "path": s.path, "reason": reason} for s in slots]

@@ -282,7 +282,7 @@ class Emulator:
                 if report is not None:
                     msg["input_transformations"] = report
                 if bound is not None:
-                    _binding.bind(self.bindings, key, bound[0], bound[1], msg)
+                    _binding.bind(self.bindings, key, bound[0], bound[1], msg, str(full["model"]))
                 if turn is not None:
                     self.threads.commit(turn, msg, now)
             except BaseException:
@@ -314,35 +314,49 @@ class Emulator:
         """The preserved-thinking prefix check: (the body the model sees, ``input_transformations`` or None
         without the beta, what to bind once the request succeeds or None); raises the API's 400."""
         report: list[dict[str, str]] | None = [] if BINDING_BETA in betas else None
-        enforcement = prefix_check_enforcement(str(body["model"])) if self.preserved_thinking else None
+        if not self.preserved_thinking:
+            return body, report, None
+        model = str(body["model"])
+        # the model check (every model, every account): blocks this model cannot read are dropped, no error
+        unread = _binding.unreadable(self.bindings, key, body, model) if len(self.bindings) else []
+        enforcement = prefix_check_enforcement(model)
         if enforcement is None:
+            if unread:
+                if report is not None:
+                    report.extend(
+                        _binding.transformations(unread, "thinking_dropped", "model_binding_mismatch")
+                    )
+                body = _binding.without(body, unread)
             return body, report, None
         sc = _binding.scan(body)
         for s in sc.slots:
             if not s.sig:  # an empty signature is no signature: always a 400, whatever the behaviour
                 raise invalid(f"{s.path}: Invalid `signature` in `thinking` block")
-        verdict = _binding.check(self.bindings, key, sc)
+        verdict = _binding.check(self.bindings, key, sc, frozenset((s.mi, s.bi) for s in unread))
         th = body.get("thinking")
         bb = th.get("block_binding") if isinstance(th, dict) else None
         behavior = bb.get("prefix_mismatch_behavior") if isinstance(bb, dict) else None
         if behavior is None:
             enforced = enforcement == "all_accounts" or not self.legacy_account
             behavior = "error" if enforced else "allow"
+        if verdict.failed and behavior == "error":
+            message = _binding.MISMATCH_MESSAGE.format(path=verdict.failed[0].path)
+            if BINDING_BETA not in betas:
+                message += _binding.NO_BETA_SUFFIX
+            if verdict.reasons:
+                message += " " + " ".join(verdict.reasons)
+            raise invalid(message)
+        entries = _binding.transformations(unread, "thinking_dropped", "model_binding_mismatch")
+        dropped = list(unread)
         if verdict.failed:
-            if behavior == "error":
-                message = _binding.MISMATCH_MESSAGE.format(path=verdict.failed[0].path)
-                if BINDING_BETA not in betas:
-                    message += _binding.NO_BETA_SUFFIX
-                if verdict.reasons:
-                    message += " " + " ".join(verdict.reasons)
-                raise invalid(message)
+            kind = "thinking_dropped" if behavior == "drop_block" else "thinking_mismatch_allowed"
+            entries += _binding.transformations(verdict.failed, kind)
             if behavior == "drop_block":
-                body = _binding.without(body, verdict.failed)
-                kind = "thinking_dropped"
-            else:
-                kind = "thinking_mismatch_allowed"
-            if report is not None:
-                report.extend(_binding.transformations(verdict.failed, kind))
+                dropped += verdict.failed
+        if report is not None:
+            report.extend(sorted(entries, key=_entry_order))
+        if dropped:
+            body = _binding.without(body, dropped)
         return body, report, (sc, verdict)
 
     def _json(
@@ -352,6 +366,12 @@ class Emulator:
         if status != 200:
             rec.response = payload
         return status, {**headers, "content-type": "application/json"}, json.dumps(payload).encode()
+
+
+def _entry_order(entry: dict[str, str]) -> tuple[int, int]:
+    """``input_transformations`` come in request order: by ``messages.i.content.j``."""
+    _, i, _, j = entry["path"].split(".")
+    return int(i), int(j)
 
 
 def _betas(headers: dict[str, str]) -> frozenset[str]:
