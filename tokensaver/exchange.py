@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,7 +68,10 @@ __all__ = [
     "serve",
     "short_circuit",
     "splices",
+    "strip_thinking_from",
     "thinking_on",
+    "unbound_message",
+    "unbound_retry",
 ]
 
 MESSAGES_PATH = "/v1/messages"
@@ -593,3 +597,74 @@ class PluginToolExchange:
     def served(self, stream: bool, step: Step) -> Served:
         """The last round's answer as the caller gets it when it was not streamed on."""
         return serve(self.call, stream, step.reply, rounds=self.rounds, eventstream=self.eventstream)
+
+
+# -- a thinking block the API refused: bound to another prefix -----------------------------------
+
+BOUND_ELSEWHERE = "bound to a different conversation"
+_BLOCK_PATH = re.compile(r"messages\.(\d+)\.content\.(\d+)")
+_THINKING = ("thinking", "redacted_thinking")
+
+
+def strip_thinking_from(messages: list[Any], at: tuple[int, int]) -> tuple[list[Any], int]:
+    """``messages`` without the thinking blocks of assistant turns from ``at`` = (message, block) on,
+    and how many were removed. Removing a trailing run of thinking blocks keeps the earlier ones
+    valid (the prefix-check rules); an assistant turn that would be left empty keeps its blocks
+    (count 0 for it), so no turn is ever emptied."""
+    out = list(messages)
+    removed = 0
+    for i in range(at[0], len(out)):
+        m = out[i]
+        if not isinstance(m, dict) or m.get("role") != "assistant" or not isinstance(m.get("content"), list):
+            continue
+        first = at[1] if i == at[0] else 0
+        kept = [
+            b
+            for j, b in enumerate(m["content"])
+            if j < first or not (isinstance(b, dict) and b.get("type") in _THINKING)
+        ]
+        if kept and len(kept) < len(m["content"]):
+            removed += len(m["content"]) - len(kept)
+            out[i] = {**m, "content": kept}
+    return out, removed
+
+
+def unbound_retry(call: Call, status: int, raw: bytes) -> dict[str, Any] | None:
+    """The body to send once more when the API refused a thinking block as bound to a different
+    conversation (models with preserved thinking: something before the block changed since the
+    model wrote it -- a rewrite tokensaver could not repeat, after a restart or a stage that failed
+    open), else None.
+
+    The documented gateway answer: strip the thinking from the failing block on and send again,
+    and say so (the call's record gets ``thinking_unbound``). A caller that asked for the error
+    (``thinking.block_binding.prefix_mismatch_behavior: "error"``) gets it untouched, as does any
+    other error. Sets ``call.body`` and ``call.unbound``; only the first such answer is retried.
+    """
+    if status != 400 or call.unbound is not None or BOUND_ELSEWHERE.encode() not in raw:
+        return None
+    body = call.body
+    thinking = body.get("thinking")
+    binding = thinking.get("block_binding") if isinstance(thinking, dict) else None
+    if isinstance(binding, dict) and binding.get("prefix_mismatch_behavior") == "error":
+        return None
+    try:
+        message = str(json.loads(raw)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    where = _BLOCK_PATH.search(message)
+    at = (int(where.group(1)), int(where.group(2))) if where else (0, 0)
+    messages, removed = strip_thinking_from(list(body.get("messages") or []), at)
+    if not removed:
+        return None
+    call.unbound = {"from": f"messages.{at[0]}.content.{at[1]}", "stripped_blocks": removed}
+    call.body = {**body, "messages": messages}
+    return call.body
+
+
+def unbound_message(call: Call) -> str:
+    """The log line of a call :func:`unbound_retry` sent again."""
+    u = call.unbound or {}
+    return (
+        f"the API refused a thinking block as bound to a different conversation ({u.get('from')}): "
+        f"sent again with {u.get('stripped_blocks')} thinking blocks stripped from there on"
+    )

@@ -48,6 +48,8 @@ from .exchange import (
     read_message,
     short_circuit,
     splices,
+    unbound_message,
+    unbound_retry,
 )
 from .phases import as_requester, call_on_loop, request_phase, response_phase
 from .pipeline import Call, Pipeline, key_hash
@@ -277,6 +279,11 @@ class TokensaverMiddleware(_sdk.Middleware):
             return self._plugin_tools(request, call, prep, call_next)
         with self._attempt(call):
             response = call_next(self._outgoing(request, call, prep.headers))
+            http = response.http_response
+            if http.status_code == 400 and unbound_retry(call, 400, http.read()) is not None:
+                http.close()
+                log.warning("%s", unbound_message(call))
+                response = call_next(self._outgoing(request, call, prep.headers))
             passed = self._pass_through(call, response, _ObservedStream)
             if passed is not None:
                 return passed
@@ -344,6 +351,11 @@ class TokensaverMiddleware(_sdk.Middleware):
             return await self._plugin_tools_async(request, call, prep, call_next)
         with self._attempt(call):
             response = await call_next(self._outgoing(request, call, prep.headers))
+            http = response.http_response
+            if http.status_code == 400 and unbound_retry(call, 400, await http.aread()) is not None:
+                await http.aclose()
+                log.warning("%s", unbound_message(call))
+                response = await call_next(self._outgoing(request, call, prep.headers))
             passed = self._pass_through(call, response, _AsyncObservedStream)
             if passed is not None:
                 return passed

@@ -408,6 +408,8 @@ class Call:
     thread: ThreadView | None = None
     view: dict[str, Any] | None = None  # the last stage's whole conversation (a continue sends its tail)
     state_mark: int = 0  # the state's outages counted when the call began (a record's state_lost)
+    # the API refused a thinking block bound to another prefix: the thinking stripped, sent again
+    unbound: dict[str, Any] | None = None
 
 
 class Pipeline:
@@ -797,6 +799,8 @@ class Pipeline:
             record["short_circuit_usd"] = round(counterfactual, 8)
         if follow_up:
             record["follow_up"] = True
+        if call.unbound:
+            record["thinking_unbound"] = call.unbound
         if self._store.lost_since(call.state_mark):
             record["state_lost"] = True  # the shared state was unreachable during the call (fail open)
         if side:

@@ -39,6 +39,8 @@ from ..exchange import (
     read_message,
     short_circuit,
     splices,
+    unbound_message,
+    unbound_retry,
 )
 from ..metrics import scrape_handler
 from ..phases import call_on_loop, request_phase, response_phase
@@ -408,6 +410,10 @@ class TokensaverProxy:
         data = raw if call.body is call.original else encode_body(call.body)  # unchanged: the caller's bytes
         try:
             up = await self._post(request, data)
+            if up.status == 400 and unbound_retry(call, 400, await up.read()) is not None:
+                up.close()
+                log.warning("%s", unbound_message(call))
+                up = await self._post(request, encode_body(call.body))
         except (aiohttp.ClientError, TimeoutError) as exc:
             # recorded before the client hears of it: whoever reads the run next sees this call
             outcome.finishing = True

@@ -1,0 +1,181 @@
+"""A thinking block the API refuses as bound to a different conversation (preserved thinking).
+
+On a model with preserved thinking the API binds each thinking block to everything before it; when
+that prefix changed (a rewrite tokensaver made once and could not repeat: a restart, a stage that
+failed open), it answers 400. The documented gateway answer: strip the thinking from the failing block
+on, send again, say so. Through the emulator's prefix check, the real SDK, ``wrap()`` (sync, async,
+streamed) and the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+
+import tokensaver
+from tokensaver.emulator import Emulator
+from tokensaver.exchange import strip_thinking_from
+from tokensaver.proxy import ProxyServer
+
+MODEL = "claude-opus-5-5"
+TASK = "Task: fix the failing test in shop/cart.py"
+THINKING = {"type": "adaptive"}
+BETA = "thinking-binding-controls-2026-08-01"
+
+
+class Forgetful:
+    """Rewrites the task on its first call only, as a stage whose rewrite is lost after that call."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @tokensaver.hookimpl
+    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
+        self.calls += 1
+        if self.calls > 1:
+            return None
+        first = {"role": "user", "content": TASK + " (rewritten once)"}
+        return {**body, "messages": [first, *body["messages"][1:]]}
+
+
+def _config(tmp_path: Path) -> dict[str, Any]:
+    return {"plugins": ["forgetful"], "record": False, "runs_dir": str(tmp_path)}
+
+
+def _wrapped(emu: Emulator, tmp_path: Path, asynchronous: bool = False) -> Any:
+    pm = tokensaver.get_plugin_manager({"forgetful": Forgetful()}, load_entrypoints=False)
+    cls = anthropic.AsyncAnthropic if asynchronous else anthropic.Anthropic
+    base = cls(base_url=emu.url, api_key="sk-ant-unbound", max_retries=0)
+    return tokensaver.wrap(base, config=_config(tmp_path), plugin_manager=pm)
+
+
+def _second_call(first_reply: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "max_tokens": 64,
+        "thinking": THINKING,
+        "messages": [
+            {"role": "user", "content": TASK},
+            {"role": "assistant", "content": first_reply},
+            {"role": "user", "content": "Go on."},
+        ],
+        **extra,
+    }
+
+
+def _first_call() -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "max_tokens": 64,
+        "thinking": THINKING,
+        "messages": [{"role": "user", "content": TASK}],
+    }
+
+
+def _reply_blocks(message: Any) -> list[dict[str, Any]]:
+    data = message if isinstance(message, dict) else message.model_dump()
+    return [{k: v for k, v in b.items() if v is not None} for b in data["content"]]
+
+
+def _queue(emu: Emulator) -> None:
+    emu.reply(
+        [{"type": "thinking", "thinking": "Look at cart.py first."}, {"type": "text", "text": "Reading it."}]
+    )
+    emu.reply("Done.")
+
+
+def test_strip_thinking_from_keeps_earlier_blocks_and_never_empties_a_turn() -> None:
+    msgs: list[dict[str, Any]] = [
+        {"role": "user", "content": "a"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "t0", "signature": "s0"},
+                {"type": "text", "text": "x"},
+            ],
+        },
+        {"role": "user", "content": "b"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "t1", "signature": "s1"},
+                {"type": "text", "text": "y"},
+            ],
+        },
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "d"}]},
+    ]
+    out, removed = strip_thinking_from(msgs, (3, 0))
+    assert removed == 1
+    assert out[1] == msgs[1]  # before the failing block: kept
+    assert out[3]["content"] == [{"type": "text", "text": "y"}]
+    assert out[5] == msgs[5]  # a turn of thinking only is not emptied
+    assert msgs[3]["content"][0]["type"] == "thinking"  # the caller's list is not changed
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_wrap_strips_the_unbound_thinking_and_sends_again(
+    emu: Emulator, tmp_path: Path, stream: bool
+) -> None:
+    _queue(emu)
+    client = _wrapped(emu, tmp_path)
+    first = client.messages.create(**_first_call())
+    body = _second_call(_reply_blocks(first))
+    if stream:
+        with client.messages.stream(**body) as s:
+            answer = s.get_final_message()
+    else:
+        answer = client.messages.create(**body)
+    assert answer.content[0].text == "Done."  # type: ignore[union-attr]
+    refused, resent = emu.requests[-2], emu.requests[-1]
+    assert refused.status == 400 and "bound to a different conversation" in str(refused.response)
+    assert resent.status == 200
+    assert [b["type"] for b in resent.body["messages"][1]["content"]] == ["text"]
+    rec = client.tokensaver.records[-1]
+    assert rec["status"] == 200
+    assert rec["thinking_unbound"] == {"from": "messages.1.content.0", "stripped_blocks": 1}
+
+
+def test_async_wrap_strips_the_unbound_thinking_and_sends_again(emu: Emulator, tmp_path: Path) -> None:
+    _queue(emu)
+
+    async def go() -> Any:
+        client = _wrapped(emu, tmp_path, asynchronous=True)
+        first = await client.messages.create(**_first_call())
+        answer = await client.messages.create(**_second_call(_reply_blocks(first)))
+        return client, answer
+
+    client, answer = asyncio.run(go())
+    assert answer.content[0].text == "Done."
+    assert [r.status for r in emu.requests[-2:]] == [400, 200]
+    assert client.tokensaver.records[-1]["thinking_unbound"]["stripped_blocks"] == 1
+
+
+def test_a_caller_that_asks_for_the_error_gets_it_untouched(emu: Emulator, tmp_path: Path) -> None:
+    _queue(emu)
+    client = _wrapped(emu, tmp_path)
+    first = client.messages.create(**_first_call())
+    thinking = {**THINKING, "block_binding": {"prefix_mismatch_behavior": "error"}}
+    body = _second_call(_reply_blocks(first), thinking=thinking)
+    with pytest.raises(anthropic.BadRequestError, match="bound to a different conversation"):
+        client.messages.create(**body, extra_headers={"anthropic-beta": BETA})
+    assert emu.requests[-1].status == 400 and len(emu.requests) == 2  # not sent again
+
+
+def test_the_proxy_strips_the_unbound_thinking_and_sends_again(emu: Emulator, tmp_path: Path) -> None:
+    _queue(emu)
+    pm = tokensaver.get_plugin_manager({"forgetful": Forgetful()}, load_entrypoints=False)
+    config = {**_config(tmp_path), "record": True, "runs_dir": str(tmp_path / "runs")}
+    with ProxyServer(config, upstream=emu.url, plugin_manager=pm, run="unbound") as proxy:
+        client = anthropic.Anthropic(base_url=proxy.url, api_key="sk-ant-unbound", max_retries=0)
+        first = client.messages.create(**_first_call())
+        answer = client.messages.create(**_second_call(_reply_blocks(first)))
+        records = proxy.records()
+    assert answer.content[0].text == "Done."  # type: ignore[union-attr]
+    assert [r.status for r in emu.requests[-2:]] == [400, 200]
+    assert records[-1]["status"] == 200
+    assert records[-1]["thinking_unbound"] == {"from": "messages.1.content.0", "stripped_blocks": 1}
