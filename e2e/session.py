@@ -303,6 +303,17 @@ class SessionScript:
 
     # -- the reply ----------------------------------------------------------------------------
     def __call__(self, body: dict[str, Any]) -> Any:
+        """The next step's reply, after the thinking block a thinking model writes first (the
+        emulator signs it and binds it to this request, as a model with preserved thinking does)."""
+        reply = self._reply(body)
+        th = body.get("thinking")
+        if not isinstance(th, dict) or th.get("type") not in ("adaptive", "enabled"):
+            return reply
+        text = "" if th.get("display") == "omitted" else "Following the plan: the next step."
+        blocks = [{"type": "text", "text": reply}] if isinstance(reply, str) else list(reply)
+        return [{"type": "thinking", "thinking": text}, *blocks]
+
+    def _reply(self, body: dict[str, Any]) -> Any:
         tools_list = [t for t in body.get("tools") or [] if isinstance(t, dict)]
         messages = body.get("messages") or []
         self.seen.append(
