@@ -149,6 +149,7 @@ def prompt_blocks(
     counter = default_counter()
     out: list[PromptBlock] = []
     memo = {} if memo is None else memo
+    seen_of = memo.get
 
     def add(where: tuple[str, int, int], block: Any, tag: str, extra: int = 0) -> None:
         if made is not None:
@@ -171,7 +172,7 @@ def prompt_blocks(
         else:
             cc = None
             cacheable = not (isinstance(block, str) and not block)
-        seen = memo.get(id(block))
+        seen = seen_of(id(block))
         i = len(out)
         if seen is not None and seen[0] is block:
             digest, tokens, image = seen[1], seen[2], seen[3]
@@ -200,21 +201,64 @@ def prompt_blocks(
     elif isinstance(system, list):
         for i, b in enumerate(system):
             add(("system", i, 0), b, "system")
-    known = made if made is not None else {}
+    known = (made if made is not None else {}).get
     append = out.append
     for mi, msg in enumerate(body.get("messages") or []):
-        role = str(msg.get("role"))
+        role = msg.get("role")
+        tags = _ROLE_TAGS.get(role) if isinstance(role, str) else None
+        if tags is None:
+            tags = _role_tags(str(role))
+        start, cont = tags
         content = msg.get("content")
-        blocks = [content] if isinstance(content, str) else list(content or [])
-        start, cont = role + ":start", role + ":cont"
+        blocks = (content,) if isinstance(content, str) else content or ()
+        tag = start
         for bi, b in enumerate(blocks):
-            tag = cont if bi else start
-            p = known.get((id(b), tag))
+            p = known((id(b), tag))
             if p is not None and p.block is b:
                 append(p)  # (inlined: the common case, a block this call has seen)
+            elif (seen := seen_of(id(b))) is not None and seen[0] is b and isinstance(b, dict):
+                # (inlined: a dict block whose facts the call has, as each block the caller sent: the
+                # pipeline digested them first)
+                _make_known(out, ("messages", mi, bi), b, tag, seen, 0 if bi else MESSAGE_OVERHEAD, made)
             else:
                 make(("messages", mi, bi), b, tag, 0 if bi else MESSAGE_OVERHEAD)
+            tag = cont
     return out
+
+
+def _make_known(
+    out: list[PromptBlock],
+    where: tuple[str, int, int],
+    block: dict[str, Any],
+    tag: str,
+    seen: tuple[Any, bytes, int, bool],
+    extra: int,
+    made: dict[tuple[int, str], PromptBlock] | None,
+) -> None:
+    """Append the PromptBlock of a dict block whose digest, count and image flag are known."""
+    kind = block.get("type")
+    if kind == "text":
+        text = block.get("text", "")
+        text = text if isinstance(text, str) else str(text)
+        cacheable = not (not text or text.isspace())
+    else:
+        cacheable = kind not in THINKING_TYPES
+    cc = block.get("cache_control")
+    made_block = PromptBlock(where, block, seen[2] + extra, tag, cacheable, cc, seen[1], seen[3])
+    out.append(made_block)
+    if made is not None:
+        made[(id(block), tag)] = made_block
+
+
+_ROLE_TAGS: dict[str, tuple[str, str]] = {}
+
+
+def _role_tags(role: str) -> tuple[str, str]:
+    """A role's (first block, later block) tags, made once per role (at most 64 kept)."""
+    tags = (role + ":start", role + ":cont")
+    if len(_ROLE_TAGS) < 64:
+        _ROLE_TAGS[role] = tags
+    return tags
 
 
 def _has_image(node: Any) -> bool:
@@ -334,7 +378,19 @@ _KEY = 16  # bytes of a block key and of a prefix hash (xxh3-128)
 
 def _keys(blocks: list[PromptBlock]) -> bytes:
     """Each block's place-independent key (its tag and digest), 16 bytes each, joined."""
-    return b"".join([_xxh(b.tag.encode() + b"\0" + b.digest) for b in blocks])
+    tb = _TAG_BYTES.get
+    return b"".join([_xxh((tb(b.tag) or _tag_bytes(b.tag))[1] + b.digest) for b in blocks])
+
+
+_TAG_BYTES: dict[str, tuple[int, bytes]] = {}  # tag -> (its cache level, its bytes in a hash)
+
+
+def _tag_bytes(tag: str) -> tuple[int, bytes]:
+    """A tag's level and its bytes in the prefix hash and the block key (at most 256 tags kept)."""
+    facts = (_level(tag), tag.encode() + b"\0")
+    if len(_TAG_BYTES) < 256:
+        _TAG_BYTES[tag] = facts
+    return facts
 
 
 @dataclass
@@ -404,17 +460,22 @@ def _chain(
     h = hashes[-1] if start else b""
     level = _level(blocks[start - 1].tag) if start else 0  # how far the settings have been mixed in
     total = prefix[-1] if start else 0
+    tb = _TAG_BYTES.get
+    add_hash, add_prefix = hashes.append, prefix.append
     for b in blocks[start:]:
-        at = _level(b.tag)
-        mix = b""
-        while level < at:
-            level += 1
-            if salts[level - 1]:
-                mix += b"\2" + salts[level - 1] + b"\3"
-        h = _xxh(h + mix + b.tag.encode() + b"\0" + b.digest + b"\1")
-        hashes.append(h)
+        at, tag = tb(b.tag) or _tag_bytes(b.tag)
+        if level < at:
+            mix = b""
+            while level < at:
+                level += 1
+                if salts[level - 1]:
+                    mix += b"\2" + salts[level - 1] + b"\3"
+            h = _xxh(h + mix + tag + b.digest + b"\1")
+        else:
+            h = _xxh(h + tag + b.digest + b"\1")
+        add_hash(h)
         total += b.tokens
-        prefix.append(total)
+        add_prefix(total)
 
 
 def _level(tag: str) -> int:

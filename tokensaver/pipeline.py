@@ -87,8 +87,13 @@ class _Guard:
     """
 
     def __init__(self, memo: Memo | None = None) -> None:
-        self.pool: dict[int, tuple[Any, Any]] = {}  # id(original) -> (original, its copy)
+        # id(original) -> its copy; ``back`` keeps the original alive while its copy is in ``pool``
+        # (so no other object can take its id), and ``origs`` / ``copies`` hold both in the order
+        # made, for one list compare in :meth:`intact` (no tuple per block)
+        self.pool: dict[int, Any] = {}
         self.back: dict[int, Any] = {}  # id(copy) -> original
+        self.origs: list[Any] = []
+        self.copies: list[Any] = []
         # the call's token counts by block identity: a copy is counted as its original
         self.memo: Memo = {} if memo is None else memo
 
@@ -100,19 +105,22 @@ class _Guard:
         """
         pool, back, memo = self.pool, self.back, self.memo
         known = pool.get
+        keep_orig, keep_copy = self.origs.append, self.copies.append
 
         def leaf(value: Any) -> Any:
             if not isinstance(value, dict | list):
                 return value
             kept = known(id(value))
-            if kept is not None and kept[0] is value:
-                return kept[1]
+            if kept is not None:
+                return kept
             own = thaw(value)
             seen = memo.get(id(value))
             if seen is not None and seen[0] is value:
                 memo[id(own)] = (own, seen[1])
-            pool[id(value)] = (value, own)
+            pool[id(value)] = own
             back[id(own)] = value
+            keep_orig(value)
+            keep_copy(own)
             return own
 
         out: dict[str, Any] = {}
@@ -121,18 +129,13 @@ class _Guard:
                 msgs = []
                 for m in value:
                     if isinstance(m, dict):
-                        mine = {}
+                        mine = dict(m)
                         for k, v in m.items():
                             if k == "content" and isinstance(v, list):
                                 # (inlined: the common case, a block copied for an earlier stage)
-                                mine[k] = [
-                                    c[1] if (c := known(id(b))) is not None and c[0] is b else leaf(b)
-                                    for b in v
-                                ]
+                                mine[k] = [c if (c := known(id(b))) is not None else leaf(b) for b in v]
                             elif isinstance(v, dict | list):
                                 mine[k] = leaf(v)
-                            else:
-                                mine[k] = v
                         msgs.append(mine)
                     else:
                         msgs.append(leaf(m))
@@ -145,15 +148,16 @@ class _Guard:
 
     def intact(self) -> bool:
         """Every copy handed out still equals its original (strings shared: a cheap compare)."""
-        return all(own == orig for orig, own in self.pool.values())
+        return self.copies == self.origs
 
     def drop(self) -> None:
         """Forget every copy: the plugin that had them may still be running or may have edited them."""
-        for _, own in self.pool.values():
-            seen = self.memo.get(id(own))
+        memo = self.memo
+        for own in self.copies:
+            seen = memo.get(id(own))
             if seen is not None and seen[0] is own:
-                del self.memo[id(own)]
-        self.pool, self.back = {}, {}
+                del memo[id(own)]
+        self.pool, self.back, self.origs, self.copies = {}, {}, [], []
 
     def restore(self, result: Any) -> None:
         """Make ``result`` (a stage's output, its copies found intact) hold no object of a plugin's.
