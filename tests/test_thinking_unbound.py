@@ -110,7 +110,7 @@ def test_strip_thinking_from_keeps_earlier_blocks_and_never_empties_a_turn() -> 
         {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "d"}]},
     ]
     out, removed = strip_thinking_from(msgs, (3, 0))
-    assert removed == 1
+    assert len(removed) == 1
     assert out[1] == msgs[1]  # before the failing block: kept
     assert out[3]["content"] == [{"type": "text", "text": "y"}]
     assert out[5] == msgs[5]  # a turn of thinking only is not emptied
@@ -138,6 +138,36 @@ def test_wrap_strips_the_unbound_thinking_and_sends_again(
     rec = client.tokensaver.records[-1]
     assert rec["status"] == 200
     assert rec["thinking_unbound"] == {"from": "messages.1.content.0", "stripped_blocks": 1}
+
+
+def test_later_calls_strip_the_same_blocks_before_sending(emu: Emulator, tmp_path: Path) -> None:
+    """After one refusal the conversation's later calls go out without the refused block and keep
+    what the model wrote since: one request each, no second 400."""
+    _queue(emu)
+    emu.reply(
+        [{"type": "thinking", "thinking": "Now the test."}, {"type": "text", "text": "Next."}], "All done."
+    )
+    client = _wrapped(emu, tmp_path)
+    first = client.messages.create(**_first_call())
+    second = client.messages.create(**_second_call(_reply_blocks(first)))
+    third = client.messages.create(**_second_call(_reply_blocks(first)))  # a retry of the same turn
+    assert [r.status for r in emu.requests] == [200, 400, 200, 200]
+    assert third.content and emu.requests[-1].body["messages"][1]["content"] == [
+        {"type": "text", "text": "Reading it."}
+    ]
+    body = _second_call(_reply_blocks(first))
+    body["messages"] += [
+        {"role": "assistant", "content": _reply_blocks(third)},
+        {"role": "user", "content": "And then?"},
+    ]
+    assert second.content
+    fourth = client.messages.create(**body)
+    assert fourth.content[0].text == "All done."  # type: ignore[union-attr]
+    assert emu.requests[-1].status == 200 and len(emu.requests) == 5
+    sent = emu.requests[-1].body["messages"]
+    assert [b["type"] for b in sent[1]["content"]] == ["text"]  # the refused block: still stripped
+    assert [b["type"] for b in sent[3]["content"]] == ["thinking", "text"]  # written since: kept
+    assert client.tokensaver.records[-1]["thinking_unbound"] == {"stripped_known": 1}
 
 
 def test_async_wrap_strips_the_unbound_thinking_and_sends_again(emu: Emulator, tmp_path: Path) -> None:

@@ -23,8 +23,11 @@ doors run it in :mod:`tokensaver.phases`' threads, never on the event loop.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +71,7 @@ __all__ = [
     "serve",
     "short_circuit",
     "splices",
+    "strip_known_unbound",
     "strip_thinking_from",
     "thinking_on",
     "unbound_message",
@@ -606,27 +610,93 @@ _BLOCK_PATH = re.compile(r"messages\.(\d+)\.content\.(\d+)")
 _THINKING = ("thinking", "redacted_thinking")
 
 
-def strip_thinking_from(messages: list[Any], at: tuple[int, int]) -> tuple[list[Any], int]:
-    """``messages`` without the thinking blocks of assistant turns from ``at`` = (message, block) on,
-    and how many were removed. Removing a trailing run of thinking blocks keeps the earlier ones
-    valid (the prefix-check rules); an assistant turn that would be left empty keeps its blocks
-    (count 0 for it), so no turn is ever emptied."""
+def _sig(block: Any) -> bytes | None:
+    """A thinking block's identity: 8 bytes of its signature (or redacted data)."""
+    if not isinstance(block, dict) or block.get("type") not in _THINKING:
+        return None
+    sig = block.get("signature") if block.get("type") == "thinking" else block.get("data")
+    return hashlib.blake2b(str(sig).encode(), digest_size=8).digest() if sig else None
+
+
+def strip_thinking_from(
+    messages: list[Any], at: tuple[int, int], only: frozenset[bytes] | set[bytes] | None = None
+) -> tuple[list[Any], list[bytes]]:
+    """``messages`` without the thinking blocks of assistant turns from ``at`` = (message, block) on
+    (with ``only``: just those whose :func:`_sig` is in it), and the removed blocks' identities.
+    Removing a trailing run of thinking blocks keeps the earlier ones valid (the prefix-check rules);
+    an assistant turn that would be left empty keeps its blocks, so no turn is ever emptied."""
     out = list(messages)
-    removed = 0
+    removed: list[bytes] = []
     for i in range(at[0], len(out)):
         m = out[i]
         if not isinstance(m, dict) or m.get("role") != "assistant" or not isinstance(m.get("content"), list):
             continue
         first = at[1] if i == at[0] else 0
-        kept = [
-            b
-            for j, b in enumerate(m["content"])
-            if j < first or not (isinstance(b, dict) and b.get("type") in _THINKING)
-        ]
-        if kept and len(kept) < len(m["content"]):
-            removed += len(m["content"]) - len(kept)
+        kept, gone = [], []
+        for j, b in enumerate(m["content"]):
+            sig = _sig(b) if j >= first else None
+            if sig is not None and (only is None or sig in only):
+                gone.append(sig)
+            else:
+                kept.append(b)
+        if kept and gone:
+            removed += gone
             out[i] = {**m, "content": kept}
     return out, removed
+
+
+class _Unbound:
+    """Per API key and conversation, the thinking blocks stripped after the API refused them: the
+    later calls strip the same blocks before sending (what the model wrote since is bound to a
+    history without them, and a block put back fails the check). LRU, bounded."""
+
+    MAX_CONVERSATIONS = 4096
+    MAX_BLOCKS = 4096  # per conversation
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.convs: OrderedDict[tuple[str, str], set[bytes]] = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> frozenset[bytes]:
+        with self.lock:
+            sigs = self.convs.get(key)
+            if sigs is None:
+                return frozenset()
+            self.convs.move_to_end(key)
+            return frozenset(sigs)
+
+    def add(self, key: tuple[str, str], sigs: list[bytes]) -> None:
+        with self.lock:
+            known = self.convs.setdefault(key, set())
+            self.convs.move_to_end(key)
+            known.update(sigs[: max(0, self.MAX_BLOCKS - len(known))])
+            while len(self.convs) > self.MAX_CONVERSATIONS:
+                self.convs.popitem(last=False)
+
+
+_UNBOUND_STATE = "tokensaver.unbound"  # the pipeline-wide state entry (never a plugin's name)
+
+
+def _unbound_of(call: Call) -> tuple[_Unbound, tuple[str, str]]:
+    state = call.ctx._states.setdefault(_UNBOUND_STATE, {})
+    table = state.get("table")
+    if table is None:
+        table = state.setdefault("table", _Unbound())
+    return table, (str(call.ctx.key_hash), str(call.ctx.conversation))
+
+
+def strip_known_unbound(call: Call) -> int:
+    """Before sending: strip the thinking blocks this conversation had refused earlier
+    (:func:`unbound_retry` remembers them); how many. Sets ``call.body`` when any."""
+    table, key = _unbound_of(call)
+    known = table.get(key)
+    if not known:
+        return 0
+    messages, removed = strip_thinking_from(list(call.body.get("messages") or []), (0, 0), known)
+    if removed:
+        call.body = {**call.body, "messages": messages}
+        call.unbound = {"stripped_known": len(removed)}
+    return len(removed)
 
 
 def unbound_retry(call: Call, status: int, raw: bytes) -> dict[str, Any] | None:
@@ -638,9 +708,11 @@ def unbound_retry(call: Call, status: int, raw: bytes) -> dict[str, Any] | None:
     The documented gateway answer: strip the thinking from the failing block on and send again,
     and say so (the call's record gets ``thinking_unbound``). A caller that asked for the error
     (``thinking.block_binding.prefix_mismatch_behavior: "error"``) gets it untouched, as does any
-    other error. Sets ``call.body`` and ``call.unbound``; only the first such answer is retried.
+    other error. Sets ``call.body`` and ``call.unbound``; only the first such answer is retried. The
+    stripped blocks are remembered: the conversation's later calls strip them before sending
+    (:func:`strip_known_unbound`), so one refusal does not cost a second request on every call.
     """
-    if status != 400 or call.unbound is not None or BOUND_ELSEWHERE.encode() not in raw:
+    if status != 400 or (call.unbound or {}).get("from") or BOUND_ELSEWHERE.encode() not in raw:
         return None
     body = call.body
     thinking = body.get("thinking")
@@ -656,7 +728,13 @@ def unbound_retry(call: Call, status: int, raw: bytes) -> dict[str, Any] | None:
     messages, removed = strip_thinking_from(list(body.get("messages") or []), at)
     if not removed:
         return None
-    call.unbound = {"from": f"messages.{at[0]}.content.{at[1]}", "stripped_blocks": removed}
+    table, key = _unbound_of(call)
+    table.add(key, removed)
+    call.unbound = {
+        **(call.unbound or {}),
+        "from": f"messages.{at[0]}.content.{at[1]}",
+        "stripped_blocks": len(removed),
+    }
     call.body = {**body, "messages": messages}
     return call.body
 

@@ -48,6 +48,7 @@ from .exchange import (
     read_message,
     short_circuit,
     splices,
+    strip_known_unbound,
     unbound_message,
     unbound_retry,
 )
@@ -277,6 +278,7 @@ class TokensaverMiddleware(_sdk.Middleware):
             return self._stream_plugin_tools(request, call, prep, call_next)
         if loop == "json":
             return self._plugin_tools(request, call, prep, call_next)
+        strip_known_unbound(call)
         with self._attempt(call):
             response = call_next(self._outgoing(request, call, prep.headers))
             http = response.http_response
@@ -349,6 +351,7 @@ class TokensaverMiddleware(_sdk.Middleware):
             return await self._stream_plugin_tools_async(request, call, prep, call_next)
         if loop == "json":
             return await self._plugin_tools_async(request, call, prep, call_next)
+        strip_known_unbound(call)
         with self._attempt(call):
             response = await call_next(self._outgoing(request, call, prep.headers))
             http = response.http_response

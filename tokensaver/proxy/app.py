@@ -39,6 +39,7 @@ from ..exchange import (
     read_message,
     short_circuit,
     splices,
+    strip_known_unbound,
     unbound_message,
     unbound_retry,
 )
@@ -407,6 +408,7 @@ class TokensaverProxy:
         call = outcome.call
         if plugin_tools(call.view or call.body):  # a thread continue: the thread's tools
             return await self._plugin_tool_exchange(request, pipe, prep, outcome)
+        strip_known_unbound(call)
         data = raw if call.body is call.original else encode_body(call.body)  # unchanged: the caller's bytes
         try:
             up = await self._post(request, data)
