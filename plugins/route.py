@@ -51,19 +51,9 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from tokensaver import model_rules as rules
 from tokensaver.context import plugin_notes
 from tokensaver.hookspecs import hookimpl
-from tokensaver.model_rules import (
-    advisor_pair_problem,
-    model_version,
-    refuses_budget_thinking,
-    refuses_prefill,
-    refuses_sampling,
-    refuses_temperature_with_top_p,
-    supports_adaptive_thinking,
-    supports_message_threads,
-    supports_tool_search,
-)
 from tokensaver.settings import Schema, Setting, _Bad, integer, number, size
 from tokensaver.threads import thread_of
 
@@ -297,7 +287,7 @@ def max_output(model: str) -> int | None:
 
 def supports_effort(model: str) -> bool:
     """``output_config.effort``: Opus 4.5, every 4.6 model and later; not Haiku 4.5 nor older models."""
-    fam, major, minor = model_version(model)
+    fam, major, minor = rules.model_version(model)
     return (major, minor) >= (4, 6) or (fam == "opus" and (major, minor) >= (4, 5))
 
 
@@ -315,16 +305,16 @@ def refusal(body: dict[str, Any], target: str, tokens: Any = None, window: int |
         msgs
         and isinstance(msgs[-1], dict)
         and msgs[-1].get("role") == "assistant"
-        and refuses_prefill(target)
+        and rules.refuses_prefill(target)
     ):
         return "prefill"  # the caller's prefill shapes the answer: dropping it would change what they asked
-    if thread_of(body) is not None and not supports_message_threads(target):
+    if thread_of(body) is not None and not rules.supports_message_threads(target):
         return "message threads"  # the target answers 400 thread_unsupported_request
     for tool in body.get("tools") or []:
         kind = str(tool.get("type") or "") if isinstance(tool, dict) else ""
-        if kind.startswith(TOOL_SEARCH_TYPES) and not supports_tool_search(target):
+        if kind.startswith(TOOL_SEARCH_TYPES) and not rules.supports_tool_search(target):
             return "tool search"
-        if kind.startswith("advisor_") and advisor_pair_problem(target, str(tool.get("model") or "")):
+        if kind.startswith("advisor_") and rules.advisor_pair_problem(target, str(tool.get("model") or "")):
             return "advisor pair"
     if tokens is not None and window is not None and tokens() > window:
         return "context window"
@@ -352,12 +342,12 @@ def fit(body: dict[str, Any], target: str) -> dict[str, Any]:
     th = out.get("thinking")
     if isinstance(th, dict) and th.get("type") in ("enabled", "adaptive"):
         max_tokens = int(out.get("max_tokens") or 0)
-        if th["type"] == "adaptive" and not supports_adaptive_thinking(target):
+        if th["type"] == "adaptive" and not rules.supports_adaptive_thinking(target):
             budget = min(max(1024, max_tokens // 2), max_tokens - 1)
             out["thinking"] = (
                 {"type": "enabled", "budget_tokens": budget} if budget >= 1024 else {"type": "disabled"}
             )
-        elif th["type"] == "enabled" and refuses_budget_thinking(target):
+        elif th["type"] == "enabled" and rules.refuses_budget_thinking(target):
             out["thinking"] = {"type": "adaptive"}
         elif th["type"] == "enabled" and int(th.get("budget_tokens") or 0) >= max_tokens:
             budget = max_tokens - 1
@@ -370,13 +360,13 @@ def fit(body: dict[str, Any], target: str) -> dict[str, Any]:
         else:
             del out["output_config"]
     samplers = [p for p in ("temperature", "top_p", "top_k") if out.get(p) is not None]
-    if samplers and refuses_sampling(target):
+    if samplers and rules.refuses_sampling(target):
         for p in samplers:
             del out[p]
     if (
         out.get("temperature") is not None
         and out.get("top_p") is not None
-        and refuses_temperature_with_top_p(target)
+        and rules.refuses_temperature_with_top_p(target)
     ):
         del out["top_p"]
     if thinking_on(out):
