@@ -20,6 +20,7 @@ import tokensaver
 from tokensaver.emulator import Emulator
 from tokensaver.exchange import strip_thinking_from
 from tokensaver.proxy import ProxyServer
+from tokensaver.report import Report
 
 MODEL = "claude-opus-5-5"
 TASK = "Task: fix the failing test in shop/cart.py"
@@ -209,3 +210,14 @@ def test_the_proxy_strips_the_unbound_thinking_and_sends_again(emu: Emulator, tm
     assert [r.status for r in emu.requests[-2:]] == [400, 200]
     assert records[-1]["status"] == 200
     assert records[-1]["thinking_unbound"] == {"from": "messages.1.content.0", "stripped_blocks": 1}
+
+
+def test_every_report_format_says_the_thinking_was_stripped(emu: Emulator, tmp_path: Path) -> None:
+    _queue(emu)
+    client = _wrapped(emu, tmp_path)
+    first = client.messages.create(**_first_call())
+    client.messages.create(**_second_call(_reply_blocks(first)))
+    report = Report({"name": "unbound"}, client.tokensaver.records)
+    assert report.to_dict()["totals"]["thinking_unbound"] == 1
+    for text in (report.to_table(), report.to_markdown(), report.to_html()):
+        assert "thinking stripped on 1 call" in text

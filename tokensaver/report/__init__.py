@@ -15,13 +15,14 @@ reached the API, so their usage is not counted as billed.
 
 - ``schema``: ``"tokensaver-report/1"``
 - ``run``: ``{name, created, config}``
-- ``totals``: ``{calls, state_lost, short_circuited, api_errors, tokens_original, tokens_sent, tokens_saved,
+- ``totals``: ``{calls, state_lost, thinking_unbound, short_circuited, api_errors, tokens_original, tokens_sent, tokens_saved,
   usage: {input_tokens, cache_creation_input_tokens, cache_creation_5m, cache_creation_1h,
   cache_read_input_tokens, output_tokens}, cost_usd, counterfactual_usd, auto_usd, saved_usd,
   saved_pct, saved_vs_auto_usd, saved_vs_auto_pct, estimated_calls, estimate_error_usd,
   estimate_error_pct}`` (``saved_pct`` of ``counterfactual_usd``; ``estimate_error_usd`` = the sum
   of each call's distance between the estimated and the billed input side, ``estimate_error_pct``
-  that over the billed input side of those calls)
+  that over the billed input side of those calls; ``thinking_unbound``: calls sent without thinking
+  blocks the API refused as bound to a different conversation, see :func:`tokensaver.exchange.unbound_retry`)
 - ``cache``: ``{input_tokens, write_tokens, write_5m, write_1h, read_tokens, hit_rate}``
   (``hit_rate`` = cache reads / all billed input-side tokens, null without any)
 - ``latency``: ``{samples, overhead_p50_ms, overhead_p95_ms, overhead_max_ms}`` (nearest rank)

@@ -227,6 +227,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "calls": len(records),
         # calls made while the shared state (Redis) was unreachable: they went on without it
         "state_lost": sum(1 for r in records if r.get("state_lost")),
+        "thinking_unbound": sum(1 for r in records if r.get("thinking_unbound")),
         "short_circuited": len(short_circuits),
         "api_errors": len(api_errors),
         "tokens_original": tot["tokens_original"],

@@ -72,7 +72,12 @@ def _environment() -> jinja2.Environment:
     env.filters.update(
         usd=fmt_usd, num=fmt_int, pct=fmt_pct, ms=fmt_ms, when=fmt_time, cell=fmt_value, md=md_cell
     )
-    env.globals.update(auto_line=auto_line, estimate_line=estimate_line, state_lost_line=state_lost_line)
+    env.globals.update(
+        auto_line=auto_line,
+        estimate_line=estimate_line,
+        state_lost_line=state_lost_line,
+        unbound_line=unbound_line,
+    )
     return env
 
 
@@ -94,6 +99,18 @@ def state_lost_line(totals: dict[str, Any]) -> str:
     return (
         f"state lost on {n:,} call{'s' if n != 1 else ''}: the shared state was unreachable, so they went"
         " on without it (answered; a replica may have sent other bytes than the others would)"
+    )
+
+
+def unbound_line(totals: dict[str, Any]) -> str:
+    """What the calls sent without some thinking blocks mean; "" when there were none."""
+    n = int(totals.get("thinking_unbound") or 0)
+    if not n:
+        return ""
+    return (
+        f"thinking stripped on {n:,} call{'s' if n != 1 else ''}: the API refused a thinking block as "
+        "bound to a different conversation (something before it changed since the model wrote it), "
+        "so the call went again without it and the blocks after it"
     )
 
 
@@ -230,6 +247,8 @@ class Report:
         ]
         if t.get("state_lost"):
             pairs.append(("shared state", state_lost_line(t)))
+        if t.get("thinking_unbound"):
+            pairs.append(("thinking", unbound_line(t)))
         width = max(len(k) for k, _ in pairs)
         out += [f"  {k.ljust(width)}  {v}" for k, v in pairs]
 
