@@ -434,6 +434,14 @@ def _raw_digest(m: Any) -> Any:
         return object()
 
 
+def _raw_digests(messages: list[Any], given: list[bytes | None] | None) -> list[Any]:
+    """Each message's ``_raw_digest``: the core's digests of them when it handed them over (the same
+    function of the same bytes), else one serialization each."""
+    if given is not None and len(given) == len(messages):
+        return [d if d is not None else object() for d in given]
+    return [_raw_digest(m) for m in messages]
+
+
 def _message_digest(m: Any) -> Any:
     """A message's digest, ``cache_control`` aside (a breakpoint moved is not an edit)."""
     try:
@@ -612,7 +620,7 @@ def _rewrite_messages(
     # one serialization per message; only a message that differs from the index's digest is looked
     # at without its breakpoints (the last call's newest messages carried them)
     seen = index.digests
-    raws = [_raw_digest(m) for m in messages] if seen else []
+    raws = _raw_digests(messages, getattr(ctx, "message_digests", None)) if seen else []
     k = len(seen) if raws[: len(seen)] == seen else _common(seen, raws, messages)
     if settings.get("model_summaries"):
         k = min(k, max(0, len(messages) - 1))  # the newest message is decided anew (a summary may be asked)

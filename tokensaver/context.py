@@ -123,6 +123,10 @@ class CallContext:
     # set by the core before each plugin's hook runs
     plugin: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
+    # set by the core before each transform stage: each message's digest (xxh3-128 of its orjson,
+    # keys as they come; None: not orjson's JSON) in the body the stage gets, when the core has them
+    # (the stages before it changed nothing), else None: a plugin's prefix check needs no pass of its own
+    message_digests: list[bytes | None] | None = None
     # billed usage, normalized (set before tokensaver_observe_response)
     usage: dict[str, int] = field(default_factory=dict)
     # per-plugin state that lives as long as the wrapped client (keyed by plugin name)

@@ -289,12 +289,14 @@ def _digest_blocks(body: dict[str, Any], memo: Memo, facts: BillingMemo) -> Fact
     records: list[Record] = []
     counts: list[int] = []
     sizes: list[int | None] = []
+    keys: list[bytes | None] = []
     for m in messages if isinstance(messages, list) else ():
         try:
             raw: bytes | None = orjson.dumps(m)
         except TypeError:
             raw = None
         key = _xxh(raw) if raw is not None and on else None
+        keys.append(key)
         known = _MESSAGES.get(key) if key is not None else None
         blocks = _content_blocks(m)
         if known is not None and len(known[3]) == len(blocks):
@@ -320,7 +322,7 @@ def _digest_blocks(body: dict[str, Any], memo: Memo, facts: BillingMemo) -> Fact
         sizes.append(None if raw is None else len(raw))
         if key is not None and raw is not None:
             _MESSAGES.put(key, (record, len(raw), count, tuple(told)))
-    return Facts(records, counts, sizes, head)
+    return Facts(records, counts, sizes, head, digests=keys if on else None)
 
 
 def _stage_facts(
@@ -531,6 +533,8 @@ class Pipeline:
             error = None
             result_facts: Facts | None = None
             given = call.guard.give(current)
+            # the per-message digests of the body the stage gets, while it is the one digested above
+            ctx.message_digests = start_facts.digests if current is start else None
             try:
                 result = self._call(call, name, hook, impl, body=given)
                 if not call.guard.intact():
@@ -584,6 +588,7 @@ class Pipeline:
                     ctx.model = self.prices.get(str(result.get("model", "")))
                 current, before, current_facts = result, after, result_facts
             call.bodies.append(current)
+        ctx.message_digests = None
         call.view = current
         if current is start and not is_follow_up(whole):
             call.body = body  # unchanged: the caller's bytes go out as they came

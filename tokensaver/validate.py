@@ -386,6 +386,8 @@ class Facts:
     sizes: list[int | None]
     head: int = 0  # tokens of the tools and system prompt
     count: Callable[[], None] = lambda: None  # fills the counts not yet made (-1), once checked
+    # each message's xxh3-128 of its orjson (None: not orjson's JSON), when the core made them
+    digests: list[bytes | None] | None = None
 
 
 def message_size(msg: Any) -> int | None:
