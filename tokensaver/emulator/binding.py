@@ -33,6 +33,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from ..billing import THINKING_TYPES
 from ..model_rules import reads_thinking_of
 
@@ -111,7 +113,13 @@ class BindingStore:
 
 
 def _canon(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    """Canonical JSON: sorted keys, no whitespace (JSON formatting and key order are not part of the prefix)."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # a key or value orjson does not take: the slow path, same canonical form
+        return json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+        ).encode()
 
 
 def _strip(d: dict[str, Any]) -> dict[str, Any]:
