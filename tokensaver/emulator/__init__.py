@@ -10,6 +10,8 @@ with the pipeline's counterfactual; this package adds validation, replies, SSE a
 * :mod:`~tokensaver.emulator.cache`: the clocks and the cache rules applied to a call;
 * :mod:`~tokensaver.emulator.core`: :class:`Emulator` (scripted replies, recorded requests, ``handle``);
 * :mod:`~tokensaver.emulator.threads`: message threads (a continue rebuilt into the whole conversation);
+* :mod:`~tokensaver.emulator.binding`: preserved thinking: the prefix check and the model check on thinking
+  blocks sent back (``Emulator(preserved_thinking=False)`` turns both off);
 * :mod:`~tokensaver.emulator.server`: HTTP; :mod:`~tokensaver.emulator.cli`: ``tokensaver emulator``.
 
 The emulator imports only ``tokensaver.billing``, ``tokensaver.tokens``, ``tokensaver.pricing`` and ``tokensaver.sse``.
