@@ -14,7 +14,8 @@ with the pipeline's counterfactual; this package adds validation, replies, SSE a
   blocks sent back (``Emulator(preserved_thinking=False)`` turns both off);
 * :mod:`~tokensaver.emulator.server`: HTTP; :mod:`~tokensaver.emulator.cli`: ``tokensaver emulator``.
 
-The emulator imports only ``tokensaver.billing``, ``tokensaver.tokens``, ``tokensaver.pricing`` and ``tokensaver.sse``.
+The emulator imports only ``tokensaver.billing``, ``tokensaver.model_rules``, ``tokensaver.tokens``,
+``tokensaver.pricing`` and ``tokensaver.sse``.
 """
 
 from __future__ import annotations
