@@ -134,7 +134,7 @@ def prompt_blocks(
     body: dict[str, Any],
     memo: Memo | None = None,
     like: list[PromptBlock] | None = None,
-    made: dict[tuple[int, str], PromptBlock] | None = None,
+    made: dict[int, PromptBlock] | None = None,
 ) -> list[PromptBlock]:
     """The request as the ordered block sequence the prompt cache sees.
 
@@ -143,8 +143,9 @@ def prompt_blocks(
     :param like: the blocks of a similar body (the previous call of the conversation, the body
         before a stage): a block equal to the one at the same place there takes its digest and count
         (an equality test, not a serialization).
-    :param made: the PromptBlocks made for earlier bodies of the same call, by block identity and
-        tag, reused as they are (their ``where`` is the place in the body they were made for).
+    :param made: the PromptBlocks made for earlier bodies of the same call, by block identity
+        (and tag: a block that comes again under another tag is made again), reused as they are
+        (their ``where`` is the place in the body they were made for).
     """
     counter = default_counter()
     out: list[PromptBlock] = []
@@ -153,8 +154,8 @@ def prompt_blocks(
 
     def add(where: tuple[str, int, int], block: Any, tag: str, extra: int = 0) -> None:
         if made is not None:
-            known = made.get((id(block), tag))
-            if known is not None and known.block is block:
+            known = made.get(id(block))
+            if known is not None and known.block is block and known.tag == tag:
                 out.append(known)
                 return
         make(where, block, tag, extra)
@@ -182,7 +183,7 @@ def prompt_blocks(
             # (same tag, same framing: a message's first block carries it, the memo keeps the block's own)
             memo[id(block)] = (block, prev.digest, prev.tokens - extra, prev.image)
             if made is not None:
-                made[(id(block), tag)] = out[-1]
+                made[id(block)] = out[-1]
             return
         else:
             digest, tokens, image = _DIGESTS.get(block, counter)
@@ -190,7 +191,7 @@ def prompt_blocks(
         made_block = PromptBlock(where, block, tokens + extra, tag, cacheable, cc, digest, image)
         out.append(made_block)
         if made is not None:
-            made[(id(block), tag)] = made_block
+            made[id(block)] = made_block
 
     for i, tool in enumerate(body.get("tools") or []):
         add(("tools", i, 0), tool, "tools")
@@ -213,8 +214,8 @@ def prompt_blocks(
         blocks = (content,) if isinstance(content, str) else content or ()
         tag = start
         for bi, b in enumerate(blocks):
-            p = known((id(b), tag))
-            if p is not None and p.block is b:
+            p = known(id(b))
+            if p is not None and p.block is b and p.tag == tag:
                 append(p)  # (inlined: the common case, a block this call has seen)
             elif (seen := seen_of(id(b))) is not None and seen[0] is b and isinstance(b, dict):
                 # (inlined: a dict block whose facts the call has, as each block the caller sent: the
@@ -233,7 +234,7 @@ def _make_known(
     tag: str,
     seen: tuple[Any, bytes, int, bool],
     extra: int,
-    made: dict[tuple[int, str], PromptBlock] | None,
+    made: dict[int, PromptBlock] | None,
 ) -> None:
     """Append the PromptBlock of a dict block whose digest, count and image flag are known."""
     kind = block.get("type")
@@ -247,7 +248,7 @@ def _make_known(
     made_block = PromptBlock(where, block, seen[2] + extra, tag, cacheable, cc, seen[1], seen[3])
     out.append(made_block)
     if made is not None:
-        made[(id(block), tag)] = made_block
+        made[id(block)] = made_block
 
 
 _ROLE_TAGS: dict[str, tuple[str, str]] = {}
@@ -333,7 +334,7 @@ class Prepared:
         *,
         like: Prepared | Kept | None = None,
         blocks: list[PromptBlock] | None = None,
-        made: dict[tuple[int, str], PromptBlock] | None = None,
+        made: dict[int, PromptBlock] | None = None,
     ) -> Prepared:
         """Prepare ``body``; the hashes of a leading run of blocks it shares with ``like`` are reused."""
         if blocks is None:
@@ -831,7 +832,7 @@ class ShadowCaches:
         with self._lock:
             before = self._previous.get((key, conversation)) if memo_enabled() else None
         last: list[Any] = [None, before]  # the body prepared last, and how
-        made: dict[tuple[int, str], PromptBlock] = {}  # the call's prompt blocks, by block identity
+        made: dict[int, PromptBlock] = {}  # the call's prompt blocks, by block identity
 
         def bill(lane: str, body: dict[str, Any], auto_only: bool = False) -> Billing:
             edited, _ = apply_context_management(body)

@@ -44,7 +44,6 @@ from .validate import (
     facts_stage_problem,
     message_problem,
     message_record,
-    message_size,
     stage_problem,
 )
 
@@ -260,6 +259,15 @@ class _MessageTable:
 _MESSAGES = _MessageTable()
 
 
+def _plain(message: Any) -> bool:
+    """A message of plain JSON containers down to its blocks (no tuple, no subclass: its record is
+    a function of its serialization, so a table entry found by that serialization's digest is its own)."""
+    if type(message) is not dict:
+        return False
+    content = message.get("content")
+    return type(content) is str or (type(content) is list and all(type(b) is dict for b in content))
+
+
 def _content_blocks(message: Any) -> list[Any]:
     content = message.get("content") if isinstance(message, dict) else None
     return [content] if isinstance(content, str) else content if isinstance(content, list) else []
@@ -326,21 +334,51 @@ def _digest_blocks(body: dict[str, Any], memo: Memo, facts: BillingMemo) -> Fact
 
 
 def _stage_facts(
-    result: dict[str, Any], current: dict[str, Any], given: Facts, counter: TokenCounter, memo: Memo
+    result: dict[str, Any],
+    current: dict[str, Any],
+    given: Facts,
+    counter: TokenCounter,
+    memo: Memo,
+    facts: BillingMemo | None = None,
 ) -> Facts:
     """The facts of a stage's output, from those of its input for the messages it kept; the others
-    counted (by identity in the call's memo, else by content digest) and checked anew."""
+    found by their serialization's digest in the bounded per-message table (a stage's rewrite of a
+    message is mostly the one it made on the conversation's previous call), else checked anew and
+    counted (by identity in the call's memo, else by content digest) once the output is found valid.
+    A block counted here has its digest made once for the call's billing too (``facts``)."""
+    on = memo_enabled()
+    keys: dict[int, bytes] = {}  # message index -> digest, for the messages not in the table
 
     def count(b: Any) -> int:
         seen = memo.get(id(b))
         if seen is not None and seen[0] is b:
             return int(seen[1])
-        n = counter.block(b)
+        if facts is None:
+            n = counter.block(b)
+        else:
+            digest, n, image = block_facts(b)
+            facts[id(b)] = (b, digest, n, image)
         memo[id(b)] = (b, n)
         return n
 
     def fresh(m: Any) -> tuple[Record, int, int | None]:
-        return message_record(m), -1, message_size(m)  # counted once the output is found valid
+        try:
+            raw: bytes | None = orjson.dumps(m)
+        except TypeError:
+            raw = None
+        if raw is None:
+            return message_record(m), -1, None
+        if on and facts is not None and _plain(m):
+            key = _xxh(raw)
+            known = _MESSAGES.get(key)
+            blocks = _content_blocks(m)
+            if known is not None and len(known[3]) == len(blocks):
+                for b, (digest, tokens, image) in zip(blocks, known[3], strict=True):
+                    memo[id(b)] = (b, tokens)
+                    facts[id(b)] = (b, digest, tokens, image)
+                return known[0], known[2], known[1]
+            keys[id(m)] = key
+        return message_record(m), -1, len(raw)  # counted once the output is found valid
 
     out = facts_like(result["messages"], current.get("messages") or [], given, fresh)
 
@@ -351,6 +389,17 @@ def _stage_facts(
             if out.tokens[i] < 0:
                 blocks = _content_blocks(m)
                 out.tokens[i] = MESSAGE_OVERHEAD + sum(count(b) for b in blocks) if isinstance(m, dict) else 0
+                key = keys.get(id(m))
+                size = out.sizes[i]
+                if key is not None and facts is not None and size is not None:
+                    told = []
+                    for b in blocks:
+                        f = facts.get(id(b))
+                        if f is None or f[0] is not b:
+                            break
+                        told.append((f[1], f[2], f[3]))
+                    else:
+                        _MESSAGES.put(key, (out.records[i], size, out.tokens[i], tuple(told)))
         if same_head:
             out.head = given.head
         else:
@@ -550,7 +599,9 @@ class Pipeline:
                         and isinstance(result, dict)
                         and isinstance(result.get("messages"), list)
                     ):
-                        result_facts = _stage_facts(result, current, current_facts, self.counter, memo)
+                        result_facts = _stage_facts(
+                            result, current, current_facts, self.counter, memo, call.facts
+                        )
                         problem = facts_stage_problem(
                             result, result_facts, current, current_facts, call.sizes
                         )
@@ -609,6 +660,9 @@ class Pipeline:
         if hit is not None:
             call.short_circuit = hit_by
             call.response = hit
+        # the plugins are done with their copies: they go now, not when the call is recorded (what
+        # the call keeps alive until then is what the cyclic collector walks, and promotes, meanwhile)
+        call.guard.drop()
         call.overhead_ms = (time.perf_counter() - t0) * 1000
         return call
 

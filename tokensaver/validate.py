@@ -388,6 +388,10 @@ class Facts:
     count: Callable[[], None] = lambda: None  # fills the counts not yet made (-1), once checked
     # each message's xxh3-128 of its orjson (None: not orjson's JSON), when the core made them
     digests: list[bytes | None] | None = None
+    # what the request rules find in ``records`` alone, once found (a pure function of the records:
+    # a body whose records equal another's takes them)
+    record_problems: list[str] | None = None
+    record_breakpoints: tuple[tuple[str, ...], bool | None] | None = None
 
 
 def message_size(msg: Any) -> int | None:
@@ -490,7 +494,22 @@ def _record_problems(records: list[Record]) -> list[str]:
     return sorted(set(out), key=out.index)
 
 
-def _record_breakpoints(body: dict[str, Any], records: list[Record]) -> tuple[int, bool]:
+def _records_ttls(records: list[Record]) -> tuple[tuple[str, ...], bool | None]:
+    """The messages' cache_control ttls in order, and whether the last cacheable block has one
+    (None: no message block decides it)."""
+    ttls: list[str] = []
+    last: bool | None = None
+    for rec in records:
+        if rec[1]:
+            ttls.extend(rec[1])
+        if rec[2] is not None:
+            last = rec[2]
+    return tuple(ttls), last
+
+
+def _record_breakpoints(
+    body: dict[str, Any], records: list[Record], facts: Facts | None = None
+) -> tuple[int, bool]:
     """``_breakpoints`` from the messages' records (tools and system scanned)."""
     ttls: list[str] = []
     last: bool | None = None
@@ -503,11 +522,15 @@ def _record_breakpoints(body: dict[str, Any], records: list[Record]) -> tuple[in
                         ttls.append(str(cc.get("ttl", "5m")) if isinstance(cc, dict) else "5m")
                     if b.get("type") not in THINKING_TYPES:
                         last = bool(cc)
-    for rec in records:
-        if rec[1]:
-            ttls.extend(rec[1])
-        if rec[2] is not None:
-            last = rec[2]
+    if facts is not None:
+        if facts.record_breakpoints is None:
+            facts.record_breakpoints = _records_ttls(records)
+        more, last_msg = facts.record_breakpoints
+    else:
+        more, last_msg = _records_ttls(records)
+    ttls.extend(more)
+    if last_msg is not None:
+        last = last_msg
     n = len(ttls)
     auto = body.get("cache_control")
     if auto and not last:
@@ -521,8 +544,10 @@ def _facts_problems(body: dict[str, Any], facts: Facts, sizes: Sizes | None) -> 
     """``request_problems(body)`` from its facts (same rules, same order)."""
     if _missing_required(body):
         return ["shape: model, messages and max_tokens are required"]
-    out = _record_problems(facts.records)
-    n, order_ok = _record_breakpoints(body, facts.records)
+    if facts.record_problems is None:
+        facts.record_problems = _record_problems(facts.records)
+    out = list(facts.record_problems)
+    n, order_ok = _record_breakpoints(body, facts.records, facts)
     if n > MAX_BREAKPOINTS:
         out.append(f"breakpoints: more than {MAX_BREAKPOINTS} cache_control blocks")
     if not order_ok:
@@ -585,6 +610,10 @@ def facts_stage_problem(
     """``stage_problem(output, given)`` from the bodies' per-message facts: where the output's
     message records equal the input's (the common case: a stage that changed block contents, not
     the conversation's shape), only what lies outside the messages is checked again."""
+    same = out_facts.records == given_facts.records
+    if same:  # what the records alone give is the input's (found once for the call's bodies)
+        out_facts.record_problems = given_facts.record_problems
+        out_facts.record_breakpoints = given_facts.record_breakpoints
     problems = _facts_problems(output, out_facts, sizes)
     if problems:
         before = set(_facts_problems(given, given_facts, sizes))
@@ -592,7 +621,7 @@ def facts_stage_problem(
             if rule not in before:
                 return rule
         return None
-    if out_facts.records == given_facts.records:
+    if same:
         return None
     return _facts_thinking(given_facts, out_facts)
 
