@@ -635,3 +635,75 @@ def test_bench_configs_do_not_let_a_busy_machine_cut_a_plugin_off(tmp_path: Path
     }
     assert all(s.config["record"] is False for s in specs.values())
     assert load_config(specs["defaults"].config, cwd=tmp_path).plugin_timeout == 600.0
+
+
+def _thinking_conv(folder: Path, turns: int = 12) -> Path:
+    """A Claude Code-like tool loop whose assistant turns start with a signed thinking block."""
+    messages: list[dict] = [{"role": "user", "content": "Fix the failing test."}]
+    for k in range(turns):
+        messages.append(
+            {
+                "role": "assistant",
+                "content": [
+                    {
+                        "type": "thinking",
+                        "thinking": f"Step {k}: read the next file.",
+                        "signature": f"sig-{k}",
+                    },
+                    {
+                        "type": "tool_use",
+                        "id": f"t{k}",
+                        "name": "Read",
+                        "input": {"file_path": f"/src/m{k}.py"},
+                    },
+                ],
+            }
+        )
+        body = "\n".join(f"def handler_{k}_{i}(value): return value + {i}" for i in range(60))
+        messages.append(
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"t{k}", "content": body}]}
+        )
+    request = {"model": "claude-sonnet-4-5", "max_tokens": 256, "messages": messages}
+    data = {
+        "format": "tokensaver-conversation/1",
+        "id": "thinking-loop",
+        "segments": [
+            {"request": request, "calls": [{"n_messages": n} for n in range(1, len(messages) + 1, 2)]}
+        ],
+    }
+    path = folder / "thinking-loop.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def test_as_model_replays_on_a_model_with_preserved_thinking(tmp_path: Path) -> None:
+    """--as-model runs every call as if sent to that model: on Opus 5.5 the emulator binds each
+    thinking block to what came before it, so a cut before one would be refused; prune makes none."""
+    folder = tmp_path / "loops"
+    folder.mkdir()
+    _thinking_conv(folder)
+    cfg = tmp_path / "cut.toml"
+    cfg.write_text(
+        'plugins = ["prune"]\n[prune]\nmax_tokens_budget = 2000\nkeep_tool_uses = 1\nkeep_last_messages = 2\n'
+        "clear_stale = false\n",
+        encoding="utf-8",
+    )
+
+    def replay(model: str | None) -> dict:
+        opts = bench.BenchOptions(
+            traces=[str(folder)],
+            configs=[str(cfg)],
+            scope="conversation",
+            overhead=False,
+            memory=False,
+            progress=False,
+            model=model,
+        )
+        return bench.run_bench(opts)
+
+    plain, bound = replay(None), replay("claude-opus-5-5")
+    (row,) = plain["results"]
+    assert row["rejected"] == 0 and row["tokens_sent"] < row["tokens_original"]  # cut on Sonnet 4.5
+    (row,) = bound["results"]
+    assert row["rejected"] == 0 and row["tokens_sent"] == row["tokens_original"]  # no cut on Opus 5.5
+    assert "as if sent to claude-opus-5-5" in render(bound, "md")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import model_rules as rules
 from ..errors import TokensaverError
 from ..traces import (
     FORMAT,
@@ -38,6 +39,7 @@ class TraceRef:
     source: str
     size: int
     half: str | None = None  # "tuning" | "validation" (see split_halves)
+    model: str | None = None  # replay every call as if sent to this model (see retarget)
 
 
 def _split_key(path: str | Path) -> tuple[str, str]:
@@ -123,9 +125,32 @@ def find_traces(paths: list[str | Path], sources: list[str] | None = None) -> tu
     return refs, dupes
 
 
+def retarget(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """``body`` as a caller would send it to ``model``: the model named, and what that model refuses
+    fitted (samplers on Opus 4.7+ and 5.x, budget thinking where only adaptive is taken, forced tool
+    use on the models with preserved thinking, which answer it with a 400). The history, thinking
+    blocks included, is kept: on a model with preserved thinking each block is bound at first sight
+    (the emulator), so the replay runs the API's prefix check on what tokensaver sends."""
+    out = {**body, "model": model}
+    if rules.refuses_sampling(model):
+        for k in ("temperature", "top_p", "top_k"):
+            out.pop(k, None)
+    th = out.get("thinking")
+    if isinstance(th, dict) and th.get("type") == "enabled" and rules.refuses_budget_thinking(model):
+        out["thinking"] = {"type": "adaptive"}
+    tc = out.get("tool_choice")
+    if isinstance(tc, dict) and tc.get("type") in ("any", "tool") and rules.prefix_check_enforcement(model):
+        out["tool_choice"] = {"type": "auto"}
+    return out
+
+
 def load_ref(ref: TraceRef, limit_calls: int | None = None) -> Conversation:
     conv = load_conversation(ref.path)
     conv.source = ref.source
+    if ref.model:
+        for call in conv.calls:
+            call.body = retarget(call.body, ref.model)
+        conv.info["bench_model"] = ref.model
     if ref.half:
         conv.info["bench_half"] = ref.half
     if limit_calls:

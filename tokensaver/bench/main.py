@@ -98,6 +98,7 @@ class BenchOptions:
     scope: str = "source"
     gap_seconds: float = bench_specs.DEFAULT_GAP_SECONDS
     half: str = "all"
+    model: str | None = None  # --as-model
 
 
 def _select(opts: BenchOptions) -> tuple[list[str | Path], list[TraceRef], Any, dict[str, Any]]:
@@ -117,6 +118,8 @@ def _select(opts: BenchOptions) -> tuple[list[str | Path], list[TraceRef], Any, 
     if opts.half != "all":
         refs = [r for r in refs if r.half == opts.half]
     refs.sort(key=lambda r: (r.source, r.path))
+    for r in refs:
+        r.model = opts.model
     if opts.per_source:
         taken: dict[str, int] = {}
         keep = []
@@ -289,6 +292,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "scope": opts.scope,
         "scope_note": bench_specs.scope_note(opts.scope, opts.gap_seconds),
         "half": opts.half,
+        "as_model": opts.model,
         "split": split,
         "machine": machine,
         "options": {
@@ -303,6 +307,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             "cache_scope": opts.scope,
             "gap_seconds": opts.gap_seconds,
             "half": opts.half,
+            "as_model": opts.model,
             "duplicates_skipped": dupes,
         },
         "configs": [s.as_dict() for s in specs],
@@ -356,6 +361,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="all",
         help="replay the tuning or the validation half of every source, or all (default; results "
         "tagged with their half): " + SPLIT_RULE,
+    )
+    parser.add_argument(
+        "--as-model",
+        default=None,
+        metavar="MODEL",
+        help="replay every call as if sent to MODEL (priced and checked as that model; e.g. "
+        "claude-opus-5-5, whose preserved thinking binds each thinking block to what came before it)",
     )
     parser.add_argument(
         "--cache-scope",
@@ -463,6 +475,7 @@ def run(args: argparse.Namespace) -> int:
         scope=args.cache_scope,
         gap_seconds=args.gap_seconds,
         half=args.half,
+        model=args.as_model,
     )
     data = run_bench(opts)
     text = render(data, args.format)

@@ -167,9 +167,11 @@ def split_line(data: dict[str, Any]) -> str | None:
         return None
     counts = ", ".join(f"{src} {c['tuning']}/{c['validation']}" for src, c in split["counts"].items())
     half = data.get("half") or "all"
+    model = data.get("as_model")
     return (
         f"Halves: {split['rule']}. Conversation files per source (tuning/validation): {counts}. "
-        f"Replayed: {half_title(half) if half != 'all' else 'both halves'}."
+        f"Replayed: {half_title(half) if half != 'all' else 'both halves'}"
+        + (f", every call as if sent to {model} (--as-model)." if model else ".")
     )
 
 
