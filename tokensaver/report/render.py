@@ -91,26 +91,30 @@ def auto_line(totals: dict[str, Any]) -> str:
     )
 
 
+def _calls_line(totals: dict[str, Any], key: str, text: str) -> str:
+    """``text`` with the number of calls ``totals[key]`` counts ({n}, {s} for the plural); "" for none."""
+    n = int(totals.get(key) or 0)
+    return text.format(n=f"{n:,}", s="s" if n != 1 else "") if n else ""
+
+
 def state_lost_line(totals: dict[str, Any]) -> str:
     """What the calls made without the shared state mean; "" when there were none."""
-    n = int(totals.get("state_lost") or 0)
-    if not n:
-        return ""
-    return (
-        f"state lost on {n:,} call{'s' if n != 1 else ''}: the shared state was unreachable, so they went"
-        " on without it (answered; a replica may have sent other bytes than the others would)"
+    return _calls_line(
+        totals,
+        "state_lost",
+        "state lost on {n} call{s}: the shared state was unreachable, so they went on without it "
+        "(answered; a replica may have sent other bytes than the others would)",
     )
 
 
 def unbound_line(totals: dict[str, Any]) -> str:
     """What the calls sent without some thinking blocks mean; "" when there were none."""
-    n = int(totals.get("thinking_unbound") or 0)
-    if not n:
-        return ""
-    return (
-        f"thinking stripped on {n:,} call{'s' if n != 1 else ''}: the API refused a thinking block as "
-        "bound to a different conversation (something before it changed since the model wrote it), "
-        "so the call went again without it and the blocks after it"
+    return _calls_line(
+        totals,
+        "thinking_unbound",
+        "thinking stripped on {n} call{s}: the API refused a thinking block as bound to a different "
+        "conversation (something before it changed since the model wrote it), so the call went again "
+        "without it and the blocks after it",
     )
 
 
