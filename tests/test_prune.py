@@ -882,7 +882,9 @@ def test_a_model_with_preserved_thinking_gets_every_call_through_the_prefix_chec
     config = {"plugins": ["prune", "cache_align"], "record": False, "runs_dir": str(tmp_path), "prune": TIGHT}
     with Emulator(virtual_clock=True, start_time=T0) as emu:
         client = tokensaver.wrap(
-            anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0), config=config, clock=emu.clock.now
+            anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0),
+            config=config,
+            clock=emu.clock.now,
         )
         stood = 0
         for n in range(3, len(msgs) + 1, 2):
