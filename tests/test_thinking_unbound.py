@@ -221,3 +221,48 @@ def test_every_report_format_says_the_thinking_was_stripped(emu: Emulator, tmp_p
     assert report.to_dict()["totals"]["thinking_unbound"] == 1
     for text in (report.to_table(), report.to_markdown(), report.to_html()):
         assert "thinking stripped on 1 call" in text
+
+
+def test_a_restart_after_cache_align_moved_a_changed_system_line_is_answered(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    """The caller's system prompt gets a new date mid-conversation: cache_align moves the line out of
+    the cached prefix (the system changes: every thinking block before is refused once, stripped and
+    sent again). A restarted client does not know the move and sends the system as it comes: refused
+    once more, answered after the strip. Every call is answered; refusals cost one request each."""
+
+    def client() -> Any:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="sk-ant-unbound", max_retries=0)
+        return tokensaver.wrap(
+            base, config={"record": False, "runs_dir": str(tmp_path), "plugins": ["cache_align"]}
+        )
+
+    def system(day: int) -> list[dict[str, Any]]:
+        return [
+            {"type": "text", "text": "You are a coding agent. " * 200 + f"\nToday's date: 2026-12-0{day}"}
+        ]
+
+    c = client()
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": TASK + " please" * 300}]
+    unbound = []
+    for k in range(6):
+        if k == 4:
+            c = client()  # a restart: the new process knows nothing of the conversation
+        emu.reply([{"type": "thinking", "thinking": f"Step {k}."}, {"type": "text", "text": f"ok {k}"}])
+        r = c.messages.create(
+            model=MODEL, max_tokens=64, thinking=THINKING, system=system(1 if k < 2 else 2), messages=msgs
+        )
+        assert r.content[-1].text == f"ok {k}"  # type: ignore[union-attr]
+        unbound.append(c.tokensaver.records[-1].get("thinking_unbound"))
+        blocks = [b.model_dump(exclude_none=True) for b in r.content]
+        msgs = [*msgs, {"role": "assistant", "content": blocks}, {"role": "user", "content": f"next {k}"}]
+    statuses = [r.status for r in emu.requests]
+    refused = statuses.count(400)
+    assert (
+        1 <= refused <= 2 and len(statuses) == 6 + refused
+    )  # the date change; the restart at most once more
+    assert "400, 400" not in str(statuses)  # a refused call is answered on its one retry
+    assert sum(1 for u in unbound if u and "from" in u) == refused
+    assert unbound[3] == {
+        "stripped_known": unbound[2]["stripped_blocks"]
+    }  # no second refusal after the first
