@@ -49,7 +49,10 @@ def test_a_stage_output_seen_before_gives_the_facts_a_fresh_table_gives(
     out = body
     for op, at in edits:
         if out["messages"]:
-            out = _edit(out, op, at)
+            try:
+                out = _edit(out, op, at)
+            except ZeroDivisionError:  # (the helper's breakpoint edit on a message emptied before)
+                continue
     if not isinstance(out.get("messages"), list):
         return
     kept = pipeline._MESSAGES

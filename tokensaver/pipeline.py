@@ -129,9 +129,24 @@ class _Guard:
                 for m in value:
                     if isinstance(m, dict):
                         mine = dict(m)
+                        if (
+                            len(m) == 2
+                            and "content" in m
+                            and "role" in m
+                            and not isinstance(m["role"], dict | list)
+                        ):
+                            # (inlined: the common case, {role, content}, its blocks copied before)
+                            v = m.get("content")
+                            if isinstance(v, list):
+                                mine["content"] = [
+                                    c if (c := known(id(b))) is not None else leaf(b) for b in v
+                                ]
+                            elif isinstance(v, dict):
+                                mine["content"] = leaf(v)
+                            msgs.append(mine)
+                            continue
                         for k, v in m.items():
                             if k == "content" and isinstance(v, list):
-                                # (inlined: the common case, a block copied for an earlier stage)
                                 mine[k] = [c if (c := known(id(b))) is not None else leaf(b) for b in v]
                             elif isinstance(v, dict | list):
                                 mine[k] = leaf(v)
@@ -179,6 +194,19 @@ class _Guard:
             if key == "messages" and isinstance(value, list):
                 for i, m in enumerate(value):
                     if isinstance(m, dict):
+                        if (
+                            len(m) == 2
+                            and "content" in m
+                            and "role" in m
+                            and not isinstance(m["role"], dict | list)
+                        ):
+                            # (inlined: the common case, {role, content})
+                            v = m.get("content")
+                            if isinstance(v, list):
+                                v[:] = [o if (o := back(id(b))) is not None else own(b) for b in v]
+                            elif isinstance(v, dict):
+                                m["content"] = own(v)
+                            continue
                         for k, v in m.items():
                             if k == "content" and isinstance(v, list):
                                 v[:] = [o if (o := back(id(b))) is not None else own(b) for b in v]
