@@ -90,6 +90,11 @@ def input_marker(
 _NUMBERED_INPUT = re.compile(r"^(\d+)(→|\t|:)")
 
 
+def _before(spots: tuple[tuple[int, int], ...], n: int) -> tuple[tuple[int, int], ...]:
+    """The places of ``spots`` in the first ``n`` texts (or inputs): the same tuple when all are."""
+    return spots if not spots or spots[-1][0] < n else tuple(s for s in spots if s[0] < n)
+
+
 class LineIndex:
     """The lines of the tool results sent so far, for finding runs a new result repeats."""
 
@@ -98,13 +103,15 @@ class LineIndex:
         self.min_chars = min_chars
         # (tool_use id, lines, keys, line numbers)
         self.texts: list[tuple[str, list[str], list[str], list[int | None]]] = []
-        self.where: dict[str, list[tuple[int, int]]] = {}  # key -> (text index, line index)
+        # key -> (text index, line index), oldest first; tuples, not lists: a long-lived index holds
+        # one per distinct line, and tuples of ints are not objects the garbage collector walks
+        self.where: dict[str, tuple[tuple[int, int], ...]] = {}
         # JSON objects sent in full: (tool_use id, keys in order, each value as compact JSON)
         self.objects: list[tuple[str, tuple[str, ...], dict[str, str]]] = []
         # string fields of earlier tool uses' inputs: (tool_use id, field, lines); where_in: line ->
         # (input index, line index)
         self.inputs: list[tuple[str, str, list[str]]] = []
-        self.where_in: dict[str, list[tuple[int, int]]] = {}
+        self.where_in: dict[str, tuple[tuple[int, int], ...]] = {}
         # RepeatIndex's chain key, object and input counts after each text or input it was fed
         # (when it is what feeds this one)
         self.marks: list[tuple[bytes, int, int, int]] = []
@@ -116,8 +123,8 @@ class LineIndex:
         texts, objects, inputs = self.marks[marks - 1][1:] if marks else (0, 0, 0)
         new.texts, new.objects, new.inputs = self.texts[:texts], self.objects[:objects], self.inputs[:inputs]
         new.marks = self.marks[:marks]
-        new.where = {k: [s for s in spots if s[0] < texts] for k, spots in self.where.items()}
-        new.where_in = {k: [s for s in spots if s[0] < inputs] for k, spots in self.where_in.items()}
+        new.where = {k: _before(spots, texts) for k, spots in self.where.items()}
+        new.where_in = {k: _before(spots, inputs) for k, spots in self.where_in.items()}
         return new
 
     def mark(self, key: bytes) -> None:
@@ -133,9 +140,9 @@ class LineIndex:
             self.inputs.append((tid, name, lines))
             for p, ln in enumerate(lines):
                 if len(ln.strip()) >= 4 and not ln.startswith("[tokensaver:"):
-                    spots = self.where_in.setdefault(ln, [])
+                    spots = self.where_in.get(ln, ())
                     if len(spots) < _MAX_CANDIDATES:
-                        spots.append((k, p))
+                        self.where_in[ln] = (*spots, (k, p))
 
     def _input_run(
         self, lines: list[str], i: int, diff: bool
@@ -176,9 +183,9 @@ class LineIndex:
         self.texts.append((tid, lines, keys, nums))
         for p, k in enumerate(keys):
             if len(k) >= 4 and not k.startswith("[tokensaver:"):
-                spots = self.where.setdefault(k, [])
+                spots = self.where.get(k, ())
                 if len(spots) < _MAX_CANDIDATES:
-                    spots.append((t, p))
+                    self.where[k] = (*spots, (t, p))
 
     def rewrite(self, tid: str, text: str) -> str:
         """``text`` with every long run of lines already indexed replaced by a pointer; then indexed.

@@ -825,7 +825,10 @@ def quoted_recently(messages: list[Any], window: int, memo: dict[str, Any] | Non
         state = memo["quotes"] = {"first": first, "seen": 0, "turn": 0, "index": {}, "last": {}}
     if state["seen"] > len(messages):
         state.update(seen=0, turn=0, index={}, last={})
-    index: dict[str, set[str]] = state["index"]  # word -> results holding it
+    # word -> results holding it (a tuple: one per distinct word lives as long as the conversation,
+    # and tuples of strings are not objects the garbage collector walks); past
+    # _MAX_QUOTE_RESULTS holders a word names none of them, so no more are noted
+    index: dict[str, tuple[str, ...]] = state["index"]
     last: dict[str, int] = state["last"]  # result -> the last turn quoting it
     for m in messages[state["seen"] :]:
         if not isinstance(m, dict):
@@ -848,7 +851,9 @@ def quoted_recently(messages: list[Any], window: int, memo: dict[str, Any] | Non
                 if isinstance(b, dict) and b.get("type") == "tool_result":
                     tid = str(b.get("tool_use_id"))
                     for w in _quotable("\n".join(_texts(b.get("content")))):
-                        index.setdefault(w, set()).add(tid)
+                        holders = index.get(w, ())
+                        if len(holders) <= _MAX_QUOTE_RESULTS and tid not in holders:
+                            index[w] = (*holders, tid)
     state["seen"] = len(messages)
     turn = state["turn"]
     return {tid for tid, t in last.items() if turn - t < window}
