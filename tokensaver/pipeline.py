@@ -24,6 +24,7 @@ import pluggy
 import xxhash
 
 from . import metrics
+from ._gc import collection_held
 from .billing import Estimate, ShadowCaches, block_facts, thaw
 from .billing import Memo as BillingMemo
 from .config import Config, load_config
@@ -536,6 +537,7 @@ class Pipeline:
 
     # -- request phase -----------------------------------------------------------------------
 
+    @collection_held
     def begin(
         self,
         body: dict[str, Any],
@@ -763,6 +765,7 @@ class Pipeline:
 
     # -- response phase ----------------------------------------------------------------------
 
+    @collection_held
     def finish(
         self,
         call: Call,
