@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 from collections.abc import Iterator
@@ -67,7 +68,9 @@ def test_a_caller_that_turned_it_off_keeps_it_off(emu: Emulator, tmp_path: Any, 
     assert not gc.isenabled()
 
 
-def test_overlapping_phases_turn_it_on_when_the_last_ends(collection_on: None) -> None:
+@contextlib.contextmanager
+def _held_in_a_thread() -> Iterator[None]:
+    """A phase running in another thread for the block's duration."""
     inside, release = threading.Event(), threading.Event()
 
     @_gc.collection_held
@@ -78,10 +81,17 @@ def test_overlapping_phases_turn_it_on_when_the_last_ends(collection_on: None) -
     t = threading.Thread(target=slow)
     t.start()
     inside.wait(10)
-    _gc.collection_held(lambda: None)()  # a phase that begins and ends inside the other
-    assert not gc.isenabled()
-    release.set()
-    t.join(10)
+    try:
+        yield
+    finally:
+        release.set()
+        t.join(10)
+
+
+def test_overlapping_phases_turn_it_on_when_the_last_ends(collection_on: None) -> None:
+    with _held_in_a_thread():
+        _gc.collection_held(lambda: None)()  # a phase that begins and ends inside the other
+        assert not gc.isenabled()
     assert gc.isenabled()
 
 
@@ -89,18 +99,7 @@ def test_a_long_hold_still_collects_the_young_generations(
     monkeypatch: pytest.MonkeyPatch, collection_on: None
 ) -> None:
     monkeypatch.setattr(_gc, "YOUNG_EVERY", 0.0)
-    inside, release = threading.Event(), threading.Event()
-
-    @_gc.collection_held
-    def slow() -> None:
-        inside.set()
-        release.wait(10)
-
-    t = threading.Thread(target=slow)
-    t.start()
-    inside.wait(10)
-    before = gc.get_stats()[1]["collections"]
-    _gc.collection_held(lambda: None)()
-    assert gc.get_stats()[1]["collections"] > before
-    release.set()
-    t.join(10)
+    with _held_in_a_thread():
+        before = gc.get_stats()[1]["collections"]
+        _gc.collection_held(lambda: None)()
+        assert gc.get_stats()[1]["collections"] > before

@@ -70,6 +70,11 @@ def public_headers(headers: dict[str, Any] | None) -> dict[str, str]:
     return out
 
 
+def _role_content(m: dict[str, Any]) -> bool:
+    """A message of just a plain ``role`` and its ``content`` (the common case the guard inlines)."""
+    return len(m) == 2 and "content" in m and "role" in m and not isinstance(m["role"], dict | list)
+
+
 class _Guard:
     """The copies of a call's blocks that its plugins get, so no plugin can edit a block that is sent.
 
@@ -130,12 +135,7 @@ class _Guard:
                 for m in value:
                     if isinstance(m, dict):
                         mine = dict(m)
-                        if (
-                            len(m) == 2
-                            and "content" in m
-                            and "role" in m
-                            and not isinstance(m["role"], dict | list)
-                        ):
+                        if _role_content(m):
                             # (inlined: the common case, {role, content}, its blocks copied before)
                             v = m.get("content")
                             if isinstance(v, list):
@@ -195,12 +195,7 @@ class _Guard:
             if key == "messages" and isinstance(value, list):
                 for i, m in enumerate(value):
                     if isinstance(m, dict):
-                        if (
-                            len(m) == 2
-                            and "content" in m
-                            and "role" in m
-                            and not isinstance(m["role"], dict | list)
-                        ):
+                        if _role_content(m):
                             # (inlined: the common case, {role, content})
                             v = m.get("content")
                             if isinstance(v, list):

@@ -77,8 +77,9 @@ def request_problems(body: Any, sizes: Sizes | None = None) -> list[str]:
     out: list[str] = []
     if _missing_required(body):
         return ["shape: model, messages and max_tokens are required"]
-    out.extend(_message_problems(body["messages"]))
-    n, order_ok = _breakpoints(body)
+    records = [message_record(m) for m in body["messages"]]
+    out.extend(_record_problems(records))  # the rules of one implementation, as the core's facts use
+    n, order_ok = _record_breakpoints(body, records)
     if n > MAX_BREAKPOINTS:
         out.append(f"breakpoints: more than {MAX_BREAKPOINTS} cache_control blocks")
     if not order_ok:
@@ -88,90 +89,34 @@ def request_problems(body: Any, sizes: Sizes | None = None) -> list[str]:
     return out
 
 
-def _message_problems(messages: list[Any]) -> list[str]:
-    out: list[str] = []
-    prev: str | None = None
-    pending: set[str] = set()  # tool_use ids the previous assistant message asked for
-    seen_ids: set[str] = set()
-    conv = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or msg.get("role") not in ("user", "assistant", "system"):
-            return ["content: a message is not {role, content}"]
-        role, content = msg["role"], msg.get("content")
-        if isinstance(content, str):
-            if _blank(content):
-                out.append("content: an empty message")
-            blocks: list[Any] = []
-        elif isinstance(content, list) and content:
-            blocks = content
-            for b in blocks:
-                if not isinstance(b, dict) or not isinstance(b.get("type"), str):
-                    return ["content: a block without a type"]
-                if b["type"] == "text" and not (isinstance(b.get("text"), str) and not _blank(b["text"])):
-                    out.append("content: an empty text block")
-        elif not (i == len(messages) - 1 and role == "assistant" and content == []):
-            return ["content: a message without content"]
-        else:
-            blocks = []
-        if role == "system":
-            continue
-        if prev is None and role != "user":
-            out.append("roles: the first message is not the user's")
-        if role == prev:
-            out.append("roles: two messages in a row from the same role")
-        if role == "user":
-            answered: set[str] = set()
-            other = False
-            for b in blocks:
-                if b["type"] == "tool_use":
-                    out.append("tool_use: in a user message")
-                elif b["type"] == "tool_result":
-                    if other:
-                        out.append("tool_result: not first in its user message")
-                    tid = b.get("tool_use_id")
-                    if tid not in pending:
-                        out.append("tool_result: answers no tool_use of the previous message")
-                    answered.add(str(tid))
-                else:
-                    other = True
-            if pending - answered:
-                out.append("tool_use: not answered in the next user message")
-            pending = set()
-        else:
-            if pending:
-                out.append("tool_use: not answered in the next user message")
-            pending = set()
-            for b in blocks:
-                if b["type"] == "tool_result":
-                    out.append("tool_result: in an assistant message")
-                elif b["type"] == "tool_use":
-                    tid = b.get("id")
-                    if not isinstance(tid, str) or tid in seen_ids:
-                        out.append("tool_use: a missing or repeated id")
-                    else:
-                        seen_ids.add(tid)
-                        pending.add(tid)
-        prev = role
-    if pending:
-        out.append("tool_use: not answered in the next user message")
-    if conv and not out and conv[-1].get("role") == "assistant":
-        out.append("prefill: ends with an assistant message")
-    return sorted(set(out), key=out.index)
-
-
 def thinking_problem(output: dict[str, Any], given: dict[str, Any], scans: Scans | None = None) -> str | None:
     """Thinking blocks are the model's, signed: none may change or appear, the last turn's stay."""
-    had = _scanned(given, scans)
+    return _thinking_verdict(
+        [b for _, b in _scanned(given, scans)],
+        lambda: [b for _, b in _scanned(output, scans)],
+        lambda: _last_assistant_thinking(given),
+        lambda: _last_assistant_thinking(output),
+    )
+
+
+def _thinking_verdict(
+    had: list[dict[str, Any]],
+    sent: Callable[[], list[dict[str, Any]]],
+    last_in: Callable[[], list[dict[str, Any]]],
+    last_out: Callable[[], list[dict[str, Any]]],
+) -> str | None:
+    """:func:`thinking_problem`'s rule: the input's thinking blocks ``had``, the output's (``sent``),
+    each body's last assistant turn's thinking (``last_in`` / ``last_out``), each made when needed."""
     if not had:
-        return None if not _scanned(output, scans) else "thinking: a thinking block the input had not"
+        return None if not sent() else "thinking: a thinking block the input had not"
     known: dict[str, list[dict[str, Any]]] = {}
-    for _, b in had:
+    for b in had:
         known.setdefault(_thinking_key(b), []).append(b)
-    for _, b in _scanned(output, scans):
+    for b in sent():
         if b not in known.get(_thinking_key(b), ()):
             return "thinking: a thinking block or its signature changed"
-    last_in = _last_assistant_thinking(given)
-    if last_in and _last_assistant_thinking(output) != last_in:
+    last = last_in()
+    if last and last_out() != last:
         return "thinking: the last assistant turn lost its thinking blocks"
     return None
 
@@ -214,38 +159,6 @@ def _last_assistant_thinking(body: dict[str, Any]) -> list[dict[str, Any]]:
                 return []
             return [b for b in content if isinstance(b, dict) and b.get("type") in THINKING_TYPES]
     return []
-
-
-def _breakpoints(body: dict[str, Any]) -> tuple[int, bool]:
-    """How many breakpoints the API counts (explicit, plus the automatic one), and 1h-before-5m."""
-    ttls: list[str] = []
-    last_cacheable: dict[str, Any] | None = None
-
-    def scan(seq: Any) -> None:
-        nonlocal last_cacheable
-        if not isinstance(seq, list):
-            return
-        for b in seq:
-            if not isinstance(b, dict):
-                continue
-            cc = b.get("cache_control")
-            if cc:
-                ttls.append(str(cc.get("ttl", "5m")) if isinstance(cc, dict) else "5m")
-            if b.get("type") not in THINKING_TYPES:
-                last_cacheable = b
-
-    scan(body.get("tools"))
-    scan(body.get("system"))
-    for m in body.get("messages") or []:
-        if isinstance(m, dict):
-            scan(m.get("content"))
-    n = len(ttls)
-    auto = body.get("cache_control")
-    if auto and (last_cacheable is None or not last_cacheable.get("cache_control")):
-        n += 1
-        ttls.append(str(auto.get("ttl", "5m")) if isinstance(auto, dict) else "5m")
-    order_ok = all(not (a == "5m" and b == "1h") for i, a in enumerate(ttls) for b in ttls[i + 1 :])
-    return n, order_ok
 
 
 def _blank(text: str) -> bool:
@@ -573,24 +486,12 @@ def _facts_too_large(body: dict[str, Any], facts: Facts, sizes: Sizes | None) ->
 
 def _facts_thinking(given: Facts, output: Facts) -> str | None:
     """``thinking_problem(output, given)`` from the two bodies' facts."""
-    had = [b for rec in given.records for b in rec[3]]
-    if not had:
-        return (
-            None
-            if not any(rec[3] for rec in output.records)
-            else "thinking: a thinking block the input had not"
-        )
-    known: dict[str, list[dict[str, Any]]] = {}
-    for b in had:
-        known.setdefault(_thinking_key(b), []).append(b)
-    for rec in output.records:
-        for b in rec[3]:
-            if b not in known.get(_thinking_key(b), ()):
-                return "thinking: a thinking block or its signature changed"
-    last_in = _last_thinking(given)
-    if last_in and _last_thinking(output) != last_in:
-        return "thinking: the last assistant turn lost its thinking blocks"
-    return None
+    return _thinking_verdict(
+        [b for rec in given.records for b in rec[3]],
+        lambda: [b for rec in output.records for b in rec[3]],
+        lambda: _last_thinking(given),
+        lambda: _last_thinking(output),
+    )
 
 
 def _last_thinking(facts: Facts) -> list[dict[str, Any]]:

@@ -252,9 +252,7 @@ def replay_cpu(
     not count; the network call is not part of it. ``conversations`` may come :func:`pack`-ed.
     """
     packed: Packed = (
-        pack(conversations)
-        if conversations and isinstance(conversations[0], Conversation)
-        else conversations  # type: ignore[assignment]
+        pack(conversations) if conversations and isinstance(conversations[0], Conversation) else conversations  # type: ignore[assignment]
     )
     pipe = Pipeline(config=dict(config or {"record": False}))
     out: list[list[tuple[int, float, dict[str, float]]]] = []

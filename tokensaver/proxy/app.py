@@ -22,6 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL
 
+from .. import exchange
 from ..config import Config, load_config
 from ..context import MODEL_CALL_TIMEOUT
 from ..errors import ModelCallError, TokensaverError
@@ -39,9 +40,6 @@ from ..exchange import (
     read_message,
     short_circuit,
     splices,
-    strip_known_unbound,
-    unbound_message,
-    unbound_retry,
 )
 from ..metrics import scrape_handler
 from ..phases import call_on_loop, request_phase, response_phase
@@ -408,13 +406,13 @@ class TokensaverProxy:
         call = outcome.call
         if plugin_tools(call.view or call.body):  # a thread continue: the thread's tools
             return await self._plugin_tool_exchange(request, pipe, prep, outcome)
-        strip_known_unbound(call)
+        exchange.strip_known_unbound(call)
         data = raw if call.body is call.original else encode_body(call.body)  # unchanged: the caller's bytes
         try:
             up = await self._post(request, data)
-            if up.status == 400 and unbound_retry(call, 400, await up.read()) is not None:
+            if up.status == 400 and exchange.unbound_retry(call, 400, await up.read()) is not None:
                 up.close()
-                log.warning("%s", unbound_message(call))
+                log.warning("%s", exchange.unbound_message(call))
                 up = await self._post(request, encode_body(call.body))
         except (aiohttp.ClientError, TimeoutError) as exc:
             # recorded before the client hears of it: whoever reads the run next sees this call
