@@ -875,8 +875,10 @@ class ShadowCaches:
         if own is not None and auto is not None:
             # the model's error on what was sent is taken to be its error on the caller's own request
             # (same conversation, same cache history), so it cancels: with plugins = [] saved is 0
-            out.counterfactual_usd = billed_usd + price(own, model, scale) - est + out_usd
-            out.auto_usd = billed_usd + price(auto, model, scale) - est + out_usd
+            # never below the output: when the API billed far less than the model says was sent
+            # (its cache held more than the shadow's), the correction cannot make a request cost < 0
+            out.counterfactual_usd = max(billed_usd + price(own, model, scale) - est, 0.0) + out_usd
+            out.auto_usd = max(billed_usd + price(auto, model, scale) - est, 0.0) + out_usd
             prev, prev_model = price(own, model, scale), model
             for k, b in enumerate(staged):
                 cur = price(b, models[k], scale)
