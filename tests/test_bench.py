@@ -564,6 +564,17 @@ def test_lost_results_names_each_result_once() -> None:
     assert tracker.lost_results(used, original, original) == (2, {})
 
 
+def _cut_config(tmp_path: Path, budget: int, keep: int) -> Path:
+    """A config file of prune alone that cuts as soon as ``budget`` tokens are passed."""
+    cfg = tmp_path / "cut.toml"
+    cfg.write_text(
+        f'plugins = ["prune"]\n[prune]\nmax_tokens_budget = {budget}\nkeep_tool_uses = {keep}\n'
+        "keep_last_messages = 2\nclear_stale = false\n",
+        encoding="utf-8",
+    )
+    return cfg
+
+
 def test_bench_prices_a_cut_result_the_agent_quotes(tmp_path: Path) -> None:
     from tokensaver.pricing import PriceTable
     from tokensaver.tokens import TokenCounter, count_text
@@ -571,12 +582,7 @@ def test_bench_prices_a_cut_result_the_agent_quotes(tmp_path: Path) -> None:
     folder = tmp_path / "ledgers"
     folder.mkdir()
     _lost_fact_conv(folder)
-    cfg = tmp_path / "cut.toml"
-    cfg.write_text(
-        'plugins = ["prune"]\n[prune]\nmax_tokens_budget = 1000\nkeep_tool_uses = 0\nkeep_last_messages = 2\n'
-        "clear_stale = false\n",
-        encoding="utf-8",
-    )
+    cfg = _cut_config(tmp_path, budget=1000, keep=0)
     opts = bench.BenchOptions(
         traces=[str(folder)],
         configs=["auto", str(cfg)],
@@ -682,12 +688,7 @@ def test_as_model_replays_on_a_model_with_preserved_thinking(tmp_path: Path) -> 
     folder = tmp_path / "loops"
     folder.mkdir()
     _thinking_conv(folder)
-    cfg = tmp_path / "cut.toml"
-    cfg.write_text(
-        'plugins = ["prune"]\n[prune]\nmax_tokens_budget = 2000\nkeep_tool_uses = 1\nkeep_last_messages = 2\n'
-        "clear_stale = false\n",
-        encoding="utf-8",
-    )
+    cfg = _cut_config(tmp_path, budget=2000, keep=1)
 
     def replay(model: str | None) -> dict:
         opts = bench.BenchOptions(

@@ -90,23 +90,15 @@ def _queue(emu: Emulator) -> None:
 
 
 def test_strip_thinking_from_keeps_earlier_blocks_and_never_empties_a_turn() -> None:
+    def turn(k: int, text: str) -> dict[str, Any]:
+        thought = {"type": "thinking", "thinking": f"t{k}", "signature": f"s{k}"}
+        return {"role": "assistant", "content": [thought, {"type": "text", "text": text}]}
+
     msgs: list[dict[str, Any]] = [
         {"role": "user", "content": "a"},
-        {
-            "role": "assistant",
-            "content": [
-                {"type": "thinking", "thinking": "t0", "signature": "s0"},
-                {"type": "text", "text": "x"},
-            ],
-        },
+        turn(0, "x"),
         {"role": "user", "content": "b"},
-        {
-            "role": "assistant",
-            "content": [
-                {"type": "thinking", "thinking": "t1", "signature": "s1"},
-                {"type": "text", "text": "y"},
-            ],
-        },
+        turn(1, "y"),
         {"role": "user", "content": "c"},
         {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "d"}]},
     ]
