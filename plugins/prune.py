@@ -114,6 +114,7 @@ from typing import Any
 import orjson
 import xxhash
 
+from tokensaver.billing import THINKING_TYPES
 from tokensaver.context import plugin_notes
 from tokensaver.hookspecs import hookimpl
 from tokensaver.model_rules import prefix_check_enforcement
@@ -674,9 +675,6 @@ def plan_cut(
     return new
 
 
-_THINKING = ("thinking", "redacted_thinking")
-
-
 def thinking_from(messages: list[Any], k: int) -> int:
     """How many thinking blocks ``messages[k:]`` send back (each bound to everything before it on
     models with preserved thinking: a change before one makes it and every later one invalid)."""
@@ -685,7 +683,7 @@ def thinking_from(messages: list[Any], k: int) -> int:
         for m in messages[k:]
         if isinstance(m, dict) and m.get("role") == "assistant"
         for b in as_blocks(m.get("content"))
-        if isinstance(b, dict) and b.get("type") in _THINKING
+        if isinstance(b, dict) and b.get("type") in THINKING_TYPES
     )
 
 
@@ -1570,15 +1568,15 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
             after_run = Run.start(messages, new_spec, settings, count)
             after_msgs = after_run.cur
             after = fixed + after_run.tokens
+    k = _first_diff(cur, after_msgs) if new_spec is not None else 0
     if new_spec is not None and prefix_check_enforcement(str(body.get("model") or "")):
-        bound = thinking_from(cur, _first_diff(cur, after_msgs))
+        bound = thinking_from(cur, k)
         if bound:
             # the API binds each thinking block to what came before it: a cut before one fails
             # the prefix check (400, or the blocks dropped) -- this model's history stays as sent
             notes.update(stood_aside="preserved_thinking", thinking_after_cut=bound)
             new_spec = None
     if new_spec is not None:
-        k = _first_diff(cur, after_msgs)
         kept = fixed + _tokens(cur[:k], count)
         cut = {
             "trigger": reason,

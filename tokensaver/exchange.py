@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .billing import THINKING_TYPES
 from .pipeline import Call, Pipeline, is_plugin_tool_use, key_hash, plugin_tools
 from .sse import (
     EVENTSTREAM_CONTENT_TYPE,
@@ -607,12 +608,11 @@ class PluginToolExchange:
 
 BOUND_ELSEWHERE = "bound to a different conversation"
 _BLOCK_PATH = re.compile(r"messages\.(\d+)\.content\.(\d+)")
-_THINKING = ("thinking", "redacted_thinking")
 
 
 def _sig(block: Any) -> bytes | None:
     """A thinking block's identity: 8 bytes of its signature (or redacted data)."""
-    if not isinstance(block, dict) or block.get("type") not in _THINKING:
+    if not isinstance(block, dict) or block.get("type") not in THINKING_TYPES:
         return None
     sig = block.get("signature") if block.get("type") == "thinking" else block.get("data")
     return hashlib.blake2b(str(sig).encode(), digest_size=8).digest() if sig else None

@@ -241,19 +241,16 @@ def pack(conversations: list[Conversation]) -> Packed:
 
 
 def replay_cpu(
-    conversations: list[Conversation] | Packed, config: dict[str, Any] | None = None
+    packed: Packed, config: dict[str, Any] | None = None
 ) -> list[list[tuple[int, float, dict[str, float]]]]:
-    """Per conversation, per call: (tokens of the original body, CPU ms of ``begin`` + ``finish``,
-    each stage's ms).
+    """Per conversation (:func:`pack`-ed), per call: (tokens of the original body, CPU ms of
+    ``begin`` + ``finish``, each stage's ms).
 
     One pipeline for all of them, the calls in order, each body parsed anew from its JSON (as a
     caller or the proxy hands it over: no object shared with the previous call). CPU time of the
     whole process (the plugins' worker threads included), so other work on a shared machine does
-    not count; the network call is not part of it. ``conversations`` may come :func:`pack`-ed.
+    not count; the network call is not part of it.
     """
-    packed: Packed = (
-        pack(conversations) if conversations and isinstance(conversations[0], Conversation) else conversations  # type: ignore[assignment]
-    )
     pipe = Pipeline(config=dict(config or {"record": False}))
     out: list[list[tuple[int, float, dict[str, float]]]] = []
     clock = [1_700_000_000.0]
