@@ -199,6 +199,11 @@ SETTINGS = Schema(
         "clear_outline": boolean(
             False, "a cleared file read keeps its definition lines (functions, types, tests)"
         ),
+        "cut_thinking_turns": boolean(
+            True,
+            "on a model with preserved thinking, cut at a new user turn and drop the thinking of the "
+            "turns after the cut (off: no cut before a thinking block)",
+        ),
     },
     checks=[
         lambda s: (
@@ -366,6 +371,8 @@ class Walk:
             if settings.get("repeats")
             else None
         )
+        self.unthink = [(int(a), int(b)) for a, b in spec.get("unthink") or ()]
+        self.shift = 0  # messages the spec's drop took out (positions in what the caller sent: i + shift)
         self.track = False  # note tokens and results (the walk of what is sent)
         self.n = 0  # messages walked
         self.edits: list[tuple[int, int, tuple[Any, ...]]] = []  # (message, block, how)
@@ -387,6 +394,13 @@ class Walk:
                 for b in m["content"]:  # a file written or an edit's new text, read back later
                     if isinstance(b, dict) and b.get("type") == "tool_use":
                         self.lines.add_input(str(b.get("id")), b.get("input"))
+            if self.unthink and isinstance(m, dict) and m.get("role") == "assistant":
+                at = i + self.shift if i else 0
+                if any(a <= at < b for a, b in self.unthink):
+                    out = _without_thinking(m)
+                    if out is not None:
+                        self.edits.append((i, -1, ("unthink", ())))
+                        return out
             return m
         content = m["content"]
         new: list[Any] | None = None
@@ -607,6 +621,7 @@ def plan_cut(
         "cleared": list(spec.get("cleared") or ()),
         "drop": spec.get("drop"),
         "superseded": dict(spec.get("superseded") or {}),
+        **_unthink_of(spec),
     }
     cur = apply_spec(messages, new, settings, count)
     total = fixed + _tokens(cur, count)
@@ -685,6 +700,47 @@ def thinking_from(messages: list[Any], k: int) -> int:
         for b in as_blocks(m.get("content"))
         if isinstance(b, dict) and b.get("type") in THINKING_TYPES
     )
+
+
+def _unthink_of(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec's ``unthink`` entry, to carry into a deeper spec (nothing when it has none): a
+    thinking block left out once must stay out, or the ones the model wrote since fail the prefix check."""
+    return {"unthink": [list(r) for r in spec["unthink"]]} if spec.get("unthink") else {}
+
+
+def with_unthink(spec: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
+    """``spec`` that also leaves out the thinking of the assistant turns ``messages[lo:hi]``
+    (positions in the messages as the caller sent them), merged with the ranges it had."""
+    ranges = sorted([*(tuple(r) for r in spec.get("unthink") or ()), (lo, hi)])
+    merged: list[list[int]] = []
+    for a, b in ranges:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return {**spec, "unthink": merged}
+
+
+def new_turn(messages: list[Any]) -> bool:
+    """The request opens a new user turn (its last message is the user's, with no tool result): no
+    tool-use loop is going on, so the API asks for no earlier turn's thinking."""
+    last = messages[-1] if messages else None
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return False
+    return not any(
+        isinstance(b, dict) and b.get("type") == "tool_result" for b in as_blocks(last.get("content"))
+    )
+
+
+def _without_thinking(m: dict[str, Any]) -> dict[str, Any] | None:
+    """An assistant message without its thinking blocks (None: it has none, or nothing else)."""
+    content = m.get("content")
+    if not isinstance(content, list):
+        return None
+    kept = [b for b in content if not (isinstance(b, dict) and b.get("type") in THINKING_TYPES)]
+    if not kept or len(kept) == len(content):
+        return None
+    return {**m, "content": kept}
 
 
 def _first_diff(a: list[Any], b: list[Any]) -> int:
@@ -944,6 +1000,7 @@ def plan_economic(
         "cleared": sorted({*(spec.get("cleared") or ()), *stale}),
         "drop": spec.get("drop"),
         "superseded": {**(spec.get("superseded") or {}), **{t: sup[t] for t in stale if t in sup}},
+        **_unthink_of(spec),
     }
     after_msgs = apply_spec(messages, new, settings, count)
     after = fixed + _tokens(after_msgs, count)
@@ -1213,7 +1270,7 @@ class Run:
     def _walk_all(self) -> None:
         messages, spec = self.messages, self.spec
         msgs = _after_drop(messages, spec)
-        self.shift = len(messages) - len(msgs)
+        self.shift = self.walk.shift = len(messages) - len(msgs)
         self.walk.reads = _outlined(msgs, spec, self.settings)
         self.cur = [self.walk.step(m) for m in msgs]
         self.uses = tool_uses(messages)
@@ -1234,7 +1291,7 @@ class Run:
             carry.results,
         )
         walk.n = n_out
-        self.shift = carry.shift
+        self.shift = walk.shift = carry.shift
         if carry.shift:
             first = messages[0]
             marked = {**first, "content": [*as_blocks(first.get("content")), _drop_marker(self.spec)]}
@@ -1377,6 +1434,12 @@ def _replay(head: list[Any], edits: list[tuple[int, int, tuple[Any, ...]]]) -> l
     out = list(head)
     last, content = -1, None
     for i, j, how in edits:
+        if j < 0:  # an assistant turn whose thinking the spec leaves out
+            gone = _without_thinking(out[i]) if isinstance(out[i], dict) else None
+            if gone is None:
+                raise _Gone
+            out[i], last = gone, -1
+            continue
         if i != last:
             m = out[i]
             content = list(m["content"])
@@ -1569,13 +1632,25 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
             after_msgs = after_run.cur
             after = fixed + after_run.tokens
     k = _first_diff(cur, after_msgs) if new_spec is not None else 0
+    stripped = 0
     if new_spec is not None and prefix_check_enforcement(str(body.get("model") or "")):
         bound = thinking_from(cur, k)
+        if bound and settings["cut_thinking_turns"] and new_turn(messages):
+            # the API binds each thinking block to what came before it: a cut before one fails the
+            # prefix check, but leaving out every thinking block after the cut is valid (a trailing
+            # run), and at a new user turn no tool loop needs its thinking. They stay out on every
+            # later call; what the model thinks from here on is bound to the cut history.
+            new_spec = with_unthink(new_spec, k + after_run.shift if k else 0, len(messages))
+            after_run = Run.start(messages, new_spec, settings, count)
+            after_msgs = after_run.cur
+            after = fixed + after_run.tokens
+            k = _first_diff(cur, after_msgs)
+            stripped, bound = bound, thinking_from(after_msgs, k)
         if bound:
-            # the API binds each thinking block to what came before it: a cut before one fails
-            # the prefix check (400, or the blocks dropped) -- this model's history stays as sent
+            # this model's history stays as sent (a cut would fail the prefix check: 400, or the
+            # blocks dropped)
             notes.update(stood_aside="preserved_thinking", thinking_after_cut=bound)
-            new_spec = None
+            new_spec, stripped = None, 0
     if new_spec is not None:
         kept = fixed + _tokens(cur[:k], count)
         cut = {
@@ -1588,6 +1663,8 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
             "cleared_results": len(new_spec["cleared"]) - len(spec.get("cleared") or ()),
             "dropped_messages": (new_spec["drop"]["d"] - 1) if new_spec["drop"] else 0,
         }
+        if stripped:
+            cut["thinking_left_out"] = stripped
         m = ctx.model
         removed = max(total - after, 1)
         # one-off extra cost of re-writing what the API cannot read any more vs the reads it saves

@@ -53,6 +53,10 @@ def _edit(body: dict[str, Any], op: str, at: int) -> dict[str, Any]:
         return {**body, "system": [{"type": "text", "text": f"s{k}", "cache_control": CC} for k in range(5)]}
     elif op == "auto":
         return {**body, "cache_control": CC, "messages": msgs}
+    elif op == "unthink":  # an assistant turn's thinking left out (valid unless the API asks for it)
+        msgs[i] = {**m, "content": [b for b in blocks if b.get("type") != "thinking"] or blocks}
+    elif op == "user_turn":  # a new user turn: no tool loop going on
+        msgs.append({"role": "user", "content": "next"})
     elif op == "no_messages":
         msgs = []
     return {**body, "messages": msgs}
@@ -71,6 +75,8 @@ OPS = [
     "prefill",
     "system_bps",
     "auto",
+    "unthink",
+    "user_turn",
     "no_messages",
 ]
 

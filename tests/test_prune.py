@@ -896,3 +896,93 @@ def test_a_model_with_preserved_thinking_gets_every_call_through_the_prefix_chec
             assert "cut" not in notes
             stood += notes.get("stood_aside") == "preserved_thinking"
     assert stood > 0  # past the budget: a cut was planned and not made
+
+
+def _user_turns(parts: int, per: int, size: int) -> list[dict[str, Any]]:
+    """A task in ``parts`` user turns, each ``per`` tool calls (``size``-token results) then an
+    answer; every assistant turn thinks first (unique signatures)."""
+    msgs: list[dict[str, Any]] = [{"role": "user", "content": "Task: fix the bug, part 0"}]
+    for p in range(parts):
+        for k in range(per):
+            tid = f"toolu_{p:02d}_{k:02d}"
+            msgs.append(
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": f"part {p} step {k}", "signature": f"sig-{p}-{k}"},
+                        {"type": "tool_use", "id": tid, "name": "read", "input": {"p": p, "k": k}},
+                    ],
+                }
+            )
+            msgs.append(
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": tid, "content": words(p * 100 + k, size)}
+                    ],
+                }
+            )
+        msgs.append(
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": f"part {p} done", "signature": f"sig-{p}-end"},
+                    {"type": "text", "text": f"Part {p} is done."},
+                ],
+            }
+        )
+        msgs.append({"role": "user", "content": f"Now part {p + 1}."})
+    return msgs
+
+
+def _signatures(body: dict[str, Any]) -> list[str]:
+    return [
+        str(b["signature"])
+        for m in body["messages"]
+        if m["role"] == "assistant"
+        for b in m["content"]
+        if b.get("type") == "thinking"
+    ]
+
+
+@pytest.mark.parametrize("cut_thinking_turns", [True, False])
+def test_on_a_model_with_preserved_thinking_a_cut_at_a_new_user_turn_leaves_out_the_thinking_after_it(
+    tmp_path: Any, cut_thinking_turns: bool
+) -> None:
+    """At a new user turn no tool loop asks for earlier thinking: a cut there leaves out every
+    thinking block after its first change (a trailing run, which the prefix check allows), and they
+    stay out on every later call, so the blocks the model writes from then on stay valid. The
+    emulator runs the API's prefix check: every call is answered. Off: no cut before a thinking block."""
+    msgs = _user_turns(6, 5, 150)
+    conf = {**TIGHT, "keep_last_messages": 2, "cut_thinking_turns": cut_thinking_turns}
+    config = {"plugins": ["prune"], "record": False, "runs_dir": str(tmp_path), "prune": conf}
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        client = tokensaver.wrap(
+            anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0),
+            config=config,
+            clock=emu.clock.now,
+        )
+        cuts: list[tuple[int, dict[str, Any]]] = []
+        left_out: set[str] = set()
+        for n in range(1, len(msgs) + 1):
+            if msgs[n - 1]["role"] != "user":
+                continue
+            emu.clock.advance(10)
+            body = {**body_of(msgs[:n]), "model": "claude-opus-5-5", "thinking": {"type": "adaptive"}}
+            resp = client.post("/v1/messages", body=body, cast_to=object)
+            assert isinstance(resp, dict) and resp["type"] == "message", resp
+            sent = emu.requests[-1].body
+            notes = (client.tokensaver.records[-1].get("plugins") or {}).get("prune") or {}
+            if "cut" in notes:
+                cuts.append((n, notes["cut"]))
+            signed = set(_signatures(sent))
+            assert not (signed & left_out)  # a block left out is never put back
+            left_out |= set(_signatures(body)) - signed
+    if not cut_thinking_turns:
+        assert not cuts and not left_out
+        return
+    assert cuts and left_out
+    for n, cut in cuts:
+        assert isinstance(msgs[n - 1]["content"], str)  # each made at a new user turn
+        assert cut["thinking_left_out"] > 0
+    assert len(cuts) < len(msgs) // 2  # later calls go on with the cut: not a cut per call

@@ -90,12 +90,13 @@ def request_problems(body: Any, sizes: Sizes | None = None) -> list[str]:
 
 
 def thinking_problem(output: dict[str, Any], given: dict[str, Any], scans: Scans | None = None) -> str | None:
-    """Thinking blocks are the model's, signed: none may change or appear, the last turn's stay."""
+    """Thinking blocks are the model's, signed: none may change or appear, the last turn's stay
+    (unless the request opens a new user turn)."""
     return _thinking_verdict(
         [b for _, b in _scanned(given, scans)],
         lambda: [b for _, b in _scanned(output, scans)],
-        lambda: _last_assistant_thinking(given),
-        lambda: _last_assistant_thinking(output),
+        lambda: _loop_thinking(given),
+        lambda: _loop_thinking(output),
     )
 
 
@@ -106,7 +107,7 @@ def _thinking_verdict(
     last_out: Callable[[], list[dict[str, Any]]],
 ) -> str | None:
     """:func:`thinking_problem`'s rule: the input's thinking blocks ``had``, the output's (``sent``),
-    each body's last assistant turn's thinking (``last_in`` / ``last_out``), each made when needed."""
+    each body's last assistant turn's thinking (``last_in`` / ``last_out``; none at a new user turn), each made when needed."""
     if not had:
         return None if not sent() else "thinking: a thinking block the input had not"
     known: dict[str, list[dict[str, Any]]] = {}
@@ -151,13 +152,17 @@ def _thinking_key(block: dict[str, Any]) -> str:
     return str(block.get("signature") if block.get("type") == "thinking" else block.get("data"))
 
 
-def _last_assistant_thinking(body: dict[str, Any]) -> list[dict[str, Any]]:
+def _loop_thinking(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The thinking blocks the API asks back: the last assistant turn's, unless the request opens a
+    new user turn (its last message is the user's with no tool result: no tool-use loop going on)."""
     for m in reversed(body.get("messages") or []):
-        if isinstance(m, dict) and m.get("role") == "assistant":
-            content = m.get("content")
-            if not isinstance(content, list):
-                return []
-            return [b for b in content if isinstance(b, dict) and b.get("type") in THINKING_TYPES]
+        role = m.get("role") if isinstance(m, dict) else None
+        content = m.get("content") if isinstance(m, dict) else None
+        blocks = content if isinstance(content, list) else []
+        if role == "user" and not any(isinstance(b, dict) and b.get("type") == "tool_result" for b in blocks):
+            return []
+        if role == "assistant":
+            return [b for b in blocks if isinstance(b, dict) and b.get("type") in THINKING_TYPES]
     return []
 
 
@@ -489,13 +494,17 @@ def _facts_thinking(given: Facts, output: Facts) -> str | None:
     return _thinking_verdict(
         [b for rec in given.records for b in rec[3]],
         lambda: [b for rec in output.records for b in rec[3]],
-        lambda: _last_thinking(given),
-        lambda: _last_thinking(output),
+        lambda: _loop_facts_thinking(given),
+        lambda: _loop_facts_thinking(output),
     )
 
 
-def _last_thinking(facts: Facts) -> list[dict[str, Any]]:
+def _loop_facts_thinking(facts: Facts) -> list[dict[str, Any]]:
+    """``_loop_thinking`` of the body from its facts."""
     for rec in reversed(facts.records):
+        summary = rec[0]
+        if rec[4] == "user" and not (summary[0] == "user" and any(item[0] == "r" for item in summary[3])):
+            return []
         if rec[4] == "assistant":
             return list(rec[3]) if rec[5] else []
     return []
