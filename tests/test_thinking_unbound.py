@@ -25,6 +25,7 @@ from tokensaver.report import Report
 MODEL = "claude-opus-5-5"
 TASK = "Task: fix the failing test in shop/cart.py"
 THINKING = {"type": "adaptive"}
+MANUAL = {"type": "enabled", "budget_tokens": 1024}  # every turn thinks: the API asks the loop's back
 BETA = "thinking-binding-controls-2026-08-01"
 
 
@@ -102,8 +103,8 @@ def test_strip_thinking_from_keeps_earlier_blocks_and_never_empties_a_turn() -> 
         {"role": "user", "content": "c"},
         {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "d"}]},
     ]
-    out, removed = strip_thinking_from(msgs, (3, 0))
-    assert len(removed) == 1
+    out, removed, held = strip_thinking_from(msgs, (3, 0))
+    assert len(removed) == 1 and held == []
     assert out[1] == msgs[1]  # before the failing block: kept
     assert out[3]["content"] == [{"type": "text", "text": "y"}]
     assert out[5] == msgs[5]  # a turn of thinking only is not emptied
@@ -258,3 +259,76 @@ def test_a_restart_after_cache_align_moved_a_changed_system_line_is_answered(
     assert unbound[3] == {
         "stripped_known": unbound[2]["stripped_blocks"]
     }  # no second refusal after the first
+
+
+def _loop_queue(emu: Emulator) -> None:
+    emu.reply(
+        [
+            {"type": "thinking", "thinking": "Read cart.py."},
+            {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "shop/cart.py"}},
+        ]
+    )
+    emu.reply("Fixed.")
+
+
+def _in_the_loop(first_reply: list[dict[str, Any]], thinking: Any = THINKING) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "max_tokens": 2048,
+        "thinking": thinking,
+        "tools": [{"name": "read", "description": "Read a file", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": TASK},
+            {"role": "assistant", "content": first_reply},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "x = 1"}],
+            },
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("door", "thinking"),
+    [("wrap", THINKING), ("proxy", THINKING), ("wrap", MANUAL), ("proxy", MANUAL)],
+)
+def test_in_a_tool_loop_the_last_turns_thinking_stays_and_the_api_drops_it(
+    emu: Emulator, tmp_path: Path, door: str, thinking: dict[str, Any]
+) -> None:
+    """While a tool loop goes on the API asks back the last assistant turn's thinking ("a final
+    assistant message must start with a thinking block"): stripping it would be refused too. The
+    request goes again with it, asking the API to drop what fails the prefix check
+    (``block_binding.prefix_mismatch_behavior: "drop_block"``) under its beta, the caller's betas kept."""
+    _loop_queue(emu)
+    theirs = "interleaved-thinking-2025-05-14"
+    if door == "wrap":
+        client = _wrapped(emu, tmp_path)
+        first = client.messages.create(**_first_call(), tools=_in_the_loop([])["tools"])
+        answer = client.messages.create(
+            **_in_the_loop(_reply_blocks(first), thinking), extra_headers={"anthropic-beta": theirs}
+        )
+        record = client.tokensaver.records[-1]
+    else:
+        pm = tokensaver.get_plugin_manager({"forgetful": Forgetful()}, load_entrypoints=False)
+        config = {**_config(tmp_path), "record": True, "runs_dir": str(tmp_path / "runs")}
+        with ProxyServer(config, upstream=emu.url, plugin_manager=pm, run="unbound-loop") as proxy:
+            client = anthropic.Anthropic(base_url=proxy.url, api_key="sk-ant-unbound", max_retries=0)
+            first = client.messages.create(**_first_call(), tools=_in_the_loop([])["tools"])
+            answer = client.messages.create(
+                **_in_the_loop(_reply_blocks(first), thinking), extra_headers={"anthropic-beta": theirs}
+            )
+            record = proxy.records()[-1]
+    assert answer.content[0].text == "Fixed."  # type: ignore[union-attr]
+    refused, resent = emu.requests[-2], emu.requests[-1]
+    assert refused.status == 400 and resent.status == 200
+    assert [b["type"] for b in resent.body["messages"][1]["content"]] == ["thinking", "tool_use"]
+    assert resent.body["thinking"]["block_binding"] == {"prefix_mismatch_behavior": "drop_block"}
+    betas = {b.strip() for b in resent.headers.get("anthropic-beta", "").split(",")}
+    assert {BETA, theirs} <= betas
+    dropped = [t for t in resent.response["input_transformations"] if t["type"] == "thinking_dropped"]
+    assert [t["path"] for t in dropped] == ["messages.1.content.0"]
+    assert record["thinking_unbound"] == {
+        "from": "messages.1.content.0",
+        "stripped_blocks": 0,
+        "drop_block": 1,
+    }

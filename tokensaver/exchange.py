@@ -47,6 +47,7 @@ from .sse import (
 from .threads import CREATE_ONLY, thread_of
 
 __all__ = [
+    "BINDING_BETA",
     "CONTROL_PREFIX",
     "MAX_PLUGIN_TOOL_ROUNDS",
     "MESSAGES_PATH",
@@ -75,8 +76,10 @@ __all__ = [
     "strip_known_unbound",
     "strip_thinking_from",
     "thinking_on",
+    "unbound_beta",
     "unbound_message",
     "unbound_retry",
+    "with_beta",
 ]
 
 MESSAGES_PATH = "/v1/messages"
@@ -618,15 +621,24 @@ def _sig(block: Any) -> bytes | None:
     return hashlib.blake2b(str(sig).encode(), digest_size=8).digest() if sig else None
 
 
+BINDING_BETA = "thinking-binding-controls-2026-08-01"  # the beta that lets a request set block_binding
+
+
 def strip_thinking_from(
-    messages: list[Any], at: tuple[int, int], only: frozenset[bytes] | set[bytes] | None = None
-) -> tuple[list[Any], list[bytes]]:
+    messages: list[Any],
+    at: tuple[int, int],
+    only: frozenset[bytes] | set[bytes] | None = None,
+    keep: int | None = None,
+) -> tuple[list[Any], list[bytes], list[bytes]]:
     """``messages`` without the thinking blocks of assistant turns from ``at`` = (message, block) on
-    (with ``only``: just those whose :func:`_sig` is in it), and the removed blocks' identities.
+    (with ``only``: just those whose :func:`_sig` is in it), the removed blocks' identities, and
+    those of the blocks left in message ``keep`` (the turn whose thinking the API asks back while
+    a tool loop goes on: "a final assistant message must start with a thinking block").
     Removing a trailing run of thinking blocks keeps the earlier ones valid (the prefix-check rules);
     an assistant turn that would be left empty keeps its blocks, so no turn is ever emptied."""
     out = list(messages)
     removed: list[bytes] = []
+    held: list[bytes] = []
     for i in range(at[0], len(out)):
         m = out[i]
         if not isinstance(m, dict) or m.get("role") != "assistant" or not isinstance(m.get("content"), list):
@@ -639,10 +651,59 @@ def strip_thinking_from(
                 gone.append(sig)
             else:
                 kept.append(b)
-        if kept and gone:
+        if i == keep:
+            held += gone
+        elif kept and gone:
             removed += gone
             out[i] = {**m, "content": kept}
-    return out, removed
+    return out, removed, held
+
+
+def _asked_back(body: dict[str, Any]) -> int | None:
+    """The message whose thinking the API asks back (thinking on, a tool loop going on: the last
+    assistant turn), else None."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") in (None, "disabled"):
+        return None
+    messages = body.get("messages") or []
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        role = m.get("role") if isinstance(m, dict) else None
+        content = m.get("content") if isinstance(m, dict) else None
+        blocks = content if isinstance(content, list) else []
+        if role == "user" and not any(isinstance(b, dict) and b.get("type") == "tool_result" for b in blocks):
+            return None
+        if role == "assistant":
+            return i
+    return None
+
+
+def _drop_unbound(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` asking the API to drop the thinking blocks that fail the prefix check itself
+    (``block_binding.prefix_mismatch_behavior: "drop_block"``; the doors add :data:`BINDING_BETA`)."""
+    thinking = body["thinking"]
+    binding = thinking.get("block_binding")
+    return {
+        **body,
+        "thinking": {
+            **thinking,
+            "block_binding": {
+                **(binding if isinstance(binding, dict) else {}),
+                "prefix_mismatch_behavior": "drop_block",
+            },
+        },
+    }
+
+
+def with_beta(value: str | None, beta: str) -> str:
+    """An ``anthropic-beta`` header value with ``beta`` among its comma-separated betas."""
+    betas = [b.strip() for b in (value or "").split(",") if b.strip()]
+    return ", ".join(betas if beta in betas else [*betas, beta])
+
+
+def unbound_beta(call: Call) -> str | None:
+    """The beta a call needs on its ``anthropic-beta`` header (it asks the API to drop blocks), else None."""
+    return BINDING_BETA if (call.unbound or {}).get("drop_block") else None
 
 
 class _Unbound:
@@ -692,11 +753,17 @@ def strip_known_unbound(call: Call) -> int:
     known = table.get(key)
     if not known:
         return 0
-    messages, removed = strip_thinking_from(list(call.body.get("messages") or []), (0, 0), known)
-    if removed:
-        call.body = {**call.body, "messages": messages}
+    body = call.body
+    messages, removed, held = strip_thinking_from(
+        list(body.get("messages") or []), (0, 0), known, _asked_back(body)
+    )
+    if removed or held:
+        call.body = {**body, "messages": messages}
         call.unbound = {"stripped_known": len(removed)}
-    return len(removed)
+        if held:  # in the turn the API asks back: the API drops them itself
+            call.body = _drop_unbound(call.body)
+            call.unbound["drop_block"] = len(held)
+    return len(removed) + len(held)
 
 
 def unbound_retry(call: Call, status: int, raw: bytes) -> dict[str, Any] | None:
@@ -706,7 +773,9 @@ def unbound_retry(call: Call, status: int, raw: bytes) -> dict[str, Any] | None:
     open), else None.
 
     The documented gateway answer: strip the thinking from the failing block on and send again,
-    and say so (the call's record gets ``thinking_unbound``). A caller that asked for the error
+    and say so (the call's record gets ``thinking_unbound``). The last assistant turn's thinking,
+    which the API asks back while a tool loop goes on, is not stripped: the request asks the API
+    to drop what fails there (``prefix_mismatch_behavior: "drop_block"``, with its beta). A caller that asked for the error
     (``thinking.block_binding.prefix_mismatch_behavior: "error"``) gets it untouched, as does any
     other error. Sets ``call.body`` and ``call.unbound``; only the first such answer is retried. The
     stripped blocks are remembered: the conversation's later calls strip them before sending
@@ -725,17 +794,22 @@ def unbound_retry(call: Call, status: int, raw: bytes) -> dict[str, Any] | None:
         return None
     where = _BLOCK_PATH.search(message)
     at = (int(where.group(1)), int(where.group(2))) if where else (0, 0)
-    messages, removed = strip_thinking_from(list(body.get("messages") or []), at)
-    if not removed:
+    messages, removed, held = strip_thinking_from(
+        list(body.get("messages") or []), at, None, _asked_back(body)
+    )
+    if not removed and not held:
         return None
     table, key = _unbound_of(call)
-    table.add(key, removed)
+    table.add(key, removed + held)
     call.unbound = {
         **(call.unbound or {}),
         "from": f"messages.{at[0]}.content.{at[1]}",
         "stripped_blocks": len(removed),
     }
     call.body = {**body, "messages": messages}
+    if held:
+        call.body = _drop_unbound(call.body)
+        call.unbound["drop_block"] = len(held)
     return call.body
 
 

@@ -49,8 +49,10 @@ from .exchange import (
     short_circuit,
     splices,
     strip_known_unbound,
+    unbound_beta,
     unbound_message,
     unbound_retry,
+    with_beta,
 )
 from .phases import as_requester, call_on_loop, request_phase, response_phase
 from .pipeline import Call, Pipeline, key_hash
@@ -173,11 +175,16 @@ class TokensaverMiddleware(_sdk.Middleware):
         )
 
     def _outgoing(self, request: _sdk.APIRequest, call: Call, headers: dict[str, Any]) -> _sdk.APIRequest:
-        if call.body is call.original and not control_headers(headers):
+        beta = unbound_beta(call)
+        if call.body is call.original and not control_headers(headers) and beta is None:
             return request
         kept = {
             k: v for k, v in dict(request.headers).items() if not str(k).lower().startswith(CONTROL_PREFIX)
         }
+        if beta is not None:  # the request asks the API to drop unbound thinking: its beta too
+            name = next((k for k in kept if str(k).lower() == "anthropic-beta"), "anthropic-beta")
+            theirs = kept.get(name)
+            kept[name] = with_beta(theirs if isinstance(theirs, str) else None, beta)
         return _sdk.with_body(request, call.body, kept)
 
     def _response(self, request: _sdk.APIRequest, served: Served) -> Any:

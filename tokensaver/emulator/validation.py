@@ -369,6 +369,7 @@ def _validate_messages(
         last_conv = mi
     if first_conv is None:
         raise invalid('messages: first message must use the "user" role')
+    _check_loop_thinking(body, messages)
     if last_conv is not None and messages[last_conv]["role"] == "assistant" and not resumes_turn:
         if _thinking_enabled(body):
             raise invalid(
@@ -379,6 +380,35 @@ def _validate_messages(
             raise invalid(
                 "This model does not support assistant message prefill. The conversation must end with a user message."
             )
+
+
+def _check_loop_thinking(body: dict[str, Any], messages: list[Any]) -> None:
+    """With manual thinking (``type: "enabled"``: every turn thinks) the API asks back the thinking of
+    the tool loop going on: the last assistant turn before the closing tool results must start with
+    a thinking block. Adaptive thinking, where a turn may not think, is not checked here."""
+    th = body.get("thinking")
+    if not isinstance(th, dict) or th.get("type") != "enabled":
+        return
+    last = messages[-1] if messages else None
+    if not isinstance(last, dict) or last.get("role") != "user" or not isinstance(last.get("content"), list):
+        return
+    if not any(isinstance(b, dict) and b.get("type") == "tool_result" for b in last["content"]):
+        return
+    for mi in range(len(messages) - 2, -1, -1):
+        m = messages[mi]
+        if isinstance(m, dict) and m.get("role") == "assistant":
+            blocks = m.get("content") if isinstance(m.get("content"), list) else []
+            first = blocks[0].get("type") if blocks and isinstance(blocks[0], dict) else "text"
+            if first not in THINKING_TYPES:
+                raise invalid(
+                    f"messages.{mi}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+                    f"`{first}`. When `thinking` is enabled, a final `assistant` message must start with a "
+                    "thinking block (preceeding the lastmost set of `tool_use` and `tool_result` blocks). We "
+                    "recommend you include thinking blocks from previous turns. To avoid this requirement, "
+                    "disable `thinking`. Please consult our documentation at "
+                    "https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
+                )
+            return
 
 
 def _validate_block(where: str, b: Any, role: str, seen_ids: set[str]) -> None:

@@ -409,11 +409,11 @@ class TokensaverProxy:
         exchange.strip_known_unbound(call)
         data = raw if call.body is call.original else encode_body(call.body)  # unchanged: the caller's bytes
         try:
-            up = await self._post(request, data)
+            up = await self._post(request, data, beta=exchange.unbound_beta(call))
             if up.status == 400 and exchange.unbound_retry(call, 400, await up.read()) is not None:
                 up.close()
                 log.warning("%s", exchange.unbound_message(call))
-                up = await self._post(request, encode_body(call.body))
+                up = await self._post(request, encode_body(call.body), beta=exchange.unbound_beta(call))
         except (aiohttp.ClientError, TimeoutError) as exc:
             # recorded before the client hears of it: whoever reads the run next sees this call
             outcome.finishing = True
@@ -457,6 +457,7 @@ class TokensaverProxy:
         data: bytes,
         drop: frozenset[str] = frozenset({"accept-encoding"}),
         timeout: aiohttp.ClientTimeout | None = None,
+        beta: str | None = None,
     ) -> aiohttp.ClientResponse:
         """A Messages body upstream on the request's path, with the caller's headers minus ``drop``.
 
@@ -465,6 +466,8 @@ class TokensaverProxy:
         """
         headers = forward_headers(request.headers, drop=drop)
         headers["Content-Type"] = "application/json"
+        if beta is not None:  # ``beta`` added to the caller's anthropic-beta (the body needs it)
+            headers["anthropic-beta"] = exchange.with_beta(headers.get("anthropic-beta"), beta)
         return await self._request(request, "POST", headers, data, decompress=True, timeout=timeout)
 
     async def _request(
