@@ -1780,7 +1780,9 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
     if not notes:
         return None
     cuts = [(c, n["cut"]) for c, n in notes if n.get("cut")]
-    aside = sum(1 for _, n in notes if n.get("stood_aside"))
+    aside = sum(1 for _, n in notes if n.get("stood_aside") == "context_management")
+    bound = sum(1 for _, n in notes if n.get("stood_aside") == "preserved_thinking")
+    unthought = [cut["thinking_left_out"] for _, cut in cuts if cut.get("thinking_left_out")]
     server = sum(int(n.get("server_cleared_tokens") or 0) for _, n in notes)
     removed = sum(cut["removed_tokens"] for _, cut in cuts)
     invalid = sum(cut["prefix_invalidated_tokens"] for _, cut in cuts)
@@ -1816,4 +1818,11 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
     if aside:
         summary += f" Stood aside on {aside} calls using server-side context_management"
         summary += f" (server cleared {server:,} tokens)." if server else "."
+    if unthought:
+        summary += (
+            f" Preserved thinking: {len(unthought)} cuts at a new user turn left out the {sum(unthought):,} "
+            "thinking blocks after them (the model's earlier reasoning; the API binds each block to what came before it)."
+        )
+    if bound:
+        summary += f" Preserved thinking: no cut on {bound} calls inside a tool loop (a cut would unbind its thinking)."
     return {"title": "Pruning", "summary": summary, "rows": rows}

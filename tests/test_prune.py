@@ -978,10 +978,13 @@ def test_on_a_model_with_preserved_thinking_a_cut_at_a_new_user_turn_leaves_out_
             signed = set(_signatures(sent))
             assert not (signed & left_out)  # a block left out is never put back
             left_out |= set(_signatures(body)) - signed
+        summary = prune.tokensaver_report_section("prune", client.tokensaver.records)["summary"]
     if not cut_thinking_turns:
         assert not cuts and not left_out
+        assert "Preserved thinking: no cut on " in summary
         return
     assert cuts and left_out
+    assert f"Preserved thinking: {len(cuts)} cuts at a new user turn left out the " in summary
     for n, cut in cuts:
         assert isinstance(msgs[n - 1]["content"], str)  # each made at a new user turn
         assert cut["thinking_left_out"] > 0
