@@ -55,17 +55,19 @@ def _number(line: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def marker(tid: str, n: int, here: tuple[int, int] | None, there: tuple[int, int]) -> str:
+RESULT = "the tool_use {} result"  # how a pointer names the earlier text (its id in the braces)
+
+
+def marker(tid: str, n: int, here: tuple[int, int] | None, there: tuple[int, int], noun: str = RESULT) -> str:
     """The pointer line: ``here``/``there`` are line numbers when both copies are numbered, else
-    ``there`` is the run's position (1-based line indexes) in the earlier result's text."""
+    ``there`` is the run's position (1-based line indexes) in the earlier result's text. ``noun``
+    names the earlier text (``RESULT``: a tool result, by its tool use's id)."""
+    what = noun.format(tid)
     if here is not None:
         if here == there:
-            return f"[tokensaver: lines {here[0]}-{here[1]} as in the tool_use {tid} result above]"
-        return (
-            f"[tokensaver: lines {here[0]}-{here[1]} as lines {there[0]}-{there[1]} "
-            f"of the tool_use {tid} result above]"
-        )
-    return f"[tokensaver: {n} lines as lines {there[0]}-{there[1]} of the tool_use {tid} result above]"
+            return f"[tokensaver: lines {here[0]}-{here[1]} as in {what} above]"
+        return f"[tokensaver: lines {here[0]}-{here[1]} as lines {there[0]}-{there[1]} of {what} above]"
+    return f"[tokensaver: {n} lines as lines {there[0]}-{there[1]} of {what} above]"
 
 
 _SHOWN = {"→": "→", "\t": "\\t", ":": ":"}
@@ -98,9 +100,10 @@ def _before(spots: tuple[tuple[int, int], ...], n: int) -> tuple[tuple[int, int]
 class LineIndex:
     """The lines of the tool results sent so far, for finding runs a new result repeats."""
 
-    def __init__(self, min_lines: int, min_chars: int) -> None:
+    def __init__(self, min_lines: int, min_chars: int, noun: str = RESULT) -> None:
         self.min_lines = min_lines
         self.min_chars = min_chars
+        self.noun = noun  # how a pointer names the earlier text (see ``marker``)
         # (tool_use id, lines, keys, line numbers)
         self.texts: list[tuple[str, list[str], list[str], list[int | None]]] = []
         # key -> (text index, line index), oldest first; tuples, not lists: a long-lived index holds
@@ -119,7 +122,7 @@ class LineIndex:
     def fork(self, marks: int) -> LineIndex:
         """A new index in this one's state after its first ``marks`` feeds (the lines shared, the
         lookups copied): this one goes on along its own results."""
-        new = LineIndex(self.min_lines, self.min_chars)
+        new = LineIndex(self.min_lines, self.min_chars, self.noun)
         texts, objects, inputs = self.marks[marks - 1][1:] if marks else (0, 0, 0)
         new.texts, new.objects, new.inputs = self.texts[:texts], self.objects[:objects], self.inputs[:inputs]
         new.marks = self.marks[:marks]
@@ -233,9 +236,9 @@ class LineIndex:
             first, last = _number(lines[i]), _number(lines[i + best - 1])
             first0, last0 = _number(old_lines[p]), _number(old_lines[p + best - 1])
             if None not in (first, last, first0, last0):
-                m = marker(old_tid, best, (first, last), (first0, last0))  # type: ignore[arg-type]
+                m = marker(old_tid, best, (first, last), (first0, last0), self.noun)  # type: ignore[arg-type]
             else:
-                m = marker(old_tid, best, None, (p + 1, p + best))
+                m = marker(old_tid, best, None, (p + 1, p + best), self.noun)
             out.append(m)
             i += best
             changed = True
@@ -259,7 +262,7 @@ class LineIndex:
             body = (
                 "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + v for k, v in changed.items()) + "}"
             )
-            out = object_marker(old_tid, len(changed), len(keys)) + "\n" + body
+            out = object_marker(old_tid, len(changed), len(keys), self.noun) + "\n" + body
             if best is None or len(out) < len(best):
                 best = out
         return best if best is not None and len(best) <= 0.7 * size else None
@@ -291,9 +294,9 @@ def input_fields(tool_input: Any, min_lines: int, min_chars: int) -> dict[str, s
     }
 
 
-def object_marker(tid: str, changed: int, keys: int) -> str:
+def object_marker(tid: str, changed: int, keys: int, noun: str = RESULT) -> str:
     """The pointer line before the values that differ from the earlier result's object."""
-    return f"[tokensaver: as the tool_use {tid} result above, with {changed} of its {keys} keys now:]"
+    return f"[tokensaver: as {noun.format(tid)} above, with {changed} of its {keys} keys now:]"
 
 
 def _keys(lines: list[str]) -> tuple[list[int | None], list[str]]:
@@ -385,13 +388,15 @@ class RepeatIndex:
     ``set_memo_enabled(False)``, it is one).
     """
 
-    def __init__(self, min_lines: int, min_chars: int) -> None:
-        self.min_lines, self.min_chars = min_lines, min_chars
-        self.start = self.key = xxhash.xxh3_128_digest(f"repeats\0{min_lines}\0{min_chars}".encode())
+    def __init__(self, min_lines: int, min_chars: int, noun: str = RESULT) -> None:
+        self.min_lines, self.min_chars, self.noun = min_lines, min_chars, noun
+        # another noun, other pointers: its own chains (the results' chain keys are as they were)
+        tag = "" if noun == RESULT else "\0" + noun
+        self.start = self.key = xxhash.xxh3_128_digest(f"repeats\0{min_lines}\0{min_chars}{tag}".encode())
         # what was fed so far, for a rebuild: (tool_use id, result text) or (id, input fields)
         self.fed: list[tuple[str, str | dict[str, str]]] = []
         self.index: LineIndex | None = None  # the last hit's index, then the one this request extends
-        self.plain = LineIndex(min_lines, min_chars) if not memo_enabled() else None
+        self.plain = LineIndex(min_lines, min_chars, noun) if not memo_enabled() else None
 
     def rewrite(self, tid: str, text: str) -> str:
         """``LineIndex.rewrite(tid, text)`` for what was fed so far."""
@@ -433,7 +438,7 @@ class RepeatIndex:
         index = self.index
         if index is not None and n >= 1 and len(index.marks) >= n and index.marks[n - 1][0] == previous:
             return index if len(index.marks) == n else index.fork(n)
-        index = LineIndex(self.min_lines, self.min_chars)
+        index = LineIndex(self.min_lines, self.min_chars, self.noun)
         key = self.start
         for tid, item in self.fed[:n]:
             key = _step(key, tid, item if isinstance(item, str) else _input_text(item))

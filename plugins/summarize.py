@@ -15,6 +15,10 @@ contents are never elided; ``line_numbers = "compact"`` (default) only drops the
 their line numbers (``     12→code`` to ``12→code``: every number and every byte of the line kept),
 ``"keep"`` sends them as they came.
 
+``user_texts`` (default on): tool output an agent sends as the text of a user turn (SWE-agent
+without tools) gets the repeat pointers too, to earlier user turns (``_user_text``); with
+``assistant_texts`` (opt-in) the model's own text is pointed from as well.
+
 Unsafe when the model needs bytes that a lossy rewrite dropped (a number in the middle of a long
 repetitive log, an HTML attribute of a fetched page): set ``lossy = false`` to keep only the
 lossless rewrites. Every rewrite is a pure function of the block's text and the settings, so the
@@ -53,7 +57,7 @@ from tokensaver.hookspecs import hookimpl
 from tokensaver.settings import Schema, boolean, choice, integer, number, path, strings, text
 from tokensaver.tokens import canonical_json, fast_digest, memo_enabled
 
-from . import _echo, _model_summary
+from . import _echo, _model_summary, _user_text
 from ._lru import SizedLRU
 from ._store import encode_entry
 from ._summarize_text import SHAPE_NAMES, Options, Result, is_prose, shrink
@@ -97,6 +101,16 @@ SETTINGS = Schema(
             "numbered file lines: compact drops the padding before the numbers, keep sends them as they came",
         ),
         "shapes": strings(Options.shapes, "formats recognized by their shape", choices=SHAPE_NAMES),
+        "user_texts": boolean(
+            True,
+            "user turns after the first too (tool output sent as text): runs of lines an earlier "
+            "turn's text shows as pointers to it, SWE-agent's state lines as one line",
+        ),
+        "assistant_texts": boolean(
+            False,
+            "the model's own text too: runs of lines an earlier turn's text shows (code it quotes, "
+            "a file it writes again) as pointers to that turn",
+        ),
         "keep_originals": boolean(
             False,
             "keep the original of each block a lossy rewrite shortened (as retrieval does), without the tool",
@@ -678,6 +692,15 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
     if not isinstance(messages, list):
         return None
     new_messages, stats = _rewrite_messages(messages, ctx, settings)
+    if settings.get("user_texts", True):
+        new_messages = (
+            _user_text.rewrite(
+                new_messages if new_messages is not None else messages,
+                stats,
+                assistant=bool(settings.get("assistant_texts")),
+            )
+            or new_messages
+        )
     if stats:
         ctx.record(**stats)
     out = {**body, "messages": new_messages} if new_messages is not None else body
