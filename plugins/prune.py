@@ -331,6 +331,7 @@ def apply_spec(messages: list[Any], spec: dict[str, Any], settings: dict[str, An
     """
     msgs = _after_drop(messages, spec)
     walk = Walk(spec, settings, count, _outlined(msgs, spec, settings))
+    walk.shift = len(messages) - len(msgs)
     return [walk.step(m) for m in msgs]
 
 

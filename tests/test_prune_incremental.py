@@ -180,3 +180,46 @@ def test_a_replaced_message_a_new_error_other_settings_and_a_rewind_are_walked_a
     other[-1]["content"][0]["content"] = words(999, 150)
     bodies += [body_of(failed[:31]), body_of(other)]
     assert_same(bodies)
+
+
+def test_thinking_left_out_at_a_new_user_turn_is_left_out_again_from_the_carry() -> None:
+    """On a model with preserved thinking, a cut at a new user turn leaves out the thinking after
+    it (spec ``unthink``); the calls after it go on from the carry, which must leave the same
+    blocks out (and keep those written since) as a walk of all the messages does."""
+    msgs: list[dict[str, Any]] = []
+    steps = history(48)
+    for part, block in enumerate(steps[1 + 12 * p : 13 + 12 * p] for p in range(8)):
+        msgs.append({"role": "user", "content": f"Part {part}: fix the parser"})
+        for m in block:
+            m = copy.deepcopy(m)
+            if m["role"] == "assistant":
+                sig = f"sig-{m['content'][1]['id']}"
+                m["content"].insert(0, {"type": "thinking", "thinking": f"about {sig}", "signature": sig})
+            msgs.append(m)
+        msgs.append(
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": f"part {part} done", "signature": f"sig-end-{part}"},
+                    {"type": "text", "text": f"Part {part} done."},
+                ],
+            }
+        )
+    cheap = {"clear_payback": 0.5}  # cuts at the earlier user turns, with calls after them
+    bodies = [
+        {**body_of(msgs[:n]), "model": "claude-opus-5-5", "//settings": cheap}
+        for n in range(1, len(msgs) + 1)
+        if msgs[n - 1]["role"] == "user"
+    ]
+    carried = assert_same(bodies)
+    unthought = [n for n, (_, notes) in enumerate(carried) if notes.get("cut", {}).get("thinking_left_out")]
+    assert unthought and unthought[0] < len(bodies) - 5  # a cut left thinking out, calls went on after it
+    last = json.loads(carried[-1][0])["messages"]
+    signed = [
+        b["signature"]
+        for m in last
+        if m["role"] == "assistant"
+        for b in m["content"]
+        if b["type"] == "thinking"
+    ]
+    assert len(signed) < sum(1 for m in msgs if m["role"] == "assistant")
