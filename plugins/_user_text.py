@@ -28,7 +28,7 @@ turns; a pointer into a dropped turn then names lines the request no longer hold
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._repeats import RepeatIndex
 from ._summarize_text import returncode_header, split_state, unwrap_returncode
@@ -51,42 +51,102 @@ def framing(text: str) -> tuple[str, str]:
     return text, ""
 
 
-def rewrite(messages: list[Any], stats: dict[str, Any], assistant: bool = False) -> list[Any] | None:
+class State(NamedTuple):
+    """What one call's pass left, for the next call of the conversation to go on from: after each
+    message, the repeat index's chain key, its feeds and the turns so far; and each text rewritten
+    (message, block or -1 for a string content, text as sent, kind, characters before)."""
+
+    checkpoints: tuple[tuple[bytes, int, int, int], ...]
+    edits: tuple[tuple[int, int, str, str, int], ...]
+
+    def nbytes(self) -> int:
+        return 64 * len(self.checkpoints) + sum(100 + len(e[2]) for e in self.edits)
+
+
+def rewrite(
+    messages: list[Any],
+    stats: dict[str, Any],
+    assistant: bool = False,
+    state: State | None = None,
+    same: int = 0,
+) -> tuple[list[Any] | None, State]:
     """The messages with the text of each user turn after the first without its agent framing and
     with its repeats of earlier turns' texts as pointers; with ``assistant`` the model's text blocks
     too (never reframed). None when nothing changed. Per kind rewritten, blocks and characters
-    before/after go into ``stats['kinds']``."""
+    before/after go into ``stats['kinds']``.
+
+    ``state`` is what the last call of the conversation left and ``same`` how many leading messages
+    are as it had them: their rewrites are re-applied and the pass goes on from there (the repeat
+    index resumed from its chain key), with the same bytes as a pass over them all."""
     index = RepeatIndex(MIN_LINES, MIN_CHARS, NOUN)
     out: list[Any] | None = None
     turns = {"user": 0, "assistant": 0}
-    for i, m in enumerate(messages):
+    checkpoints: list[tuple[bytes, int, int, int]] = []
+    edits: list[tuple[int, int, str, str, int]] = []
+    start = 0
+    if state is not None and 0 < same <= len(state.checkpoints):
+        key, fed, users, assistants = state.checkpoints[same - 1]
+        if fed == 0 or index.resume(key, fed):
+            start = same
+            turns = {"user": users, "assistant": assistants}
+            checkpoints = list(state.checkpoints[:same])
+            edits = [e for e in state.edits if e[0] < same]
+            for i, bi, text, kind, before in edits:
+                out = out if out is not None else list(messages)
+                m = out[i]
+                if bi < 0:
+                    out[i] = {**m, "content": text}
+                else:
+                    parts = list(m["content"])
+                    parts[bi] = {**parts[bi], "text": text}
+                    out[i] = {**m, "content": parts}
+                _tally(stats, kind, before, len(text))
+    for i in range(start, len(messages)):
+        m = messages[i]
         role = m.get("role") if isinstance(m, dict) else None
-        if role != "user" and not (assistant and role == "assistant"):
-            continue
-        turns[role] += 1
-        turn = (role, turns[role])
-        content = m.get("content")
-        if isinstance(content, str):
-            new = _text(content, turn, index, stats)
-            if new is not content:
-                out = out if out is not None else list(messages)
-                out[i] = {**m, "content": new}
-        elif isinstance(content, list):
-            blocks: list[Any] | None = None
-            for bi, b in enumerate(content):
-                if not (isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)):
-                    continue
-                new = _text(b["text"], turn, index, stats)
-                if new is not b["text"]:
-                    blocks = blocks if blocks is not None else list(content)
-                    blocks[bi] = {**b, "text": new}
-            if blocks is not None:
-                out = out if out is not None else list(messages)
-                out[i] = {**m, "content": blocks}
-    return out
+        if role == "user" or (assistant and role == "assistant"):
+            turns[role] += 1
+            turn = (role, turns[role])
+            content = m.get("content")
+            if isinstance(content, str):
+                new = _text(content, turn, index, stats, edits, i, -1)
+                if new is not content:
+                    out = out if out is not None else list(messages)
+                    out[i] = {**m, "content": new}
+            elif isinstance(content, list):
+                blocks: list[Any] | None = None
+                for bi, b in enumerate(content):
+                    if not (
+                        isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+                    ):
+                        continue
+                    new = _text(b["text"], turn, index, stats, edits, i, bi)
+                    if new is not b["text"]:
+                        blocks = blocks if blocks is not None else list(content)
+                        blocks[bi] = {**b, "text": new}
+                if blocks is not None:
+                    out = out if out is not None else list(messages)
+                    out[i] = {**m, "content": blocks}
+        checkpoints.append((index.key, len(index.fed), turns["user"], turns["assistant"]))
+    return out, State(tuple(checkpoints), tuple(edits))
 
 
-def _text(text: str, turn: tuple[str, int], index: RepeatIndex, stats: dict[str, Any]) -> str:
+def _tally(stats: dict[str, Any], kind: str, before: int, after: int) -> None:
+    k = stats.setdefault("kinds", {}).setdefault(kind, {"blocks": 0, "chars_before": 0, "chars_after": 0})
+    k["blocks"] += 1
+    k["chars_before"] += before
+    k["chars_after"] += after
+
+
+def _text(
+    text: str,
+    turn: tuple[str, int],
+    index: RepeatIndex,
+    stats: dict[str, Any],
+    edits: list[tuple[int, int, str, str, int]],
+    i: int,
+    bi: int,
+) -> str:
     """One turn's text as sent (the same object when unchanged); indexed for the turns after it."""
     role, n = turn
     name = f"{role} turn {n}"
@@ -98,8 +158,6 @@ def _text(text: str, turn: tuple[str, int], index: RepeatIndex, stats: dict[str,
     if new == text:
         return text
     kind = f"{role}_text:" + (kind or "kept") + ("+repeats" if new != framed else "")
-    k = stats.setdefault("kinds", {}).setdefault(kind, {"blocks": 0, "chars_before": 0, "chars_after": 0})
-    k["blocks"] += 1
-    k["chars_before"] += len(text)
-    k["chars_after"] += len(new)
+    edits.append((i, bi, new, kind, len(text)))
+    _tally(stats, kind, len(text), len(new))
     return new

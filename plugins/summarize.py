@@ -409,6 +409,7 @@ class _Index:
         self.assistants = 0
         self.text_bytes = 0
         self.edited: list[int] = []  # messages with rewrites
+        self.user_state: _user_text.State | None = None  # where the user turns' pass left off
         for e in entries or ():
             self.add(e)
 
@@ -437,7 +438,8 @@ class _Index:
         return self if k >= len(self.entries) else _Index(self.entries[:k])
 
     def nbytes(self) -> int:
-        return _ENTRY_BYTES * len(self.entries) + self.text_bytes
+        user = self.user_state.nbytes() if self.user_state is not None else 0
+        return _ENTRY_BYTES * len(self.entries) + self.text_bytes + user
 
 
 def _raw_digest(m: Any) -> Any:
@@ -638,6 +640,7 @@ def _rewrite_messages(
     k = len(seen) if raws[: len(seen)] == seen else _common(seen, raws, messages)
     if settings.get("model_summaries"):
         k = min(k, max(0, len(messages) - 1))  # the newest message is decided anew (a summary may be asked)
+    user_state = index.user_state
     index = index.cut(k)
     found = [_uses(m) for m in messages[k:]]
     if any(uid in index.inputs or uid in index.results for uses, _, _ in found for uid, _, _ in uses):
@@ -663,14 +666,24 @@ def _rewrite_messages(
         if entry.edits:
             out = out if out is not None else list(messages)
             out[k + j] = m
-    if on:
-        _put(ctx, key, index)
     stats: dict[str, Any] = {}
     if index.kinds:
         stats["kinds"] = {kind: dict(k) for kind, k in index.kinds.items()}
     if index.lossy:
         stats["lossy_blocks"] = index.lossy
     stats.update(call.extra)
+    if settings.get("user_texts", True):
+        # the user turns' pass goes on from where the last call's left it, kept in the same index
+        texts, index.user_state = _user_text.rewrite(
+            out if out is not None else messages,
+            stats,
+            bool(settings.get("assistant_texts")),
+            user_state if k > 0 else None,
+            k,
+        )
+        out = texts if texts is not None else out
+    if on:
+        _put(ctx, key, index)
     return out, stats
 
 
@@ -692,15 +705,6 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
     if not isinstance(messages, list):
         return None
     new_messages, stats = _rewrite_messages(messages, ctx, settings)
-    if settings.get("user_texts", True):
-        new_messages = (
-            _user_text.rewrite(
-                new_messages if new_messages is not None else messages,
-                stats,
-                assistant=bool(settings.get("assistant_texts")),
-            )
-            or new_messages
-        )
     if stats:
         ctx.record(**stats)
     out = {**body, "messages": new_messages} if new_messages is not None else body

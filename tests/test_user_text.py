@@ -158,3 +158,19 @@ def test_assistant_texts_point_at_what_the_model_quotes_only_when_asked(tmp_path
         assert lines[0] == "The loop is here:" and lines[-1] == "I will change line 1420."
         assert POINTER.match(lines[1]) and POINTER.match(lines[1]).group(6) == "user", said
         assert expand(said, user_texts(sent)) == msgs[3]["content"][0]["text"]
+
+
+def test_a_changed_earlier_turn_is_pointed_at_as_it_is_now(tmp_path: Any) -> None:
+    """The pass goes on from what the last call left only over the turns that did not change: when
+    the client edits an earlier turn, the pointers after it follow the turn as it is now."""
+    first = [window(1400, 1500), window(1400, 1500, edited=1450)]
+    changed = [window(1300, 1400), window(1300, 1400, edited=1350)]
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
+        one = send(client, emu, conversation(first))
+        two = send(client, emu, conversation(changed + ["All 12 tests passed."]))
+    for sent, observations in ((one, first), (two, [*changed, "All 12 tests passed."])):
+        turns = user_texts(sent)
+        assert any(POINTER.match(ln) for ln in turns[2].split("\n"))
+        assert [expand(t, turns) for t in turns[1:]] == observations
