@@ -624,7 +624,44 @@ def describe_binary(text: str) -> str:
 
 
 # line-based shapes, tried in order before the code and text rules (each lossless); "diff" first
-SHAPES = (("grep", group_grep), ("test", compact_go_test), ("ci", compact_actions_log))
+_PIP_SATISFIED_RE = re.compile(r"^Requirement already satisfied: (\S.*?) in (/\S+)(.*)$")
+_PIP_HEAD = "Requirement already satisfied in "
+
+
+def compact_pip(lines: list[str]) -> list[str] | None:
+    """pip's ``Requirement already satisfied: SPEC in PATH ...`` lines with the path once (no byte lost).
+
+    A run of 3 or more such lines with the same install path becomes one
+    ``Requirement already satisfied in PATH:`` line and, under it, each line's ``SPEC`` and what
+    followed the path (``(from pkg) (1.2.3)``), in order: each line is the head line's words around
+    its own. None if there is no such run (or a line already reads like the head line)."""
+    if not any(ln.startswith("Requirement already satisfied: ") for ln in lines[:400]) or any(
+        ln.startswith(_PIP_HEAD) for ln in lines
+    ):
+        return None
+    out: list[str] = []
+    changed = False
+    i = 0
+    while i < len(lines):
+        m = _PIP_SATISFIED_RE.match(lines[i])
+        if m:
+            j = i
+            while j < len(lines) and (q := _PIP_SATISFIED_RE.match(lines[j])) and q.group(2) == m.group(2):
+                j += 1
+            if j - i >= 3:
+                out.append(f"{_PIP_HEAD}{m.group(2)}:")
+                for x in lines[i:j]:
+                    q = _PIP_SATISFIED_RE.match(x)
+                    out.append(f"  {q.group(1)}{q.group(3)}")  # type: ignore[union-attr]
+                i = j
+                changed = True
+                continue
+        out.append(lines[i])
+        i += 1
+    return out if changed else None
+
+
+SHAPES = (("grep", group_grep), ("test", compact_go_test), ("ci", compact_actions_log), ("pip", compact_pip))
 SHAPE_NAMES = ("diff", *(k for k, _ in SHAPES), "returncode", "state")
 
 # mini-swe-agent's observation: the exit status and the output between tags, every call

@@ -7,7 +7,8 @@ ls -l columns; by ``shapes``: go test runs without the step lines of tests that 
 GitHub Actions logs with job, step and date once per run of lines, git diffs without the file lines
 their ``diff --git`` line implies, mini-swe-agent's ``<returncode>``/``<output>`` tags as one
 ``[returncode N]`` line at any size, SWE-agent's three state lines as one ``[open: F, cwd: D]``
-line at any size; an edit's echo of its own tool use's input as a pointer to it);
+line at any size, pip's ``Requirement already satisfied`` lines with their install path once
+(3 or more in a row); an edit's echo of its own tool use's input as a pointer to it);
 lossy ones only for clearly repetitive logs (runs differing only in numbers, very long logs cut to
 head + tail + every error/warning/trace line and every line with a path not shown elsewhere), long
 base64 blobs, binary output and fetched web pages (to text). Source code and numbered file
