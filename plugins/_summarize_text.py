@@ -738,12 +738,14 @@ def shrink(text: str, opts: Options) -> Result:
         inner = shrink(state[0], opts)
         kind = "state" if inner.kind == "small" or inner.kind.endswith(":kept") else inner.kind
         out = f"{inner.text}\n{state[1]}" if text[: len(state[0]) + 1] == state[0] + "\n" else state[1]
-        return _best(text, out, kind, inner.lossy)
+        # at any size: the framing goes whatever the output saves (a large one saved under 2%)
+        return Result(out, kind, inner.lossy) if len(out) < len(text) else _best(text, out, kind, inner.lossy)
     wrapped = unwrap_returncode(text) if "returncode" in opts.shapes and text[:1] == "<" else None
     if wrapped is not None:
         inner = shrink(wrapped[1], opts)
         kind = "returncode" if inner.kind == "small" or inner.kind.endswith(":kept") else inner.kind
-        return _best(text, returncode_header(wrapped[0]) + inner.text, kind, inner.lossy)
+        out = returncode_header(wrapped[0]) + inner.text
+        return Result(out, kind, inner.lossy) if len(out) < len(text) else _best(text, out, kind, inner.lossy)
     if len(text) < opts.min_chars:
         return Result(text, "small", False)
     t = resolve_cr(strip_ansi(text))

@@ -1,0 +1,62 @@
+"""summarize: mini-swe-agent's ``<returncode>``/``<output>`` tags and SWE-agent's state lines go at any
+size, as documented (a large output that saves under 2% otherwise kept them), through the real SDK
+over HTTP to the emulator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+from tokensaver_plugins._blocks import request_problems
+
+import tokensaver
+from tokensaver.emulator import Emulator
+
+MODEL = "claude-sonnet-4-6"
+# prose-like lines no other rewrite shortens (no numbers to collapse, no blob, no listing)
+LINES = [
+    f"The view {w} renders the {v} template with its context." for w in "abcdefghij" for v in "klmnopqrstu"
+]
+OUTPUT = "\n".join(LINES) + "\n"
+
+
+def sent_result(tmp_path: Any, text: str) -> str:
+    body = {
+        "model": MODEL,
+        "max_tokens": 64,
+        "messages": [
+            {"role": "user", "content": "Find the view."},
+            {
+                "role": "assistant",
+                "content": [
+                    {
+                        "type": "tool_use",
+                        "id": "toolu_1",
+                        "name": "bash",
+                        "input": {"command": "python run.py"},
+                    }
+                ],
+            },
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": text}]},
+        ],
+    }
+    with Emulator(virtual_clock=True, start_time=1_700_000_000.0) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
+        resp = client.post("/v1/messages", body=body, cast_to=object)
+        assert isinstance(resp, dict) and resp["type"] == "message"
+        sent = emu.last["body"]
+    assert request_problems(sent) == []
+    out: str = sent["messages"][2]["content"][0]["content"]
+    return out
+
+
+def test_a_large_mini_swe_agent_output_loses_its_tags(tmp_path: Any) -> None:
+    assert len(OUTPUT) > 5000
+    text = f"<returncode>1</returncode>\n<output>\n{OUTPUT}</output>"
+    assert sent_result(tmp_path, text) == f"[returncode 1]\n{OUTPUT}"
+
+
+def test_a_large_swe_agent_output_sends_its_state_as_one_line(tmp_path: Any) -> None:
+    text = OUTPUT + "(Open file: /repo/app/views.py)\n(Current directory: /repo)\nbash-$"
+    assert sent_result(tmp_path, text) == OUTPUT + "[open: app/views.py, cwd: /repo]"
