@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import threading
 from array import array
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -218,37 +219,32 @@ def prompt_blocks(
             if p is not None and p.block is b and p.tag == tag:
                 append(p)  # (inlined: the common case, a block this call has seen)
             elif (seen := seen_of(id(b))) is not None and seen[0] is b and isinstance(b, dict):
-                # (inlined: a dict block whose facts the call has, as each block the caller sent: the
-                # pipeline digested them first)
-                _make_known(out, ("messages", mi, bi), b, tag, seen, 0 if bi else MESSAGE_OVERHEAD, made)
+                # (inlined, as _make_known: a dict block whose facts the call has, as each block the
+                # caller sent: the pipeline digested them first)
+                kind = b.get("type")
+                if kind == "text":
+                    text = b.get("text", "")
+                    text = text if isinstance(text, str) else str(text)
+                    cacheable = not (not text or text.isspace())
+                else:
+                    cacheable = kind not in THINKING_TYPES
+                p = PromptBlock(
+                    ("messages", mi, bi),
+                    b,
+                    seen[2] + (0 if bi else MESSAGE_OVERHEAD),
+                    tag,
+                    cacheable,
+                    b.get("cache_control"),
+                    seen[1],
+                    seen[3],
+                )
+                append(p)
+                if made is not None:
+                    made[id(b)] = p
             else:
                 make(("messages", mi, bi), b, tag, 0 if bi else MESSAGE_OVERHEAD)
             tag = cont
     return out
-
-
-def _make_known(
-    out: list[PromptBlock],
-    where: tuple[str, int, int],
-    block: dict[str, Any],
-    tag: str,
-    seen: tuple[Any, bytes, int, bool],
-    extra: int,
-    made: dict[int, PromptBlock] | None,
-) -> None:
-    """Append the PromptBlock of a dict block whose digest, count and image flag are known."""
-    kind = block.get("type")
-    if kind == "text":
-        text = block.get("text", "")
-        text = text if isinstance(text, str) else str(text)
-        cacheable = not (not text or text.isspace())
-    else:
-        cacheable = kind not in THINKING_TYPES
-    cc = block.get("cache_control")
-    made_block = PromptBlock(where, block, seen[2] + extra, tag, cacheable, cc, seen[1], seen[3])
-    out.append(made_block)
-    if made is not None:
-        made[id(block)] = made_block
 
 
 _ROLE_TAGS: dict[str, tuple[str, str]] = {}
@@ -281,6 +277,17 @@ def level_salts(body: dict[str, Any] | None, blocks: list[PromptBlock] | None = 
     """
     if not body:
         return b"", b""
+    if blocks is not None:
+        images = any(b.image for b in blocks if b.tag != "tools")
+    else:
+        images = _has_image([body.get("system"), body.get("messages")])
+    return _salts(body, images)
+
+
+def _salts(body: dict[str, Any], images: bool) -> tuple[bytes, bytes]:
+    """:func:`level_salts` once whether the prompt holds an image is known."""
+    if not body:
+        return b"", b""
     system: dict[str, Any] = {}
     if body.get("speed") is not None:
         system["speed"] = body["speed"]
@@ -290,10 +297,6 @@ def level_salts(body: dict[str, Any] | None, blocks: list[PromptBlock] | None = 
     th = body.get("thinking")
     if isinstance(th, dict):
         messages["thinking"] = [th.get("type"), th.get("budget_tokens")]
-    if blocks is not None:
-        images = any(b.image for b in blocks if b.tag != "tools")
-    else:
-        images = _has_image([body.get("system"), body.get("messages")])
     if images:
         messages["images"] = True
     return (
@@ -408,7 +411,9 @@ class Kept:
     salts: tuple[bytes, bytes]
 
     @classmethod
-    def of(cls, prepared: Prepared) -> Kept:
+    def of(cls, prepared: Prepared | Lite) -> Kept:
+        if isinstance(prepared, Lite):
+            return cls(prepared.keys, prepared.hashes.raw, array("q", prepared.prefix), prepared.salts)
         keys = prepared.keys if prepared.keys is not None else _keys(prepared.blocks)
         return cls(keys, b"".join(prepared.hashes), array("q", prepared.prefix), prepared.salts)
 
@@ -418,22 +423,301 @@ class Kept:
 
     def common(self, keys: bytes) -> int:
         """How many leading blocks ``keys`` shares with the kept request (binary search on slices)."""
-        n = min(len(keys), len(self.keys)) // _KEY
-        if keys[: n * _KEY] == self.keys[: n * _KEY]:
-            return n
-        lo, hi = 0, n  # keys[:lo] equal, keys[:hi] not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if keys[: mid * _KEY] == self.keys[: mid * _KEY]:
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        return _common(keys, self.keys)
 
     def head(self, n: int) -> tuple[list[bytes], list[int]]:
         """The prefix hashes and token sums of the first ``n`` blocks."""
         h = self.hashes
         return [h[i * _KEY : (i + 1) * _KEY] for i in range(n)], list(self.prefix[:n])
+
+
+def _common(keys: bytes, other: bytes) -> int:
+    """How many leading 16-byte block keys two key strings share (binary search on slices)."""
+    n = min(len(keys), len(other)) // _KEY
+    if keys[: n * _KEY] == other[: n * _KEY]:
+        return n
+    lo, hi = 0, n  # keys[:lo] equal, keys[:hi] not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if keys[: mid * _KEY] == other[: mid * _KEY]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# -- a body prepared message by message --------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Message:
+    """One message as the cache sees it, without its blocks: what :func:`prompt_blocks` makes of it
+    (each block's key, hash input, tokens, cacheable flag, cache_control ttl and image flag), a pure
+    function of the message's content (kept across calls by the message's serialization digest)."""
+
+    n: int
+    keys: bytes  # each block's ``_keys`` key, joined
+    links: tuple[bytes, ...]  # each block's part of the prefix hash: tag, digest, b"\1"
+    tokens: tuple[int, ...]  # each block's tokens (the first one's with the message framing)
+    last_cacheable: int  # the last cacheable block's place in the message (-1: none)
+    ttls: tuple[tuple[int, str], ...]  # (place, ttl) of each block with a cache_control
+    image: bool
+
+    @property
+    def nbytes(self) -> int:
+        return 200 + 100 * self.n
+
+
+MAX_MESSAGES_BYTES = 16 * 1024 * 1024  # what _MESSAGE_PARTS keeps in all (each entry sized by nbytes)
+
+
+class _MessageParts:
+    """Each message's :class:`_Message` by its serialization digest, across calls (bounded by bytes)."""
+
+    def __init__(self, max_bytes: int = MAX_MESSAGES_BYTES) -> None:
+        self.data: dict[bytes, _Message] = {}
+        self.max_bytes, self.nbytes = max_bytes, 0
+        self.lock = threading.Lock()
+
+    def put(self, key: bytes, part: _Message) -> None:
+        with self.lock:
+            data = self.data
+            old = data.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
+            data[key] = part
+            self.nbytes += part.nbytes
+            while self.nbytes > self.max_bytes and data:
+                self.nbytes -= data.pop(next(iter(data))).nbytes
+
+
+_MESSAGE_PARTS = _MessageParts()
+
+
+def _message_part(msg: Any, memo: Memo) -> _Message | None:
+    """What :func:`prompt_blocks` makes of one message (None: not a message it takes this way)."""
+    if not isinstance(msg, dict):
+        return None
+    role = msg.get("role")
+    tags = _ROLE_TAGS.get(role) if isinstance(role, str) else None
+    if tags is None:
+        tags = _role_tags(str(role))
+    content = msg.get("content")
+    if isinstance(content, str):
+        blocks: Any = (content,)
+    elif isinstance(content, list):
+        blocks = content
+    elif not content:
+        blocks = ()
+    else:
+        return None
+    tb = _TAG_BYTES.get
+    start = tb(tags[0]) or _tag_bytes(tags[0])
+    cont = tb(tags[1]) or _tag_bytes(tags[1])
+    seen_of = memo.get
+    counter = default_counter()
+    keys: list[bytes] = []
+    links: list[bytes] = []
+    tokens: list[int] = []
+    ttls: list[tuple[int, str]] = []
+    last = -1
+    image = False
+    for bi, b in enumerate(blocks):
+        tag = cont[1] if bi else start[1]
+        seen = seen_of(id(b))
+        if seen is not None and seen[0] is b:
+            digest, n, img = seen[1], seen[2], seen[3]
+        else:
+            digest, n, img = _DIGESTS.get(b, counter)
+            memo[id(b)] = (b, digest, n, img)
+        if isinstance(b, dict):
+            cc = b.get("cache_control")
+            kind = b.get("type")
+            if kind == "text":
+                text = b.get("text", "")
+                text = text if isinstance(text, str) else str(text)
+                cacheable = not (not text or text.isspace())
+            else:
+                cacheable = kind not in THINKING_TYPES
+            if cc:
+                ttls.append((bi, str(cc.get("ttl", "5m"))))
+        else:
+            cacheable = not (isinstance(b, str) and not b)
+        if cacheable:
+            last = bi
+        image = image or img
+        keys.append(_xxh(tag + digest))
+        links.append(tag + digest + b"\1")
+        tokens.append(n if bi else n + MESSAGE_OVERHEAD)
+    return _Message(len(tokens), b"".join(keys), tuple(links), tuple(tokens), last, tuple(ttls), image)
+
+
+class _Hashes:
+    """Prefix hashes held as one string, 16 bytes each (indexed as a list of them)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def __getitem__(self, j: int) -> bytes:
+        if j < 0:
+            j += len(self.raw) // _KEY
+        return self.raw[j * _KEY : (j + 1) * _KEY]
+
+    def __len__(self) -> int:
+        return len(self.raw) // _KEY
+
+
+Found = dict[int, tuple[Any, Any, _Message]]  # id(first block) -> (role, content, its _Message), one call
+
+
+@dataclass
+class Lite:
+    """A body as the cache sees it, prepared message by message (:class:`Prepared`'s figures): its
+    tools and system blocks, each message's :class:`_Message`, the prefix hashes and token sums."""
+
+    head: list[PromptBlock]
+    parts: list[_Message]
+    starts: list[int]  # each message's first block's place
+    hashes: _Hashes
+    prefix: array[int]
+    salts: tuple[bytes, bytes]
+    keys: bytes
+
+    @property
+    def total(self) -> int:
+        return self.prefix[-1] if self.prefix else 0
+
+    @classmethod
+    def of(
+        cls,
+        body: dict[str, Any],
+        memo: Memo,
+        found: Found,
+        *,
+        like: Prepared | Lite | Kept | None = None,
+        also: Kept | None = None,
+        digests: list[bytes | None] | None = None,
+    ) -> Lite | None:
+        """Prepare ``body`` (None: a message it does not take this way). ``digests``: each message's
+        serialization digest (the pipeline's), to find its part made on an earlier call; ``found``:
+        the parts of the call's earlier bodies by their first block's identity. The prefix hashes
+        of the leading blocks it shares with ``like`` or ``also`` (the longer run) are theirs."""
+        messages = body.get("messages") or []
+        if not isinstance(messages, list) or (digests is not None and len(digests) != len(messages)):
+            return None
+        head = prompt_blocks({k: body[k] for k in ("tools", "system") if k in body}, memo)
+        table, get = _MESSAGE_PARTS, _MESSAGE_PARTS.data.get
+        parts: list[_Message] = []
+        add = parts.append
+        for i, m in enumerate(messages):
+            content = m.get("content") if isinstance(m, dict) else None
+            first = content[0] if isinstance(content, list) and content else content
+            was = found.get(id(first)) if first is not None else None
+            if (
+                was is not None
+                and was[0] == m.get("role")
+                and (was[1] is content or (isinstance(content, list) and was[1] == content))
+            ):
+                add(was[2])
+                continue
+            d = digests[i] if digests is not None else None
+            part = get(d) if d is not None else None
+            if part is None:
+                part = _message_part(m, memo)
+                if part is None:
+                    return None
+                if d is not None:
+                    table.put(d, part)
+            if first is not None:
+                found[id(first)] = (m.get("role"), content, part)
+            add(part)
+        n_head = len(head)
+        starts = [n_head]
+        for part in parts:
+            starts.append(starts[-1] + part.n)
+        keys = _keys(head) + b"".join([part.keys for part in parts])
+        images = any(b.image for b in head if b.tag != "tools") or any(part.image for part in parts)
+        salts = _salts(body, images)
+        same = 0
+        raw, prefix = b"", array("q")
+        for run in (like, also):
+            if isinstance(run, Lite | Kept) and run.salts == salts:
+                longer = _common(keys, run.keys)
+                if longer > same:
+                    same = longer
+                    raw = (run.hashes.raw if isinstance(run, Lite) else run.hashes)[: same * _KEY]
+                    prefix = run.prefix[:same]
+        hashes = bytearray(raw)
+        h = raw[-_KEY:] if same else b""
+        total = prefix[-1] if same else 0
+        level = (_level(head[same - 1].tag) if same <= n_head else 2) if same else 0
+        more: list[int] = []
+        push = more.append
+        tb = _TAG_BYTES.get
+        for b in head[same:]:
+            at, tag = tb(b.tag) or _tag_bytes(b.tag)
+            h = _xxh(h + _mix(salts, level, at) + tag + b.digest + b"\1")
+            level = max(level, at)
+            hashes += h
+            total += b.tokens
+            push(total)
+        if len(starts) > 1 and same < starts[-1]:
+            k = bisect_right(starts, max(same, n_head)) - 1
+            j = max(same, n_head) - starts[k]
+            if level < 2:
+                mix = _mix(salts, level, 2)
+                level = 2
+            else:
+                mix = b""
+            for part in parts[k:]:
+                links, tokens = part.links, part.tokens
+                while j < part.n:
+                    h = _xxh(h + mix + links[j]) if mix else _xxh(h + links[j])
+                    mix = b""
+                    hashes += h
+                    total += tokens[j]
+                    push(total)
+                    j += 1
+                j = 0
+        prefix.extend(more)
+        return cls(head, parts, starts, _Hashes(bytes(hashes)), prefix, salts, keys)
+
+    def breakpoints(self, body: dict[str, Any], auto_only: bool = False) -> list[tuple[int, str]]:
+        """:func:`breakpoints` of the body."""
+        head, parts, starts = self.head, self.parts, self.starts
+        bps: list[tuple[int, str]] = []
+        if not auto_only:
+            bps = [(i, str(b.cache_control.get("ttl", "5m"))) for i, b in enumerate(head) if b.cache_control]
+            for k, part in enumerate(parts):
+                if part.ttls:
+                    bps.extend((starts[k] + j, ttl) for j, ttl in part.ttls)
+        auto = AUTO if auto_only else body.get("cache_control")
+        if auto is not None:
+            last = next(
+                (
+                    starts[k] + parts[k].last_cacheable
+                    for k in range(len(parts) - 1, -1, -1)
+                    if parts[k].last_cacheable >= 0
+                ),
+                None,
+            )
+            if last is None:
+                last = next((i for i in range(len(head) - 1, -1, -1) if head[i].cacheable), None)
+            if last is not None and all(i != last for i, _ in bps):
+                bps.append((last, str(auto.get("ttl", "5m"))))
+        return sorted(bps)
+
+
+def _mix(salts: tuple[bytes, bytes], level: int, at: int) -> bytes:
+    """The level settings mixed into the prefix hash going from ``level`` to ``at`` (as :func:`_chain`)."""
+    mix = b""
+    while level < at:
+        level += 1
+        if salts[level - 1]:
+            mix += b"\2" + salts[level - 1] + b"\3"
+    return mix
 
 
 def thaw(value: Any) -> Any:
@@ -648,7 +932,7 @@ class CacheModel:
         *,
         memo: Memo | None = None,
         auto_only: bool = False,
-        prepared: Prepared | None = None,
+        prepared: Prepared | Lite | None = None,
     ) -> Billing:
         """Prompt-cache accounting for a (validated) body at time ``now``; updates the entries.
 
@@ -657,8 +941,11 @@ class CacheModel:
         """
         model = str(body.get("model", ""))
         p = Prepared.of(body, memo) if prepared is None else prepared
-        blocks, hashes, prefix, total = p.blocks, p.hashes, p.prefix, p.total
-        bps = breakpoints(body, blocks, auto_only=auto_only)
+        hashes, prefix, total = p.hashes, p.prefix, p.total
+        if isinstance(p, Lite):
+            bps = p.breakpoints(body, auto_only)
+        else:
+            bps = breakpoints(body, p.blocks, auto_only=auto_only)
         min_cache = self.prices.get(model).min_cache
         cache = self.entries
         shared, pulled = self.shared, None
@@ -781,7 +1068,8 @@ class ShadowCaches:
                 self._kept_bytes -= old.nbytes
             previous[where] = kept
             self._kept_bytes += kept.nbytes
-            while previous and (len(previous) > 4 * self.max_keys or self._kept_bytes > self.max_kept_bytes):
+            # (a conversation keeps its caller's request and each stage lane's: 16 per key)
+            while previous and (len(previous) > 16 * self.max_keys or self._kept_bytes > self.max_kept_bytes):
                 self._kept_bytes -= previous.popitem(last=False)[1].nbytes
 
     def lane(self, key: str, name: str) -> CacheModel:
@@ -813,6 +1101,7 @@ class ShadowCaches:
         caller: bool = True,
         conversation: str = "",
         memo: Memo | None = None,
+        digests: list[bytes | None] | None = None,
     ) -> Estimate:
         """Bill one call through the lanes and price it.
 
@@ -824,6 +1113,8 @@ class ShadowCaches:
         :param caller: False for a request the caller never made (a plugin-tool follow-up round):
             its counterfactual is nothing and the counterfactual lanes do not move.
         :param memo: digests and counts of the call's blocks by identity, when the caller has them.
+        :param digests: each message of ``original``'s serialization digest (xxh3-128 of its orjson),
+            when the caller has them: a message billed on an earlier call is found by it.
         """
         out = Estimate(stage_usd=[0.0] * len(bodies))
         if usage is None:
@@ -833,12 +1124,33 @@ class ShadowCaches:
             before = self._previous.get((key, conversation)) if memo_enabled() else None
         last: list[Any] = [None, before]  # the body prepared last, and how
         made: dict[int, PromptBlock] = {}  # the call's prompt blocks, by block identity
+        found: Found = {}  # the call's messages as the cache sees them, by their first block's identity
+        lite = memo_enabled()
+
+        def kept(lane: str) -> Kept | None:
+            with self._lock:
+                return self._previous.get((key, f"{conversation}\0{lane}"))
 
         def bill(lane: str, body: dict[str, Any], auto_only: bool = False) -> Billing:
             edited, _ = apply_context_management(body)
             if last[0] is not edited:
                 # a stage's body mostly shares its leading blocks with the one before: resume there
-                last[:] = [edited, Prepared.of(edited, memo, like=last[1], made=made)]
+                # (message by message: a message of the call's earlier bodies, or of the
+                # conversation's earlier calls, is not taken apart again)
+                p: Prepared | Lite | None = None
+                if lite:
+                    p = Lite.of(
+                        edited,
+                        memo,
+                        found,
+                        like=last[1],
+                        also=None if lane in ("caller", "auto") else kept(lane),
+                        digests=digests if edited is original else None,
+                    )
+                if p is None:
+                    like = None if isinstance(last[1], Lite) else last[1]
+                    p = Prepared.of(edited, memo, like=like, made=made)
+                last[:] = [edited, p]
             return self.lane(key, lane).bill(edited, now, auto_only=auto_only, prepared=last[1])
 
         own = auto = None
@@ -852,7 +1164,12 @@ class ShadowCaches:
                 out.counterfactual_usd = price(own, model) + out_usd
                 out.auto_usd = price(auto, model) + out_usd
             return out
-        staged = [bill(f"stage{k}", b) for k, b in enumerate(bodies, 1)]
+        staged: list[Billing] = []
+        for k, b in enumerate(bodies, 1):
+            staged.append(bill(f"stage{k}", b))
+            if lite and isinstance(last[1], Lite):
+                # what the lane's next call resumes from (a stage's body mostly repeats its last one's)
+                self._keep((key, f"{conversation}\0stage{k}"), Kept.of(last[1]))
         final = staged[-1] if staged else own
         if final is None:
             return out
@@ -880,8 +1197,8 @@ class ShadowCaches:
             out.counterfactual_usd = max(billed_usd + price(own, model, scale) - est, 0.0) + out_usd
             out.auto_usd = max(billed_usd + price(auto, model, scale) - est, 0.0) + out_usd
             prev, prev_model = price(own, model, scale), model
-            for k, b in enumerate(staged):
-                cur = price(b, models[k], scale)
+            for k, billed in enumerate(staged):
+                cur = price(billed, models[k], scale)
                 # a stage that changed the model also changed what the output is billed at
                 out_delta = usage["output_tokens"] * (prev_model.output - models[k].output) / 1e6
                 out.stage_usd[k] = prev - cur + out_delta

@@ -101,6 +101,7 @@ class _Guard:
         self.copies: list[Any] = []
         # the call's token counts by block identity: a copy is counted as its original
         self.memo: Memo = {} if memo is None else memo
+        self.counted: list[int] = []  # the ids of the copies entered in ``memo`` (each alive in ``copies``)
 
     def give(self, body: dict[str, Any]) -> dict[str, Any]:
         """``body`` with its own containers and a copy of each block (the ones made before, if intact).
@@ -110,7 +111,7 @@ class _Guard:
         """
         pool, back, memo = self.pool, self.back, self.memo
         known = pool.get
-        keep_orig, keep_copy = self.origs.append, self.copies.append
+        keep_orig, keep_copy, keep_count = self.origs.append, self.copies.append, self.counted.append
 
         def leaf(value: Any) -> Any:
             if not isinstance(value, dict | list):
@@ -122,6 +123,7 @@ class _Guard:
             seen = memo.get(id(value))
             if seen is not None and seen[0] is value:
                 memo[id(own)] = (own, seen[1])
+                keep_count(id(own))
             pool[id(value)] = own
             back[id(own)] = value
             keep_orig(value)
@@ -167,12 +169,11 @@ class _Guard:
 
     def drop(self) -> None:
         """Forget every copy: the plugin that had them may still be running or may have edited them."""
-        memo = self.memo
-        for own in self.copies:
-            seen = memo.get(id(own))
-            if seen is not None and seen[0] is own:
-                del memo[id(own)]
-        self.pool, self.back, self.origs, self.copies = {}, {}, [], []
+        # (a copy's id is its own while ``copies`` holds it: what ``memo`` has under it is the copy's)
+        pop = self.memo.pop
+        for k in self.counted:
+            pop(k, None)
+        self.pool, self.back, self.origs, self.copies, self.counted = {}, {}, [], [], []
 
     def restore(self, result: Any) -> None:
         """Make ``result`` (a stage's output, its copies found intact) hold no object of a plugin's.
@@ -385,7 +386,25 @@ def _stage_facts(
         memo[id(b)] = (b, n)
         return n
 
+    like = current.get("messages") or []
+    places: dict[int, int] = {}  # id of a message's first block (or string content) -> its place in ``like``
+
+    def moved(m: Any) -> int | None:
+        """The place in ``like`` of a message equal to ``m`` that the stage moved (a cut before it)."""
+        if not places:
+            for i, was in enumerate(like):
+                c = was.get("content") if isinstance(was, dict) else None
+                places.setdefault(id(c[0]) if isinstance(c, list) and c else id(c), i)
+        c = m.get("content") if isinstance(m, dict) else None
+        if c is None or (isinstance(c, list) and not c):
+            return None
+        at = places.get(id(c[0]) if isinstance(c, list) else id(c))
+        return at if at is not None and like[at] == m else None
+
     def fresh(m: Any) -> tuple[Record, int, int | None]:
+        i = moved(m)
+        if i is not None:  # (its facts are a function of its content: those of its equal in ``like``)
+            return given.records[i], given.tokens[i], given.sizes[i]
         try:
             raw: bytes | None = orjson.dumps(m)
         except TypeError:
@@ -404,7 +423,7 @@ def _stage_facts(
             keys[id(m)] = key
         return message_record(m), -1, len(raw)  # counted once the output is found valid
 
-    out = facts_like(result["messages"], current.get("messages") or [], given, fresh)
+    out = facts_like(result["messages"], like, given, fresh)
 
     same_head = result.get("tools") == current.get("tools") and result.get("system") == current.get("system")
 
@@ -482,6 +501,7 @@ class Call:
     guard: _Guard = field(default_factory=lambda: _Guard())  # the copies its plugins get, its counts
     sizes: Sizes = field(default_factory=dict)  # per-block sizes by identity, for the 32 MB check
     facts: BillingMemo = field(default_factory=dict)  # the caller's blocks' digests and counts, by identity
+    digests: list[bytes | None] | None = None  # each message's serialization digest (the caller's request)
     scans: Scans = field(default_factory=dict)  # each stage body's thinking blocks, by identity
     # a message-thread request (tokensaver.threads): the stages get and bill the whole conversation
     thread: ThreadView | None = None
@@ -590,6 +610,7 @@ class Pipeline:
             attempt=attempt,
             guard=_Guard(memo),
             facts=facts,
+            digests=whole_facts.digests,
             thread=thread,
             state_mark=self._store.mark(),
         )
@@ -832,6 +853,7 @@ class Pipeline:
                 caller=not follow_up,
                 conversation=ctx.conversation,
                 memo=call.facts,
+                digests=call.digests,
             )
         est = call.estimate
         cost = model.cost(usage) if sent and usage is not None else 0.0
