@@ -9,9 +9,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import conversations
+from xxhash import xxh3_128_digest
 
 from tokensaver.billing import Kept, Lite, Prepared, ShadowCaches, _keys, breakpoints
 from tokensaver.pipeline import _digest_blocks
@@ -117,6 +119,8 @@ def _estimates(calls: list[dict[str, Any]], memo_on: bool) -> list[tuple[float, 
             staged = [body]
             for op, at in edits:
                 staged.append(_edit(staged[-1], op, at))
+            # the stages' messages' digests by identity, as the pipeline finds them
+            named = {id(m): (m, xxh3_128_digest(orjson.dumps(m))) for b in staged[1:] for m in b["messages"]}
             usage = {
                 "input_tokens": 900,
                 "cache_creation_input_tokens": 300,
@@ -134,6 +138,7 @@ def _estimates(calls: list[dict[str, Any]], memo_on: bool) -> list[tuple[float, 
                 conversation="c",
                 memo=facts,
                 digests=digests,
+                named=named,
             )
             out.append((est.counterfactual_usd, est.auto_usd, tuple(est.stage_usd)))
         return out

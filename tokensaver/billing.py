@@ -569,6 +569,8 @@ class _Hashes:
         return len(self.raw) // _KEY
 
 
+# a message's serialization digest by its identity (the message kept alive so its id is its own)
+Named = dict[int, tuple[Any, bytes]]
 Found = dict[int, tuple[Any, Any, _Message]]  # id(first block) -> (role, content, its _Message), one call
 
 
@@ -599,6 +601,7 @@ class Lite:
         like: Prepared | Lite | Kept | None = None,
         also: Kept | None = None,
         digests: list[bytes | None] | None = None,
+        named: Named | None = None,
     ) -> Lite | None:
         """Prepare ``body`` (None: a message it does not take this way). ``digests``: each message's
         serialization digest (the pipeline's), to find its part made on an earlier call; ``found``:
@@ -622,7 +625,11 @@ class Lite:
             ):
                 add(was[2])
                 continue
-            d = digests[i] if digests is not None else None
+            if digests is not None:
+                d = digests[i]
+            else:
+                seen = named.get(id(m)) if named is not None else None
+                d = seen[1] if seen is not None and seen[0] is m else None
             part = get(d) if d is not None else None
             if part is None:
                 part = _message_part(m, memo)
@@ -1102,6 +1109,7 @@ class ShadowCaches:
         conversation: str = "",
         memo: Memo | None = None,
         digests: list[bytes | None] | None = None,
+        named: Named | None = None,
     ) -> Estimate:
         """Bill one call through the lanes and price it.
 
@@ -1115,6 +1123,7 @@ class ShadowCaches:
         :param memo: digests and counts of the call's blocks by identity, when the caller has them.
         :param digests: each message of ``original``'s serialization digest (xxh3-128 of its orjson),
             when the caller has them: a message billed on an earlier call is found by it.
+        :param named: the same of other messages of ``bodies``, by identity (a stage's rewrites).
         """
         out = Estimate(stage_usd=[0.0] * len(bodies))
         if usage is None:
@@ -1146,6 +1155,7 @@ class ShadowCaches:
                         like=last[1],
                         also=None if lane in ("caller", "auto") else kept(lane),
                         digests=digests if edited is original else None,
+                        named=named,
                     )
                 if p is None:
                     like = None if isinstance(last[1], Lite) else last[1]

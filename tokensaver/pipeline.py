@@ -25,7 +25,7 @@ import xxhash
 
 from . import metrics
 from ._gc import collection_held
-from .billing import Estimate, ShadowCaches, block_facts, thaw
+from .billing import Estimate, Named, ShadowCaches, block_facts, thaw
 from .billing import Memo as BillingMemo
 from .config import Config, load_config
 from .context import CallContext
@@ -365,6 +365,7 @@ def _stage_facts(
     counter: TokenCounter,
     memo: Memo,
     facts: BillingMemo | None = None,
+    named: Named | None = None,
 ) -> Facts:
     """The facts of a stage's output, from those of its input for the messages it kept; the others
     found by their serialization's digest in the bounded per-message table (a stage's rewrite of a
@@ -413,6 +414,8 @@ def _stage_facts(
             return message_record(m), -1, None
         if on and facts is not None and _plain(m):
             key = _xxh(raw)
+            if named is not None:
+                named[id(m)] = (m, key)  # (for the call's billing: a stage's rewrite, found again)
             known = _MESSAGES.get(key)
             blocks = _content_blocks(m)
             if known is not None and len(known[3]) == len(blocks):
@@ -502,6 +505,7 @@ class Call:
     sizes: Sizes = field(default_factory=dict)  # per-block sizes by identity, for the 32 MB check
     facts: BillingMemo = field(default_factory=dict)  # the caller's blocks' digests and counts, by identity
     digests: list[bytes | None] | None = None  # each message's serialization digest (the caller's request)
+    named: Named = field(default_factory=dict)  # the stages' new messages' digests, by identity
     scans: Scans = field(default_factory=dict)  # each stage body's thinking blocks, by identity
     # a message-thread request (tokensaver.threads): the stages get and bill the whole conversation
     thread: ThreadView | None = None
@@ -646,7 +650,7 @@ class Pipeline:
                         and isinstance(result.get("messages"), list)
                     ):
                         result_facts = _stage_facts(
-                            result, current, current_facts, self.counter, memo, call.facts
+                            result, current, current_facts, self.counter, memo, call.facts, call.named
                         )
                         problem = facts_stage_problem(
                             result, result_facts, current, current_facts, call.sizes
@@ -854,6 +858,7 @@ class Pipeline:
                 conversation=ctx.conversation,
                 memo=call.facts,
                 digests=call.digests,
+                named=call.named,
             )
         est = call.estimate
         cost = model.cost(usage) if sent and usage is not None else 0.0
