@@ -323,6 +323,7 @@ def _digest_blocks(body: dict[str, Any], memo: Memo, facts: BillingMemo) -> Fact
     counts: list[int] = []
     sizes: list[int | None] = []
     keys: list[bytes | None] = []
+    table = _MESSAGES.data.get  # (a dict read needs no lock)
     for m in messages if isinstance(messages, list) else ():
         try:
             raw: bytes | None = orjson.dumps(m)
@@ -330,10 +331,12 @@ def _digest_blocks(body: dict[str, Any], memo: Memo, facts: BillingMemo) -> Fact
             raw = None
         key = _xxh(raw) if raw is not None and on else None
         keys.append(key)
-        known = _MESSAGES.get(key) if key is not None else None
-        blocks = _content_blocks(m)
-        if known is not None and len(known[3]) == len(blocks):
-            for b, (digest, tokens, image) in zip(blocks, known[3], strict=True):
+        hit = table(key) if key is not None else None
+        content = m.get("content") if isinstance(m, dict) else None
+        blocks = [content] if isinstance(content, str) else content if isinstance(content, list) else []
+        if hit is not None and len(hit[0][3]) == len(blocks):
+            known = hit[0]
+            for b, (digest, tokens, image) in zip(blocks, known[3], strict=False):  # (same lengths)
                 memo[id(b)] = (b, tokens)
                 facts[id(b)] = (b, digest, tokens, image)
             records.append(known[0])
