@@ -183,7 +183,7 @@ def test_ttl_switches_to_1h_after_long_gaps_and_back_with_hysteresis() -> None:
             {"role": "assistant", "content": f"answer {k}"},
             {"role": "user", "content": f"next {k}"},
         ]
-        out, notes = align(body_of(msgs), states, now=t)
+        out, notes = align(body_of(msgs), states, now=t, checkpoint=False)  # the TTL alone
         ttls.append(notes["ttl"])
         assert set(breakpoints(out).values()) == {notes["ttl"]}
     assert ttls[0] == "5m"
@@ -521,3 +521,133 @@ def test_emulator_1h_ttl_survives_coffee_breaks(emu: Emulator, tmp_path: Any) ->
 
     m = PriceTable().get(MODEL)
     assert sum(m.input_cost(u) for u in ours) < sum(m.input_cost(u) for u in auto)
+
+
+def test_emulator_a_1h_checkpoint_keeps_the_prefix_through_a_pause_at_the_5m_price(
+    emu: Emulator, tmp_path: Any
+) -> None:
+    """Once a conversation has paused 5-60 minutes, each call puts a 1h breakpoint on the first new
+    block after the previous request (the reply it got): only that block is written at the 1h
+    price, and the entry holds the whole prefix, so the next pause reads it instead of writing it
+    all again. Off (``checkpoint = false``) the pause moves the whole conversation to 1h, which pays
+    the 1h price on everything written after it: dearer."""
+
+    def turn(k: int) -> list[dict[str, Any]]:
+        tid = f"toolu_{k}"
+        use = {"type": "tool_use", "id": tid, "name": "read", "input": {"i": k}}
+        result = {"type": "tool_result", "tool_use_id": tid, "content": words(10 + k, 600)}
+        return [
+            {"role": "assistant", "content": [{"type": "text", "text": f"reading {k}"}, use]},
+            {"role": "user", "content": [result]},
+        ]
+
+    turns = [turn(k) for k in range(9)]
+    gaps = [1, 20, 20, 900, 20, 20, 20, 20, 900, 20]  # a first pause, a busy loop, a second pause
+    runs = {}
+    for on in (True, False):
+        emu.reset()
+        emu.clock.set(T0)
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(
+            base,
+            config={
+                "plugins": ["cache_align"],
+                "record": False,
+                "runs_dir": str(tmp_path),
+                "cache_align": {"checkpoint": on},
+            },
+            clock=emu.clock.now,
+        )
+        runs[on] = converse(client, emu, turns, gaps, tools=TOOLS)
+        for r in emu.requests:
+            assert r.status == 200 and request_problems(r.body) == []  # 1h before 5m, at most 4
+        ttls = [breakpoints(r.body) for r in emu.requests]
+        if on:
+            assert any(set(t.values()) == {"1h", "5m"} for t in ttls[4:])  # checkpoints after the pause
+        else:
+            assert any(set(t.values()) == {"1h"} for t in ttls[4:])  # the whole conversation on 1h
+    on, off = runs[True], runs[False]
+    after = gaps.index(900, 4)  # the call after the second pause
+    assert on[after]["cache_read_input_tokens"] > 0.8 * sum(
+        on[after][k] for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+    )
+    from tokensaver.pricing import PriceTable
+
+    m = PriceTable().get(MODEL)
+    assert sum(m.input_cost(u) for u in on) < sum(m.input_cost(u) for u in off)
+
+
+def test_emulator_checkpoints_with_claude_codes_own_breakpoints(emu: Emulator, tmp_path: Any) -> None:
+    """Claude Code marks two of its three system blocks and its last message, all 5m. On a slow
+    conversation (a pause of a minute or more seen) the checkpoint goes between them: the caller's
+    system breakpoints go on 1h (read from the cache, they write nothing), its last-message one
+    stays 5m, every request is valid, and a 15-minute pause later reads the prefix."""
+    system = [
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=2"},
+        {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": words(1, 1500), "cache_control": {"type": "ephemeral"}},
+    ]
+    msgs: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "text", "text": "Task: " + words(2, 100)}]}
+    ]
+    gaps = [1, 90, 20, 20, 900, 20, 20, 20]
+    usages: dict[bool, list[dict[str, Any]]] = {}
+    for on in (True, False):
+        emu.reset()
+        emu.clock.set(T0)
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(
+            base,
+            config={
+                "plugins": ["cache_align"],
+                "record": False,
+                "runs_dir": str(tmp_path),
+                "cache_align": {"checkpoint": on},
+            },
+            clock=emu.clock.now,
+        )
+        convo = list(msgs)
+        usages[on] = []
+        for k, gap in enumerate(gaps):
+            if k:
+                tid = f"toolu_{k}"
+                convo += [
+                    {
+                        "role": "assistant",
+                        "content": [
+                            {"type": "text", "text": f"step {k}"},
+                            {"type": "tool_use", "id": tid, "name": "read", "input": {"i": k}},
+                        ],
+                    },
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "tool_result", "tool_use_id": tid, "content": words(20 + k, 600)}
+                        ],
+                    },
+                ]
+            sent = copy.deepcopy(convo)
+            last = sent[-1]
+            last["content"][-1]["cache_control"] = {"type": "ephemeral"}  # Claude Code's moving one
+            emu.clock.advance(gap)
+            resp = client.post("/v1/messages", body=body_of(sent, system=system, tools=TOOLS), cast_to=object)
+            usages[on].append(resp["usage"])
+        for r in emu.requests:
+            assert r.status == 200 and request_problems(r.body) == []
+        if on:
+            late = emu.requests[-1].body
+            assert [b.get("cache_control", {}).get("ttl") for b in late["system"][1:]] == ["1h", "1h"]
+            assert breakpoints(late)[f"messages[{len(late['messages']) - 1}].content[0]"] == "5m"
+            assert "1h" in [t for loc, t in breakpoints(late).items() if loc.startswith("messages")]
+    after = gaps.index(900)
+    on, off = usages[True][after], usages[False][after]
+    assert on["cache_read_input_tokens"] > 0.6 * (
+        on["cache_read_input_tokens"] + on["cache_creation_input_tokens"]
+    )
+    assert off["cache_read_input_tokens"] < 0.2 * (
+        off["cache_read_input_tokens"] + off["cache_creation_input_tokens"]
+    )
+    from tokensaver.pricing import PriceTable
+
+    m = PriceTable().get(MODEL)
+    assert sum(m.input_cost(u) for u in usages[True]) < sum(m.input_cost(u) for u in usages[False])
