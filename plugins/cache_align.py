@@ -16,7 +16,9 @@ It also keeps the prefix stable: tools in name order with schema keys sorted, an
 the system prompt (dates, times, UUIDs, request ids, counters; ``volatile_patterns``) moved out of
 the system prompt into the user message where they first appeared, remembered per conversation so
 later turns reproduce the same bytes. TTL: 1h when the gaps between a conversation's calls make the
-dearer 1h write pay for itself, 5m otherwise, switched with hysteresis. Busts (a request that stops
+dearer 1h write pay for itself, 5m otherwise, switched with hysteresis; and a 1h checkpoint on the
+first block the call adds after the previous request when that costs less (only that block is
+written at the 1h price, and a 5-60 minute pause then re-writes only what followed it). Busts (a request that stops
 sharing the previous request's prefix) are diagnosed in the report: first differing block and what
 changed.
 
@@ -128,8 +130,8 @@ SETTINGS = Schema(
         "diagnose": boolean(True, "name what busted the cache (the first changed block) in the report"),
         "checkpoint": boolean(
             True,
-            "with ttl auto on 5m: a 1h breakpoint on the first new block after the previous request, "
-            "when the conversation's gaps make it pay (the prefix before it survives a 5-60 min pause)",
+            "with ttl auto: a 1h breakpoint on the first new block after the previous request when it "
+            "costs less than the conversation's TTL (the prefix before it survives a 5-60 min pause)",
         ),
         "max_conversations": integer(512, "conversations whose state is kept (LRU)", min=1),
     },
