@@ -394,7 +394,7 @@ class RepeatIndex:
         tag = "" if noun == RESULT else "\0" + noun
         self.start = self.key = xxhash.xxh3_128_digest(f"repeats\0{min_lines}\0{min_chars}{tag}".encode())
         # what was fed so far, for a rebuild: (tool_use id, result text) or (id, input fields)
-        self.fed: list[tuple[str, str | dict[str, str]]] = []
+        self.fed: list[tuple[str, str | tuple[str] | dict[str, str]]] = []
         self.index: LineIndex | None = None  # the last hit's index, then the one this request extends
         self.plain = LineIndex(min_lines, min_chars, noun) if not memo_enabled() else None
 
@@ -403,6 +403,13 @@ class RepeatIndex:
         if self.plain is not None:
             return self.plain.rewrite(tid, text)
         return self._feed(tid, text, text)
+
+    def add_text(self, tid: str, text: str) -> None:
+        """Index ``text`` as it is (no pointer made in it) for the texts after it."""
+        if self.plain is not None:
+            self.plain.add(tid, text.split("\n"))
+            return
+        self._feed(tid, (text,), _chain_text((text,)))
 
     def add_input(self, tid: str, tool_input: Any) -> None:
         """Index a tool use's input (its long string fields) for the results after it."""
@@ -414,7 +421,7 @@ class RepeatIndex:
             return
         self._feed(tid, fields, _input_text(fields))
 
-    def _feed(self, tid: str, item: str | dict[str, str], text: str) -> str:
+    def _feed(self, tid: str, item: str | tuple[str] | dict[str, str], text: str) -> str:
         previous, n = self.key, len(self.fed)
         self.key = key = _step(previous, tid, text)
         self.fed.append((tid, item))
@@ -441,7 +448,7 @@ class RepeatIndex:
         index = LineIndex(self.min_lines, self.min_chars, self.noun)
         key = self.start
         for tid, item in self.fed[:n]:
-            key = _step(key, tid, item if isinstance(item, str) else _input_text(item))
+            key = _step(key, tid, _chain_text(item))
             _apply(index, tid, item)
             index.mark(key)
         return index
@@ -463,9 +470,23 @@ class RepeatIndex:
         return None if hit is None else hit.out
 
 
-def _apply(index: LineIndex, tid: str, item: str | dict[str, str]) -> str:
-    """Feed one result (its rewrite returned) or one input's fields (returns "") to ``index``."""
+def _chain_text(item: str | tuple[str] | dict[str, str]) -> str:
+    """What a feed adds to the chain key: a result's text, a text indexed as it is (tagged), or an
+    input's fields (tagged)."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, tuple):
+        return "\0text\0" + item[0]
+    return _input_text(item)
+
+
+def _apply(index: LineIndex, tid: str, item: str | tuple[str] | dict[str, str]) -> str:
+    """Feed one result (its rewrite returned), one text to index as it is (``(text,)``) or one
+    input's fields (both return "") to ``index``."""
     if isinstance(item, str):
         return index.rewrite(tid, item)
+    if isinstance(item, tuple):
+        index.add(tid, item[0].split("\n"))
+        return ""
     index.add_input(tid, item)
     return ""

@@ -11,8 +11,10 @@ with turns in place of tool results; turn 1 is the task). Only the two agent fra
 a person's own words are rewritten besides: SWE-agent's three state lines at the end (``(Open
 file: F)``, ``(Current directory: D)``, ``bash-$``) as one ``[open: F, cwd: D]`` line, and
 mini-swe-agent's ``<returncode>``/``<output>`` tags as one ``[returncode N]`` line; text a person
-typed or pasted (JSON, code, a log) keeps its bytes apart from the pointers. SWE-agent tuning half:
-net 15.7% -> 22.4%.
+typed or pasted (JSON, code, a log) keeps its bytes apart from the pointers. By default only in
+requests that declare no tools (``user_texts_with_tools`` for the others: Claude Code's user turns,
+where prune's budget cut drops whole old turns, see below); there the user turns are only indexed,
+as they came. SWE-agent tuning half: net 15.7% -> 22.4% (its tool-less XML runs).
 
 With ``assistant`` (the ``assistant_texts`` setting, off by default) the model's own text blocks
 are indexed and pointed from too (the code it quotes from an earlier turn's text, a file it writes
@@ -58,6 +60,7 @@ class State(NamedTuple):
 
     checkpoints: tuple[tuple[bytes, int, int, int], ...]
     edits: tuple[tuple[int, int, str, str, int], ...]
+    users: bool  # whether user turns were rewritten (else only indexed)
 
     def nbytes(self) -> int:
         return 64 * len(self.checkpoints) + sum(100 + len(e[2]) for e in self.edits)
@@ -69,6 +72,7 @@ def rewrite(
     assistant: bool = False,
     state: State | None = None,
     same: int = 0,
+    users: bool = True,
 ) -> tuple[list[Any] | None, State]:
     """The messages with the text of each user turn after the first without its agent framing and
     with its repeats of earlier turns' texts as pointers; with ``assistant`` the model's text blocks
@@ -77,18 +81,19 @@ def rewrite(
 
     ``state`` is what the last call of the conversation left and ``same`` how many leading messages
     are as it had them: their rewrites are re-applied and the pass goes on from there (the repeat
-    index resumed from its chain key), with the same bytes as a pass over them all."""
+    index resumed from its chain key), with the same bytes as a pass over them all. With ``users``
+    false the user turns are only indexed, as they came (for the model's pointers)."""
     index = RepeatIndex(MIN_LINES, MIN_CHARS, NOUN)
     out: list[Any] | None = None
     turns = {"user": 0, "assistant": 0}
     checkpoints: list[tuple[bytes, int, int, int]] = []
     edits: list[tuple[int, int, str, str, int]] = []
     start = 0
-    if state is not None and 0 < same <= len(state.checkpoints):
-        key, fed, users, assistants = state.checkpoints[same - 1]
+    if state is not None and state.users == users and 0 < same <= len(state.checkpoints):
+        key, fed, n_users, n_assistants = state.checkpoints[same - 1]
         if fed == 0 or index.resume(key, fed):
             start = same
-            turns = {"user": users, "assistant": assistants}
+            turns = {"user": n_users, "assistant": n_assistants}
             checkpoints = list(state.checkpoints[:same])
             edits = [e for e in state.edits if e[0] < same]
             for i, bi, text, kind, before in edits:
@@ -109,7 +114,7 @@ def rewrite(
             turn = (role, turns[role])
             content = m.get("content")
             if isinstance(content, str):
-                new = _text(content, turn, index, stats, edits, i, -1)
+                new = _text(content, turn, index, stats, edits, i, -1, users)
                 if new is not content:
                     out = out if out is not None else list(messages)
                     out[i] = {**m, "content": new}
@@ -120,7 +125,7 @@ def rewrite(
                         isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
                     ):
                         continue
-                    new = _text(b["text"], turn, index, stats, edits, i, bi)
+                    new = _text(b["text"], turn, index, stats, edits, i, bi, users)
                     if new is not b["text"]:
                         blocks = blocks if blocks is not None else list(content)
                         blocks[bi] = {**b, "text": new}
@@ -128,7 +133,7 @@ def rewrite(
                     out = out if out is not None else list(messages)
                     out[i] = {**m, "content": blocks}
         checkpoints.append((index.key, len(index.fed), turns["user"], turns["assistant"]))
-    return out, State(tuple(checkpoints), tuple(edits))
+    return out, State(tuple(checkpoints), tuple(edits), users)
 
 
 def _tally(stats: dict[str, Any], kind: str, before: int, after: int) -> None:
@@ -146,10 +151,14 @@ def _text(
     edits: list[tuple[int, int, str, str, int]],
     i: int,
     bi: int,
+    users: bool,
 ) -> str:
     """One turn's text as sent (the same object when unchanged); indexed for the turns after it."""
     role, n = turn
     name = f"{role} turn {n}"
+    if role == "user" and not users:
+        index.add_text(name, text)
+        return text
     if (role == "user" and n == 1) or not text:
         index.rewrite(name, text)  # the task: indexed, never rewritten (nothing is before it)
         return text

@@ -107,6 +107,11 @@ SETTINGS = Schema(
             "user turns after the first too (tool output sent as text): runs of lines an earlier "
             "turn's text shows as pointers to it, SWE-agent's state lines as one line",
         ),
+        "user_texts_with_tools": boolean(
+            False,
+            "user_texts in requests that declare tools too (Claude Code's user turns): off, as prune's "
+            "budget cut may drop a whole turn that a later pointer names",
+        ),
         "assistant_texts": boolean(
             False,
             "the model's own text too: runs of lines an earlier turn's text shows (code it quotes, "
@@ -627,7 +632,7 @@ def _put(ctx: Any, key: Any, index: _Index) -> None:
 
 
 def _rewrite_messages(
-    messages: list[Any], ctx: Any, settings: dict[str, Any]
+    messages: list[Any], ctx: Any, settings: dict[str, Any], tools: bool = False
 ) -> tuple[list[Any] | None, dict[str, Any]]:
     """The messages with their tool results rewritten (None: unchanged), and the call's stats."""
     on = memo_enabled()
@@ -673,7 +678,10 @@ def _rewrite_messages(
     if index.lossy:
         stats["lossy_blocks"] = index.lossy
     stats.update(call.extra)
-    if settings.get("user_texts", True):
+    users = bool(settings.get("user_texts", True)) and (
+        not tools or bool(settings.get("user_texts_with_tools"))
+    )
+    if users or settings.get("assistant_texts"):
         # the user turns' pass goes on from where the last call's left it, kept in the same index
         texts, index.user_state = _user_text.rewrite(
             out if out is not None else messages,
@@ -681,6 +689,7 @@ def _rewrite_messages(
             bool(settings.get("assistant_texts")),
             user_state if k > 0 else None,
             k,
+            users,
         )
         out = texts if texts is not None else out
     if on:
@@ -705,7 +714,7 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
     messages = body.get("messages")
     if not isinstance(messages, list):
         return None
-    new_messages, stats = _rewrite_messages(messages, ctx, settings)
+    new_messages, stats = _rewrite_messages(messages, ctx, settings, bool(body.get("tools")))
     if stats:
         ctx.record(**stats)
     out = {**body, "messages": new_messages} if new_messages is not None else body
