@@ -970,4 +970,7 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
         f"input side ${in_usd:.4f} billed vs ${unc_usd:.4f} uncached; "
         f"{len(busts)} prefix busts, volatile system lines moved on {len(moved)} calls."
     )
+    checkpoints = sum(1 for _, n in notes if n.get("checkpoint"))
+    if checkpoints:
+        summary += f" 1h checkpoints on {checkpoints} calls (the prefix kept through 5-60 minute pauses)."
     return {"title": "Cache alignment", "summary": summary, "rows": rows[:200]}

@@ -559,6 +559,8 @@ def test_emulator_a_1h_checkpoint_keeps_the_prefix_through_a_pause_at_the_5m_pri
             clock=emu.clock.now,
         )
         runs[on] = converse(client, emu, turns, gaps, tools=TOOLS)
+        section = cache_align.tokensaver_report_section("cache_align", client.tokensaver.records)
+        assert ("1h checkpoints on " in section["summary"]) is on
         for r in emu.requests:
             assert r.status == 200 and request_problems(r.body) == []  # 1h before 5m, at most 4
         ttls = [breakpoints(r.body) for r in emu.requests]
