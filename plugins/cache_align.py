@@ -643,12 +643,28 @@ def plan_breakpoints(
     return chosen
 
 
+def _redundant_caller_breakpoint(p: Prefix) -> int | None:
+    """A caller's breakpoint in the tools or system prompt with another of its breakpoints a few
+    blocks later there (OpenClaw marks its last tool and the system block after it): the later one
+    reads and writes the same prefix, and its lookback finds an entry the earlier one left."""
+    static = [c for c in sorted(p.marked) if p.slot(c).section in ("tools", "system")]
+    for c, later in zip(static, static[1:], strict=False):
+        if later - c < LOOKBACK_BLOCKS:
+            return c
+    return None
+
+
 def _assign_ttls(
-    p: Prefix, chosen: dict[int, str], want: str, upgrade: list[int] | None = None
+    p: Prefix,
+    chosen: dict[int, str],
+    want: str,
+    upgrade: list[int] | None = None,
+    borrowed: int | None = None,
 ) -> dict[int, str]:
     """TTL per new breakpoint: ``want`` (1h for a checkpoint and every breakpoint before it),
-    bent so 1h breakpoints never follow 5m ones; the caller's breakpoints in ``upgrade`` on 1h."""
-    caller = {k: cc_ttl(p.block(k)["cache_control"]) for k in p.marked}
+    bent so 1h breakpoints never follow 5m ones; the caller's breakpoints in ``upgrade`` on 1h,
+    ``borrowed``'s taken off ("")."""
+    caller = {k: cc_ttl(p.block(k)["cache_control"]) for k in p.marked if k != borrowed}
     caller.update(dict.fromkeys(upgrade or (), "1h"))
     ck = max((k for k, why in chosen.items() if why == "checkpoint"), default=-1)
     out = {}
@@ -660,27 +676,33 @@ def _assign_ttls(
             ttl = "1h"
         out[k] = ttl
     out.update(dict.fromkeys(upgrade or (), "1h"))
+    if borrowed is not None:
+        out[borrowed] = ""
     return out
 
 
+def _mark(block: Any, cc: dict[str, Any] | None) -> Any:
+    """``block`` with the breakpoint ``cc``, or without one (None)."""
+    return strip_cc(block) if cc is None else with_cc(block, cc)
+
+
 def _apply(body: dict[str, Any], p: Prefix, ttls: dict[int, str]) -> dict[str, Any]:
+    """``body`` with each block of ``ttls`` marked on its TTL ("": its breakpoint taken off)."""
     tools = list(body.get("tools") or [])
     system = list(body.get("system") or []) if isinstance(body.get("system"), list) else body.get("system")
     msgs = list(body["messages"])
     for k, ttl in ttls.items():
         s = p.slot(k)
-        cc: dict[str, Any] = {"type": "ephemeral"}
-        if ttl == "1h":
-            cc["ttl"] = "1h"
+        cc = ({"type": "ephemeral", "ttl": "1h"} if ttl == "1h" else {"type": "ephemeral"}) if ttl else None
         if s.section == "tools":
-            tools[s.i] = with_cc(tools[s.i], cc)
+            tools[s.i] = _mark(tools[s.i], cc)
         elif s.section == "system":
             assert isinstance(system, list)
-            system[s.i] = with_cc(system[s.i], cc)
+            system[s.i] = _mark(system[s.i], cc)
         else:
             m = msgs[s.i]
             content = list(m["content"])
-            content[s.j] = with_cc(content[s.j], cc)
+            content[s.j] = _mark(content[s.j], cc)
             msgs[s.i] = {**m, "content": content}
     out = {**body, "messages": msgs}
     if "tools" in body:
@@ -843,7 +865,7 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
     free = max(0, MAX_BREAKPOINTS - caller)
     min_cache = int(getattr(ctx.model, "min_cache", 1024))
     total = p.cum[-1] if p.cum else 0
-    checkpoint = None
+    checkpoint = borrowed = None
     upgrade: list[int] = []
     if want_ttl == "auto":
         want_ttl, ttl_notes = _choose_ttl(conv, float(ctx.now), total, ctx.model)
@@ -857,20 +879,29 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
             if k is not None and _checkpoint_pays(
                 p, k, end, want_ttl, ttl_notes["p"], ttl_notes["growth"], ctx.model
             ):
-                checkpoint, want_ttl = k, "5m"
-                notes["checkpoint"] = p.slot(k).loc
-                # 1h entries come before 5m ones: the caller's 5m breakpoints before it go on 1h (read
-                # from the cache in this call, they write nothing; Claude Code marks its system blocks)
-                upgrade = [c for c in p.marked if c < k and cc_ttl(p.block(c)["cache_control"]) == "5m"]
-                if upgrade:
-                    notes["caller_breakpoints_on_1h"] = len(upgrade)
+                checkpoint = k
+                if not free:  # the caller's four: one it has twice in the static part gives its slot
+                    borrowed = _redundant_caller_breakpoint(p)
+                    free = 1 if borrowed is not None else 0
     chosen = plan_breakpoints(p, out["messages"], min_cache, free, checkpoint)
     reasons = dict(chosen)
-    if checkpoint is not None and checkpoint not in reasons:
-        upgrade = []  # no slot left for it
-        notes.pop("checkpoint", None)
-        notes.pop("caller_breakpoints_on_1h", None)
-    ttls = _assign_ttls(p, reasons, want_ttl, upgrade)
+    if checkpoint is not None and checkpoint in reasons:
+        want_ttl = "5m"
+        notes["checkpoint"] = p.slot(checkpoint).loc
+        # 1h entries come before 5m ones: the caller's 5m breakpoints before it go on 1h (read from
+        # the cache in this call, they write nothing; Claude Code marks its system blocks)
+        upgrade = [
+            c
+            for c in p.marked
+            if c < checkpoint and c != borrowed and cc_ttl(p.block(c)["cache_control"]) == "5m"
+        ]
+        if upgrade:
+            notes["caller_breakpoints_on_1h"] = len(upgrade)
+        if borrowed is not None:
+            notes["caller_breakpoint_moved"] = p.slot(borrowed).loc
+    else:
+        borrowed = None
+    ttls = _assign_ttls(p, reasons, want_ttl, upgrade, borrowed)
     if auto is not None and not chosen:
         out["cache_control"] = auto  # nothing of ours to place: leave the caller's automatic mode
         notes.pop("automatic_converted", None)

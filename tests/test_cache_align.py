@@ -653,3 +653,95 @@ def test_emulator_checkpoints_with_claude_codes_own_breakpoints(emu: Emulator, t
 
     m = PriceTable().get(MODEL)
     assert sum(m.input_cost(u) for u in usages[True]) < sum(m.input_cost(u) for u in usages[False])
+
+
+def test_emulator_checkpoints_with_openclaws_four_breakpoints(emu: Emulator, tmp_path: Any) -> None:
+    """OpenClaw marks its last tool, its stable system block right after it, its first message and
+    its last: no slot left. The tool's breakpoint is the system block's twin (the same prefix but
+    one block, which the later one's lookback reaches), so a checkpoint takes its slot; every request
+    is valid and a 15-minute pause later reads the prefix."""
+    tools = [{**t, "cache_control": {"type": "ephemeral"}} for t in TOOLS]
+    system = [
+        {"type": "text", "text": words(1, 1500), "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "Current date: 2026-12-02"},
+    ]
+    first = {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "Task: " + words(2, 100), "cache_control": {"type": "ephemeral"}}
+        ],
+    }
+    gaps = [1, 90, 20, 20, 900, 20, 20]
+    usages: dict[bool, list[dict[str, Any]]] = {}
+    for on in (True, False):
+        emu.reset()
+        emu.clock.set(T0)
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(
+            base,
+            config={
+                "plugins": ["cache_align"],
+                "record": False,
+                "runs_dir": str(tmp_path),
+                "cache_align": {"checkpoint": on},
+            },
+            clock=emu.clock.now,
+        )
+        convo: list[dict[str, Any]] = [first]
+        usages[on] = []
+        for k, gap in enumerate(gaps):
+            if k:
+                tid = f"toolu_{k}"
+                convo = [
+                    *convo,
+                    {
+                        "role": "assistant",
+                        "content": [
+                            {"type": "text", "text": f"step {k}"},
+                            {"type": "tool_use", "id": tid, "name": "read", "input": {"i": k}},
+                        ],
+                    },
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "tool_result",
+                                "tool_use_id": tid,
+                                "content": words(20 + k, 600),
+                                "cache_control": {"type": "ephemeral"},
+                            }
+                        ],
+                    },
+                ]
+            sent = [*convo[:-1], copy.deepcopy(convo[-1])] if k else convo
+            if k:  # only the last message keeps its breakpoint, as OpenClaw moves it
+                for m in sent[1:-1]:
+                    for b in m["content"]:
+                        b.pop("cache_control", None)
+            emu.clock.advance(gap)
+            resp = client.post(
+                "/v1/messages", body=body_of(copy.deepcopy(sent), system=system, tools=tools), cast_to=object
+            )
+            usages[on].append(resp["usage"])
+        for r in emu.requests:
+            assert r.status == 200 and request_problems(r.body) == []
+        late = emu.requests[-1].body
+        if on:
+            assert "cache_control" not in late["tools"][-1]  # its slot went to the checkpoint
+            assert late["system"][0]["cache_control"].get("ttl") == "1h"
+            assert late["messages"][0]["content"][0]["cache_control"].get("ttl") == "1h"
+            assert late["messages"][-1]["content"][-1]["cache_control"].get("ttl", "5m") == "5m"
+        else:
+            assert "cache_control" in late["tools"][-1]
+    after = gaps.index(900)
+    on, off = usages[True][after], usages[False][after]
+    assert on["cache_read_input_tokens"] > 0.6 * (
+        on["cache_read_input_tokens"] + on["cache_creation_input_tokens"]
+    )
+    assert off["cache_read_input_tokens"] < 0.2 * (
+        off["cache_read_input_tokens"] + off["cache_creation_input_tokens"]
+    )
+    from tokensaver.pricing import PriceTable
+
+    m = PriceTable().get(MODEL)
+    assert sum(m.input_cost(u) for u in usages[True]) < sum(m.input_cost(u) for u in usages[False])
