@@ -186,6 +186,26 @@ REJECTED: list[tuple[str, dict[str, Any], str]] = [
         "prefill is not supported when thinking is enabled",
     ),
     (
+        "manual thinking: the tool loop's last assistant turn without its thinking",
+        base(
+            max_tokens=4000,
+            thinking={"type": "enabled", "budget_tokens": 2000},
+            tools=[{"name": "read", "input_schema": {"type": "object"}}],
+            messages=[
+                U,
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": "toolu_1", "name": "read", "input": {}}],
+                },
+                {
+                    "role": "user",
+                    "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "x"}],
+                },
+            ],
+        ),
+        "messages.1.content.0.type: Expected `thinking` or `redacted_thinking`, but found `tool_use`",
+    ),
+    (
         "prefill on sonnet 4.6",
         base(messages=[U, A]),
         "This model does not support assistant message prefill. The conversation must end with a user message.",

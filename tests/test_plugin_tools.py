@@ -235,7 +235,9 @@ def test_a_refused_follow_up_reaches_the_streaming_caller_as_an_error(emu: Emula
 def test_with_thinking_on_the_exchange_is_buffered_and_only_the_last_round_handed_back(
     emu: Emulator, tmp_path: Any
 ) -> None:
-    emu.reply([{"type": "text", "text": "Checking."}, _use("tokensaver_clock", "toolu_c1")], "Noon.")
+    # manual thinking: every turn starts with a thinking block (the API asks the loop's back)
+    first = [{"type": "thinking", "thinking": "The time."}, {"type": "text", "text": "Checking."}]
+    emu.reply([*first, _use("tokensaver_clock", "toolu_c1")], "Noon.")
     client = _client(emu, tmp_path, {"clock": Clock()})
     kw = _stream_kw(max_tokens=3000, thinking={"type": "enabled", "budget_tokens": 1024})
     with client.messages.stream(**kw) as s:
