@@ -107,11 +107,6 @@ SETTINGS = Schema(
             "user turns after the first too (tool output sent as text): runs of lines an earlier "
             "turn's text shows as pointers to it, SWE-agent's state lines as one line",
         ),
-        "user_texts_with_tools": boolean(
-            False,
-            "user_texts in requests that declare tools too (Claude Code's user turns): off, as prune's "
-            "budget cut may drop a whole turn that a later pointer names",
-        ),
         "assistant_texts": boolean(
             False,
             "the model's own text too: runs of lines an earlier turn's text shows (code it quotes, "
@@ -678,9 +673,9 @@ def _rewrite_messages(
     if index.lossy:
         stats["lossy_blocks"] = index.lossy
     stats.update(call.extra)
-    users = bool(settings.get("user_texts", True)) and (
-        not tools or bool(settings.get("user_texts_with_tools"))
-    )
+    # only where no tools are declared: in a tool loop (Claude Code) prune's budget cut drops whole
+    # old turns, and a later turn's pointer into a dropped one would name lines no longer sent
+    users = bool(settings.get("user_texts", True)) and not tools
     if users or settings.get("assistant_texts"):
         # the user turns' pass goes on from where the last call's left it, kept in the same index
         texts, index.user_state = _user_text.rewrite(

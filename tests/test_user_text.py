@@ -176,28 +176,23 @@ def test_a_changed_earlier_turn_is_pointed_at_as_it_is_now(tmp_path: Any) -> Non
         assert [expand(t, turns) for t in turns[1:]] == observations
 
 
-def test_a_request_with_tools_keeps_its_user_texts_unless_asked(tmp_path: Any) -> None:
-    """A request that declares tools (Claude Code) sends its user turns as they came by default
-    (prune's budget cut may drop a turn a pointer names); ``user_texts_with_tools`` points there too."""
+def test_a_request_with_tools_keeps_its_user_texts(tmp_path: Any) -> None:
+    """A request that declares tools (Claude Code) sends its user turns as they came: prune's budget
+    cut may drop a whole turn that a later pointer would name."""
     observations = [window(1400, 1500), window(1400, 1500, edited=1450)]
     tool = {"name": "bash", "description": "run", "input_schema": {"type": "object", "properties": {}}}
-    for asked in (False, True):
-        with Emulator(virtual_clock=True, start_time=T0) as emu:
-            base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-            config = {
-                "record": False,
-                "runs_dir": str(tmp_path),
-                "summarize": {"user_texts_with_tools": asked},
-            }
-            client = tokensaver.wrap(base, config=config)
-            body = {"model": MODEL, "max_tokens": 64, "tools": [tool], "messages": conversation(observations)}
-            resp = client.post("/v1/messages", body=body, cast_to=object)
-            assert isinstance(resp, dict) and resp["type"] == "message"
-            sent = emu.last["body"]
-        assert request_problems(sent) == []
-        turns = user_texts(sent)
-        if not asked:
-            assert turns[1:] == observations
-        else:
-            assert any(POINTER.match(ln) for ln in turns[2].split("\n"))
-            assert [expand(t, turns) for t in turns[1:]] == observations
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
+        body = {"model": MODEL, "max_tokens": 64, "tools": [tool], "messages": conversation(observations)}
+        resp = client.post("/v1/messages", body=body, cast_to=object)
+        assert isinstance(resp, dict) and resp["type"] == "message"
+        sent = emu.last["body"]
+    assert request_problems(sent) == []
+    assert user_texts(sent)[1:] == observations
+    # the same conversation without tools: the second window points at the first
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
+        sent = send(client, emu, conversation(observations))
+    assert any(POINTER.match(ln) for ln in user_texts(sent)[2].split("\n"))
