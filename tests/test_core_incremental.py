@@ -38,7 +38,7 @@ def _edit(body: dict[str, Any], op: str, at: int) -> dict[str, Any]:
         msgs[i] = {**m, "content": []}
     elif op == "untyped":
         msgs[i] = {**m, "content": [*blocks, {"text": "no type"}]}
-    elif op == "breakpoint":
+    elif op == "breakpoint" and blocks:
         j = at % len(blocks)
         blocks[j] = {**blocks[j], "cache_control": {"type": "ephemeral", "ttl": "1h" if at % 2 else "5m"}}
         msgs[i] = {**m, "content": blocks}
