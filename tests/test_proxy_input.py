@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -419,6 +420,11 @@ def test_every_forwarded_request_leaves_one_log_line(
         assert status == 200
         status, _, _ = send(proxy.url, "POST", "/v1/messages/count_tokens", json.dumps(BODY).encode())
         assert status == 200
+        # the line is written once the answer is out: the client may read it first
+        for _ in range(500):
+            if len(_proxy_lines(caplog)) >= 2:
+                break
+            time.sleep(0.01)
     lines = _proxy_lines(caplog)
     assert len(lines) == 2, lines
     assert "GET /v1/models?limit=2 -> 200" in lines[0] and "not optimized" in lines[0]
