@@ -389,8 +389,15 @@ def test_an_unparsable_header_keeps_the_key_out_of_logs_and_answer(
 # -- what the proxy tells about the paths it does not optimize (issue 13: LiteLLM's /v1/v1/messages) --
 
 
-def _proxy_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "tokensaver.proxy"]
+def _proxy_lines(caplog: pytest.LogCaptureFixture, n: int = 0) -> list[str]:
+    """The proxy's log lines, once there are ``n`` of them (a line is written once the answer is
+    out, so the client may read it first)."""
+    for _ in range(500):
+        lines = [r.getMessage() for r in caplog.records if r.name == "tokensaver.proxy"]
+        if len(lines) >= n:
+            break
+        time.sleep(0.01)
+    return lines
 
 
 def test_a_base_url_ending_in_v1_is_still_optimized(upstream: Upstream, proxy: ProxyServer) -> None:
@@ -420,12 +427,7 @@ def test_every_forwarded_request_leaves_one_log_line(
         assert status == 200
         status, _, _ = send(proxy.url, "POST", "/v1/messages/count_tokens", json.dumps(BODY).encode())
         assert status == 200
-        # the line is written once the answer is out: the client may read it first
-        for _ in range(500):
-            if len(_proxy_lines(caplog)) >= 2:
-                break
-            time.sleep(0.01)
-    lines = _proxy_lines(caplog)
+        lines = _proxy_lines(caplog, 2)
     assert len(lines) == 2, lines
     assert "GET /v1/models?limit=2 -> 200" in lines[0] and "not optimized" in lines[0]
     assert "POST /v1/messages/count_tokens -> 200" in lines[1] and "not optimized" in lines[1]
@@ -440,9 +442,9 @@ def test_the_openai_compatible_endpoint_is_forwarded_and_named_in_the_log(
     ).encode()
     with caplog.at_level(logging.INFO, logger="tokensaver.proxy"):
         status, _, _ = send(proxy.url, "POST", "/v1/chat/completions", body)
+        (line,) = _proxy_lines(caplog, 1)
     assert status == 200 and upstream.paths == ["/base/v1/chat/completions"]
     assert [s["body"] for s in upstream.seen] == [body]  # untouched
     assert proxy.records() == []
-    (line,) = _proxy_lines(caplog)
     assert "POST /v1/chat/completions -> 200" in line and "not optimized" in line
     assert "OpenAI-compatible" in line and "/v1/messages" in line
