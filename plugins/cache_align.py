@@ -884,6 +884,8 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
                     borrowed = _redundant_caller_breakpoint(p)
                     free = 1 if borrowed is not None else 0
     chosen = plan_breakpoints(p, out["messages"], min_cache, free, checkpoint)
+    if borrowed is not None and checkpoint not in dict(chosen):  # the slot went elsewhere: give it back
+        borrowed, chosen = None, plan_breakpoints(p, out["messages"], min_cache, 0)
     reasons = dict(chosen)
     if checkpoint is not None and checkpoint in reasons:
         want_ttl = "5m"
@@ -899,8 +901,6 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
             notes["caller_breakpoints_on_1h"] = len(upgrade)
         if borrowed is not None:
             notes["caller_breakpoint_moved"] = p.slot(borrowed).loc
-    else:
-        borrowed = None
     ttls = _assign_ttls(p, reasons, want_ttl, upgrade, borrowed)
     if auto is not None and not chosen:
         out["cache_control"] = auto  # nothing of ours to place: leave the caller's automatic mode

@@ -745,3 +745,26 @@ def test_emulator_checkpoints_with_openclaws_four_breakpoints(emu: Emulator, tmp
 
     m = PriceTable().get(MODEL)
     assert sum(m.input_cost(u) for u in usages[True]) < sum(m.input_cost(u) for u in usages[False])
+
+
+def test_a_borrowed_slot_the_checkpoint_does_not_get_is_given_back() -> None:
+    """With the caller's four breakpoints, a turn of 15 parallel tool calls makes the lookback
+    breakpoint come first: the slot borrowed for the checkpoint goes back to the caller's breakpoint
+    (never five)."""
+    tools = [{**t, "cache_control": {"type": "ephemeral"}} for t in TOOLS]
+    system = [{"type": "text", "text": words(1, 1500), "cache_control": {"type": "ephemeral"}}]
+    first = {
+        "role": "user",
+        "content": [{"type": "text", "text": words(2, 100), "cache_control": {"type": "ephemeral"}}],
+    }
+    msgs: list[dict[str, Any]] = [first]
+    states: dict[str, Any] = {}
+    t = T0
+    for k, gap in enumerate([1, 90, 20]):
+        msgs = [*msgs, *parallel_turn(k, 15 if k == 2 else 1)]
+        sent = copy.deepcopy(msgs)
+        sent[-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}
+        t += gap
+        out, notes = align(body_of(sent, system=system, tools=tools), states, now=t)  # valid: <= 4
+        assert len(breakpoints(out)) <= 4
+    assert "checkpoint" not in notes and "cache_control" in out["tools"][-1]
