@@ -582,22 +582,23 @@ def _last_cacheable(p: Prefix, min_cache: int, ks: range) -> int | None:
     return None
 
 
-def _checkpoint_block(p: Prefix, messages: list[Any], min_cache: int) -> int | None:
-    """The first block after the previous request's end that may carry a breakpoint (the reply the
-    previous call got: its first block that is not thinking). Everything before it was read from
-    the cache in this call, so a 1h breakpoint there writes only the tokens between at the dearer
-    1h price, and the entry it leaves holds the whole prefix up to it for an hour."""
+def _checkpoint_block(p: Prefix, messages: list[Any], min_cache: int) -> tuple[int, int] | None:
+    """(the first block after the previous request's end that may carry a breakpoint, that end's
+    block, -1: none): the reply the previous call got, its first block that is not thinking. Everything
+    before it was read from the cache in this call, so a 1h breakpoint there writes only the tokens
+    between at the dearer 1h price, and the entry it leaves holds the whole prefix up to it for an hour."""
     prev_i = _prev_end(messages)
     if prev_i is None or prev_i + 1 >= len(messages) - 1:
         return None
+    ends = p.message_blocks(prev_i)
     for k in p.message_blocks(prev_i + 1):
         if cacheable(p.block(k)) and p.cum[k] >= min_cache:
-            return k
+            return k, (ends[-1] if ends else -1)
     return None
 
 
 def _checkpoint_pays(
-    p: Prefix, k: int, prev_end: int | None, ttl: str, p_long: float, growth: float, model: Any
+    p: Prefix, k: int, prev_end: int, ttl: str, p_long: float, growth: float, model: Any
 ) -> bool:
     """Whether a 1h checkpoint at block ``k`` (the rest on 5m) costs less, per call, than ``ttl``
     for every breakpoint. Expected cost of a 5-60 minute pause (``p_long`` per call): on 5m the whole
@@ -605,7 +606,7 @@ def _checkpoint_pays(
     is written at 1h: the tokens between the previous request's end and ``k``, or all the call
     writes (``growth``) when everything is on 1h."""
     total = p.cum[-1]
-    seg = p.cum[k] - (p.cum[prev_end] if prev_end is not None else 0)
+    seg = p.cum[k] - (p.cum[prev_end] if prev_end >= 0 else 0)
     rewrite, dearer = model.cache_write_5m - model.cache_read, model.cache_write_1h - model.cache_write_5m
     with_checkpoint = max(seg, 1) * dearer + p_long * (total - p.cum[k]) * rewrite
     without = max(growth, 1.0) * dearer if ttl == "1h" else p_long * total * rewrite
@@ -873,13 +874,11 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
             notes["ttl_switched"] = want_ttl
         notes["p_long_gap"] = ttl_notes["p_long_gap"]
         if settings["checkpoint"] and ttl_notes["p"] > 0:
-            k = _checkpoint_block(p, out["messages"], min_cache)
-            prev_i = _prev_end(out["messages"])
-            end = p.message_blocks(prev_i)[-1] if prev_i is not None and p.message_blocks(prev_i) else None
-            if k is not None and _checkpoint_pays(
-                p, k, end, want_ttl, ttl_notes["p"], ttl_notes["growth"], ctx.model
+            at = _checkpoint_block(p, out["messages"], min_cache)
+            if at is not None and _checkpoint_pays(
+                p, at[0], at[1], want_ttl, ttl_notes["p"], ttl_notes["growth"], ctx.model
             ):
-                checkpoint = k
+                checkpoint = at[0]
                 if not free:  # the caller's four: one it has twice in the static part gives its slot
                     borrowed = _redundant_caller_breakpoint(p)
                     free = 1 if borrowed is not None else 0

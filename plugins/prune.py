@@ -120,6 +120,7 @@ from tokensaver.hookspecs import hookimpl
 from tokensaver.model_rules import prefix_check_enforcement
 from tokensaver.settings import Schema, boolean, integer, number, strings
 from tokensaver.tokens import content_hash, fast_digest, memo_enabled
+from tokensaver.validate import asked_back
 
 from ._blocks import (
     LOOKBACK_BLOCKS,
@@ -720,17 +721,6 @@ def with_unthink(spec: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
         else:
             merged.append([a, b])
     return {**spec, "unthink": merged}
-
-
-def new_turn(messages: list[Any]) -> bool:
-    """The request opens a new user turn (its last message is the user's, with no tool result): no
-    tool-use loop is going on, so the API asks for no earlier turn's thinking."""
-    last = messages[-1] if messages else None
-    if not isinstance(last, dict) or last.get("role") != "user":
-        return False
-    return not any(
-        isinstance(b, dict) and b.get("type") == "tool_result" for b in as_blocks(last.get("content"))
-    )
 
 
 def _without_thinking(m: dict[str, Any]) -> dict[str, Any] | None:
@@ -1636,7 +1626,7 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
     stripped = 0
     if new_spec is not None and prefix_check_enforcement(str(body.get("model") or "")):
         bound = thinking_from(cur, k)
-        if bound and settings["cut_thinking_turns"] and new_turn(messages):
+        if bound and settings["cut_thinking_turns"] and asked_back(messages) is None:
             # the API binds each thinking block to what came before it: a cut before one fails the
             # prefix check, but leaving out every thinking block after the cut is valid (a trailing
             # run), and at a new user turn no tool loop needs its thinking. They stay out on every

@@ -45,6 +45,7 @@ from .sse import (
     stream_accumulator,
 )
 from .threads import CREATE_ONLY, thread_of
+from .validate import asked_back
 
 __all__ = [
     "BINDING_BETA",
@@ -660,22 +661,12 @@ def strip_thinking_from(
 
 
 def _asked_back(body: dict[str, Any]) -> int | None:
-    """The message whose thinking the API asks back (thinking on, a tool loop going on: the last
-    assistant turn), else None."""
+    """The message whose thinking the API asks back (:func:`~tokensaver.validate.asked_back`), when
+    thinking is on, else None."""
     thinking = body.get("thinking")
     if not isinstance(thinking, dict) or thinking.get("type") in (None, "disabled"):
         return None
-    messages = body.get("messages") or []
-    for i in range(len(messages) - 1, -1, -1):
-        m = messages[i]
-        role = m.get("role") if isinstance(m, dict) else None
-        content = m.get("content") if isinstance(m, dict) else None
-        blocks = content if isinstance(content, list) else []
-        if role == "user" and not any(isinstance(b, dict) and b.get("type") == "tool_result" for b in blocks):
-            return None
-        if role == "assistant":
-            return i
-    return None
+    return asked_back(body.get("messages") or [])
 
 
 def _drop_unbound(body: dict[str, Any]) -> dict[str, Any]:

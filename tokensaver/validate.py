@@ -152,18 +152,29 @@ def _thinking_key(block: dict[str, Any]) -> str:
     return str(block.get("signature") if block.get("type") == "thinking" else block.get("data"))
 
 
-def _loop_thinking(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The thinking blocks the API asks back: the last assistant turn's, unless the request opens a
-    new user turn (its last message is the user's with no tool result: no tool-use loop going on)."""
-    for m in reversed(body.get("messages") or []):
+def asked_back(messages: list[Any]) -> int | None:
+    """The message whose thinking the API asks back: the last assistant turn, unless the request
+    opens a new user turn (a user message with no tool result after it: no tool-use loop going on)."""
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
         role = m.get("role") if isinstance(m, dict) else None
-        content = m.get("content") if isinstance(m, dict) else None
-        blocks = content if isinstance(content, list) else []
-        if role == "user" and not any(isinstance(b, dict) and b.get("type") == "tool_result" for b in blocks):
-            return []
-        if role == "assistant":
-            return [b for b in blocks if isinstance(b, dict) and b.get("type") in THINKING_TYPES]
-    return []
+        if role == "user":
+            content = m.get("content")
+            blocks = content if isinstance(content, list) else []
+            if not any(isinstance(b, dict) and b.get("type") == "tool_result" for b in blocks):
+                return None
+        elif role == "assistant":
+            return i
+    return None
+
+
+def _loop_thinking(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The thinking blocks of :func:`asked_back`'s message."""
+    messages = body.get("messages") or []
+    i = asked_back(messages)
+    content = messages[i].get("content") if i is not None else None
+    blocks = content if isinstance(content, list) else []
+    return [b for b in blocks if isinstance(b, dict) and b.get("type") in THINKING_TYPES]
 
 
 def _blank(text: str) -> bool:
