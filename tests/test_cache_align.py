@@ -12,7 +12,7 @@ from typing import Any
 
 import anthropic
 import pytest
-from strategies import words
+from strategies import tool_loop, words
 from tokensaver_plugins import cache_align
 from tokensaver_plugins._blocks import prefix_slots, request_problems
 
@@ -20,6 +20,7 @@ import tokensaver
 from tokensaver.context import make_context
 from tokensaver.emulator import Emulator
 from tokensaver.errors import ConfigError
+from tokensaver.pricing import PriceTable
 from tokensaver.state import State
 from tokensaver.tokens import set_memo_enabled
 
@@ -517,10 +518,46 @@ def test_emulator_1h_ttl_survives_coffee_breaks(emu: Emulator, tmp_path: Any) ->
     # after the first coffee break, the 1h entries let the later breaks read instead of re-writing
     assert ours[6]["cache_read_input_tokens"] > 0
     assert auto[6]["cache_read_input_tokens"] == 0
-    from tokensaver.pricing import PriceTable
-
     m = PriceTable().get(MODEL)
     assert sum(m.input_cost(u) for u in ours) < sum(m.input_cost(u) for u in auto)
+
+
+def checkpoint_client(emu: Emulator, tmp_path: Any, on: bool) -> Any:
+    """A client with cache_align alone, its checkpoint on or off, on the emulator made cold again
+    (its clock at T0)."""
+    emu.reset()
+    emu.clock.set(T0)
+    base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+    config = {"plugins": ["cache_align"], "record": False, "runs_dir": str(tmp_path)}
+    return tokensaver.wrap(base, config={**config, "cache_align": {"checkpoint": on}}, clock=emu.clock.now)
+
+
+def read_share(usage: dict[str, Any]) -> float:
+    """The share of a call's cached prefix read, not written."""
+    read = usage["cache_read_input_tokens"]
+    return float(read / (read + usage["cache_creation_input_tokens"]))
+
+
+def input_usd(usages: list[dict[str, Any]]) -> float:
+    m = PriceTable().get(MODEL)
+    return sum(m.input_cost(u) for u in usages)
+
+
+def paused_session(
+    emu: Emulator, client: Any, first: dict[str, Any], gaps: list[float], **extra: Any
+) -> list[dict[str, Any]]:
+    """``first``, then a read per gap after the first (each a "step k" text and the call), the last
+    message's last block marked 5m as Claude Code and OpenClaw mark it; the billed usage of each call."""
+    steps = [("read", {"i": k}, words(20 + k, 600)) for k in range(len(gaps) - 1)]
+    msgs = [first, *tool_loop("", steps, narrate=True)[1:]]
+    usages = []
+    for k, gap in enumerate(gaps):
+        sent = copy.deepcopy(msgs[: 1 + 2 * k])
+        sent[-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}
+        emu.clock.advance(gap)
+        resp = client.post("/v1/messages", body=body_of(sent, **extra), cast_to=object)
+        usages.append(resp["usage"])
+    return usages
 
 
 def test_emulator_a_1h_checkpoint_keeps_the_prefix_through_a_pause_at_the_5m_price(
@@ -531,33 +568,13 @@ def test_emulator_a_1h_checkpoint_keeps_the_prefix_through_a_pause_at_the_5m_pri
     price, and the entry holds the whole prefix, so the next pause reads it instead of writing it
     all again. Off (``checkpoint = false``) the pause moves the whole conversation to 1h, which pays
     the 1h price on everything written after it: dearer."""
-
-    def turn(k: int) -> list[dict[str, Any]]:
-        tid = f"toolu_{k}"
-        use = {"type": "tool_use", "id": tid, "name": "read", "input": {"i": k}}
-        result = {"type": "tool_result", "tool_use_id": tid, "content": words(10 + k, 600)}
-        return [
-            {"role": "assistant", "content": [{"type": "text", "text": f"reading {k}"}, use]},
-            {"role": "user", "content": [result]},
-        ]
-
-    turns = [turn(k) for k in range(9)]
+    steps = [("read", {"i": k}, words(10 + k, 600)) for k in range(9)]
+    msgs = tool_loop("", steps, narrate=True)
+    turns = [msgs[1 + 2 * k : 3 + 2 * k] for k in range(9)]
     gaps = [1, 20, 20, 900, 20, 20, 20, 20, 900, 20]  # a first pause, a busy loop, a second pause
     runs = {}
     for on in (True, False):
-        emu.reset()
-        emu.clock.set(T0)
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(
-            base,
-            config={
-                "plugins": ["cache_align"],
-                "record": False,
-                "runs_dir": str(tmp_path),
-                "cache_align": {"checkpoint": on},
-            },
-            clock=emu.clock.now,
-        )
+        client = checkpoint_client(emu, tmp_path, on)
         runs[on] = converse(client, emu, turns, gaps, tools=TOOLS)
         section = cache_align.tokensaver_report_section("cache_align", client.tokensaver.records)
         assert ("1h checkpoints on " in section["summary"]) is on
@@ -573,10 +590,7 @@ def test_emulator_a_1h_checkpoint_keeps_the_prefix_through_a_pause_at_the_5m_pri
     assert on[after]["cache_read_input_tokens"] > 0.8 * sum(
         on[after][k] for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
     )
-    from tokensaver.pricing import PriceTable
-
-    m = PriceTable().get(MODEL)
-    assert sum(m.input_cost(u) for u in on) < sum(m.input_cost(u) for u in off)
+    assert input_usd(on) < input_usd(off)
 
 
 def test_emulator_checkpoints_with_claude_codes_own_breakpoints(emu: Emulator, tmp_path: Any) -> None:
@@ -589,51 +603,12 @@ def test_emulator_checkpoints_with_claude_codes_own_breakpoints(emu: Emulator, t
         {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
         {"type": "text", "text": words(1, 1500), "cache_control": {"type": "ephemeral"}},
     ]
-    msgs: list[dict[str, Any]] = [
-        {"role": "user", "content": [{"type": "text", "text": "Task: " + words(2, 100)}]}
-    ]
+    first = {"role": "user", "content": [{"type": "text", "text": "Task: " + words(2, 100)}]}
     gaps = [1, 90, 20, 20, 900, 20, 20, 20]
     usages: dict[bool, list[dict[str, Any]]] = {}
     for on in (True, False):
-        emu.reset()
-        emu.clock.set(T0)
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(
-            base,
-            config={
-                "plugins": ["cache_align"],
-                "record": False,
-                "runs_dir": str(tmp_path),
-                "cache_align": {"checkpoint": on},
-            },
-            clock=emu.clock.now,
-        )
-        convo = list(msgs)
-        usages[on] = []
-        for k, gap in enumerate(gaps):
-            if k:
-                tid = f"toolu_{k}"
-                convo += [
-                    {
-                        "role": "assistant",
-                        "content": [
-                            {"type": "text", "text": f"step {k}"},
-                            {"type": "tool_use", "id": tid, "name": "read", "input": {"i": k}},
-                        ],
-                    },
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "tool_result", "tool_use_id": tid, "content": words(20 + k, 600)}
-                        ],
-                    },
-                ]
-            sent = copy.deepcopy(convo)
-            last = sent[-1]
-            last["content"][-1]["cache_control"] = {"type": "ephemeral"}  # Claude Code's moving one
-            emu.clock.advance(gap)
-            resp = client.post("/v1/messages", body=body_of(sent, system=system, tools=TOOLS), cast_to=object)
-            usages[on].append(resp["usage"])
+        client = checkpoint_client(emu, tmp_path, on)
+        usages[on] = paused_session(emu, client, first, gaps, system=system, tools=TOOLS)
         for r in emu.requests:
             assert r.status == 200 and request_problems(r.body) == []
         if on:
@@ -642,17 +617,9 @@ def test_emulator_checkpoints_with_claude_codes_own_breakpoints(emu: Emulator, t
             assert breakpoints(late)[f"messages[{len(late['messages']) - 1}].content[0]"] == "5m"
             assert "1h" in [t for loc, t in breakpoints(late).items() if loc.startswith("messages")]
     after = gaps.index(900)
-    on, off = usages[True][after], usages[False][after]
-    assert on["cache_read_input_tokens"] > 0.6 * (
-        on["cache_read_input_tokens"] + on["cache_creation_input_tokens"]
-    )
-    assert off["cache_read_input_tokens"] < 0.2 * (
-        off["cache_read_input_tokens"] + off["cache_creation_input_tokens"]
-    )
-    from tokensaver.pricing import PriceTable
-
-    m = PriceTable().get(MODEL)
-    assert sum(m.input_cost(u) for u in usages[True]) < sum(m.input_cost(u) for u in usages[False])
+    assert read_share(usages[True][after]) > 0.6
+    assert read_share(usages[False][after]) < 0.2
+    assert input_usd(usages[True]) < input_usd(usages[False])
 
 
 def test_emulator_checkpoints_with_openclaws_four_breakpoints(emu: Emulator, tmp_path: Any) -> None:
@@ -674,55 +641,8 @@ def test_emulator_checkpoints_with_openclaws_four_breakpoints(emu: Emulator, tmp
     gaps = [1, 90, 20, 20, 900, 20, 20]
     usages: dict[bool, list[dict[str, Any]]] = {}
     for on in (True, False):
-        emu.reset()
-        emu.clock.set(T0)
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(
-            base,
-            config={
-                "plugins": ["cache_align"],
-                "record": False,
-                "runs_dir": str(tmp_path),
-                "cache_align": {"checkpoint": on},
-            },
-            clock=emu.clock.now,
-        )
-        convo: list[dict[str, Any]] = [first]
-        usages[on] = []
-        for k, gap in enumerate(gaps):
-            if k:
-                tid = f"toolu_{k}"
-                convo = [
-                    *convo,
-                    {
-                        "role": "assistant",
-                        "content": [
-                            {"type": "text", "text": f"step {k}"},
-                            {"type": "tool_use", "id": tid, "name": "read", "input": {"i": k}},
-                        ],
-                    },
-                    {
-                        "role": "user",
-                        "content": [
-                            {
-                                "type": "tool_result",
-                                "tool_use_id": tid,
-                                "content": words(20 + k, 600),
-                                "cache_control": {"type": "ephemeral"},
-                            }
-                        ],
-                    },
-                ]
-            sent = [*convo[:-1], copy.deepcopy(convo[-1])] if k else convo
-            if k:  # only the last message keeps its breakpoint, as OpenClaw moves it
-                for m in sent[1:-1]:
-                    for b in m["content"]:
-                        b.pop("cache_control", None)
-            emu.clock.advance(gap)
-            resp = client.post(
-                "/v1/messages", body=body_of(copy.deepcopy(sent), system=system, tools=tools), cast_to=object
-            )
-            usages[on].append(resp["usage"])
+        client = checkpoint_client(emu, tmp_path, on)
+        usages[on] = paused_session(emu, client, first, gaps, system=system, tools=tools)
         for r in emu.requests:
             assert r.status == 200 and request_problems(r.body) == []
         late = emu.requests[-1].body
@@ -734,17 +654,9 @@ def test_emulator_checkpoints_with_openclaws_four_breakpoints(emu: Emulator, tmp
         else:
             assert "cache_control" in late["tools"][-1]
     after = gaps.index(900)
-    on, off = usages[True][after], usages[False][after]
-    assert on["cache_read_input_tokens"] > 0.6 * (
-        on["cache_read_input_tokens"] + on["cache_creation_input_tokens"]
-    )
-    assert off["cache_read_input_tokens"] < 0.2 * (
-        off["cache_read_input_tokens"] + off["cache_creation_input_tokens"]
-    )
-    from tokensaver.pricing import PriceTable
-
-    m = PriceTable().get(MODEL)
-    assert sum(m.input_cost(u) for u in usages[True]) < sum(m.input_cost(u) for u in usages[False])
+    assert read_share(usages[True][after]) > 0.6
+    assert read_share(usages[False][after]) < 0.2
+    assert input_usd(usages[True]) < input_usd(usages[False])
 
 
 def test_a_borrowed_slot_the_checkpoint_does_not_get_is_given_back() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import anthropic
+from strategies import tool_loop
 from tokensaver_plugins._blocks import request_problems
 
 import tokensaver
@@ -20,25 +21,15 @@ LINES = [
 OUTPUT = "\n".join(LINES) + "\n"
 
 
-def sent_result(tmp_path: Any, text: str) -> str:
+def sent_result(
+    tmp_path: Any, text: str, task: str = "Find the view.", command: str = "python run.py"
+) -> str:
+    """What the defaults send of ``text``, the result of one bash ``command`` after ``task``, through
+    ``wrap()`` to the emulator (the request checked valid)."""
     body = {
         "model": MODEL,
         "max_tokens": 64,
-        "messages": [
-            {"role": "user", "content": "Find the view."},
-            {
-                "role": "assistant",
-                "content": [
-                    {
-                        "type": "tool_use",
-                        "id": "toolu_1",
-                        "name": "bash",
-                        "input": {"command": "python run.py"},
-                    }
-                ],
-            },
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": text}]},
-        ],
+        "messages": tool_loop(task, [("bash", {"command": command}, text)]),
     }
     with Emulator(virtual_clock=True, start_time=1_700_000_000.0) as emu:
         base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)

@@ -6,11 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import anthropic
-from tokensaver_plugins._blocks import request_problems
-
-import tokensaver
-from tokensaver.emulator import Emulator
+from test_summarize_framing import sent_result
 
 MODEL = "claude-sonnet-4-6"
 SITE = "/root/miniconda3/envs/marshmallow__3.13/lib/python3.9/site-packages"
@@ -48,32 +44,6 @@ def expand(text: str) -> str:
 
 def test_pip_requirements_already_satisfied_send_their_path_once(tmp_path: Any) -> None:
     log = pip_log()
-    body = {
-        "model": MODEL,
-        "max_tokens": 64,
-        "messages": [
-            {"role": "user", "content": "Install the package."},
-            {
-                "role": "assistant",
-                "content": [
-                    {
-                        "type": "tool_use",
-                        "id": "toolu_1",
-                        "name": "bash",
-                        "input": {"command": "pip install -e ."},
-                    }
-                ],
-            },
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": log}]},
-        ],
-    }
-    with Emulator(virtual_clock=True, start_time=1_700_000_000.0) as emu:
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
-        resp = client.post("/v1/messages", body=body, cast_to=object)
-        assert isinstance(resp, dict) and resp["type"] == "message"
-        sent = emu.last["body"]
-    assert request_problems(sent) == []
-    text = sent["messages"][2]["content"][0]["content"]
+    text = sent_result(tmp_path, log, task="Install the package.", command="pip install -e .")
     assert text.count(SITE) == 1 and len(text) < 0.5 * len(log), text
     assert expand(text) == log
