@@ -121,7 +121,8 @@ def known(text: str, ctx: Any, settings: dict[str, Any]) -> dict[str, Any] | Non
 
 def off(ctx: Any) -> str | None:
     """Why model summaries are off for this client (the API refused a summary request), else None."""
-    return _state(ctx).get("summaries_off")  # type: ignore[no-any-return]
+    why: str | None = _state(ctx).get("summaries_off")
+    return why
 
 
 def keep(text: str, ctx: Any, settings: dict[str, Any]) -> None:
@@ -142,7 +143,7 @@ def worth_it(tokens: int, ctx: Any, settings: dict[str, Any], calls_so_far: int)
     future = max(1, min(calls_so_far, MAX_FUTURE_CALLS))
     saved = (tokens - out) * (main.cache_write_5m + main.cache_read * future)
     cost = (tokens + 300) * small.input + out * small.output
-    return saved >= settings["summary_payback"] * cost
+    return bool(saved >= settings["summary_payback"] * cost)
 
 
 def summarize_text(text: str, tokens: int, ctx: Any, settings: dict[str, Any]) -> str | None:

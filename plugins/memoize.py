@@ -57,7 +57,7 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, cast
 
 from tokensaver.context import requester
 from tokensaver.hookspecs import hookimpl
@@ -238,7 +238,7 @@ def _settings(ctx: Any) -> dict[str, Any]:
     s = ctx.settings
     if not s or "dir" not in s:
         s = tokensaver_configure(dict(s or {}), "defaults")
-    return s
+    return cast("dict[str, Any]", s)
 
 
 def _mode(ctx: Any) -> str:
@@ -314,7 +314,7 @@ def tokensaver_lookup_response(body: dict[str, Any], ctx: Any) -> dict[str, Any]
 def _claim(ctx: Any, state: dict[str, Any], key: str) -> _Flight | None:
     """Become the one call for ``key`` in flight; return the flight already there otherwise."""
     with state["lock"]:
-        current = state["inflight"].get(key)
+        current: _Flight | None = state["inflight"].get(key)
         if current is not None and time.monotonic() - current.started < _settings(ctx)["wait"]:
             return current
         flight = _Flight(str(getattr(ctx, "call_id", "")))
@@ -367,7 +367,9 @@ def _serve(ctx: Any, message: dict[str, Any]) -> dict[str, Any]:
         usage=message.get("usage") or {},
         stop_reason=message.get("stop_reason"),
     )
-    return json.loads(json.dumps(message))  # a fresh copy: the caller may mutate what it gets
+    # a fresh copy: the caller may mutate what it gets
+    fresh: dict[str, Any] = json.loads(json.dumps(message))
+    return fresh
 
 
 @hookimpl
