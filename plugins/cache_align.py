@@ -12,7 +12,8 @@ It places at most 4 breakpoints (the caller's own and the automatic mode counted
 - never where the prefix is shorter than the model's minimum cacheable length, never on thinking
   or empty blocks; the caller's breakpoints stay where they are.
 
-It also keeps the prefix stable: tools in name order with schema keys sorted, and volatile lines of
+It also keeps the prefix stable: tools in name order with schema keys sorted (and without the
+``$schema`` dialect URI of a non-strict tool's input schema, a validator's concern), and volatile lines of
 the system prompt (dates, times, UUIDs, request ids, counters; ``volatile_patterns``) moved out of
 the system prompt into the user message where they first appeared, remembered per conversation so
 later turns reproduce the same bytes. TTL: 1h when the gaps between a conversation's calls make the
@@ -176,10 +177,41 @@ def sort_keys_deep(value: Any) -> Any:
     return value
 
 
+# JSON Schema dialects whose keywords mean what the API's default dialect (2020-12) means for the
+# keywords a tool schema uses (draft-04 is not one: its exclusiveMinimum/Maximum are booleans)
+SAME_DIALECT = re.compile(
+    r"^https?://json-schema\.org/(?:draft-0[67]/schema|draft/20(?:19-09|20-12)/schema)#?$"
+)
+
+
+def without_dialect(tool: dict[str, Any]) -> dict[str, Any]:
+    """``tool`` without its input schema's ``$schema`` URI when that dialect reads as the default one
+    (zod-to-json-schema writes one into every tool: Claude Code's cost ~17 tokens each, on every call).
+    The URI tells a validator which draft to apply, nothing the model uses; a ``strict`` tool keeps
+    it (the API compiles its schema)."""
+    schema = tool.get("input_schema")
+    if tool.get("strict") or not isinstance(schema, dict):
+        return tool
+    uri = schema.get("$schema")
+    if not isinstance(uri, str) or not SAME_DIALECT.match(uri):
+        return tool
+    return {**tool, "input_schema": {k: v for k, v in schema.items() if k != "$schema"}}
+
+
+def _dialects(tools: list[Any]) -> int:
+    """How many of ``tools`` name a dialect (``$schema``) in their input schema."""
+    return sum(
+        1
+        for t in tools
+        if isinstance(t, dict) and isinstance(t.get("input_schema"), dict) and "$schema" in t["input_schema"]
+    )
+
+
 def stable_tools(tools: list[Any]) -> list[Any]:
-    """Tools in name order, keys sorted; the caller's breakpoints stay at the same positions."""
+    """Tools in name order, keys sorted, the dialect URI dropped (:func:`without_dialect`); the
+    caller's breakpoints stay at the same positions."""
     ccs = [t.get("cache_control") if isinstance(t, dict) else None for t in tools]
-    bare = [sort_keys_deep(strip_cc(t)) if isinstance(t, dict) else t for t in tools]
+    bare = [without_dialect(sort_keys_deep(strip_cc(t))) if isinstance(t, dict) else t for t in tools]
     order = sorted(
         range(len(bare)), key=lambda i: (str(bare[i].get("name", "")) if isinstance(bare[i], dict) else "", i)
     )
@@ -817,6 +849,9 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
     out = normalized(body)
     if settings["sort_tools"] and isinstance(out.get("tools"), list) and out["tools"]:
         tools = ctx.memo("cache_align.stable_tools", out["tools"], stable_tools)
+        dropped = _dialects(out["tools"]) - _dialects(tools)
+        if dropped:
+            notes["schema_dialects_dropped"] = dropped
         if [t.get("name") for t in tools if isinstance(t, dict)] != [
             t.get("name") for t in out["tools"] if isinstance(t, dict)
         ]:

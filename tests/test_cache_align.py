@@ -680,3 +680,64 @@ def test_a_borrowed_slot_the_checkpoint_does_not_get_is_given_back() -> None:
         out, notes = align(body_of(sent, system=system, tools=tools), states, now=t)  # valid: <= 4
         assert len(breakpoints(out)) <= 4
     assert "checkpoint" not in notes and "cache_control" in out["tools"][-1]
+
+
+def zod_tool(name: str, dialect: str, **extra: Any) -> dict[str, Any]:
+    """A tool as zod-to-json-schema writes it (Claude Code's): the dialect URI in its input schema."""
+    return {
+        "name": name,
+        "description": f"{name}: " + words(len(name), 30),
+        "input_schema": {
+            "$schema": dialect,
+            "type": "object",
+            "properties": {"path": {"type": "string"}, "limit": {"type": "integer", "exclusiveMinimum": 0}},
+            "required": ["path"],
+            "additionalProperties": False,
+        },
+        **extra,
+    }
+
+
+DRAFT_07 = "http://json-schema.org/draft-07/schema#"
+DRAFT_2020 = "https://json-schema.org/draft/2020-12/schema"
+DRAFT_04 = "http://json-schema.org/draft-04/schema#"
+
+
+def test_the_schema_dialect_uri_is_dropped_where_it_reads_as_the_default_one() -> None:
+    tools = [
+        zod_tool("Read", DRAFT_2020),
+        zod_tool("Bash", DRAFT_07),
+        zod_tool("Old", DRAFT_04),  # its exclusiveMinimum would be a boolean: the URI says so
+        zod_tool("Strict", DRAFT_07, strict=True),  # the API compiles a strict tool's schema
+    ]
+    body = body_of([{"role": "user", "content": "hi"}], tools=copy.deepcopy(tools))
+    out, notes = align(body, {})
+    schemas = {t["name"]: t["input_schema"] for t in out["tools"]}
+    assert "$schema" not in schemas["Read"] and "$schema" not in schemas["Bash"]
+    assert schemas["Old"]["$schema"] == DRAFT_04 and schemas["Strict"]["$schema"] == DRAFT_07
+    assert notes["schema_dialects_dropped"] == 2
+    # everything else as the caller wrote it, and the same bytes on the next call
+    for t in tools:
+        rest = {k: v for k, v in t["input_schema"].items() if k != "$schema"}
+        assert {k: v for k, v in schemas[t["name"]].items() if k != "$schema"} == rest
+    again, _ = align(copy.deepcopy(body), {})
+    assert again["tools"] == out["tools"]
+    assert body["tools"] == tools  # the caller's request is not edited in place
+
+
+def test_emulator_bills_fewer_tokens_without_the_dialect_uris(emu: Emulator, tmp_path: Any) -> None:
+    tools = [zod_tool(n, DRAFT_07) for n in ("Bash", "Edit", "Glob", "Grep", "Read", "Write")]
+    msgs = [{"role": "user", "content": "Task: " + words(2, 100)}]
+    body = body_of(msgs, tools=tools)
+    ours = wrapped(emu, tmp_path).post("/v1/messages", body=copy.deepcopy(body), cast_to=object)
+    sent = emu.requests[-1].body
+    assert all("$schema" not in t["input_schema"] for t in sent["tools"])
+    emu.reset()
+    plain = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+    theirs = plain.post("/v1/messages", body=body, cast_to=object)
+
+    def billed(u: dict[str, Any]) -> int:
+        return int(u["input_tokens"] + u["cache_creation_input_tokens"] + u["cache_read_input_tokens"])
+
+    # the URI costs tokens on every call of the conversation (written once, then read)
+    assert billed(ours["usage"]) < billed(theirs["usage"]) - 6 * 10
