@@ -683,7 +683,10 @@ _STATE_RE = re.compile(r"(?:\A|\n)\(Open file: ([^\n]*)\)\n\(Current directory: 
 def split_state(text: str) -> tuple[str, str] | None:
     """``(observation, state line)`` of a SWE-agent observation that ends with its open file,
     directory and prompt, else None. The state line ``[open: F, cwd: D]`` names the open file
-    relative to the directory when it is under it (``n/a`` and other absolute paths as they are)."""
+    relative to the directory when it is under it (``n/a`` and other absolute paths as they are),
+    and starts with the newline that parted it from the observation (none when there is none); so
+    do the observation's ``[File: P (N lines total)]`` lines (``relative_files``): the directory is
+    named once, in the same text."""
     m = _STATE_RE.search(text) if text.endswith("bash-$") else None
     if m is None:
         return None
@@ -694,7 +697,50 @@ def split_state(text: str) -> tuple[str, str] | None:
         file = file[len(cwd.rstrip("/")) + 1 :]
     elif not (file.startswith("/") or file == "n/a"):
         return None  # a relative name would read as one under the directory
-    return text[: m.start()], f"[open: {file}, cwd: {cwd}]"
+    sep = "\n" if text[m.start() : m.start() + 1] == "\n" else ""
+    return relative_files(text[: m.start()], cwd), f"{sep}[open: {file}, cwd: {cwd}]"
+
+
+_FILE_LINE_RE = re.compile(r"^\[File: (/[^\n]*) \((\d+) lines total\)\]$", re.MULTILINE)
+
+
+def relative_files(observation: str, cwd: str) -> str:
+    """SWE-agent's ``[File: /repo/src/x.py (N lines total)]`` lines with the path relative to
+    ``cwd`` when it is under it (``[File: src/x.py (N lines total)]``): the state line after them
+    names the directory. Other lines, and paths elsewhere, as they are."""
+    base = cwd.rstrip("/")
+    if not base or "[File: " + base + "/" not in observation:
+        return observation
+
+    def sub(m: re.Match[str]) -> str:
+        path = m.group(1)
+        if not path.startswith(base + "/") or len(path) == len(base) + 1:
+            return m.group(0)
+        return f"[File: {path[len(base) + 1 :]} ({m.group(2)} lines total)]"
+
+    return _FILE_LINE_RE.sub(sub, observation)
+
+
+def state_cwd(text: str) -> str | None:
+    """The directory a SWE-agent observation's state lines name (as :func:`split_state` reads them), else None."""
+    m = _STATE_RE.search(text) if text.endswith("bash-$") else None
+    return m.group(2) if m is not None and split_state(text) is not None else None
+
+
+STATE_FULL_EVERY = 5  # the directory is named again on every 5th state line in a row with the same one
+
+
+def without_cwd(text: str, cwd: str) -> str:
+    """A rewritten observation whose last line is ``[open: F, cwd: D]`` (``D`` = ``cwd``) with
+    ``[open: F]`` instead: for an observation whose directory is the one an earlier state line,
+    at most ``STATE_FULL_EVERY - 1`` observations before, names (F relative to it as there)."""
+    tail = f", cwd: {cwd}]"
+    if not text.endswith(tail):
+        return text
+    start = text.rfind("\n") + 1
+    if not text.startswith("[open: ", start):
+        return text
+    return text[: len(text) - len(tail)] + "]"
 
 
 def returncode_header(status: str) -> str:
@@ -737,7 +783,7 @@ def shrink(text: str, opts: Options) -> Result:
     if state is not None:
         inner = shrink(state[0], opts)
         kind = "state" if inner.kind == "small" or inner.kind.endswith(":kept") else inner.kind
-        out = f"{inner.text}\n{state[1]}" if text[: len(state[0]) + 1] == state[0] + "\n" else state[1]
+        out = inner.text + state[1]
         # at any size: the framing goes whatever the output saves (a large one saved under 2%)
         return Result(out, kind, inner.lossy) if len(out) < len(text) else _best(text, out, kind, inner.lossy)
     wrapped = unwrap_returncode(text) if "returncode" in opts.shapes and text[:1] == "<" else None

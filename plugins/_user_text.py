@@ -34,7 +34,14 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ._repeats import RepeatIndex
-from ._summarize_text import returncode_header, split_state, unwrap_returncode
+from ._summarize_text import (
+    STATE_FULL_EVERY,
+    returncode_header,
+    split_state,
+    state_cwd,
+    unwrap_returncode,
+    without_cwd,
+)
 
 MIN_LINES = 3  # shortest run of repeated lines sent as a pointer (prune's repeat_min_lines default)
 MIN_CHARS = 300  # ... and its fewest characters (prune's repeat_min_chars default)
@@ -46,12 +53,61 @@ def framing(text: str) -> tuple[str, str]:
     lines, mini-swe-agent's tags), and what was rewritten (``""``: nothing)."""
     state = split_state(text) if text.endswith("bash-$") else None
     if state is not None:
-        obs, line = state
-        return (f"{obs}\n{line}" if text[: len(obs) + 1] == obs + "\n" else line), "state"
+        return state[0] + state[1], "state"
     wrapped = unwrap_returncode(text) if text.startswith("<returncode>") else None
     if wrapped is not None:
         return returncode_header(wrapped[0]) + wrapped[1], "returncode"
     return text, ""
+
+
+def _observations(m: Any, end: int | None = None) -> list[str]:
+    """The texts of a user message's tool results and text blocks (those before block ``end``)."""
+    content = m.get("content") if isinstance(m, dict) and m.get("role") == "user" else None
+    if isinstance(content, str):
+        return [content] if end is None else []
+    if not isinstance(content, list):
+        return []
+    out: list[str] = []
+    for b in content[:end]:
+        if not isinstance(b, dict):
+            continue
+        if b.get("type") == "text" and isinstance(b.get("text"), str):
+            out.append(b["text"])
+        elif b.get("type") == "tool_result":
+            c = b.get("content")
+            if isinstance(c, str):
+                out.append(c)
+            elif isinstance(c, list):
+                out.extend(t["text"] for t in c if isinstance(t, dict) and isinstance(t.get("text"), str))
+    return out
+
+
+def cwd_named(messages: list[Any], i: int, bi: int, cwd: str) -> bool:
+    """Whether an earlier SWE-agent observation (a tool result or user text before block ``bi``
+    of message ``i``, as the client sent them) names ``cwd`` in full: the run of state lines with
+    that directory just before it is not a multiple of ``STATE_FULL_EVERY`` long (0: the first,
+    named in full; every 5th is too, so the last few results keep one). A pure function of what
+    comes before the block: the same answer on every call that resends it."""
+    run = 0
+    for j in range(i, -1, -1):
+        texts = _observations(messages[j], bi if j == i and bi >= 0 else (0 if j == i else None))
+        for text in reversed(texts):
+            seen = state_cwd(text)
+            if seen is None:
+                continue
+            if seen != cwd:
+                return run % STATE_FULL_EVERY != 0
+            run += 1
+    return run % STATE_FULL_EVERY != 0
+
+
+def named_once(text: str, messages: list[Any], i: int, bi: int, original: str) -> str:
+    """``text`` (the rewrite of ``original``, block ``bi`` of message ``i``) without the directory
+    in its state line when an earlier observation names it (``cwd_named``)."""
+    cwd = state_cwd(original)
+    if cwd is None or not text.endswith(f", cwd: {cwd}]") or not cwd_named(messages, i, bi, cwd):
+        return text
+    return without_cwd(text, cwd)
 
 
 class State(NamedTuple):
@@ -115,7 +171,7 @@ def rewrite(
             turn = (role, turns[role])
             content = m.get("content")
             if isinstance(content, str):
-                new = _text(content, turn, index, stats, edits, i, -1, users)
+                new = _text(content, turn, index, stats, edits, i, -1, users, messages)
                 if new is not content:
                     out = out if out is not None else list(messages)
                     out[i] = {**m, "content": new}
@@ -126,7 +182,7 @@ def rewrite(
                         isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
                     ):
                         continue
-                    new = _text(b["text"], turn, index, stats, edits, i, bi, users)
+                    new = _text(b["text"], turn, index, stats, edits, i, bi, users, messages)
                     if new is not b["text"]:
                         blocks = blocks if blocks is not None else list(content)
                         blocks[bi] = {**b, "text": new}
@@ -153,6 +209,7 @@ def _text(
     i: int,
     bi: int,
     users: bool,
+    messages: list[Any],
 ) -> str:
     """One turn's text as sent (the same object when unchanged); indexed for the turns after it."""
     role, n = turn
@@ -164,6 +221,8 @@ def _text(
         index.rewrite(name, text)  # the task: indexed, never rewritten (nothing is before it)
         return text
     framed, kind = framing(text) if role == "user" else (text, "")
+    if kind == "state":
+        framed = named_once(framed, messages, i, bi, text)
     new = index.rewrite(name, framed)
     if new == text:
         return text

@@ -540,6 +540,7 @@ class _Call:
                 c = b["content"]
                 if isinstance(c, str):
                     new, lossy = self.rewrite(c, stats, newest, b.get("tool_use_id"))
+                    new = self.named_once(new, c, i, bi)
                     if new is not c:
                         blocks[bi] = {**b, "content": new}
                         texts.append((-1, new, lossy))
@@ -579,18 +580,28 @@ class _Call:
             b = blocks[bi]
             c = b["content"]
             if isinstance(c, str):
-                blocks[bi] = {**b, "content": self.text(c, texts[0], b)}
+                blocks[bi] = {**b, "content": self.text(c, texts[0], b, (i, bi))}
             else:
                 c = list(c)
                 for item in texts:
-                    c[item[0]] = {**c[item[0]], "text": self.text(c[item[0]]["text"], item, b)}
+                    c[item[0]] = {**c[item[0]], "text": self.text(c[item[0]]["text"], item, b, (i, bi))}
                 blocks[bi] = {**b, "content": c}
         return {**m, "content": blocks}
 
-    def text(self, original: str, item: tuple[int, str | None, bool], block: dict[str, Any]) -> str:
+    def named_once(self, new: str, original: str, i: int, bi: int) -> str:
+        """``new`` without the directory in its SWE-agent state line when an earlier observation
+        names it (``_user_text.named_once``: a function of the messages before the block)."""
+        if new is original or not original.endswith("bash-$"):
+            return new
+        return _user_text.named_once(new, self.messages, i, bi, original)
+
+    def text(
+        self, original: str, item: tuple[int, str | None, bool], block: dict[str, Any], at: tuple[int, int]
+    ) -> str:
         _, new, lossy = item
         if new is None:
-            return self.rewrite(original, {}, False, block.get("tool_use_id"))[0]
+            new = self.rewrite(original, {}, False, block.get("tool_use_id"))[0]
+            return self.named_once(new, original, *at) if item[0] < 0 else new
         if lossy and self.keeping:  # as the full path: the original kept (memory order, disk once)
             keep_original(original, self.ctx, self.settings)
         return new

@@ -792,6 +792,7 @@ def test_an_edit_echo_points_at_its_own_tool_use_input_and_loses_no_line():
 
         assert all(
             f in sent
+            or f in unfile(sent)  # a [File: ] path is relative to the directory its state line names
             or f in json.dumps(tool_input)
             or covered(f)
             or (covered(f.split(":")[0]) and f.split(":", 1)[1] in json.dumps(tool_input))  # "4:td_field"
@@ -901,12 +902,32 @@ def test_mini_swe_agent_observation_tags_become_one_line_at_any_size():
 # -- SWE-agent's state lines -------------------------------------------------------------------
 
 
-def unstate(text: str) -> str:
-    """The observation with its ``[open: F, cwd: D]`` line back as SWE-agent's three state lines."""
+def unfile(text: str, cwd: str | None = None) -> str:
+    """The observation with each relative ``[File: P (N lines total)]`` path back under the
+    directory (``cwd``, else the one its ``[open: F, cwd: D]`` line names)."""
+    if cwd is None:
+        m = re.search(r"\[open: .*, cwd: (.*)\]\Z", text)
+        if m is None:
+            return text
+        cwd = m.group(1)
+    return re.sub(
+        r"^\[File: ([^/\n][^\n]*) \((\d+) lines total\)\]$",
+        lambda m: f"[File: {cwd.rstrip('/')}/{m.group(1)} ({m.group(2)} lines total)]",
+        text,
+        flags=re.M,
+    )
+
+
+def unstate(text: str, cwd: str | None = None) -> str:
+    """The observation with its ``[open: F, cwd: D]`` line back as SWE-agent's three state lines
+    (``[open: F]``: the directory ``cwd`` an earlier observation named), its ``[File: ]`` paths absolute."""
+    text = unfile(text, cwd)
     head, sep, last = text.rpartition("\n")
     m = re.fullmatch(r"\[open: (.*), cwd: (.*)\]", last)
+    if m is None and cwd is not None:
+        m = re.fullmatch(r"\[open: (.*)()\]", last)
     assert m is not None
-    file, cwd = m.groups()
+    file, cwd = m.group(1), m.group(2) or cwd
     if not (file.startswith("/") or file == "n/a"):
         file = f"{cwd.rstrip('/')}/{file}"
     return f"{head}{sep}(Open file: {file})\n(Current directory: {cwd})\nbash-$"

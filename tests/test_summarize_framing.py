@@ -51,3 +51,37 @@ def test_a_large_mini_swe_agent_output_loses_its_tags(tmp_path: Any) -> None:
 def test_a_large_swe_agent_output_sends_its_state_as_one_line(tmp_path: Any) -> None:
     text = OUTPUT + "(Open file: /repo/app/views.py)\n(Current directory: /repo)\nbash-$"
     assert sent_result(tmp_path, text) == OUTPUT + "[open: app/views.py, cwd: /repo]"
+
+
+def test_swe_agent_tool_results_name_their_directory_once(tmp_path: Any) -> None:
+    """In tool results too: the directory an earlier state line names goes from the next ones
+    (every 5th in a row names it again), ``[File: ]`` paths relative to it; a later call resends
+    the same bytes."""
+
+    def obs(k: int) -> str:
+        return (
+            f"[File: /repo/app/v{k}.py (3 lines total)]\n1:a = {k}\n"
+            f"(Open file: /repo/app/v{k}.py)\n(Current directory: /repo)\nbash-$"
+        )
+
+    def send(n: int) -> list[str]:
+        body = {
+            "model": MODEL,
+            "max_tokens": 64,
+            "messages": tool_loop(
+                "Fix it.", [("bash", {"command": f"open v{k}.py"}, obs(k)) for k in range(n)]
+            ),
+        }
+        with Emulator(virtual_clock=True, start_time=1_700_000_000.0) as emu:
+            base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+            client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
+            client.post("/v1/messages", body=body, cast_to=object)
+            sent = emu.last["body"]
+        assert request_problems(sent) == []
+        return [b["content"] for m in sent["messages"][1:] if m["role"] == "user" for b in m["content"]]
+
+    results = send(6)
+    assert results[0] == "[File: app/v0.py (3 lines total)]\n1:a = 0\n[open: app/v0.py, cwd: /repo]"
+    assert results[1] == "[File: app/v1.py (3 lines total)]\n1:a = 1\n[open: app/v1.py]"
+    assert [r.endswith(", cwd: /repo]") for r in results] == [True, False, False, False, False, True]
+    assert send(7)[:6] == results

@@ -123,8 +123,44 @@ def test_swe_agent_state_lines_in_user_text_become_one_line(tmp_path: Any) -> No
         sent = send(client, emu, msgs)
     turns = user_texts(sent)
     assert turns[0] == "Fix it." + STATE
-    assert turns[1].endswith("\n[open: src/fields.py, cwd: /repo]")
+    # the task names the directory: the observation after it names the file only
+    assert turns[1].endswith("\n[open: src/fields.py]")
     assert turns[1].split("\n")[:30] == obs.split("\n")[:30]
+    sent = send_alone(tmp_path, conversation([obs]))  # no directory before it: named in full
+    assert user_texts(sent)[1].endswith("\n[open: src/fields.py, cwd: /repo]")
+
+
+def send_alone(tmp_path: Any, msgs: list[dict[str, Any]]) -> dict[str, Any]:
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
+        return send(client, emu, msgs)
+
+
+def test_swe_agent_names_its_directory_once_in_user_texts(tmp_path: Any) -> None:
+    """A SWE-agent directory the state line before names goes from the next ones (the file
+    stays), named again when it changes and on every 5th in a row; ``[File: ]`` lines name
+    their file relative to it; the same bytes on every later call."""
+
+    def obs(k: int, cwd: str = "/repo") -> str:
+        return (
+            f"[File: /repo/src/f{k}.py (10 lines total)]\n1:x = {k}\n"
+            f"(Open file: /repo/src/f{k}.py)\n(Current directory: {cwd})\nbash-$"
+        )
+
+    observations = [obs(k, "/repo" if k != 3 else "/repo/src") for k in range(9)]
+    sent = send_alone(tmp_path, conversation(observations))
+    turns = user_texts(sent)[1:]
+    assert turns[0] == "[File: src/f0.py (10 lines total)]\n1:x = 0\n[open: src/f0.py, cwd: /repo]"
+    assert turns[1] == "[File: src/f1.py (10 lines total)]\n1:x = 1\n[open: src/f1.py]"
+    assert turns[3] == "[File: f3.py (10 lines total)]\n1:x = 3\n[open: f3.py, cwd: /repo/src]"
+    full = [t.endswith(", cwd: /repo]") for t in turns]
+    assert full == [True, False, False, False, True, False, False, False, False]
+    assert turns[8].endswith(", cwd: /repo]") is False and turns[4].startswith("[File: src/f4.py ")
+    # a later call resends them: the same bytes
+    later = send_alone(tmp_path, conversation([*observations, obs(9)]))
+    assert user_texts(later)[1:10] == turns
+    assert user_texts(later)[10].endswith(", cwd: /repo]")  # the 5th after the one at turn 4
 
 
 def test_user_texts_off_sends_them_as_they_came(tmp_path: Any) -> None:
