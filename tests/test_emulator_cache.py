@@ -327,3 +327,19 @@ def test_changed_speed_misses_system_and_messages(emulator_client: anthropic.Ant
     # switching speed: the tools entry is still read, system and messages are written again
     assert call(speed="fast") == (0, SYS_T + LEVEL_MSG_T, 0, tools_t, total)
     assert call(speed="fast") == (0, 0, 0, total, total)
+
+
+def test_string_content_and_its_text_block_are_one_prompt(emulator_client: anthropic.Anthropic) -> None:
+    """A string content is shorthand for one text block: the cache entry written with one form is
+    read with the other (system and messages), as the API does."""
+    big = para(7)
+    first = {"role": "user", "content": big}
+    u1 = usage(emulator_client, system=para(8), messages=[first], cache_control=CC)
+    total = split(u1)[4]
+    assert split(u1) == (0, total, 0, 0, total)
+    as_block = {"role": "user", "content": [text(big)]}
+    got = split(usage(emulator_client, system=[text(para(8))], messages=[as_block], cache_control=CC))
+    assert got == (0, 0, 0, total, total)
+    # and back: the block's entry read by the string form
+    got = split(usage(emulator_client, system=para(8), messages=[first], cache_control=CC))
+    assert got == (0, 0, 0, total, total)

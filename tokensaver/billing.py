@@ -103,7 +103,12 @@ class _Digests:
         self.lock = threading.Lock()
 
     def get(self, block: Any, counter: TokenCounter) -> tuple[bytes, int, bool]:
-        stripped = strip_block_cache_control(block)
+        # a string content (or system) is shorthand for one text block: the API caches the two
+        # forms as the same prompt (Claude Code sends its environment message as a block on its
+        # first call and as a string after), so they get one digest (their counts are equal)
+        stripped = (
+            {"type": "text", "text": block} if isinstance(block, str) else strip_block_cache_control(block)
+        )
         digest = fast_digest(stripped)
         on = memo_enabled()
         if on:
