@@ -266,7 +266,7 @@ def _condensed(
         return None
     decision = _model_summary.known(res.text, ctx, settings)
     if decision is not None:
-        return decision.get("summary")  # type: ignore[no-any-return]
+        return decision.get("summary")
     if not newest:
         _model_summary.keep(res.text, ctx, settings)  # already sent as it is: it stays so
         return None
