@@ -106,7 +106,9 @@ SETTINGS = Schema(
             "cache TTL of the breakpoints; auto: 1h when the conversation's gaps call for it",
         ),
         "sort_tools": boolean(
-            True, "tools in name order with schema keys sorted, so the tools prefix stays cached"
+            True,
+            "tools in name order with schema keys sorted, so the tools prefix stays cached; a non-strict "
+            "tool's $schema dialect URI dropped when it reads as the API's default",
         ),
         "move_volatile": choice(
             "changed",
