@@ -687,6 +687,18 @@ def split_state(text: str) -> tuple[str, str] | None:
     and starts with the newline that parted it from the observation (none when there is none); so
     do the observation's ``[File: P (N lines total)]`` lines (``relative_files``): the directory is
     named once, in the same text."""
+    parts = _state_parts(text)
+    if parts is None:
+        return None
+    start, file, cwd = parts
+    sep = "\n" if text[start : start + 1] == "\n" else ""
+    return relative_files(text[:start], cwd), f"{sep}[open: {file}, cwd: {cwd}]"
+
+
+def _state_parts(text: str) -> tuple[int, str, str] | None:
+    """Where a SWE-agent observation's state lines start, the open file as the state line names it
+    (relative to the directory when under it) and the directory; None when ``split_state`` leaves
+    the text alone."""
     m = _STATE_RE.search(text) if text.endswith("bash-$") else None
     if m is None:
         return None
@@ -697,8 +709,7 @@ def split_state(text: str) -> tuple[str, str] | None:
         file = file[len(cwd.rstrip("/")) + 1 :]
     elif not (file.startswith("/") or file == "n/a"):
         return None  # a relative name would read as one under the directory
-    sep = "\n" if text[m.start() : m.start() + 1] == "\n" else ""
-    return relative_files(text[: m.start()], cwd), f"{sep}[open: {file}, cwd: {cwd}]"
+    return m.start(), file, cwd
 
 
 _FILE_LINE_RE = re.compile(r"^\[File: (/[^\n]*) \((\d+) lines total\)\]$", re.MULTILINE)
@@ -723,8 +734,8 @@ def relative_files(observation: str, cwd: str) -> str:
 
 def state_cwd(text: str) -> str | None:
     """The directory a SWE-agent observation's state lines name (as :func:`split_state` reads them), else None."""
-    m = _STATE_RE.search(text) if text.endswith("bash-$") else None
-    return m.group(2) if m is not None and split_state(text) is not None else None
+    parts = _state_parts(text)
+    return parts[2] if parts is not None else None
 
 
 STATE_FULL_EVERY = 5  # the directory is named again on every 5th state line in a row with the same one
