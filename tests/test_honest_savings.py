@@ -56,17 +56,21 @@ def conversation(mode: str, turns: int = 4) -> list[dict[str, Any]]:
             body["cache_control"] = CC1H
         elif mode == "own_1":
             system[0]["cache_control"] = CC
-        elif mode in ("own_4", "own_1h"):
+        elif mode in ("own_4", "own_1h", "own_4_fresh"):
             tools[-1]["cache_control"] = CC1H if mode == "own_1h" else CC
             system[0]["cache_control"] = CC1H if mode == "own_1h" else CC
             for m in users[-2:]:
                 m["content"][-1] = {**m["content"][-1], "cache_control": CC}
+            if mode == "own_4_fresh":
+                # OpenClaw's shape: a fresh context block after its last breakpoint, not kept on the next
+                # turn; automatic caching alone (its breakpoints dropped) would miss on every call
+                users[-1]["content"].append({"type": "text", "text": f"Context: turn {n}, clock {n * 61}s."})
         body["messages"] = msgs
         bodies.append(body)
     return bodies
 
 
-MODES = ["none", "auto", "auto_1h", "own_1", "own_4", "own_1h"]
+MODES = ["none", "auto", "auto_1h", "own_1", "own_4", "own_1h", "own_4_fresh"]
 GAPS = [10.0, 400.0, 10.0, 10.0, 10.0]  # the 400 s gap expires 5m entries, not 1h ones
 
 
@@ -110,7 +114,7 @@ def send(client: Any, emu: Emulator, bodies: list[dict[str, Any]], clock: list[f
 
 
 def direct_costs(bodies: list[dict[str, Any]], auto_only: bool = False) -> list[float]:
-    """What each request is billed sent as it is (or with automatic caching alone) to a fresh API."""
+    """What each request is billed sent as it is (or with automatic caching added) to a fresh API."""
     costs = []
     with Emulator(virtual_clock=True) as emu:
         client = anthropic.Anthropic(base_url=emu.url, api_key="sk-direct", max_retries=0, timeout=30)
@@ -119,22 +123,17 @@ def direct_costs(bodies: list[dict[str, Any]], auto_only: bool = False) -> list[
             t += GAPS[i % len(GAPS)]
             emu.clock.set(t)  # type: ignore[union-attr]
             emu.reply("Done.")
-            if auto_only:
-                body = {**_strip_cc(body), "cache_control": CC}
+            if auto_only and _explicit(body) < 4 and "cache_control" not in body:
+                # the one line any user can add: their own breakpoints stay (4 of them leave no slot)
+                body = {**body, "cache_control": CC}
             msg = client.messages.create(**body)
             costs.append(PRICE.cost(msg.usage.model_dump()))
     return costs
 
 
-def _strip_cc(body: dict[str, Any]) -> dict[str, Any]:
-    def clean(b: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in b.items() if k != "cache_control"}
-
-    out = {k: v for k, v in body.items() if k != "cache_control"}
-    out["tools"] = [clean(t) for t in body["tools"]]
-    out["system"] = [clean(b) for b in body["system"]]
-    out["messages"] = [{**m, "content": [clean(b) for b in m["content"]]} for m in body["messages"]]
-    return out
+def _explicit(body: dict[str, Any]) -> int:
+    blocks = [*body["tools"], *body["system"], *(b for m in body["messages"] for b in m["content"])]
+    return sum(1 for b in blocks if "cache_control" in b)
 
 
 def wrapped_run(
@@ -169,6 +168,12 @@ def test_no_plugins_saves_exactly_nothing_whatever_the_callers_caching(tmp_path:
     assert totals["saved_usd"] == pytest.approx(0.0, abs=1e-8)
     assert totals["counterfactual_usd"] == pytest.approx(sum(direct), abs=1e-8)
     assert totals["auto_usd"] == pytest.approx(sum(direct_costs(bodies, auto_only=True)), abs=1e-8)
+    if mode.startswith("auto"):
+        # the line is there already: the reference is the request as sent
+        assert totals["auto_usd"] == pytest.approx(totals["counterfactual_usd"], abs=1e-8)
+    if mode == "own_4_fresh":
+        # its own breakpoints kept: never the every-call miss of automatic caching with them dropped
+        assert totals["auto_usd"] < 1.05 * totals["counterfactual_usd"]
     assert totals["estimate_error_usd"] == pytest.approx(0.0, abs=1e-8)
 
 

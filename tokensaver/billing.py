@@ -700,13 +700,11 @@ class Lite:
     def breakpoints(self, body: dict[str, Any], auto_only: bool = False) -> list[tuple[int, str]]:
         """:func:`breakpoints` of the body."""
         head, parts, starts = self.head, self.parts, self.starts
-        bps: list[tuple[int, str]] = []
-        if not auto_only:
-            bps = [(i, str(b.cache_control.get("ttl", "5m"))) for i, b in enumerate(head) if b.cache_control]
-            for k, part in enumerate(parts):
-                if part.ttls:
-                    bps.extend((starts[k] + j, ttl) for j, ttl in part.ttls)
-        auto = AUTO if auto_only else body.get("cache_control")
+        bps = [(i, str(b.cache_control.get("ttl", "5m"))) for i, b in enumerate(head) if b.cache_control]
+        for k, part in enumerate(parts):
+            if part.ttls:
+                bps.extend((starts[k] + j, ttl) for j, ttl in part.ttls)
+        auto = _auto(body, bps, auto_only)
         if auto is not None:
             last = next(
                 (
@@ -780,20 +778,29 @@ def _level(tag: str) -> int:
     return 0 if tag == "tools" else 1 if tag == "system" else 2
 
 
+def _auto(body: dict[str, Any], explicit: list[tuple[int, str]], auto_only: bool) -> dict[str, Any] | None:
+    """The request's automatic-caching ``cache_control``, or None.
+
+    ``auto_only`` is the reference request "with automatic caching": the caller's own request with the
+    one top-level line any user can add. Its own breakpoints stay; a top-level 5m ``cache_control`` is
+    added when it has none and the API would take it (its explicit breakpoints leave a slot of the
+    4); else the request is as sent (a caller with 4 breakpoints of its own cannot add the line).
+    """
+    auto = body.get("cache_control")
+    if auto is None and auto_only and len(explicit) < MAX_BREAKPOINTS:
+        return AUTO
+    return auto if isinstance(auto, dict) else None
+
+
 def breakpoints(
     body: dict[str, Any], blocks: list[PromptBlock], *, auto_only: bool = False
 ) -> list[tuple[int, str]]:
     """(block index, ttl) of every breakpoint, explicit and automatic, in prompt order.
 
-    :param auto_only: the request with automatic caching alone (the blocks' own ``cache_control``
-        ignored, a top-level 5m ``cache_control`` assumed).
+    :param auto_only: the request with the API's automatic caching added (see :func:`_auto`).
     """
-    bps = (
-        []
-        if auto_only
-        else [(i, str(b.cache_control.get("ttl", "5m"))) for i, b in enumerate(blocks) if b.cache_control]
-    )
-    auto = AUTO if auto_only else body.get("cache_control")
+    bps = [(i, str(b.cache_control.get("ttl", "5m"))) for i, b in enumerate(blocks) if b.cache_control]
+    auto = _auto(body, bps, auto_only)
     if auto is not None:
         last = next((i for i in range(len(blocks) - 1, -1, -1) if blocks[i].cacheable), None)
         if last is not None and all(i != last for i, _ in bps):
@@ -949,7 +956,7 @@ class CacheModel:
     ) -> Billing:
         """Prompt-cache accounting for a (validated) body at time ``now``; updates the entries.
 
-        :param auto_only: bill the request as if it used automatic caching alone.
+        :param auto_only: bill the request with the API's automatic caching added (:func:`_auto`).
         :param prepared: ``Prepared.of(body)`` when the caller has it already.
         """
         model = str(body.get("model", ""))

@@ -5,7 +5,8 @@ terminal table, Markdown, self-contained HTML (inline CSS and SVG, no scripts, n
 or JSON. Figures are either **billed** (summed from the API's ``usage`` and priced: input, cache
 writes/reads, output tokens, ``cost_usd``) or **estimated**: local tiktoken counts (tokens before and
 after tokensaver, per-stage tokens saved) and what the caller's own requests would have been billed
-without tokensaver (``counterfactual_usd``) or with the API's automatic caching alone (``auto_usd``),
+without tokensaver (``counterfactual_usd``) or with the API's automatic caching added to them (``auto_usd``: their own breakpoints kept, the
+top-level line added where a slot of the 4 is left),
 from the billing model of :mod:`tokensaver.billing` run beside the API. ``saved_usd`` =
 ``counterfactual_usd`` - ``cost_usd``. ``estimate_error_*`` says how far the model's figure for what
 was sent was from the billed usage, on the calls where both exist. Short-circuited calls never
