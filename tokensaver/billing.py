@@ -34,7 +34,7 @@ import threading
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,13 +226,7 @@ def prompt_blocks(
             elif (seen := seen_of(id(b))) is not None and seen[0] is b and isinstance(b, dict):
                 # (inlined, as _make_known: a dict block whose facts the call has, as each block the
                 # caller sent: the pipeline digested them first)
-                kind = b.get("type")
-                if kind == "text":
-                    text = b.get("text", "")
-                    text = text if isinstance(text, str) else str(text)
-                    cacheable = not (not text or text.isspace())
-                else:
-                    cacheable = kind not in THINKING_TYPES
+                cacheable = _cacheable(b)
                 p = PromptBlock(
                     ("messages", mi, bi),
                     b,
@@ -320,8 +314,27 @@ def prefix_hashes(blocks: list[PromptBlock], body: dict[str, Any] | None = None)
     return Prepared.of(body or {}, blocks=blocks).hashes
 
 
+def _cacheable(b: dict[str, Any]) -> bool:
+    """A dict block a breakpoint can mark: not thinking, not an empty or blank text."""
+    if b.get("type") == "text":
+        text = b.get("text", "")
+        text = text if isinstance(text, str) else str(text)
+        return not (not text or text.isspace())
+    return b.get("type") not in THINKING_TYPES
+
+
+class _Prefixed:
+    """A prepared body's running token sums: ``total`` is the whole prompt's."""
+
+    prefix: Sequence[int]
+
+    @property
+    def total(self) -> int:
+        return self.prefix[-1] if self.prefix else 0
+
+
 @dataclass
-class Prepared:
+class Prepared(_Prefixed):
     """A body as the cache sees it: its blocks, the prefix hash and token sum at each block."""
 
     blocks: list[PromptBlock]
@@ -329,10 +342,6 @@ class Prepared:
     prefix: list[int]
     salts: tuple[bytes, bytes]
     keys: bytes | None = None  # ``_keys(blocks)``, once made
-
-    @property
-    def total(self) -> int:
-        return self.prefix[-1] if self.prefix else 0
 
     @classmethod
     def of(
@@ -538,13 +547,7 @@ def _message_part(msg: Any, memo: Memo) -> _Message | None:
             memo[id(b)] = (b, digest, n, img)
         if isinstance(b, dict):
             cc = b.get("cache_control")
-            kind = b.get("type")
-            if kind == "text":
-                text = b.get("text", "")
-                text = text if isinstance(text, str) else str(text)
-                cacheable = not (not text or text.isspace())
-            else:
-                cacheable = kind not in THINKING_TYPES
+            cacheable = _cacheable(b)
             if cc:
                 ttls.append((bi, str(cc.get("ttl", "5m"))))
         else:
@@ -581,7 +584,7 @@ Found = dict[int, tuple[Any, Any, _Message]]  # id(first block) -> (role, conten
 
 
 @dataclass
-class Lite:
+class Lite(_Prefixed):
     """A body as the cache sees it, prepared message by message (:class:`Prepared`'s figures): its
     tools and system blocks, each message's :class:`_Message`, the prefix hashes and token sums."""
 
@@ -592,10 +595,6 @@ class Lite:
     prefix: array[int]
     salts: tuple[bytes, bytes]
     keys: bytes
-
-    @property
-    def total(self) -> int:
-        return self.prefix[-1] if self.prefix else 0
 
     @classmethod
     def of(
