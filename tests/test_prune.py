@@ -195,6 +195,15 @@ def test_budget_from_context_window_fraction() -> None:
     assert prune.budget({**prune.DEFAULTS, "max_tokens_budget": 50_000}, model) == 50_000
 
 
+def test_budget_follows_the_model_pages_windows() -> None:
+    # Opus 4.6 and Sonnet 4.6 have 1M windows (their model pages); Opus 4.5 / Sonnet 4.5 200K: a 150k
+    # conversation is over the default budget only on the latter
+    prices = PriceTable()
+    for model, window in (("claude-opus-4-6", 1_000_000), ("claude-sonnet-4-6", 1_000_000)):
+        assert prune.budget({**prune.DEFAULTS}, prices.get(model)) == window // 2
+    assert prune.budget({**prune.DEFAULTS}, prices.get("claude-sonnet-4-5")) == 100_000
+
+
 def test_configure_validates() -> None:
     assert prune.tokensaver_configure({}, "t")["target"] == 0.6
     with pytest.raises(ConfigError, match="below prune.trigger"):
