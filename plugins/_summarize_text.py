@@ -732,6 +732,30 @@ def relative_files(observation: str, cwd: str) -> str:
     return _FILE_LINE_RE.sub(sub, observation)
 
 
+# a Python traceback's frame line; its path without a colon or quote, so the short form reads back
+_FRAME_RE = re.compile(r'^( +)File "([^":\n]+)", line (\d+), in ([^\n]*)$', re.MULTILINE)
+TRACEBACK_HEAD = "Traceback (most recent call last):"
+
+
+def compact_frames(text: str, base: str | None = None) -> str:
+    """A Python traceback's frame lines ``  File "/repo/pkg/x.py", line 12, in func`` as
+    ``  pkg/x.py:12 in func`` (the path relative to ``base`` when under it, else as it is): the
+    file, line and function all kept, the code line under each frame as it is. Only in a text
+    that shows a traceback (its ``Traceback (most recent call last):`` line); other lines, and
+    paths elsewhere, as they are."""
+    if TRACEBACK_HEAD not in text or 'File "' not in text:
+        return text
+    root = base.rstrip("/") + "/" if base and base.startswith("/") and base.rstrip("/") else ""
+
+    def sub(m: re.Match[str]) -> str:
+        path = m.group(2)
+        if root and path.startswith(root) and len(path) > len(root):
+            path = path[len(root) :]
+        return f"{m.group(1)}{path}:{m.group(3)} in {m.group(4)}"
+
+    return _FRAME_RE.sub(sub, text)
+
+
 def state_cwd(text: str) -> str | None:
     """The directory a SWE-agent observation's state lines name (as :func:`split_state` reads them), else None."""
     parts = _state_parts(text)
@@ -788,20 +812,23 @@ def shrink(text: str, opts: Options) -> Result:
     """Shrink one tool output by what it is; the input unchanged (kind ``small``/``kept``) when nothing helps.
 
     A mini-swe-agent observation (``shapes`` has ``"returncode"``) loses its tags at any size: the
-    exit status on one line, then the output, itself shrunk by what it is. A SWE-agent observation
-    (``"state"``) ends with one ``[open: F, cwd: D]`` line instead of its three state lines."""
+    exit status on one line, then the output, itself shrunk by what it is, its traceback's frame
+    lines short (``compact_frames``, paths as they are: the model quotes them back whole). A
+    SWE-agent observation (``"state"``) ends with one ``[open: F, cwd: D]`` line instead of its
+    three state lines, its frame lines short with paths relative to D (as its ``[File: ]`` lines)."""
     state = split_state(text) if "state" in opts.shapes else None
     if state is not None:
         inner = shrink(state[0], opts)
         kind = "state" if inner.kind == "small" or inner.kind.endswith(":kept") else inner.kind
-        out = inner.text + state[1]
+        # frames made short after the output's own rewrites: a long log's cut picks frame lines as written
+        out = compact_frames(inner.text, state_cwd(text)) + state[1]
         # at any size: the framing goes whatever the output saves (a large one saved under 2%)
         return Result(out, kind, inner.lossy) if len(out) < len(text) else _best(text, out, kind, inner.lossy)
     wrapped = unwrap_returncode(text) if "returncode" in opts.shapes and text[:1] == "<" else None
     if wrapped is not None:
         inner = shrink(wrapped[1], opts)
         kind = "returncode" if inner.kind == "small" or inner.kind.endswith(":kept") else inner.kind
-        out = returncode_header(wrapped[0]) + inner.text
+        out = returncode_header(wrapped[0]) + compact_frames(inner.text)
         return Result(out, kind, inner.lossy) if len(out) < len(text) else _best(text, out, kind, inner.lossy)
     if len(text) < opts.min_chars:
         return Result(text, "small", False)

@@ -10,7 +10,9 @@ line naming that turn: ``[tokensaver: lines 1374-1450 as in user turn 6 above]``
 with turns in place of tool results; turn 1 is the task). Only the two agent framings that cannot be
 a person's own words are rewritten besides: SWE-agent's three state lines at the end (``(Open
 file: F)``, ``(Current directory: D)``, ``bash-$``) as one ``[open: F, cwd: D]`` line, and
-mini-swe-agent's ``<returncode>``/``<output>`` tags as one ``[returncode N]`` line; text a person
+mini-swe-agent's ``<returncode>``/``<output>`` tags as one ``[returncode N]`` line (in both, a
+traceback's frame lines short, ``compact_frames``; SWE-agent's review note after an edit, once an
+earlier observation shows it, as ``NOTE_POINTER``); text a person
 typed or pasted (JSON, code, a log) keeps its bytes apart from the pointers. Only in requests that
 declare no tools: in a tool loop (Claude Code's user turns) prune's budget cut drops whole old
 turns (see below), so there the user turns are only indexed, as they came (targets for
@@ -31,11 +33,14 @@ turns; a pointer into a dropped turn then names lines the request no longer hold
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from ._repeats import RepeatIndex
 from ._summarize_text import (
     STATE_FULL_EVERY,
+    compact_frames,
     returncode_header,
     split_state,
     state_cwd,
@@ -53,10 +58,10 @@ def framing(text: str) -> tuple[str, str]:
     lines, mini-swe-agent's tags), and what was rewritten (``""``: nothing)."""
     state = split_state(text) if text.endswith("bash-$") else None
     if state is not None:
-        return state[0] + state[1], "state"
+        return compact_frames(state[0], state_cwd(text)) + state[1], "state"
     wrapped = unwrap_returncode(text) if text.startswith("<returncode>") else None
     if wrapped is not None:
-        return returncode_header(wrapped[0]) + wrapped[1], "returncode"
+        return returncode_header(wrapped[0]) + compact_frames(wrapped[1]), "returncode"
     return text, ""
 
 
@@ -99,6 +104,42 @@ def cwd_named(messages: list[Any], i: int, bi: int, cwd: str) -> bool:
                 return run % STATE_FULL_EVERY != 0
             run += 1
     return run % STATE_FULL_EVERY != 0
+
+
+def _before(messages: list[Any], i: int, bi: int) -> Iterator[str]:
+    """The observations before block ``bi`` of message ``i``, the nearest first."""
+    for j in range(i, -1, -1):
+        texts = _observations(messages[j], bi if j == i and bi >= 0 else (0 if j == i else None))
+        yield from reversed(texts)
+
+
+# what SWE-agent says after every edit; after the first, a pointer to it (every 5th in full again)
+REVIEW_NOTE = (
+    "File updated. Please review the changes and make sure they are correct "
+    "(correct indentation, no duplicate lines, etc). Edit the file again if necessary."
+)
+NOTE_POINTER = "File updated. [tokensaver: review note as above]"
+_NOTE_RE = re.compile("^" + re.escape(REVIEW_NOTE) + "$", re.MULTILINE)
+
+
+def note_shown(messages: list[Any], i: int, bi: int) -> bool:
+    """Whether SWE-agent's review note, in an observation before block ``bi`` of message ``i`` (as
+    the client sent them), is shown in full in what is sent: the number of earlier observations
+    with the note is not a multiple of ``STATE_FULL_EVERY`` (0: the first, sent in full; so is
+    every 5th, so one of the last few edits keeps it). A pure function of what comes before."""
+    n = sum(1 for text in _before(messages, i, bi) if REVIEW_NOTE in text and _NOTE_RE.search(text))
+    return n % STATE_FULL_EVERY != 0
+
+
+def in_context(text: str, messages: list[Any], i: int, bi: int, original: str) -> str:
+    """``text`` (the rewrite of ``original``, a SWE-agent observation, block ``bi`` of message
+    ``i``) without what an earlier observation already says: the directory of its state line
+    (``named_once``) and the review note after an edit (``note_shown``: ``NOTE_POINTER``)."""
+    text = named_once(text, messages, i, bi, original)
+    if REVIEW_NOTE in text and state_cwd(original) is not None and _NOTE_RE.search(text):
+        if note_shown(messages, i, bi):
+            text = _NOTE_RE.sub(NOTE_POINTER, text)
+    return text
 
 
 def named_once(text: str, messages: list[Any], i: int, bi: int, original: str) -> str:
@@ -222,7 +263,7 @@ def _text(
         return text
     framed, kind = framing(text) if role == "user" else (text, "")
     if kind == "state":
-        framed = named_once(framed, messages, i, bi, text)
+        framed = in_context(framed, messages, i, bi, text)
     new = index.rewrite(name, framed)
     if new == text:
         return text

@@ -7,8 +7,10 @@ ls -l columns; by ``shapes``: go test runs without the step lines of tests that 
 GitHub Actions logs with job, step and date once per run of lines, git diffs without the file lines
 their ``diff --git`` line implies, mini-swe-agent's ``<returncode>``/``<output>`` tags as one
 ``[returncode N]`` line at any size, SWE-agent's three state lines as one ``[open: F, cwd: D]``
-line at any size, pip's ``Requirement already satisfied`` lines with their install path once
-(3 or more in a row); an edit's echo of its own tool use's input as a pointer to it);
+line at any size (in the observations of both, a Python traceback's frame lines
+``File "P", line N, in F`` as ``P:N in F``; SWE-agent's review note after an edit, once an
+earlier observation shows it, as a pointer to it), pip's ``Requirement already satisfied`` lines
+with their install path once (3 or more in a row); an edit's echo of its own tool use's input as a pointer to it);
 lossy ones only for clearly repetitive logs (runs differing only in numbers, very long logs cut to
 head + tail + every error/warning/trace line and every line with a path not shown elsewhere), long
 base64 blobs, binary output and fetched web pages (to text). Source code and numbered file
@@ -540,7 +542,7 @@ class _Call:
                 c = b["content"]
                 if isinstance(c, str):
                     new, lossy = self.rewrite(c, stats, newest, b.get("tool_use_id"))
-                    new = self.named_once(new, c, i, bi)
+                    new = self.in_context(new, c, i, bi)
                     if new is not c:
                         blocks[bi] = {**b, "content": new}
                         texts.append((-1, new, lossy))
@@ -588,12 +590,13 @@ class _Call:
                 blocks[bi] = {**b, "content": c}
         return {**m, "content": blocks}
 
-    def named_once(self, new: str, original: str, i: int, bi: int) -> str:
-        """``new`` without the directory in its SWE-agent state line when an earlier observation
-        names it (``_user_text.named_once``: a function of the messages before the block)."""
+    def in_context(self, new: str, original: str, i: int, bi: int) -> str:
+        """``new`` without what an earlier SWE-agent observation already says: the directory of
+        its state line, the review note after an edit (``_user_text.in_context``: a function of
+        the messages before the block)."""
         if new is original or not original.endswith("bash-$"):
             return new
-        return _user_text.named_once(new, self.messages, i, bi, original)
+        return _user_text.in_context(new, self.messages, i, bi, original)
 
     def text(
         self, original: str, item: tuple[int, str | None, bool], block: dict[str, Any], at: tuple[int, int]
@@ -601,7 +604,7 @@ class _Call:
         _, new, lossy = item
         if new is None:
             new = self.rewrite(original, {}, False, block.get("tool_use_id"))[0]
-            return self.named_once(new, original, *at) if item[0] < 0 else new
+            return self.in_context(new, original, *at) if item[0] < 0 else new
         if lossy and self.keeping:  # as the full path: the original kept (memory order, disk once)
             keep_original(original, self.ctx, self.settings)
         return new

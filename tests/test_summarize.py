@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import expand_lines
 from tokensaver_plugins import summarize
-from tokensaver_plugins._summarize_text import Options, parse_json, shrink
+from tokensaver_plugins._summarize_text import Options, compact_frames, parse_json, shrink
 
 from tokensaver.context import make_context
 from tokensaver.errors import ConfigError
@@ -851,6 +851,21 @@ def test_an_edit_echo_is_prefix_stable_and_accepted_by_the_api(tmp_path):
 # -- mini-swe-agent's observation tags -------------------------------------------------------
 
 
+def unframe(text: str, cwd: str | None = None) -> str:
+    """A traceback's short frame lines ``  P:N in F`` back as Python wrote them (``P`` under
+    ``cwd`` when relative and ``cwd`` is given)."""
+    if "Traceback (most recent call last):" not in text:
+        return text
+
+    def back(m: re.Match[str]) -> str:
+        path = m.group(2)
+        if cwd and not path.startswith(("/", "<")):
+            path = f"{cwd.rstrip('/')}/{path}"
+        return f'{m.group(1)}File "{path}", line {m.group(3)}, in {m.group(4)}'
+
+    return re.sub(r"^( +)([^\s:\"][^:\"\n]*):(\d+) in ([^\n]*)$", back, text, flags=re.M)
+
+
 def test_mini_swe_agent_observation_tags_become_one_line_at_any_size():
     """Every observation of the recorded mini-swe-agent run (fixtures/): the exit status on one line,
     the output after it byte for byte (itself shrunk by what it is), small results too."""
@@ -876,14 +891,14 @@ def test_mini_swe_agent_observation_tags_become_one_line_at_any_size():
         res = shrink(text, Options())
         assert res.text.startswith(f"[returncode {status}]\n") and not res.lossy
         inner = shrink(output, Options())
-        assert res.text == f"[returncode {status}]\n{inner.text}"
-        if inner.text == output:  # nothing else to shrink: the tags come back exactly
+        assert res.text == f"[returncode {status}]\n{compact_frames(inner.text)}"
+        if inner.text == output:  # nothing else to shrink: the tags (and frames) come back exactly
             exact += 1
             back = (
                 re.sub(r"^\[returncode (-?\d+)\]\n", r"<returncode>\1</returncode>\n<output>\n", res.text)
                 + "</output>"
             )
-            assert back == text
+            assert unframe(back) == text
         assert count_text(res.text) <= count_text(text) - 6
     assert exact >= 10
     # a look-alike is left as it came; so is every observation with the shape turned off
@@ -920,7 +935,8 @@ def unfile(text: str, cwd: str | None = None) -> str:
 
 def unstate(text: str, cwd: str | None = None) -> str:
     """The observation with its ``[open: F, cwd: D]`` line back as SWE-agent's three state lines
-    (``[open: F]``: the directory ``cwd`` an earlier observation named), its ``[File: ]`` paths absolute."""
+    (``[open: F]``: the directory ``cwd`` an earlier observation named), its ``[File: ]`` and
+    traceback frame paths absolute."""
     text = unfile(text, cwd)
     head, sep, last = text.rpartition("\n")
     m = re.fullmatch(r"\[open: (.*), cwd: (.*)\]", last)
@@ -930,7 +946,7 @@ def unstate(text: str, cwd: str | None = None) -> str:
     file, cwd = m.group(1), m.group(2) or cwd
     if not (file.startswith("/") or file == "n/a"):
         file = f"{cwd.rstrip('/')}/{file}"
-    return f"{head}{sep}(Open file: {file})\n(Current directory: {cwd})\nbash-$"
+    return f"{unframe(head, cwd)}{sep}(Open file: {file})\n(Current directory: {cwd})\nbash-$"
 
 
 def test_swe_agent_state_lines_become_one_line_at_any_size():
