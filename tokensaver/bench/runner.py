@@ -136,6 +136,26 @@ def lost_round_usd(
     ) / PER
 
 
+EXTRA_ROUND_OUTPUT = 40  # output tokens of a round the agent makes to load what it needs (a short tool call)
+
+
+def _price_extra_rounds(rec: dict[str, Any], prices: PriceTable, res: dict[str, Any]) -> None:
+    """A plugin's ``extra_rounds`` note: rounds the agent would have made that the replay did not (a tool
+    loaded before a recorded turn could call it). Each is priced as one more call reading the call's
+    whole billed prefix from the cache, plus its short output, and counted with the lost facts."""
+    n = sum(
+        int(v.get("extra_rounds") or 0) for v in (rec.get("plugins") or {}).values() if isinstance(v, dict)
+    )
+    if n <= 0 or rec.get("status") != 200:
+        return
+    usage = rec.get("usage") or {}
+    info = prices.get(str(rec.get("model", "")))
+    billed_in = sum(int(usage.get(x) or 0) for x in USAGE_KEYS[:3])
+    usd = n * (info.cache_read * billed_in + info.output * EXTRA_ROUND_OUTPUT) / PER
+    res["extra_rounds"] = res.get("extra_rounds", 0) + n
+    res["lost_fact_usd"] = round(res["lost_fact_usd"] + usd, 8)
+
+
 def _replay_one(
     conv: Conversation,
     spec: ConfigSpec,
@@ -253,6 +273,7 @@ def _replay_one(
     plugin_errors: list[str] = []
     tokens_original = tokens_sent = 0
     for rec in result.records:
+        _price_extra_rounds(rec, prices, res)
         overhead.append(float(rec.get("overhead_ms") or 0.0))
         tokens_original += int(rec.get("tokens_original") or 0)
         tokens_sent += int(rec.get("tokens_sent") or 0)

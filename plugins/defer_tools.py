@@ -1,0 +1,261 @@
+"""defer_tools: keep the tools an agent rarely calls out of the prompt until it asks for one (opt-in).
+
+An agent sends every tool definition on every call; the ones it seldom uses are read from the cache
+on each call all the same (Claude Code's eager tools are ~40% of a short session's input bill). The API
+takes ``defer_loading: true`` on a tool: its definition is then not part of the prompt until a
+``tool_reference`` block naming it loads it, inline where the block sits, so the cache before it holds.
+
+This stage marks the tools named in ``tools`` (never one the caller marked for caching, a server tool,
+one ``tool_choice`` names, nor a plugin's) as deferred and adds one tool of its own,
+``tokensaver_load_tools``, whose description lists each deferred tool's name and the first sentence of
+its description. When the model calls it, tokensaver answers inside the middleware (the caller never sees
+that tool): the answer is the ``tool_reference`` blocks of the names asked for, and the model goes on
+with the tools loaded. The decision is a function of the request's tools and the settings alone, the
+same on every call of a conversation (no state to lose), so the prefix never moves.
+
+The loading round the caller never saw is put back on its later calls, where it was sent: the answer
+the caller got is kept (by its tool calls' ids, bounded) with the round before it, and the round is
+inserted before that assistant turn again (the same bytes as when the model wrote it; the model's
+thinking stays bound to what it saw). A turn that calls a deferred tool no loading round is known for
+(a restart lost it, or a replayed transcript) gets a round made for it, recorded as ``made_loads``:
+the bench prices each one as the extra round the agent would have made (one call reading the cached
+prefix).
+
+Only on models with tool search (Claude 4.5 and later); elsewhere the stage stands aside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from tokensaver import model_rules as rules
+from tokensaver.context import plugin_notes
+from tokensaver.hookspecs import hookimpl
+from tokensaver.settings import Schema, integer, size, strings
+
+from ._lru import SizedLRU
+
+PLUGIN = "defer_tools"
+LOAD_TOOL = "tokensaver_load_tools"
+MADE_ID = "toolu_tsload_"  # the id prefix of a loading round made for a turn (not one the model made)
+SUMMARY_CHARS = 160  # what the loader's description says of each deferred tool
+
+SETTINGS = Schema(
+    PLUGIN,
+    {
+        "tools": strings(
+            [], "names of the tools to defer (the ones the agent seldom calls)", item="tool name"
+        ),
+        "min_tools": integer(2, "defer only when the request offers at least this many tools", min=1),
+        "max_rounds": integer(2048, "loading rounds kept to put back on later calls", min=1),
+        "max_bytes": size(8 * 1024 * 1024, "bytes of kept loading rounds"),
+    },
+)
+
+
+@hookimpl
+def tokensaver_configure(settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """The ``defer_tools`` table checked against ``SETTINGS``, defaults filled in."""
+    return SETTINGS.validate(settings, source)
+
+
+def _settings(ctx: Any) -> dict[str, Any]:
+    s = ctx.settings
+    return s if s and "min_tools" in s else tokensaver_configure(s or {}, "defaults")
+
+
+def deferrable(tool: Any, body: dict[str, Any]) -> bool:
+    """Whether the API takes ``tool`` deferred and tokensaver may defer it."""
+    if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+        return False
+    name = tool["name"]
+    if name.startswith("tokensaver_") or "cache_control" in tool:  # (a deferred tool's breakpoint is a 400)
+        return False
+    if tool.get("type") not in (None, "custom"):  # a server or client-defined tool type
+        return False
+    choice = body.get("tool_choice")
+    return not (isinstance(choice, dict) and choice.get("name") == name)
+
+
+def _summary(tool: dict[str, Any]) -> str:
+    text = " ".join(str(tool.get("description") or "").split())
+    first = text.split(". ")[0]
+    return first if len(first) <= SUMMARY_CHARS else first[: SUMMARY_CHARS - 1] + "…"
+
+
+def loader(deferred: list[dict[str, Any]]) -> dict[str, Any]:
+    """``tokensaver_load_tools``: its description names each deferred tool (the same bytes for the same tools)."""
+    lines = "\n".join(f"- {t['name']}: {_summary(t)}" for t in deferred)
+    return {
+        "name": LOAD_TOOL,
+        "description": (
+            "Load the full definitions of tools that are available but not shown yet, then call them as "
+            "any other tool. Available:\n" + lines
+        ),
+        "input_schema": {
+            "type": "object",
+            "properties": {
+                "names": {"type": "array", "items": {"type": "string"}, "description": "tool names to load"}
+            },
+            "required": ["names"],
+        },
+    }
+
+
+def _referenced(content: Any) -> list[str]:
+    names: list[str] = []
+    if isinstance(content, list):
+        for b in content:
+            if isinstance(b, dict):
+                if b.get("type") == "tool_reference" and isinstance(b.get("tool_name"), str):
+                    names.append(b["tool_name"])
+                elif b.get("type") == "tool_result":
+                    names.extend(_referenced(b.get("content")))
+    return names
+
+
+def turn_key(message: Any) -> str | None:
+    """An assistant turn's key: its tool calls' ids (as the caller echoes them), else its texts' digest."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return None
+    ids = [str(b.get("id")) for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
+    if ids:
+        return "u:" + ",".join(ids)
+    texts = [str(b.get("text", "")) for b in content if isinstance(b, dict) and b.get("type") == "text"]
+    return "t:" + hashlib.sha256("\0".join(texts).encode()).hexdigest()[:32] if texts else None
+
+
+def _calls_loader(message: Any) -> bool:
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(
+        isinstance(b, dict) and b.get("type") == "tool_use" and b.get("name") == LOAD_TOOL for b in content
+    )
+
+
+def _made_round(turn: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
+    """A loading round for ``turn`` (which calls ``names`` unloaded): the same bytes for the same turn."""
+    tid = MADE_ID + hashlib.sha256((turn_key(turn) or "").encode()).hexdigest()[:24]
+    return [
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": tid, "name": LOAD_TOOL, "input": {"names": names}}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": tid,
+                    "content": [{"type": "tool_reference", "tool_name": n} for n in names],
+                }
+            ],
+        },
+    ]
+
+
+def _rounds(ctx: Any) -> SizedLRU[tuple[str, str], list[dict[str, Any]]]:
+    return ctx.shared_state(rounds=SizedLRU)["rounds"]  # type: ignore[no-any-return]
+
+
+@hookimpl
+def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
+    """Defer the configured tools, add the loader, put loading rounds back where they were sent."""
+    settings = _settings(ctx)
+    tools, messages = body.get("tools"), body.get("messages")
+    names = set(settings["tools"])
+    if not names or not isinstance(tools, list) or not isinstance(messages, list):
+        return None
+    if not rules.supports_tool_search(str(body.get("model", ""))) or len(tools) < settings["min_tools"]:
+        ctx.record(stood_aside="model" if len(tools) >= settings["min_tools"] else "few_tools")
+        return None
+    picked = [t for t in tools if isinstance(t, dict) and t.get("name") in names and deferrable(t, body)]
+    if not picked or any(isinstance(t, dict) and t.get("name") == LOAD_TOOL for t in tools):
+        return None
+    deferred = {t["name"] for t in picked}
+    new_tools = [{**t, "defer_loading": True} if t in picked else t for t in tools]
+    new_tools.append(loader(picked))
+    kept = _rounds(ctx)
+    out: list[Any] = []
+    loaded: set[str] = set()
+    made = 0
+    last = len(messages) - 1
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") == "assistant" and not _calls_loader(m):
+            key = turn_key(m)
+            previous = out[-1] if out else None
+            behind = isinstance(previous, dict) and _referenced(previous.get("content"))
+            wanted = [
+                str(b.get("name"))
+                for b in m.get("content") or []
+                if isinstance(b, dict) and b.get("type") == "tool_use" and b.get("name") in deferred
+            ]
+            missing = sorted({n for n in wanted if n not in loaded})
+            if missing and not behind:
+                round_ = kept.get((ctx.key_hash, key)) if key is not None else None
+                if round_ is None:
+                    round_ = _made_round(m, missing)
+                    made += i >= last - 1  # (priced once: when the turn is new in the call)
+                out.extend(round_)
+                for r in round_:
+                    loaded.update(_referenced(r.get("content")))
+        if isinstance(m, dict) and m.get("role") == "user":
+            loaded.update(_referenced(m.get("content")))
+        out.append(m)
+    ctx.record(deferred=len(picked), made_loads=made, extra_rounds=made)
+    return {**body, "tools": new_tools, "messages": out}
+
+
+@hookimpl
+def tokensaver_answer_tool_use(tool_use: dict[str, Any], ctx: Any) -> list[Any] | str | None:
+    """The ``tool_reference`` blocks of the deferred tools the model asked for."""
+    if tool_use.get("name") != LOAD_TOOL:
+        return None
+    asked = (tool_use.get("input") or {}).get("names")
+    names = [str(n) for n in asked] if isinstance(asked, list) else []
+    known = set(_settings(ctx)["tools"])
+    found = [n for n in names if n in known]
+    ctx.record(loads=len(found))
+    if not found:
+        return f"none of {json.dumps(names)} can be loaded; the ones that can are listed in this tool's description"
+    return [{"type": "tool_reference", "tool_name": n} for n in found]
+
+
+@hookimpl
+def tokensaver_observe_response(body: dict[str, Any], response: dict[str, Any], ctx: Any) -> None:
+    """Keep the loading round(s) behind the answer the caller gets, to put back on its next calls."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not any(_calls_loader(m) for m in messages[-4:]):
+        return
+    start = len(messages)
+    while start >= 2 and _calls_loader(messages[start - 2]) and messages[start - 1].get("role") == "user":
+        start -= 2
+    if start == len(messages):
+        return
+    round_ = messages[start:]
+    key = turn_key(response)
+    if key is None:
+        return
+    settings = _settings(ctx)
+    size = len(json.dumps(round_, default=str))
+    _rounds(ctx).put((ctx.key_hash, key), round_, size, settings["max_rounds"], settings["max_bytes"])
+
+
+@hookimpl
+def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Calls with tools deferred, loads answered, loading rounds made for replayed turns."""
+    notes = [n for _, n in plugin_notes(calls, plugin)]
+    if not notes:
+        return None
+    deferring = sum(1 for n in notes if n.get("deferred"))
+    loads = sum(int(n.get("loads") or 0) for n in notes)
+    made = sum(int(n.get("made_loads") or 0) for n in notes)
+    return {
+        "title": "Deferred tools",
+        "summary": (
+            f"{deferring} of {len(notes)} calls sent tools deferred; {loads} tool loads answered; "
+            f"{made} loading rounds made for turns that called a deferred tool no round was kept for."
+        ),
+    }

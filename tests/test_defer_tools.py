@@ -1,0 +1,155 @@
+"""defer_tools: rarely used tools deferred, loaded by a round tokensaver answers, that round put back later.
+
+Through wrap() and the real SDK over HTTP to the emulator, which validates each request (a deferred
+tool is loaded by a ``tool_reference`` before a turn calls it) and bills it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import pytest
+from tokensaver_plugins import defer_tools
+
+import tokensaver
+from tokensaver.emulator import Emulator
+
+MODEL = "claude-sonnet-4-6"
+SCHEMA = {"type": "object", "properties": {"path": {"type": "string"}}}
+TOOLS = [
+    {"name": "read_file", "description": "Read a file. Returns its text.", "input_schema": SCHEMA},
+    {
+        "name": "deploy",
+        "description": "Deploy the service to production. Use only when asked to ship. " + "Details. " * 300,
+        "input_schema": {"type": "object", "properties": {"target": {"type": "string"}}},
+    },
+    {
+        "name": "rollback",
+        "description": "Roll the last deploy back. " + "More details. " * 200,
+        "input_schema": {"type": "object", "properties": {}},
+    },
+]
+
+
+def _use(name: str, tid: str, **inp: Any) -> dict[str, Any]:
+    return {"type": "tool_use", "id": tid, "name": name, "input": inp}
+
+
+def _client(emu: Emulator, tmp_path: Any, **settings: Any) -> Any:
+    base = anthropic.Anthropic(base_url=emu.url, api_key="k-defer", max_retries=0)
+    config = {
+        "plugins": ["defer_tools"],
+        "runs_dir": str(tmp_path),
+        "defer_tools": {"tools": ["deploy", "rollback"], **settings},
+    }
+    return tokensaver.wrap(base, config=config)
+
+
+def _first(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"model": MODEL, "max_tokens": 200, "tools": TOOLS, "messages": messages}
+
+
+def test_deferred_tools_load_through_a_hidden_round_put_back_on_the_next_call(
+    emu: Emulator, tmp_path: Any
+) -> None:
+    client = _client(emu, tmp_path)
+    ask = [{"role": "user", "content": "ship it to prod"}]
+    emu.reply(
+        [_use(defer_tools.LOAD_TOOL, "toolu_l1", names=["deploy"])],
+        [_use("deploy", "toolu_d1", target="prod")],
+    )
+    msg = client.messages.create(**_first(ask))
+    # the caller sees only its own tool
+    assert [(b.type, b.name) for b in msg.content] == [("tool_use", "deploy")]
+    sent = emu.requests[0].body
+    flags = {t["name"]: t.get("defer_loading") for t in sent["tools"]}
+    assert flags == {"read_file": None, "deploy": True, "rollback": True, defer_tools.LOAD_TOOL: None}
+    assert "- deploy: Deploy the service to production" in sent["tools"][-1]["description"]
+    follow = emu.requests[1].body["messages"]
+    assert follow[-1]["content"][0]["content"] == [{"type": "tool_reference", "tool_name": "deploy"}]
+    # the next call: the caller's history holds its answer; the round goes back before it, as sent
+    history = [
+        *ask,
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in msg.content]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_d1", "content": "deployed"}],
+        },
+    ]
+    emu.reply("Shipped.")
+    assert client.messages.create(**_first(history)).content[0].text == "Shipped."
+    third = emu.requests[2].body["messages"]
+    assert third[: len(follow)] == follow  # the same bytes up to the loading round's answer
+    assert third[len(follow)]["content"][0]["id"] == "toolu_d1" and len(third) == len(follow) + 2
+    notes = [r["plugins"]["defer_tools"] for r in client.tokensaver.records]
+    assert any(n.get("loads") == 1 for n in notes) and all(not n.get("made_loads") for n in notes)
+
+
+def test_a_turn_without_a_kept_round_gets_one_made(emu: Emulator, tmp_path: Any) -> None:
+    """A transcript replayed (or a restart): a turn calls a deferred tool no round is known for."""
+    history = [
+        {"role": "user", "content": "roll back"},
+        {"role": "assistant", "content": [_use("rollback", "toolu_r1")]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_r1", "content": "done"}]},
+    ]
+    emu.reply("Rolled back.", "Still rolled back.")
+    client = _client(emu, tmp_path)
+    client.messages.create(**_first(history))
+    sent = emu.requests[0].body["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user", "assistant", "user"]
+    made = sent[1]["content"][0]
+    assert made["name"] == defer_tools.LOAD_TOOL and made["id"].startswith(defer_tools.MADE_ID)
+    assert sent[2]["content"][0]["content"] == [{"type": "tool_reference", "tool_name": "rollback"}]
+    assert client.tokensaver.records[0]["plugins"]["defer_tools"]["made_loads"] == 1
+    # the same turn on the next call: the same round (the same bytes), not priced again
+    longer = [
+        *history,
+        {"role": "assistant", "content": [{"type": "text", "text": "Rolled back."}]},
+        {"role": "user", "content": "and now?"},
+    ]
+    client.messages.create(**_first(longer))
+    assert emu.requests[1].body["messages"][:5] == sent
+    assert client.tokensaver.records[1]["plugins"]["defer_tools"]["made_loads"] == 0
+
+
+@pytest.mark.parametrize(
+    ("model", "tools", "why"),
+    [
+        ("claude-opus-4-1", TOOLS, "model"),  # no tool search before Claude 4.5
+        (MODEL, TOOLS[:1], "few_tools"),
+    ],
+)
+def test_stands_aside(
+    emu: Emulator, tmp_path: Any, model: str, tools: list[dict[str, Any]], why: str
+) -> None:
+    emu.reply("ok")
+    client = _client(emu, tmp_path)
+    client.messages.create(
+        model=model, max_tokens=50, tools=tools, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert emu.requests[0].body["tools"] == tools
+    assert client.tokensaver.records[0]["plugins"]["defer_tools"]["stood_aside"] == why
+
+
+def test_never_defers_a_tool_the_caller_caches_or_forces() -> None:
+    body = {"tool_choice": {"type": "tool", "name": "deploy"}}
+    cached = {**TOOLS[2], "cache_control": {"type": "ephemeral"}}
+    assert not defer_tools.deferrable(TOOLS[1], body)
+    assert not defer_tools.deferrable(cached, {})
+    assert not defer_tools.deferrable({"type": "web_search_20250305", "name": "web_search"}, {})
+    assert defer_tools.deferrable(TOOLS[2], body)
+
+
+def test_unknown_names_get_a_plain_answer(emu: Emulator, tmp_path: Any) -> None:
+    emu.reply([_use(defer_tools.LOAD_TOOL, "toolu_l1", names=["format_disk"])], "I cannot do that.")
+    client = _client(emu, tmp_path)
+    msg = client.messages.create(**_first([{"role": "user", "content": "wipe it"}]))
+    assert msg.content[0].text == "I cannot do that."
+    answer = emu.requests[1].body["messages"][-1]["content"][0]["content"]
+    assert isinstance(answer, str) and "format_disk" in answer
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(tokensaver.ConfigError, match="min_tools"):
+        defer_tools.tokensaver_configure({"min_tools": 0}, "t")
