@@ -99,8 +99,9 @@ def cumulative_tokens(slots: list[Slot], count: Any) -> list[int]:
 
 
 def cacheable(block: Any) -> bool:
-    """Whether a block may carry ``cache_control`` (not thinking, not an empty text block)."""
-    if not isinstance(block, dict):
+    """Whether a block may carry ``cache_control`` (not thinking, not an empty text block, not a
+    ``defer_loading`` tool: the API refuses a breakpoint on one)."""
+    if not isinstance(block, dict) or block.get("defer_loading"):
         return False
     if block.get("type") in THINKING_TYPES:
         return False

@@ -153,3 +153,24 @@ def test_unknown_names_get_a_plain_answer(emu: Emulator, tmp_path: Any) -> None:
 def test_settings_are_checked() -> None:
     with pytest.raises(tokensaver.ConfigError, match="min_tools"):
         defer_tools.tokensaver_configure({"min_tools": 0}, "t")
+
+
+def test_cache_align_never_marks_a_deferred_tool(emu: Emulator, tmp_path: Any) -> None:
+    """cache_align sorts tools by name and marks the static prefix: a deferred tool (here the last by
+    name) cannot take the breakpoint (the API refuses one there)."""
+    tools = [*TOOLS, {**TOOLS[2], "name": "zz_rarely"}]
+    base = anthropic.Anthropic(base_url=emu.url, api_key="k-defer", max_retries=0)
+    config = {
+        "plugins": ["defer_tools", "cache_align"],
+        "runs_dir": str(tmp_path),
+        "defer_tools": {"tools": ["deploy", "zz_rarely"]},
+    }
+    client = tokensaver.wrap(base, config=config)
+    emu.reply("ok")
+    big = "Please look at this. " * 800
+    client.messages.create(
+        model=MODEL, max_tokens=50, tools=tools, messages=[{"role": "user", "content": big}]
+    )
+    sent = emu.requests[0].body["tools"]
+    assert [t["name"] for t in sent][-1] == "zz_rarely" and sent[-1].get("defer_loading") is True
+    assert not any("cache_control" in t for t in sent if t.get("defer_loading"))
