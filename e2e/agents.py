@@ -282,7 +282,9 @@ def run_session(client: str, exe: Path, route_name: str, work: Path, path: str) 
         proxy = None
         url = emu.url
         if route_name == "proxy":
-            cfg = {"runs_dir": str(runs_dir), "record": True}
+            # TOKENSAVER_E2E_CONFIG (JSON): config merged over the defaults, for measuring a setting by hand
+            extra = json.loads(os.environ.get("TOKENSAVER_E2E_CONFIG") or "{}")
+            cfg = {**extra, "runs_dir": str(runs_dir), "record": True}
             proxy = ProxyServer(cfg, upstream=emu.url, run=f"{client}-no-session").start()
             url = proxy.url
         try:
