@@ -174,3 +174,21 @@ def test_cache_align_never_marks_a_deferred_tool(emu: Emulator, tmp_path: Any) -
     sent = emu.requests[0].body["tools"]
     assert [t["name"] for t in sent][-1] == "zz_rarely" and sent[-1].get("defer_loading") is True
     assert not any("cache_control" in t for t in sent if t.get("defer_loading"))
+
+
+def test_the_docs_configs_are_valid_and_name_tools_the_agents_send() -> None:
+    import json
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tau = sorted((root / "fixtures" / "tau-bench").glob("*.json"))[0]
+    segments = json.loads(tau.read_text())["segments"]
+    offered = {t["name"] for seg in segments for t in seg["request"].get("tools") or []}
+    for path in sorted((root / "docs" / "defer").glob("*.toml")):
+        table = tomllib.loads(path.read_text())
+        assert table["plugins"][-1] == "cache_align" and "defer_tools" in table["plugins"], path
+        settings = defer_tools.tokensaver_configure(table["defer_tools"], str(path))
+        assert settings["tools"], path
+        if "tau-bench" in path.name:
+            assert set(settings["tools"]) <= offered
