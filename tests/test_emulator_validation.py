@@ -36,6 +36,26 @@ def result(tid: str, text: str = "sunny") -> dict[str, Any]:
     return {"type": "tool_result", "tool_use_id": tid, "content": text}
 
 
+DEFERRED = {"name": "glob", "description": "g", "input_schema": {"type": "object"}, "defer_loading": True}
+
+
+def loaded(name: str) -> list[dict[str, Any]]:
+    """A client tool search (get_weather standing in for it) whose result loads ``name``."""
+    return [
+        *tool_turn(),
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_1",
+                    "content": [{"type": "tool_reference", "tool_name": name}],
+                }
+            ],
+        },
+    ]
+
+
 def drop(key: str) -> dict[str, Any]:
     b = base()
     del b[key]
@@ -259,6 +279,52 @@ REJECTED: list[tuple[str, dict[str, Any], str]] = [
         base(max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 1000}),
         "greater than or equal to 1024",
     ),
+    (
+        "every tool deferred",
+        base(tools=[{**TOOL, "defer_loading": True}]),
+        "At least one tool must have defer_loading=false. All tools cannot be deferred.",
+    ),
+    (
+        "deferred tool with cache_control",
+        base(tools=[TOOL, {**DEFERRED, "cache_control": CC}]),
+        "Tool 'glob' cannot have both defer_loading=true and cache_control set. "
+        "Tools with defer_loading cannot use prompt caching.",
+    ),
+    (
+        "tool_reference to an unknown tool",
+        base(tools=[TOOL, DEFERRED], messages=loaded("grep")),
+        "Tool reference 'grep' not found in available tools",
+    ),
+    (
+        "tool search result naming an unknown tool",
+        base(
+            tools=[TOOL, DEFERRED],
+            messages=[
+                U,
+                {
+                    "role": "assistant",
+                    "content": [
+                        {
+                            "type": "server_tool_use",
+                            "id": "srvtoolu_1",
+                            "name": "tool_search_tool_regex",
+                            "input": {"pattern": "grep"},
+                        },
+                        {
+                            "type": "tool_search_tool_result",
+                            "tool_use_id": "srvtoolu_1",
+                            "content": {
+                                "type": "tool_search_tool_search_result",
+                                "tool_references": [{"type": "tool_reference", "tool_name": "grep"}],
+                            },
+                        },
+                    ],
+                },
+                {"role": "user", "content": "go on"},
+            ],
+        ),
+        "Tool reference 'grep' not found in available tools",
+    ),
     ("duplicate tool names", base(tools=[TOOL, TOOL]), "Tool names must be unique"),
     ("invalid tool name", base(tools=[{**TOOL, "name": "get weather!"}]), "String should match pattern"),
     (
@@ -298,6 +364,8 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
         "budget thinking on opus 4.6",
         base(model="claude-opus-4-6", max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000}),
     ),
+    ("a deferred tool beside an eager one", base(tools=[TOOL, DEFERRED])),
+    ("a tool_reference loading a deferred tool", base(tools=[TOOL, DEFERRED], messages=loaded("glob"))),
     ("temperature alone on 4.5", base(model="claude-sonnet-4-5", temperature=0.2)),
     ("temperature and top_p on sonnet 4", base(model="claude-sonnet-4", temperature=0.2, top_p=0.9)),
     ("adaptive thinking", base(model="claude-opus-5-5", thinking={"type": "adaptive"})),

@@ -91,6 +91,7 @@ class PromptBlock:
     cache_control: dict[str, Any] | None
     digest: bytes = b""  # fast_digest of the block without its cache_control
     image: bool = False  # the block is or contains an image
+    loads: bool = False  # it holds tool_reference blocks billed as their deferred tools' definitions
 
 
 class _Digests:
@@ -183,7 +184,13 @@ def prompt_blocks(
         i = len(out)
         if seen is not None and seen[0] is block:
             digest, tokens, image = seen[1], seen[2], seen[3]
-        elif like is not None and i < len(like) and like[i].tag == tag and like[i].block == block:
+        elif (
+            like is not None
+            and i < len(like)
+            and like[i].tag == tag
+            and not like[i].loads
+            and like[i].block == block
+        ):
             prev = like[i]
             out.append(PromptBlock(where, block, prev.tokens, tag, cacheable, cc, prev.digest, prev.image))
             # (same tag, same framing: a message's first block carries it, the memo keeps the block's own)
@@ -199,7 +206,11 @@ def prompt_blocks(
         if made is not None:
             made[id(block)] = made_block
 
-    for i, tool in enumerate(body.get("tools") or []):
+    tools = body.get("tools") or []
+    loads = _Loads.of(tools)
+    for i, tool in enumerate(tools):
+        if loads is not None and isinstance(tool, dict) and tool.get("defer_loading") is True:
+            continue  # not part of the prompt until a tool_reference names it
         add(("tools", i, 0), tool, "tools")
     system = body.get("system")
     if isinstance(system, str):
@@ -220,6 +231,36 @@ def prompt_blocks(
         blocks = (content,) if isinstance(content, str) else content or ()
         tag = start
         for bi, b in enumerate(blocks):
+            if (
+                loads is not None
+                and type(b) is dict
+                and b.get("type") in _LOADERS
+                and (names := _references(b)) is not None
+            ):
+                seen = seen_of(id(b))
+                if seen is not None and seen[0] is b:
+                    raw = seen[1]
+                else:
+                    raw, n, img = _DIGESTS.get(b, counter)
+                    memo[id(b)] = (b, raw, n, img)
+                facts = loads.block(b, names, raw)
+                if facts is not None:  # (never taken from ``made`` or ``like``: it depends on the tools)
+                    assert isinstance(b, dict)
+                    append(
+                        PromptBlock(
+                            ("messages", mi, bi),
+                            b,
+                            facts[1] + (0 if bi else MESSAGE_OVERHEAD),
+                            tag,
+                            _cacheable(b),
+                            b.get("cache_control"),
+                            facts[0],
+                            facts[2],
+                            True,
+                        )
+                    )
+                    tag = cont
+                    continue
             p = known(id(b))
             if p is not None and p.block is b and p.tag == tag:
                 append(p)  # (inlined: the common case, a block this call has seen)
@@ -244,6 +285,125 @@ def prompt_blocks(
                 make(("messages", mi, bi), b, tag, 0 if bi else MESSAGE_OVERHEAD)
             tag = cont
     return out
+
+
+# -- deferred tools (``defer_loading``) and the tool_reference blocks that load them ----------------
+
+_LOADERS = ("tool_result", "tool_search_tool_result")  # the blocks a tool_reference sits in
+
+
+def _references(b: Any) -> list[str] | None:
+    """The tools the ``tool_reference`` blocks of ``b`` name, in order (a ``tool_result``'s content, a
+    ``tool_search_tool_result``'s ``tool_references``); None: it holds none."""
+    if not isinstance(b, dict):
+        return None
+    kind = b.get("type")
+    if kind == "tool_result":
+        refs = b.get("content")
+    elif kind == "tool_search_tool_result":
+        inner = b.get("content")
+        refs = inner.get("tool_references") if isinstance(inner, dict) else None
+    else:
+        return None
+    if not isinstance(refs, list):
+        return None
+    names = [
+        x["tool_name"]
+        for x in refs
+        if isinstance(x, dict) and x.get("type") == "tool_reference" and isinstance(x.get("tool_name"), str)
+    ]
+    return names or None
+
+
+def _unloaded(b: dict[str, Any], loaded: set[str]) -> dict[str, Any]:
+    """``b`` without its tool_reference blocks that name a tool of ``loaded``."""
+
+    def keep(x: Any) -> bool:
+        return not (
+            isinstance(x, dict) and x.get("type") == "tool_reference" and x.get("tool_name") in loaded
+        )
+
+    if b.get("type") == "tool_result":
+        return {**b, "content": [x for x in b["content"] if keep(x)]}
+    inner = b["content"]
+    return {**b, "content": {**inner, "tool_references": [x for x in inner["tool_references"] if keep(x)]}}
+
+
+class _Loads:
+    """A body's deferred tools, as the tool_reference blocks naming them are billed.
+
+    A tool with ``defer_loading: true`` is not part of the prompt; a ``tool_reference`` that names it is
+    expanded by the API into the tool's definition where the reference sits. So a block holding such
+    references counts as itself without them plus each named definition (its tokens as a tool, without
+    ``defer_loading`` and ``cache_control``), and its digest is its own with each definition's digest
+    folded in: a changed deferred definition changes the prefix from its first reference on, never
+    before it. A reference to a tool that is not deferred (or not in ``tools``) is billed as sent.
+    Made per body; a definition's facts once per body, when first named.
+    """
+
+    __slots__ = ("facts", "tools")
+
+    def __init__(self, tools: dict[str, dict[str, Any]]) -> None:
+        self.tools = tools
+        self.facts: dict[str, tuple[bytes, int, bool]] = {}
+
+    @classmethod
+    def of(cls, tools: Any) -> _Loads | None:
+        """The deferred tools of a body's ``tools``; None when there are none (every other path is as before)."""
+        deferred: dict[str, dict[str, Any]] | None = None
+        for t in tools if isinstance(tools, list) else ():
+            if isinstance(t, dict) and t.get("defer_loading") is True and isinstance(t.get("name"), str):
+                if deferred is None:
+                    deferred = {}
+                deferred.setdefault(t["name"], t)
+        return None if deferred is None else cls(deferred)
+
+    def definition(self, name: str) -> tuple[bytes, int, bool] | None:
+        facts = self.facts.get(name)
+        if facts is None:
+            tool = self.tools.get(name)
+            if tool is None:
+                return None
+            shown = {k: v for k, v in tool.items() if k not in ("defer_loading", "cache_control")}
+            facts = self.facts[name] = _DIGESTS.get(shown, default_counter())
+        return facts
+
+    def block(self, b: Any, names: list[str], raw: bytes) -> tuple[bytes, int, bool] | None:
+        """(digest, tokens, image) of block ``b`` whose references name ``names`` (``raw``: its own
+        digest); None when none of them names a deferred tool (the block is billed as sent)."""
+        loaded = [(name, f) for name in names if (f := self.definition(name)) is not None]
+        if not loaded:
+            return None
+        _, tokens, image = _DIGESTS.get(_unloaded(b, {name for name, _ in loaded}), default_counter())
+        digest = b"r" + _xxh(raw + b"".join(f[0] for _, f in loaded))  # (17 bytes, as fast_digest's)
+        return digest, tokens + sum(f[1] for _, f in loaded), image or any(f[2] for _, f in loaded)
+
+    def part(self, part: _Message, content: Any) -> _Message:
+        """``part`` (a message's, made without deferred tools) with its reference blocks as this body bills them."""
+        if not isinstance(content, list):
+            return part
+        links, tokens = list(part.links), list(part.tokens)
+        keys = bytearray(part.keys)
+        image, changed = part.image, False
+        for j in part.refs:
+            b = content[j]
+            names = _references(b)
+            link = links[j]
+            # (a link is tag, digest, b"\1"; a block's digest is fast_digest's 17 bytes)
+            facts = self.block(b, names, link[-18:-1]) if names is not None else None
+            if facts is None:
+                continue
+            tag = link[:-18]
+            links[j] = tag + facts[0] + b"\1"
+            keys[j * _KEY : (j + 1) * _KEY] = _xxh(tag + facts[0])
+            tokens[j] = facts[1] + (0 if j else MESSAGE_OVERHEAD)
+            image = image or facts[2]
+            changed = True
+        if not changed:
+            return part
+        return _Message(
+            part.n, bytes(keys), tuple(links), tuple(tokens), part.last_cacheable, part.ttls, image, part.refs
+        )
 
 
 _ROLE_TAGS: dict[str, tuple[str, str]] = {}
@@ -476,6 +636,7 @@ class _Message:
     last_cacheable: int  # the last cacheable block's place in the message (-1: none)
     ttls: tuple[tuple[int, str], ...]  # (place, ttl) of each block with a cache_control
     image: bool
+    refs: tuple[int, ...] = ()  # the places of blocks holding tool_reference blocks (:class:`_Loads`)
 
     @property
     def nbytes(self) -> int:
@@ -537,6 +698,7 @@ def _message_part(msg: Any, memo: Memo) -> _Message | None:
     ttls: list[tuple[int, str]] = []
     last = -1
     image = False
+    refs: list[int] = []
     for bi, b in enumerate(blocks):
         tag = cont[1] if bi else start[1]
         seen = seen_of(id(b))
@@ -550,6 +712,8 @@ def _message_part(msg: Any, memo: Memo) -> _Message | None:
             cacheable = _cacheable(b)
             if cc:
                 ttls.append((bi, str(cc.get("ttl", "5m"))))
+            if b.get("type") in _LOADERS and _references(b) is not None:
+                refs.append(bi)
         else:
             cacheable = not (isinstance(b, str) and not b)
         if cacheable:
@@ -558,7 +722,9 @@ def _message_part(msg: Any, memo: Memo) -> _Message | None:
         keys.append(_xxh(tag + digest))
         links.append(tag + digest + b"\1")
         tokens.append(n if bi else n + MESSAGE_OVERHEAD)
-    return _Message(len(tokens), b"".join(keys), tuple(links), tuple(tokens), last, tuple(ttls), image)
+    return _Message(
+        len(tokens), b"".join(keys), tuple(links), tuple(tokens), last, tuple(ttls), image, tuple(refs)
+    )
 
 
 class _Hashes:
@@ -616,6 +782,8 @@ class Lite(_Prefixed):
         if not isinstance(messages, list) or (digests is not None and len(digests) != len(messages)):
             return None
         head = prompt_blocks({k: body[k] for k in ("tools", "system") if k in body}, memo)
+        # (a part is made and kept without the deferred tools: what its references load is this body's)
+        loads = _Loads.of(body.get("tools"))
         table, get = _MESSAGE_PARTS, _MESSAGE_PARTS.data.get
         parts: list[_Message] = []
         add = parts.append
@@ -628,7 +796,7 @@ class Lite(_Prefixed):
                 and was[0] == m.get("role")
                 and (was[1] is content or (isinstance(content, list) and was[1] == content))
             ):
-                add(was[2])
+                add(was[2] if loads is None or not was[2].refs else loads.part(was[2], content))
                 continue
             if digests is not None:
                 d = digests[i]
@@ -644,7 +812,7 @@ class Lite(_Prefixed):
                     table.put(d, part)
             if first is not None:
                 found[id(first)] = (m.get("role"), content, part)
-            add(part)
+            add(part if loads is None or not part.refs else loads.part(part, content))
         n_head = len(head)
         starts = [n_head]
         for part in parts:

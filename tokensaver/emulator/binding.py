@@ -10,7 +10,8 @@ sight: the first time it sees a signature (per API key) it records the block's p
 it generates in its own replies are bound to the request they answer.
 
 What the digest covers (the docs' "What counts as an edit"): ``system`` (a string is one text block),
-``tools`` as a set (sorted by name; a ``defer_loading`` tool no ``tool_reference`` names yet is left out),
+``tools`` as a set (sorted by name; a ``defer_loading`` tool no ``tool_reference`` before the block names is
+left out: a later load changes no earlier block's prefix),
 the messages before the block and the blocks before it in its own message. Left out: ``cache_control``
 markers everywhere, thinking blocks (not part of the prefix), ``None`` values (null is absent), JSON key
 order and formatting. Everything else, whitespace inside strings included, is a change.
@@ -26,6 +27,7 @@ bound again at its next sight, as if new).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import threading
@@ -161,23 +163,24 @@ def _sig_digest(sig: str) -> bytes:
     return hashlib.blake2b(sig.encode(), digest_size=8).digest()
 
 
-def _referenced_tools(messages: list[Any]) -> set[str]:
-    """Tool names a ``tool_reference`` (``tool_addition`` / ``tool_removal``, tool search results) names."""
+def _referenced_tools(block: Any) -> set[str]:
+    """Tool names the ``tool_reference`` blocks inside ``block`` name: ``tool_name`` in a ``tool_result``'s
+    content and a ``tool_search_tool_result``'s ``tool_references``; ``name`` in a ``tool_addition``."""
     names: set[str] = set()
 
     def walk(x: Any) -> None:
         if isinstance(x, dict):
-            if x.get("type") == "tool_reference" and isinstance(x.get("name"), str):
-                names.add(x["name"])
+            if x.get("type") == "tool_reference":
+                name = x.get("tool_name", x.get("name"))
+                if isinstance(name, str):
+                    names.add(name)
             for v in x.values():
                 walk(v)
         elif isinstance(x, list):
             for v in x:
                 walk(v)
 
-    for m in messages:
-        if isinstance(m, dict):
-            walk(m.get("content"))
+    walk(block)
     return names
 
 
@@ -187,23 +190,58 @@ def _system_digest(body: dict[str, Any]) -> bytes:
     return hashlib.blake2b(_canon(blocks), digest_size=8).digest()
 
 
-def _tools_digest(body: dict[str, Any], messages: list[Any]) -> bytes:
-    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
-    if any(t.get("defer_loading") for t in tools):
-        referenced = _referenced_tools(messages)
-        tools = [t for t in tools if not t.get("defer_loading") or t.get("name") in referenced]
-    normed = sorted((_strip(t) for t in tools), key=lambda t: (str(t.get("name")), _canon(t)))
-    return hashlib.blake2b(_canon(normed), digest_size=8).digest()
+class _Tools:
+    """The set of ``tools`` a block sees: every tool but the ``defer_loading`` ones no ``tool_reference``
+    before it names (a load is seen by the blocks after it, never by those before)."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+        self.deferred = {t.get("name") for t in self.tools if t.get("defer_loading")}
+        self.loaded: set[Any] = set()
+        self.digest = self._digest()
+
+    def _digest(self) -> bytes:
+        tools = [t for t in self.tools if not t.get("defer_loading") or t.get("name") in self.loaded]
+        normed = sorted((_strip(t) for t in tools), key=lambda t: (str(t.get("name")), _canon(t)))
+        return hashlib.blake2b(_canon(normed), digest_size=8).digest()
+
+    def see(self, block: Any) -> None:
+        """A block of the prefix: the deferred tools it references are loaded from here on."""
+        if self.deferred and isinstance(block, dict | list):
+            new = (_referenced_tools(block) & self.deferred) - self.loaded
+            if new:
+                self.loaded |= new
+                self.digest = self._digest()
+
+    def restart(self) -> None:
+        """A compaction block: the prefix starts again there, and so do the loads."""
+        if self.loaded:
+            self.loaded = set()
+            self.digest = self._digest()
+
+    def copy(self) -> _Tools:
+        out = copy.copy(self)
+        out.loaded = set(self.loaded)
+        return out
+
+
+def _slot_prefix(h: hashlib.blake2b, tools: bytes) -> bytes:
+    """A thinking block's prefix digest: the messages before it and the tools it sees."""
+    out = h.copy()
+    out.update(b"\x00T" + tools)
+    return out.digest()
 
 
 @dataclass
 class Slot:
-    """One thinking block of a request: where it is, its signature and its prefix digest."""
+    """One thinking block of a request: where it is, its signature, its prefix digest and that of the
+    tools it sees."""
 
     mi: int
     bi: int
     sig: str
     prefix: bytes
+    tools: bytes = b""
 
     @property
     def path(self) -> str:
@@ -215,19 +253,21 @@ class Scan:
     """The thinking blocks of a request with their prefix digests, and the running hash past the last message."""
 
     system: bytes
-    tools: bytes
+    tools: bytes  # the tools the first message sees (no deferred tool loaded yet)
     slots: list[Slot] = field(default_factory=list)
-    tail: Any = None  # a blake2b over system, tools and every message (thinking blocks left out)
+    tail: Any = None  # a blake2b over system and every message (thinking blocks left out)
+    seen: _Tools | None = None  # the tools the blocks after the last message see
 
 
 def scan(body: dict[str, Any]) -> Scan:
     """Every thinking block of ``body['messages']`` with the digest of its prefix."""
     raw = body.get("messages")
     messages: list[Any] = raw if isinstance(raw, list) else []
-    sd, td = _system_digest(body), _tools_digest(body, messages)
+    tools = _Tools(body)
+    sd = _system_digest(body)
     h = hashlib.blake2b(digest_size=16)
-    h.update(sd + td)
-    out = Scan(sd, td)
+    h.update(sd)
+    out = Scan(sd, tools.digest)
     # server-side compaction: the checked prefix starts at the most recent compaction block before a block
     for mi, msg in enumerate(messages):
         if not isinstance(msg, dict):
@@ -239,30 +279,41 @@ def scan(body: dict[str, Any]) -> Scan:
         for bi, b in enumerate(blocks):
             if isinstance(b, dict) and b.get("type") == "compaction":
                 inner = hashlib.blake2b(digest_size=16)
-                inner.update(sd + td + b"\x00C")
+                inner.update(sd + b"\x00C")
+                tools.restart()
             if is_thinking(b):
-                out.slots.append(Slot(mi, bi, signature_of(b), inner.digest()))
+                out.slots.append(
+                    Slot(mi, bi, signature_of(b), _slot_prefix(inner, tools.digest), tools.digest)
+                )
                 continue
             inner.update(b"\x00B" + _canon(_norm_block(b)))
+            tools.see(b)
         h = inner
     out.tail = h
+    out.seen = tools
     return out
 
 
 def reply_slots(sc: Scan, reply: dict[str, Any]) -> list[Slot]:
     """The thinking blocks of a reply (the assistant message appended after the request's messages)."""
     h = sc.tail.copy()
+    tools = sc.seen.copy() if sc.seen is not None else None
     head = {k: v for k, v in reply.items() if k == "role"}
     h.update(b"\x00M" + _canon(head))
     slots: list[Slot] = []
     for bi, b in enumerate(reply.get("content") or []):
         if isinstance(b, dict) and b.get("type") == "compaction":
             h = hashlib.blake2b(digest_size=16)
-            h.update(sc.system + sc.tools + b"\x00C")
+            h.update(sc.system + b"\x00C")
+            if tools is not None:
+                tools.restart()
+        td = tools.digest if tools is not None else sc.tools
         if is_thinking(b):
-            slots.append(Slot(-1, bi, signature_of(b), h.digest()))
+            slots.append(Slot(-1, bi, signature_of(b), _slot_prefix(h, td), td))
             continue
         h.update(b"\x00B" + _canon(_norm_block(b)))
+        if tools is not None:
+            tools.see(b)
     return slots
 
 
@@ -327,7 +378,7 @@ def check(store: BindingStore, key: str, sc: Scan, skip: frozenset[tuple[int, in
         if not failed:
             if bound.system != sc.system:
                 reasons.append("The `system` prompt differs from when the block was created.")
-            if bound.tools != sc.tools:
+            if bound.tools != s.tools:
                 reasons.append("The `tools` list differs from when the block was created.")
             if not reasons and bound.prefix == s.prefix:
                 reasons.append("A thinking block before it was left out or moved.")
@@ -342,13 +393,13 @@ def bind(
     """Record the request's first-seen blocks and the blocks of the emulator's own reply (written by ``model``)."""
     for s, preds in verdict.new:
         if s.sig:
-            store.put(key, s.sig, Binding(s.prefix, preds, sc.system, sc.tools))
+            store.put(key, s.sig, Binding(s.prefix, preds, sc.system, s.tools))
     if reply is None:
         return
     chain = verdict.chain
     for s in reply_slots(sc, reply):
         if s.sig:
-            store.put(key, s.sig, Binding(s.prefix, chain, sc.system, sc.tools, model))
+            store.put(key, s.sig, Binding(s.prefix, chain, sc.system, s.tools, model))
             chain += _sig_digest(s.sig)
 
 

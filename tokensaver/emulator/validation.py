@@ -174,8 +174,8 @@ def validate(
         raise invalid("messages: at least one message is required")
 
     _validate_sampling_and_thinking(body, model, count_tokens, betas)
-    _validate_tools(body)
-    _validate_messages(body, messages, model, strict_roles, resumes_turn)
+    names = _validate_tools(body)
+    _validate_messages(body, messages, model, strict_roles, resumes_turn, names)
     _validate_breakpoints(body)
 
 
@@ -266,6 +266,16 @@ def _validate_tools(body: dict[str, Any]) -> set[str]:
         names.add(name)
         if tool.get("type") in (None, "custom") and "input_schema" not in tool:
             raise invalid(f"tools.{i}.custom.input_schema: Field required")
+        if "defer_loading" in tool:
+            if not isinstance(tool["defer_loading"], bool):
+                raise invalid(f"tools.{i}.custom.defer_loading: Input should be a valid boolean")
+            if tool["defer_loading"] and tool.get("cache_control") is not None:
+                raise invalid(
+                    f"Tool '{name}' cannot have both defer_loading=true and cache_control set. "
+                    "Tools with defer_loading cannot use prompt caching."
+                )
+    if tools and all(isinstance(t, dict) and t.get("defer_loading") is True for t in tools):
+        raise invalid("At least one tool must have defer_loading=false. All tools cannot be deferred.")
     tc = body.get("tool_choice")
     if tc is not None:
         if not isinstance(tc, dict) or tc.get("type") not in ("auto", "any", "tool", "none"):
@@ -281,7 +291,12 @@ def _validate_tools(body: dict[str, Any]) -> set[str]:
 
 
 def _validate_messages(
-    body: dict[str, Any], messages: list[Any], model: str, strict_roles: bool, resumes_turn: bool = False
+    body: dict[str, Any],
+    messages: list[Any],
+    model: str,
+    strict_roles: bool,
+    resumes_turn: bool = False,
+    tools: set[str] | None = None,
 ) -> None:
     seen_ids: set[str] = set()
     prev_role: str | None = None
@@ -312,7 +327,7 @@ def _validate_messages(
             raise invalid(f"messages.{mi}: text content blocks must contain non-whitespace text")
         blocks = content if isinstance(content, list) else []
         for bi, b in enumerate(blocks):
-            _validate_block(f"messages.{mi}.content.{bi}", b, role, seen_ids)
+            _validate_block(f"messages.{mi}.content.{bi}", b, role, seen_ids, tools or set())
         if role == "system":
             continue
         if first_conv is None:
@@ -411,7 +426,16 @@ def _check_loop_thinking(body: dict[str, Any], messages: list[Any]) -> None:
             return
 
 
-def _validate_block(where: str, b: Any, role: str, seen_ids: set[str]) -> None:
+def _check_reference(where: str, ref: dict[str, Any], tools: set[str]) -> None:
+    """A ``tool_reference`` (client tool search result, server tool search result) names a tool of ``tools``."""
+    name = ref.get("tool_name")
+    if not isinstance(name, str):
+        raise invalid(f"{where}.tool_name: Field required")
+    if name not in tools:
+        raise invalid(f"Tool reference '{name}' not found in available tools")
+
+
+def _validate_block(where: str, b: Any, role: str, seen_ids: set[str], tools: set[str]) -> None:
     if not isinstance(b, dict) or not isinstance(b.get("type"), str):
         raise invalid(f"{where}.type: Field required")
     kind = b["type"]
@@ -446,6 +470,14 @@ def _validate_block(where: str, b: Any, role: str, seen_ids: set[str]) -> None:
                     problem = _text_problem(f"{where}.content.{ii}", ib)
                     if problem:
                         raise invalid(problem)
+                elif isinstance(ib, dict) and ib.get("type") == "tool_reference":
+                    _check_reference(f"{where}.content.{ii}", ib, tools)
+    elif kind == "tool_search_tool_result":
+        inner = b.get("content")
+        refs = inner.get("tool_references") if isinstance(inner, dict) else None
+        for ri, ref in enumerate(refs if isinstance(refs, list) else []):
+            if isinstance(ref, dict):
+                _check_reference(f"{where}.content.tool_references.{ri}", ref, tools)
     elif kind == "thinking":
         if not isinstance(b.get("thinking"), str) or not isinstance(b.get("signature"), str):
             raise invalid(f"{where}.thinking: `thinking` and `signature` are required")
