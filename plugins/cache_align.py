@@ -217,12 +217,24 @@ def stable_tools(tools: list[Any]) -> list[Any]:
     order = sorted(
         range(len(bare)), key=lambda i: (str(bare[i].get("name", "")) if isinstance(bare[i], dict) else "", i)
     )
-    out = []
-    for pos, i in enumerate(order):
-        t = bare[i]
-        if ccs[pos] is not None and isinstance(t, dict):
-            t = {**t, "cache_control": ccs[pos]}
-        out.append(t)
+    out = [bare[i] for i in order]
+    for pos, cc in enumerate(ccs):
+        if cc is None:
+            continue
+        # a deferred tool is no part of the prompt and the API refuses a breakpoint on it: the nearest
+        # eager tool before it (else after it) ends the same prefix
+        at = next(
+            (
+                j
+                for j in [*range(pos, -1, -1), *range(pos + 1, len(out))]
+                if isinstance(out[j], dict)
+                and not out[j].get("defer_loading")
+                and "cache_control" not in out[j]
+            ),
+            None,
+        )
+        if at is not None:
+            out[at] = {**out[at], "cache_control": cc}
     return out
 
 

@@ -192,3 +192,29 @@ def test_the_docs_configs_are_valid_and_name_tools_the_agents_send() -> None:
         assert settings["tools"], path
         if "tau-bench" in path.name:
             assert set(settings["tools"]) <= offered
+
+
+def test_the_callers_tool_breakpoint_never_lands_on_a_deferred_tool(emu: Emulator, tmp_path: Any) -> None:
+    """OpenClaw marks its last tool: cache_align keeps a caller's tool breakpoints at their places in
+    name order, where a deferred tool may now sit; the breakpoint goes to the eager tool before it."""
+    tools = [
+        *TOOLS,
+        {**TOOLS[2], "name": "yy_view"},
+        {**TOOLS[0], "name": "zz_write", "cache_control": {"type": "ephemeral"}},
+    ]
+    base = anthropic.Anthropic(base_url=emu.url, api_key="k-defer", max_retries=0)
+    config = {
+        "plugins": ["defer_tools", "cache_align"],
+        "runs_dir": str(tmp_path),
+        "defer_tools": {"tools": ["deploy", "yy_view"]},
+    }
+    client = tokensaver.wrap(base, config=config)
+    emu.reply("ok")
+    client.messages.create(
+        model=MODEL, max_tokens=50, tools=tools, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert emu.requests[0].status == 200
+    sent = emu.requests[0].body["tools"]
+    marked = [t["name"] for t in sent if "cache_control" in t]
+    assert defer_tools.LOAD_TOOL in marked  # the eager tool just before the deferred yy_view
+    assert not any(t.get("defer_loading") for t in sent if "cache_control" in t)
