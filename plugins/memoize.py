@@ -343,6 +343,11 @@ def _single_flight(
 ) -> dict[str, Any] | None:
     other = _claim(ctx, state, key)
     if other is None:  # the first here; on a shared state, maybe not of the fleet
+        # (read once more: a call that missed just before the answer was stored may claim just after
+        # its flight ended; it is then served, not sent again)
+        again = _read(ctx, store, key, settings)
+        if again is not None:
+            return again
         return stores.fleet_flight(
             ctx, store, key, settings["wait"], lambda: _read(ctx, store, key, settings)
         )
