@@ -14,6 +14,7 @@ from tokensaver_plugins import defer_tools
 
 import tokensaver
 from tokensaver.emulator import Emulator
+from tokensaver.report import summarize
 
 MODEL = "claude-sonnet-4-6"
 SCHEMA = {"type": "object", "properties": {"path": {"type": "string"}}}
@@ -36,10 +37,12 @@ def _use(name: str, tid: str, **inp: Any) -> dict[str, Any]:
     return {"type": "tool_use", "id": tid, "name": name, "input": inp}
 
 
-def _client(emu: Emulator, tmp_path: Any, **settings: Any) -> Any:
+def _client(
+    emu: Emulator, tmp_path: Any, plugins: tuple[str, ...] = ("defer_tools",), **settings: Any
+) -> Any:
     base = anthropic.Anthropic(base_url=emu.url, api_key="k-defer", max_retries=0)
     config = {
-        "plugins": ["defer_tools"],
+        "plugins": list(plugins),
         "runs_dir": str(tmp_path),
         "defer_tools": {"tools": ["deploy", "rollback"], **settings},
     }
@@ -159,13 +162,7 @@ def test_cache_align_never_marks_a_deferred_tool(emu: Emulator, tmp_path: Any) -
     """cache_align sorts tools by name and marks the static prefix: a deferred tool (here the last by
     name) cannot take the breakpoint (the API refuses one there)."""
     tools = [*TOOLS, {**TOOLS[2], "name": "zz_rarely"}]
-    base = anthropic.Anthropic(base_url=emu.url, api_key="k-defer", max_retries=0)
-    config = {
-        "plugins": ["defer_tools", "cache_align"],
-        "runs_dir": str(tmp_path),
-        "defer_tools": {"tools": ["deploy", "zz_rarely"]},
-    }
-    client = tokensaver.wrap(base, config=config)
+    client = _client(emu, tmp_path, ("defer_tools", "cache_align"), tools=["deploy", "zz_rarely"])
     emu.reply("ok")
     big = "Please look at this. " * 800
     client.messages.create(
@@ -202,13 +199,7 @@ def test_the_callers_tool_breakpoint_never_lands_on_a_deferred_tool(emu: Emulato
         {**TOOLS[2], "name": "yy_view"},
         {**TOOLS[0], "name": "zz_write", "cache_control": {"type": "ephemeral"}},
     ]
-    base = anthropic.Anthropic(base_url=emu.url, api_key="k-defer", max_retries=0)
-    config = {
-        "plugins": ["defer_tools", "cache_align"],
-        "runs_dir": str(tmp_path),
-        "defer_tools": {"tools": ["deploy", "yy_view"]},
-    }
-    client = tokensaver.wrap(base, config=config)
+    client = _client(emu, tmp_path, ("defer_tools", "cache_align"), tools=["deploy", "yy_view"])
     emu.reply("ok")
     client.messages.create(
         model=MODEL, max_tokens=50, tools=tools, messages=[{"role": "user", "content": "hi"}]
@@ -218,3 +209,61 @@ def test_the_callers_tool_breakpoint_never_lands_on_a_deferred_tool(emu: Emulato
     marked = [t["name"] for t in sent if "cache_control" in t]
     assert defer_tools.LOAD_TOOL in marked  # the eager tool just before the deferred yy_view
     assert not any(t.get("defer_loading") for t in sent if "cache_control" in t)
+
+
+# -- the token figures follow the billing rule: a deferred tool is no part of the prompt -----------------
+
+
+def _count(emu: Emulator, body: dict[str, Any]) -> int:
+    """input_tokens of the emulator's count_tokens for ``body`` (what its usage bills)."""
+    plain = anthropic.Anthropic(base_url=emu.url, api_key="k-count", max_retries=0)
+    params = {k: v for k, v in body.items() if k not in ("max_tokens", "stream")}
+    return int(plain.messages.count_tokens(**params).input_tokens)
+
+
+def _billed(usage: dict[str, Any]) -> int:
+    return int(
+        usage["input_tokens"] + usage["cache_creation_input_tokens"] + usage["cache_read_input_tokens"]
+    )
+
+
+def test_the_token_figures_leave_the_deferred_tools_out(emu: Emulator, tmp_path: Any) -> None:
+    """tokens_sent is what the sent request bills (its deferred tools not in it), below tokens_original by
+    about the deferred tools' tokens; the report's defer_tools stage saved them; and a call whose round
+    loads a tool (a tool_reference) counts that tool's definition where the reference sits."""
+    client = _client(emu, tmp_path)
+    ask = [{"role": "user", "content": "ship it to prod"}]
+    emu.reply("Not now.")
+    client.messages.create(**_first(ask))
+    record = client.tokensaver.records[0]
+    sent = emu.requests[0]
+    assert any(t.get("defer_loading") for t in sent.body["tools"])
+    assert record["tokens_original"] == _count(emu, _first(ask))
+    assert record["tokens_sent"] == _count(emu, sent.body) == _billed(sent.usage or {})
+    deferred = _count(emu, _first(ask)) - _count(emu, {**_first(ask), "tools": TOOLS[:1]})
+    assert deferred > 1000
+    load_tool = _count(emu, sent.body) - _count(emu, {**sent.body, "tools": TOOLS[:1]})
+    assert record["tokens_original"] - record["tokens_sent"] == deferred - load_tool
+    assert record["tokens_original"] - record["tokens_sent"] > 0.8 * deferred
+    stage = next(s for s in record["stages"] if s["plugin"] == "defer_tools")
+    assert stage["before"] - stage["after"] == deferred - load_tool
+    totals = summarize(client.tokensaver.records)
+    row = next(s for s in totals["stages"] if s["plugin"] == "defer_tools")
+    assert row["saved_tokens"] > 0.8 * deferred
+    assert totals["totals"]["tokens_saved"] > 0.8 * deferred
+
+    # a call whose history the loading round goes back into: deploy's definition is billed at its reference
+    emu.reply([_use(defer_tools.LOAD_TOOL, "toolu_l1", names=["deploy"])], [_use("deploy", "toolu_d1")])
+    msg = client.messages.create(**_first(ask))
+    history = [
+        *ask,
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in msg.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_d1", "content": "ok"}]},
+    ]
+    emu.reply("Shipped.")
+    client.messages.create(**_first(history))
+    last, record = emu.requests[-1], client.tokensaver.records[-1]
+    refs = [b for m in last.body["messages"] for b in m["content"] if isinstance(b, dict)]
+    assert any(b.get("content") == [{"type": "tool_reference", "tool_name": "deploy"}] for b in refs)
+    assert record["tokens_original"] == _count(emu, _first(history))
+    assert record["tokens_sent"] == _count(emu, last.body) == _billed(last.usage or {})

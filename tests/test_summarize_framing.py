@@ -32,15 +32,20 @@ def sent_result(
         "max_tokens": 64,
         "messages": tool_loop(task, [("bash", {"command": command}, text)]),
     }
+    out: str = sent_body(tmp_path, body)["messages"][2]["content"][0]["content"]
+    return out
+
+
+def sent_body(tmp_path: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """What the defaults send of ``body`` through ``wrap()`` to the emulator (checked valid)."""
     with Emulator(virtual_clock=True, start_time=1_700_000_000.0) as emu:
         base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
         client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
         resp = client.post("/v1/messages", body=body, cast_to=object)
         assert isinstance(resp, dict) and resp["type"] == "message"
-        sent = emu.last["body"]
+        sent: dict[str, Any] = emu.last["body"]
     assert request_problems(sent) == []
-    out: str = sent["messages"][2]["content"][0]["content"]
-    return out
+    return sent
 
 
 def test_a_large_mini_swe_agent_output_loses_its_tags(tmp_path: Any) -> None:
@@ -73,12 +78,7 @@ def test_swe_agent_tool_results_name_their_directory_once(tmp_path: Any) -> None
                 "Fix it.", [("bash", {"command": f"open v{k}.py"}, obs(k)) for k in range(n)]
             ),
         }
-        with Emulator(virtual_clock=True, start_time=1_700_000_000.0) as emu:
-            base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-            client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
-            client.post("/v1/messages", body=body, cast_to=object)
-            sent = emu.last["body"]
-        assert request_problems(sent) == []
+        sent = sent_body(tmp_path, body)
         return [b["content"] for m in sent["messages"][1:] if m["role"] == "user" for b in m["content"]]
 
     results = send(6)
@@ -148,12 +148,7 @@ def test_swe_agent_review_note_is_sent_in_full_once(tmp_path: Any) -> None:
                 messages.append({"role": "assistant", "content": f"edit {k}"})
                 messages.append({"role": "user", "content": obs(k)})
         body = {"model": MODEL, "max_tokens": 64, "messages": messages}
-        with Emulator(virtual_clock=True, start_time=1_700_000_000.0) as emu:
-            base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-            client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
-            client.post("/v1/messages", body=body, cast_to=object)
-            sent = emu.last["body"]
-        assert request_problems(sent) == []
+        sent = sent_body(tmp_path, body)
         out = []
         for m in sent["messages"][1:]:
             if m["role"] == "user":
