@@ -193,11 +193,13 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
                 if isinstance(b, dict) and b.get("type") == "tool_use" and b.get("name") in deferred
             ]
             missing = sorted({n for n in wanted if n not in loaded})
-            if missing and not behind:
-                round_ = kept.get((ctx.key_hash, key)) if key is not None else None
-                if round_ is None:
-                    round_ = _made_round(m, missing)
-                    made += i >= last - 1  # (priced once: when the turn is new in the call)
+            # the round the model made before this turn goes back whatever it loaded (what was sent);
+            # else one is made when the turn calls a tool nothing loaded yet
+            round_ = kept.get((ctx.key_hash, key)) if key is not None and not behind else None
+            if round_ is None and missing and not behind:
+                round_ = _made_round(m, missing)
+                made += i >= last - 1  # (priced once: when the turn is new in the call)
+            if round_ is not None:
                 out.extend(round_)
                 for r in round_:
                     loaded.update(_referenced(r.get("content")))

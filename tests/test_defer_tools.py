@@ -267,3 +267,24 @@ def test_the_token_figures_leave_the_deferred_tools_out(emu: Emulator, tmp_path:
     assert any(b.get("content") == [{"type": "tool_reference", "tool_name": "deploy"}] for b in refs)
     assert record["tokens_original"] == _count(emu, _first(history))
     assert record["tokens_sent"] == _count(emu, last.body) == _billed(last.usage or {})
+
+
+def test_a_round_that_loaded_nothing_new_goes_back_too(emu: Emulator, tmp_path: Any) -> None:
+    """The model loads a tool it already has: that round was sent, so it is put back as sent."""
+    client = _client(emu, tmp_path)
+    first = [
+        {"role": "user", "content": "roll back"},
+        {"role": "assistant", "content": [_use("rollback", "toolu_r1")]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_r1", "content": "done"}]},
+    ]
+    emu.reply([_use(defer_tools.LOAD_TOOL, "toolu_l2", names=["rollback"])], [_use("rollback", "toolu_r2")])
+    msg = client.messages.create(**_first(first))
+    follow = emu.requests[1].body["messages"]
+    history = [
+        *first,
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in msg.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_r2", "content": "done"}]},
+    ]
+    emu.reply("Done twice.")
+    client.messages.create(**_first(history))
+    assert emu.requests[2].body["messages"][: len(follow)] == follow
