@@ -6,6 +6,7 @@ tool is loaded by a ``tool_reference`` before a turn calls it) and bills it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import anthropic
@@ -14,6 +15,7 @@ from tokensaver_plugins import defer_tools
 
 import tokensaver
 from tokensaver.emulator import Emulator
+from tokensaver.proxy import ProxyServer
 from tokensaver.report import summarize
 
 MODEL = "claude-sonnet-4-6"
@@ -53,16 +55,43 @@ def _first(messages: list[dict[str, Any]]) -> dict[str, Any]:
     return {"model": MODEL, "max_tokens": 200, "tools": TOOLS, "messages": messages}
 
 
+def _config(tmp_path: Any) -> dict[str, Any]:
+    return {
+        "plugins": ["defer_tools"],
+        "runs_dir": str(tmp_path),
+        "defer_tools": {"tools": ["deploy", "rollback"]},
+    }
+
+
+def _ask(client: Any, body: dict[str, Any], stream: bool) -> Any:
+    if not stream:
+        return client.messages.create(**body)
+    with client.messages.stream(**body) as s:
+        return s.get_final_message()
+
+
+@pytest.mark.parametrize("door", ["wrap", "stream", "proxy"])
 def test_deferred_tools_load_through_a_hidden_round_put_back_on_the_next_call(
-    emu: Emulator, tmp_path: Any
+    emu: Emulator, tmp_path: Any, door: str
 ) -> None:
-    client = _client(emu, tmp_path)
+    with contextlib.ExitStack() as stack:
+        if door == "proxy":
+            proxy = stack.enter_context(ProxyServer(_config(tmp_path), upstream=emu.url, run="defer"))
+            client = anthropic.Anthropic(base_url=proxy.url, api_key="k-defer", max_retries=0)
+            records = proxy.records
+        else:
+            client = _client(emu, tmp_path)
+            records = lambda: list(client.tokensaver.records)  # noqa: E731
+        _round_trip(emu, client, records, door == "stream")
+
+
+def _round_trip(emu: Emulator, client: Any, records: Any, stream: bool) -> None:
     ask = [{"role": "user", "content": "ship it to prod"}]
     emu.reply(
         [_use(defer_tools.LOAD_TOOL, "toolu_l1", names=["deploy"])],
         [_use("deploy", "toolu_d1", target="prod")],
     )
-    msg = client.messages.create(**_first(ask))
+    msg = _ask(client, _first(ask), stream)
     # the caller sees only its own tool
     assert [(b.type, b.name) for b in msg.content] == [("tool_use", "deploy")]
     sent = emu.requests[0].body
@@ -81,11 +110,11 @@ def test_deferred_tools_load_through_a_hidden_round_put_back_on_the_next_call(
         },
     ]
     emu.reply("Shipped.")
-    assert client.messages.create(**_first(history)).content[0].text == "Shipped."
+    assert _ask(client, _first(history), stream).content[0].text == "Shipped."
     third = emu.requests[2].body["messages"]
     assert third[: len(follow)] == follow  # the same bytes up to the loading round's answer
     assert third[len(follow)]["content"][0]["id"] == "toolu_d1" and len(third) == len(follow) + 2
-    notes = [r["plugins"]["defer_tools"] for r in client.tokensaver.records]
+    notes = [r["plugins"]["defer_tools"] for r in records()]
     assert any(n.get("loads") == 1 for n in notes) and all(not n.get("made_loads") for n in notes)
 
 
