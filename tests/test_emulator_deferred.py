@@ -280,3 +280,52 @@ def test_no_plugins_saves_nothing_on_a_deferring_conversation(tmp_path: Path) ->
         assert r["counterfactual_usd"] == pytest.approx(r["cost_usd"], abs=1e-9)
         assert r["saved_usd"] == pytest.approx(0.0, abs=1e-9)
         assert r["estimate_error_usd"] == pytest.approx(0.0, abs=1e-9)
+
+
+# -- the token figures (TokenCounter.request, the pipeline's records) follow the same rule ------------------
+
+
+def _deferring_bodies() -> list[dict[str, Any]]:
+    bodies = [body([SEARCH, GLOB, PLACEHOLDER], history(n)) for n in (1, 2, 3)]
+    bodies.append(body([SEARCH, changed(GLOB), PLACEHOLDER], history(3)))  # changed after its load
+    # a reference to a tool that is not deferred is counted as sent
+    bodies.append(body([SEARCH, eager(GLOB), PLACEHOLDER], history(3)))
+    return bodies
+
+
+def test_token_counts_follow_the_billing_rule(emulator_client: anthropic.Anthropic) -> None:
+    from tokensaver.tokens import TokenCounter, default_counter
+
+    for b in _deferring_bodies():
+        want = count(emulator_client, b)
+        memo: dict[int, Any] = {}
+        assert default_counter().request(b) == want
+        assert default_counter().request(b, memo) == want
+        assert default_counter().request(b, memo) == want  # the memo's counts again
+        assert TokenCounter().request(b) == want  # a cold cache
+    # without deferred tools: as before, each tool counted
+    plain = body([SEARCH, eager(GLOB)], history(1))
+    assert default_counter().request(plain) == count(emulator_client, plain)
+
+
+def test_the_records_token_figures_are_what_the_requests_bill(tmp_path: Path) -> None:
+    """wrap() with no plugins: tokens_original = tokens_sent = count_tokens = the usage billed, on a
+    conversation with a tool nobody loads, a load, and a loaded definition that changes."""
+    bodies = _deferring_bodies()
+    with Emulator(virtual_clock=True) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="sk-caller", max_retries=0, timeout=30)
+        client = tokensaver.wrap(
+            base,
+            config={"plugins": [], "runs_dir": str(tmp_path / "runs")},
+            plugin_manager=tokensaver.get_plugin_manager({}, load_entrypoints=False),
+            run="deferred-counts",
+        )
+        for b in bodies:
+            emu.reply("Done.")
+            client.messages.create(**copy.deepcopy(b))
+        counted = [count(emulator_clients(emu)[0], b) for b in bodies]
+        billed = [total(r.usage or {}) for r in emu.requests if r.path == "/v1/messages"]
+        records = list(client.tokensaver.records)
+    assert billed == counted
+    assert [r["tokens_original"] for r in records] == counted
+    assert [r["tokens_sent"] for r in records] == counted

@@ -61,6 +61,7 @@ __all__ = [
     "apply_context_management",
     "block_facts",
     "breakpoints",
+    "deferred_tokens",
     "prefix_hashes",
     "price",
     "prompt_blocks",
@@ -209,7 +210,7 @@ def prompt_blocks(
     tools = body.get("tools") or []
     loads = _Loads.of(tools)
     for i, tool in enumerate(tools):
-        if loads is not None and isinstance(tool, dict) and tool.get("defer_loading") is True:
+        if loads is not None and _deferred(tool):
             continue  # not part of the prompt until a tool_reference names it
         add(("tools", i, 0), tool, "tools")
     system = body.get("system")
@@ -315,6 +316,11 @@ def _references(b: Any) -> list[str] | None:
     return names or None
 
 
+def _deferred(tool: Any) -> bool:
+    """A tool with ``defer_loading: true`` (no part of the prompt, in a body with a deferred tool)."""
+    return isinstance(tool, dict) and tool.get("defer_loading") is True
+
+
 def _unloaded(b: dict[str, Any], loaded: set[str]) -> dict[str, Any]:
     """``b`` without its tool_reference blocks that name a tool of ``loaded``."""
 
@@ -352,7 +358,7 @@ class _Loads:
         """The deferred tools of a body's ``tools``; None when there are none (every other path is as before)."""
         deferred: dict[str, dict[str, Any]] | None = None
         for t in tools if isinstance(tools, list) else ():
-            if isinstance(t, dict) and t.get("defer_loading") is True and isinstance(t.get("name"), str):
+            if _deferred(t) and isinstance(t.get("name"), str):
                 if deferred is None:
                     deferred = {}
                 deferred.setdefault(t["name"], t)
@@ -404,6 +410,48 @@ class _Loads:
         return _Message(
             part.n, bytes(keys), tuple(links), tuple(tokens), part.last_cacheable, part.ttls, image, part.refs
         )
+
+
+def deferred_tokens(body: dict[str, Any], sent: Callable[[Any], int] | None = None) -> int:
+    """What the deferred-tool rule changes in a body's tokens counted as sent (each tool and block as
+    itself: :meth:`TokenCounter.request <tokensaver.tokens.TokenCounter.request>`, the pipeline's
+    figures), for them to equal :func:`prompt_blocks`' total: each deferred tool's tokens out, and each
+    block holding tool_reference blocks that name a deferred tool counted as :class:`_Loads` bills it
+    (itself without them, plus their definitions) instead of as itself.
+
+    0 without a deferred tool, after one pass over ``tools``. ``sent``: a block's tokens as sent (the
+    caller's own count, e.g. by identity in its memo); by default its count by content digest.
+    """
+    tools = body.get("tools")
+    loads = _Loads.of(tools)
+    if loads is None or not isinstance(tools, list):  # (a deferred tool is in a list)
+        return 0
+    if sent is None:
+        sent = _as_sent
+    delta = 0
+    for t in tools:
+        if _deferred(t):
+            delta -= sent(t)
+    for msg in body.get("messages") or ():
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(content, (list, tuple)):
+            continue  # (a string holds no reference)
+        for b in content:
+            # (as prompt_blocks takes them; a string content, the common tool_result, holds none)
+            if (
+                type(b) is dict
+                and b.get("type") in _LOADERS
+                and type(b.get("content")) is not str
+                and (names := _references(b)) is not None
+                and (facts := loads.block(b, names, b"")) is not None
+            ):
+                delta += facts[1] - sent(b)
+    return delta
+
+
+def _as_sent(block: Any) -> int:
+    """A block's tokens as sent, by its content digest (:func:`block_facts`' count)."""
+    return _DIGESTS.get(block, default_counter())[1]
 
 
 _ROLE_TAGS: dict[str, tuple[str, str]] = {}

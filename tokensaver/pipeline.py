@@ -25,7 +25,7 @@ import xxhash
 
 from . import metrics
 from ._gc import collection_held
-from .billing import Estimate, Named, ShadowCaches, block_facts, thaw
+from .billing import Estimate, Named, ShadowCaches, block_facts, deferred_tokens, thaw
 from .billing import Memo as BillingMemo
 from .config import Config, load_config
 from .context import CallContext
@@ -606,7 +606,9 @@ class Pipeline:
             state_url=self.config.state,
         )
         original = body
-        tokens_original = whole_facts.head + sum(whole_facts.tokens)
+        # (the facts count each tool and block as sent; deferred tools and what loads them as billed)
+        sent = ctx.counter.block
+        tokens_original = whole_facts.head + sum(whole_facts.tokens) + deferred_tokens(whole, sent)
         call = Call(
             ctx=ctx,
             original=original,
@@ -624,7 +626,9 @@ class Pipeline:
         # a continue's stages start from the history as sent (transformed), not the caller's
         current, before = (
             start,
-            tokens_original if start is whole else start_facts.head + sum(start_facts.tokens),
+            tokens_original
+            if start is whole
+            else start_facts.head + sum(start_facts.tokens) + deferred_tokens(start, sent),
         )
         current_facts: Facts | None = start_facts if isinstance(start.get("messages"), list) else None
         hook = "tokensaver_transform_request"
@@ -673,7 +677,7 @@ class Pipeline:
                 after = before
             elif result_facts is not None:
                 result_facts.count()
-                after = result_facts.head + sum(result_facts.tokens)
+                after = result_facts.head + sum(result_facts.tokens) + deferred_tokens(result, sent)
             else:
                 after = self.counter.request(result, memo)
             call.stages.append(

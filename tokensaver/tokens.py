@@ -18,6 +18,7 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -249,6 +250,9 @@ class TokenCounter:
     def request(self, body: dict[str, Any], memo: Memo | None = None) -> int:
         """Estimated input tokens of a whole Messages request body.
 
+        As billed (:func:`tokensaver.billing.prompt_blocks`): a tool with ``defer_loading: true`` counts
+        nothing, a ``tool_reference`` naming it counts as its definition where it sits.
+
         :param memo: counts by block identity, filled and reused by later calls given the same dict:
             for bodies that share block objects which nothing edits in between (a request and its
             stages' outputs).
@@ -258,7 +262,7 @@ class TokenCounter:
             for m in body.get("messages") or []:
                 if isinstance(m, dict):
                     total += self.message(m)
-            return total
+            return total + _deferred_tokens(body, self.block)
 
         def count(block: Any) -> int:
             seen = memo.get(id(block))
@@ -281,11 +285,25 @@ class TokenCounter:
         for m in body.get("messages") or []:
             if isinstance(m, dict):
                 total += MESSAGE_OVERHEAD + content(m.get("content"))
-        return total
+        return total + _deferred_tokens(body, count)
+
+
+def _deferred_tokens(body: dict[str, Any], sent: Callable[[Any], int]) -> int:
+    """:func:`tokensaver.billing.deferred_tokens`: the tools with ``defer_loading`` are no part of the
+    prompt until a ``tool_reference`` loads them, counted as billed (0 for a body without them)."""
+    if not _RULE:
+        from .billing import deferred_tokens  # (billing imports this module)
+
+        _RULE.append(deferred_tokens)
+    return _RULE[0](body, sent)
+
+
+_RULE: list[Callable[[dict[str, Any], Callable[[Any], int]], int]] = []
 
 
 def body_blocks(body: dict[str, Any]) -> list[Any]:
-    """The blocks :meth:`TokenCounter.request` counts, in order (a string content is one block)."""
+    """The blocks :meth:`TokenCounter.request` walks, in order (a string content is one block; a deferred
+    tool too, which it then takes out: :func:`tokensaver.billing.deferred_tokens`)."""
     out: list[Any] = []
     tools, system = body.get("tools"), body.get("system")
     if isinstance(tools, list):
