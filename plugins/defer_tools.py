@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokensaver import model_rules as rules
 from tokensaver.context import plugin_notes
 from tokensaver.hookspecs import hookimpl
-from tokensaver.settings import Schema, integer, size, strings
+from tokensaver.settings import Schema, boolean, integer, number, size, strings
 
 from ._lru import SizedLRU
 
@@ -48,6 +50,21 @@ SETTINGS = Schema(
         "tools": strings(
             [], "names of the tools to defer (the ones the agent seldom calls)", item="tool name"
         ),
+        "auto": boolean(
+            False,
+            "also defer the tools this API key's earlier conversations with the same tool set seldom "
+            "called (learned as they come; decided at a conversation's first call)",
+        ),
+        "max_use_rate": number(
+            0.05,
+            "auto: defer a tool called in at most this share of the earlier conversations",
+            min=0.0,
+            max=1.0,
+        ),
+        "min_conversations": integer(
+            20, "auto: earlier conversations of a tool set before any is deferred", min=1
+        ),
+        "keep_top": integer(5, "auto: the tool set's most called tools, never deferred", min=0),
         "min_tools": integer(2, "defer only when the request offers at least this many tools", min=1),
         "max_rounds": integer(2048, "loading rounds kept to put back on later calls", min=1),
         "max_bytes": size(8 * 1024 * 1024, "bytes of kept loading rounds"),
@@ -160,13 +177,102 @@ def _rounds(ctx: Any) -> SizedLRU[tuple[str, str], list[dict[str, Any]]]:
     return ctx.shared_state(rounds=SizedLRU)["rounds"]  # type: ignore[no-any-return]
 
 
+MAX_TOOLSETS = 256  # tool sets whose use rates are kept (per process)
+MAX_CONVERSATIONS = 8192  # conversations whose deferred set and called tools are kept
+
+
+@dataclass
+class _Usage:
+    """A tool set's conversations so far and, per tool, how many of them called it."""
+
+    conversations: int = 0
+    called: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Conversation:
+    toolset: tuple[str, str]
+    deferred: frozenset[str]
+    called: set[str] = field(default_factory=set)
+
+
+def _offered(tools: list[Any]) -> list[str]:
+    return [
+        str(t.get("name"))
+        for t in tools
+        if isinstance(t, dict) and not str(t.get("name")).startswith("tokensaver_")
+    ]
+
+
+def toolset(ctx: Any, tools: list[Any]) -> tuple[str, str]:
+    """(key hash, digest of the agent's tool names): the rates are learned per API key and tool set."""
+    return ctx.key_hash, hashlib.sha256("\0".join(sorted(_offered(tools))).encode()).hexdigest()[:24]
+
+
+def seldom_called(usage: _Usage | None, names: list[str], settings: dict[str, Any]) -> set[str]:
+    """The tools of ``names`` the tool set's earlier conversations called in at most ``max_use_rate`` of
+    them (none before ``min_conversations``), the ``keep_top`` most called kept."""
+    if usage is None or usage.conversations < settings["min_conversations"]:
+        return set()
+    ranked = sorted(names, key=lambda n: (-usage.called.get(n, 0), n))
+    top = set(ranked[: settings["keep_top"]])
+    limit = settings["max_use_rate"] * usage.conversations
+    return {n for n in names if n not in top and usage.called.get(n, 0) <= limit}
+
+
+def _learned(ctx: Any) -> dict[str, Any]:
+    return ctx.shared_state(lock=threading.Lock, usage=SizedLRU, conversations=SizedLRU)  # type: ignore[no-any-return]
+
+
+def deferred_names(ctx: Any, body: dict[str, Any], settings: dict[str, Any]) -> set[str]:
+    """The tools this conversation defers: the named ones, and with ``auto`` the seldom called ones,
+    decided at the conversation's first call and kept for it (the prefix never moves)."""
+    names = set(settings["tools"])
+    if not settings["auto"]:
+        return names
+    learned = _learned(ctx)
+    key = (ctx.key_hash, ctx.conversation)
+    with learned["lock"]:
+        conv: _Conversation | None = learned["conversations"].get(key)
+        if conv is None:
+            tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+            if not tools:
+                return names
+            fp = toolset(ctx, tools)
+            usage: _Usage | None = learned["usage"].get(fp)
+            conv = _Conversation(fp, frozenset(names | seldom_called(usage, _offered(tools), settings)))
+            learned["conversations"].put(key, conv, 1, MAX_CONVERSATIONS, MAX_CONVERSATIONS)
+            if usage is None:
+                usage = _Usage()
+                learned["usage"].put(fp, usage, 1, MAX_TOOLSETS, MAX_TOOLSETS)
+            usage.conversations += 1
+    return set(conv.deferred)
+
+
+def _learn(ctx: Any, response: dict[str, Any]) -> None:
+    """Count the tools the answer calls, once per conversation, in its tool set's rates."""
+    learned = _learned(ctx)
+    with learned["lock"]:
+        conv: _Conversation | None = learned["conversations"].get((ctx.key_hash, ctx.conversation))
+        usage: _Usage | None = learned["usage"].get(conv.toolset) if conv is not None else None
+        if conv is None or usage is None:
+            return
+        for b in response.get("content") or []:
+            name = b.get("name") if isinstance(b, dict) and b.get("type") == "tool_use" else None
+            if isinstance(name, str) and not name.startswith("tokensaver_") and name not in conv.called:
+                conv.called.add(name)
+                usage.called[name] = usage.called.get(name, 0) + 1
+
+
 @hookimpl
 def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
     """Defer the configured tools, add the loader, put loading rounds back where they were sent."""
     settings = _settings(ctx)
     tools, messages = body.get("tools"), body.get("messages")
-    names = set(settings["tools"])
-    if not names or not isinstance(tools, list) or not isinstance(messages, list):
+    if not isinstance(tools, list) or not isinstance(messages, list):
+        return None
+    names = deferred_names(ctx, body, settings)
+    if not names:
         return None
     if not rules.supports_tool_search(str(body.get("model", ""))) or len(tools) < settings["min_tools"]:
         ctx.record(stood_aside="model" if len(tools) >= settings["min_tools"] else "few_tools")
@@ -217,7 +323,7 @@ def tokensaver_answer_tool_use(tool_use: dict[str, Any], ctx: Any) -> list[Any] 
         return None
     asked = (tool_use.get("input") or {}).get("names")
     names = [str(n) for n in asked] if isinstance(asked, list) else []
-    known = set(_settings(ctx)["tools"])
+    known = deferred_names(ctx, {}, _settings(ctx))
     found = [n for n in names if n in known]
     ctx.record(loads=len(found))
     if not found:
@@ -227,7 +333,10 @@ def tokensaver_answer_tool_use(tool_use: dict[str, Any], ctx: Any) -> list[Any] 
 
 @hookimpl
 def tokensaver_observe_response(body: dict[str, Any], response: dict[str, Any], ctx: Any) -> None:
-    """Keep the loading round(s) behind the answer the caller gets, to put back on its next calls."""
+    """Keep the loading round(s) behind the answer the caller gets, to put back on its next calls;
+    with ``auto``, count the tools the answer calls."""
+    if _settings(ctx)["auto"]:
+        _learn(ctx, response)
     messages = body.get("messages")
     if not isinstance(messages, list) or not any(_calls_loader(m) for m in messages[-4:]):
         return

@@ -317,3 +317,32 @@ def test_a_round_that_loaded_nothing_new_goes_back_too(emu: Emulator, tmp_path: 
     emu.reply("Done twice.")
     client.messages.create(**_first(history))
     assert emu.requests[2].body["messages"][: len(follow)] == follow
+
+
+def test_auto_defers_what_the_earlier_conversations_never_called(emu: Emulator, tmp_path: Any) -> None:
+    """auto: rates learned from this key's conversations as they come; a conversation keeps the set
+    decided at its first call."""
+    client = _client(emu, tmp_path, tools=[], auto=True, min_conversations=3, max_use_rate=0.0, keep_top=1)
+
+    def flags() -> dict[str, Any]:
+        return {t["name"]: t.get("defer_loading") for t in emu.requests[-1].body["tools"]}
+
+    for k in range(3):
+        emu.reply([_use("read_file", f"toolu_f{k}", path="a.py")])
+        client.messages.create(**_first([{"role": "user", "content": f"task {k}: read a.py"}]))
+        assert all(v is None for v in flags().values())  # nothing learned enough yet
+    emu.reply("Done.")
+    client.messages.create(**_first([{"role": "user", "content": "task 3: what is in a.py?"}]))
+    assert flags() == {"read_file": None, "deploy": True, "rollback": True, defer_tools.LOAD_TOOL: None}
+    # conversation 0, decided before anything was learned, stays as it was on its next call
+    emu.reply("It prints hello.")
+    again = [
+        {"role": "user", "content": "task 0: read a.py"},
+        {"role": "assistant", "content": [_use("read_file", "toolu_f0", path="a.py")]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_f0", "content": "print(1)"}],
+        },
+    ]
+    client.messages.create(**_first(again))
+    assert all(v is None for v in flags().values())
