@@ -56,13 +56,13 @@ SETTINGS = Schema(
             "called (learned as they come; decided at a conversation's first call)",
         ),
         "max_use_rate": number(
-            0.05,
+            0.2,
             "auto: defer a tool called in at most this share of the earlier conversations",
             min=0.0,
             max=1.0,
         ),
         "min_conversations": integer(
-            20, "auto: earlier conversations of a tool set before any is deferred", min=1
+            10, "auto: earlier conversations of a tool set before any is deferred", min=1
         ),
         "keep_top": integer(5, "auto: the tool set's most called tools, never deferred", min=0),
         "min_tools": integer(2, "defer only when the request offers at least this many tools", min=1),
