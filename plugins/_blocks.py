@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from tokensaver.billing import block_cacheable
 from tokensaver.context import strip_cache_control
 from tokensaver.tokens import MESSAGE_OVERHEAD, content_hash, content_memo
 
-THINKING_TYPES = ("thinking", "redacted_thinking")
 LOOKBACK_BLOCKS = 20
 MAX_BREAKPOINTS = 4
 
@@ -99,15 +99,9 @@ def cumulative_tokens(slots: list[Slot], count: Any) -> list[int]:
 
 
 def cacheable(block: Any) -> bool:
-    """Whether a block may carry ``cache_control`` (not thinking, not an empty text block, not a
-    ``defer_loading`` tool: the API refuses a breakpoint on one)."""
-    if not isinstance(block, dict) or block.get("defer_loading"):
-        return False
-    if block.get("type") in THINKING_TYPES:
-        return False
-    if block.get("type") == "text" and not str(block.get("text", "")).strip():
-        return False
-    return True
+    """Whether a block may carry ``cache_control``: billing's rule (not thinking, not an empty text
+    block), and not a ``defer_loading`` tool (the API refuses a breakpoint on one)."""
+    return isinstance(block, dict) and not block.get("defer_loading") and block_cacheable(block)
 
 
 def with_cc(block: dict[str, Any], cc: dict[str, Any] | None) -> dict[str, Any]:

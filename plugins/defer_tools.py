@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokensaver import model_rules as rules
+from tokensaver.billing import tool_references
 from tokensaver.context import plugin_notes
 from tokensaver.hookspecs import hookimpl
 from tokensaver.settings import Schema, boolean, integer, number, size, strings
+from tokensaver.threads import PLUGIN_TOOL_PREFIX
 
 from ._lru import SizedLRU
 
@@ -88,7 +90,9 @@ def deferrable(tool: Any, body: dict[str, Any]) -> bool:
     if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
         return False
     name = tool["name"]
-    if name.startswith("tokensaver_") or "cache_control" in tool:  # (a deferred tool's breakpoint is a 400)
+    if (
+        name.startswith(PLUGIN_TOOL_PREFIX) or "cache_control" in tool
+    ):  # (a deferred tool's breakpoint is a 400)
         return False
     if tool.get("type") not in (None, "custom"):  # a server or client-defined tool type
         return False
@@ -122,15 +126,10 @@ def loader(deferred: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _referenced(content: Any) -> list[str]:
-    names: list[str] = []
-    if isinstance(content, list):
-        for b in content:
-            if isinstance(b, dict):
-                if b.get("type") == "tool_reference" and isinstance(b.get("tool_name"), str):
-                    names.append(b["tool_name"])
-                elif b.get("type") == "tool_result":
-                    names.extend(_referenced(b.get("content")))
-    return names
+    """The tools the tool_reference blocks of a message's content name (billing's rule, block by block)."""
+    if not isinstance(content, list):
+        return []
+    return [n for b in content for n in tool_references(b) or ()]
 
 
 def turn_key(message: Any) -> str | None:
@@ -200,7 +199,7 @@ def _offered(tools: list[Any]) -> list[str]:
     return [
         str(t.get("name"))
         for t in tools
-        if isinstance(t, dict) and not str(t.get("name")).startswith("tokensaver_")
+        if isinstance(t, dict) and not str(t.get("name")).startswith(PLUGIN_TOOL_PREFIX)
     ]
 
 
@@ -259,7 +258,7 @@ def _learn(ctx: Any, response: dict[str, Any]) -> None:
             return
         for b in response.get("content") or []:
             name = b.get("name") if isinstance(b, dict) and b.get("type") == "tool_use" else None
-            if isinstance(name, str) and not name.startswith("tokensaver_") and name not in conv.called:
+            if isinstance(name, str) and not name.startswith(PLUGIN_TOOL_PREFIX) and name not in conv.called:
                 conv.called.add(name)
                 usage.called[name] = usage.called.get(name, 0) + 1
 

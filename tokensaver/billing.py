@@ -59,12 +59,14 @@ __all__ = [
     "CacheModel",
     "PromptBlock",
     "apply_context_management",
+    "block_cacheable",
     "block_facts",
     "breakpoints",
     "deferred_tokens",
     "prefix_hashes",
     "price",
     "prompt_blocks",
+    "tool_references",
 ]
 
 LOOKBACK = 20
@@ -236,7 +238,7 @@ def prompt_blocks(
                 loads is not None
                 and type(b) is dict
                 and b.get("type") in _LOADERS
-                and (names := _references(b)) is not None
+                and (names := tool_references(b)) is not None
             ):
                 seen = seen_of(id(b))
                 if seen is not None and seen[0] is b:
@@ -253,7 +255,7 @@ def prompt_blocks(
                             b,
                             facts[1] + (0 if bi else MESSAGE_OVERHEAD),
                             tag,
-                            _cacheable(b),
+                            block_cacheable(b),
                             b.get("cache_control"),
                             facts[0],
                             facts[2],
@@ -268,7 +270,7 @@ def prompt_blocks(
             elif (seen := seen_of(id(b))) is not None and seen[0] is b and isinstance(b, dict):
                 # (inlined, as _make_known: a dict block whose facts the call has, as each block the
                 # caller sent: the pipeline digested them first)
-                cacheable = _cacheable(b)
+                cacheable = block_cacheable(b)
                 p = PromptBlock(
                     ("messages", mi, bi),
                     b,
@@ -293,7 +295,7 @@ def prompt_blocks(
 _LOADERS = ("tool_result", "tool_search_tool_result")  # the blocks a tool_reference sits in
 
 
-def _references(b: Any) -> list[str] | None:
+def tool_references(b: Any) -> list[str] | None:
     """The tools the ``tool_reference`` blocks of ``b`` name, in order (a ``tool_result``'s content, a
     ``tool_search_tool_result``'s ``tool_references``); None: it holds none."""
     if not isinstance(b, dict):
@@ -393,7 +395,7 @@ class _Loads:
         image, changed = part.image, False
         for j in part.refs:
             b = content[j]
-            names = _references(b)
+            names = tool_references(b)
             link = links[j]
             # (a link is tag, digest, b"\1"; a block's digest is fast_digest's 17 bytes)
             facts = self.block(b, names, link[-18:-1]) if names is not None else None
@@ -442,7 +444,7 @@ def deferred_tokens(body: dict[str, Any], sent: Callable[[Any], int] | None = No
                 type(b) is dict
                 and b.get("type") in _LOADERS
                 and type(b.get("content")) is not str
-                and (names := _references(b)) is not None
+                and (names := tool_references(b)) is not None
                 and (facts := loads.block(b, names, b"")) is not None
             ):
                 delta += facts[1] - sent(b)
@@ -522,7 +524,7 @@ def prefix_hashes(blocks: list[PromptBlock], body: dict[str, Any] | None = None)
     return Prepared.of(body or {}, blocks=blocks).hashes
 
 
-def _cacheable(b: dict[str, Any]) -> bool:
+def block_cacheable(b: dict[str, Any]) -> bool:
     """A dict block a breakpoint can mark: not thinking, not an empty or blank text."""
     if b.get("type") == "text":
         text = b.get("text", "")
@@ -757,10 +759,10 @@ def _message_part(msg: Any, memo: Memo) -> _Message | None:
             memo[id(b)] = (b, digest, n, img)
         if isinstance(b, dict):
             cc = b.get("cache_control")
-            cacheable = _cacheable(b)
+            cacheable = block_cacheable(b)
             if cc:
                 ttls.append((bi, str(cc.get("ttl", "5m"))))
-            if b.get("type") in _LOADERS and _references(b) is not None:
+            if b.get("type") in _LOADERS and tool_references(b) is not None:
                 refs.append(bi)
         else:
             cacheable = not (isinstance(b, str) and not b)

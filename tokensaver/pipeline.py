@@ -34,7 +34,7 @@ from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ord
 from .pricing import PriceTable, normalize_usage
 from .run import Run, redact_keys, redact_text
 from .state import THREADS_CAP, open_state, shared_cache, shared_spaces
-from .threads import ThreadLog, ThreadProblem, ThreadView
+from .threads import PLUGIN_TOOL_PREFIX, ThreadLog, ThreadProblem, ThreadView
 from .tokens import MESSAGE_OVERHEAD, Memo, TokenCounter, default_counter, memo_enabled
 from .validate import (
     Facts,
@@ -943,9 +943,6 @@ class Pipeline:
                 self.records.append(record)
             metrics.emit(record, self.door)  # OpenTelemetry / Prometheus, from the record as kept
         return record
-
-
-PLUGIN_TOOL_PREFIX = "tokensaver_"
 
 
 def is_plugin_tool_use(block: Any) -> bool:
