@@ -140,6 +140,8 @@ SETTINGS = Schema(
     },
 )
 DEFAULTS: dict[str, Any] = SETTINGS.defaults()
+# it never edits a body or block it is given or returned: the core hands it the call's own blocks
+tokensaver_read_only = True
 
 # TTL decision (see _choose_ttl): a gap in [FIVE_MIN, ONE_HOUR) is one the 5m entry misses and a
 # 1h entry survives; UP/DOWN give hysteresis so the TTL does not flip-flop.

@@ -45,6 +45,8 @@ PLUGIN = "defer_tools"
 LOAD_TOOL = "tokensaver_load_tools"
 MADE_ID = "toolu_tsload_"  # the id prefix of a loading round made for a turn (not one the model made)
 SUMMARY_CHARS = 160  # what the loader's description says of each deferred tool
+# it never edits a body or block it is given or returned: the core hands it the call's own blocks
+tokensaver_read_only = True
 
 SETTINGS = Schema(
     PLUGIN,

@@ -106,6 +106,8 @@ SETTINGS = Schema(
     passthrough=("enabled",),
 )
 DEFAULTS: dict[str, Any] = SETTINGS.defaults()
+# it never edits a body or block it is given or returned: the core hands it the call's own blocks
+tokensaver_read_only = True
 
 
 def default_dir() -> str:

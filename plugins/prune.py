@@ -215,6 +215,8 @@ SETTINGS = Schema(
     ],
 )
 DEFAULTS: dict[str, Any] = SETTINGS.defaults()
+# it never edits a body or block it is given or returned: the core hands it the call's own blocks
+tokensaver_read_only = True
 
 
 @hookimpl

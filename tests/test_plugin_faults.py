@@ -310,6 +310,33 @@ def test_in_place_edit_is_discarded_and_blamed(emu: Emulator, tmp_path: Path) ->
     assert _blame(record, "inplace") == ["mutated_input"]
 
 
+class Look:
+    """Keeps the first block of each body it gets; with ``read_only`` it declares it never edits them."""
+
+    def __init__(self, read_only: bool) -> None:
+        self.seen: list[Any] = []
+        if read_only:
+            self.tokensaver_read_only = True
+
+    @tokensaver.hookimpl
+    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> None:
+        self.seen.append(body["messages"][0]["content"][0])
+
+
+def test_a_read_only_plugin_gets_the_calls_own_blocks_and_the_others_copies(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    # a plugin that declares tokensaver_read_only is handed the blocks the call holds (no copy to
+    # make, none to check); one that does not gets its own copy, equal to them
+    emu.reply("fine")
+    mine, theirs, also = Look(read_only=True), Look(read_only=False), Look(read_only=True)
+    _send("wrap", emu, tmp_path, {"mine": mine, "theirs": theirs, "also": also}, ORIGINAL)
+    assert emu.last.body == ORIGINAL
+    assert mine.seen[0] == theirs.seen[0] == ORIGINAL["messages"][0]["content"][0]
+    assert theirs.seen[0] is not mine.seen[0]
+    assert also.seen[0] is mine.seen[0]
+
+
 # -- invalid output ------------------------------------------------------------------------------
 
 

@@ -19,7 +19,10 @@ rendered (possibly in another process, from the persisted run).
 Plugins see and return plain Messages API JSON (dicts), never SDK objects. Treat the body and its
 blocks as immutable: build new dicts/lists for what you change. A plugin that raises is skipped for
 that call (fail open) and the error is recorded; ``strict = true`` in config raises instead.
-Each plugin's hook is called on its own (timed, bounded, on its own copy of the body), so
+Each plugin's hook is called on its own (timed, bounded, on its own copy of the body, checked
+after the call for edits in place; a plugin that sets ``tokensaver_read_only = True`` promises it
+never edits what it is given or returned and gets the call's own blocks instead, as the built-ins
+do), so
 implementations are plain functions: ``wrapper=True`` / ``hookwrapper=True`` are rejected by
 ``wrap()``, as is an implementation of a hook not listed here.
 """

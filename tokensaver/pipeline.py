@@ -30,7 +30,7 @@ from .billing import Memo as BillingMemo
 from .config import Config, load_config
 from .context import CallContext
 from .conversations import conversation_index
-from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ordered, strict_error
+from .plugins import PluginFault, call_one, get_plugin_manager, hook_runner, ordered, reads_only, strict_error
 from .pricing import PriceTable, normalize_usage
 from .run import Run, redact_keys, redact_text
 from .state import THREADS_CAP, open_state, shared_cache, shared_spaces
@@ -638,15 +638,17 @@ class Pipeline:
             s0 = time.perf_counter()
             error = None
             result_facts: Facts | None = None
-            given = call.guard.give(current)
+            shared = reads_only(self.pm, name)
+            given = current if shared else call.guard.give(current)
             # the per-message digests of the body the stage gets, while it is the one digested above
             ctx.message_digests = start_facts.digests if current is start else None
             try:
                 result = self._call(call, name, hook, impl, body=given)
-                if not call.guard.intact():
+                if not shared and not call.guard.intact():
                     raise PluginFault("mutated_input", "a block of its input was edited in place")
                 if result is not None:
-                    call.guard.restore(result)
+                    if not shared:
+                        call.guard.restore(result)
                     if thread is not None:
                         result = self.threads.project(thread, result)  # only the new messages change
                     if result == current:
@@ -771,7 +773,7 @@ class Pipeline:
         return it with its plugin's name. A lookup gets its own copy of the body, as stages do.
         """
         for name, impl in ordered(self.pm, hook, self.config.plugins):
-            args, guarded = kwargs, hook == "tokensaver_lookup_response"
+            args, guarded = kwargs, hook == "tokensaver_lookup_response" and not reads_only(self.pm, name)
             if guarded:
                 args = {**kwargs, "body": call.guard.give(kwargs["body"])}
             try:

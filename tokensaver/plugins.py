@@ -168,6 +168,14 @@ def impl_for(pm: pluggy.PluginManager, hook: str, plugin_name: str) -> Any | Non
     return None
 
 
+def reads_only(pm: pluggy.PluginManager, plugin_name: str) -> bool:
+    """The plugin declares ``tokensaver_read_only = True``: it never edits a body or block it is given,
+    nor one it returned, so its hooks get the call's own blocks, not copies (nor the check that its
+    copies are intact). Built-ins declare it (their property tests check it); a plugin that does not
+    gets its own copies, checked after each hook."""
+    return getattr(pm.get_plugin(plugin_name), "tokensaver_read_only", False) is True
+
+
 def call_one(impl: Any, **kwargs: Any) -> Any:
     """Call a single hook implementation with the arguments it declares."""
     if impl.wrapper or impl.hookwrapper:  # rejected in wrap(); this guards a pipeline built otherwise
