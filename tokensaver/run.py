@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from ._files import open_private, private_dir
 from .errors import TokensaverError
 
@@ -112,13 +114,26 @@ def _redacted(value: Any, where: str, found: list[str]) -> Any:
     return value
 
 
+_MARK_BYTES = _KEY_MARK.encode()
+
+
+def _holds_mark(record: dict[str, Any]) -> bool:
+    """Whether a key mark is in the record as the ledger writes it: any string, dict key or repr of a
+    value JSON cannot hold (one orjson pass; the mark has nothing JSON escapes, so it shows as is)."""
+    try:
+        raw = orjson.dumps(record, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        return any(_KEY_MARK in s for s in _walk_strings(record)) or _KEY_MARK in _dumps(record)
+    return _MARK_BYTES in raw
+
+
 def redact_keys(record: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """(the record with key-like strings replaced, where they were); the record itself when clean.
 
     Values JSON cannot hold are turned into what the ledger would write first (their ``repr`` may
     hold a key too).
     """
-    if not any(_KEY_MARK in s for s in _walk_strings(record)) and _KEY_MARK not in _dumps(record):
+    if not _holds_mark(record):
         return record, []
     found: list[str] = []
     clean = _redacted(json.loads(_dumps(record)), "", found)
