@@ -811,6 +811,9 @@ class Lite(_Prefixed):
     prefix: array[int]
     salts: tuple[bytes, bytes]
     keys: bytes
+    # the message list it was made from, when no deferred tool made its parts this body's own: the
+    # next body of the call that holds the same message objects from the start takes those parts
+    messages: list[Any] | None = None
 
     @classmethod
     def of(
@@ -837,7 +840,16 @@ class Lite(_Prefixed):
         table, get = _MESSAGE_PARTS, _MESSAGE_PARTS.data.get
         parts: list[_Message] = []
         add = parts.append
-        for i, m in enumerate(messages):
+        # a stage's body holds its input's message objects where it kept them: the leading run of
+        # those (by identity: blocks are never edited) has the parts made for them already
+        skip = 0
+        if loads is None and isinstance(like, Lite) and like.messages is not None:
+            was_messages, lim = like.messages, min(len(messages), len(like.messages))
+            while skip < lim and messages[skip] is was_messages[skip]:
+                skip += 1
+            parts.extend(like.parts[:skip])
+        for i in range(skip, len(messages)):
+            m = messages[i]
             content = m.get("content") if isinstance(m, dict) else None
             first = content[0] if isinstance(content, list) and content else content
             was = found.get(id(first)) if first is not None else None
@@ -912,7 +924,16 @@ class Lite(_Prefixed):
                     j += 1
                 j = 0
         prefix.extend(more)
-        return cls(head, parts, starts, _Hashes(bytes(hashes)), prefix, salts, keys)
+        return cls(
+            head,
+            parts,
+            starts,
+            _Hashes(bytes(hashes)),
+            prefix,
+            salts,
+            keys,
+            messages if loads is None else None,
+        )
 
     def breakpoints(self, body: dict[str, Any], auto_only: bool = False) -> list[tuple[int, str]]:
         """:func:`breakpoints` of the body."""
