@@ -48,11 +48,28 @@ SUMMARY_CHARS = 160  # what the loader's description says of each deferred tool
 # it never edits a body or block it is given or returned: the core hands it the call's own blocks
 tokensaver_read_only = True
 
+# the tools a known agent harness offers on every call and seldom calls: deferred (with ``profiles``)
+# when the request offers every tool of the harness's fingerprint. Claude Code (2.1.2xx-2.1.3xx) keeps
+# these four eager beside the ones it defers itself behind its own ToolSearch; no shared Claude Code
+# session's tuning half calls them, nor does the end-to-end session.
+PROFILES: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
+    "claude-code": (
+        frozenset({"Agent", "Bash", "Edit", "Read", "Write", "ToolSearch"}),
+        ("ListAgents", "ReportFindings", "ScheduleWakeup", "Workflow"),
+    ),
+}
+
 SETTINGS = Schema(
     PLUGIN,
     {
         "tools": strings(
             [], "names of the tools to defer (the ones the agent seldom calls)", item="tool name"
+        ),
+        "profiles": boolean(
+            True,
+            "also defer the tools a known agent harness seldom calls, when the request offers that "
+            "harness's tools: Claude Code's ListAgents, ReportFindings, ScheduleWakeup and Workflow "
+            "(beside its Agent, Bash, Edit, Read, Write and ToolSearch)",
         ),
         "auto": boolean(
             False,
@@ -174,6 +191,18 @@ def _made_round(turn: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
     ]
 
 
+def _note_deferred(ctx: Any, names: frozenset[str] | None = None) -> frozenset[str] | None:
+    """Keep the tools this call deferred (``names``), or read them back: the loader's answer, which
+    sees no body, loads only those. By call id, the latest calls' (one lock: hooks run in threads)."""
+    state = ctx.shared_state(deferred_lock=threading.Lock, deferred_now=SizedLRU)
+    table: SizedLRU[str, frozenset[str]] = state["deferred_now"]
+    with state["deferred_lock"]:
+        if names is None:
+            return table.get(ctx.call_id)
+        table.put(ctx.call_id, names, 1, MAX_CONVERSATIONS, MAX_CONVERSATIONS)
+        return names
+
+
 def _rounds(ctx: Any) -> SizedLRU[tuple[str, str], list[dict[str, Any]]]:
     return ctx.shared_state(rounds=SizedLRU)["rounds"]  # type: ignore[no-any-return]
 
@@ -225,10 +254,24 @@ def _learned(ctx: Any) -> dict[str, Any]:
     return ctx.shared_state(lock=threading.Lock, usage=SizedLRU, conversations=SizedLRU)  # type: ignore[no-any-return]
 
 
+def profile_names(tools: Any) -> set[str]:
+    """The tools :data:`PROFILES` defers among ``tools`` (a request's): those of each harness whose
+    fingerprint the request offers whole."""
+    offered = {t.get("name") for t in tools if isinstance(t, dict)} if isinstance(tools, list) else set()
+    out: set[str] = set()
+    for fingerprint, seldom in PROFILES.values():
+        if fingerprint <= offered:
+            out.update(n for n in seldom if n in offered)
+    return out
+
+
 def deferred_names(ctx: Any, body: dict[str, Any], settings: dict[str, Any]) -> set[str]:
-    """The tools this conversation defers: the named ones, and with ``auto`` the seldom called ones,
-    decided at the conversation's first call and kept for it (the prefix never moves)."""
+    """The tools this conversation defers: the named ones, a known harness's seldom called ones (with
+    ``profiles``), and with ``auto`` the ones learned as seldom called, decided at the conversation's
+    first call and kept for it (the prefix never moves)."""
     names = set(settings["tools"])
+    if settings["profiles"]:
+        names |= profile_names(body.get("tools"))
     if not settings["auto"]:
         return names
     learned = _learned(ctx)
@@ -282,6 +325,8 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
     if not picked or any(isinstance(t, dict) and t.get("name") == LOAD_TOOL for t in tools):
         return None
     deferred = {t["name"] for t in picked}
+    # what the loader may load on this call's rounds (its answer sees no body)
+    _note_deferred(ctx, frozenset(deferred))
     new_tools = [{**t, "defer_loading": True} if t in picked else t for t in tools]
     new_tools.append(loader(picked))
     kept = _rounds(ctx)
@@ -324,7 +369,9 @@ def tokensaver_answer_tool_use(tool_use: dict[str, Any], ctx: Any) -> list[Any] 
         return None
     asked = (tool_use.get("input") or {}).get("names")
     names = [str(n) for n in asked] if isinstance(asked, list) else []
-    known = deferred_names(ctx, {}, _settings(ctx))
+    known = _note_deferred(ctx)
+    if known is None:
+        known = frozenset(deferred_names(ctx, {}, _settings(ctx)))
     found = [n for n in names if n in known]
     ctx.record(loads=len(found))
     if not found:

@@ -346,3 +346,66 @@ def test_auto_defers_what_the_earlier_conversations_never_called(emu: Emulator, 
     ]
     client.messages.create(**_first(again))
     assert all(v is None for v in flags().values())
+
+
+def _cc_tools() -> list[dict[str, Any]]:
+    """Claude Code's eager tools as 2.1.3xx sends them (short descriptions; the shapes are its own)."""
+    names = ["Agent", "Bash", "Edit", "Glob", "Grep", "ListAgents", "Read", "ReportFindings"]
+    names += ["ScheduleWakeup", "Skill", "ToolSearch", "Workflow", "Write"]
+    tools: list[dict[str, Any]] = [
+        {"name": n, "description": f"The {n} tool. " + "Usage notes. " * 40, "input_schema": SCHEMA}
+        for n in names
+    ]
+    tools.append(
+        {
+            "name": "DeferredToolPlaceholder",
+            "description": "placeholder",
+            "input_schema": SCHEMA,
+            "defer_loading": True,
+        }
+    )
+    return tools
+
+
+def test_the_defaults_defer_what_claude_code_seldom_calls_and_load_it_on_demand(
+    emu: Emulator, tmp_path: Any
+) -> None:
+    # default config (no defer_tools table): Claude Code's own tool set gets its four seldom called
+    # tools deferred; the loader loads what this call deferred and nothing else
+    base = anthropic.Anthropic(base_url=emu.url, api_key="k-defer", max_retries=0)
+    client = tokensaver.wrap(base, config={"runs_dir": str(tmp_path)})
+    emu.reply(
+        [_use(defer_tools.LOAD_TOOL, "toolu_l1", names=["Workflow", "Bash", "deploy"])],
+        [_use("Workflow", "toolu_w1", path="ci.yml")],
+    )
+    body = {"model": "claude-opus-4-6", "max_tokens": 200, "tools": _cc_tools()}
+    msg = client.messages.create(**body, messages=[{"role": "user", "content": "run the release workflow"}])
+    assert [(b.type, b.name) for b in msg.content] == [("tool_use", "Workflow")]
+    flags = {t["name"]: t.get("defer_loading") for t in emu.requests[0].body["tools"]}
+    deferred = {n for n, f in flags.items() if f}
+    assert deferred == {
+        "ListAgents",
+        "ReportFindings",
+        "ScheduleWakeup",
+        "Workflow",
+        "DeferredToolPlaceholder",
+    }
+    assert defer_tools.LOAD_TOOL in flags
+    answer = emu.requests[1].body["messages"][-1]["content"][0]["content"]
+    assert answer == [{"type": "tool_reference", "tool_name": "Workflow"}]
+    # another agent's tools (no Claude Code fingerprint), and Claude Code's with profiles off: as sent
+    emu.reply("ok")
+    other = [t for t in _cc_tools() if t["name"] not in ("Agent", "ToolSearch")]
+    client.messages.create(**{**body, "tools": other}, messages=[{"role": "user", "content": "hi"}])
+    assert _deferred(emu.last.body) == {"DeferredToolPlaceholder"}
+    off = tokensaver.wrap(base, config={"runs_dir": str(tmp_path), "defer_tools": {"profiles": False}})
+    emu.reply("ok")
+    off.messages.create(**body, messages=[{"role": "user", "content": "hi"}])
+    assert _deferred(emu.last.body) == {"DeferredToolPlaceholder"}
+
+
+def _deferred(body: dict[str, Any]) -> set[str]:
+    """The deferred tools a request sends; none of tokensaver's loader in it."""
+    names = [t["name"] for t in body["tools"]]
+    assert defer_tools.LOAD_TOOL not in names
+    return {t["name"] for t in body["tools"] if t.get("defer_loading")}

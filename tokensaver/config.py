@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .plugins import check_enabled, configure, get_plugin_manager, installed
 from .state import check_url as check_state_url
 
-DEFAULT_PLUGINS = ["summarize", "prune", "cache_align"]
+DEFAULT_PLUGINS = ["summarize", "prune", "defer_tools", "cache_align"]
 DEFAULT_RUNS_DIR = ".tokensaver/runs"
 # a plugin hook that takes longer is abandoned (fail open): long enough for real work at 200k
 # tokens on a loaded machine, short enough that a hung plugin never stalls its caller
