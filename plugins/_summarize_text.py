@@ -19,6 +19,7 @@ import hashlib
 import html
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -550,14 +551,33 @@ def compact_ls(lines: list[str]) -> list[str] | None:
     if len(owners) != 1:
         return None
     owner, group = owners.pop()
-    out = [f"[ls -l; owner {owner}, group {group} on every entry; columns: mode links size date name]"]
+    common = _common_date(matched)
+    head = f"[ls -l; owner {owner}, group {group} on every entry; columns: mode links size date name"
+    out = [head + (f"; date {common} where none is shown]" if common else "]")]
     for ln, m in rows:
         if m:
             mode, links, _, _, size, date, name = m.groups()
-            out.append(f"{mode} {links} {size} {' '.join(date.split())} {name}")
+            date = " ".join(date.split())
+            out.append(
+                f"{mode} {links} {size} {name}" if date == common else f"{mode} {links} {size} {date} {name}"
+            )
         else:
             out.append(ln)
     return out
+
+
+_DATE_START = re.compile(r"^(?:\w{3}\s+\d{1,2}\s+(?:\d{1,2}:\d{2}|\d{4})|\d{4}-\d{2}-\d{2})(?:\s|$)")
+
+
+def _common_date(matched: list[re.Match[str]]) -> str | None:
+    """The date most entries of an ``ls -l`` listing share (a checkout's files), said once in the
+    header and left out of their lines, when at least 4 entries and half of them have it and no
+    name starts like a date (a line without one then still reads one way only); else None."""
+    dates = Counter(" ".join(m.group(6).split()) for m in matched)
+    common, n = dates.most_common(1)[0]
+    if n < 4 or 2 * n < len(matched) or any(_DATE_START.match(m.group(7)) for m in matched):
+        return None
+    return common
 
 
 # -- HTML, blobs ------------------------------------------------------------------------------
