@@ -22,6 +22,11 @@ their line numbers (``     12→code`` to ``12→code``: every number and every 
 without tools) gets the repeat pointers too, to earlier user turns (``_user_text``); with
 ``assistant_texts`` (opt-in) the model's own text is pointed from as well.
 
+``model_turns`` (default on): in the model's own turns (its text, its tool uses' ``command``), a
+run of lines an earlier turn of the model or a tool result shows (a script written again in a
+heredoc, code it read quoted in its reasoning) becomes a pointer to it (``_assistant``; only
+results prune sends as they are, a turn with thinking is never rewritten).
+
 Unsafe when the model needs bytes that a lossy rewrite dropped (a number in the middle of a long
 repetitive log, an HTML attribute of a fetched page): set ``lossy = false`` to keep only the
 lossless rewrites. Every rewrite is a pure function of the block's text and the settings, so the
@@ -60,7 +65,7 @@ from tokensaver.hookspecs import hookimpl
 from tokensaver.settings import Schema, boolean, choice, integer, number, path, strings, text
 from tokensaver.tokens import canonical_json, fast_digest, memo_enabled
 
-from . import _echo, _model_summary, _user_text
+from . import _assistant, _echo, _model_summary, _user_text
 from ._lru import SizedLRU
 from ._store import encode_entry
 from ._summarize_text import SHAPE_NAMES, Options, Result, is_prose, shrink
@@ -113,6 +118,12 @@ SETTINGS = Schema(
             False,
             "the model's own text too: runs of lines an earlier turn's text shows (code it quotes, "
             "a file it writes again) as pointers to that turn",
+        ),
+        "model_turns": boolean(
+            True,
+            "the model's own turns: runs of lines (3+, 150+ characters) an earlier turn of the model or "
+            "a tool result shows, in its text or a tool use's command (a script written again, code it "
+            "read), as pointers to it",
         ),
         "keep_originals": boolean(
             False,
@@ -701,6 +712,10 @@ def _rewrite_messages(
             users,
         )
         out = texts if texts is not None else out
+    if settings.get("model_turns", True):
+        # last: the model's turns as the passes before left them (assistant_texts' pointers kept)
+        turns = _assistant.rewrite(out if out is not None else messages, stats)
+        out = turns if turns is not None else out
     if on:
         _put(ctx, key, index)
     return out, stats
