@@ -157,6 +157,8 @@ SETTINGS = Schema(
     passthrough=("enabled",),
 )
 DEFAULTS: dict[str, Any] = SETTINGS.defaults()
+# it never edits a body or block it is given or returned: the core hands it the call's own blocks
+tokensaver_read_only = True
 ORIGINAL_MAGIC = b"tsorig1\n"
 MEMORY_ORIGINALS = 256  # the newest kept originals also stay in memory (all of them go to disk)
 RETRIEVE_TOOL = "tokensaver_retrieve"
