@@ -245,8 +245,8 @@ def render(value: Any) -> str | None:
 
 
 def smaller(value: Any, compact: str, max_rows: int = 400) -> str:
-    """:func:`render` of ``value`` when it counts fewer tokens than ``compact`` (summarize's JSON for
-    the same value) and holds at most ``max_rows`` records, else ``compact``."""
+    """:func:`render` of ``value`` when it counts at least ``MIN_SAVING`` fewer tokens than ``compact``
+    (summarize's JSON for the same value) in at most ``max_rows`` lines, else ``compact``."""
     out = render(value)
     if out is None or out.count("\n") > max_rows or len(out) >= len(compact):
         return compact
