@@ -114,8 +114,13 @@ def _results(m: dict[str, Any], index: RepeatIndex, guard: RepeatIndex, copies: 
         if not isinstance(b, dict) or b.get("type") != "tool_result":
             continue
         tid, c = str(b.get("tool_use_id")), b.get("content")
+        if isinstance(c, list):  # its lines have no one numbering to name: only fed, as prune feeds it
+            for t in c:
+                if isinstance(t, dict) and t.get("type") == "text" and isinstance(t.get("text"), str):
+                    guard.rewrite(tid, t["text"])
+            continue
         if not isinstance(c, str):
-            continue  # a list of blocks: its lines have no one numbering to name
+            continue
         digest = xxhash.xxh3_128_digest(c.encode("utf-8", "surrogatepass"))
         seen = digest in copies
         copies.add(digest)

@@ -162,3 +162,23 @@ def test_a_result_prune_may_point_from_is_never_pointed_to(tmp_path: Any) -> Non
     [sent] = send(tmp_path, [msgs])
     assert sent[4]["content"][0]["content"].startswith("[tokensaver: ")  # prune's pointer
     assert sent[5]["content"][0]["text"] == msgs[5]["content"][0]["text"]
+
+
+def test_a_result_after_a_list_result_it_repeats_is_never_pointed_to(tmp_path: Any) -> None:
+    # prune indexes a result sent as text blocks too: a later result repeating its lines is
+    # pointed from, so it is no target either
+    quote = "\n".join(SCRIPT[6:])
+    msgs = conversation(
+        turn(0, "head -8 checks.py"),
+        turn(1, "cat checks.py"),
+        turn(2, "ls", f"THOUGHT: the last checks are\n{quote}\nso check_6 fails."),
+    )
+    first = {"type": "text", "text": "\n".join(SCRIPT[:8])}
+    msgs[2] = {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": "toolu_000", "content": [first]}],
+    }
+    msgs[4] = result(1, "\n".join(SCRIPT))
+    [sent] = send(tmp_path, [msgs])
+    assert sent[4]["content"][0]["content"].startswith("[tokensaver: ")  # prune's pointer
+    assert sent[5]["content"][0]["text"] == msgs[5]["content"][0]["text"]
