@@ -23,6 +23,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from . import _json_records
+
 # -- classification ---------------------------------------------------------------------------
 
 ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
@@ -861,6 +863,7 @@ def shrink(text: str, opts: Options) -> Result:
         value = None
     if value is not None:
         out, lossy = json_compact(value, max_rows=opts.max_rows if opts.lossy else 10**9)
+        out = out if lossy else _json_records.smaller(value, out, opts.max_rows)
         return _best(text, out, "json", lossy)
     if opts.html and is_web_page(t):
         return _best(text, html_to_text(t), "html", True)

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_summarize_framing import sent_body
 from tokensaver_plugins import _json_records as jr
-from tokensaver_plugins import _summarize_text
 from tokensaver_plugins._summarize_text import dump, load_json
 
 from tokensaver.tokens import count_text
@@ -204,12 +203,6 @@ def test_every_tau_bench_json_result_comes_back_the_same() -> None:
             assert jr.parse(out) == json.loads(text), out
 
 
-HOOKED = hasattr(_summarize_text, "_json_records")
-
-
-@pytest.mark.xfail(
-    not HOOKED, strict=True, reason="summarize calls _json_records.smaller once the hook in shrink is in"
-)
 def test_defaults_send_a_flight_search_as_a_table_and_the_same_bytes_again(tmp_path: Any) -> None:
     result = json.dumps(ONESTOP)
     messages: list[dict[str, Any]] = [

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import expand_lines
-from tokensaver_plugins import summarize
+from tokensaver_plugins import _json_records, summarize
 from tokensaver_plugins._summarize_text import Options, compact_frames, parse_json, shrink
 
 from tokensaver.context import make_context
@@ -143,9 +143,8 @@ def test_json_table_is_lossless():
     walk(value)
     assert all(x in res.text for x in scalars)
     header = res.text.split("\n")[0]
-    assert (
-        header.startswith("table1: ") and "columns: #|flight_number|" in header and "prices.economy" in header
-    )
+    assert re.match(r"\d+ records: #\|flight_number\|", header) and "prices.economy" in header
+    assert _json_records.parse(res.text) == value  # each leg once, the itineraries as their numbers
 
 
 # -- synthetic content types ------------------------------------------------------------------
@@ -160,9 +159,9 @@ def test_json_numbers_are_kept_as_written_and_ambiguous_strings_quoted():
     res = shrink(text, Options())
     assert res.kind == "json" and not res.lossy
     lines = res.text.split("\n")
-    assert lines[0] == "table1: 40 records; columns: id|price|note|ok"
-    assert lines[1] == '0|"1.50"|""|true'
-    assert lines[2] == "1|2.50|null|true"
+    assert lines[0] == "40 records: id|price|note; every record has ok=true"
+    assert lines[1] == '0|"1.50"|""'
+    assert lines[2] == "1|2.50|null"
 
 
 def test_non_tabular_json_is_compacted_with_key_order_kept():
@@ -174,7 +173,7 @@ def test_non_tabular_json_is_compacted_with_key_order_kept():
 def test_nested_record_lists_become_referenced_tables():
     doc = {"total": 3, "results": [{"id": f"r{i}", "tags": ["a", "b"], "err": None} for i in range(60)]}
     res = shrink(json.dumps(doc, indent=2), Options())
-    assert res.text.startswith('{"total":3,"results":<table1>}\ntable1: 60 records; columns: id|tags|err')
+    assert res.text.startswith('total: 3\nresults (60 records): id|tags; every record has err=null\nr0|["a","b"]\n')
 
 
 def test_huge_record_lists_keep_head_tail_and_error_rows():
@@ -189,7 +188,7 @@ def test_huge_record_lists_keep_head_tail_and_error_rows():
 def test_jsonl_is_tabled():
     text = "\n".join(json.dumps({"ts": i, "level": "info", "msg": f"event {i}"}) for i in range(80))
     res = shrink(text, Options())
-    assert res.kind == "json" and res.text.startswith("table1: 80 records; columns: ts|level|msg")
+    assert res.kind == "json" and res.text.startswith("80 records: ts|msg; every record has level=info")
 
 
 def test_ansi_and_progress_redraws_are_removed():
@@ -363,7 +362,7 @@ def test_transform_rewrites_only_tool_results_and_never_mutates():
     out, ctx = run_hook(body)
     assert body == frozen
     block = out["messages"][2]["content"][0]
-    assert block["content"].startswith("table1:") and block["cache_control"] == {"type": "ephemeral"}
+    assert block["content"].startswith("9 records: #|") and block["cache_control"] == {"type": "ephemeral"}
     assert out["messages"][2]["content"][1]["text"] == text  # a user's own text is not a tool result
     assert out["messages"][:2] == body["messages"][:2]
     kinds = ctx.notes["summarize"]["kinds"]
@@ -507,7 +506,7 @@ def test_e2e_turn_k_plus_1_starts_with_the_bytes_of_turn_k(tmp_path):
         for msgs in (turn1, turn2):
             client.messages.create(model="claude-sonnet-4-6", max_tokens=20, messages=msgs)
         sent = [r.body["messages"] for r in emu.requests]
-    assert sent[0][2]["content"][0]["content"].startswith("table1:")
+    assert sent[0][2]["content"][0]["content"].startswith("9 records: #|")
     assert json.dumps(sent[1][: len(sent[0])]) == json.dumps(sent[0])
     assert len(json.dumps(sent[1])) < 0.5 * len(json.dumps(turn2))
 
