@@ -4,13 +4,14 @@ What it saves: an agent's model writes the same lines again and again: a reprodu
 written with a heredoc, then written once more with one line changed; the code it read, quoted in
 its reasoning; the command it ran, run again with a longer pipe. Every copy is read again on every
 later call. In the model's turns (its text blocks and the ``command`` of its tool uses), every run
-of at least ``MIN_LINES`` lines (``MIN_CHARS`` characters) that an earlier turn of the model or an
-earlier tool result shows in the same order becomes one pointer line (``_repeats``): ``[tokensaver:
+of at least ``MIN_LINES`` lines (``MIN_CHARS`` characters) that an earlier turn of the model, an
+earlier tool result or the task (the first user message) shows in the same order becomes one pointer line (``_repeats``): ``[tokensaver:
 12 lines as lines 3-14 of assistant turn 5's command above]`` (the model's turns counted from 1, as
 ``_user_text`` counts the user's; a turn's id would say it too, at twice the pointer's tokens),
-``... of the tool_use X result above``. Lossless: every line is in the request, where the pointer
+``... of the tool_use X result above``, ``... of the task above``. Lossless: every line is in the request, where the pointer
 says (compared right-stripped, as ``_repeats`` does). Tuning half of mini-swe-agent, net of lost
-facts: 10.9% -> 14.8% with the model's turns as targets, 15.2% with the tool results too.
+facts: 10.9% -> 14.8% with the model's turns as targets, 15.2% with the tool results too, 15.3%
+with the task too.
 
 Which tool results are targets: only those prune sends as summarize does, so their line numbering
 holds. Prune's repeat pointers shorten a result that shows a run of lines an earlier result or
@@ -59,6 +60,9 @@ def rewrite(messages: list[Any], stats: dict[str, Any], results: bool = True) ->
     out: list[Any] | None = None
     turn = 0
     for i, m in enumerate(messages):
+        if i == 0 and isinstance(m, dict) and m.get("role") == "user":
+            for k, task in enumerate(_texts(m.get("content"))):  # never dropped, never rewritten
+                index.add_text("the task" + (f" {k + 1}" if k else ""), task)
         if guard is not None and isinstance(m, dict) and m.get("role") == "user":
             _results(m, index, guard, copies)
             continue
@@ -101,6 +105,19 @@ def rewrite(messages: list[Any], stats: dict[str, Any], results: bool = True) ->
                 if isinstance(b, dict) and b.get("type") == "tool_use":
                     guard.add_input(str(b.get("id")), b.get("input"))
     return out
+
+
+def _texts(content: Any) -> list[str]:
+    """The texts of a message's content (a string, or its text blocks)."""
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list):
+        return []
+    return [
+        b["text"]
+        for b in content
+        if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+    ]
 
 
 def _results(m: dict[str, Any], index: RepeatIndex, guard: RepeatIndex, copies: set[bytes]) -> None:

@@ -182,3 +182,15 @@ def test_a_result_after_a_list_result_it_repeats_is_never_pointed_to(tmp_path: A
     [sent] = send(tmp_path, [msgs])
     assert sent[4]["content"][0]["content"].startswith("[tokensaver: ")  # prune's pointer
     assert sent[5]["content"][0]["text"] == msgs[5]["content"][0]["text"]
+
+
+def test_lines_the_model_quotes_from_the_task_point_at_the_task(tmp_path: Any) -> None:
+    task = "Fix the bug. The checks that fail:\n" + "\n".join(SCRIPT)
+    msgs = conversation(turn(0, "ls", "THOUGHT: the failing checks are\n" + "\n".join(SCRIPT[2:10])))
+    msgs[0] = {"role": "user", "content": task}
+    [sent] = send(tmp_path, [msgs])
+    assert [b["text"] for b in sent[0]["content"]] == [task]  # as it came (a block: cache_align's breakpoint)
+    assert (
+        sent[1]["content"][0]["text"].split("\n")[1]
+        == "[tokensaver: 8 lines as lines 4-11 of the task above]"
+    )
