@@ -5,7 +5,9 @@ What it saves: an edit command's result shows the edited lines again, numbered (
 snippet). Those lines are in the tool use's input, which the request already carries just before
 the result. A run of at least ``min_lines`` consecutive numbered lines (``N:``, ``N→`` or ``N<tab>``,
 no padding, counting up by one) whose text after the number is, in order, lines of one string
-field of the input becomes one line naming the field and both ranges.
+field of the input becomes one line naming the field and both ranges. So does a run of a diff's
+added lines (``+text``: OpenHands' ``create`` answers with the new file as a diff of its
+``file_text``, every line of it again).
 
 Lossless and safe against every cut: a tool use and its result are kept or dropped together (prune
 clears a result's content, never the tool use), so what the pointer names is always in the
@@ -29,6 +31,30 @@ def marker(first: int, last: int, sep: str, field: str, start: int, end: int) ->
         f"[tokensaver: lines {first}-{last} (as {first}{_SHOWN[sep]}text) are lines {start}-{end} "
         f"of {field!r} in this tool use's input]"
     )
+
+
+def added_marker(count: int, field: str, start: int, end: int) -> str:
+    """The pointer line: the next ``count`` added lines (``+<text>``) are lines ``start``-``end`` of the field."""
+    return (
+        f"[tokensaver: {count} added lines (as +text) are lines {start}-{end} "
+        f"of {field!r} in this tool use's input]"
+    )
+
+
+def _form(line: str) -> tuple[str, int, str] | None:
+    """(separator, number, text) of a numbered line, ("+", 0, text) of a diff's added line, else None."""
+    m = _NUMBERED.match(line)
+    if m is not None:
+        return m.group(2), int(m.group(1)), line[m.end() :]
+    if line.startswith("+") and not line.startswith("+++ "):
+        return "+", 0, line[1:]
+    return None
+
+
+def _follows(line: str, sep: str, number: int, text: str) -> bool:
+    """Whether ``line`` is the run's next line: the same form, the next number, ``text`` after it."""
+    form = _form(line)
+    return form is not None and form[0] == sep and (sep == "+" or form[1] == number) and form[2] == text
 
 
 def _fields(tool_input: Any, min_lines: int) -> dict[str, list[str]]:
@@ -63,30 +89,30 @@ def rewrite(text: str, tool_input: Any, min_lines: int = 3, min_chars: int = 120
     i = 0
     changed = False
     while i < len(lines):
-        m = _NUMBERED.match(lines[i])
-        spots = where.get(lines[i][m.end() :], ()) if m else ()
+        form = _form(lines[i])
+        spots = where.get(form[2], ()) if form else ()
         best, at = 0, ("", 0)
         for name, p in spots:
+            assert form is not None
             src = fields[name]
             n = 0
-            while i + n < len(lines) and p + n < len(src):
-                mm = _NUMBERED.match(lines[i + n])
-                if not (
-                    mm
-                    and mm.group(2) == m.group(2)  # type: ignore[union-attr]
-                    and int(mm.group(1)) == int(m.group(1)) + n  # type: ignore[union-attr]
-                    and lines[i + n][mm.end() :] == src[p + n]
-                ):
-                    break
+            while (
+                i + n < len(lines)
+                and p + n < len(src)
+                and _follows(lines[i + n], form[0], form[1] + n, src[p + n])
+            ):
                 n += 1
             if n > best:
                 best, at = n, (name, p)
-        if m is None or best < min_lines or sum(len(x) + 1 for x in lines[i : i + best]) < min_chars:
+        if form is None or best < min_lines or sum(len(x) + 1 for x in lines[i : i + best]) < min_chars:
             out.append(lines[i])
             i += 1
             continue
-        first = int(m.group(1))
-        out.append(marker(first, first + best - 1, m.group(2), at[0], at[1] + 1, at[1] + best))
+        sep, first = form[0], form[1]
+        if sep == "+":
+            out.append(added_marker(best, at[0], at[1] + 1, at[1] + best))
+        else:
+            out.append(marker(first, first + best - 1, sep, at[0], at[1] + 1, at[1] + best))
         i += best
         changed = True
     return "\n".join(out) if changed else text
