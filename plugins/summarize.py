@@ -22,6 +22,10 @@ their line numbers (``     12→code`` to ``12→code``: every number and every 
 without tools) gets the repeat pointers too, to earlier user turns (``_user_text``); with
 ``assistant_texts`` (opt-in) the model's own text is pointed from as well.
 
+``self_repeats`` (default on): a run of lines a tool output repeats from its own lines above (a
+chained traceback's second half, the same failure printed per case) as a pointer to them
+(``_self_repeats``).
+
 ``model_turns`` (default on): in the model's own turns (its text, its tool uses' ``command``), a
 run of lines an earlier turn of the model or a tool result shows (a script written again in a
 heredoc, code it read quoted in its reasoning) becomes a pointer to it (``_assistant``; only
@@ -65,7 +69,7 @@ from tokensaver.hookspecs import hookimpl
 from tokensaver.settings import Schema, boolean, choice, integer, number, path, strings, text
 from tokensaver.tokens import canonical_json, fast_digest, memo_enabled
 
-from . import _assistant, _echo, _model_summary, _user_text
+from . import _assistant, _echo, _model_summary, _self_repeats, _user_text
 from ._lru import SizedLRU
 from ._store import encode_entry
 from ._summarize_text import SHAPE_NAMES, Options, Result, is_prose, shrink
@@ -118,6 +122,11 @@ SETTINGS = Schema(
             False,
             "the model's own text too: runs of lines an earlier turn's text shows (code it quotes, "
             "a file it writes again) as pointers to that turn",
+        ),
+        "self_repeats": boolean(
+            True,
+            "a run of lines (3+, 150+ characters) a tool output repeats from its own lines above (a "
+            "chained traceback's frames again) as a pointer to them",
         ),
         "model_turns": boolean(
             True,
@@ -260,6 +269,10 @@ def _rewrite(
                 "echo" if res.kind in ("small", "kept") or ":" in res.kind else res.kind + "+echo",
                 False,
             )
+    if not res.lossy and settings.get("self_repeats", True):
+        within = _self_repeats.rewrite(res.text)
+        if within is not res.text:
+            res = Result(within, res.kind + "+self_repeats", False)
     _tally(stats, text, res, ctx, settings)
     return (_with_ref(res, text, ctx, settings), res.lossy) if res.text != text else (text, False)
 

@@ -1,0 +1,59 @@
+"""A run of lines a tool output repeats from its own earlier lines, as a pointer to them.
+
+What it saves: one output that says the same lines twice or more: a chained Python traceback
+("During handling of the above exception, another exception occurred") whose second traceback
+repeats the first one's frames, a test run printing the same failure for every case, a script that
+prints its settings before each step. A run of at least ``MIN_LINES`` lines (``MIN_CHARS``
+characters) that the output, as it is sent, shows above it in the same order becomes one line:
+``[tokensaver: 5 lines as lines 3-7 of this output above]`` (lines counted in the output as sent,
+from 1). Lossless (lines compared right-stripped, as ``_repeats`` does); a function of the text
+alone, so the same bytes on every call.
+"""
+
+from __future__ import annotations
+
+MIN_LINES = 3
+MIN_CHARS = 150
+_MAX_CANDIDATES = 8  # earlier places of one line tried as the start of a run
+_POINTER = "[tokensaver:"
+
+
+def marker(n: int, first: int) -> str:
+    return f"[tokensaver: {n} lines as lines {first}-{first + n - 1} of this output above]"
+
+
+def rewrite(text: str, min_lines: int = MIN_LINES, min_chars: int = MIN_CHARS) -> str:
+    """``text`` with each long run of lines it already showed above as a pointer (the same object
+    when there is none)."""
+    lines = text.split("\n")
+    if len(lines) < 2 * min_lines or len(text) < 2 * min_chars:
+        return text
+    keys = [ln.rstrip() for ln in lines]
+    out: list[str] = []  # lines as sent
+    out_keys: list[str] = []
+    where: dict[str, list[int]] = {}  # key -> its places in ``out`` (literal lines only)
+    i = 0
+    changed = False
+    while i < len(lines):
+        best, at = 0, 0
+        if len(keys[i]) >= 4 and not keys[i].startswith(_POINTER):
+            for p in where.get(keys[i], ()):
+                n = 0
+                while i + n < len(lines) and p + n < len(out_keys) and keys[i + n] == out_keys[p + n]:
+                    n += 1
+                if n > best:
+                    best, at = n, p
+        if best >= min_lines and sum(len(ln) + 1 for ln in lines[i : i + best]) >= min_chars:
+            m = marker(best, at + 1)
+            out.append(m)
+            out_keys.append(m)
+            i += best
+            changed = True
+            continue
+        spots = where.setdefault(keys[i], [])
+        if len(spots) < _MAX_CANDIDATES and not keys[i].startswith(_POINTER):
+            spots.append(len(out))
+        out.append(lines[i])
+        out_keys.append(keys[i])
+        i += 1
+    return "\n".join(out) if changed else text
