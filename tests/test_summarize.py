@@ -173,7 +173,9 @@ def test_non_tabular_json_is_compacted_with_key_order_kept():
 def test_nested_record_lists_become_referenced_tables():
     doc = {"total": 3, "results": [{"id": f"r{i}", "tags": ["a", "b"], "err": None} for i in range(60)]}
     res = shrink(json.dumps(doc, indent=2), Options())
-    assert res.text.startswith('total: 3\nresults (60 records): id|tags; every record has err=null\nr0|["a","b"]\n')
+    assert res.text.startswith(
+        'total: 3\nresults (60 records): id|tags; every record has err=null\nr0|["a","b"]\n'
+    )
 
 
 def test_huge_record_lists_keep_head_tail_and_error_rows():
