@@ -136,7 +136,8 @@ def _keyed(v: dict[str, Any]) -> tuple[str, list[dict[str, Any]]] | None:
     return None
 
 
-def _table(head: str, rows: list[dict[str, Any]]) -> str:
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The keys of ``rows``, each once, in the order they first come: a table's columns."""
     cols: list[str] = []
     seen: set[str] = set()
     for r in rows:
@@ -144,6 +145,11 @@ def _table(head: str, rows: list[dict[str, Any]]) -> str:
             if k not in seen:
                 seen.add(k)
                 cols.append(k)
+    return cols
+
+
+def _table(head: str, rows: list[dict[str, Any]]) -> str:
+    cols = columns(rows)
     same: dict[str, str] = {}
     if len(rows) >= HOIST_ROWS:
         for c in cols:

@@ -208,13 +208,7 @@ def _records(value: Any) -> list[dict[str, Any]] | None:
 def table(rows: list[dict[str, Any]], name: str) -> str:
     """A list of records as ``col|col`` rows under one schema line; nested objects become dotted columns."""
     flat = [_flatten(r) for r in rows]
-    cols: list[str] = []
-    seen: set[str] = set()
-    for r in flat:
-        for k in r:
-            if k not in seen:
-                seen.add(k)
-                cols.append(k)
+    cols = _json_records.columns(flat)
     # a missing key is an empty cell; an empty string is "" (so the table stays lossless)
     lines = [f"{name}: {len(rows)} records; columns: " + "|".join(cols)]
     for r in flat:

@@ -166,3 +166,40 @@ def expand_lines(text: str, pointer: re.Pattern[str], expand: Callable[[re.Match
         m = pointer.match(ln)
         out.extend(expand(m) if m else [ln])
     return "\n".join(out)
+
+
+def tau_reservation(**changes: Any) -> dict[str, Any]:
+    """A tau-bench airline reservation record as its get_reservation_details tool returns it."""
+    rec: dict[str, Any] = {
+        "reservation_id": "HATHAT",
+        "user_id": "mia_li_3668",
+        "origin": "JFK",
+        "destination": "SEA",
+        "flight_type": "one_way",
+        "cabin": "economy",
+        "flights": [
+            {
+                "flight_number": "HAT136",
+                "date": "2024-05-20",
+                "price": 152,
+                "origin": "JFK",
+                "destination": "ATL",
+            },
+            {
+                "flight_number": "HAT039",
+                "date": "2024-05-20",
+                "price": 103,
+                "origin": "ATL",
+                "destination": "SEA",
+            },
+        ],
+        "passengers": [{"first_name": "Mia", "last_name": "Li", "dob": "1990-04-05"}],
+        "payment_history": [{"payment_id": "certificate_7504069", "amount": 250}],
+        "created_at": "2024-05-15T15:00:00",
+        "total_baggages": 3,
+        "nonfree_baggages": 1,
+        "insurance": "no",
+        "price": 1.50,
+    }
+    rec.update(changes)
+    return rec

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import tau_reservation
 from test_summarize_framing import sent_body
 from tokensaver_plugins import _json_records as jr
 from tokensaver_plugins._summarize_text import dump, load_json
@@ -20,35 +21,7 @@ from tokensaver.traces import load_conversation
 MODEL = "claude-sonnet-4-6"
 TAU = Path(__file__).resolve().parent.parent / "fixtures" / "tau-bench"
 
-RESERVATION = {
-    "reservation_id": "HATHAT",
-    "user_id": "mia_li_3668",
-    "origin": "JFK",
-    "destination": "SEA",
-    "flight_type": "one_way",
-    "cabin": "economy",
-    "flights": [
-        {
-            "flight_number": "HAT136",
-            "date": "2024-05-20",
-            "price": 152,
-            "origin": "JFK",
-            "destination": "ATL",
-        },
-        {
-            "flight_number": "HAT039",
-            "date": "2024-05-20",
-            "price": 103,
-            "origin": "ATL",
-            "destination": "SEA",
-        },
-    ],
-    "passengers": [{"first_name": "Mia", "last_name": "Li", "dob": "1990-04-05"}],
-    "payment_history": [{"payment_id": "certificate_7504069", "amount": 250}],
-    "created_at": "2024-05-15T15:00:00",
-    "total_baggages": 3,
-    "insurance": "no",
-}
+RESERVATION = {k: v for k, v in tau_reservation().items() if k not in ("nonfree_baggages", "price")}
 USER = {
     "name": {"first_name": "Mia", "last_name": "Li"},
     "address": {"address1": "975 Sunset Drive", "city": "Austin", "zip": "78750"},

@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 import anthropic
-from strategies import expand_lines, tool_loop
+from strategies import expand_lines, tau_reservation, tool_loop
 from tokensaver_plugins import prune
 from tokensaver_plugins._blocks import request_problems
 
@@ -171,38 +171,7 @@ def test_a_shifted_run_stops_where_the_numbering_breaks() -> None:
 
 
 def record(**changes: Any) -> str:
-    rec: dict[str, Any] = {
-        "reservation_id": "HATHAT",
-        "user_id": "mia_li_3668",
-        "origin": "JFK",
-        "destination": "SEA",
-        "flight_type": "one_way",
-        "cabin": "economy",
-        "flights": [
-            {
-                "flight_number": "HAT136",
-                "date": "2024-05-20",
-                "price": 152,
-                "origin": "JFK",
-                "destination": "ATL",
-            },
-            {
-                "flight_number": "HAT039",
-                "date": "2024-05-20",
-                "price": 103,
-                "origin": "ATL",
-                "destination": "SEA",
-            },
-        ],
-        "passengers": [{"first_name": "Mia", "last_name": "Li", "dob": "1990-04-05"}],
-        "payment_history": [{"payment_id": "certificate_7504069", "amount": 250}],
-        "created_at": "2024-05-15T15:00:00",
-        "total_baggages": 3,
-        "nonfree_baggages": 1,
-        "insurance": "no",
-        "price": 1.50,
-    }
-    rec.update(changes)
+    rec = tau_reservation(**changes)
     return json.dumps(rec, separators=(",", ":")).replace('"price":1.5}', '"price":1.50}')
 
 
