@@ -149,15 +149,20 @@ def test_code_the_model_quotes_from_a_tool_result_points_at_the_result(tmp_path:
     assert got == msgs[3]["content"][0]["text"]
 
 
-def test_a_result_prune_may_point_from_is_never_pointed_to(tmp_path: Any) -> None:
-    # the second result repeats the first's lines: prune sends that run as a pointer, so its lines
-    # are not where summarize saw them; the model's quote of its last lines is sent as it came
+def quoting_the_last_checks() -> list[dict[str, Any]]:
+    """Two reads of checks.py (its first 8 lines, then all of it) and a turn quoting its last lines."""
     quote = "\n".join(SCRIPT[6:])
-    msgs = conversation(
+    return conversation(
         turn(0, "head -8 checks.py"),
         turn(1, "cat checks.py"),
         turn(2, "ls", f"THOUGHT: the last checks are\n{quote}\nso check_6 fails."),
     )
+
+
+def test_a_result_prune_may_point_from_is_never_pointed_to(tmp_path: Any) -> None:
+    # the second result repeats the first's lines: prune sends that run as a pointer, so its lines
+    # are not where summarize saw them; the model's quote of its last lines is sent as it came
+    msgs = quoting_the_last_checks()
     msgs[2], msgs[4] = result(0, "\n".join(SCRIPT[:8])), result(1, "\n".join(SCRIPT))
     [sent] = send(tmp_path, [msgs])
     assert sent[4]["content"][0]["content"].startswith("[tokensaver: ")  # prune's pointer
@@ -167,12 +172,7 @@ def test_a_result_prune_may_point_from_is_never_pointed_to(tmp_path: Any) -> Non
 def test_a_result_after_a_list_result_it_repeats_is_never_pointed_to(tmp_path: Any) -> None:
     # prune indexes a result sent as text blocks too: a later result repeating its lines is
     # pointed from, so it is no target either
-    quote = "\n".join(SCRIPT[6:])
-    msgs = conversation(
-        turn(0, "head -8 checks.py"),
-        turn(1, "cat checks.py"),
-        turn(2, "ls", f"THOUGHT: the last checks are\n{quote}\nso check_6 fails."),
-    )
+    msgs = quoting_the_last_checks()
     first = {"type": "text", "text": "\n".join(SCRIPT[:8])}
     msgs[2] = {
         "role": "user",

@@ -7,12 +7,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import anthropic
 from strategies import expand_lines, tool_loop
-from tokensaver_plugins._blocks import request_problems
-
-import tokensaver
-from tokensaver.emulator import Emulator
+from test_summarize_framing import sent_body
 
 MODEL = "claude-sonnet-4-6"
 FRAMES = [
@@ -45,13 +41,7 @@ def sent(tmp_path: Any, text: str, config: dict[str, Any] | None = None) -> str:
         "max_tokens": 64,
         "messages": tool_loop("Run it.", [("bash", {"command": "python reproduce.py"}, text)]),
     }
-    with Emulator(virtual_clock=True, start_time=1_700_000_000.0) as emu:
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path), **(config or {})})
-        resp = client.post("/v1/messages", body=body, cast_to=object)
-        assert isinstance(resp, dict) and resp["type"] == "message"
-        got: dict[str, Any] = emu.last["body"]
-    assert request_problems(got) == []
+    got = sent_body(tmp_path, body, config)
     out: str = got["messages"][2]["content"][0]["content"]
     return out
 

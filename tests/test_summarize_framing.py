@@ -36,11 +36,11 @@ def sent_result(
     return out
 
 
-def sent_body(tmp_path: Any, body: dict[str, Any]) -> dict[str, Any]:
-    """What the defaults send of ``body`` through ``wrap()`` to the emulator (checked valid)."""
+def sent_body(tmp_path: Any, body: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the defaults (and ``config``) send of ``body`` through ``wrap()`` to the emulator (checked valid)."""
     with Emulator(virtual_clock=True, start_time=1_700_000_000.0) as emu:
         base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
+        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path), **(config or {})})
         resp = client.post("/v1/messages", body=body, cast_to=object)
         assert isinstance(resp, dict) and resp["type"] == "message"
         sent: dict[str, Any] = emu.last["body"]

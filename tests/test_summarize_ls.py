@@ -6,12 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import anthropic
 from strategies import tool_loop
-from tokensaver_plugins._blocks import request_problems
-
-import tokensaver
-from tokensaver.emulator import Emulator
+from test_summarize_framing import sent_body
 
 MODEL = "claude-sonnet-4-6"
 NAMES = [
@@ -41,13 +37,7 @@ def sent(tmp_path: Any, text: str) -> str:
         "max_tokens": 64,
         "messages": tool_loop("List the files.", [("bash", {"command": "ls -la"}, text)]),
     }
-    with Emulator(virtual_clock=True, start_time=1_700_000_000.0) as emu:
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
-        resp = client.post("/v1/messages", body=body, cast_to=object)
-        assert isinstance(resp, dict) and resp["type"] == "message"
-        got: dict[str, Any] = emu.last["body"]
-    assert request_problems(got) == []
+    got = sent_body(tmp_path, body)
     out: str = got["messages"][2]["content"][0]["content"]
     return out
 
