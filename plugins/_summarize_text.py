@@ -5,12 +5,12 @@ same tool output always gives the same bytes and prompt-cache prefixes stay stab
 
 Order of preference: lossless rewrites first (ANSI codes, carriage-return progress, trailing
 whitespace, JSON re-encoded compactly or as a table, formats known by their shape (``SHAPES``: grep
-hits and context lines grouped by file, go test runs, GitHub Actions logs, git diffs), ls -l columns
-that are the same on every line); lossy only for clearly repetitive logs (runs of lines that differ only
-in numbers) and very long logs (head + tail + every line with an error, warning, trace frame or a
-path not shown elsewhere). Source code and numbered file contents (``cat -n``, ``12:``) are never
-elided: the model quotes them back when it edits; only the padding before their line numbers goes
-(``     12→code`` to ``12→code``, every number kept).
+hits and context lines grouped by file, go test runs, GitHub Actions logs, git diffs, ls -R as a
+tree), ls -l columns that are the same on every line); lossy only for clearly repetitive logs
+(runs of lines that differ only in numbers) and very long logs (head + tail + every line with an
+error, warning, trace frame or a path not shown elsewhere). Source code and numbered file
+contents (``cat -n``, ``12:``) are never elided: the model quotes them back when it edits; only
+the padding before their line numbers goes (``     12→code`` to ``12→code``, every number kept).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from . import _json_records
+from . import _json_records, _ls_tree
 
 # -- classification ---------------------------------------------------------------------------
 
@@ -677,7 +677,13 @@ def compact_pip(lines: list[str]) -> list[str] | None:
     return out if changed else None
 
 
-SHAPES = (("grep", group_grep), ("test", compact_go_test), ("ci", compact_actions_log), ("pip", compact_pip))
+SHAPES = (
+    ("grep", group_grep),
+    ("test", compact_go_test),
+    ("ci", compact_actions_log),
+    ("pip", compact_pip),
+    ("ls_r", _ls_tree.compact),
+)
 SHAPE_NAMES = ("diff", *(k for k, _ in SHAPES), "returncode", "state")
 
 # mini-swe-agent's observation: the exit status and the output between tags, every call
@@ -890,7 +896,7 @@ def shrink(text: str, opts: Options) -> Result:
 def _shaped(text: str, lines: list[str], kind: str, opts: Options) -> Result:
     """Lines of a known shape (or plain text) with the lossy steps that suit it, then blobs."""
     lossy = False
-    if opts.lossy and kind not in ("grep", "ci"):
+    if opts.lossy and kind not in ("grep", "ci", "ls_r"):  # lossless in full: never cut
         lines, cut = collapse_repeats(lines, opts.min_run)
         lossy = lossy or cut
         if not is_prose(lines):

@@ -10,7 +10,8 @@ their ``diff --git`` line implies, mini-swe-agent's ``<returncode>``/``<output>`
 line at any size (in the observations of both, a Python traceback's frame lines
 ``File "P", line N, in F`` as ``P:N in F``; SWE-agent's review note after an edit, once an
 earlier observation shows it, as a pointer to it), pip's ``Requirement already satisfied`` lines
-with their install path once (3 or more in a row); an edit's echo of its own tool use's input as a pointer to it);
+with their install path once (3 or more in a row), an ``ls -R`` listing as a tree (a directory
+per line, its entries after the colon: ``_ls_tree``); an edit's echo of its own tool use's input as a pointer to it);
 lossy ones only for clearly repetitive logs (runs differing only in numbers, very long logs cut to
 head + tail + every error/warning/trace line and every line with a path not shown elsewhere), long
 base64 blobs, binary output and fetched web pages (to text). Source code and numbered file
