@@ -8,8 +8,11 @@ of at least ``MIN_LINES`` lines (``MIN_CHARS`` characters) that an earlier turn 
 earlier tool result or the task (the first user message) shows in the same order becomes one pointer line (``_repeats``): ``[tokensaver:
 12 lines as lines 3-14 of assistant turn 5's command above]`` (the model's turns counted from 1, as
 ``_user_text`` counts the user's; a turn's id would say it too, at twice the pointer's tokens),
-``... of the tool_use X result above``, ``... of the task above``. Lossless: every line is in the request, where the pointer
-says (compared right-stripped, as ``_repeats`` does). Tuning half of mini-swe-agent, net of lost
+``... of the tool_use X result above``, ``... of the task above``; code it read with ``nl -ba``
+(``cat -n``: a number and a tab before each line) and quotes without the numbers, ``... of the
+tool_use X result, its line numbers left out, above`` (mini-swe-agent tuning half, net of lost
+facts: 16.27% -> 16.33%: the runs it quotes whole are short). Lossless: every line is in the
+request, where the pointer says (compared right-stripped, as ``_repeats`` does). Tuning half of mini-swe-agent, net of lost
 facts: 10.9% -> 14.8% with the model's turns as targets, 15.2% with the tool results too, 15.3%
 with the task too.
 
@@ -31,6 +34,7 @@ under its budget): a pointer into a dropped turn names lines the request no long
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import xxhash
@@ -45,6 +49,9 @@ NOUN = "{}"  # a pointer names the earlier text in full ("assistant turn 5's com
 FIELDS = ("command",)  # the tool-use input fields rewritten and pointed to (a shell command)
 _THINKING = ("thinking", "redacted_thinking")
 GUARD_LINES = 3  # prune's shortest repeat run (``repeat_min_lines`` is at least 3)
+# a numbered file's lines (``nl -ba``, ``cat -n``: the number, a tab) as the model quotes them
+UNNUMBERED = "the tool_use {} result, its line numbers left out,"
+_NUMBERED = re.compile(r"^ *\d+\t", re.MULTILINE)
 
 
 def rewrite(messages: list[Any], stats: dict[str, Any], results: bool = True) -> list[Any] | None:
@@ -143,6 +150,9 @@ def _results(m: dict[str, Any], index: RepeatIndex, guard: RepeatIndex, copies: 
         copies.add(digest)
         if guard.rewrite(tid, c) is c and not seen:
             index.add_text(RESULT.format(tid), c)
+            bare = unnumbered(c)
+            if bare is not None:  # code the model read, quoted without the numbers `nl -ba` put before it
+                index.add_text(UNNUMBERED.format(tid), bare)
 
 
 def _one(index: RepeatIndex, name: str, text: str, frozen: bool, stats: dict[str, Any], kind: str) -> str:
@@ -158,3 +168,12 @@ def _one(index: RepeatIndex, name: str, text: str, frozen: bool, stats: dict[str
     k["chars_before"] += len(text)
     k["chars_after"] += len(new)
     return new
+
+
+def unnumbered(text: str) -> str | None:
+    """``text`` with the number and tab before each of its numbered lines left out (``nl -ba``,
+    ``cat -n``), line for line (None: fewer than ``MIN_LINES`` numbered lines)."""
+    if text.count("\t") < MIN_LINES:
+        return None
+    bare, n = _NUMBERED.subn("", text)
+    return bare if n >= MIN_LINES else None
