@@ -5,11 +5,14 @@ line, then a blank line; a checkout's listing is mostly those newlines and the p
 and again (``./django/conf/locale/fr/LC_MESSAGES:``). Here each directory is one line, ``name:
 entry entry ...``, indented one space deeper than the directory it is in and named relative to it
 (the first directory of a run, and one under none of the directories above, with its path as
-``ls`` printed it). A marker line before the run says how to read it. Lossless: the run of lines
-is rewritten only when reading the tree back gives it again exactly (``expand``), and only when no
-name holds a space (entries are parted by spaces); lines around the run as they came. About a
+``ls`` printed it); a directory whose directories hold none says them in its line, each after its
+own name (``af: LC_MESSAGES{django.mo django.po}``). A marker line before the run says how to read
+it. Lossless: the run of lines is rewritten only when reading the tree back gives it again
+exactly (``expand``), and only when no name holds a space (entries are parted by spaces); lines
+around the run as they came. About a
 third of the listing's tokens (mini-swe-agent's ``ls -R`` of a Django checkout, its head and tail
-as the agent cut them: 2,955 -> 1,945 tokens, cl100k).
+as the agent cut them: 3,098 -> 2,022 tokens, cl100k; mini-swe-agent tuning half, net of lost
+facts: 15.6% -> 16.3%, 16.4% with the directories in their directory's line).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import re
 
 MARKER = (
     "[tokensaver: ls -R below as a tree: a directory per line, its entries after the colon; "
-    "an indented directory is in the nearest one above with one space less]"
+    "an indented directory is in the nearest one above with one space less; name{a b}: "
+    "a directory holding a and b]"
 )
 MIN_BLOCKS = 3  # directories in a run (one of them in another)
 _HEADER = re.compile(r"[^\s:]+:")
@@ -39,6 +43,8 @@ def compact(lines: list[str]) -> list[str] | None:
             continue
         end, blocks = run
         tree = _tree(blocks)
+        if tree is not None and expand(inlined := _inline(tree)) == lines[i:end]:
+            tree = inlined
         if tree is None or expand(tree) != lines[i:end]:
             out.extend(lines[i:end])  # a later start in the same run would not nest either
             i = end
@@ -89,12 +95,56 @@ def _tree(blocks: list[tuple[str, list[str]]]) -> list[str] | None:
     return out if nested else None
 
 
+def _depth(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _inline(tree: list[str]) -> list[str]:
+    """The tree with the directories of a directory whose every directory holds none (a locale's
+    ``LC_MESSAGES``) said in its line, each after its own name: ``LC_MESSAGES{django.mo django.po}``
+    (never when a name has a brace)."""
+    out: list[str] = []
+    i = 0
+    while i < len(tree):
+        line, d = tree[i], _depth(tree[i])
+        j = i + 1
+        kids: dict[str, str] = {}
+        while (
+            j < len(tree)
+            and _depth(tree[j]) == d + 1
+            and (j + 1 == len(tree) or _depth(tree[j + 1]) <= d + 1)
+        ):
+            name, _, rest = tree[j].strip(" ").partition(":")
+            kids[name] = rest.strip(" ")
+            j += 1
+        head, _, rest = line.partition(":")
+        entries = rest.split()
+        ok = (
+            kids
+            and (j == len(tree) or _depth(tree[j]) <= d)
+            and list(kids) == [e for e in entries if e in kids]
+            and "{" not in line + "".join(kids.values())
+            and "}" not in line + "".join(kids.values())
+        )
+        if not ok:
+            out.append(line)
+            i += 1
+            continue
+        said = [e + "{" + kids[e] + "}" if e in kids else e for e in entries]
+        out.append(head + ":" + "".join(" " + e for e in said))
+        i = j
+    return out
+
+
+_ITEM = re.compile(r"([^\s{}]+)\{([^{}]*)\}|\S+")
+
+
 def expand(tree: list[str]) -> list[str]:
     """The ``ls -R`` lines a tree stands for (the marker line left out)."""
     stack: list[str] = []
     out: list[str] = []
     for k, line in enumerate(tree):
-        depth = len(line) - len(line.lstrip(" "))
+        depth = _depth(line)
         head, _, rest = line[depth:].partition(":")
         path = stack[depth - 1] + "/" + head if 0 < depth <= len(stack) else head
         del stack[depth:]
@@ -102,5 +152,11 @@ def expand(tree: list[str]) -> list[str]:
         if k:
             out.append("")
         out.append(path + ":")
-        out.extend(rest.split())
+        inner: list[tuple[str, str]] = []
+        for m in _ITEM.finditer(rest):
+            out.append(m.group(1) or m.group(0))
+            if m.group(1):
+                inner.append((m.group(1), m.group(2)))
+        for name, entries in inner:  # ls -R lists a directory's directories after it, in its order
+            out.extend(["", f"{path}/{name}:", *entries.split()])
     return out

@@ -54,9 +54,9 @@ def test_a_recursive_listing_goes_as_a_tree(tmp_path: Any) -> None:
         "  apps: __init__.py config.py registry.py",
         "  conf: __init__.py global_settings.py locale",
         "   locale: __init__.py " + " ".join(LOCALES),
-        "    af: LC_MESSAGES __init__.py formats.py",
+        "    af: LC_MESSAGES{django.mo django.po} __init__.py formats.py",  # its one directory in its line
     ]
-    assert lines[8] == "     LC_MESSAGES: django.mo django.po"
+    assert lines[8] == "    ar: LC_MESSAGES{django.mo django.po} __init__.py formats.py"
     assert lines[-2:] == [" tests: runtests.py urls.py", ""]
     assert "\n".join(_ls_tree.expand(lines[2:-1])) + "\n" == LISTING
     assert count_text(out) < 0.75 * count_text(LISTING)
