@@ -35,11 +35,12 @@ under its budget): a pointer into a dropped turn names lines the request no long
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import xxhash
 
 from ._repeats import RESULT, RepeatIndex
+from ._user_text import tally
 
 MIN_LINES = 3  # shortest run sent as a pointer
 # ... and its fewest characters (mini-swe-agent tuning half, turns only, before the ls -l date:
@@ -54,26 +55,76 @@ UNNUMBERED = "the tool_use {} result, its line numbers left out,"
 _NUMBERED = re.compile(r"^ *\d+\t", re.MULTILINE)
 
 
-def rewrite(messages: list[Any], stats: dict[str, Any], results: bool = True) -> list[Any] | None:
+class State(NamedTuple):
+    """What one call's pass left, for the conversation's next call to go on from (as
+    ``_user_text.State``): after each message, both repeat indexes' chain keys and feeds, the model's
+    turns and the results' digests so far; each text rewritten (message, block, input field or None
+    for a text block, text as sent, kind, characters before); the results' digests in order."""
+
+    checkpoints: tuple[tuple[bytes, int, bytes, int, int, int], ...]
+    edits: tuple[tuple[int, int, str | None, str, str, int], ...]
+    digests: tuple[bytes, ...]
+
+    def nbytes(self) -> int:
+        return 96 * len(self.checkpoints) + 16 * len(self.digests) + sum(100 + len(e[3]) for e in self.edits)
+
+
+def rewrite(
+    messages: list[Any],
+    stats: dict[str, Any],
+    results: bool = True,
+    state: State | None = None,
+    same: int = 0,
+) -> tuple[list[Any] | None, State]:
     """The messages with every long run of lines in a model turn that an earlier model turn (or,
     with ``results``, a tool result prune leaves as it is) shows as a pointer to it (None: nothing
     changed); per kind, blocks and characters before/after go
-    into ``stats['kinds']``."""
+    into ``stats['kinds']``.
+
+    ``state`` is what the conversation's last call left and ``same`` how many leading messages are
+    as it had them: their rewrites are re-applied and the pass goes on from there (both repeat
+    indexes resumed from their chain keys), with the same bytes as a pass over them all."""
     index = RepeatIndex(MIN_LINES, MIN_CHARS, NOUN)
     # what prune's repeat pointers could change: a result with any run of 3 lines an earlier
     # result or tool input shows (its shortest run, whatever its characters), or a copy of one
     guard = RepeatIndex(GUARD_LINES, 0) if results else None
-    copies: set[bytes] = set()
     out: list[Any] | None = None
     turn = 0
-    for i, m in enumerate(messages):
+    digests: list[bytes] = []  # the results' digests, in order (``copies`` as a set)
+    checkpoints: list[tuple[bytes, int, bytes, int, int, int]] = []
+    edits: list[tuple[int, int, str | None, str, str, int]] = []
+    start = 0
+    if state is not None and guard is not None and 0 < same <= len(state.checkpoints):
+        key, fed, gkey, gfed, n_turns, n_digests = state.checkpoints[same - 1]
+        if (fed == 0 or index.resume(key, fed)) and (gfed == 0 or guard.resume(gkey, gfed)):
+            start, turn = same, n_turns
+            checkpoints = list(state.checkpoints[:same])
+            digests = list(state.digests[:n_digests])
+            edits = [e for e in state.edits if e[0] < same]
+            for i, bi, field, text, kind, before in edits:
+                out = out if out is not None else list(messages)
+                parts = list(out[i]["content"])
+                b = parts[bi]
+                parts[bi] = (
+                    {**b, "text": text} if field is None else {**b, "input": {**b["input"], field: text}}
+                )
+                out[i] = {**out[i], "content": parts}
+                tally(stats, kind, before, len(text))
+        else:  # (an index no longer kept: the pass goes over them all again)
+            index = RepeatIndex(MIN_LINES, MIN_CHARS, NOUN)
+            guard = RepeatIndex(GUARD_LINES, 0)
+    copies: set[bytes] = set(digests)
+    for i in range(start, len(messages)):
+        m = messages[i]
         if i == 0 and isinstance(m, dict) and m.get("role") == "user":
             for k, task in enumerate(_texts(m.get("content"))):  # never dropped, never rewritten
                 index.add_text("the task" + (f" {k + 1}" if k else ""), task)
         if guard is not None and isinstance(m, dict) and m.get("role") == "user":
-            _results(m, index, guard, copies)
+            _results(m, index, guard, copies, digests)
+            checkpoints.append(_checkpoint(index, guard, turn, digests))
             continue
         if not isinstance(m, dict) or m.get("role") != "assistant" or not isinstance(m.get("content"), list):
+            checkpoints.append(_checkpoint(index, guard, turn, digests))
             continue
         turn += 1
         content = m["content"]
@@ -88,6 +139,7 @@ def rewrite(messages: list[Any], stats: dict[str, Any], results: bool = True) ->
                 name = f"assistant turn {turn}'s text" + (f" {texts}" if texts > 1 else "")
                 new = _one(index, name, b["text"], frozen, stats, "assistant_text:repeats")
                 if new is not b["text"]:
+                    edits.append((i, bi, None, new, "assistant_text:repeats", len(b["text"])))
                     blocks = blocks if blocks is not None else list(content)
                     blocks[bi] = {**b, "text": new}
             elif b.get("type") == "tool_use" and isinstance(b.get("input"), dict):
@@ -100,6 +152,7 @@ def rewrite(messages: list[Any], stats: dict[str, Any], results: bool = True) ->
                     name = f"assistant turn {turn}'s {f}"
                     new = _one(index, name, value, frozen, stats, f"tool_use_{f}:repeats")
                     if new is not value:
+                        edits.append((i, bi, f, new, f"tool_use_{f}:repeats", len(value)))
                         changed = {**(changed or given), f: new}
                 if changed is not None:
                     blocks = blocks if blocks is not None else list(content)
@@ -111,7 +164,16 @@ def rewrite(messages: list[Any], stats: dict[str, Any], results: bool = True) ->
             for b in blocks if blocks is not None else content:
                 if isinstance(b, dict) and b.get("type") == "tool_use":
                     guard.add_input(str(b.get("id")), b.get("input"))
-    return out
+        checkpoints.append(_checkpoint(index, guard, turn, digests))
+    return out, State(tuple(checkpoints), tuple(edits), tuple(digests))
+
+
+def _checkpoint(
+    index: RepeatIndex, guard: RepeatIndex | None, turn: int, digests: list[bytes]
+) -> tuple[bytes, int, bytes, int, int, int]:
+    """Where the pass is after a message: both indexes' chain keys and feeds, the turns, the digests."""
+    gkey, gfed = (guard.key, len(guard.fed)) if guard is not None else (b"", 0)
+    return (index.key, len(index.fed), gkey, gfed, turn, len(digests))
 
 
 def _texts(content: Any) -> list[str]:
@@ -127,7 +189,9 @@ def _texts(content: Any) -> list[str]:
     ]
 
 
-def _results(m: dict[str, Any], index: RepeatIndex, guard: RepeatIndex, copies: set[bytes]) -> None:
+def _results(
+    m: dict[str, Any], index: RepeatIndex, guard: RepeatIndex, copies: set[bytes], digests: list[bytes]
+) -> None:
     """Index a user message's tool results that prune sends as they are (no run of lines an
     earlier result or input shows, not a copy of one) as places a later turn of the model may
     point to: ``the tool_use X result``, its lines numbered as summarize sends it."""
@@ -148,6 +212,7 @@ def _results(m: dict[str, Any], index: RepeatIndex, guard: RepeatIndex, copies: 
         digest = xxhash.xxh3_128_digest(c.encode("utf-8", "surrogatepass"))
         seen = digest in copies
         copies.add(digest)
+        digests.append(digest)
         if guard.rewrite(tid, c) is c and not seen:
             index.add_text(RESULT.format(tid), c)
             bare = unnumbered(c)
@@ -163,10 +228,7 @@ def _one(index: RepeatIndex, name: str, text: str, frozen: bool, stats: dict[str
     new = index.rewrite(name, text)
     if new == text:
         return text
-    k = stats.setdefault("kinds", {}).setdefault(kind, {"blocks": 0, "chars_before": 0, "chars_after": 0})
-    k["blocks"] += 1
-    k["chars_before"] += len(text)
-    k["chars_after"] += len(new)
+    tally(stats, kind, len(text), len(new))
     return new
 
 

@@ -203,7 +203,7 @@ def rewrite(
                     parts = list(m["content"])
                     parts[bi] = {**parts[bi], "text": text}
                     out[i] = {**m, "content": parts}
-                _tally(stats, kind, before, len(text))
+                tally(stats, kind, before, len(text))
     for i in range(start, len(messages)):
         m = messages[i]
         role = m.get("role") if isinstance(m, dict) else None
@@ -234,7 +234,7 @@ def rewrite(
     return out, State(tuple(checkpoints), tuple(edits), users)
 
 
-def _tally(stats: dict[str, Any], kind: str, before: int, after: int) -> None:
+def tally(stats: dict[str, Any], kind: str, before: int, after: int) -> None:
     k = stats.setdefault("kinds", {}).setdefault(kind, {"blocks": 0, "chars_before": 0, "chars_after": 0})
     k["blocks"] += 1
     k["chars_before"] += before
@@ -269,5 +269,5 @@ def _text(
         return text
     kind = f"{role}_text:" + (kind or "kept") + ("+repeats" if new != framed else "")
     edits.append((i, bi, new, kind, len(text)))
-    _tally(stats, kind, len(text), len(new))
+    tally(stats, kind, len(text), len(new))
     return new

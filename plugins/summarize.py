@@ -440,6 +440,7 @@ class _Index:
         self.text_bytes = 0
         self.edited: list[int] = []  # messages with rewrites
         self.user_state: _user_text.State | None = None  # where the user turns' pass left off
+        self.turns_state: _assistant.State | None = None  # where the model turns' pass left off
         for e in entries or ():
             self.add(e)
 
@@ -469,7 +470,8 @@ class _Index:
 
     def nbytes(self) -> int:
         user = self.user_state.nbytes() if self.user_state is not None else 0
-        return _ENTRY_BYTES * len(self.entries) + self.text_bytes + user
+        turns = self.turns_state.nbytes() if self.turns_state is not None else 0
+        return _ENTRY_BYTES * len(self.entries) + self.text_bytes + user + turns
 
 
 def _raw_digest(m: Any) -> Any:
@@ -682,7 +684,7 @@ def _rewrite_messages(
     k = len(seen) if raws[: len(seen)] == seen else _common(seen, raws, messages)
     if settings.get("model_summaries"):
         k = min(k, max(0, len(messages) - 1))  # the newest message is decided anew (a summary may be asked)
-    user_state = index.user_state
+    user_state, turns_state = index.user_state, index.turns_state
     index = index.cut(k)
     found = [_uses(m) for m in messages[k:]]
     if any(uid in index.inputs or uid in index.results for uses, _, _ in found for uid, _, _ in uses):
@@ -729,8 +731,11 @@ def _rewrite_messages(
         )
         out = texts if texts is not None else out
     if settings.get("model_turns", True):
-        # last: the model's turns as the passes before left them (assistant_texts' pointers kept)
-        turns = _assistant.rewrite(out if out is not None else messages, stats)
+        # last: the model's turns as the passes before left them (assistant_texts' pointers kept),
+        # going on from where the last call's pass left them, as the user turns' pass does
+        turns, index.turns_state = _assistant.rewrite(
+            out if out is not None else messages, stats, state=turns_state if k > 0 else None, same=k
+        )
         out = turns if turns is not None else out
     if on:
         _put(ctx, key, index)

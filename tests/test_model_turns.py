@@ -9,6 +9,7 @@ from typing import Any
 
 import anthropic
 from strategies import expand_lines
+from tokensaver_plugins import _assistant
 from tokensaver_plugins._blocks import request_problems
 
 import tokensaver
@@ -194,3 +195,24 @@ def test_lines_the_model_quotes_from_the_task_point_at_the_task(tmp_path: Any) -
         sent[1]["content"][0]["text"].split("\n")[1]
         == "[tokensaver: 8 lines as lines 4-11 of the task above]"
     )
+
+
+def test_the_pass_goes_on_from_where_the_last_call_left_it_with_the_same_bytes() -> None:
+    # a growing conversation, call after call: the pass resumed from the last call's state (its
+    # rewrites re-applied, both repeat indexes resumed) sends what a pass over everything sends
+    msgs = conversation(
+        turn(0, FIRST),
+        turn(1, "python reproduce.py", "THOUGHT: run it.\n" + "\n".join(SCRIPT[3:9])),
+        turn(2, SECOND),
+        turn(3, "cat reproduce.py"),
+        turn(4, FIRST, "THOUGHT: back to the first one.\n" + "\n".join(SCRIPT[2:10])),
+    )
+    msgs[8] = result(3, "\n".join(SCRIPT))
+    state = None
+    for n in range(3, len(msgs) + 1, 2):
+        full_stats: dict[str, Any] = {}
+        full, _ = _assistant.rewrite(msgs[:n], full_stats)
+        stats: dict[str, Any] = {}
+        resumed, state = _assistant.rewrite(msgs[:n], stats, state=state, same=max(0, n - 2))
+        assert resumed == full and stats == full_stats
+    assert full is not None and sum(1 for m in full if m not in msgs) >= 2  # it did rewrite turns
