@@ -19,7 +19,12 @@ inserted before that assistant turn again (the same bytes as when the model wrot
 thinking stays bound to what it saw). A turn that calls a deferred tool no loading round is known for
 (a restart lost it, or a replayed transcript) gets a round made for it, recorded as ``made_loads``:
 the bench prices each one as the extra round the agent would have made (one call reading the cached
-prefix).
+prefix). On a model with the preserved-thinking prefix check a turn that thinks gets no made round:
+its thinking is bound to the tools loaded before it, so a round put before it would have the API
+refuse the block; it is sent as the model wrote it (``unloaded_calls``).
+
+With ``profiles`` (the default) the seldom called tools of a known harness are deferred without being
+named: Claude Code's and OpenClaw's (:data:`PROFILES`, which says why those tools).
 
 Only on models with tool search (Claude 4.5 and later); elsewhere the stage stands aside.
 """
@@ -33,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokensaver import model_rules as rules
-from tokensaver.billing import tool_references
+from tokensaver.billing import THINKING_TYPES, tool_references
 from tokensaver.context import plugin_notes
 from tokensaver.hookspecs import hookimpl
 from tokensaver.settings import Schema, boolean, integer, number, size, strings
@@ -49,13 +54,45 @@ SUMMARY_CHARS = 160  # what the loader's description says of each deferred tool
 tokensaver_read_only = True
 
 # the tools a known agent harness offers on every call and seldom calls: deferred (with ``profiles``)
-# when the request offers every tool of the harness's fingerprint. Claude Code (2.1.2xx-2.1.3xx) keeps
-# these four eager beside the ones it defers itself behind its own ToolSearch; no shared Claude Code
-# session's tuning half calls them, nor does the end-to-end session.
+# when the request offers every tool of the harness's fingerprint.
+#
+# Claude Code (2.1.2xx-2.1.3xx) keeps these four eager beside the ones it defers itself behind its own
+# ToolSearch; no shared Claude Code session's tuning half calls them, nor does the end-to-end session.
+#
+# OpenClaw (2026.9): its own Tool Search keeps most tools in a catalogue and sends eagerly its "core coding
+# surface" (read, write, edit, apply_patch, ls, exec, process: isCoreCodingSurfaceToolName), the search
+# controls (tool_search, tool_describe, tool_call) and its ``direct-only`` tools, which stay eager because
+# their structured results (screenshots, images, a yield) cannot cross the catalogue's bridge, not because
+# a turn needs them: computer (desktop and paired-node control, 1.5k tokens), openclaw (gateway setup and
+# repair; its docs keep it out of the minimal, coding and messaging tool profiles), sessions_yield (wait
+# for subagents, which only a sessions_spawn through the catalogue starts) and view_image (look at an image
+# file). Those four are deferred; the core coding tools and the search controls never are. With Tool
+# Search off (``tools.toolSearch: false``) OpenClaw sends its whole catalogue eagerly: then the tools its
+# own ``coding`` tool profile leaves out (docs: gateway/config-tools/tool-policy) are deferred too, except
+# ``message`` and ``heartbeat_respond``, which a run's delivery may need.
+OPENCLAW_DIRECT_ONLY = ("computer", "openclaw", "sessions_yield", "view_image")
+OPENCLAW_NOT_CODING = (
+    "agents_list",
+    "browser",
+    "canvas",
+    "dashboard",
+    "nodes",
+    "pdf",
+    "plugins",
+    "portal",
+    "screen",
+    "show_widget",
+    "terminal",
+    "tts",
+)
 PROFILES: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
     "claude-code": (
         frozenset({"Agent", "Bash", "Edit", "Read", "Write", "ToolSearch"}),
         ("ListAgents", "ReportFindings", "ScheduleWakeup", "Workflow"),
+    ),
+    "openclaw": (
+        frozenset({"exec", "process", "read", "write", "edit"}),
+        OPENCLAW_DIRECT_ONLY + OPENCLAW_NOT_CODING,
     ),
 }
 
@@ -69,7 +106,9 @@ SETTINGS = Schema(
             True,
             "also defer the tools a known agent harness seldom calls, when the request offers that "
             "harness's tools: Claude Code's ListAgents, ReportFindings, ScheduleWakeup and Workflow "
-            "(beside its Agent, Bash, Edit, Read, Write and ToolSearch)",
+            "(beside its Agent, Bash, Edit, Read, Write and ToolSearch); OpenClaw's computer, openclaw, "
+            "sessions_yield and view_image, and the tools its coding tool profile leaves out (beside its "
+            "exec, process, read, write and edit)",
         ),
         "auto": boolean(
             False,
@@ -189,6 +228,18 @@ def _made_round(turn: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
             ],
         },
     ]
+
+
+def _thinks(turn: dict[str, Any]) -> bool:
+    """Whether an assistant turn carries a thinking block. On a model with the preserved-thinking prefix
+    check the block is bound to the tools loaded before it: a round made before a turn that called a
+    deferred tool no round loaded (the model called it directly, or a restart lost the round) would
+    have the API refuse the block (400, "bound to a different conversation"), so such a turn is sent
+    as the model wrote it, with no round before it."""
+    content = turn.get("content")
+    return isinstance(content, list) and any(
+        isinstance(b, dict) and b.get("type") in THINKING_TYPES for b in content
+    )
 
 
 def _note_deferred(ctx: Any, names: frozenset[str] | None = None) -> frozenset[str] | None:
@@ -330,6 +381,8 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
     new_tools = [{**t, "defer_loading": True} if t in picked else t for t in tools]
     new_tools.append(loader(picked))
     kept = _rounds(ctx)
+    bound = rules.prefix_check_enforcement(str(body.get("model", ""))) is not None
+    unloaded = 0
     out: list[Any] = []
     loaded: set[str] = set()
     made = 0
@@ -349,8 +402,11 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
             # else one is made when the turn calls a tool nothing loaded yet
             round_ = kept.get((ctx.key_hash, key)) if key is not None and not behind else None
             if round_ is None and missing and not behind:
-                round_ = _made_round(m, missing)
-                made += i >= last - 1  # (priced once: when the turn is new in the call)
+                if bound and _thinks(m):
+                    unloaded += i >= last - 1  # sent as it is: a round before it would unbind it
+                else:
+                    round_ = _made_round(m, missing)
+                    made += i >= last - 1  # (priced once: when the turn is new in the call)
             if round_ is not None:
                 out.extend(round_)
                 for r in round_:
@@ -359,6 +415,8 @@ def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, An
             loaded.update(_referenced(m.get("content")))
         out.append(m)
     ctx.record(deferred=len(picked), made_loads=made, extra_rounds=made)
+    if unloaded:
+        ctx.record(unloaded_calls=unloaded)
     return {**body, "tools": new_tools, "messages": out}
 
 
@@ -411,10 +469,16 @@ def tokensaver_report_section(plugin: str, calls: list[dict[str, Any]]) -> dict[
     deferring = sum(1 for n in notes if n.get("deferred"))
     loads = sum(int(n.get("loads") or 0) for n in notes)
     made = sum(int(n.get("made_loads") or 0) for n in notes)
+    unloaded = sum(int(n.get("unloaded_calls") or 0) for n in notes)
+    also = (
+        f" {unloaded} thinking turns called a deferred tool unloaded on a preserved-thinking model (sent as written)."
+        if unloaded
+        else ""
+    )
     return {
         "title": "Deferred tools",
         "summary": (
             f"{deferring} of {len(notes)} calls sent tools deferred; {loads} tool loads answered; "
-            f"{made} loading rounds made for turns that called a deferred tool no round was kept for."
+            f"{made} loading rounds made for turns that called a deferred tool no round was kept for." + also
         ),
     }

@@ -1,0 +1,163 @@
+"""defer_tools' OpenClaw profile, and a deferred tool the model calls without loading it.
+
+Through wrap() and the real SDK over HTTP to the emulator, which validates and bills each request and
+runs the preserved-thinking prefix check on the models that have it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import pytest
+from tokensaver_plugins import defer_tools
+
+import tokensaver
+from tokensaver.emulator import Emulator
+
+SCHEMA = {"type": "object", "properties": {"path": {"type": "string"}}}
+# what OpenClaw 2026.9 sends with its Tool Search on (the default): the core coding tools, the search
+# controls and its direct-only tools; its breakpoint on the last tool
+OPENCLAW_EAGER = [
+    "apply_patch",
+    "computer",
+    "edit",
+    "exec",
+    "ls",
+    "openclaw",
+    "process",
+    "read",
+    "sessions_yield",
+    "tool_call",
+    "tool_describe",
+    "tool_search",
+    "view_image",
+    "write",
+]
+# with tools.toolSearch = false it sends its catalogue eagerly (a part of it here)
+OPENCLAW_CATALOGUE = ["browser", "canvas", "cron", "heartbeat_respond", "message", "nodes", "web_fetch"]
+
+
+def _tools(names: list[str]) -> list[dict[str, Any]]:
+    tools: list[dict[str, Any]] = [
+        {"name": n, "description": f"The {n} tool. " + f"{n} details. " * 40, "input_schema": SCHEMA}
+        for n in names
+    ]
+    tools[-1] = {**tools[-1], "cache_control": {"type": "ephemeral"}}
+    return tools
+
+
+def _use(name: str, tid: str, **inp: Any) -> dict[str, Any]:
+    return {"type": "tool_use", "id": tid, "name": name, "input": inp}
+
+
+def _deferred(body: dict[str, Any]) -> set[str]:
+    return {t["name"] for t in body["tools"] if t.get("defer_loading")}
+
+
+def _client(emu: Emulator, tmp_path: Any) -> Any:
+    base = anthropic.Anthropic(base_url=emu.url, api_key="k-openclaw", max_retries=0)
+    return tokensaver.wrap(base, config={"runs_dir": str(tmp_path)})  # the defaults
+
+
+def test_the_defaults_defer_openclaws_direct_only_tools_and_load_them_on_demand(
+    emu: Emulator, tmp_path: Any
+) -> None:
+    client = _client(emu, tmp_path)
+    emu.reply(
+        [_use(defer_tools.LOAD_TOOL, "toolu_l1", names=["computer", "exec"])],
+        [_use("computer", "toolu_c1", path="screen")],
+    )
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 200, "tools": _tools(OPENCLAW_EAGER)}
+    msg = client.messages.create(**body, messages=[{"role": "user", "content": "what is on the screen?"}])
+    assert [(b.type, b.name) for b in msg.content] == [("tool_use", "computer")]
+    sent = emu.requests[0].body
+    assert _deferred(sent) == {"computer", "openclaw", "sessions_yield", "view_image"}
+    by_name = {t["name"]: t for t in sent["tools"]}
+    assert by_name["write"]["cache_control"] == {"type": "ephemeral"}  # the caller's breakpoint stays
+    assert "- computer: The computer tool" in by_name[defer_tools.LOAD_TOOL]["description"]
+    # the loader loads what this call deferred (not exec, which is eager)
+    answer = emu.requests[1].body["messages"][-1]["content"][0]["content"]
+    assert answer == [{"type": "tool_reference", "tool_name": "computer"}]
+
+
+def test_with_its_catalogue_sent_eagerly_the_tools_outside_openclaws_coding_profile_are_deferred(
+    emu: Emulator, tmp_path: Any
+) -> None:
+    client = _client(emu, tmp_path)
+    emu.reply("ok", "ok")
+    tools = _tools(sorted(OPENCLAW_EAGER + OPENCLAW_CATALOGUE))
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 200, "tools": tools}
+    client.messages.create(**body, messages=[{"role": "user", "content": "hi"}])
+    # message and heartbeat_respond may be a run's only way to answer: never deferred; cron and
+    # web_fetch are in OpenClaw's coding profile
+    assert _deferred(emu.last.body) == {
+        "browser",
+        "canvas",
+        "computer",
+        "nodes",
+        "openclaw",
+        "sessions_yield",
+        "view_image",
+    }
+    # another agent that happens to have a `computer` tool: no OpenClaw fingerprint, nothing deferred
+    other = _tools(["computer", "read", "write", "bash"])
+    client.messages.create(**{**body, "tools": other}, messages=[{"role": "user", "content": "hi"}])
+    assert _deferred(emu.last.body) == set()
+
+
+def _direct_call(emu: Emulator, client: Any, model: str) -> list[dict[str, Any]]:
+    """The model calls a deferred tool straight away, thinking first, without loading it; the agent
+    runs it and sends the result back. Returns the second request's messages as the API got them."""
+    emu.reply(
+        [{"type": "thinking", "thinking": "A screenshot will show it."}, _use("computer", "toolu_c1")],
+        "It shows a terminal.",
+    )
+    body = {
+        "model": model,
+        "max_tokens": 2000,
+        "tools": _tools(OPENCLAW_EAGER),
+        "thinking": {"type": "adaptive"},
+    }
+    ask = [{"role": "user", "content": "what is on the screen?"}]
+    first = client.messages.create(**body, messages=ask)
+    assert [b.type for b in first.content] == ["thinking", "tool_use"] and first.content[1].name == "computer"
+    history = [
+        *ask,
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_c1", "content": "a terminal"}],
+        },
+    ]
+    assert client.messages.create(**body, messages=history).content[0].text == "It shows a terminal."
+    assert [r.status for r in emu.requests] == [200, 200]
+    return emu.requests[1].body["messages"]  # type: ignore[no-any-return]
+
+
+def test_a_direct_call_of_a_deferred_tool_gets_a_loading_round_made_before_it(
+    emu: Emulator, tmp_path: Any
+) -> None:
+    client = _client(emu, tmp_path)
+    sent = _direct_call(emu, client, "claude-sonnet-4-6")  # no prefix check on this model
+    assert [m["role"] for m in sent] == ["user", "assistant", "user", "assistant", "user"]
+    assert sent[1]["content"][0]["name"] == defer_tools.LOAD_TOOL
+    assert sent[2]["content"][0]["content"] == [{"type": "tool_reference", "tool_name": "computer"}]
+    notes = client.tokensaver.records[-1]["plugins"]["defer_tools"]
+    assert notes["made_loads"] == 1 and "unloaded_calls" not in notes
+
+
+@pytest.mark.parametrize("model", ["claude-fable-5-2", "claude-opus-5-5"])
+def test_a_direct_call_that_thinks_on_a_preserved_thinking_model_is_sent_as_written(
+    emu: Emulator, tmp_path: Any, model: str
+) -> None:
+    # a round made before the turn would change the prefix its thinking block is bound to: the API
+    # refuses the block (400) and the call breaks; the turn goes as the model wrote it instead
+    client = _client(emu, tmp_path)
+    sent = _direct_call(emu, client, model)
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+    assert [b["type"] for b in sent[1]["content"]] == ["thinking", "tool_use"]
+    assert _deferred(emu.requests[1].body) == {"computer", "openclaw", "sessions_yield", "view_image"}
+    notes = client.tokensaver.records[-1]["plugins"]["defer_tools"]
+    assert notes["made_loads"] == 0 and notes["unloaded_calls"] == 1
+    assert "thinking_unbound" not in client.tokensaver.records[-1]
