@@ -839,8 +839,21 @@ _MAX_QUOTE_SCAN = 60_000  # characters of one text scanned for quotable words
 _MAX_QUOTE_RESULTS = 4  # a word in more results than this names none of them in particular
 
 
+# a whole run of the characters a quotable word is made of, holding what any of them needs (an
+# underscore, a digit, a slash, a dot, a lower-upper pair): no match spans two runs nor starts in one
+# without these, so the words are those found in these runs alone (the same set, found faster)
+_QUOTABLE_RUN = re.compile(r"(?<![\w./-])[\w./-]*(?:[_\d/.]|[a-z][A-Z])[\w./-]*")
+
+
 def _quotable(text: str) -> set[str]:
-    return {w for w in _QUOTABLE.findall(text[:_MAX_QUOTE_SCAN]) if len(w) >= 5}
+    find = _QUOTABLE.findall
+    return {
+        w
+        for run in _QUOTABLE_RUN.findall(text[:_MAX_QUOTE_SCAN])
+        if len(run) >= 5
+        for w in find(run)
+        if len(w) >= 5
+    }
 
 
 def _texts(value: Any) -> list[str]:

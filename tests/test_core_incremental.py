@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import conversations
 
+from tokensaver import validate
 from tokensaver.pipeline import _digest_blocks, _MessageTable, _stage_facts
 from tokensaver.tokens import default_counter
 from tokensaver.validate import facts_stage_problem, message_record, stage_problem
@@ -110,3 +111,34 @@ def test_message_table_keeps_at_most_its_byte_cap() -> None:
     assert 0 < len(table.data) < 500
     assert table.get((499).to_bytes(16, "big")) is not None  # the newest kept, the oldest dropped
     assert table.get((0).to_bytes(16, "big")) is None
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv=conversations(), edits=st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 50)), max_size=3))
+def test_record_pass_resumed_from_a_shorter_conversation_finds_what_a_whole_pass_finds(
+    conv: dict[str, Any], edits: list[tuple[str, int]]
+) -> None:
+    """The message-rule pass goes on from its checkpoint of the same leading records (a conversation's
+    earlier call): every prefix of the conversation, then the edited one, gives what a pass from the
+    start gives."""
+    body = conv
+    for op, at in edits:
+        if body["messages"]:
+            body = _edit(body, op, at)
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        return
+    table = [message_record(m) for m in msgs]  # one object per message, as the per-message table holds
+    validate._CHECKPOINTS.clear()
+    for k in range(1, len(msgs) + 1):
+        resumed = validate._record_problems(table[:k])
+        with_none = dict(validate._CHECKPOINTS)
+        validate._CHECKPOINTS.clear()
+        assert resumed == validate._record_problems(table[:k]), k
+        validate._CHECKPOINTS.update(with_none)
+    # a later call that changed an earlier message takes no checkpoint it does not extend
+    if len(msgs) > 2:
+        changed = [*table[:1], message_record({"role": "assistant", "content": "x"}), *table[2:]]
+        resumed = validate._record_problems(changed)
+        validate._CHECKPOINTS.clear()
+        assert resumed == validate._record_problems(changed)

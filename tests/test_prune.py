@@ -8,6 +8,8 @@ from typing import Any
 
 import anthropic
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from strategies import tool_loop, words
 from tokensaver_plugins import prune
 from tokensaver_plugins._blocks import request_problems, strip_cc
@@ -998,3 +1000,21 @@ def test_on_a_model_with_preserved_thinking_a_cut_at_a_new_user_turn_leaves_out_
         assert isinstance(msgs[n - 1]["content"], str)  # each made at a new user turn
         assert cut["thinking_left_out"] > 0
     assert len(cuts) < len(msgs) // 2  # later calls go on with the cut: not a cut per call
+
+
+_QUOTE_CHARS = "aZ_9./- \n→é"
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=_QUOTE_CHARS, max_size=80) | st.text(max_size=40))
+def test_quotable_words_are_those_the_word_pattern_finds_in_the_whole_text(text: str) -> None:
+    """prune's quoted-word scan looks only inside runs that can hold a quotable word: the same words
+    the pattern finds over the whole text (it no longer retries every place of a long plain run)."""
+    whole = {w for w in prune._QUOTABLE.findall(text) if len(w) >= 5}
+    assert prune._quotable(text) == whole
+
+
+def test_quotable_words_of_a_long_plain_run() -> None:
+    run = "a" * 5000
+    text = f"{run} {run}_tail see src/pkg/mod.py and camelCaseName, x{run}9"
+    assert prune._quotable(text) == {f"{run}_tail", "src/pkg/mod.py", "camelCaseName", f"x{run}9"}

@@ -17,6 +17,8 @@ split has landed.
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -364,16 +366,68 @@ def facts_like(
     return Facts(recs, toks, sizes)
 
 
+# where the last passes over a conversation's records stopped: by the first record's identity, the
+# records passed (kept alive, so identity stays theirs) and the pass's state after the last one
+_CHECKPOINTS: OrderedDict[int, tuple[list[Record], _PassState]] = OrderedDict()
+_MAX_CHECKPOINTS = 64
+_LOCK = threading.Lock()
+
+
+@dataclass
+class _PassState:
+    out: list[str]
+    prev: str | None
+    pending: set[str]
+    seen_ids: set[str]
+    last_conv: str | None
+
+    def copy(self) -> _PassState:
+        return _PassState(list(self.out), self.prev, set(self.pending), set(self.seen_ids), self.last_conv)
+
+
 def _record_problems(records: list[Record]) -> list[str]:
-    """``_message_problems`` from the messages' records."""
-    out: list[str] = []
-    prev: str | None = None
-    pending: set[str] = set()
-    seen_ids: set[str] = set()
-    last_conv: str | None = None
+    """``_message_problems`` from the messages' records.
+
+    A conversation's next call resends its records (mostly the same objects, from the per-message
+    table) and adds a few: the pass goes on from where the last one over equal leading records stopped.
+    """
     n = len(records)
-    for i, rec in enumerate(records):
-        summary = rec[0]
+    start, st = 0, None
+    if n:
+        with _LOCK:
+            seen = _CHECKPOINTS.get(id(records[0]))
+            if seen is not None:
+                _CHECKPOINTS.move_to_end(id(records[0]))
+        if seen is not None:
+            done, state = seen
+            k = len(done)
+            if k <= n and records[:k] == done:  # (equal records: the same problems)
+                start, st = k, state.copy()
+    if st is None:
+        st = _PassState([], None, set(), set(), None)
+    early = _pass(records, start, st)
+    if early is not None:
+        return early
+    if n and records[-1][0][1] != "empty":  # (an empty last message is allowed only where it is last)
+        with _LOCK:
+            _CHECKPOINTS[id(records[0])] = (list(records), st.copy())
+            _CHECKPOINTS.move_to_end(id(records[0]))
+            while len(_CHECKPOINTS) > _MAX_CHECKPOINTS:
+                _CHECKPOINTS.popitem(last=False)
+    out = list(st.out)
+    if st.pending:
+        out.append("tool_use: not answered in the next user message")
+    if st.last_conv is not None and not out and st.last_conv == "assistant":
+        out.append("prefill: ends with an assistant message")
+    return sorted(set(out), key=out.index)
+
+
+def _pass(records: list[Record], start: int, st: _PassState) -> list[str] | None:
+    """The records from ``start`` on, through ``st``; a problem that ends the check at once."""
+    out, prev, pending, seen_ids, last_conv = st.out, st.prev, st.pending, st.seen_ids, st.last_conv
+    n = len(records)
+    for i in range(start, n):
+        summary = records[i][0]
         if summary[0] == "F":
             return [summary[1]]
         role, kind, local, items = summary
@@ -416,11 +470,8 @@ def _record_problems(records: list[Record]) -> list[str]:
                         seen_ids.add(tid)
                         pending.add(tid)
         prev = role
-    if pending:
-        out.append("tool_use: not answered in the next user message")
-    if last_conv is not None and not out and last_conv == "assistant":
-        out.append("prefill: ends with an assistant message")
-    return sorted(set(out), key=out.index)
+    st.prev, st.pending, st.last_conv = prev, pending, last_conv
+    return None
 
 
 def _records_ttls(records: list[Record]) -> tuple[tuple[str, ...], bool | None]:
