@@ -52,6 +52,10 @@ _THINKING = ("thinking", "redacted_thinking")
 GUARD_LINES = 3  # prune's shortest repeat run (``repeat_min_lines`` is at least 3)
 # a numbered file's lines (``nl -ba``, ``cat -n``: the number, a tab) as the model quotes them
 UNNUMBERED = "the tool_use {} result, its line numbers left out,"
+# the same places named by the short pointers (``_repeats.marker``'s ``short``): the tool use's id
+# says it is one, ``[tokensaver: repeats lines 3-9 of the toolu_X result without its line numbers]``
+SHORT_RESULT = "the {} result"
+SHORT_UNNUMBERED = "the {} result without its line numbers"
 _NUMBERED = re.compile(r"^ *\d+\t", re.MULTILINE)
 
 
@@ -75,6 +79,7 @@ def rewrite(
     results: bool = True,
     state: State | None = None,
     same: int = 0,
+    short: bool = False,
 ) -> tuple[list[Any] | None, State]:
     """The messages with every long run of lines in a model turn that an earlier model turn (or,
     with ``results``, a tool result prune leaves as it is) shows as a pointer to it (None: nothing
@@ -83,8 +88,11 @@ def rewrite(
 
     ``state`` is what the conversation's last call left and ``same`` how many leading messages are
     as it had them: their rewrites are re-applied and the pass goes on from there (both repeat
-    indexes resumed from their chain keys), with the same bytes as a pass over them all."""
-    index = RepeatIndex(MIN_LINES, MIN_CHARS, NOUN)
+    indexes resumed from their chain keys), with the same bytes as a pass over them all.
+
+    ``short``: the pointers without the words their ranges imply (``_repeats.marker``)."""
+    index = RepeatIndex(MIN_LINES, MIN_CHARS, NOUN, short)
+    names = (SHORT_RESULT, SHORT_UNNUMBERED) if short else (RESULT, UNNUMBERED)
     # what prune's repeat pointers could change: a result with any run of 3 lines an earlier
     # result or tool input shows (its shortest run, whatever its characters), or a copy of one
     guard = RepeatIndex(GUARD_LINES, 0) if results else None
@@ -111,7 +119,7 @@ def rewrite(
                 out[i] = {**out[i], "content": parts}
                 tally(stats, kind, before, len(text))
         else:  # (an index no longer kept: the pass goes over them all again)
-            index = RepeatIndex(MIN_LINES, MIN_CHARS, NOUN)
+            index = RepeatIndex(MIN_LINES, MIN_CHARS, NOUN, short)
             guard = RepeatIndex(GUARD_LINES, 0)
     copies: set[bytes] = set(digests)
     for i in range(start, len(messages)):
@@ -120,7 +128,7 @@ def rewrite(
             for k, task in enumerate(_texts(m.get("content"))):  # never dropped, never rewritten
                 index.add_text("the task" + (f" {k + 1}" if k else ""), task)
         if guard is not None and isinstance(m, dict) and m.get("role") == "user":
-            _results(m, index, guard, copies, digests)
+            _results(m, index, guard, copies, digests, names)
             checkpoints.append(_checkpoint(index, guard, turn, digests))
             continue
         if not isinstance(m, dict) or m.get("role") != "assistant" or not isinstance(m.get("content"), list):
@@ -190,11 +198,17 @@ def _texts(content: Any) -> list[str]:
 
 
 def _results(
-    m: dict[str, Any], index: RepeatIndex, guard: RepeatIndex, copies: set[bytes], digests: list[bytes]
+    m: dict[str, Any],
+    index: RepeatIndex,
+    guard: RepeatIndex,
+    copies: set[bytes],
+    digests: list[bytes],
+    names: tuple[str, str] = (RESULT, UNNUMBERED),
 ) -> None:
     """Index a user message's tool results that prune sends as they are (no run of lines an
     earlier result or input shows, not a copy of one) as places a later turn of the model may
-    point to: ``the tool_use X result``, its lines numbered as summarize sends it."""
+    point to: ``the tool_use X result``, its lines numbered as summarize sends it (``names``: how a
+    pointer names a result and a result without its line numbers)."""
     content = m.get("content")
     if not isinstance(content, list):
         return
@@ -214,10 +228,10 @@ def _results(
         copies.add(digest)
         digests.append(digest)
         if guard.rewrite(tid, c) is c and not seen:
-            index.add_text(RESULT.format(tid), c)
+            index.add_text(names[0].format(tid), c)
             bare = unnumbered(c)
             if bare is not None:  # code the model read, quoted without the numbers `nl -ba` put before it
-                index.add_text(UNNUMBERED.format(tid), bare)
+                index.add_text(names[1].format(tid), bare)
 
 
 def _one(index: RepeatIndex, name: str, text: str, frozen: bool, stats: dict[str, Any], kind: str) -> str:

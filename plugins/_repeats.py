@@ -58,11 +58,26 @@ def _number(line: str) -> int | None:
 RESULT = "the tool_use {} result"  # how a pointer names the earlier text (its id in the braces)
 
 
-def marker(tid: str, n: int, here: tuple[int, int] | None, there: tuple[int, int], noun: str = RESULT) -> str:
+def marker(
+    tid: str,
+    n: int,
+    here: tuple[int, int] | None,
+    there: tuple[int, int],
+    noun: str = RESULT,
+    short: bool = False,
+) -> str:
     """The pointer line: ``here``/``there`` are line numbers when both copies are numbered, else
     ``there`` is the run's position (1-based line indexes) in the earlier result's text. ``noun``
-    names the earlier text (``RESULT``: a tool result, by its tool use's id)."""
+    names the earlier text (``RESULT``: a tool result, by its tool use's id). ``short``: without the
+    words the range already says (the count of lines, "above": what it names is always above),
+    ``[tokensaver: repeats lines 3-14 of assistant turn 5's command]``."""
     what = noun.format(tid)
+    if short:
+        if here is None:
+            return f"[tokensaver: repeats lines {there[0]}-{there[1]} of {what}]"
+        if here == there:
+            return f"[tokensaver: lines {here[0]}-{here[1]} as in {what}]"
+        return f"[tokensaver: lines {here[0]}-{here[1]} as lines {there[0]}-{there[1]} of {what}]"
     if here is not None:
         if here == there:
             return f"[tokensaver: lines {here[0]}-{here[1]} as in {what} above]"
@@ -100,10 +115,11 @@ def _before(spots: tuple[tuple[int, int], ...], n: int) -> tuple[tuple[int, int]
 class LineIndex:
     """The lines of the tool results sent so far, for finding runs a new result repeats."""
 
-    def __init__(self, min_lines: int, min_chars: int, noun: str = RESULT) -> None:
+    def __init__(self, min_lines: int, min_chars: int, noun: str = RESULT, short: bool = False) -> None:
         self.min_lines = min_lines
         self.min_chars = min_chars
         self.noun = noun  # how a pointer names the earlier text (see ``marker``)
+        self.short = short  # the short pointer lines (see ``marker``)
         # (tool_use id, lines, keys, line numbers)
         self.texts: list[tuple[str, list[str], list[str], list[int | None]]] = []
         # key -> (text index, line index), oldest first; tuples, not lists: a long-lived index holds
@@ -122,7 +138,7 @@ class LineIndex:
     def fork(self, marks: int) -> LineIndex:
         """A new index in this one's state after its first ``marks`` feeds (the lines shared, the
         lookups copied): this one goes on along its own results."""
-        new = LineIndex(self.min_lines, self.min_chars, self.noun)
+        new = LineIndex(self.min_lines, self.min_chars, self.noun, self.short)
         texts, objects, inputs = self.marks[marks - 1][1:] if marks else (0, 0, 0)
         new.texts, new.objects, new.inputs = self.texts[:texts], self.objects[:objects], self.inputs[:inputs]
         new.marks = self.marks[:marks]
@@ -236,9 +252,9 @@ class LineIndex:
             first, last = _number(lines[i]), _number(lines[i + best - 1])
             first0, last0 = _number(old_lines[p]), _number(old_lines[p + best - 1])
             if None not in (first, last, first0, last0):
-                m = marker(old_tid, best, (first, last), (first0, last0), self.noun)  # type: ignore[arg-type]
+                m = marker(old_tid, best, (first, last), (first0, last0), self.noun, self.short)  # type: ignore[arg-type]
             else:
-                m = marker(old_tid, best, None, (p + 1, p + best), self.noun)
+                m = marker(old_tid, best, None, (p + 1, p + best), self.noun, self.short)
             out.append(m)
             i += best
             changed = True
@@ -262,7 +278,7 @@ class LineIndex:
             body = (
                 "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + v for k, v in changed.items()) + "}"
             )
-            out = object_marker(old_tid, len(changed), len(keys), self.noun) + "\n" + body
+            out = object_marker(old_tid, len(changed), len(keys), self.noun, self.short) + "\n" + body
             if best is None or len(out) < len(best):
                 best = out
         return best if best is not None and len(best) <= 0.7 * size else None
@@ -294,9 +310,10 @@ def input_fields(tool_input: Any, min_lines: int, min_chars: int) -> dict[str, s
     }
 
 
-def object_marker(tid: str, changed: int, keys: int, noun: str = RESULT) -> str:
+def object_marker(tid: str, changed: int, keys: int, noun: str = RESULT, short: bool = False) -> str:
     """The pointer line before the values that differ from the earlier result's object."""
-    return f"[tokensaver: as {noun.format(tid)} above, with {changed} of its {keys} keys now:]"
+    where = "" if short else " above"
+    return f"[tokensaver: as {noun.format(tid)}{where}, with {changed} of its {keys} keys now:]"
 
 
 def _keys(lines: list[str]) -> tuple[list[int | None], list[str]]:
@@ -388,15 +405,16 @@ class RepeatIndex:
     ``set_memo_enabled(False)``, it is one).
     """
 
-    def __init__(self, min_lines: int, min_chars: int, noun: str = RESULT) -> None:
-        self.min_lines, self.min_chars, self.noun = min_lines, min_chars, noun
-        # another noun, other pointers: its own chains (the results' chain keys are as they were)
-        tag = "" if noun == RESULT else "\0" + noun
+    def __init__(self, min_lines: int, min_chars: int, noun: str = RESULT, short: bool = False) -> None:
+        self.min_lines, self.min_chars, self.noun, self.short = min_lines, min_chars, noun, short
+        # another noun or pointer form, other pointers: its own chains (the results' chain keys are
+        # as they were)
+        tag = ("" if noun == RESULT else "\0" + noun) + ("\0short" if short else "")
         self.start = self.key = xxhash.xxh3_128_digest(f"repeats\0{min_lines}\0{min_chars}{tag}".encode())
         # what was fed so far, for a rebuild: (tool_use id, result text) or (id, input fields)
         self.fed: list[tuple[str, str | tuple[str] | dict[str, str]]] = []
         self.index: LineIndex | None = None  # the last hit's index, then the one this request extends
-        self.plain = LineIndex(min_lines, min_chars, noun) if not memo_enabled() else None
+        self.plain = LineIndex(min_lines, min_chars, noun, short) if not memo_enabled() else None
 
     def rewrite(self, tid: str, text: str) -> str:
         """``LineIndex.rewrite(tid, text)`` for what was fed so far."""
@@ -445,7 +463,7 @@ class RepeatIndex:
         index = self.index
         if index is not None and n >= 1 and len(index.marks) >= n and index.marks[n - 1][0] == previous:
             return index if len(index.marks) == n else index.fork(n)
-        index = LineIndex(self.min_lines, self.min_chars, self.noun)
+        index = LineIndex(self.min_lines, self.min_chars, self.noun, self.short)
         key = self.start
         for tid, item in self.fed[:n]:
             key = _step(key, tid, _chain_text(item))

@@ -18,13 +18,15 @@ _MAX_CANDIDATES = 8  # earlier places of one line tried as the start of a run
 _POINTER = "[tokensaver:"
 
 
-def marker(n: int, first: int) -> str:
+def marker(n: int, first: int, short: bool = False) -> str:
+    if short:  # the count and "above" are what the range says
+        return f"[tokensaver: repeats lines {first}-{first + n - 1} of this output]"
     return f"[tokensaver: {n} lines as lines {first}-{first + n - 1} of this output above]"
 
 
-def rewrite(text: str, min_lines: int = MIN_LINES, min_chars: int = MIN_CHARS) -> str:
+def rewrite(text: str, min_lines: int = MIN_LINES, min_chars: int = MIN_CHARS, short: bool = False) -> str:
     """``text`` with each long run of lines it already showed above as a pointer (the same object
-    when there is none)."""
+    when there is none); ``short``: ``[tokensaver: repeats lines 3-7 of this output]``."""
     lines = text.split("\n")
     if len(lines) < 2 * min_lines or len(text) < 2 * min_chars:
         return text
@@ -44,7 +46,7 @@ def rewrite(text: str, min_lines: int = MIN_LINES, min_chars: int = MIN_CHARS) -
                 if n > best:
                     best, at = n, p
         if best >= min_lines and sum(len(ln) + 1 for ln in lines[i : i + best]) >= min_chars:
-            m = marker(best, at + 1)
+            m = marker(best, at + 1, short)
             out.append(m)
             out_keys.append(m)
             i += best

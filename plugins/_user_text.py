@@ -171,6 +171,7 @@ def rewrite(
     state: State | None = None,
     same: int = 0,
     users: bool = True,
+    short: bool = False,
 ) -> tuple[list[Any] | None, State]:
     """The messages with the text of each user turn after the first without its agent framing and
     with its repeats of earlier turns' texts as pointers; with ``assistant`` the model's text blocks
@@ -180,8 +181,9 @@ def rewrite(
     ``state`` is what the last call of the conversation left and ``same`` how many leading messages
     are as it had them: their rewrites are re-applied and the pass goes on from there (the repeat
     index resumed from its chain key), with the same bytes as a pass over them all. With ``users``
-    false the user turns are only indexed, as they came (for the model's pointers)."""
-    index = RepeatIndex(MIN_LINES, MIN_CHARS, NOUN)
+    false the user turns are only indexed, as they came (for the model's pointers); ``short``: the
+    pointers without the words their ranges imply (``_repeats.marker``)."""
+    index = RepeatIndex(MIN_LINES, MIN_CHARS, NOUN, short)
     out: list[Any] | None = None
     turns = {"user": 0, "assistant": 0}
     checkpoints: list[tuple[bytes, int, int, int]] = []

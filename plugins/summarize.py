@@ -32,6 +32,12 @@ run of lines an earlier turn of the model or a tool result shows (a script writt
 heredoc, code it read quoted in its reasoning) becomes a pointer to it (``_assistant``; only
 results prune sends as they are, a turn with thinking is never rewritten).
 
+``short_pointers`` (default on): the pointers of user_texts, self_repeats and model_turns without
+the words their line range already says (the count of lines, "above", "tool_use"):
+``[tokensaver: repeats lines 8-14 of the toolu_X result]`` for ``[tokensaver: 7 lines as lines
+8-14 of the tool_use toolu_X result above]``, ~20% fewer tokens a pointer (prune's own pointers
+are as they were). mini-swe-agent tuning half, net of lost facts: 16.4% -> 16.9%.
+
 Unsafe when the model needs bytes that a lossy rewrite dropped (a number in the middle of a long
 repetitive log, an HTML attribute of a fetched page): set ``lossy = false`` to keep only the
 lossless rewrites. Every rewrite is a pure function of the block's text and the settings, so the
@@ -134,6 +140,12 @@ SETTINGS = Schema(
             "the model's own turns: runs of lines (3+, 150+ characters) an earlier turn of the model or "
             "a tool result shows, in its text or a tool use's command (a script written again, code it "
             "read), as pointers to it",
+        ),
+        "short_pointers": boolean(
+            True,
+            "the pointers of user_texts, self_repeats and model_turns without the words their line "
+            "ranges imply (the count of lines, 'above', 'tool_use'): [tokensaver: repeats lines 8-14 "
+            "of the toolu_X result]",
         ),
         "keep_originals": boolean(
             False,
@@ -271,7 +283,7 @@ def _rewrite(
                 False,
             )
     if not res.lossy and settings.get("self_repeats", True):
-        within = _self_repeats.rewrite(res.text)
+        within = _self_repeats.rewrite(res.text, short=bool(settings.get("short_pointers", True)))
         if within is not res.text:
             res = Result(within, res.kind + "+self_repeats", False)
     _tally(stats, text, res, ctx, settings)
@@ -728,13 +740,18 @@ def _rewrite_messages(
             user_state if k > 0 else None,
             k,
             users,
+            bool(settings.get("short_pointers", True)),
         )
         out = texts if texts is not None else out
     if settings.get("model_turns", True):
         # last: the model's turns as the passes before left them (assistant_texts' pointers kept),
         # going on from where the last call's pass left them, as the user turns' pass does
         turns, index.turns_state = _assistant.rewrite(
-            out if out is not None else messages, stats, state=turns_state if k > 0 else None, same=k
+            out if out is not None else messages,
+            stats,
+            state=turns_state if k > 0 else None,
+            same=k,
+            short=bool(settings.get("short_pointers", True)),
         )
         out = turns if turns is not None else out
     if on:

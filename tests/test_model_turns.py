@@ -20,11 +20,9 @@ SCRIPT = [f"check_{k}(settings, value={k}, expected='case {k}')" for k in range(
 FIRST = "cat <<'EOF' > reproduce.py\nimport django\n" + "\n".join(SCRIPT) + "\nprint('done')\nEOF"
 # the same script written again with one line changed
 SECOND = FIRST.replace("check_6(settings, value=6", "check_6(settings, value=60")
-RESULT_POINTER = re.compile(
-    r"^\[tokensaver: (\d+) lines as lines (\d+)-(\d+) of the tool_use (toolu_\d+) result above\]$"
-)
+RESULT_POINTER = re.compile(r"^\[tokensaver: (repeats) lines (\d+)-(\d+) of the (toolu_\d+) result\]$")
 POINTER = re.compile(
-    r"^\[tokensaver: (\d+) lines as lines (\d+)-(\d+) of assistant turn (\d+)'s (command|text) above\]$"
+    r"^\[tokensaver: (repeats) lines (\d+)-(\d+) of assistant turn (\d+)'s (command|text)\]$"
 )
 
 
@@ -143,7 +141,7 @@ def test_code_the_model_quotes_from_a_tool_result_points_at_the_result(tmp_path:
     assert sent[2]["content"][0]["content"] == shown  # the result as it came
     text = sent[3]["content"][0]["text"]
     lines = text.split("\n")
-    assert RESULT_POINTER.match(lines[1]) and lines[1].endswith("of the tool_use toolu_000 result above]")
+    assert RESULT_POINTER.match(lines[1]) and lines[1].endswith("of the toolu_000 result]")
     got = expand_lines(
         text, RESULT_POINTER, lambda m: shown.split("\n")[int(m.group(2)) - 1 : int(m.group(3))]
     )
@@ -191,10 +189,7 @@ def test_lines_the_model_quotes_from_the_task_point_at_the_task(tmp_path: Any) -
     msgs[0] = {"role": "user", "content": task}
     [sent] = send(tmp_path, [msgs])
     assert [b["text"] for b in sent[0]["content"]] == [task]  # as it came (a block: cache_align's breakpoint)
-    assert (
-        sent[1]["content"][0]["text"].split("\n")[1]
-        == "[tokensaver: 8 lines as lines 4-11 of the task above]"
-    )
+    assert sent[1]["content"][0]["text"].split("\n")[1] == "[tokensaver: repeats lines 4-11 of the task]"
 
 
 def test_the_pass_goes_on_from_where_the_last_call_left_it_with_the_same_bytes() -> None:

@@ -12,8 +12,7 @@ from test_model_turns import SCRIPT, conversation, result, send, turn
 
 NUMBERED = "\n".join(f"{100 + k:6d}\t    {line}" for k, line in enumerate(SCRIPT))
 POINTER = re.compile(
-    r"^\[tokensaver: (\d+) lines as lines (\d+)-(\d+) of the tool_use (toolu_\d+) result, "
-    r"its line numbers left out, above\]$"
+    r"^\[tokensaver: (repeats) lines (\d+)-(\d+) of the (toolu_\d+) result without its line numbers\]$"
 )
 
 
@@ -34,7 +33,7 @@ def test_code_quoted_without_its_line_numbers_points_at_the_numbered_lines(tmp_p
     assert shown.startswith("[returncode 0]\n100\t    check_0(")  # the result as summarize sends it
     text = sent[3]["content"][0]["text"]
     lines = text.split("\n")
-    assert POINTER.match(lines[1]) and lines[1].startswith("[tokensaver: 8 lines as lines 4-11 of")
+    assert POINTER.match(lines[1]) and lines[1].startswith("[tokensaver: repeats lines 4-11 of")
     bare = [re.sub(r"^ *\d+\t", "", ln) for ln in shown.split("\n")]
     got = expand_lines(text, POINTER, lambda m: bare[int(m.group(2)) - 1 : int(m.group(3))])
     assert got == msgs[3]["content"][0]["text"]

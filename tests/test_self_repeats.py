@@ -32,7 +32,7 @@ OUTPUT = "\n".join(
         "django.db.utils.OperationalError: no such table: app_book",
     ]
 )
-POINTER = re.compile(r"^\[tokensaver: (\d+) lines as lines (\d+)-(\d+) of this output above\]$")
+POINTER = re.compile(r"^\[tokensaver: (repeats) lines (\d+)-(\d+) of this output\]$")
 
 
 def sent(tmp_path: Any, text: str, config: dict[str, Any] | None = None) -> str:
@@ -49,7 +49,7 @@ def sent(tmp_path: Any, text: str, config: dict[str, Any] | None = None) -> str:
 def test_a_chained_traceback_sends_its_repeated_frames_as_a_pointer(tmp_path: Any) -> None:
     out = sent(tmp_path, OUTPUT)
     lines = out.split("\n")
-    assert lines.count("[tokensaver: 4 lines as lines 2-5 of this output above]") == 1
+    assert lines.count("[tokensaver: repeats lines 2-5 of this output]") == 1
     assert expand_lines(out, POINTER, lambda m: lines[int(m.group(2)) - 1 : int(m.group(3))]) == OUTPUT
 
 

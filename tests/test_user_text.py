@@ -16,7 +16,7 @@ from tokensaver.emulator import Emulator
 MODEL = "claude-sonnet-4-6"
 T0 = 1_700_000_000.0
 POINTER = re.compile(
-    r"^\[tokensaver: (?:lines (\d+)-(\d+) as in|(\d+) lines as lines (\d+)-(\d+) of) (user|assistant) turn (\d+) above\]$"
+    r"^\[tokensaver: (?:lines (\d+)-(\d+) as in|(repeats) lines (\d+)-(\d+) of) (user|assistant) turn (\d+)\]$"
 )
 STATE = "\n(Open file: /repo/src/fields.py)\n(Current directory: /repo)\nbash-$"
 
