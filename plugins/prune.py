@@ -1105,36 +1105,33 @@ def _breakpoints(messages: list[Any]) -> list[tuple[int, int]]:
     return found
 
 
+_xxh = xxhash.xxh3_128_digest
+_DIGEST = 16  # bytes of one message's digest
+
+
 def _digests(
-    messages: list[Any], at: int, breakpoints: list[tuple[int, int]]
+    messages: list[Any], at: int, breakpoints: list[tuple[int, int]], given: list[bytes | None] | None = None
 ) -> tuple[bytes | None, int, bytes] | None:
-    """The messages' JSON, their blocks' breakpoints (``breakpoints``) taken off, without its
-    closing bracket: the digest of its first ``at`` bytes (None when shorter), its length and its
-    digest. An earlier call's (length, digest) equal to the first ``at`` bytes' means its messages
-    are the first ones of these, breakpoints aside (the bytes up to a whole element of a list)."""
-    if breakpoints:
-        messages = list(messages)
-        for i in sorted({i for i, _ in breakpoints}):
-            m = messages[i]
-            messages[i] = {
-                **m,
-                "content": [with_cc(b, None) if isinstance(b, dict) else b for b in m["content"]],
-            }
-    try:
-        raw = orjson.dumps(messages)
-    except TypeError:
-        return None
-    view = memoryview(raw)
-    end = len(raw) - 1
-    h = xxhash.xxh3_128()
-    first = None
-    if 0 < at <= end:
-        h.update(view[:at])
-        first = h.digest()
-        h.update(view[at:end])
-    else:
-        h.update(view[:end])
-    return first, end, h.digest()
+    """The messages' digests, their blocks' breakpoints (``breakpoints``) taken off: the digest of
+    the first ``at`` messages' (None when there are fewer), how many there are, and the digest of
+    all. An earlier call's (count, digest) equal to the first ``at`` messages' means its messages
+    are the first ones of these, breakpoints aside. Each message's is the xxh3-128 of its orjson:
+    ``given`` (the core's, None where it has none) for a message without breakpoints."""
+    marked = {i for i, _ in breakpoints}
+    parts: list[bytes] = []
+    for i, m in enumerate(messages):
+        d = given[i] if given is not None and i not in marked else None
+        if d is None:
+            if i in marked:
+                m = {**m, "content": [with_cc(b, None) if isinstance(b, dict) else b for b in m["content"]]}
+            try:
+                d = _xxh(orjson.dumps(m))
+            except TypeError:
+                return None
+        parts.append(d)
+    joined = b"".join(parts)
+    first = _xxh(joined[: at * _DIGEST]) if 0 < at <= len(parts) else None
+    return first, len(parts), _xxh(joined)
 
 
 class _Gone(Exception):
@@ -1145,7 +1142,7 @@ class _Gone(Exception):
 class _Carry:
     """What a conversation's next call goes on from, per process: digests and indexes, no bodies.
 
-    The messages seen (how many, the length and digest of their JSON without ``cache_control``),
+    The messages seen (how many, twice, and the digest of their digests without ``cache_control``),
     the settings and spec they were walked with, the walk's notes (each block changed and how,
     each message's and tool result's tokens as sent, the dedupe hashes, the repeat chain's key),
     the tool uses in order, the supersession scan, the turn checks, the cut's bounds so far.
@@ -1153,7 +1150,7 @@ class _Carry:
 
     sig: bytes
     n: int
-    size: int
+    size: int  # messages digested (:func:`_digests`)
     digest: bytes
     shift: int  # messages the spec's drop took out (the task's marker stands for them)
     seen: dict[bytes, str]
@@ -1228,7 +1225,7 @@ class Run:
         self.assistants = 0
         self.gains: dict[str, tuple[str | None, int]] = {}
         self.at: dict[str, tuple[int, int, int]] | None = None  # tool_use id -> (message, block, tokens)
-        self.seen_json: tuple[int, bytes] | None = None
+        self.seen_json: tuple[int, bytes] | None = None  # (messages, digest): _digests
         self.breakpoints: list[tuple[int, int]] | None = None  # of the messages (_breakpoints)
         self.resumed = False
 
@@ -1240,12 +1237,14 @@ class Run:
         settings: dict[str, Any],
         count: Any,
         carry: _Carry | None = None,
+        given: list[bytes | None] | None = None,
     ) -> Run:
-        """The walk of ``messages`` under ``spec``: from ``carry`` when it fits, else from the start."""
+        """The walk of ``messages`` under ``spec``: from ``carry`` when it fits, else from the start.
+        ``given``: each message's digest, where the core has it (:func:`_digests`)."""
         run = cls(messages, spec, settings, count)
         if memo_enabled():
             run.breakpoints = _breakpoints(messages)
-            digests = _digests(messages, carry.size if carry is not None else 0, run.breakpoints)
+            digests = _digests(messages, carry.size if carry is not None else 0, run.breakpoints, given)
             if digests is not None:
                 run.seen_json = (digests[1], digests[2])
                 if carry is not None and run._fits(carry, digests):
@@ -1601,7 +1600,14 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
     trigger, target = int(settings["trigger"] * limit), int(settings["target"] * limit)
     carries = ctx.shared_state(carries=_Carries)["carries"]
     carry_key = (str(ctx.key_hash), str(where[1]))
-    run = Run.start(messages, spec, settings, count, carries.take(carry_key))
+    # the core's digests of the messages normalizing left as they came
+    handed = ctx.message_digests
+    given = (
+        [d if a is b else None for a, b, d in zip(messages, msgs, handed, strict=True)]
+        if isinstance(handed, list) and len(handed) == len(msgs) == len(messages)
+        else None
+    )
+    run = Run.start(messages, spec, settings, count, carries.take(carry_key), given)
     cur = run.cur
     total = fixed + run.tokens
     notes: dict[str, Any] = {"budget": limit, "tokens": total}
@@ -1612,7 +1618,7 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
     cache = cache_state(conv, ctx.now, len(cur))
     if total > trigger:
         new_spec = plan_cut(Sizing(messages, settings, count, fixed), spec, target, sup)
-        after_run = Run.start(messages, new_spec, settings, count)
+        after_run = Run.start(messages, new_spec, settings, count, None, given)
         after_msgs = after_run.cur
         after = fixed + after_run.tokens
         if total - after < MIN_CUT_FRACTION * total:
@@ -1634,7 +1640,7 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
         notes["stale_tokens"] = econ["stale_tokens"]
         if new_spec is not None:
             reason = "economic"
-            after_run = Run.start(messages, new_spec, settings, count)
+            after_run = Run.start(messages, new_spec, settings, count, None, given)
             after_msgs = after_run.cur
             after = fixed + after_run.tokens
     k = _first_diff(cur, after_msgs) if new_spec is not None else 0
@@ -1647,7 +1653,7 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
             # run), and at a new user turn no tool loop needs its thinking. They stay out on every
             # later call; what the model thinks from here on is bound to the cut history.
             new_spec = with_unthink(new_spec, k + after_run.shift if k else 0, len(messages))
-            after_run = Run.start(messages, new_spec, settings, count)
+            after_run = Run.start(messages, new_spec, settings, count, None, given)
             after_msgs = after_run.cur
             after = fixed + after_run.tokens
             k = _first_diff(cur, after_msgs)

@@ -14,7 +14,7 @@ import anthropic
 import orjson
 import pytest
 import xxhash
-from tokensaver_plugins import summarize
+from tokensaver_plugins import prune, summarize
 
 import tokensaver
 from tokensaver import pipeline
@@ -98,9 +98,11 @@ def test_summarize_with_the_cores_digests_sends_what_it_sends_without(
     assert len(with_digests) == len(_calls())
 
 
-def test_a_stage_after_one_that_changed_the_body_gets_no_digests(
+def test_every_stage_gets_the_digests_of_the_body_it_gets(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A stage after one that changed the body gets them too: those of the caller's messages it
+    kept, of the earlier stages' rewrites, the rest made for it; each that of the message it holds."""
     seen: list[tuple[str, bool]] = []
     call = pipeline.Pipeline._call
 
@@ -108,15 +110,32 @@ def test_a_stage_after_one_that_changed_the_body_gets_no_digests(
         if hook == "tokensaver_transform_request":
             d = c.ctx.message_digests
             body = kwargs["body"]
-            if d is not None:
-                assert d == [xxhash.xxh3_128_digest(orjson.dumps(m)) for m in body["messages"]]
-            seen.append((name, d is not None))
+            assert d == [xxhash.xxh3_128_digest(orjson.dumps(m)) for m in body["messages"]]
+            seen.append((name, body is not c.original))
         return call(self, c, name, hook, impl, **kwargs)
 
     monkeypatch.setattr(pipeline.Pipeline, "_call", spy)
-    _sent(tmp_path, ["summarize", "cache_align"])
-    first = [d for name, d in seen if name == "summarize"]
-    later = [d for name, d in seen if name == "cache_align"]
-    assert first and all(first)
-    # summarize rewrites the listings on every call: cache_align gets a changed body, no digests
-    assert later and not any(later)
+    _sent(tmp_path, ["summarize", "prune", "cache_align"])
+    # summarize rewrites the listings on every call: the later stages get a changed body
+    assert {name for name, _ in seen} == {"summarize", "prune", "cache_align"}
+    assert any(changed for name, changed in seen if name == "cache_align")
+
+
+@pytest.mark.parametrize("plugins", [["summarize", "prune"], ["summarize", "prune", "cache_align"]])
+def test_prune_with_the_cores_digests_sends_what_it_sends_without(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, plugins: list[str]
+) -> None:
+    own = prune._digests
+    handed: list[bool] = []
+
+    def spy(messages: list[Any], at: int, breakpoints: Any, given: Any = None) -> Any:
+        handed.append(given is not None)
+        return own(messages, at, breakpoints, given)
+
+    monkeypatch.setattr(prune, "_digests", spy)
+    with_digests = _sent(tmp_path / "a", plugins)
+    assert handed and all(handed)
+    monkeypatch.setattr(
+        prune, "_digests", lambda messages, at, breakpoints, given=None: own(messages, at, breakpoints)
+    )
+    assert _sent(tmp_path / "b", plugins) == with_digests

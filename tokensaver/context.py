@@ -123,10 +123,11 @@ class CallContext:
     # set by the core before each plugin's hook runs
     plugin: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
-    # set by the core before each transform stage: each message's digest (xxh3-128 of its orjson,
-    # keys as they come; None: not orjson's JSON) in the body the stage gets, when the core has them
-    # (the stages before it changed nothing), else None: a plugin's prefix check needs no pass of its own
-    message_digests: list[bytes | None] | None = None
+    # set by the core before each transform stage (read it as ``message_digests``): each message's
+    # digest (xxh3-128 of its orjson, keys as they come; None: not orjson's JSON) in the body the
+    # stage gets, made on first read from what the core digested (the caller's messages, the
+    # stages' rewrites), so a plugin's prefix check needs no pass of its own; None outside a stage
+    _message_digests: Any = field(default=None, repr=False)
     # billed usage, normalized (set before tokensaver_observe_response)
     usage: dict[str, int] = field(default_factory=dict)
     # per-plugin state that lives as long as the wrapped client (keyed by plugin name)
@@ -250,6 +251,20 @@ class CallContext:
         entry["usage"] = normalize_usage(usage)
         entry["cost_usd"] = round(self.prices.get(entry["model"]).cost(entry["usage"]), 8)
         return message
+
+    @property
+    def message_digests(self) -> list[bytes | None] | None:
+        """Each message's digest in the body this stage gets (see the field above), or None."""
+        d = self._message_digests
+        if callable(d):
+            d = self._message_digests = d()
+        return d  # type: ignore[no-any-return]
+
+    @message_digests.setter
+    def message_digests(
+        self, value: list[bytes | None] | Callable[[], list[bytes | None] | None] | None
+    ) -> None:
+        self._message_digests = value
 
     def digest(self, value: Any) -> bytes:
         """A 17-byte digest of a block, message or any JSON value, ``cache_control`` aside at any

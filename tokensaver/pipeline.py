@@ -361,6 +361,37 @@ def _digest_blocks(body: dict[str, Any], memo: Memo, facts: BillingMemo) -> Fact
     return Facts(records, counts, sizes, head, digests=keys if on else None)
 
 
+def _stage_digests(
+    body: dict[str, Any], start: dict[str, Any], given: list[bytes | None] | None, named: Named, known: Named
+) -> list[bytes | None] | None:
+    """Each message's serialization digest in a stage's input ``body``: a message of ``start`` (the
+    caller's, digested with ``given``) or one a stage made (``named``, found as its output was
+    checked) by identity, else made here (and kept in ``known`` for the stages after). None when the
+    core keeps no digests (memo off) or the body has no message list."""
+    msgs = body.get("messages")
+    if given is None or not isinstance(msgs, list):
+        return None
+    if not known:
+        for m, g in zip(start.get("messages") or (), given, strict=False):
+            if g is not None:
+                known[id(m)] = (m, g)
+    out: list[bytes | None] = []
+    add = out.append
+    for m in msgs:
+        seen = known.get(id(m)) or named.get(id(m))
+        if seen is not None and seen[0] is m:
+            add(seen[1])
+            continue
+        try:
+            d: bytes | None = _xxh(orjson.dumps(m))
+        except TypeError:
+            d = None
+        if d is not None:
+            known[id(m)] = (m, d)
+        add(d)
+    return out
+
+
 def _stage_facts(
     result: dict[str, Any],
     current: dict[str, Any],
@@ -634,14 +665,19 @@ class Pipeline:
         hook = "tokensaver_transform_request"
         # a continue of a thread not kept here is sent as it came (its history is unknown)
         stages = [] if thread is not None and thread.opaque else ordered(self.pm, hook, self.config.plugins)
+        known: Named = {}  # the digests of the call's messages by identity, as the stages read them
         for name, impl in stages:
             s0 = time.perf_counter()
             error = None
             result_facts: Facts | None = None
             shared = reads_only(self.pm, name)
             given = current if shared else call.guard.give(current)
-            # the per-message digests of the body the stage gets, while it is the one digested above
-            ctx.message_digests = start_facts.digests if current is start else None
+            # the per-message digests of the body the stage gets (made when first read)
+            ctx.message_digests = (
+                start_facts.digests
+                if current is start
+                else lambda body=current: _stage_digests(body, start, start_facts.digests, call.named, known)
+            )
             try:
                 result = self._call(call, name, hook, impl, body=given)
                 if not shared and not call.guard.intact():
