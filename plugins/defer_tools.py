@@ -24,7 +24,9 @@ its thinking is bound to the tools loaded before it, so a round put before it wo
 refuse the block; it is sent as the model wrote it (``unloaded_calls``).
 
 With ``profiles`` (the default) the seldom called tools of a known harness are deferred without being
-named: Claude Code's and OpenClaw's (:data:`PROFILES`, which says why those tools).
+named: Claude Code's and OpenClaw's (:data:`PROFILES`, which says why those tools). With ``directories``
+too, OpenClaw's own list of the tools its Tool Search defers (in its system prompt, on every call)
+gives each tool by its first sentence, as the loader lists tokensaver's (:func:`short_directory`).
 
 Only on models with tool search (Claude 4.5 and later); elsewhere the stage stands aside.
 """
@@ -33,8 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from tokensaver import model_rules as rules
@@ -109,6 +113,12 @@ SETTINGS = Schema(
             "(beside its Agent, Bash, Edit, Read, Write and ToolSearch); OpenClaw's computer, openclaw, "
             "sessions_yield and view_image, and the tools its coding tool profile leaves out (beside its "
             "exec, process, read, write and edit)",
+        ),
+        "directories": boolean(
+            True,
+            "with profiles: a harness's own list of the tools it defers, in its system prompt (OpenClaw's "
+            "Deferred Tool Schemas), gives each tool's first sentence, as tokensaver's loader lists its "
+            "own (the rest stays in the harness's tool search)",
         ),
         "auto": boolean(
             False,
@@ -359,10 +369,86 @@ def _learn(ctx: Any, response: dict[str, Any]) -> None:
                 usage.called[name] = usage.called.get(name, 0) + 1
 
 
+# OpenClaw's directory of the tools its Tool Search defers ("- name (source): description" lines under
+# this heading, at the end of the system prompt's Tooling section): each description as OpenClaw wrote
+# it (up to ~180 characters), on every call. Each is cut to its first sentence, the rule the loader lists
+# tokensaver's own deferred tools by; OpenClaw shortens these descriptions itself when its prompt budget
+# is tight, and its tool_search and tool_describe give the whole description and schema.
+DIRECTORY_HEADING = "### Deferred Tool Schemas"
+_DIRECTORY_ENTRY = re.compile(r"- (\S+) (\([^()\n]*\)): (.+)")
+
+
+@lru_cache(maxsize=256)  # the same system prompt on every call of a conversation
+def short_directory(text: str) -> str | None:
+    """``text`` with the entries of OpenClaw's deferred-tool directory cut to their first sentence, or
+    None when it holds no such directory or nothing is cut (a function of the text alone)."""
+    at = text.find(DIRECTORY_HEADING + "\n")
+    if at < 0:
+        return None
+    lines = text[at:].split("\n")
+    entries = False
+    for i in range(1, len(lines)):
+        m = _DIRECTORY_ENTRY.fullmatch(lines[i])
+        if m is None:
+            if entries:
+                break
+            if i > 2 or not lines[i].strip():  # the one line before the entries ("Available ...:")
+                return None
+            continue
+        entries = True
+        short = _summary({"description": m.group(3)})
+        if short != m.group(3):
+            lines[i] = f"- {m.group(1)} {m.group(2)}: {short}"
+    out = text[:at] + "\n".join(lines)
+    return out if out != text else None
+
+
+def short_directories(system: Any) -> Any | None:
+    """The system prompt (a string or text blocks) with :func:`short_directory` applied, or None."""
+    if isinstance(system, str):
+        return short_directory(system)
+    if not isinstance(system, list):
+        return None
+    out, changed = [], False
+    for b in system:
+        text = b.get("text") if isinstance(b, dict) and b.get("type") == "text" else None
+        new = short_directory(text) if isinstance(text, str) else None
+        out.append(b if new is None else {**b, "text": new})
+        changed = changed or new is not None
+    return out if changed else None
+
+
+def _text_chars(system: Any) -> int:
+    if isinstance(system, str):
+        return len(system)
+    return (
+        sum(len(b.get("text") or "") for b in system if isinstance(b, dict))
+        if isinstance(system, list)
+        else 0
+    )
+
+
+def _offers(tools: Any, harness: str) -> bool:
+    offered = {t.get("name") for t in tools if isinstance(t, dict)} if isinstance(tools, list) else set()
+    return PROFILES[harness][0] <= offered
+
+
 @hookimpl
 def tokensaver_transform_request(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
-    """Defer the configured tools, add the loader, put loading rounds back where they were sent."""
+    """Defer the configured tools, add the loader, put loading rounds back where they were sent; with
+    ``profiles`` and ``directories``, shorten OpenClaw's own directory of its deferred tools."""
     settings = _settings(ctx)
+    out = _defer(body, ctx, settings)
+    if settings["profiles"] and settings["directories"] and _offers(body.get("tools"), "openclaw"):
+        system = short_directories(body.get("system"))
+        if system is not None:
+            ctx.record(directory_chars=_text_chars(body.get("system")) - _text_chars(system))
+            out = {**(out or body), "system": system}
+    return out
+
+
+def _defer(body: dict[str, Any], ctx: Any, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """Defer the configured tools, add the loader, put loading rounds back where they were sent."""
     tools, messages = body.get("tools"), body.get("messages")
     if not isinstance(tools, list) or not isinstance(messages, list):
         return None

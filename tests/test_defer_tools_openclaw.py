@@ -161,3 +161,91 @@ def test_a_direct_call_that_thinks_on_a_preserved_thinking_model_is_sent_as_writ
     notes = client.tokensaver.records[-1]["plugins"]["defer_tools"]
     assert notes["made_loads"] == 0 and notes["unloaded_calls"] == 1
     assert "thinking_unbound" not in client.tokensaver.records[-1]
+
+
+# -- OpenClaw's own directory of the tools its Tool Search defers --------------------------------------
+
+DIRECTORY = (
+    "## Tooling\n- read: Read files\n### Deferred Tool Schemas\nAvailable deferred-schema tools:\n"
+    "- automations (core): Gateway scheduler: reminders, loops, recurring work. Never exec sleep/poll as "
+    "timer. ACTIONS: status | list [includeDisabled,limit?,offset?...\n"
+    "- canvas (canvas): Present, hide, or navigate the widget panel on a paired macOS node.\n"
+    "- web_fetch (core): Fetch URL; extract readable markdown/text. Lightweight; no browser automation.\n"
+    "\nPolicy-approved MCP and client tools may also be discoverable through search.\n"
+    "- not an entry (x): after the directory. Left as it is.\n"
+)
+SHORT = (
+    "## Tooling\n- read: Read files\n### Deferred Tool Schemas\nAvailable deferred-schema tools:\n"
+    "- automations (core): Gateway scheduler: reminders, loops, recurring work\n"
+    "- canvas (canvas): Present, hide, or navigate the widget panel on a paired macOS node.\n"
+    "- web_fetch (core): Fetch URL; extract readable markdown/text\n"
+    "\nPolicy-approved MCP and client tools may also be discoverable through search.\n"
+    "- not an entry (x): after the directory. Left as it is.\n"
+)
+RULES = "You are a personal assistant running inside OpenClaw. " + " ".join(
+    f"rule{i} holds" for i in range(900)
+)
+
+
+def _system(directory: str) -> list[dict[str, Any]]:
+    return [
+        {"type": "text", "text": RULES + "\n" + directory, "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "<!-- openclaw:attempt:DYNAMIC -->\nCurrent date: 2026-12-03"},
+    ]
+
+
+def test_openclaws_directory_of_its_deferred_tools_gives_each_tools_first_sentence(
+    emu: Emulator, tmp_path: Any
+) -> None:
+    client = _client(emu, tmp_path)
+    emu.reply("ok", "ok")
+    body = {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 200,
+        "tools": _tools(OPENCLAW_EAGER),
+        "system": _system(DIRECTORY),
+    }
+    ask = [{"role": "user", "content": "hi"}]
+    client.messages.create(**body, messages=ask)
+    sent = emu.requests[0].body["system"]
+    # the other block as it was, the caller's breakpoint kept (cache_align may add its own)
+    assert [b["text"] for b in sent] == [b["text"] for b in _system(SHORT)]
+    assert sent[0]["cache_control"] == {"type": "ephemeral"}
+    assert client.tokensaver.records[0]["plugins"]["defer_tools"]["directory_chars"] > 0
+    # the next call sends the same bytes: the system prompt is read from the cache
+    more = [*ask, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and?"}]
+    client.messages.create(**body, messages=more)
+    assert emu.requests[1].body["system"] == sent
+    assert emu.requests[1].usage["cache_read_input_tokens"] > 1000
+    assert defer_tools.short_directory(SHORT) is None  # nothing left to cut
+
+
+@pytest.mark.parametrize(
+    ("settings", "tools"),
+    [
+        ({"directories": False}, OPENCLAW_EAGER),
+        ({"profiles": False}, OPENCLAW_EAGER),
+        ({}, ["read", "write", "bash", "computer"]),  # not OpenClaw's tools
+    ],
+)
+def test_the_directory_is_sent_as_it_is_otherwise(
+    emu: Emulator, tmp_path: Any, settings: dict[str, Any], tools: list[str]
+) -> None:
+    base = anthropic.Anthropic(base_url=emu.url, api_key="k-openclaw", max_retries=0)
+    client = tokensaver.wrap(base, config={"runs_dir": str(tmp_path), "defer_tools": settings})
+    emu.reply("ok")
+    body = {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 200,
+        "tools": _tools(tools),
+        "system": _system(DIRECTORY),
+    }
+    client.messages.create(**body, messages=[{"role": "user", "content": "hi"}])
+    assert [b["text"] for b in emu.last.body["system"]] == [b["text"] for b in _system(DIRECTORY)]
+
+
+def test_a_string_system_prompt_and_a_text_without_the_directory() -> None:
+    assert defer_tools.short_directories(RULES + "\n" + DIRECTORY) == RULES + "\n" + SHORT
+    assert defer_tools.short_directories(RULES) is None
+    # a heading with no entries under it is no directory
+    assert defer_tools.short_directory("### Deferred Tool Schemas\nnone today.\nLater text. More.\n") is None
