@@ -13,7 +13,7 @@ alone, so the same bytes on every call.
 from __future__ import annotations
 
 MIN_LINES = 3
-MIN_CHARS = 150
+MIN_CHARS = 100  # twice its short pointer or more (``[tokensaver: repeats lines 3-7 of this output]``)
 _MAX_CANDIDATES = 8  # earlier places of one line tried as the start of a run
 _POINTER = "[tokensaver:"
 

@@ -132,12 +132,12 @@ SETTINGS = Schema(
         ),
         "self_repeats": boolean(
             True,
-            "a run of lines (3+, 150+ characters) a tool output repeats from its own lines above (a "
+            "a run of lines (3+, 100+ characters) a tool output repeats from its own lines above (a "
             "chained traceback's frames again) as a pointer to them",
         ),
         "model_turns": boolean(
             True,
-            "the model's own turns: runs of lines (3+, 150+ characters) an earlier turn of the model or "
+            "the model's own turns: runs of lines (3+, 100+ characters) an earlier turn of the model or "
             "a tool result shows, in its text or a tool use's command (a script written again, code it "
             "read), as pointers to it",
         ),

@@ -77,3 +77,31 @@ def test_short_and_long_indexes_keep_their_own_rewrites() -> None:
     assert short.rewrite("assistant turn 2's command", block) == (
         "[tokensaver: repeats lines 1-6 of assistant turn 1's command]"
     )
+
+
+def test_a_run_of_100_to_150_characters_pays_for_its_short_pointer(tmp_path: Any) -> None:
+    """3 lines, 100-150 characters: a pointer since the short form (MIN_CHARS 150 -> 100)."""
+    lines = [
+        "import django, os; os.environ['DJANGO_SETTINGS_MODULE'] = 'app.settings'",
+        "django.setup()",
+        "from app.models import Book, Author",
+        "print(Book.objects.count())",
+    ]
+    script = "python - <<'EOF'\n" + "\n".join(lines) + "\nEOF"
+    again = script.replace("count()", "all()")
+    assert 100 <= sum(len(ln) + 1 for ln in lines[:3]) < 150
+    [sent] = send(tmp_path, [conversation(turn(0, script), turn(1, again))])
+    got = command(sent, 3)
+    first = script.split("\n")
+    assert got.split("\n")[0] == "[tokensaver: repeats lines 1-4 of assistant turn 1's command]", got
+    assert expand_lines(got, SHORT, lambda m: first[int(m.group(1)) - 1 : int(m.group(2))]) == again
+    frames = [
+        f"  /repo/app/models/{name}.py:{n} in {name}_{n}"
+        for name, n in (("save", 12), ("execute", 40), ("run", 51))
+    ]
+    text = "\n".join(
+        ["Traceback (most recent call last):", *frames, "ValueError: a", "", "Traceback:", *frames, "E"]
+    )
+    assert 100 <= sum(len(ln) + 1 for ln in frames) < 150
+    out = _self_repeats.rewrite(text, short=True)
+    assert "[tokensaver: repeats lines 2-4 of this output]" in out.split("\n"), out
