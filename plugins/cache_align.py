@@ -419,6 +419,7 @@ _TOOLS, _SYSTEM, _MSG0 = 0, 1, 2
 # character, the old block's hash): the newest conversations' within this many bytes in all
 PREV_BLOCKS_BYTES = 8 * 1024 * 1024
 _BLOCK_BYTES = 64  # what a block costs beyond its JSON, roughly (the dict and its strings)
+_BYTES_PER_TOKEN = 4  # JSON bytes of a message per token, roughly
 _NOT_A_TOOL = object()  # a tools entry that is not a dict has no name
 
 
@@ -515,31 +516,47 @@ def _holds_cc(group: list[Any]) -> bool:
     return False
 
 
-def digest_prefix(body: dict[str, Any], prev: Seen | None, count: Callable[[Any], int]) -> Prefix:
+def digest_prefix(
+    body: dict[str, Any],
+    prev: Seen | None,
+    count: Callable[[Any], int],
+    given: list[bytes | None] | None = None,
+) -> Prefix:
     """The prefix of ``body``: what ``prev`` holds of a group with the same content is taken from it.
 
-    Each group is serialized once. The groups ``body`` shares with ``prev`` from the start, breakpoints
-    included, keep everything (one slice of each of prev's arrays). After the first change, a group
-    is compared without its cache_control: the same content (the caller moved a breakpoint) keeps its
-    blocks' digests, a message moved by a cut is found by its digest, else the group is new: its
-    blocks digested and counted one by one.
+    Each group is serialized once (a message's group as its whole message: ``given`` holds the
+    core's digests of them, None where it has none). The groups ``body`` shares with ``prev`` from
+    the start, breakpoints included, keep everything (one slice of each of prev's arrays). After the
+    first change, a group is compared without its cache_control: the same content (the caller moved
+    a breakpoint) keeps its blocks' digests, a message moved by a cut is found by its digest, else
+    the group is new: its blocks digested and counted one by one.
     """
     tools = body.get("tools") or []
     system = body.get("system")
+    messages = body.get("messages") or []
     groups: list[list[Any]] = [list(tools), as_blocks(system) if system is not None else []]
-    groups.extend(_content(m) for m in body.get("messages") or [])
-    raws: list[bytes | None]
+    groups.extend(_content(m) for m in messages)
     ends = list(accumulate(map(len, groups)))
     starts = [0, *ends[:-1]]
     n_blocks = ends[-1]
-    # the prefix check: each group as sent, in one pass (orjson, keys as they come)
-    try:
-        serialized = [orjson.dumps(group) for group in groups]
-    except TypeError:  # not JSON orjson takes (a group of it is never taken as seen)
-        raws, nbytes = [_raw_digest(group) for group in groups], 0
-    else:
-        raws, nbytes = list(map(_xxh, serialized)), sum(map(len, serialized))
-        del serialized
+    # the prefix check: each group as sent (orjson, keys as they come), the messages' as handed
+    handed = given if given is not None and len(given) == len(messages) else [None] * len(messages)
+    raws: list[bytes | None] = []
+    nbytes = 0
+    guessed: list[int] = []  # the groups of handed messages (their bytes from their tokens below)
+    for g, value in enumerate((groups[_TOOLS], groups[_SYSTEM], *messages)):
+        d = handed[g - _MSG0] if g >= _MSG0 else None
+        if d is not None:
+            guessed.append(g)
+        else:
+            try:
+                raw = orjson.dumps(value)
+            except TypeError:  # not JSON orjson takes (a group of it is never taken as seen)
+                pass
+            else:
+                d = _xxh(raw)
+                nbytes += len(raw)
+        raws.append(d)
     nbytes += _BLOCK_BYTES * n_blocks
     reuse = prev is not None and memo_enabled()
     same = 0  # groups equal to prev's from the start, breakpoints included
@@ -606,7 +623,12 @@ def digest_prefix(body: dict[str, Any], prev: Seen | None, count: Callable[[Any]
             tokens.extend(prev.tokens[a : a + len(group)])
     names = [t.get("name") if isinstance(t, dict) else _NOT_A_TOOL for t in groups[_TOOLS]]
     seen = Seen(raws, digests, starts, b"".join(parts), tokens, frozenset(cc_groups), marked, names)
-    return Prefix(groups, n_blocks, seen, list(accumulate(tokens)), marked, nbytes)
+    cum = list(accumulate(tokens))
+    if guessed:  # a handed message's JSON, from its tokens (a rough size is all the byte cap needs)
+        for g in guessed:
+            if ends[g] > starts[g]:
+                nbytes += _BYTES_PER_TOKEN * (cum[ends[g] - 1] - (cum[starts[g] - 1] if starts[g] else 0))
+    return Prefix(groups, n_blocks, seen, cum, marked, nbytes)
 
 
 # -- breakpoints -----------------------------------------------------------------------------
@@ -912,7 +934,16 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
         if settings["ttl"] == "auto" and cc_ttl(auto) == "1h":
             want_ttl = "1h"
     prev: Seen | None = conv.get("prev")
-    p = digest_prefix(out, prev, ctx.count)  # the one pass over the whole prefix
+    # the core's digests of the messages as they came, where normalizing and moving left them so
+    handed, came = ctx.message_digests, body.get("messages")
+    given = (
+        [d if a is b else None for a, b, d in zip(out["messages"], came, handed, strict=True)]
+        if isinstance(handed, list)
+        and isinstance(came, list)
+        and len(handed) == len(came) == len(out["messages"])
+        else None
+    )
+    p = digest_prefix(out, prev, ctx.count, given)  # the one pass over the whole prefix
     caller = len(p.marked)
     free = max(0, MAX_BREAKPOINTS - caller)
     min_cache = int(getattr(ctx.model, "min_cache", 1024))

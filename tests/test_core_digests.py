@@ -14,7 +14,7 @@ import anthropic
 import orjson
 import pytest
 import xxhash
-from tokensaver_plugins import prune, summarize
+from tokensaver_plugins import cache_align, prune, summarize
 
 import tokensaver
 from tokensaver import pipeline
@@ -137,5 +137,28 @@ def test_prune_with_the_cores_digests_sends_what_it_sends_without(
     assert handed and all(handed)
     monkeypatch.setattr(
         prune, "_digests", lambda messages, at, breakpoints, given=None: own(messages, at, breakpoints)
+    )
+    assert _sent(tmp_path / "b", plugins) == with_digests
+
+
+def test_cache_align_with_the_cores_digests_sends_what_it_sends_without(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    own = cache_align.digest_prefix
+    handed: list[bool] = []
+
+    def spy(body: Any, prev: Any, count: Any, given: Any = None) -> Any:
+        handed.append(given is not None and None not in given)
+        if given is not None:  # each the digest of the whole message cache_align holds there
+            for m, d in zip(body["messages"], given, strict=True):
+                assert d is None or d == xxhash.xxh3_128_digest(orjson.dumps(m))
+        return own(body, prev, count, given)
+
+    plugins = ["summarize", "prune", "cache_align"]
+    monkeypatch.setattr(cache_align, "digest_prefix", spy)
+    with_digests = _sent(tmp_path / "a", plugins)
+    assert handed and all(handed)
+    monkeypatch.setattr(
+        cache_align, "digest_prefix", lambda body, prev, count, given=None: own(body, prev, count)
     )
     assert _sent(tmp_path / "b", plugins) == with_digests
