@@ -73,7 +73,9 @@ tokensaver_read_only = True
 # file). Those four are deferred; the core coding tools and the search controls never are. With Tool
 # Search off (``tools.toolSearch: false``) OpenClaw sends its whole catalogue eagerly: then the tools its
 # own ``coding`` tool profile leaves out (docs: gateway/config-tools/tool-policy) are deferred too, except
-# ``message`` and ``heartbeat_respond``, which a run's delivery may need.
+# ``message`` and ``heartbeat_respond``, which a run's delivery may need, and of the optional plugin
+# tools it bundles (which that profile does not select) the ones for paired devices, voice calls and
+# meetings.
 OPENCLAW_DIRECT_ONLY = ("computer", "openclaw", "sessions_yield", "view_image")
 OPENCLAW_NOT_CODING = (
     "agents_list",
@@ -88,6 +90,15 @@ OPENCLAW_NOT_CODING = (
     "show_widget",
     "terminal",
     "tts",
+    # bundled plugins' tools (2026.9.6 with tools.toolSearch = false)
+    "dir_fetch",
+    "dir_list",
+    "file_fetch",
+    "file_write",
+    "mobile_ui",
+    "node_inference",
+    "talk_voice",
+    "transcripts",
 )
 PROFILES: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
     "claude-code": (

@@ -35,7 +35,17 @@ OPENCLAW_EAGER = [
     "write",
 ]
 # with tools.toolSearch = false it sends its catalogue eagerly (a part of it here)
-OPENCLAW_CATALOGUE = ["browser", "canvas", "cron", "heartbeat_respond", "message", "nodes", "web_fetch"]
+OPENCLAW_CATALOGUE = [
+    "browser",
+    "canvas",
+    "cron",
+    "heartbeat_respond",
+    "message",
+    "mobile_ui",
+    "nodes",
+    "secrets",
+    "web_fetch",
+]
 
 
 def _tools(names: list[str]) -> list[dict[str, Any]]:
@@ -90,11 +100,12 @@ def test_with_its_catalogue_sent_eagerly_the_tools_outside_openclaws_coding_prof
     body = {"model": "claude-sonnet-4-6", "max_tokens": 200, "tools": tools}
     client.messages.create(**body, messages=[{"role": "user", "content": "hi"}])
     # message and heartbeat_respond may be a run's only way to answer: never deferred; cron and
-    # web_fetch are in OpenClaw's coding profile
+    # web_fetch are in OpenClaw's coding profile; secrets (credentials a task may need) stays
     assert _deferred(emu.last.body) == {
         "browser",
         "canvas",
         "computer",
+        "mobile_ui",
         "nodes",
         "openclaw",
         "sessions_yield",
