@@ -82,6 +82,7 @@ def rewrite(
     state: State | None = None,
     same: int = 0,
     short: bool = False,
+    own: bool = False,
 ) -> tuple[list[Any] | None, State]:
     """The messages with every long run of lines in a model turn that an earlier model turn (or,
     with ``results``, a tool result prune leaves as it is) shows as a pointer to it (None: nothing
@@ -92,8 +93,10 @@ def rewrite(
     as it had them: their rewrites are re-applied and the pass goes on from there (both repeat
     indexes resumed from their chain keys), with the same bytes as a pass over them all.
 
-    ``short``: the pointers without the words their ranges imply (``_repeats.marker``)."""
-    index = RepeatIndex(MIN_LINES, MIN_CHARS, NOUN, short)
+    ``short``: the pointers without the words their ranges imply (``_repeats.marker``); ``own``: a
+    run a text or command repeats from its own lines above is a pointer too (``this_text``)."""
+    within = this_text if own else None
+    index = RepeatIndex(MIN_LINES, MIN_CHARS, NOUN, short, within)
     names = (SHORT_RESULT, SHORT_UNNUMBERED) if short else (RESULT, UNNUMBERED)
     # what prune's repeat pointers could change: a result with any run of 3 lines an earlier
     # result or tool input shows (its shortest run, whatever its characters), or a copy of one
@@ -121,7 +124,7 @@ def rewrite(
                 out[i] = {**out[i], "content": parts}
                 tally(stats, kind, before, len(text))
         else:  # (an index no longer kept: the pass goes over them all again)
-            index = RepeatIndex(MIN_LINES, MIN_CHARS, NOUN, short)
+            index = RepeatIndex(MIN_LINES, MIN_CHARS, NOUN, short, within)
             guard = RepeatIndex(GUARD_LINES, 0)
     copies: set[bytes] = set(digests)
     for i in range(start, len(messages)):
@@ -176,6 +179,12 @@ def rewrite(
                     guard.add_input(str(b.get("id")), b.get("input"))
         checkpoints.append(_checkpoint(index, guard, turn, digests))
     return out, State(tuple(checkpoints), tuple(edits), tuple(digests))
+
+
+def this_text(name: str) -> str:
+    """How a pointer in a model turn's text or command names the text it is in: ``this text``,
+    ``this command`` (``name``: ``assistant turn 5's command``, ``... text 2``)."""
+    return "this " + name.rsplit("'s ", 1)[-1].split(" ", 1)[0]
 
 
 def _checkpoint(

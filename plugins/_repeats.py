@@ -25,12 +25,14 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import xxhash
 
 from tokensaver.tokens import memo_enabled
 
+from . import _self_repeats
 from ._lru import SizedLRU
 from ._summarize_text import dump, load_json
 
@@ -115,11 +117,21 @@ def _before(spots: tuple[tuple[int, int], ...], n: int) -> tuple[tuple[int, int]
 class LineIndex:
     """The lines of the tool results sent so far, for finding runs a new result repeats."""
 
-    def __init__(self, min_lines: int, min_chars: int, noun: str = RESULT, short: bool = False) -> None:
+    def __init__(
+        self,
+        min_lines: int,
+        min_chars: int,
+        noun: str = RESULT,
+        short: bool = False,
+        within: Callable[[str], str] | None = None,
+    ) -> None:
         self.min_lines = min_lines
         self.min_chars = min_chars
         self.noun = noun  # how a pointer names the earlier text (see ``marker``)
         self.short = short  # the short pointer lines (see ``marker``)
+        # a text rewritten also gets its runs of its own lines above as pointers (``_self_repeats``,
+        # after the pointers to earlier texts, counted in it as sent); ``within(tid)`` names it there
+        self.within = within
         # (tool_use id, lines, keys, line numbers)
         self.texts: list[tuple[str, list[str], list[str], list[int | None]]] = []
         # key -> (text index, line index), oldest first; tuples, not lists: a long-lived index holds
@@ -138,7 +150,7 @@ class LineIndex:
     def fork(self, marks: int) -> LineIndex:
         """A new index in this one's state after its first ``marks`` feeds (the lines shared, the
         lookups copied): this one goes on along its own results."""
-        new = LineIndex(self.min_lines, self.min_chars, self.noun, self.short)
+        new = LineIndex(self.min_lines, self.min_chars, self.noun, self.short, self.within)
         texts, objects, inputs = self.marks[marks - 1][1:] if marks else (0, 0, 0)
         new.texts, new.objects, new.inputs = self.texts[:texts], self.objects[:objects], self.inputs[:inputs]
         new.marks = self.marks[:marks]
@@ -258,6 +270,11 @@ class LineIndex:
             out.append(m)
             i += best
             changed = True
+        if self.within is not None:
+            joined = "\n".join(out) if changed else text
+            own = _self_repeats.rewrite(joined, self.min_lines, self.min_chars, self.short, self.within(tid))
+            if own is not joined:
+                out, changed = own.split("\n"), True
         self.add(tid, out)
         return "\n".join(out) if changed else text
 
@@ -405,16 +422,26 @@ class RepeatIndex:
     ``set_memo_enabled(False)``, it is one).
     """
 
-    def __init__(self, min_lines: int, min_chars: int, noun: str = RESULT, short: bool = False) -> None:
+    def __init__(
+        self,
+        min_lines: int,
+        min_chars: int,
+        noun: str = RESULT,
+        short: bool = False,
+        within: Callable[[str], str] | None = None,
+    ) -> None:
         self.min_lines, self.min_chars, self.noun, self.short = min_lines, min_chars, noun, short
+        self.within = within
         # another noun or pointer form, other pointers: its own chains (the results' chain keys are
-        # as they were)
+        # as they were); one ``within`` per kind of index (a module's function, named in the tag)
         tag = ("" if noun == RESULT else "\0" + noun) + ("\0short" if short else "")
+        if within is not None:
+            tag += f"\0within\0{within.__module__}.{within.__qualname__}"
         self.start = self.key = xxhash.xxh3_128_digest(f"repeats\0{min_lines}\0{min_chars}{tag}".encode())
         # what was fed so far, for a rebuild: (tool_use id, result text) or (id, input fields)
         self.fed: list[tuple[str, str | tuple[str] | dict[str, str]]] = []
         self.index: LineIndex | None = None  # the last hit's index, then the one this request extends
-        self.plain = LineIndex(min_lines, min_chars, noun, short) if not memo_enabled() else None
+        self.plain = LineIndex(min_lines, min_chars, noun, short, within) if not memo_enabled() else None
 
     def rewrite(self, tid: str, text: str) -> str:
         """``LineIndex.rewrite(tid, text)`` for what was fed so far."""
@@ -463,7 +490,7 @@ class RepeatIndex:
         index = self.index
         if index is not None and n >= 1 and len(index.marks) >= n and index.marks[n - 1][0] == previous:
             return index if len(index.marks) == n else index.fork(n)
-        index = LineIndex(self.min_lines, self.min_chars, self.noun, self.short)
+        index = LineIndex(self.min_lines, self.min_chars, self.noun, self.short, self.within)
         key = self.start
         for tid, item in self.fed[:n]:
             key = _step(key, tid, _chain_text(item))

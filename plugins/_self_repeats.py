@@ -18,15 +18,22 @@ _MAX_CANDIDATES = 8  # earlier places of one line tried as the start of a run
 _POINTER = "[tokensaver:"
 
 
-def marker(n: int, first: int, short: bool = False) -> str:
+def marker(n: int, first: int, short: bool = False, noun: str = "this output") -> str:
     if short:  # the count and "above" are what the range says
-        return f"[tokensaver: repeats lines {first}-{first + n - 1} of this output]"
-    return f"[tokensaver: {n} lines as lines {first}-{first + n - 1} of this output above]"
+        return f"[tokensaver: repeats lines {first}-{first + n - 1} of {noun}]"
+    return f"[tokensaver: {n} lines as lines {first}-{first + n - 1} of {noun} above]"
 
 
-def rewrite(text: str, min_lines: int = MIN_LINES, min_chars: int = MIN_CHARS, short: bool = False) -> str:
+def rewrite(
+    text: str,
+    min_lines: int = MIN_LINES,
+    min_chars: int = MIN_CHARS,
+    short: bool = False,
+    noun: str = "this output",
+) -> str:
     """``text`` with each long run of lines it already showed above as a pointer (the same object
-    when there is none); ``short``: ``[tokensaver: repeats lines 3-7 of this output]``."""
+    when there is none); ``short``: ``[tokensaver: repeats lines 3-7 of this output]`` (``noun``:
+    how the pointer names the text it is in)."""
     lines = text.split("\n")
     if len(lines) < 2 * min_lines or len(text) < 2 * min_chars:
         return text
@@ -46,7 +53,7 @@ def rewrite(text: str, min_lines: int = MIN_LINES, min_chars: int = MIN_CHARS, s
                 if n > best:
                     best, at = n, p
         if best >= min_lines and sum(len(ln) + 1 for ln in lines[i : i + best]) >= min_chars:
-            m = marker(best, at + 1, short)
+            m = marker(best, at + 1, short, noun)
             out.append(m)
             out_keys.append(m)
             i += best

@@ -133,7 +133,8 @@ SETTINGS = Schema(
         "self_repeats": boolean(
             True,
             "a run of lines (3+, 100+ characters) a tool output repeats from its own lines above (a "
-            "chained traceback's frames again) as a pointer to them",
+            "chained traceback's frames again) as a pointer to them; with model_turns, in a model's "
+            "text or command too (code it quotes twice in one turn)",
         ),
         "model_turns": boolean(
             True,
@@ -752,6 +753,7 @@ def _rewrite_messages(
             state=turns_state if k > 0 else None,
             same=k,
             short=bool(settings.get("short_pointers", True)),
+            own=bool(settings.get("self_repeats", True)),
         )
         out = turns if turns is not None else out
     if on:

@@ -105,3 +105,37 @@ def test_a_run_of_100_to_150_characters_pays_for_its_short_pointer(tmp_path: Any
     assert 100 <= sum(len(ln) + 1 for ln in frames) < 150
     out = _self_repeats.rewrite(text, short=True)
     assert "[tokensaver: repeats lines 2-4 of this output]" in out.split("\n"), out
+
+
+BLOCK = [f"    assert check_{k}(settings, value={k}) == 'case {k}'" for k in range(4)]
+TAIL = [f"    report_{k}(settings, level={k}, verbose=True)" for k in range(4)]
+OWN = re.compile(r"^\[tokensaver: repeats lines (\d+)-(\d+) of this (text|command)\]$")
+
+
+def test_code_a_turn_quotes_twice_points_at_its_first_copy_in_that_turn(tmp_path: Any) -> None:
+    text = "\n".join(["THOUGHT: the checks are", *BLOCK, "and after the fix still", *BLOCK, "then", *TAIL])
+    later = "THOUGHT: the reports\n" + "\n".join(TAIL) + "\nare unchanged."
+    msgs = conversation(turn(0, "ls", text), turn(1, "ls", later))
+    [sent] = send(tmp_path / "on", [msgs])
+    got = sent[1]["content"][0]["text"]
+    lines = got.split("\n")
+    assert lines[6] == "[tokensaver: repeats lines 2-5 of this text]", got
+    assert expand_lines(got, OWN, lambda m: lines[int(m.group(1)) - 1 : int(m.group(2))]) == text
+    # a later turn's pointer into it counts its lines as sent (the pointer one line)
+    again = sent[3]["content"][0]["text"]
+    assert again.split("\n")[1] == "[tokensaver: repeats lines 9-12 of assistant turn 1's text]", again
+    assert expand_lines(again, SHORT_TEXT, lambda m: lines[int(m.group(1)) - 1 : int(m.group(2))]) == later
+    [off] = send(tmp_path / "off", [msgs], {"summarize": {"self_repeats": False}})
+    assert off[1]["content"][0]["text"] == text
+
+
+SHORT_TEXT = re.compile(r"^\[tokensaver: repeats lines (\d+)-(\d+) of assistant turn 1's text\]$")
+
+
+def test_a_command_that_repeats_its_own_lines_names_this_command(tmp_path: Any) -> None:
+    script = "\n".join(["python - <<'EOF'", *BLOCK, "print('again')", *BLOCK, "EOF"])
+    [sent] = send(tmp_path, [conversation(turn(0, script))])
+    got = command(sent, 1)
+    lines = got.split("\n")
+    assert lines[6] == "[tokensaver: repeats lines 2-5 of this command]", got
+    assert expand_lines(got, OWN, lambda m: lines[int(m.group(1)) - 1 : int(m.group(2))]) == script
