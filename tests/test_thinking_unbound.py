@@ -332,3 +332,78 @@ def test_in_a_tool_loop_the_last_turns_thinking_stays_and_the_api_drops_it(
         "stripped_blocks": 0,
         "drop_block": 1,
     }
+
+
+PROBE = {
+    "name": "tokensaver_probe",
+    "description": "A plugin's own tool (answered by tokensaver, never seen by the caller).",
+    "input_schema": {"type": "object", "properties": {}},
+}
+
+
+class WithTool:
+    """Offers a plugin tool on every call, as defer_tools' loader is: the call goes the plugin-tool way."""
+
+    @tokensaver.hookimpl
+    def tokensaver_transform_request(self, body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
+        return {**body, "tools": [*(body.get("tools") or []), PROBE]}
+
+
+def _plugins() -> Any:
+    return tokensaver.get_plugin_manager(
+        {"forgetful": Forgetful(), "probe": WithTool()}, load_entrypoints=False
+    )
+
+
+def _tool_config(tmp_path: Path) -> dict[str, Any]:
+    return {"plugins": ["forgetful", "probe"], "record": True, "runs_dir": str(tmp_path / "runs")}
+
+
+@pytest.mark.parametrize("route", ["sync", "stream", "async", "async_stream", "proxy", "proxy_stream"])
+def test_a_call_with_a_plugin_tool_strips_the_unbound_thinking_and_sends_again(
+    emu: Emulator, tmp_path: Path, route: str
+) -> None:
+    """The plugin-tool exchange (a loader on every call, as defer_tools' defaults add) recovers as a
+    plain call does: the refused block stripped, sent again, recorded."""
+    _queue(emu)
+    stream = route.endswith("stream")
+
+    def second(client: Any, first: Any) -> Any:
+        body = _second_call(_reply_blocks(first))
+        if not stream:
+            return client.messages.create(**body)
+        with client.messages.stream(**body) as s:
+            return s.get_final_message()
+
+    if route.startswith("proxy"):
+        with ProxyServer(
+            _tool_config(tmp_path), upstream=emu.url, plugin_manager=_plugins(), run="u"
+        ) as proxy:
+            client = anthropic.Anthropic(base_url=proxy.url, api_key="sk-ant-unbound", max_retries=0)
+            answer = second(client, client.messages.create(**_first_call()))
+            records = proxy.records()
+    elif route.startswith("async"):
+
+        async def go() -> Any:
+            base = anthropic.AsyncAnthropic(base_url=emu.url, api_key="sk-ant-unbound", max_retries=0)
+            client = tokensaver.wrap(base, config=_tool_config(tmp_path), plugin_manager=_plugins())
+            first = await client.messages.create(**_first_call())
+            body = _second_call(_reply_blocks(first))
+            if not stream:
+                return client, await client.messages.create(**body)
+            async with client.messages.stream(**body) as s:
+                return client, await s.get_final_message()
+
+        client, answer = asyncio.run(go())
+        records = client.tokensaver.records
+    else:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="sk-ant-unbound", max_retries=0)
+        client = tokensaver.wrap(base, config=_tool_config(tmp_path), plugin_manager=_plugins())
+        answer = second(client, client.messages.create(**_first_call()))
+        records = client.tokensaver.records
+    assert answer.content[0].text == "Done."
+    assert [r.status for r in emu.requests[-2:]] == [400, 200]
+    assert [b["type"] for b in emu.requests[-1].body["messages"][1]["content"]] == ["text"]
+    assert any(t["name"] == "tokensaver_probe" for t in emu.requests[-1].body["tools"])
+    assert records[-1]["status"] == 200
+    assert records[-1]["thinking_unbound"] == {"from": "messages.1.content.0", "stripped_blocks": 1}

@@ -305,10 +305,20 @@ class TokensaverMiddleware(_sdk.Middleware):
     def _plugin_tools(self, request: _sdk.APIRequest, call: Call, prep: Prepared, call_next: Any) -> Any:
         """Send the call; answer tool calls addressed to plugins until the model answers the caller."""
         ex = PluginToolExchange(self.pipeline, call, prep.headers, splice=False, eventstream=self.eventstream)
+        strip_known_unbound(call)
         while True:
             with self._attempt(ex.call):
                 response = call_next(self._outgoing(request, ex.call, prep.headers))
                 http = response.http_response
+                if (
+                    ex.call is call
+                    and http.status_code == 400
+                    and unbound_retry(call, 400, http.read()) is not None
+                ):
+                    http.close()
+                    log.warning("%s", unbound_message(call))
+                    response = call_next(self._outgoing(request, call, prep.headers))
+                    http = response.http_response
                 if not http.is_success:
                     ex.refused(http.status_code)
                     return response
@@ -326,8 +336,14 @@ class TokensaverMiddleware(_sdk.Middleware):
         self, request: _sdk.APIRequest, call: Call, prep: Prepared, call_next: Any
     ) -> Any:
         """A streamed call whose answer may ask for plugin tools: streamed on as it comes (see ``Splice``)."""
+        strip_known_unbound(call)
         with self._attempt(call):
             response = call_next(self._outgoing(request, call, prep.headers))
+            http = response.http_response
+            if http.status_code == 400 and unbound_retry(call, 400, http.read()) is not None:
+                http.close()
+                log.warning("%s", unbound_message(call))
+                response = call_next(self._outgoing(request, call, prep.headers))
             passed = self._pass_through(call, response, None)
             if passed is not None:
                 return passed
@@ -378,10 +394,20 @@ class TokensaverMiddleware(_sdk.Middleware):
     ) -> Any:
         """Async twin of ``_plugin_tools``."""
         ex = PluginToolExchange(self.pipeline, call, prep.headers, splice=False, eventstream=self.eventstream)
+        strip_known_unbound(call)
         while True:
             with self._attempt(ex.call):
                 response = await call_next(self._outgoing(request, ex.call, prep.headers))
                 http = response.http_response
+                if (
+                    ex.call is call
+                    and http.status_code == 400
+                    and unbound_retry(call, 400, await http.aread()) is not None
+                ):
+                    await http.aclose()
+                    log.warning("%s", unbound_message(call))
+                    response = await call_next(self._outgoing(request, call, prep.headers))
+                    http = response.http_response
                 if not http.is_success:
                     ex.refused(http.status_code)
                     return response
@@ -399,8 +425,14 @@ class TokensaverMiddleware(_sdk.Middleware):
         self, request: _sdk.APIRequest, call: Call, prep: Prepared, call_next: Any
     ) -> Any:
         """Async twin of ``_stream_plugin_tools``."""
+        strip_known_unbound(call)
         with self._attempt(call):
             response = await call_next(self._outgoing(request, call, prep.headers))
+            http = response.http_response
+            if http.status_code == 400 and unbound_retry(call, 400, await http.aread()) is not None:
+                await http.aclose()
+                log.warning("%s", unbound_message(call))
+                response = await call_next(self._outgoing(request, call, prep.headers))
             passed = self._pass_through(call, response, None)
             if passed is not None:
                 return passed

@@ -510,10 +510,20 @@ class TokensaverProxy:
         splice = splices(prep.stream, outcome.call.body)
         rounds = _Rounds(request, PluginToolExchange(pipe, outcome.call, prep.headers, splice=splice))
         ex = rounds.ex
+        first = ex.call
+        exchange.strip_known_unbound(first)
         while True:
             outcome.call, outcome.finishing = ex.call, False
             try:
-                up = await self._post(request, encode_body(ex.call.body))
+                up = await self._post(request, encode_body(ex.call.body), beta=exchange.unbound_beta(ex.call))
+                if (
+                    ex.call is first
+                    and up.status == 400
+                    and exchange.unbound_retry(first, 400, await up.read()) is not None
+                ):
+                    up.close()
+                    log.warning("%s", exchange.unbound_message(first))
+                    up = await self._post(request, encode_body(first.body), beta=exchange.unbound_beta(first))
             except (aiohttp.ClientError, TimeoutError) as exc:
                 outcome.finishing = True
                 ex.fail(Failure.upstream("upstream unreachable", exc))
