@@ -26,7 +26,8 @@ refuse the block; it is sent as the model wrote it (``unloaded_calls``).
 With ``profiles`` (the default) the seldom called tools of a known harness are deferred without being
 named: Claude Code's and OpenClaw's (:data:`PROFILES`, which says why those tools). With ``directories``
 too, OpenClaw's own list of the tools its Tool Search defers (in its system prompt, on every call)
-gives each tool by its first sentence, as the loader lists tokensaver's (:func:`short_directory`).
+gives each tool by its first sentence, as the loader lists tokensaver's (:func:`short_directory`), and
+its list of skills (an XML element per skill) is written one skill a line, losing nothing.
 
 Only on models with tool search (Claude 4.5 and later); elsewhere the stage stands aside.
 """
@@ -129,7 +130,8 @@ SETTINGS = Schema(
             True,
             "with profiles: a harness's own list of the tools it defers, in its system prompt (OpenClaw's "
             "Deferred Tool Schemas), gives each tool's first sentence, as tokensaver's loader lists its "
-            "own (the rest stays in the harness's tool search)",
+            "own (the rest stays in the harness's tool search); its list of skills (OpenClaw's "
+            "<available_skills>) is sent one skill a line, every name, description and location kept",
         ),
         "auto": boolean(
             False,
@@ -391,8 +393,18 @@ _DIRECTORY_ENTRY = re.compile(r"- (\S+) (\([^()\n]*\)): (.+)")
 
 @lru_cache(maxsize=256)  # the same system prompt on every call of a conversation
 def short_directory(text: str) -> str | None:
+    """``text`` with the entries of OpenClaw's deferred-tool directory cut to their first sentence
+    and its skills one a line (:func:`_one_line_skills`), or None when nothing changes (a function of
+    the text alone)."""
+    skills = _one_line_skills(text) if "<available_skills>" in text else text
+    cut = _short_tool_directory(skills)
+    out = skills if cut is None else cut
+    return out if out != text else None
+
+
+def _short_tool_directory(text: str) -> str | None:
     """``text`` with the entries of OpenClaw's deferred-tool directory cut to their first sentence, or
-    None when it holds no such directory or nothing is cut (a function of the text alone)."""
+    None when it holds no such directory or nothing is cut."""
     at = text.find(DIRECTORY_HEADING + "\n")
     if at < 0:
         return None
@@ -412,6 +424,37 @@ def short_directory(text: str) -> str | None:
             lines[i] = f"- {m.group(1)} {m.group(2)}: {short}"
     out = text[:at] + "\n".join(lines)
     return out if out != text else None
+
+
+# OpenClaw's list of its skills (the system prompt's Skills section, on every call): an XML element
+# per skill, its name, description and location each on a line of their own. The same three as one
+# line per skill, ``- name: description <location>path</location>`` inside the same
+# ``<available_skills>`` tags the section's instructions name: lossless, about a third fewer tokens.
+_SKILLS = re.compile(r"<available_skills>\n(.*?)\n?</available_skills>", re.DOTALL)
+_SKILL = re.compile(
+    r"[ \t]*<skill>\s*<name>([^<>\n]+)</name>\s*<description>([^<>]*)</description>"
+    r"\s*<location>([^<>\n]+)</location>\s*</skill>[ \t]*"
+)
+
+
+def _one_line_skills(text: str) -> str:
+    """``text`` with each ``<available_skills>`` list whose every element is a plain skill (name,
+    description, location) written one skill a line; the others as they are."""
+
+    def lines(m: re.Match[str]) -> str:
+        body = m.group(1)
+        rows, at = [], 0
+        for e in _SKILL.finditer(body):
+            if body[at : e.start()].strip():
+                return m.group(0)  # something else between the skills: left as it is
+            name, desc, where = e.group(1), " ".join(e.group(2).split()), e.group(3)
+            rows.append(f"- {name}: {desc} <location>{where}</location>")
+            at = e.end()
+        if not rows or body[at:].strip():
+            return m.group(0)
+        return "<available_skills>\n" + "\n".join(rows) + "\n</available_skills>"
+
+    return _SKILLS.sub(lines, text)
 
 
 def short_directories(system: Any) -> Any | None:

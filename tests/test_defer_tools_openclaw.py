@@ -260,3 +260,54 @@ def test_a_string_system_prompt_and_a_text_without_the_directory() -> None:
     assert defer_tools.short_directories(RULES) is None
     # a heading with no entries under it is no directory
     assert defer_tools.short_directory("### Deferred Tool Schemas\nnone today.\nLater text. More.\n") is None
+
+
+# -- OpenClaw's list of its skills ----------------------------------------------------------------------
+
+SKILLS = (
+    "## Skills\nScan <available_skills>. Clear match: read exact <location> with `read`; obey.\n\n"
+    "<available_skills>\n"
+    "  <skill>\n    <name>weather</name>\n    <description>Current weather and forecasts with web_fetch,\n"
+    "      falling back to wttr.in curl.</description>\n"
+    "    <location>/opt/openclaw/skills/weather/SKILL.md</location>\n  </skill>\n"
+    "  <skill>\n    <name>tmux</name>\n    <description>Drive tmux sessions: send keys.</description>\n"
+    "    <location>~/.openclaw/plugin-skills/tmux/SKILL.md</location>\n  </skill>\n"
+    "</available_skills>\n\n## Skill Workshop\nMore rules.\n"
+)
+ONE_LINE = (
+    "## Skills\nScan <available_skills>. Clear match: read exact <location> with `read`; obey.\n\n"
+    "<available_skills>\n"
+    "- weather: Current weather and forecasts with web_fetch, falling back to wttr.in curl. "
+    "<location>/opt/openclaw/skills/weather/SKILL.md</location>\n"
+    "- tmux: Drive tmux sessions: send keys. <location>~/.openclaw/plugin-skills/tmux/SKILL.md</location>\n"
+    "</available_skills>\n\n## Skill Workshop\nMore rules.\n"
+)
+
+
+def test_openclaws_skills_are_sent_one_a_line_with_every_name_description_and_location(
+    emu: Emulator, tmp_path: Any
+) -> None:
+    client = _client(emu, tmp_path)
+    emu.reply("ok", "ok")
+    body = {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 200,
+        "tools": _tools(OPENCLAW_EAGER),
+        "system": _system(DIRECTORY + SKILLS),
+    }
+    ask = [{"role": "user", "content": "hi"}]
+    client.messages.create(**body, messages=ask)
+    sent = emu.requests[0].body["system"]
+    assert [b["text"] for b in sent] == [b["text"] for b in _system(SHORT + ONE_LINE)]
+    more = [*ask, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and?"}]
+    client.messages.create(**body, messages=more)
+    assert emu.requests[1].body["system"] == sent  # the same bytes: read from the cache
+    assert emu.requests[1].usage["cache_read_input_tokens"] > 1000
+
+
+def test_a_skills_list_with_anything_else_in_it_is_left_as_it_is() -> None:
+    odd = SKILLS.replace("  <skill>\n    <name>tmux", "  <note>new</note>\n  <skill>\n    <name>tmux")
+    assert defer_tools.short_directory(odd) is None
+    more = SKILLS.replace("</location>\n  </skill>", "</location>\n    <version>2</version>\n  </skill>", 1)
+    assert defer_tools.short_directory(more) is None
+    assert defer_tools.short_directory(ONE_LINE) is None  # nothing left to change
