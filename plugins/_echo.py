@@ -5,7 +5,8 @@ What it saves: an edit command's result shows the edited lines again, numbered (
 snippet). Those lines are in the tool use's input, which the request already carries just before
 the result. A run of at least ``min_lines`` consecutive numbered lines (``N:``, ``N→`` or ``N<tab>``,
 no padding, counting up by one) whose text after the number is, in order, lines of one string
-field of the input becomes one line naming the field and both ranges. So does a run of a diff's
+field of the input (compared right-stripped: a diff shows a line of spaces as ``+``) becomes one line
+naming the field and both ranges. So does a run of a diff's
 added lines (``+text``: OpenHands' ``create`` answers with the new file as a diff of its
 ``file_text``, every line of it again).
 
@@ -54,7 +55,12 @@ def _form(line: str) -> tuple[str, int, str] | None:
 def _follows(line: str, sep: str, number: int, text: str) -> bool:
     """Whether ``line`` is the run's next line: the same form, the next number, ``text`` after it."""
     form = _form(line)
-    return form is not None and form[0] == sep and (sep == "+" or form[1] == number) and form[2] == text
+    return (
+        form is not None
+        and form[0] == sep
+        and (sep == "+" or form[1] == number)
+        and form[2].rstrip() == text.rstrip()
+    )
 
 
 def _fields(tool_input: Any, min_lines: int) -> dict[str, list[str]]:
@@ -83,14 +89,14 @@ def rewrite(text: str, tool_input: Any, min_lines: int = 3, min_chars: int = 120
     for name, lines in fields.items():
         for p, ln in enumerate(lines):
             if len(ln.strip()) >= 4:
-                where.setdefault(ln, []).append((name, p))
+                where.setdefault(ln.rstrip(), []).append((name, p))
     lines = text.split("\n")
     out: list[str] = []
     i = 0
     changed = False
     while i < len(lines):
         form = _form(lines[i])
-        spots = where.get(form[2], ()) if form else ()
+        spots = where.get(form[2].rstrip(), ()) if form else ()
         best, at = 0, ("", 0)
         for name, p in spots:
             assert form is not None

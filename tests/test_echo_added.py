@@ -93,3 +93,17 @@ def test_added_lines_that_differ_from_the_input_stay() -> None:
     out = _echo.rewrite(changed, {"file_text": FILE})
     assert "+        self.size = size + 1" in out
     assert _unecho(out, {"file_text": FILE}) == changed
+
+
+def test_a_line_of_spaces_the_diff_shows_as_a_bare_plus_does_not_break_the_run() -> None:
+    """A diff tool shows a line of only spaces as ``+``: the lines are compared right-stripped, so
+    the file's indented blank lines keep the run whole (the pointer gives them as the input has them)."""
+    spaced = FILE.replace("\n\n    def spawn", "\n    \n    def spawn")
+    shown = "--- /workspace/game.py\n+++ /workspace/game.py\n@@ -0,0 +1,12 @@\n" + "\n".join(
+        "+" + ln.rstrip() for ln in spaced.split("\n")
+    )
+    out = _echo.rewrite(shown, {"file_text": spaced})
+    pointers = [ln for ln in out.split("\n") if POINTER.match(ln)]
+    assert len(pointers) == 1 and POINTER.match(pointers[0]).group(1) == "12"  # type: ignore[union-attr]
+    back = _unecho(out, {"file_text": spaced})
+    assert [ln.rstrip() for ln in back.split("\n")] == shown.split("\n")
