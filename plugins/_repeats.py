@@ -114,8 +114,9 @@ def _before(spots: tuple[tuple[int, int], ...], n: int) -> tuple[tuple[int, int]
     return spots if not spots or spots[-1][0] < n else tuple(s for s in spots if s[0] < n)
 
 
-class LineIndex:
-    """The lines of the tool results sent so far, for finding runs a new result repeats."""
+class _Pointing:
+    """How an index points: its shortest run (lines, characters), the noun its pointers name the
+    earlier text by, their form; ``_begin`` makes the rest of its state."""
 
     def __init__(
         self,
@@ -132,6 +133,16 @@ class LineIndex:
         # a text rewritten also gets its runs of its own lines above as pointers (``_self_repeats``,
         # after the pointers to earlier texts, counted in it as sent); ``within(tid)`` names it there
         self.within = within
+        self._begin()
+
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+
+class LineIndex(_Pointing):
+    """The lines of the tool results sent so far, for finding runs a new result repeats."""
+
+    def _begin(self) -> None:
         # (tool_use id, lines, keys, line numbers)
         self.texts: list[tuple[str, list[str], list[str], list[int | None]]] = []
         # key -> (text index, line index), oldest first; tuples, not lists: a long-lived index holds
@@ -408,7 +419,7 @@ def _input_text(fields: dict[str, str]) -> str:
     return "\0input\0" + "\0".join(f"{k}\0{len(v)}\0{v}" for k, v in fields.items())
 
 
-class RepeatIndex:
+class RepeatIndex(_Pointing):
     """:class:`LineIndex` as a request's results (and tool uses' inputs) are fed to it, its
     rewrites kept across calls.
 
@@ -422,16 +433,14 @@ class RepeatIndex:
     ``set_memo_enabled(False)``, it is one).
     """
 
-    def __init__(
-        self,
-        min_lines: int,
-        min_chars: int,
-        noun: str = RESULT,
-        short: bool = False,
-        within: Callable[[str], str] | None = None,
-    ) -> None:
-        self.min_lines, self.min_chars, self.noun, self.short = min_lines, min_chars, noun, short
-        self.within = within
+    def _begin(self) -> None:
+        min_lines, min_chars, noun, short, within = (
+            self.min_lines,
+            self.min_chars,
+            self.noun,
+            self.short,
+            self.within,
+        )
         # another noun or pointer form, other pointers: its own chains (the results' chain keys are
         # as they were); one ``within`` per kind of index (a module's function, named in the tag)
         tag = ("" if noun == RESULT else "\0" + noun) + ("\0short" if short else "")

@@ -132,12 +132,25 @@ def test_prune_with_the_cores_digests_sends_what_it_sends_without(
         handed.append(given is not None)
         return own(messages, at, breakpoints, given)
 
-    monkeypatch.setattr(prune, "_digests", spy)
+    _same_with_and_without(tmp_path, monkeypatch, plugins, prune, "_digests", spy, handed)
+
+
+def _same_with_and_without(
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    plugins: list[str],
+    module: Any,
+    name: str,
+    spy: Any,
+    handed: list[bool],
+) -> None:
+    """``module.name`` (spied: it notes in ``handed`` whether it got the core's digests) is handed
+    them on every call, and without them (``given`` left out) the same bytes go out."""
+    own = getattr(module, name)
+    monkeypatch.setattr(module, name, spy)
     with_digests = _sent(tmp_path / "a", plugins)
     assert handed and all(handed)
-    monkeypatch.setattr(
-        prune, "_digests", lambda messages, at, breakpoints, given=None: own(messages, at, breakpoints)
-    )
+    monkeypatch.setattr(module, name, lambda *args, given=None: own(*args))
     assert _sent(tmp_path / "b", plugins) == with_digests
 
 
@@ -155,10 +168,4 @@ def test_cache_align_with_the_cores_digests_sends_what_it_sends_without(
         return own(body, prev, count, given)
 
     plugins = ["summarize", "prune", "cache_align"]
-    monkeypatch.setattr(cache_align, "digest_prefix", spy)
-    with_digests = _sent(tmp_path / "a", plugins)
-    assert handed and all(handed)
-    monkeypatch.setattr(
-        cache_align, "digest_prefix", lambda body, prev, count, given=None: own(body, prev, count)
-    )
-    assert _sent(tmp_path / "b", plugins) == with_digests
+    _same_with_and_without(tmp_path, monkeypatch, plugins, cache_align, "digest_prefix", spy, handed)

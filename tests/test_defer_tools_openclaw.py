@@ -208,27 +208,33 @@ def _system(directory: str) -> list[dict[str, Any]]:
 def test_openclaws_directory_of_its_deferred_tools_gives_each_tools_first_sentence(
     emu: Emulator, tmp_path: Any
 ) -> None:
+    client, sent = _two_calls(emu, tmp_path, DIRECTORY)
+    # the other block as it was, the caller's breakpoint kept (cache_align may add its own)
+    assert [b["text"] for b in sent] == [b["text"] for b in _system(SHORT)]
+    assert sent[0]["cache_control"] == {"type": "ephemeral"}
+    assert client.tokensaver.records[0]["plugins"]["defer_tools"]["directory_chars"] > 0
+    assert defer_tools.short_directory(SHORT) is None  # nothing left to cut
+
+
+def _two_calls(emu: Emulator, tmp_path: Any, prompt: str) -> tuple[Any, list[dict[str, Any]]]:
+    """Two calls of a conversation with ``prompt`` in OpenClaw's system prompt, through the defaults:
+    the client and the system prompt sent, the same bytes both times (read from the cache)."""
     client = _client(emu, tmp_path)
     emu.reply("ok", "ok")
     body = {
         "model": "claude-sonnet-4-6",
         "max_tokens": 200,
         "tools": _tools(OPENCLAW_EAGER),
-        "system": _system(DIRECTORY),
+        "system": _system(prompt),
     }
     ask = [{"role": "user", "content": "hi"}]
     client.messages.create(**body, messages=ask)
-    sent = emu.requests[0].body["system"]
-    # the other block as it was, the caller's breakpoint kept (cache_align may add its own)
-    assert [b["text"] for b in sent] == [b["text"] for b in _system(SHORT)]
-    assert sent[0]["cache_control"] == {"type": "ephemeral"}
-    assert client.tokensaver.records[0]["plugins"]["defer_tools"]["directory_chars"] > 0
-    # the next call sends the same bytes: the system prompt is read from the cache
+    sent: list[dict[str, Any]] = emu.requests[0].body["system"]
     more = [*ask, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and?"}]
     client.messages.create(**body, messages=more)
     assert emu.requests[1].body["system"] == sent
     assert emu.requests[1].usage["cache_read_input_tokens"] > 1000
-    assert defer_tools.short_directory(SHORT) is None  # nothing left to cut
+    return client, sent
 
 
 @pytest.mark.parametrize(
@@ -287,22 +293,8 @@ ONE_LINE = (
 def test_openclaws_skills_are_sent_one_a_line_with_every_name_description_and_location(
     emu: Emulator, tmp_path: Any
 ) -> None:
-    client = _client(emu, tmp_path)
-    emu.reply("ok", "ok")
-    body = {
-        "model": "claude-sonnet-4-6",
-        "max_tokens": 200,
-        "tools": _tools(OPENCLAW_EAGER),
-        "system": _system(DIRECTORY + SKILLS),
-    }
-    ask = [{"role": "user", "content": "hi"}]
-    client.messages.create(**body, messages=ask)
-    sent = emu.requests[0].body["system"]
+    _, sent = _two_calls(emu, tmp_path, DIRECTORY + SKILLS)
     assert [b["text"] for b in sent] == [b["text"] for b in _system(SHORT + ONE_LINE)]
-    more = [*ask, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and?"}]
-    client.messages.create(**body, messages=more)
-    assert emu.requests[1].body["system"] == sent  # the same bytes: read from the cache
-    assert emu.requests[1].usage["cache_read_input_tokens"] > 1000
 
 
 def test_a_skills_list_with_anything_else_in_it_is_left_as_it_is() -> None:
