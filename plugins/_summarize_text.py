@@ -29,8 +29,10 @@ from . import _json_records, _ls_tree
 
 ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 NUMBERED_RE = re.compile(r"^\s*\d+(?:[\t:│|]|\s{2,}|→)")
+# (``\s*+`` possessive: every alternative starts past the indent, and retrying one from inside a long
+# run of spaces made the check quadratic in the run, seconds on a line of 20,000 spaces)
 CODE_LINE_RE = re.compile(
-    r"^\s*(?:def |class |import |from \S+ import |return\b|if .*:$|for .*:$|elif |else:|try:|except\b|"
+    r"^\s*+(?:def |class |import |from \S+ import |return\b|if .*:$|for .*:$|elif |else:|try:|except\b|"
     r"function\b|const |let |var |public |private |#include|package |func |fn |impl |@\w+|"
     r"[}\])];?$|.*[{;]$)"
 )

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import expand_lines
-from tokensaver_plugins import _json_records, summarize
+from tokensaver_plugins import _json_records, _summarize_text, summarize
 from tokensaver_plugins._summarize_text import Options, compact_frames, parse_json, shrink
 
 from tokensaver.context import make_context
@@ -984,3 +984,14 @@ def test_swe_agent_state_lines_become_one_line_at_any_size():
     assert unstate("344\n\n[open: reproduce.py, cwd: /m]") == small
     off = Options(shapes=tuple(s for s in Options().shapes if s != "state"))
     assert shrink(small, off).text == small
+
+
+_OLD_CODE_LINE = re.compile(_summarize_text.CODE_LINE_RE.pattern.replace("^\\s*+", "^\\s*", 1))
+
+
+@settings(max_examples=400, deadline=None)
+@given(line=st.text(alphabet=" \t;{}x:if()def@", max_size=30))
+def test_the_code_line_check_takes_its_indent_once_and_finds_what_it_found(line: str) -> None:
+    """The code-line pattern takes a line's indent possessively (no retry from inside a long run of
+    spaces, which was quadratic in it): the same lines match as with the indent given back."""
+    assert bool(_summarize_text.CODE_LINE_RE.match(line)) == bool(_OLD_CODE_LINE.match(line))
