@@ -276,7 +276,7 @@ def test_economic_cut_fires_on_a_long_conversation_with_big_stale_results() -> N
         assert c["prefix_invalidated_tokens"] >= c["removed_tokens"]
     assert len(cuts) <= 6  # deep and rare, not a little every turn
     sent, notes = results[-1]
-    keep = prune.DEFAULTS["clear_keep_tool_uses"]
+    keep = prune.DEFAULTS["clear_keep_output_uses"]  # no file reads: output goes stale sooner
     for k in range(90 - keep, 90):  # the last tool uses are kept in full
         assert result_text(sent, f"toolu_{k:03d}") == words(k, 200)
     marker = result_text(sent, "toolu_000")
