@@ -863,10 +863,20 @@ def _stale(
 
 
 # identifiers (snake_case, camelCase, with digits), paths and file names: what an agent quotes
-_QUOTABLE = re.compile(
-    r"[A-Za-z_][A-Za-z0-9_]*(?:_[A-Za-z0-9]+|[a-z][A-Z][A-Za-z0-9]*|\d)[A-Za-z0-9_]*"
-    r"|[\w.-]*/[\w./-]+|[\w-]+\.[A-Za-z]{1,5}\b"
+_WORD, _PATH, _FILE = (
+    r"[A-Za-z_][A-Za-z0-9_]*(?:_[A-Za-z0-9]+|[a-z][A-Z][A-Za-z0-9]*|\d)[A-Za-z0-9_]*",
+    r"[\w.-]*/[\w./-]+",
+    r"[\w-]+\.[A-Za-z]{1,5}\b",
 )
+_QUOTABLE = re.compile(f"{_WORD}|{_PATH}|{_FILE}")
+# the same words in a run with no slash (no path there) or no dot (no file name): a branch that
+# cannot match is left out, as it would retry along the whole run from every place of it
+_QUOTABLE_IN: dict[tuple[bool, bool], re.Pattern[str]] = {
+    (slash, dot): re.compile("|".join(p for p, on in ((_WORD, True), (_PATH, slash), (_FILE, dot)) if on))
+    for slash in (False, True)
+    for dot in (False, True)
+}
+_LONG_WORD = re.compile(r"[A-Za-z0-9_]{1000}")  # no identifier is this long: a blob, skipped
 _MAX_QUOTE_SCAN = 60_000  # characters of one text scanned for quotable words
 _MAX_QUOTE_RESULTS = 4  # a word in more results than this names none of them in particular
 
@@ -878,14 +888,12 @@ _QUOTABLE_RUN = re.compile(r"(?<![\w./-])[\w./-]*(?:[_\d/.]|[a-z][A-Z])[\w./-]*"
 
 
 def _quotable(text: str) -> set[str]:
-    find = _QUOTABLE.findall
-    return {
-        w
-        for run in _QUOTABLE_RUN.findall(text[:_MAX_QUOTE_SCAN])
-        if len(run) >= 5
-        for w in find(run)
-        if len(w) >= 5
-    }
+    out: set[str] = set()
+    for run in _QUOTABLE_RUN.findall(text[:_MAX_QUOTE_SCAN]):
+        if len(run) < 5 or (len(run) >= 1000 and _LONG_WORD.search(run)):
+            continue
+        out.update(w for w in _QUOTABLE_IN["/" in run, "." in run].findall(run) if len(w) >= 5)
+    return out
 
 
 def _texts(value: Any) -> list[str]:

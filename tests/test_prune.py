@@ -1015,6 +1015,16 @@ def test_quotable_words_are_those_the_word_pattern_finds_in_the_whole_text(text:
 
 
 def test_quotable_words_of_a_long_plain_run() -> None:
-    run = "a" * 5000
+    run = "a" * 900
     text = f"{run} {run}_tail see src/pkg/mod.py and camelCaseName, x{run}9"
     assert prune._quotable(text) == {f"{run}_tail", "src/pkg/mod.py", "camelCaseName", f"x{run}9"}
+
+
+def test_quotable_words_leave_out_blobs_and_cost_no_retries_along_long_runs() -> None:
+    """A run with a 1,000-character identifier in it is a blob (base64, a bit string), no word; a
+    long run with no slash or no dot has no path or file name to find, so nothing retries along it."""
+    blob = "Ab" * 600 + "/x_1"
+    assert prune._quotable(f"see {blob} and src/mod_a.py") == {"src/mod_a.py"}
+    assert prune._quotable("-" * 20_000 + "0 then pkg/mod.py") == {"pkg/mod.py"}
+    dotted = "a." * 10_000 + "b"
+    assert prune._quotable(dotted) == {w for w in prune._QUOTABLE.findall(dotted) if len(w) >= 5}
