@@ -248,6 +248,41 @@ class TokensaverMiddleware(_sdk.Middleware):
             return None
         return "stream" if splices(bool(request.stream), call.body) and not self.eventstream else "json"
 
+    def _send(
+        self,
+        request: _sdk.APIRequest,
+        call: Call,
+        headers: dict[str, Any],
+        call_next: Any,
+        retry: bool = True,
+    ) -> Any:
+        """``call`` sent; a first 400 refusing a thinking block as bound to another prefix (see
+        ``unbound_retry``) gets the block stripped and the call sent again, once."""
+        response = call_next(self._outgoing(request, call, headers))
+        http = response.http_response
+        if retry and http.status_code == 400 and unbound_retry(call, 400, http.read()) is not None:
+            http.close()
+            log.warning("%s", unbound_message(call))
+            response = call_next(self._outgoing(request, call, headers))
+        return response
+
+    async def _send_async(
+        self,
+        request: _sdk.APIRequest,
+        call: Call,
+        headers: dict[str, Any],
+        call_next: Any,
+        retry: bool = True,
+    ) -> Any:
+        """Async twin of ``_send``."""
+        response = await call_next(self._outgoing(request, call, headers))
+        http = response.http_response
+        if retry and http.status_code == 400 and unbound_retry(call, 400, await http.aread()) is not None:
+            await http.aclose()
+            log.warning("%s", unbound_message(call))
+            response = await call_next(self._outgoing(request, call, headers))
+        return response
+
     def _pass_through(self, call: Call, response: Any, observer: type[_ObservedStream] | None) -> Any | None:
         """The response to hand back as it is (an API error, or a stream observed on the way), else None.
 
@@ -287,12 +322,7 @@ class TokensaverMiddleware(_sdk.Middleware):
             return self._plugin_tools(request, call, prep, call_next)
         strip_known_unbound(call)
         with self._attempt(call):
-            response = call_next(self._outgoing(request, call, prep.headers))
-            http = response.http_response
-            if http.status_code == 400 and unbound_retry(call, 400, http.read()) is not None:
-                http.close()
-                log.warning("%s", unbound_message(call))
-                response = call_next(self._outgoing(request, call, prep.headers))
+            response = self._send(request, call, prep.headers, call_next)
             passed = self._pass_through(call, response, _ObservedStream)
             if passed is not None:
                 return passed
@@ -308,17 +338,9 @@ class TokensaverMiddleware(_sdk.Middleware):
         strip_known_unbound(call)
         while True:
             with self._attempt(ex.call):
-                response = call_next(self._outgoing(request, ex.call, prep.headers))
+                # (only the caller's own round is sent again: a follow-up carries what it sent)
+                response = self._send(request, ex.call, prep.headers, call_next, retry=ex.call is call)
                 http = response.http_response
-                if (
-                    ex.call is call
-                    and http.status_code == 400
-                    and unbound_retry(call, 400, http.read()) is not None
-                ):
-                    http.close()
-                    log.warning("%s", unbound_message(call))
-                    response = call_next(self._outgoing(request, call, prep.headers))
-                    http = response.http_response
                 if not http.is_success:
                     ex.refused(http.status_code)
                     return response
@@ -338,12 +360,7 @@ class TokensaverMiddleware(_sdk.Middleware):
         """A streamed call whose answer may ask for plugin tools: streamed on as it comes (see ``Splice``)."""
         strip_known_unbound(call)
         with self._attempt(call):
-            response = call_next(self._outgoing(request, call, prep.headers))
-            http = response.http_response
-            if http.status_code == 400 and unbound_retry(call, 400, http.read()) is not None:
-                http.close()
-                log.warning("%s", unbound_message(call))
-                response = call_next(self._outgoing(request, call, prep.headers))
+            response = self._send(request, call, prep.headers, call_next)
             passed = self._pass_through(call, response, None)
             if passed is not None:
                 return passed
@@ -376,12 +393,7 @@ class TokensaverMiddleware(_sdk.Middleware):
             return await self._plugin_tools_async(request, call, prep, call_next)
         strip_known_unbound(call)
         with self._attempt(call):
-            response = await call_next(self._outgoing(request, call, prep.headers))
-            http = response.http_response
-            if http.status_code == 400 and unbound_retry(call, 400, await http.aread()) is not None:
-                await http.aclose()
-                log.warning("%s", unbound_message(call))
-                response = await call_next(self._outgoing(request, call, prep.headers))
+            response = await self._send_async(request, call, prep.headers, call_next)
             passed = self._pass_through(call, response, _AsyncObservedStream)
             if passed is not None:
                 return passed
@@ -397,17 +409,10 @@ class TokensaverMiddleware(_sdk.Middleware):
         strip_known_unbound(call)
         while True:
             with self._attempt(ex.call):
-                response = await call_next(self._outgoing(request, ex.call, prep.headers))
+                response = await self._send_async(
+                    request, ex.call, prep.headers, call_next, retry=ex.call is call
+                )
                 http = response.http_response
-                if (
-                    ex.call is call
-                    and http.status_code == 400
-                    and unbound_retry(call, 400, await http.aread()) is not None
-                ):
-                    await http.aclose()
-                    log.warning("%s", unbound_message(call))
-                    response = await call_next(self._outgoing(request, call, prep.headers))
-                    http = response.http_response
                 if not http.is_success:
                     ex.refused(http.status_code)
                     return response
@@ -427,12 +432,7 @@ class TokensaverMiddleware(_sdk.Middleware):
         """Async twin of ``_stream_plugin_tools``."""
         strip_known_unbound(call)
         with self._attempt(call):
-            response = await call_next(self._outgoing(request, call, prep.headers))
-            http = response.http_response
-            if http.status_code == 400 and unbound_retry(call, 400, await http.aread()) is not None:
-                await http.aclose()
-                log.warning("%s", unbound_message(call))
-                response = await call_next(self._outgoing(request, call, prep.headers))
+            response = await self._send_async(request, call, prep.headers, call_next)
             passed = self._pass_through(call, response, None)
             if passed is not None:
                 return passed

@@ -409,11 +409,7 @@ class TokensaverProxy:
         exchange.strip_known_unbound(call)
         data = raw if call.body is call.original else encode_body(call.body)  # unchanged: the caller's bytes
         try:
-            up = await self._post(request, data, beta=exchange.unbound_beta(call))
-            if up.status == 400 and exchange.unbound_retry(call, 400, await up.read()) is not None:
-                up.close()
-                log.warning("%s", exchange.unbound_message(call))
-                up = await self._post(request, encode_body(call.body), beta=exchange.unbound_beta(call))
+            up = await self._send(request, call, data)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # recorded before the client hears of it: whoever reads the run next sees this call
             outcome.finishing = True
@@ -450,6 +446,18 @@ class TokensaverProxy:
         Failure.upstream(what, exc).record(pipe, call)
         log.warning("%s: %s", what, type(exc).__name__)
         return api_error(502, "api_error", f"tokensaver proxy: the upstream answer broke off ({what})")
+
+    async def _send(
+        self, request: web.Request, call: Call, data: bytes, retry: bool = True
+    ) -> aiohttp.ClientResponse:
+        """``data`` (``call``'s body) sent; a first 400 refusing a thinking block as bound to another
+        prefix (``exchange.unbound_retry``) gets the block stripped and the call sent again, once."""
+        up = await self._post(request, data, beta=exchange.unbound_beta(call))
+        if retry and up.status == 400 and exchange.unbound_retry(call, 400, await up.read()) is not None:
+            up.close()
+            log.warning("%s", exchange.unbound_message(call))
+            up = await self._post(request, encode_body(call.body), beta=exchange.unbound_beta(call))
+        return up
 
     async def _post(
         self,
@@ -515,15 +523,8 @@ class TokensaverProxy:
         while True:
             outcome.call, outcome.finishing = ex.call, False
             try:
-                up = await self._post(request, encode_body(ex.call.body), beta=exchange.unbound_beta(ex.call))
-                if (
-                    ex.call is first
-                    and up.status == 400
-                    and exchange.unbound_retry(first, 400, await up.read()) is not None
-                ):
-                    up.close()
-                    log.warning("%s", exchange.unbound_message(first))
-                    up = await self._post(request, encode_body(first.body), beta=exchange.unbound_beta(first))
+                # (only the caller's own round is sent again: a follow-up carries what it sent)
+                up = await self._send(request, ex.call, encode_body(ex.call.body), retry=ex.call is first)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 outcome.finishing = True
                 ex.fail(Failure.upstream("upstream unreachable", exc))
