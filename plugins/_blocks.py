@@ -57,6 +57,19 @@ def normalized(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def kept_digests(handed: Any, came: Any, messages: list[Any]) -> list[bytes | None] | None:
+    """The core's digests of a stage's input messages (``handed``: ``ctx.message_digests`` of
+    ``came``) for ``messages``, a list the stage made from them (:func:`normalized`...): a message's
+    where it is the very one that came, None where the stage made it anew; None when none were handed."""
+    if (
+        not isinstance(handed, list)
+        or not isinstance(came, list)
+        or not len(handed) == len(came) == len(messages)
+    ):
+        return None
+    return [d if a is b else None for a, b, d in zip(messages, came, handed, strict=True)]
+
+
 @dataclass(frozen=True)
 class Slot:
     """One block of the cacheable prefix, in the API's prefix order (tools, system, messages)."""

@@ -138,6 +138,10 @@ class _Pointing:
     def _begin(self) -> None:
         raise NotImplementedError
 
+    def _line_index(self) -> LineIndex:
+        """A new :class:`LineIndex` pointing as this one does."""
+        return LineIndex(self.min_lines, self.min_chars, self.noun, self.short, self.within)
+
 
 class LineIndex(_Pointing):
     """The lines of the tool results sent so far, for finding runs a new result repeats."""
@@ -161,7 +165,7 @@ class LineIndex(_Pointing):
     def fork(self, marks: int) -> LineIndex:
         """A new index in this one's state after its first ``marks`` feeds (the lines shared, the
         lookups copied): this one goes on along its own results."""
-        new = LineIndex(self.min_lines, self.min_chars, self.noun, self.short, self.within)
+        new = self._line_index()
         texts, objects, inputs = self.marks[marks - 1][1:] if marks else (0, 0, 0)
         new.texts, new.objects, new.inputs = self.texts[:texts], self.objects[:objects], self.inputs[:inputs]
         new.marks = self.marks[:marks]
@@ -434,23 +438,17 @@ class RepeatIndex(_Pointing):
     """
 
     def _begin(self) -> None:
-        min_lines, min_chars, noun, short, within = (
-            self.min_lines,
-            self.min_chars,
-            self.noun,
-            self.short,
-            self.within,
-        )
         # another noun or pointer form, other pointers: its own chains (the results' chain keys are
         # as they were); one ``within`` per kind of index (a module's function, named in the tag)
-        tag = ("" if noun == RESULT else "\0" + noun) + ("\0short" if short else "")
-        if within is not None:
-            tag += f"\0within\0{within.__module__}.{within.__qualname__}"
-        self.start = self.key = xxhash.xxh3_128_digest(f"repeats\0{min_lines}\0{min_chars}{tag}".encode())
+        tag = ("" if self.noun == RESULT else "\0" + self.noun) + ("\0short" if self.short else "")
+        if self.within is not None:
+            tag += f"\0within\0{self.within.__module__}.{self.within.__qualname__}"
+        seed = f"repeats\0{self.min_lines}\0{self.min_chars}{tag}"
+        self.start = self.key = xxhash.xxh3_128_digest(seed.encode())
         # what was fed so far, for a rebuild: (tool_use id, result text) or (id, input fields)
         self.fed: list[tuple[str, str | tuple[str] | dict[str, str]]] = []
         self.index: LineIndex | None = None  # the last hit's index, then the one this request extends
-        self.plain = LineIndex(min_lines, min_chars, noun, short, within) if not memo_enabled() else None
+        self.plain = self._line_index() if not memo_enabled() else None
 
     def rewrite(self, tid: str, text: str) -> str:
         """``LineIndex.rewrite(tid, text)`` for what was fed so far."""
@@ -499,7 +497,7 @@ class RepeatIndex(_Pointing):
         index = self.index
         if index is not None and n >= 1 and len(index.marks) >= n and index.marks[n - 1][0] == previous:
             return index if len(index.marks) == n else index.fork(n)
-        index = LineIndex(self.min_lines, self.min_chars, self.noun, self.short, self.within)
+        index = self._line_index()
         key = self.start
         for tid, item in self.fed[:n]:
             key = _step(key, tid, _chain_text(item))

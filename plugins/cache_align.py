@@ -69,6 +69,7 @@ from ._blocks import (
     block_hash,
     cacheable,
     cc_ttl,
+    kept_digests,
     normalized,
     strip_cc,
     with_cc,
@@ -624,10 +625,9 @@ def digest_prefix(
     names = [t.get("name") if isinstance(t, dict) else _NOT_A_TOOL for t in groups[_TOOLS]]
     seen = Seen(raws, digests, starts, b"".join(parts), tokens, frozenset(cc_groups), marked, names)
     cum = list(accumulate(tokens))
-    if guessed:  # a handed message's JSON, from its tokens (a rough size is all the byte cap needs)
-        for g in guessed:
-            if ends[g] > starts[g]:
-                nbytes += _BYTES_PER_TOKEN * (cum[ends[g] - 1] - (cum[starts[g] - 1] if starts[g] else 0))
+    for g in guessed:  # a handed message's JSON, from its tokens (a rough size is all the byte cap needs)
+        if ends[g] > starts[g]:
+            nbytes += _BYTES_PER_TOKEN * (cum[ends[g] - 1] - (cum[starts[g] - 1] if starts[g] else 0))
     return Prefix(groups, n_blocks, seen, cum, marked, nbytes)
 
 
@@ -935,14 +935,7 @@ def align(body: dict[str, Any], ctx: Any) -> dict[str, Any]:
             want_ttl = "1h"
     prev: Seen | None = conv.get("prev")
     # the core's digests of the messages as they came, where normalizing and moving left them so
-    handed, came = ctx.message_digests, body.get("messages")
-    given = (
-        [d if a is b else None for a, b, d in zip(out["messages"], came, handed, strict=True)]
-        if isinstance(handed, list)
-        and isinstance(came, list)
-        and len(handed) == len(came) == len(out["messages"])
-        else None
-    )
+    given = kept_digests(ctx.message_digests, body.get("messages"), out["messages"])
     p = digest_prefix(out, prev, ctx.count, given)  # the one pass over the whole prefix
     caller = len(p.marked)
     free = max(0, MAX_BREAKPOINTS - caller)

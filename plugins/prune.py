@@ -138,6 +138,7 @@ from ._blocks import (
     TurnCheck,
     as_blocks,
     cache_control_problems,
+    kept_digests,
     normalized,
     request_problems,
     strip_cc,
@@ -868,14 +869,14 @@ _WORD, _PATH, _FILE = (
     r"[\w.-]*/[\w./-]+",
     r"[\w-]+\.[A-Za-z]{1,5}\b",
 )
-_QUOTABLE = re.compile(f"{_WORD}|{_PATH}|{_FILE}")
-# the same words in a run with no slash (no path there) or no dot (no file name): a branch that
-# cannot match is left out, as it would retry along the whole run from every place of it
+# the words of a run with or without a slash (a path) and a dot (a file name): a branch that cannot
+# match is left out, as it would retry along the whole run from every place of it
 _QUOTABLE_IN: dict[tuple[bool, bool], re.Pattern[str]] = {
     (slash, dot): re.compile("|".join(p for p, on in ((_WORD, True), (_PATH, slash), (_FILE, dot)) if on))
     for slash in (False, True)
     for dot in (False, True)
 }
+_QUOTABLE = _QUOTABLE_IN[True, True]  # all three
 _LONG_WORD = re.compile(r"[A-Za-z0-9_]{1000}")  # no identifier is this long: a blob, skipped
 _MAX_QUOTE_SCAN = 60_000  # characters of one text scanned for quotable words
 _MAX_QUOTE_RESULTS = 4  # a word in more results than this names none of them in particular
@@ -1640,13 +1641,7 @@ def prune(body: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
     trigger, target = int(settings["trigger"] * limit), int(settings["target"] * limit)
     carries = ctx.shared_state(carries=_Carries)["carries"]
     carry_key = (str(ctx.key_hash), str(where[1]))
-    # the core's digests of the messages normalizing left as they came
-    handed = ctx.message_digests
-    given = (
-        [d if a is b else None for a, b, d in zip(messages, msgs, handed, strict=True)]
-        if isinstance(handed, list) and len(handed) == len(msgs) == len(messages)
-        else None
-    )
+    given = kept_digests(ctx.message_digests, msgs, messages)  # those normalizing left as they came
     run = Run.start(messages, spec, settings, count, carries.take(carry_key), given)
     cur = run.cur
     total = fixed + run.tokens

@@ -98,6 +98,15 @@ def _counted(call: Call) -> tuple[dict[str, Any], dict[str, Any]]:
     return call.original, call.body
 
 
+def _unbound_refusal(call: Call, raw: bytes) -> bool:
+    """Whether a 400 answer (``raw``) refused a thinking block as bound to another prefix, the block
+    now stripped from ``call``'s body to send again (``unbound_retry``; said in the log)."""
+    if unbound_retry(call, 400, raw) is None:
+        return False
+    log.warning("%s", unbound_message(call))
+    return True
+
+
 class TokensaverMiddleware(_sdk.Middleware):
     """SDK middleware: transforms, short-circuits, observes and records Messages calls."""
 
@@ -256,13 +265,12 @@ class TokensaverMiddleware(_sdk.Middleware):
         call_next: Any,
         retry: bool = True,
     ) -> Any:
-        """``call`` sent; a first 400 refusing a thinking block as bound to another prefix (see
-        ``unbound_retry``) gets the block stripped and the call sent again, once."""
+        """``call`` sent; a first 400 refusing a thinking block as bound to another prefix gets the
+        block stripped and the call sent again, once (:func:`_unbound_refusal`)."""
         response = call_next(self._outgoing(request, call, headers))
         http = response.http_response
-        if retry and http.status_code == 400 and unbound_retry(call, 400, http.read()) is not None:
+        if retry and http.status_code == 400 and _unbound_refusal(call, http.read()):
             http.close()
-            log.warning("%s", unbound_message(call))
             response = call_next(self._outgoing(request, call, headers))
         return response
 
@@ -277,9 +285,8 @@ class TokensaverMiddleware(_sdk.Middleware):
         """Async twin of ``_send``."""
         response = await call_next(self._outgoing(request, call, headers))
         http = response.http_response
-        if retry and http.status_code == 400 and unbound_retry(call, 400, await http.aread()) is not None:
+        if retry and http.status_code == 400 and _unbound_refusal(call, await http.aread()):
             await http.aclose()
-            log.warning("%s", unbound_message(call))
             response = await call_next(self._outgoing(request, call, headers))
         return response
 

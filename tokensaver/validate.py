@@ -410,7 +410,7 @@ def _record_problems(records: list[Record]) -> list[str]:
         return early
     if n and records[-1][0][1] != "empty":  # (an empty last message is allowed only where it is last)
         with _LOCK:
-            _CHECKPOINTS[id(records[0])] = (list(records), st.copy())
+            _CHECKPOINTS[id(records[0])] = (list(records), st)  # (never changed: a resume copies it)
             _CHECKPOINTS.move_to_end(id(records[0]))
             while len(_CHECKPOINTS) > _MAX_CHECKPOINTS:
                 _CHECKPOINTS.popitem(last=False)
