@@ -708,3 +708,80 @@ def test_as_model_replays_on_a_model_with_preserved_thinking(tmp_path: Path) -> 
     (row,) = bound["results"]
     assert row["rejected"] == 0 and row["tokens_sent"] == row["tokens_original"]  # no cut on Opus 5.5
     assert "as if sent to claude-opus-5-5" in render(bound, "md")
+
+
+def _read_conv(folder: Path) -> Path:
+    """A Claude Code-like conversation: a padded, arrow-numbered Read result and a Grep result."""
+    code = "".join(f"{n:6d}→line {n} of the file\n" for n in range(1, 41))
+    messages = [
+        {"role": "user", "content": "Read app.py and find foo."},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "tool_use", "id": "toolu_r", "name": "Read", "input": {"file_path": "/w/app.py"}},
+                {"type": "tool_use", "id": "toolu_g", "name": "Grep", "input": {"pattern": "foo"}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_r", "content": code},
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_g",
+                    "content": [{"type": "text", "text": "     7→foo"}],
+                },
+            ],
+        },
+        {"role": "assistant", "content": "foo is on line 7."},
+    ]
+    data = {
+        "format": "tokensaver-conversation/1",
+        "id": "reads",
+        "segments": [
+            {
+                "request": {"model": "claude-sonnet-4-5", "max_tokens": 256, "messages": messages},
+                "calls": [{"n_messages": 1}, {"n_messages": 3}],
+            }
+        ],
+    }
+    path = folder / "reads.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def test_read_form_today_numbers_read_results_as_todays_claude_code(tmp_path: Path) -> None:
+    """--read-form today: Read results' numbered lines as `12\\tcode` (every line, every byte of code
+    kept); other tools' results untouched; the replay sends fewer tokens and the report says so."""
+    from tokensaver.bench.corpus import TraceRef, load_ref
+
+    folder = tmp_path / "claude-code"
+    folder.mkdir()
+    path = _read_conv(folder)
+    conv = load_ref(TraceRef(str(path), "claude-code", 0, read_form="today"))
+    results = conv.calls[-1].body["messages"][2]["content"]
+    assert results[0]["content"] == "".join(f"{n}\tline {n} of the file\n" for n in range(1, 41))
+    assert results[1]["content"] == [{"type": "text", "text": "     7→foo"}]
+    assert conv.info["bench_read_rewritten"] == 1
+    recorded = load_ref(TraceRef(str(path), "claude-code", 0))
+    assert recorded.calls[-1].body["messages"][2]["content"][0]["content"].startswith("     1→line 1")
+
+    def run(form: str) -> dict:
+        opts = bench.BenchOptions(
+            traces=[str(folder)],
+            configs=["none"],
+            scope="conversation",
+            overhead=False,
+            memory=False,
+            progress=False,
+            read_form=form,
+        )
+        return bench.run_bench(opts)
+
+    before, after = run("recorded"), run("today")
+    assert after["read_form"] == "today"
+    assert after["results"][0]["input_tokens"] < before["results"][0]["input_tokens"]
+    assert "--read-form today" in render(after, "md")
+    assert "--read-form" not in render(before, "md")
+    with pytest.raises(TokensaverError, match="unknown read form 'new'; accepted: recorded, today"):
+        run("new")

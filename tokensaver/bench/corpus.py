@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,12 @@ from ..traces import (
 )
 
 HALVES = ("tuning", "validation", "all")
+READ_FORMS = ("recorded", "today")
+READ_FORM_RULE = (
+    "today: every `Read` tool result's numbered lines as Claude Code 2.1.2xx and later send them "
+    "(`12\\tcode`: no padding, a tab) instead of the recorded `     12→code`; nothing else changed"
+)
+_PADDED_NUMBER = re.compile(r"^ *(\d+)→", re.MULTILINE)
 SPLIT_RULE = (
     "split by conversation, per source folder: the source's conversation files sorted by the sha256 of "
     "the file name's stem (no directory, no extension); positions 0, 2, 4, ... are the tuning half, "
@@ -40,6 +47,7 @@ class TraceRef:
     size: int
     half: str | None = None  # "tuning" | "validation" (see split_halves)
     model: str | None = None  # replay every call as if sent to this model (see retarget)
+    read_form: str | None = None  # "today": Read results numbered as today's Claude Code (see today_read)
 
 
 def _split_key(path: str | Path) -> tuple[str, str]:
@@ -144,9 +152,57 @@ def retarget(body: dict[str, Any], model: str) -> dict[str, Any]:
     return out
 
 
+def _renumbered(content: Any) -> Any:
+    if isinstance(content, str):
+        return _PADDED_NUMBER.sub("\\1\t", content)
+    if isinstance(content, list):
+        return [
+            {**b, "text": _PADDED_NUMBER.sub("\\1\t", b["text"])}
+            if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+            else b
+            for b in content
+        ]
+    return content
+
+
+def today_read(conv: Conversation) -> int:
+    """Rewrite ``conv``'s ``Read`` results in place as today's Claude Code numbers them (``READ_FORM_RULE``).
+
+    The shared Claude Code traces were recorded by versions that pad each line number and use an
+    arrow; a hold-out of newer sessions has the lighter form, so the padding lever is not there. The
+    same message objects are shared by the calls of a segment, so each is rewritten once. Returns
+    the number of results rewritten.
+    """
+    names: dict[str, str] = {}
+    done: set[int] = set()
+    n = 0
+    for call in conv.calls:
+        for message in call.body.get("messages") or []:
+            content = message.get("content") if isinstance(message, dict) else None
+            if id(message) in done or not isinstance(content, list):
+                continue
+            done.add(id(message))
+            for i, block in enumerate(content):
+                if not isinstance(block, dict):
+                    continue
+                if block.get("type") == "tool_use":
+                    names[str(block.get("id"))] = str(block.get("name"))
+                elif (
+                    block.get("type") == "tool_result" and names.get(str(block.get("tool_use_id"))) == "Read"
+                ):
+                    new = _renumbered(block.get("content"))
+                    if new != block.get("content"):
+                        content[i] = {**block, "content": new}
+                        n += 1
+    return n
+
+
 def load_ref(ref: TraceRef, limit_calls: int | None = None) -> Conversation:
     conv = load_conversation(ref.path)
     conv.source = ref.source
+    if ref.read_form == "today":
+        conv.info["bench_read_form"] = "today"
+        conv.info["bench_read_rewritten"] = today_read(conv)
     if ref.model:
         for call in conv.calls:
             call.body = retarget(call.body, ref.model)

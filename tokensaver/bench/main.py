@@ -21,7 +21,17 @@ from ..traces import fixtures_dir
 from . import headroom
 from . import specs as bench_specs
 from .aggregate import aggregate
-from .corpus import HALVES, SPLIT_RULE, TraceRef, default_trace_dirs, find_traces, load_ref, split_counts
+from .corpus import (
+    HALVES,
+    READ_FORM_RULE,
+    READ_FORMS,
+    SPLIT_RULE,
+    TraceRef,
+    default_trace_dirs,
+    find_traces,
+    load_ref,
+    split_counts,
+)
 from .load import LoadOptions, measure_load
 from .overhead import SIZES, measure_memory, measure_overhead, measure_proxy
 from .render import render
@@ -99,6 +109,7 @@ class BenchOptions:
     gap_seconds: float = bench_specs.DEFAULT_GAP_SECONDS
     half: str = "all"
     model: str | None = None  # --as-model
+    read_form: str = "recorded"  # --read-form
 
 
 def _select(opts: BenchOptions) -> tuple[list[str | Path], list[TraceRef], Any, dict[str, Any]]:
@@ -118,8 +129,11 @@ def _select(opts: BenchOptions) -> tuple[list[str | Path], list[TraceRef], Any, 
     if opts.half != "all":
         refs = [r for r in refs if r.half == opts.half]
     refs.sort(key=lambda r: (r.source, r.path))
+    if opts.read_form not in READ_FORMS:
+        raise TokensaverError(f"unknown read form {opts.read_form!r}; accepted: {', '.join(READ_FORMS)}")
     for r in refs:
         r.model = opts.model
+        r.read_form = opts.read_form
     if opts.per_source:
         taken: dict[str, int] = {}
         keep = []
@@ -293,6 +307,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "scope_note": bench_specs.scope_note(opts.scope, opts.gap_seconds),
         "half": opts.half,
         "as_model": opts.model,
+        "read_form": opts.read_form,
         "split": split,
         "machine": machine,
         "options": {
@@ -308,6 +323,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             "gap_seconds": opts.gap_seconds,
             "half": opts.half,
             "as_model": opts.model,
+            "read_form": opts.read_form,
             "duplicates_skipped": dupes,
         },
         "configs": [s.as_dict() for s in specs],
@@ -368,6 +384,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODEL",
         help="replay every call as if sent to MODEL (priced and checked as that model; e.g. "
         "claude-opus-5-5, whose preserved thinking binds each thinking block to what came before it)",
+    )
+    parser.add_argument(
+        "--read-form",
+        choices=list(READ_FORMS),
+        default="recorded",
+        help="recorded (default): tool results as the traces hold them; " + READ_FORM_RULE,
     )
     parser.add_argument(
         "--cache-scope",
@@ -476,6 +498,7 @@ def run(args: argparse.Namespace) -> int:
         gap_seconds=args.gap_seconds,
         half=args.half,
         model=args.as_model,
+        read_form=args.read_form,
     )
     data = run_bench(opts)
     text = render(data, args.format)

@@ -168,10 +168,13 @@ def split_line(data: dict[str, Any]) -> str | None:
     counts = ", ".join(f"{src} {c['tuning']}/{c['validation']}" for src, c in split["counts"].items())
     half = data.get("half") or "all"
     model = data.get("as_model")
+    today = data.get("read_form") == "today"
     return (
         f"Halves: {split['rule']}. Conversation files per source (tuning/validation): {counts}. "
         f"Replayed: {half_title(half) if half != 'all' else 'both halves'}"
-        + (f", every call as if sent to {model} (--as-model)." if model else ".")
+        + (f", every call as if sent to {model} (--as-model)" if model else "")
+        + (", Read results numbered as today's Claude Code sends them (--read-form today)" if today else "")
+        + "."
     )
 
 
