@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 import xxhash
 
-from ._repeats import RESULT, RepeatIndex
+from ._repeats import RESULT, SHORT_RESULT, RepeatIndex
 from ._user_text import tally
 
 MIN_LINES = 3  # shortest run sent as a pointer
@@ -54,9 +54,8 @@ _THINKING = ("thinking", "redacted_thinking")
 GUARD_LINES = 3  # prune's shortest repeat run (``repeat_min_lines`` is at least 3)
 # a numbered file's lines (``nl -ba``, ``cat -n``: the number, a tab) as the model quotes them
 UNNUMBERED = "the tool_use {} result, its line numbers left out,"
-# the same places named by the short pointers (``_repeats.marker``'s ``short``): the tool use's id
-# says it is one, ``[tokensaver: repeats lines 3-9 of the toolu_X result without its line numbers]``
-SHORT_RESULT = "the {} result"
+# the same places named by the short pointers (``_repeats.marker``'s ``short``, ``SHORT_RESULT``):
+# ``[tokensaver: repeats lines 3-9 of the toolu_X result without its line numbers]``
 SHORT_UNNUMBERED = "the {} result without its line numbers"
 _NUMBERED = re.compile(r"^ *\d+\t", re.MULTILINE)
 

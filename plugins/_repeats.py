@@ -58,6 +58,9 @@ def _number(line: str) -> int | None:
 
 
 RESULT = "the tool_use {} result"  # how a pointer names the earlier text (its id in the braces)
+# ... and in the short pointers (``marker``'s ``short``: the tool use's id says it is one),
+# ``[tokensaver: repeats lines 8-14 of the toolu_X result]``: prune's and summarize's pointers to a result
+SHORT_RESULT = "the {} result"
 
 
 def marker(

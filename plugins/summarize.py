@@ -35,8 +35,9 @@ results prune sends as they are, a turn with thinking is never rewritten).
 ``short_pointers`` (default on): the pointers of user_texts, self_repeats and model_turns without
 the words their line range already says (the count of lines, "above", "tool_use"):
 ``[tokensaver: repeats lines 8-14 of the toolu_X result]`` for ``[tokensaver: 7 lines as lines
-8-14 of the tool_use toolu_X result above]``, ~20% fewer tokens a pointer (prune's own pointers
-are as they were). mini-swe-agent tuning half, net of lost facts: 16.4% -> 16.9%.
+8-14 of the tool_use toolu_X result above]``, ~20% fewer tokens a pointer (prune's repeat pointers
+are in that form too, always: ``_repeats.marker``'s ``short`` and ``SHORT_RESULT``). mini-swe-agent
+tuning half, net of lost facts: 16.4% -> 16.9%.
 
 Unsafe when the model needs bytes that a lossy rewrite dropped (a number in the middle of a long
 repetitive log, an HTML attribute of a fetched page): set ``lossy = false`` to keep only the

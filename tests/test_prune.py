@@ -762,9 +762,7 @@ def test_a_failing_test_run_is_a_source_for_the_passing_re_run_and_an_identical_
     first_lines = fail.split("\n")
     expanded = []
     for ln in rerun.split("\n"):
-        m = re.fullmatch(
-            r"\[tokensaver: \d+ lines as lines (\d+)-(\d+) of the tool_use toolu_000 result above\]", ln
-        )
+        m = re.fullmatch(r"\[tokensaver: repeats lines (\d+)-(\d+) of the toolu_000 result\]", ln)
         expanded += first_lines[int(m[1]) - 1 : int(m[2])] if m else [ln]
     assert "\n".join(expanded) == ok
     # prefix-stable: the same bytes on the next call, and the API accepts it

@@ -10,20 +10,23 @@ import anthropic
 from strategies import expand_lines, tau_reservation, tool_loop
 from tokensaver_plugins import prune
 from tokensaver_plugins._blocks import request_problems
+from tokensaver_plugins._repeats import marker
 
 import tokensaver
 from tokensaver.context import make_context
 from tokensaver.emulator import Emulator
+from tokensaver.tokens import count_text
 
 MODEL = "claude-sonnet-4-6"
 T0 = 1_700_000_000.0
+# prune's pointers in the short form (``_repeats.marker``'s ``short``, as summarize's): numbered
+# lines by their numbers (one range: the same numbers; two: new ones, then where they were), other
+# lines by their place in the earlier result as sent
 POINTER = re.compile(
-    r"^\[tokensaver: (?:lines (\d+)-(\d+) as (?:in|lines (\d+)-(\d+) of)|(\d+) lines as lines (\d+)-(\d+) of) "
-    r"the tool_use (\S+) result above\]$"
+    r"^\[tokensaver: (?:lines (\d+)-(\d+) as (?:in|lines (\d+)-(\d+) of)|repeats lines (\d+)-(\d+) of) "
+    r"the (\S+) result\]$"
 )
-OBJECT = re.compile(
-    r"^\[tokensaver: as the tool_use (\S+) result above, with (\d+) of its (\d+) keys now:\]$"
-)
+OBJECT = re.compile(r"^\[tokensaver: as the (\S+) result, with (\d+) of its (\d+) keys now:\]$")
 NUMBERED = re.compile(r"^ *(\d+)(→|\t|:)")
 
 
@@ -98,7 +101,7 @@ def expand(text: str, sent: dict[str, str]) -> str:
         return compact({**earlier, **changed})
 
     def pointed(m: re.Match[str]) -> list[str]:
-        a, b, a0, b0, _, p, q, tid = m.groups()
+        a, b, a0, b0, p, q, tid = m.groups()
         if a is None:  # positions in the earlier result as it was sent (its own pointers as lines)
             return expand("\n".join(sent[tid].split("\n")[int(p) - 1 : int(q)]), sent).split("\n")
         earlier = expand(sent[tid], sent).split("\n")
@@ -142,7 +145,7 @@ def test_a_shifted_reread_points_back_with_both_ranges() -> None:
     out = results_of(run(body_of(msgs), {}))
     assert out["toolu_001"].split("\n") == [
         "1→import os",
-        "[tokensaver: lines 2-81 as lines 1-80 of the tool_use toolu_000 result above]",
+        "[tokensaver: lines 2-81 as lines 1-80 of the toolu_000 result]",
     ]
     assert expand(out["toolu_001"], out) == again
 
@@ -160,8 +163,8 @@ def test_a_shifted_run_stops_where_the_numbering_breaks() -> None:
     msgs = agent([("open", first), ("open", again)])
     out = results_of(run(body_of(msgs), {}))
     assert out["toolu_001"].split("\n") == [
-        "[tokensaver: lines 102-121 as lines 100-119 of the tool_use toolu_000 result above]",
-        "[tokensaver: lines 300-319 as lines 120-139 of the tool_use toolu_000 result above]",
+        "[tokensaver: lines 102-121 as lines 100-119 of the toolu_000 result]",
+        "[tokensaver: lines 300-319 as lines 120-139 of the toolu_000 result]",
     ]
     assert expand(out["toolu_001"], out) == again
     # unnumbered lines between shifted numbered ones are not part of a shifted run
@@ -197,7 +200,7 @@ def test_an_updated_record_is_sent_as_what_changed() -> None:
     sent = run(body_of(msgs), {})
     out = results_of(sent)
     head, _, rest = out["toolu_001"].partition("\n")
-    assert head == "[tokensaver: as the tool_use toolu_000 result above, with 2 of its 14 keys now:]"
+    assert head == "[tokensaver: as the toolu_000 result, with 2 of its 14 keys now:]"
     assert json.loads(rest) == {
         "cabin": "business",
         "payment_history": [{"payment_id": "credit_card_1", "amount": 300}],
@@ -217,7 +220,7 @@ def test_an_updated_record_is_sent_as_what_changed() -> None:
     out2 = results_of(run(body_of(more), {}))
     assert all(out2[t] == out[t] for t in out)
     assert expand(out2["toolu_003"], out2) == record(cabin="business")
-    assert out2["toolu_003"].startswith("[tokensaver: as the tool_use toolu_000 result above, with 1 of")
+    assert out2["toolu_003"].startswith("[tokensaver: as the toolu_000 result, with 1 of")
     # the earlier record cleared by a cut: the update goes whole again
     after = prune.apply_spec(
         msgs, {"cleared": ["toolu_000"], "drop": None}, {**prune.DEFAULTS}, lambda x: 1000
@@ -461,3 +464,63 @@ def test_claude_codes_read_reminder_is_sent_once(tmp_path: Any) -> None:
         assert "Whenever you read a file" not in out[tid]
         assert POINTER.match(out[tid].rstrip("\n").split("\n")[-1]), out[tid][-300:]
         assert expand(out[tid], out) == reads[k + 1]
+
+
+LONG_FORM = re.compile(r"tool_use \S+ result|result above|\d+ lines as lines")
+
+
+def test_prunes_pointers_are_summarizes_short_form(tmp_path: Any) -> None:
+    """prune's pointers to an earlier result are in the short form summarize's model turns use
+    (``[tokensaver: repeats lines 3-7 of the toolu_001 result]``: no count of lines, no "tool_use",
+    no "above"), one form for both: through wrap() to the emulator with the default plugins, a
+    re-read, a re-run and a quote of the run's lines in the model's text all name the result the
+    same way, fewer tokens than the long form, and every pointer reads back to what it stands for."""
+    first = numbered(source(60))
+    again = numbered(source(60, changed=frozenset({30})))
+    log = "\n".join(
+        f"test_case_{i} ... ok  ({i * 3} ms) in module tests/test_mod_{i % 9}.py" for i in range(40)
+    )
+    rerun = log.replace("test_case_17 ... ok", "test_case_17 ... FAIL")
+    quoted = log.split("\n")[20:26]
+    thought = "\n".join(["These passed before:", *quoted, "so only the fix changes them."])
+    msgs = agent([("Read", first), ("Bash", log), ("Bash", rerun), ("Read", again)])
+    msgs[5]["content"].insert(0, {"type": "text", "text": thought})
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
+        resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
+        assert isinstance(resp, dict) and resp["type"] == "message"
+        sent = emu.last["body"]
+    assert request_problems(sent) == []
+    out = results_of(sent)
+    text = sent["messages"][5]["content"][0]["text"]
+    pointers = [
+        ln
+        for t in (out["toolu_002"], out["toolu_003"], text)
+        for ln in t.split("\n")
+        if ln.startswith("[tokensaver:")
+    ]
+    assert len(pointers) >= 4, pointers
+    assert all(POINTER.match(ln) and not LONG_FORM.search(ln) for ln in pointers), pointers
+    assert "[tokensaver: repeats lines 21-26 of the toolu_001 result]" in text.split("\n"), (
+        text
+    )  # summarize's
+    assert (
+        out["toolu_002"].split("\n")[0] == "[tokensaver: repeats lines 1-17 of the toolu_001 result]"
+    )  # prune's
+    assert out["toolu_003"].split("\n")[0] == "[tokensaver: lines 1-30 as in the toolu_000 result]"
+    # fewer tokens than the long form naming the same lines
+    for ln in pointers:
+        m = POINTER.match(ln)
+        assert m is not None
+        a, b, a0, b0, p, q, tid = m.groups()
+        long = prune_long_marker(tid, (int(a), int(b)) if a else None, (int(a0 or a or p), int(b0 or b or q)))
+        assert count_text(ln) < count_text(long), (ln, long)
+    # lossless: each pointer reads back to the lines it stands for
+    assert expand(out["toolu_002"], out) == rerun and expand(out["toolu_003"], out) == again
+    assert expand(text, out) == thought
+
+
+def prune_long_marker(tid: str, here: tuple[int, int] | None, there: tuple[int, int]) -> str:
+    """The long form of a pointer to a result (prune's before it took the short one)."""
+    return marker(tid, there[1] - there[0] + 1, here, there)
