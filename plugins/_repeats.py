@@ -34,7 +34,14 @@ from tokensaver.tokens import memo_enabled
 
 from . import _self_repeats
 from ._lru import SizedLRU
-from ._summarize_text import dump, load_json
+from ._summarize_text import (
+    SPARSE_NOTE_START,
+    dump,
+    full_lines,
+    keep_anchored,
+    load_json,
+    without_idle_note,
+)
 
 _NUMBER_RE = re.compile(r"^ *(\d+)(?:→|\t|:)")
 _MAX_CANDIDATES = 8  # earlier places of one line tried as the start of a run
@@ -50,11 +57,6 @@ def _split(line: str) -> tuple[int | None, str]:
     if m is None:
         return None, line.rstrip()
     return int(m.group(1)), line[: m.start(1)].strip() + "\0" + line[m.end(1) :].rstrip()
-
-
-def _number(line: str) -> int | None:
-    m = _NUMBER_RE.match(line)
-    return int(m.group(1)) if m else None
 
 
 RESULT = "the tool_use {} result"  # how a pointer names the earlier text (its id in the braces)
@@ -226,8 +228,9 @@ class LineIndex(_Pointing):
         return best, at, ((int(m.group(1)), m.group(2)) if m else mark or None)
 
     def add(self, tid: str, lines: list[str]) -> None:
-        """Index the lines of a result as sent (markers are not content: they are left out)."""
-        nums, keys = _keys(lines)
+        """Index the lines of a result as sent (markers are not content: they are left out; a sparse
+        run's lines under the numbers they stand for, ``full_lines``)."""
+        nums, keys = _keys(full_lines(lines))
         t = len(self.texts)
         self.texts.append((tid, lines, keys, nums))
         for p, k in enumerate(keys):
@@ -253,9 +256,12 @@ class LineIndex(_Pointing):
         if len(lines) < self.min_lines:
             self.add(tid, lines)
             return text
-        nums, keys = _keys(lines)
+        # a sparse run's unnumbered lines compared, and pointed to, under their numbers
+        full = full_lines(lines)
+        nums, keys = _keys(full)
         hunks = bool(self.where_in) and ("\n@@ " in text or text.startswith("@@ "))
         out: list[str] = []
+        source: list[int | None] = []  # the line of ``lines`` each of ``out`` is (None: a pointer)
         i = 0
         changed = False
         while i < len(lines):
@@ -264,11 +270,12 @@ class LineIndex(_Pointing):
                 n = _run(keys, nums, i, self.texts[t][2], self.texts[t][3], p)
                 if n > best:
                     best, at = n, (t, p)
-            n_in, at_in, here_in = self._input_run(lines, i, hunks) if self.where_in else (0, (0, 0), None)
+            n_in, at_in, here_in = self._input_run(full, i, hunks) if self.where_in else (0, (0, 0), None)
             if n_in > best and self._long(lines, i, n_in):
                 k, p = at_in
                 in_tid, field, _ = self.inputs[k]
                 out.append(input_marker(in_tid, field, n_in, here_in, (p + 1, p + n_in)))
+                source.append(None)
                 i += n_in
                 changed = True
                 continue
@@ -276,18 +283,23 @@ class LineIndex(_Pointing):
                 t, p = at
             else:
                 out.append(lines[i])
+                source.append(i)
                 i += 1
                 continue
-            old_tid, old_lines, _, _ = self.texts[t]
-            first, last = _number(lines[i]), _number(lines[i + best - 1])
-            first0, last0 = _number(old_lines[p]), _number(old_lines[p + best - 1])
+            old_tid, _, _, old_nums = self.texts[t]
+            first, last = nums[i], nums[i + best - 1]
+            first0, last0 = old_nums[p], old_nums[p + best - 1]
             if None not in (first, last, first0, last0):
                 m = marker(old_tid, best, (first, last), (first0, last0), self.noun, self.short)  # type: ignore[arg-type]
             else:
                 m = marker(old_tid, best, None, (p + 1, p + best), self.noun, self.short)
             out.append(m)
+            source.append(None)
             i += best
             changed = True
+        if changed:
+            # (before the self-repeats and the index: they count this text's lines as sent)
+            out = without_idle_note(keep_anchored(out, source, lines, full))
         if self.within is not None:
             joined = "\n".join(out) if changed else text
             own = _self_repeats.rewrite(joined, self.min_lines, self.min_chars, self.short, self.within(tid))
@@ -366,6 +378,8 @@ def _run(
     shift: int | None = None
     plain = False
     while i + n < len(keys) and p + n < len(old) and keys[i + n] == old[p + n]:
+        if keys[i + n].startswith(SPARSE_NOTE_START):
+            break  # the note stays with the lines it is about
         a, b = nums[i + n], old_nums[p + n]
         if (a is None) != (b is None):
             break

@@ -12,6 +12,8 @@ alone, so the same bytes on every call.
 
 from __future__ import annotations
 
+from ._summarize_text import SPARSE_NOTE_START, full_lines, keep_anchored
+
 MIN_LINES = 3
 MIN_CHARS = 100  # twice its short pointer or more (``[tokensaver: repeats lines 3-7 of this output]``)
 _MAX_CANDIDATES = 8  # earlier places of one line tried as the start of a run
@@ -37,8 +39,11 @@ def rewrite(
     lines = text.split("\n")
     if len(lines) < 2 * min_lines or len(text) < 2 * min_chars:
         return text
-    keys = [ln.rstrip() for ln in lines]
+    # a sparse run's lines compared under their numbers (the same code twice in a file is no repeat)
+    full = full_lines(lines)
+    keys = [ln.rstrip() for ln in full]
     out: list[str] = []  # lines as sent
+    source: list[int | None] = []  # the line of ``lines`` each of ``out`` is (None: a pointer)
     out_keys: list[str] = []
     where: dict[str, list[int]] = {}  # key -> its places in ``out`` (literal lines only)
     i = 0
@@ -48,7 +53,12 @@ def rewrite(
         if len(keys[i]) >= 4 and not keys[i].startswith(_POINTER):
             for p in where.get(keys[i], ()):
                 n = 0
-                while i + n < len(lines) and p + n < len(out_keys) and keys[i + n] == out_keys[p + n]:
+                while (
+                    i + n < len(lines)
+                    and p + n < len(out_keys)
+                    and keys[i + n] == out_keys[p + n]
+                    and not keys[i + n].startswith(SPARSE_NOTE_START)
+                ):
                     n += 1
                 if n > best:
                     best, at = n, p
@@ -56,6 +66,7 @@ def rewrite(
             m = marker(best, at + 1, short, noun)
             out.append(m)
             out_keys.append(m)
+            source.append(None)
             i += best
             changed = True
             continue
@@ -64,5 +75,6 @@ def rewrite(
             spots.append(len(out))
         out.append(lines[i])
         out_keys.append(keys[i])
+        source.append(i)
         i += 1
-    return "\n".join(out) if changed else text
+    return "\n".join(keep_anchored(out, source, lines, full)) if changed else text

@@ -121,6 +121,111 @@ def compact_line_numbers(lines: list[str]) -> list[str]:
     return out
 
 
+_SPARSE_LINE_RE = re.compile(r"^(\d+)(→|\t)")
+# content that would read as a line number or a marker if its own number were left out
+_AMBIGUOUS_RE = re.compile(r"^ *\d+(?:→|\t|:)|^\[")
+SPARSE_NOTE_START = "[tokensaver: line numbers shown on every "
+
+
+def sparse_note(step: int) -> str:
+    """The line before a result's first sparse run: what the model needs to count the lines."""
+    return (
+        f"{SPARSE_NOTE_START}{step}th line and each run's first and last; "
+        "the lines between are consecutive, each line's text exact]"
+    )
+
+
+def sparse_line_numbers(lines: list[str], step: int, min_run: int) -> list[str]:
+    """Compact numbered lines with the number kept only where it anchors the count.
+
+    In a run of at least ``min_run`` lines numbered ``n, n+1, n+2, ...`` (``N→text`` or
+    ``N<tab>text``, one separator, no padding: after :func:`compact_line_numbers`) the number stays
+    on the run's first and last lines, on every line whose number is a multiple of ``step``, and on
+    any line whose text would read as a number or a marker without it; the others lose only
+    ``N<sep>``, every byte after the separator kept. One :func:`sparse_note` line goes before the
+    first such run. The same lines when no run is long enough; :func:`full_lines` undoes it."""
+    nums: list[tuple[int, str] | None] = []
+    for ln in lines:
+        m = _SPARSE_LINE_RE.match(ln)
+        nums.append((int(m.group(1)), m.group(2)) if m else None)
+    out: list[str] = []
+    i, n = 0, len(lines)
+    noted = False
+    while i < n:
+        first = nums[i]
+        j = i + 1
+        if first is not None:
+            while j < n and nums[j] == (first[0] + j - i, first[1]):
+                j += 1
+        if first is None or j - i < min_run:
+            out.extend(lines[i:j])
+            i = j
+            continue
+        if not noted:
+            out.append(sparse_note(step))
+            noted = True
+        for k in range(i, j):
+            number = first[0] + k - i
+            ln = lines[k]
+            if k in (i, j - 1) or number % step == 0:
+                out.append(ln)
+                continue
+            cut = len(str(number)) + len(first[1])
+            body = ln[cut:]
+            out.append(ln if _AMBIGUOUS_RE.match(body) else body)
+        i = j
+    return out
+
+
+def full_lines(lines: list[str]) -> list[str]:
+    """Lines of a text as they read with every number shown: a sparse run's unnumbered lines (see
+    :func:`sparse_line_numbers`) with their numbers back, line for line (the same list when the
+    text has no sparse note). A line counts only in a gap that adds up: between two numbered lines
+    ``a`` and ``b`` with the same separator and ``b - a - 1`` unnumbered lines between them."""
+    if not any(ln.startswith(SPARSE_NOTE_START) for ln in lines):
+        return lines
+    out = list(lines)
+    prev: tuple[int, int, str] | None = None  # (index, number, separator) of the last numbered line
+    for k, ln in enumerate(lines):
+        if ln.startswith("[tokensaver:"):
+            prev = None
+            continue
+        m = _SPARSE_LINE_RE.match(ln)
+        if m is None:
+            continue
+        number, sep = int(m.group(1)), m.group(2)
+        if prev is not None and prev[2] == sep and number - prev[1] == k - prev[0] and k - prev[0] > 1:
+            for g in range(prev[0] + 1, k):
+                out[g] = f"{prev[1] + g - prev[0]}{sep}{lines[g]}"
+        prev = (k, number, sep)
+    return out
+
+
+def keep_anchored(out: list[str], source: list[int | None], lines: list[str], full: list[str]) -> list[str]:
+    """``out`` (lines of ``lines`` in order, ``source[k]`` the index each came from, None for a
+    pointer put in place of some) with the number back on each unnumbered line of a sparse run that
+    no longer sits between the lines it sat between, so every gap still adds up (``full``:
+    ``full_lines(lines)``; ``out`` itself when ``lines`` has no sparse run)."""
+    if full is lines:
+        return out
+    last = len(out) - 1
+    res = list(out)
+    for k, s in enumerate(source):
+        if s is None or full[s] is lines[s] or full[s] == lines[s]:
+            continue
+        if not (k > 0 and source[k - 1] == s - 1 and k < last and source[k + 1] == s + 1):
+            res[k] = full[s]
+    return res
+
+
+def without_idle_note(lines: list[str]) -> list[str]:
+    """``lines`` without their sparse note when no line is left for it to explain (pointers took
+    every unnumbered line of the runs): ``lines`` itself otherwise."""
+    if not any(ln.startswith(SPARSE_NOTE_START) for ln in lines) or full_lines(lines) != lines:
+        return lines
+    return [ln for ln in lines if not ln.startswith(SPARSE_NOTE_START)]
+
+
 def is_binary(text: str) -> bool:
     """Mostly control characters or replacement characters: not text meant for a reader."""
     if not text:
@@ -819,7 +924,13 @@ class Options:
     max_rows: int = 400
     html: bool = True
     lossy: bool = True
-    line_numbers: str = "compact"  # numbered file lines: "compact" (no padding) or "keep"
+    # numbered file lines: "compact" (no padding), "sparse" (compact, and in a run of at least
+    # ``sparse_min_lines`` lines only every ``line_number_step``th number and the run's ends kept)
+    # or "keep"
+    line_numbers: str = "sparse"
+    line_number_step: int = 10
+    sparse_min_lines: int = 20
+    sparse_tools: tuple[str, ...] = ("Read",)  # whose results are made sparse (empty: every tool's)
     shapes: tuple[str, ...] = SHAPE_NAMES  # formats recognized by their shape (see SHAPES)
 
 
@@ -881,7 +992,7 @@ def shrink(text: str, opts: Options) -> Result:
             return _shaped(text, shaped, kind, opts)
     if is_code(lines):
         # exact contents: only escape codes, CRs and the padding before line numbers are removed
-        if opts.line_numbers == "compact":
+        if opts.line_numbers in ("compact", "sparse"):
             t = "\n".join(compact_line_numbers(lines))
         return _best(text, t, "code", False)
     lines = [ln.rstrip() for ln in lines]

@@ -150,6 +150,7 @@ from ._blocks import (
 )
 from ._lru import SizedLRU
 from ._repeats import SHORT_RESULT, RepeatIndex
+from ._summarize_text import full_lines
 
 PLUGIN = "prune"
 MIN_CUT_FRACTION = 0.1  # a cut must remove at least this share of the request
@@ -292,7 +293,7 @@ def outline(inner: Any) -> list[str]:
     budget = _OUTLINE_SHARE * len(text)
     out: list[str] = []
     used = 0
-    for line in text.split("\n"):
+    for line in full_lines(text.split("\n")):  # a sparse read's lines with their numbers
         if not _DEFINITION.match(line):
             continue
         line = line.rstrip()[:_OUTLINE_LINE_CHARS]

@@ -11,6 +11,7 @@ from strategies import expand_lines, tau_reservation, tool_loop
 from tokensaver_plugins import prune
 from tokensaver_plugins._blocks import request_problems
 from tokensaver_plugins._repeats import marker
+from tokensaver_plugins._summarize_text import SPARSE_NOTE_START, full_lines
 
 import tokensaver
 from tokensaver.context import make_context
@@ -104,7 +105,7 @@ def expand(text: str, sent: dict[str, str]) -> str:
         a, b, a0, b0, p, q, tid = m.groups()
         if a is None:  # positions in the earlier result as it was sent (its own pointers as lines)
             return expand("\n".join(sent[tid].split("\n")[int(p) - 1 : int(q)]), sent).split("\n")
-        earlier = expand(sent[tid], sent).split("\n")
+        earlier = full_lines(expand(sent[tid], sent).split("\n"))  # a sparse read's lines numbered
         lo, hi = (int(a0), int(b0)) if a0 else (int(a), int(b))
         picked = [(x, n) for x in earlier if (n := NUMBERED.match(x)) and lo <= int(n.group(1)) <= hi]
         assert len(picked) == int(b) - int(a) + 1
@@ -112,6 +113,12 @@ def expand(text: str, sent: dict[str, str]) -> str:
         return [f"{int(a) + k}{x[n.end(1) :]}" for k, (x, n) in enumerate(picked)]
 
     return expand_lines(text, POINTER, pointed)
+
+
+def unsparse(text: str) -> str:
+    """A result sent with sparse line numbers (summarize's default for a Read) as it came: every
+    line under its number, the note left out."""
+    return "\n".join(ln for ln in full_lines(text.split("\n")) if not ln.startswith(SPARSE_NOTE_START))
 
 
 def test_a_reread_after_an_edit_points_at_the_unchanged_lines_and_loses_nothing() -> None:
@@ -463,7 +470,7 @@ def test_claude_codes_read_reminder_is_sent_once(tmp_path: Any) -> None:
     for k, tid in enumerate(("toolu_001", "toolu_002")):
         assert "Whenever you read a file" not in out[tid]
         assert POINTER.match(out[tid].rstrip("\n").split("\n")[-1]), out[tid][-300:]
-        assert expand(out[tid], out) == reads[k + 1]
+        assert unsparse(expand(out[tid], out)) == reads[k + 1]
 
 
 LONG_FORM = re.compile(r"tool_use \S+ result|result above|\d+ lines as lines")
