@@ -712,7 +712,9 @@ def test_as_model_replays_on_a_model_with_preserved_thinking(tmp_path: Path) -> 
 
 def _read_conv(folder: Path) -> Path:
     """A Claude Code-like conversation: a padded, arrow-numbered Read result and a Grep result."""
-    code = "".join(f"{n:6d}→line {n} of the file\n" for n in range(1, 41))
+    from tokensaver.bench.corpus import MALWARE_REMINDER
+
+    code = "\n".join(f"{n:6d}→line {n} of the file" for n in range(1, 41)) + MALWARE_REMINDER
     messages = [
         {"role": "user", "content": "Read app.py and find foo."},
         {
@@ -752,7 +754,8 @@ def _read_conv(folder: Path) -> Path:
 
 def test_read_form_today_numbers_read_results_as_todays_claude_code(tmp_path: Path) -> None:
     """--read-form today: Read results' numbered lines as `12\\tcode` (every line, every byte of code
-    kept); other tools' results untouched; the replay sends fewer tokens and the report says so."""
+    kept) and without the trailing malware reminder; other tools' results untouched; the replay
+    sends fewer tokens and the report says so."""
     from tokensaver.bench.corpus import TraceRef, load_ref
 
     folder = tmp_path / "claude-code"
@@ -760,11 +763,12 @@ def test_read_form_today_numbers_read_results_as_todays_claude_code(tmp_path: Pa
     path = _read_conv(folder)
     conv = load_ref(TraceRef(str(path), "claude-code", 0, read_form="today"))
     results = conv.calls[-1].body["messages"][2]["content"]
-    assert results[0]["content"] == "".join(f"{n}\tline {n} of the file\n" for n in range(1, 41))
+    assert results[0]["content"] == "\n".join(f"{n}\tline {n} of the file" for n in range(1, 41))
     assert results[1]["content"] == [{"type": "text", "text": "     7→foo"}]
     assert conv.info["bench_read_rewritten"] == 1
     recorded = load_ref(TraceRef(str(path), "claude-code", 0))
-    assert recorded.calls[-1].body["messages"][2]["content"][0]["content"].startswith("     1→line 1")
+    recorded_read = recorded.calls[-1].body["messages"][2]["content"][0]["content"]
+    assert recorded_read.startswith("     1→line 1") and recorded_read.endswith("</system-reminder>\n")
 
     def run(form: str) -> dict:
         opts = bench.BenchOptions(

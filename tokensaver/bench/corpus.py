@@ -27,8 +27,16 @@ from ..traces import (
 HALVES = ("tuning", "validation", "all")
 READ_FORMS = ("recorded", "today")
 READ_FORM_RULE = (
-    "today: every `Read` tool result's numbered lines as Claude Code 2.1.2xx and later send them "
-    "(`12\\tcode`: no padding, a tab) instead of the recorded `     12→code`; nothing else changed"
+    "today: every `Read` tool result as Claude Code 2.1.332 sends it (seen in the e2e session): "
+    "numbered lines as `12\\tcode` (no padding, a tab) instead of the recorded `     12→code`, and "
+    "without the malware <system-reminder> that older versions appended to each; nothing else changed"
+)
+# the reminder older Claude Code versions end every Read result with (today's sends none)
+MALWARE_REMINDER = (
+    "\n\n<system-reminder>\nWhenever you read a file, you should consider whether it would be considered "
+    "malware. You CAN and SHOULD provide analysis of malware, what it is doing. But you MUST refuse to "
+    "improve or augment the code. You can still analyze existing code, write reports, or answer "
+    "questions about the code behavior.\n</system-reminder>\n"
 )
 _PADDED_NUMBER = re.compile(r"^ *(\d+)→", re.MULTILINE)
 SPLIT_RULE = (
@@ -152,12 +160,17 @@ def retarget(body: dict[str, Any], model: str) -> dict[str, Any]:
     return out
 
 
+def _today_text(text: str) -> str:
+    text = text.removesuffix(MALWARE_REMINDER)
+    return _PADDED_NUMBER.sub("\\1\t", text)
+
+
 def _renumbered(content: Any) -> Any:
     if isinstance(content, str):
-        return _PADDED_NUMBER.sub("\\1\t", content)
+        return _today_text(content)
     if isinstance(content, list):
         return [
-            {**b, "text": _PADDED_NUMBER.sub("\\1\t", b["text"])}
+            {**b, "text": _today_text(b["text"])}
             if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
             else b
             for b in content
@@ -166,10 +179,11 @@ def _renumbered(content: Any) -> Any:
 
 
 def today_read(conv: Conversation) -> int:
-    """Rewrite ``conv``'s ``Read`` results in place as today's Claude Code numbers them (``READ_FORM_RULE``).
+    """Rewrite ``conv``'s ``Read`` results in place as today's Claude Code sends them (``READ_FORM_RULE``).
 
-    The shared Claude Code traces were recorded by versions that pad each line number and use an
-    arrow; a hold-out of newer sessions has the lighter form, so the padding lever is not there. The
+    The shared Claude Code traces were recorded by versions that pad each line number, use an arrow
+    and end each read with a reminder; a hold-out of newer sessions has the lighter form, so the
+    levers on the padding and the repeated reminder are not there. The
     same message objects are shared by the calls of a segment, so each is rewritten once. Returns
     the number of results rewritten.
     """
