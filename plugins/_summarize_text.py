@@ -927,7 +927,7 @@ class Options:
     # numbered file lines: "compact" (no padding), "sparse" (compact, and in a run of at least
     # ``sparse_min_lines`` lines only every ``line_number_step``th number and the run's ends kept)
     # or "keep"
-    line_numbers: str = "sparse"
+    line_numbers: str = "compact"
     line_number_step: int = 10
     sparse_min_lines: int = 20
     sparse_tools: tuple[str, ...] = ("Read",)  # whose results are made sparse (empty: every tool's)
