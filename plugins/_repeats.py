@@ -120,8 +120,9 @@ def _before(spots: tuple[tuple[int, int], ...], n: int) -> tuple[tuple[int, int]
 
 
 class _Pointing:
-    """How an index points: its shortest run (lines, characters), the noun its pointers name the
-    earlier text by, their form; ``_begin`` makes the rest of its state."""
+    """How an index points: its shortest run (lines, characters; at least ``moved_min_chars`` for a
+    run of numbered lines now under other numbers than where it points), the noun
+    its pointers name the earlier text by, their form; ``_begin`` makes the rest of its state."""
 
     def __init__(
         self,
@@ -130,9 +131,14 @@ class _Pointing:
         noun: str = RESULT,
         short: bool = False,
         within: Callable[[str], str] | None = None,
+        moved_min_chars: int | None = None,
     ) -> None:
         self.min_lines = min_lines
         self.min_chars = min_chars
+        # a moved run's pointer gives its new numbers only as a range (``lines 267-271 as lines
+        # 225-229 of``): the model counts to find one, and a short run of common code (the same
+        # few lines in two functions) matches by chance there
+        self.moved_min_chars = max(min_chars, moved_min_chars or 0)
         self.noun = noun  # how a pointer names the earlier text (see ``marker``)
         self.short = short  # the short pointer lines (see ``marker``)
         # a text rewritten also gets its runs of its own lines above as pointers (``_self_repeats``,
@@ -145,7 +151,9 @@ class _Pointing:
 
     def _line_index(self) -> LineIndex:
         """A new :class:`LineIndex` pointing as this one does."""
-        return LineIndex(self.min_lines, self.min_chars, self.noun, self.short, self.within)
+        return LineIndex(
+            self.min_lines, self.min_chars, self.noun, self.short, self.within, self.moved_min_chars
+        )
 
 
 class LineIndex(_Pointing):
@@ -279,7 +287,8 @@ class LineIndex(_Pointing):
                 i += n_in
                 changed = True
                 continue
-            if self._long(lines, i, best):
+            moved = best > 0 and nums[i] is not None and nums[i] != self.texts[at[0]][3][at[1]]
+            if self._long(lines, i, best, moved):
                 t, p = at
             else:
                 out.append(lines[i])
@@ -308,9 +317,11 @@ class LineIndex(_Pointing):
         self.add(tid, out)
         return "\n".join(out) if changed else text
 
-    def _long(self, lines: list[str], i: int, n: int) -> bool:
-        """Whether ``n`` lines from ``lines[i]`` are long enough for a pointer."""
-        return n >= self.min_lines and sum(len(ln) + 1 for ln in lines[i : i + n]) >= self.min_chars
+    def _long(self, lines: list[str], i: int, n: int, moved: bool = False) -> bool:
+        """Whether ``n`` lines from ``lines[i]`` are long enough for a pointer (``moved``: numbered
+        lines under other numbers than where it points)."""
+        least = self.moved_min_chars if moved else self.min_chars
+        return n >= self.min_lines and sum(len(ln) + 1 for ln in lines[i : i + n]) >= least
 
     def _object_diff(self, obj: dict[str, str], size: int) -> str | None:
         """The pointer and changed values against the earlier object that leaves the least, if it pays."""
@@ -460,6 +471,8 @@ class RepeatIndex(_Pointing):
         tag = ("" if self.noun == RESULT else "\0" + self.noun) + ("\0short" if self.short else "")
         if self.within is not None:
             tag += f"\0within\0{self.within.__module__}.{self.within.__qualname__}"
+        if self.moved_min_chars != self.min_chars:
+            tag += f"\0moved\0{self.moved_min_chars}"
         seed = f"repeats\0{self.min_lines}\0{self.min_chars}{tag}"
         self.start = self.key = xxhash.xxh3_128_digest(seed.encode())
         # what was fed so far, for a rebuild: (tool_use id, result text) or (id, input fields)

@@ -49,7 +49,7 @@ from ._summarize_text import (
 )
 
 MIN_LINES = 3  # shortest run of repeated lines sent as a pointer (prune's repeat_min_lines default)
-MIN_CHARS = 300  # ... and its fewest characters (prune's repeat_min_chars default)
+MIN_CHARS = 300  # ... and its fewest characters (prune's repeat_min_chars default before 150)
 NOUN = "{}"  # a pointer names the turn it points to: "user turn 6" (1-based, turn 1 is the task)
 
 

@@ -107,7 +107,9 @@ default 8, 0: an edit supersedes at once), ``clear_min_tokens``
 (non-negative integer, default 4000), ``clear_min_fraction`` (number between 0.0 and 1.0, default
 0.15), ``clear_superseded`` (true/false, default true), ``superseded_by_write`` (true/false,
 default true), ``superseded_by_edit`` (true/false, default true), ``repeats`` (true/false, default true), ``repeat_min_lines`` (integer >= 3, default
-3), ``repeat_min_chars`` (non-negative integer, default 300); the budget settings as above.
+3), ``repeat_min_chars`` (non-negative integer, default 150), ``repeat_moved_min_chars`` (non-negative
+integer, default 300, never fewer than ``repeat_min_chars``: a run of numbered lines under other
+numbers than where it points, its new numbers only in the pointer's range); the budget settings as above.
 
 Unsafe when the model needs the exact text of an old tool result that it cannot fetch again. When
 the request asks the API's server-side ``context_management`` to clear tool results or compact
@@ -224,7 +226,14 @@ SETTINGS = Schema(
             True, "runs of lines an earlier result (still sent in full) shows become a pointer to it"
         ),
         "repeat_min_lines": integer(3, "shortest run of repeated lines", min=3, unit="lines"),
-        "repeat_min_chars": integer(300, "... and its fewest characters", min=0, unit="characters"),
+        "repeat_min_chars": integer(150, "... and its fewest characters", min=0, unit="characters"),
+        "repeat_moved_min_chars": integer(
+            300,
+            "... and when its numbered lines are under other numbers than where it points (a re-read "
+            "after lines above it moved; never fewer than repeat_min_chars)",
+            min=0,
+            unit="characters",
+        ),
         "clear_outline": boolean(
             False, "a cleared file read keeps its definition lines (functions, types, tests)"
         ),
@@ -400,7 +409,11 @@ class Walk:
         self.seen: dict[bytes, str] = {}  # content digest -> id of the first result kept in full
         self.lines: RepeatIndex | None = (
             RepeatIndex(
-                int(settings["repeat_min_lines"]), int(settings["repeat_min_chars"]), SHORT_RESULT, True
+                int(settings["repeat_min_lines"]),
+                int(settings["repeat_min_chars"]),
+                SHORT_RESULT,
+                True,
+                moved_min_chars=int(settings.get("repeat_moved_min_chars", settings["repeat_min_chars"])),
             )
             if settings.get("repeats")
             else None

@@ -83,19 +83,24 @@ def compact(v: Any) -> str:
     return json.dumps(v)
 
 
-def expand(text: str, sent: dict[str, str]) -> str:
+def renumbered(line: str, n: re.Match[str], new: int) -> str:
+    """A numbered line under a new number, padded to the same width when it was (``nl -ba``)."""
+    return (str(new).rjust(n.end(1)) if n.start(1) else str(new)) + line[n.end(1) :]
+
+
+def expand(text: str, sent: dict[str, str], inputs: dict[str, Any] | None = None) -> str:
     """The text with every pointer replaced by what it names in the earlier result (as sent):
     its lines (renumbered when the pointer gives two ranges), or its JSON object with the values
-    the pointer lists."""
+    the pointer lists; given the tool uses' ``inputs``, each pointer into one too (``expand_inputs``)."""
     head, _, rest = text.partition("\n")
     same = re.match(
         r"^\[tokensaver: identical to the earlier result of tool_use (\S+); see that result above\]$", text
     )
     if same:
-        return expand(sent[same.group(1)], sent)
+        return expand(sent[same.group(1)], sent, inputs)
     m = OBJECT.match(head)
     if m:
-        earlier = json.loads(expand(sent[m.group(1)], sent), parse_float=Num, parse_int=Num)
+        earlier = json.loads(expand(sent[m.group(1)], sent, inputs), parse_float=Num, parse_int=Num)
         changed = json.loads(rest, parse_float=Num, parse_int=Num)
         assert set(changed) <= set(earlier)
         assert len(changed) == int(m.group(2)) and len(earlier) == int(m.group(3))
@@ -104,15 +109,16 @@ def expand(text: str, sent: dict[str, str]) -> str:
     def pointed(m: re.Match[str]) -> list[str]:
         a, b, a0, b0, p, q, tid = m.groups()
         if a is None:  # positions in the earlier result as it was sent (its own pointers as lines)
-            return expand("\n".join(sent[tid].split("\n")[int(p) - 1 : int(q)]), sent).split("\n")
-        earlier = full_lines(expand(sent[tid], sent).split("\n"))  # a sparse read's lines numbered
+            return expand("\n".join(sent[tid].split("\n")[int(p) - 1 : int(q)]), sent, inputs).split("\n")
+        earlier = full_lines(expand(sent[tid], sent, inputs).split("\n"))  # a sparse read's lines numbered
         lo, hi = (int(a0), int(b0)) if a0 else (int(a), int(b))
         picked = [(x, n) for x in earlier if (n := NUMBERED.match(x)) and lo <= int(n.group(1)) <= hi]
         assert len(picked) == int(b) - int(a) + 1
         # the new numbers: the pointer's first range, one line each
-        return [f"{int(a) + k}{x[n.end(1) :]}" for k, (x, n) in enumerate(picked)]
+        return [renumbered(x, n, int(a) + k) for k, (x, n) in enumerate(picked)]
 
-    return expand_lines(text, POINTER, pointed)
+    out = expand_lines(text, POINTER, pointed)
+    return out if inputs is None else expand_inputs(out, inputs)
 
 
 def unsparse(text: str) -> str:
@@ -287,12 +293,19 @@ def test_real_conversations_lose_no_line() -> None:
             conv = load_conversation(path)
             body = conv.calls[-1].body
             given = results_of(body)
+            inputs = {
+                b["id"]: b["input"]
+                for m in body["messages"]
+                if isinstance(m["content"], list)
+                for b in m["content"]
+                if b.get("type") == "tool_use"
+            }
             out = results_of(run(body, {}, clear_stale=False))
             for tid, text in out.items():
                 if text == given[tid]:
                     continue
                 pointers += bool(OBJECT.match(text.split("\n")[0]))  # tau-bench's updated records
-                back = expand(text, out)
+                back = expand(text, out, inputs)  # pointers into a tool use's input too
                 if OBJECT.match(text.split("\n")[0]):
                     assert json.loads(back) == json.loads(given[tid]), (path.name, tid)
                 else:
@@ -531,3 +544,42 @@ def test_prunes_pointers_are_summarizes_short_form(tmp_path: Any) -> None:
 def prune_long_marker(tid: str, here: tuple[int, int] | None, there: tuple[int, int]) -> str:
     """The long form of a pointer to a result (prune's before it took the short one)."""
     return marker(tid, there[1] - there[0] + 1, here, there)
+
+
+def test_a_run_of_150_characters_points_back_but_a_moved_one_needs_300(tmp_path: Any) -> None:
+    """With the short pointer (~45 characters) a run of 150+ characters pays (repeat_min_chars
+    300 -> 150); a run of numbered lines now under other numbers than where it points still needs
+    300 (repeat_moved_min_chars: its new numbers are only in the pointer's range, and a few lines
+    of common code match by chance in another function). Through wrap() to the emulator: the
+    4-line run under its own numbers is one pointer, the 4-line moved run stays as it came, the
+    10-line moved run points back with both ranges, and every line reads back."""
+    lines = source(60)
+    first = numbered(lines)
+    view = [(5 + k, lines[4 + k]) for k in range(4)]  # lines 5-8 under their own numbers
+    view += [(9 + k, f"    unrelated_{k} = other({k})  # new") for k in range(3)]
+    view += [(30 + k, lines[19 + k]) for k in range(4)]  # lines 20-23 as lines 30-33
+    view += [(34 + k, f"    another_{k} = other({k})  # new") for k in range(3)]
+    view += [(50 + k, lines[39 + k]) for k in range(10)]  # lines 40-49 as lines 50-59
+    again = "\n".join(f"{n}→{ln}" for n, ln in view)
+    assert 150 <= sum(len(f"{n}→{ln}") + 1 for n, ln in view[:4]) < 300
+    assert sum(len(f"{n}→{ln}") + 1 for n, ln in view[7:11]) < 300
+    msgs = agent([("Read", first), ("Bash", "ok"), ("Read", again)])
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(
+            base, config={"plugins": ["prune", "cache_align"], "record": False, "runs_dir": str(tmp_path)}
+        )
+        resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
+        assert isinstance(resp, dict) and resp["type"] == "message"
+        sent = emu.last["body"]
+    assert request_problems(sent) == []
+    out = results_of(sent)
+    got = out["toolu_002"].split("\n")
+    assert got[0] == "[tokensaver: lines 5-8 as in the toolu_000 result]", got
+    assert got[4:8] == [f"{n}→{ln}" for n, ln in view[7:11]]  # the short moved run as it came
+    assert got[-1] == "[tokensaver: lines 50-59 as lines 40-49 of the toolu_000 result]", got
+    assert len(got) == 1 + 3 + 4 + 3 + 1
+    assert expand(out["toolu_002"], out) == again
+    # the settings as they were: no pointer for the short run
+    old = results_of(run(body_of(msgs), {}, repeat_min_chars=300))["toolu_002"].split("\n")
+    assert old[:4] == [f"{n}→{ln}" for n, ln in view[:4]]
