@@ -174,7 +174,7 @@ SETTINGS = Schema(
         "keep_last_messages": integer(6, "the last N messages are never touched", min=2),
         "exclude_tools": strings([], "tools whose results are never cleared", item="tool names"),
         "min_result_tokens": integer(
-            100, "smaller tool results are not worth a marker", min=0, unit="tokens"
+            75, "smaller tool results are not worth a marker", min=0, unit="tokens"
         ),
         "dedupe": boolean(True, "a newer identical tool output becomes a pointer to the earlier one"),
         "max_conversations": integer(512, "conversations whose cut is kept (LRU)", min=0),
@@ -405,7 +405,7 @@ class Walk:
         self.reads = reads or set()
         self.count = count
         self.dedupe = bool(settings.get("dedupe", True))
-        self.min_tokens = int(settings.get("min_result_tokens", 100))
+        self.min_tokens = int(settings.get("min_result_tokens", 75))
         self.seen: dict[bytes, str] = {}  # content digest -> id of the first result kept in full
         self.lines: RepeatIndex | None = (
             RepeatIndex(

@@ -330,7 +330,13 @@ def test_a_copy_too_small_for_the_identical_pointer_still_points_at_its_lines(tm
     with Emulator(virtual_clock=True, start_time=T0) as emu:
         base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
         client = tokensaver.wrap(
-            base, config={"plugins": ["prune", "cache_align"], "record": False, "runs_dir": str(tmp_path)}
+            base,
+            config={
+                "plugins": ["prune", "cache_align"],
+                "record": False,
+                "runs_dir": str(tmp_path),
+                "prune": {"min_result_tokens": 120},  # (the error's 99 tokens are under it)
+            },
         )
         resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
         assert isinstance(resp, dict) and resp["type"] == "message"
