@@ -173,9 +173,7 @@ SETTINGS = Schema(
         "keep_tool_uses": integer(6, "results of the last K tool uses are never cleared", min=0),
         "keep_last_messages": integer(6, "the last N messages are never touched", min=2),
         "exclude_tools": strings([], "tools whose results are never cleared", item="tool names"),
-        "min_result_tokens": integer(
-            75, "smaller tool results are not worth a marker", min=0, unit="tokens"
-        ),
+        "min_result_tokens": integer(75, "smaller tool results are not worth a marker", min=0, unit="tokens"),
         "dedupe": boolean(True, "a newer identical tool output becomes a pointer to the earlier one"),
         "max_conversations": integer(512, "conversations whose cut is kept (LRU)", min=0),
         "clear_stale": boolean(
