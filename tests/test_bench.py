@@ -6,6 +6,7 @@ import io
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -504,6 +505,29 @@ _READ = _READ + f"\ndef {_FACT}(entries): return sum(entries)\n"
 _BASH = "\n".join(f"test {i} passed in 0.0{i % 10}s" for i in range(150))
 
 
+def _replayed(folder: Path, **options: Any) -> dict:
+    """``run_bench`` over ``folder`` with ``options``, no timing, memory or progress bar."""
+    opts = bench.BenchOptions(traces=[str(folder)], overhead=False, memory=False, progress=False, **options)
+    return bench.run_bench(opts)
+
+
+def _write_conv(folder: Path, name: str, messages: list[dict], calls: list[int]) -> Path:
+    """``folder/name.json``: one segment of ``messages`` on Sonnet 4.5, a call at each message count."""
+    data = {
+        "format": "tokensaver-conversation/1",
+        "id": name,
+        "segments": [
+            {
+                "request": {"model": "claude-sonnet-4-5", "max_tokens": 256, "messages": messages},
+                "calls": [{"n_messages": n} for n in calls],
+            }
+        ],
+    }
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
 def _lost_fact_conv(folder: Path) -> Path:
     """Read a file, run the tests, then quote the file's function: 4 calls, the quote at call 3."""
     msgs = [
@@ -524,19 +548,7 @@ def _lost_fact_conv(folder: Path) -> Path:
         {"role": "user", "content": "Thanks."},
         {"role": "assistant", "content": "You are welcome."},
     ]
-    data = {
-        "format": "tokensaver-conversation/1",
-        "id": "ledger",
-        "segments": [
-            {
-                "request": {"model": "claude-sonnet-4-5", "max_tokens": 256, "messages": msgs},
-                "calls": [{"n_messages": n} for n in (1, 3, 5, 7)],
-            }
-        ],
-    }
-    path = folder / "ledger.json"
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
+    return _write_conv(folder, "ledger", msgs, [1, 3, 5, 7])
 
 
 def test_lost_round_usd_by_hand() -> None:
@@ -669,17 +681,7 @@ def _thinking_conv(folder: Path, turns: int = 12) -> Path:
         messages.append(
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"t{k}", "content": body}]}
         )
-    request = {"model": "claude-sonnet-4-5", "max_tokens": 256, "messages": messages}
-    data = {
-        "format": "tokensaver-conversation/1",
-        "id": "thinking-loop",
-        "segments": [
-            {"request": request, "calls": [{"n_messages": n} for n in range(1, len(messages) + 1, 2)]}
-        ],
-    }
-    path = folder / "thinking-loop.json"
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
+    return _write_conv(folder, "thinking-loop", messages, list(range(1, len(messages) + 1, 2)))
 
 
 def test_as_model_replays_on_a_model_with_preserved_thinking(tmp_path: Path) -> None:
@@ -737,19 +739,7 @@ def _read_conv(folder: Path) -> Path:
         },
         {"role": "assistant", "content": "foo is on line 7."},
     ]
-    data = {
-        "format": "tokensaver-conversation/1",
-        "id": "reads",
-        "segments": [
-            {
-                "request": {"model": "claude-sonnet-4-5", "max_tokens": 256, "messages": messages},
-                "calls": [{"n_messages": 1}, {"n_messages": 3}],
-            }
-        ],
-    }
-    path = folder / "reads.json"
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
+    return _write_conv(folder, "reads", messages, [1, 3])
 
 
 def test_read_form_today_numbers_read_results_as_todays_claude_code(tmp_path: Path) -> None:
@@ -771,16 +761,7 @@ def test_read_form_today_numbers_read_results_as_todays_claude_code(tmp_path: Pa
     assert recorded_read.startswith("     1→line 1") and recorded_read.endswith("</system-reminder>\n")
 
     def run(form: str) -> dict:
-        opts = bench.BenchOptions(
-            traces=[str(folder)],
-            configs=["none"],
-            scope="conversation",
-            overhead=False,
-            memory=False,
-            progress=False,
-            read_form=form,
-        )
-        return bench.run_bench(opts)
+        return _replayed(folder, configs=["none"], scope="conversation", read_form=form)
 
     before, after = run("recorded"), run("today")
     assert after["read_form"] == "today"

@@ -264,17 +264,22 @@ def test_pointers_are_prefix_stable_and_follow_a_cut() -> None:
     assert expand(out["toolu_009"], out) == numbered(source(100, changed=frozenset({80})))
 
 
+def sent_through_wrap(msgs: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    """The body ``msgs`` reached the emulator as, sent through ``wrap()`` with ``config``."""
+    with Emulator(virtual_clock=True, start_time=T0) as emu:
+        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
+        client = tokensaver.wrap(base, config=config)
+        resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
+        assert isinstance(resp, dict) and resp["type"] == "message"
+        return dict(emu.last["body"])
+
+
 def test_repeats_through_wrap_to_the_emulator(tmp_path: Any) -> None:
     first = numbered(source(150))
     msgs = agent([("Read", first), ("Bash", "ok"), ("Read", numbered(source(150, changed=frozenset({140}))))])
-    with Emulator(virtual_clock=True, start_time=T0) as emu:
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(
-            base, config={"plugins": ["prune", "cache_align"], "record": False, "runs_dir": str(tmp_path)}
-        )
-        resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
-        assert isinstance(resp, dict) and resp["type"] == "message"
-        sent = emu.last["body"]
+    sent = sent_through_wrap(
+        msgs, {"plugins": ["prune", "cache_align"], "record": False, "runs_dir": str(tmp_path)}
+    )
     assert request_problems(sent) == []
     out = results_of(sent)
     assert POINTER.match(out["toolu_002"].split("\n")[0]) and expand(out["toolu_002"], out) == numbered(
@@ -327,20 +332,15 @@ def test_a_copy_too_small_for_the_identical_pointer_still_points_at_its_lines(tm
     """mini-swe-agent's format error (14 lines, under min_result_tokens) sent again and again: the
     copies after the first become one line each, through wrap() to the emulator, losslessly."""
     msgs = agent([("bash", FORMAT_ERROR), ("bash", "ok"), ("bash", FORMAT_ERROR), ("bash", FORMAT_ERROR)])
-    with Emulator(virtual_clock=True, start_time=T0) as emu:
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(
-            base,
-            config={
-                "plugins": ["prune", "cache_align"],
-                "record": False,
-                "runs_dir": str(tmp_path),
-                "prune": {"min_result_tokens": 120},  # (the error's 99 tokens are under it)
-            },
-        )
-        resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
-        assert isinstance(resp, dict) and resp["type"] == "message"
-        sent = emu.last["body"]
+    sent = sent_through_wrap(
+        msgs,
+        {
+            "plugins": ["prune", "cache_align"],
+            "record": False,
+            "runs_dir": str(tmp_path),
+            "prune": {"min_result_tokens": 120},  # (the error's 99 tokens are under it)
+        },
+    )
     assert request_problems(sent) == []
     out = results_of(sent)
     assert out["toolu_000"] == FORMAT_ERROR
@@ -392,19 +392,14 @@ def test_a_written_file_read_back_points_at_the_write_input(tmp_path: Any) -> No
             ("Read", {"file_path": "/repo/calc.py"}, read_back),
         ],
     )
-    with Emulator(virtual_clock=True, start_time=T0) as emu:
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(
-            base,
-            config={
-                "plugins": ["summarize", "prune", "cache_align"],
-                "record": False,
-                "runs_dir": str(tmp_path),
-            },
-        )
-        resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
-        assert isinstance(resp, dict) and resp["type"] == "message"
-        sent = emu.last["body"]
+    sent = sent_through_wrap(
+        msgs,
+        {
+            "plugins": ["summarize", "prune", "cache_align"],
+            "record": False,
+            "runs_dir": str(tmp_path),
+        },
+    )
     assert request_problems(sent) == []
     out = results_of(sent)["toolu_002"]
     pointers = [ln for ln in out.split("\n") if INPUT_POINTER.match(ln)]
@@ -435,12 +430,7 @@ def test_a_diff_of_an_edit_points_at_the_edit_input(tmp_path: Any) -> None:
         "Task: fix the bug",
         [("Edit", edit, "The file /repo/calc.py has been updated."), ("Bash", {"command": "git diff"}, diff)],
     )
-    with Emulator(virtual_clock=True, start_time=T0) as emu:
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
-        resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
-        assert isinstance(resp, dict) and resp["type"] == "message"
-        sent = emu.last["body"]
+    sent = sent_through_wrap(msgs, {"record": False, "runs_dir": str(tmp_path)})
     assert request_problems(sent) == []
     out = results_of(sent)["toolu_001"]
     assert "@@ -11,12 +11,12 @@ def run(values):" in out and len(out) < 0.3 * len(diff)
@@ -477,12 +467,7 @@ def test_claude_codes_read_reminder_is_sent_once(tmp_path: Any) -> None:
         "Task: fix the bug",
         [("Read", {"file_path": f"/repo/f{k}.py"}, text) for k, text in enumerate(reads)],
     )
-    with Emulator(virtual_clock=True, start_time=T0) as emu:
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
-        resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
-        assert isinstance(resp, dict) and resp["type"] == "message"
-        sent = emu.last["body"]
+    sent = sent_through_wrap(msgs, {"record": False, "runs_dir": str(tmp_path)})
     assert request_problems(sent) == []
     out = results_of(sent)
     assert out["toolu_000"].endswith(REMINDER)
@@ -511,12 +496,7 @@ def test_prunes_pointers_are_summarizes_short_form(tmp_path: Any) -> None:
     thought = "\n".join(["These passed before:", *quoted, "so only the fix changes them."])
     msgs = agent([("Read", first), ("Bash", log), ("Bash", rerun), ("Read", again)])
     msgs[5]["content"].insert(0, {"type": "text", "text": thought})
-    with Emulator(virtual_clock=True, start_time=T0) as emu:
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(base, config={"record": False, "runs_dir": str(tmp_path)})
-        resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
-        assert isinstance(resp, dict) and resp["type"] == "message"
-        sent = emu.last["body"]
+    sent = sent_through_wrap(msgs, {"record": False, "runs_dir": str(tmp_path)})
     assert request_problems(sent) == []
     out = results_of(sent)
     text = sent["messages"][5]["content"][0]["text"]
@@ -570,14 +550,9 @@ def test_a_run_of_150_characters_points_back_but_a_moved_one_needs_300(tmp_path:
     assert 150 <= sum(len(f"{n}→{ln}") + 1 for n, ln in view[:4]) < 300
     assert sum(len(f"{n}→{ln}") + 1 for n, ln in view[7:11]) < 300
     msgs = agent([("Read", first), ("Bash", "ok"), ("Read", again)])
-    with Emulator(virtual_clock=True, start_time=T0) as emu:
-        base = anthropic.Anthropic(base_url=emu.url, api_key="k", max_retries=0)
-        client = tokensaver.wrap(
-            base, config={"plugins": ["prune", "cache_align"], "record": False, "runs_dir": str(tmp_path)}
-        )
-        resp = client.post("/v1/messages", body=body_of(msgs), cast_to=object)
-        assert isinstance(resp, dict) and resp["type"] == "message"
-        sent = emu.last["body"]
+    sent = sent_through_wrap(
+        msgs, {"plugins": ["prune", "cache_align"], "record": False, "runs_dir": str(tmp_path)}
+    )
     assert request_problems(sent) == []
     out = results_of(sent)
     got = out["toolu_002"].split("\n")
