@@ -354,8 +354,8 @@ def _exit_code(returncode: int) -> int:
 
 
 def session_run_name(kind: str) -> str:
-    """``launch-<agent>-YYYYMMDD-HHMMSS-xxxx``."""
-    return f"launch-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    """``launch-<agent>-YYYYMMDD-HHMMSS-xxxxxxxx``."""
+    return f"launch-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
 
 
 def session_report(runs_dir: Path, run: str, since: float, fmt: str) -> str:
