@@ -403,7 +403,7 @@ class Walk:
         self.reads = reads or set()
         self.count = count
         self.dedupe = bool(settings.get("dedupe", True))
-        self.min_tokens = int(settings.get("min_result_tokens", 75))
+        self.min_tokens = int(settings["min_result_tokens"])
         self.seen: dict[bytes, str] = {}  # content digest -> id of the first result kept in full
         self.lines: RepeatIndex | None = (
             RepeatIndex(
@@ -411,7 +411,7 @@ class Walk:
                 int(settings["repeat_min_chars"]),
                 SHORT_RESULT,
                 True,
-                moved_min_chars=int(settings.get("repeat_moved_min_chars", settings["repeat_min_chars"])),
+                moved_min_chars=int(settings["repeat_moved_min_chars"]),
             )
             if settings.get("repeats")
             else None
